@@ -1,0 +1,143 @@
+"""Every zope.interface of nettester, in one place.
+
+The core (``tap``, ``cli``, ``local``) only talks to protocol modules through
+these interfaces, so a new protocol module is a new file under
+``nettester/plugins/`` and never an edit of the core.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IRole(Interface):
+    """One sub-command of ``nettester`` / ``twistd nettester``.
+
+    A role is either a long-running service (``keepalive-server``) or a
+    one-shot command (``keepalive-report``).
+    """
+
+    name = Attribute("Sub-command name, e.g. 'keepalive-server'.")
+    summary = Attribute("One line shown in 'nettester --help'.")
+    options = Attribute(
+        "A nettester.options.RoleOptions subclass: the role's options, each "
+        "also read from its environment variable."
+    )
+
+    def makeService(options):
+        """Build the role from parsed options.
+
+        @return: an L{twisted.application.service.IService}. When it also
+            provides L{IReportingService}, the core prints its summary every
+            stats interval and once more on stop, and serves its metrics.
+        """
+
+
+class ICommandRole(IRole):
+    """A role that runs once and exits instead of serving."""
+
+    def run(options, stdout):
+        """Do the work synchronously, write results to C{stdout}.
+
+        @return: the process exit status (0 when everything was fine).
+        """
+
+
+class IReportingService(Interface):
+    """A service with counters: summarised periodically and exported."""
+
+    metrics = Attribute("The nettester.metrics.MetricSet holding its counters.")
+
+    def summary():
+        """An ordered mapping of the counters to print in a summary line.
+
+        Keys are short snake_case names; values are numbers or short strings.
+        """
+
+
+class ILocalScenario(Interface):
+    """What one module contributes to ``nettester local``.
+
+    A server plus a small client fleet, on loopback, started together and
+    judged after ``--duration`` seconds.
+    """
+
+    name = Attribute("Module name shown in the verdict.")
+    service = Attribute(
+        "The IService running the server and its clients; providing "
+        "IReportingService makes its summary part of the local run's output."
+    )
+
+    def verdict():
+        """Judge the run once the service has stopped.
+
+        @return: a L{nettester.local.Verdict}.
+        """
+
+
+class IProtocolModule(Interface):
+    """A pluggable protocol module, found with ``twisted.plugin.getPlugins``."""
+
+    name = Attribute("Short module name, e.g. 'keepalive'.")
+    summary = Attribute("One line describing the module.")
+    roles = Attribute("Sequence of IRole providers, in the order to list them.")
+
+    def localScenario(reactor, options):
+        """The module's part of ``nettester local``.
+
+        @param reactor: provides IReactorTCP, IReactorUDP and IReactorTime.
+        @param options: the parsed ``local`` options (``duration``, ...).
+        @return: an L{ILocalScenario}, or C{None} when the module has none.
+        """
+
+
+class IDatagramReceiver(Interface):
+    """The layer above an IDatagramLink (a CoAP endpoint)."""
+
+    def datagramReceived(data, peer):
+        """One datagram (plaintext application data) from C{peer}.
+
+        @param peer: an opaque hashable handle, stable for the life of the
+            peer's association: the (host, port) tuple on plain UDP, the
+            connection on DTLS (so it survives a DTLS CID address change).
+        """
+
+
+class IDatagramLink(Interface):
+    """What a message layer sends through: plain UDP or a DTLS endpoint.
+
+    CoAP runs unchanged over both because it only sees this interface.
+    """
+
+    receiver = Attribute("The IDatagramReceiver that gets incoming datagrams.")
+    scheme = Attribute("URI scheme served: 'coap' or 'coaps'.")
+
+    def sendDatagram(data, peer):
+        """Send C{data} to C{peer} (a handle given to datagramReceived or
+        returned by connect)."""
+
+    def connect(address):
+        """Client side: a Deferred firing with the peer handle for
+        C{address} (host, port), once any security handshake is done."""
+
+    def peerContext(peer):
+        """The L{nettester.link.PeerContext} of C{peer}: its current address
+        and its security context (identity, cipher suite, CIDs, node id,
+        route). Called only when a resource asks, never per datagram."""
+
+
+class IConnectionIdGenerator(Interface):
+    """Issues DTLS Connection IDs (RFC 9146) for a server.
+
+    In a cluster the first byte is the node id, so any node can tell which
+    node owns a CID from the record alone.
+    """
+
+    nodeId = Attribute("The node id (0..255) encoded in every CID, or None.")
+    length = Attribute("Length in bytes of every CID issued (0 disables CID).")
+
+    def newConnectionId(inUse):
+        """A fresh CID not contained in C{inUse} (a container of bytes)."""
+
+    def nodeIdOf(cid):
+        """The node id a CID names, or None when CIDs carry no node id."""

@@ -1,0 +1,151 @@
+"""``nettester local``: every installed module's server and a small client fleet on loopback.
+
+Each module contributes an L{ILocalScenario}. All run together for
+``--duration`` seconds; then they are stopped, their final summaries printed,
+and each module's verdict logged. The exit status is 0 only when every module
+passed, so the command doubles as a smoke test of an installation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.python.usage import UsageError
+
+from nettester.interfaces import ILocalScenario
+from nettester.logs import Logger
+from nettester.metrics import format_summary
+from nettester.module import Role
+from nettester.options import RoleOptions, positive_float
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A module's judgement of its local run: passed or not, and the evidence."""
+
+    passed: bool
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+
+class LocalOptions(RoleOptions):
+    """Options of ``nettester local``."""
+
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["duration", "d", 30.0, "Seconds to run before judging.", positive_float],
+        ["modules", "m", "", "Comma-separated module names to run (default: every installed module)."],
+    ]
+
+    def postOptions(self) -> None:
+        from nettester.tap import discover_modules
+
+        available = [module.name for module in discover_modules()]
+        wanted = [name.strip() for name in self["modules"].split(",") if name.strip()]
+        unknown = sorted(set(wanted) - set(available))
+        if unknown:
+            raise UsageError(f"--modules: unknown module {', '.join(unknown)}; installed: {', '.join(available)}")
+        self["modules"] = wanted or available
+
+
+class LocalService(Service):
+    """Runs the scenarios for a fixed time, then judges them and stops the reactor."""
+
+    def __init__(self, reactor: Any, scenarios: list[ILocalScenario], options: RoleOptions) -> None:
+        from nettester.tap import with_reporting
+
+        self._reactor = reactor
+        self._scenarios = scenarios
+        self._duration = options["duration"]
+        self._running = [with_reporting(s.service, s.name, options, reactor) for s in scenarios]
+        self._timer: Any = None
+        self._finished: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        log.info(
+            "local: running {modules} on loopback for {duration:g} s",
+            event="local_start",
+            modules=", ".join(s.name for s in self._scenarios),
+            duration=self._duration,
+        )
+        for service in self._running:
+            service.startService()
+        self._timer = self._reactor.callLater(self._duration, self._finish_and_stop)
+
+    def _finish_and_stop(self) -> None:
+        self._timer = None
+        self.finish().addBoth(lambda _: self._reactor.stop())
+
+    def finish(self) -> Deferred[None]:
+        """Stop every scenario, then log the verdicts (once)."""
+        if self._finished is None:
+            self._finished = self._stop_and_judge()
+        return self._finished
+
+    @inlineCallbacks
+    def _stop_and_judge(self) -> Generator[Any, Any, None]:
+        for service in reversed(self._running):
+            yield maybeDeferred(service.stopService)
+        failed = []
+        for scenario in self._scenarios:
+            verdict = scenario.verdict()
+            emit = log.info if verdict.passed else log.error
+            emit(
+                "local verdict {module}: {result} {evidence}",
+                event="local_verdict",
+                module=scenario.name,
+                result="PASS" if verdict.passed else "FAIL",
+                evidence=format_summary(verdict.evidence),
+                passed=verdict.passed,
+            )
+            if not verdict.passed:
+                failed.append(scenario.name)
+        from nettester.tap import set_exit_status
+
+        set_exit_status(1 if failed else 0)
+        if failed:
+            log.error(
+                "local: {count} of {total} modules failed: {failed}",
+                event="local_result",
+                count=len(failed),
+                total=len(self._scenarios),
+                failed=", ".join(failed),
+            )
+        else:
+            log.info("local: all {total} modules passed", event="local_result", total=len(self._scenarios))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+            self._timer = None
+            log.warn("local: interrupted before --duration ended; judging what ran", event="local_interrupted")
+        return self.finish()
+
+
+def make_local_service(options: RoleOptions, reactor: Any = None) -> IService:
+    """Build the scenarios of the selected modules."""
+    from nettester.tap import discover_modules
+
+    if reactor is None:
+        from twisted.internet import reactor
+    scenarios = []
+    for module in discover_modules():
+        if module.name in options["modules"]:
+            scenario = module.localScenario(reactor, options)
+            if scenario is not None:
+                scenarios.append(scenario)
+    return LocalService(reactor, scenarios, options)
+
+
+local_role = Role(
+    name="local",
+    summary="Run every module's server and a client fleet on loopback, then print each verdict.",
+    options=LocalOptions,
+    factory=make_local_service,
+)

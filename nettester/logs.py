@@ -1,0 +1,157 @@
+"""Log observers: the originals' human lines and flat JSON lines.
+
+Human: ``HH:MM:SS.mmm [level] message``, so ``grep error`` and
+``grep -A 2 error`` work as they did with the original tools.
+JSON (``--log-format json``): one flat object per line with ``ts``, ``level``,
+``module``, ``event``, ``msg`` and the event's own fields (``client``,
+``conn``, ``peer``, ...), ready for ``jq`` and for joining both ends of a
+connection (``nettester keepalive-report``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import IO, Any, Callable
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
+from twisted.logger import Logger as _TwistedLogger
+from zope.interface import implementer
+
+LEVEL_NAMES: dict[str, LogLevel] = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "warning": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+
+_PRIORITY: dict[LogLevel, int] = {
+    LogLevel.debug: 0,
+    LogLevel.info: 1,
+    LogLevel.warn: 2,
+    LogLevel.error: 3,
+    LogLevel.critical: 4,
+}
+
+# The process-wide threshold, checked before an event dict is even built, so
+# a debug line on a hot path costs one dict lookup when debug is off.
+_threshold = [_PRIORITY[LogLevel.info]]
+
+
+def parse_level(name: str) -> LogLevel:
+    """Map a ``--log-level`` / ``LOG_LEVEL`` value to a LogLevel."""
+    try:
+        return LEVEL_NAMES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown log level {name!r}; use one of debug, info, warn, error, critical"
+        ) from None
+
+
+def set_level(level: LogLevel) -> None:
+    """Set the process-wide minimum level for nettester's own loggers."""
+    _threshold[0] = _PRIORITY[level]
+
+
+def is_enabled(level: LogLevel) -> bool:
+    """True when a log call at C{level} would be emitted."""
+    return _PRIORITY[level] >= _threshold[0]
+
+
+class Logger(_TwistedLogger):
+    """A twisted Logger that drops events below the threshold before building them."""
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        if _PRIORITY.get(level, 4) < _threshold[0]:
+            return
+        super().emit(level, format, **kwargs)
+
+
+def _module_of(event: dict[str, Any]) -> str:
+    """The nettester module an event comes from (``keepalive``, ``stun``...)."""
+    explicit = event.get("module")
+    if explicit:
+        return str(explicit)
+    namespace = str(event.get("log_namespace", ""))
+    parts = namespace.split(".")
+    if parts[0] == "nettester" and len(parts) > 1:
+        if parts[1] == "protocols" and len(parts) > 2:
+            return parts[2]
+        return parts[1]
+    return parts[0] or "twisted"
+
+
+def _message_of(event: dict[str, Any]) -> str:
+    """The rendered message, with a traceback appended for failures."""
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text = f"{text}\n{failure.getTraceback()}"
+    return text
+
+
+@implementer(ILogObserver)
+class HumanObserver:
+    """Writes ``HH:MM:SS.mmm [level] message`` lines (local time)."""
+
+    def __init__(self, stream: IO[str], localtime: Callable[[float], time.struct_time] = time.localtime) -> None:
+        self._stream = stream
+        self._localtime = localtime
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        when = event.get("log_time") or time.time()
+        stamp = time.strftime("%H:%M:%S", self._localtime(when))
+        millis = int((when % 1) * 1000)
+        level = event.get("log_level", LogLevel.info).name
+        self._stream.write(f"{stamp}.{millis:03d} [{level}] {_message_of(event)}\n")
+        self._stream.flush()
+
+
+@implementer(ILogObserver)
+class JsonObserver:
+    """Writes one flat JSON object per event."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self._stream.write(json.dumps(json_record(event), default=str, separators=(",", ":")) + "\n")
+        self._stream.flush()
+
+
+def json_record(event: dict[str, Any]) -> dict[str, Any]:
+    """The flat JSON object for one event: fixed keys first, then its fields."""
+    when = event.get("log_time") or time.time()
+    record: dict[str, Any] = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int((when % 1) * 1000):03d}Z",
+        "level": event.get("log_level", LogLevel.info).name,
+        "module": _module_of(event),
+        "event": event.get("event") or "log",
+        "msg": _message_of(event),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in record or key in ("format", "message", "isError", "system", "time"):
+            continue
+        record[key] = value
+    return record
+
+
+def make_observer(log_format: str, level: LogLevel, stream: IO[str] | None = None) -> ILogObserver:
+    """The observer for ``--log-format`` and ``--log-level``; also sets the fast threshold.
+
+    The stream is captured now, because twistd later replaces ``sys.stdout``
+    with a file that logs what is written to it.
+    """
+    set_level(level)
+    out = stream if stream is not None else sys.__stdout__
+    base: ILogObserver = JsonObserver(out) if log_format == "json" else HumanObserver(out)
+    return FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=level)])

@@ -1,0 +1,83 @@
+"""Small concrete providers of IRole, ICommandRole and IProtocolModule.
+
+A plugin file under ``nettester/plugins/`` builds one L{ProtocolModule} from
+these, so declaring a module is a few lines and needs no edit of the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from twisted.application.service import IService, Service
+from zope.interface import implementer
+
+from nettester.interfaces import ICommandRole, ILocalScenario, IProtocolModule, IRole
+from nettester.options import RoleOptions
+
+
+@implementer(IRole)
+@dataclass(frozen=True)
+class Role:
+    """A long-running role: C{factory(options)} builds its service."""
+
+    name: str
+    summary: str
+    options: type[RoleOptions]
+    factory: Callable[[RoleOptions], IService]
+
+    def makeService(self, options: RoleOptions) -> IService:
+        return self.factory(options)
+
+
+@implementer(ICommandRole)
+@dataclass(frozen=True)
+class CommandRole:
+    """A one-shot role: C{command(options, stdout)} returns the exit status."""
+
+    name: str
+    summary: str
+    options: type[RoleOptions]
+    command: Callable[[RoleOptions, IO[str]], int]
+
+    def run(self, options: RoleOptions, stdout: IO[str]) -> int:
+        return self.command(options, stdout)
+
+    def makeService(self, options: RoleOptions) -> IService:
+        return CommandService(self, options)
+
+
+class CommandService(Service):
+    """Runs a command role inside twistd, then stops the reactor with its status."""
+
+    def __init__(self, role: CommandRole, options: RoleOptions, reactor: Any = None) -> None:
+        self._role = role
+        self._options = options
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        import sys
+
+        from nettester.tap import set_exit_status
+
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        set_exit_status(self._role.run(self._options, sys.__stdout__))
+        reactor.callWhenRunning(reactor.stop)
+
+
+@implementer(IProtocolModule)
+@dataclass(frozen=True)
+class ProtocolModule:
+    """A protocol module: its roles and its part of ``nettester local``."""
+
+    name: str
+    summary: str
+    roles: tuple[IRole, ...]
+    local: Callable[[Any, RoleOptions], ILocalScenario] | None = None
+
+    def localScenario(self, reactor: Any, options: RoleOptions) -> ILocalScenario | None:
+        return self.local(reactor, options) if self.local is not None else None

@@ -1,0 +1,137 @@
+"""twistd Options with one sub-command per role, and makeService.
+
+Roles come from the protocol modules found under ``nettester.plugins`` with
+``twisted.plugin.getPlugins``, plus the built-in ``local`` role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.logger import ILogObserver
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.python.components import Componentized
+
+from nettester.interfaces import IProtocolModule, IReportingService, IRole
+from nettester.logs import make_observer, parse_level
+from nettester.metrics import SummaryReporter, metrics_http_service, new_registry
+from nettester.options import RoleOptions
+
+_exit_status = [0]
+
+
+def set_exit_status(status: int) -> None:
+    """Record the status the ``nettester`` console script exits with."""
+    _exit_status[0] = status
+
+
+def exit_status() -> int:
+    return _exit_status[0]
+
+
+def discover_modules() -> list[IProtocolModule]:
+    """Every installed protocol module, sorted by name."""
+    import nettester.plugins
+
+    return sorted(getPlugins(IProtocolModule, nettester.plugins), key=lambda module: module.name)
+
+
+def discover_roles() -> dict[str, IRole]:
+    """Role name -> role, for every installed module plus ``local``."""
+    from nettester.local import local_role
+
+    roles: dict[str, IRole] = {}
+    for module in discover_modules():
+        for role in module.roles:
+            roles[role.name] = role
+    roles[local_role.name] = local_role
+    return roles
+
+
+class Options(usage.Options):
+    """``nettester <role> [options]``; ``nettester <role> --help`` for a role's options."""
+
+    @property
+    def synopsis(self) -> str:  # type: ignore[override]
+        """``<role> [options]`` at the top; the role's own synopsis follows its name."""
+        return "" if self.subCommand else "<role> [options]"
+
+    def getSynopsis(self) -> str:
+        return super().getSynopsis().rstrip()
+
+    longdesc = (
+        "Run one nettester role in the foreground. Every role prints a summary line "
+        "every --stats-interval seconds and a final one when stopped (Ctrl-C / SIGTERM). "
+        "'nettester <role> --help' lists the role's options."
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roles = discover_roles()
+
+    @property
+    def subCommands(self) -> list[tuple[str, None, type[RoleOptions], str]]:  # type: ignore[override]
+        return [(role.name, None, role.options, role.summary) for role in self.roles.values()]
+
+    def postOptions(self) -> None:
+        if not self.subCommand:
+            raise usage.UsageError(f"name a role: one of {', '.join(self.roles)}")
+
+
+class SequentialStopService(MultiService):
+    """Stops its children one after the other, last added first.
+
+    The summary reporter is added first, so the final summary is printed
+    only after the role has really stopped (its connections closed).
+    """
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Any, Any, None]:
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            yield maybeDeferred(child.stopService)
+
+
+class RoleRootService(SequentialStopService):
+    """The root of a running role: installs its log observer into twistd's application."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+
+def with_reporting(service: IService, name: str, options: RoleOptions, clock: Any) -> MultiService:
+    """Wrap C{service} with its summary reporter and, if asked, its metrics endpoint."""
+    wrapper = SequentialStopService()
+    if IReportingService.providedBy(service):
+        SummaryReporter(clock, name, service.summary, options["stats-interval"]).setServiceParent(wrapper)
+        if options["metrics-port"]:
+            registry = new_registry(service.metrics)
+            metrics_http_service(options["metrics-port"], registry, options["metrics-interface"]).setServiceParent(
+                wrapper
+            )
+    service.setServiceParent(wrapper)
+    return wrapper
+
+
+def build(role: IRole, options: RoleOptions, clock: Any = None) -> RoleRootService:
+    """The whole service tree of a role: logging, reporting, the role itself."""
+    if clock is None:
+        from twisted.internet import reactor as clock
+    root = RoleRootService(make_observer(options["log-format"], parse_level(options["log-level"])))
+    with_reporting(role.makeService(options), role.name, options, clock).setServiceParent(root)
+    return root
+
+
+def makeService(options: Options) -> IService:
+    """twistd entry point."""
+    return build(options.roles[options.subCommand], options.subOptions)
