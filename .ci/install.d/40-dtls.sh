@@ -17,6 +17,7 @@ command -v make >/dev/null && command -v cc >/dev/null || apt-get install -y --n
 apt-get install -y --no-install-recommends dpkg-dev >/dev/null  # apt-get source needs dpkg-source
 
 WORK=$(mktemp -d)
+chmod 0755 "$WORK"  # apt downloads as _apt
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/lists/partial" "$WORK/cache/archives/partial" "$WORK/sources.list.d" "$WORK/src"
 
