@@ -6,6 +6,7 @@ these, so declaring a module is a few lines and needs no edit of the core.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -51,21 +52,21 @@ class CommandRole:
 class CommandService(Service):
     """Runs a command role inside twistd, then stops the reactor with its status."""
 
-    def __init__(self, role: CommandRole, options: RoleOptions, reactor: Any = None) -> None:
+    def __init__(self, role: CommandRole, options: RoleOptions, reactor: Any = None, stdout: IO[str] | None = None) -> None:
         self._role = role
         self._options = options
         self._reactor = reactor
+        # The real stdout: under twistd, sys.stdout becomes a log file.
+        self._stdout = stdout if stdout is not None else sys.__stdout__
 
     def startService(self) -> None:
         super().startService()
-        import sys
-
         from nettester.tap import set_exit_status
 
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor
-        set_exit_status(self._role.run(self._options, sys.__stdout__))
+        set_exit_status(self._role.run(self._options, self._stdout))
         reactor.callWhenRunning(reactor.stop)
 
 

@@ -1,0 +1,120 @@
+"""Module discovery, the role sub-commands and the service tree of a role."""
+
+import io
+import pytest
+from twisted.application.service import Application, IService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver
+from twisted.python.usage import UsageError
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from nettester import tap
+from nettester.interfaces import ICommandRole, IProtocolModule, IReportingService, IRole
+from nettester.metrics import MetricSet
+from nettester.module import CommandRole, CommandService, ProtocolModule, Role
+from nettester.options import RoleOptions
+
+
+def test_every_installed_module_and_role_provides_its_interface() -> None:
+    for module in tap.discover_modules():
+        assert verifyObject(IProtocolModule, module)
+        for role in module.roles:
+            assert verifyObject(IRole, role)
+            if ICommandRole.providedBy(role):
+                assert verifyObject(ICommandRole, role)
+            assert issubclass(role.options, RoleOptions)
+
+
+def test_role_names_are_unique_across_modules() -> None:
+    names = [role.name for module in tap.discover_modules() for role in module.roles]
+    assert len(names) == len(set(names))
+    assert "local" not in names
+
+
+def test_options_list_every_role_and_local() -> None:
+    options = tap.Options()
+    usage_text = str(options)
+    for name in tap.discover_roles():
+        assert name in usage_text
+    assert "local" in usage_text
+
+
+def test_options_require_a_role() -> None:
+    with pytest.raises(UsageError, match="name a role"):
+        tap.Options().parseOptions([])
+
+
+def test_options_reject_an_unknown_role() -> None:
+    with pytest.raises(UsageError, match="Unknown command: nope"):
+        tap.Options().parseOptions(["nope"])
+
+
+@implementer(IReportingService)
+class _SlowStoppingService(Service):
+    """Stops only when told, like a server waiting for its FINs."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.metrics = MetricSet("demo")
+        self.stopped: Deferred[None] = Deferred()
+        self._events = events
+
+    def summary(self) -> dict[str, int]:
+        self._events.append("summary")
+        return {"open": 0}
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._events.append("stop-requested")
+        return self.stopped
+
+
+def _demo_role(events: list[str]) -> Role:
+    return Role("demo", "A demo role.", RoleOptions, lambda options: _SlowStoppingService(events))
+
+
+def test_build_prints_final_summary_only_after_the_role_has_stopped() -> None:
+    events: list[str] = []
+    options = RoleOptions()
+    options.parseOptions(["--stats-interval", "0"])
+    root = tap.build(_demo_role(events), options, clock=Clock())
+    root.startService()
+    done = root.stopService()
+    assert events == ["stop-requested"]
+    role_service = list(list(root)[0])[-1]
+    role_service.stopped.callback(None)
+    assert events == ["stop-requested", "summary"]
+    assert done.called
+
+
+def test_root_service_installs_its_log_observer_into_the_twistd_application() -> None:
+    options = RoleOptions()
+    options.parseOptions(["--log-format", "json"])
+    root = tap.build(_demo_role([]), options, clock=Clock())
+    application = Application("nettester")
+    root.setServiceParent(application)
+    assert application.getComponent(ILogObserver) is root.observer
+    assert list(IService(application)) == [root]
+
+
+def test_command_role_runs_once_and_records_exit_status() -> None:
+    out = io.StringIO()
+    reactor = MemoryReactorClock()
+    role = CommandRole("say", "Says hi.", RoleOptions, lambda options, stdout: stdout.write("hi\n") and 3)
+    assert role.run(RoleOptions(), out) == 3 and out.getvalue() == "hi\n"
+    try:
+        CommandService(role, RoleOptions(), reactor, stdout=out).startService()
+        for hook, args, kwargs in reactor.whenRunningHooks:
+            hook(*args, **kwargs)
+        assert tap.exit_status() == 3 and reactor.hasStopped
+        assert out.getvalue() == "hi\nhi\n"
+    finally:
+        tap.set_exit_status(0)
+
+
+def test_protocol_module_without_local_scenario() -> None:
+    module = ProtocolModule("demo", "Demo.", ())
+    assert verifyObject(IProtocolModule, module)
+    assert module.localScenario(Clock(), RoleOptions()) is None
