@@ -1,0 +1,1 @@
+"""The keep-alive TCP/TLS tester: sans-IO wire core, server, client fleet, report."""
