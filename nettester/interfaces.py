@@ -141,3 +141,72 @@ class IConnectionIdGenerator(Interface):
 
     def nodeIdOf(cid):
         """The node id a CID names, or None when CIDs carry no node id."""
+
+
+class INodeDiscovery(Interface):
+    """Where the other nodes of a DTLS CID cluster are: node id -> management address.
+
+    Static discovery has a fixed table; dynamic and Kubernetes discovery learn
+    it with PING/PONG over the management port. The router asks
+    C{managementAddress} for every forwarded record, so it must be a dict lookup.
+    """
+
+    ownNodeId = Attribute("This node's id (0..255).")
+
+    def managementAddress(nodeId):
+        """The (host, port) management address of node C{nodeId}, or None when
+        it is unknown (or is this node)."""
+
+    def nodes():
+        """A snapshot mapping of every known other node id -> management address."""
+
+    def addListener(listener):
+        """Call C{listener(nodeId, address)} whenever a node appears or moves,
+        and C{listener(nodeId, None)} when it leaves."""
+
+
+class INatTable(Interface):
+    """The sans-IO state of the NAT / load-balancer emulator (``nettester nat``).
+
+    Every method takes the time as an argument; nothing reads a clock. Socket
+    keys are opaque integers naming one outgoing socket: the adapter opens
+    one lazily for a key it has not seen and closes the keys it is told to.
+    """
+
+    reverseUpdate = Attribute("True when backward traffic from another destination moves the entry there.")
+
+    def forward(client, now):
+        """Route a datagram from C{client}: a L{nettester.nat.table.Route}
+        (socket key, destination address), or None when no destination is usable."""
+
+    def backward(socketKey, source, now):
+        """The client address an answer arriving on C{socketKey} from C{source}
+        goes back to, or None when the key is unknown."""
+
+    def expire(now):
+        """Remove entries idle longer than the NAT timeout; return their socket keys."""
+
+    def nextDeadline():
+        """When C{expire} next has work to do, or None with no entries."""
+
+    def clear(count):
+        """Remove C{count} random entries (all when None); return their socket keys."""
+
+    def reassign(now):
+        """New socket key and new random destination for every entry; return
+        the old socket keys, to be closed."""
+
+    def rebalance(now):
+        """New random destination for every entry, same socket key.
+
+        @return: (entries whose destination changed, entries in total).
+        """
+
+    def addDestination(name, address):
+        """Add a destination; False when it is already there."""
+
+    def removeDestination(address):
+        """Remove a destination, moving its entries elsewhere; False when unknown."""
+
+    def info():
+        """The console's ``info`` lines (entries, reverse mode, each destination's usage)."""

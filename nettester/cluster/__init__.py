@@ -1,0 +1,1 @@
+"""DTLS Connection-ID cluster: management records, CID router, node table, discovery."""

@@ -1,0 +1,1 @@
+"""NAT / UDP load-balancer emulator: sans-IO table, Twisted UDP proxy, console."""
