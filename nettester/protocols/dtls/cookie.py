@@ -1,0 +1,96 @@
+"""Stateless HelloVerifyRequest cookies (RFC 6347 section 4.2.1).
+
+A server keeps no state for a ClientHello until it returns with a cookie
+that proves the client can receive at its address; the HelloVerifyRequest
+is no larger than the ClientHello, so there is no amplification.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from nettester.protocols.dtls import handshake, record
+
+COOKIE_LENGTH = 16
+DEFAULT_ROTATION = 60.0
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"  # a ClientHello with a valid cookie: create a connection
+    VERIFY = "verify"  # answer with the HelloVerifyRequest in ``reply``
+    DROP = "drop"  # not a usable initial ClientHello
+
+
+@dataclass(frozen=True)
+class GateResult:
+    verdict: Verdict
+    reply: bytes = b""
+    reason: str = ""
+
+
+def _address_bytes(address: tuple[str, int]) -> bytes:
+    return ("%s|%d" % (address[0], address[1])).encode("ascii", "replace")
+
+
+class CookieGate:
+    """Checks initial ClientHellos and mints cookies: HMAC-SHA256 over the
+    client's address and hello parameters, with a secret rotated every
+    C{rotation} seconds; the previous secret stays valid for one period."""
+
+    def __init__(self, rotation: float = DEFAULT_ROTATION, random: Callable[[int], bytes] = os.urandom) -> None:
+        self._random = random
+        self._rotation = rotation
+        self._secret = random(32)
+        self._previous = self._secret
+        self._rotated_at: float | None = None
+
+    def _rotate(self, now: float) -> None:
+        if self._rotated_at is None:
+            self._rotated_at = now
+        elif now - self._rotated_at >= self._rotation:
+            self._previous = self._secret if now - self._rotated_at < 2 * self._rotation else self._random(32)
+            self._secret = self._random(32)
+            self._rotated_at = now
+
+    def _cookie(self, secret: bytes, address: tuple[str, int], hello: handshake.ClientHello) -> bytes:
+        return hmac.digest(secret, _address_bytes(address) + hello.cookie_input(), "sha256")[:COOKIE_LENGTH]
+
+    def check(self, datagram: bytes, address: tuple[str, int], now: float) -> GateResult:
+        """Judge a datagram from an address without a connection."""
+        self._rotate(now)
+        records, _ = record.parse_records(datagram, 0)
+        if not records:
+            return GateResult(Verdict.DROP, reason="malformed")
+        first = records[0]
+        if first.content_type != record.HANDSHAKE or first.epoch != 0:
+            return GateResult(Verdict.DROP, reason="not_client_hello")
+        try:
+            fragments = handshake.parse_fragments(first.fragment)
+            fragment = fragments[0]
+            # The stateless server needs the whole ClientHello in one fragment.
+            if fragment.msg_type != handshake.CLIENT_HELLO or fragment.offset or len(fragment.body) != fragment.length:
+                return GateResult(Verdict.DROP, reason="not_client_hello")
+            hello = handshake.ClientHello.decode(fragment.body)
+        except (handshake.DecodeError, IndexError):
+            return GateResult(Verdict.DROP, reason="malformed")
+        if hello.cookie and any(
+            hmac.compare_digest(hello.cookie, self._cookie(secret, address, hello))
+            for secret in (self._secret, self._previous)
+        ):
+            return GateResult(Verdict.ACCEPT)
+        cookie = self._cookie(self._secret, address, hello)
+        # RFC 6347 section 4.2.1: version DTLS 1.0 in the HelloVerifyRequest,
+        # the ClientHello's record sequence number and message_seq echoed.
+        body = handshake.encode_hello_verify_request(record.DTLS_1_0, cookie)
+        reply = record.encode_plaintext_record(
+            record.HANDSHAKE,
+            record.DTLS_1_0,
+            0,
+            first.sequence_number,
+            handshake.encode_message(handshake.HELLO_VERIFY_REQUEST, fragment.message_seq, body),
+        )
+        return GateResult(Verdict.VERIFY, reply, reason="bad_cookie" if hello.cookie else "no_cookie")

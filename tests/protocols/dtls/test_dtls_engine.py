@@ -1,0 +1,259 @@
+"""Engine to engine: both roles of DtlsConnection against each other."""
+
+from __future__ import annotations
+
+import pytest
+
+from dtls_pair import PSK, PSK_IDENTITY, Pair, psk_configs
+from nettester.protocols.dtls import record
+from nettester.protocols.dtls.certificates import issue, make_ca
+from nettester.protocols.dtls.connection import (
+    ClientAuth,
+    ConnectionClosed,
+    DtlsConfiguration,
+    SessionCache,
+)
+from nettester.protocols.dtls.credentials import PskStore
+
+
+def established_pair(**client_overrides: object) -> Pair:
+    pair = Pair(*psk_configs(**client_overrides))
+    pair.start()
+    pair.run()
+    assert pair.client.is_established and pair.server is not None and pair.server.is_established
+    return pair
+
+
+def test_psk_ccm8_handshake_with_cookie_and_cid() -> None:
+    pair = established_pair()
+    assert pair.hello_verify_requests == 1
+    client, server = pair.completed("client"), pair.completed("server")
+    assert client.cipher_suite == server.cipher_suite == "TLS_PSK_WITH_AES_128_CCM_8"
+    assert server.peer_identity == PSK_IDENTITY.decode()
+    assert client.write_cid == server.read_cid and server.read_cid[0] == 0 and len(server.read_cid) == 6
+    assert client.read_cid == server.write_cid and len(client.read_cid) == 6
+    # Every record after the handshake is a tls12_cid record.
+    pair.client.send_application_data(b"ping")
+    datagram = pair.client.datagrams_to_send(pair.now)[0]
+    assert datagram[0] == record.TLS12_CID and datagram[11:17] == server.read_cid
+    pair.server.receive_datagram(datagram, pair.now, pair.client_address)
+    pair._collect()
+    assert pair.app_data("server") == [b"ping"]
+    assert pair.wire and pair.now == 0.0
+
+
+def test_finished_records_are_cid_records() -> None:
+    pair = established_pair()
+    finished_datagrams = [d for direction, d in pair.wire if direction == "s2c"][-1]
+    records, _ = record.parse_records(finished_datagrams, 6)
+    assert [r.content_type for r in records] == [record.CHANGE_CIPHER_SPEC, record.TLS12_CID]
+
+
+@pytest.mark.parametrize("suite", ["TLS_PSK_WITH_AES_128_CCM_8", "TLS_PSK_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256"])
+@pytest.mark.parametrize("cid_length", [None, 0, 4])
+def test_psk_suites_and_cid_variants(suite: str, cid_length: int | None) -> None:
+    pair = established_pair(cipher_suites=(suite,), cid_length=cid_length)
+    completed = pair.completed("client")
+    assert completed.cipher_suite == suite
+    if cid_length is None:
+        assert completed.read_cid is None and completed.write_cid is None
+    else:
+        assert completed.read_cid == pair.completed("server").write_cid and len(completed.read_cid) == cid_length
+    pair.server.send_application_data(b"x" * 1000)
+    pair.client.send_application_data(b"hello")
+    pair.pump()
+    assert pair.app_data("client") == [b"x" * 1000]
+    assert pair.app_data("server") == [b"hello"]
+
+
+def ecdsa_configs(client_auth: ClientAuth = ClientAuth.NONE, suite: str = "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", client_cert: bool = True):
+    ca = make_ca()
+    server_identity = issue(ca, "server.example", ("server.example",))
+    client_identity = issue(ca, "client-1")
+    client = DtlsConfiguration(
+        is_client=True,
+        cipher_suites=(suite,),
+        trust_anchors=[ca.certificate],
+        server_name="server.example",
+        certificate_chain=client_identity.full_chain() if client_cert else [],
+        private_key=client_identity.private_key if client_cert else None,
+    )
+    server = DtlsConfiguration(
+        is_client=False,
+        certificate_chain=server_identity.full_chain(),
+        private_key=server_identity.private_key,
+        trust_anchors=[ca.certificate],
+        client_auth=client_auth,
+    )
+    from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
+
+    server.cid_generator = NodeConnectionIdGenerator(6, 3)
+    return client, server
+
+
+@pytest.mark.parametrize("suite", ["TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"])
+def test_ecdhe_ecdsa_with_verification(suite: str) -> None:
+    pair = Pair(*ecdsa_configs(suite=suite))
+    pair.start()
+    pair.run()
+    completed = pair.completed("client")
+    assert completed.cipher_suite == suite
+    assert completed.peer_identity == "CN=server.example"
+    assert completed.write_cid[0] == 3
+    assert pair.completed("server").peer_identity is None
+
+
+def test_certificate_flight_is_fragmented_to_mtu() -> None:
+    client, server = ecdsa_configs()
+    server.mtu = client.mtu = 300
+    pair = Pair(client, server)
+    pair.start()
+    pair.run()
+    assert pair.client.is_established
+    assert max(len(d) for _, d in pair.wire) <= 300
+
+
+@pytest.mark.parametrize("client_auth", [ClientAuth.WANTED, ClientAuth.NEEDED])
+def test_client_authentication(client_auth: ClientAuth) -> None:
+    pair = Pair(*ecdsa_configs(client_auth))
+    pair.start()
+    pair.run()
+    assert pair.completed("server").peer_identity == "CN=client-1"
+
+
+def test_client_authentication_needed_without_certificate_fails() -> None:
+    pair = Pair(*ecdsa_configs(ClientAuth.NEEDED, client_cert=False))
+    pair.start()
+    pair.run()
+    assert pair.server.is_closed and pair.server.failure_reason == "client_certificate_required"
+    assert pair.client.is_closed
+    (closed,) = [e for e in pair.client_events if isinstance(e, ConnectionClosed)]
+    assert closed.by_peer and closed.alert == 40
+
+
+def test_client_authentication_wanted_without_certificate() -> None:
+    pair = Pair(*ecdsa_configs(ClientAuth.WANTED, client_cert=False))
+    pair.start()
+    pair.run()
+    assert pair.server.is_established and pair.completed("server").peer_identity is None
+
+
+def test_untrusted_server_certificate_is_rejected() -> None:
+    client, server = ecdsa_configs()
+    client.trust_anchors = [make_ca("other CA").certificate]
+    pair = Pair(client, server)
+    pair.start()
+    pair.run()
+    assert pair.client.is_closed and pair.client.failure_reason == "certificate_rejected"
+
+
+def test_wrong_server_name_is_rejected() -> None:
+    client, server = ecdsa_configs()
+    client.server_name = "other.example"
+    pair = Pair(client, server)
+    pair.start()
+    pair.run()
+    assert pair.client.failure_reason == "certificate_rejected"
+
+
+def test_wrong_psk_never_completes_and_is_not_answered() -> None:
+    client, server = psk_configs(psk=b"wrong")
+    client.max_retransmissions = 2
+    pair = Pair(client, server)
+    pair.start()
+    pair.run()
+    assert pair.client.is_closed and pair.client.failure_reason == "handshake_timeout"
+    assert not pair.server.is_established
+    assert pair.server.dropped["bad_mac"] >= 1
+
+
+def test_unknown_psk_identity_is_a_fatal_alert() -> None:
+    pair = Pair(*psk_configs(psk_identity=b"nobody"))
+    pair.start()
+    pair.run()
+    assert pair.server.failure_reason == "unknown_psk_identity"
+    assert pair.client.is_closed
+
+
+def test_session_resumption() -> None:
+    client, server = psk_configs()
+    server.session_cache = SessionCache()
+    first = Pair(client, server)
+    first.start()
+    first.run()
+    session = first.completed("client").session
+    assert session is not None and len(server.session_cache) == 1
+    resumed_client, _ = psk_configs(session=session)
+    second = Pair(resumed_client, server)
+    second.start()
+    second.run()
+    completed = second.completed("client")
+    assert completed.resumed and second.completed("server").resumed
+    assert completed.session_id == session.session_id
+    assert second.completed("server").peer_identity == PSK_IDENTITY.decode()
+    second.client.send_application_data(b"again")
+    second.pump()
+    assert second.app_data("server") == [b"again"]
+
+
+def test_resumption_with_unknown_session_falls_back_to_full_handshake() -> None:
+    client, server = psk_configs()
+    server.session_cache = SessionCache()
+    first = Pair(client, server)
+    first.start()
+    first.run()
+    session = first.completed("client").session
+    other_server = psk_configs()[1]
+    other_server.session_cache = SessionCache()
+    second = Pair(psk_configs(session=session)[0], other_server)
+    second.start()
+    second.run()
+    assert not second.completed("client").resumed and second.client.is_established
+
+
+def test_extended_master_secret_required_by_default() -> None:
+    client, server = psk_configs()
+    client.require_extended_master_secret = False
+    pair = Pair(client, server)
+    pair.client.configuration = client
+    pair.start()
+    # Strip the EMS offer from the ClientHello before it leaves.
+    assert pair.client._client_hello is not None
+    pair.client._client_hello.extensions.pop(23)
+    pair.client._flight = []
+    pair.client._outgoing.clear()
+    pair.client._next_send_seq = 0
+    pair.client._send_client_hello(pair.now)
+    pair.run()
+    assert pair.server.failure_reason == "no_extended_master_secret"
+
+
+def test_close_notify_both_ways() -> None:
+    pair = established_pair()
+    pair.client.close()
+    pair.pump()
+    (closed,) = [e for e in pair.server_events if isinstance(e, ConnectionClosed)]
+    assert closed.by_peer and closed.alert == 0
+    assert pair.server.is_closed and pair.client.is_closed
+    with pytest.raises(RuntimeError):
+        pair.client.send_application_data(b"late")
+
+
+def test_no_common_suite_is_a_handshake_failure() -> None:
+    client, server = psk_configs(cipher_suites=("TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",))
+    pair = Pair(client, server)
+    pair.start()
+    pair.run()
+    assert pair.server.failure_reason == "no_common_cipher_suite"
+    (closed,) = [e for e in pair.client_events if isinstance(e, ConnectionClosed)]
+    assert closed.alert == 40 and closed.by_peer
+
+
+def test_psk_sandbox_identities() -> None:
+    client, server = psk_configs(psk_identity=b"cali.1234", psk=b".fornium")
+    server.psk_store = PskStore(sandbox=True)
+    pair = Pair(client, server)
+    pair.start()
+    pair.run()
+    assert pair.completed("server").peer_identity == "cali.1234"
+    assert PSK == b"secretPSK"
