@@ -37,13 +37,13 @@ from nettester.protocols.coap.message import (
     Message,
     OptionNumber,
     decode,
+    decode_block,
     encode_block,
     encode_empty,
     encode_message,
     encode_uint,
     is_no_cache_key,
     is_request,
-    peek_header,
 )
 from nettester.protocols.coap.store import ExpiringStore
 
@@ -118,11 +118,21 @@ class IncomingRequest:
     is the reassembled body and its Block1 option is gone.
     """
 
-    __slots__ = ("peer", "request", "answered", "accepted", "_dedup_bucket", "_dedup_key", "_block1")
+    __slots__ = (
+        "peer", "request", "observe", "block2", "answered", "accepted", "_dedup_bucket", "_dedup_key", "_block1",
+    )
 
     def __init__(self, peer: Peer, request: Message) -> None:
         self.peer = peer
         self.request = request
+        #: The request's Observe value (0 register, 1 deregister) and Block2, read once.
+        self.observe: int | None = None
+        self.block2: BlockValue | None = None
+        for number, value in request.options:
+            if number == OptionNumber.OBSERVE:
+                self.observe = int.from_bytes(value, "big")
+            elif number == OptionNumber.BLOCK2:
+                self.block2 = decode_block(value)
         #: True once a response was sent (further responses are refused).
         self.answered = False
         #: True once an empty ACK announced a separate response.
@@ -369,11 +379,13 @@ class CoapLayer:
         """Process one datagram from ``peer``."""
         stats = self.stats
         stats.received += 1
-        header = peek_header(data)
-        if header is None:
+        # The 4-byte header (RFC 7252 section 3), read inline: this is the hot path.
+        if len(data) < 4 or data[0] >> 6 != 1:
             stats.garbage += 1
             return
-        mtype, _, code, mid = header
+        mtype = (data[0] >> 4) & 3
+        code = data[1]
+        mid = (data[2] << 8) | data[3]
         dedup_bucket = None
         if mtype <= NON and code:
             # RFC 7252 section 4.5: only the header is needed to spot a duplicate.
@@ -431,14 +443,19 @@ class CoapLayer:
         request = incoming.request
         answer.token = request.token
         relation = None
-        if request.observe == 0 and answer.code >> 5 == 2 and answer.has_option(OptionNumber.OBSERVE):
-            relation = self._register_observer(incoming)
-            answer.set_uint_option(OptionNumber.OBSERVE, relation.sequence)
-        elif answer.has_option(OptionNumber.OBSERVE):
-            answer.remove_option(OptionNumber.OBSERVE)
+        wants_observe = False
+        for number, _ in answer.options:
+            if number == OptionNumber.OBSERVE:
+                wants_observe = True
+        if wants_observe:
+            if incoming.observe == 0 and answer.code >> 5 == 2:
+                relation = self._register_observer(incoming)
+                answer.set_uint_option(OptionNumber.OBSERVE, relation.sequence)
+            else:
+                answer.remove_option(OptionNumber.OBSERVE)  # RFC 7641 section 4.1: not registered
         if incoming._block1 is not None:
             answer.set_option(OptionNumber.BLOCK1, encode_block(incoming._block1.num, False, incoming._block1.szx))
-        block2 = request.block2
+        block2 = incoming.block2
         if block2 is not None or len(answer.payload) > (16 << self.params.block_szx):
             answer = self._first_block_of(incoming.peer, request, answer, block2, now)
         self._send_response(incoming, answer, now)
@@ -501,15 +518,15 @@ class CoapLayer:
     def _receive_request(self, incoming: IncomingRequest, now: float) -> None:
         request = incoming.request
         peer = incoming.peer
-        observe = request.observe
+        observe = incoming.observe
         if observe is not None:
             existing = self._relations.get((peer, request.token))
             if existing is not None:
                 # RFC 7641 section 3.6 deregistration, section 4.1 re-registration.
                 self.cancel_relation(existing, "deregistered" if observe == 1 else "replaced")
-        if request.has_option(OptionNumber.BLOCK1) and not self._receive_block1(incoming, now):
+        if request.options and request.has_option(OptionNumber.BLOCK1) and not self._receive_block1(incoming, now):
             return
-        block2 = request.block2
+        block2 = incoming.block2
         if block2 is not None:
             if block2.szx > 6:
                 self._respond_error(incoming, Code.BAD_REQUEST, b"Block2 SZX 7 is reserved", now)

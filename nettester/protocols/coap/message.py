@@ -520,7 +520,9 @@ def encode_options(options: list[Option]) -> bytes:
     """Encode options in number order (stable for repeated options)."""
     out = bytearray()
     previous = 0
-    for number, value in sorted(options, key=_option_number):
+    if len(options) > 1:
+        options = sorted(options, key=_option_number)
+    for number, value in options:
         delta = number - previous
         previous = number
         length = len(value)
@@ -554,10 +556,7 @@ def encode_message(
     header = bytes(
         (0x40 | (mtype << 4) | len(token), code, (mid >> 8) & 0xFF, mid & 0xFF)
     )
-    if options:
-        encoded_options = encode_options(list(options))
-    else:
-        encoded_options = b""
+    encoded_options = encode_options(list(options)) if options else b""
     if payload:
         return b"".join((header, token, encoded_options, b"\xff", payload))
     return b"".join((header, token, encoded_options))
@@ -640,10 +639,13 @@ def decode(data: bytes) -> Message:
 
     :raises CoapDecodeError: for anything that is not a valid message.
     """
-    header = peek_header(data)
-    if header is None:
+    if len(data) < 4 or data[0] >> 6 != VERSION:
         raise CoapDecodeError(DecodeFailure.GARBAGE, "not a CoAP version 1 datagram")
-    mtype, tkl, code, mid = header
+    first = data[0]
+    mtype = (first >> 4) & 3
+    tkl = first & 0x0F
+    code = data[1]
+    mid = (data[2] << 8) | data[3]
 
     def fail(reason: str, token: bytes | None = None) -> CoapDecodeError:
         return CoapDecodeError(DecodeFailure.FORMAT, reason, mtype, code, mid, token)
