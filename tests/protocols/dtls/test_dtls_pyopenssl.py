@@ -4,7 +4,7 @@ DTLS 1.2 implementation in the same process, no sockets."""
 from __future__ import annotations
 
 import pytest
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from dtls_pair import CLIENT_ADDRESS
 from nettester.protocols.dtls.certificates import issue, make_ca
@@ -37,7 +37,7 @@ def openssl_context(identity, cipher: bytes, ca=None, verify_peer: bool = False)
         context.use_certificate(identity.certificate)
         context.use_privatekey(identity.private_key)
     if ca is not None:
-        context.get_cert_store().add_cert(ca.certificate)
+        context.get_cert_store().add_cert(crypto.X509.from_cryptography(ca.certificate))
     if verify_peer:
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: args[-1])
     return context
