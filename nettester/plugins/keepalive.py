@@ -1,0 +1,208 @@
+"""The ``keepalive`` module: TCP/TLS keep-alive server, client fleet and report.
+
+Heavy imports (Twisted's reactor, TLS, the protocol code) happen inside the
+factories, so listing roles stays fast and twistd can install its reactor first.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Any, ClassVar
+
+from twisted.application.service import IService
+from twisted.plugin import IPlugin
+from twisted.python.usage import UsageError
+
+from zope.interface import implementer
+
+from nettester.interfaces import ILocalScenario
+from nettester.module import CommandRole, ProtocolModule, Role
+from nettester.options import RoleOptions, non_negative_float, port_number, positive_float, positive_int
+
+DEFAULT_PORT = 49665
+
+
+class ServerOptions(RoleOptions):
+    """Options of ``keepalive-server``."""
+
+    longdesc = ("Accept TCP (or TLS) connections, answer 'Keep Alive <seq>' and dummy messages, and close "
+                "(with a FIN) every connection whose keep-alive is missing for --keepalive-timeout seconds. "
+                "Every close is logged with its cause: closed_by_server, peer_closed (FIN) or peer_reset (RST).")
+
+    envVars: ClassVar[dict[str, str]] = {
+        "port": "TCP_SERVER_PORT",
+        "interface": "TCP_SERVER_INTERFACE",
+        "keepalive-timeout": "TCP_KEEPALIVE_TIMEOUT",
+        "tls": "TCP_TLS",
+        "cert": "TLS_CERT",
+        "key": "TLS_KEY",
+    }
+    optFlags: ClassVar[list[list[Any]]] = [
+        ["tls", None, "Speak TLS 1.2/1.3 (with --cert/--key, or a self-signed certificate made at start)."],
+    ]
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["port", "p", DEFAULT_PORT, "TCP port to listen on.", port_number],
+        ["interface", None, "", "Address to listen on (default: all IPv4 addresses; '::' for IPv6 too)."],
+        ["keepalive-timeout", None, 20.0, "Close a connection with no keep-alive for this many seconds.",
+         positive_float],
+        ["cert", None, None, "PEM certificate chain (leaf first) for --tls."],
+        ["key", None, None, "PEM private key of --cert (unencrypted)."],
+    ]
+
+    def postOptions(self) -> None:
+        if bool(self["cert"]) != bool(self["key"]):
+            raise UsageError("--cert and --key go together: give both, or neither for a self-signed certificate")
+        if self["cert"] and not self["tls"]:
+            raise UsageError("--cert/--key need --tls")
+        self["certificate"] = None
+        if self["tls"]:
+            from nettester.protocols.keepalive import tls
+
+            try:
+                self["certificate"] = (tls.load_server_certificate(self["cert"], self["key"]) if self["cert"]
+                                       else tls.self_signed_certificate())
+            except tls.TLSSetupError as error:
+                raise UsageError(str(error)) from None
+
+
+class ClientOptions(RoleOptions):
+    """Options of ``keepalive-client``."""
+
+    longdesc = ("Open --clients long-lived connections to a keepalive-server, each sending 'Establish Session', "
+                "a keep-alive every --keepalive-interval seconds and dummy data, and reconnecting after a drop. "
+                "Logs tell a FIN ('Server terminated TCP connection') from a RST ('TCP connection reset') from a "
+                "missing response.")
+
+    envVars: ClassVar[dict[str, str]] = {
+        "server": "TCP_SERVER_IP",
+        "port": "TCP_SERVER_PORT",
+        "clients": "TCP_CLIENT_COUNT",
+        "keepalive-interval": "TCP_KEEPALIVE_INTERVAL",
+        "response-timeout": "TCP_RESPONSE_TIMEOUT",
+        "dummy-interval": "TCP_DUMMY_INTERVAL",
+        "ramp-up": "TCP_RAMP_UP",
+        "reconnect-delay": "TCP_RECONNECT_DELAY",
+        "tls": "TCP_TLS",
+        "ca": "TLS_CA",
+        "server-name": "TLS_SERVER_NAME",
+        "insecure": "TLS_INSECURE",
+    }
+    optFlags: ClassVar[list[list[Any]]] = [
+        ["tls", None, "Speak TLS 1.2/1.3 to the server."],
+        ["insecure", None, "With --tls: do not verify the server certificate."],
+    ]
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["server", "s", None, "Server host name or IP address (required)."],
+        ["port", "p", DEFAULT_PORT, "Server TCP port.", port_number],
+        ["clients", "c", 100, "Number of clients, each holding one connection.", positive_int],
+        ["keepalive-interval", None, 5.0, "Seconds between keep-alives.", positive_float],
+        ["response-timeout", None, 10.0, "Close when a keep-alive response is this many seconds late.",
+         positive_float],
+        ["dummy-interval", None, 11.0, "Seconds between dummy messages (0 = none).", non_negative_float],
+        ["ramp-up", None, 10.0, "Start clients at random times spread over this many seconds.", non_negative_float],
+        ["reconnect-delay", None, 1.0, "Seconds to wait before reconnecting after a drop.", non_negative_float],
+        ["ca", None, None, "With --tls: PEM CA certificate to verify the server (default: system trust store)."],
+        ["server-name", None, None, "With --tls: name for SNI and the certificate check (default: --server)."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["server"]:
+            raise UsageError("--server is required (or set TCP_SERVER_IP): the keepalive-server's host or IP")
+        if not self["tls"] and (self["ca"] or self["server-name"] or self["insecure"]):
+            raise UsageError("--ca, --server-name and --insecure need --tls")
+        if self["insecure"] and self["ca"]:
+            raise UsageError("--insecure skips verification, so --ca would be ignored: give one of them")
+        self["tls-creator"] = None
+        if self["tls"]:
+            from nettester.protocols.keepalive import tls
+
+            try:
+                self["tls-creator"] = tls.client_creator(self["server-name"] or self["server"], self["ca"],
+                                                         bool(self["insecure"]))
+            except tls.TLSSetupError as error:
+                raise UsageError(str(error)) from None
+
+
+class ReportOptions(RoleOptions):
+    """Options of ``keepalive-report``."""
+
+    synopsis = "SERVER.jsonl CLIENT.jsonl [CLIENT.jsonl ...]"
+    longdesc = ("Join the JSON logs (--log-format json) of a keepalive-server and its keepalive-clients by "
+                "connection id and print, per class, how many connections and when: closed by the server "
+                "(keep-alive missing), closed by the client, reset by a middlebox (a RST neither end sent), "
+                "still open.")
+
+    def parseArgs(self, server: str, *clients: str) -> None:
+        if not clients:
+            raise UsageError("give the server's JSON log and at least one client's JSON log")
+        self["server_log"] = server
+        self["client_logs"] = list(clients)
+
+
+def build_server(reactor: Any, options: RoleOptions) -> IService:
+    """The keepalive-server service for parsed C{options}."""
+    from nettester.protocols.keepalive import tls
+    from nettester.protocols.keepalive.server import KeepAliveServerService
+
+    certificate = options["certificate"]
+    return KeepAliveServerService(reactor, options["port"], options["interface"], options["keepalive-timeout"],
+                                  tls=tls.server_options(certificate) if certificate is not None else None,
+                                  tls_note=tls.describe(certificate) if certificate is not None else "")
+
+
+def build_client(reactor: Any, options: RoleOptions) -> IService:
+    """The keepalive-client fleet for parsed C{options}."""
+    from nettester.protocols.keepalive.client import KeepAliveClientService
+    from nettester.protocols.keepalive.wire import ClientTiming
+
+    timing = ClientTiming(options["keepalive-interval"], options["response-timeout"], options["dummy-interval"])
+    return KeepAliveClientService(reactor, options["server"], options["port"], options["clients"], timing,
+                                  ramp_up=options["ramp-up"], reconnect_delay=options["reconnect-delay"],
+                                  tls=options["tls-creator"], connect_timeout=options["response-timeout"])
+
+
+def _make_server(options: RoleOptions) -> IService:
+    from twisted.internet import reactor
+
+    return build_server(reactor, options)
+
+
+def _make_client(options: RoleOptions) -> IService:
+    from twisted.internet import reactor
+
+    return build_client(reactor, options)
+
+
+def _report(options: RoleOptions, stdout: IO[str]) -> int:
+    from nettester.protocols.keepalive.report import run_report
+
+    return run_report(options["server_log"], options["client_logs"], stdout)
+
+
+def _local(reactor: Any, options: RoleOptions) -> ILocalScenario:
+    from nettester.protocols.keepalive.local import KeepAliveLocalScenario
+
+    return KeepAliveLocalScenario(reactor, options["duration"])
+
+
+@implementer(IPlugin)
+class _DiscoverableModule(ProtocolModule):
+    """A ProtocolModule that twisted.plugin.getPlugins can find.
+
+    getPlugins only collects objects providing IPlugin, and ProtocolModule
+    (nettester/module.py) does not declare it yet; drop this subclass once it does.
+    """
+
+
+keepalive = _DiscoverableModule(
+    name="keepalive",
+    summary="TCP/TLS keep-alive server and client fleet: who resets long-lived connections?",
+    roles=(
+        Role("keepalive-server", "Answer keep-alives; close connections whose keep-alive is missing.",
+             ServerOptions, _make_server),
+        Role("keepalive-client", "Hold many keep-alive connections to a keepalive-server; log every drop.",
+             ClientOptions, _make_client),
+        CommandRole("keepalive-report", "Join server and client JSON logs: who closed or reset each connection.",
+                    ReportOptions, _report),
+    ),
+    local=_local,
+)

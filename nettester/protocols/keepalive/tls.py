@@ -1,0 +1,151 @@
+"""TLS for the keep-alive roles: server certificates and client verification.
+
+pyOpenSSL through Twisted's TLS layer, TLS 1.2 and 1.3 (nothing older).
+The server uses ``--cert``/``--key`` or, with neither, a self-signed
+certificate generated at start; the client verifies against ``--ca`` (or the
+system trust store) and ``--server-name`` with service-identity, or skips
+verification with ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+class TLSSetupError(Exception):
+    """Certificate material that cannot be used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class ServerCertificate:
+    """PEM key and certificate chain of the server, and its SHA-256 fingerprint."""
+
+    key_pem: bytes
+    chain_pem: tuple[bytes, ...]
+    fingerprint: str
+    self_signed: bool
+
+
+def _fingerprint(certificate: x509.Certificate) -> str:
+    return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def self_signed_certificate(names: tuple[str, ...] = ("localhost",),
+                            addresses: tuple[str, ...] = ("127.0.0.1", "::1")) -> ServerCertificate:
+    """A fresh P-256 key and a one-year self-signed certificate for C{names} and C{addresses}."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alternative_names: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
+    alternative_names += [x509.IPAddress(ipaddress.ip_address(address)) for address in addresses]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return ServerCertificate(key_pem, (certificate.public_bytes(serialization.Encoding.PEM),),
+                             _fingerprint(certificate), self_signed=True)
+
+
+def describe(certificate: ServerCertificate) -> str:
+    """One phrase for the server's start line: which certificate, and its fingerprint to compare."""
+    origin = "self-signed certificate" if certificate.self_signed else "certificate"
+    return f"{origin} SHA-256 {certificate.fingerprint}"
+
+
+def _read(path: str, option: str) -> bytes:
+    try:
+        with open(path, "rb") as pem:
+            return pem.read()
+    except OSError as error:
+        raise TLSSetupError(f"{option}: cannot read {path}: {error.strerror}") from None
+
+
+def load_server_certificate(cert_path: str, key_path: str) -> ServerCertificate:
+    """Read a PEM certificate chain (leaf first) and its PEM private key."""
+    try:
+        chain = x509.load_pem_x509_certificates(_read(cert_path, "--cert"))
+    except ValueError:
+        raise TLSSetupError(f"--cert: {cert_path} holds no PEM certificate") from None
+    key_pem = _read(key_path, "--key")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise TLSSetupError(f"--key: {key_path} holds no unencrypted PEM private key") from None
+    if key.public_key() != chain[0].public_key():
+        raise TLSSetupError(f"--key: {key_path} does not match the first certificate of {cert_path}")
+    chain_pem = tuple(certificate.public_bytes(serialization.Encoding.PEM) for certificate in chain)
+    return ServerCertificate(key_pem, chain_pem, _fingerprint(chain[0]), self_signed=False)
+
+
+def server_options(certificate: ServerCertificate) -> ssl.CertificateOptions:
+    """The server's TLS context factory (TLS 1.2 and 1.3)."""
+    private = ssl.PrivateCertificate.loadPEM(certificate.chain_pem[0] + certificate.key_pem)
+    return ssl.CertificateOptions(
+        privateKey=private.privateKey.original,
+        certificate=private.original,
+        extraCertChain=[ssl.Certificate.loadPEM(pem).original for pem in certificate.chain_pem[1:]],
+        raiseMinimumTo=MINIMUM_VERSION,
+    )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class UnverifiedClientTLS:
+    """``--insecure``: TLS without certificate verification, still sending SNI."""
+
+    def __init__(self, server_name: str) -> None:
+        self._context = ssl.CertificateOptions(raiseMinimumTo=MINIMUM_VERSION).getContext()
+        self._sni = None if _is_ip(server_name) else server_name.encode("idna")
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if self._sni is not None:
+            connection.set_tlsext_host_name(self._sni)
+        return connection
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def client_creator(server_name: str, ca_path: str | None, insecure: bool) -> IOpenSSLClientConnectionCreator:
+    """The client's TLS connection creator: verified against C{ca_path} (or the system store) unless insecure."""
+    if insecure:
+        return UnverifiedClientTLS(server_name)
+    if ca_path:
+        try:
+            trust_root = ssl.Certificate.loadPEM(_read(ca_path, "--ca"))
+        except SSL.Error:
+            raise TLSSetupError(f"--ca: {ca_path} holds no PEM certificate") from None
+    else:
+        trust_root = ssl.platformTrust()
+    return ssl.optionsForClientTLS(server_name, trustRoot=trust_root,
+                                   extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION})
