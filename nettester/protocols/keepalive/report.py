@@ -1,0 +1,208 @@
+"""``keepalive-report``: join both ends' JSON logs by conn id and say who ended each connection.
+
+Our two ends only ever close with a FIN, so a reset that neither end asked
+for came from something in between (a load balancer, a NAT, a firewall): that
+is a verdict here, not a guess. Classes, decided per connection:
+
+- ``closed_by_server``: the server closed it (keep-alive missing, invalid message);
+- ``closed_by_client``: the client closed it (response missing, invalid message);
+- ``middlebox_reset``: one or both ends saw a RST and neither end closed it;
+- ``middlebox_fin``: both ends saw a FIN and neither end sent one;
+- ``tls_error``: the TLS layer failed (handshake, certificate, record);
+- ``still_open``: no end closed it before its log ended, or it was closed
+  because a role was stopped (``shutdown``);
+- ``one_side_only``: closed by the peer as one end saw it, and the other
+  end's log does not know the connection (give every client's log).
+
+Connection attempts that never connected (``server_unavailable``) and
+connections closed before ``Establish Session`` (no conn id) are counted apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from nettester.protocols.keepalive.adapter import PEER_CLOSED, PEER_RESET, TLS_ERROR
+from nettester.protocols.keepalive.client import CLOSED_BY_CLIENT
+from nettester.protocols.keepalive.server import CLOSED_BY_SERVER
+
+SHUTDOWN = "shutdown"
+
+CLASSES = (
+    ("closed_by_server", "closed by the server"),
+    ("closed_by_client", "closed by the client"),
+    ("middlebox_reset", "reset by a middlebox"),
+    ("middlebox_fin", "closed by a middlebox (FIN)"),
+    ("tls_error", "TLS failure"),
+    ("still_open", "still open"),
+    ("one_side_only", "seen by one side only"),
+)
+
+
+@dataclass
+class Close:
+    """How one end saw a connection end."""
+
+    cause: str
+    detail: str
+    ts: str
+
+
+@dataclass
+class Connection:
+    """Everything both logs say about one conn id."""
+
+    opened: str | None = None
+    server: Close | None = None
+    client: Close | None = None
+    sides: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ClassStats:
+    """How many connections fell in a class, and when the first and last did."""
+
+    count: int = 0
+    first: str | None = None
+    last: str | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, ts: str | None, reason: str | None = None) -> None:
+        self.count += 1
+        if ts is not None:
+            self.first = ts if self.first is None or ts < self.first else self.first
+            self.last = ts if self.last is None or ts > self.last else self.last
+        if reason:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+@dataclass
+class Report:
+    """The joined result."""
+
+    connections: dict[str, Connection] = field(default_factory=dict)
+    classes: dict[str, ClassStats] = field(default_factory=lambda: {name: ClassStats() for name, _ in CLASSES})
+    seen: ClassStats = field(default_factory=ClassStats)
+    connect_failures: ClassStats = field(default_factory=ClassStats)
+    without_session: ClassStats = field(default_factory=ClassStats)
+    skipped_lines: int = 0
+
+
+def read_records(lines: Iterable[str], report: Report) -> list[Mapping[str, Any]]:
+    """The JSON objects among C{lines}; anything else is counted in C{report.skipped_lines}."""
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("event"), str):
+            records.append(record)
+        elif line.strip():
+            report.skipped_lines += 1
+    return records
+
+
+def _text(record: Mapping[str, Any], key: str) -> str | None:
+    value = record.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def add_log(report: Report, side: str, records: Iterable[Mapping[str, Any]]) -> None:
+    """Fold one end's records (C{side} is ``server`` or ``client``) into C{report}."""
+    for record in records:
+        event, conn, ts = record["event"], _text(record, "conn"), _text(record, "ts")
+        if event == "server_unavailable" and side == "client":
+            report.connect_failures.add(ts)
+            continue
+        if event not in ("session_established", "conn_open", "conn_closed"):
+            continue
+        if conn is None or conn == "-":
+            if event == "conn_closed":
+                report.without_session.add(ts, _text(record, "cause"))
+            continue
+        connection = report.connections.setdefault(conn, Connection())
+        connection.sides.add(side)
+        if event == "conn_closed":
+            close = Close(_text(record, "cause") or "unknown", _text(record, "detail") or "", ts or "")
+            setattr(connection, side, close)
+        elif ts is not None and (connection.opened is None or ts < connection.opened):
+            connection.opened = ts
+
+
+def classify(connection: Connection) -> tuple[str, str | None, str | None]:
+    """(class, reason, time) of one connection; see the module docstring."""
+    server, client = connection.server, connection.client
+    closes = [close for close in (server, client) if close is not None]
+    if any(close.cause in (CLOSED_BY_SERVER, CLOSED_BY_CLIENT) and close.detail == SHUTDOWN for close in closes):
+        return "still_open", None, connection.opened
+    if not closes:
+        return "still_open", None, connection.opened
+    when = min(close.ts for close in closes)
+    if server is not None and server.cause == CLOSED_BY_SERVER:
+        return "closed_by_server", server.detail, server.ts
+    if client is not None and client.cause == CLOSED_BY_CLIENT:
+        return "closed_by_client", client.detail, client.ts
+    if any(close.cause == TLS_ERROR for close in closes):
+        return "tls_error", None, when
+    if any(close.cause == PEER_RESET for close in closes):
+        seen_by = "both ends" if len(closes) == 2 and all(c.cause == PEER_RESET for c in closes) else (
+            "server" if server is not None and server.cause == PEER_RESET else "client")
+        return "middlebox_reset", f"seen by {seen_by}", when
+    if len(connection.sides) < 2:
+        return "one_side_only", None, when
+    return "middlebox_fin", "seen by both ends" if len(closes) == 2 else "seen by one end", when
+
+
+def build_report(server_lines: Iterable[str], client_logs: Iterable[Iterable[str]]) -> Report:
+    """Join the server's log lines with every client's."""
+    report = Report()
+    add_log(report, "server", read_records(server_lines, report))
+    for lines in client_logs:
+        add_log(report, "client", read_records(lines, report))
+    for connection in report.connections.values():
+        report.seen.add(connection.opened)
+        name, reason, ts = classify(connection)
+        report.classes[name].add(ts, reason)
+    return report
+
+
+def format_report(report: Report) -> str:
+    """The table printed by ``nettester keepalive-report``."""
+    rows: list[tuple[str, int, str, str]] = []
+
+    def add(label: str, stats: ClassStats) -> None:
+        rows.append((label, stats.count, stats.first or "-", stats.last or "-"))
+        rows.extend((f"  {reason}", count, "", "") for reason, count in sorted(stats.reasons.items()))
+
+    add("connections seen", report.seen)
+    for name, label in CLASSES:
+        add(label, report.classes[name])
+    add("connect failures (server unavailable)", report.connect_failures)
+    add("closed before Establish Session", report.without_session)
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'class':<{width}}  {'count':>7}  {'first':<24}  last"]
+    lines += [f"{label:<{width}}  {count:>7}  {first:<24}  {last}".rstrip() for label, count, first, last in rows]
+    if report.skipped_lines:
+        lines.append(f"({report.skipped_lines} lines were not JSON log records and were skipped; "
+                     "run the roles with --log-format json)")
+    return "\n".join(lines) + "\n"
+
+
+def run_report(server_path: str, client_paths: list[str], stdout: IO[str]) -> int:
+    """Read the files, print the table; exit status 2 when a file cannot be read."""
+    try:
+        with open(server_path, encoding="utf-8", errors="replace") as server_file:
+            server_lines = server_file.readlines()
+        client_logs = []
+        for path in client_paths:
+            with open(path, encoding="utf-8", errors="replace") as client_file:
+                client_logs.append(client_file.readlines())
+    except OSError as error:
+        stdout.write(f"keepalive-report: cannot read {error.filename}: {error.strerror}\n")
+        return 2
+    stdout.write(format_report(build_report(server_lines, client_logs)))
+    return 0
