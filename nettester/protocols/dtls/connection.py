@@ -251,11 +251,18 @@ def _identity_of_certificate(certificate: x509.Certificate) -> str:
 class DtlsConnection:
     """One DTLS 1.2 association, client or server (see the module docstring)."""
 
-    def __init__(self, configuration: DtlsConfiguration, peer_address: Any = None) -> None:
+    def __init__(
+        self,
+        configuration: DtlsConfiguration,
+        peer_address: Any = None,
+        drop_sink: Callable[[str], None] | None = None,
+    ) -> None:
+        """C{drop_sink(reason)} is told of every dropped record (counters)."""
         self.configuration = configuration
         self.is_client = configuration.is_client
         self.peer_address = peer_address
         self.dropped: Counter[str] = Counter()
+        self._drop_sink = drop_sink
         self.cipher_suite: suites.CipherSuite | None = None
         self.peer_identity: str | None = None
         self.read_cid = b""
@@ -351,11 +358,11 @@ class DtlsConnection:
     def receive_datagram(self, data: bytes, now: float, address: Any = None) -> None:
         """Take one datagram from the peer (from C{address}, when known)."""
         if self._state is _State.CLOSED:
-            self.dropped["closed"] += 1
+            self._drop("closed")
             return
         records, malformed = record.parse_records(data, len(self.read_cid))
         if malformed:
-            self.dropped["malformed"] += 1
+            self._drop("malformed")
         for received in records:
             if self._state is _State.CLOSED:
                 break
@@ -409,6 +416,12 @@ class DtlsConnection:
 
     # --- records ---------------------------------------------------------------
 
+    def _drop(self, reason: str) -> None:
+        """Count a dropped record: never answered (RFC 6347 section 4.1.2.7)."""
+        self.dropped[reason] += 1
+        if self._drop_sink is not None:
+            self._drop_sink(reason)
+
     def _receive_record(self, received: record.Record, now: float, address: Any) -> None:
         state = self._read_states.get(received.epoch)
         if state is None:
@@ -416,15 +429,15 @@ class DtlsConnection:
                 # RFC 6347 section 4.1: a next-epoch record may overtake the CCS.
                 self._future_records.append((received, address))
             else:
-                self.dropped["epoch"] += 1
+                self._drop("epoch")
             return
         if state.window.is_replay(received.sequence_number):
-            self.dropped["replay"] += 1
+            self._drop("replay")
             return
         try:
             content_type, payload = state.open(received)
         except RecordError:
-            self.dropped["bad_mac" if state.protection is not None else "malformed"] += 1
+            self._drop("bad_mac" if state.protection is not None else "malformed")
             return
         newer = received.sequence_number > state.window.highest
         state.window.mark(received.sequence_number)
@@ -448,15 +461,15 @@ class DtlsConnection:
             if self._state is _State.ESTABLISHED and received.epoch == self._read_epoch and received.epoch > 0:
                 self._events.append(ApplicationData(payload))
             else:
-                self.dropped["unexpected"] += 1
+                self._drop("unexpected")
 
     def _receive_alert(self, payload: bytes, epoch: int) -> None:
         if len(payload) != 2:
-            self.dropped["malformed"] += 1
+            self._drop("malformed")
             return
         level, description = payload
         if epoch == 0 and self._state is _State.ESTABLISHED:
-            self.dropped["unauthenticated_alert"] += 1  # forged plaintext alerts must not end a session
+            self._drop("unauthenticated_alert")  # forged plaintext alerts must not end a session
             return
         if description == CLOSE_NOTIFY:
             self._send_alert(WARNING, CLOSE_NOTIFY)
@@ -466,12 +479,12 @@ class DtlsConnection:
 
     def _receive_change_cipher_spec(self, payload: bytes, epoch: int, now: float) -> None:
         if payload != b"\x01" or epoch != self._read_epoch:
-            self.dropped["unexpected"] += 1
+            self._drop("unexpected")
             return
         if self._state is not _State.WAIT_CHANGE_CIPHER_SPEC or self._pending_read is None:
             # Arrived before the messages it follows (or a duplicate): the peer
             # retransmits its flight, CCS included (RFC 6347 section 4.2.4).
-            self.dropped["unexpected"] += 1
+            self._drop("unexpected")
             return
         self._read_states[self._pending_read.epoch] = self._pending_read
         self._read_epoch = self._pending_read.epoch
@@ -487,7 +500,7 @@ class DtlsConnection:
         try:
             fragments = hs.parse_fragments(payload)
         except hs.DecodeError:
-            self.dropped["malformed"] += 1
+            self._drop("malformed")
             return
         peer_retransmitted = False
         for fragment in fragments:
@@ -505,7 +518,7 @@ class DtlsConnection:
             if verdict == "old":
                 peer_retransmitted = True
             elif verdict == "rejected":
-                self.dropped["fragment"] += 1
+                self._drop("fragment")
         while self._state is not _State.CLOSED:
             message = self._reassembler.pop()
             if message is None:
@@ -514,14 +527,14 @@ class DtlsConnection:
             try:
                 self._dispatch(msg_type, message_seq, message_epoch, body, now)
             except _Ignore:
-                self.dropped["unexpected"] += 1
+                self._drop("unexpected")
                 self._reassembler.restart_at(message_seq)
                 break
             except HandshakeFailure as failure:
                 self._fail(failure.alert, failure.reason)
             except hs.DecodeError:
                 if message_epoch == 0:
-                    self.dropped["malformed"] += 1
+                    self._drop("malformed")
                     self._reassembler.restart_at(message_seq)
                     break
                 self._fail(DECODE_ERROR, "decode_error")

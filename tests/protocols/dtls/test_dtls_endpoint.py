@@ -1,0 +1,248 @@
+"""DtlsEndpoint over fake transports and a task.Clock: no sockets, no reactor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from dtls_pair import PSK, PSK_IDENTITY
+from nettester.interfaces import IConnectionIdGenerator, IDatagramLink, IDatagramReceiver
+from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
+from nettester.protocols.dtls.connection import DtlsConfiguration
+from nettester.protocols.dtls.credentials import PskStore
+from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
+
+SERVER = ("10.0.0.1", 5684)
+CLIENT = ("10.0.0.2", 40000)
+
+
+@implementer(IDatagramReceiver)
+class Collector:
+    def __init__(self) -> None:
+        self.received: list[tuple[bytes, Any]] = []
+
+    def datagramReceived(self, data: bytes, peer: Any) -> None:
+        self.received.append((data, peer))
+
+
+class Wire:
+    """A fake network: transports append, deliver() hands datagrams over."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[tuple[str, int], DtlsEndpoint] = {}
+        self.queue: list[tuple[bytes, tuple[str, int], tuple[str, int]]] = []
+        self.lose: set[int] = set()
+        self.sent = 0
+
+    def attach(self, endpoint: DtlsEndpoint, address: tuple[str, int]) -> None:
+        wire = self
+
+        class Transport:
+            def write(self, data: bytes, destination: tuple[str, int]) -> None:
+                wire.sent += 1
+                if wire.sent not in wire.lose:
+                    wire.queue.append((data, address, destination))
+
+        endpoint.transport = Transport()  # type: ignore[assignment]
+        self.endpoints[address] = endpoint
+
+    def move(self, old: tuple[str, int], new: tuple[str, int]) -> None:
+        endpoint = self.endpoints.pop(old)
+        self.attach(endpoint, new)
+
+    def deliver(self) -> None:
+        for _ in range(100):
+            if not self.queue:
+                return
+            queue, self.queue = self.queue, []
+            for data, source, destination in queue:
+                endpoint = self.endpoints.get(destination)
+                if endpoint is not None:
+                    endpoint.datagramReceived(data, source)
+
+
+def make(clock: Clock, **server_options: Any) -> tuple[DtlsEndpoint, DtlsEndpoint, Collector, Collector, Wire]:
+    server_receiver, client_receiver = Collector(), Collector()
+    server = DtlsEndpoint(
+        clock,
+        server_configuration=DtlsConfiguration(
+            is_client=False, psk_store=PskStore({PSK_IDENTITY: PSK}), cid_generator=NodeConnectionIdGenerator(6, 7)
+        ),
+        receiver=server_receiver,
+        **server_options,
+    )
+    client = DtlsEndpoint(
+        clock,
+        client_configuration=DtlsConfiguration(
+            is_client=True, cipher_suites=("TLS_PSK_WITH_AES_128_CCM_8",), psk_identity=PSK_IDENTITY, psk=PSK
+        ),
+        receiver=client_receiver,
+    )
+    wire = Wire()
+    wire.attach(server, SERVER)
+    wire.attach(client, CLIENT)
+    return server, client, server_receiver, client_receiver, wire
+
+
+def test_interfaces() -> None:
+    server, _, _, _, _ = make(Clock())
+    assert verifyObject(IDatagramLink, server)
+    assert server.scheme == "coaps"
+    assert verifyObject(IConnectionIdGenerator, NodeConnectionIdGenerator())
+
+
+def test_connect_exchange_and_peer_context() -> None:
+    clock = Clock()
+    server, client, server_receiver, client_receiver, wire = make(clock)
+    connected = client.connect(SERVER)
+    wire.deliver()
+    peers: list[Any] = []
+    connected.addCallback(peers.append)
+    (peer,) = peers
+    client.sendDatagram(b"GET /", peer)
+    wire.deliver()
+    ((data, server_peer),) = server_receiver.received
+    assert data == b"GET /"
+    server.sendDatagram(b"2.05", server_peer)
+    wire.deliver()
+    assert client_receiver.received == [(b"2.05", peer)]
+    context = server.peerContext(server_peer)
+    assert context.address == CLIENT and context.scheme == "coaps"
+    assert context.identity == "Client_identity"
+    assert context.cipher_suite == "TLS_PSK_WITH_AES_128_CCM_8"
+    assert context.node_id == 7 and context.read_cid[0] == 7
+    assert client.peerContext(peer).write_cid == context.read_cid
+    assert server.counters.handshakes.value == 1 and server.counters.hello_verify.value == 1
+    assert server.peerByConnectionId(context.read_cid) is server_peer
+
+
+def test_client_hello_flood_without_cookie_creates_no_state() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    client.connect(SERVER)
+    (hello, _, _), = wire.queue
+    wire.queue.clear()
+    for port in range(1000):
+        server.datagramReceived(hello, ("10.9.9.9", 10000 + port))
+    assert server.connections == []
+    assert server.counters.hello_verify.value == 1000
+    assert all(len(reply) <= len(hello) for reply, _, _ in wire.queue)  # no amplification
+
+
+def test_address_change_by_cid() -> None:
+    clock = Clock()
+    server, client, server_receiver, client_receiver, wire = make(clock)
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    (peer,) = peers
+    moved = ("10.0.0.3", 40001)
+    wire.move(CLIENT, moved)  # a NAT rebinding: same client, new source address
+    client.sendDatagram(b"after move", peer)
+    wire.deliver()
+    ((data, server_peer),) = server_receiver.received
+    assert data == b"after move"
+    context = server.peerContext(server_peer)
+    assert context.address == moved and context.previous_address == CLIENT
+    server.sendDatagram(b"reply", server_peer)
+    wire.deliver()
+    assert client_receiver.received == [(b"reply", peer)]
+    assert server.counters.address_changes.value == 1
+
+
+def test_unknown_cid_is_dropped_and_counted() -> None:
+    clock = Clock()
+    server, _, _, _, _ = make(clock)
+    server.datagramReceived(b"\x19\xfe\xfd" + bytes(8) + b"\x07abcde" + b"\x00\x10" + bytes(16), CLIENT)
+    assert server.counters.dropped.get("unknown_cid") == 1
+
+
+def test_handshake_retransmission_on_loss() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    wire.lose = {3}  # the ClientHello carrying the cookie
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    assert not peers
+    clock.advance(1.0)
+    wire.deliver()
+    assert len(peers) == 1
+
+
+def test_connect_failure_fires_errback() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    client.client_configuration.psk_identity = b"stranger"
+    failures: list[Any] = []
+    client.connect(SERVER).addErrback(failures.append)
+    wire.deliver()
+    (failure,) = failures
+    assert failure.check(ConnectFailed)
+    assert server.counters.failures.get("unknown_psk_identity") == 1
+    assert server.connections == [] and client.connections == []
+
+
+def test_max_connections_with_stale_eviction() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock, max_connections=1, stale_after=60.0)
+    client.connect(SERVER)
+    wire.deliver()
+    second = DtlsEndpoint(clock, client_configuration=client.client_configuration)
+    wire.attach(second, ("10.0.0.4", 1))
+    results: list[Any] = []
+    second.connect(SERVER).addBoth(results.append)
+    wire.deliver()
+    assert server.counters.dropped.get("max_connections") >= 1 and len(server.connections) == 1
+    clock.advance(61.0)
+    second.connect(SERVER)  # still in progress: retransmits on its timer
+    wire.deliver()
+    for _ in range(5):
+        clock.advance(4.0)
+        wire.deliver()
+    assert server.counters.evictions.value == 1
+    assert [p.address for p in server.connections] == [("10.0.0.4", 1)]
+
+
+class Route:
+    name = "dtls-cid-router"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def send(self, data: bytes, address: tuple[str, int]) -> None:
+        self.sent.append((data, address))
+
+
+def test_routed_records_are_answered_through_the_route() -> None:
+    clock = Clock()
+    server, client, server_receiver, _, wire = make(clock)
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    client.sendDatagram(b"via router", peers[0])
+    ((data, _, _),) = wire.queue
+    wire.queue.clear()
+    route = Route()
+    server.routedDatagramReceived(data, CLIENT, route)
+    ((payload, server_peer),) = server_receiver.received
+    assert server.peerContext(server_peer).via == "dtls-cid-router"
+    server.sendDatagram(b"answer", server_peer)
+    assert len(route.sent) == 1 and route.sent[0][1] == CLIENT and not wire.queue
+
+
+@pytest.mark.parametrize("count", [3])
+def test_several_clients_get_distinct_cids(count: int) -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    for index in range(count):
+        other = DtlsEndpoint(clock, client_configuration=client.client_configuration)
+        wire.attach(other, ("10.0.1.%d" % index, 2000))
+        other.connect(SERVER)
+    wire.deliver()
+    cids = {server.peerContext(p).read_cid for p in server.connections}
+    assert len(cids) == count and all(cid[0] == 7 for cid in cids)
