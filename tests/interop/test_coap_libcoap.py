@@ -1,0 +1,173 @@
+"""Interop with libcoap 4.3 (Debian libcoap3-bin): its client against our
+endpoint, our client against its ``coap-server-notls``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+
+from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
+from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, ResponseReceived, response
+from nettester.protocols.coap.linkformat import parse_links
+from nettester.protocols.coap.message import CON, Code, ContentFormat, Message, OptionNumber
+from nettester.udplink import UdpLink
+
+pytestmark = pytest.mark.interop
+TIMEOUT = 10.0
+LARGE = bytes(ord("a") + i % 26 for i in range(1280))
+
+
+def require(tool: str) -> str:
+    """The tool's path; skip without it, fail without it on CI."""
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} not installed (Debian package libcoap3-bin)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+class TinyResources:
+    """``hello``, ``large`` (block-wise) and ``obs`` (notified every 0.2 s)."""
+
+    def __init__(self) -> None:
+        self.endpoint: CoapEndpoint | None = None
+        self.relations: list[ObserveRelation] = []
+        self.counter = 0
+
+    def handle_request(self, incoming: IncomingRequest) -> Message | None:
+        path = incoming.request.uri_path
+        if path == ["hello"]:
+            return response(Code.CONTENT, b"world", ContentFormat.TEXT_PLAIN)
+        if path == ["large"]:
+            return response(Code.CONTENT, LARGE, ContentFormat.TEXT_PLAIN)
+        if path == ["obs"] and self.endpoint is not None:
+            answer = response(Code.CONTENT, b"tick-0", ContentFormat.TEXT_PLAIN, [(OptionNumber.OBSERVE, b"")])
+            relation = self.endpoint.respond(incoming, answer)
+            if relation is not None:
+                self.relations.append(relation)
+            return None
+        return response(Code.NOT_FOUND)
+
+    def observe_cancelled(self, relation: ObserveRelation, reason: str) -> None:
+        if relation in self.relations:
+            self.relations.remove(relation)
+
+    def tick(self) -> None:
+        self.counter += 1
+        assert self.endpoint is not None
+        for relation in list(self.relations):
+            payload = f"tick-{self.counter}".encode()
+            self.endpoint.notify(relation, response(Code.CONTENT, payload, ContentFormat.TEXT_PLAIN),
+                                 confirmable=self.counter % 2 == 0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_libcoap_client_against_our_endpoint() -> Generator[Any, Any, None]:
+    client = require("coap-client-notls")
+    resources = TinyResources()
+    link = UdpLink()
+    endpoint = CoapEndpoint(link, reactor, resources)
+    resources.endpoint = endpoint
+    port = reactor.listenUDP(0, link, interface="127.0.0.1")
+    ticker = LoopingCall(resources.tick)
+    ticker.clock = reactor
+    ticker.start(0.2, now=False)
+    base = f"coap://127.0.0.1:{port.getHost().port}"
+    try:
+        out, err, code = yield getProcessOutputAndValue(client, ["-m", "get", f"{base}/hello"], env=os.environ)
+        assert code == 0, err
+        assert out.strip() == b"world"
+        out, err, code = yield getProcessOutputAndValue(client, ["-m", "get", f"{base}/large"], env=os.environ)
+        assert code == 0, err
+        assert out.strip() == LARGE
+        assert endpoint.stats.sent >= 2  # block-wise: several responses
+        out, err, code = yield getProcessOutputAndValue(client, ["-s", "2", f"{base}/obs"], env=os.environ)
+        assert code == 0, err
+        ticks = out.split(b"tick-")
+        assert len(ticks) >= 5, out  # the registration answer and several notifications
+        out, err, code = yield getProcessOutputAndValue(client, ["-m", "get", f"{base}/missing"], env=os.environ)
+        assert b"4.04" in out + err
+    finally:
+        ticker.stop()
+        endpoint.stop()
+        yield port.stopListening()
+
+
+class ServerProcess(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def get(path: str, mtype: int = CON, payload: bytes = b"", code: int = Code.GET) -> Message:
+    options = [(OptionNumber.URI_PATH, segment.encode()) for segment in path.split("/") if segment]
+    return Message(mtype, code, 0, b"", options, payload)
+
+
+@pytest_twisted.inlineCallbacks
+def test_our_client_against_libcoap_server() -> Generator[Any, Any, None]:
+    server = require("coap-server-notls")
+    server_port = free_udp_port()
+    process = ServerProcess()
+    transport = reactor.spawnProcess(process, server, [server, "-A", "127.0.0.1", "-p", str(server_port)],
+                                     env=os.environ)
+    link = UdpLink()
+    endpoint = CoapEndpoint(link, reactor)
+    port = reactor.listenUDP(0, link, interface="127.0.0.1")
+    address = ("127.0.0.1", server_port)
+    try:
+        got: ResponseReceived | None = None
+        for _ in range(20):  # the server needs a moment to bind
+            try:
+                got = yield endpoint.request(address, get(".well-known/core"), response_timeout=1.0).addTimeout(
+                    1.0, reactor)
+                break
+            except (CoapRequestError, defer.TimeoutError):
+                yield deferLater(reactor, 0.2, lambda: None)
+        assert got is not None and got.response.code == Code.CONTENT
+        targets = {link.target: link for link in parse_links(got.response.payload.decode())}
+        assert "/time" in targets and targets["/time"].values("obs") == [None]
+
+        root = yield endpoint.request(address, get("/")).addTimeout(TIMEOUT, reactor)
+        assert b"libcoap" in root.response.payload
+
+        body = bytes(ord("A") + i % 26 for i in range(3000))
+        put = yield endpoint.request(address, get("example_data", payload=body, code=Code.PUT)).addTimeout(
+            TIMEOUT, reactor)
+        assert put.response.code in (Code.CREATED, Code.CHANGED)
+        back = yield endpoint.request(address, get("example_data")).addTimeout(TIMEOUT, reactor)
+        assert back.response.payload == body  # Block1 up, Block2 down
+
+        notifications: list[bytes] = []
+        observation = endpoint.observe(address, get("time"), lambda event: notifications.append(event.response.payload))
+        yield deferLater(reactor, 2.6, lambda: None)
+        assert len(notifications) >= 3, notifications
+        finished = observation.finished
+        observation.cancel()  # proactive: GET with Observe: 1
+        final = yield finished.addTimeout(TIMEOUT, reactor)
+        assert final.response.code == Code.CONTENT and final.response.observe is None
+    finally:
+        endpoint.stop()
+        yield port.stopListening()
+        transport.signalProcess("TERM")
+        yield process.ended
