@@ -1,0 +1,379 @@
+"""The DTLS engine against independent implementations on loopback:
+``openssl s_server``/``s_client`` (OpenSSL 3.0), Mbed TLS 3.6
+``ssl_server2``/``ssl_client2`` (the RFC 9146 reference: CID, address
+change) and python-mbedtls (Mbed TLS 2.28, PSK without CID).
+
+A missing peer skips, or fails under CI=true (.ci/install.d/40-dtls.sh
+installs them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.internet.task import deferLater
+from zope.interface import implementer
+
+from nettester.interfaces import IDatagramReceiver
+from nettester.protocols.dtls.certificates import Identity, issue, make_ca
+from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
+from nettester.protocols.dtls.connection import DtlsConfiguration
+from nettester.protocols.dtls.credentials import PskStore
+from nettester.protocols.dtls.endpoint import DtlsEndpoint
+
+pytestmark = pytest.mark.interop
+TIMEOUT = 20.0
+PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
+MBEDTLS_BIN = Path(os.environ.get("NETTESTER_MBEDTLS_CACHE", "/var/cache/nettester/mbedtls")) / "bin"
+
+
+def require(path: str | None, what: str) -> str:
+    """The peer's path, or skip (fail under CI=true) when it is missing."""
+    if path and os.access(path, os.X_OK):
+        return path
+    message = "%s is not installed (see .ci/install.d/40-dtls.sh)" % what
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def openssl() -> str:
+    return require(shutil.which("openssl"), "openssl")
+
+
+def mbedtls(program: str) -> str:
+    return require(str(MBEDTLS_BIN / program), "Mbed TLS 3.6 " + program)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Peer(ProcessProtocol):
+    """A third-party peer process; its stdout and stderr are collected."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[int] = Deferred()
+        self.exit_code: int | None = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.exit_code = reason.value.exitCode
+        self.ended.callback(self.exit_code)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self.exit_code is None:
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+
+
+def spawn(argv: list[str]) -> Peer:
+    peer = Peer()
+    reactor.spawnProcess(peer, argv[0], argv, env=dict(os.environ))
+    return peer
+
+
+@pytest_twisted.inlineCallbacks
+def wait_for(condition: Callable[[], bool], what: str) -> Generator[Deferred[Any], Any, None]:
+    waited = 0.0
+    while not condition():
+        if waited > TIMEOUT:
+            raise AssertionError("timed out waiting for " + what)
+        yield deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+
+
+@implementer(IDatagramReceiver)
+class Receiver:
+    """Collects application data; optionally answers each datagram."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | None] = lambda data: None) -> None:
+        self.received: list[tuple[bytes, Any]] = []
+        self.link: DtlsEndpoint | None = None
+        self.answer = answer
+
+    def datagramReceived(self, data: bytes, peer: Any) -> None:
+        self.received.append((data, peer))
+        reply = self.answer(data)
+        if reply is not None and self.link is not None:
+            self.link.sendDatagram(reply, peer)
+
+
+def psk_client(suite: str, cid_length: int | None = 6) -> DtlsConfiguration:
+    return DtlsConfiguration(
+        is_client=True,
+        cipher_suites=(suite,),
+        psk_identity=PSK_IDENTITY,
+        psk=PSK,
+        cid_length=cid_length,
+        initial_retransmit_timeout=0.3,
+    )
+
+
+def server_config(suite: str, identity: Identity | None = None, node_id: int = 5) -> DtlsConfiguration:
+    return DtlsConfiguration(
+        is_client=False,
+        cipher_suites=(suite,),
+        psk_store=PskStore({PSK_IDENTITY: PSK}),
+        certificate_chain=identity.full_chain() if identity else [],
+        private_key=identity.private_key if identity else None,
+        cid_generator=NodeConnectionIdGenerator(6, node_id),
+        initial_retransmit_timeout=0.3,
+    )
+
+
+def listen(endpoint: DtlsEndpoint, receiver: Receiver) -> Any:
+    endpoint.receiver = receiver
+    receiver.link = endpoint
+    return reactor.listenUDP(0, endpoint, interface="127.0.0.1")
+
+
+def ecdsa_files(tmp_path: Path) -> tuple[Identity, Identity, dict[str, str]]:
+    ca = make_ca()
+    server, client = issue(ca, "localhost"), issue(ca, "client-1")
+    files = {name: str(tmp_path / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    Path(files["ca.pem"]).write_bytes(ca.certificate.public_bytes(serialization.Encoding.PEM))
+    server.pem_files(files["server.pem"], files["server.key"])
+    client.pem_files(files["client.pem"], files["client.key"])
+    return ca, server, files
+
+
+# --- OpenSSL 3.0 command line -------------------------------------------------------
+
+OPENSSL_CASES = [
+    ("TLS_PSK_WITH_AES_128_CCM_8", "PSK-AES128-CCM8"),
+    ("TLS_PSK_WITH_AES_128_GCM_SHA256", "PSK-AES128-GCM-SHA256"),
+    ("TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256", "ECDHE-PSK-AES128-CBC-SHA256"),
+    ("TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", "ECDHE-ECDSA-AES128-CCM8"),
+    ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+]
+
+
+def _openssl_credentials(suite: str, tmp_path: Path, role: str) -> tuple[list[str], Identity | None, Any]:
+    if "ECDSA" in suite:
+        ca, server, files = ecdsa_files(tmp_path)
+        if role == "server":
+            return ["-cert", files["server.pem"], "-key", files["server.key"]], server, ca
+        return ["-CAfile", files["ca.pem"], "-verify_return_error", "-verify", "1"], server, ca
+    arguments = ["-psk", PSK.hex(), "-psk_identity", PSK_IDENTITY.decode()]
+    return arguments + (["-nocert"] if role == "server" else []), None, None
+
+
+@pytest.mark.parametrize("suite,cipher", OPENSSL_CASES)
+@pytest_twisted.inlineCallbacks
+def test_our_client_with_openssl_s_server(suite: str, cipher: str, tmp_path: Path) -> Generator[Any, Any, None]:
+    binary = openssl()
+    port = free_udp_port()
+    arguments, _, ca = _openssl_credentials(suite, tmp_path, "server")
+    server = spawn(
+        [binary, "s_server", "-dtls1_2", "-accept", str(port), "-4", "-cipher", cipher + ":@SECLEVEL=0"] + arguments
+    )
+    receiver = Receiver()
+    config = psk_client(suite)
+    if ca is not None:
+        config.trust_anchors, config.server_name = [ca.certificate], "localhost"
+    endpoint = DtlsEndpoint(reactor, client_configuration=config)
+    port_handle = listen(endpoint, receiver)
+    try:
+        yield wait_for(lambda: b"ACCEPT" in server.output, "s_server to listen")
+        peer = yield endpoint.connect(("127.0.0.1", port))
+        context = endpoint.peerContext(peer)
+        assert context.cipher_suite == suite and context.write_cid is None  # OpenSSL has no CID
+        endpoint.sendDatagram(b"hello from nettester\n", peer)
+        yield wait_for(lambda: b"hello from nettester" in server.output, "s_server to print our data")
+        server.write(b"hello from openssl\n")
+        yield wait_for(lambda: bool(receiver.received), "data from s_server")
+        assert receiver.received[0][0] == b"hello from openssl\n"
+    finally:
+        server.stop()
+        yield port_handle.stopListening()
+
+
+@pytest.mark.parametrize("suite,cipher", OPENSSL_CASES)
+@pytest_twisted.inlineCallbacks
+def test_openssl_s_client_with_our_server(suite: str, cipher: str, tmp_path: Path) -> Generator[Any, Any, None]:
+    binary = openssl()
+    arguments, identity, _ = _openssl_credentials(suite, tmp_path, "client")
+    receiver = Receiver(answer=lambda data: b"echo:" + data)
+    endpoint = DtlsEndpoint(reactor, server_configuration=server_config(suite, identity))
+    port_handle = listen(endpoint, receiver)
+    port = port_handle.getHost().port
+    client = spawn(
+        [binary, "s_client", "-dtls1_2", "-connect", "127.0.0.1:%d" % port, "-cipher", cipher + ":@SECLEVEL=0",
+         "-servername", "localhost"] + arguments
+    )
+    try:
+        yield wait_for(lambda: endpoint.counters.handshakes.value == 1, "the handshake")
+        yield wait_for(lambda: b"Verify return code" in client.output or b"Cipher is" in client.output, "s_client ready")
+        client.write(b"ping from openssl\n")
+        yield wait_for(lambda: b"echo:ping from openssl" in client.output, "our echo in s_client")
+        ((data, peer),) = receiver.received
+        assert endpoint.peerContext(peer).cipher_suite == suite
+        if identity is None:
+            assert endpoint.peerContext(peer).identity == PSK_IDENTITY.decode()
+        assert endpoint.counters.hello_verify.value >= 1
+    finally:
+        client.stop()
+        yield port_handle.stopListening()
+
+
+# --- Mbed TLS 3.6: RFC 9146 ----------------------------------------------------------
+
+MBEDTLS_CASES = ["TLS_PSK_WITH_AES_128_CCM_8", "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8"]
+
+
+def _mbedtls_name(suite: str) -> str:
+    return suite.replace("_", "-")
+
+
+def _parse_peer_cid(output: bytes) -> bytes:
+    """The CID Mbed TLS reports for its peer: 'Peer CID (length N Bytes): aa bb'."""
+    for line in output.decode(errors="replace").splitlines():
+        if "Peer CID (length" in line:
+            return bytes.fromhex(line.split("):", 1)[1].replace(" ", ""))
+    raise AssertionError("Mbed TLS reported no peer CID")
+
+
+@pytest.mark.parametrize("suite", MBEDTLS_CASES)
+@pytest_twisted.inlineCallbacks
+def test_our_client_with_mbedtls_server_cid(suite: str, tmp_path: Path) -> Generator[Any, Any, None]:
+    binary = mbedtls("ssl_server2")
+    port = free_udp_port()
+    mbed_cid = bytes.fromhex("a1b2c3d4")
+    arguments = ["dtls=1", "server_addr=127.0.0.1", "server_port=%d" % port, "force_ciphersuite=" + _mbedtls_name(suite),
+                 "cid=1", "cid_val=" + mbed_cid.hex(), "hs_timeout=300-5000"]
+    config = psk_client(suite)
+    if "ECDSA" in suite:
+        ca, server_identity, files = ecdsa_files(tmp_path)
+        arguments += ["crt_file=" + files["server.pem"], "key_file=" + files["server.key"]]
+        config.trust_anchors, config.server_name = [ca.certificate], "localhost"
+    else:
+        arguments += ["psk=" + PSK.hex(), "psk_identity=" + PSK_IDENTITY.decode()]
+    server = spawn([binary] + arguments)
+    receiver = Receiver()
+    endpoint = DtlsEndpoint(reactor, client_configuration=config)
+    port_handle = listen(endpoint, receiver)
+    try:
+        yield wait_for(lambda: b"Waiting for a remote connection" in server.output, "ssl_server2 to listen")
+        peer = yield endpoint.connect(("127.0.0.1", port))
+        context = endpoint.peerContext(peer)
+        assert context.cipher_suite == suite
+        assert context.write_cid == mbed_cid  # Mbed TLS's CID is the one we use
+        endpoint.sendDatagram(b"GET / HTTP/1.0\r\n\r\n", peer)
+        yield wait_for(lambda: bool(receiver.received), "the HTTP response")
+        assert b"Mbed TLS Test Server" in receiver.received[0][0]
+        yield wait_for(lambda: b"Peer CID" in server.output, "ssl_server2 to report our CID")
+        assert _parse_peer_cid(server.output) == context.read_cid
+    finally:
+        server.stop()
+        yield port_handle.stopListening()
+
+
+class Relay(DatagramProtocol):
+    """Forwards a client to a server and, on request, moves the client's
+    flow to a new source port (a NAT rebinding).  Records the first byte
+    of every datagram after the handshake for the type-25 check."""
+
+    def __init__(self, server: tuple[str, int]) -> None:
+        self.server = server
+        self.client: tuple[str, int] | None = None
+        self.upstreams: list[Any] = []
+        self.log: list[tuple[str, int]] = []
+        self.upstream_ports: list[int] = []
+
+    def open_upstream(self) -> None:
+        relay = self
+
+        class Upstream(DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                relay.log.append(("s2c", data[0]))
+                if relay.client is not None:
+                    relay.transport.write(data, relay.client)  # type: ignore[union-attr]
+
+        upstream = Upstream()
+        handle = reactor.listenUDP(0, upstream, interface="127.0.0.1")
+        self.upstreams.append((upstream, handle))
+        self.upstream_ports.append(handle.getHost().port)
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.client = addr
+        self.log.append(("c2s", data[0]))
+        self.upstreams[-1][0].transport.write(data, self.server)
+
+
+@pytest.mark.parametrize("suite", MBEDTLS_CASES)
+@pytest_twisted.inlineCallbacks
+def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_path: Path) -> Generator[Any, Any, None]:
+    binary = mbedtls("ssl_client2")
+    identity = None
+    mbed_cid = bytes.fromhex("0badcafe")
+    receiver = Receiver(answer=lambda data: b"HTTP/1.0 200 OK\r\n\r\nnettester")
+    if "ECDSA" in suite:
+        _, identity, files = ecdsa_files(tmp_path)
+    endpoint = DtlsEndpoint(reactor, server_configuration=server_config(suite, identity, node_id=9))
+    port_handle = listen(endpoint, receiver)
+    relay = Relay(("127.0.0.1", port_handle.getHost().port))
+    relay.open_upstream()
+    relay_handle = reactor.listenUDP(0, relay, interface="127.0.0.1")
+    arguments = ["dtls=1", "server_addr=127.0.0.1", "server_port=%d" % relay_handle.getHost().port,
+                 "force_ciphersuite=" + _mbedtls_name(suite), "cid=1", "cid_val=" + mbed_cid.hex(),
+                 "exchanges=3", "hs_timeout=300-5000", "read_timeout=5000"]
+    if identity is not None:
+        arguments += ["ca_file=" + files["ca.pem"], "server_name=localhost", "auth_mode=required"]
+    else:
+        arguments += ["psk=" + PSK.hex(), "psk_identity=" + PSK_IDENTITY.decode()]
+    client = spawn([binary] + arguments)
+
+    def move_after_first_exchange(data: bytes) -> bytes:
+        if len(receiver.received) == 1:
+            relay.open_upstream()  # exchanges 2 and 3 come from a new source port
+        return b"HTTP/1.0 200 OK\r\n\r\nnettester"
+
+    receiver.answer = move_after_first_exchange
+    try:
+        exit_code = yield client.ended
+        output = client.output.decode(errors="replace")
+        assert exit_code == 0, output
+        assert len(receiver.received) == 3
+        peers = {peer for _, peer in receiver.received}
+        assert len(peers) == 1  # one session survived the move
+        (peer,) = peers
+        context = endpoint.peerContext(peer)
+        assert context.cipher_suite == suite
+        assert context.write_cid == mbed_cid  # Mbed TLS's CID is the one we use
+        assert _parse_peer_cid(client.output) == context.read_cid  # our node-prefixed CID is Mbed TLS's
+        assert context.read_cid[0] == 9 and context.node_id == 9
+        assert context.address[1] == relay.upstream_ports[-1]
+        assert context.previous_address is not None and context.previous_address[1] == relay.upstream_ports[0]
+        assert endpoint.counters.address_changes.value == 1
+        # After the Finished messages every record is a tls12_cid record.
+        for direction in ("c2s", "s2c"):
+            types = [first for d, first in relay.log if d == direction]
+            after = types[next(i for i, t in enumerate(types) if t == 25):]
+            assert set(after) == {25}, (direction, types)
+    finally:
+        client.stop()
+        for _, handle in relay.upstreams:
+            yield handle.stopListening()
+        yield relay_handle.stopListening()
+        yield port_handle.stopListening()
