@@ -44,6 +44,7 @@ from nettester.protocols.coap.message import (
     encode_uint,
     is_no_cache_key,
     is_request,
+    peek_header,
 )
 from nettester.protocols.coap.store import ExpiringStore
 
@@ -379,13 +380,11 @@ class CoapLayer:
         """Process one datagram from ``peer``."""
         stats = self.stats
         stats.received += 1
-        # The 4-byte header (RFC 7252 section 3), read inline: this is the hot path.
-        if len(data) < 4 or data[0] >> 6 != 1:
+        header = peek_header(data)
+        if header is None:
             stats.garbage += 1
             return
-        mtype = (data[0] >> 4) & 3
-        code = data[1]
-        mid = (data[2] << 8) | data[3]
+        mtype, _, code, mid = header
         dedup_bucket = None
         if mtype <= NON and code:
             # RFC 7252 section 4.5: only the header is needed to spot a duplicate.
@@ -535,7 +534,7 @@ class CoapLayer:
                 stored = self._block2_bodies.get((peer, cache_key(request)))
                 if stored is not None:
                     incoming.answered = True
-                    self._send_response(incoming, self._block_of(stored[1], block2, peer, request, now), now)
+                    self._send_response(incoming, self._block_of(stored[1], block2), now)
                     return
         self._events.append(RequestReceived(incoming))
 
@@ -608,9 +607,9 @@ class CoapLayer:
         wanted = BlockValue(0 if block2 is None else block2.num, False, szx)
         if len(whole.payload) > wanted.size:
             self._block2_bodies.put((peer, cache_key(request)), whole, now)
-        return self._block_of(whole, wanted, peer, request, now)
+        return self._block_of(whole, wanted)
 
-    def _block_of(self, whole: Message, wanted: BlockValue, peer: Peer, request: Message, now: float) -> Message:
+    def _block_of(self, whole: Message, wanted: BlockValue) -> Message:
         """One Block2 slice of ``whole`` (RFC 7959 section 2.4), Size2 on the first block."""
         szx = min(wanted.szx, self.params.block_szx)
         size = 16 << szx

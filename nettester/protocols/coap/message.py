@@ -611,23 +611,15 @@ class CoapDecodeError(ValueError):
         self.option = option
 
 
-class Header(NamedTuple):
-    """The fixed 4-byte header: what deduplication needs and no more."""
-
-    mtype: int
-    token_length: int
-    code: int
-    mid: int
-
-
-def peek_header(data: bytes) -> Header | None:
-    """Type, token length, code and MID, or None when not CoAP version 1."""
+def peek_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(type, token length, code, MID) from the fixed 4-byte header, or None
+    when ``data`` is not CoAP version 1: all that deduplication needs."""
     if len(data) < 4:
         return None
     first = data[0]
     if first >> 6 != VERSION:
         return None
-    return Header((first >> 4) & 3, first & 0x0F, data[1], (data[2] << 8) | data[3])
+    return (first >> 4) & 3, first & 0x0F, data[1], (data[2] << 8) | data[3]
 
 
 def decode(data: bytes) -> Message:
@@ -639,13 +631,10 @@ def decode(data: bytes) -> Message:
 
     :raises CoapDecodeError: for anything that is not a valid message.
     """
-    if len(data) < 4 or data[0] >> 6 != VERSION:
+    header = peek_header(data)
+    if header is None:
         raise CoapDecodeError(DecodeFailure.GARBAGE, "not a CoAP version 1 datagram")
-    first = data[0]
-    mtype = (first >> 4) & 3
-    tkl = first & 0x0F
-    code = data[1]
-    mid = (data[2] << 8) | data[3]
+    mtype, tkl, code, mid = header
 
     def fail(reason: str, token: bytes | None = None) -> CoapDecodeError:
         return CoapDecodeError(DecodeFailure.FORMAT, reason, mtype, code, mid, token)
