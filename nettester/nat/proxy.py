@@ -1,0 +1,280 @@
+"""The Twisted UDP adapter of the NAT / load-balancer emulator.
+
+One public socket receives the clients' datagrams; every NAT entry gets its
+own outgoing socket (its own source port), opened on the first datagram the
+table routes through it and closed when the table drops the entry. Answers
+arriving on an outgoing socket go back out of the public socket to the
+client, so the client only ever sees the address it talked to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import DatagramProtocol
+from zope.interface import implementer
+
+from nettester.interfaces import IReportingService
+from nettester.logs import Logger
+from nettester.metrics import MetricSet
+from nettester.nat.table import Address, DropPolicy, NatTable
+
+log = Logger()
+
+
+def parse_host_port(text: str, default_host: str | None = None, lowest_port: int = 1) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port`` or ``:port`` (host C{default_host}).
+
+    @param lowest_port: 0 for a listening address (the OS picks the port).
+    @raise ValueError: with a message saying what was expected.
+    """
+    host, separator, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not port_text.isdigit() or not lowest_port <= int(port_text) <= 65535:
+        raise ValueError(f"expected host:port (port {lowest_port}-65535), got {text!r}")
+    if not host:
+        if default_host is None:
+            raise ValueError(f"expected host:port with a host, got {text!r}")
+        host = default_host
+    return host, int(port_text)
+
+
+def ip_family(host: str) -> int | None:
+    """socket.AF_INET / AF_INET6 for an IP literal, None for a host name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
+class _PublicProtocol(DatagramProtocol):
+    """The listening socket: every datagram is a client's, to forward."""
+
+    noisy = False
+
+    def __init__(self, proxy: NatProxy) -> None:
+        self._proxy = proxy
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self._proxy.forward_datagram(datagram, addr)
+
+
+class _OutgoingProtocol(DatagramProtocol):
+    """One NAT entry's outgoing socket: every datagram is an answer to send back."""
+
+    noisy = False
+
+    def __init__(self, proxy: NatProxy, key: int) -> None:
+        self._proxy = proxy
+        self._key = key
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self._proxy.backward_datagram(self._key, datagram, addr)
+
+
+@implementer(IReportingService)
+class NatProxy(Service):
+    """The ``nat`` role's service: public socket, outgoing sockets, expiry timer.
+
+    @param reactor: IReactorUDP, IReactorTime and IReactorCore (name resolution).
+    @param destinations: ``host:port`` texts; host names are resolved at start.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        table: NatTable,
+        policy: DropPolicy,
+        listen: tuple[str, int],
+        destinations: Iterable[str] = (),
+    ) -> None:
+        self._reactor = reactor
+        self.table = table
+        self._policy = policy
+        self._listen = listen
+        self._initial_destinations = list(destinations)
+        self._public: Any = None
+        self._sockets: dict[int, Any] = {}
+        self._timer: IDelayedCall | None = None
+        self.metrics = MetricSet("nat")
+        self._forwarded = self.metrics.counter("forwarded_total", "Datagrams forwarded to a destination.")
+        self._backwarded = self.metrics.counter("backwarded_total", "Answers sent back to a client.")
+        self._new_entries = self.metrics.counter("entries_created_total", "NAT entries created.")
+        self._expired = self.metrics.counter("entries_expired_total", "NAT entries expired by --tnat.")
+        self.dropped = self.metrics.labeled_counter("dropped_total", "Datagrams dropped, by reason.", "reason")
+        self.metrics.gauge("entries", "Live NAT entries.", lambda: len(self.table))
+        self.metrics.gauge("destinations", "Configured destinations.", lambda: len(self.table.destinations()))
+        self.metrics.gauge("violations", "Answers from another address than the entry's destination.",
+                           lambda: self.table.violations)
+
+    # -- service ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        interface, port = self._listen
+        self._public = self._reactor.listenUDP(port, _PublicProtocol(self), interface=interface)
+        log.info(
+            "NAT listening on {address}, {count} destinations, reverse address update {mode}",
+            event="nat_start",
+            address=f"{interface or '*'}:{self.port}",
+            count=len(self._initial_destinations),
+            mode="enabled" if self.table.reverseUpdate else "disabled",
+        )
+        for name in self._initial_destinations:
+            self.add_destination(name)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        closing = [maybeDeferred(port.stopListening) for port in self._sockets.values()]
+        self._sockets.clear()
+        if self._public is not None:
+            closing.append(maybeDeferred(self._public.stopListening))
+            self._public = None
+        return gatherResults(closing)
+
+    @property
+    def port(self) -> int:
+        """The public port's real number (useful with port 0)."""
+        return self._public.getHost().port
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "entries": len(self.table),
+            "destinations": len(self.table.destinations()),
+            "forwarded": self._forwarded.value,
+            "backwarded": self._backwarded.value,
+            "dropped": self.dropped.total,
+            "violations": self.table.violations,
+            "expired": self._expired.value,
+        }
+
+    # -- the hot path -----------------------------------------------------------
+
+    def forward_datagram(self, datagram: bytes, client: Address) -> None:
+        """A client's datagram: drop it on purpose, or send it out of its entry's socket."""
+        reason = self._policy.forward_drop(datagram)
+        if reason is not None:
+            self.dropped.inc(reason)
+            return
+        route = self.table.forward(client, self._reactor.seconds())
+        if route is None:
+            self.dropped.inc("no_destination")
+            return
+        outgoing = self._sockets.get(route.key)
+        if outgoing is None:
+            outgoing = self._open(route.key, route.destination)
+            if outgoing is None:
+                self.dropped.inc("no_socket")
+                return
+            log.debug("New NAT entry {client} -> {destination}", event="nat_entry", client=client,
+                      destination=route.destination)
+        outgoing.write(datagram, route.destination)
+        self._forwarded.value += 1
+
+    def backward_datagram(self, key: int, datagram: bytes, source: Address) -> None:
+        """An answer on entry C{key}'s socket: send it back to the entry's client."""
+        client = self.table.backward(key, source, self._reactor.seconds())
+        if client is None:
+            self.dropped.inc("unknown_entry")
+            return
+        reason = self._policy.backward_drop(datagram)
+        if reason is not None:
+            self.dropped.inc(reason)
+            return
+        self._public.write(datagram, client)
+        self._backwarded.value += 1
+
+    def _open(self, key: int, destination: Address) -> Any:
+        interface = "::" if ip_family(destination[0]) == socket.AF_INET6 else ""
+        try:
+            outgoing = self._reactor.listenUDP(0, _OutgoingProtocol(self, key), interface=interface)
+        except CannotListenError as error:
+            log.error("No outgoing socket for a new NAT entry: {error}; raise the open-files limit or lower -n",
+                      event="nat_socket_failed", error=error)
+            return None
+        self._sockets[key] = outgoing
+        self._new_entries.value += 1
+        if self._timer is None:
+            self._arm(self.table.nextDeadline())
+        return outgoing
+
+    def _close(self, keys: Iterable[int]) -> int:
+        closed = 0
+        for key in keys:
+            outgoing = self._sockets.pop(key, None)
+            if outgoing is not None:
+                outgoing.stopListening()
+                closed += 1
+        return closed
+
+    def _arm(self, deadline: float | None) -> None:
+        self._timer = None
+        if deadline is not None:
+            self._timer = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        expired = self.table.expire(self._reactor.seconds())
+        self._expired.value += self._close(expired)
+        self._arm(self.table.nextDeadline())
+
+    # -- console commands ---------------------------------------------------------
+
+    def clear(self, count: int | None) -> int:
+        """Drop C{count} random entries (all when None); their clients get new ports."""
+        return self._close(self.table.clear(count))
+
+    def reassign(self) -> int:
+        """New outgoing port and new random destination for every entry."""
+        return self._close(self.table.reassign(self._reactor.seconds()))
+
+    def rebalance(self) -> tuple[int, int]:
+        """New random destination for every entry, same outgoing port."""
+        return self.table.rebalance(self._reactor.seconds())
+
+    def set_reverse(self, enabled: bool) -> None:
+        self.table.reverseUpdate = enabled
+
+    def add_destination(self, name: str) -> Deferred[str]:
+        """Resolve ``host:port`` and add it; fires with the console's answer line."""
+        try:
+            host, port = parse_host_port(name)
+        except ValueError as error:
+            return succeed(str(error))
+        resolving = succeed(host) if ip_family(host) is not None else self._reactor.resolve(host)
+
+        def resolved(address: str) -> str:
+            families = {ip_family(d.address[0]) for d in self.table.destinations()}
+            if families and ip_family(address) not in families:
+                return f"{name} resolves to {address}: all destinations must be of one address family"
+            if not self.table.addDestination(name, (address, port)):
+                return f"destination {name} is already there."
+            log.info("Destination added {destination} ({address})", event="nat_destination_added",
+                     destination=name, address=f"{address}:{port}")
+            return f"added destination {name}."
+
+        def failed(failure: Any) -> str:
+            log.error("Destination {destination} not resolved: {error}; check the host name",
+                      event="nat_destination_unresolved", destination=name, error=failure.getErrorMessage())
+            return f"cannot resolve {host}: {failure.getErrorMessage()}"
+
+        return resolving.addCallbacks(resolved, failed)
+
+    def remove_destination(self, name: str) -> str:
+        """Remove the destination added as C{name} (or with that address)."""
+        for destination in self.table.destinations():
+            if name in (destination.name, f"{destination.address[0]}:{destination.address[1]}"):
+                self.table.removeDestination(destination.address)
+                log.info("Destination removed {destination}", event="nat_destination_removed", destination=name)
+                return f"removed destination {name}."
+        return f"unknown destination {name}; 'info' lists them."

@@ -1,0 +1,260 @@
+"""The NAT emulator on real loopback sockets: echo servers as destinations.
+
+Each echo server answers ``<its port>|<data>`` and remembers the source
+ports it saw, so the tests see the NAT's outgoing ports and destinations.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Generator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.protocol import ClientFactory, DatagramProtocol
+from twisted.internet.task import deferLater
+from twisted.protocols.basic import LineOnlyReceiver
+
+from nettester.nat.console import NatRoleService
+from nettester.nat.proxy import NatProxy
+from nettester.nat.table import DropPolicy, NatTable, SizeLimit
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 5.0
+
+
+class Echo(DatagramProtocol):
+    """Answers ``<port>|<data>``; records each datagram's source port."""
+
+    def __init__(self) -> None:
+        self.sources: list[int] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.sources.append(addr[1])
+        self.transport.write(b"%d|" % self.transport.getHost().port + data, addr)
+
+
+class Client(DatagramProtocol):
+    def __init__(self) -> None:
+        self.answers: DeferredQueue[bytes] = DeferredQueue()
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.answers.put(data)
+
+
+class ConsoleClient(LineOnlyReceiver):
+    delimiter = b"\n"
+
+    def __init__(self) -> None:
+        self.lines: DeferredQueue[str] = DeferredQueue()
+        self.closed: Deferred[None] = Deferred()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.put(line.decode())
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+def timed(d: Deferred[Any]) -> Deferred[Any]:
+    return d.addTimeout(TIMEOUT, reactor)
+
+
+@pytest_twisted.inlineCallbacks
+def wait_until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
+    for _ in range(int(TIMEOUT / 0.01)):
+        if condition():
+            return
+        yield deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not reached in time")
+
+
+class Lab:
+    """Echo destinations, a NAT in front of them, clients, all on 127.0.0.1."""
+
+    def __init__(self, destinations: int = 3, policy: DropPolicy | None = None) -> None:
+        self.echoes = [Echo() for _ in range(destinations + 1)]  # the last one is added later
+        self.ports = [reactor.listenUDP(0, echo, interface="127.0.0.1") for echo in self.echoes]
+        self.names = [f"127.0.0.1:{port.getHost().port}" for port in self.ports]
+        rng = random.Random(5)
+        table = NatTable([], nat_timeout=30.0, lb_timeout=15.0, rng=rng)
+        self.proxy = NatProxy(reactor, table, policy or DropPolicy(rng=rng), ("127.0.0.1", 0),
+                              self.names[:destinations])
+        self.service = NatRoleService(reactor, self.proxy, console_port=0)
+        self.service.startService()
+        self.clients: list[tuple[Client, Any]] = []
+
+    def client(self) -> Client:
+        client = Client()
+        self.clients.append((client, reactor.listenUDP(0, client, interface="127.0.0.1")))
+        return client
+
+    def send(self, client: Client, data: bytes) -> None:
+        port = next(port for c, port in self.clients if c is client)
+        port.write(data, ("127.0.0.1", self.proxy.port))
+
+    @pytest_twisted.inlineCallbacks
+    def exchange(self, client: Client, data: bytes) -> Generator[Any, Any, tuple[int, int]]:
+        """Send through the NAT; (destination port, NAT source port seen there)."""
+        self.send(client, data)
+        answer = yield timed(client.answers.get())
+        port_text, _, echoed = answer.partition(b"|")
+        assert echoed == data
+        destination = int(port_text)
+        echo = self.echoes[[p.getHost().port for p in self.ports].index(destination)]
+        return destination, echo.sources[-1]
+
+    @pytest_twisted.inlineCallbacks
+    def exchange_all(self, clients: list[Client], data: bytes) -> Generator[Any, Any, list[tuple[int, int]]]:
+        results = []
+        for client in clients:
+            results.append((yield self.exchange(client, data)))
+        return results
+
+    @pytest_twisted.inlineCallbacks
+    def command(self, line: str) -> Generator[Any, Any, str]:
+        answer = yield self.service.console.execute(line)
+        return answer
+
+    @pytest_twisted.inlineCallbacks
+    def close(self) -> Generator[Any, Any, None]:
+        yield self.service.stopService()
+        for _, port in self.clients:
+            yield port.stopListening()
+        for port in self.ports:
+            yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_sticky_entries_clear_reassign_rebalance_add_remove() -> Generator[Any, Any, None]:
+    lab = Lab()
+    try:
+        clients = [lab.client() for _ in range(12)]
+        first = yield lab.exchange_all(clients, b"hello")
+        # Sticky: the same destination and NAT port for every later datagram.
+        for index, client in enumerate(clients):
+            assert (yield lab.exchange(client, b"again")) == first[index]
+        used = {destination for destination, _ in first}
+        assert len(used) == 3, "12 clients over 3 destinations use all of them"
+        info = (yield lab.command("")).splitlines()
+        assert info[0] == "12 NAT entries, reverse address update disabled."
+        assert sorted(info[1:]) == sorted(
+            f"Destination: {name}, usage: {sum(1 for d, _ in first if f'127.0.0.1:{d}' == name)}"
+            for name in lab.names[:3]
+        )
+
+        # clear 1 then clear: the client comes back through a new NAT port.
+        assert (yield lab.command("clear 1")) == "cleared 1 NAT entries."
+        assert (yield lab.command("clear")) == "cleared 11 NAT entries."
+        assert len(lab.proxy.table) == 0
+        after_clear = yield lab.exchange(clients[0], b"x")
+        assert after_clear[1] != first[0][1]
+
+        for client in clients[1:]:
+            yield lab.exchange(client, b"fill")
+        before = yield lab.exchange_all(clients, b"b")
+
+        # rebalance: same NAT port, a new random destination for some.
+        answer = yield lab.command("rebalance")
+        changed = int(answer.split()[1])
+        assert answer == f"reassigned {changed} destinations of 12."
+        assert changed > 0
+        after = yield lab.exchange_all(clients, b"r")
+        assert [port for _, port in after] == [port for _, port in before]
+        assert sum(a[0] != b[0] for a, b in zip(after, before)) == changed
+
+        # reassign: every entry gets a new NAT port.
+        assert (yield lab.command("reassign")) == "reassigned 12 NAT entries to new outgoing ports."
+        reassigned = yield lab.exchange_all(clients, b"n")
+        assert not {port for _, port in reassigned} & {port for _, port in after}
+
+        # add a fourth destination, rebalance until it is used; remove the first.
+        assert (yield lab.command(f"add {lab.names[3]}")) == f"added destination {lab.names[3]}."
+        assert (yield lab.command(f"add {lab.names[3]}")) == f"destination {lab.names[3]} is already there."
+        yield lab.command("rebalance")
+        fourth = lab.ports[3].getHost().port
+        assert fourth in {destination for destination, _ in (yield lab.exchange_all(clients, b"4"))}
+        assert (yield lab.command(f"remove {lab.names[0]}")) == f"removed destination {lab.names[0]}."
+        removed_port = lab.ports[0].getHost().port
+        seen_before = len(lab.echoes[0].sources)
+        for client in clients:
+            assert (yield lab.exchange(client, b"5"))[0] != removed_port
+        assert len(lab.echoes[0].sources) == seen_before
+        assert (yield lab.command("remove 127.0.0.1:1")) == "unknown destination 127.0.0.1:1; 'info' lists them."
+        assert (yield lab.command("add nohost.invalid:5")).startswith("cannot resolve nohost.invalid")
+        assert (yield lab.command("reverse on")) == "reverse address update enabled."
+        assert lab.proxy.table.reverseUpdate is True
+        assert lab.proxy.summary()["forwarded"] == lab.proxy.summary()["backwarded"]
+    finally:
+        yield lab.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_tcp_console_answers_and_exit_closes_the_session() -> Generator[Any, Any, None]:
+    lab = Lab(destinations=2)
+    try:
+        factory = ClientFactory.forProtocol(ConsoleClient)
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        console = yield timed(TCP4ClientEndpoint(reactor, "127.0.0.1", lab.service.console_port).connect(factory))
+        console.sendLine(b"info")
+        lines = []
+        for _ in range(3):
+            lines.append((yield timed(console.lines.get())))
+        assert lines == [
+            "0 NAT entries, reverse address update disabled.",
+            f"Destination: {lab.names[0]}, usage: 0",
+            f"Destination: {lab.names[1]}, usage: 0",
+        ]
+        console.sendLine(b"bogus")
+        assert (yield timed(console.lines.get())) == "unknown command 'bogus'; type 'help' for the commands."
+        console.sendLine(b"?")
+        assert (yield timed(console.lines.get())).startswith("help or ?")
+        for _ in range(8):
+            yield timed(console.lines.get())
+        console.sendLine(b"quit")
+        assert (yield timed(console.lines.get())) == "bye."
+        yield timed(console.closed)
+        assert lab.service.running
+    finally:
+        yield lab.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_forward_and_backward_drops_follow_the_percentages() -> Generator[Any, Any, None]:
+    lab = Lab(destinations=1, policy=DropPolicy(forward_percent=30.0, backward_percent=50.0,
+                                                rng=random.Random(11)))
+    try:
+        client = lab.client()
+        echo = lab.echoes[0]
+        dropped = lab.proxy.dropped
+        for batch in range(1, 21):  # in batches: a burst of 400 could overflow a socket buffer
+            for index in range(20):
+                lab.send(client, b"%d" % index)
+            yield wait_until(lambda: dropped.get("forward_random") + len(echo.sources) == 20 * batch)
+            yield wait_until(lambda: dropped.get("backward_random") + len(client.answers.pending) == len(echo.sources))
+        assert 80 < dropped.get("forward_random") < 160
+        assert 0.35 < dropped.get("backward_random") / len(echo.sources) < 0.65
+    finally:
+        yield lab.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_size_limit_and_dtls_filter() -> Generator[Any, Any, None]:
+    lab = Lab(destinations=1, policy=DropPolicy(size_limit=SizeLimit(20), dtls_only=True, rng=random.Random(1)))
+    try:
+        client = lab.client()
+        record = bytes([23, 254, 253]) + bytes(10)
+        lab.send(client, b"\x40\x01\x00\x01")  # CoAP, not DTLS
+        lab.send(client, record + bytes(8))  # 21 bytes
+        yield wait_until(lambda: lab.proxy.dropped.total == 2)
+        assert lab.proxy.dropped.get("not_dtls") == 1 and lab.proxy.dropped.get("size_limit") == 1
+        lab.send(client, record + bytes(7))  # 20 bytes: passes; the echo adds "<port>|" and is dropped back
+        yield wait_until(lambda: lab.proxy.dropped.total == 3)
+        assert len(lab.echoes[0].sources) == 1
+        assert lab.proxy.dropped.get("not_dtls") == 2
+    finally:
+        yield lab.close()
