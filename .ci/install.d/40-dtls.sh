@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# DTLS interop peers (issue 4): OpenSSL's command line tool, python-mbedtls,
-# and Mbed TLS 3.6 ssl_server2/ssl_client2 (the one RFC 9146 implementation
-# available), built from Debian trixie's source package.  Idempotent: the
-# Mbed TLS build is cached outside the repository and reused.
+# DTLS interop peers (issue 4): OpenSSL's command line tool and Mbed TLS 3.6
+# ssl_server2/ssl_client2 (the one RFC 9146 implementation available), built
+# from Debian trixie's source package.  python-mbedtls comes with the test
+# extras of setup.cfg.  Idempotent: the Mbed TLS build is cached outside the
+# repository and reused.
 set -euo pipefail
 
 command -v openssl >/dev/null || apt-get install -y --no-install-recommends openssl
-# python-mbedtls bundles Mbed TLS 2.28 (PSK, no CID); optional, never fatal.
-python3 -c 'import mbedtls' 2>/dev/null || python3 -m pip install --quiet 'python-mbedtls>=2.9' || echo "40-dtls: python-mbedtls did not install; its interop tests will skip" >&2
 
 CACHE=${NETTESTER_MBEDTLS_CACHE:-/var/cache/nettester/mbedtls}
 if [ -x "$CACHE/bin/ssl_server2" ] && [ -x "$CACHE/bin/ssl_client2" ]; then

@@ -377,3 +377,124 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
             yield handle.stopListening()
         yield relay_handle.stopListening()
         yield port_handle.stopListening()
+
+
+# --- python-mbedtls (Mbed TLS 2.28): PSK, no CID, in process ----------------------------
+
+
+def python_mbedtls() -> Any:
+    try:
+        import mbedtls.tls
+    except ImportError:
+        require(None, "python-mbedtls")
+    return mbedtls.tls
+
+
+def _mbedtls_psk_configuration(tls: Any, **options: Any) -> Any:
+    return tls.DTLSConfiguration(
+        ciphers=["TLS-PSK-WITH-AES-128-CCM-8"],
+        validate_certificates=False,
+        lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
+        **options,
+    )
+
+
+def _drain(buffer: Any) -> bytes:
+    data = buffer.peek_outgoing(65536)
+    buffer.consume_outgoing(len(data))
+    return data
+
+
+def _step(tls: Any, buffer: Any) -> None:
+    """Drive python-mbedtls's handshake (one Mbed TLS step per call) until
+    it needs input or is over."""
+    for _ in range(40):
+        if buffer._handshake_state is tls.HandshakeStep.HANDSHAKE_OVER:
+            return
+        try:
+            buffer.do_handshake()
+        except tls.WantReadError:
+            return
+        except tls.WantWriteError:
+            continue
+
+
+def test_our_client_with_python_mbedtls_server() -> None:
+    from nettester.protocols.dtls.connection import ApplicationData, DtlsConnection, HandshakeCompleted
+
+    tls = python_mbedtls()
+    context = tls.ServerContext(_mbedtls_psk_configuration(tls, pre_shared_key_store={"Client_identity": PSK}))
+    buffer = context.wrap_buffers()
+    buffer.setcookieparam(b"127.0.0.1:5684")
+    client = DtlsConnection(psk_client("TLS_PSK_WITH_AES_128_CCM_8"))
+    client.connect(0.0)
+    hello_verify = 0
+    for _ in range(20):
+        for datagram in client.datagrams_to_send(0.0):
+            buffer.receive_from_network(datagram)
+            try:
+                _step(tls, buffer)
+            except tls.HelloVerifyRequest:
+                hello_verify += 1
+                reply = _drain(buffer)
+                buffer = context.wrap_buffers()  # Mbed TLS restarts the session after a HelloVerifyRequest
+                buffer.setcookieparam(b"127.0.0.1:5684")
+                client.receive_datagram(reply, 0.0)
+                continue
+        out = _drain(buffer)
+        if out:
+            client.receive_datagram(out, 0.0)
+        if client.is_established:
+            break
+    events = []
+    while (event := client.next_event()) is not None:
+        events.append(event)
+    (completed,) = [e for e in events if isinstance(e, HandshakeCompleted)]
+    assert completed.cipher_suite == "TLS_PSK_WITH_AES_128_CCM_8" and completed.write_cid is None
+    assert hello_verify == 1
+    _step(tls, buffer)
+    client.send_application_data(b"to python-mbedtls")
+    for datagram in client.datagrams_to_send(0.0):
+        buffer.receive_from_network(datagram)
+    assert buffer.read(100) == b"to python-mbedtls"
+    buffer.write(b"from python-mbedtls")
+    client.receive_datagram(_drain(buffer), 0.0)
+    assert client.next_event() == ApplicationData(b"from python-mbedtls")
+
+
+def test_python_mbedtls_client_with_our_server() -> None:
+    from nettester.protocols.dtls.connection import ApplicationData, DtlsConnection, HandshakeCompleted
+    from nettester.protocols.dtls.cookie import CookieGate, Verdict
+
+    tls = python_mbedtls()
+    buffer = tls.ClientContext(_mbedtls_psk_configuration(tls, pre_shared_key=("Client_identity", PSK))).wrap_buffers(None)
+    address = ("127.0.0.1", 40000)
+    gate, server = CookieGate(), None
+    _step(tls, buffer)
+    for _ in range(20):
+        out = _drain(buffer)
+        if out:
+            if server is None:
+                result = gate.check(out, address, 0.0)
+                if result.verdict is Verdict.VERIFY:
+                    buffer.receive_from_network(result.reply)
+                    _step(tls, buffer)
+                    continue
+                server = DtlsConnection(server_config("TLS_PSK_WITH_AES_128_CCM_8"), address)
+            server.receive_datagram(out, 0.0, address)
+            for datagram in server.datagrams_to_send(0.0):
+                buffer.receive_from_network(datagram)
+        _step(tls, buffer)
+        if server is not None and server.is_established:
+            break
+    assert server is not None and server.is_established
+    completed = server.next_event()
+    assert isinstance(completed, HandshakeCompleted)
+    assert completed.peer_identity == "Client_identity" and completed.read_cid is None
+    buffer.write(b"hello")
+    server.receive_datagram(_drain(buffer), 0.0, address)
+    assert server.next_event() == ApplicationData(b"hello")
+    server.send_application_data(b"world")
+    for datagram in server.datagrams_to_send(0.0):
+        buffer.receive_from_network(datagram)
+    assert buffer.read(100) == b"world"
