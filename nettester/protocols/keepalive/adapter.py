@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol as TypingProtocol
 
 from OpenSSL.SSL import Error as TLSError
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -29,7 +30,7 @@ SHUTDOWN_GRACE = 5.0
 # Close causes, the vocabulary shared by both ends' logs and the report.
 PEER_CLOSED = "peer_closed"  # the peer (or something in between) sent a FIN
 PEER_RESET = "peer_reset"  # RST or another transport error
-TLS_ERROR = "tls_error"  # handshake or record failure
+TLS_ERROR = "tls_error"  # handshake, certificate or record failure
 
 
 def address_text(address: IAddress) -> str:
@@ -51,7 +52,7 @@ def close_cause(reason: Failure, closed_by_us: str | None, us: str) -> tuple[str
     """
     if closed_by_us is not None:
         return us, closed_by_us
-    if reason.check(TLSError) is not None:
+    if reason.check(TLSError, VerificationError) is not None:
         return TLS_ERROR, str(reason.value)
     if reason.check(ConnectionDone) is not None:
         return PEER_CLOSED, "FIN"

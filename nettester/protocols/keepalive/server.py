@@ -129,7 +129,7 @@ class KeepAliveServerService(Service):
         self.interface = interface
         self.keepalive_timeout = keepalive_timeout
         self.tls = tls
-        self.transport_name = f"TLS, {tls_note}" if tls is not None else "TCP"
+        self.transport_name = "TCP" if tls is None else f"TLS, {tls_note}" if tls_note else "TLS"
         self.backlog = backlog
         self.listening: IListeningPort | None = None
         self.open = OpenConnections(reactor)

@@ -103,11 +103,10 @@ def load_server_certificate(cert_path: str, key_path: str) -> ServerCertificate:
 
 def server_options(certificate: ServerCertificate) -> ssl.CertificateOptions:
     """The server's TLS context factory (TLS 1.2 and 1.3)."""
-    private = ssl.PrivateCertificate.loadPEM(certificate.chain_pem[0] + certificate.key_pem)
     return ssl.CertificateOptions(
-        privateKey=private.privateKey.original,
-        certificate=private.original,
-        extraCertChain=[ssl.Certificate.loadPEM(pem).original for pem in certificate.chain_pem[1:]],
+        privateKey=serialization.load_pem_private_key(certificate.key_pem, password=None),
+        certificate=x509.load_pem_x509_certificate(certificate.chain_pem[0]),
+        extraCertChain=[x509.load_pem_x509_certificate(pem) for pem in certificate.chain_pem[1:]],
         raiseMinimumTo=MINIMUM_VERSION,
     )
 

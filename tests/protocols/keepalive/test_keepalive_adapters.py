@@ -1,14 +1,12 @@
 """The Twisted adapters on a MemoryReactorClock: logs, close causes, timers, reconnects."""
 
 import random
-from collections.abc import Iterator
 from typing import Any
-
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -19,18 +17,6 @@ from nettester.protocols.keepalive.wire import ClientTiming
 
 CLIENT_ADDRESS = IPv4Address("TCP", "10.0.0.2", 40000)
 SERVER_ADDRESS = IPv4Address("TCP", "10.0.0.1", 49665)
-
-
-@pytest.fixture
-def logged() -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
-def lines(events: list[dict[str, Any]], name: str) -> list[str]:
-    return [formatEvent(event) for event in events if event.get("event") == name]
 
 
 # ------------------------------------------------------------------ server
@@ -58,20 +44,20 @@ def test_server_service_provides_reporting_and_listens_where_told() -> None:
     assert service.port_number == 49665
 
 
-def test_server_answers_and_closes_a_silent_client_with_the_original_lines(logged: list[dict[str, Any]]) -> None:
+def test_server_answers_and_closes_a_silent_client_with_the_original_lines(logged: Any) -> None:
     reactor, service = _server(timeout=20.0)
     protocol, transport = _accept(reactor)
-    assert lines(logged, "conn_attempt") == ["New TCP connection attempt 10.0.0.2:40000"]
+    assert logged.lines("conn_attempt") == ["New TCP connection attempt 10.0.0.2:40000"]
     protocol.dataReceived(b"Establish Session 3 r-3-1\nKeep Alive 1\n")
     assert transport.value() == b"Keep Alive Response 1\n"
     reactor.pump([1.0] * 19)
     assert not transport.disconnecting
     reactor.advance(1.0)
-    assert lines(logged, "keepalive_missing") == ["Keep alive request not received 10.0.0.2:40000, conn=r-3-1"]
-    assert lines(logged, "conn_terminating") == ["Terminating TCP connection from 10.0.0.2:40000 :keep_alive_missing"]
-    assert logged[-1]["log_level"].name == "info" and transport.disconnecting
+    assert logged.lines("keepalive_missing") == ["Keep alive request not received 10.0.0.2:40000, conn=r-3-1"]
+    assert logged.lines("conn_terminating") == ["Terminating TCP connection from 10.0.0.2:40000 :keep_alive_missing"]
+    assert logged.events[-1]["log_level"].name == "info" and transport.disconnecting
     protocol.connectionLost(Failure(ConnectionDone()))
-    assert lines(logged, "conn_closed") == [
+    assert logged.lines("conn_closed") == [
         "TCP connection from 10.0.0.2:40000 closed, conn=r-3-1: closed_by_server (keep_alive_missing)"]
     summary = service.summary()
     assert (summary["open"], summary["keepalives"], summary["keepalive_missing"], summary["closed_by_server"]) == (
@@ -82,24 +68,24 @@ def test_server_answers_and_closes_a_silent_client_with_the_original_lines(logge
     "reason, cause, level",
     [(ConnectionDone(), "peer_closed", "info"), (ConnectionLost(), "peer_reset", "error")],
 )
-def test_server_tells_a_fin_from_a_reset(logged: list[dict[str, Any]], reason: Exception, cause: str,
+def test_server_tells_a_fin_from_a_reset(logged: Any, reason: Exception, cause: str,
                                          level: str) -> None:
     reactor, service = _server()
     protocol, _ = _accept(reactor)
     protocol.dataReceived(b"Establish Session 3 r-3-1\n")
     protocol.connectionLost(Failure(reason))
-    closed = [event for event in logged if event.get("event") == "conn_closed"]
+    closed = logged.named("conn_closed")
     assert [(event["cause"], event["conn"], event["log_level"].name) for event in closed] == [(cause,
                                                                                                "r-3-1", level)]
     assert service.summary()[cause] == 1
     assert reactor.getDelayedCalls() == []
 
 
-def test_server_closes_gracefully_on_garbage(logged: list[dict[str, Any]]) -> None:
+def test_server_closes_gracefully_on_garbage(logged: Any) -> None:
     reactor, service = _server()
     protocol, transport = _accept(reactor)
     protocol.dataReceived(b"Establish Session 3 r-3-1\nGET / HTTP/1.1\nKeep Alive 1\n")
-    assert lines(logged, "protocol_error") == ["Invalid message from 10.0.0.2:40000, conn=r-3-1: unknown message: "
+    assert logged.lines("protocol_error") == ["Invalid message from 10.0.0.2:40000, conn=r-3-1: unknown message: "
                                                "GET / HTTP/1.1"]
     assert transport.disconnecting and transport.value() == b""
     assert service.summary()["protocol_errors"] == 1
@@ -148,12 +134,12 @@ def test_clients_start_spread_over_the_ramp_up() -> None:
     assert len(reactor.tcpClients) == 20
 
 
-def test_client_establishes_keeps_alive_and_measures_rtt(logged: list[dict[str, Any]]) -> None:
+def test_client_establishes_keeps_alive_and_measures_rtt(logged: Any) -> None:
     reactor, service = _fleet()
     reactor.advance(10.0)
     protocol, transport = _connect(reactor)
     assert transport.value() == b"Establish Session 1 run-1-1\n"
-    assert lines(logged, "conn_open") == ["Client 1: connected 10.0.0.2:40000 -> 10.0.0.1:49665, conn=run-1-1"]
+    assert logged.lines("conn_open") == ["Client 1: connected 10.0.0.2:40000 -> 10.0.0.1:49665, conn=run-1-1"]
     transport.clear()
     reactor.advance(5.0)
     assert transport.value() == b"Keep Alive 1\n"
@@ -163,15 +149,15 @@ def test_client_establishes_keeps_alive_and_measures_rtt(logged: list[dict[str, 
     assert (summary["keepalives"], summary["rtt_avg_ms"], summary["errors"]) == (1, 250.0, 0)
 
 
-def test_client_closes_when_the_response_is_missing_then_reconnects(logged: list[dict[str, Any]]) -> None:
+def test_client_closes_when_the_response_is_missing_then_reconnects(logged: Any) -> None:
     reactor, service = _fleet()
     reactor.advance(10.0)
     protocol, transport = _connect(reactor)
     reactor.pump([1.0] * 15)  # Keep Alive 1 at +5 s, unanswered at +15 s
-    assert lines(logged, "response_missing") == ["Client 1: Keep alive response not received, conn=run-1-1"]
+    assert logged.lines("response_missing") == ["Client 1: Keep alive response not received, conn=run-1-1"]
     assert transport.disconnecting
     protocol.connectionLost(Failure(ConnectionDone()))
-    assert lines(logged, "conn_closed") == ["Client 1: closed TCP connection, conn=run-1-1 :response_missing"]
+    assert logged.lines("conn_closed") == ["Client 1: closed TCP connection, conn=run-1-1 :response_missing"]
     assert len(reactor.tcpClients) == 1
     reactor.advance(2.0)
     assert len(reactor.tcpClients) == 2
@@ -187,25 +173,25 @@ def test_client_closes_when_the_response_is_missing_then_reconnects(logged: list
         (ConnectionLost(), "Client 1: TCP connection reset, conn=run-1-1", "resets"),
     ],
 )
-def test_client_tells_a_fin_from_a_reset(logged: list[dict[str, Any]], reason: Exception, line: str,
+def test_client_tells_a_fin_from_a_reset(logged: Any, reason: Exception, line: str,
                                          cause: str) -> None:
     reactor, service = _fleet()
     reactor.advance(10.0)
     protocol, _ = _connect(reactor)
     protocol.connectionLost(Failure(reason))
-    closed = [event for event in logged if event.get("event") == "conn_closed"]
+    closed = logged.named("conn_closed")
     assert [formatEvent(event) for event in closed] == [line]
     assert closed[0]["log_level"].name == "error"
     assert service.summary()[cause] == 1 and service.summary()["errors"] == 1
     assert [call for call in reactor.getDelayedCalls() if call.active()]  # the reconnect
 
 
-def test_client_logs_an_unavailable_server_and_retries(logged: list[dict[str, Any]]) -> None:
+def test_client_logs_an_unavailable_server_and_retries(logged: Any) -> None:
     reactor, service = _fleet()
     reactor.advance(10.0)
     factory = reactor.tcpClients[0][2]
     factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
-    assert lines(logged, "server_unavailable") == [
+    assert logged.lines("server_unavailable") == [
         "Client 1: Server unavailable Connection was refused by other side (is keepalive-server running at "
         "10.0.0.1:49665? retrying in 2 s), conn=run-1-1"]
     reactor.advance(2.0)

@@ -1,0 +1,217 @@
+"""Server and client fleet on real loopback sockets: plain, TLS, a silent client, a middlebox reset."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel
+
+from nettester.logs import json_record
+from nettester.protocols.keepalive import tls
+from nettester.protocols.keepalive.client import KeepAliveClientService
+from nettester.protocols.keepalive.report import build_report
+from nettester.protocols.keepalive.server import KeepAliveServerService
+from nettester.protocols.keepalive.wire import ClientTiming
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 10.0
+FAST = ClientTiming(keepalive_interval=0.2, response_timeout=1.5, dummy_interval=0.5)
+SILENT = ClientTiming(keepalive_interval=60.0, response_timeout=60.0, dummy_interval=0.0)
+
+
+def _sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@inlineCallbacks
+def _until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
+    """Poll C{condition} every 20 ms; fail after TIMEOUT seconds."""
+    for _ in range(int(TIMEOUT / 0.02)):
+        if condition():
+            return
+        yield _sleep(0.02)
+    pytest.fail("condition not reached in time")
+
+
+def _report_of(logged: Any) -> Any:
+    """Feed the events of this run, as JSON lines split by side, to keepalive-report."""
+    import json
+
+    sides: dict[str, list[str]] = {"server": [], "client": []}
+    for event in logged.events:
+        side = str(event.get("log_namespace", "")).rsplit(".", 1)[-1]
+        if side in sides:
+            sides[side].append(json.dumps(json_record(event), default=str))
+    return build_report(sides["server"], [sides["client"]])
+
+
+def _errors(logged: Any) -> list[str]:
+    return [str(event.get("event")) for event in logged.events
+            if event.get("log_level") in (LogLevel.error, LogLevel.critical)]
+
+
+@pytest.mark.parametrize("use_tls", [False, True], ids=["tcp", "tls"])
+@pytest_twisted.inlineCallbacks
+def test_fifty_clients_keep_alive_without_a_single_error(use_tls: bool, tmp_path: Path,
+                                                        logged: Any) -> Generator[Any, Any, None]:
+    server_tls = client_tls = None
+    if use_tls:
+        certificate = tls.self_signed_certificate()
+        ca = tmp_path / "ca.pem"
+        ca.write_bytes(certificate.chain_pem[0])
+        server_tls = tls.server_options(certificate)
+        client_tls = tls.client_creator("localhost", str(ca), insecure=False)
+    server = KeepAliveServerService(reactor, 0, "127.0.0.1", keepalive_timeout=1.0, tls=server_tls)
+    server.startService()
+    fleet = KeepAliveClientService(reactor, "127.0.0.1", server.port_number, 50, FAST, ramp_up=0.3, tls=client_tls)
+    fleet.startService()
+    try:
+        yield _sleep(2.0)
+        yield fleet.stopService().addTimeout(TIMEOUT, reactor)
+        yield _until(lambda: server.summary()["open"] == 0)
+    finally:
+        yield fleet.stopService().addTimeout(TIMEOUT, reactor)
+        yield server.stopService().addTimeout(TIMEOUT, reactor)
+    client_summary, server_summary = fleet.summary(), server.summary()
+    assert client_summary["connections"] == 50 and client_summary["errors"] == 0
+    assert client_summary["keepalives"] >= 50 * 5 and client_summary["dummies"] >= 50 * 2
+    assert server_summary["accepted"] == 50 and server_summary["peer_closed"] == 50
+    assert server_summary["keepalives"] == client_summary["keepalives"]
+    assert _errors(logged) == []
+    assert _report_of(logged).classes["still_open"].count == 50
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_with_the_wrong_server_name_fails_verification(tmp_path: Path, logged: Any) -> Generator[Any, Any, None]:
+    certificate = tls.self_signed_certificate()
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(certificate.chain_pem[0])
+    server = KeepAliveServerService(reactor, 0, "127.0.0.1", tls=tls.server_options(certificate))
+    server.startService()
+    fleet = KeepAliveClientService(reactor, "127.0.0.1", server.port_number, 1, FAST, ramp_up=0.0,
+                                   reconnect_delay=60.0, tls=tls.client_creator("example.org", str(ca), False))
+    fleet.startService()
+    try:
+        yield _until(lambda: fleet.summary()["tls_error"] == 1)
+    finally:
+        yield fleet.stopService().addTimeout(TIMEOUT, reactor)
+        yield server.stopService().addTimeout(TIMEOUT, reactor)
+    assert fleet.summary()["keepalives"] == 0
+    [client_close] = [event for event in logged.named("conn_closed") if event["log_namespace"].endswith("client")]
+    assert client_close["cause"] == "tls_error" and "example.org" in client_close["detail"]
+    assert f"Client 1: TLS failed, conn={client_close['conn']}: {client_close['detail']}" in logged.lines("conn_closed")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_silent_client_is_closed_by_the_server_with_the_original_lines(logged: Any) -> Generator[Any, Any, None]:
+    server = KeepAliveServerService(reactor, 0, "127.0.0.1", keepalive_timeout=0.5)
+    server.startService()
+    fleet = KeepAliveClientService(reactor, "127.0.0.1", server.port_number, 1, SILENT, ramp_up=0.0,
+                                   reconnect_delay=60.0, run_id="silent")
+    fleet.startService()
+    try:
+        yield _until(lambda: fleet.summary()["server_closed"] == 1)
+    finally:
+        yield fleet.stopService().addTimeout(TIMEOUT, reactor)
+        yield server.stopService().addTimeout(TIMEOUT, reactor)
+    client_address = logged.named("conn_open")[0]["local"]
+    assert logged.lines("keepalive_missing") == [f"Keep alive request not received {client_address}, conn=silent-1-1"]
+    assert logged.lines("conn_terminating") == [f"Terminating TCP connection from {client_address} :keep_alive_missing"]
+    assert logged.lines("conn_closed") == [
+        f"TCP connection from {client_address} closed, conn=silent-1-1: closed_by_server (keep_alive_missing)",
+        "Client 1: Server terminated TCP connection, conn=silent-1-1",
+    ]
+    report = _report_of(logged)
+    assert report.classes["closed_by_server"].count == 1
+    assert report.classes["closed_by_server"].reasons == {"keep_alive_missing": 1}
+
+
+class _RelaySide(Protocol):
+    """One side of a relayed connection; forwards bytes to the other side."""
+
+    def __init__(self, relay: _Relay) -> None:
+        self.relay = relay
+        self.other: _RelaySide | None = None
+        self.pending = b""
+
+    def connectionMade(self) -> None:
+        self.relay.sides.append(self)
+        if self.other is not None and self.other.pending:
+            self.transport.write(self.other.pending)
+            self.other.pending = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.write(data)
+        else:
+            self.pending += data
+
+
+class _Relay(Factory):
+    """A TCP relay (the middlebox) that can vanish with a RST to both ends."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.sides: list[_RelaySide] = []
+
+    def buildProtocol(self, addr: Any) -> _RelaySide:
+        inbound = _RelaySide(self)
+        relay = self
+
+        class Outbound(ClientFactory):
+            def buildProtocol(self, addr: Any) -> _RelaySide:
+                outbound = _RelaySide(relay)
+                outbound.other, inbound.other = inbound, outbound
+                return outbound
+
+            def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+                inbound.transport.loseConnection()
+
+        reactor.connectTCP("127.0.0.1", self.target_port, Outbound())
+        return inbound
+
+    def reset_both_ends(self) -> None:
+        """Close every relayed socket with SO_LINGER {1, 0}: the kernel sends a RST to each end."""
+        for side in self.sides:
+            side.transport.stopReading()
+            side.transport.stopWriting()
+            handle = side.transport.getHandle()
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handle.close()
+        self.sides = []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reset_from_a_middlebox_is_peer_reset_on_both_ends(logged: Any) -> Generator[Any, Any, None]:
+    server = KeepAliveServerService(reactor, 0, "127.0.0.1", keepalive_timeout=5.0)
+    server.startService()
+    relay = _Relay(server.port_number)
+    relay_port = reactor.listenTCP(0, relay, interface="127.0.0.1")
+    fleet = KeepAliveClientService(reactor, "127.0.0.1", relay_port.getHost().port, 1, FAST, ramp_up=0.0,
+                                   reconnect_delay=60.0)
+    fleet.startService()
+    try:
+        yield _until(lambda: fleet.summary()["keepalives"] >= 2)
+        relay.reset_both_ends()
+        yield _until(lambda: fleet.summary()["resets"] == 1 and server.summary()["peer_reset"] == 1)
+    finally:
+        yield relay_port.stopListening()
+        yield fleet.stopService().addTimeout(TIMEOUT, reactor)
+        yield server.stopService().addTimeout(TIMEOUT, reactor)
+    causes = [(event["cause"], event["conn"]) for event in logged.named("conn_closed")]
+    conn = logged.named("conn_open")[0]["conn"]
+    assert sorted(causes) == [("peer_reset", conn), ("peer_reset", conn)]
+    assert f"Client 1: TCP connection reset, conn={conn}" in logged.lines("conn_closed")
+    report = _report_of(logged)
+    assert report.classes["middlebox_reset"].count == 1
+    assert report.classes["middlebox_reset"].reasons == {"seen by both ends": 1}

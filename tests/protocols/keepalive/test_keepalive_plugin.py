@@ -1,0 +1,106 @@
+"""The keepalive module's roles: discovery, options, environment variables, TLS material, local scenario."""
+
+from pathlib import Path
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
+from zope.interface.verify import verifyObject
+
+from nettester.interfaces import ICommandRole, ILocalScenario, IProtocolModule, IReportingService, IRole
+from nettester.plugins.keepalive import ClientOptions, ReportOptions, ServerOptions, build_client, build_server, keepalive
+from nettester.protocols.keepalive import tls
+from nettester.tap import discover_modules
+
+
+def parse(options_class: type, *argv: str) -> dict:
+    options = options_class()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_module_is_discovered_and_provides_its_interfaces() -> None:
+    assert keepalive.name in [module.name for module in discover_modules()]
+    verifyObject(IProtocolModule, keepalive)
+    server, client, report = keepalive.roles
+    assert [role.name for role in keepalive.roles] == ["keepalive-server", "keepalive-client", "keepalive-report"]
+    verifyObject(IRole, server)
+    verifyObject(IRole, client)
+    verifyObject(ICommandRole, report)
+
+
+def test_server_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = parse(ServerOptions)
+    assert (options["port"], options["keepalive-timeout"], options["tls"], options["certificate"]) == (
+        49665, 20.0, 0, None)
+    monkeypatch.setenv("TCP_SERVER_PORT", "5000")
+    monkeypatch.setenv("TCP_KEEPALIVE_TIMEOUT", "7.5")
+    assert (parse(ServerOptions)["port"], parse(ServerOptions)["keepalive-timeout"]) == (5000, 7.5)
+    assert parse(ServerOptions, "--port", "6000")["port"] == 6000
+
+
+def test_client_reads_the_original_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCP_SERVER_IP", "10.1.2.3")
+    monkeypatch.setenv("TCP_CLIENT_COUNT", "250")
+    options = parse(ClientOptions)
+    assert (options["server"], options["clients"], options["keepalive-interval"], options["response-timeout"],
+            options["dummy-interval"], options["ramp-up"]) == ("10.1.2.3", 250, 5.0, 10.0, 11.0, 10.0)
+
+
+@pytest.mark.parametrize(
+    "options_class, argv, message",
+    [
+        (ClientOptions, [], "--server is required (or set TCP_SERVER_IP)"),
+        (ClientOptions, ["-s", "h", "--clients", "0"], "--clients: expected a whole number of at least 1"),
+        (ClientOptions, ["-s", "h", "--insecure"], "--ca, --server-name and --insecure need --tls"),
+        (ClientOptions, ["-s", "h", "--tls", "--insecure", "--ca", "x"], "give one of them"),
+        (ClientOptions, ["-s", "h", "--tls", "--ca", "/nonexistent.pem"], "--ca: cannot read /nonexistent.pem"),
+        (ServerOptions, ["--port", "70000"], "--port: expected a port number 0-65535"),
+        (ServerOptions, ["--keepalive-timeout", "0"], "--keepalive-timeout: expected a number above 0"),
+        (ServerOptions, ["--tls", "--cert", "c.pem"], "--cert and --key go together"),
+        (ServerOptions, ["--cert", "c.pem", "--key", "k.pem"], "--cert/--key need --tls"),
+        (ServerOptions, ["--tls", "--cert", "/nonexistent.pem", "--key", "k"], "--cert: cannot read /nonexistent.pem"),
+        (ReportOptions, ["server.jsonl"], "at least one client's JSON log"),
+    ],
+)
+def test_bad_options_say_what_is_wrong(options_class: type, argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse(options_class, *argv)
+
+
+def test_server_loads_a_certificate_and_refuses_a_mismatched_key(tmp_path: Path) -> None:
+    first, second = tls.self_signed_certificate(), tls.self_signed_certificate()
+    (tmp_path / "cert.pem").write_bytes(first.chain_pem[0])
+    (tmp_path / "key.pem").write_bytes(first.key_pem)
+    (tmp_path / "other.pem").write_bytes(second.key_pem)
+    options = parse(ServerOptions, "--tls", "--cert", str(tmp_path / "cert.pem"), "--key", str(tmp_path / "key.pem"))
+    assert options["certificate"].fingerprint == first.fingerprint and not options["certificate"].self_signed
+    with pytest.raises(UsageError, match="does not match the first certificate"):
+        parse(ServerOptions, "--tls", "--cert", str(tmp_path / "cert.pem"), "--key", str(tmp_path / "other.pem"))
+    with pytest.raises(UsageError, match="holds no PEM certificate"):
+        parse(ServerOptions, "--tls", "--cert", str(tmp_path / "key.pem"), "--key", str(tmp_path / "key.pem"))
+    assert parse(ServerOptions, "--tls")["certificate"].self_signed
+
+
+def test_built_services_report_and_use_the_options() -> None:
+    reactor = MemoryReactorClock()
+    server = build_server(reactor, parse(ServerOptions, "--port", "0", "--tls"))
+    client = build_client(reactor, parse(ClientOptions, "-s", "127.0.0.1", "--clients", "3", "--ramp-up", "0"))
+    verifyObject(IReportingService, server)
+    verifyObject(IReportingService, client)
+    server.startService()
+    client.startService()
+    reactor.advance(0)
+    assert [entry[:2] for entry in reactor.tcpClients] == [("127.0.0.1", 49665)] * 3
+
+
+def test_local_scenario_runs_plain_and_tls_fleets_on_loopback() -> None:
+    reactor = MemoryReactorClock()
+    scenario = keepalive.localScenario(reactor, {"duration": 30.0})
+    verifyObject(ILocalScenario, scenario)
+    scenario.service.startService()
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [(0, "127.0.0.1")] * 2
+    reactor.advance(2.0)
+    assert len(reactor.tcpClients) == 30
+    verdict = scenario.verdict()
+    assert not verdict.passed and verdict.evidence["connections"] == 0
