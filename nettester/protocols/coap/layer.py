@@ -42,6 +42,7 @@ from nettester.protocols.coap.message import (
     encode_empty,
     encode_message,
     encode_uint,
+    code_string,
     is_no_cache_key,
     is_request,
     peek_header,
@@ -464,13 +465,19 @@ class CoapLayer:
         """Send a notification to an observer (RFC 7641 section 4.2).
 
         A CON notification replaces one still being retransmitted and keeps
-        its retransmission state (RFC 7641 section 4.5.2).
+        its retransmission state (RFC 7641 section 4.5.2). A notification
+        that is not 2.xx carries no Observe option and ends the relation
+        (RFC 7641 sections 3.2 and 4.2).
         """
         if not relation.active:
             raise ValueError(f"{relation!r} is no longer active")
-        relation.sequence = (relation.sequence + 1) % OBSERVE_MODULO
         notification.token = relation.token
-        notification.set_uint_option(OptionNumber.OBSERVE, relation.sequence)
+        final = notification.code >> 5 != 2
+        if final:
+            notification.remove_option(OptionNumber.OBSERVE)
+        else:
+            relation.sequence = (relation.sequence + 1) % OBSERVE_MODULO
+            notification.set_uint_option(OptionNumber.OBSERVE, relation.sequence)
         if len(notification.payload) > (16 << self.params.block_szx):
             notification = self._first_block_of(relation.peer, relation.request, notification, None, now)
         mid = self._allocate_mid()
@@ -496,6 +503,9 @@ class CoapLayer:
             relation._non_mid = mid
             self._non_notifications[(relation.peer, mid)] = relation
         self._send(data, relation.peer)
+        if final:
+            relation._transmission = None  # the final CON keeps being retransmitted
+            self.cancel_relation(relation, f"final notification {code_string(notification.code)}")
 
     def cancel_relation(self, relation: ObserveRelation, reason: str) -> None:
         """End an observe relation from the server side (resource deleted, shutdown)."""

@@ -501,3 +501,19 @@ def test_fuzzed_datagrams_only_count_or_answer(datagrams: list[bytes]) -> None:
         decode(data)  # whatever we send is well-formed
         assert peer == CLIENT
     layer.handle_timer(layer.get_timer())
+
+
+def test_error_notification_ends_the_relation_on_both_sides() -> None:
+    pair, outgoing, relation = observe_pair()
+    pair.server.notify(relation, response(Code.NOT_FOUND), pair.now, True)
+    (data,) = pair.to_client()
+    assert decode(data).observe is None and decode(data).code == Code.NOT_FOUND
+    (cancelled,) = pair.events(pair.server)
+    assert isinstance(cancelled, ObserveCancelled) and cancelled.reason == "final notification 4.04"
+    (final,) = pair.events(pair.client)
+    assert final.response.code == Code.NOT_FOUND and outgoing.done
+    # The final CON is still retransmitted until acknowledged, then nothing more.
+    pair.server.handle_timer(pair.server.get_timer())
+    assert len(pair.server.datagrams_to_send()) == 1
+    pair.to_server()
+    assert pair.server.observer_count == 0
