@@ -248,6 +248,11 @@ class StunClientService(Service):
             else:
                 self._report(event)
 
+    def local_port(self, index: int) -> int | None:
+        """The local UDP port client C{index} currently sends from (None before it starts)."""
+        port = self._ports[index] if index < len(self._ports) else None
+        return port.local_port if port is not None else None
+
     def socket_error(self, index: int, error: OSError) -> None:
         """A send or receive failed on client C{index}'s socket (ENOBUFS, EAGAIN on send...)."""
         self.socket_errors.value += 1

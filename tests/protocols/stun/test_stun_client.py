@@ -1,0 +1,194 @@
+"""The stun-client adapter on a task.Clock: its sockets, its log lines to the letter, its summary.
+
+The clients' sockets are real loopback sockets, but nothing runs a reactor:
+the test reads the requests from its own socket and hands the answers to
+the client socket's ``doRead`` itself, so every step is explicit.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+from nettester.protocols.stun.client import StunClientService, format_mapped, raise_open_file_limit
+from nettester.protocols.stun.fleet import FleetConfig
+from nettester.protocols.stun.message import Address, AttributeType, Message, MessageClass, Method, decode, make_attribute
+
+
+class FakeReactor(Clock):
+    """A Clock that also records readers (what the client service registers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readers: set[Any] = set()
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.add(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.readers.discard(reader)
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+@pytest.fixture
+def server_socket() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2.0)
+    yield sock
+    sock.close()
+
+
+def advance(reactor: Clock, seconds: float) -> None:
+    """Let time pass in 10 ms steps, as the real reactor would run the fleet's tick."""
+    reactor.pump([0.01] * round(seconds / 0.01))
+
+
+def lines(events: list[dict[str, Any]], name: str) -> list[tuple[LogLevel, str]]:
+    return [(event["log_level"], formatEvent(event)) for event in events if event.get("event") == name]
+
+
+def start(server: socket.socket, clients: int = 1, **config: Any) -> tuple[FakeReactor, StunClientService]:
+    reactor = FakeReactor()
+    reactor.advance(100.0)
+    config.setdefault("interval", 1.0)
+    config.setdefault("start_delay", (0.0, 0.0))
+    service = StunClientService(
+        reactor, "127.0.0.1", server.getsockname()[1], FleetConfig(clients=clients, **config), rng=random.Random(3)
+    )
+    service.startService()
+    return reactor, service
+
+
+def answer_next(server: socket.socket, service: StunClientService) -> bytes:
+    """Read one request at the fake server, answer it, let the client read the answer."""
+    data, peer = server.recvfrom(2048)
+    request = decode(data)
+    mapped = make_attribute(AttributeType.XOR_MAPPED_ADDRESS, Address(*peer), request.transaction_id)
+    server.sendto(Message(Method.BINDING, MessageClass.SUCCESS, request.transaction_id, (mapped,)).encode(), peer)
+    deliver(service)
+    return request.transaction_id
+
+
+def deliver(service: StunClientService) -> None:
+    for reader in list(service._reactor.readers):  # type: ignore[attr-defined]
+        reader.doRead()
+
+
+def test_answered_requests_are_counted_and_summarised(server_socket: socket.socket) -> None:
+    reactor, service = start(server_socket)
+    advance(reactor, 0.02)
+    answer_next(server_socket, service)
+    advance(reactor, 1.0)
+    answer_next(server_socket, service)
+    summary = service.summary()
+    assert summary["clients"] == 1
+    assert (summary["requests"], summary["responses"], summary["timeouts"], summary["loss_pct"]) == (2, 2, 0, 0.0)
+    assert summary["rtt_p50_ms"] > 0
+    service.stopService()
+    assert reactor.readers == set()
+
+
+def test_lost_responses_log_the_original_lines_then_a_new_socket(
+    server_socket: socket.socket, events: list[dict[str, Any]]
+) -> None:
+    reactor, service = start(server_socket)
+    advance(reactor, 0.02)
+    answer_next(server_socket, service)
+    mapped = format_mapped(Address("127.0.0.1", service.local_port(0) or 0))
+    first_port = service.local_port(0)
+    advance(reactor, 1.0)
+    for _ in range(5):  # five intervals without an answer
+        lost = decode(server_socket.recvfrom(2048)[0]).transaction_id
+        advance(reactor, 1.0)
+    trid = lost.hex(":").upper()
+    warnings = lines(events, "response_missing")
+    assert warnings == [
+        (LogLevel.warn, f'Client 0: Failed to receive STUN response for TrID "{trid}", mapped addr: {mapped}')
+    ] * 5
+    assert lines(events, "consecutive_failures") == [
+        (LogLevel.error, f'Client 0: Failed to receive 5 consecutive STUN response for TrID "{trid}", mapped addr: {mapped}')
+    ]
+    assert service.local_port(0) != first_port
+    assert lines(events, "socket_reopened") == [
+        (LogLevel.info, f"Client 0: new UDP socket, local port {service.local_port(0)} (failures)")
+    ]
+    # The new socket carries on with a new transaction id and no known mapping.
+    assert answer_next(server_socket, service) != lost
+    assert service.summary()["consecutive_failure_errors"] == 1
+    service.stopService()
+
+
+def test_unknown_mapping_is_logged_as_a_lone_colon(server_socket: socket.socket, events: list[dict[str, Any]]) -> None:
+    reactor, service = start(server_socket)
+    advance(reactor, 1.02)
+    trid = decode(server_socket.recvfrom(2048)[0]).transaction_id.hex(":").upper()
+    assert lines(events, "response_missing") == [
+        (LogLevel.warn, f'Client 0: Failed to receive STUN response for TrID "{trid}", mapped addr: :')
+    ]
+    service.stopService()
+
+
+def test_unexpected_and_mapping_change_lines(server_socket: socket.socket, events: list[dict[str, Any]]) -> None:
+    reactor, service = start(server_socket)
+    advance(reactor, 0.02)
+    answer_next(server_socket, service)
+    stray = bytes(range(12))
+    server_socket.sendto(Message(Method.BINDING, MessageClass.SUCCESS, stray).encode(), ("127.0.0.1", service.local_port(0)))
+    deliver(service)
+    assert lines(events, "unexpected_response") == [
+        (LogLevel.warn, 'Client 0: Received STUN response with unexpected TrID "00:01:02:03:04:05:06:07:08:09:0A:0B"')
+    ]
+    advance(reactor, 1.0)
+    data, peer = server_socket.recvfrom(2048)
+    request = decode(data)
+    moved = make_attribute(AttributeType.XOR_MAPPED_ADDRESS, Address("203.0.113.9", 1234), request.transaction_id)
+    server_socket.sendto(Message(Method.BINDING, MessageClass.SUCCESS, request.transaction_id, (moved,)).encode(), peer)
+    deliver(service)
+    assert lines(events, "mapping_changed") == [
+        (LogLevel.warn, f"Client 0: mapped address changed from 127.0.0.1:{peer[1]} to 203.0.113.9:1234")
+    ]
+    service.stopService()
+
+
+def test_refused_server_is_reported_once(events: list[dict[str, Any]]) -> None:
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: the kernel answers ICMP port unreachable
+    reactor = FakeReactor()
+    service = StunClientService(reactor, "127.0.0.1", port, FleetConfig(clients=2, interval=1.0, start_delay=(0, 0)))
+    service.startService()
+    advance(reactor, 0.02)
+    deliver(service)
+    advance(reactor, 1.0)
+    deliver(service)
+    assert service.summary()["refused"] >= 2
+    refused = lines(events, "server_refused")
+    assert len(refused) == 1
+    assert refused[0][0] == LogLevel.error and f"127.0.0.1:{port} refused" in refused[0][1]
+    service.stopService()
+
+
+def test_open_file_limit_error_says_what_to_do() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here")
+    assert raise_open_file_limit(10) >= 10 + 64
+    with pytest.raises(ValueError, match=r"ulimit -Hn.*lower --clients"):
+        raise_open_file_limit(hard)
