@@ -431,16 +431,21 @@ class DtlsConnection:
             else:
                 self._drop("epoch")
             return
-        if state.window.is_replay(received.sequence_number):
+        protected = state.protection is not None
+        # The replay window guards authenticated epochs only: an unprotected
+        # epoch-0 record could otherwise push the window past every genuine
+        # one.  Duplicate handshake messages are caught by their message_seq.
+        if protected and state.window.is_replay(received.sequence_number):
             self._drop("replay")
             return
         try:
             content_type, payload = state.open(received)
         except RecordError:
-            self._drop("bad_mac" if state.protection is not None else "malformed")
+            self._drop("bad_mac" if protected else "malformed")
             return
         newer = received.sequence_number > state.window.highest
-        state.window.mark(received.sequence_number)
+        if protected:
+            state.window.mark(received.sequence_number)
         self._last_record_sequence = received.sequence_number
         if (
             newer
@@ -578,9 +583,6 @@ class DtlsConnection:
                 raise HandshakeFailure(HANDSHAKE_FAILURE, "too_many_hello_verify_requests")
             assert self._client_hello is not None
             self._client_hello.cookie = cookie
-            # The HelloVerifyRequest is stateless: its record number says
-            # nothing about the server's later records.
-            self._read_states[0] = ReadState(0, None)
             self._retransmissions = 0
             self._retransmit_interval = self.configuration.initial_retransmit_timeout
             self._send_client_hello(now)

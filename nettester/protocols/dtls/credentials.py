@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime
 from dataclasses import dataclass, field
 
@@ -56,7 +55,7 @@ class PskStore:
                 raise CredentialsError("line %d: expected identity=base64secret" % number)
             try:
                 secret = base64.b64decode(encoded, validate=True)
-            except binascii.Error as error:
+            except ValueError as error:  # binascii.Error, or non-ASCII text
                 raise CredentialsError("line %d: secret is not base64" % number) from error
             if not secret:
                 raise CredentialsError("line %d: empty secret" % number)
