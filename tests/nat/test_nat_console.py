@@ -13,7 +13,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from nettester.nat.console import EXIT, HELP, ConsoleProtocol, NatConsole
-from nettester.nat.proxy import NatProxy, parse_host_port
+from nettester.nat.proxy import NatProxy
+from nettester.nat.table import parse_host_port
 from nettester.nat.table import DropPolicy, NatTable
 
 
