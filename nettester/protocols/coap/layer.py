@@ -23,7 +23,7 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nettester.protocols.coap.message import (
     ACK,
@@ -157,7 +157,7 @@ class OutgoingRequest:
     __slots__ = (
         "peer", "request", "token", "observe", "done", "sent_at",
         "_current_token", "_body", "_block1_offset", "_block1_sent", "_block1_szx", "_assembled",
-        "_etag", "_last_observe", "_response_deadline", "_response_timeout", "_transmission", "_holds_slot",
+        "_etag", "_block_observe", "_last_observe", "_response_deadline", "_response_timeout", "_transmission", "_holds_slot",
     )
 
     def __init__(self, peer: Peer, request: Message, token: bytes, response_timeout: float | None) -> None:
@@ -176,6 +176,7 @@ class OutgoingRequest:
         self._block1_szx = 0
         self._assembled: bytearray | None = None
         self._etag: bytes | None = None
+        self._block_observe: int | None = None
         self._last_observe: tuple[int, float] | None = None
         self._response_deadline: float | None = None
         self._response_timeout = response_timeout
@@ -852,6 +853,9 @@ class CoapLayer:
             message.payload = bytes(outgoing._assembled or b"")
             message.remove_option(OptionNumber.BLOCK2)
             outgoing._assembled = None
+            if outgoing._block_observe is not None:
+                # RFC 7959 section 3.4: only the first block carried the notification's Observe.
+                message.set_uint_option(OptionNumber.OBSERVE, outgoing._block_observe)
         if outgoing.observe and message.observe is not None and message.code >> 5 == 2:
             first = outgoing._last_observe is None
             if not self._is_fresh(outgoing, message.observe, now):
@@ -886,6 +890,7 @@ class CoapLayer:
                 return False
             outgoing._assembled = bytearray()
             outgoing._etag = etag
+            outgoing._block_observe = message.observe
         elif etag != outgoing._etag:
             # RFC 7959 section 2.4: the representation changed under the transfer.
             self.stats.block_errors += 1

@@ -1,0 +1,90 @@
+"""Shared test fixtures for the CoAP Twisted layers: in-memory links, a clock."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from nettester.interfaces import IDatagramLink
+from nettester.link import PeerContext
+from nettester.protocols.coap.endpoint import CoapEndpoint, RequestHandler
+from nettester.protocols.coap.layer import TransmissionParameters
+from nettester.protocols.coap.message import CON, Code, Message, OptionNumber
+
+SERVER, CLIENT = ("192.0.2.1", 5683), ("192.0.2.2", 40000)
+
+
+@implementer(IDatagramLink)
+class MemoryLink:
+    """Queues what is sent; ``flush`` hands it to the other side (or drops it)."""
+
+    scheme = "coap"
+
+    def __init__(self, me: tuple[str, int]) -> None:
+        self.me = me
+        self.receiver: Any = None
+        self.sent: list[tuple[bytes, Any]] = []
+        self.other: MemoryLink | None = None
+        self.drop = False
+        self.context: PeerContext | None = None
+
+    def sendDatagram(self, data: bytes, peer: Any) -> None:
+        self.sent.append((data, peer))
+
+    def connect(self, address: tuple[str, int]) -> defer.Deferred[Any]:
+        return defer.succeed(address)
+
+    def peerContext(self, peer: Any) -> PeerContext:
+        return self.context or PeerContext(address=peer)
+
+    def flush(self) -> int:
+        sent, self.sent = self.sent, []
+        if not self.drop:
+            assert self.other is not None
+            for data, _ in sent:
+                self.other.receiver.datagramReceived(data, self.me)
+        return len(sent)
+
+
+class World:
+    """A client endpoint and a server endpoint joined by memory links, on one Clock."""
+
+    def __init__(self, handler: RequestHandler | None = None,
+                 server_params: TransmissionParameters | None = None) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.server_link, self.client_link = MemoryLink(SERVER), MemoryLink(CLIENT)
+        self.server_link.other, self.client_link.other = self.client_link, self.server_link
+        self.server = CoapEndpoint(self.server_link, self.clock, handler, server_params, random.Random(1))
+        self.client = CoapEndpoint(self.client_link, self.clock, rng=random.Random(2))
+
+    def exchange(self) -> None:
+        """Deliver datagrams both ways until both links are quiet."""
+        while self.client_link.flush() + self.server_link.flush():
+            pass
+
+    def advance(self, seconds: float, step: float = 0.1) -> None:
+        """Let time pass in small steps, delivering datagrams as they appear."""
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+            self.exchange()
+
+
+def request(path: str, code: int = Code.GET, mtype: int = CON, payload: bytes = b"",
+            options: list[tuple[int, bytes]] | None = None) -> Message:
+    """A request for ``a/b?x=1&y`` with extra options."""
+    path, _, query = path.partition("?")
+    built = [(OptionNumber.URI_PATH, segment.encode()) for segment in path.split("/") if segment]
+    built += [(OptionNumber.URI_QUERY, argument.encode()) for argument in query.split("&") if argument]
+    return Message(mtype, code, 0, b"", built + list(options or ()), payload)
+
+
+def results(d: defer.Deferred[Any]) -> list[Any]:
+    """A list that receives the Deferred's result or failure."""
+    found: list[Any] = []
+    d.addBoth(found.append)
+    return found

@@ -1,0 +1,279 @@
+"""Plugtest and extended resources served by a Site through a CoapEndpoint."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import cbor2
+import pytest
+from coap_testing import SERVER, World, request, results
+
+from nettester.link import PeerContext
+from nettester.protocols.coap.layer import ResponseReceived
+from nettester.protocols.coap.linkformat import parse_links
+from nettester.protocols.coap.message import (
+    ACK,
+    CON,
+    NON,
+    Code,
+    ContentFormat,
+    Message,
+    OptionNumber,
+    decode,
+    encode_uint,
+)
+from nettester.protocols.coap.resources import build_site
+from nettester.protocols.coap.resources.extended import extended_resources
+from nettester.protocols.coap.resources.plugtest import LARGE_SIZE, plugtest_resources
+
+
+class Server:
+    """A plugtest + extended site on a World; ``ask`` runs one request to completion."""
+
+    def __init__(self, benchmark: bool = True, notify_interval: float = 5.0) -> None:
+        self.world = World()
+        self.shutdowns: list[bool] = []
+        resources = plugtest_resources(notify_interval, lambda: self.shutdowns.append(True))
+        resources += extended_resources(benchmark, "test-server", self.world.clock.seconds, 1000.0)
+        self.site = build_site(self.world.clock, resources)
+        self.site.attach(self.world.server)
+
+    def ask(self, message: Message, wait: float = 0.0) -> Message:
+        got = results(self.world.client.request(SERVER, message))
+        self.world.exchange()
+        if wait:
+            self.world.advance(wait)
+        (event,) = got
+        assert isinstance(event, ResponseReceived), event
+        return event.response
+
+
+def accept(content_format: int) -> list[tuple[int, bytes]]:
+    return [(OptionNumber.ACCEPT, encode_uint(content_format))]
+
+
+def test_default_test_resource_methods() -> None:
+    server = Server()
+    got = server.ask(request("test"))
+    assert got.code == Code.CONTENT and b"Code: 1 (GET)" in got.payload
+    created = server.ask(request("test", Code.POST, payload=b"x"))
+    assert created.code == Code.CREATED
+    assert created.option_values(OptionNumber.LOCATION_PATH) == [b"location1", b"location2", b"location3"]
+    assert server.ask(request("test", Code.PUT, payload=b"x")).code == Code.CHANGED
+    guarded = request("test", Code.PUT, payload=b"x", options=[(OptionNumber.IF_NONE_MATCH, b"")])
+    assert server.ask(guarded).code == Code.PRECONDITION_FAILED
+    assert server.ask(request("test", Code.DELETE)).code == Code.DELETED
+    assert server.ask(request("nothing-here")).code == Code.NOT_FOUND
+    assert server.ask(request("seg1/seg2", Code.POST)).code == Code.METHOD_NOT_ALLOWED
+
+
+def test_segments_query_location_query() -> None:
+    server = Server()
+    assert server.ask(request("seg1/seg2/seg3")).payload == b"Long path resource seg3"
+    assert b"Query: first=1&second=2" in server.ask(request("query?first=1&second=2")).payload
+    located = server.ask(request("location-query", Code.POST))
+    assert located.option_values(OptionNumber.LOCATION_QUERY) == [b"first=1", b"second=2"]
+
+
+def test_separate_answers_after_one_second_with_empty_ack_first() -> None:
+    server = Server()
+    got = results(server.world.client.request(SERVER, request("separate")))
+    server.world.client_link.flush()
+    (empty_ack,) = server.world.server_link.sent
+    assert decode(empty_ack[0]).mtype == ACK and decode(empty_ack[0]).code == 0
+    server.world.exchange()
+    server.world.advance(0.9)
+    assert got == []
+    server.world.advance(0.2)
+    assert got[0].response.code == Code.CONTENT
+
+
+def test_large_is_block_wise_and_large_update_round_trip() -> None:
+    server = Server()
+    large = server.ask(request("large"))
+    assert len(large.payload) == LARGE_SIZE
+    assert server.world.server.stats.sent == 2  # 1024 + 256
+    body = bytes(range(256)) * 8
+    put = request("large-update", Code.PUT, payload=body,
+                  options=[(OptionNumber.CONTENT_FORMAT, encode_uint(ContentFormat.OCTET_STREAM))])
+    assert server.ask(put).code == Code.CHANGED
+    back = server.ask(request("large-update"))
+    assert back.payload == body and back.content_format == ContentFormat.OCTET_STREAM
+    echoed = server.ask(request("large-post", Code.POST, payload=body))
+    assert echoed.code == Code.CHANGED and echoed.payload == body
+
+
+def test_large_create_and_link_listing() -> None:
+    server = Server()
+    created = server.ask(request("large-create", Code.POST, payload=b"c" * 2000))
+    location = [v.decode() for v in created.option_values(OptionNumber.LOCATION_PATH)]
+    assert created.code == Code.CREATED and location == ["large-create", "1"]
+    assert server.ask(request("large-create/1")).payload == b"c" * 2000
+    listing = parse_links(server.ask(request("large-create")).payload.decode())
+    assert [link.target for link in listing] == ["/large-create/1"]
+    assert server.ask(request("large-create/1", Code.DELETE)).code == Code.DELETED
+    assert server.ask(request("large-create/1")).code == Code.NOT_FOUND
+
+
+def test_well_known_core_with_filters() -> None:
+    server = Server()
+    everything = parse_links(server.ask(request(".well-known/core")).payload.decode())
+    targets = {link.target for link in everything}
+    assert {"/obs", "/large", "/path/sub2", "/benchmark", "/mycontext"} <= targets
+    assert "/shutdown" not in targets
+    obs = next(link for link in everything if link.target == "/obs")
+    assert obs.values("obs") == [None]
+    filtered = parse_links(server.ask(request(".well-known/core?rt=Type2")).payload.decode())
+    assert [link.target for link in filtered] == ["/link1", "/link2"]
+    by_href = parse_links(server.ask(request(".well-known/core?href=/path*")).payload.decode())
+    assert [link.target for link in by_href] == ["/path", "/path/sub1", "/path/sub2", "/path/sub3"]
+
+
+@pytest.mark.parametrize(
+    ("content_format", "decoder"),
+    [
+        (ContentFormat.TEXT_PLAIN, lambda b: b.decode()),
+        (ContentFormat.XML, lambda b: b.decode()),
+        (ContentFormat.JSON, json.loads),
+        (ContentFormat.CBOR, cbor2.loads),
+    ],
+)
+def test_multi_format(content_format: int, decoder: Any) -> None:
+    server = Server()
+    got = server.ask(request("multi-format", options=accept(content_format)))
+    assert got.code == Code.CONTENT and got.content_format == content_format
+    assert "GET" in str(decoder(got.payload))
+
+
+def test_multi_format_not_acceptable() -> None:
+    assert Server().ask(request("multi-format", options=accept(ContentFormat.EXI))).code == Code.NOT_ACCEPTABLE
+
+
+def test_validate_etag_and_create1() -> None:
+    server = Server()
+    first = server.ask(request("validate"))
+    etag = first.option(OptionNumber.ETAG)
+    assert etag is not None and first.code == Code.CONTENT
+    valid = server.ask(request("validate", options=[(OptionNumber.ETAG, etag)]))
+    assert valid.code == Code.VALID and valid.payload == b""
+    wrong = request("validate", Code.PUT, payload=b"new", options=[(OptionNumber.IF_MATCH, b"nope")])
+    assert server.ask(wrong).code == Code.PRECONDITION_FAILED
+    changed = server.ask(request("validate", Code.PUT, payload=b"new", options=[(OptionNumber.IF_MATCH, etag)]))
+    assert changed.code == Code.CHANGED and changed.option(OptionNumber.ETAG) != etag
+    create = request("create1", Code.PUT, payload=b"once", options=[(OptionNumber.IF_NONE_MATCH, b"")])
+    assert server.ask(create).code == Code.CREATED
+    assert server.ask(create).code == Code.PRECONDITION_FAILED
+
+
+def test_shutdown_needs_the_password() -> None:
+    server = Server()
+    assert server.ask(request("shutdown", Code.POST, payload=b"please")).code == Code.FORBIDDEN
+    assert server.ask(request("shutdown", Code.POST, payload=b"sesame")).code == Code.CHANGED
+    server.world.advance(1.0)
+    assert server.shutdowns == [True]
+
+
+@pytest.mark.parametrize(("path", "mtype"), [("obs", CON), ("obs-non", NON)])
+def test_observe_clock_notifies_every_interval(path: str, mtype: int) -> None:
+    server = Server(notify_interval=5.0)
+    notes: list[Message] = []
+    observation = server.world.client.observe(SERVER, request(path), lambda e: notes.append(e.response))
+    server.world.exchange()
+    server.world.advance(16.0, step=0.5)
+    assert len(notes) == 4  # the registration answer and three ticks
+    assert all(note.mtype == mtype for note in notes[1:])  # CON for obs, NON for obs-non
+    assert notes[1].payload != notes[0].payload  # the time changed
+    resource = server.site.find("/" + path)
+    assert resource is not None and len(resource.observers) == 1
+    observation.cancel()
+    server.world.exchange()
+    assert resource.observers == []
+    server.world.advance(6.0, step=0.5)
+    assert len(notes) == 4
+
+
+def test_observe_delete_sends_4_04_and_ends() -> None:
+    server = Server()
+    notes: list[Message] = []
+    observation = server.world.client.observe(SERVER, request("obs"), lambda e: notes.append(e.response))
+    server.world.exchange()
+    ended = results(observation.finished)
+    assert server.ask(request("obs", Code.DELETE)).code == Code.DELETED
+    server.world.exchange()
+    assert ended[0].response.code == Code.NOT_FOUND
+
+
+def test_obs_large_notifications_are_block_wise() -> None:
+    server = Server(notify_interval=1.0)
+    notes: list[Message] = []
+    server.world.client.observe(SERVER, request("obs-large"), lambda e: notes.append(e.response))
+    server.world.exchange()
+    server.world.advance(1.0)
+    assert len(notes) == 2 and all(len(note.payload) == LARGE_SIZE for note in notes)
+
+
+def test_benchmark_disabled_enabled_rlen_and_ack() -> None:
+    assert Server(benchmark=False).ask(request("benchmark")).code == Code.NOT_IMPLEMENTED
+    server = Server()
+    assert server.ask(request("benchmark", Code.POST)).payload == b"hello benchmark"
+    assert server.ask(request("benchmark", Code.POST)).code == Code.CHANGED
+    assert server.ask(request("benchmark?rlen=40")).payload == b"hello benchmark" + b"*" * 25
+    assert server.ask(request("benchmark?rlen=5")).payload == b"hello"
+    assert server.ask(request("benchmark?rlen=x")).code == Code.BAD_REQUEST
+    separate = results(server.world.client.request(SERVER, request("benchmark?ack")))
+    server.world.client_link.flush()
+    empty_ack, separate_response = (decode(data) for data, _ in server.world.server_link.sent)
+    assert (empty_ack.mtype, empty_ack.code) == (ACK, 0)
+    assert separate_response.mtype == 0 and separate_response.code == Code.CONTENT
+    server.world.exchange()
+    assert separate[0].response.payload == b"hello benchmark"
+
+
+def test_requests_receive_test_history_and_formats() -> None:
+    server = Server()
+    assert server.ask(request("requests?dev=abc", Code.POST)).code == Code.BAD_OPTION
+    assert server.ask(request("requests?dev=abc&rid=a:b", Code.POST)).code == Code.BAD_OPTION
+    for rid in range(30):
+        server.world.clock.advance(1)
+        got = server.ask(request(f"requests?dev=abc&rid={rid}&ep", Code.POST))
+    assert got.code == Code.CHANGED
+    lines = got.payload.decode().splitlines()
+    assert lines[0] == "systemstart: 1000000"
+    assert len(lines) == 25 and lines[1].startswith("29: ") and lines[1].endswith("192.0.2.2:40000")
+    as_json = json.loads(server.ask(request("requests?dev=other&rid=r1", Code.POST, options=accept(50))).payload)
+    assert as_json["systemstart"] == 1000000 and [r["rid"] for r in as_json["requests"]] == ["r1"]
+    as_cbor = cbor2.loads(server.ask(request("requests?dev=other&rid=r2", Code.POST, options=accept(60))).payload)
+    assert [r["rid"] for r in as_cbor["requests"]] == ["r2", "r1"] and "ep" not in as_cbor["requests"][0]
+
+
+def test_requests_evicts_least_recently_updated_device() -> None:
+    server = Server()
+    requests = server.site.find("/requests")
+    assert requests is not None
+    requests.max_devices = 2  # type: ignore[attr-defined]
+    for device in ("a", "b", "a", "c"):
+        server.ask(request(f"requests?dev={device}&rid=1", Code.POST))
+    assert list(requests.devices) == ["a", "c"]  # type: ignore[attr-defined]
+
+
+def test_mycontext_and_myip() -> None:
+    server = Server()
+    assert server.ask(request("myip")).payload == b"192.0.2.2:40000"
+    text = server.ask(request("mycontext")).payload.decode()
+    assert text.splitlines() == ["ip: 192.0.2.2", "port: 40000", "server: test-server"]
+    server.world.server_link.context = PeerContext(
+        address=("192.0.2.2", 40000), scheme="coaps", identity="psk-id", cipher_suite="TLS_PSK_WITH_AES_128_CCM_8",
+        read_cid=b"\x01\x02", write_cid=b"", node_id=3, via="dtls-cid-router", previous_address=("192.0.2.9", 1),
+    )
+    context = cbor2.loads(server.ask(request("mycontext", options=accept(60))).payload)
+    assert context["peer"] == "psk-id" and context["read-cid"] == "0102" and context["write-cid"] == ""
+    assert context["node-id"] == 3 and context["prev-ip"] == "192.0.2.9" and context["prev-port"] == 1
+    assert server.ask(request("mycontext", options=accept(41))).code == Code.NOT_ACCEPTABLE
+
+
+def test_echo() -> None:
+    server = Server()
+    echoed = server.ask(request("echo", Code.POST, payload=b"ping",
+                                options=[(OptionNumber.CONTENT_FORMAT, encode_uint(42))]))
+    assert echoed.payload == b"ping" and echoed.content_format == 42
