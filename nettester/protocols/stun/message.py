@@ -59,6 +59,8 @@ class AttributeType(enum.IntEnum):
 
     MAPPED_ADDRESS = 0x0001
     CHANGE_REQUEST = 0x0003
+    SOURCE_ADDRESS = 0x0004  # RFC 3489 section 11.2.5, for classic clients
+    CHANGED_ADDRESS = 0x0005  # RFC 3489 section 11.2.3, for classic clients
     USERNAME = 0x0006
     MESSAGE_INTEGRITY = 0x0008
     ERROR_CODE = 0x0009
@@ -227,17 +229,18 @@ def _walk(data: bytes) -> Iterator[_Field]:
         offset += 4 + length + (-length % 4)
 
 
-def check_header(data: bytes) -> int:
+def check_header(data: bytes, magic_cookie: bool = True) -> int:
     """Validate the fixed header (RFC 8489 section 5) and return the message length field.
 
     Accepts a buffer longer than the message (TCP framing reads the length
-    from here); :func:`decode` also requires the exact size.
+    from here); :func:`decode` also requires the exact size. With
+    C{magic_cookie=False} an RFC 3489 message (no cookie, 128-bit id) passes too.
     """
     if len(data) < HEADER_LENGTH:
         raise StunDecodeError(f"{len(data)} bytes is shorter than the 20-byte STUN header")
     if data[0] & 0xC0:
         raise StunDecodeError("the two most significant bits of a STUN message must be zero")
-    if data[4:8] != MAGIC_COOKIE_BYTES:
+    if magic_cookie and data[4:8] != MAGIC_COOKIE_BYTES:
         raise StunDecodeError("no STUN magic cookie")
     length = (data[2] << 8) | data[3]
     if length % 4:
@@ -245,9 +248,13 @@ def check_header(data: bytes) -> int:
     return length
 
 
-def decode(data: bytes) -> Message:
-    """Parse one whole STUN message (a UDP datagram or one TCP frame)."""
-    length = check_header(data)
+def decode(data: bytes, magic_cookie: bool = True) -> Message:
+    """Parse one whole STUN message (a UDP datagram or one TCP frame).
+
+    C{magic_cookie=False} also accepts an RFC 3489 message; its 128-bit id is
+    then the cookie field plus C{transaction_id} (RFC 8489 section 5).
+    """
+    length = check_header(data, magic_cookie)
     if len(data) != HEADER_LENGTH + length:
         raise StunDecodeError(f"header says {length} bytes of attributes, {len(data) - HEADER_LENGTH} present")
     attributes = []
@@ -405,6 +412,8 @@ def _plain_address() -> tuple[_Decoder, _Encoder]:
 
 _CODECS: dict[int, tuple[_Decoder, _Encoder]] = {
     AttributeType.MAPPED_ADDRESS: _plain_address(),
+    AttributeType.SOURCE_ADDRESS: _plain_address(),
+    AttributeType.CHANGED_ADDRESS: _plain_address(),
     AttributeType.ALTERNATE_SERVER: _plain_address(),
     AttributeType.RESPONSE_ORIGIN: _plain_address(),
     AttributeType.OTHER_ADDRESS: _plain_address(),

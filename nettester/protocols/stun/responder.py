@@ -36,6 +36,7 @@ from nettester.protocols.stun.message import (
 UNDERSTOOD = frozenset(
     {
         AttributeType.MAPPED_ADDRESS,
+        AttributeType.CHANGE_REQUEST,  # honoured with an alternate address, 420 when it asks for one we lack
         AttributeType.USERNAME,
         AttributeType.MESSAGE_INTEGRITY,
         AttributeType.ERROR_CODE,
@@ -50,7 +51,7 @@ UNDERSTOOD = frozenset(
 )
 
 BINDING_REQUEST = b"\x00\x01"
-_SUCCESS_HEADER = struct.Struct("!HHI")
+_TYPE_AND_LENGTH = struct.Struct("!HH")
 _IPV4_ADDRESS_ATTRIBUTES = struct.Struct("!HHBBH4sHHBBH4s")  # XOR-MAPPED-ADDRESS, then MAPPED-ADDRESS
 _FINGERPRINT = struct.Struct("!HHI")
 _CACHE_LIMIT = 65536
@@ -104,26 +105,34 @@ class BindingResponder:
         self._counters = counters
         self._software_text = software
         self._software = make_attribute(AttributeType.SOFTWARE, software).encode()
+        self._classic_software = make_attribute(AttributeType.SOFTWARE, _classic_text(software)).encode()
         self._addresses = tuple(addresses) if addresses else None
         if self._addresses is not None and len(self._addresses) != 4:
             raise ValueError("an RFC 5780 server needs exactly four addresses")
-        self._understood = UNDERSTOOD | {AttributeType.CHANGE_REQUEST} if self._addresses else UNDERSTOOD
         self._ipv4_cache: dict[tuple[str, int], bytes] = {}
 
     def respond(self, data: bytes, peer: tuple[str, int], via: int = PRIMARY) -> tuple[bytes, int] | None:
         """The response to C{data} from C{peer}, and the socket index to send it from; None to drop."""
         counters = self._counters
-        # RFC 8489 section 5: the magic cookie and the two zero bits tell STUN from other traffic.
-        if len(data) < 20 or data[4:8] != MAGIC_COOKIE_BYTES or data[0] & 0xC0:
+        if len(data) < 20 or data[0] & 0xC0:
             counters.dropped.inc("not_stun")
             return None
+        if data[4:8] != MAGIC_COOKIE_BYTES:
+            return self._classic(data, peer, via)
         if data[:2] != BINDING_REQUEST:
             return self._not_binding(data, via)
         counters.requests.value += 1
         if len(data) == 20 and data[3] == 0 and data[2] == 0:
             counters.responses.value += 1
-            return self._success(data[8:20], peer, via, via, False), via
-        return self._with_attributes(data, peer, via)
+            return self._success(data, peer, via, via, False, False), via
+        return self._with_attributes(data, peer, via, False)
+
+    def _classic(self, data: bytes, peer: tuple[str, int], via: int) -> tuple[bytes, int] | None:
+        """An RFC 3489 client: no magic cookie (RFC 8489 section 12, RFC 5389 section 12.2)."""
+        if data[:2] != BINDING_REQUEST:
+            self._counters.dropped.inc("not_stun")
+            return None
+        return self._with_attributes(data, peer, via, True)
 
     def _not_binding(self, data: bytes, via: int) -> tuple[bytes, int] | None:
         # RFC 8489 section 6.3: only requests are answered; indications and responses are not.
@@ -131,64 +140,79 @@ class BindingResponder:
             self._counters.dropped.inc("not_request")
             return None
         self._counters.requests.value += 1
-        return self._error(data[8:20], 400, "Bad Request: unsupported method", via, False), via
+        return self._error(data, 400, "Bad Request: unsupported method", False), via
 
-    def _with_attributes(self, data: bytes, peer: tuple[str, int], via: int) -> tuple[bytes, int] | None:
-        transaction_id = data[8:20]
+    def _with_attributes(self, data: bytes, peer: tuple[str, int], via: int, classic: bool) -> tuple[bytes, int] | None:
+        counters = self._counters
         try:
-            message = decode(data)
+            message = decode(data, magic_cookie=not classic)
         except StunDecodeError:
-            return self._error(transaction_id, 400, "Bad Request", via, False), via
-        has_fingerprint = bool(message.attributes) and message.attributes[-1].type == AttributeType.FINGERPRINT
-        if has_fingerprint and not check_fingerprint(data):
+            if classic:  # without the cookie, a malformed message cannot be told from noise
+                counters.dropped.inc("not_stun")
+                return None
+            return self._error(data, 400, "Bad Request", False), via
+        if classic:
+            counters.requests.value += 1
+        attributes = message.attributes
+        fingerprint = not classic and bool(attributes) and attributes[-1].type == AttributeType.FINGERPRINT
+        if fingerprint and not check_fingerprint(data):
             # RFC 8489 section 7.3: a bad FINGERPRINT means the datagram is not STUN.
-            self._counters.dropped.inc("bad_fingerprint")
+            counters.dropped.inc("bad_fingerprint")
             return None
-        unknown = [
-            attribute.type
-            for attribute in message.attributes
-            if is_comprehension_required(attribute.type) and attribute.type not in self._understood
-        ]
+        unknown = [a.type for a in attributes if is_comprehension_required(a.type) and a.type not in UNDERSTOOD]
         if unknown:
             # RFC 8489 section 6.3.1.1: 420 listing every unknown comprehension-required attribute.
-            return self._error(transaction_id, 420, "Unknown Attribute", via, has_fingerprint, unknown), via
+            return self._error(data, 420, "Unknown Attribute", fingerprint, unknown, classic), via
+        try:
+            change = message.get(AttributeType.CHANGE_REQUEST)
+        except StunDecodeError:
+            return self._error(data, 400, "Bad Request: malformed CHANGE-REQUEST", fingerprint, (), classic), via
         send_via = via
-        if self._addresses is not None:
-            try:
-                change = message.get(AttributeType.CHANGE_REQUEST)
-            except StunDecodeError:
-                return self._error(transaction_id, 400, "Bad Request: malformed CHANGE-REQUEST", via, has_fingerprint), via
-            if change is not None:
-                # RFC 5780 section 6.1: answer from the other IP and/or the other port.
-                send_via = via ^ (ALTERNATE_IP if change.change_ip else 0) ^ (ALTERNATE_PORT if change.change_port else 0)
-                if send_via != via:
-                    self._counters.changed.value += 1
-        self._counters.responses.value += 1
-        return self._success(transaction_id, peer, via, send_via, has_fingerprint), send_via
+        if change is not None and (change.change_ip or change.change_port):
+            if self._addresses is None:
+                # RFC 5780 section 6.1: without an alternate address the change cannot be made.
+                unknown = [AttributeType.CHANGE_REQUEST]
+                reason = "Unknown Attribute: no alternate address"
+                return self._error(data, 420, reason, fingerprint, unknown, classic), via
+            # RFC 5780 section 6.1: answer from the other IP and/or the other port.
+            send_via = via ^ (ALTERNATE_IP if change.change_ip else 0) ^ (ALTERNATE_PORT if change.change_port else 0)
+            counters.changed.value += 1
+        counters.responses.value += 1
+        return self._success(data, peer, via, send_via, fingerprint, classic), send_via
 
     def _success(
-        self, transaction_id: bytes, peer: tuple[str, int], via: int, send_via: int, fingerprint: bool
+        self, request: bytes, peer: tuple[str, int], via: int, send_via: int, fingerprint: bool, classic: bool
     ) -> bytes:
-        """XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, [RFC 5780 addresses], SOFTWARE, [FINGERPRINT] (RFC 8489 section 10.1.2)."""
-        addresses = self._address_attributes(transaction_id, peer)
+        """RFC 8489 section 10.1.2: XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, [RFC 5780 addresses], SOFTWARE, [FINGERPRINT].
+
+        An RFC 3489 client gets MAPPED-ADDRESS and, where known, SOURCE-ADDRESS
+        and CHANGED-ADDRESS instead (RFC 3489 section 11.2).
+        """
+        if classic:
+            addresses = make_attribute(AttributeType.MAPPED_ADDRESS, _address(peer)).encode()
+            origin, other = AttributeType.SOURCE_ADDRESS, AttributeType.CHANGED_ADDRESS
+        else:
+            addresses = self._address_attributes(request[8:20], peer)
+            origin, other = AttributeType.RESPONSE_ORIGIN, AttributeType.OTHER_ADDRESS
         if self._addresses is not None:
-            addresses += make_attribute(AttributeType.RESPONSE_ORIGIN, self._addresses[send_via]).encode()
-            addresses += make_attribute(AttributeType.OTHER_ADDRESS, self._addresses[via ^ 3]).encode()
-        length = len(addresses) + len(self._software) + (8 if fingerprint else 0)
-        response = b"".join(
-            (_SUCCESS_HEADER.pack(0x0101, length, MAGIC_COOKIE), transaction_id, addresses, self._software)
-        )
+            addresses += make_attribute(origin, self._addresses[send_via]).encode()
+            addresses += make_attribute(other, self._addresses[via ^ 3]).encode()
+        software = self._classic_software if classic else self._software
+        length = len(addresses) + len(software) + (8 if fingerprint else 0)
+        # Bytes 4-20 are echoed: the magic cookie and transaction id (or an RFC 3489 128-bit id).
+        response = b"".join((_TYPE_AND_LENGTH.pack(0x0101, length), request[4:20], addresses, software))
         if fingerprint:
             response += _fingerprint(response)
         return response
 
     def _address_attributes(self, transaction_id: bytes, peer: tuple[str, int]) -> bytes:
+        """XOR-MAPPED-ADDRESS then MAPPED-ADDRESS of C{peer}; cached per IPv4 peer (no transaction id in them)."""
         cached = self._ipv4_cache.get(peer)
         if cached is not None:
             return cached
         host, port = peer[0], peer[1]
         if ":" in host:  # IPv6: the XOR mask includes the transaction id, nothing to cache
-            address = Address(host.split("%")[0], port)
+            address = _address(peer)
             return (
                 make_attribute(AttributeType.XOR_MAPPED_ADDRESS, address, transaction_id).encode()
                 + make_attribute(AttributeType.MAPPED_ADDRESS, address).encode()
@@ -205,22 +229,36 @@ class BindingResponder:
         return encoded
 
     def _error(
-        self,
-        transaction_id: bytes,
-        code: int,
-        reason: str,
-        via: int,
-        fingerprint: bool,
-        unknown: Sequence[int] = (),
+        self, request: bytes, code: int, reason: str, fingerprint: bool, unknown: Sequence[int] = (), classic: bool = False
     ) -> bytes:
-        """An error response (RFC 8489 section 6.3.4) with ERROR-CODE, [UNKNOWN-ATTRIBUTES], SOFTWARE."""
+        """An error response (RFC 8489 section 6.3.4) with ERROR-CODE, [UNKNOWN-ATTRIBUTES], SOFTWARE.
+
+        For an RFC 3489 client every value is a multiple of 4 bytes, as its
+        parser expects (RFC 3489 sections 11.2.9 and 11.2.10).
+        """
         self._counters.errors.inc(str(code))
+        software = self._software_text
+        if classic:
+            reason, software = _classic_text(reason), _classic_text(software)
+            unknown = [*unknown, unknown[-1]] if len(unknown) % 2 else unknown
         attributes = [make_attribute(AttributeType.ERROR_CODE, ErrorCode(code, reason))]
         if unknown:
             attributes.append(make_attribute(AttributeType.UNKNOWN_ATTRIBUTES, tuple(unknown)))
-        attributes.append(make_attribute(AttributeType.SOFTWARE, self._software_text))
-        message = Message(Method.BINDING, MessageClass.ERROR, transaction_id, tuple(attributes))
-        return message.encode(fingerprint=fingerprint)
+        attributes.append(make_attribute(AttributeType.SOFTWARE, software))
+        response = Message(Method.BINDING, MessageClass.ERROR, request[8:20], tuple(attributes))
+        encoded = response.encode(fingerprint=fingerprint)
+        # Echo the cookie field: equal to the cookie for RFC 8489 clients, part of the id for RFC 3489 ones.
+        return encoded[:4] + request[4:8] + encoded[8:]
+
+
+def _classic_text(text: str) -> str:
+    """Pad with spaces to a multiple of 4 bytes: RFC 3489 parsers skip attributes by their length alone."""
+    return text + " " * (-len(text.encode("utf-8")) % 4)
+
+
+def _address(peer: tuple[str, int]) -> Address:
+    """The peer as an Address, without an IPv6 zone suffix."""
+    return Address(peer[0].split("%")[0], peer[1])
 
 
 def _fingerprint(message_so_far: bytes) -> bytes:

@@ -171,6 +171,18 @@ class StunServerService(Service):
         return str(Address(self._interface or "0.0.0.0", self._port))
 
     def _listen(self) -> None:
+        # With --port 0 the UDP port is the OS's pick; TCP may find that number taken: pick again.
+        attempts = 5 if self._tcp and self._port == 0 else 1
+        for attempt in range(attempts):
+            try:
+                self._listen_once()
+                return
+            except CannotListenError:
+                if attempt == attempts - 1:
+                    raise
+                self._close_all()
+
+    def _listen_once(self) -> None:
         self._udp.append(self._listen_udp(self._interface, self._port, PRIMARY))
         if self._other is not None:
             # RFC 5780 section 4.1: (IP1, P1), (IP1, P2), (IP2, P1), (IP2, P2).

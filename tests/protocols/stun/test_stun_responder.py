@@ -123,6 +123,55 @@ def test_comprehension_optional_unknown_attributes_are_ignored() -> None:
     assert response.message_class == MessageClass.SUCCESS
 
 
+def test_change_request_asking_for_nothing_is_answered_without_other_address() -> None:
+    responder, _ = make_responder()
+    response = answer(responder, request(make_attribute(AttributeType.CHANGE_REQUEST, ChangeRequest(False, False))))
+    assert response.message_class == MessageClass.SUCCESS
+
+
+CLASSIC_ID = bytes(range(100, 116))  # RFC 3489: a 128-bit id where the cookie would be
+
+
+def classic_request(*attributes: Attribute) -> bytes:
+    body = b"".join(attribute.encode() for attribute in attributes)
+    return b"\x00\x01" + len(body).to_bytes(2, "big") + CLASSIC_ID + body
+
+
+def test_rfc3489_client_gets_mapped_address_and_its_whole_id_back() -> None:
+    responder, counters = make_responder()
+    reply = responder.respond(classic_request(make_attribute(AttributeType.CHANGE_REQUEST, ChangeRequest(False, False))), PEER)
+    assert reply is not None
+    data = reply[0]
+    assert data[:2] == b"\x01\x01" and data[4:20] == CLASSIC_ID
+    response = decode(data, magic_cookie=False)
+    assert response.get(AttributeType.MAPPED_ADDRESS) == Address(*PEER)
+    assert response.find(AttributeType.XOR_MAPPED_ADDRESS) is None
+    assert response.find(AttributeType.SOURCE_ADDRESS) is None  # unknown without --other-address
+    assert all(len(attribute.value) % 4 == 0 for attribute in response.attributes)
+    assert counters.requests.value == 1
+
+
+def test_rfc3489_client_of_an_rfc5780_server_gets_source_and_changed_address() -> None:
+    responder, _ = make_responder(RFC5780_ADDRESSES)
+    change = make_attribute(AttributeType.CHANGE_REQUEST, ChangeRequest(True, False))
+    reply = responder.respond(classic_request(change), PEER, PRIMARY)
+    assert reply is not None and reply[1] == ALTERNATE_IP
+    response = decode(reply[0], magic_cookie=False)
+    assert response.get(AttributeType.SOURCE_ADDRESS) == RFC5780_ADDRESSES[ALTERNATE_IP]
+    assert response.get(AttributeType.CHANGED_ADDRESS) == RFC5780_ADDRESSES[ALTERNATE_IP | ALTERNATE_PORT]
+
+
+def test_rfc3489_client_errors_echo_the_whole_id() -> None:
+    responder, _ = make_responder()
+    reply = responder.respond(classic_request(Attribute(0x0002, bytes(8))), PEER)  # RESPONSE-ADDRESS: unsupported
+    assert reply is not None and reply[0][4:20] == CLASSIC_ID
+    response = decode(reply[0], magic_cookie=False)
+    assert response.get(AttributeType.ERROR_CODE).code == 420
+    # RFC 3489 parsers need every value a multiple of 4 bytes: the odd list repeats its last type.
+    assert response.get(AttributeType.UNKNOWN_ATTRIBUTES) == (0x0002, 0x0002)
+    assert all(len(attribute.value) % 4 == 0 for attribute in response.attributes)
+
+
 def test_change_request_without_other_address_is_unknown() -> None:
     responder, _ = make_responder()
     response = answer(responder, request(make_attribute(AttributeType.CHANGE_REQUEST, ChangeRequest(True, True))))
@@ -157,7 +206,16 @@ def test_other_method_request_gets_400_and_indications_are_dropped() -> None:
     assert counters.dropped.get("not_request") == 2
 
 
-@pytest.mark.parametrize("data", [b"", b"GET / HTTP/1.1\r\n\r\n" * 2, bytes(20), b"\x00\x01\x00\x00" + bytes(16)])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"GET / HTTP/1.1\r\n\r\n" * 2,
+        bytes(20),  # no cookie, not a Binding request
+        b"\x00\x01\x00\x04" + bytes(16),  # no cookie, length disagrees with the datagram
+        b"\x00\x01\x00\x08" + bytes(16) + b"\x00\x01\x00\x10" + bytes(4),  # no cookie, attribute overruns
+    ],
+)
 def test_not_stun_is_dropped_and_counted(data: bytes) -> None:
     responder, counters = make_responder()
     assert responder.respond(data, PEER) is None
@@ -206,8 +264,8 @@ def test_fuzz_any_datagram_is_answered_with_valid_stun_or_dropped(data: bytes, p
     if reply is None:
         assert counters.dropped.total == 1
     else:
-        response = decode(reply[0])
-        assert response.transaction_id == data[8:20]
+        decode(reply[0], magic_cookie=False)
+        assert reply[0][4:20] == data[4:20]  # cookie and transaction id (or an RFC 3489 id) echoed
 
 
 @given(st.lists(st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=24)), max_size=5), st.booleans())
