@@ -401,11 +401,16 @@ class DtlsConnection:
 
     def send_application_data(self, data: bytes) -> None:
         """Queue one application data record (one datagram)."""
+        self._outgoing.append(self.seal_application_data(data))
+
+    def seal_application_data(self, data: bytes) -> bytes:
+        """The datagram carrying C{data} as one record, for a caller that
+        writes it at once (the endpoint's hot path)."""
         if self._state is not _State.ESTABLISHED:
             raise RuntimeError("DTLS connection is not established")
         if len(data) > record.MAX_PLAINTEXT:
             raise ValueError("application data larger than one record")
-        self._outgoing.append(self._write_states[self._write_epoch].seal(record.APPLICATION_DATA, data))
+        return self._write_states[self._write_epoch].seal(record.APPLICATION_DATA, data)
 
     def close(self) -> None:
         """Send close_notify and end the connection."""

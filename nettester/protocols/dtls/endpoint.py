@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Protocol
+from typing import Callable, Protocol
 
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -120,6 +120,7 @@ class DtlsEndpoint(DatagramProtocol):
             dataclasses.replace(server_configuration, cids_in_use=self._by_cid) if server_configuration else None
         )
         self.client_configuration = client_configuration
+        self._sendto: Callable[[bytes, Address], int] | None = None
         generator = server_configuration.cid_generator if server_configuration else None
         client_cid = client_configuration.cid_length if client_configuration else None
         self._cid_generator = generator
@@ -135,8 +136,8 @@ class DtlsEndpoint(DatagramProtocol):
         if not connection.is_established:
             self.counters.dropped.inc("send_not_established")
             return
-        connection.send_application_data(data)
-        self._pump(peer)
+        # Sending changes no timer and makes no event: write at once.
+        self._write(connection.seal_application_data(data), peer.address, peer.route)
 
     def connect(self, address: Address) -> defer.Deferred[DtlsPeer]:
         """Handshake with the server at C{address}: fires with the peer."""
@@ -338,15 +339,27 @@ class DtlsEndpoint(DatagramProtocol):
             peer._timer.cancel()
         peer._timer = None
 
+    def startProtocol(self) -> None:
+        # Straight to the socket: Port.write re-validates the address text on
+        # every datagram (see nettester.udplink).
+        self._sendto = self.transport.getHandle().sendto  # type: ignore[union-attr]
+
+    def stopProtocol(self) -> None:
+        self._sendto = None
+
     def _write(self, data: bytes, address: Address, route: DatagramRoute | None) -> None:
         if route is not None:
             route.send(data, address)
-        elif self.transport is not None:
-            try:
+            return
+        sendto = self._sendto
+        try:
+            if sendto is not None:
+                sendto(data, address)
+            elif self.transport is not None:
                 self.transport.write(data, address)
-            except OSError as error:
-                self.counters.dropped.inc("send_error")
-                log.debug("DTLS send to {peer} failed: {error}", event="dtls_send_failed", peer=address, error=error)
+        except OSError as error:
+            self.counters.dropped.inc("send_error")
+            log.debug("DTLS send to {peer} failed: {error}", event="dtls_send_failed", peer=address, error=error)
 
     # --- introspection -------------------------------------------------------------
 
