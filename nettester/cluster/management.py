@@ -1,0 +1,107 @@
+"""The management UDP socket of a cluster node (the Twisted adapter).
+
+Incoming: PING/PONG feed the node table (dynamic and Kubernetes discovery);
+IN records are handed to the local DTLS endpoint as if they had arrived on
+its own socket, with the forwarding node as the route to answer through;
+OUT records are the owner's answers, to send from our public socket to the
+client. Anything that does not decode or authenticate is dropped and counted
+by reason (L{nettester.cluster.wire.ManagementError}).
+
+Outgoing: L{ManagementEndpoint.forward} (IN, to the owner) and
+L{ManagementEndpoint.backward} (OUT, to the node the client talks to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import DatagramProtocol
+
+from nettester.cluster.nodes import NodeTable
+from nettester.cluster.wire import TYPE_IN, TYPE_OUT, ManagementCodec, ManagementError, NodeMessage
+from nettester.logs import Logger
+from nettester.metrics import MetricSet
+
+log = Logger()
+
+Address = tuple[str, int]
+RecordsHandler = Callable[[bytes, Address, Address], None]
+"""C{handler(records, client, node)}: DTLS records of C{client}, from/for cluster node C{node}."""
+
+
+class ManagementEndpoint(DatagramProtocol):
+    """One node's management socket; see the module docstring.
+
+    @param on_forwarded: IN records: C{(records, client, forwarding node)};
+        the DTLS endpoint processes them and answers through that node.
+    @param on_backwarded: OUT records: C{(records, client, owner node)}; send
+        the records to the client from the public socket.
+    @param node_table: the dynamic discovery core, or None in static mode
+        (PING/PONG are then dropped and counted).
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        codec: ManagementCodec,
+        on_forwarded: RecordsHandler,
+        on_backwarded: RecordsHandler,
+        metrics: MetricSet,
+        node_table: NodeTable | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._codec = codec
+        self._on_forwarded = on_forwarded
+        self._on_backwarded = on_backwarded
+        self._node_table = node_table
+        self.received_in = metrics.counter("management_in_total", "IN records received (forwarded to us).")
+        self.received_out = metrics.counter("management_out_total", "OUT records received (answers to send).")
+        self.sent_in = metrics.counter("management_forwarded_total", "Datagrams forwarded to their owner node.")
+        self.sent_out = metrics.counter("management_backwarded_total", "Answers sent back through another node.")
+        self.dropped = metrics.labeled_counter("management_dropped_total", "Management records dropped.", "reason")
+        if node_table is not None:
+            # The node table counts its own drops (replay, stale_timestamp...) in the same series.
+            self.dropped.values = node_table.drops
+        if not codec.authenticated:
+            log.warn(
+                "Cluster management records are not authenticated: anyone reaching the management port can "
+                "inject records with forged client addresses; set --dtls-cluster-group-security or {env}",
+                event="cluster_unauthenticated",
+                env="DTLS_CID_MGMT_SECRET_BASE64",
+            )
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        try:
+            message = self._codec.decode(datagram)
+        except ManagementError as error:
+            self.dropped.inc(error.reason)
+            return
+        if isinstance(message, NodeMessage):
+            if self._node_table is None:
+                self.dropped.inc("static_cluster_ping")
+                return
+            for outgoing in self._node_table.receive(message, addr, self._reactor.seconds()):
+                self.transport.write(outgoing.datagram, outgoing.address)
+        elif message.kind == TYPE_IN:
+            self.received_in.value += 1
+            self._on_forwarded(message.records, message.client, addr)
+        else:
+            self.received_out.value += 1
+            self._on_backwarded(message.records, message.client, addr)
+
+    def forward(self, records: bytes, client: Address, owner: Address) -> None:
+        """Send a client's datagram to the node owning its CID (an IN record)."""
+        self.transport.write(self._codec.encode_records(TYPE_IN, client, records), owner)
+        self.sent_in.value += 1
+
+    def backward(self, records: bytes, client: Address, via: Address) -> None:
+        """Send our answer to C{client} through node C{via}, which received the request (an OUT record)."""
+        self.transport.write(self._codec.encode_records(TYPE_OUT, client, records), via)
+        self.sent_out.value += 1
+
+    def send(self, datagram: bytes, address: Address) -> None:
+        """Send a ready-made management datagram (the node table's PINGs)."""
+        self.transport.write(datagram, address)
