@@ -611,9 +611,7 @@ class DtlsConnection:
         elif state is _State.WAIT_FINISHED and msg_type == hs.FINISHED:
             self._check_finished(body, is_client_finished=False)
             self._transcript += message
-            if self._resuming:
-                self._send_finished_flight(now, final=True)
-            self._complete(now)
+            self._finish_handshake(now, send_final_flight=self._resuming)
         else:
             raise _Ignore()
 
@@ -755,9 +753,7 @@ class DtlsConnection:
         elif state is _State.WAIT_FINISHED and msg_type == hs.FINISHED:
             self._check_finished(body, is_client_finished=True)
             self._transcript += message
-            if not self._resuming:
-                self._send_finished_flight(now, final=True)
-            self._complete(now)
+            self._finish_handshake(now, send_final_flight=not self._resuming)
         else:
             raise _Ignore()
 
@@ -971,8 +967,16 @@ class DtlsConnection:
         self._write_epoch = 1
         return [ccs, self._handshake_message(hs.FINISHED, verify_data)]
 
-    def _send_finished_flight(self, now: float, final: bool) -> None:
-        self._start_flight(self._finished_messages(), now, expects_reply=not final)
+    def _finish_handshake(self, now: float, send_final_flight: bool) -> None:
+        """The peer's Finished checked out.  The side that sends the last
+        flight keeps it to resend when the peer repeats its own (RFC 6347
+        section 4.2.4); the side that received the last flight needs nothing
+        more, the peer having had all of ours."""
+        if send_final_flight:
+            self._start_flight(self._finished_messages(), now, expects_reply=False)
+        else:
+            self._flight = []
+        self._complete(now)
 
     def _check_finished(self, body: bytes, is_client_finished: bool) -> None:
         expected = suites.finished_verify_data(
