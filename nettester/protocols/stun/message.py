@@ -67,6 +67,7 @@ class AttributeType(enum.IntEnum):
     UNKNOWN_ATTRIBUTES = 0x000A
     MESSAGE_INTEGRITY_SHA256 = 0x001C
     XOR_MAPPED_ADDRESS = 0x0020
+    RESPONSE_PORT = 0x0027  # RFC 5780 section 7.5
     SOFTWARE = 0x8022
     ALTERNATE_SERVER = 0x8023
     FINGERPRINT = 0x8028
@@ -393,6 +394,13 @@ def _decode_crc(value: bytes) -> int:
     return int.from_bytes(value, "big")
 
 
+def _decode_response_port(value: bytes) -> int:
+    """RESPONSE-PORT: a 16-bit port and 16 bits of padding (RFC 5780 section 7.5)."""
+    if len(value) != 4:
+        raise StunDecodeError("RESPONSE-PORT must be 4 bytes")
+    return (value[0] << 8) | value[1]
+
+
 def _decode_fixed(size_check: Callable[[int], bool], what: str) -> Callable[[bytes, bytes], bytes]:
     def decode_value(value: bytes, _transaction_id: bytes) -> bytes:
         if not size_check(len(value)):
@@ -435,6 +443,10 @@ _CODECS: dict[int, tuple[_Decoder, _Encoder]] = {
     AttributeType.UNKNOWN_ATTRIBUTES: (
         lambda value, _tid: _decode_unknown_attributes(value),
         lambda types, _tid: struct.pack(f"!{len(types)}H", *types),
+    ),
+    AttributeType.RESPONSE_PORT: (
+        lambda value, _tid: _decode_response_port(value),
+        lambda port, _tid: struct.pack("!HH", port, 0),
     ),
     AttributeType.CHANGE_REQUEST: (
         lambda value, _tid: _decode_change_request(value),

@@ -50,6 +50,12 @@ UNDERSTOOD = frozenset(
     }
 )
 
+# With an alternate address the server is an RFC 5780 server and also honours RESPONSE-PORT (section 6.1).
+UNDERSTOOD_RFC5780 = UNDERSTOOD | {AttributeType.RESPONSE_PORT}
+
+# (response, index of the socket to send it from, port to send it to: 0 = the request's source port)
+Reply = tuple[bytes, int, int]
+
 BINDING_REQUEST = b"\x00\x01"
 _TYPE_AND_LENGTH = struct.Struct("!HH")
 _IPV4_ADDRESS_ATTRIBUTES = struct.Struct("!HHBBH4sHHBBH4s")  # XOR-MAPPED-ADDRESS, then MAPPED-ADDRESS
@@ -109,9 +115,10 @@ class BindingResponder:
         self._addresses = tuple(addresses) if addresses else None
         if self._addresses is not None and len(self._addresses) != 4:
             raise ValueError("an RFC 5780 server needs exactly four addresses")
+        self._understood = UNDERSTOOD if self._addresses is None else UNDERSTOOD_RFC5780
         self._ipv4_cache: dict[tuple[str, int], bytes] = {}
 
-    def respond(self, data: bytes, peer: tuple[str, int], via: int = PRIMARY) -> tuple[bytes, int] | None:
+    def respond(self, data: bytes, peer: tuple[str, int], via: int = PRIMARY) -> Reply | None:
         """The response to C{data} from C{peer}, and the socket index to send it from; None to drop."""
         counters = self._counters
         if len(data) < 20 or data[0] & 0xC0:
@@ -124,25 +131,25 @@ class BindingResponder:
         counters.requests.value += 1
         if len(data) == 20 and data[3] == 0 and data[2] == 0:
             counters.responses.value += 1
-            return self._success(data, peer, via, via, False, False), via
+            return self._success(data, peer, via, via, False, False), via, 0
         return self._with_attributes(data, peer, via, False)
 
-    def _classic(self, data: bytes, peer: tuple[str, int], via: int) -> tuple[bytes, int] | None:
+    def _classic(self, data: bytes, peer: tuple[str, int], via: int) -> Reply | None:
         """An RFC 3489 client: no magic cookie (RFC 8489 section 12, RFC 5389 section 12.2)."""
         if data[:2] != BINDING_REQUEST:
             self._counters.dropped.inc("not_stun")
             return None
         return self._with_attributes(data, peer, via, True)
 
-    def _not_binding(self, data: bytes, via: int) -> tuple[bytes, int] | None:
+    def _not_binding(self, data: bytes, via: int) -> Reply | None:
         # RFC 8489 section 6.3: only requests are answered; indications and responses are not.
         if data[0] & 0x01 or data[1] & 0x10:
             self._counters.dropped.inc("not_request")
             return None
         self._counters.requests.value += 1
-        return self._error(data, 400, "Bad Request: unsupported method", False), via
+        return self._error(data, 400, "Bad Request: unsupported method", False), via, 0
 
-    def _with_attributes(self, data: bytes, peer: tuple[str, int], via: int, classic: bool) -> tuple[bytes, int] | None:
+    def _with_attributes(self, data: bytes, peer: tuple[str, int], via: int, classic: bool) -> Reply | None:
         counters = self._counters
         try:
             message = decode(data, magic_cookie=not classic)
@@ -150,7 +157,7 @@ class BindingResponder:
             if classic:  # without the cookie, a malformed message cannot be told from noise
                 counters.dropped.inc("not_stun")
                 return None
-            return self._error(data, 400, "Bad Request", False), via
+            return self._error(data, 400, "Bad Request", False), via, 0
         if classic:
             counters.requests.value += 1
         attributes = message.attributes
@@ -159,26 +166,32 @@ class BindingResponder:
             # RFC 8489 section 7.3: a bad FINGERPRINT means the datagram is not STUN.
             counters.dropped.inc("bad_fingerprint")
             return None
-        unknown = [a.type for a in attributes if is_comprehension_required(a.type) and a.type not in UNDERSTOOD]
+        unknown = [a.type for a in attributes if is_comprehension_required(a.type) and a.type not in self._understood]
         if unknown:
             # RFC 8489 section 6.3.1.1: 420 listing every unknown comprehension-required attribute.
-            return self._error(data, 420, "Unknown Attribute", fingerprint, unknown, classic), via
+            return self._error(data, 420, "Unknown Attribute", fingerprint, unknown, classic), via, 0
         try:
             change = message.get(AttributeType.CHANGE_REQUEST)
         except StunDecodeError:
-            return self._error(data, 400, "Bad Request: malformed CHANGE-REQUEST", fingerprint, (), classic), via
+            return self._error(data, 400, "Bad Request: malformed CHANGE-REQUEST", fingerprint, (), classic), via, 0
         send_via = via
         if change is not None and (change.change_ip or change.change_port):
             if self._addresses is None:
                 # RFC 5780 section 6.1: without an alternate address the change cannot be made.
                 unknown = [AttributeType.CHANGE_REQUEST]
                 reason = "Unknown Attribute: no alternate address"
-                return self._error(data, 420, reason, fingerprint, unknown, classic), via
+                return self._error(data, 420, reason, fingerprint, unknown, classic), via, 0
             # RFC 5780 section 6.1: answer from the other IP and/or the other port.
             send_via = via ^ (ALTERNATE_IP if change.change_ip else 0) ^ (ALTERNATE_PORT if change.change_port else 0)
             counters.changed.value += 1
+        try:
+            # RFC 5780 section 7.5: answer to this port of the request's source IP (understood only with
+            # an alternate address; otherwise it was reported unknown above).
+            response_port = message.get(AttributeType.RESPONSE_PORT) or 0
+        except StunDecodeError:
+            return self._error(data, 400, "Bad Request: malformed RESPONSE-PORT", fingerprint, (), classic), via, 0
         counters.responses.value += 1
-        return self._success(data, peer, via, send_via, fingerprint, classic), send_via
+        return self._success(data, peer, via, send_via, fingerprint, classic), send_via, response_port
 
     def _success(
         self, request: bytes, peer: tuple[str, int], via: int, send_via: int, fingerprint: bool, classic: bool

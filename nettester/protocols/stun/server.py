@@ -63,7 +63,7 @@ class StunDatagramProtocol(DatagramProtocol):
         peer = unmap_ipv4(addr) if addr[0][0] == ":" else addr
         reply = self._respond(datagram, peer, self._via)
         if reply is not None:
-            self._sockets[reply[1]].write(reply[0], addr)
+            self._sockets[reply[1]].write(reply[0], (addr[0], reply[2]) if reply[2] else addr)
 
 
 class StunStreamProtocol(Protocol):

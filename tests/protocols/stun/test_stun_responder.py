@@ -245,10 +245,22 @@ def test_change_request_answers_from_the_other_socket(change: ChangeRequest, via
     responder, counters = make_responder(RFC5780_ADDRESSES)
     reply = responder.respond(request(make_attribute(AttributeType.CHANGE_REQUEST, change)), PEER, via)
     assert reply is not None
-    data, send_via = reply
+    data, send_via, port = reply
+    assert port == 0
     assert send_via == expected
     assert decode(data).get(AttributeType.RESPONSE_ORIGIN) == RFC5780_ADDRESSES[expected]
     assert counters.changed.value == (1 if expected != via else 0)
+
+
+def test_response_port_is_honoured_only_by_an_rfc5780_server() -> None:
+    data = request(make_attribute(AttributeType.RESPONSE_PORT, 40404))
+    responder, _ = make_responder(RFC5780_ADDRESSES)
+    reply = responder.respond(data, PEER)
+    assert reply is not None and reply[2] == 40404
+    assert decode(reply[0]).message_class == MessageClass.SUCCESS
+    plain, _ = make_responder()
+    response = answer(plain, data)
+    assert response.get(AttributeType.UNKNOWN_ATTRIBUTES) == (AttributeType.RESPONSE_PORT,)
 
 
 def test_a_responder_needs_four_addresses_for_rfc5780() -> None:
