@@ -1,0 +1,121 @@
+"""CoAP server throughput on loopback: CON GET ``benchmark?rlen=40``, dedup on.
+
+The server (UdpLink -> CoapEndpoint -> Site with the extended resources) runs
+in a child process pinned to one core; the load is ``udpload`` (the shared C
+generator, built on the fly) pinned to the other core. Three phases:
+
+1. fresh: ``--sockets`` x ``--window`` closed-loop clients;
+2. churn: ``--churn`` clients come and go (batches of 1,000 new source ports),
+   so the dedup store and every per-peer structure fill with dead peers;
+3. after churn: phase 1 again. The target is at most 10 % below phase 1.
+
+Prints the udpload line of each phase and a summary:
+``coap benchmark: fresh=N req/s after-churn=N req/s (C clients came and went, -P %)``
+
+    python3 benchmarks/coap_server.py
+    python3 benchmarks/coap_server.py --seconds 5 --churn 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+UDPLOAD_SOURCE = os.path.join(os.path.dirname(ROOT), "shared", "tools", "udpload", "udpload.c")
+PATH = "benchmark?rlen=40"
+
+
+def serve(receive_buffer: int) -> None:
+    """Child: the CoAP server on 127.0.0.1, port printed; runs until stdin closes."""
+    from twisted.internet import reactor, stdio
+    from twisted.internet.protocol import Protocol
+
+    from nettester.protocols.coap.endpoint import CoapEndpoint
+    from nettester.protocols.coap.resources import build_site
+    from nettester.protocols.coap.resources.extended import extended_resources
+    from nettester.udplink import UdpLink
+
+    link = UdpLink(receive_buffer=receive_buffer)
+    endpoint = CoapEndpoint(link, reactor)
+    site = build_site(reactor, extended_resources(True, "benchmark", reactor.seconds, reactor.seconds()))
+    site.attach(endpoint)
+    port = reactor.listenUDP(0, link, interface="127.0.0.1")
+
+    class StopOnEof(Protocol):
+        def connectionLost(self, reason: object = None) -> None:
+            stats = endpoint.stats
+            sys.stderr.write(f"server: received={stats.received} sent={stats.sent} duplicates={stats.duplicates} "
+                             f"dedup-entries={len(endpoint.core._dedup)} send-errors={link.send_errors}\n")
+            reactor.stop()
+
+    stdio.StandardIO(StopOnEof())
+    print(port.getHost().port, flush=True)
+    reactor.run()
+
+
+def build_udpload(directory: str) -> str:
+    binary = os.path.join(directory, "udpload")
+    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", binary, UDPLOAD_SOURCE], check=True)
+    return binary
+
+
+def load(udpload: str, port: int, sockets: int, window: int, seconds: float, core: str) -> tuple[float, str]:
+    """One udpload run; its rate and its line."""
+    command = [udpload, "--proto", "coap", "--port", str(port), "--path", PATH, "--con",
+               "--sockets", str(sockets), "--window", str(window), "--duration", str(seconds)]
+    if shutil.which("taskset"):
+        command = ["taskset", "-c", core] + command
+    line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+    match = re.search(r"rate=([0-9.]+)", line)
+    return (float(match.group(1)) if match else 0.0), line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of phases 1 and 3")
+    parser.add_argument("--sockets", type=int, default=64)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--churn", type=int, default=5000, help="clients that come and go in phase 2")
+    parser.add_argument("--receive-buffer", type=int, default=4 << 20)
+    parser.add_argument("--server-core", default="1")
+    parser.add_argument("--load-core", default="0")
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.receive_buffer)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        udpload = build_udpload(directory)
+        command = [sys.executable, os.path.abspath(__file__), "--serve", "--receive-buffer", str(args.receive_buffer)]
+        if shutil.which("taskset"):
+            command = ["taskset", "-c", args.server_core] + command
+        server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline())
+            load(udpload, port, args.sockets, args.window, 1.0, args.load_core)  # warm-up
+            fresh, line = load(udpload, port, args.sockets, args.window, args.seconds, args.load_core)
+            print("fresh:      ", line, flush=True)
+            for batch in range((args.churn + 999) // 1000):
+                _, line = load(udpload, port, min(1000, args.churn - batch * 1000), 1, 1.0, args.load_core)
+                print("churn:      ", line, flush=True)
+            after, line = load(udpload, port, args.sockets, args.window, args.seconds, args.load_core)
+            print("after churn:", line, flush=True)
+        finally:
+            assert server.stdin is not None
+            server.stdin.close()
+            server.wait(timeout=10)
+    change = (after - fresh) / fresh * 100 if fresh else 0.0
+    print(f"coap benchmark: fresh={fresh:.0f} req/s after-churn={after:.0f} req/s "
+          f"({args.churn} clients came and went, {change:+.1f} %)")
+
+
+if __name__ == "__main__":
+    main()
