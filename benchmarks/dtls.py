@@ -165,7 +165,9 @@ class Driver:
         self.poller.close()
 
 
-def handshake_rate(server: tuple[str, int], seconds: float, concurrency: int, make_config: Callable[[], DtlsConfiguration]) -> float:
+def handshake_rate(
+    server: tuple[str, int], seconds: float, concurrency: int, make_config: Callable[[], DtlsConfiguration]
+) -> float:
     driver = Driver(server, concurrency, make_config)
     completed = 0
     now = time.monotonic()

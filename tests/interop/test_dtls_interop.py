@@ -219,12 +219,24 @@ def test_openssl_s_client_with_our_server(suite: str, cipher: str, tmp_path: Pat
     port_handle = listen(endpoint, receiver)
     port = port_handle.getHost().port
     client = spawn(
-        [binary, "s_client", "-dtls1_2", "-connect", "127.0.0.1:%d" % port, "-cipher", cipher + ":@SECLEVEL=0",
-         "-servername", "localhost"] + arguments
+        [
+            binary,
+            "s_client",
+            "-dtls1_2",
+            "-connect",
+            "127.0.0.1:%d" % port,
+            "-cipher",
+            cipher + ":@SECLEVEL=0",
+            "-servername",
+            "localhost",
+        ]
+        + arguments
     )
     try:
         yield wait_for(lambda: endpoint.counters.handshakes.value == 1, "the handshake")
-        yield wait_for(lambda: b"Verify return code" in client.output or b"Cipher is" in client.output, "s_client ready")
+        yield wait_for(
+            lambda: b"Verify return code" in client.output or b"Cipher is" in client.output, "s_client ready"
+        )
         client.write(b"ping from openssl\n")
         yield wait_for(lambda: b"echo:ping from openssl" in client.output, "our echo in s_client")
         ((data, peer),) = receiver.received
@@ -260,8 +272,15 @@ def test_our_client_with_mbedtls_server_cid(suite: str, tmp_path: Path) -> Gener
     binary = mbedtls("ssl_server2")
     port = free_udp_port()
     mbed_cid = bytes.fromhex("a1b2c3d4")
-    arguments = ["dtls=1", "server_addr=127.0.0.1", "server_port=%d" % port, "force_ciphersuite=" + _mbedtls_name(suite),
-                 "cid=1", "cid_val=" + mbed_cid.hex(), "hs_timeout=300-5000"]
+    arguments = [
+        "dtls=1",
+        "server_addr=127.0.0.1",
+        "server_port=%d" % port,
+        "force_ciphersuite=" + _mbedtls_name(suite),
+        "cid=1",
+        "cid_val=" + mbed_cid.hex(),
+        "hs_timeout=300-5000",
+    ]
     config = psk_client(suite)
     if "ECDSA" in suite:
         ca, server_identity, files = ecdsa_files(tmp_path)
@@ -335,9 +354,17 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
     relay = Relay(("127.0.0.1", port_handle.getHost().port))
     relay.open_upstream()
     relay_handle = reactor.listenUDP(0, relay, interface="127.0.0.1")
-    arguments = ["dtls=1", "server_addr=127.0.0.1", "server_port=%d" % relay_handle.getHost().port,
-                 "force_ciphersuite=" + _mbedtls_name(suite), "cid=1", "cid_val=" + mbed_cid.hex(),
-                 "exchanges=3", "hs_timeout=300-5000", "read_timeout=5000"]
+    arguments = [
+        "dtls=1",
+        "server_addr=127.0.0.1",
+        "server_port=%d" % relay_handle.getHost().port,
+        "force_ciphersuite=" + _mbedtls_name(suite),
+        "cid=1",
+        "cid_val=" + mbed_cid.hex(),
+        "exchanges=3",
+        "hs_timeout=300-5000",
+        "read_timeout=5000",
+    ]
     if identity is not None:
         arguments += ["ca_file=" + files["ca.pem"], "server_name=localhost", "auth_mode=required"]
     else:
@@ -369,7 +396,7 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
         # After the Finished messages every record is a tls12_cid record.
         for direction in ("c2s", "s2c"):
             types = [first for d, first in relay.log if d == direction]
-            after = types[next(i for i, t in enumerate(types) if t == 25):]
+            after = types[next(i for i, t in enumerate(types) if t == 25) :]
             assert set(after) == {25}, (direction, types)
     finally:
         client.stop()
@@ -467,7 +494,9 @@ def test_python_mbedtls_client_with_our_server() -> None:
     from nettester.protocols.dtls.cookie import CookieGate, Verdict
 
     tls = python_mbedtls()
-    buffer = tls.ClientContext(_mbedtls_psk_configuration(tls, pre_shared_key=("Client_identity", PSK))).wrap_buffers(None)
+    buffer = tls.ClientContext(_mbedtls_psk_configuration(tls, pre_shared_key=("Client_identity", PSK))).wrap_buffers(
+        None
+    )
     address = ("127.0.0.1", 40000)
     gate, server = CookieGate(), None
     _step(tls, buffer)

@@ -43,7 +43,9 @@ def _name(common_name: str) -> x509.Name:
 
 def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.timezone.utc)
-    return builder.not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=days))
+    return builder.not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(
+        now + datetime.timedelta(days=days)
+    )
 
 
 def make_ca(common_name: str = "nettester test CA", days: int = 30) -> Identity:
@@ -59,9 +61,7 @@ def make_ca(common_name: str = "nettester test CA", days: int = 30) -> Identity:
     )
     builder = (
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     return Identity(builder.sign(key, hashes.SHA256()), key)
@@ -89,8 +89,6 @@ def issue(ca: Identity, common_name: str, dns_names: tuple[str, ...] = ("localho
         )
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.private_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.private_key.public_key()), critical=False)
     )
     return Identity(builder.sign(ca.private_key, hashes.SHA256()), key)

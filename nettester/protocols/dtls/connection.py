@@ -310,7 +310,11 @@ class DtlsConnection:
         self._hello_verify_count = 0
         self._secure_renegotiation = False
         self._last_record_sequence = 0
-        if not self.is_client and configuration.client_auth is not ClientAuth.NONE and configuration.trust_anchors is None:
+        if (
+            not self.is_client
+            and configuration.client_auth is not ClientAuth.NONE
+            and configuration.trust_anchors is None
+        ):
             raise ValueError("client authentication needs trust anchors")
 
     # --- public API ------------------------------------------------------------
@@ -452,12 +456,7 @@ class DtlsConnection:
         if protected:
             state.window.mark(received.sequence_number)
         self._last_record_sequence = received.sequence_number
-        if (
-            newer
-            and address is not None
-            and address != self.peer_address
-            and received.content_type == record.TLS12_CID
-        ):
+        if newer and address is not None and address != self.peer_address and received.content_type == record.TLS12_CID:
             # RFC 9146 section 6: only an authenticated, newer CID record moves the peer.
             previous, self.peer_address = self.peer_address, address
             self._events.append(AddressChanged(previous, address))
@@ -666,9 +665,7 @@ class DtlsConnection:
         assert self.cipher_suite is not None
         if self.cipher_suite.key_exchange is not suites.KeyExchange.ECDHE_ECDSA or self._peer_chain:
             raise _Ignore()
-        self._peer_chain = self._verify_certificates(
-            hs.decode_certificate(body), self.configuration.server_name
-        )
+        self._peer_chain = self._verify_certificates(hs.decode_certificate(body), self.configuration.server_name)
         if not self._peer_chain:
             raise HandshakeFailure(BAD_CERTIFICATE, "empty_server_certificate")
         self.peer_identity = _identity_of_certificate(self._peer_chain[0])
@@ -703,7 +700,9 @@ class DtlsConnection:
         if self._certificate_requested:
             chain = [c.public_bytes(serialization.Encoding.DER) for c in config.certificate_chain]
             self._sent_certificate = bool(chain) and config.private_key is not None
-            flight.append(self._handshake_message(hs.CERTIFICATE, hs.encode_certificate(chain if self._sent_certificate else [])))
+            flight.append(
+                self._handshake_message(hs.CERTIFICATE, hs.encode_certificate(chain if self._sent_certificate else []))
+            )
         exchange = hs.ClientKeyExchange()
         other_secret: bytes | None = None
         if suite.key_exchange.uses_psk:
@@ -782,11 +781,19 @@ class DtlsConnection:
         )
         if extensions.get(hs.EXT_RENEGOTIATION_INFO, b"\x00") != b"\x00":
             raise HandshakeFailure(HANDSHAKE_FAILURE, "renegotiation_info")
-        groups = hs.uint16_list(extensions[hs.EXT_SUPPORTED_GROUPS]) if hs.EXT_SUPPORTED_GROUPS in extensions else [hs.GROUP_SECP256R1]
-        algorithms = hs.uint16_list(extensions[hs.EXT_SIGNATURE_ALGORITHMS]) if hs.EXT_SIGNATURE_ALGORITHMS in extensions else []
+        groups = (
+            hs.uint16_list(extensions[hs.EXT_SUPPORTED_GROUPS])
+            if hs.EXT_SUPPORTED_GROUPS in extensions
+            else [hs.GROUP_SECP256R1]
+        )
+        algorithms = (
+            hs.uint16_list(extensions[hs.EXT_SIGNATURE_ALGORITHMS]) if hs.EXT_SIGNATURE_ALGORITHMS in extensions else []
+        )
         if hs.EXT_SERVER_NAME in extensions:
             hs.decode_server_name(extensions[hs.EXT_SERVER_NAME])
-        client_cid = hs.decode_single_vector(extensions[hs.EXT_CONNECTION_ID], 1) if hs.EXT_CONNECTION_ID in extensions else None
+        client_cid = (
+            hs.decode_single_vector(extensions[hs.EXT_CONNECTION_ID], 1) if hs.EXT_CONNECTION_ID in extensions else None
+        )
 
         server_extensions: dict[int, bytes] = {}
         if self._secure_renegotiation:
@@ -886,7 +893,9 @@ class DtlsConnection:
 
     def _server_hello(self, extensions: dict[int, bytes]) -> _OutMessage:
         assert self.cipher_suite is not None
-        hello = hs.ServerHello(record.DTLS_1_2, self._server_random, self.session_id, self.cipher_suite.code, 0, extensions)
+        hello = hs.ServerHello(
+            record.DTLS_1_2, self._server_random, self.session_id, self.cipher_suite.code, 0, extensions
+        )
         return self._handshake_message(hs.SERVER_HELLO, hello.encode())
 
     def _server_client_certificate(self, body: bytes, message: bytes) -> None:
@@ -1018,7 +1027,9 @@ class DtlsConnection:
         self._future_records.clear()
         session = None
         if self.session_id:
-            session = Session(self.session_id, suite.code, self._master_secret, self._extended_master_secret, self.peer_identity)
+            session = Session(
+                self.session_id, suite.code, self._master_secret, self._extended_master_secret, self.peer_identity
+            )
             cache = self.configuration.session_cache
             if cache is not None and not self.is_client:
                 cache.put(session)

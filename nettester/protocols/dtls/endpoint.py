@@ -58,7 +58,16 @@ class ConnectFailed(Exception):
 class DtlsPeer:
     """The handle CoAP sees for one DTLS peer: stable across address changes."""
 
-    __slots__ = ("connection", "address", "previous_address", "route", "last_activity", "_timer", "_timer_at", "_waiting")
+    __slots__ = (
+        "connection",
+        "address",
+        "previous_address",
+        "route",
+        "last_activity",
+        "_timer",
+        "_timer_at",
+        "_waiting",
+    )
 
     def __init__(self, connection: DtlsConnection, address: Address) -> None:
         self.connection = connection
@@ -291,7 +300,8 @@ class DtlsEndpoint(DatagramProtocol):
             if event.resumed:
                 self.counters.resumptions.inc()
             log.info(
-                "DTLS handshake with {peer} done: {suite} identity={identity} read_cid={read_cid} write_cid={write_cid}",
+                "DTLS handshake with {peer} done: {suite} identity={identity} "
+                "read_cid={read_cid} write_cid={write_cid}",
                 event="dtls_handshake",
                 peer=peer.address,
                 suite=event.cipher_suite,
@@ -380,4 +390,3 @@ class DtlsEndpoint(DatagramProtocol):
 def _is_client_hello(data: bytes) -> bool:
     """An epoch-0 handshake record whose first message is a ClientHello."""
     return len(data) > 25 and data[0] == record.HANDSHAKE and data[3:5] == b"\x00\x00" and data[13] == 1
-

@@ -322,7 +322,11 @@ class CertificateRequest:
         return cls(types, algorithms, authorities)
 
     def encode(self) -> bytes:
-        return vector(1, self.certificate_types) + encode_uint16_list(self.signature_algorithms) + vector(2, self.authorities)
+        return (
+            vector(1, self.certificate_types)
+            + encode_uint16_list(self.signature_algorithms)
+            + vector(2, self.authorities)
+        )
 
 
 def decode_digitally_signed(body: bytes) -> tuple[int, bytes]:
@@ -399,8 +403,14 @@ def parse_fragments(payload: bytes) -> list[Fragment]:
 
 def encode_header(msg_type: int, length: int, message_seq: int, offset: int, fragment_length: int) -> bytes:
     return _HEADER.pack(
-        msg_type, length >> 8, length & 0xFF, message_seq, offset >> 8, offset & 0xFF,
-        fragment_length >> 8, fragment_length & 0xFF,
+        msg_type,
+        length >> 8,
+        length & 0xFF,
+        message_seq,
+        offset >> 8,
+        offset & 0xFF,
+        fragment_length >> 8,
+        fragment_length & 0xFF,
     )
 
 

@@ -69,8 +69,7 @@ class _DtlsOptionsBase:
         ["dtls-suites", None, DEFAULT_SUITES, "Cipher suites, most preferred first.", _suite_list],
         ["cid-length", None, DEFAULT_CID_LENGTH, "DTLS Connection ID length (RFC 9146); 0 turns CID off.", _cid_length],
         ["dtls-mtu", None, 1400, "Largest DTLS datagram sent.", positive_int],
-        ["dtls-retransmit", None, 1.0, "Initial handshake retransmission timeout, seconds (doubles).",
-         positive_float],
+        ["dtls-retransmit", None, 1.0, "Initial handshake retransmission timeout, seconds (doubles).", positive_float],
         ["certificate", None, "", "PEM certificate chain (leaf first) for ECDHE-ECDSA suites."],
         ["private-key", None, "", "PEM P-256 private key of --certificate."],
         ["trust", None, "", "PEM trust anchors the peer's certificate must chain to."],
@@ -104,15 +103,29 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
     """Options of a role that serves DTLS.  Leaves ``self["dtls"]``."""
 
     optFlags: ClassVar[list[list[Any]]] = [
-        ["psk-sandbox", None, "Accept the Californium plugtest sandbox PSK identities "
-                              "(Client_identity/secretPSK, password/sesame, cali.*/.fornium)."],
+        [
+            "psk-sandbox",
+            None,
+            "Accept the Californium plugtest sandbox PSK identities "
+            "(Client_identity/secretPSK, password/sesame, cali.*/.fornium).",
+        ],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["psk-file", None, "", "PSK store: one 'identity=base64secret' per line."],
-        ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Most live DTLS connections; the stalest goes first.",
-         positive_int],
-        ["client-auth", None, "none", "Ask clients for a certificate: none, wanted or needed.",
-         lambda value: ClientAuth(value.strip().lower()).value],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Most live DTLS connections; the stalest goes first.",
+            positive_int,
+        ],
+        [
+            "client-auth",
+            None,
+            "none",
+            "Ask clients for a certificate: none, wanted or needed.",
+            lambda value: ClientAuth(value.strip().lower()).value,
+        ],
     ]
     envVars: ClassVar[dict[str, str]] = {
         "psk-sandbox": "DTLS_PSK_SANDBOX",
@@ -186,7 +199,8 @@ class DtlsClientOptionsMixin(_DtlsOptionsBase):
         configuration.server_name = options["server-name"] or None
         configuration.cid_length = options["cid-length"] if options["cid-length"] else None
         usable = [
-            name for name in configuration.cipher_suites
+            name
+            for name in configuration.cipher_suites
             if (configuration.psk is not None) or not SUITES_BY_NAME[name].key_exchange.uses_psk
         ]
         if not usable:

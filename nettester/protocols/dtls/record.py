@@ -97,9 +97,10 @@ def peek_cid(datagram: bytes, cid_length: int) -> bytes | None:
 
 def encode_plaintext_record(content_type: int, version: int, epoch: int, sequence_number: int, payload: bytes) -> bytes:
     """An unprotected record (epoch 0, or a stateless HelloVerifyRequest)."""
-    return _HEADER.pack(
-        content_type, version, epoch, sequence_number >> 32, sequence_number & 0xFFFFFFFF, len(payload)
-    ) + payload
+    return (
+        _HEADER.pack(content_type, version, epoch, sequence_number >> 32, sequence_number & 0xFFFFFFFF, len(payload))
+        + payload
+    )
 
 
 class ReplayWindow:
@@ -236,11 +237,21 @@ class WriteState:
                 inner, _cid_additional_data(epoch, sequence_number, self.cid, len(inner)), explicit_nonce
             )
             return b"".join(
-                (bytes((TLS12_CID,)), VERSION_BYTES, explicit_nonce, self.cid, len(fragment).to_bytes(2, "big"), fragment)
+                (
+                    bytes((TLS12_CID,)),
+                    VERSION_BYTES,
+                    explicit_nonce,
+                    self.cid,
+                    len(fragment).to_bytes(2, "big"),
+                    fragment,
+                )
             )
         fragment = self.protection.seal(
             payload, _additional_data(epoch, sequence_number, content_type, DTLS_1_2, len(payload)), explicit_nonce
         )
-        return _HEADER.pack(
-            content_type, DTLS_1_2, epoch, sequence_number >> 32, sequence_number & 0xFFFFFFFF, len(fragment)
-        ) + fragment
+        return (
+            _HEADER.pack(
+                content_type, DTLS_1_2, epoch, sequence_number >> 32, sequence_number & 0xFFFFFFFF, len(fragment)
+            )
+            + fragment
+        )

@@ -63,9 +63,7 @@ def psk_pre_master_secret(psk: bytes, other_secret: bytes | None = None) -> byte
     bytes) or RFC 5489 section 2 (other_secret the ECDH shared secret)."""
     if other_secret is None:
         other_secret = bytes(len(psk))
-    return (
-        len(other_secret).to_bytes(2, "big") + other_secret + len(psk).to_bytes(2, "big") + psk
-    )
+    return len(other_secret).to_bytes(2, "big") + other_secret + len(psk).to_bytes(2, "big") + psk
 
 
 class KeyExchange(enum.Enum):
@@ -137,12 +135,8 @@ SUITES: dict[int, CipherSuite] = {
     for suite in (
         CipherSuite(0xC0A8, "TLS_PSK_WITH_AES_128_CCM_8", KeyExchange.PSK, BulkCipher.AES_128_CCM_8),
         CipherSuite(0x00A8, "TLS_PSK_WITH_AES_128_GCM_SHA256", KeyExchange.PSK, BulkCipher.AES_128_GCM),
-        CipherSuite(
-            0xC0AE, "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", KeyExchange.ECDHE_ECDSA, BulkCipher.AES_128_CCM_8
-        ),
-        CipherSuite(
-            0xC02B, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", KeyExchange.ECDHE_ECDSA, BulkCipher.AES_128_GCM
-        ),
+        CipherSuite(0xC0AE, "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", KeyExchange.ECDHE_ECDSA, BulkCipher.AES_128_CCM_8),
+        CipherSuite(0xC02B, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", KeyExchange.ECDHE_ECDSA, BulkCipher.AES_128_GCM),
         CipherSuite(
             0xC037, "TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256", KeyExchange.ECDHE_PSK, BulkCipher.AES_128_CBC_SHA256
         ),
@@ -195,9 +189,7 @@ class AeadProtection(RecordProtection):
         if plaintext_length < 0:
             return None
         try:
-            return self._aead.decrypt(
-                self._salt + fragment[:8], fragment[8:], additional_data_for(plaintext_length)
-            )
+            return self._aead.decrypt(self._salt + fragment[:8], fragment[8:], additional_data_for(plaintext_length))
         except InvalidTag:
             return None
 
@@ -238,9 +230,12 @@ class CbcHmacProtection(RecordProtection):
             # Keep the work roughly the same as for good padding (RFC 5246
             # section 6.2.3.2 note on timing): MAC as if there were none.
             padding_length = 0
-        padding_ok = hmac.compare_digest(
-            padded[len(padded) - padding_length - 1 :], bytes([padding_length]) * (padding_length + 1)
-        ) and padding_ok
+        padding_ok = (
+            hmac.compare_digest(
+                padded[len(padded) - padding_length - 1 :], bytes([padding_length]) * (padding_length + 1)
+            )
+            and padding_ok
+        )
         plaintext_length = len(padded) - padding_length - 1 - self._MAC_LENGTH
         plaintext = padded[:plaintext_length]
         received_mac = padded[plaintext_length : plaintext_length + self._MAC_LENGTH]

@@ -41,7 +41,9 @@ def psk_configs(**client_overrides: object) -> tuple[DtlsConfiguration, DtlsConf
 
 
 class Pair:
-    def __init__(self, client_config: DtlsConfiguration, server_config: DtlsConfiguration, network: Network | None = None) -> None:
+    def __init__(
+        self, client_config: DtlsConfiguration, server_config: DtlsConfiguration, network: Network | None = None
+    ) -> None:
         self.now = 0.0
         self.client = DtlsConnection(client_config, SERVER_ADDRESS)
         self.server_config = server_config

@@ -124,7 +124,7 @@ def test_client_hello_flood_without_cookie_creates_no_state() -> None:
     clock = Clock()
     server, client, _, _, wire = make(clock)
     client.connect(SERVER)
-    (hello, _, _), = wire.queue
+    ((hello, _, _),) = wire.queue
     wire.queue.clear()
     for port in range(1000):
         server.datagramReceived(hello, ("10.9.9.9", 10000 + port))

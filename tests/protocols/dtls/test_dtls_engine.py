@@ -49,7 +49,9 @@ def test_finished_records_are_cid_records() -> None:
     assert [r.content_type for r in records] == [record.CHANGE_CIPHER_SPEC, record.TLS12_CID]
 
 
-@pytest.mark.parametrize("suite", ["TLS_PSK_WITH_AES_128_CCM_8", "TLS_PSK_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256"])
+@pytest.mark.parametrize(
+    "suite", ["TLS_PSK_WITH_AES_128_CCM_8", "TLS_PSK_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256"]
+)
 @pytest.mark.parametrize("cid_length", [None, 0, 4])
 def test_psk_suites_and_cid_variants(suite: str, cid_length: int | None) -> None:
     pair = established_pair(cipher_suites=(suite,), cid_length=cid_length)
@@ -66,7 +68,11 @@ def test_psk_suites_and_cid_variants(suite: str, cid_length: int | None) -> None
     assert pair.app_data("server") == [b"hello"]
 
 
-def ecdsa_configs(client_auth: ClientAuth = ClientAuth.NONE, suite: str = "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", client_cert: bool = True):
+def ecdsa_configs(
+    client_auth: ClientAuth = ClientAuth.NONE,
+    suite: str = "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",
+    client_cert: bool = True,
+):
     ca = make_ca()
     server_identity = issue(ca, "server.example", ("server.example",))
     client_identity = issue(ca, "client-1")

@@ -96,9 +96,9 @@ def test_psk_file_lines(lines: list[str]) -> None:
 
 def _garbage() -> st.SearchStrategy[bytes]:
     """Random bytes, and random bytes behind plausible DTLS record headers."""
-    header = st.tuples(
-        st.sampled_from([20, 21, 22, 23, 25]), st.sampled_from([0, 1, 2]), st.integers(0, 2**16)
-    ).map(lambda t: bytes([t[0], 0xFE, 0xFD]) + t[1].to_bytes(2, "big") + t[2].to_bytes(6, "big"))
+    header = st.tuples(st.sampled_from([20, 21, 22, 23, 25]), st.sampled_from([0, 1, 2]), st.integers(0, 2**16)).map(
+        lambda t: bytes([t[0], 0xFE, 0xFD]) + t[1].to_bytes(2, "big") + t[2].to_bytes(6, "big")
+    )
     body = st.binary(max_size=120)
     framed = st.tuples(header, body).map(lambda hb: hb[0] + len(hb[1]).to_bytes(2, "big") + hb[1])
     return st.one_of(st.binary(max_size=150), framed)

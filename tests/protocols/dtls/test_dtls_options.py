@@ -60,10 +60,28 @@ def test_certificates_and_client_auth(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     ca_path.write_bytes(ca.certificate.public_bytes(Encoding.PEM))
-    server = parse(ServerOptions, "--certificate", str(tmp_path / "server.pem"), "--private-key",
-                   str(tmp_path / "server.key"), "--trust", str(ca_path), "--client-auth", "needed")
-    client = parse(ClientOptions, "--certificate", str(tmp_path / "client.pem"), "--private-key",
-                   str(tmp_path / "client.key"), "--trust", str(ca_path), "--server-name", "localhost")
+    server = parse(
+        ServerOptions,
+        "--certificate",
+        str(tmp_path / "server.pem"),
+        "--private-key",
+        str(tmp_path / "server.key"),
+        "--trust",
+        str(ca_path),
+        "--client-auth",
+        "needed",
+    )
+    client = parse(
+        ClientOptions,
+        "--certificate",
+        str(tmp_path / "client.pem"),
+        "--private-key",
+        str(tmp_path / "client.key"),
+        "--trust",
+        str(ca_path),
+        "--server-name",
+        "localhost",
+    )
     assert server["dtls"].client_auth is ClientAuth.NEEDED
     assert all("ECDSA" in name for name in client["dtls"].cipher_suites)  # no PSK configured
     pair = Pair(client["dtls"], server["dtls"])

@@ -81,7 +81,9 @@ def test_our_client_against_openssl_server_with_cookies(suite: str) -> None:
     openssl.set_ciphertext_mtu(1400)
     openssl.set_accept_state()
     client = DtlsConnection(
-        DtlsConfiguration(is_client=True, cipher_suites=(suite,), trust_anchors=[ca.certificate], server_name="localhost")
+        DtlsConfiguration(
+            is_client=True, cipher_suites=(suite,), trust_anchors=[ca.certificate], server_name="localhost"
+        )
     )
     now = 0.0
     client.connect(now)

@@ -32,7 +32,9 @@ def test_extended_master_secret_uses_session_hash_only() -> None:
     ems = suites.master_secret(pms, b"c" * 32, b"s" * 32, session_hash)
     assert ems == suites.prf(pms, b"extended master secret", session_hash, 48)
     assert ems == suites.master_secret(pms, b"x" * 32, b"y" * 32, session_hash)
-    assert suites.master_secret(pms, b"c" * 32, b"s" * 32, None) == suites.prf(pms, b"master secret", b"c" * 32 + b"s" * 32, 48)
+    assert suites.master_secret(pms, b"c" * 32, b"s" * 32, None) == suites.prf(
+        pms, b"master secret", b"c" * 32 + b"s" * 32, 48
+    )
 
 
 def test_psk_premaster_layouts() -> None:
@@ -196,4 +198,3 @@ def test_parse_records_never_raises(data: bytes, cid_length: int) -> None:
                 states.open(rec)
             except RecordError:
                 pass
-
