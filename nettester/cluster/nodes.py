@@ -131,6 +131,11 @@ class NodeTable(_Listeners):
 
     # -- input ------------------------------------------------------------------
 
+    def add_own_address(self, address: Address) -> None:
+        """One more address of our own (known once the management socket listens): never pinged."""
+        self._own_addresses.add(address)
+        self.set_group(self._group)
+
     def set_group(self, addresses: Iterable[Address]) -> None:
         """Replace the group addresses (Kubernetes discovery re-lists them)."""
         self._group = [address for address in dict.fromkeys(addresses) if address not in self._own_addresses]

@@ -1,0 +1,207 @@
+"""One cluster node's sockets: the public DTLS socket behind the CID router, and the management socket.
+
+This is the layer beneath the DTLS endpoint (DESIGN.md: UDP socket -> cluster
+router -> DTLS endpoint). The endpoint is given as one callable,
+C{local(datagram, client, route)}: every datagram it must process, whether it
+arrived on our public socket (C{route} is a L{PublicRoute}) or was forwarded
+by another node (a L{ForwardedRoute}). The endpoint answers a peer with
+C{route.send(datagram, client)}, so answers to forwarded records go back
+through the node the client talks to (OUT records), or straight from our
+public socket with ``--no-dtls-cluster-backward``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.protocol import DatagramProtocol
+
+from nettester.cluster.config import ClusterConfig
+from nettester.cluster.discovery import (
+    DynamicDiscoveryService,
+    kubernetes_discovery_from_environment,
+    resolve_address,
+    resolve_nodes,
+)
+from nettester.cluster.management import ManagementEndpoint
+from nettester.cluster.nodes import NodeTable, StaticDiscovery
+from nettester.cluster.router import LOCAL, CidRouter, Forward
+from nettester.cluster.wire import ManagementCodec
+from nettester.interfaces import INodeDiscovery
+from nettester.logs import Logger
+from nettester.metrics import MetricSet
+from nettester.nat.table import ip_family
+
+log = Logger()
+
+Address = tuple[str, int]
+VIA_ROUTER = "dtls-cid-router"
+
+
+class PublicRoute:
+    """Answers go straight out of this node's public socket."""
+
+    via: str | None = None
+    __slots__ = ("_public",)
+
+    def __init__(self, public: Any) -> None:
+        self._public = public
+
+    def send(self, datagram: bytes, client: Address) -> None:
+        self._public.write(datagram, client)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedRoute:
+    """A record another node forwarded: answers go back through it (OUT), or directly."""
+
+    node: Address
+    management: ManagementEndpoint
+    public: Any
+    backward: bool = True
+    via: str = VIA_ROUTER
+
+    def send(self, datagram: bytes, client: Address) -> None:
+        if self.backward:
+            self.management.backward(datagram, client, self.node)
+        else:
+            self.public.write(datagram, client)
+
+
+Route = PublicRoute | ForwardedRoute
+LocalEndpoint = Callable[[bytes, Address, Route], None]
+
+
+class _PublicProtocol(DatagramProtocol):
+    """The public DTLS socket: every datagram passes the router first."""
+
+    noisy = False
+
+    def __init__(self, node: ClusterNodeService) -> None:
+        self._node = node
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self._node.public_datagram(datagram, addr)
+
+
+def _listen_udp(reactor: Any, address: Address, protocol: DatagramProtocol) -> Any:
+    interface, port = address
+    if interface and ip_family(interface) is None:
+        interface = socket.gethostbyname(interface)  # a host name such as "localhost", once at start
+    return reactor.listenUDP(port, protocol, interface=interface)
+
+
+class ClusterNodeService(MultiService):
+    """The public socket, the management socket and the discovery of one node.
+
+    @param local: the DTLS endpoint's entry point (see the module docstring).
+    """
+
+    def __init__(self, reactor: Any, config: ClusterConfig, local: LocalEndpoint, metrics: MetricSet) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self.config = config
+        self._local = local
+        self._metrics = metrics
+        self.codec = ManagementCodec(config.secret)
+        self.discovery: INodeDiscovery | None = None
+        self.router: CidRouter | None = None
+        self.management: ManagementEndpoint | None = None
+        self._public_port: Any = None
+        self._management_port: Any = None
+        self._public_route: PublicRoute | None = None
+        self.kubernetes: Any = None
+        self.started: Deferred[None] = Deferred()
+
+    @property
+    def public_port(self) -> int:
+        return self._public_port.getHost().port
+
+    @property
+    def management_port(self) -> int:
+        return self._management_port.getHost().port
+
+    def startService(self) -> None:
+        super().startService()
+        self._start().addCallbacks(self.started.callback, self._start_failed)
+
+    def _start_failed(self, failure: Any) -> None:
+        log.critical("Cluster node {node} did not start: {error}", event="cluster_start_failed",
+                     node=self.config.node_id, error=failure.getErrorMessage())
+        self.started.errback(failure)
+
+    @inlineCallbacks
+    def _start(self) -> Generator[Deferred[Any], Any, None]:
+        config = self.config
+        table: NodeTable | None = None
+        if config.mode == "static":
+            nodes = yield resolve_nodes(self._reactor, config.nodes)
+            self.discovery = StaticDiscovery(config.node_id, nodes)
+        else:
+            table = NodeTable(config.node_id, self.codec)
+            self.discovery = table
+        self.router = CidRouter(self.discovery)
+        router_drops = self._metrics.labeled_counter("router_dropped_total", "Public datagrams dropped by the "
+                                                     "CID router.", "reason")
+        router_drops.values = self.router.drops
+        self._metrics.gauge("router_forwarded", "Public datagrams forwarded to their owner node.",
+                            lambda: self.router.forwarded if self.router else 0)
+        self.management = ManagementEndpoint(self._reactor, self.codec, self._forwarded, self._backwarded,
+                                             self._metrics, table)
+        self._management_port = _listen_udp(self._reactor, config.management_address, self.management)
+        self._public_port = _listen_udp(self._reactor, config.dtls_address, _PublicProtocol(self))
+        self._public_route = PublicRoute(self._public_port)
+        if table is not None:
+            own = self._management_port.getHost()
+            for host in {own.host, "127.0.0.1", "::1"}:
+                table.add_own_address((host, own.port))
+            if config.mode == "dynamic":
+                group = yield gatherResults([resolve_address(self._reactor, a) for a in config.group],
+                                            consumeErrors=True)
+                table.set_group(group)
+            else:
+                self.kubernetes = kubernetes_discovery_from_environment(
+                    self._reactor, table, config.external_management_port or own.port, os.environ,
+                    socket.gethostname())
+                self.kubernetes.setServiceParent(self)
+            DynamicDiscoveryService(self._reactor, table, self.management.send).setServiceParent(self)
+        log.info(
+            "Cluster node {node} ({mode}): public port {public}, management port {management}",
+            event="cluster_node_start",
+            node=config.node_id,
+            mode=config.mode,
+            public=self.public_port,
+            management=self.management_port,
+        )
+
+    def public_datagram(self, datagram: bytes, client: Address) -> None:
+        """A datagram on the public socket: local, forwarded to its owner, or dropped (counted)."""
+        decision = self.router.decide(datagram)  # type: ignore[union-attr]
+        if decision is LOCAL:
+            self._local(datagram, client, self._public_route)  # type: ignore[arg-type]
+        elif type(decision) is Forward:
+            self.management.forward(datagram, client, decision.address)  # type: ignore[union-attr]
+
+    def _forwarded(self, records: bytes, client: Address, node: Address) -> None:
+        self._local(records, client, ForwardedRoute(node, self.management, self._public_port,  # type: ignore[arg-type]
+                                                    self.config.backward))
+
+    def _backwarded(self, records: bytes, client: Address, node: Address) -> None:
+        self._public_port.write(records, client)
+
+    def is_ready(self) -> bool:
+        """For ``/ready``: sockets open and, in Kubernetes, the pods listed once."""
+        return self._public_port is not None and (self.kubernetes is None or self.kubernetes.ready)
+
+    def stopService(self) -> Deferred[Any]:
+        stopping = [maybeDeferred(super().stopService)]
+        for port in (self._public_port, self._management_port):
+            if port is not None:
+                stopping.append(maybeDeferred(port.stopListening))
+        return gatherResults(stopping)

@@ -1,0 +1,225 @@
+"""Three cluster nodes behind the NAT emulator, on loopback, with a stand-in DTLS endpoint.
+
+The stand-in answers every record with ``node=<id> via=<route>|<record>``;
+the client sends ``tls12_cid`` records whose CID starts with the id of the
+node that answered its first (handshake) record, as a real DTLS CID would.
+After the NAT's ``clear``, ``reassign`` and ``rebalance`` the records land on
+other nodes: the router must forward them to their owner, and the owner's
+answers must come back through the node (and NAT port) the client talks to.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Callable, Generator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredQueue
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import deferLater
+
+from nettester.cluster.config import ClusterConfig
+from nettester.cluster.node import ClusterNodeService, Route
+from nettester.cluster.wire import TYPE_IN, ManagementCodec
+from nettester.metrics import MetricSet
+from nettester.nat.console import NatRoleService
+from nettester.nat.proxy import NatProxy
+from nettester.nat.table import DropPolicy, NatTable
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 5.0
+SECRET = b"cluster secret"
+
+
+def free_udp_ports(count: int) -> list[int]:
+    """Ephemeral ports chosen by the OS (port 0), for configurations that must name them up front."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def cid_record(node_id: int, payload: bytes) -> bytes:
+    """A tls12_cid record (RFC 9146 section 4) with a 6-byte CID owned by C{node_id}."""
+    return bytes([25, 254, 253, 0, 1]) + bytes(6) + bytes([node_id]) + b"cidxx" + len(payload).to_bytes(2, "big") + payload
+
+
+HANDSHAKE = bytes([22, 254, 253, 0, 0]) + bytes(6) + (3).to_bytes(2, "big") + b"hello"
+
+
+class StandInEndpoint:
+    """Answers ``node=<id> via=<route>|<datagram>`` through the route it was given."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        self.received: list[tuple[bytes, tuple[str, int], str | None]] = []
+
+    def __call__(self, datagram: bytes, client: tuple[str, int], route: Route) -> None:
+        self.received.append((datagram, client, route.via))
+        route.send(b"node=%d via=%s|" % (self.node_id, (route.via or "public").encode()) + datagram, client)
+
+
+class Client(DatagramProtocol):
+    def __init__(self) -> None:
+        self.answers: DeferredQueue[tuple[bytes, Any]] = DeferredQueue()
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.answers.put((data, addr))
+
+
+@pytest_twisted.inlineCallbacks
+def wait_until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
+    for _ in range(int(TIMEOUT / 0.01)):
+        if condition():
+            return
+        yield deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not reached in time")
+
+
+class ClusterLab:
+    def __init__(self, mode: str, secret: bytes | None = SECRET, backward: bool = True) -> None:
+        self.management_ports = free_udp_ports(3)
+        self.endpoints = {node_id: StandInEndpoint(node_id) for node_id in (1, 2, 3)}
+        self.nodes: dict[int, ClusterNodeService] = {}
+        for index, node_id in enumerate((1, 2, 3)):
+            own = ("127.0.0.1", self.management_ports[index])
+            others = {n: ("127.0.0.1", p) for n, p in zip((1, 2, 3), self.management_ports) if n != node_id}
+            if mode == "static":
+                config = ClusterConfig("static", node_id, ("127.0.0.1", 0), own, nodes=others, secret=secret,
+                                       backward=backward)
+            else:
+                group = tuple(("localhost", p) for p in self.management_ports)
+                config = ClusterConfig("dynamic", node_id, ("127.0.0.1", 0), own, group=group, secret=secret,
+                                       backward=backward)
+            self.nodes[node_id] = ClusterNodeService(reactor, config, self.endpoints[node_id],
+                                                     MetricSet(f"node{node_id}"))
+        self.nat: NatRoleService | None = None
+        self.client = Client()
+        self.client_port: Any = None
+
+    @pytest_twisted.inlineCallbacks
+    def start(self) -> Generator[Any, Any, None]:
+        for node in self.nodes.values():
+            node.startService()
+            yield node.started
+        destinations = [f"127.0.0.1:{node.public_port}" for node in self.nodes.values()]
+        table = NatTable([], rng=random.Random(3))
+        proxy = NatProxy(reactor, table, DropPolicy(), ("127.0.0.1", 0), destinations)
+        self.nat = NatRoleService(reactor, proxy)
+        self.nat.startService()
+        self.client_port = reactor.listenUDP(0, self.client, interface="127.0.0.1")
+
+    @pytest_twisted.inlineCallbacks
+    def exchange(self, datagram: bytes) -> Generator[Any, Any, tuple[int, str]]:
+        """Send through the NAT; (answering node id, route) of the answer."""
+        assert self.nat is not None
+        self.client_port.write(datagram, ("127.0.0.1", self.nat.proxy.port))
+        answer, source = yield self.client.answers.get().addTimeout(TIMEOUT, reactor)
+        assert source == ("127.0.0.1", self.nat.proxy.port), "the client only ever sees the NAT's address"
+        head, _, echoed = answer.partition(b"|")
+        assert echoed == datagram
+        node_text, via = head.decode().split()
+        return int(node_text.split("=")[1]), via.split("=")[1]
+
+    def receiving_node(self) -> int:
+        """The node the NAT sends this client's datagrams to."""
+        assert self.nat is not None
+        destination = self.nat.proxy.table.destination_of(("127.0.0.1", self.client_port.getHost().port))
+        return next(n for n, node in self.nodes.items() if node.public_port == destination[1])
+
+    @pytest_twisted.inlineCallbacks
+    def stop(self) -> Generator[Any, Any, None]:
+        if self.nat is not None:
+            yield self.nat.stopService()
+        if self.client_port is not None:
+            yield self.client_port.stopListening()
+        for node in self.nodes.values():
+            yield node.stopService()
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest_twisted.inlineCallbacks
+def test_records_reach_their_owner_whatever_the_nat_does(mode: str) -> Generator[Any, Any, None]:
+    lab = ClusterLab(mode)
+    try:
+        yield lab.start()
+        if mode == "dynamic":
+            yield wait_until(lambda: all(len(node.discovery.nodes()) == 2 for node in lab.nodes.values()))
+            assert lab.nodes[1].discovery.nodes() == {2: ("127.0.0.1", lab.management_ports[1]),
+                                                       3: ("127.0.0.1", lab.management_ports[2])}
+        owner, via = yield lab.exchange(HANDSHAKE)
+        assert via == "public" and owner == lab.receiving_node()
+        assert (yield lab.exchange(cid_record(owner, b"first"))) == (owner, "public")
+        forwarded_seen = 0
+        for step, command in enumerate(["clear", "reassign", "rebalance", "rebalance", "rebalance", "reassign",
+                                        "rebalance", "clear", "rebalance", "rebalance"]):
+            yield lab.nat.console.execute(command)
+            answering, via = yield lab.exchange(cid_record(owner, b"after %d" % step))
+            assert answering == owner, f"the owner answers after {command}"
+            expected_via = "public" if lab.receiving_node() == owner else "dtls-cid-router"
+            assert via == expected_via
+            forwarded_seen += via == "dtls-cid-router"
+        assert forwarded_seen > 0, "some commands moved the client to another node"
+        assert sum(node.router.forwarded for node in lab.nodes.values()) == forwarded_seen
+        # A CID of a node nobody knows is dropped and counted by the router that received it.
+        lab.client_port.write(cid_record(9, b"nobody"), ("127.0.0.1", lab.nat.proxy.port))
+        yield wait_until(lambda: sum(n.router.drops.get("unknown_node", 0) for n in lab.nodes.values()) == 1)
+    finally:
+        yield lab.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_backward_answers_directly_from_the_owner() -> Generator[Any, Any, None]:
+    lab = ClusterLab("static", backward=False)
+    try:
+        yield lab.start()
+        owner, _ = yield lab.exchange(HANDSHAKE)
+        for _ in range(10):
+            yield lab.nat.console.execute("rebalance")
+            if lab.receiving_node() != owner:
+                break
+        assert lab.receiving_node() != owner
+        # The owner answers straight to the NAT's outgoing port, from its own public
+        # address: the NAT counts an answer from another destination.
+        lab.client_port.write(cid_record(owner, b"direct"), ("127.0.0.1", lab.nat.proxy.port))
+        answer, _ = yield lab.client.answers.get().addTimeout(TIMEOUT, reactor)
+        assert answer.startswith(b"node=%d via=dtls-cid-router|" % owner)
+        assert lab.nat.proxy.table.violations == 1
+    finally:
+        yield lab.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_forged_management_records_are_dropped_and_counted() -> Generator[Any, Any, None]:
+    """An attacker on the management network cannot inject records for a chosen client address."""
+    lab = ClusterLab("static")
+    attacker = DatagramProtocol()
+    attacker_port = reactor.listenUDP(0, attacker, interface="127.0.0.1")
+    try:
+        yield lab.start()
+        target = ("127.0.0.1", lab.nodes[2].management_port)
+        victim = ("198.51.100.7", 5684)
+        for codec in (ManagementCodec(), ManagementCodec(b"guessed secret")):
+            attacker_port.write(codec.encode_records(TYPE_IN, victim, cid_record(2, b"evil")), target)
+        genuine = ManagementCodec(SECRET).encode_records(TYPE_IN, ("127.0.0.1", 9), cid_record(2, b"ok"))
+        tampered = genuine[:4] + bytes([10, 0, 0, 66]) + genuine[8:]  # forged client address, genuine MAC
+        attacker_port.write(tampered, target)
+        attacker_port.write(genuine[:10], target)
+        dropped = lab.nodes[2].management.dropped
+        yield wait_until(lambda: dropped.total == 4)
+        assert dropped.values == {"bad_mac": 3, "missing_mac": 1}
+        assert lab.endpoints[2].received == []
+        # The genuine record itself is accepted (a cluster member could have sent it).
+        attacker_port.write(genuine, target)
+        yield wait_until(lambda: len(lab.endpoints[2].received) == 1)
+        assert lab.endpoints[2].received[0][1:] == (("127.0.0.1", 9), "dtls-cid-router")
+    finally:
+        yield attacker_port.stopListening()
+        yield lab.stop()

@@ -1,0 +1,100 @@
+"""The management endpoint and the dynamic discovery driver, on fakes and a Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from nettester.cluster.discovery import DynamicDiscoveryService
+from nettester.cluster.management import ManagementEndpoint
+from nettester.cluster.nodes import NodeTable
+from nettester.cluster.wire import TYPE_IN, TYPE_OUT, TYPE_PING, TYPE_PONG, ManagementCodec, NodeState
+from nettester.metrics import MetricSet
+
+A = ("10.0.0.1", 5884)
+B = ("10.0.0.2", 5884)
+CLIENT = ("192.0.2.9", 40000)
+
+
+class FakeUdp:
+    def __init__(self) -> None:
+        self.written: list[tuple[bytes, Any]] = []
+
+    def write(self, datagram: bytes, address: Any) -> None:
+        self.written.append((datagram, address))
+
+
+def endpoint(codec: ManagementCodec, table: NodeTable | None = None
+             ) -> tuple[ManagementEndpoint, FakeUdp, list[tuple[str, bytes, Any, Any]]]:
+    calls: list[tuple[str, bytes, Any, Any]] = []
+    management = ManagementEndpoint(
+        Clock(), codec,
+        lambda records, client, node: calls.append(("in", records, client, node)),
+        lambda records, client, node: calls.append(("out", records, client, node)),
+        MetricSet("test"), table,
+    )
+    udp = FakeUdp()
+    management.transport = udp  # type: ignore[assignment]
+    return management, udp, calls
+
+
+def test_in_and_out_records_reach_their_handlers_and_ping_gets_a_pong() -> None:
+    codec = ManagementCodec(b"k")
+    table = NodeTable(1, codec)
+    management, udp, calls = endpoint(codec, table)
+    management.datagramReceived(codec.encode_records(TYPE_IN, CLIENT, b"\x19rec"), B)
+    management.datagramReceived(codec.encode_records(TYPE_OUT, CLIENT, b"\x19ans"), B)
+    assert calls == [("in", b"\x19rec", CLIENT, B), ("out", b"\x19ans", CLIENT, B)]
+    management.datagramReceived(NodeTable(2, codec)._message(TYPE_PING, 0.0), B)
+    ((pong, address),) = udp.written
+    assert address == B and codec.decode(pong).kind == TYPE_PONG
+    assert table.managementAddress(2) == B
+    management.forward(b"\x19x", CLIENT, A)
+    management.backward(b"\x19y", CLIENT, B)
+    assert [codec.decode(d).kind for d, _ in udp.written[1:]] == [TYPE_IN, TYPE_OUT]
+    assert (management.sent_in.value, management.sent_out.value) == (1, 1)
+    assert (management.received_in.value, management.received_out.value) == (1, 1)
+
+
+def test_drops_are_counted_with_the_node_tables_reasons() -> None:
+    codec = ManagementCodec(b"k")
+    table = NodeTable(1, codec)
+    management, _, calls = endpoint(codec, table)
+    ping = NodeTable(2, codec)._message(TYPE_PING, 0.0)
+    management.datagramReceived(ping, B)
+    management.datagramReceived(ping, B)  # replayed
+    management.datagramReceived(b"\x3f", B)
+    management.datagramReceived(ManagementCodec().encode_records(TYPE_IN, CLIENT, b"\x19" * 20), B)
+    assert management.dropped.values == {"replay": 1, "truncated": 1, "bad_mac": 1}
+    assert calls == []
+
+
+def test_static_mode_drops_pings_and_unauthenticated_mode_warns() -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        management, udp, _ = endpoint(ManagementCodec())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e.get("event") for e in events] == ["cluster_unauthenticated"]
+    management.datagramReceived(ManagementCodec().encode_node(TYPE_PING, 2, NodeState.UP), B)
+    assert management.dropped.values == {"static_cluster_ping": 1} and udp.written == []
+
+
+def test_dynamic_discovery_ticks_every_2_seconds() -> None:
+    clock = Clock()
+    clock.advance(1000.0)
+    table = NodeTable(1, ManagementCodec(), group=[B])
+    sent: list[tuple[bytes, Any]] = []
+    service = DynamicDiscoveryService(clock, table, lambda datagram, address: sent.append((datagram, address)))
+    service.startService()
+    assert [address for _, address in sent] == [B]
+    clock.advance(2.0)
+    assert len(sent) == 1  # the unknown group address is pinged every 10 s only
+    clock.advance(8.0)
+    assert len(sent) == 2
+    assert clock.getDelayedCalls()[0].getTime() == 1012.0
+    service.stopService()
+    assert clock.getDelayedCalls() == []
