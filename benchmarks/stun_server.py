@@ -1,0 +1,225 @@
+"""STUN benchmarks: server throughput on one core, and tester memory per client.
+
+1. Throughput: ``nettester stun-server`` (the shipped role) pinned to core 1,
+   a closed-loop load of ``--sockets`` x ``--window`` Binding requests pinned
+   to core 0 for ``--seconds``. The load is ``udpload`` (the shared C
+   generator, built into a temporary directory) or, without it or with
+   ``--python-generator``, a pure-Python generator in this process.
+   Target: at least 45,000 responses/s, zero lost.
+2. Memory: ``nettester stun-client`` with ``--clients`` clients (default
+   10,000, each with its own socket) and with 1 client, against a local
+   server; RSS difference per client once all have started. Target: at most
+   3 KiB. Kernel socket buffers are not part of RSS.
+
+    python3 benchmarks/stun_server.py
+    python3 benchmarks/stun_server.py --python-generator --seconds 5 --clients 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UDPLOAD_SOURCE = os.path.join(os.path.dirname(ROOT), "shared", "tools", "udpload", "udpload.c")
+COOKIE = b"\x21\x12\xa4\x42"
+REQUEST_HEADER = b"\x00\x01\x00\x00" + COOKIE
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def pinned(core: int, command: list[str]) -> list[str]:
+    """C{command} pinned to C{core} with taskset, when there are two cores and taskset exists."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > core:
+        return ["taskset", "-c", str(core), *command]
+    return command
+
+
+def start_server(port: int, core: int | None) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "nettester", "stun-server", "--port", str(port), "--interface", "127.0.0.1",
+               "--stats-interval", "0", "--log-level", "warn"]  # fmt: skip
+    process = subprocess.Popen(pinned(core, command) if core is not None else command, cwd=ROOT)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(0.2)
+        for _ in range(100):
+            probe.sendto(REQUEST_HEADER + os.urandom(12), ("127.0.0.1", port))
+            try:
+                probe.recv(2048)
+                return process
+            except TimeoutError:
+                if process.poll() is not None:
+                    break
+    process.kill()
+    raise SystemExit(f"stun-server did not start on port {port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def build_udpload() -> str | None:
+    """Compile the shared C generator into a temporary directory; None when impossible."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None or not os.path.exists(UDPLOAD_SOURCE):
+        return None
+    binary = os.path.join(tempfile.mkdtemp(prefix="stun-bench-"), "udpload")
+    result = subprocess.run([compiler, "-O2", "-Wall", "-pthread", "-o", binary, UDPLOAD_SOURCE], capture_output=True)
+    return binary if result.returncode == 0 else None
+
+
+def run_udpload(binary: str, port: int, sockets: int, window: int, seconds: float) -> str:
+    command = [binary, "--proto", "stun", "--port", str(port), "--sockets", str(sockets), "--window", str(window),
+               "--duration", str(seconds)]  # fmt: skip
+    result = subprocess.run(pinned(0, command), capture_output=True, text=True, timeout=seconds + 30)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def run_python_generator(port: int, sockets: int, window: int, seconds: float, timeout: float = 1.0) -> str:
+    """Closed loop in pure Python: each answered (or timed-out) request is replaced at once."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {0})
+    poller = select.epoll()
+    socks: dict[int, socket.socket] = {}
+    outstanding: dict[int, dict[bytes, float]] = {}
+    sent = ok = lost = 0
+    rtts: list[float] = []
+
+    def issue(fd: int, now: float) -> None:
+        nonlocal sent
+        tid = random.randbytes(12)
+        outstanding[fd][tid] = now
+        socks[fd].send(REQUEST_HEADER + tid)
+        sent += 1
+
+    start = time.monotonic()
+    for _ in range(sockets):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", port))
+        socks[sock.fileno()] = sock
+        outstanding[sock.fileno()] = {}
+        poller.register(sock.fileno(), select.EPOLLIN)
+        for _ in range(window):
+            issue(sock.fileno(), start)
+    deadline = start + seconds
+    next_sweep = start + timeout
+    while (now := time.monotonic()) < deadline:
+        for fd, _ in poller.poll(0.05):
+            sock = socks[fd]
+            while True:
+                try:
+                    data = sock.recv(2048)
+                except BlockingIOError:
+                    break
+                sent_at = outstanding[fd].pop(data[8:20], None)
+                if sent_at is not None and data[:2] == b"\x01\x01":
+                    ok += 1
+                    rtts.append(now - sent_at)
+                    issue(fd, now)
+        if now >= next_sweep:
+            next_sweep = now + timeout / 4
+            for fd, pending in outstanding.items():
+                for tid in [tid for tid, sent_at in pending.items() if now - sent_at > timeout]:
+                    del pending[tid]
+                    lost += 1
+                    issue(fd, now)
+    elapsed = time.monotonic() - start
+    for sock in socks.values():
+        sock.close()
+    rtts.sort()
+    p50 = rtts[len(rtts) // 2] * 1e6 if rtts else 0.0
+    p99 = rtts[int(len(rtts) * 0.99)] * 1e6 if rtts else 0.0
+    return (f"proto=stun sent={sent} ok={ok} lost={lost} rate={ok / elapsed:.0f} req/s p50_us={p50:.1f} "
+            f"p99_us={p99:.1f} generator=python sockets={sockets} window={window} elapsed_s={elapsed:.3f}")
+
+
+def throughput(args: argparse.Namespace) -> None:
+    port = free_port()
+    server = start_server(port, core=1)
+    try:
+        binary = None if args.python_generator else build_udpload()
+        cpu_before, wall_before = cpu_seconds(server.pid), time.monotonic()
+        if binary is not None:
+            line = run_udpload(binary, port, args.sockets, args.window, args.seconds)
+        else:
+            line = run_python_generator(port, args.sockets, args.window, args.seconds)
+        cpu = (cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - wall_before) * 100
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    print(line)
+    fields = dict(re.findall(r"(\w+)=(\S+)", line))
+    print(f"stun-server benchmark: rate={fields.get('rate')} responses/s lost={fields.get('lost')} "
+          f"p50_us={fields.get('p50_us')} p99_us={fields.get('p99_us')} server_cpu={cpu:.0f}% "
+          f"generator={'udpload' if binary else 'python'} load={args.sockets}x{args.window} {args.seconds:g}s "
+          f"(target: >= 45000/s, 0 lost)")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def client_memory(args: argparse.Namespace) -> None:
+    port = free_port()
+    server = start_server(port, core=None)
+    clients: dict[int, subprocess.Popen[str]] = {}
+    try:
+        for count in (1, args.clients):
+            command = [sys.executable, "-m", "nettester", "stun-client", "--server", "127.0.0.1", "--port", str(port),
+                       "--clients", str(count), "--interval", "10", "--start-delay", "0-5", "--stats-interval", "0"]  # fmt: skip
+            clients[count] = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True)  # fmt: skip
+        time.sleep(args.settle)  # every client has started (5 s) and sent at least once
+        baseline, loaded = rss_bytes(clients[1].pid), rss_bytes(clients[args.clients].pid)
+    finally:
+        outputs = {}
+        for count, process in clients.items():
+            process.terminate()
+            outputs[count] = process.communicate(timeout=30)[0]
+        server.terminate()
+        server.wait(timeout=10)
+    final = [line for line in outputs[args.clients].splitlines() if "final summary" in line]
+    summary = dict(re.findall(r"(\w+)=(\S+)", final[-1])) if final else {}
+    per_client = (loaded - baseline) / (args.clients - 1)
+    print(f"stun-client memory: clients={summary.get('clients')} rss={loaded / 2**20:.1f} MiB "
+          f"baseline={baseline / 2**20:.1f} MiB per_client={per_client:.0f} bytes "
+          f"requests={summary.get('requests')} responses={summary.get('responses')} "
+          f"timeouts={summary.get('timeouts')} (target: <= 3072 bytes per client)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="load duration (udpload caps it at 15)")
+    parser.add_argument("--sockets", type=int, default=64)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--python-generator", action="store_true", help="use the pure-Python load generator")
+    parser.add_argument("--clients", type=int, default=10000, help="clients for the memory run (0 = skip it)")
+    parser.add_argument("--settle", type=float, default=12.0, help="seconds before measuring the clients' RSS")
+    args = parser.parse_args()
+    throughput(args)
+    if args.clients > 1:
+        client_memory(args)
+
+
+if __name__ == "__main__":
+    main()
