@@ -57,6 +57,7 @@ UNDERSTOOD_RFC5780 = UNDERSTOOD | {AttributeType.RESPONSE_PORT}
 Reply = tuple[bytes, int, int]
 
 BINDING_REQUEST = b"\x00\x01"
+BARE_BINDING_REQUEST = BINDING_REQUEST + b"\x00\x00" + MAGIC_COOKIE_BYTES  # type, zero length, cookie
 _TYPE_AND_LENGTH = struct.Struct("!HH")
 _IPV4_ADDRESS_ATTRIBUTES = struct.Struct("!HHBBH4sHHBBH4s")  # XOR-MAPPED-ADDRESS, then MAPPED-ADDRESS
 _FINGERPRINT = struct.Struct("!HHI")
@@ -111,6 +112,8 @@ class BindingResponder:
         self._counters = counters
         self._software_text = software
         self._software = make_attribute(AttributeType.SOFTWARE, software).encode()
+        # Success header (type and length) by the size of the address attributes: IPv4 24, IPv6 48 bytes.
+        self._headers = {size: _TYPE_AND_LENGTH.pack(0x0101, size + len(self._software)) for size in (24, 48)}
         self._classic_software = make_attribute(AttributeType.SOFTWARE, _classic_text(software)).encode()
         self._addresses = tuple(addresses) if addresses else None
         if self._addresses is not None and len(self._addresses) != 4:
@@ -119,7 +122,21 @@ class BindingResponder:
         self._ipv4_cache: dict[tuple[str, int], bytes] = {}
 
     def respond(self, data: bytes, peer: tuple[str, int], via: int = PRIMARY) -> Reply | None:
-        """The response to C{data} from C{peer}, and the socket index to send it from; None to drop."""
+        """The response to C{data} from C{peer}, the socket index to send it from and the port to send it to.
+
+        None means drop. The first branch is the hot path: a Binding request
+        without attributes (what testers and load generators send).
+        """
+        if data[:8] == BARE_BINDING_REQUEST and len(data) == 20 and self._addresses is None:
+            counters = self._counters
+            counters.requests.value += 1
+            counters.responses.value += 1
+            addresses = self._ipv4_cache.get(peer) or self._address_attributes(data[8:20], peer)
+            return b"".join((self._headers[len(addresses)], data[4:20], addresses, self._software)), via, 0
+        return self._respond(data, peer, via)
+
+    def _respond(self, data: bytes, peer: tuple[str, int], via: int) -> Reply | None:
+        """Every case but the hot path: attributes, RFC 5780, RFC 3489 clients, errors, noise."""
         counters = self._counters
         if len(data) < 20 or data[0] & 0xC0:
             counters.dropped.inc("not_stun")
@@ -129,9 +146,6 @@ class BindingResponder:
         if data[:2] != BINDING_REQUEST:
             return self._not_binding(data, via)
         counters.requests.value += 1
-        if len(data) == 20 and data[3] == 0 and data[2] == 0:
-            counters.responses.value += 1
-            return self._success(data, peer, via, via, False, False), via, 0
         return self._with_attributes(data, peer, via, False)
 
     def _classic(self, data: bytes, peer: tuple[str, int], via: int) -> Reply | None:
