@@ -170,3 +170,98 @@ def test_openssl_client_against_our_server(suite: str, client_auth: bool) -> Non
         openssl.bio_write(datagram)
     with pytest.raises(SSL.ZeroReturnError):
         openssl.recv(100)
+
+
+def _our_client_handshake(openssl: SSL.Connection, client: DtlsConnection) -> HandshakeCompleted:
+    now = 0.0
+    client.connect(now)
+    seen: list[object] = []
+    for _ in range(20):
+        for datagram in client.datagrams_to_send(now):
+            openssl.bio_write(datagram)
+            step(openssl)
+        for datagram in drain(openssl):
+            client.receive_datagram(datagram, now)
+        seen += events(client)
+        if client.is_established:
+            break
+    for datagram in client.datagrams_to_send(now):  # our final flight of an abbreviated handshake
+        openssl.bio_write(datagram)
+        step(openssl)
+    (completed,) = [e for e in seen if isinstance(e, HandshakeCompleted)]
+    return completed
+
+
+def test_our_client_resumes_a_session_with_openssl() -> None:
+    ca = make_ca()
+    context = openssl_context(issue(ca, "localhost"), b"ECDHE-ECDSA-AES128-CCM8")
+    config = DtlsConfiguration(
+        is_client=True,
+        cipher_suites=("TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",),
+        trust_anchors=[ca.certificate],
+        server_name="localhost",
+    )
+    first = SSL.Connection(context, None)
+    first.set_ciphertext_mtu(1400)
+    first.set_accept_state()
+    full = _our_client_handshake(first, DtlsConnection(config))
+    assert not full.resumed and full.session is not None and full.session_id
+    second = SSL.Connection(context, None)
+    second.set_ciphertext_mtu(1400)
+    second.set_accept_state()
+    resumed_config = DtlsConfiguration(**{**config.__dict__, "session": full.session})
+    client = DtlsConnection(resumed_config)
+    resumed = _our_client_handshake(second, client)
+    # OpenSSL took the abbreviated handshake: a full one would have been refused.
+    assert resumed.resumed and resumed.session_id == full.session_id
+    client.send_application_data(b"resumed")
+    for datagram in client.datagrams_to_send(0.0):
+        second.bio_write(datagram)
+    assert second.recv(100) == b"resumed"
+
+
+def test_openssl_client_resumes_a_session_with_our_server() -> None:
+    from nettester.protocols.dtls.connection import SessionCache
+
+    ca = make_ca()
+    server_identity = issue(ca, "localhost")
+    server_config = DtlsConfiguration(
+        is_client=False,
+        certificate_chain=server_identity.full_chain(),
+        private_key=server_identity.private_key,
+        session_cache=SessionCache(),
+    )
+    context = openssl_context(None, b"ECDHE-ECDSA-AES128-GCM-SHA256", ca, verify_peer=True)
+    context.set_options(SSL.OP_NO_TICKET)
+    results = []
+    session = None
+    for _ in range(2):
+        openssl = SSL.Connection(context, None)
+        openssl.set_ciphertext_mtu(1400)
+        if session is not None:
+            openssl.set_session(session)
+        openssl.set_connect_state()
+        server = DtlsConnection(server_config, CLIENT_ADDRESS)
+        step(openssl)
+        for _ in range(20):
+            for datagram in drain(openssl):
+                server.receive_datagram(datagram, 0.0, CLIENT_ADDRESS)
+            for datagram in server.datagrams_to_send(0.0):
+                openssl.bio_write(datagram)
+            step(openssl)
+            if server.is_established:
+                break
+        (completed,) = [e for e in events(server) if isinstance(e, HandshakeCompleted)]
+        results.append(completed.resumed)
+        session = openssl.get_session()
+        openssl.send(b"hi")
+        for datagram in drain(openssl):
+            server.receive_datagram(datagram, 0.0, CLIENT_ADDRESS)
+        assert [e.data for e in events(server) if isinstance(e, ApplicationData)] == [b"hi"]
+        # OpenSSL only resumes sessions that were shut down properly.
+        openssl.shutdown()
+        for datagram in drain(openssl):
+            server.receive_datagram(datagram, 0.0, CLIENT_ADDRESS)
+        assert server.is_closed
+    assert results == [False, True]
+    assert len(server_config.session_cache) == 1
