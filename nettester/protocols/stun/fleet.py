@@ -223,6 +223,10 @@ class ClientFleet:
         """Clients that have opened their socket."""
         return sum(1 for client in self._clients if client.started)
 
+    def mapped_address(self, index: int) -> Address | None:
+        """The mapped address client C{index}'s current socket last saw, if any."""
+        return self._clients[index].mapped
+
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 

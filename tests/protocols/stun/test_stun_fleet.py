@@ -303,3 +303,15 @@ def test_fleet_memory_is_small_per_client(clients: int) -> None:
     harness.events.clear()
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     assert grown / clients < 1024 or clients == 1
+
+
+@given(st.binary(max_size=80))
+@settings(max_examples=300)
+def test_fuzz_any_datagram_on_a_client_socket_is_counted_never_raised(data: bytes) -> None:
+    harness = Harness()
+    harness.run_until(1000.02)
+    before = harness.counters.malformed.value + harness.counters.unexpected.value
+    harness.fleet.receive(0, data, harness.now)
+    counted = harness.counters.malformed.value + harness.counters.unexpected.value - before
+    answered = harness.counters.responses.value + harness.counters.error_responses.value
+    assert counted + answered == 1

@@ -75,6 +75,36 @@ def test_thirty_clients_every_request_answered(events: list[dict[str, Any]]) -> 
     assert not [e for e in events if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)]
 
 
+def has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest_twisted.inlineCallbacks
+def test_ipv6_clients_see_their_ipv6_mapping(events: list[dict[str, Any]]) -> Generator[Any, Any, None]:
+    server = StunServerService(reactor, port=0, interface="::1")
+    server.startService()
+    fleet = StunClientService(reactor, "::1", server.port, FleetConfig(clients=5, interval=0.2, start_delay=(0, 0.1)))
+    fleet.startService()
+    try:
+        yield wait_for(lambda: fleet.counters.responses.value >= 10)
+        assert fleet.fleet is not None
+        mapped = {fleet.fleet.mapped_address(index) for index in range(5)}
+        ports = {fleet.local_port(index) for index in range(5)}
+    finally:
+        yield fleet.stopService()
+        yield server.stopService()
+    assert mapped == {Address("::1", port) for port in ports}
+    assert fleet.counters.timeouts.value == 0
+
+
 class DroppingRelay(DatagramProtocol):
     """Between clients and server: forwards everything, except the responses to one client address.
 

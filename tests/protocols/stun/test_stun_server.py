@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import StringTransport
@@ -107,3 +109,13 @@ def test_port_in_use_says_what_to_do_and_stops_with_status_1(critical: list[dict
         assert reactor.stopped and tap.exit_status() == 1
     finally:
         tap.set_exit_status(0)
+
+
+@given(st.lists(st.binary(max_size=40), max_size=8))
+@settings(max_examples=200)
+def test_fuzz_tcp_stream_never_raises(chunks: list[bytes]) -> None:
+    protocol, transport, _ = connected_stream()
+    for chunk in chunks:
+        protocol.dataReceived(chunk)
+    if transport.value():
+        assert split_responses(transport.value())  # whole responses only
