@@ -102,6 +102,7 @@ class CoapEndpoint:
         self._send = link.sendDatagram
         self._timer: IDelayedCall | None = None
         self._timer_deadline = 0.0
+        self._timer_version = -1
         self._pumping = False
         self._waiting: dict[OutgoingRequest, tuple[defer.Deferred[ResponseReceived], Observation | None,
                                                    Callable[[ResponseReceived], None] | None]] = {}
@@ -206,16 +207,16 @@ class CoapEndpoint:
         core = self.core
         send = self._send
         try:
-            while True:
-                for data, peer in core.datagrams_to_send():
-                    send(data, peer)
-                event = core.next_event()
-                if event is None:
-                    break
+            # Events first (handlers answer synchronously, adding datagrams),
+            # then every datagram in the order the layer queued them.
+            while (event := core.next_event()) is not None:
                 self._dispatch(event)
+            for data, peer in core.datagrams_to_send():
+                send(data, peer)
         finally:
             self._pumping = False
-        self._arm_timer()
+        if self._timer is None or core.timer_version != self._timer_version:
+            self._arm_timer()
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, RequestReceived):
@@ -273,8 +274,10 @@ class CoapEndpoint:
 
     def _arm_timer(self) -> None:
         """One IDelayedCall for the layer's next deadline, moved only when it comes earlier."""
-        deadline = self.core.get_timer()
         timer = self._timer
+        core = self.core
+        self._timer_version = core.timer_version
+        deadline = core.get_timer()
         if timer is not None and timer.active():
             if deadline >= self._timer_deadline:
                 return  # Firing early is harmless: the layer re-arms after handle_timer.

@@ -36,7 +36,7 @@ from nettester.protocols.coap.message import (
     DecodeFailure,
     Message,
     OptionNumber,
-    decode,
+    decode_after_header,
     decode_block,
     encode_block,
     encode_empty,
@@ -121,7 +121,8 @@ class IncomingRequest:
     """
 
     __slots__ = (
-        "peer", "request", "observe", "block2", "answered", "accepted", "_dedup_bucket", "_dedup_key", "_block1",
+        "peer", "request", "observe", "block2", "has_block1", "answered", "accepted",
+        "_dedup_bucket", "_dedup_key", "_block1",
     )
 
     def __init__(self, peer: Peer, request: Message) -> None:
@@ -130,11 +131,14 @@ class IncomingRequest:
         #: The request's Observe value (0 register, 1 deregister) and Block2, read once.
         self.observe: int | None = None
         self.block2: BlockValue | None = None
+        self.has_block1 = False
         for number, value in request.options:
             if number == OptionNumber.OBSERVE:
                 self.observe = int.from_bytes(value, "big")
             elif number == OptionNumber.BLOCK2:
                 self.block2 = decode_block(value)
+            elif number == OptionNumber.BLOCK1:
+                self.has_block1 = True
         #: True once a response was sent (further responses are refused).
         self.answered = False
         #: True once an empty ACK announced a separate response.
@@ -271,6 +275,9 @@ class ObserveCancelled:
 Event = RequestReceived | ResponseReceived | RequestFailed | ObserveCancelled
 
 
+# Content-Format option values of the formats answered most, encoded once.
+_CONTENT_FORMAT_VALUES = {number: encode_uint(number) for number in (0, 40, 41, 42, 50, 60)}
+
 def response(
     code: int,
     payload: bytes = b"",
@@ -278,9 +285,10 @@ def response(
     options: list[tuple[int, bytes]] | None = None,
 ) -> Message:
     """A response for :meth:`CoapLayer.respond`; the layer sets type, MID and token."""
-    message = Message(ACK, code, 0, b"", list(options or ()), payload)
+    message = Message(ACK, code, 0, b"", list(options) if options else [], payload)
     if content_format is not None:
-        message.options.append((OptionNumber.CONTENT_FORMAT, encode_uint(content_format)))
+        value = _CONTENT_FORMAT_VALUES.get(content_format)
+        message.options.append((OptionNumber.CONTENT_FORMAT, encode_uint(content_format) if value is None else value))
     return message
 
 
@@ -334,6 +342,9 @@ class CoapLayer:
         self._transmissions: dict[tuple[Peer, int], _Transmission] = {}
         self._timers: list[tuple[float, int, _Transmission | OutgoingRequest]] = []
         self._timer_seq = 0
+        #: Changes whenever :meth:`get_timer` may have become earlier: an
+        #: adapter whose timer is armed can skip asking when it is unchanged.
+        self.timer_version = 0
         self._requests: dict[tuple[Peer, bytes], OutgoingRequest] = {}
         self._active: dict[Peer, int] = {}
         self._queued: dict[Peer, deque[OutgoingRequest]] = {}
@@ -390,18 +401,15 @@ class CoapLayer:
         dedup_bucket = None
         if mtype <= NON and code:
             # RFC 7252 section 4.5: only the header is needed to spot a duplicate.
-            key = (peer, mid)
-            found = self._dedup.get(key)
-            if found is not None:
+            dedup_bucket, cached = self._dedup.get_or_put((peer, mid), None, now)
+            if dedup_bucket is None:
                 stats.duplicates += 1
-                cached = found[1]
                 if cached is not None:
                     self._out.append((cached, peer))
                     stats.sent += 1
                 return
-            dedup_bucket = self._dedup.put(key, None, now)
         try:
-            message = decode(data)
+            message = decode_after_header(data, header)
         except CoapDecodeError as error:
             self._reject(error, peer, dedup_bucket)
             return
@@ -411,7 +419,7 @@ class CoapLayer:
             # RFC 7252 section 4.3: an Empty CON is a ping, answered by Reset.
             stats.pings += 1
             self._send(encode_empty(RST, mid), peer)
-        elif is_request(code):
+        elif code < 32:  # a request (RFC 7252 section 5.8)
             incoming = IncomingRequest(peer, message)
             incoming._dedup_bucket = dedup_bucket
             incoming._dedup_key = (peer, mid)
@@ -534,7 +542,7 @@ class CoapLayer:
             if existing is not None:
                 # RFC 7641 section 3.6 deregistration, section 4.1 re-registration.
                 self.cancel_relation(existing, "deregistered" if observe == 1 else "replaced")
-        if request.options and request.has_option(OptionNumber.BLOCK1) and not self._receive_block1(incoming, now):
+        if incoming.has_block1 and not self._receive_block1(incoming, now):
             return
         block2 = incoming.block2
         if block2 is not None:
@@ -646,9 +654,13 @@ class CoapLayer:
         peer = incoming.peer
         answer.token = request.token
         if request.mtype == CON and not incoming.accepted:
+            # The hot path: a piggybacked answer, remembered for duplicates (section 4.5).
             data = encode_message(ACK, answer.code, request.mid, request.token, answer.options, answer.payload)
-            self._cache_answer(incoming, data)
-            self._send(data, peer)
+            bucket = incoming._dedup_bucket
+            if bucket is not None:
+                bucket[incoming._dedup_key] = data
+            self._out.append((data, peer))
+            self.stats.sent += 1
             return
         mid = self._allocate_mid()
         if request.mtype == CON:
@@ -1042,6 +1054,7 @@ class CoapLayer:
 
     def _schedule(self, deadline: float, target: _Transmission | OutgoingRequest) -> None:
         self._timer_seq += 1
+        self.timer_version = self._timer_seq
         heapq.heappush(self._timers, (deadline, self._timer_seq, target))
 
     @staticmethod

@@ -516,7 +516,7 @@ def _option_header_nibble(value: int) -> tuple[int, bytes]:
     raise ValueError(f"option delta/length {value} exceeds {MAX_OPTION_EXTENDED}")
 
 
-def encode_options(options: list[Option]) -> bytes:
+def encode_options(options: list[Option] | tuple[Option, ...]) -> bytes:
     """Encode options in number order (stable for repeated options)."""
     out = bytearray()
     previous = 0
@@ -556,7 +556,7 @@ def encode_message(
     header = bytes(
         (0x40 | (mtype << 4) | len(token), code, (mid >> 8) & 0xFF, mid & 0xFF)
     )
-    encoded_options = encode_options(list(options)) if options else b""
+    encoded_options = encode_options(options) if options else b""
     if payload:
         return b"".join((header, token, encoded_options, b"\xff", payload))
     return b"".join((header, token, encoded_options))
@@ -634,6 +634,11 @@ def decode(data: bytes) -> Message:
     header = peek_header(data)
     if header is None:
         raise CoapDecodeError(DecodeFailure.GARBAGE, "not a CoAP version 1 datagram")
+    return decode_after_header(data, header)
+
+
+def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Message:
+    """:func:`decode` for a caller that already has :func:`peek_header`'s result."""
     mtype, tkl, code, mid = header
 
     def fail(reason: str, token: bytes | None = None) -> CoapDecodeError:

@@ -58,6 +58,19 @@ class ExpiringStore(Generic[Value]):
                 return bucket, bucket[key]
         return None
 
+    def get_or_put(
+        self, key: Hashable, value: Value, now: float
+    ) -> tuple[dict[Hashable, Value], None] | tuple[None, Value]:
+        """One call for the deduplication decision.
+
+        When ``key`` is new it is stored with ``value``: returns (its bucket,
+        None). When it is known: returns (None, the stored value).
+        """
+        for bucket in reversed(self._buckets):
+            if key in bucket:
+                return None, bucket[key]
+        return self.put(key, value, now), None
+
     def put(self, key: Hashable, value: Value, now: float) -> dict[Hashable, Value]:
         """Store ``key`` in the newest bucket; returns that bucket."""
         if now >= self._closes_at:

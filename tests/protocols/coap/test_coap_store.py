@@ -48,3 +48,12 @@ def test_rejects_nonsense() -> None:
         ExpiringStore(lifetime=30.0, now=0.0, buckets=1)
     with pytest.raises(ValueError):
         ExpiringStore(lifetime=0.0, now=0.0)
+
+
+def test_get_or_put_decides_in_one_call() -> None:
+    store: ExpiringStore[bytes | None] = ExpiringStore(lifetime=30.0, now=0.0)
+    bucket, previous = store.get_or_put("k", None, 0.0)
+    assert bucket is not None and previous is None
+    bucket["k"] = b"cached"
+    assert store.get_or_put("k", None, 5.0) == (None, b"cached")
+    assert len(store) == 1
