@@ -102,7 +102,7 @@ class NatOptions(RoleOptions):
         super().parseOptions([*ordered, "--", *positional])
 
     def parseArgs(self, *arguments: str) -> None:
-        from nettester.nat.proxy import parse_host_port
+        from nettester.nat.table import parse_host_port
 
         if not arguments:
             listen = os.environ.get("NAT_LISTEN", "")
@@ -167,6 +167,12 @@ def make_nat_service(options: RoleOptions, reactor: Any = None) -> Any:
     )
 
 
+def _local(reactor: Any, options: RoleOptions) -> Any:
+    from nettester.nat.local import NatLocalScenario
+
+    return NatLocalScenario(reactor, options["duration"])
+
+
 nat_role = Role(
     name="nat",
     summary="NAT / UDP load-balancer emulator with a console to break mappings (cf-nat's commands).",
@@ -184,4 +190,5 @@ nat = _DiscoverableModule(
     name="nat",
     summary="NAT and UDP load-balancer emulator in front of servers or a DTLS CID cluster.",
     roles=(nat_role,),
+    local=_local,
 )
