@@ -145,8 +145,10 @@ def run_python_generator(port: int, sockets: int, window: int, seconds: float, t
     rtts.sort()
     p50 = rtts[len(rtts) // 2] * 1e6 if rtts else 0.0
     p99 = rtts[int(len(rtts) * 0.99)] * 1e6 if rtts else 0.0
-    return (f"proto=stun sent={sent} ok={ok} lost={lost} rate={ok / elapsed:.0f} req/s p50_us={p50:.1f} "
-            f"p99_us={p99:.1f} generator=python sockets={sockets} window={window} elapsed_s={elapsed:.3f}")
+    return (
+        f"proto=stun sent={sent} ok={ok} lost={lost} rate={ok / elapsed:.0f} req/s p50_us={p50:.1f} "
+        f"p99_us={p99:.1f} generator=python sockets={sockets} window={window} elapsed_s={elapsed:.3f}"
+    )
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -165,10 +167,12 @@ def throughput(args: argparse.Namespace) -> None:
         server.wait(timeout=10)
     print(line)
     fields = dict(re.findall(r"(\w+)=(\S+)", line))
-    print(f"stun-server benchmark: rate={fields.get('rate')} responses/s lost={fields.get('lost')} "
-          f"p50_us={fields.get('p50_us')} p99_us={fields.get('p99_us')} server_cpu={cpu:.0f}% "
-          f"generator={'udpload' if binary else 'python'} load={args.sockets}x{args.window} {args.seconds:g}s "
-          f"(target: >= 45000/s, 0 lost)")
+    print(
+        f"stun-server benchmark: rate={fields.get('rate')} responses/s lost={fields.get('lost')} "
+        f"p50_us={fields.get('p50_us')} p99_us={fields.get('p99_us')} server_cpu={cpu:.0f}% "
+        f"generator={'udpload' if binary else 'python'} load={args.sockets}x{args.window} {args.seconds:g}s "
+        f"(target: >= 45000/s, 0 lost)"
+    )
 
 
 def rss_bytes(pid: int) -> int:
@@ -185,10 +189,12 @@ def client_memory(args: argparse.Namespace) -> None:
     clients: dict[int, subprocess.Popen[str]] = {}
     try:
         for count in (1, args.clients):
-            command = [sys.executable, "-m", "nettester", "stun-client", "--server", "127.0.0.1", "--port", str(port),
-                       "--clients", str(count), "--interval", "10", "--start-delay", "0-5", "--stats-interval", "0"]  # fmt: skip
-            clients[count] = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              text=True)  # fmt: skip
+            command = [sys.executable, "-m", "nettester", "stun-client", "--server", "127.0.0.1",
+                       "--port", str(port), "--clients", str(count), "--interval", "10",
+                       "--start-delay", "0-5", "--stats-interval", "0"]  # fmt: skip
+            clients[count] = subprocess.Popen(
+                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
         time.sleep(args.settle)  # every client has started (5 s) and sent at least once
         baseline, loaded = rss_bytes(clients[1].pid), rss_bytes(clients[args.clients].pid)
     finally:
@@ -201,10 +207,12 @@ def client_memory(args: argparse.Namespace) -> None:
     final = [line for line in outputs[args.clients].splitlines() if "final summary" in line]
     summary = dict(re.findall(r"(\w+)=(\S+)", final[-1])) if final else {}
     per_client = (loaded - baseline) / (args.clients - 1)
-    print(f"stun-client memory: clients={summary.get('clients')} rss={loaded / 2**20:.1f} MiB "
-          f"baseline={baseline / 2**20:.1f} MiB per_client={per_client:.0f} bytes "
-          f"requests={summary.get('requests')} responses={summary.get('responses')} "
-          f"timeouts={summary.get('timeouts')} (target: <= 3072 bytes per client)")
+    print(
+        f"stun-client memory: clients={summary.get('clients')} rss={loaded / 2**20:.1f} MiB "
+        f"baseline={baseline / 2**20:.1f} MiB per_client={per_client:.0f} bytes "
+        f"requests={summary.get('requests')} responses={summary.get('responses')} "
+        f"timeouts={summary.get('timeouts')} (target: <= 3072 bytes per client)"
+    )
 
 
 def main() -> None:

@@ -84,10 +84,18 @@ stun = _DiscoverableModule(
     name="stun",
     summary="STUN (RFC 8489) server and many-client loss tester: which responses never arrived?",
     roles=(
-        Role("stun-server", "Answer STUN Binding requests (UDP, TCP, RFC 5780 with --other-address).",
-             StunServerOptions, _make_server),
-        Role("stun-client", "Many STUN clients, each with its own socket; log every lost transaction id.",
-             StunClientOptions, _make_client),
+        Role(
+            "stun-server",
+            "Answer STUN Binding requests (UDP, TCP, RFC 5780 with --other-address).",
+            StunServerOptions,
+            _make_server,
+        ),
+        Role(
+            "stun-client",
+            "Many STUN clients, each with its own socket; log every lost transaction id.",
+            StunClientOptions,
+            _make_client,
+        ),
     ),
     local=_local,
 )

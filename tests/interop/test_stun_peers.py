@@ -132,7 +132,9 @@ def our_server() -> Iterator[tuple[int, int]]:
 def test_turnutils_stunclient_reads_our_rfc5780_answers(our_server: tuple[int, int]) -> None:
     stunclient = require("turnutils_stunclient")
     port, other_port = our_server
-    result = subprocess.run([stunclient, "-f", "-p", str(port), "127.0.0.1"], capture_output=True, text=True, timeout=20)
+    result = subprocess.run(
+        [stunclient, "-f", "-p", str(port), "127.0.0.1"], capture_output=True, text=True, timeout=20
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "UDP reflexive addr: 127.0.0.1:" in result.stdout
     assert f"Response origin: : 127.0.0.1:{port}" in result.stdout
@@ -154,7 +156,9 @@ def test_debian_stun_client_classifies_loopback_as_open(our_server: tuple[int, i
 
 
 def test_aioice_parses_our_responses(our_server: tuple[int, int]) -> None:
-    aioice_stun = pytest.importorskip("aioice.stun") if os.environ.get("CI") != "true" else __import__("aioice.stun").stun
+    aioice_stun = (
+        pytest.importorskip("aioice.stun") if os.environ.get("CI") != "true" else __import__("aioice.stun").stun
+    )
     port, other_port = our_server
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))

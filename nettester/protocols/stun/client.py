@@ -197,7 +197,8 @@ class StunClientService(Service):
         self._ports = [None] * self._config.clients
         self.fleet = ClientFleet(self._config, self.counters, now, self._rng)
         log.info(
-            "Starting {clients} STUN clients against {server}, interval {interval:g} s, start delay {low:g}-{high:g} s{rfc}",
+            "Starting {clients} STUN clients against {server}, interval {interval:g} s, "
+            "start delay {low:g}-{high:g} s{rfc}",
             event="clients_start",
             clients=self._config.clients,
             server=str(Address(server_ip, self.server_port)),

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from nettester.protocols.stun.message import (
     MAGIC_COOKIE,
+    TRANSACTION_ID_LENGTH,
     Address,
     AttributeType,
     MessageClass,
@@ -175,7 +176,17 @@ class FleetCounters:
 class _Client:
     """One tester client's state (the wheel holds its next deadline)."""
 
-    __slots__ = ("transaction_id", "sent_at", "attempt", "period_start", "failures", "mapped", "reopen_at", "started")
+    __slots__ = (
+        "transaction_id",
+        "sent_at",
+        "attempt",
+        "period_start",
+        "failures",
+        "mapped",
+        "mapped_here",
+        "reopen_at",
+        "started",
+    )
 
     def __init__(self) -> None:
         self.transaction_id: bytes | None = None  # outstanding request, None when answered
@@ -183,7 +194,8 @@ class _Client:
         self.attempt = 0  # sends of the outstanding transaction id
         self.period_start = 0.0  # when the current interval began
         self.failures = 0
-        self.mapped: Address | None = None
+        self.mapped: Address | None = None  # of the last success, on whichever socket (the original's log field)
+        self.mapped_here = False  # whether the current socket has had a success (rebinding detection)
         self.reopen_at = 0.0
         self.started = False
 
@@ -224,7 +236,7 @@ class ClientFleet:
         return sum(1 for client in self._clients if client.started)
 
     def mapped_address(self, index: int) -> Address | None:
-        """The mapped address client C{index}'s current socket last saw, if any."""
+        """The mapped address of client C{index}'s last success, if any."""
         return self._clients[index].mapped
 
     def next_event(self) -> Event | None:
@@ -276,14 +288,14 @@ class ClientFleet:
     def _open(self, index: int, client: _Client, reason: str, now: float) -> None:
         if reason != "start":
             self.counters.reopens.value += 1
-        client.mapped = None  # a new socket has a new mapping
+        client.mapped_here = False  # a new socket gets a new mapping: not a rebinding
         client.failures = 0
         low, high = self.config.reopen_jitter
         client.reopen_at = now + self.config.reopen_after + self._rng.uniform(low, high)
         self._events.append(OpenSocket(index, reason))
 
     def _new_transaction(self, index: int, client: _Client, due: float) -> None:
-        client.transaction_id = self._rng.randbytes(12)
+        client.transaction_id = self._rng.randbytes(TRANSACTION_ID_LENGTH)
         client.attempt = 0
         client.period_start = due
         self._send(index, client)
@@ -344,13 +356,14 @@ class ClientFleet:
         counters.responses.value += 1
         self.rtt.add(now - client.sent_at)
         if mapped is not None:
-            if client.mapped is not None and mapped != client.mapped:
+            if client.mapped_here and mapped != client.mapped:
+                assert client.mapped is not None
                 counters.mapping_changes.value += 1
                 self._events.append(MappingChanged(index, client.mapped, mapped))
             client.mapped = mapped
+            client.mapped_here = True
 
     def loss_percent(self) -> float:
         """Waits that ended without an answer, as a share of all waits that ended."""
         ended = self.counters.responses.value + self.counters.error_responses.value + self.counters.timeouts.value
         return 100.0 * self.counters.timeouts.value / ended if ended else 0.0
-

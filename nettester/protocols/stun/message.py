@@ -28,8 +28,6 @@ TRANSACTION_ID_LENGTH = 12
 # RFC 8489 section 14.7: the CRC-32 is XOR'ed with this constant ("STUN").
 FINGERPRINT_XOR = 0x5354554E
 FINGERPRINT_LENGTH = 8  # attribute header + 4-byte CRC
-INTEGRITY_LENGTH = 24  # attribute header + 20-byte HMAC-SHA1
-INTEGRITY_SHA256_LENGTH = 36  # attribute header + 32-byte HMAC-SHA256 (untruncated)
 
 _HEADER = struct.Struct("!HHI12s")
 _ATTRIBUTE_HEADER = struct.Struct("!HH")
@@ -175,9 +173,7 @@ class Message:
         with the header length already counting the attribute being added.
         """
         data = bytearray(
-            _HEADER.pack(
-                message_type(self.method, self.message_class), 0, MAGIC_COOKIE, self.transaction_id
-            )
+            _HEADER.pack(message_type(self.method, self.message_class), 0, MAGIC_COOKIE, self.transaction_id)
         )
         for attribute in self.attributes:
             data += attribute.encode()
@@ -332,7 +328,7 @@ def _decode_address(value: bytes, mask: bytes = b"") -> Address:
         raise StunDecodeError(f"address attribute of family 0x{family:02x} must be {4 + size} bytes")
     raw = value[2:]
     if mask:
-        raw = bytes(a ^ b for a, b in zip(raw, mask))
+        raw = bytes(a ^ b for a, b in zip(raw, mask, strict=False))
     port = (raw[0] << 8) | raw[1]
     host = ipaddress.IPv4Address(raw[2:]) if size == 4 else ipaddress.IPv6Address(raw[2:])
     return Address(str(host), port)
@@ -342,7 +338,7 @@ def _encode_address(address: Address | tuple[str, int], mask: bytes = b"") -> by
     host = ipaddress.ip_address(address[0])
     raw = struct.pack("!H", address[1]) + host.packed
     if mask:
-        raw = bytes(a ^ b for a, b in zip(raw, mask))
+        raw = bytes(a ^ b for a, b in zip(raw, mask, strict=False))
     family = _FAMILY_IPV4 if host.version == 4 else _FAMILY_IPV6
     return bytes((0, family)) + raw
 
@@ -439,7 +435,10 @@ _CODECS: dict[int, tuple[_Decoder, _Encoder]] = {
         lambda mac, _tid: mac,
     ),
     AttributeType.FINGERPRINT: (lambda value, _tid: _decode_crc(value), lambda crc, _tid: struct.pack("!I", crc)),
-    AttributeType.ERROR_CODE: (lambda value, _tid: _decode_error_code(value), lambda error, _tid: _encode_error_code(error)),
+    AttributeType.ERROR_CODE: (
+        lambda value, _tid: _decode_error_code(value),
+        lambda error, _tid: _encode_error_code(error),
+    ),
     AttributeType.UNKNOWN_ATTRIBUTES: (
         lambda value, _tid: _decode_unknown_attributes(value),
         lambda types, _tid: struct.pack(f"!{len(types)}H", *types),

@@ -76,13 +76,28 @@ class StunServerOptions(RoleOptions):
     }
     optParameters: ClassVar[list[list[Any]]] = [
         ["port", "p", 3478, "UDP (and TCP) port to listen on.", port_number],
-        ["interface", "i", "", "Address to listen on: an IPv4 or IPv6 literal; '::' is dual-stack; "
-         "empty = all IPv4.", _ip_literal],
-        ["other-address", None, None, "RFC 5780: the second IP:PORT (another IP, another port) to also "
-         "listen on; needs --interface.", transport_address],
+        [
+            "interface",
+            "i",
+            "",
+            "Address to listen on: an IPv4 or IPv6 literal; '::' is dual-stack; empty = all IPv4.",
+            _ip_literal,
+        ],
+        [
+            "other-address",
+            None,
+            None,
+            "RFC 5780: the second IP:PORT (another IP, another port) to also listen on; needs --interface.",
+            transport_address,
+        ],
         ["software", None, "nettester", "SOFTWARE attribute of every response."],
-        ["receive-buffer", None, 4 * 1024 * 1024, "SO_RCVBUF to ask for, in bytes (the kernel may grant less).",
-         positive_int],
+        [
+            "receive-buffer",
+            None,
+            4 * 1024 * 1024,
+            "SO_RCVBUF to ask for, in bytes (the kernel may grant less).",
+            positive_int,
+        ],
     ]
     optFlags: ClassVar[list[list[Any]]] = [["tcp", None, "Also serve STUN over TCP on the same port."]]
 
@@ -91,13 +106,17 @@ class StunServerOptions(RoleOptions):
         if other is None:
             return
         if not self["interface"] or ipaddress.ip_address(self["interface"]).is_unspecified:
-            raise usage.UsageError("--other-address needs --interface set to this host's first IP (RFC 5780 "
-                                   "answers from a known IP pair); see --help")
+            raise usage.UsageError(
+                "--other-address needs --interface set to this host's first IP (RFC 5780 "
+                "answers from a known IP pair); see --help"
+            )
         first = ipaddress.ip_address(self["interface"])
         second = ipaddress.ip_address(other[0])
         if first.version != second.version or first == second:
-            raise usage.UsageError(f"--other-address {other[0]} must be another IP of the same family as "
-                                   f"--interface {self['interface']}; see --help")
+            raise usage.UsageError(
+                f"--other-address {other[0]} must be another IP of the same family as "
+                f"--interface {self['interface']}; see --help"
+            )
         if other[1] and other[1] == self["port"]:
             raise usage.UsageError(f"--other-address port {other[1]} must differ from --port; see --help")
 
@@ -123,18 +142,26 @@ class StunClientOptions(RoleOptions):
         ["port", "p", 3478, "STUN server UDP port.", port_number],
         ["clients", "c", 1000, "Number of clients, each with its own UDP socket.", positive_int],
         ["interval", None, 10.0, "Seconds between Binding requests; also the wait for an answer.", positive_float],
-        ["start-delay", None, SecondsRange(1.0, 10.0), "Random start delay per client, LOW-HIGH seconds; 0 starts all at once.",
-         seconds_range],
+        [
+            "start-delay",
+            None,
+            SecondsRange(1.0, 10.0),
+            "Random start delay per client, LOW-HIGH seconds; 0 starts all at once.",
+            seconds_range,
+        ],
         ["max-failures", None, 5, "Consecutive misses before a client opens a new socket.", positive_int],
-        ["reopen-after", None, 120.0, "A healthy client opens a new socket after this many seconds...",
-         positive_float],
+        ["reopen-after", None, 120.0, "A healthy client opens a new socket after this many seconds...", positive_float],
         ["reopen-jitter", None, SecondsRange(1.0, 60.0), "...plus a random LOW-HIGH seconds.", seconds_range],
         ["local-address", None, "", "Local IP to bind the clients' sockets to (default: any).", _ip_literal],
         ["seed", None, 0, "Random seed for delays and transaction ids (0 = system randomness).", non_negative_int],
     ]
     optFlags: ClassVar[list[list[Any]]] = [
-        ["rfc-retransmit", None, "RFC 8489 retransmissions (RTO 500 ms doubling, Rc=7, Rm=16) instead of the "
-         "original once-per-interval re-send."],
+        [
+            "rfc-retransmit",
+            None,
+            "RFC 8489 retransmissions (RTO 500 ms doubling, Rc=7, Rm=16) instead of the "
+            "original once-per-interval re-send.",
+        ],
     ]
 
     def postOptions(self) -> None:

@@ -256,7 +256,13 @@ class BindingResponder:
         return encoded
 
     def _error(
-        self, request: bytes, code: int, reason: str, fingerprint: bool, unknown: Sequence[int] = (), classic: bool = False
+        self,
+        request: bytes,
+        code: int,
+        reason: str,
+        fingerprint: bool,
+        unknown: Sequence[int] = (),
+        classic: bool = False,
     ) -> bytes:
         """An error response (RFC 8489 section 6.3.4) with ERROR-CODE, [UNKNOWN-ATTRIBUTES], SOFTWARE.
 
@@ -292,4 +298,3 @@ def _fingerprint(message_so_far: bytes) -> bytes:
     """The FINGERPRINT attribute for a message whose header length already counts it (RFC 8489 section 14.7)."""
     crc = (zlib.crc32(message_so_far) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
     return _FINGERPRINT.pack(AttributeType.FINGERPRINT, 4, crc)
-

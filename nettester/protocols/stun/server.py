@@ -211,7 +211,9 @@ class StunServerService(Service):
         )
 
     def _listen_udp(self, interface: str, port: int, via: int) -> Any:
-        return self._reactor.listenUDP(port, StunDatagramProtocol(via, self._udp), interface=interface, maxPacketSize=65535)
+        return self._reactor.listenUDP(
+            port, StunDatagramProtocol(via, self._udp), interface=interface, maxPacketSize=65535
+        )
 
     @staticmethod
     def _address_of(port: Any) -> Address:

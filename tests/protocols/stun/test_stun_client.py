@@ -18,7 +18,15 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from nettester.protocols.stun.client import StunClientService, format_mapped, raise_open_file_limit
 from nettester.protocols.stun.fleet import FleetConfig
-from nettester.protocols.stun.message import Address, AttributeType, Message, MessageClass, Method, decode, make_attribute
+from nettester.protocols.stun.message import (
+    Address,
+    AttributeType,
+    Message,
+    MessageClass,
+    Method,
+    decode,
+    make_attribute,
+)
 
 
 class FakeReactor(Clock):
@@ -116,11 +124,15 @@ def test_lost_responses_log_the_original_lines_then_a_new_socket(
         advance(reactor, 1.0)
     trid = lost.hex(":").upper()
     warnings = lines(events, "response_missing")
-    assert warnings == [
-        (LogLevel.warn, f'Client 0: Failed to receive STUN response for TrID "{trid}", mapped addr: {mapped}')
-    ] * 5
+    assert (
+        warnings
+        == [(LogLevel.warn, f'Client 0: Failed to receive STUN response for TrID "{trid}", mapped addr: {mapped}')] * 5
+    )
     assert lines(events, "consecutive_failures") == [
-        (LogLevel.error, f'Client 0: Failed to receive 5 consecutive STUN response for TrID "{trid}", mapped addr: {mapped}')
+        (
+            LogLevel.error,
+            f'Client 0: Failed to receive 5 consecutive STUN response for TrID "{trid}", mapped addr: {mapped}',
+        )
     ]
     assert service.local_port(0) != first_port
     assert lines(events, "socket_reopened") == [
@@ -147,7 +159,9 @@ def test_unexpected_and_mapping_change_lines(server_socket: socket.socket, event
     advance(reactor, 0.02)
     answer_next(server_socket, service)
     stray = bytes(range(12))
-    server_socket.sendto(Message(Method.BINDING, MessageClass.SUCCESS, stray).encode(), ("127.0.0.1", service.local_port(0)))
+    server_socket.sendto(
+        Message(Method.BINDING, MessageClass.SUCCESS, stray).encode(), ("127.0.0.1", service.local_port(0))
+    )
     deliver(service)
     assert lines(events, "unexpected_response") == [
         (LogLevel.warn, 'Client 0: Received STUN response with unexpected TrID "00:01:02:03:04:05:06:07:08:09:0A:0B"')

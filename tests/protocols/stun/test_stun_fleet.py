@@ -138,10 +138,20 @@ def test_missing_answers_resend_the_same_id_then_reopen_after_five() -> None:
     after = produced[failure_index + 2]
     assert isinstance(after, Send) and transaction_id(after) != lost_id
     assert harness.counters.failures.value == 1
-    # The new socket has no known mapping yet: the next miss says so.
+    # Like the original, a miss on the new socket still names the last mapping seen.
     harness.run_until(1007.02)
     later_miss = [event for _, event in harness.events if isinstance(event, ResponseMissing)][-1]
-    assert later_miss.mapped is None and later_miss.consecutive == 1
+    assert later_miss.mapped == MAPPED and later_miss.consecutive == 1
+
+
+def test_a_new_socket_with_a_new_mapping_is_not_a_rebinding() -> None:
+    harness = Harness(interval=1.0, max_failures=1)
+    harness.answer(0, harness.sends(harness.run_until(1000.02))[0][1])
+    produced = [event for _, event in harness.run_until(1002.02)]  # a miss: new socket, new request
+    assert OpenSocket(0, "failures") in produced
+    resend = [event for event in produced if isinstance(event, Send)][-1]
+    assert harness.answer(0, resend, mapped=Address("198.51.100.7", 50001)) == []
+    assert harness.counters.mapping_changes.value == 0
 
 
 def test_an_answer_resets_the_consecutive_count() -> None:

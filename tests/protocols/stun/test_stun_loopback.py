@@ -169,7 +169,10 @@ def test_relay_dropping_one_clients_responses_for_six_intervals(
     expected_warning = f'Client 1: Failed to receive STUN response for TrID "{trid}", mapped addr: {mapped}'
     assert misses == [(LogLevel.warn, expected_warning)] * 5  # the same TrID on every re-send
     assert lines("consecutive_failures") == [
-        (LogLevel.error, f'Client 1: Failed to receive 5 consecutive STUN response for TrID "{trid}", mapped addr: {mapped}')
+        (
+            LogLevel.error,
+            f'Client 1: Failed to receive 5 consecutive STUN response for TrID "{trid}", mapped addr: {mapped}',
+        )
     ]
     assert new_port not in (None, first_port)
     assert lines("socket_reopened") == [(LogLevel.info, f"Client 1: new UDP socket, local port {new_port} (failures)")]
@@ -247,7 +250,9 @@ def test_stun_over_tcp_on_the_same_port() -> Generator[Any, Any, None]:
         yield wait_for(lambda: len(collector.received) >= 20)
         response = decode(collector.received)
         assert response.transaction_id == b"T" * 12
-        assert response.get(AttributeType.XOR_MAPPED_ADDRESS) == Address("127.0.0.1", collector.transport.getHost().port)
+        assert response.get(AttributeType.XOR_MAPPED_ADDRESS) == Address(
+            "127.0.0.1", collector.transport.getHost().port
+        )
         collector.transport.loseConnection()
     finally:
         yield server.stopService()

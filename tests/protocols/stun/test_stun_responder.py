@@ -139,7 +139,9 @@ def classic_request(*attributes: Attribute) -> bytes:
 
 def test_rfc3489_client_gets_mapped_address_and_its_whole_id_back() -> None:
     responder, counters = make_responder()
-    reply = responder.respond(classic_request(make_attribute(AttributeType.CHANGE_REQUEST, ChangeRequest(False, False))), PEER)
+    reply = responder.respond(
+        classic_request(make_attribute(AttributeType.CHANGE_REQUEST, ChangeRequest(False, False))), PEER
+    )
     assert reply is not None
     data = reply[0]
     assert data[:2] == b"\x01\x01" and data[4:20] == CLASSIC_ID

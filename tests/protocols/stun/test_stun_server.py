@@ -42,10 +42,9 @@ def split_responses(data: bytes) -> list[Message]:
 
 def test_tcp_requests_split_and_coalesced_are_framed_by_their_header() -> None:
     protocol, transport, counters = connected_stream()
-    stream = (
-        Message(Method.BINDING, MessageClass.REQUEST, TID_A).encode()
-        + Message(Method.BINDING, MessageClass.REQUEST, TID_B).encode(fingerprint=True)
-    )
+    stream = Message(Method.BINDING, MessageClass.REQUEST, TID_A).encode() + Message(
+        Method.BINDING, MessageClass.REQUEST, TID_B
+    ).encode(fingerprint=True)
     for cut in (1, 7, 19, 20, 33):  # arbitrary TCP segment boundaries
         protocol.dataReceived(stream[:cut])
         stream = stream[cut:]
