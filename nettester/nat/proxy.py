@@ -27,6 +27,8 @@ from nettester.nat.table import Address, DropPolicy, NatTable, ip_family, parse_
 
 log = Logger()
 
+RESOLVE_RETRY = 5.0
+
 
 class _PublicProtocol(DatagramProtocol):
     """The listening socket: every datagram is a client's, to forward."""
@@ -77,6 +79,7 @@ class NatProxy(Service):
         self._public: Any = None
         self._sockets: dict[int, Any] = {}
         self._timer: IDelayedCall | None = None
+        self._retries: dict[str, IDelayedCall] = {}
         self.metrics = MetricSet("nat")
         self._forwarded = self.metrics.counter("forwarded_total", "Datagrams forwarded to a destination.")
         self._backwarded = self.metrics.counter("backwarded_total", "Answers sent back to a client.")
@@ -102,13 +105,15 @@ class NatProxy(Service):
             mode="enabled" if self.table.reverseUpdate else "disabled",
         )
         for name in self._initial_destinations:
-            self.add_destination(name)
+            self._add_initial_destination(name)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        for delayed in [self._timer, *self._retries.values()]:
+            if delayed is not None and delayed.active():
+                delayed.cancel()
         self._timer = None
+        self._retries.clear()
         closing = [maybeDeferred(port.stopListening) for port in self._sockets.values()]
         self._sockets.clear()
         if self._public is not None:
@@ -224,24 +229,40 @@ class NatProxy(Service):
             host, port = parse_host_port(name)
         except ValueError as error:
             return succeed(str(error))
-        resolving = succeed(host) if ip_family(host) is not None else self._reactor.resolve(host)
-
-        def resolved(address: str) -> str:
-            families = {ip_family(d.address[0]) for d in self.table.destinations()}
-            if families and ip_family(address) not in families:
-                return f"{name} resolves to {address}: all destinations must be of one address family"
-            if not self.table.addDestination(name, (address, port)):
-                return f"destination {name} is already there."
-            log.info("Destination added {destination} ({address})", event="nat_destination_added",
-                     destination=name, address=f"{address}:{port}")
-            return f"added destination {name}."
 
         def failed(failure: Any) -> str:
             log.error("Destination {destination} not resolved: {error}; check the host name",
                       event="nat_destination_unresolved", destination=name, error=failure.getErrorMessage())
             return f"cannot resolve {host}: {failure.getErrorMessage()}"
 
-        return resolving.addCallbacks(resolved, failed)
+        return self._resolve(host).addCallbacks(self._add_resolved, failed, callbackArgs=(name, port))
+
+    def _add_initial_destination(self, name: str) -> None:
+        """A destination of the command line: retried until it resolves, because in
+        Kubernetes the NAT often starts before the pods it balances have DNS names."""
+        host, port = parse_host_port(name)
+
+        def retry(failure: Any) -> None:
+            log.warn("Destination {destination} not resolved yet ({error}); retrying in {delay:g} s",
+                     event="nat_destination_retry", destination=name, error=failure.getErrorMessage(),
+                     delay=RESOLVE_RETRY)
+            if self.running:
+                self._retries[name] = self._reactor.callLater(RESOLVE_RETRY, self._add_initial_destination, name)
+
+        self._resolve(host).addCallbacks(self._add_resolved, retry, callbackArgs=(name, port))
+
+    def _resolve(self, host: str) -> Deferred[str]:
+        return succeed(host) if ip_family(host) is not None else self._reactor.resolve(host)
+
+    def _add_resolved(self, address: str, name: str, port: int) -> str:
+        families = {ip_family(d.address[0]) for d in self.table.destinations()}
+        if families and ip_family(address) not in families:
+            return f"{name} resolves to {address}: all destinations must be of one address family"
+        if not self.table.addDestination(name, (address, port)):
+            return f"destination {name} is already there."
+        log.info("Destination added {destination} ({address})", event="nat_destination_added",
+                 destination=name, address=f"{address}:{port}")
+        return f"added destination {name}."
 
     def remove_destination(self, name: str) -> str:
         """Remove the destination added as C{name} (or with that address)."""

@@ -137,7 +137,7 @@ class NatTable:
             entry.last_used = now
             self._entries.move_to_end(client)
             destination = entry.destination
-            if destination.stale_since is not None or destination.address not in self._destinations:
+            if destination.stale_since is not None or self._destinations.get(destination.address) is not destination:
                 replacement = self._pick(now, exclude=None)
                 if replacement is None:
                     return None
@@ -223,7 +223,11 @@ class NatTable:
     def addDestination(self, name: str, address: Address) -> bool:
         if address in self._destinations:
             return False
-        self._destinations[address] = Destination(name, address)
+        added = Destination(name, address)
+        self._destinations[address] = added
+        for entry in self._entries.values():
+            if self._destinations.get(entry.destination.address) is not entry.destination:
+                self._move(entry, added)  # left without a destination by removeDestination
         return True
 
     def removeDestination(self, address: Address) -> bool:

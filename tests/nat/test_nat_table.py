@@ -262,3 +262,14 @@ def test_drop_policy_size_limit_and_dtls_filter() -> None:
     half = DropPolicy(size_limit=SizeLimit(1, 50.0), rng=random.Random(3))
     dropped = sum(half.forward_drop(b"xx") == "size_limit" for _ in range(4000))
     assert 1800 < dropped < 2200
+
+
+def test_entries_left_without_destination_join_the_next_one_added() -> None:
+    nat = table(A)
+    nat.forward(CLIENT, 0.0)
+    assert nat.removeDestination(A)
+    assert nat.forward(CLIENT, 1.0) is None
+    assert nat.addDestination("a again", A)
+    assert nat.destinations()[0].usage == 1
+    assert nat.forward(CLIENT, 2.0).destination == A
+    assert nat.destinations()[0].usage == 1
