@@ -25,7 +25,7 @@ class _ServerAndClients(Service):
 
     def __init__(self, reactor: Any) -> None:
         self.server = StunServerService(reactor, port=0, interface="127.0.0.1")
-        config = FleetConfig(clients=LOCAL_CLIENTS, interval=LOCAL_INTERVAL, start_delay=(0.0, LOCAL_INTERVAL))
+        config = FleetConfig(clients=LOCAL_CLIENTS, interval=LOCAL_INTERVAL, start_delay=(0.0, 0.2))
         self.client = StunClientService(reactor, "127.0.0.1", 0, config)
         self.metrics = self.client.metrics
 
@@ -51,7 +51,7 @@ class _ServerAndClients(Service):
 
 @implementer(ILocalScenario)
 class StunLocalScenario:
-    """20 clients, one request a second each, against a local server: every request must be answered."""
+    """20 clients (all started within 0.2 s), one request a second each: every request must be answered."""
 
     name = "stun"
 
