@@ -128,3 +128,58 @@ def test_parse_host_port() -> None:
             assert "expected host:port" in str(error)
         else:
             raise AssertionError(bad)
+
+
+class FakeUdpPort:
+    def __init__(self) -> None:
+        self.written: list[tuple[bytes, Any]] = []
+
+    def getHost(self) -> Any:
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("UDP", "127.0.0.1", 40000)
+
+    def write(self, datagram: bytes, address: Any) -> None:
+        self.written.append((datagram, address))
+
+    def stopListening(self) -> None:
+        pass
+
+
+class FlakyDnsClock(Clock):
+    """Resolves 'late.test' only from the third attempt on; UDP ports are fakes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> FakeUdpPort:
+        return FakeUdpPort()
+
+    def resolve(self, name: str, timeout: Any = None) -> Deferred[str]:
+        self.attempts += 1
+        return succeed("10.7.7.7") if self.attempts >= 3 else fail(DNSLookupError(name))
+
+
+def test_command_line_destinations_are_retried_until_they_resolve() -> None:
+    from nettester.nat.proxy import RESOLVE_RETRY
+
+    clock = FlakyDnsClock()
+    proxy = NatProxy(clock, NatTable([]), DropPolicy(), ("127.0.0.1", 0), ["late.test:5684"])
+    proxy.startService()
+    assert proxy.table.destinations() == [] and clock.attempts == 1
+    clock.advance(RESOLVE_RETRY)
+    assert proxy.table.destinations() == [] and clock.attempts == 2
+    clock.advance(RESOLVE_RETRY)
+    assert [d.address for d in proxy.table.destinations()] == [("10.7.7.7", 5684)]
+    assert clock.getDelayedCalls() == []
+    proxy.stopService()
+
+
+def test_stopping_cancels_pending_retries() -> None:
+    clock = FlakyDnsClock()
+    proxy = NatProxy(clock, NatTable([]), DropPolicy(), ("127.0.0.1", 0), ["late.test:5684"])
+    proxy.startService()
+    assert len(clock.getDelayedCalls()) == 1
+    proxy.stopService()
+    assert clock.getDelayedCalls() == []
