@@ -1,0 +1,37 @@
+"""k8s/nat.yaml: valid against the Kubernetes schema, and consistent with the nat role."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+from nettester.plugins.nat import NatOptions
+
+MANIFEST = Path(__file__).resolve().parents[2] / "k8s" / "nat.yaml"
+
+
+def documents() -> list[dict]:
+    return [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+
+
+def test_every_document_is_valid_kubernetes() -> None:
+    for document in documents():
+        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_container_runs_the_nat_role_configured_by_its_env_vars(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    deployment = next(d for d in documents() if d["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "nettester:latest"
+    assert container["args"][0] == "nat"
+    for variable in container["env"]:
+        monkeypatch.setenv(variable["name"], variable["value"])
+    options = NatOptions()
+    options.parseOptions(container["args"][1:])
+    assert options["listen"] == ("", 5784)
+    assert len(options["destinations"]) == 3
+    assert options["console-port"] == 5799 and options["no-stdin-console"]
+    service = next(d for d in documents() if d["kind"] == "Service")
+    assert service["spec"]["ports"][0]["protocol"] == "UDP"
