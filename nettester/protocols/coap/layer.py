@@ -160,8 +160,8 @@ class OutgoingRequest:
 
     __slots__ = (
         "peer", "request", "token", "observe", "done", "sent_at",
-        "_current_token", "_body", "_block1_offset", "_block1_sent", "_block1_szx", "_assembled",
-        "_etag", "_block_observe", "_last_observe", "_response_deadline", "_response_timeout", "_transmission", "_holds_slot",
+        "_current_token", "_body", "_block1_offset", "_block1_sent", "_block1_szx", "_assembled", "_etag",
+        "_block_observe", "_last_observe", "_response_deadline", "_response_timeout", "_transmission", "_holds_slot",
     )
 
     def __init__(self, peer: Peer, request: Message, token: bytes, response_timeout: float | None) -> None:

@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from nettester.link import PeerContext
 from nettester.logs import Logger
 from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, Peer, response
 from nettester.protocols.coap.linkformat import Link, filter_links, format_links
@@ -33,24 +34,30 @@ _METHOD_NAMES = {Code.GET: "get", Code.POST: "post", Code.PUT: "put", Code.DELET
 
 
 class Exchange:
-    """One request as a resource sees it: the message, the peer, the site.
+    """One request as a resource sees it: the message, the peer, where it came in.
 
     Notifications are rendered through an Exchange too (the observer's
     registration request, with no ``incoming`` to answer).
     """
 
-    __slots__ = ("request", "peer", "site", "incoming")
+    __slots__ = ("request", "peer", "site", "endpoint", "incoming")
 
-    def __init__(self, request: Message, peer: Peer, site: Site, incoming: IncomingRequest | None = None) -> None:
+    def __init__(self, request: Message, peer: Peer, site: Site, endpoint: CoapEndpoint,
+                 incoming: IncomingRequest | None = None) -> None:
         self.request = request
         self.peer = peer
         self.site = site
+        self.endpoint = endpoint
         self.incoming = incoming
 
     def accept(self) -> None:
         """Send the empty ACK now: the response will be separate (RFC 7252 section 5.2.2)."""
         if self.incoming is not None:
-            self.site.endpoint.accept(self.incoming)
+            self.endpoint.accept(self.incoming)
+
+    def peer_context(self) -> PeerContext:
+        """The link's view of the peer (address, security context)."""
+        return self.endpoint.peer_context(self.peer)
 
     def query(self) -> dict[str, str]:
         """Uri-Query as a dict: ``a=b`` -> {"a": "b"}, a bare ``a`` -> {"a": ""}."""
@@ -174,7 +181,7 @@ class Resource:
         for relation in list(self.observers):
             if not relation.active:
                 continue
-            answer = self.get(Exchange(relation.request, relation.peer, site))
+            answer = self.get(Exchange(relation.request, relation.peer, site, site.endpoint_of(relation)))
             if not isinstance(answer, Message):
                 raise TypeError(f"{self.path}: notifications need a synchronous GET")
             site.notify(self, relation, answer)
@@ -216,28 +223,40 @@ class PeriodicResource(Resource):
             self._ticker = None
 
 
+class SiteHandler:
+    """The RequestHandler of one endpoint serving a (shared) Site."""
+
+    __slots__ = ("site", "endpoint")
+
+    def __init__(self, site: Site, endpoint: CoapEndpoint) -> None:
+        self.site = site
+        self.endpoint = endpoint
+
+    def handle_request(self, incoming: IncomingRequest) -> Answer:
+        return self.site.handle_request(incoming, self.endpoint)
+
+    def observe_cancelled(self, relation: ObserveRelation, reason: str) -> None:
+        self.site.observe_cancelled(relation)
+
+
 class Site:
-    """The request handler of a CoAP endpoint: a resource tree."""
+    """A resource tree, served by one or more endpoints (several ports, coap and coaps)."""
 
     def __init__(self, reactor: IReactorTime, root: Resource | None = None) -> None:
         self.reactor = reactor
         self.root = root or Resource("")
         self.root._site = self
-        self._endpoint: CoapEndpoint | None = None
         self._routes: dict[tuple[bytes, ...], Resource] = {}
-        self._observed: dict[ObserveRelation, Resource] = {}
+        self._observed: dict[ObserveRelation, tuple[Resource, CoapEndpoint]] = {}
         self.tree_changed()
 
-    @property
-    def endpoint(self) -> CoapEndpoint:
-        if self._endpoint is None:
-            raise RuntimeError("the site is not attached to an endpoint")
-        return self._endpoint
-
     def attach(self, endpoint: CoapEndpoint) -> None:
-        """Serve through ``endpoint``."""
-        self._endpoint = endpoint
-        endpoint.handler = self
+        """Serve this tree through ``endpoint`` too."""
+        endpoint.handler = SiteHandler(self, endpoint)
+
+    def endpoint_of(self, relation: ObserveRelation) -> CoapEndpoint:
+        """The endpoint an observer registered through."""
+        return self._observed[relation][1]
 
     def tree_changed(self) -> None:
         """Rebuild the path index (resources were added or removed)."""
@@ -251,9 +270,10 @@ class Site:
         """The resource at ``/a/b``, or None."""
         return self._routes.get(tuple(segment.encode() for segment in path.split("/") if segment))
 
-    # -- RequestHandler
+    # -- serving
 
-    def handle_request(self, incoming: IncomingRequest) -> Answer:
+    def handle_request(self, incoming: IncomingRequest, endpoint: CoapEndpoint) -> Answer:
+        """Find the resource and let it answer (see :class:`SiteHandler`)."""
         request = incoming.request
         key = tuple([value for number, value in request.options if number == OptionNumber.URI_PATH])
         resource = self._routes.get(key)
@@ -264,41 +284,44 @@ class Site:
         method = _METHOD_NAMES.get(request.code)
         if method is None:
             return response(Code.METHOD_NOT_ALLOWED)
-        exchange = Exchange(request, incoming.peer, self, incoming)
+        exchange = Exchange(request, incoming.peer, self, endpoint, incoming)
         answer = getattr(resource, method)(exchange)
         if incoming.observe == 0 and resource.observable and request.code == Code.GET:
             if isinstance(answer, Message):
-                self._register(resource, incoming, answer)
+                self._register(resource, endpoint, incoming, answer)
                 return None
             if isinstance(answer, defer.Deferred):
-                answer.addCallback(self._register_later, resource, incoming)
+                answer.addCallback(self._register_later, resource, endpoint, incoming)
         return answer
 
-    def observe_cancelled(self, relation: ObserveRelation, reason: str) -> None:
-        resource = self._observed.pop(relation, None)
-        if resource is not None and relation in resource.observers:
-            resource.observers.remove(relation)
-            resource.observer_count_changed()
+    def observe_cancelled(self, relation: ObserveRelation) -> None:
+        """Forget an observer the endpoint dropped (reset, timeout, deregistration)."""
+        found = self._observed.pop(relation, None)
+        if found is not None and relation in found[0].observers:
+            found[0].observers.remove(relation)
+            found[0].observer_count_changed()
 
     # -- observe bookkeeping
 
-    def _register(self, resource: Resource, incoming: IncomingRequest, answer: Message) -> None:
+    def _register(self, resource: Resource, endpoint: CoapEndpoint, incoming: IncomingRequest,
+                  answer: Message) -> None:
         if answer.code >> 5 == 2:
             answer.set_option(OptionNumber.OBSERVE, b"")
-        relation = self.endpoint.respond(incoming, answer)
+        relation = endpoint.respond(incoming, answer)
         if relation is not None:
-            self._observed[relation] = resource
+            self._observed[relation] = (resource, endpoint)
             resource.observers.append(relation)
             resource.observer_count_changed()
 
-    def _register_later(self, answer: Message, resource: Resource, incoming: IncomingRequest) -> None:
+    def _register_later(self, answer: Message, resource: Resource, endpoint: CoapEndpoint,
+                        incoming: IncomingRequest) -> None:
         if not incoming.answered:
-            self._register(resource, incoming, answer)
+            self._register(resource, endpoint, incoming, answer)
         return None
 
     def notify(self, resource: Resource, relation: ObserveRelation, answer: Message) -> None:
         """Send one notification (a non-2.xx one ends the relation, RFC 7641 section 3.2)."""
-        self.endpoint.notify(relation, answer, resource.confirmable_notifications)
+        self.endpoint_of(relation).notify(relation, answer, resource.confirmable_notifications)
 
     # -- /.well-known/core
 

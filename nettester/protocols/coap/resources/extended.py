@@ -114,7 +114,7 @@ class MyIp(Resource):
     """``myip``: the source address the server saw, ``ip:port``."""
 
     def get(self, exchange: Exchange) -> Answer:
-        context = exchange.site.endpoint.peer_context(exchange.peer)
+        context = exchange.peer_context()
         return response(Code.CONTENT, _format_address(context.address).encode(), ContentFormat.TEXT_PLAIN)
 
 
@@ -129,8 +129,7 @@ class MyContext(Resource):
         content_format = _negotiate(exchange)
         if content_format is None:
             return response(Code.NOT_ACCEPTABLE)
-        context = exchange.site.endpoint.peer_context(exchange.peer)
-        return response(Code.CONTENT, _render(self.fields(context), content_format), content_format)
+        return response(Code.CONTENT, _render(self.fields(exchange.peer_context()), content_format), content_format)
 
     def fields(self, context: PeerContext) -> dict[str, object]:
         """The context as ordered name -> value, absent values left out."""
@@ -187,7 +186,7 @@ class Requests(Resource):
             return response(Code.NOT_ACCEPTABLE)
         endpoint = None
         if "ep" in query:
-            endpoint = _format_address(exchange.site.endpoint.peer_context(exchange.peer).address)
+            endpoint = _format_address(exchange.peer_context().address)
         entries = self.devices.pop(device, None)
         if entries is None:
             entries = deque(maxlen=self.history)

@@ -1,0 +1,104 @@
+"""Options of the CoAP roles (no reactor imports: read when plugins load).
+
+The server's options mirror Eclipse Californium's ``cf-extplugtest-server``
+so its users feel at home: ``--[no-]plugtest``, ``--[no-]benchmark``,
+``--[no-]loopback``... Twisted's usage module has no negatable flags, so each
+``--[no-]x`` is a pair of flags resolved in ``postOptions``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, ClassVar
+
+from twisted.python import usage
+
+from nettester.options import RoleOptions, port_number, positive_float, positive_int
+
+DEFAULT_PORT = 5683
+# RFC 7252 section 6.1 / 6.2 default ports: coap 5683, coaps 5684; the
+# extended endpoints sit 100 above (Californium's 5783 / 5784).
+COAPS_OFFSET = 1
+EXTENDED_OFFSET = 100
+
+
+def negatable(name: str, default: bool, help_text: str) -> list[list[Any]]:
+    """The flag pair ``--name`` / ``--no-name`` (the default is marked)."""
+    on = f"{help_text} (default)" if default else help_text
+    off = f"Do not: {help_text[0].lower()}{help_text[1:]}" + ("" if default else " (default)")
+    return [[name, None, on], [f"no-{name}", None, off]]
+
+
+def resolve_negatable(options: usage.Options, name: str, default: bool) -> bool:
+    """The value of a flag pair; giving both is an error."""
+    on, off = bool(options[name]), bool(options[f"no-{name}"])
+    if on and off:
+        raise usage.UsageError(f"--{name} and --no-{name} contradict each other")
+    return True if on else False if off else default
+
+
+def interface_list(value: str) -> tuple[str, ...]:
+    """Comma-separated IPv4/IPv6 literals."""
+    addresses = tuple(part.strip().strip("[]") for part in value.split(",") if part.strip())
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"expected IP addresses separated by commas, got {address!r}") from None
+    return addresses
+
+
+class CoapServerOptions(RoleOptions):
+    """``nettester coap-server``: the extended plugtest server."""
+
+    longdesc = (
+        "An extended CoAP plugtest server (RFC 7252, 7959, 7641, 6690). The ETSI plugtest resources "
+        "listen on coap BASE and coaps BASE+1, the extended ones (benchmark, requests, mycontext, myip, "
+        "echo) on coap BASE+100 and coaps BASE+101. coaps needs --psk-file or --cert/--key."
+    )
+    envVars: ClassVar[dict[str, str]] = {
+        "port": "COAP_SERVER_PORT",
+        "interfaces": "COAP_SERVER_INTERFACES",
+        "notify-interval": "COAP_NOTIFY_INTERVAL",
+        "psk-file": "COAP_PSK_FILE",
+    }
+    optFlags: ClassVar[list[list[Any]]] = [
+        *negatable("plugtest", True, "Serve the ETSI plugtest resources on BASE / BASE+1"),
+        *negatable("benchmark", False, "Answer the benchmark resource (else 5.01)"),
+        *negatable("loopback", True, "Listen on loopback addresses"),
+        *negatable("external", True, "Listen on non-loopback addresses"),
+        *negatable("ipv4", True, "Listen on IPv4"),
+        *negatable("ipv6", True, "Listen on IPv6"),
+        ["dtls-only", None, "Only coaps: no plain coap endpoints."],
+    ]
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["port", "p", DEFAULT_PORT, "BASE port: coap BASE, coaps BASE+1, extended BASE+100 and BASE+101.",
+         port_number],
+        ["interfaces", None, (), "Comma-separated addresses to listen on (overrides the address flags).",
+         interface_list],
+        ["notify-interval", None, 5.0, "Seconds between notifications of the obs resources.", positive_float],
+        ["receive-buffer", None, 4 << 20, "SO_RCVBUF of each socket, bytes.", positive_int],
+        ["client-auth", None, "NONE", "coaps client certificates: NONE, WANTED or NEEDED.",
+         lambda value: value.strip().upper()],
+        ["psk-file", None, "", "coaps PSK store: one 'identity=base64secret' per line."],
+        ["cert", None, "", "coaps PEM certificate chain (leaf first), P-256."],
+        ["key", None, "", "coaps PEM P-256 private key of --cert."],
+        ["trust", None, "", "coaps PEM trust anchors for client certificates."],
+    ]
+
+    def postOptions(self) -> None:
+        for name, default in (("plugtest", True), ("benchmark", False), ("loopback", True),
+                              ("external", True), ("ipv4", True), ("ipv6", True)):
+            self[name] = resolve_negatable(self, name, default)
+        if self["client-auth"] not in ("NONE", "WANTED", "NEEDED"):
+            raise usage.UsageError("--client-auth: expected NONE, WANTED or NEEDED; see --help")
+        if not (self["ipv4"] or self["ipv6"]) and not self["interfaces"]:
+            raise usage.UsageError("--no-ipv4 and --no-ipv6 leave nothing to listen on")
+        if not (self["loopback"] or self["external"]) and not self["interfaces"]:
+            raise usage.UsageError("--no-loopback and --no-external leave nothing to listen on")
+        if self["dtls-only"] and not (self["psk-file"] or self["cert"]):
+            raise usage.UsageError("--dtls-only needs --psk-file or --cert/--key")
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key go together")
+        if self["port"] and self["port"] + EXTENDED_OFFSET + COAPS_OFFSET > 65535:
+            raise usage.UsageError("--port: BASE+101 must stay below 65536")

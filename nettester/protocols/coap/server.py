@@ -1,0 +1,182 @@
+"""The ``coap-server`` role: the extended plugtest server on up to four ports per address.
+
+coap BASE and coaps BASE+1 serve the ETSI plugtest resources, coap BASE+100
+and coaps BASE+101 the extended ones (Californium's layout, RFC 7252
+section 6 default ports). Each port is a link (UdpLink or DtlsEndpoint) with
+its own CoapEndpoint; the plugtest endpoints share one resource tree, the
+extended ones another, so observers and stored state are the same whichever
+address a client uses.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from zope.interface import implementer
+
+from nettester.interfaces import IDatagramLink, IReportingService
+from nettester.logs import Logger
+from nettester.metrics import MetricSet
+from nettester.protocols.coap.endpoint import CoapEndpoint
+from nettester.protocols.coap.layer import LayerStats
+from nettester.protocols.coap.options import COAPS_OFFSET, EXTENDED_OFFSET
+from nettester.protocols.coap.resources import Site, build_site
+from nettester.protocols.coap.resources.extended import extended_resources
+from nettester.protocols.coap.resources.plugtest import plugtest_resources
+from nettester.udplink import UdpLink
+
+log = Logger()
+
+SIOCGIFADDR = 0x8915  # Linux ioctl: the IPv4 address of an interface
+
+
+def local_addresses(ipv4: bool, ipv6: bool, loopback: bool, external: bool) -> list[str]:
+    """Addresses to listen on for the address flags.
+
+    Loopback and external together are the wildcards (``::`` is dual-stack,
+    so IPv4 peers arrive v4-mapped); otherwise the matching addresses of
+    this host's interfaces (Linux: ioctl for IPv4, /proc for IPv6).
+    """
+    if loopback and external:
+        return ["::"] if ipv6 else ["0.0.0.0"]
+    found: list[str] = []
+    if ipv4:
+        found += [address for address in _ipv4_addresses() if ipaddress.ip_address(address).is_loopback == loopback]
+    if ipv6:
+        found += [address for address in _ipv6_addresses()
+                  if ipaddress.ip_address(address).is_loopback == loopback and not address.startswith("fe80")]
+    return found
+
+
+def _ipv4_addresses() -> list[str]:
+    addresses = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address on this interface
+            addresses.append(socket.inet_ntoa(packed[20:24]))
+    return addresses
+
+
+def _ipv6_addresses() -> list[str]:
+    try:
+        with open("/proc/net/if_inet6") as table:
+            rows = table.read().split("\n")
+    except OSError:
+        return []
+    return [str(ipaddress.ip_address(bytes.fromhex(row.split()[0]))) for row in rows if row.strip()]
+
+
+@implementer(IReportingService)
+class CoapServerService(Service):
+    """Listens on every (address, port) and serves the two resource trees."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        port: int,
+        addresses: list[str],
+        plugtest: bool = True,
+        benchmark: bool = False,
+        notify_interval: float = 5.0,
+        receive_buffer: int = 4 << 20,
+        dtls_link_factory: Callable[[], IDatagramLink] | None = None,
+        dtls_only: bool = False,
+        server_name: str = "nettester",
+    ) -> None:
+        self._reactor = reactor
+        self._base_port = port
+        self._addresses = addresses
+        self._plugtest = plugtest
+        self._receive_buffer = receive_buffer
+        self._dtls_link_factory = dtls_link_factory
+        self._dtls_only = dtls_only
+        started = reactor.seconds()
+        self.plugtest_site: Site = build_site(reactor, plugtest_resources(notify_interval, self._shutdown))
+        self.extended_site: Site = build_site(
+            reactor, extended_resources(benchmark, server_name, reactor.seconds, started)
+        )
+        self.endpoints: list[CoapEndpoint] = []
+        #: (scheme, address, port, "plugtest" | "extended") of every listening socket.
+        self.listening: list[tuple[str, str, int, str]] = []
+        self._ports: list[Any] = []
+        self.metrics = MetricSet("coap_server")
+        self.metrics.gauge("requests", "requests received (datagrams)", lambda: self._total("received"))
+        self.metrics.gauge("duplicates", "duplicate CON/NON answered from the cache",
+                           lambda: self._total("duplicates"))
+        self.metrics.gauge("retransmissions", "retransmitted CON messages", lambda: self._total("retransmissions"))
+        self.metrics.gauge("malformed", "datagrams that were not acceptable CoAP", self._malformed)
+        self.metrics.gauge("observers", "active observe relations",
+                           lambda: sum(endpoint.core.observer_count for endpoint in self.endpoints))
+
+    def _total(self, field: str) -> int:
+        return sum(getattr(endpoint.stats, field) for endpoint in self.endpoints)
+
+    def _malformed(self) -> int:
+        return self._total("garbage") + self._total("format_errors") + self._total("bad_options")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "received": self._total("received"),
+            "sent": self._total("sent"),
+            "duplicates": self._total("duplicates"),
+            "retransmissions": self._total("retransmissions"),
+            "malformed": self._malformed(),
+            "observers": sum(endpoint.core.observer_count for endpoint in self.endpoints),
+        }
+
+    @property
+    def stats(self) -> list[LayerStats]:
+        return [endpoint.stats for endpoint in self.endpoints]
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            for address in self._addresses:
+                for offset, site, name in ((0, self.plugtest_site, "plugtest"),
+                                           (EXTENDED_OFFSET, self.extended_site, "extended")):
+                    if name == "plugtest" and not self._plugtest:
+                        continue
+                    if not self._dtls_only:
+                        self._listen("coap", address, offset, UdpLink(receive_buffer=self._receive_buffer), site, name)
+                    if self._dtls_link_factory is not None:
+                        self._listen("coaps", address, offset + COAPS_OFFSET, self._dtls_link_factory(), site, name)
+        except (CannotListenError, OSError) as error:
+            log.critical("cannot listen: {reason}; choose another --port or --interfaces", event="listen_failed",
+                         reason=str(error))
+            self.stopService()
+            raise
+
+    def _listen(self, scheme: str, address: str, offset: int, link: Any, site: Site, name: str) -> None:
+        port_number = self._base_port + offset if self._base_port else 0
+        endpoint = CoapEndpoint(link, self._reactor)
+        site.attach(endpoint)
+        port = self._reactor.listenUDP(port_number, link, interface=address)
+        self._ports.append(port)
+        self.endpoints.append(endpoint)
+        actual = port.getHost().port
+        self.listening.append((scheme, address, actual, name))
+        log.info("{name} resources on {scheme}://{where}:{port}", event="coap_listening", name=name, scheme=scheme,
+                 where=f"[{address}]" if ":" in address else address, port=actual)
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        for endpoint in self.endpoints:
+            endpoint.stop()
+        ports, self._ports = self._ports, []
+        return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
+
+    def _shutdown(self) -> None:
+        """The plugtest ``shutdown`` resource: stop the whole process."""
+        log.info("shutdown requested through the plugtest resource", event="coap_shutdown")
+        self._reactor.stop()

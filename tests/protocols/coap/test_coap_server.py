@@ -1,0 +1,106 @@
+"""The coap-server role: options, and the service on loopback over coap and coaps."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from coap_testing import request
+from twisted.internet import defer, reactor
+from twisted.python import usage
+
+from nettester.protocols.coap.endpoint import CoapEndpoint
+from nettester.protocols.coap.message import Code, ContentFormat, OptionNumber, encode_uint
+from nettester.protocols.coap.options import CoapServerOptions
+from nettester.protocols.coap.server import CoapServerService, local_addresses
+from nettester.protocols.dtls.connection import DtlsConfiguration
+from nettester.protocols.dtls.credentials import PskStore
+from nettester.protocols.dtls.endpoint import DtlsEndpoint
+from nettester.udplink import UdpLink
+
+TIMEOUT = 5.0
+
+
+def parse(*argv: str) -> CoapServerOptions:
+    options = CoapServerOptions()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_options_defaults_and_negations() -> None:
+    options = parse()
+    assert options["port"] == 5683 and options["plugtest"] and not options["benchmark"]
+    assert options["notify-interval"] == 5.0
+    options = parse("--no-plugtest", "--benchmark", "--port", "6000", "--interfaces", "127.0.0.1,[::1]")
+    assert not options["plugtest"] and options["benchmark"] and options["interfaces"] == ("127.0.0.1", "::1")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--plugtest", "--no-plugtest"],
+        ["--no-ipv4", "--no-ipv6"],
+        ["--no-loopback", "--no-external"],
+        ["--dtls-only"],
+        ["--cert", "c.pem"],
+        ["--client-auth", "sometimes"],
+        ["--port", "65500"],
+        ["--interfaces", "localhost"],
+    ],
+)
+def test_options_errors(argv: list[str]) -> None:
+    with pytest.raises(usage.UsageError):
+        parse(*argv)
+
+
+def test_local_addresses() -> None:
+    assert local_addresses(True, True, True, True) == ["::"]
+    assert local_addresses(True, False, True, True) == ["0.0.0.0"]
+    loopback_v4 = local_addresses(True, False, True, False)
+    assert "127.0.0.1" in loopback_v4
+    assert "127.0.0.1" not in local_addresses(True, True, False, True)
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_service_serves_coap_and_coaps_on_loopback() -> Generator[Any, Any, None]:
+    store = PskStore({b"client-1": b"secret-psk"})
+
+    def dtls_link() -> DtlsEndpoint:
+        return DtlsEndpoint(reactor, server_configuration=DtlsConfiguration(is_client=False, psk_store=store,
+                                                                            cid_length=None))
+
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], benchmark=True, dtls_link_factory=dtls_link)
+    service.startService()
+    ports = {(scheme, name): port for scheme, _, port, name in service.listening}
+    assert set(ports) == {("coap", "plugtest"), ("coaps", "plugtest"), ("coap", "extended"), ("coaps", "extended")}
+    udp = UdpLink()
+    client = CoapEndpoint(udp, reactor)
+    udp_port = reactor.listenUDP(0, udp, interface="127.0.0.1")
+    dtls = DtlsEndpoint(reactor, client_configuration=DtlsConfiguration(
+        is_client=True, psk_identity=b"client-1", psk=b"secret-psk", cid_length=None))
+    secure = CoapEndpoint(dtls, reactor)
+    dtls_port = reactor.listenUDP(0, dtls, interface="127.0.0.1")
+    try:
+        test = yield client.request(("127.0.0.1", ports[("coap", "plugtest")]), request("test")).addTimeout(
+            TIMEOUT, reactor)
+        assert test.response.code == Code.CONTENT
+        bench = yield client.request(("127.0.0.1", ports[("coap", "extended")]),
+                                     request("benchmark?rlen=20")).addTimeout(TIMEOUT, reactor)
+        assert bench.response.payload == b"hello benchmark*****"
+        context_request = request("mycontext", options=[(OptionNumber.ACCEPT, encode_uint(ContentFormat.TEXT_PLAIN))])
+        context = yield secure.request_address(("127.0.0.1", ports[("coaps", "extended")]),
+                                               context_request).addTimeout(TIMEOUT, reactor)
+        lines = context.response.payload.decode().splitlines()
+        assert "peer: client-1" in lines and any(line.startswith("cipher-suite: TLS_PSK") for line in lines)
+        large = yield secure.request_address(("127.0.0.1", ports[("coaps", "plugtest")]),
+                                             request("large")).addTimeout(TIMEOUT, reactor)
+        assert len(large.response.payload) == 1280
+        assert service.summary()["received"] >= 5 and service.summary()["malformed"] == 0
+    finally:
+        client.stop()
+        secure.stop()
+        yield defer.gatherResults([udp_port.stopListening(), dtls_port.stopListening()])
+        yield service.stopService()
