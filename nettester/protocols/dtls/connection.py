@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Container
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
@@ -55,6 +55,7 @@ DEFAULT_SUITES = (
 )
 _BUFFERED_FUTURE_RECORDS = 8
 _MAX_HELLO_VERIFY = 5
+_MAX_ADOPTED_SEQUENCE = 2**16
 
 
 class ClientAuth(enum.Enum):
@@ -367,10 +368,13 @@ class DtlsConnection:
         records, malformed = record.parse_records(data, len(self.read_cid))
         if malformed:
             self._drop("malformed")
-        for received in records:
-            if self._state is _State.CLOSED:
-                break
-            self._receive_record(received, now, address)
+        try:
+            for received in records:
+                if self._state is _State.CLOSED:
+                    break
+                self._receive_record(received, now, address)
+        except Exception as error:  # noqa: BLE001 - a bug ends this association, not the endpoint
+            self._fail(INTERNAL_ERROR, "internal_error:%s" % type(error).__name__)
 
     def handle_timer(self, now: float) -> None:
         """Retransmit the current flight or give up (RFC 6347 section 4.2.4)."""
@@ -434,7 +438,11 @@ class DtlsConnection:
     def _receive_record(self, received: record.Record, now: float, address: Any) -> None:
         state = self._read_states.get(received.epoch)
         if state is None:
-            if received.epoch == self._read_epoch + 1 and len(self._future_records) < _BUFFERED_FUTURE_RECORDS:
+            if (
+                received.epoch == self._read_epoch + 1
+                and self._state is not _State.ESTABLISHED
+                and len(self._future_records) < _BUFFERED_FUTURE_RECORDS
+            ):
                 # RFC 6347 section 4.1: a next-epoch record may overtake the CCS.
                 self._future_records.append((received, address))
             else:
@@ -766,7 +774,8 @@ class DtlsConnection:
         # After a HelloVerifyRequest continue the record numbers from the
         # ClientHello's, so the client's epoch 0 window accepts ours.
         writer = self._write_states[0]
-        writer.next_sequence = max(writer.next_sequence, self._last_record_sequence)
+        if self._last_record_sequence < _MAX_ADOPTED_SEQUENCE:  # a hostile value must not exhaust ours
+            writer.next_sequence = max(writer.next_sequence, self._last_record_sequence)
         if 0 not in hello.compression_methods:
             raise HandshakeFailure(ILLEGAL_PARAMETER, "no_null_compression")
         self._client_hello = hello
@@ -997,7 +1006,8 @@ class DtlsConnection:
     def _verify_certificates(self, ders: list[bytes], server_name: str | None) -> list[x509.Certificate]:
         try:
             chain = [x509.load_der_x509_certificate(der) for der in ders]
-        except ValueError as error:
+            leaf_key = chain[0].public_key() if chain else None
+        except (ValueError, UnsupportedAlgorithm) as error:
             raise HandshakeFailure(BAD_CERTIFICATE, "undecodable_certificate") from error
         anchors = self.configuration.trust_anchors
         if chain and anchors is not None:
@@ -1005,7 +1015,7 @@ class DtlsConnection:
                 verify_chain(chain, anchors, server_name)
             except CredentialsError as error:
                 raise HandshakeFailure(BAD_CERTIFICATE, "certificate_rejected") from error
-        if chain and not isinstance(chain[0].public_key(), ec.EllipticCurvePublicKey):
+        if chain and not isinstance(leaf_key, ec.EllipticCurvePublicKey):
             raise HandshakeFailure(BAD_CERTIFICATE, "certificate_key_not_ec")
         return chain
 

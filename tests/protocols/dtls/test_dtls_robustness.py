@@ -211,3 +211,42 @@ def test_oversized_fragment_mid_handshake_is_counted() -> None:
     huge = plaintext.seal(record.HANDSHAKE, hs.encode_header(hs.CLIENT_KEY_EXCHANGE, 2**24 - 1, 2, 0, 4) + b"abcd")
     pair.server.receive_datagram(huge, pair.now, CLIENT_ADDRESS)
     assert pair.server.dropped["fragment"] == 1 and not pair.server.is_closed
+
+
+class Broken(DtlsConnection):
+    """A server whose handshake logic has a bug."""
+
+    def _dispatch(self, *args: object) -> None:  # type: ignore[override]
+        raise KeyError("bug")
+
+
+def hello_with_cookie(client_record_number: int = 0) -> tuple[DtlsConnection, bytes]:
+    """A client and its second ClientHello, which passes the cookie gate."""
+    client_config, _ = psk_configs()
+    client = DtlsConnection(client_config, ("192.0.2.2", 5684))
+    client.connect(0.0)
+    (hello,) = client.datagrams_to_send(0.0)
+    gate = CookieGate()
+    client._write_states[0].next_sequence = client_record_number or client._write_states[0].next_sequence
+    client.receive_datagram(gate.check(hello, CLIENT_ADDRESS, 0.0).reply, 0.0)
+    (hello,) = client.datagrams_to_send(0.0)
+    assert gate.check(hello, CLIENT_ADDRESS, 0.0).verdict is Verdict.ACCEPT
+    return client, hello
+
+
+def test_a_bug_ends_only_its_association_with_internal_error() -> None:
+    client, hello = hello_with_cookie()
+    server = Broken(psk_configs()[1], CLIENT_ADDRESS)
+    server.receive_datagram(hello, 0.0, CLIENT_ADDRESS)
+    assert server.is_closed and server.failure_reason == "internal_error:KeyError"
+    for datagram in server.datagrams_to_send(0.0):
+        client.receive_datagram(datagram, 0.0)
+    assert client.next_event() == ConnectionClosed(80, "alert_80", by_peer=True)
+
+
+def test_hostile_client_hello_record_number_is_not_adopted() -> None:
+    _, hello = hello_with_cookie(client_record_number=2**48 - 2)
+    server = DtlsConnection(psk_configs()[1], CLIENT_ADDRESS)
+    server.receive_datagram(hello, 0.0, CLIENT_ADDRESS)
+    assert server.datagrams_to_send(0.0) and not server.is_closed
+    assert server._write_states[0].next_sequence < 2**16
