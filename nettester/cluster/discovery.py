@@ -58,7 +58,7 @@ def resolve_nodes(reactor: Any, nodes: Mapping[int, Address]) -> Deferred[dict[i
     """Resolve every management address of a static cluster."""
     node_ids = list(nodes)
     resolving = [resolve_address(reactor, nodes[node_id]) for node_id in node_ids]
-    return gatherResults(resolving, consumeErrors=True).addCallback(lambda found: dict(zip(node_ids, found)))
+    return gatherResults(resolving, consumeErrors=True).addCallback(lambda found: dict(zip(node_ids, found, strict=True)))
 
 
 class DynamicDiscoveryService(Service):

@@ -47,7 +47,7 @@ TIMEOUT = 10.0
 def make_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -65,7 +65,7 @@ def make_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 def make_server_pem(ca_key: Any, ca: x509.Certificate) -> bytes:
     """A server certificate for 127.0.0.1 (IP SAN) and kubernetes.default.svc, signed by the CA."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))

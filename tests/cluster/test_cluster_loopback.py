@@ -90,7 +90,7 @@ class ClusterLab:
         self.nodes: dict[int, ClusterNodeService] = {}
         for index, node_id in enumerate((1, 2, 3)):
             own = ("127.0.0.1", self.management_ports[index])
-            others = {n: ("127.0.0.1", p) for n, p in zip((1, 2, 3), self.management_ports) if n != node_id}
+            others = {n: ("127.0.0.1", p) for n, p in zip((1, 2, 3), self.management_ports, strict=True) if n != node_id}
             if mode == "static":
                 config = ClusterConfig("static", node_id, ("127.0.0.1", 0), own, nodes=others, secret=secret,
                                        backward=backward)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import kubernetes_validate
+import pytest
 import yaml
 
 from nettester.plugins.nat import NatOptions
@@ -21,7 +22,7 @@ def test_every_document_is_valid_kubernetes() -> None:
         kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_the_container_runs_the_nat_role_configured_by_its_env_vars(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_container_runs_the_nat_role_configured_by_its_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
     deployment = next(d for d in documents() if d["kind"] == "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "nettester:latest"

@@ -164,7 +164,7 @@ def test_sticky_entries_clear_reassign_rebalance_add_remove() -> Generator[Any, 
         assert changed > 0
         after = yield lab.exchange_all(clients, b"r")
         assert [port for _, port in after] == [port for _, port in before]
-        assert sum(a[0] != b[0] for a, b in zip(after, before)) == changed
+        assert sum(a[0] != b[0] for a, b in zip(after, before, strict=True)) == changed
 
         # reassign: every entry gets a new NAT port.
         assert (yield lab.command("reassign")) == "reassigned 12 NAT entries to new outgoing ports."
@@ -234,7 +234,7 @@ def test_forward_and_backward_drops_follow_the_percentages() -> Generator[Any, A
         for batch in range(1, 21):  # in batches: a burst of 400 could overflow a socket buffer
             for index in range(20):
                 lab.send(client, b"%d" % index)
-            yield wait_until(lambda: dropped.get("forward_random") + len(echo.sources) == 20 * batch)
+            yield wait_until(lambda total=20 * batch: dropped.get("forward_random") + len(echo.sources) == total)
             yield wait_until(lambda: dropped.get("backward_random") + len(client.answers.pending) == len(echo.sources))
         assert 80 < dropped.get("forward_random") < 160
         assert 0.35 < dropped.get("backward_random") / len(echo.sources) < 0.65

@@ -199,7 +199,7 @@ def test_info_lines() -> None:
     )
 )
 def test_usage_counts_stay_consistent_under_any_command_sequence(steps: list[tuple[str, int, float]]) -> None:
-    addresses = [("10.0.0.%d" % i, 1) for i in range(4)]
+    addresses = [(f"10.0.0.{i}", 1) for i in range(4)]
     nat = NatTable([("a", addresses[0]), ("b", addresses[1])], nat_timeout=3.0, lb_timeout=2.0, max_entries=4,
                    rng=random.Random(1))
     now = 0.0
