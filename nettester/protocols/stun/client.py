@@ -24,12 +24,12 @@ from zope.interface import implementer
 from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
+from nettester.protocols.stun.counters import FleetCounters
 from nettester.protocols.stun.fleet import (
     ClientFleet,
     ConsecutiveFailures,
     ErrorResponse,
     FleetConfig,
-    FleetCounters,
     MappingChanged,
     OpenSocket,
     ResponseMissing,

@@ -19,8 +19,9 @@ import random
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from nettester.protocols.stun.counters import FleetCounters
 from nettester.protocols.stun.message import (
     MAGIC_COOKIE,
     TRANSACTION_ID_LENGTH,
@@ -145,29 +146,6 @@ class RttHistogram:
             if seen >= rank:
                 return self._FLOOR * math.exp((index + 1) * self._GROWTH)
         raise AssertionError("unreachable: counts add up to count")
-
-
-class Count(Protocol):
-    value: int
-
-
-class MetricFactory(Protocol):
-    def counter(self, name: str, help: str) -> Count: ...
-
-
-class FleetCounters:
-    """The tester's counters (see ``nettester.metrics.MetricSet``)."""
-
-    def __init__(self, metrics: MetricFactory) -> None:
-        self.requests = metrics.counter("requests", "Binding requests sent, re-sends included")
-        self.responses = metrics.counter("responses", "Matching success responses received")
-        self.timeouts = metrics.counter("timeouts", "Waits that ended without an answer")
-        self.failures = metrics.counter("consecutive_failure_errors", "Times a client hit N consecutive misses")
-        self.mapping_changes = metrics.counter("mapping_changes", "Mapped address changes seen on one socket")
-        self.unexpected = metrics.counter("unexpected", "Responses matching no outstanding request")
-        self.error_responses = metrics.counter("error_responses", "Error responses received")
-        self.malformed = metrics.counter("malformed", "Datagrams received that are not a STUN response")
-        self.reopens = metrics.counter("reopens", "Sockets reopened (failures or periodic)")
 
 
 # --- the fleet ---------------------------------------------------------------------

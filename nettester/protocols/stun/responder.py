@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
-from typing import Protocol
 
+from nettester.protocols.stun.counters import ServerCounters
 from nettester.protocols.stun.message import (
     FINGERPRINT_XOR,
     MAGIC_COOKIE,
@@ -67,33 +67,6 @@ _CACHE_LIMIT = 65536
 PRIMARY = 0
 ALTERNATE_PORT = 1
 ALTERNATE_IP = 2
-
-
-class Count(Protocol):
-    value: int
-
-
-class LabeledCount(Protocol):
-    def inc(self, label_value: str, amount: int = 1) -> None: ...
-
-
-class MetricFactory(Protocol):
-    """What :class:`ServerCounters` needs from a ``nettester.metrics.MetricSet``."""
-
-    def counter(self, name: str, help: str) -> Count: ...
-
-    def labeled_counter(self, name: str, help: str, label: str) -> LabeledCount: ...
-
-
-class ServerCounters:
-    """The server's counters; shared by its UDP and TCP responders."""
-
-    def __init__(self, metrics: MetricFactory) -> None:
-        self.requests = metrics.counter("requests", "Binding requests received")
-        self.responses = metrics.counter("responses", "Binding success responses sent")
-        self.errors = metrics.labeled_counter("error_responses", "Error responses sent, by error code", "code")
-        self.dropped = metrics.labeled_counter("dropped", "Datagrams dropped without an answer, by reason", "reason")
-        self.changed = metrics.counter("change_requests", "Responses sent from another address (RFC 5780)")
 
 
 class BindingResponder:

@@ -22,13 +22,13 @@ from zope.interface import implementer
 from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
+from nettester.protocols.stun.counters import ServerCounters
 from nettester.protocols.stun.message import HEADER_LENGTH, Address, StunDecodeError, check_header
 from nettester.protocols.stun.responder import (
     ALTERNATE_IP,
     ALTERNATE_PORT,
     PRIMARY,
     BindingResponder,
-    ServerCounters,
 )
 
 log = Logger()

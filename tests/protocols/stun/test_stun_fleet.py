@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nettester.metrics import MetricSet
+from nettester.protocols.stun.counters import FleetCounters
 from nettester.protocols.stun.fleet import (
     ClientFleet,
     ConsecutiveFailures,
     ErrorResponse,
     FleetConfig,
-    FleetCounters,
     MappingChanged,
     OpenSocket,
     ResponseMissing,

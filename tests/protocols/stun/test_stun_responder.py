@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nettester.metrics import MetricSet
+from nettester.protocols.stun.counters import ServerCounters
 from nettester.protocols.stun.message import (
     Address,
     Attribute,
@@ -24,7 +25,6 @@ from nettester.protocols.stun.responder import (
     ALTERNATE_PORT,
     PRIMARY,
     BindingResponder,
-    ServerCounters,
 )
 from nettester.protocols.stun.server import unmap_ipv4
 

@@ -15,8 +15,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from nettester import tap
 from nettester.metrics import MetricSet
+from nettester.protocols.stun.counters import ServerCounters
 from nettester.protocols.stun.message import Address, AttributeType, Message, MessageClass, Method, decode
-from nettester.protocols.stun.responder import BindingResponder, ServerCounters
+from nettester.protocols.stun.responder import BindingResponder
 from nettester.protocols.stun.server import StunServerService, StunStreamProtocol
 
 TID_A = b"A" * 12
