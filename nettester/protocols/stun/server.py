@@ -54,16 +54,22 @@ class StunDatagramProtocol(DatagramProtocol):
         self._via = via
         self._sockets = sockets  # the listening ports, indexed like the responder's addresses
         self._respond: Any = None
+        self._counters: ServerCounters | None = None
 
-    def serve(self, responder: BindingResponder) -> None:
+    def serve(self, responder: BindingResponder, counters: ServerCounters) -> None:
         """Start answering; called once every socket is bound (the responder needs their addresses)."""
         self._respond = responder.respond
+        self._counters = counters
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         peer = unmap_ipv4(addr) if addr[0][0] == ":" else addr
         reply = self._respond(datagram, peer, self._via)
         if reply is not None:
-            self._sockets[reply[1]].write(reply[0], (addr[0], reply[2]) if reply[2] else addr)
+            try:
+                self._sockets[reply[1]].write(reply[0], (addr[0], reply[2]) if reply[2] else addr)
+            except OSError:  # a full send buffer (EAGAIN, ENOBUFS): count it, never a traceback per datagram
+                assert self._counters is not None
+                self._counters.dropped.inc("send_failed")
 
 
 class StunStreamProtocol(Protocol):
@@ -193,7 +199,7 @@ class StunServerService(Service):
         self.addresses = [self._address_of(port) for port in self._udp]
         responder = BindingResponder(self.counters, self._software, self.addresses if self._other else None)
         for port in self._udp:
-            port.protocol.serve(responder)
+            port.protocol.serve(responder, self.counters)
         granted = [raise_receive_buffer(port.socket, self._receive_buffer) for port in self._udp][0]
         if self._tcp:
             self._tcp_port = self._reactor.listenTCP(

@@ -18,7 +18,7 @@ from nettester.metrics import MetricSet
 from nettester.protocols.stun.counters import ServerCounters
 from nettester.protocols.stun.message import Address, AttributeType, Message, MessageClass, Method, decode
 from nettester.protocols.stun.responder import BindingResponder
-from nettester.protocols.stun.server import StunServerService, StunStreamProtocol
+from nettester.protocols.stun.server import StunDatagramProtocol, StunServerService, StunStreamProtocol
 
 TID_A = b"A" * 12
 TID_B = b"B" * 12
@@ -119,3 +119,19 @@ def test_fuzz_tcp_stream_never_raises(chunks: list[bytes]) -> None:
         protocol.dataReceived(chunk)
     if transport.value():
         assert split_responses(transport.value())  # whole responses only
+
+
+class FullSocket:
+    """A port whose send buffer is full."""
+
+    def write(self, data: bytes, addr: Any) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+
+def test_udp_send_failure_is_counted_not_raised() -> None:
+    counters = ServerCounters(MetricSet("stun_udp_test"))
+    protocol = StunDatagramProtocol(0, [FullSocket()])
+    protocol.serve(BindingResponder(counters, "udp test"), counters)
+    protocol.datagramReceived(Message(Method.BINDING, MessageClass.REQUEST, TID_A).encode(), ("192.0.2.4", 5555))
+    assert counters.responses.value == 1
+    assert counters.dropped.get("send_failed") == 1
