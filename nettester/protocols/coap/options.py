@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
-from nettester.options import RoleOptions, port_number, positive_float, positive_int
+from nettester.options import RoleOptions, non_negative_int, port_number, positive_float, positive_int
 
 DEFAULT_PORT = 5683
 # RFC 7252 section 6.1 / 6.2 default ports: coap 5683, coaps 5684; the
@@ -102,3 +102,77 @@ class CoapServerOptions(RoleOptions):
             raise usage.UsageError("--cert and --key go together")
         if self["port"] and self["port"] + EXTENDED_OFFSET + COAPS_OFFSET > 65535:
             raise usage.UsageError("--port: BASE+101 must stay below 65536")
+
+
+def content_format_option(value: str) -> int:
+    """A Content-Format: number, media type or alias (text, json, cbor, xml, link, octet)."""
+    from nettester.protocols.coap.message import parse_content_format
+
+    return parse_content_format(value)
+
+
+class CoapClientOptions(RoleOptions):
+    """``nettester coap-client [options] URI``."""
+
+    longdesc = (
+        "Send one CoAP request (or observe a resource) and print the request and each response "
+        "(code, options, RTT, payload). coaps:// uses DTLS 1.2 with PSK (--identity/--secret) or "
+        "certificates (--cert/--key/--trust). Block-wise transfers are transparent."
+    )
+    synopsis = "[options] coap[s]://host[:port]/path[?query]"
+    envVars: ClassVar[dict[str, str]] = {"identity": "COAP_PSK_IDENTITY", "secret": "COAP_PSK_SECRET"}
+    optFlags: ClassVar[list[list[Any]]] = [["non", None, "Send a Non-confirmable request (default CON)."]]
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["method", "m", "GET", "GET, POST, PUT, DELETE, FETCH, PATCH or IPATCH.", lambda v: v.strip().upper()],
+        ["payload", None, "", "Request payload (text)."],
+        ["content-format", None, None, "Content-Format of the payload (number, media type, or text/json/cbor).",
+         content_format_option],
+        ["accept", None, None, "Accept: the Content-Format wanted.", content_format_option],
+        ["observe", None, 0, "Observe and print N notifications, then deregister (0: a plain request).",
+         non_negative_int],
+        ["timeout", None, 60.0, "Seconds to wait for the handshake and the response.", positive_float],
+        ["identity", None, "", "coaps PSK identity."],
+        ["secret", None, "", "coaps PSK secret: text, hex:..., or base64:..."],
+        ["cert", None, "", "coaps PEM certificate chain, P-256."],
+        ["key", None, "", "coaps PEM P-256 private key of --cert."],
+        ["trust", None, "", "coaps PEM trust anchors for the server's certificate."],
+    ]
+
+    def parseArgs(self, uri: str) -> None:
+        from nettester.protocols.coap.client import parse_uri
+
+        try:
+            self["uri"] = parse_uri(uri)
+        except ValueError as error:
+            raise usage.UsageError(f"{error}; see --help") from None
+
+    def postOptions(self) -> None:
+        from nettester.protocols.coap.client import METHODS, parse_secret
+
+        if self["method"] not in METHODS:
+            raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
+        if bool(self["identity"]) != bool(self["secret"]):
+            raise usage.UsageError("--identity and --secret go together")
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key go together")
+        self["dtls"] = None
+        if self["uri"].scheme != "coaps":
+            return
+        if not (self["identity"] or self["cert"]):
+            raise usage.UsageError("coaps:// needs --identity/--secret or --cert/--key")
+        from nettester.protocols.dtls.connection import DtlsConfiguration
+        from nettester.protocols.dtls.options import load_certificates, load_private_key
+
+        try:
+            configuration = DtlsConfiguration(is_client=True)
+            if self["identity"]:
+                configuration.psk_identity = self["identity"].encode()
+                configuration.psk = parse_secret(self["secret"])
+            if self["cert"]:
+                configuration.certificate_chain = load_certificates(self["cert"])
+                configuration.private_key = load_private_key(self["key"])
+            if self["trust"]:
+                configuration.trust_anchors = load_certificates(self["trust"])
+        except (OSError, ValueError) as error:
+            raise usage.UsageError(f"{error}; see --help") from None
+        self["dtls"] = configuration
