@@ -33,6 +33,7 @@ PING_AFTER = 4.0
 REMOVE_AFTER = 6.0
 GROUP_PING_INTERVAL = 10.0
 REPLAY_WINDOW = 60.0
+MAX_NODE_ID = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,9 @@ class NodeTable(_Listeners):
 
     def receive(self, message: NodeMessage, source: Address, now: float) -> list[Outgoing]:
         """An authenticated PING or PONG from C{source}; answers a PING with a PONG."""
+        if message.node_id > MAX_NODE_ID:
+            self._count("bad_node_id")  # a CID names its node in one byte
+            return []
         if not self._fresh(message, now):
             return []
         if message.node_id == self.ownNodeId:

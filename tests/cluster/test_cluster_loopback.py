@@ -85,24 +85,34 @@ def wait_until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
 
 class ClusterLab:
     def __init__(self, mode: str, secret: bytes | None = SECRET, backward: bool = True) -> None:
-        self.management_ports = free_udp_ports(3)
+        ports = free_udp_ports(6)
+        self.management_ports, public_ports = ports[:3], ports[3:]
         self.endpoints = {node_id: StandInEndpoint(node_id) for node_id in (1, 2, 3)}
         self.nodes: dict[int, ClusterNodeService] = {}
         for index, node_id in enumerate((1, 2, 3)):
             own = ("127.0.0.1", self.management_ports[index])
+            public = ("127.0.0.1", public_ports[index])
             others = {n: ("127.0.0.1", p) for n, p in zip((1, 2, 3), self.management_ports, strict=True) if n != node_id}
             if mode == "static":
-                config = ClusterConfig("static", node_id, ("127.0.0.1", 0), own, nodes=others, secret=secret,
-                                       backward=backward)
+                config = ClusterConfig("static", node_id, public, own, nodes=others, secret=secret, backward=backward)
             else:
                 group = tuple(("localhost", p) for p in self.management_ports)
-                config = ClusterConfig("dynamic", node_id, ("127.0.0.1", 0), own, group=group, secret=secret,
-                                       backward=backward)
-            self.nodes[node_id] = ClusterNodeService(reactor, config, self.endpoints[node_id],
-                                                     MetricSet(f"node{node_id}"))
+                config = ClusterConfig("dynamic", node_id, public, own, group=group, secret=secret, backward=backward)
+            self.nodes[node_id] = self._node(config)
         self.nat: NatRoleService | None = None
         self.client = Client()
         self.client_port: Any = None
+
+    def _node(self, config: ClusterConfig) -> ClusterNodeService:
+        return ClusterNodeService(reactor, config, self.endpoints[config.node_id], MetricSet(f"n{config.node_id}"))
+
+    @pytest_twisted.inlineCallbacks
+    def restart(self, node_id: int) -> Generator[Any, Any, None]:
+        """Stop a node and start a new one with the same configuration (a pod restart)."""
+        yield self.nodes[node_id].stopService()
+        self.nodes[node_id] = self._node(self.nodes[node_id].config)
+        self.nodes[node_id].startService()
+        yield self.nodes[node_id].started
 
     @pytest_twisted.inlineCallbacks
     def start(self) -> Generator[Any, Any, None]:
@@ -222,4 +232,29 @@ def test_forged_management_records_are_dropped_and_counted() -> Generator[Any, A
         assert lab.endpoints[2].received[0][1:] == (("127.0.0.1", 9), "dtls-cid-router")
     finally:
         yield attacker_port.stopListening()
+        yield lab.stop()
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest_twisted.inlineCallbacks
+def test_a_restarted_node_is_found_again(mode: str) -> Generator[Any, Any, None]:
+    lab = ClusterLab(mode)
+    try:
+        yield lab.start()
+        if mode == "dynamic":
+            yield wait_until(lambda: all(len(node.discovery.nodes()) == 2 for node in lab.nodes.values()))
+        owner, _ = yield lab.exchange(HANDSHAKE)
+        other = next(n for n in lab.nodes if n != owner)
+        yield lab.restart(other)
+        if mode == "dynamic":
+            # The new node pings its group at once; the others answer with PONGs.
+            yield wait_until(lambda: len(lab.nodes[other].discovery.nodes()) == 2)
+        for _ in range(20):  # move the client onto the restarted node
+            yield lab.nat.console.execute("rebalance")
+            if lab.receiving_node() == other:
+                break
+        assert lab.receiving_node() == other
+        assert (yield lab.exchange(cid_record(owner, b"after restart"))) == (owner, "dtls-cid-router")
+        assert lab.nodes[other].router.forwarded == 1
+    finally:
         yield lab.stop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -98,3 +100,17 @@ def test_dynamic_discovery_ticks_every_2_seconds() -> None:
     assert clock.getDelayedCalls()[0].getTime() == 1012.0
     service.stopService()
     assert clock.getDelayedCalls() == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=48) | st.builds(lambda kind, tail: bytes([kind]) + tail,
+                                                   st.sampled_from([60, 61, 62, 63]), st.binary(max_size=40)),
+                max_size=20))
+def test_hostile_datagrams_never_raise_nor_reach_the_handlers(datagrams: list[bytes]) -> None:
+    codec = ManagementCodec(b"k")
+    table = NodeTable(1, codec)
+    management, udp, calls = endpoint(codec, table)
+    for datagram in datagrams:
+        management.datagramReceived(datagram, B)
+    assert calls == [] and udp.written == [] and table.nodes() == {}
+    assert management.dropped.total == len(datagrams)

@@ -140,3 +140,9 @@ def test_hostile_datagrams_never_change_a_keyed_table(datagrams: list[bytes]) ->
         if isinstance(message, NodeMessage):
             table.receive(message, ("203.0.113.66", 1), T0 + 1)
     assert table.nodes() == {2: B}
+
+
+def test_node_ids_beyond_one_byte_are_dropped() -> None:
+    one = NodeTable(1, ManagementCodec())
+    assert one.receive(NodeMessage(TYPE_PING, 256, NodeState.UP), B, 1.0) == []
+    assert one.nodes() == {} and one.drops == {"bad_node_id": 1}

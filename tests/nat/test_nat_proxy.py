@@ -1,0 +1,126 @@
+"""The NAT proxy's socket handling on a fake reactor: sockets per entry, expiry, reassign, drops."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
+
+from nettester.nat.proxy import NatProxy
+from nettester.nat.table import DropPolicy, NatTable, SizeLimit
+
+A = ("10.0.0.1", 5684)
+B = ("10.0.0.2", 5684)
+
+
+class FakePort:
+    def __init__(self, number: int, protocol: Any) -> None:
+        self.number = number
+        self.protocol = protocol
+        self.written: list[tuple[bytes, Any]] = []
+        self.open = True
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", "127.0.0.1", self.number)
+
+    def write(self, datagram: bytes, address: Any) -> None:
+        self.written.append((datagram, address))
+
+    def stopListening(self) -> None:
+        self.open = False
+
+
+class FakeUdpReactor(Clock):
+    def __init__(self, socket_limit: int = 1000) -> None:
+        super().__init__()
+        self.ports: list[FakePort] = []
+        self._limit = socket_limit
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> FakePort:
+        if len([p for p in self.ports if p.open]) >= self._limit:
+            raise CannotListenError(interface, port, OSError(24, "Too many open files"))
+        fake = FakePort(port or 40000 + len(self.ports), protocol)
+        self.ports.append(fake)
+        protocol.transport = fake
+        return fake
+
+    def open_ports(self) -> list[FakePort]:
+        return [p for p in self.ports if p.open]
+
+
+def proxy(reactor: FakeUdpReactor, *destinations: tuple[str, int], policy: DropPolicy | None = None,
+          **table: Any) -> NatProxy:
+    nat = NatTable([(f"{h}:{p}", (h, p)) for h, p in destinations], rng=random.Random(2), **table)
+    service = NatProxy(reactor, nat, policy or DropPolicy(), ("127.0.0.1", 5784))
+    service.startService()
+    return service
+
+
+def public(reactor: FakeUdpReactor) -> FakePort:
+    return reactor.ports[0]
+
+
+def test_one_outgoing_socket_per_client_and_answers_go_back_through_the_public_socket() -> None:
+    reactor = FakeUdpReactor()
+    nat = proxy(reactor, A)
+    for port in (1000, 1001, 1000):
+        public(reactor).protocol.datagramReceived(b"hi", ("192.0.2.1", port))
+    outgoing = reactor.ports[1:]
+    assert len(outgoing) == 2
+    assert outgoing[0].written == [(b"hi", A), (b"hi", A)] and outgoing[1].written == [(b"hi", A)]
+    outgoing[1].protocol.datagramReceived(b"answer", A)
+    assert public(reactor).written == [(b"answer", ("192.0.2.1", 1001))]
+    assert nat.summary()["forwarded"] == 3 and nat.summary()["backwarded"] == 1
+
+
+def test_expired_entries_close_their_sockets_on_the_timer() -> None:
+    reactor = FakeUdpReactor()
+    nat = proxy(reactor, A, nat_timeout=30.0)
+    public(reactor).protocol.datagramReceived(b"hi", ("192.0.2.1", 1000))
+    reactor.advance(20.0)
+    public(reactor).protocol.datagramReceived(b"hi", ("192.0.2.2", 1000))
+    reactor.advance(10.0)
+    assert [p.number for p in reactor.open_ports()] == [5784, 40002]
+    reactor.advance(20.0)
+    assert [p.number for p in reactor.open_ports()] == [5784]
+    assert nat.summary()["expired"] == 2 and reactor.getDelayedCalls() == []
+
+
+def test_reassign_and_clear_close_sockets_and_new_ones_open_on_demand() -> None:
+    reactor = FakeUdpReactor()
+    nat = proxy(reactor, A, B)
+    for port in range(5):
+        public(reactor).protocol.datagramReceived(b"x", ("192.0.2.1", port))
+    assert nat.reassign() == 5
+    assert len(reactor.open_ports()) == 1
+    public(reactor).protocol.datagramReceived(b"x", ("192.0.2.1", 0))
+    assert len(reactor.open_ports()) == 2
+    assert nat.clear(None) == 1 and len(reactor.open_ports()) == 1
+    assert nat.table.backward(2, A, reactor.seconds()) is None
+
+
+def test_drops_are_counted_by_reason() -> None:
+    reactor = FakeUdpReactor(socket_limit=2)
+    nat = proxy(reactor, A, policy=DropPolicy(size_limit=SizeLimit(4)))
+    public(reactor).protocol.datagramReceived(b"12345", ("192.0.2.1", 1))
+    public(reactor).protocol.datagramReceived(b"1234", ("192.0.2.1", 1))
+    public(reactor).protocol.datagramReceived(b"1234", ("192.0.2.1", 2))  # no socket left
+    reactor.ports[1].protocol.datagramReceived(b"123456", A)
+    reactor.ports[1].protocol.datagramReceived(b"x", A)
+    nat.backward_datagram(999, b"x", A)
+    assert nat.dropped.values == {"size_limit": 2, "no_socket": 1, "unknown_entry": 1}
+    assert public(reactor).written == [(b"x", ("192.0.2.1", 1))]
+    nat.table.removeDestination(A)
+    public(reactor).protocol.datagramReceived(b"1", ("192.0.2.9", 1))
+    assert nat.dropped.get("no_destination") == 1
+
+
+def test_stop_closes_every_socket() -> None:
+    reactor = FakeUdpReactor()
+    nat = proxy(reactor, A)
+    public(reactor).protocol.datagramReceived(b"x", ("192.0.2.1", 1))
+    nat.stopService()
+    assert reactor.open_ports() == [] and reactor.getDelayedCalls() == []
