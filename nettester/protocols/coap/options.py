@@ -13,7 +13,14 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
-from nettester.options import RoleOptions, non_negative_int, port_number, positive_float, positive_int
+from nettester.options import (
+    RoleOptions,
+    non_negative_float,
+    non_negative_int,
+    port_number,
+    positive_float,
+    positive_int,
+)
 
 DEFAULT_PORT = 5683
 # RFC 7252 section 6.1 / 6.2 default ports: coap 5683, coaps 5684; the
@@ -111,26 +118,11 @@ def content_format_option(value: str) -> int:
     return parse_content_format(value)
 
 
-class CoapClientOptions(RoleOptions):
-    """``nettester coap-client [options] URI``."""
+class _CoapsClientCredentials:
+    """``--identity/--secret`` or ``--cert/--key/--trust`` for coaps:// URIs; leaves ``self["dtls"]``."""
 
-    longdesc = (
-        "Send one CoAP request (or observe a resource) and print the request and each response "
-        "(code, options, RTT, payload). coaps:// uses DTLS 1.2 with PSK (--identity/--secret) or "
-        "certificates (--cert/--key/--trust). Block-wise transfers are transparent."
-    )
-    synopsis = "[options] coap[s]://host[:port]/path[?query]"
     envVars: ClassVar[dict[str, str]] = {"identity": "COAP_PSK_IDENTITY", "secret": "COAP_PSK_SECRET"}
-    optFlags: ClassVar[list[list[Any]]] = [["non", None, "Send a Non-confirmable request (default CON)."]]
     optParameters: ClassVar[list[list[Any]]] = [
-        ["method", "m", "GET", "GET, POST, PUT, DELETE, FETCH, PATCH or IPATCH.", lambda v: v.strip().upper()],
-        ["payload", None, "", "Request payload (text)."],
-        ["content-format", None, None, "Content-Format of the payload (number, media type, or text/json/cbor).",
-         content_format_option],
-        ["accept", None, None, "Accept: the Content-Format wanted.", content_format_option],
-        ["observe", None, 0, "Observe and print N notifications, then deregister (0: a plain request).",
-         non_negative_int],
-        ["timeout", None, 60.0, "Seconds to wait for the handshake and the response.", positive_float],
         ["identity", None, "", "coaps PSK identity."],
         ["secret", None, "", "coaps PSK secret: text, hex:..., or base64:..."],
         ["cert", None, "", "coaps PEM certificate chain, P-256."],
@@ -142,37 +134,101 @@ class CoapClientOptions(RoleOptions):
         from nettester.protocols.coap.client import parse_uri
 
         try:
-            self["uri"] = parse_uri(uri)
+            self["uri"] = parse_uri(uri)  # type: ignore[index]
         except ValueError as error:
             raise usage.UsageError(f"{error}; see --help") from None
 
-    def postOptions(self) -> None:
-        from nettester.protocols.coap.client import METHODS, parse_secret
-
-        if self["method"] not in METHODS:
-            raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
-        if bool(self["identity"]) != bool(self["secret"]):
+    def _dtls_configuration(self) -> Any:
+        """The client DtlsConfiguration for coaps://, None for coap://."""
+        options: Any = self
+        if bool(options["identity"]) != bool(options["secret"]):
             raise usage.UsageError("--identity and --secret go together")
-        if bool(self["cert"]) != bool(self["key"]):
+        if bool(options["cert"]) != bool(options["key"]):
             raise usage.UsageError("--cert and --key go together")
-        self["dtls"] = None
-        if self["uri"].scheme != "coaps":
-            return
-        if not (self["identity"] or self["cert"]):
+        if options["uri"].scheme != "coaps":
+            return None
+        if not (options["identity"] or options["cert"]):
             raise usage.UsageError("coaps:// needs --identity/--secret or --cert/--key")
+        from nettester.protocols.coap.client import parse_secret
         from nettester.protocols.dtls.connection import DtlsConfiguration
         from nettester.protocols.dtls.options import load_certificates, load_private_key
 
         try:
             configuration = DtlsConfiguration(is_client=True)
-            if self["identity"]:
-                configuration.psk_identity = self["identity"].encode()
-                configuration.psk = parse_secret(self["secret"])
-            if self["cert"]:
-                configuration.certificate_chain = load_certificates(self["cert"])
-                configuration.private_key = load_private_key(self["key"])
-            if self["trust"]:
-                configuration.trust_anchors = load_certificates(self["trust"])
+            if options["identity"]:
+                configuration.psk_identity = options["identity"].encode()
+                configuration.psk = parse_secret(options["secret"])
+            if options["cert"]:
+                configuration.certificate_chain = load_certificates(options["cert"])
+                configuration.private_key = load_private_key(options["key"])
+            if options["trust"]:
+                configuration.trust_anchors = load_certificates(options["trust"])
         except (OSError, ValueError) as error:
             raise usage.UsageError(f"{error}; see --help") from None
-        self["dtls"] = configuration
+        return configuration
+
+
+class CoapClientOptions(_CoapsClientCredentials, RoleOptions):
+    """``nettester coap-client [options] URI``."""
+
+    longdesc = (
+        "Send one CoAP request (or observe a resource) and print the request and each response "
+        "(code, options, RTT, payload). coaps:// uses DTLS 1.2 with PSK (--identity/--secret) or "
+        "certificates (--cert/--key/--trust). Block-wise transfers are transparent."
+    )
+    synopsis = "[options] coap[s]://host[:port]/path[?query]"
+    optFlags: ClassVar[list[list[Any]]] = [["non", None, "Send a Non-confirmable request (default CON)."]]
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["method", "m", "GET", "GET, POST, PUT, DELETE, FETCH, PATCH or IPATCH.", lambda v: v.strip().upper()],
+        ["payload", None, "", "Request payload (text)."],
+        ["content-format", None, None, "Content-Format of the payload (number, media type, or text/json/cbor).",
+         content_format_option],
+        ["accept", None, None, "Accept: the Content-Format wanted.", content_format_option],
+        ["observe", None, 0, "Observe and print N notifications, then deregister (0: a plain request).",
+         non_negative_int],
+        ["timeout", None, 60.0, "Seconds to wait for the handshake and the response.", positive_float],
+    ]
+
+    def postOptions(self) -> None:
+        from nettester.protocols.coap.client import METHODS
+
+        if self["method"] not in METHODS:
+            raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
+        self["dtls"] = self._dtls_configuration()
+
+
+class CoapBenchOptions(_CoapsClientCredentials, RoleOptions):
+    """``nettester coap-bench [options] URI`` (Californium's BenchmarkClient)."""
+
+    longdesc = (
+        "Load a CoAP server with --clients closed-loop clients, each on its own socket: one request, "
+        "its response, the next one after --interval; a failed request is retried after 1 s. Prints "
+        "'N requests (R reqs/s, X retransmissions (p%), Y transmission errors (q%), C clients)' every "
+        "--report-interval and a summary with RTT percentiles and the requests-per-client histogram."
+    )
+    synopsis = "[options] coap[s]://host[:port]/benchmark?rlen=40"
+    envVars: ClassVar[dict[str, str]] = {"clients": "COAP_CLIENT_COUNT"}
+    optFlags: ClassVar[list[list[Any]]] = [
+        ["con", None, "Confirmable requests (default)."],
+        ["non", None, "Non-confirmable requests."],
+    ]
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["clients", "c", 2000, "Clients, each with its own source port.", positive_int],
+        ["requests", "r", 0, "Requests per client (0: until stopped).", non_negative_int],
+        ["nstart", None, 1, "Requests in flight per client (RFC 7252 NSTART).", positive_int],
+        ["method", "m", "GET", "GET, POST, PUT...", lambda v: v.strip().upper()],
+        ["interval", None, 0.0, "Seconds between a response and the client's next request.", non_negative_float],
+        ["timeout", None, 10.0, "Seconds to wait for a response (after the CON was acknowledged).",
+         positive_float],
+        ["payload-random", None, 0, "Send N random payload bytes with each request.", non_negative_int],
+        ["report-interval", None, 10.0, "Seconds between progress lines (0: none).", non_negative_float],
+    ]
+
+    def postOptions(self) -> None:
+        from nettester.protocols.coap.client import METHODS
+
+        if self["con"] and self["non"]:
+            raise usage.UsageError("--con and --non contradict each other")
+        if self["method"] not in METHODS:
+            raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
+        self["dtls"] = self._dtls_configuration()

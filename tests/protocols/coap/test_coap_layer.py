@@ -158,7 +158,7 @@ def test_retransmission_back_off_and_give_up() -> None:
         for event in pair.events(pair.client):
             failure = event
             end = deadline
-    gaps = [b - a for a, b in zip(sends, sends[1:])]
+    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
     assert len(sends) == 5  # the original and MAX_RETRANSMIT = 4 retransmissions
     assert 2.0 <= gaps[0] <= 3.0
     assert gaps[1:] == pytest.approx([gaps[0] * 2, gaps[0] * 4, gaps[0] * 8])

@@ -1,0 +1,74 @@
+"""coap-bench: statistics lines, options, a short closed-loop run against the server."""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.python import usage
+
+from nettester.protocols.coap.bench import BenchConfig, BenchStatistics, CoapBenchService
+from nettester.protocols.coap.client import parse_uri
+from nettester.protocols.coap.options import CoapBenchOptions
+from nettester.protocols.coap.server import CoapServerService
+from nettester.udplink import UdpLink
+
+
+def test_progress_line_matches_californium_wording() -> None:
+    stats = BenchStatistics(clients=3, started=100.0)
+    for client in (0, 1, 1, 2):
+        stats.record_response(client, 0.002)
+    stats.record_failure()
+    line = stats.progress_line(102.0, retransmissions=1, active_clients=3)
+    assert line == "4 requests (2 reqs/s, 1 retransmissions (20.00%), 1 transmission errors (20.00%), 3 clients)"
+    stats.record_response(0, 0.004)
+    assert stats.progress_line(103.0, 1, 3).startswith("5 requests (1 reqs/s,")
+
+
+def test_percentiles_and_histogram() -> None:
+    stats = BenchStatistics(clients=4, started=0.0)
+    for index in range(100):
+        stats.record_response(index % 2, (index + 1) / 1000)
+    assert stats.percentile(50) == pytest.approx(0.050)
+    assert stats.percentile(99) == pytest.approx(0.099)
+    assert stats.percentile(100) == pytest.approx(0.100)
+    lines = stats.summary_lines(10.0, retransmissions=0)
+    assert lines[0].startswith("100 requests in 10.0 s: 10 reqs/s")
+    assert "p50=50.00" in lines[1] and "max=100.00" in lines[1]
+    assert lines[2:] == ["requests per client (requests: clients):", "  0: 2", "  50: 2"]
+    assert BenchStatistics(1, 0.0).percentile(50) == 0.0
+
+
+def test_options() -> None:
+    options = CoapBenchOptions()
+    options.parseOptions(["--clients", "10", "--non", "--payload-random", "8", "coap://127.0.0.1:5783/benchmark"])
+    assert options["clients"] == 10 and options["non"] and options["payload-random"] == 8
+    assert options["uri"].path == ("benchmark",) and options["dtls"] is None
+    with pytest.raises(usage.UsageError):
+        CoapBenchOptions().parseOptions(["--con", "--non", "coap://127.0.0.1/benchmark"])
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_short_run_against_the_server() -> Generator[Any, Any, None]:
+    server = CoapServerService(reactor, 0, ["127.0.0.1"], plugtest=False, benchmark=True)
+    server.startService()
+    port = next(p for _, _, p, name in server.listening if name == "extended")
+    out = io.StringIO()
+    config = BenchConfig(parse_uri(f"coap://127.0.0.1:{port}/benchmark?rlen=40"), clients=20, requests=10,
+                         report_interval=0.05)
+    bench = CoapBenchService(reactor, config, UdpLink, out, random.Random(3))
+    try:
+        bench.startService()
+        status = yield bench.done.addTimeout(10.0, reactor)
+        assert status == 0
+        assert bench.stats.responses == 200 and bench.stats.per_client == [10] * 20
+        text = out.getvalue()
+        assert "200 requests in" in text and "  10: 20" in text
+    finally:
+        yield server.stopService()
