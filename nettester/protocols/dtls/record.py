@@ -51,6 +51,8 @@ class Record:
     sequence_number: int
     cid: bytes
     fragment: bytes
+    #: the 8 header bytes epoch + sequence number, as the additional data needs them
+    epoch_and_sequence: bytes = b""
 
 
 def parse_records(datagram: bytes, cid_length: int) -> tuple[list[Record], bool]:
@@ -81,7 +83,15 @@ def parse_records(datagram: bytes, cid_length: int) -> tuple[list[Record], bool]
         if length > MAX_CIPHERTEXT or start + length > end or version >> 8 != 0xFE:
             return records, True
         records.append(
-            Record(content_type, version, epoch, (seq_high << 32) | seq_low, cid, datagram[start : start + length])
+            Record(
+                content_type,
+                version,
+                epoch,
+                (seq_high << 32) | seq_low,
+                cid,
+                datagram[start : start + length],
+                datagram[offset + 3 : offset + 11],
+            )
         )
         offset = start + length
     return records, False
@@ -130,18 +140,12 @@ class ReplayWindow:
             self._bitmap |= 1 << (self.highest - sequence_number)
 
 
-def _cid_additional_data(epoch: int, sequence_number: int, cid: bytes, inner_length: int) -> bytes:
-    """RFC 9146 section 5.3 additional data (section 5.1 MAC input prefix)."""
-    return b"".join(
-        (
-            _CID_AAD_PREFIX,
-            bytes((len(cid), TLS12_CID)),
-            VERSION_BYTES,
-            struct.pack("!HHI", epoch, sequence_number >> 32, sequence_number & 0xFFFFFFFF),
-            cid,
-            inner_length.to_bytes(2, "big"),
-        )
-    )
+def _cid_additional_data_prefix(cid: bytes) -> bytes:
+    """The constant head of the RFC 9146 section 5.3 additional data (and of
+    the section 5.1 MAC input): seq_num_placeholder, tls12_cid, cid_length,
+    tls12_cid, version.  Epoch + sequence number, the CID and the inner
+    plaintext length follow."""
+    return _CID_AAD_PREFIX + bytes((len(cid), TLS12_CID)) + VERSION_BYTES
 
 
 def _additional_data(epoch: int, sequence_number: int, content_type: int, version: int, length: int) -> bytes:
@@ -153,13 +157,14 @@ class ReadState:
     """One read epoch: its protection (None for epoch 0), replay window and
     the CID records of this epoch must carry (empty: no tls12_cid)."""
 
-    __slots__ = ("epoch", "protection", "window", "cid")
+    __slots__ = ("epoch", "protection", "window", "cid", "_cid_prefix")
 
     def __init__(self, epoch: int, protection: RecordProtection | None, cid: bytes = b"") -> None:
         self.epoch = epoch
         self.protection = protection
         self.window = ReplayWindow()
         self.cid = cid
+        self._cid_prefix = _cid_additional_data_prefix(cid)
 
     def open(self, record: Record) -> tuple[int, bytes]:
         """(content type, plaintext) of an authenticated record; raises
@@ -171,14 +176,11 @@ class ReadState:
             if len(record.fragment) > MAX_PLAINTEXT:
                 raise RecordError("oversized plaintext record")
             return record.content_type, record.fragment
-        epoch, sequence_number = record.epoch, record.sequence_number
         if self.cid:
             if record.content_type != TLS12_CID or record.cid != self.cid:
                 raise RecordError("record without our connection id")
-            cid = self.cid
-            inner = self.protection.open(
-                record.fragment, lambda length: _cid_additional_data(epoch, sequence_number, cid, length)
-            )
+            head = self._cid_prefix + record.epoch_and_sequence + self.cid
+            inner = self.protection.open(record.fragment, lambda length: head + length.to_bytes(2, "big"))
             if inner is None:
                 raise RecordError("bad record mac")
             # DTLSInnerPlaintext: content, real type, zero padding (RFC 9146 section 4).
@@ -189,13 +191,11 @@ class ReadState:
             if len(content) > MAX_PLAINTEXT:
                 raise RecordError("oversized plaintext record")
             return stripped[-1], content
-        content_type, version = record.content_type, record.version
+        content_type = record.content_type
         if content_type not in CONTENT_TYPES:
             raise RecordError("record of type %d" % content_type)
-        plaintext = self.protection.open(
-            record.fragment,
-            lambda length: _additional_data(epoch, sequence_number, content_type, version, length),
-        )
+        head = record.epoch_and_sequence + bytes((content_type,)) + record.version.to_bytes(2, "big")
+        plaintext = self.protection.open(record.fragment, lambda length: head + length.to_bytes(2, "big"))
         if plaintext is None:
             raise RecordError("bad record mac")
         if len(plaintext) > MAX_PLAINTEXT:
@@ -206,13 +206,15 @@ class ReadState:
 class WriteState:
     """One write epoch: protection, next sequence number, the peer's CID."""
 
-    __slots__ = ("epoch", "protection", "next_sequence", "cid")
+    __slots__ = ("epoch", "protection", "next_sequence", "cid", "_cid_prefix", "_cid_header")
 
     def __init__(self, epoch: int, protection: RecordProtection | None, cid: bytes = b"") -> None:
         self.epoch = epoch
         self.protection = protection
         self.next_sequence = 0
         self.cid = cid
+        self._cid_prefix = _cid_additional_data_prefix(cid)
+        self._cid_header = bytes((TLS12_CID,)) + VERSION_BYTES
 
     @property
     def overhead(self) -> int:
@@ -231,21 +233,13 @@ class WriteState:
         if self.protection is None:
             return encode_plaintext_record(content_type, DTLS_1_2, epoch, sequence_number, payload)
         explicit_nonce = struct.pack("!HHI", epoch, sequence_number >> 32, sequence_number & 0xFFFFFFFF)
-        if self.cid:
+        cid = self.cid
+        if cid:
             inner = payload + bytes((content_type,))
             fragment = self.protection.seal(
-                inner, _cid_additional_data(epoch, sequence_number, self.cid, len(inner)), explicit_nonce
+                inner, self._cid_prefix + explicit_nonce + cid + len(inner).to_bytes(2, "big"), explicit_nonce
             )
-            return b"".join(
-                (
-                    bytes((TLS12_CID,)),
-                    VERSION_BYTES,
-                    explicit_nonce,
-                    self.cid,
-                    len(fragment).to_bytes(2, "big"),
-                    fragment,
-                )
-            )
+            return self._cid_header + explicit_nonce + cid + len(fragment).to_bytes(2, "big") + fragment
         fragment = self.protection.seal(
             payload, _additional_data(epoch, sequence_number, content_type, DTLS_1_2, len(payload)), explicit_nonce
         )

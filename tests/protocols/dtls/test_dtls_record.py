@@ -113,7 +113,7 @@ def test_cid_inner_plaintext_zero_padding_accepted() -> None:
     inner = b"abc\x17\x00\x00\x00"
     aad = b"\xff" * 8 + b"\x19\x02\x19\xfe\xfd" + seq + cid + len(inner).to_bytes(2, "big")
     fragment = protection.seal(inner, aad, seq)
-    rec = record.Record(record.TLS12_CID, record.DTLS_1_2, 1, 7, cid, fragment)
+    rec = record.Record(record.TLS12_CID, record.DTLS_1_2, 1, 7, cid, fragment, seq)
     assert ReadState(1, protection, cid).open(rec) == (record.APPLICATION_DATA, b"abc")
     zero_inner = b"\x00\x00"
     aad = b"\xff" * 8 + b"\x19\x02\x19\xfe\xfd" + seq + cid + b"\x00\x02"

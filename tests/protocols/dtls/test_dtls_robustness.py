@@ -250,3 +250,13 @@ def test_hostile_client_hello_record_number_is_not_adopted() -> None:
     server.receive_datagram(hello, 0.0, CLIENT_ADDRESS)
     assert server.datagrams_to_send(0.0) and not server.is_closed
     assert server._write_states[0].next_sequence < 2**16
+
+
+def test_plaintext_fatal_alert_ends_a_handshake_by_design() -> None:
+    """Before keys exist a peer can only alert in plaintext (RFC 5246
+    section 7.2): honoured during the handshake, ignored after it."""
+    client, hello = hello_with_cookie()
+    server = DtlsConnection(psk_configs()[1], CLIENT_ADDRESS)
+    server.receive_datagram(hello, 0.0, CLIENT_ADDRESS)
+    server.receive_datagram(WriteState(0, None).seal(record.ALERT, b"\x02\x28"), 0.0, CLIENT_ADDRESS)
+    assert server.is_closed and server.failure_reason == "alert_40"
