@@ -232,3 +232,34 @@ class CoapBenchOptions(_CoapsClientCredentials, RoleOptions):
         if self["method"] not in METHODS:
             raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
         self["dtls"] = self._dtls_configuration()
+
+
+class CoapReceiveTestOptions(_CoapsClientCredentials, RoleOptions):
+    """``nettester coap-receivetest [options] [URI]`` (Californium's ReceivetestClient)."""
+
+    longdesc = (
+        "POST requests?dev=<uuid>&rid=<id>&ep to the extended server and print the history it keeps "
+        "for this device (which requests arrived, when, from where) with the RTT. The device UUID "
+        "lives in --uuid-file so runs accumulate; --reset-uuid starts a new device."
+    )
+    synopsis = "[options] [coap[s]://host[:port]/requests]"
+    optFlags: ClassVar[list[list[Any]]] = [
+        ["json", None, "Ask for the history as JSON."],
+        ["cbor", None, "Ask for the history as CBOR."],
+        ["reset-uuid", None, "Create a new device UUID."],
+    ]
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["uuid-file", None, "", "File keeping the device UUID (default ~/.nettester/coap-receivetest.uuid)."],
+        ["timeout", None, 60.0, "Seconds to wait for the handshake and the response.", positive_float],
+    ]
+
+    def parseArgs(self, uri: str = "coap://127.0.0.1:5783/requests") -> None:
+        super().parseArgs(uri)
+
+    def postOptions(self) -> None:
+        from nettester.protocols.coap.receivetest import DEFAULT_UUID_FILE
+
+        if self["json"] and self["cbor"]:
+            raise usage.UsageError("--json and --cbor contradict each other")
+        self["uuid-file"] = self["uuid-file"] or DEFAULT_UUID_FILE
+        self["dtls"] = self._dtls_configuration()

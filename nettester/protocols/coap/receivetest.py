@@ -1,0 +1,178 @@
+"""The ``coap-receivetest`` role: Californium's ReceivetestClient.
+
+The device keeps a UUID in a file, so successive runs show up as one device
+in the server's ``requests`` resource. Each run POSTs
+``requests?dev=<uuid>&rid=<id>&ep`` and prints the history the server
+returns (which of our earlier requests arrived, when, from which address),
+with the RTT of this request: lost requests show as gaps in the history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import IO, Any
+
+import cbor2
+from twisted.application.service import Service
+from twisted.internet import defer
+
+from nettester.interfaces import IDatagramLink
+from nettester.protocols.coap.client import CoapUri, build_request
+from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
+from nettester.protocols.coap.layer import ResponseReceived
+from nettester.protocols.coap.message import Code, ContentFormat, Message, code_name
+
+DEFAULT_UUID_FILE = os.path.join(os.path.expanduser("~"), ".nettester", "coap-receivetest.uuid")
+
+
+def device_uuid(path: str, reset: bool) -> str:
+    """The device's UUID from ``path``; a new one (saved) when absent or ``reset``."""
+    if not reset:
+        try:
+            with open(path) as stored:
+                text = stored.read().strip()
+            return str(uuid.UUID(text))
+        except (OSError, ValueError):
+            pass
+    fresh = str(uuid.uuid4())
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as stored:
+        stored.write(fresh + "\n")
+    return fresh
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One request the server recorded for this device."""
+
+    rid: str
+    time_ms: int
+    endpoint: str | None
+
+
+def parse_history(payload: bytes, content_format: int | None) -> tuple[int, list[HistoryEntry]]:
+    """``systemstart`` and the entries, newest first, from a text, JSON or CBOR answer.
+
+    :raises ValueError: when the payload is not what the ``requests`` resource sends.
+    """
+    try:
+        if content_format in (ContentFormat.JSON, ContentFormat.CBOR):
+            document = json.loads(payload) if content_format == ContentFormat.JSON else cbor2.loads(payload)
+            entries = [HistoryEntry(str(item["rid"]), int(item["time"]), item.get("ep"))
+                       for item in document["requests"]]
+            return int(document["systemstart"]), entries
+        lines = payload.decode().splitlines()
+        name, _, start = lines[0].partition(": ")
+        if name != "systemstart":
+            raise ValueError("no systemstart line")
+        entries = []
+        for line in lines[1:]:
+            rid, _, rest = line.partition(": ")  # a rid never holds ':' (the server refuses it)
+            time_text, _, endpoint = rest.partition(" ")
+            entries.append(HistoryEntry(rid, int(time_text), endpoint or None))
+        return int(start), entries
+    except (KeyError, TypeError, IndexError, UnicodeDecodeError, cbor2.CBORDecodeError) as error:
+        raise ValueError(f"not a receive-test history: {error}") from None
+
+
+def format_history(systemstart: int, entries: list[HistoryEntry], ours: str, rtt: float | None) -> str:
+    """The history as lines, this run's request marked, times relative to the newest."""
+    lines = [f"server started at {systemstart} ms, {len(entries)} requests recorded for this device"]
+    newest = entries[0].time_ms if entries else 0
+    for entry in entries:
+        marker = "*" if entry.rid == ours else " "
+        where = f" from {entry.endpoint}" if entry.endpoint else ""
+        lines.append(f"{marker} rid={entry.rid} at -{(newest - entry.time_ms) / 1000:.3f} s{where}")
+    if rtt is not None:
+        lines.append(f"RTT of this request: {rtt * 1000:.1f} ms")
+    return "\n".join(lines)
+
+
+class ReceiveTestService(Service):
+    """One POST to ``requests``; prints the device's history; then done."""
+
+    def __init__(self, reactor: Any, uri: CoapUri, device: str, link: IDatagramLink, stdout: IO[str],
+                 content_format: int = ContentFormat.TEXT_PLAIN, timeout: float = 60.0) -> None:
+        self._reactor = reactor
+        self.device = device
+        self.rid = f"r{int(reactor.seconds() * 1000)}"
+        query = (f"dev={device}", f"rid={self.rid}", "ep")
+        self.uri = CoapUri(uri.scheme, uri.host, uri.port, uri.path, query)
+        self.link = link
+        self.stdout = stdout
+        self.content_format = content_format
+        self.timeout = timeout
+        self.done: defer.Deferred[int] = defer.Deferred()
+        self._endpoint: CoapEndpoint | None = None
+        self._port: Any = None
+
+    def request(self) -> Message:
+        return build_request(self.uri, "POST", accept=self.content_format)
+
+    def startService(self) -> None:
+        super().startService()
+        self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "")
+        self._endpoint = CoapEndpoint(self.link, self._reactor)
+        connecting = self.link.connect(self.uri.address)
+        connecting.addTimeout(self.timeout, self._reactor)
+        connecting.addCallback(self._post)
+        connecting.addCallbacks(self._answered, self._failed)
+
+    def _post(self, peer: Any) -> defer.Deferred[ResponseReceived]:
+        assert self._endpoint is not None
+        return self._endpoint.request(peer, self.request(), response_timeout=self.timeout)
+
+    def _answered(self, event: ResponseReceived) -> None:
+        response = event.response
+        if response.code != Code.CHANGED:
+            self._print(f"server answered {code_name(response.code)}: {response.payload.decode('utf-8', 'replace')}")
+            self._stop(1)
+            return
+        try:
+            systemstart, entries = parse_history(response.payload, response.content_format)
+        except ValueError as error:
+            self._print(f"unreadable answer: {error}")
+            self._stop(1)
+            return
+        self._print(f"device {self.device}")
+        self._print(format_history(systemstart, entries, self.rid, event.rtt))
+        self._stop(0)
+
+    def _failed(self, failure: Any) -> None:
+        reason = failure.value.reason if failure.check(CoapRequestError) else failure.getErrorMessage()
+        self._print(f"no response: {reason}")
+        self._stop(1)
+
+    def _print(self, text: str) -> None:
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    def _stop(self, status: int) -> None:
+        if self._endpoint is not None:
+            self._endpoint.stop()
+        if self._port is not None:
+            self._port.stopListening()
+        self.done.callback(status)
+
+
+def make_receivetest_service(reactor: Any, options: Any, stdout: IO[str]) -> ReceiveTestService:
+    """The role's service from parsed :class:`CoapReceiveTestOptions`; ends the process when done."""
+    from nettester.protocols.coap.client import make_link
+
+    uri = options["uri"]
+    content_format = ContentFormat.CBOR if options["cbor"] else ContentFormat.JSON if options["json"] else 0
+    device = device_uuid(options["uuid-file"], bool(options["reset-uuid"]))
+    service = ReceiveTestService(reactor, uri, device, make_link(reactor, uri, options["dtls"]), stdout,
+                                 content_format, options["timeout"])
+
+    def end(status: int) -> None:
+        from nettester.tap import set_exit_status
+
+        set_exit_status(status)
+        reactor.stop()
+
+    service.done.addCallback(end)
+    return service

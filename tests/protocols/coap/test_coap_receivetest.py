@@ -1,0 +1,92 @@
+"""coap-receivetest: device UUID file, history parsing, a run against the server."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor
+
+from nettester.protocols.coap.client import parse_uri
+from nettester.protocols.coap.message import ContentFormat
+from nettester.protocols.coap.options import CoapReceiveTestOptions
+from nettester.protocols.coap.receivetest import (
+    HistoryEntry,
+    ReceiveTestService,
+    device_uuid,
+    format_history,
+    parse_history,
+)
+from nettester.protocols.coap.server import CoapServerService
+from nettester.udplink import UdpLink
+
+
+def test_device_uuid_is_kept_and_reset(tmp_path: Path) -> None:
+    path = str(tmp_path / "sub" / "uuid")
+    first = device_uuid(path, reset=False)
+    assert device_uuid(path, reset=False) == first
+    assert device_uuid(path, reset=True) != first
+    Path(path).write_text("garbage")
+    assert len(device_uuid(path, reset=False)) == 36
+
+
+def test_parse_history_all_formats() -> None:
+    text = b"systemstart: 1000\nr2: 1500 [::1]:5683\nr1: 1200"
+    assert parse_history(text, 0) == (1000, [HistoryEntry("r2", 1500, "[::1]:5683"), HistoryEntry("r1", 1200, None)])
+    document = {"systemstart": 5, "requests": [{"rid": "a", "time": 9, "ep": "1.2.3.4:5"}]}
+    expected = (5, [HistoryEntry("a", 9, "1.2.3.4:5")])
+    assert parse_history(json.dumps(document).encode(), ContentFormat.JSON) == expected
+    assert parse_history(cbor2.dumps(document), ContentFormat.CBOR) == expected
+    with pytest.raises(ValueError):
+        parse_history(b"hello", 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=60), st.sampled_from([None, 0, ContentFormat.JSON, ContentFormat.CBOR]))
+def test_parse_history_fuzz_only_value_error(payload: bytes, content_format: int | None) -> None:
+    try:
+        parse_history(payload, content_format)
+    except ValueError:
+        pass
+
+
+def test_format_history_marks_ours() -> None:
+    text = format_history(1, [HistoryEntry("r2", 3000, "h:1"), HistoryEntry("r1", 1000, None)], "r2", 0.0042)
+    assert "* rid=r2 at -0.000 s from h:1" in text and "  rid=r1 at -2.000 s" in text
+    assert text.endswith("RTT of this request: 4.2 ms")
+
+
+def test_options(tmp_path: Path) -> None:
+    options = CoapReceiveTestOptions()
+    options.parseOptions(["--cbor", "--uuid-file", str(tmp_path / "u")])
+    assert options["uri"].path == ("requests",) and options["uri"].port == 5783 and options["cbor"]
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_two_runs_accumulate_history(tmp_path: Path) -> Generator[Any, Any, None]:
+    server = CoapServerService(reactor, 0, ["127.0.0.1"], plugtest=False)
+    server.startService()
+    port = next(p for _, _, p, name in server.listening if name == "extended")
+    uri = parse_uri(f"coap://127.0.0.1:{port}/requests")
+    device = device_uuid(str(tmp_path / "uuid"), reset=False)
+    try:
+        outputs = []
+        for content_format in (ContentFormat.JSON, ContentFormat.CBOR):
+            out = io.StringIO()
+            run = ReceiveTestService(reactor, uri, device, UdpLink(), out, content_format, timeout=5.0)
+            run.startService()
+            assert (yield run.done) == 0
+            outputs.append(out.getvalue())
+        assert "1 requests recorded" in outputs[0] and "2 requests recorded" in outputs[1]
+        assert "from 127.0.0.1:" in outputs[1] and "RTT of this request" in outputs[1]
+    finally:
+        yield server.stopService()
