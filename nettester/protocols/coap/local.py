@@ -1,0 +1,81 @@
+"""The CoAP part of ``nettester local``: the server on 127.0.0.1 and a short bench against it."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Generator
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from zope.interface import implementer
+
+from nettester.interfaces import ILocalScenario, IReportingService
+from nettester.local import Verdict
+from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
+from nettester.protocols.coap.client import parse_uri
+from nettester.protocols.coap.server import CoapServerService
+from nettester.udplink import UdpLink
+
+LOCAL_CLIENTS = 20
+LOCAL_INTERVAL = 0.1
+
+
+@implementer(IReportingService)
+class _ServerAndBench(Service):
+    """Starts the server, then the bench against the extended port it really got."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.server = CoapServerService(reactor, 0, ["127.0.0.1"], benchmark=True)
+        self.bench: CoapBenchService | None = None
+        self.bench_output = io.StringIO()
+        self.failed: str | None = None
+        self.metrics = self.server.metrics
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.server.startService()
+        except OSError as error:
+            self.failed = str(error)
+            return
+        port = next(p for _, _, p, name in self.server.listening if name == "extended")
+        config = BenchConfig(parse_uri(f"coap://127.0.0.1:{port}/benchmark?rlen=40"), clients=LOCAL_CLIENTS,
+                             interval=LOCAL_INTERVAL, report_interval=0)
+        self.bench = CoapBenchService(self._reactor, config, UdpLink, self.bench_output)
+        self.bench.startService()
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Any, Any, None]:
+        super().stopService()
+        if self.bench is not None and self.bench.running:
+            yield maybeDeferred(self.bench.stopService)
+        yield maybeDeferred(self.server.stopService)
+
+    def summary(self) -> dict[str, Any]:
+        fields = dict(self.server.summary())
+        if self.bench is not None:
+            stats = self.bench.stats
+            fields.update(bench_responses=stats.responses, bench_failures=stats.failures,
+                          rtt_p99_ms=round(stats.percentile(99) * 1000, 2))
+        return fields
+
+
+@implementer(ILocalScenario)
+class CoapLocalScenario:
+    """20 bench clients, a request every 0.1 s each: every request must be answered."""
+
+    name = "coap"
+
+    def __init__(self, reactor: Any) -> None:
+        self.service = _ServerAndBench(reactor)
+
+    def verdict(self) -> Verdict:
+        service = self.service
+        if service.failed is not None or service.bench is None:
+            return Verdict(False, {"error": service.failed or "not started"})
+        summary = service.summary()
+        passed = summary["bench_responses"] > 0 and summary["bench_failures"] == 0 and summary["malformed"] == 0
+        evidence = {key: summary[key] for key in ("bench_responses", "bench_failures", "rtt_p99_ms", "duplicates")}
+        return Verdict(passed, evidence)

@@ -1,0 +1,30 @@
+"""The CoAP part of ``nettester local`` on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from zope.interface.verify import verifyObject
+
+from nettester.interfaces import ILocalScenario, IReportingService
+from nettester.protocols.coap.local import CoapLocalScenario
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_local_scenario_passes_in_a_second() -> Generator[Any, Any, None]:
+    scenario = CoapLocalScenario(reactor)
+    verifyObject(ILocalScenario, scenario)
+    verifyObject(IReportingService, scenario.service)
+    scenario.service.startService()
+    yield deferLater(reactor, 1.0, lambda: None)
+    yield scenario.service.stopService()
+    verdict = scenario.verdict()
+    assert verdict.passed, verdict.evidence
+    assert verdict.evidence["bench_responses"] >= 20 * 5
+    assert "requests in" in scenario.service.bench_output.getvalue()
