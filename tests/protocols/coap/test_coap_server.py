@@ -104,3 +104,26 @@ def test_service_serves_coap_and_coaps_on_loopback() -> Generator[Any, Any, None
         secure.stop()
         yield defer.gatherResults([udp_port.stopListening(), dtls_port.stopListening()])
         yield service.stopService()
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_roles_build_services_from_options(tmp_path: Any) -> Generator[Any, Any, None]:
+    from zope.interface.verify import verifyObject
+
+    from nettester.interfaces import IRole
+    from nettester.protocols.coap.roles import ROLES, build_server
+
+    assert [role.name for role in ROLES] == ["coap-server", "coap-client", "coap-bench", "coap-receivetest"]
+    for role in ROLES:
+        verifyObject(IRole, role)
+    psk_file = tmp_path / "psk"
+    psk_file.write_text("client-1=c2VjcmV0\n")
+    options = parse("--interfaces", "127.0.0.1", "--port", "0", "--psk-file", str(psk_file), "--benchmark")
+    service = build_server(reactor, options)
+    assert isinstance(service, CoapServerService)
+    service.startService()
+    try:
+        assert sorted(scheme for scheme, *_ in service.listening) == ["coap", "coap", "coaps", "coaps"]
+    finally:
+        yield service.stopService()

@@ -1,0 +1,116 @@
+"""The ``coap`` module's roles, ready for a plugin file under ``nettester/plugins/``.
+
+Heavy imports happen inside the factories, so listing roles stays fast and
+twistd can install its reactor first. The plugin file only wraps these in
+an IPlugin-providing ProtocolModule.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+
+from nettester.interfaces import ILocalScenario
+from nettester.module import Role
+from nettester.options import RoleOptions
+from nettester.protocols.coap.options import (
+    CoapBenchOptions,
+    CoapClientOptions,
+    CoapReceiveTestOptions,
+    CoapServerOptions,
+)
+
+SUMMARY = "CoAP extended plugtest server (coap/coaps), client, benchmark and receive test (RFC 7252/7959/7641)."
+
+
+def dtls_server_configuration(options: RoleOptions) -> Any:
+    """The coaps server configuration from ``--psk-file``/``--cert``/``--key``/``--trust``, or None."""
+    if not (options["psk-file"] or options["cert"]):
+        return None
+    from nettester.protocols.dtls.cid import DEFAULT_CID_LENGTH, NodeConnectionIdGenerator
+    from nettester.protocols.dtls.connection import ClientAuth, DtlsConfiguration, SessionCache
+    from nettester.protocols.dtls.credentials import PskStore
+    from nettester.protocols.dtls.options import load_certificates, load_private_key
+
+    configuration = DtlsConfiguration(is_client=False)
+    configuration.psk_store = PskStore.from_file(options["psk-file"]) if options["psk-file"] else PskStore()
+    if options["cert"]:
+        configuration.certificate_chain = load_certificates(options["cert"])
+        configuration.private_key = load_private_key(options["key"])
+    if options["trust"]:
+        configuration.trust_anchors = load_certificates(options["trust"])
+    configuration.client_auth = ClientAuth(options["client-auth"].lower())
+    configuration.cid_generator = NodeConnectionIdGenerator(DEFAULT_CID_LENGTH, 0)
+    configuration.session_cache = SessionCache()
+    return configuration
+
+
+def build_server(reactor: Any, options: RoleOptions) -> IService:
+    """The coap-server service for parsed options."""
+    from nettester.protocols.coap.server import CoapServerService, local_addresses
+
+    addresses = list(options["interfaces"]) or local_addresses(
+        options["ipv4"], options["ipv6"], options["loopback"], options["external"]
+    )
+    dtls = dtls_server_configuration(options)
+    factory = None
+    if dtls is not None:
+        from nettester.protocols.dtls.endpoint import DtlsEndpoint
+
+        def factory() -> Any:
+            return DtlsEndpoint(reactor, server_configuration=dtls)
+
+    return CoapServerService(
+        reactor, options["port"], addresses, plugtest=options["plugtest"], benchmark=options["benchmark"],
+        notify_interval=options["notify-interval"], receive_buffer=options["receive-buffer"],
+        dtls_link_factory=factory, dtls_only=bool(options["dtls-only"]),
+    )
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _make_server(options: RoleOptions) -> IService:
+    return build_server(_reactor(), options)
+
+
+def _make_client(options: RoleOptions) -> IService:
+    from nettester.protocols.coap.client import make_client_service
+
+    return make_client_service(_reactor(), options, sys.__stdout__ or sys.stdout)
+
+
+def _make_bench(options: RoleOptions) -> IService:
+    from nettester.protocols.coap.bench import make_bench_service
+
+    return make_bench_service(_reactor(), options, sys.__stdout__ or sys.stdout)
+
+
+def _make_receivetest(options: RoleOptions) -> IService:
+    from nettester.protocols.coap.receivetest import make_receivetest_service
+
+    return make_receivetest_service(_reactor(), options, sys.__stdout__ or sys.stdout)
+
+
+def local(reactor: Any, options: RoleOptions) -> ILocalScenario:
+    """The module's part of ``nettester local``."""
+    from nettester.protocols.coap.local import CoapLocalScenario
+
+    return CoapLocalScenario(reactor)
+
+
+ROLES = (
+    Role("coap-server", "Extended CoAP plugtest server: plugtest, benchmark, receive test, mycontext (coap/coaps).",
+         CoapServerOptions, _make_server),
+    Role("coap-client", "One CoAP request or observation, printed in readable blocks.", CoapClientOptions,
+         _make_client),
+    Role("coap-bench", "Many closed-loop CoAP clients (Californium BenchmarkClient): reqs/s, RTT, errors.",
+         CoapBenchOptions, _make_bench),
+    Role("coap-receivetest", "POST to the receive-test resource and print which requests arrived.",
+         CoapReceiveTestOptions, _make_receivetest),
+)
