@@ -328,6 +328,11 @@ class DtlsConnection:
     def is_closed(self) -> bool:
         return self._state is _State.CLOSED
 
+    @property
+    def client_random(self) -> bytes:
+        """The ClientHello random of this handshake (empty before it)."""
+        return self._client_random
+
     def connect(self, now: float) -> None:
         """Client: start the handshake with a ClientHello (flight 1)."""
         assert self.is_client and self._state is _State.START

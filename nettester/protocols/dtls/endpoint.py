@@ -210,8 +210,11 @@ class DtlsEndpoint(DatagramProtocol):
                 return
         else:
             peer = self._by_address.get(address)
-            if peer is not None and peer.connection.is_established and _is_client_hello(data):
-                peer = None  # a new handshake from a known address (RFC 6347 section 4.2.8)
+            if peer is not None and _is_new_client_hello(data, peer.connection):
+                # A new handshake from a known address (the client restarted,
+                # RFC 6347 section 4.2.8): only a valid cookie replaces the
+                # old connection, so a spoofer cannot end it.
+                peer = None
             if peer is None:
                 peer = self._admit(data, address, now, route)
                 if peer is None:
@@ -387,6 +390,17 @@ class DtlsEndpoint(DatagramProtocol):
             self._pump(peer)
 
 
-def _is_client_hello(data: bytes) -> bool:
-    """An epoch-0 handshake record whose first message is a ClientHello."""
-    return len(data) > 25 and data[0] == record.HANDSHAKE and data[3:5] == b"\x00\x00" and data[13] == 1
+_CLIENT_RANDOM = slice(record.HEADER_LENGTH + 12 + 2, record.HEADER_LENGTH + 12 + 2 + 32)
+
+
+def _is_new_client_hello(data: bytes, connection: DtlsConnection) -> bool:
+    """An epoch-0 ClientHello to a server connection, with another random
+    than the hello that connection serves (not a retransmission)."""
+    return (
+        not connection.is_client
+        and len(data) >= _CLIENT_RANDOM.stop
+        and data[0] == record.HANDSHAKE
+        and data[3:5] == b"\x00\x00"
+        and data[record.HEADER_LENGTH] == 1
+        and data[_CLIENT_RANDOM] != connection.client_random
+    )

@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 from dtls_pair import PSK, PSK_IDENTITY
 from nettester.interfaces import IConnectionIdGenerator, IDatagramLink, IDatagramReceiver
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
-from nettester.protocols.dtls.connection import DtlsConfiguration
+from nettester.protocols.dtls.connection import DtlsConfiguration, DtlsConnection
 from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
 
@@ -246,3 +246,35 @@ def test_several_clients_get_distinct_cids(count: int) -> None:
     wire.deliver()
     cids = {server.peerContext(p).read_cid for p in server.connections}
     assert len(cids) == count and all(cid[0] == 7 for cid in cids)
+
+
+def test_restarted_client_replaces_its_half_open_connection_only_with_a_cookie() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    wire.lose = {4}  # the server's flight after the cookie: the handshake stays half open
+    client.connect(SERVER)
+    wire.deliver()
+    (half_open,) = server.connections
+    assert not half_open.connection.is_established
+    restarted = DtlsEndpoint(clock, client_configuration=client.client_configuration)
+    wire.attach(restarted, CLIENT)  # same address, new process
+    peers: list[Any] = []
+    restarted.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    assert len(peers) == 1 and clock.seconds() == 0  # no waiting for the old handshake to time out
+    (replacement,) = server.connections
+    assert replacement is not half_open and replacement.connection.is_established
+
+
+def test_spoofed_client_hello_does_not_end_a_session() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    client.connect(SERVER)
+    wire.deliver()
+    (session,) = server.connections
+    stranger = DtlsConnection(client.client_configuration, SERVER)
+    stranger.connect(0.0)
+    (hello,) = stranger.datagrams_to_send(0.0)
+    server.datagramReceived(hello, CLIENT)  # spoofed source: the client's address, no cookie
+    assert server.connections == [session] and session.connection.is_established
+    assert server.counters.hello_verify.value == 2
