@@ -85,7 +85,7 @@ class NatConsole:
         return "\n".join(self._proxy.table.info())
 
     def _clear(self, arguments: list[str]) -> str:
-        if len(arguments) > 1 or (arguments and not arguments[0].isdigit()):
+        if len(arguments) > 1 or (arguments and not (arguments[0].isascii() and arguments[0].isdigit())):
             return "usage: clear [n] (n a whole number)"
         count = int(arguments[0]) if arguments else None
         return f"cleared {self._proxy.clear(count)} NAT entries."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getopt
-import os
 import sys
 from typing import Any, ClassVar
 
@@ -33,6 +32,35 @@ def size_limit(value: str) -> Any:
     return parse_size_limit(value)
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """``[interface]:port`` to listen on; port 0 lets the OS choose."""
+    from nettester.nat.table import parse_host_port
+
+    try:
+        return parse_host_port(value, default_host="", lowest_port=0)
+    except ValueError as error:
+        raise ValueError(f"{error}; e.g. ':5784' or '127.0.0.1:5784'") from None
+
+
+def destination_address(value: str) -> str:
+    """One ``host:port`` destination, checked, kept as text (host names are resolved at start)."""
+    from nettester.nat.table import parse_host_port
+
+    try:
+        parse_host_port(value)
+    except ValueError as error:
+        raise usage.UsageError(f"destination: {error}; e.g. 'localhost:5684'") from None
+    return value.strip()
+
+
+def destination_list(value: str) -> list[str]:
+    """Comma- or space-separated ``host:port`` destinations."""
+    try:
+        return [destination_address(item) for item in value.replace(",", " ").split()]
+    except usage.UsageError as error:
+        raise ValueError(str(error).removeprefix("destination: ").removesuffix("; e.g. 'localhost:5684'")) from None
+
+
 class NatOptions(RoleOptions):
     """Options of ``nettester nat``."""
 
@@ -42,10 +70,13 @@ class NatOptions(RoleOptions):
         "per client source address and forward to a destination (host:port) picked at random per new "
         "entry, then sticky; answers go back through the listening socket. Commands on stdin and on "
         "--console-port: help, info, clear [n], reassign, rebalance, add <host:port>, remove <host:port>, "
-        "reverse on|off, exit. Without arguments, NAT_LISTEN and NAT_DESTINATIONS (comma separated) are read."
+        "reverse on|off, exit. Without arguments, --listen and --destinations (or NAT_LISTEN and NAT_DESTINATIONS) "
+        "are used."
     )
 
     envVars: ClassVar[dict[str, str]] = {
+        "listen": "NAT_LISTEN",
+        "destinations": "NAT_DESTINATIONS",
         "reverse": "NAT_REVERSE",
         "dtls-only": "NAT_DTLS_ONLY",
         "tnat": "NAT_TIMEOUT_MS",
@@ -68,6 +99,9 @@ class NatOptions(RoleOptions):
     ]
 
     optParameters: ClassVar[list[list[Any]]] = [
+        ["listen", None, None, "[interface]:port to listen on (the first argument wins).", listen_address],
+        ["destinations", None, [], "Comma-separated host:port destinations (the other arguments win).",
+         destination_list],
         ["tnat", None, 30000, "NAT entry timeout in ms without traffic.", positive_int],
         ["tlb", None, 15000, "Load-balancer timeout in ms: a destination not answering that long is stale "
                              "(no new entries) and probed again after the same time.", positive_int],
@@ -102,29 +136,20 @@ class NatOptions(RoleOptions):
         super().parseOptions([*ordered, "--", *positional])
 
     def parseArgs(self, *arguments: str) -> None:
-        from nettester.nat.table import parse_host_port
-
+        """``<listen> <destination>...``; they win over --listen/--destinations and their env vars."""
         if not arguments:
-            listen = os.environ.get("NAT_LISTEN", "")
-            destinations = [d for d in os.environ.get("NAT_DESTINATIONS", "").replace(",", " ").split() if d]
-            arguments = (listen, *destinations) if listen else ()
+            return
         if len(arguments) < 2:
+            raise usage.UsageError(f"give at least one destination after {arguments[0]!r}, e.g. 'localhost:5684'")
+        self._dispatch["listen"]("listen", arguments[0])
+        self["destinations"] = [destination_address(destination) for destination in arguments[1:]]
+
+    def postOptions(self) -> None:
+        if self["listen"] is None or not self["destinations"]:
             raise usage.UsageError(
                 "give the listening address and at least one destination, e.g. ':5784 localhost:5684' "
                 "(or set NAT_LISTEN and NAT_DESTINATIONS)"
             )
-        try:
-            self["listen"] = parse_host_port(arguments[0], default_host="", lowest_port=0)
-        except ValueError as error:
-            raise usage.UsageError(f"listening address: {error}; e.g. ':5784' or '127.0.0.1:5784'") from None
-        for destination in arguments[1:]:
-            try:
-                parse_host_port(destination)
-            except ValueError as error:
-                raise usage.UsageError(f"destination: {error}; e.g. 'localhost:5684'") from None
-        self["destinations"] = list(arguments[1:])
-
-    def postOptions(self) -> None:
         if self["drop"] and (self["forward-drop"] or self["backward-drop"]):
             raise usage.UsageError("use either -d (both directions) or -f/-b (one direction each), not both")
         if self["drop"]:

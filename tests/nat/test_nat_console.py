@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import DNSLookupError
@@ -72,6 +72,8 @@ def test_commands_and_answers() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=80) | st.builds(lambda c, a: f"{c} {a}", st.sampled_from(
     ["clear", "add", "remove", "reverse", "info", "rebalance", "reassign", "help"]), st.text(max_size=40)))
+@example("clear ¹")  # a digit to str.isdigit, not to int()
+@example("add x:²")
 def test_any_line_gets_an_answer_never_an_exception(line: str) -> None:
     console, _ = make_console()
     answer = run(console, line)

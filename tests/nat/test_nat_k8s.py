@@ -1,10 +1,9 @@
-"""k8s/nat.yaml: valid against the Kubernetes schema, and consistent with the nat role."""
+"""k8s/nat.yaml configures a working nat role (schema and env-var names: tests/test_k8s_manifests.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -15,11 +14,6 @@ MANIFEST = Path(__file__).resolve().parents[2] / "k8s" / "nat.yaml"
 
 def documents() -> list[dict]:
     return [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
-
-
-def test_every_document_is_valid_kubernetes() -> None:
-    for document in documents():
-        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
 
 
 def test_the_container_runs_the_nat_role_configured_by_its_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,8 +40,8 @@ def test_drop_sets_both_directions_and_excludes_f_and_b() -> None:
     ("argv", "message"),
     [
         ([], "listening address and at least one destination"),
-        ([":5784"], "listening address and at least one destination"),
-        (["x", "h:1"], "listening address: expected host:port \\(port 0-65535\\)"),
+        ([":5784"], "give at least one destination after ':5784'"),
+        (["x", "h:1"], "--listen: expected host:port \\(port 0-65535\\)"),
         ([":5784", "h:0"], "destination: expected host:port \\(port 1-65535\\)"),
         ([":5784", "h"], "destination: expected host:port"),
         ([":5784", "h:1", "-d", "120"], "--drop: expected a percentage 0-100"),
@@ -53,6 +53,15 @@ def test_drop_sets_both_directions_and_excludes_f_and_b() -> None:
 def test_bad_arguments_say_what_is_wrong(argv: list[str], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse(argv)
+
+
+def test_listen_and_destinations_options() -> None:
+    options = parse(["--listen", "[::1]:5784", "--destinations", "a:1, b:2"])
+    assert options["listen"] == ("::1", 5784) and options["destinations"] == ["a:1", "b:2"]
+    options = parse(["--listen", ":1", "--destinations", "a:1", ":9", "c:3"])
+    assert options["listen"] == ("", 9) and options["destinations"] == ["c:3"]
+    with pytest.raises(UsageError, match="--destinations: expected host:port"):
+        parse(["--listen", ":1", "--destinations", "a:1,b"])
 
 
 def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
