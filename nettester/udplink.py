@@ -41,6 +41,8 @@ class UdpLink(DatagramProtocol):
     a couple of hundred queued datagrams, too few under load.
     """
 
+    noisy = False  # a bench opens thousands: no "Starting protocol" line for each
+
     def __init__(
         self,
         receiver: IDatagramReceiver | None = None,
