@@ -149,6 +149,7 @@ def listen(endpoint: DtlsEndpoint, receiver: Receiver) -> Any:
 
 
 def ecdsa_files(tmp_path: Path) -> tuple[Identity, Identity, dict[str, str]]:
+    """A CA, a server identity, and PEM files of both plus a client identity."""
     ca = make_ca()
     server, client = issue(ca, "localhost"), issue(ca, "client-1")
     files = {name: str(tmp_path / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
@@ -156,6 +157,12 @@ def ecdsa_files(tmp_path: Path) -> tuple[Identity, Identity, dict[str, str]]:
     server.pem_files(files["server.pem"], files["server.key"])
     client.pem_files(files["client.pem"], files["client.key"])
     return ca, server, files
+
+
+def load_identity(files: dict[str, str], role: str) -> tuple[list[Any], Any]:
+    from nettester.protocols.dtls.options import load_certificates, load_private_key
+
+    return load_certificates(files[role + ".pem"]), load_private_key(files[role + ".key"])
 
 
 # --- OpenSSL 3.0 command line -------------------------------------------------------
@@ -285,6 +292,9 @@ def test_our_client_with_mbedtls_server_cid(suite: str, tmp_path: Path) -> Gener
     if "ECDSA" in suite:
         ca, server_identity, files = ecdsa_files(tmp_path)
         arguments += ["crt_file=" + files["server.pem"], "key_file=" + files["server.key"]]
+        # Mbed TLS asks for our certificate and verifies it.
+        arguments += ["auth_mode=required", "ca_file=" + files["ca.pem"]]
+        config.certificate_chain, config.private_key = load_identity(files, "client")
         config.trust_anchors, config.server_name = [ca.certificate], "localhost"
     else:
         arguments += ["psk=" + PSK.hex(), "psk_identity=" + PSK_IDENTITY.decode()]
@@ -303,6 +313,8 @@ def test_our_client_with_mbedtls_server_cid(suite: str, tmp_path: Path) -> Gener
         assert b"Mbed TLS Test Server" in receiver.received[0][0]
         yield wait_for(lambda: b"Peer CID" in server.output, "ssl_server2 to report our CID")
         assert _parse_peer_cid(server.output) == context.read_cid
+        if "ECDSA" in suite:
+            assert b"CN=client-1" in server.output  # Mbed TLS verified our client certificate
     finally:
         server.stop()
         yield port_handle.stopListening()

@@ -136,7 +136,7 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
 
     def postOptions(self) -> None:
         try:
-            self["dtls"] = self.server_configuration(self)  # type: ignore[index]
+            self["dtls"] = self.server_configuration(self)  # type: ignore[index, arg-type]
         except (CredentialsError, OSError, ValueError) as error:
             raise usage.UsageError("%s; see --help" % error) from None
         super().postOptions()  # type: ignore[misc]
@@ -178,7 +178,7 @@ class DtlsClientOptionsMixin(_DtlsOptionsBase):
 
     def postOptions(self) -> None:
         try:
-            self["dtls"] = self.client_configuration(self)  # type: ignore[index]
+            self["dtls"] = self.client_configuration(self)  # type: ignore[index, arg-type]
         except (CredentialsError, OSError, ValueError) as error:
             raise usage.UsageError("%s; see --help" % error) from None
         super().postOptions()  # type: ignore[misc]
