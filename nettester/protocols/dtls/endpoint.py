@@ -223,7 +223,7 @@ class DtlsEndpoint(DatagramProtocol):
         peer.last_activity = now
         self._peers.move_to_end(peer)
         peer.connection.receive_datagram(data, now, address)
-        self._pump(peer)
+        self._pump(peer, now)
 
     def _admit(self, data: bytes, address: Address, now: float, route: DatagramRoute | None) -> DtlsPeer | None:
         """A server connection for a ClientHello with a valid cookie, else None."""
@@ -266,11 +266,12 @@ class DtlsEndpoint(DatagramProtocol):
         self._by_address[address] = peer
         return peer
 
-    def _pump(self, peer: DtlsPeer) -> None:
+    def _pump(self, peer: DtlsPeer, now: float | None = None) -> None:
         """Write what the connection wants written, dispatch its events,
         re-arm its timer."""
         connection = peer.connection
-        now = self.clock.seconds()
+        if now is None:
+            now = self.clock.seconds()
         for datagram in connection.datagrams_to_send(now):
             self._write(datagram, peer.address, peer.route)
         if connection.read_cid and connection.read_cid not in self._by_cid:
