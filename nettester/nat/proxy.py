@@ -10,13 +10,13 @@ client, so the client only ever sees the address it talked to.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
@@ -42,25 +42,74 @@ class _PublicProtocol(DatagramProtocol):
         self._proxy.forward_datagram(datagram, addr)
 
 
-class _OutgoingProtocol(DatagramProtocol):
-    """One NAT entry's outgoing socket: every datagram is an answer to send back."""
+Receive = Callable[[bytes, Address], None]
 
-    noisy = False
 
-    def __init__(self, proxy: NatProxy, key: int) -> None:
-        self._proxy = proxy
-        self._key = key
+@implementer(IReadDescriptor)
+class OutgoingSocket:
+    """One NAT entry's outgoing UDP socket, read by the reactor directly.
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self._proxy.backward_datagram(self._key, datagram, addr)
+    Twisted's udp.Port logs a line when it opens and another when it closes;
+    with one socket per NAT entry that is two info lines per client, so the
+    NAT registers plain non-blocking sockets with IReactorFDSet instead.
+
+    @raise OSError: when no socket can be opened (e.g. too many open files).
+    """
+
+    MAX_READS = 64  # per readiness event, so one busy entry cannot starve the others
+
+    def __init__(self, reactor: Any, family: int, receive: Receive) -> None:
+        self._reactor = reactor
+        self._receive = receive
+        self._socket = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self._socket.setblocking(False)
+            self._socket.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        except OSError:
+            self._socket.close()
+            raise
+        reactor.addReader(self)
+
+    @property
+    def port(self) -> int:
+        return self._socket.getsockname()[1]
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "nat-outgoing"
+
+    def doRead(self) -> None:
+        for _ in range(self.MAX_READS):
+            try:
+                datagram, source = self._socket.recvfrom(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # e.g. ECONNREFUSED: an ICMP port unreachable for an earlier datagram
+            self._receive(datagram, (source[0], source[1]))
+
+    def write(self, datagram: bytes, address: Address) -> None:
+        """Send; raises OSError when the kernel refuses (full buffer, no route)."""
+        self._socket.sendto(datagram, address)
+
+    def stopListening(self) -> None:
+        self._reactor.removeReader(self)
+        self._socket.close()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._socket.close()
 
 
 @implementer(IReportingService)
 class NatProxy(Service):
     """The ``nat`` role's service: public socket, outgoing sockets, expiry timer.
 
-    @param reactor: IReactorUDP, IReactorTime and IReactorCore (name resolution).
+    @param reactor: IReactorUDP, IReactorFDSet, IReactorTime and IReactorCore (name resolution).
     @param destinations: ``host:port`` texts; host names are resolved at start.
+    @param open_socket: C{open_socket(family, receive)} opens one entry's
+        outgoing socket (default: an L{OutgoingSocket}); tests pass fakes.
     """
 
     def __init__(
@@ -70,8 +119,10 @@ class NatProxy(Service):
         policy: DropPolicy,
         listen: tuple[str, int],
         destinations: Iterable[str] = (),
+        open_socket: Callable[[int, Receive], Any] | None = None,
     ) -> None:
         self._reactor = reactor
+        self._open_socket = open_socket or (lambda family, receive: OutgoingSocket(reactor, family, receive))
         self.table = table
         self._policy = policy
         self._listen = listen
@@ -157,7 +208,11 @@ class NatProxy(Service):
                 return
             log.debug("New NAT entry {client} -> {destination}", event="nat_entry", client=client,
                       destination=route.destination)
-        outgoing.write(datagram, route.destination)
+        try:
+            outgoing.write(datagram, route.destination)
+        except OSError:
+            self.dropped.inc("send_error")
+            return
         self._forwarded.value += 1
 
     def backward_datagram(self, key: int, datagram: bytes, source: Address) -> None:
@@ -174,10 +229,10 @@ class NatProxy(Service):
         self._backwarded.value += 1
 
     def _open(self, key: int, destination: Address) -> Any:
-        interface = "::" if ip_family(destination[0]) == socket.AF_INET6 else ""
+        family = socket.AF_INET6 if ip_family(destination[0]) == socket.AF_INET6 else socket.AF_INET
         try:
-            outgoing = self._reactor.listenUDP(0, _OutgoingProtocol(self, key), interface=interface)
-        except CannotListenError as error:
+            outgoing = self._open_socket(family, partial(self.backward_datagram, key))
+        except OSError as error:
             log.error("No outgoing socket for a new NAT entry: {error}; raise the open-files limit or lower -n",
                       event="nat_socket_failed", error=error)
             return None

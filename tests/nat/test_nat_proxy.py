@@ -6,7 +6,6 @@ import random
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 
 from nettester.nat.proxy import NatProxy
@@ -17,9 +16,12 @@ B = ("10.0.0.2", 5684)
 
 
 class FakePort:
-    def __init__(self, number: int, protocol: Any) -> None:
+    """The public port (a DatagramProtocol's transport) or an outgoing socket (a receive callback)."""
+
+    def __init__(self, number: int, protocol: Any = None, receive: Any = None) -> None:
         self.number = number
         self.protocol = protocol
+        self.receive = receive
         self.written: list[tuple[bytes, Any]] = []
         self.open = True
 
@@ -40,11 +42,17 @@ class FakeUdpReactor(Clock):
         self._limit = socket_limit
 
     def listenUDP(self, port: int, protocol: Any, interface: str = "") -> FakePort:
-        if len([p for p in self.ports if p.open]) >= self._limit:
-            raise CannotListenError(interface, port, OSError(24, "Too many open files"))
-        fake = FakePort(port or 40000 + len(self.ports), protocol)
+        fake = FakePort(port, protocol)
         self.ports.append(fake)
         protocol.transport = fake
+        return fake
+
+    def open_socket(self, family: int, receive: Any) -> FakePort:
+        """NatProxy's open_socket: an outgoing socket, or EMFILE past the limit."""
+        if len(self.open_ports()) >= self._limit:
+            raise OSError(24, "Too many open files")
+        fake = FakePort(40000 + len(self.ports), receive=receive)
+        self.ports.append(fake)
         return fake
 
     def open_ports(self) -> list[FakePort]:
@@ -54,7 +62,7 @@ class FakeUdpReactor(Clock):
 def proxy(reactor: FakeUdpReactor, *destinations: tuple[str, int], policy: DropPolicy | None = None,
           **table: Any) -> NatProxy:
     nat = NatTable([(f"{h}:{p}", (h, p)) for h, p in destinations], rng=random.Random(2), **table)
-    service = NatProxy(reactor, nat, policy or DropPolicy(), ("127.0.0.1", 5784))
+    service = NatProxy(reactor, nat, policy or DropPolicy(), ("127.0.0.1", 5784), open_socket=reactor.open_socket)
     service.startService()
     return service
 
@@ -71,7 +79,7 @@ def test_one_outgoing_socket_per_client_and_answers_go_back_through_the_public_s
     outgoing = reactor.ports[1:]
     assert len(outgoing) == 2
     assert outgoing[0].written == [(b"hi", A), (b"hi", A)] and outgoing[1].written == [(b"hi", A)]
-    outgoing[1].protocol.datagramReceived(b"answer", A)
+    outgoing[1].receive(b"answer", A)
     assert public(reactor).written == [(b"answer", ("192.0.2.1", 1001))]
     assert nat.summary()["forwarded"] == 3 and nat.summary()["backwarded"] == 1
 
@@ -108,8 +116,8 @@ def test_drops_are_counted_by_reason() -> None:
     public(reactor).protocol.datagramReceived(b"12345", ("192.0.2.1", 1))
     public(reactor).protocol.datagramReceived(b"1234", ("192.0.2.1", 1))
     public(reactor).protocol.datagramReceived(b"1234", ("192.0.2.1", 2))  # no socket left
-    reactor.ports[1].protocol.datagramReceived(b"123456", A)
-    reactor.ports[1].protocol.datagramReceived(b"x", A)
+    reactor.ports[1].receive(b"123456", A)
+    reactor.ports[1].receive(b"x", A)
     nat.backward_datagram(999, b"x", A)
     assert nat.dropped.values == {"size_limit": 2, "no_socket": 1, "unknown_entry": 1}
     assert public(reactor).written == [(b"x", ("192.0.2.1", 1))]
@@ -124,3 +132,16 @@ def test_stop_closes_every_socket() -> None:
     public(reactor).protocol.datagramReceived(b"x", ("192.0.2.1", 1))
     nat.stopService()
     assert reactor.open_ports() == [] and reactor.getDelayedCalls() == []
+
+
+def test_a_refused_send_is_a_counted_drop() -> None:
+    reactor = FakeUdpReactor()
+    nat = proxy(reactor, A)
+
+    def refuse(datagram: bytes, address: Any) -> None:
+        raise OSError(105, "No buffer space available")
+
+    public(reactor).protocol.datagramReceived(b"x", ("192.0.2.1", 1))
+    reactor.ports[1].write = refuse  # type: ignore[method-assign]
+    public(reactor).protocol.datagramReceived(b"y", ("192.0.2.1", 1))
+    assert nat.dropped.values == {"send_error": 1} and nat.summary()["forwarded"] == 1
