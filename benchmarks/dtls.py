@@ -134,11 +134,16 @@ class Driver:
             except BlockingIOError:
                 pass
 
-    def run(self, seconds: float, on_ready: Callable[[socket.socket, DtlsConnection, float], None]) -> None:
-        """Feed datagrams and timers for C{seconds}; C{on_ready} runs after
-        every datagram a socket receives."""
+    def run(
+        self,
+        seconds: float,
+        on_ready: Callable[[socket.socket, DtlsConnection, float], None],
+        until: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Feed datagrams and timers for C{seconds} or C{until()}; C{on_ready}
+        runs after every datagram a socket receives."""
         deadline = time.monotonic() + seconds
-        while (now := time.monotonic()) < deadline:
+        while (now := time.monotonic()) < deadline and not until():
             for fd, _ in self.poller.poll(0.05):
                 sock = self.by_fd[fd]
                 engine = self.engines[fd]
@@ -213,7 +218,7 @@ def echo_rate(server: tuple[str, int], seconds: float, concurrency: int, window:
                 engine.send_application_data(b"x" * 64)
         driver.flush(sock, engine, now)
 
-    driver.run(2.0, on_ready)  # establish and fill the windows
+    driver.run(10.0, on_ready, until=lambda: len(primed) == concurrency)  # establish and fill the windows
     assert all(engine.is_established for engine in driver.engines.values()), "sessions did not establish"
     assert all(engine.cid_negotiated for engine in driver.engines.values())
     measuring = True
