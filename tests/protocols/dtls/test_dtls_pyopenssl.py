@@ -3,6 +3,8 @@ DTLS 1.2 implementation in the same process, no sockets."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from OpenSSL import SSL, crypto
 
@@ -209,7 +211,7 @@ def test_our_client_resumes_a_session_with_openssl() -> None:
     second = SSL.Connection(context, None)
     second.set_ciphertext_mtu(1400)
     second.set_accept_state()
-    resumed_config = DtlsConfiguration(**{**config.__dict__, "session": full.session})
+    resumed_config = dataclasses.replace(config, session=full.session)
     client = DtlsConnection(resumed_config)
     resumed = _our_client_handshake(second, client)
     # OpenSSL took the abbreviated handshake: a full one would have been refused.
