@@ -378,6 +378,20 @@ class DtlsEndpoint(DatagramProtocol):
 
     # --- introspection -------------------------------------------------------------
 
+    def summary(self) -> dict[str, int]:
+        """The counters for a role's summary line (IReportingService.summary)."""
+        counters = self.counters
+        return {
+            "dtls_connections": len(self._peers),
+            "dtls_handshakes": counters.handshakes.value,
+            "dtls_resumed": counters.resumptions.value,
+            "dtls_failed": counters.failures.total,
+            "dtls_hello_verify": counters.hello_verify.value,
+            "dtls_dropped": counters.dropped.total,
+            "dtls_moved": counters.address_changes.value,
+            "dtls_evicted": counters.evictions.value,
+        }
+
     @property
     def connections(self) -> list[DtlsPeer]:
         return list(self._peers)

@@ -117,6 +117,9 @@ def test_connect_exchange_and_peer_context() -> None:
     assert context.node_id == 7 and context.read_cid[0] == 7
     assert client.peerContext(peer).write_cid == context.read_cid
     assert server.counters.handshakes.value == 1 and server.counters.hello_verify.value == 1
+    assert server.summary()["dtls_connections"] == 1 and server.summary()["dtls_handshakes"] == 1
+    exported = {family.name: family for family in server.metrics.collect()}
+    assert exported["nettester_dtls_handshakes"].samples[0].value == 1
     assert server.peerByConnectionId(context.read_cid) is server_peer
 
 
