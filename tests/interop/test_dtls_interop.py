@@ -258,7 +258,13 @@ def test_openssl_s_client_with_our_server(suite: str, cipher: str, tmp_path: Pat
 
 # --- Mbed TLS 3.6: RFC 9146 ----------------------------------------------------------
 
-MBEDTLS_CASES = ["TLS_PSK_WITH_AES_128_CCM_8", "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8"]
+MBEDTLS_CASES = [
+    "TLS_PSK_WITH_AES_128_CCM_8",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",
+    # RFC 9146 section 5.1: the MAC-then-encrypt construction with a CID
+    "TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256",
+    "TLS_PSK_WITH_AES_128_GCM_SHA256",
+]
 
 
 def _mbedtls_name(suite: str) -> str:
