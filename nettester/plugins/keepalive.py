@@ -11,7 +11,6 @@ from typing import IO, Any, ClassVar
 from twisted.application.service import IService
 from twisted.plugin import IPlugin
 from twisted.python.usage import UsageError
-
 from zope.interface import implementer
 
 from nettester.interfaces import ILocalScenario

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import ClientFactory, Factory, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -89,7 +89,7 @@ class KeepAliveClientProtocol(CoreProtocol):
                       excerpt=event.excerpt)
             self.close("protocol_error")
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         cause, detail = self.connection_lost_cause(reason, CLOSED_BY_CLIENT)
         fields = {"event": "conn_closed", "client": self.slot.number, "conn": self.conn, "cause": cause,
                   "detail": detail, "local": self.local, "peer": self.peer}

@@ -50,7 +50,7 @@ class LocalKeepAliveService(Service):
 
     def startService(self) -> None:
         super().startService()
-        for server, creator, count in zip(self.servers, self._client_tls, (PLAIN_CLIENTS, TLS_CLIENTS)):
+        for server, creator, count in zip(self.servers, self._client_tls, (PLAIN_CLIENTS, TLS_CLIENTS), strict=True):
             server.startService()
             client = KeepAliveClientService(self._reactor, "127.0.0.1", server.port_number, count, TIMING,
                                             ramp_up=self._ramp_up, tls=creator)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from nettester.protocols.keepalive.adapter import PEER_CLOSED, PEER_RESET, TLS_ERROR
+from nettester.protocols.keepalive.adapter import PEER_RESET, TLS_ERROR
 from nettester.protocols.keepalive.client import CLOSED_BY_CLIENT
 from nettester.protocols.keepalive.server import CLOSED_BY_SERVER
 

@@ -15,7 +15,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -32,7 +32,6 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
-from nettester.tap import set_exit_status
 from nettester.protocols.keepalive.wire import (
     DummyReceived,
     Event,
@@ -42,6 +41,7 @@ from nettester.protocols.keepalive.wire import (
     ServerConnection,
     SessionEstablished,
 )
+from nettester.tap import set_exit_status
 
 log = Logger()
 
@@ -97,7 +97,7 @@ class KeepAliveServerProtocol(CoreProtocol):
                      peer=self.peer, conn=self.conn, why=why)
             self.close(why)
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         cause, detail = self.connection_lost_cause(reason, CLOSED_BY_SERVER)
         emit = log.error if cause in (PEER_RESET, TLS_ERROR) else log.info
         emit("TCP connection from {peer} closed, conn={conn}: {cause} ({detail})", event="conn_closed",

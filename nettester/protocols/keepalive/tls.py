@@ -49,7 +49,7 @@ def self_signed_certificate(names: tuple[str, ...] = ("localhost",),
     """A fresh P-256 key and a one-year self-signed certificate for C{names} and C{addresses}."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     alternative_names: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
     alternative_names += [x509.IPAddress(ipaddress.ip_address(address)) for address in addresses]
     certificate = (

@@ -94,7 +94,9 @@ class Dummy:
         return _DUMMY_PREFIXES[self.reply, self.kind] + self.payload.hex().encode("ascii") + b"\n"
 
 
-_DUMMY_PREFIXES = {(False, "short"): SHORT, (True, "short"): SHORT_REPLY, (False, "long"): LONG, (True, "long"): LONG_REPLY}
+_DUMMY_PREFIXES = {
+    (False, "short"): SHORT, (True, "short"): SHORT_REPLY, (False, "long"): LONG, (True, "long"): LONG_REPLY,
+}
 
 
 Message = EstablishSession | KeepAlive | KeepAliveResponse | Dummy
@@ -341,6 +343,13 @@ class ClientPlan:
         self.dummy_replies = {Dummy(kind, payload, reply=True).encode()[:-1]: kind for kind, payload in dummies}
 
 
+def _next_tick(previous: float, interval: float, now: float) -> float:
+    """The next send time on a fixed grid, so a late timer does not stretch the interval;
+    after a stall longer than one interval, restart the grid from C{now}."""
+    following = previous + interval
+    return following if following > now else now + interval
+
+
 class ClientConnection:
     """One client connection: establish, keep-alives, dummies, response timeout.
 
@@ -434,9 +443,9 @@ class ClientConnection:
             self._seq += 1
             self._pending.append((self._seq, now))
             self._outgoing += KeepAlive(self._seq).encode()
-            self._next_keepalive = now + timing.keepalive_interval
+            self._next_keepalive = _next_tick(self._next_keepalive, timing.keepalive_interval, now)
         if self._next_dummy is not None and now >= self._next_dummy:
             self._outgoing += self._plan.dummy_requests
             self._dummies += ("short", "long")
-            self._next_dummy = now + timing.dummy_interval
+            self._next_dummy = _next_tick(self._next_dummy, timing.dummy_interval, now)
         return []

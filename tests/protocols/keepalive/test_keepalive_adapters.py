@@ -2,6 +2,7 @@
 
 import random
 from typing import Any
+
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError

@@ -8,7 +8,14 @@ from twisted.python.usage import UsageError
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import ICommandRole, ILocalScenario, IProtocolModule, IReportingService, IRole
-from nettester.plugins.keepalive import ClientOptions, ReportOptions, ServerOptions, build_client, build_server, keepalive
+from nettester.plugins.keepalive import (
+    ClientOptions,
+    ReportOptions,
+    ServerOptions,
+    build_client,
+    build_server,
+    keepalive,
+)
 from nettester.protocols.keepalive import tls
 from nettester.tap import discover_modules
 

@@ -153,7 +153,8 @@ def test_client_establishes_then_sends_keepalives_and_dummies_on_time() -> None:
     assert client.data_to_send() == b"Keep Alive 2\n"
     assert client.get_timer() == 11.0
     client.handle_timer(11.0)
-    assert client.data_to_send() == Dummy("short", bytes(range(32))).encode() + Dummy("long", bytes(range(128))).encode()
+    assert client.data_to_send() == (Dummy("short", bytes(range(32))).encode()
+                                     + Dummy("long", bytes(range(128))).encode())
     replies = Dummy("short", bytes(range(32)), True).encode() + Dummy("long", bytes(range(128)), True).encode()
     assert client.receive_data(b"Keep Alive Response 2\n" + replies, 11.5) == [
         KeepAliveAnswered(2, 1.5), DummyReceived("short"), DummyReceived("long")]
@@ -167,6 +168,16 @@ def test_client_reports_a_missing_response_after_the_timeout() -> None:
     assert client.handle_timer(15.0) == [ResponseMissing(1, 10.0)]
     assert client.finished and client.get_timer() is None
     assert client.receive_data(b"Keep Alive Response 1\n", 16.0) == []
+
+
+def test_client_keeps_its_grid_when_a_timer_fires_late() -> None:
+    client = _client(timing=ClientTiming(5.0, 10.0, 0.0))
+    client.data_to_send()
+    client.handle_timer(5.5)
+    assert client.get_timer() == 10.0
+    client.receive_data(b"Keep Alive Response 1\n", 5.6)
+    client.handle_timer(17.0)  # stalled for more than an interval: restart the grid
+    assert client.get_timer() == 22.0
 
 
 def test_client_without_dummies_never_sends_them() -> None:
