@@ -19,7 +19,13 @@ from typing import Any
 from twisted.internet.protocol import DatagramProtocol
 
 from nettester.cluster.nodes import NodeTable
-from nettester.cluster.wire import TYPE_IN, TYPE_OUT, ManagementCodec, ManagementError, NodeMessage
+from nettester.cluster.wire import (
+    TYPE_IN,
+    TYPE_OUT,
+    ManagementCodec,
+    ManagementError,
+    NodeMessage,
+)
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 

@@ -19,12 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import (
+    Deferred,
+    gatherResults,
+    inlineCallbacks,
+    maybeDeferred,
+)
 from twisted.internet.protocol import DatagramProtocol
 
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import (
     DynamicDiscoveryService,
+    KubernetesDiscovery,
     kubernetes_discovery_from_environment,
     resolve_address,
     resolve_nodes,
@@ -76,6 +82,7 @@ class ForwardedRoute:
 
 Route = PublicRoute | ForwardedRoute
 LocalEndpoint = Callable[[bytes, Address, Route], None]
+KubernetesFactory = Callable[[NodeTable, int], KubernetesDiscovery]
 
 
 class _PublicProtocol(DatagramProtocol):
@@ -101,11 +108,22 @@ class ClusterNodeService(MultiService):
     """The public socket, the management socket and the discovery of one node.
 
     @param local: the DTLS endpoint's entry point (see the module docstring).
+    @param kubernetes_factory: k8s mode: C{factory(node_table, management_port)}
+        builds the pod discovery (default: from the pod's environment and
+        service account; tests pass their own API server).
     """
 
-    def __init__(self, reactor: Any, config: ClusterConfig, local: LocalEndpoint, metrics: MetricSet) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: ClusterConfig,
+        local: LocalEndpoint,
+        metrics: MetricSet,
+        kubernetes_factory: KubernetesFactory | None = None,
+    ) -> None:
         super().__init__()
         self._reactor = reactor
+        self._kubernetes_factory = kubernetes_factory or self._kubernetes_from_environment
         self.config = config
         self._local = local
         self._metrics = metrics
@@ -159,16 +177,16 @@ class ClusterNodeService(MultiService):
         self._public_route = PublicRoute(self._public_port)
         if table is not None:
             own = self._management_port.getHost()
-            for host in {own.host, "127.0.0.1", "::1"}:
+            # Bound to every interface, our own pings to the group may come back from loopback.
+            hosts = {own.host, "127.0.0.1", "::1"} if own.host in ("0.0.0.0", "::") else {own.host}
+            for host in hosts:
                 table.add_own_address((host, own.port))
             if config.mode == "dynamic":
                 group = yield gatherResults([resolve_address(self._reactor, a) for a in config.group],
                                             consumeErrors=True)
                 table.set_group(group)
             else:
-                self.kubernetes = kubernetes_discovery_from_environment(
-                    self._reactor, table, config.external_management_port or own.port, os.environ,
-                    socket.gethostname())
+                self.kubernetes = self._kubernetes_factory(table, config.external_management_port or own.port)
                 self.kubernetes.setServiceParent(self)
             DynamicDiscoveryService(self._reactor, table, self.management.send).setServiceParent(self)
         log.info(
@@ -179,6 +197,10 @@ class ClusterNodeService(MultiService):
             public=self.public_port,
             management=self.management_port,
         )
+
+    def _kubernetes_from_environment(self, table: NodeTable, management_port: int) -> KubernetesDiscovery:
+        return kubernetes_discovery_from_environment(self._reactor, table, management_port, os.environ,
+                                                     socket.gethostname())
 
     def public_datagram(self, datagram: bytes, client: Address) -> None:
         """A datagram on the public socket: local, forwarded to its owner, or dropped (counted)."""

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 
 from zope.interface import implementer
 
-from nettester.cluster.wire import TYPE_PING, TYPE_PONG, ManagementCodec, NodeMessage, NodeState
+from nettester.cluster.wire import (
+    TYPE_PING,
+    TYPE_PONG,
+    ManagementCodec,
+    NodeMessage,
+    NodeState,
+)
 from nettester.interfaces import INodeDiscovery
 
 Address = tuple[str, int]

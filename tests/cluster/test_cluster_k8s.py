@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import json
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.ssl import PrivateCertificate
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from nettester.cluster.discovery import (
@@ -39,129 +28,22 @@ from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import ManagementCodec
 
 pytestmark = pytest.mark.integration
-TOKEN = "test-token-123"
-NAMESPACE = "lab"
 TIMEOUT = 10.0
 
 
-def make_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, certificate
-
-
-def make_server_pem(ca_key: Any, ca: x509.Certificate) -> bytes:
-    """A server certificate for 127.0.0.1 (IP SAN) and kubernetes.default.svc, signed by the CA."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("kubernetes.default.svc"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def pod(name: str, ip: str | None, phase: str = "Running", terminating: bool = False) -> dict[str, Any]:
-    """A v1 Pod in the API's shape (only the fields that matter, plus a few that do not)."""
-    metadata: dict[str, Any] = {
-        "name": name, "namespace": NAMESPACE, "uid": f"uid-{name}", "labels": {"app": "coap-cluster"},
-        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "coap-cluster"}],
-    }
-    if terminating:
-        metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    status: dict[str, Any] = {"phase": phase, "hostIP": "192.168.1.10", "conditions": [{"type": "Ready",
-                                                                                      "status": "True"}]}
-    if ip is not None:
-        status["podIP"] = ip
-        status["podIPs"] = [{"ip": ip}]
-    return {"metadata": metadata, "spec": {"containers": [{"name": "coap", "image": "nettester:latest"}]},
-            "status": status}
-
-
-class FakeApiServer(Resource):
-    """``/api/v1/namespaces/<ns>/pods[/<name>]`` with a bearer-token check."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pods: list[dict[str, Any]] = []
-        self.selectors: list[str] = []
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        if request.getHeader(b"authorization") != f"Bearer {TOKEN}".encode():
-            request.setResponseCode(401)
-            return json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Unauthorized",
-                               "code": 401}).encode()
-        path = request.path.decode().split("/")
-        if path[:5] != ["", "api", "v1", "namespaces", NAMESPACE] or path[5:6] != ["pods"]:
-            request.setResponseCode(404)
-            return b'{"kind":"Status","code":404}'
-        if len(path) == 7:
-            found = [p for p in self.pods if p["metadata"]["name"] == path[6]]
-            if not found:
-                request.setResponseCode(404)
-                return b'{"kind":"Status","code":404}'
-            return json.dumps({"kind": "Pod", "apiVersion": "v1", **found[0]}).encode()
-        selector = unquote(request.args[b"labelSelector"][0].decode())
-        self.selectors.append(selector)
-        key, _, value = selector.partition("=")
-        items = [p for p in self.pods if p["metadata"]["labels"].get(key) == value]
-        return json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "42"},
-                           "items": items}).encode()
-
-
-@pytest.fixture
-def api_server() -> Generator[tuple[FakeApiServer, int, bytes, bytes], None, None]:
-    ca_key, ca = make_ca("test-cluster-ca")
-    resource = FakeApiServer()
-    site = Site(resource)
-    site.noisy = False
-    options = PrivateCertificate.loadPEM(make_server_pem(ca_key, ca)).options()
-    port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
-    _, other_ca = make_ca("some-other-ca")
-    yield resource, port.getHost().port, ca.public_bytes(serialization.Encoding.PEM), other_ca.public_bytes(
-        serialization.Encoding.PEM)
-    port.stopListening()
-
-
-def discovery(port: int, ca_pem: bytes, token: str = TOKEN, selector: str | None = None
+def discovery(server: Any, port: int, ca_pem: bytes, token: str | None = None, selector: str | None = None
               ) -> tuple[KubernetesDiscovery, NodeTable]:
     table = NodeTable(0, ManagementCodec())
-    api = KubernetesApi(reactor, f"127.0.0.1:{port}", NAMESPACE, lambda: token, ca_pem)
+    api = KubernetesApi(reactor, f"127.0.0.1:{port}", server.namespace, lambda: token or server.token, ca_pem)
     return KubernetesDiscovery(reactor, api, table, "coap-cluster-0", 5884, selector), table
 
 
 @pytest_twisted.inlineCallbacks
-def test_pods_appearing_and_disappearing_become_the_group(api_server: Any) -> Generator[Any, Any, None]:
+def test_pods_appearing_and_disappearing_become_the_group(api_server: Any, pod: Any) -> Generator[Any, Any, None]:
     server, port, ca_pem, _ = api_server
     server.pods = [pod("coap-cluster-0", "10.1.0.10"), pod("coap-cluster-1", "10.1.0.11"),
                    pod("coap-cluster-2", None, phase="Pending")]
-    found, table = discovery(port, ca_pem)
+    found, table = discovery(server, port, ca_pem)
     assert not found.ready
     yield found.refresh().addTimeout(TIMEOUT, reactor)
     assert found.ready and found.failures == 0
@@ -181,20 +63,20 @@ def test_pods_appearing_and_disappearing_become_the_group(api_server: Any) -> Ge
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_wrong_token_is_refused_and_logged_not_raised(api_server: Any) -> Generator[Any, Any, None]:
+def test_a_wrong_token_is_refused_and_logged_not_raised(api_server: Any, pod: Any) -> Generator[Any, Any, None]:
     server, port, ca_pem, _ = api_server
     server.pods = [pod("coap-cluster-0", "10.1.0.10")]
-    found, _ = discovery(port, ca_pem, token="wrong", selector="app=coap-cluster")
+    found, _ = discovery(server, port, ca_pem, token="wrong", selector="app=coap-cluster")
     yield found.refresh().addTimeout(TIMEOUT, reactor)
     assert found.failures == 1 and not found.ready
     assert "HTTP 401 (check the ServiceAccount's Role" in found.last_error
 
 
 @pytest_twisted.inlineCallbacks
-def test_an_api_server_not_signed_by_ca_crt_is_refused(api_server: Any) -> Generator[Any, Any, None]:
+def test_an_api_server_not_signed_by_ca_crt_is_refused(api_server: Any, pod: Any) -> Generator[Any, Any, None]:
     server, port, _, other_ca_pem = api_server
     server.pods = [pod("coap-cluster-0", "10.1.0.10"), pod("coap-cluster-1", "10.1.0.11")]
-    found, table = discovery(port, other_ca_pem, selector="app=coap-cluster")
+    found, table = discovery(server, port, other_ca_pem, selector="app=coap-cluster")
     yield found.refresh().addTimeout(TIMEOUT, reactor)
     assert found.failures == 1 and not found.ready and found.group == ()
     assert "certificate verify failed" in found.last_error
@@ -206,7 +88,7 @@ def test_an_api_server_certificate_for_another_name_is_refused(api_server: Any) 
     """service-identity checks the name: the certificate names 127.0.0.1, not localhost."""
     server, port, ca_pem, _ = api_server
     table = NodeTable(0, ManagementCodec())
-    api = KubernetesApi(reactor, f"localhost:{port}", NAMESPACE, lambda: TOKEN, ca_pem)
+    api = KubernetesApi(reactor, f"localhost:{port}", server.namespace, lambda: server.token, ca_pem)
     found = KubernetesDiscovery(reactor, api, table, "coap-cluster-0", 5884, "app=coap-cluster")
     yield found.refresh().addTimeout(TIMEOUT, reactor)
     assert found.failures == 1 and server.selectors == []
@@ -214,13 +96,13 @@ def test_an_api_server_certificate_for_another_name_is_refused(api_server: Any) 
 
 
 @pytest_twisted.inlineCallbacks
-def test_the_service_lists_at_start_and_builds_from_the_environment(api_server: Any, tmp_path: Path
+def test_the_service_lists_at_start_and_builds_from_the_environment(api_server: Any, pod: Any, tmp_path: Path
                                                                     ) -> Generator[Any, Any, None]:
     server, port, ca_pem, _ = api_server
     server.pods = [pod("coap-cluster-0", "10.1.0.10"), pod("coap-cluster-1", "10.1.0.11")]
-    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "token").write_text(server.token + "\n")
     (tmp_path / "ca.crt").write_bytes(ca_pem)
-    (tmp_path / "namespace").write_text(NAMESPACE)
+    (tmp_path / "namespace").write_text(server.namespace)
     table = NodeTable(0, ManagementCodec())
     found = kubernetes_discovery_from_environment(
         reactor, table, 5884, {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(port)},
@@ -258,7 +140,7 @@ def test_ready_resource() -> None:
     assert resource.render_GET(request) == b"ready\n" and request.responseCode is None
 
 
-def test_pod_list_parsing() -> None:
+def test_pod_list_parsing(pod: Any) -> None:
     document = {"kind": "PodList", "items": [pod("a", "10.0.0.1"), pod("b", "fd00::2"), pod("c", None),
                                              pod("d", "10.0.0.4", phase="Succeeded"), pod("e", "not-an-ip")]}
     assert pods_from_list(document) == [Pod("a", "10.0.0.1"), Pod("b", "fd00::2")]

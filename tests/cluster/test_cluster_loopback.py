@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import socket
 from collections.abc import Callable, Generator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -23,7 +24,9 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
 
 from nettester.cluster.config import ClusterConfig
+from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
 from nettester.cluster.node import ClusterNodeService, Route
+from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import TYPE_IN, ManagementCodec
 from nettester.metrics import MetricSet
 from nettester.nat.console import NatRoleService
@@ -84,27 +87,44 @@ def wait_until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
 
 
 class ClusterLab:
-    def __init__(self, mode: str, secret: bytes | None = SECRET, backward: bool = True) -> None:
+    """Three nodes (ids 1, 2, 3). In k8s mode they are pods 127.0.0.1-3 sharing one port
+    pair, found through the test API server C{kubernetes} = (server, port, ca_pem)."""
+
+    def __init__(self, mode: str, secret: bytes | None = SECRET, backward: bool = True,
+                 kubernetes: tuple[Any, int, bytes] | None = None) -> None:
         ports = free_udp_ports(6)
         self.management_ports, public_ports = ports[:3], ports[3:]
         self.endpoints = {node_id: StandInEndpoint(node_id) for node_id in (1, 2, 3)}
         self.nodes: dict[int, ClusterNodeService] = {}
+        self._kubernetes = kubernetes
         for index, node_id in enumerate((1, 2, 3)):
             own = ("127.0.0.1", self.management_ports[index])
             public = ("127.0.0.1", public_ports[index])
             others = {n: ("127.0.0.1", p) for n, p in zip((1, 2, 3), self.management_ports, strict=True) if n != node_id}
             if mode == "static":
                 config = ClusterConfig("static", node_id, public, own, nodes=others, secret=secret, backward=backward)
-            else:
+            elif mode == "dynamic":
                 group = tuple(("localhost", p) for p in self.management_ports)
                 config = ClusterConfig("dynamic", node_id, public, own, group=group, secret=secret, backward=backward)
+            else:
+                pod_ip = f"127.0.0.{node_id}"
+                config = ClusterConfig("k8s", node_id, (pod_ip, public_ports[0]), (pod_ip, self.management_ports[0]),
+                                       external_management_port=self.management_ports[0], secret=secret,
+                                       backward=backward)
             self.nodes[node_id] = self._node(config)
         self.nat: NatRoleService | None = None
         self.client = Client()
         self.client_port: Any = None
 
     def _node(self, config: ClusterConfig) -> ClusterNodeService:
-        return ClusterNodeService(reactor, config, self.endpoints[config.node_id], MetricSet(f"n{config.node_id}"))
+        return ClusterNodeService(reactor, config, self.endpoints[config.node_id], MetricSet(f"n{config.node_id}"),
+                                  kubernetes_factory=partial(self._pod_discovery, config.node_id))
+
+    def _pod_discovery(self, node_id: int, table: NodeTable, management_port: int) -> KubernetesDiscovery:
+        assert self._kubernetes is not None
+        server, port, ca_pem = self._kubernetes
+        api = KubernetesApi(reactor, f"127.0.0.1:{port}", server.namespace, lambda: server.token, ca_pem)
+        return KubernetesDiscovery(reactor, api, table, f"coap-cluster-{node_id}", management_port)
 
     @pytest_twisted.inlineCallbacks
     def restart(self, node_id: int) -> Generator[Any, Any, None]:
@@ -119,7 +139,7 @@ class ClusterLab:
         for node in self.nodes.values():
             node.startService()
             yield node.started
-        destinations = [f"127.0.0.1:{node.public_port}" for node in self.nodes.values()]
+        destinations = [f"{node.config.dtls_address[0]}:{node.public_port}" for node in self.nodes.values()]
         table = NatTable([], rng=random.Random(3))
         proxy = NatProxy(reactor, table, DropPolicy(), ("127.0.0.1", 0), destinations)
         self.nat = NatRoleService(reactor, proxy)
@@ -142,7 +162,8 @@ class ClusterLab:
         """The node the NAT sends this client's datagrams to."""
         assert self.nat is not None
         destination = self.nat.proxy.table.destination_of(("127.0.0.1", self.client_port.getHost().port))
-        return next(n for n, node in self.nodes.items() if node.public_port == destination[1])
+        return next(n for n, node in self.nodes.items()
+                    if (node.config.dtls_address[0], node.public_port) == destination)
 
     @pytest_twisted.inlineCallbacks
     def stop(self) -> Generator[Any, Any, None]:
@@ -256,5 +277,30 @@ def test_a_restarted_node_is_found_again(mode: str) -> Generator[Any, Any, None]
         assert lab.receiving_node() == other
         assert (yield lab.exchange(cid_record(owner, b"after restart"))) == (owner, "dtls-cid-router")
         assert lab.nodes[other].router.forwarded == 1
+    finally:
+        yield lab.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_kubernetes_mode_finds_the_pods_and_routes_records(api_server: Any, pod: Any) -> Generator[Any, Any, None]:
+    """Pods 127.0.0.1-3 with one management port, listed by the test API server, learn each other's ids."""
+    server, api_port, ca_pem, _ = api_server
+    server.pods = [pod(f"coap-cluster-{n}", f"127.0.0.{n}") for n in (1, 2, 3)]
+    lab = ClusterLab("k8s", kubernetes=(server, api_port, ca_pem))
+    try:
+        yield lab.start()
+        yield wait_until(lambda: all(len(node.discovery.nodes()) == 2 for node in lab.nodes.values()))
+        management_port = lab.management_ports[0]
+        assert lab.nodes[1].discovery.nodes() == {2: ("127.0.0.2", management_port),
+                                                   3: ("127.0.0.3", management_port)}
+        assert all(node.is_ready() for node in lab.nodes.values())
+        owner, _ = yield lab.exchange(HANDSHAKE)
+        routes = set()
+        for step in range(12):
+            yield lab.nat.console.execute("rebalance" if step % 2 else "reassign")
+            answering, via = yield lab.exchange(cid_record(owner, b"k8s %d" % step))
+            assert answering == owner
+            routes.add(via)
+        assert routes == {"public", "dtls-cid-router"}
     finally:
         yield lab.stop()

@@ -12,7 +12,14 @@ from twisted.logger import globalLogPublisher
 from nettester.cluster.discovery import DynamicDiscoveryService
 from nettester.cluster.management import ManagementEndpoint
 from nettester.cluster.nodes import NodeTable
-from nettester.cluster.wire import TYPE_IN, TYPE_OUT, TYPE_PING, TYPE_PONG, ManagementCodec, NodeState
+from nettester.cluster.wire import (
+    TYPE_IN,
+    TYPE_OUT,
+    TYPE_PING,
+    TYPE_PONG,
+    ManagementCodec,
+    NodeState,
+)
 from nettester.metrics import MetricSet
 
 A = ("10.0.0.1", 5884)

@@ -7,7 +7,14 @@ from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
 from nettester.cluster.nodes import NodeTable, Outgoing, StaticDiscovery
-from nettester.cluster.wire import TYPE_PING, TYPE_PONG, ManagementCodec, ManagementError, NodeMessage, NodeState
+from nettester.cluster.wire import (
+    TYPE_PING,
+    TYPE_PONG,
+    ManagementCodec,
+    ManagementError,
+    NodeMessage,
+    NodeState,
+)
 from nettester.interfaces import INodeDiscovery
 
 SECRET = b"s3cret"

@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import INatTable
-from nettester.nat.table import DropPolicy, NatTable, Route, SizeLimit, looks_like_dtls, parse_size_limit
+from nettester.nat.table import (
+    DropPolicy,
+    NatTable,
+    Route,
+    SizeLimit,
+    looks_like_dtls,
+    parse_size_limit,
+)
 
 A = ("10.0.0.1", 5684)
 B = ("10.0.0.2", 5684)

@@ -1,0 +1,140 @@
+"""Shared by the cluster tests: a Kubernetes API server over TLS with its own CA and a bearer token.
+
+Fixtures: C{api_server} (the server, its port, the CA that signed it, another CA)
+and C{pod} (builds a v1 Pod document in the API's shape).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+from collections.abc import Callable, Generator
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor
+from twisted.internet.ssl import PrivateCertificate
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+TOKEN = "test-token-123"
+NAMESPACE = "lab"
+
+
+def make_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+def make_server_pem(ca_key: Any, ca: x509.Certificate) -> bytes:
+    """A server certificate for 127.0.0.1 (IP SAN) and kubernetes.default.svc, signed by the CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("kubernetes.default.svc"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def pod(name: str, ip: str | None, phase: str = "Running", terminating: bool = False) -> dict[str, Any]:
+    """A v1 Pod in the API's shape (only the fields that matter, plus a few that do not)."""
+    metadata: dict[str, Any] = {
+        "name": name, "namespace": NAMESPACE, "uid": f"uid-{name}", "labels": {"app": "coap-cluster"},
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "coap-cluster"}],
+    }
+    if terminating:
+        metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    status: dict[str, Any] = {"phase": phase, "hostIP": "192.168.1.10", "conditions": [{"type": "Ready",
+                                                                                      "status": "True"}]}
+    if ip is not None:
+        status["podIP"] = ip
+        status["podIPs"] = [{"ip": ip}]
+    return {"metadata": metadata, "spec": {"containers": [{"name": "coap", "image": "nettester:latest"}]},
+            "status": status}
+
+
+class FakeApiServer(Resource):
+    """``/api/v1/namespaces/<ns>/pods[/<name>]`` with a bearer-token check."""
+
+    isLeaf = True
+    token = TOKEN
+    namespace = NAMESPACE
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pods: list[dict[str, Any]] = []
+        self.selectors: list[str] = []
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        if request.getHeader(b"authorization") != f"Bearer {TOKEN}".encode():
+            request.setResponseCode(401)
+            return json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Unauthorized",
+                               "code": 401}).encode()
+        path = request.path.decode().split("/")
+        if path[:5] != ["", "api", "v1", "namespaces", NAMESPACE] or path[5:6] != ["pods"]:
+            request.setResponseCode(404)
+            return b'{"kind":"Status","code":404}'
+        if len(path) == 7:
+            found = [p for p in self.pods if p["metadata"]["name"] == path[6]]
+            if not found:
+                request.setResponseCode(404)
+                return b'{"kind":"Status","code":404}'
+            return json.dumps({"kind": "Pod", "apiVersion": "v1", **found[0]}).encode()
+        selector = unquote(request.args[b"labelSelector"][0].decode())
+        self.selectors.append(selector)
+        key, _, value = selector.partition("=")
+        items = [p for p in self.pods if p["metadata"]["labels"].get(key) == value]
+        return json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "42"},
+                           "items": items}).encode()
+
+
+@pytest.fixture
+def api_server() -> Generator[tuple[FakeApiServer, int, bytes, bytes], None, None]:
+    ca_key, ca = make_ca("test-cluster-ca")
+    resource = FakeApiServer()
+    site = Site(resource)
+    site.noisy = False
+    options = PrivateCertificate.loadPEM(make_server_pem(ca_key, ca)).options()
+    port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+    _, other_ca = make_ca("some-other-ca")
+    yield resource, port.getHost().port, ca.public_bytes(serialization.Encoding.PEM), other_ca.public_bytes(
+        serialization.Encoding.PEM)
+    port.stopListening()
+
+
+@pytest.fixture(name="pod")
+def pod_fixture() -> Callable[..., dict[str, Any]]:
+    return pod
+
