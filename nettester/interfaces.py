@@ -161,8 +161,8 @@ class INodeDiscovery(Interface):
         """A snapshot mapping of every known other node id -> management address."""
 
     def addListener(listener):
-        """Call C{listener(nodeId, address)} whenever a node appears or moves,
-        and C{listener(nodeId, None)} when it leaves."""
+        """Call C{listener(nodeId, address)} for every node known now, then
+        whenever a node appears or moves, and C{listener(nodeId, None)} when it leaves."""
 
 
 class INatTable(Interface):

@@ -17,6 +17,7 @@ be replayed to move a node to an attacker's address.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -50,14 +51,21 @@ class Outgoing:
     datagram: bytes
 
 
-class _Listeners:
+class _Listeners(ABC):
     """Node change listeners, shared by every discovery kind."""
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
 
+    @abstractmethod
+    def nodes(self) -> dict[int, Address]:
+        """Every known other node id -> management address."""
+
     def addListener(self, listener: Listener) -> None:
+        """Register C{listener} and tell it every node known now."""
         self._listeners.append(listener)
+        for node_id, address in self.nodes().items():
+            listener(node_id, address)
 
     def _notify(self, node_id: int, address: Address | None) -> None:
         for listener in self._listeners:
@@ -78,12 +86,6 @@ class StaticDiscovery(_Listeners):
 
     def nodes(self) -> dict[int, Address]:
         return dict(self._nodes)
-
-    def addListener(self, listener: Listener) -> None:
-        """Tell C{listener} the fixed table once; it never changes."""
-        super().addListener(listener)
-        for node_id, address in self._nodes.items():
-            listener(node_id, address)
 
 
 class _Node:

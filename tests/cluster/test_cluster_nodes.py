@@ -153,3 +153,11 @@ def test_node_ids_beyond_one_byte_are_dropped() -> None:
     one = NodeTable(1, ManagementCodec())
     assert one.receive(NodeMessage(TYPE_PING, 256, NodeState.UP), B, 1.0) == []
     assert one.nodes() == {} and one.drops == {"bad_node_id": 1}
+
+
+def test_a_late_listener_hears_the_nodes_known_so_far() -> None:
+    one = NodeTable(1, ManagementCodec())
+    one.receive(NodeMessage(TYPE_PING, 2, NodeState.UP), B, 1.0)
+    seen: list[tuple[int, object]] = []
+    one.addListener(lambda node, address: seen.append((node, address)))
+    assert seen == [(2, B)]
