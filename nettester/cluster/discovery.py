@@ -1,7 +1,7 @@
 """Discovery services: the dynamic PING/PONG driver and Kubernetes pod listing.
 
-- static: L{nettester.cluster.nodes.StaticDiscovery} (no service needed,
-  after L{resolve_nodes} has turned host names into addresses).
+- static: L{StaticDiscovery}, a fixed table (no service needed, after
+  L{resolve_nodes} has turned host names into addresses).
 - dynamic: L{DynamicDiscoveryService} runs a L{NodeTable}'s timer and sends
   its PINGs through the management socket.
 - Kubernetes: L{KubernetesDiscovery} lists the pods of the cluster every 10 s
@@ -32,8 +32,10 @@ from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import implementer
 
-from nettester.cluster.nodes import NodeTable
+from nettester.cluster.nodes import NodeListeners, NodeTable
+from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
 from nettester.nat.table import ip_family
 
@@ -59,6 +61,22 @@ def resolve_nodes(reactor: Any, nodes: Mapping[int, Address]) -> Deferred[dict[i
     node_ids = list(nodes)
     resolving = [resolve_address(reactor, nodes[node_id]) for node_id in node_ids]
     return gatherResults(resolving, consumeErrors=True).addCallback(lambda found: dict(zip(node_ids, found, strict=True)))
+
+
+@implementer(INodeDiscovery)
+class StaticDiscovery(NodeListeners):
+    """``--dtls-cluster`` with ``---`` entries: a fixed node id -> management address table."""
+
+    def __init__(self, own_node_id: int, nodes: Mapping[int, Address]) -> None:
+        super().__init__()
+        self.ownNodeId = own_node_id
+        self._nodes = {node_id: address for node_id, address in nodes.items() if node_id != own_node_id}
+
+    def managementAddress(self, nodeId: int) -> Address | None:
+        return self._nodes.get(nodeId)
+
+    def nodes(self) -> dict[int, Address]:
+        return dict(self._nodes)
 
 
 class DynamicDiscoveryService(Service):

@@ -31,12 +31,13 @@ from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import (
     DynamicDiscoveryService,
     KubernetesDiscovery,
+    StaticDiscovery,
     kubernetes_discovery_from_environment,
     resolve_address,
     resolve_nodes,
 )
 from nettester.cluster.management import ManagementEndpoint
-from nettester.cluster.nodes import NodeTable, StaticDiscovery
+from nettester.cluster.nodes import NodeTable
 from nettester.cluster.router import LOCAL, CidRouter, Forward
 from nettester.cluster.wire import ManagementCodec
 from nettester.interfaces import INodeDiscovery

@@ -1,4 +1,4 @@
-"""Who the other cluster nodes are: a static table, or one learned with PING/PONG.
+"""Who the other cluster nodes are, learned with PING/PONG (static tables: L{nettester.cluster.discovery}).
 
 L{NodeTable} is the sans-IO core of dynamic (and Kubernetes) discovery:
 management PING/PONG messages and the time go in, datagrams to send come
@@ -18,7 +18,7 @@ be replayed to move a node to an attacker's address.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from zope.interface import implementer
@@ -51,8 +51,8 @@ class Outgoing:
     datagram: bytes
 
 
-class _Listeners(ABC):
-    """Node change listeners, shared by every discovery kind."""
+class NodeListeners(ABC):
+    """Node change listeners: the base of every INodeDiscovery provider."""
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
@@ -72,22 +72,6 @@ class _Listeners(ABC):
             listener(node_id, address)
 
 
-@implementer(INodeDiscovery)
-class StaticDiscovery(_Listeners):
-    """``--dtls-cluster`` with ``---`` entries: a fixed node id -> management address table."""
-
-    def __init__(self, own_node_id: int, nodes: Mapping[int, Address]) -> None:
-        super().__init__()
-        self.ownNodeId = own_node_id
-        self._nodes = {node_id: address for node_id, address in nodes.items() if node_id != own_node_id}
-
-    def managementAddress(self, nodeId: int) -> Address | None:
-        return self._nodes.get(nodeId)
-
-    def nodes(self) -> dict[int, Address]:
-        return dict(self._nodes)
-
-
 class _Node:
     __slots__ = ("address", "state", "last_seen")
 
@@ -98,7 +82,7 @@ class _Node:
 
 
 @implementer(INodeDiscovery)
-class NodeTable(_Listeners):
+class NodeTable(NodeListeners):
     """Dynamic discovery's core (see the module docstring).
 
     @param group: management addresses of the group (possibly our own among them).

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
-from nettester.cluster.nodes import NodeTable, Outgoing, StaticDiscovery
+from nettester.cluster.discovery import StaticDiscovery
+from nettester.cluster.nodes import NodeTable, Outgoing
 from nettester.cluster.wire import (
     TYPE_PING,
     TYPE_PONG,

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nettester.cluster.nodes import NodeTable, StaticDiscovery
+from nettester.cluster.discovery import StaticDiscovery
+from nettester.cluster.nodes import NodeTable
 from nettester.cluster.router import LOCAL, CidRouter, Drop, Forward
 from nettester.cluster.wire import TYPE_PING, ManagementCodec, NodeMessage, NodeState
 
