@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import ClientFactory, DatagramProtocol
 from twisted.internet.task import deferLater
@@ -75,12 +75,12 @@ def wait_until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
 class Lab:
     """Echo destinations, a NAT in front of them, clients, all on 127.0.0.1."""
 
-    def __init__(self, destinations: int = 3, policy: DropPolicy | None = None) -> None:
+    def __init__(self, destinations: int = 3, policy: DropPolicy | None = None, lb_timeout: float = 15.0) -> None:
         self.echoes = [Echo() for _ in range(destinations + 1)]  # the last one is added later
         self.ports = [reactor.listenUDP(0, echo, interface="127.0.0.1") for echo in self.echoes]
         self.names = [f"127.0.0.1:{port.getHost().port}" for port in self.ports]
         rng = random.Random(5)
-        table = NatTable([], nat_timeout=30.0, lb_timeout=15.0, rng=rng)
+        table = NatTable([], nat_timeout=30.0, lb_timeout=lb_timeout, rng=rng)
         self.proxy = NatProxy(reactor, table, policy or DropPolicy(rng=rng), ("127.0.0.1", 0),
                               self.names[:destinations])
         self.service = NatRoleService(reactor, self.proxy, console_port=0)
@@ -106,6 +106,18 @@ class Lab:
         destination = int(port_text)
         echo = self.echoes[[p.getHost().port for p in self.ports].index(destination)]
         return destination, echo.sources[-1]
+
+    @pytest_twisted.inlineCallbacks
+    def exchange_retrying(self, client: Client, data: bytes) -> Generator[Any, Any, int]:
+        """Send every 50 ms until answered, as a client with a short retransmission timer; the destination port."""
+        for _ in range(int(TIMEOUT / 0.05)):
+            self.send(client, data)
+            try:
+                answer = yield client.answers.get().addTimeout(0.05, reactor)
+            except defer.TimeoutError:
+                continue
+            return int(answer.partition(b"|")[0])
+        raise AssertionError("never answered")
 
     @pytest_twisted.inlineCallbacks
     def exchange_all(self, clients: list[Client], data: bytes) -> Generator[Any, Any, list[tuple[int, int]]]:
@@ -256,5 +268,34 @@ def test_size_limit_and_dtls_filter() -> Generator[Any, Any, None]:
         yield wait_until(lambda: lab.proxy.dropped.total == 3)
         assert len(lab.echoes[0].sources) == 1
         assert lab.proxy.dropped.get("not_dtls") == 2
+    finally:
+        yield lab.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_silent_destination_goes_stale_and_is_probed_back() -> Generator[Any, Any, None]:
+    lab = Lab(destinations=2, lb_timeout=0.2)
+    try:
+        clients = [lab.client() for _ in range(10)]
+        first = yield lab.exchange_all(clients, b"hello")
+        dead_port = lab.ports[0].getHost().port
+        live_port = lab.ports[1].getHost().port
+        assert {destination for destination, _ in first} == {dead_port, live_port}
+        yield lab.ports[0].stopListening()
+        # Clients of the silent destination are moved once it has been silent for --tlb.
+        for client in clients:
+            assert (yield lab.exchange_retrying(client, b"again")) == live_port
+        assert lab.proxy.table.stale_marked == 1
+        info = yield lab.command("info")
+        assert f"Destination: {lab.names[0]}, usage: 0" in info.splitlines()
+        # It comes back; after another --tlb it is probed with new entries, and answers.
+        lab.ports[0] = reactor.listenUDP(dead_port, lab.echoes[0], interface="127.0.0.1")
+        yield deferLater(reactor, 0.25, lambda: None)
+        newcomers = [lab.client() for _ in range(10)]
+        answered_by = set()
+        for client in newcomers:
+            answered_by.add((yield lab.exchange_retrying(client, b"new")))
+        assert answered_by == {dead_port, live_port}
+        assert lab.proxy.table.destinations()[0].stale_since is None
     finally:
         yield lab.close()
