@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
@@ -75,10 +76,6 @@ class OutgoingSocket:
             self._socket.close()
             raise
         reactor.addReader(self)
-
-    @property
-    def port(self) -> int:
-        return self._socket.getsockname()[1]
 
     def fileno(self) -> int:
         return self._socket.fileno()
@@ -231,7 +228,11 @@ class NatProxy(Service):
         if reason is not None:
             self.dropped.inc(reason)
             return
-        self._public.write(datagram, client)
+        try:
+            self._public.write(datagram, client)
+        except (OSError, MessageLengthError):
+            self.dropped.inc("send_error")
+            return
         self._backwarded.value += 1
 
     def _open(self, key: int, destination: Address) -> Any:

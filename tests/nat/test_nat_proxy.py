@@ -145,3 +145,6 @@ def test_a_refused_send_is_a_counted_drop() -> None:
     reactor.ports[1].write = refuse  # type: ignore[method-assign]
     public(reactor).protocol.datagramReceived(b"y", ("192.0.2.1", 1))
     assert nat.dropped.values == {"send_error": 1} and nat.summary()["forwarded"] == 1
+    public(reactor).write = refuse  # type: ignore[method-assign]
+    reactor.ports[1].receive(b"answer", A)
+    assert nat.dropped.values == {"send_error": 2} and nat.summary()["backwarded"] == 0
