@@ -168,11 +168,13 @@ def load_identity(files: dict[str, str], role: str) -> tuple[list[Any], Any]:
 # --- OpenSSL 3.0 command line -------------------------------------------------------
 
 OPENSSL_CASES = [
-    ("TLS_PSK_WITH_AES_128_CCM_8", "PSK-AES128-CCM8"),
-    ("TLS_PSK_WITH_AES_128_GCM_SHA256", "PSK-AES128-GCM-SHA256"),
-    ("TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256", "ECDHE-PSK-AES128-CBC-SHA256"),
-    ("TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", "ECDHE-ECDSA-AES128-CCM8"),
-    ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ("TLS_PSK_WITH_AES_128_CCM_8", "PSK-AES128-CCM8", "X25519"),
+    ("TLS_PSK_WITH_AES_128_GCM_SHA256", "PSK-AES128-GCM-SHA256", "X25519"),
+    ("TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256", "ECDHE-PSK-AES128-CBC-SHA256", "X25519"),
+    ("TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256", "ECDHE-PSK-AES128-CBC-SHA256", "P-256"),
+    # x25519 for the key exchange; P-256 must be offered too, the certificate's curve (RFC 8422 section 5.1)
+    ("TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", "ECDHE-ECDSA-AES128-CCM8", "X25519:P-256"),
+    ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256", "P-256"),
 ]
 
 
@@ -186,14 +188,28 @@ def _openssl_credentials(suite: str, tmp_path: Path, role: str) -> tuple[list[st
     return arguments + (["-nocert"] if role == "server" else []), None, None
 
 
-@pytest.mark.parametrize("suite,cipher", OPENSSL_CASES)
+@pytest.mark.parametrize("suite,cipher,group", OPENSSL_CASES)
 @pytest_twisted.inlineCallbacks
-def test_our_client_with_openssl_s_server(suite: str, cipher: str, tmp_path: Path) -> Generator[Any, Any, None]:
+def test_our_client_with_openssl_s_server(
+    suite: str, cipher: str, group: str, tmp_path: Path
+) -> Generator[Any, Any, None]:
     binary = openssl()
     port = free_udp_port()
     arguments, _, ca = _openssl_credentials(suite, tmp_path, "server")
     server = spawn(
-        [binary, "s_server", "-dtls1_2", "-accept", str(port), "-4", "-cipher", cipher + ":@SECLEVEL=0"] + arguments
+        [
+            binary,
+            "s_server",
+            "-dtls1_2",
+            "-accept",
+            str(port),
+            "-4",
+            "-cipher",
+            cipher + ":@SECLEVEL=0",
+            "-groups",
+            group,
+        ]
+        + arguments
     )
     receiver = Receiver()
     config = psk_client(suite)
@@ -216,9 +232,11 @@ def test_our_client_with_openssl_s_server(suite: str, cipher: str, tmp_path: Pat
         yield port_handle.stopListening()
 
 
-@pytest.mark.parametrize("suite,cipher", OPENSSL_CASES)
+@pytest.mark.parametrize("suite,cipher,group", OPENSSL_CASES)
 @pytest_twisted.inlineCallbacks
-def test_openssl_s_client_with_our_server(suite: str, cipher: str, tmp_path: Path) -> Generator[Any, Any, None]:
+def test_openssl_s_client_with_our_server(
+    suite: str, cipher: str, group: str, tmp_path: Path
+) -> Generator[Any, Any, None]:
     binary = openssl()
     arguments, identity, _ = _openssl_credentials(suite, tmp_path, "client")
     receiver = Receiver(answer=lambda data: b"echo:" + data)
@@ -234,6 +252,8 @@ def test_openssl_s_client_with_our_server(suite: str, cipher: str, tmp_path: Pat
             "127.0.0.1:%d" % port,
             "-cipher",
             cipher + ":@SECLEVEL=0",
+            "-groups",
+            group,
             "-servername",
             "localhost",
         ]

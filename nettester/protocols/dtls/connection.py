@@ -899,6 +899,8 @@ class DtlsConnection:
                 not config.certificate_chain
                 or config.private_key is None
                 or hs.ECDSA_SECP256R1_SHA256 not in algorithms
+                # RFC 8422 section 5.1: the client must support our certificate's curve too
+                or hs.GROUP_SECP256R1 not in groups
             ):
                 continue
             return suite, (common_group if suite.key_exchange.uses_ecdhe else None)

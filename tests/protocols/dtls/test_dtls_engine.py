@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from typing import Callable
 
+import pytest
 from dtls_pair import PSK, PSK_IDENTITY, Pair, psk_configs
+
+from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record
 from nettester.protocols.dtls.certificates import issue, make_ca
 from nettester.protocols.dtls.connection import (
@@ -217,21 +220,32 @@ def test_resumption_with_unknown_session_falls_back_to_full_handshake() -> None:
     assert not second.completed("client").resumed and second.client.is_established
 
 
+def start_with_modified_hello(pair: Pair, modify: Callable[[dict[int, bytes]], None]) -> None:
+    """Start the client, then replace its first ClientHello by one whose
+    extensions C{modify} changed (what another implementation might send)."""
+    pair.start()
+    assert pair.client._client_hello is not None
+    modify(pair.client._client_hello.extensions)
+    pair.client._outgoing.clear()
+    pair.client._next_send_seq = 0
+    pair.client._send_client_hello(pair.now)
+
+
 def test_extended_master_secret_required_by_default() -> None:
     client, server = psk_configs()
     client.require_extended_master_secret = False
     pair = Pair(client, server)
-    pair.client.configuration = client
-    pair.start()
-    # Strip the EMS offer from the ClientHello before it leaves.
-    assert pair.client._client_hello is not None
-    pair.client._client_hello.extensions.pop(23)
-    pair.client._flight = []
-    pair.client._outgoing.clear()
-    pair.client._next_send_seq = 0
-    pair.client._send_client_hello(pair.now)
+    start_with_modified_hello(pair, lambda extensions: extensions.pop(23))
     pair.run()
     assert pair.server.failure_reason == "no_extended_master_secret"
+
+
+def test_ecdsa_needs_the_certificate_curve_among_the_client_groups() -> None:
+    """RFC 8422 section 5.1: a client offering only x25519 cannot use our P-256 certificate."""
+    pair = Pair(*ecdsa_configs())
+    start_with_modified_hello(pair, lambda extensions: extensions.update({10: hs.encode_uint16_list([29])}))
+    pair.run()
+    assert pair.server.failure_reason == "no_common_cipher_suite"
 
 
 def test_close_notify_both_ways() -> None:
