@@ -20,6 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from nettester.logs import Logger
+from nettester.protocols.keepalive.errno_tcp import lost_errno_text
 from nettester.protocols.keepalive.wire import Event
 
 log = Logger()
@@ -40,15 +41,14 @@ def address_text(address: IAddress) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def close_cause(reason: Failure, closed_by_us: str | None, us: str) -> tuple[str, str]:
+def close_cause(reason: Failure, closed_by_us: str | None, us: str, lost_errno: str | None = None) -> tuple[str, str]:
     """Classify a close: (cause, detail).
 
     C{closed_by_us} is the reason we asked for the close (None when we did
     not); C{us} is ``closed_by_server`` or ``closed_by_client``. A clean end
     of stream (ConnectionDone) we did not ask for is the peer's FIN; any
-    other loss is a reset. Twisted does not keep the errno of a failed
-    ``recv`` (it is ECONNRESET on Linux for a RST), so the detail is the
-    exception text.
+    other loss is a reset, detailed by the errno of the failed read when the
+    transport kept it (L{errno_tcp}), else by the exception text.
     """
     if closed_by_us is not None:
         return us, closed_by_us
@@ -56,7 +56,7 @@ def close_cause(reason: Failure, closed_by_us: str | None, us: str) -> tuple[str
         return TLS_ERROR, str(reason.value)
     if reason.check(ConnectionDone) is not None:
         return PEER_CLOSED, "FIN"
-    return PEER_RESET, str(reason.value)
+    return PEER_RESET, lost_errno or str(reason.value)
 
 
 class SansIOCore(TypingProtocol):
@@ -134,7 +134,7 @@ class CoreProtocol(Protocol):
 
     def connection_lost_cause(self, reason: Failure, us: str) -> tuple[str, str]:
         self.stop_timer()
-        return close_cause(reason, self.closing, us)
+        return close_cause(reason, self.closing, us, lost_errno_text(self.transport))
 
 
 

@@ -32,6 +32,7 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
+from nettester.protocols.keepalive.errno_tcp import connect_tcp
 from nettester.protocols.keepalive.wire import (
     ClientConnection,
     ClientPlan,
@@ -215,8 +216,7 @@ class KeepAliveClientService(Service):
         if self.tls is not None:
             factory = TLSMemoryBIOFactory(self.tls, True, slot)
             factory.noisy = False
-        return self.reactor.connectTCP(self.host, self.port, factory, timeout=self.connect_timeout,
-                                       bindAddress=self.bind_address)
+        return connect_tcp(self.reactor, self.host, self.port, factory, self.connect_timeout, self.bind_address)
 
     def connected(self, protocol: KeepAliveClientProtocol) -> None:
         self.connections.value += 1

@@ -32,6 +32,7 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
+from nettester.protocols.keepalive.errno_tcp import listen_tcp
 from nettester.protocols.keepalive.wire import (
     DummyReceived,
     Event,
@@ -150,8 +151,7 @@ class KeepAliveServerService(Service):
             factory.noisy = False
         super().startService()
         try:
-            self.listening = self.reactor.listenTCP(self.port, factory, backlog=self.backlog,
-                                                    interface=self.interface)
+            self.listening = listen_tcp(self.reactor, self.port, factory, self.backlog, self.interface)
         except CannotListenError as error:
             log.critical("Cannot listen on {interface}:{port}: {reason}; choose another --port (TCP_SERVER_PORT) "
                          "or --interface, or stop the program using it", event="listen_failed",

@@ -1,5 +1,6 @@
 """The Twisted adapters on a MemoryReactorClock: logs, close causes, timers, reconnects."""
 
+import errno
 import random
 from typing import Any
 
@@ -13,6 +14,7 @@ from zope.interface.verify import verifyObject
 
 from nettester.interfaces import IReportingService
 from nettester.protocols.keepalive.client import KeepAliveClientProtocol, KeepAliveClientService
+from nettester.protocols.keepalive.errno_tcp import lost_errno_text
 from nettester.protocols.keepalive.server import KeepAliveServerProtocol, KeepAliveServerService
 from nettester.protocols.keepalive.wire import ClientTiming
 
@@ -211,3 +213,14 @@ def test_client_stop_closes_with_a_fin_and_stops_reconnecting() -> None:
     assert fired and service.summary()["errors"] == 0
     reactor.advance(60.0)
     assert len(reactor.tcpClients) == 2
+
+
+def test_the_errno_that_lost_a_connection_is_found_under_tls_too() -> None:
+    class Tcp:
+        lost_errno = errno.ECONNRESET
+
+    class Tls:
+        transport = Tcp()
+
+    assert lost_errno_text(Tls()) == "ECONNRESET (104: Connection reset by peer)"
+    assert lost_errno_text(StringTransport()) is None

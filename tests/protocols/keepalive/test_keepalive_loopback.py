@@ -19,6 +19,7 @@ from twisted.logger import LogLevel
 from nettester.logs import json_record
 from nettester.protocols.keepalive import tls
 from nettester.protocols.keepalive.client import KeepAliveClientService
+from nettester.protocols.keepalive.local import KeepAliveLocalScenario
 from nettester.protocols.keepalive.report import build_report
 from nettester.protocols.keepalive.server import KeepAliveServerService
 from nettester.protocols.keepalive.wire import ClientTiming
@@ -208,10 +209,24 @@ def test_a_reset_from_a_middlebox_is_peer_reset_on_both_ends(logged: Any) -> Gen
         yield relay_port.stopListening()
         yield fleet.stopService().addTimeout(TIMEOUT, reactor)
         yield server.stopService().addTimeout(TIMEOUT, reactor)
-    causes = [(event["cause"], event["conn"]) for event in logged.named("conn_closed")]
+    causes = [(event["cause"], event["conn"], event["detail"]) for event in logged.named("conn_closed")]
     conn = logged.named("conn_open")[0]["conn"]
-    assert sorted(causes) == [("peer_reset", conn), ("peer_reset", conn)]
+    reset = "ECONNRESET (104: Connection reset by peer)"
+    assert sorted(causes) == [("peer_reset", conn, reset), ("peer_reset", conn, reset)]
     assert f"Client 1: TCP connection reset, conn={conn}" in logged.lines("conn_closed")
     report = _report_of(logged)
     assert report.classes["middlebox_reset"].count == 1
     assert report.classes["middlebox_reset"].reasons == {"seen by both ends": 1}
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_local_scenario_passes_on_a_healthy_loopback() -> Generator[Any, Any, None]:
+    scenario = KeepAliveLocalScenario(reactor, duration=4.0)
+    scenario.service.startService()
+    try:
+        yield _sleep(3.0)
+    finally:
+        yield scenario.service.stopService().addTimeout(TIMEOUT, reactor)
+    verdict = scenario.verdict()
+    assert verdict.passed, verdict.evidence
+    assert verdict.evidence["connections"] == 30 and verdict.evidence["tls_keepalives"] > 0
