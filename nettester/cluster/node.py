@@ -1,13 +1,15 @@
 """One cluster node's sockets: the public DTLS socket behind the CID router, and the management socket.
 
 This is the layer beneath the DTLS endpoint (DESIGN.md: UDP socket -> cluster
-router -> DTLS endpoint). The endpoint is given as one callable,
-C{local(datagram, client, route)}: every datagram it must process, whether it
-arrived on our public socket (C{route} is a L{PublicRoute}) or was forwarded
-by another node (a L{ForwardedRoute}). The endpoint answers a peer with
-C{route.send(datagram, client)}, so answers to forwarded records go back
-through the node the client talks to (OUT records), or straight from our
-public socket with ``--no-dtls-cluster-backward``.
+router -> DTLS endpoint). The node owns the public socket and hands it to the
+endpoint as its transport, so the endpoint answers direct peers itself. A
+datagram the router keeps local goes to C{endpoint.datagramReceived(data,
+client)}; a record another node forwarded goes to
+C{endpoint.routedDatagramReceived(records, client, route)}, and the endpoint
+answers that peer with C{route.send(data, client)}: back through the node the
+client talks to (OUT records), or straight from our public socket with
+``--no-dtls-cluster-backward``. C{route.name} is what ``mycontext`` shows
+as ``via``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import socket
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import (
@@ -51,38 +53,39 @@ Address = tuple[str, int]
 VIA_ROUTER = "dtls-cid-router"
 
 
-class PublicRoute:
-    """Answers go straight out of this node's public socket."""
-
-    via: str | None = None
-    __slots__ = ("_public",)
-
-    def __init__(self, public: Any) -> None:
-        self._public = public
-
-    def send(self, datagram: bytes, client: Address) -> None:
-        self._public.write(datagram, client)
-
-
 @dataclass(frozen=True, slots=True)
 class ForwardedRoute:
-    """A record another node forwarded: answers go back through it (OUT), or directly."""
+    """How to answer a peer whose record another node forwarded: back through it (OUT), or directly."""
 
     node: Address
     management: ManagementEndpoint
     public: Any
     backward: bool = True
-    via: str = VIA_ROUTER
+    name: str = VIA_ROUTER
 
-    def send(self, datagram: bytes, client: Address) -> None:
+    def send(self, data: bytes, address: Address) -> None:
         if self.backward:
-            self.management.backward(datagram, client, self.node)
+            self.management.backward(data, address, self.node)
         else:
-            self.public.write(datagram, client)
+            self.public.write(data, address)
 
 
-Route = PublicRoute | ForwardedRoute
-LocalEndpoint = Callable[[bytes, Address, Route], None]
+class RoutedEndpoint(Protocol):
+    """What the node needs from the DTLS endpoint (a DatagramProtocol with a route hook)."""
+
+    def makeConnection(self, transport: Any) -> None:
+        """Take the public socket as transport."""
+
+    def doStop(self) -> None:
+        """The public socket is closing."""
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        """A datagram that arrived on our public socket."""
+
+    def routedDatagramReceived(self, data: bytes, address: Address, route: ForwardedRoute) -> None:
+        """Records of C{address} that another node received and forwarded."""
+
+
 KubernetesFactory = Callable[[NodeTable, int], KubernetesDiscovery]
 
 
@@ -108,7 +111,7 @@ def _listen_udp(reactor: Any, address: Address, protocol: DatagramProtocol) -> A
 class ClusterNodeService(MultiService):
     """The public socket, the management socket and the discovery of one node.
 
-    @param local: the DTLS endpoint's entry point (see the module docstring).
+    @param endpoint: the DTLS endpoint (see the module docstring).
     @param kubernetes_factory: k8s mode: C{factory(node_table, management_port)}
         builds the pod discovery (default: from the pod's environment and
         service account; tests pass their own API server).
@@ -118,7 +121,7 @@ class ClusterNodeService(MultiService):
         self,
         reactor: Any,
         config: ClusterConfig,
-        local: LocalEndpoint,
+        endpoint: RoutedEndpoint,
         metrics: MetricSet,
         kubernetes_factory: KubernetesFactory | None = None,
     ) -> None:
@@ -126,7 +129,7 @@ class ClusterNodeService(MultiService):
         self._reactor = reactor
         self._kubernetes_factory = kubernetes_factory or self._kubernetes_from_environment
         self.config = config
-        self._local = local
+        self._endpoint = endpoint
         self._metrics = metrics
         self.codec = ManagementCodec(config.secret)
         self.discovery: INodeDiscovery | None = None
@@ -134,7 +137,6 @@ class ClusterNodeService(MultiService):
         self.management: ManagementEndpoint | None = None
         self._public_port: Any = None
         self._management_port: Any = None
-        self._public_route: PublicRoute | None = None
         self.kubernetes: Any = None
         self.started: Deferred[None] = Deferred()
 
@@ -175,7 +177,7 @@ class ClusterNodeService(MultiService):
                                              self._metrics, table)
         self._management_port = _listen_udp(self._reactor, config.management_address, self.management)
         self._public_port = _listen_udp(self._reactor, config.dtls_address, _PublicProtocol(self))
-        self._public_route = PublicRoute(self._public_port)
+        self._endpoint.makeConnection(self._public_port)
         if table is not None:
             own = self._management_port.getHost()
             # Bound to every interface, our own pings to the group may come back from loopback.
@@ -207,13 +209,13 @@ class ClusterNodeService(MultiService):
         """A datagram on the public socket: local, forwarded to its owner, or dropped (counted)."""
         decision = self.router.decide(datagram)  # type: ignore[union-attr]
         if decision is LOCAL:
-            self._local(datagram, client, self._public_route)  # type: ignore[arg-type]
+            self._endpoint.datagramReceived(datagram, client)
         elif type(decision) is Forward:
             self.management.forward(datagram, client, decision.address)  # type: ignore[union-attr]
 
     def _forwarded(self, records: bytes, client: Address, node: Address) -> None:
-        self._local(records, client, ForwardedRoute(node, self.management, self._public_port,  # type: ignore[arg-type]
-                                                    self.config.backward))
+        route = ForwardedRoute(node, self.management, self._public_port, self.config.backward)  # type: ignore[arg-type]
+        self._endpoint.routedDatagramReceived(records, client, route)
 
     def _backwarded(self, records: bytes, client: Address, node: Address) -> None:
         self._public_port.write(records, client)
@@ -224,6 +226,8 @@ class ClusterNodeService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         stopping = [maybeDeferred(super().stopService)]
+        if self._public_port is not None:
+            self._endpoint.doStop()
         for port in (self._public_port, self._management_port):
             if port is not None:
                 stopping.append(maybeDeferred(port.stopListening))

@@ -25,7 +25,7 @@ from twisted.internet.task import deferLater
 
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
-from nettester.cluster.node import ClusterNodeService, Route
+from nettester.cluster.node import ClusterNodeService, ForwardedRoute
 from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import TYPE_IN, ManagementCodec
 from nettester.metrics import MetricSet
@@ -57,16 +57,25 @@ def cid_record(node_id: int, payload: bytes) -> bytes:
 HANDSHAKE = bytes([22, 254, 253, 0, 0]) + bytes(6) + (3).to_bytes(2, "big") + b"hello"
 
 
-class StandInEndpoint:
-    """Answers ``node=<id> via=<route>|<datagram>`` through the route it was given."""
+class StandInEndpoint(DatagramProtocol):
+    """Stands in for the DTLS endpoint: answers ``node=<id> via=<route>|<datagram>``."""
+
+    noisy = False
 
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
         self.received: list[tuple[bytes, tuple[str, int], str | None]] = []
 
-    def __call__(self, datagram: bytes, client: tuple[str, int], route: Route) -> None:
-        self.received.append((datagram, client, route.via))
-        route.send(b"node=%d via=%s|" % (self.node_id, (route.via or "public").encode()) + datagram, client)
+    def _answer(self, datagram: bytes, via: str | None) -> bytes:
+        return b"node=%d via=%s|" % (self.node_id, (via or "public").encode()) + datagram
+
+    def datagramReceived(self, datagram: bytes, client: Any) -> None:
+        self.received.append((datagram, client, None))
+        self.transport.write(self._answer(datagram, None), client)
+
+    def routedDatagramReceived(self, datagram: bytes, client: tuple[str, int], route: ForwardedRoute) -> None:
+        self.received.append((datagram, client, route.name))
+        route.send(self._answer(datagram, route.name), client)
 
 
 class Client(DatagramProtocol):
