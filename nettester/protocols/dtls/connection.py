@@ -820,24 +820,37 @@ class DtlsConnection:
             self.cid_negotiated = True
             server_extensions[hs.EXT_CONNECTION_ID] = hs.vector(1, self.read_cid)
         self._server_random = config.random(32)
-
         session = self._resumable_session(hello)
         if session is not None:
-            self._resuming = True
-            self.cipher_suite = suites.SUITES[session.cipher_suite]
-            self._master_secret = session.master_secret
-            self.peer_identity = session.peer_identity
-            self.session_id = session.session_id
-            if self.cipher_suite.key_exchange.uses_ecdhe and hs.EXT_EC_POINT_FORMATS in extensions:
-                server_extensions[hs.EXT_EC_POINT_FORMATS] = hs.vector(1, b"\x00")
-            flight = [self._server_hello(server_extensions)]
-            self._install_keys()
-            flight.extend(self._finished_messages())
-            self._state = _State.WAIT_CHANGE_CIPHER_SPEC
-            self._start_flight(flight, now, expects_reply=True)
-            return
+            self._server_resume(session, server_extensions, now)
+        else:
+            suite, group = self._choose_suite(hello.cipher_suites, groups, algorithms)
+            self._server_full_handshake(suite, group, server_extensions, now)
 
-        suite, group = self._choose_suite(hello.cipher_suites, groups, algorithms)
+    def _server_resume(self, session: Session, server_extensions: dict[int, bytes], now: float) -> None:
+        """Abbreviated handshake: ServerHello, ChangeCipherSpec, Finished."""
+        assert self._client_hello is not None
+        self._resuming = True
+        self.cipher_suite = suites.SUITES[session.cipher_suite]
+        self._master_secret = session.master_secret
+        self.peer_identity = session.peer_identity
+        self.session_id = session.session_id
+        if self.cipher_suite.key_exchange.uses_ecdhe and hs.EXT_EC_POINT_FORMATS in self._client_hello.extensions:
+            server_extensions[hs.EXT_EC_POINT_FORMATS] = hs.vector(1, b"\x00")
+        flight = [self._server_hello(server_extensions)]
+        self._install_keys()
+        flight.extend(self._finished_messages())
+        self._state = _State.WAIT_CHANGE_CIPHER_SPEC
+        self._start_flight(flight, now, expects_reply=True)
+
+    def _server_full_handshake(
+        self, suite: suites.CipherSuite, group: int | None, server_extensions: dict[int, bytes], now: float
+    ) -> None:
+        """Flight 4: ServerHello, [Certificate], [ServerKeyExchange],
+        [CertificateRequest], ServerHelloDone."""
+        config = self.configuration
+        assert self._client_hello is not None
+        extensions = self._client_hello.extensions
         self.cipher_suite = suite
         if suite.key_exchange.uses_ecdhe and hs.EXT_EC_POINT_FORMATS in extensions:
             if 0 not in hs.decode_single_vector(extensions[hs.EXT_EC_POINT_FORMATS], 1, 1):
