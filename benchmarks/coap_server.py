@@ -11,6 +11,9 @@ generator, built on the fly) pinned to the other core. Three phases:
 
 Prints the udpload line of each phase and a summary:
 ``coap benchmark: fresh=N req/s after-churn=N req/s (C clients came and went, -P %)``
+followed by the server's answers per CPU-second of its own process in both
+phases: on a shared machine the wall-clock rate moves with the neighbours'
+load, the CPU cost per request does not.
 
     python3 benchmarks/coap_server.py
     python3 benchmarks/coap_server.py --seconds 5 --churn 5000
@@ -66,6 +69,13 @@ def build_udpload(directory: str) -> str:
     return binary
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load(udpload: str, port: int, sockets: int, window: int, seconds: float, core: str) -> tuple[float, str]:
     """One udpload run; its rate and its line."""
     command = [udpload, "--proto", "coap", "--port", str(port), "--path", PATH, "--con",
@@ -101,12 +111,16 @@ def main() -> None:
             assert server.stdout is not None
             port = int(server.stdout.readline())
             load(udpload, port, args.sockets, args.window, 1.0, args.load_core)  # warm-up
+            before = cpu_seconds(server.pid)
             fresh, line = load(udpload, port, args.sockets, args.window, args.seconds, args.load_core)
+            fresh_cpu = cpu_seconds(server.pid) - before
             print("fresh:      ", line, flush=True)
             for batch in range((args.churn + 999) // 1000):
                 _, line = load(udpload, port, min(1000, args.churn - batch * 1000), 1, 1.0, args.load_core)
                 print("churn:      ", line, flush=True)
+            before = cpu_seconds(server.pid)
             after, line = load(udpload, port, args.sockets, args.window, args.seconds, args.load_core)
+            after_cpu = cpu_seconds(server.pid) - before
             print("after churn:", line, flush=True)
         finally:
             assert server.stdin is not None
@@ -115,6 +129,10 @@ def main() -> None:
     change = (after - fresh) / fresh * 100 if fresh else 0.0
     print(f"coap benchmark: fresh={fresh:.0f} req/s after-churn={after:.0f} req/s "
           f"({args.churn} clients came and went, {change:+.1f} %)")
+    fresh_per_cpu = fresh * args.seconds / fresh_cpu if fresh_cpu else 0.0
+    after_per_cpu = after * args.seconds / after_cpu if after_cpu else 0.0
+    print(f"server CPU: fresh={fresh_per_cpu:.0f} answers per CPU-second ({fresh_cpu:.1f} s), "
+          f"after-churn={after_per_cpu:.0f} ({after_cpu:.1f} s)")
 
 
 if __name__ == "__main__":
