@@ -22,20 +22,27 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
+from zope.interface import implementer
 
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
 from nettester.cluster.node import ClusterNodeService, ForwardedRoute
 from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import TYPE_IN, ManagementCodec
+from nettester.interfaces import IDatagramReceiver
 from nettester.metrics import MetricSet
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable
+from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
+from nettester.protocols.dtls.connection import DtlsConfiguration
+from nettester.protocols.dtls.credentials import PskStore
+from nettester.protocols.dtls.endpoint import DtlsEndpoint
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 5.0
 SECRET = b"cluster secret"
+PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
 
 
 def free_udp_ports(count: int) -> list[int]:
@@ -96,14 +103,16 @@ def wait_until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
 
 
 class ClusterLab:
-    """Three nodes (ids 1, 2, 3). In k8s mode they are pods 127.0.0.1-3 sharing one port
-    pair, found through the test API server C{kubernetes} = (server, port, ca_pem)."""
+    """Three nodes (ids 1, 2, 3), each with C{endpoint(node_id)}, behind the NAT. In k8s mode
+    they are pods 127.0.0.1-3 sharing one port pair, found through the test API server
+    C{kubernetes} = (server, port, ca_pem)."""
 
     def __init__(self, mode: str, secret: bytes | None = SECRET, backward: bool = True,
-                 kubernetes: tuple[Any, int, bytes] | None = None) -> None:
+                 kubernetes: tuple[Any, int, bytes] | None = None,
+                 endpoint: Callable[[int], Any] = StandInEndpoint) -> None:
         ports = free_udp_ports(6)
         self.management_ports, public_ports = ports[:3], ports[3:]
-        self.endpoints = {node_id: StandInEndpoint(node_id) for node_id in (1, 2, 3)}
+        self.endpoints = {node_id: endpoint(node_id) for node_id in (1, 2, 3)}
         self.nodes: dict[int, ClusterNodeService] = {}
         self._kubernetes = kubernetes
         for index, node_id in enumerate((1, 2, 3)):
@@ -312,4 +321,87 @@ def test_kubernetes_mode_finds_the_pods_and_routes_records(api_server: Any, pod:
             routes.add(via)
         assert routes == {"public", "dtls-cid-router"}
     finally:
+        yield lab.stop()
+
+
+@implementer(IDatagramReceiver)
+class ContextEcho:
+    """The server side of a real DTLS node: answers with what ``mycontext`` would show."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        self.endpoint: DtlsEndpoint | None = None
+
+    def datagramReceived(self, data: bytes, peer: Any) -> None:
+        assert self.endpoint is not None
+        context = self.endpoint.peerContext(peer)
+        self.endpoint.sendDatagram(b"node=%d cid-node=%d via=%s|" % (
+            self.node_id, context.node_id, (context.via or "direct").encode()) + data, peer)
+
+
+def dtls_node(node_id: int) -> DtlsEndpoint:
+    """A node's DTLS endpoint: PSK, CIDs of 6 bytes starting with the node id."""
+    echo = ContextEcho(node_id)
+    echo.endpoint = DtlsEndpoint(
+        reactor,
+        server_configuration=DtlsConfiguration(
+            is_client=False, psk_store=PskStore({PSK_IDENTITY: PSK}), cid_generator=NodeConnectionIdGenerator(6, node_id)
+        ),
+        receiver=echo,
+    )
+    return echo.endpoint
+
+
+@implementer(IDatagramReceiver)
+class Answers:
+    def __init__(self) -> None:
+        self.queue: DeferredQueue[bytes] = DeferredQueue()
+
+    def datagramReceived(self, data: bytes, peer: Any) -> None:
+        self.queue.put(data)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest_twisted.inlineCallbacks
+def test_a_dtls_session_survives_clear_reassign_and_rebalance(mode: str) -> Generator[Any, Any, None]:
+    """Real DTLS 1.2 CID sessions (our engine) through the NAT and the cluster: one handshake, then every
+    record reaches the node that owns the CID, whichever node the NAT sends it to."""
+    lab = ClusterLab(mode, endpoint=dtls_node)
+    answers = Answers()
+    client = DtlsEndpoint(reactor, client_configuration=DtlsConfiguration(
+        is_client=True, psk_identity=PSK_IDENTITY, psk=PSK), receiver=answers)
+    client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    try:
+        yield lab.start()
+        if mode == "dynamic":
+            yield wait_until(lambda: all(len(node.discovery.nodes()) == 2 for node in lab.nodes.values()))
+        peer = yield client.connect(("127.0.0.1", lab.nat.proxy.port)).addTimeout(TIMEOUT, reactor)
+        client_nat_address = ("127.0.0.1", client_port.getHost().port)
+
+        @pytest_twisted.inlineCallbacks
+        def request(text: bytes) -> Generator[Any, Any, tuple[int, int, str]]:
+            client.sendDatagram(text, peer)
+            answer = yield answers.queue.get().addTimeout(TIMEOUT, reactor)
+            head, _, echoed = answer.partition(b"|")
+            assert echoed == text
+            node, cid_node, via = (field.split(b"=")[1] for field in head.split())
+            return int(node), int(cid_node), via.decode()
+
+        owner, cid_node, via = yield request(b"first")
+        assert (cid_node, via) == (owner, "direct")
+        forwarded = 0
+        for step, command in enumerate(["rebalance", "reassign", "clear", "rebalance", "rebalance", "reassign",
+                                        "rebalance", "clear", "rebalance", "rebalance"]):
+            yield lab.nat.console.execute(command)
+            answered_by, cid_node, via = yield request(b"after %s %d" % (command.encode(), step))
+            assert (answered_by, cid_node) == (owner, owner), f"the owner answers after {command}"
+            receiving = lab.nat.proxy.table.destination_of(client_nat_address)
+            owner_public = (lab.nodes[owner].config.dtls_address[0], lab.nodes[owner].public_port)
+            assert via == ("direct" if receiving == owner_public else "dtls-cid-router")
+            forwarded += via == "dtls-cid-router"
+        assert forwarded > 0
+        assert sum(endpoint.counters.handshakes.value for endpoint in lab.endpoints.values()) == 1
+        assert len(client.connections) == 1
+    finally:
+        yield client_port.stopListening()
         yield lab.stop()
