@@ -74,6 +74,10 @@ class TransmissionParameters:
     token_length: int = 8
     dedup_buckets: int = 4
     max_dedup_entries: int = 1 << 21
+    #: RFC 7641 section 4.5: NON notifications turn CON now and then, so an
+    #: observer that went away is noticed (its CON times out) and forgotten.
+    notification_check_count: int = 100
+    notification_check_interval: float = 24 * 3600.0
 
     @property
     def max_transmit_span(self) -> float:
@@ -194,9 +198,10 @@ class OutgoingRequest:
 class ObserveRelation:
     """A server-side observer (RFC 7641 section 4.1): a peer, a token and the request."""
 
-    __slots__ = ("peer", "token", "request", "active", "sequence", "_transmission", "_non_mid")
+    __slots__ = ("peer", "token", "request", "active", "sequence", "_transmission", "_non_mid",
+                 "_non_in_a_row", "_last_con")
 
-    def __init__(self, peer: Peer, token: bytes, request: Message, sequence: int) -> None:
+    def __init__(self, peer: Peer, token: bytes, request: Message, sequence: int, now: float) -> None:
         self.peer = peer
         self.token = token
         self.request = request
@@ -204,6 +209,8 @@ class ObserveRelation:
         self.sequence = sequence
         self._transmission: _Transmission | None = None
         self._non_mid: int | None = None
+        self._non_in_a_row = 0
+        self._last_con = now
 
     def __repr__(self) -> str:
         return f"<ObserveRelation {self.request.path_string} of {self.peer!r}>"
@@ -458,7 +465,7 @@ class CoapLayer:
                 wants_observe = True
         if wants_observe:
             if incoming.observe == 0 and answer.code >> 5 == 2:
-                relation = self._register_observer(incoming)
+                relation = self._register_observer(incoming, now)
                 answer.set_uint_option(OptionNumber.OBSERVE, relation.sequence)
             else:
                 answer.remove_option(OptionNumber.OBSERVE)  # RFC 7641 section 4.1: not registered
@@ -494,7 +501,13 @@ class CoapLayer:
         if relation._non_mid is not None:
             self._non_notifications.pop((relation.peer, relation._non_mid), None)
             relation._non_mid = None
+        params = self.params
+        if not confirmable and (relation._non_in_a_row + 1 >= params.notification_check_count
+                                or now - relation._last_con >= params.notification_check_interval):
+            confirmable = True  # RFC 7641 section 4.5: check the observer is still there
         if confirmable:
+            relation._non_in_a_row = 0
+            relation._last_con = now
             notification.mtype = CON
             data = notification.encode()
             previous = relation._transmission
@@ -507,6 +520,7 @@ class CoapLayer:
                 self._schedule(transmission.deadline, transmission)
             relation._transmission = transmission
         else:
+            relation._non_in_a_row += 1
             notification.mtype = NON
             data = notification.encode()
             relation._non_mid = mid
@@ -677,13 +691,13 @@ class CoapLayer:
         if bucket is not None:
             bucket[incoming._dedup_key] = data
 
-    def _register_observer(self, incoming: IncomingRequest) -> ObserveRelation:
+    def _register_observer(self, incoming: IncomingRequest, now: float) -> ObserveRelation:
         key = (incoming.peer, incoming.request.token)
         existing = self._relations.get(key)
         if existing is not None:
             self.cancel_relation(existing, "replaced")
         relation = ObserveRelation(
-            incoming.peer, incoming.request.token, incoming.request, self._rng.randrange(OBSERVE_MODULO)
+            incoming.peer, incoming.request.token, incoming.request, self._rng.randrange(OBSERVE_MODULO), now
         )
         self._relations[key] = relation
         return relation

@@ -517,3 +517,20 @@ def test_error_notification_ends_the_relation_on_both_sides() -> None:
     assert len(pair.server.datagrams_to_send()) == 1
     pair.to_server()
     assert pair.server.observer_count == 0
+
+
+def test_non_notifications_turn_con_to_find_vanished_observers() -> None:
+    pair, outgoing, relation = observe_pair()
+    pair.server.params = TransmissionParameters(notification_check_count=3, notification_check_interval=60.0)
+    types = []
+    for _ in range(4):
+        pair.server.notify(relation, response(Code.CONTENT, b"n"), pair.now, confirmable=False)
+        types += [decode(data).mtype for data, _ in pair.server.datagrams_to_send()]
+    assert types == [NON, NON, CON, NON]  # every third, RFC 7641 section 4.5
+    pair.now += 61  # and whenever the last CON is older than the check interval
+    pair.server.notify(relation, response(Code.CONTENT, b"n"), pair.now, confirmable=False)
+    assert [decode(data).mtype for data, _ in pair.server.datagrams_to_send()] == [CON]
+    # The client vanished: nobody acknowledges the CON, the relation ends.
+    while relation.active:
+        pair.server.handle_timer(pair.server.get_timer())
+    assert any(isinstance(e, ObserveCancelled) and e.reason == "timeout" for e in pair.events(pair.server))
