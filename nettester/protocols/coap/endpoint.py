@@ -28,6 +28,7 @@ from nettester.protocols.coap.layer import (
     Event,
     IncomingRequest,
     LayerStats,
+    MessageRejected,
     ObserveCancelled,
     ObserveRelation,
     OutgoingRequest,
@@ -229,6 +230,10 @@ class CoapEndpoint:
             waiting = self._waiting.pop(event.request, None)
             if waiting is not None:
                 waiting[0].errback(CoapRequestError(event.request, event.reason))
+        elif isinstance(event, MessageRejected):
+            log.debug("rejected a datagram from {peer} (MID {mid}): {reason}; answered {answer}",
+                      event="coap_rejected", peer=event.peer, mid=event.mid, reason=event.reason,
+                      answer=event.answer or "nothing")
         elif isinstance(event, ObserveCancelled):
             log.debug("observer {relation} cancelled: {reason}", event="coap_observe_cancelled",
                       relation=event.relation, reason=event.reason)

@@ -279,7 +279,21 @@ class ObserveCancelled:
     reason: str
 
 
-Event = RequestReceived | ResponseReceived | RequestFailed | ObserveCancelled
+@dataclass(frozen=True, slots=True)
+class MessageRejected:
+    """A datagram that was not acceptable CoAP: counted, answered or dropped.
+
+    ``mid`` is None when even the header was unreadable; ``answer`` names what
+    was sent back (``RST``, ``4.02``) or is None for a silent drop.
+    """
+
+    peer: Peer
+    reason: str
+    mid: int | None
+    answer: str | None
+
+
+Event = RequestReceived | ResponseReceived | RequestFailed | ObserveCancelled | MessageRejected
 
 
 # Content-Format option values of the formats answered most, encoded once.
@@ -403,6 +417,7 @@ class CoapLayer:
         header = peek_header(data)
         if header is None:
             stats.garbage += 1
+            self._events.append(MessageRejected(peer, "not a CoAP version 1 datagram", None, None))
             return
         mtype, _, code, mid = header
         dedup_bucket = None
@@ -1019,21 +1034,27 @@ class CoapLayer:
         stats = self.stats
         if error.failure is DecodeFailure.GARBAGE:
             stats.garbage += 1
+            self._events.append(MessageRejected(peer, error.reason, None, None))
             return
         if error.failure is DecodeFailure.BAD_OPTION:
             stats.bad_options += 1
         else:
             stats.format_errors += 1
         if error.mtype != CON or error.mid is None:
-            return  # NON, ACK, RST: silently ignored.
+            # NON, ACK, RST: silently ignored.
+            self._events.append(MessageRejected(peer, error.reason, error.mid, None))
+            return
         if error.failure is DecodeFailure.BAD_OPTION and error.code is not None and is_request(error.code):
             diagnostic = f"unrecognized critical option {error.option}".encode()
             data = encode_message(ACK, Code.BAD_OPTION, error.mid, error.token or b"", (), diagnostic)
+            answer = "4.02"
         else:
             data = encode_empty(RST, error.mid)
+            answer = "RST"
         if dedup_bucket is not None:
             dedup_bucket[(peer, error.mid)] = data
         self._send(data, peer)
+        self._events.append(MessageRejected(peer, error.reason, error.mid, answer))
 
     def _start_transmission(self, peer: Peer, mid: int, data: bytes, owner: Owner, now: float) -> _Transmission:
         """Track a CON for retransmission (RFC 7252 section 4.2)."""
