@@ -280,6 +280,7 @@ class DtlsConnection:
         self._write_epoch = 0
         self._pending_read: ReadState | None = None
         self._future_records: list[tuple[record.Record, Any]] = []
+        self._early_data: list[bytes] = []
         self._reassembler = hs.Reassembler(configuration.max_handshake_message)
         self._next_send_seq = 0
         self._transcript = bytearray()
@@ -369,12 +370,14 @@ class DtlsConnection:
         if self._state is _State.CLOSED:
             self._drop("closed")
             return
-        records, malformed = record.parse_records(data, len(self.read_cid))
-        if malformed:
-            self._drop("malformed")
+        offset = 0
         try:
-            for received in records:
-                if self._state is _State.CLOSED:
+            while offset < len(data) and self._state is not _State.CLOSED:
+                # Record by record: a ServerHello may negotiate the CID that
+                # the next record of the same datagram (Finished) carries.
+                received, offset = record.parse_record(data, offset, len(self.read_cid))
+                if received is None:
+                    self._drop("malformed")
                     break
                 self._receive_record(received, now, address)
         except Exception as error:  # noqa: BLE001 - a bug ends this association, not the endpoint
@@ -479,8 +482,14 @@ class DtlsConnection:
         elif content_type == record.ALERT:
             self._receive_alert(payload, received.epoch)
         elif content_type == record.APPLICATION_DATA:
-            if self._state is _State.ESTABLISHED and received.epoch == self._read_epoch and received.epoch > 0:
+            if received.epoch != self._read_epoch or received.epoch == 0:
+                self._drop("unexpected")
+            elif self._state is _State.ESTABLISHED:
                 self._events.append(ApplicationData(payload))
+            elif self._state is _State.WAIT_FINISHED and len(self._early_data) < _BUFFERED_FUTURE_RECORDS:
+                # Authenticated data that overtook the peer's Finished: held
+                # until the handshake completes, then delivered in order.
+                self._early_data.append(payload)
             else:
                 self._drop("unexpected")
 
@@ -1073,6 +1082,8 @@ class DtlsConnection:
                 session,
             )
         )
+        self._events.extend(ApplicationData(data) for data in self._early_data)
+        self._early_data = []
 
     # --- flights and output -------------------------------------------------------------
 

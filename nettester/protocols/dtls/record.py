@@ -55,45 +55,50 @@ class Record:
     epoch_and_sequence: bytes = b""
 
 
+def parse_record(datagram: bytes, offset: int, cid_length: int) -> tuple[Record | None, int]:
+    """The record at C{offset} and the offset after it; (None, end) when the
+    rest of the datagram is malformed (dropped, RFC 6347 section 4.1.2.7).
+    Records of content type 25 carry a CID of C{cid_length} bytes."""
+    end = len(datagram)
+    if end - offset < HEADER_LENGTH:
+        return None, end
+    content_type = datagram[offset]
+    cid = b""
+    if content_type == TLS12_CID:
+        if cid_length == 0 or end - offset < HEADER_LENGTH + cid_length:
+            return None, end
+        version, epoch, seq_high, seq_low = struct.unpack_from("!HHHI", datagram, offset + 1)
+        cid_start = offset + 11
+        cid = datagram[cid_start : cid_start + cid_length]
+        (length,) = struct.unpack_from("!H", datagram, cid_start + cid_length)
+        start = cid_start + cid_length + 2
+    else:
+        content_type, version, epoch, seq_high, seq_low, length = _HEADER.unpack_from(datagram, offset)
+        start = offset + HEADER_LENGTH
+    if length > MAX_CIPHERTEXT or start + length > end or version >> 8 != 0xFE:
+        return None, end
+    received = Record(
+        content_type,
+        version,
+        epoch,
+        (seq_high << 32) | seq_low,
+        cid,
+        datagram[start : start + length],
+        datagram[offset + 3 : offset + 11],
+    )
+    return received, start + length
+
+
 def parse_records(datagram: bytes, cid_length: int) -> tuple[list[Record], bool]:
     """Split C{datagram} into records (RFC 6347 section 4.1.1: several per
-    datagram).  Records of content type 25 carry a CID of C{cid_length}
-    bytes.  Returns the records and whether trailing bytes were malformed
-    (then dropped, RFC 6347 section 4.1.2.7).
-    """
+    datagram).  Returns the records and whether trailing bytes were malformed."""
     records: list[Record] = []
     offset = 0
-    end = len(datagram)
-    while offset < end:
-        if end - offset < HEADER_LENGTH:
+    while offset < len(datagram):
+        received, offset = parse_record(datagram, offset, cid_length)
+        if received is None:
             return records, True
-        content_type = datagram[offset]
-        cid = b""
-        if content_type == TLS12_CID:
-            if cid_length == 0 or end - offset < HEADER_LENGTH + cid_length:
-                return records, True
-            version, epoch, seq_high, seq_low = struct.unpack_from("!HHHI", datagram, offset + 1)
-            cid_start = offset + 11
-            cid = datagram[cid_start : cid_start + cid_length]
-            (length,) = struct.unpack_from("!H", datagram, cid_start + cid_length)
-            start = cid_start + cid_length + 2
-        else:
-            content_type, version, epoch, seq_high, seq_low, length = _HEADER.unpack_from(datagram, offset)
-            start = offset + HEADER_LENGTH
-        if length > MAX_CIPHERTEXT or start + length > end or version >> 8 != 0xFE:
-            return records, True
-        records.append(
-            Record(
-                content_type,
-                version,
-                epoch,
-                (seq_high << 32) | seq_low,
-                cid,
-                datagram[start : start + length],
-                datagram[offset + 3 : offset + 11],
-            )
-        )
-        offset = start + length
+        records.append(received)
     return records, False
 
 

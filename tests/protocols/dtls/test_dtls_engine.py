@@ -24,6 +24,7 @@ def established_pair(**client_overrides: object) -> Pair:
     pair.start()
     pair.run()
     assert pair.client.is_established and pair.server is not None and pair.server.is_established
+    assert pair.now == 0.0  # no retransmission was needed on a perfect network
     return pair
 
 
@@ -105,6 +106,7 @@ def test_ecdhe_ecdsa_with_verification(suite: str) -> None:
     pair = Pair(*ecdsa_configs(suite=suite))
     pair.start()
     pair.run()
+    assert pair.now == 0.0
     completed = pair.completed("client")
     assert completed.cipher_suite == suite
     assert completed.peer_identity == "CN=server.example"
@@ -118,6 +120,7 @@ def test_certificate_flight_is_fragmented_to_mtu() -> None:
     pair = Pair(client, server)
     pair.start()
     pair.run()
+    assert pair.now == 0.0
     assert pair.client.is_established
     assert max(len(d) for _, d in pair.wire) <= 300
 
@@ -127,6 +130,7 @@ def test_client_authentication(client_auth: ClientAuth) -> None:
     pair = Pair(*ecdsa_configs(client_auth))
     pair.start()
     pair.run()
+    assert pair.now == 0.0
     assert pair.completed("server").peer_identity == "CN=client-1"
 
 
@@ -144,6 +148,7 @@ def test_client_authentication_wanted_without_certificate() -> None:
     pair = Pair(*ecdsa_configs(ClientAuth.WANTED, client_cert=False))
     pair.start()
     pair.run()
+    assert pair.now == 0.0
     assert pair.server.is_established and pair.completed("server").peer_identity is None
 
 
@@ -198,6 +203,7 @@ def test_session_resumption() -> None:
     second.run()
     completed = second.completed("client")
     assert completed.resumed and second.completed("server").resumed
+    assert second.now == 0.0  # the CID'd Finished shares the ServerHello's datagram: parsed record by record
     assert completed.session_id == session.session_id
     assert second.completed("server").peer_identity == PSK_IDENTITY.decode()
     second.client.send_application_data(b"again")
@@ -275,5 +281,6 @@ def test_psk_sandbox_identities() -> None:
     pair = Pair(client, server)
     pair.start()
     pair.run()
+    assert pair.now == 0.0
     assert pair.completed("server").peer_identity == "cali.1234"
     assert PSK == b"secretPSK"

@@ -260,3 +260,36 @@ def test_plaintext_fatal_alert_ends_a_handshake_by_design() -> None:
     server.receive_datagram(hello, 0.0, CLIENT_ADDRESS)
     server.receive_datagram(WriteState(0, None).seal(record.ALERT, b"\x02\x28"), 0.0, CLIENT_ADDRESS)
     assert server.is_closed and server.failure_reason == "alert_40"
+
+
+def test_application_data_overtaking_finished_is_delivered_after_it() -> None:
+    """Resumption: the client's first request may overtake its Finished
+    (here the Finished datagram is held back and delivered last)."""
+    from nettester.protocols.dtls.connection import ApplicationData, HandshakeCompleted, SessionCache
+
+    client_config, server_config = psk_configs()
+    server_config.session_cache = SessionCache()
+    first = Pair(client_config, server_config)
+    first.start()
+    first.run()
+    session = first.completed("client").session
+    pair = Pair(psk_configs(session=session)[0], server_config)
+    held: list[bytes] = []
+
+    def hold_client_finished(direction: str, datagrams: list[bytes]) -> list[bytes]:
+        if direction == "c2s" and not held and pair.client.is_established:
+            held.extend(datagrams)
+            pair.client.send_application_data(b"early request")
+            return []
+        return datagrams
+
+    pair.network = hold_client_finished
+    pair.start()
+    pair.pump()
+    assert held and pair.server is not None and not pair.server.is_established
+    for datagram in reversed(held + pair.client.datagrams_to_send(pair.now)):  # data first, then CCS + Finished
+        pair.server.receive_datagram(datagram, pair.now, CLIENT_ADDRESS)
+    pair._collect()
+    kinds = [type(event) for event in pair.server_events]
+    assert kinds == [HandshakeCompleted, ApplicationData]
+    assert pair.app_data("server") == [b"early request"]
