@@ -28,7 +28,7 @@ from zope.interface import implementer
 from nettester.interfaces import IDatagramReceiver
 from nettester.protocols.dtls.certificates import Identity, issue, make_ca
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
-from nettester.protocols.dtls.connection import DtlsConfiguration
+from nettester.protocols.dtls.connection import DtlsConfiguration, SessionCache
 from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
 
@@ -441,6 +441,42 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
         for _, handle in relay.upstreams:
             yield handle.stopListening()
         yield relay_handle.stopListening()
+        yield port_handle.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_mbedtls_client_resumes_its_session_with_cid() -> Generator[Any, Any, None]:
+    """ssl_client2 reconnect=1: an abbreviated handshake whose Finished
+    already carries the CID negotiated in the same flight."""
+    binary = mbedtls("ssl_client2")
+    receiver = Receiver(answer=lambda data: b"HTTP/1.0 200 OK\r\n\r\nnettester")
+    config = server_config("TLS_PSK_WITH_AES_128_CCM_8")
+    config.session_cache = SessionCache()
+    endpoint = DtlsEndpoint(reactor, server_configuration=config)
+    port_handle = listen(endpoint, receiver)
+    arguments = [
+        "dtls=1",
+        "server_addr=127.0.0.1",
+        "server_port=%d" % port_handle.getHost().port,
+        "force_ciphersuite=TLS-PSK-WITH-AES-128-CCM-8",
+        "cid=1",
+        "cid_val=c1d2",
+        "tickets=0",
+        "reconnect=1",
+        "hs_timeout=300-5000",
+        "read_timeout=5000",
+        "psk=" + PSK.hex(),
+        "psk_identity=" + PSK_IDENTITY.decode(),
+    ]
+    client = spawn([binary] + arguments)
+    try:
+        exit_code = yield client.ended
+        assert exit_code == 0, client.output.decode(errors="replace")
+        assert endpoint.counters.handshakes.value == 2 and endpoint.counters.resumptions.value == 1
+        assert len(receiver.received) == 2
+        assert endpoint.counters.hello_verify.value == 2
+    finally:
+        client.stop()
         yield port_handle.stopListening()
 
 
