@@ -274,8 +274,16 @@ class CoapEndpoint:
                 waiting[0].callback(event)
             return
         waiting = self._waiting.get(outgoing)
-        if waiting is not None and waiting[2] is not None:
+        if waiting is None:
+            return
+        if waiting[2] is not None:
             waiting[2](event)
+            return
+        # An Observe: 0 sent through request(): the first answer is the result,
+        # and the observation is forgotten (later notifications get a Reset).
+        del self._waiting[outgoing]
+        self.core.cancel(outgoing, self._clock.seconds(), deregister=False)
+        waiting[0].callback(event)
 
     def _arm_timer(self) -> None:
         """One IDelayedCall for the layer's next deadline, moved only when it comes earlier."""

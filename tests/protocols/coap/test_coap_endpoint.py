@@ -159,3 +159,14 @@ def test_block_size_from_parameters() -> None:
     world.exchange()
     assert got[0].response.payload == bytes(range(40))
     assert world.server.stats.sent == 3  # 16 + 16 + 8 bytes
+
+
+def test_request_with_observe_option_fires_once_and_forgets() -> None:
+    world, handler = handled_world()
+    got = results(world.client.request(SERVER, request("obs", options=[(6, b"")])))
+    world.exchange()
+    assert got[0].response.payload == b"0"
+    (relation,) = handler.relations
+    world.server.notify(relation, response(Code.CONTENT, b"1"), confirmable=False)
+    world.exchange()
+    assert handler.cancelled == ["reset"] and len(got) == 1

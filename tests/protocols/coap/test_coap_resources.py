@@ -8,6 +8,8 @@ from typing import Any
 import cbor2
 import pytest
 from coap_testing import SERVER, World, request, results
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nettester.link import PeerContext
 from nettester.protocols.coap.layer import ResponseReceived
@@ -277,3 +279,37 @@ def test_echo() -> None:
     echoed = server.ask(request("echo", Code.POST, payload=b"ping",
                                 options=[(OptionNumber.CONTENT_FORMAT, encode_uint(42))]))
     assert echoed.payload == b"ping" and echoed.content_format == 42
+
+
+RESOURCE_PATHS = [
+    "test", "seg1/seg2/seg3", "query", "separate", "large", "large-update", "large-create", "large-post",
+    "large-separate", "obs", "obs-non", "obs-large", "obs-reset", "location-query", "multi-format", "link1",
+    "path/sub2", "validate", "create1", "benchmark", "requests", "mycontext", "myip", "echo",
+    ".well-known/core", "missing",
+]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    path=st.sampled_from(RESOURCE_PATHS),
+    code=st.sampled_from([Code.GET, Code.POST, Code.PUT, Code.DELETE, Code.FETCH, 9]),
+    query=st.lists(st.sampled_from(["rlen=3", "rlen=x", "ack", "dev=d", "rid=1", "ep", "rt=Type1", "a="]),
+                   max_size=3),
+    extra=st.lists(st.sampled_from([
+        (OptionNumber.ACCEPT, b"\x3c"), (OptionNumber.ACCEPT, b"\x2f"), (OptionNumber.CONTENT_FORMAT, b"\x32"),
+        (OptionNumber.ETAG, b"e"), (OptionNumber.IF_MATCH, b""), (OptionNumber.IF_NONE_MATCH, b""),
+        (OptionNumber.OBSERVE, b""), (OptionNumber.OBSERVE, b"\x01"),
+    ]), max_size=3),
+    payload=st.binary(max_size=40),
+)
+def test_any_request_gets_a_deliberate_answer(path: str, code: int, query: list[str],
+                                              extra: list[tuple[int, bytes]], payload: bytes) -> None:
+    """Whatever a client sends, every resource answers 2.xx or 4.xx: none raises (5.00)."""
+    server = Server()
+    target = path + ("?" + "&".join(query) if query else "")
+    got = results(server.world.client.request(SERVER, request(target, code, payload=payload, options=extra)))
+    server.world.exchange()
+    server.world.advance(1.2)
+    (event,) = got
+    assert isinstance(event, ResponseReceived)
+    assert event.response.code >> 5 in (2, 4), event.response  # 5.00 would mean a handler raised
