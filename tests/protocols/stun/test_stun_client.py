@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from zope.interface.verify import verifyObject
 
 from nettester.protocols.stun.client import StunClientService, format_mapped, raise_open_file_limit
 from nettester.protocols.stun.fleet import FleetConfig
@@ -99,6 +101,8 @@ def deliver(service: StunClientService) -> None:
 def test_answered_requests_are_counted_and_summarised(server_socket: socket.socket) -> None:
     reactor, service = start(server_socket)
     advance(reactor, 0.02)
+    (reader,) = reactor.readers
+    assert verifyObject(IReadDescriptor, reader)
     answer_next(server_socket, service)
     advance(reactor, 1.0)
     answer_next(server_socket, service)
