@@ -183,7 +183,7 @@ class Message:
             _append_integrity(data, AttributeType.MESSAGE_INTEGRITY_SHA256, integrity_sha256_key, hashlib.sha256)
         if fingerprint:
             _set_length(data, len(data) - HEADER_LENGTH + FINGERPRINT_LENGTH)
-            data += _ATTRIBUTE_HEADER.pack(AttributeType.FINGERPRINT, 4) + struct.pack("!I", _crc(data))
+            data += fingerprint_attribute(data)
         _set_length(data, len(data) - HEADER_LENGTH)
         return bytes(data)
 
@@ -194,6 +194,11 @@ def _set_length(data: bytearray, length: int) -> None:
 
 def _crc(data: bytes | bytearray) -> int:
     return (zlib.crc32(data) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
+
+
+def fingerprint_attribute(message_so_far: bytes | bytearray) -> bytes:
+    """FINGERPRINT for a message whose header length already counts it (RFC 8489 section 14.7)."""
+    return _ATTRIBUTE_HEADER.pack(AttributeType.FINGERPRINT, 4) + struct.pack("!I", _crc(message_so_far))
 
 
 def _append_integrity(data: bytearray, attribute_type: int, key: bytes, digest: Callable[..., Any]) -> None:

@@ -10,13 +10,10 @@ attributes, without building a :class:`~nettester.protocols.stun.message.Message
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 
 from nettester.protocols.stun.counters import ServerCounters
 from nettester.protocols.stun.message import (
-    FINGERPRINT_XOR,
-    MAGIC_COOKIE,
     MAGIC_COOKIE_BYTES,
     Address,
     AttributeType,
@@ -27,6 +24,7 @@ from nettester.protocols.stun.message import (
     StunDecodeError,
     check_fingerprint,
     decode,
+    fingerprint_attribute,
     is_comprehension_required,
     make_attribute,
 )
@@ -59,8 +57,6 @@ Reply = tuple[bytes, int, int]
 BINDING_REQUEST = b"\x00\x01"
 BARE_BINDING_REQUEST = BINDING_REQUEST + b"\x00\x00" + MAGIC_COOKIE_BYTES  # type, zero length, cookie
 _TYPE_AND_LENGTH = struct.Struct("!HH")
-_IPV4_ADDRESS_ATTRIBUTES = struct.Struct("!HHBBH4sHHBBH4s")  # XOR-MAPPED-ADDRESS, then MAPPED-ADDRESS
-_FINGERPRINT = struct.Struct("!HHI")
 _CACHE_LIMIT = 65536
 
 # Socket indexes of an RFC 5780 server: bit 0 = alternate port, bit 1 = alternate IP.
@@ -202,30 +198,27 @@ class BindingResponder:
         # Bytes 4-20 are echoed: the magic cookie and transaction id (or an RFC 3489 128-bit id).
         response = b"".join((_TYPE_AND_LENGTH.pack(0x0101, length), request[4:20], addresses, software))
         if fingerprint:
-            response += _fingerprint(response)
+            response += fingerprint_attribute(response)
         return response
 
     def _address_attributes(self, transaction_id: bytes, peer: tuple[str, int]) -> bytes:
-        """XOR-MAPPED-ADDRESS then MAPPED-ADDRESS of C{peer}; cached per IPv4 peer (no transaction id in them)."""
+        """XOR-MAPPED-ADDRESS then MAPPED-ADDRESS of C{peer}.
+
+        Cached per IPv4 peer: its XOR mask is the cookie alone, while an
+        IPv6 mask includes the transaction id (RFC 8489 section 14.2).
+        """
         cached = self._ipv4_cache.get(peer)
         if cached is not None:
             return cached
-        host, port = peer[0], peer[1]
-        if ":" in host:  # IPv6: the XOR mask includes the transaction id, nothing to cache
-            address = _address(peer)
-            return (
-                make_attribute(AttributeType.XOR_MAPPED_ADDRESS, address, transaction_id).encode()
-                + make_attribute(AttributeType.MAPPED_ADDRESS, address).encode()
-            )
-        packed = bytes(int(part) for part in host.split("."))
-        xored = (int.from_bytes(packed, "big") ^ MAGIC_COOKIE).to_bytes(4, "big")
-        encoded = _IPV4_ADDRESS_ATTRIBUTES.pack(
-            AttributeType.XOR_MAPPED_ADDRESS, 8, 0, 1, port ^ (MAGIC_COOKIE >> 16), xored,
-            AttributeType.MAPPED_ADDRESS, 8, 0, 1, port, packed,
-        )  # fmt: skip
-        if len(self._ipv4_cache) >= _CACHE_LIMIT:
-            self._ipv4_cache.clear()
-        self._ipv4_cache[peer] = encoded
+        address = _address(peer)
+        encoded = (
+            make_attribute(AttributeType.XOR_MAPPED_ADDRESS, address, transaction_id).encode()
+            + make_attribute(AttributeType.MAPPED_ADDRESS, address).encode()
+        )
+        if ":" not in address.host:
+            if len(self._ipv4_cache) >= _CACHE_LIMIT:
+                self._ipv4_cache.clear()
+            self._ipv4_cache[peer] = encoded
         return encoded
 
     def _error(
@@ -265,9 +258,3 @@ def _classic_text(text: str) -> str:
 def _address(peer: tuple[str, int]) -> Address:
     """The peer as an Address, without an IPv6 zone suffix."""
     return Address(peer[0].split("%")[0], peer[1])
-
-
-def _fingerprint(message_so_far: bytes) -> bytes:
-    """The FINGERPRINT attribute for a message whose header length already counts it (RFC 8489 section 14.7)."""
-    crc = (zlib.crc32(message_so_far) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
-    return _FINGERPRINT.pack(AttributeType.FINGERPRINT, 4, crc)
