@@ -32,6 +32,7 @@ from nettester.protocols.dtls.connection import (
     DtlsConfiguration,
     DtlsConnection,
     HandshakeCompleted,
+    Session,
 )
 from nettester.protocols.dtls.cookie import CookieGate, Verdict
 
@@ -112,8 +113,13 @@ class DtlsEndpoint(DatagramProtocol):
         stale_after: float = DEFAULT_STALE_AFTER,
         metrics: MetricSet | None = None,
         cookie_gate: CookieGate | None = None,
+        resume_sessions: bool = True,
     ) -> None:
+        """C{resume_sessions}: a client reconnecting to a server resumes
+        the last session it had with it."""
         self.clock = clock
+        self.resume_sessions = resume_sessions
+        self._client_sessions: dict[Address, Session] = {}
         self.receiver = receiver
         self.max_connections = max_connections
         self.stale_after = stale_after
@@ -165,7 +171,12 @@ class DtlsEndpoint(DatagramProtocol):
         if existing is not None and not existing.connection.is_closed:
             existing._waiting.append(waiting)
             return waiting
-        peer = self._add_peer(DtlsConnection(self.client_configuration, address, self.counters.dropped.inc), address)
+        configuration = self.client_configuration
+        session = self._client_sessions.get(address)
+        if session is not None:
+            # Resume the last session with this server (RFC 5246 section 7.3).
+            configuration = dataclasses.replace(configuration, session=session)
+        peer = self._add_peer(DtlsConnection(configuration, address, self.counters.dropped.inc), address)
         peer._waiting.append(waiting)
         peer.connection.connect(self.clock.seconds())
         self._pump(peer)
@@ -303,6 +314,8 @@ class DtlsEndpoint(DatagramProtocol):
             self.counters.handshakes.inc()
             if event.resumed:
                 self.counters.resumptions.inc()
+            if peer.connection.is_client and event.session is not None and self.resume_sessions:
+                self._client_sessions[peer.address] = event.session
             # debug: a busy server completes thousands per second; failures are info
             log.debug(
                 "DTLS handshake with {peer} done: {suite} identity={identity} "

@@ -281,3 +281,22 @@ def test_spoofed_client_hello_does_not_end_a_session() -> None:
     server.datagramReceived(hello, CLIENT)  # spoofed source: the client's address, no cookie
     assert server.connections == [session] and session.connection.is_established
     assert server.counters.hello_verify.value == 2
+
+
+def test_client_reconnect_resumes_the_session() -> None:
+    from nettester.protocols.dtls.connection import SessionCache
+
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    server.server_configuration.session_cache = SessionCache()
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    client.closeAll()
+    wire.deliver()
+    assert server.connections == [] and client.connections == []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    assert len(peers) == 2 and peers[0] is not peers[1]
+    assert server.counters.resumptions.value == 1 and client.counters.resumptions.value == 1
+    assert client.peerContext(peers[1]).identity == "Client_identity"
