@@ -24,7 +24,7 @@ class _ServerAndClients(Service):
     """Starts the server, then the clients against the port it really got."""
 
     def __init__(self, reactor: Any) -> None:
-        self.server = StunServerService(reactor, port=0, interface="127.0.0.1")
+        self.server = StunServerService(reactor, port=0, interface="127.0.0.1", stop_on_failure=False)
         config = FleetConfig(clients=LOCAL_CLIENTS, interval=LOCAL_INTERVAL, start_delay=(0.0, 0.2))
         self.client = StunClientService(reactor, "127.0.0.1", 0, config)
         self.metrics = self.client.metrics

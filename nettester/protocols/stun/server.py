@@ -140,8 +140,10 @@ class StunServerService(Service):
         tcp: bool = False,
         software: str = "nettester",
         receive_buffer: int = RECEIVE_BUFFER,
+        stop_on_failure: bool = True,
     ) -> None:
         self._reactor = reactor
+        self._stop_on_failure = stop_on_failure  # the role exits with status 1; an embedding service decides itself
         self._port = port
         self._interface = interface
         self._other = other_address
@@ -168,10 +170,11 @@ class StunServerService(Service):
                 reason=str(error),
             )
             self._close_all()
-            from nettester.tap import set_exit_status
+            if self._stop_on_failure:
+                from nettester.tap import set_exit_status
 
-            set_exit_status(1)
-            self._reactor.callWhenRunning(self._reactor.stop)
+                set_exit_status(1)
+                self._reactor.callWhenRunning(self._reactor.stop)
 
     def _where(self) -> str:
         return str(Address(self._interface or "0.0.0.0", self._port))
@@ -200,7 +203,7 @@ class StunServerService(Service):
         responder = BindingResponder(self.counters, self._software, self.addresses if self._other else None)
         for port in self._udp:
             port.protocol.serve(responder, self.counters)
-        granted = [raise_receive_buffer(port.socket, self._receive_buffer) for port in self._udp][0]
+        granted = min(raise_receive_buffer(port.socket, self._receive_buffer) for port in self._udp)
         if self._tcp:
             self._tcp_port = self._reactor.listenTCP(
                 self.addresses[0].port,
@@ -208,7 +211,8 @@ class StunServerService(Service):
                 interface=self._interface,
             )
         log.info(
-            "STUN server listening on {addresses} (udp{tcp}), receive buffer {granted} bytes (asked {asked})",
+            "STUN server listening on {addresses} (udp{tcp}), receive buffer {granted} bytes as the kernel "
+            "reports it (asked {asked})",
             event="listening",
             addresses=", ".join(str(address) for address in self.addresses),
             tcp="+tcp" if self._tcp else "",
