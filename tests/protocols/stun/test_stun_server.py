@@ -135,3 +135,14 @@ def test_udp_send_failure_is_counted_not_raised() -> None:
     protocol.datagramReceived(Message(Method.BINDING, MessageClass.REQUEST, TID_A).encode(), ("192.0.2.4", 5555))
     assert counters.responses.value == 1
     assert counters.dropped.get("send_failed") == 1
+
+
+def test_local_scenario_reports_a_listen_failure_in_its_verdict() -> None:
+    from nettester.protocols.stun.local import StunLocalScenario
+
+    reactor = RefusingReactor()
+    scenario = StunLocalScenario(reactor)
+    scenario.service.startService()
+    verdict = scenario.verdict()
+    assert not verdict.passed and "Address already in use" in verdict.evidence["error"]
+    assert reactor.when_running == [] and tap.exit_status() == 0  # the local run goes on
