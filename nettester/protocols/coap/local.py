@@ -30,15 +30,12 @@ class _ServerAndBench(Service):
         self.server = CoapServerService(reactor, 0, ["127.0.0.1"], benchmark=True)
         self.bench: CoapBenchService | None = None
         self.bench_output = io.StringIO()
-        self.failed: str | None = None
         self.metrics = self.server.metrics
 
     def startService(self) -> None:
         super().startService()
-        try:
-            self.server.startService()
-        except OSError as error:
-            self.failed = str(error)
+        self.server.startService()
+        if self.server.failed is not None:
             return
         port = next(p for _, _, p, name in self.server.listening if name == "extended")
         config = BenchConfig(parse_uri(f"coap://127.0.0.1:{port}/benchmark?rlen=40"), clients=LOCAL_CLIENTS,
@@ -73,8 +70,8 @@ class CoapLocalScenario:
 
     def verdict(self) -> Verdict:
         service = self.service
-        if service.failed is not None or service.bench is None:
-            return Verdict(False, {"error": service.failed or "not started"})
+        if service.server.failed is not None or service.bench is None:
+            return Verdict(False, {"error": service.server.failed or "not started"})
         summary = service.summary()
         passed = summary["bench_responses"] > 0 and summary["bench_failures"] == 0 and summary["malformed"] == 0
         evidence = {key: summary[key] for key in ("bench_responses", "bench_failures", "rtt_p99_ms", "duplicates")}

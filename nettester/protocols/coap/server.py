@@ -107,6 +107,8 @@ class CoapServerService(Service):
             reactor, extended_resources(benchmark, server_name, reactor.seconds, started)
         )
         self.endpoints: list[CoapEndpoint] = []
+        #: Why listening failed (the process then exits with status 1), or None.
+        self.failed: str | None = None
         #: (scheme, address, port, "plugtest" | "extended") of every listening socket.
         self.listening: list[tuple[str, str, int, str]] = []
         self._ports: list[Any] = []
@@ -152,10 +154,14 @@ class CoapServerService(Service):
                     if self._dtls_link_factory is not None:
                         self._listen("coaps", address, offset + COAPS_OFFSET, self._dtls_link_factory(), site, name)
         except (CannotListenError, OSError) as error:
+            self.failed = str(error)
             log.critical("cannot listen: {reason}; choose another --port or --interfaces", event="listen_failed",
                          reason=str(error))
             self.stopService()
-            raise
+            from nettester.tap import set_exit_status
+
+            set_exit_status(1)
+            self._reactor.callWhenRunning(self._reactor.stop)
 
     def _listen(self, scheme: str, address: str, offset: int, link: Any, site: Site, name: str) -> None:
         port_number = self._base_port + offset if self._base_port else 0

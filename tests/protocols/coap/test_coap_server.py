@@ -127,3 +127,25 @@ def test_roles_build_services_from_options(tmp_path: Any) -> Generator[Any, Any,
         assert sorted(scheme for scheme, *_ in service.listening) == ["coap", "coap", "coaps", "coaps"]
     finally:
         yield service.stopService()
+
+
+def test_listen_failure_is_reported_not_raised() -> None:
+    from twisted.internet.error import CannotListenError
+    from twisted.internet.testing import MemoryReactorClock
+
+    from nettester.tap import exit_status, set_exit_status
+
+    class Busy(MemoryReactorClock):
+        def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+    busy = Busy()
+    service = CoapServerService(busy, 5683, ["127.0.0.1"])
+    try:
+        service.startService()
+        assert service.failed is not None and "Address already in use" in service.failed
+        assert exit_status() == 1
+        busy.run()  # the stop asked for when running
+        assert busy.hasStopped
+    finally:
+        set_exit_status(0)
