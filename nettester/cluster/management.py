@@ -63,6 +63,7 @@ class ManagementEndpoint(DatagramProtocol):
         self._on_forwarded = on_forwarded
         self._on_backwarded = on_backwarded
         self._node_table = node_table
+        self._sendto: Callable[[bytes, Address], Any] = self._transport_write
         self.received_in = metrics.counter("management_in_total", "IN records received (forwarded to us).")
         self.received_out = metrics.counter("management_out_total", "OUT records received (answers to send).")
         self.sent_in = metrics.counter("management_forwarded_total", "Datagrams forwarded to their owner node.")
@@ -79,6 +80,18 @@ class ManagementEndpoint(DatagramProtocol):
                 env="DTLS_CID_MGMT_SECRET_BASE64",
             )
 
+    def _transport_write(self, datagram: bytes, address: Address) -> None:
+        self.transport.write(datagram, address)
+
+    def startProtocol(self) -> None:
+        # Straight to the socket: Port.write re-validates the address text on every datagram.
+        handle = getattr(self.transport, "getHandle", None)
+        if handle is not None:
+            self._sendto = handle().sendto
+
+    def stopProtocol(self) -> None:
+        self._sendto = self._transport_write
+
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         try:
             message = self._codec.decode(datagram)
@@ -90,7 +103,7 @@ class ManagementEndpoint(DatagramProtocol):
                 self.dropped.inc("static_cluster_ping")
                 return
             for outgoing in self._node_table.receive(message, addr, self._reactor.seconds()):
-                self.transport.write(outgoing.datagram, outgoing.address)
+                self.send(outgoing.datagram, outgoing.address)
         elif message.kind == TYPE_IN:
             self.received_in.value += 1
             self._on_forwarded(message.records, message.client, addr)
@@ -100,14 +113,19 @@ class ManagementEndpoint(DatagramProtocol):
 
     def forward(self, records: bytes, client: Address, owner: Address) -> None:
         """Send a client's datagram to the node owning its CID (an IN record)."""
-        self.transport.write(self._codec.encode_records(TYPE_IN, client, records), owner)
-        self.sent_in.value += 1
+        if self.send(self._codec.encode_records(TYPE_IN, client, records), owner):
+            self.sent_in.value += 1
 
     def backward(self, records: bytes, client: Address, via: Address) -> None:
         """Send our answer to C{client} through node C{via}, which received the request (an OUT record)."""
-        self.transport.write(self._codec.encode_records(TYPE_OUT, client, records), via)
-        self.sent_out.value += 1
+        if self.send(self._codec.encode_records(TYPE_OUT, client, records), via):
+            self.sent_out.value += 1
 
-    def send(self, datagram: bytes, address: Address) -> None:
-        """Send a ready-made management datagram (the node table's PINGs)."""
-        self.transport.write(datagram, address)
+    def send(self, datagram: bytes, address: Address) -> bool:
+        """Send a management datagram; a refused send is a counted drop (False)."""
+        try:
+            self._sendto(datagram, address)
+        except OSError:
+            self.dropped.inc("send_error")
+            return False
+        return True

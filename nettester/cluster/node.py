@@ -51,15 +51,19 @@ log = Logger()
 
 Address = tuple[str, int]
 VIA_ROUTER = "dtls-cid-router"
+MAX_CACHED_ROUTES = 256  # one per forwarding node; bounded against spoofed sources without a secret
 
 
 @dataclass(frozen=True, slots=True)
 class ForwardedRoute:
-    """How to answer a peer whose record another node forwarded: back through it (OUT), or directly."""
+    """How to answer a peer whose record another node forwarded: back through it (OUT), or directly.
+
+    @ivar send_public: sends from our public socket (``--no-dtls-cluster-backward``).
+    """
 
     node: Address
     management: ManagementEndpoint
-    public: Any
+    send_public: Callable[[bytes, Address], None]
     backward: bool = True
     name: str = VIA_ROUTER
 
@@ -67,7 +71,7 @@ class ForwardedRoute:
         if self.backward:
             self.management.backward(data, address, self.node)
         else:
-            self.public.write(data, address)
+            self.send_public(data, address)
 
 
 class RoutedEndpoint(Protocol):
@@ -139,6 +143,9 @@ class ClusterNodeService(MultiService):
         self._management_port: Any = None
         self.kubernetes: Any = None
         self.started: Deferred[None] = Deferred()
+        self._routes: dict[Address, ForwardedRoute] = {}
+        self._public_sendto: Callable[[bytes, Address], Any] | None = None
+        self._public_send_errors = metrics.counter("public_send_errors_total", "Sends refused on the public socket.")
 
     @property
     def public_port(self) -> int:
@@ -177,6 +184,8 @@ class ClusterNodeService(MultiService):
                                              self._metrics, table)
         self._management_port = _listen_udp(self._reactor, config.management_address, self.management)
         self._public_port = _listen_udp(self._reactor, config.dtls_address, _PublicProtocol(self))
+        # Straight to the socket: Port.write re-validates the address text on every datagram.
+        self._public_sendto = self._public_port.getHandle().sendto
         self._endpoint.makeConnection(self._public_port)
         if table is not None:
             own = self._management_port.getHost()
@@ -214,11 +223,22 @@ class ClusterNodeService(MultiService):
             self.management.forward(datagram, client, decision.address)  # type: ignore[union-attr]
 
     def _forwarded(self, records: bytes, client: Address, node: Address) -> None:
-        route = ForwardedRoute(node, self.management, self._public_port, self.config.backward)  # type: ignore[arg-type]
+        route = self._routes.get(node)
+        if route is None:
+            route = ForwardedRoute(node, self.management, self.send_public, self.config.backward)  # type: ignore[arg-type]
+            if len(self._routes) < MAX_CACHED_ROUTES:
+                self._routes[node] = route
         self._endpoint.routedDatagramReceived(records, client, route)
 
     def _backwarded(self, records: bytes, client: Address, node: Address) -> None:
-        self._public_port.write(records, client)
+        self.send_public(records, client)
+
+    def send_public(self, data: bytes, address: Address) -> None:
+        """Send from our public socket; a refused send is counted, never raised."""
+        try:
+            self._public_sendto(data, address)
+        except OSError:
+            self._public_send_errors.value += 1
 
     def is_ready(self) -> bool:
         """For ``/ready``: sockets open and, in Kubernetes, the pods listed once."""

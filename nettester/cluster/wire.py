@@ -32,6 +32,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 from hashlib import sha256
 
 from cryptography.hazmat.primitives import hashes
@@ -98,11 +99,23 @@ def derive_mac_key(secret: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KDF_INFO).derive(secret)
 
 
+# Clients send many records each: both address conversions are cached (bounded).
+ADDRESS_CACHE_SIZE = 65536
+
+
+@lru_cache(maxsize=ADDRESS_CACHE_SIZE)
 def _pack_address(client: Address) -> bytes:
+    """port(2, little-endian), address length, address."""
     host, port = client
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     packed = socket.inet_pton(family, host)
     return struct.pack("<HB", port, len(packed)) + packed
+
+
+@lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _unpack_address(packed: bytes) -> Address:
+    """The inverse of L{_pack_address}; C{packed} has a valid length byte."""
+    return socket.inet_ntop(_ADDRESS_FAMILIES[packed[2]], packed[3:]), packed[0] | packed[1] << 8
 
 
 class ManagementCodec:
@@ -165,8 +178,7 @@ class ManagementCodec:
     def _decode_records(self, kind: int, datagram: bytes) -> ForwardedRecords:
         if len(datagram) < 4:
             raise ManagementError("truncated")
-        family = _ADDRESS_FAMILIES.get(datagram[3])
-        if family is None:
+        if datagram[3] not in _ADDRESS_FAMILIES:
             raise ManagementError("bad_address")
         header_end = 4 + datagram[3]
         payload_start = header_end + (MAC_LENGTH if self._mac is not None else 0)
@@ -182,8 +194,7 @@ class ManagementCodec:
             self._tag(header, records), datagram[header_end:payload_start]
         ):
             raise ManagementError("bad_mac")
-        client = (socket.inet_ntop(family, datagram[4:header_end]), datagram[1] | datagram[2] << 8)
-        return ForwardedRecords(kind, client, records)
+        return ForwardedRecords(kind, _unpack_address(header[1:]), records)
 
     def _decode_node(self, kind: int, datagram: bytes) -> NodeMessage:
         expected = _NODE.size + (_TIMESTAMP.size + MAC_LENGTH if self._mac is not None else 0)
