@@ -445,6 +445,40 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
 
 
 @pytest_twisted.inlineCallbacks
+def test_our_client_resumes_its_session_with_mbedtls_server() -> Generator[Any, Any, None]:
+    binary = mbedtls("ssl_server2")
+    port = free_udp_port()
+    arguments = [
+        "dtls=1",
+        "server_addr=127.0.0.1",
+        "server_port=%d" % port,
+        "tickets=0",
+        "force_ciphersuite=TLS-PSK-WITH-AES-128-CCM-8",
+        "cid=1",
+        "cid_val=beef",
+        "hs_timeout=300-5000",
+        "psk=" + PSK.hex(),
+        "psk_identity=" + PSK_IDENTITY.decode(),
+    ]
+    server = spawn([binary] + arguments)
+    receiver = Receiver()
+    endpoint = DtlsEndpoint(reactor, client_configuration=psk_client("TLS_PSK_WITH_AES_128_CCM_8"))
+    port_handle = listen(endpoint, receiver)
+    try:
+        yield wait_for(lambda: b"Waiting for a remote connection" in server.output, "ssl_server2 to listen")
+        for attempt in range(2):
+            peer = yield endpoint.connect(("127.0.0.1", port))
+            endpoint.sendDatagram(b"GET / HTTP/1.0\r\n\r\n", peer)
+            yield wait_for(lambda: len(receiver.received) == attempt + 1, "the HTTP response")
+            yield wait_for(lambda: not endpoint.connections, "ssl_server2's close_notify")
+        assert endpoint.counters.handshakes.value == 2 and endpoint.counters.resumptions.value == 1
+        assert endpoint.peerContext(peer).write_cid == bytes.fromhex("beef")
+    finally:
+        server.stop()
+        yield port_handle.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
 def test_mbedtls_client_resumes_its_session_with_cid() -> Generator[Any, Any, None]:
     """ssl_client2 reconnect=1: an abbreviated handshake whose Finished
     already carries the CID negotiated in the same flight."""
