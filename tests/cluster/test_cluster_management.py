@@ -121,3 +121,17 @@ def test_hostile_datagrams_never_raise_nor_reach_the_handlers(datagrams: list[by
         management.datagramReceived(datagram, B)
     assert calls == [] and udp.written == [] and table.nodes() == {}
     assert management.dropped.total == len(datagrams)
+
+
+def test_a_refused_send_is_a_counted_drop() -> None:
+    codec = ManagementCodec()
+    management, udp, _ = endpoint(codec)
+
+    def refuse(datagram: bytes, address: Any) -> None:
+        raise OSError(105, "No buffer space available")
+
+    udp.write = refuse  # type: ignore[method-assign]
+    management.forward(b"\x19x", CLIENT, A)
+    management.backward(b"\x19y", CLIENT, B)
+    assert management.dropped.values == {"send_error": 2}
+    assert (management.sent_in.value, management.sent_out.value) == (0, 0)
