@@ -37,7 +37,8 @@ async def main(plugtest, extended):
     post.opt.accept = 50
     history = await context.request(post).response
     results["requests"] = json.loads(history.payload)
-    core = await context.request(aiocoap.Message(code=aiocoap.GET, uri=plugtest + "/.well-known/core?rt=Type2")).response
+    filtered = aiocoap.Message(code=aiocoap.GET, uri=plugtest + "/.well-known/core?rt=Type2")
+    core = await context.request(filtered).response
     results["core"] = core.payload.decode()
     observation = context.request(aiocoap.Message(code=aiocoap.GET, uri=plugtest + "/obs-pumping", observe=0))
     first = await observation.response
