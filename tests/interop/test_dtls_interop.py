@@ -469,7 +469,7 @@ def test_our_client_resumes_its_session_with_mbedtls_server() -> Generator[Any, 
         for attempt in range(2):
             peer = yield endpoint.connect(("127.0.0.1", port))
             endpoint.sendDatagram(b"GET / HTTP/1.0\r\n\r\n", peer)
-            yield wait_for(lambda: len(receiver.received) == attempt + 1, "the HTTP response")
+            yield wait_for(lambda expected=attempt + 1: len(receiver.received) == expected, "the HTTP response")
             yield wait_for(lambda: not endpoint.connections, "ssl_server2's close_notify")
         assert endpoint.counters.handshakes.value == 2 and endpoint.counters.resumptions.value == 1
         assert endpoint.peerContext(peer).write_cid == bytes.fromhex("beef")
