@@ -366,15 +366,25 @@ class Answers:
 def test_a_dtls_session_survives_clear_reassign_and_rebalance(mode: str) -> Generator[Any, Any, None]:
     """Real DTLS 1.2 CID sessions (our engine) through the NAT and the cluster: one handshake, then every
     record reaches the node that owns the CID, whichever node the NAT sends it to."""
-    lab = ClusterLab(mode, endpoint=dtls_node)
+    yield check_dtls_session(ClusterLab(mode, endpoint=dtls_node))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_dtls_session_survives_in_kubernetes_mode(api_server: Any, pod: Any) -> Generator[Any, Any, None]:
+    server, api_port, ca_pem, _ = api_server
+    server.pods = [pod(f"coap-cluster-{n}", f"127.0.0.{n}") for n in (1, 2, 3)]
+    yield check_dtls_session(ClusterLab("k8s", kubernetes=(server, api_port, ca_pem), endpoint=dtls_node))
+
+
+@pytest_twisted.inlineCallbacks
+def check_dtls_session(lab: ClusterLab) -> Generator[Any, Any, None]:
     answers = Answers()
     client = DtlsEndpoint(reactor, client_configuration=DtlsConfiguration(
         is_client=True, psk_identity=PSK_IDENTITY, psk=PSK), receiver=answers)
     client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
     try:
         yield lab.start()
-        if mode == "dynamic":
-            yield wait_until(lambda: all(len(node.discovery.nodes()) == 2 for node in lab.nodes.values()))
+        yield wait_until(lambda: all(len(node.discovery.nodes()) == 2 for node in lab.nodes.values()))
         peer = yield client.connect(("127.0.0.1", lab.nat.proxy.port)).addTimeout(TIMEOUT, reactor)
         client_nat_address = ("127.0.0.1", client_port.getHost().port)
 
