@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import ClientFactory, Factory, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -68,6 +69,8 @@ class KeepAliveClientProtocol(CoreProtocol):
         self.core = ClientConnection(fleet.plan, str(self.slot.number), self.conn, self.clock.seconds())
         self.slot.connection_made(self)
         self.pump(())
+        if not fleet.running:
+            self.close("shutdown")
 
     def handle_event(self, event: Event) -> None:
         fleet = self.slot.fleet
@@ -163,7 +166,10 @@ class ClientSlot(ClientFactory):
         if self.protocol_instance is not None:
             self.protocol_instance.close("shutdown")
         elif self.connector is not None:
-            self.connector.stopConnecting()
+            try:
+                self.connector.stopConnecting()
+            except NotConnectingError:
+                pass  # already connected: connectionMade sees the stopped fleet and closes it
 
 
 @implementer(IReportingService)

@@ -224,3 +224,11 @@ def test_the_errno_that_lost_a_connection_is_found_under_tls_too() -> None:
 
     assert lost_errno_text(Tls()) == "ECONNRESET (104: Connection reset by peer)"
     assert lost_errno_text(StringTransport()) is None
+
+
+def test_a_connection_completing_after_the_stop_is_closed_at_once() -> None:
+    reactor, service = _fleet()
+    reactor.advance(10.0)
+    service.stopService()
+    protocol, transport = _connect(reactor)
+    assert transport.disconnecting and protocol.closing == "shutdown"
