@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator
 from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.python.usage import UsageError
 from zope.interface.verify import verifyObject
 
@@ -44,6 +47,34 @@ def test_server_and_client_services_report() -> None:
     for service in (server, client):
         assert verifyObject(IReportingService, service)
         assert service.summary()
+
+
+def test_counters_are_exported_for_prometheus() -> None:
+    from prometheus_client.exposition import generate_latest
+    from twisted.internet.task import Clock
+
+    from nettester.metrics import new_registry
+
+    server = build_server(Clock(), parse(StunServerOptions))
+    client = build_client(Clock(), parse(StunClientOptions, "--server", "192.0.2.1"))
+    server.counters.dropped.inc("not_stun")
+    text = generate_latest(new_registry(server.metrics, client.metrics)).decode()
+    for name in (
+        "nettester_stun_server_requests_total",
+        'nettester_stun_server_dropped_total{reason="not_stun"} 1.0',
+        "nettester_stun_client_timeouts_total",
+        "nettester_stun_client_mapping_changes_total",
+        "nettester_stun_client_clients 0.0",
+    ):
+        assert name in text
+
+
+@given(st.text(max_size=30))
+@settings(max_examples=300)
+def test_fuzz_option_parsers_raise_only_value_error(text: str) -> None:
+    for parser in (seconds_range, transport_address):
+        with contextlib.suppress(ValueError):
+            parser(text)
 
 
 def test_client_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
