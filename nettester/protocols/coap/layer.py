@@ -299,6 +299,7 @@ Event = RequestReceived | ResponseReceived | RequestFailed | ObserveCancelled | 
 # Content-Format option values of the formats answered most, encoded once.
 _CONTENT_FORMAT_VALUES = {number: encode_uint(number) for number in (0, 40, 41, 42, 50, 60)}
 
+
 def response(
     code: int,
     payload: bytes = b"",
@@ -313,6 +314,12 @@ def response(
     return message
 
 
+_NOT_CACHE_KEY = frozenset(
+    (OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.OBSERVE, OptionNumber.SIZE1, OptionNumber.SIZE2)
+)
+_BLOCK_OPTIONS = frozenset((OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.SIZE1, OptionNumber.SIZE2))
+
+
 def cache_key(message: Message) -> tuple[int, tuple[tuple[int, bytes], ...]]:
     """Method plus the cache-key options (RFC 7252 section 5.4.6), minus block and observe.
 
@@ -324,12 +331,6 @@ def cache_key(message: Message) -> tuple[int, tuple[tuple[int, bytes], ...]]:
         for number, value in message.options
         if number not in _NOT_CACHE_KEY and not is_no_cache_key(number)
     )
-
-
-_NOT_CACHE_KEY = frozenset(
-    (OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.OBSERVE, OptionNumber.SIZE1, OptionNumber.SIZE2)
-)
-_BLOCK_OPTIONS = frozenset((OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.SIZE1, OptionNumber.SIZE2))
 
 
 # ---------------------------------------------------------------- the layer
@@ -1098,5 +1099,3 @@ class CoapLayer:
         if isinstance(target, _Transmission):
             return target.cancelled or target.deadline != deadline
         return target.done or target._response_deadline != deadline
-
-

@@ -332,4 +332,3 @@ class Site:
         links = [resource.link() for resource in self.root.walk() if resource is not self.root and resource.visible]
         links = filter_links(links, request.uri_query)
         return response(Code.CONTENT, format_links(links).encode(), ContentFormat.LINK_FORMAT)
-
