@@ -71,6 +71,9 @@ class TransmissionParameters:
     #: Largest request body accepted block-wise (Block1) and response body
     #: reassembled (Block2); beyond it 4.13 / a failure (RFC 7959 section 2.9.3).
     max_body_size: int = 1 << 20
+    #: Block-wise transfers kept at once (uploads, and bodies being served):
+    #: with max_body_size this bounds the memory block-wise can take.
+    max_block_transfers: int = 4096
     token_length: int = 8
     dedup_buckets: int = 4
     max_dedup_entries: int = 1 << 21
@@ -358,9 +361,10 @@ class CoapLayer:
             lifetime, now, buckets, self.params.max_dedup_entries
         )
         # (peer, cache key) -> whole response body being served block-wise.
-        self._block2_bodies: ExpiringStore[Message] = ExpiringStore(lifetime, now, buckets)
+        transfers = self.params.max_block_transfers
+        self._block2_bodies: ExpiringStore[Message] = ExpiringStore(lifetime, now, buckets, transfers)
         # (peer, cache key) -> body being uploaded block-wise.
-        self._block1_uploads: ExpiringStore[_Block1Upload] = ExpiringStore(lifetime, now, buckets)
+        self._block1_uploads: ExpiringStore[_Block1Upload] = ExpiringStore(lifetime, now, buckets, transfers)
         self._transmissions: dict[tuple[Peer, int], _Transmission] = {}
         self._timers: list[tuple[float, int, _Transmission | OutgoingRequest]] = []
         self._timer_seq = 0

@@ -541,3 +541,13 @@ def test_non_notifications_turn_con_to_find_vanished_observers() -> None:
     while relation.active:
         pair.server.handle_timer(pair.server.get_timer())
     assert any(isinstance(e, ObserveCancelled) and e.reason == "timeout" for e in pair.events(pair.server))
+
+
+def test_block_wise_state_is_bounded() -> None:
+    server = CoapLayer(0.0, TransmissionParameters(max_block_transfers=8))
+    for index in range(50):
+        upload = Message(CON, Code.PUT, index, b"t", [(11, b"p"), (OptionNumber.BLOCK1, encode_block(0, True, 0))],
+                         b"x" * 16)
+        server.receive_datagram(upload.encode(), ("10.2.0.1", 1000 + index), 0.0)
+    assert len(server._block1_uploads) <= 8
+    assert all(decode(data).code == Code.CONTINUE for data, _ in server.datagrams_to_send())
