@@ -299,3 +299,80 @@ def test_a_silent_destination_goes_stale_and_is_probed_back() -> Generator[Any, 
         assert lab.proxy.table.destinations()[0].stale_since is None
     finally:
         yield lab.close()
+
+
+class Relay(DatagramProtocol):
+    """A destination that lets another one answer: passes each datagram, with its source, to C{other}."""
+
+    def __init__(self, other: tuple[str, int]) -> None:
+        self.other = other
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.transport.write(b"R %s %d|" % (addr[0].encode(), addr[1]) + data, self.other)
+
+
+class AnswerForRelay(Echo):
+    """Echoes; for a relayed datagram, answers the original source, from its own address."""
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if data.startswith(b"R "):
+            header, _, data = data.partition(b"|")
+            _, host, port = header.split()
+            addr = (host.decode(), int(port))
+        super().datagramReceived(data, addr)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reverse_address_update_moves_the_entry_to_the_answering_destination() -> Generator[Any, Any, None]:
+    answering = reactor.listenUDP(0, AnswerForRelay(), interface="127.0.0.1")
+    answering_address = ("127.0.0.1", answering.getHost().port)
+    relay = reactor.listenUDP(0, Relay(answering_address), interface="127.0.0.1")
+    relay_address = ("127.0.0.1", relay.getHost().port)
+    lab = Lab(destinations=0)
+    try:
+        yield lab.command(f"add 127.0.0.1:{relay_address[1]}")
+        client = lab.client()
+        client_address = ("127.0.0.1", lab.clients[-1][1].getHost().port)
+        table = lab.proxy.table
+        # An answer from an address that is no destination passes, and counts.
+        lab.send(client, b"one")
+        assert (yield timed(client.answers.get())) == b"%d|one" % answering_address[1]
+        assert table.violations == 1 and table.destination_of(client_address) == relay_address
+        # From a known destination, without reverse update: passes, counts, the entry stays.
+        yield lab.command(f"add 127.0.0.1:{answering_address[1]}")
+        lab.send(client, b"two")
+        yield timed(client.answers.get())
+        assert table.violations == 2 and table.destination_of(client_address) == relay_address
+        # With reverse update the entry moves to the destination that answered ...
+        yield lab.command("reverse on")
+        lab.send(client, b"three")
+        yield timed(client.answers.get())
+        assert table.violations == 3 and table.destination_of(client_address) == answering_address
+        # ... and talks to it directly from then on.
+        lab.send(client, b"four")
+        assert (yield timed(client.answers.get())) == b"%d|four" % answering_address[1]
+        assert table.violations == 3
+    finally:
+        yield lab.close()
+        yield relay.stopListening()
+        yield answering.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_ipv6_loopback() -> Generator[Any, Any, None]:
+    echo = Echo()
+    echo_port = reactor.listenUDP(0, echo, interface="::1")
+    proxy = NatProxy(reactor, NatTable([], rng=random.Random(1)), DropPolicy(), ("::1", 0),
+                     [f"[::1]:{echo_port.getHost().port}"])
+    proxy.startService()
+    client = Client()
+    client_port = reactor.listenUDP(0, client, interface="::1")
+    try:
+        client_port.write(b"six", ("::1", proxy.port))
+        answer = yield timed(client.answers.get())
+        assert answer == b"%d|six" % echo_port.getHost().port
+        assert echo.sources[0] != client_port.getHost().port
+    finally:
+        yield proxy.stopService()
+        yield client_port.stopListening()
+        yield echo_port.stopListening()
