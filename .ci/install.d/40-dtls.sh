@@ -16,7 +16,6 @@ command -v make >/dev/null && command -v cc >/dev/null || apt-get install -y --n
 apt-get install -y --no-install-recommends dpkg-dev >/dev/null  # apt-get source needs dpkg-source
 
 WORK=$(mktemp -d)
-chmod 0755 "$WORK"  # apt downloads as _apt
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/lists/partial" "$WORK/cache/archives/partial" "$WORK/sources.list.d" "$WORK/src"
 
@@ -35,7 +34,8 @@ with open(sys.argv[1], "w") as out:
               % (fields["URIs"].split()[0], fields.get("Signed-By", "/usr/share/keyrings/debian-archive-keyring.gpg")))
 PY
 APT_OPTS=(-o "Dir::State::Lists=$WORK/lists" -o "Dir::Cache=$WORK/cache"
-          -o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$WORK/sources.list.d")
+          -o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$WORK/sources.list.d"
+          -o "APT::Sandbox::User=root")  # a throw-away directory: no _apt sandbox needed
 apt-get "${APT_OPTS[@]}" update -qq
 (cd "$WORK/src" && apt-get "${APT_OPTS[@]}" source --download-only mbedtls)
 ORIG=$(ls "$WORK"/src/mbedtls_*.orig.tar.* | head -n1)
