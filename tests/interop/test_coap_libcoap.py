@@ -4,6 +4,7 @@ endpoints, our client against its servers, over coap (notls) and coaps
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -17,15 +18,17 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
+from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
+from nettester.protocols.coap.client import parse_uri
 from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
-from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, ResponseReceived, response
+from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, response
 from nettester.protocols.coap.linkformat import parse_links
 from nettester.protocols.coap.message import CON, Code, ContentFormat, Message, OptionNumber
 from nettester.protocols.coap.resources.plugtest import large_body
 from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.dtls.connection import DtlsConfiguration
 from nettester.protocols.dtls.credentials import PskStore
-from nettester.protocols.dtls.endpoint import DtlsEndpoint
+from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
 from nettester.udplink import UdpLink
 
 pytestmark = pytest.mark.interop
@@ -111,12 +114,21 @@ def test_libcoap_client_against_our_endpoint() -> Generator[Any, Any, None]:
         yield port.stopListening()
 
 
-class ServerProcess(ProcessProtocol):
-    def __init__(self) -> None:
+class LibcoapServer(ProcessProtocol):
+    """A libcoap server process on 127.0.0.1 (coap on ``port``, coaps on ``port + 1``)."""
+
+    def __init__(self, binary: str, *extra: str) -> None:
         self.ended: defer.Deferred[None] = defer.Deferred()
+        self.port = free_udp_port()
+        self.transport = reactor.spawnProcess(self, binary, [binary, "-A", "127.0.0.1", "-p", str(self.port), *extra],
+                                              env=os.environ)
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(None)
+
+    def stop(self) -> defer.Deferred[None]:
+        self.transport.signalProcess("TERM")
+        return self.ended
 
 
 def free_udp_port() -> int:
@@ -130,39 +142,45 @@ def get(path: str, mtype: int = CON, payload: bytes = b"", code: int = Code.GET)
     return Message(mtype, code, 0, b"", options, payload)
 
 
+@defer.inlineCallbacks
+def first_answer(endpoint: CoapEndpoint, address: tuple[str, int], message: Message) -> Generator[Any, Any, Any]:
+    """The answer to ``message``, retried while the freshly started server binds."""
+    for _ in range(20):
+        try:
+            answer = yield endpoint.request_address(address, message, response_timeout=1.0).addTimeout(2.0, reactor)
+            return answer
+        except (CoapRequestError, defer.TimeoutError, ConnectFailed):
+            yield deferLater(reactor, 0.2, lambda: None)
+    raise AssertionError(f"no answer from {address}")
+
+
+@defer.inlineCallbacks
+def block_wise_round_trip(endpoint: CoapEndpoint, address: tuple[str, int]) -> Generator[Any, Any, None]:
+    """PUT a 3000-byte body to libcoap's example_data (Block1) and GET it back (Block2)."""
+    body = bytes(ord("A") + i % 26 for i in range(3000))
+    put = yield endpoint.request_address(address, get("example_data", payload=body, code=Code.PUT)).addTimeout(
+        TIMEOUT, reactor)
+    assert put.response.code in (Code.CREATED, Code.CHANGED)
+    back = yield endpoint.request_address(address, get("example_data")).addTimeout(TIMEOUT, reactor)
+    assert back.response.payload == body
+
+
 @pytest_twisted.inlineCallbacks
 def test_our_client_against_libcoap_server() -> Generator[Any, Any, None]:
-    server = require("coap-server-notls")
-    server_port = free_udp_port()
-    process = ServerProcess()
-    transport = reactor.spawnProcess(process, server, [server, "-A", "127.0.0.1", "-p", str(server_port)],
-                                     env=os.environ)
+    server = LibcoapServer(require("coap-server-notls"))
     link = UdpLink()
     endpoint = CoapEndpoint(link, reactor)
     port = reactor.listenUDP(0, link, interface="127.0.0.1")
-    address = ("127.0.0.1", server_port)
+    address = ("127.0.0.1", server.port)
     try:
-        got: ResponseReceived | None = None
-        for _ in range(20):  # the server needs a moment to bind
-            try:
-                got = yield endpoint.request(address, get(".well-known/core"), response_timeout=1.0).addTimeout(
-                    1.0, reactor)
-                break
-            except (CoapRequestError, defer.TimeoutError):
-                yield deferLater(reactor, 0.2, lambda: None)
-        assert got is not None and got.response.code == Code.CONTENT
+        got = yield first_answer(endpoint, address, get(".well-known/core"))
+        assert got.response.code == Code.CONTENT
         targets = {link.target: link for link in parse_links(got.response.payload.decode())}
         assert "/time" in targets and targets["/time"].values("obs") == [None]
 
         root = yield endpoint.request(address, get("/")).addTimeout(TIMEOUT, reactor)
         assert b"libcoap" in root.response.payload
-
-        body = bytes(ord("A") + i % 26 for i in range(3000))
-        put = yield endpoint.request(address, get("example_data", payload=body, code=Code.PUT)).addTimeout(
-            TIMEOUT, reactor)
-        assert put.response.code in (Code.CREATED, Code.CHANGED)
-        back = yield endpoint.request(address, get("example_data")).addTimeout(TIMEOUT, reactor)
-        assert back.response.payload == body  # Block1 up, Block2 down
+        yield block_wise_round_trip(endpoint, address)
 
         notifications: list[bytes] = []
         observation = endpoint.observe(address, get("time"), lambda event: notifications.append(event.response.payload))
@@ -175,8 +193,28 @@ def test_our_client_against_libcoap_server() -> Generator[Any, Any, None]:
     finally:
         endpoint.stop()
         yield port.stopListening()
-        transport.signalProcess("TERM")
-        yield process.ended
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_our_bench_against_libcoap_server() -> Generator[Any, Any, None]:
+    server = LibcoapServer(require("coap-server-notls"))
+    probe_link = UdpLink()
+    probe = CoapEndpoint(probe_link, reactor)
+    probe_port = reactor.listenUDP(0, probe_link, interface="127.0.0.1")
+    out = io.StringIO()
+    config = BenchConfig(parse_uri(f"coap://127.0.0.1:{server.port}/"), clients=10, requests=20, report_interval=0)
+    bench = CoapBenchService(reactor, config, UdpLink, out)
+    try:
+        yield first_answer(probe, ("127.0.0.1", server.port), get("/"))
+        bench.startService()
+        status = yield bench.done.addTimeout(TIMEOUT, reactor)
+        assert status == 0 and bench.stats.responses == 200 and bench.stats.failures == 0
+        assert "  20: 10" in out.getvalue()
+    finally:
+        probe.stop()
+        yield probe_port.stopListening()
+        yield server.stop()
 
 
 PSK_IDENTITY, PSK_SECRET = b"client-1", b"secretPSK"
@@ -210,33 +248,17 @@ def test_libcoap_openssl_client_against_our_coaps_server() -> Generator[Any, Any
 
 @pytest_twisted.inlineCallbacks
 def test_our_coaps_client_against_libcoap_openssl_server() -> Generator[Any, Any, None]:
-    server = require("coap-server-openssl")
-    base = free_udp_port()
-    process = ServerProcess()
-    transport = reactor.spawnProcess(
-        process, server, [server, "-A", "127.0.0.1", "-p", str(base), "-k", PSK_SECRET.decode()], env=os.environ)
+    server = LibcoapServer(require("coap-server-openssl"), "-k", PSK_SECRET.decode())
     link = DtlsEndpoint(reactor, client_configuration=DtlsConfiguration(
         is_client=True, psk_identity=b"anyone", psk=PSK_SECRET))
     endpoint = CoapEndpoint(link, reactor)
     port = reactor.listenUDP(0, link, interface="127.0.0.1")
-    address = ("127.0.0.1", base + 1)  # libcoap listens for coaps on port + 1
+    address = ("127.0.0.1", server.port + 1)  # libcoap listens for coaps on port + 1
     try:
-        got = None
-        for _ in range(20):
-            try:
-                got = yield endpoint.request_address(address, get("/"), response_timeout=1.0).addTimeout(
-                    2.0, reactor)
-                break
-            except Exception:  # the server needs a moment to bind; the handshake then fails fast
-                yield deferLater(reactor, 0.2, lambda: None)
-        assert got is not None and b"libcoap" in got.response.payload
-        body = bytes(ord("a") + i % 26 for i in range(2500))
-        put = yield endpoint.request_address(address, get("example_data", payload=body, code=Code.PUT))
-        assert put.response.code in (Code.CREATED, Code.CHANGED)
-        back = yield endpoint.request_address(address, get("example_data")).addTimeout(TIMEOUT, reactor)
-        assert back.response.payload == body
+        got = yield first_answer(endpoint, address, get("/"))
+        assert b"libcoap" in got.response.payload
+        yield block_wise_round_trip(endpoint, address)
     finally:
         endpoint.stop()
         yield port.stopListening()
-        transport.signalProcess("TERM")
-        yield process.ended
+        yield server.stop()
