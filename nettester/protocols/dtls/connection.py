@@ -130,7 +130,8 @@ class DtlsConfiguration:
     handshake_timeout: float = 120.0
     session_cache: SessionCache | None = None
     session: Session | None = None
-    max_handshake_message: int = 65536
+    #: bytes of handshake messages buffered at once (a certificate chain fits)
+    max_handshake_message: int = 32768
     random: Callable[[int], bytes] = os.urandom
 
     def suites(self) -> list[suites.CipherSuite]:

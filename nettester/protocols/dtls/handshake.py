@@ -464,14 +464,15 @@ class _Partial:
 class Reassembler:
     """Orders and reassembles incoming handshake messages by message_seq
     (RFC 6347 section 4.2.2).  Only a small window of future messages is
-    buffered, and messages are bounded in size, so a peer cannot make us
-    hold much memory."""
+    buffered, and all buffers together stay within C{max_message_length}
+    bytes, so a peer cannot make us hold much memory."""
 
-    def __init__(self, max_message_length: int = 65536, window: int = 8) -> None:
+    def __init__(self, max_message_length: int = 32768, window: int = 8) -> None:
         self.next_seq = 0
         self.max_message_length = max_message_length
         self.window = window
         self._pending: dict[int, _Partial] = {}
+        self._buffered = 0
 
     def add(self, fragment: Fragment, epoch: int) -> str:
         """Take a fragment: 'old' (a retransmission of something already
@@ -483,7 +484,10 @@ class Reassembler:
             return "rejected"
         partial = self._pending.get(seq)
         if partial is None:
+            if self._buffered + fragment.length > self.max_message_length:
+                return "rejected"
             partial = self._pending[seq] = _Partial(fragment.msg_type, fragment.length, epoch)
+            self._buffered += fragment.length
         elif (partial.msg_type, len(partial.buffer), partial.epoch) != (fragment.msg_type, fragment.length, epoch):
             return "rejected"
         partial.add(fragment.offset, fragment.body)
@@ -495,6 +499,7 @@ class Reassembler:
         if partial is None or not partial.complete:
             return None
         del self._pending[self.next_seq]
+        self._buffered -= len(partial.buffer)
         self.next_seq += 1
         return partial.msg_type, self.next_seq - 1, partial.epoch, bytes(partial.buffer)
 
@@ -502,3 +507,4 @@ class Reassembler:
         """Expect C{seq} next, forgetting anything buffered."""
         self.next_seq = seq
         self._pending.clear()
+        self._buffered = 0

@@ -198,6 +198,11 @@ def test_truncated_and_oversized_fragments() -> None:
     assert reassembler.pop() == (hs.CERTIFICATE, 0, 0, b"abcdefgh")
     (far_future,) = hs.parse_fragments(hs.encode_message(hs.FINISHED, 50, b"x"))
     assert reassembler.add(far_future, 0) == "rejected"
+    # All partial messages together stay within the budget.
+    budget = hs.Reassembler(max_message_length=1000)
+    (first_half,) = hs.parse_fragments(hs.encode_header(hs.CERTIFICATE, 600, 0, 0, 4) + b"abcd")
+    (second,) = hs.parse_fragments(hs.encode_header(hs.CLIENT_KEY_EXCHANGE, 600, 1, 0, 4) + b"abcd")
+    assert budget.add(first_half, 0) == "new" and budget.add(second, 0) == "rejected"
 
 
 def test_oversized_fragment_mid_handshake_is_counted() -> None:
