@@ -203,6 +203,8 @@ class NatProxy(Service):
         if route is None:
             self.dropped.inc("no_destination")
             return
+        if route.evicted is not None:
+            self._close((route.evicted,))
         outgoing = self._sockets.get(route.key)
         if outgoing is None:
             outgoing = self._open(route.key, route.destination)

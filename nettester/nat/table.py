@@ -54,10 +54,14 @@ def ip_family(host: str) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one forwarded datagram goes: out of socket C{key} to C{destination}."""
+    """Where one forwarded datagram goes: out of socket C{key} to C{destination}.
+
+    C{evicted} is the socket key of the entry dropped to make room (``-n``), to close.
+    """
 
     key: int
     destination: Address
+    evicted: int | None = None
 
 
 class Destination:
@@ -128,10 +132,14 @@ class NatTable:
 
     def forward(self, client: Address, now: float) -> Route | None:
         entry = self._entries.get(client)
+        evicted = None
         if entry is None:
             destination = self._pick(now, exclude=None)
             if destination is None:
                 return None
+            if len(self._entries) >= self.max_entries:
+                evicted = self._remove(next(iter(self._entries.values())))
+                self.evicted += 1
             entry = self._create(client, destination, now)
         else:
             entry.last_used = now
@@ -153,7 +161,7 @@ class NatTable:
                 destination = replacement
                 if destination.unanswered_since is None:
                     destination.unanswered_since = now
-        return Route(entry.key, destination.address)
+        return Route(entry.key, destination.address, evicted)
 
     def backward(self, socketKey: int, source: Address, now: float) -> Address | None:
         entry = self._by_key.get(socketKey)
@@ -293,9 +301,6 @@ class NatTable:
         self.stale_marked += 1
 
     def _create(self, client: Address, destination: Destination, now: float) -> NatEntry:
-        if len(self._entries) >= self.max_entries:
-            self._remove(next(iter(self._entries.values())))
-            self.evicted += 1
         entry = NatEntry(client, self._new_key(), destination, now)
         destination.usage += 1
         self._entries[client] = entry

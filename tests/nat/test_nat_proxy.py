@@ -148,3 +148,12 @@ def test_a_refused_send_is_a_counted_drop() -> None:
     public(reactor).write = refuse  # type: ignore[method-assign]
     reactor.ports[1].receive(b"answer", A)
     assert nat.dropped.values == {"send_error": 2} and nat.summary()["backwarded"] == 0
+
+
+def test_the_entry_evicted_for_a_new_client_loses_its_socket() -> None:
+    reactor = FakeUdpReactor()
+    nat = proxy(reactor, A, max_entries=2)
+    for port in (1, 2, 3):
+        public(reactor).protocol.datagramReceived(b"x", ("192.0.2.1", port))
+    assert [p.number for p in reactor.open_ports()] == [5784, 40002, 40003]
+    assert len(nat.table) == 2 and nat.table.evicted == 1

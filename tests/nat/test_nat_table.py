@@ -83,7 +83,9 @@ def test_max_entries_evicts_the_least_recently_used() -> None:
     nat.forward(CLIENT, 0.0)
     nat.forward(CLIENT2, 1.0)
     nat.forward(CLIENT, 2.0)
-    nat.forward(("192.0.2.3", 1), 3.0)
+    second = nat.key_of(CLIENT2)
+    route = nat.forward(("192.0.2.3", 1), 3.0)
+    assert route.evicted == second, "the adapter must close the evicted entry's socket"
     assert nat.key_of(CLIENT2) is None and nat.key_of(CLIENT) is not None
     assert len(nat) == 2 and nat.evicted == 1
 
