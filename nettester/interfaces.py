@@ -177,7 +177,8 @@ class INatTable(Interface):
 
     def forward(client, now):
         """Route a datagram from C{client}: a L{nettester.nat.table.Route}
-        (socket key, destination address), or None when no destination is usable."""
+        (socket key, destination address, and the key of an entry evicted to
+        make room, to close), or None when no destination is usable."""
 
     def backward(socketKey, source, now):
         """The client address an answer arriving on C{socketKey} from C{source}
