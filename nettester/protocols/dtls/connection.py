@@ -53,6 +53,7 @@ DEFAULT_SUITES = (
     "TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256",
 )
 _BUFFERED_FUTURE_RECORDS = 8
+_BUFFERED_RECORD_SIZE = 1500  # unauthenticated until the CCS: bound what they hold
 _MAX_HELLO_VERIFY = 5
 _MAX_ADOPTED_SEQUENCE = 2**16
 
@@ -450,6 +451,7 @@ class DtlsConnection:
                 received.epoch == self._read_epoch + 1
                 and self._state is not _State.ESTABLISHED
                 and len(self._future_records) < _BUFFERED_FUTURE_RECORDS
+                and len(received.fragment) <= _BUFFERED_RECORD_SIZE
             ):
                 # RFC 6347 section 4.1: a next-epoch record may overtake the CCS.
                 self._future_records.append((received, address))
