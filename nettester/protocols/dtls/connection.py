@@ -13,6 +13,7 @@ itself trusts the ClientHello it is first given.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import hmac
 import os
@@ -117,6 +118,9 @@ class DtlsConfiguration:
     trust_anchors: list[x509.Certificate] | None = None
     client_auth: ClientAuth = ClientAuth.NONE
     server_name: str | None = None
+    #: the wall-clock time certificates must be valid at; None lets the
+    #: verifier use the current time (the only clock the engine consults)
+    certificate_time: Callable[[], datetime.datetime] | None = None
     # CID (RFC 9146): a client offers a CID of cid_length bytes (None: no
     # extension); a server takes its CIDs from cid_generator (None or
     # length 0: CID off), unique among cids_in_use.
@@ -1043,7 +1047,8 @@ class DtlsConnection:
         anchors = self.configuration.trust_anchors
         if chain and anchors is not None:
             try:
-                verify_chain(chain, anchors, server_name)
+                at = self.configuration.certificate_time
+                verify_chain(chain, anchors, server_name, at() if at is not None else None)
             except CredentialsError as error:
                 raise HandshakeFailure(BAD_CERTIFICATE, "certificate_rejected") from error
         if chain and not isinstance(leaf_key, ec.EllipticCurvePublicKey):

@@ -161,6 +161,18 @@ def test_untrusted_server_certificate_is_rejected() -> None:
     assert pair.client.is_closed and pair.client.failure_reason == "certificate_rejected"
 
 
+def test_expired_server_certificate_is_rejected() -> None:
+    import datetime
+
+    client, server = ecdsa_configs()
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=365)
+    client.certificate_time = lambda: later
+    pair = Pair(client, server)
+    pair.start()
+    pair.run()
+    assert pair.client.failure_reason == "certificate_rejected"
+
+
 def test_wrong_server_name_is_rejected() -> None:
     client, server = ecdsa_configs()
     client.server_name = "other.example"
