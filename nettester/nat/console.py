@@ -9,6 +9,8 @@ so a stray ``exit`` through ``kubectl port-forward`` does not kill a pod.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -122,14 +124,22 @@ class ConsoleProtocol(LineOnlyReceiver):
     @param on_exit: called once the session is closed by ``exit``/``quit``
         (stdin: stop the process; TCP: None). End of input alone never calls it,
         so a container whose stdin is /dev/null keeps running.
+    @param output: where answers go instead of the transport (stdin's console,
+        see L{NatRoleService}).
     """
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
 
-    def __init__(self, console: NatConsole, on_exit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        console: NatConsole,
+        on_exit: Callable[[], None] | None = None,
+        output: Callable[[bytes], None] | None = None,
+    ) -> None:
         self._console = console
         self._on_exit = on_exit
+        self._output = output
         self._queue: Deferred[Any] = succeed(None)
         self._exiting = False
 
@@ -139,7 +149,7 @@ class ConsoleProtocol(LineOnlyReceiver):
 
     def _failed(self, failure: Any) -> None:
         log.failure("Console command failed", failure, event="nat_console_failed")
-        self.transport.write(b"command failed; see the log.\n")
+        self._write(b"command failed; see the log.\n")
 
     def readConnectionLost(self) -> None:
         """End of input: answer what is queued; then a TCP session closes, while
@@ -151,17 +161,23 @@ class ConsoleProtocol(LineOnlyReceiver):
         """Nobody reads the answers any more: stop reading commands too."""
         self.transport.loseConnection()
 
+    def _write(self, data: bytes) -> None:
+        if self._output is not None:
+            self._output(data)
+        else:
+            self.transport.write(data)
+
     def _answer(self, answer: Any) -> None:
         if answer is EXIT:
             # Close first, so every answer is flushed before on_exit stops the process.
             self._exiting = True
-            self.transport.write(b"bye.\n")
+            self._write(b"bye.\n")
             self.transport.loseConnection()
             return
-        self.transport.write(answer.encode("utf-8") + b"\n")
+        self._write(answer.encode("utf-8") + b"\n")
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.transport.write(b"line too long; closing the console.\n")
+        self._write(b"line too long; closing the console.\n")
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -181,6 +197,14 @@ class ConsoleFactory(Factory):
     def buildProtocol(self, addr: Any) -> ConsoleProtocol:
         log.info("Console session from {peer}", event="nat_console_session", peer=f"{addr.host}:{addr.port}")
         return ConsoleProtocol(self._console)
+
+
+def _write_stdout(data: bytes) -> None:
+    """Blocking write to the process's real stdout (under twistd, sys.stdout is a log file)."""
+    stream = sys.__stdout__
+    if stream is not None:
+        stream.write(data.decode("utf-8", "replace"))
+        stream.flush()
 
 
 @implementer(IReportingService)
@@ -224,7 +248,12 @@ class NatRoleService(MultiService):
         if self._stdin_console:
             from twisted.internet.stdio import StandardIO
 
-            StandardIO(ConsoleProtocol(self.console, on_exit=self._reactor.stop), reactor=self._reactor)
+            # StandardIO makes its stdout non-blocking, and fd 1 is shared with the log
+            # observer's blocking writes: it gets /dev/null instead, and the answers go
+            # through the same blocking stream as the log lines.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            console = ConsoleProtocol(self.console, on_exit=self._reactor.stop, output=_write_stdout)
+            StandardIO(console, stdin=0, stdout=devnull, reactor=self._reactor)
 
     @property
     def console_port(self) -> int:

@@ -184,3 +184,13 @@ def test_stopping_cancels_pending_retries() -> None:
     assert len(clock.getDelayedCalls()) == 1
     proxy.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_answers_can_go_to_another_output_than_the_transport() -> None:
+    console, _ = make_console()
+    written: list[bytes] = []
+    protocol = ConsoleProtocol(console, output=written.append)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"reverse on\n")
+    assert written == [b"reverse address update enabled.\n"] and transport.value() == b""
