@@ -1,4 +1,5 @@
-"""Interop with aiocoap (PyPI): its client against our plugtest and extended resources.
+"""Interop with aiocoap (PyPI): its client against our plugtest and extended
+resources, over coap and over coaps (aiocoap's tinydtls transport, PSK).
 
 aiocoap runs on asyncio, so it runs in a child Python process while our
 server runs on the test's Twisted reactor.
@@ -19,6 +20,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from nettester.protocols.coap.resources.plugtest import large_body
 from nettester.protocols.coap.server import CoapServerService
+from nettester.protocols.dtls.connection import DtlsConfiguration
+from nettester.protocols.dtls.credentials import PskStore
+from nettester.protocols.dtls.endpoint import DtlsEndpoint
 
 pytestmark = pytest.mark.interop
 
@@ -56,11 +60,12 @@ asyncio.run(asyncio.wait_for(main(sys.argv[1], sys.argv[2]), 20))
 """
 
 
-def require_aiocoap() -> None:
+def require(module: str) -> None:
+    """Skip without ``module``, fail without it on CI."""
     try:
-        import aiocoap  # noqa: F401
+        __import__(module)
     except ImportError:
-        message = "aiocoap not installed (pip install aiocoap, part of the test extras)"
+        message = f"{module} not installed (aiocoap[tinydtls] is part of the test extras)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -68,7 +73,7 @@ def require_aiocoap() -> None:
 
 @pytest_twisted.inlineCallbacks
 def test_aiocoap_client_against_our_server() -> Generator[Any, Any, None]:
-    require_aiocoap()
+    require("aiocoap")
     service = CoapServerService(reactor, 0, ["127.0.0.1"], benchmark=True, notify_interval=1.0)
     service.startService()
     ports = {name: port for _, _, port, name in service.listening}
@@ -86,5 +91,50 @@ def test_aiocoap_client_against_our_server() -> Generator[Any, Any, None]:
         assert results["requests"]["requests"][0]["ep"].startswith("127.0.0.1:")
         assert results["core"].count("<") == 2 and "</link1>" in results["core"]
         assert len(results["observe"]) == 4  # the registration answer and three notifications
+    finally:
+        yield service.stopService()
+
+
+COAPS_SCRIPT = r"""
+import asyncio, json, sys
+import aiocoap
+
+async def main(uri_base, credentials):
+    context = await aiocoap.Context.create_client_context()
+    context.client_credentials.load_from_dict(json.loads(credentials))
+    results = {}
+    mine = aiocoap.Message(code=aiocoap.GET, uri=uri_base + "/mycontext")
+    results["mycontext"] = (await context.request(mine).response).payload.decode()
+    bench = aiocoap.Message(code=aiocoap.GET, uri=uri_base + "/benchmark?rlen=20")
+    results["benchmark"] = (await context.request(bench).response).payload.decode()
+    print(json.dumps(results))
+    await context.shutdown()
+
+asyncio.run(asyncio.wait_for(main(sys.argv[1], sys.argv[2]), 20))
+"""
+
+
+@pytest_twisted.inlineCallbacks
+def test_aiocoap_coaps_client_against_our_server() -> Generator[Any, Any, None]:
+    require("aiocoap")
+    require("DTLSSocket")
+    store = PskStore({b"client-1": b"secretPSK"})
+    service = CoapServerService(
+        reactor, 0, ["127.0.0.1"], benchmark=True, plugtest=False, dtls_only=True,
+        dtls_link_factory=lambda: DtlsEndpoint(reactor, server_configuration=DtlsConfiguration(
+            is_client=False, psk_store=store)),
+    )
+    service.startService()
+    (port,) = [port for _, _, port, _ in service.listening]
+    base = f"coaps://127.0.0.1:{port}"
+    credentials = {base + "/*": {"dtls": {"psk": {"ascii": "secretPSK"}, "client-identity": {"ascii": "client-1"}}}}
+    try:
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-W", "ignore", "-c", COAPS_SCRIPT, base, json.dumps(credentials)], env=os.environ)
+        assert code == 0, err.decode()
+        results = json.loads(out)
+        lines = results["mycontext"].splitlines()
+        assert "peer: client-1" in lines and "cipher-suite: TLS_PSK_WITH_AES_128_CCM_8" in lines
+        assert results["benchmark"] == "hello benchmark*****"
     finally:
         yield service.stopService()
