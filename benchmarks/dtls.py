@@ -60,7 +60,7 @@ def serve(certificate_path: str, key_path: str) -> None:
 
     from nettester import logs
     from nettester.interfaces import IDatagramReceiver
-    from nettester.protocols.dtls.endpoint import DtlsEndpoint
+    from nettester.protocols.dtls.endpoint import MAX_DATAGRAM, DtlsEndpoint
 
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -88,7 +88,7 @@ def serve(certificate_path: str, key_path: str) -> None:
             endpoint.sendDatagram(data, peer)
 
     endpoint.receiver = Echo()
-    port = reactor.listenUDP(0, endpoint, interface="127.0.0.1", maxPacketSize=65535)
+    port = reactor.listenUDP(0, endpoint, interface="127.0.0.1", maxPacketSize=MAX_DATAGRAM)
     handle = port.getHandle()
     handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 

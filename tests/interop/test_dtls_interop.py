@@ -30,7 +30,7 @@ from nettester.protocols.dtls.certificates import Identity, issue, make_ca
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConfiguration, SessionCache
 from nettester.protocols.dtls.credentials import PskStore
-from nettester.protocols.dtls.endpoint import DtlsEndpoint
+from nettester.protocols.dtls.endpoint import MAX_DATAGRAM, DtlsEndpoint
 
 pytestmark = pytest.mark.interop
 TIMEOUT = 20.0
@@ -145,7 +145,7 @@ def server_config(suite: str, identity: Identity | None = None, node_id: int = 5
 def listen(endpoint: DtlsEndpoint, receiver: Receiver) -> Any:
     endpoint.receiver = receiver
     receiver.link = endpoint
-    return reactor.listenUDP(0, endpoint, interface="127.0.0.1")
+    return reactor.listenUDP(0, endpoint, interface="127.0.0.1", maxPacketSize=MAX_DATAGRAM)
 
 
 def ecdsa_files(tmp_path: Path) -> tuple[Identity, Identity, dict[str, str]]:

@@ -40,6 +40,7 @@ log = Logger()
 
 Address = tuple[str, int]
 DEFAULT_MAX_CONNECTIONS = 10000
+MAX_DATAGRAM = 65535
 DEFAULT_STALE_AFTER = 300.0
 
 
@@ -99,7 +100,11 @@ class DtlsCounters:
 
 @implementer(IDatagramLink)
 class DtlsEndpoint(DatagramProtocol):
-    """DTLS 1.2 over one UDP socket, for a server, clients, or both."""
+    """DTLS 1.2 over one UDP socket, for a server, clients, or both.
+
+    Listen with ``maxPacketSize=MAX_DATAGRAM``: Twisted's default (8192)
+    would truncate a peer's flight sent as one large datagram.
+    """
 
     scheme = "coaps"
 

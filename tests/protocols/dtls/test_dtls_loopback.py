@@ -17,7 +17,7 @@ from nettester.interfaces import IDatagramReceiver
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConfiguration
 from nettester.protocols.dtls.credentials import PskStore
-from nettester.protocols.dtls.endpoint import DtlsEndpoint
+from nettester.protocols.dtls.endpoint import MAX_DATAGRAM, DtlsEndpoint
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 10.0
@@ -47,8 +47,8 @@ def test_client_and_server_endpoints_on_loopback() -> Generator[Any, Any, None]:
         client_configuration=DtlsConfiguration(is_client=True, psk_identity=PSK_IDENTITY, psk=PSK),
         receiver=client_queue,
     )
-    server_port = reactor.listenUDP(0, server, interface="127.0.0.1")
-    client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    server_port = reactor.listenUDP(0, server, interface="127.0.0.1", maxPacketSize=MAX_DATAGRAM)
+    client_port = reactor.listenUDP(0, client, interface="127.0.0.1", maxPacketSize=MAX_DATAGRAM)
     try:
         connecting = client.connect(("127.0.0.1", server_port.getHost().port))
         peer = yield connecting.addTimeout(TIMEOUT, reactor)
