@@ -53,6 +53,8 @@ ECDSA_SUITE = "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8"
 
 def serve(certificate_path: str, key_path: str) -> None:
     """Child: a DtlsEndpoint echo server; prints its port, runs until stdin closes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
     from twisted.internet import reactor, stdio
     from twisted.internet.protocol import Protocol
     from twisted.logger import LogLevel
@@ -61,9 +63,6 @@ def serve(certificate_path: str, key_path: str) -> None:
     from nettester import logs
     from nettester.interfaces import IDatagramReceiver
     from nettester.protocols.dtls.endpoint import MAX_DATAGRAM, DtlsEndpoint
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     logs.set_level(LogLevel.warn)
     with open(certificate_path, "rb") as handle:

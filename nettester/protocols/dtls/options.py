@@ -25,7 +25,6 @@ from nettester.protocols.dtls.credentials import SANDBOX_IDENTITIES, Credentials
 from nettester.protocols.dtls.endpoint import DEFAULT_MAX_CONNECTIONS
 from nettester.protocols.dtls.suites import SUITES_BY_NAME
 
-
 SANDBOX_CLIENT_IDENTITY = b"Client_identity"
 
 

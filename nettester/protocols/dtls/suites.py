@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
-from cryptography.exceptions import InvalidTag
 
 MASTER_SECRET_LENGTH = 48
 VERIFY_DATA_LENGTH = 12

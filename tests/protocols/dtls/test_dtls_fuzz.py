@@ -7,9 +7,10 @@ completes its handshake around the garbage.
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from dtls_pair import CLIENT_ADDRESS, SERVER_ADDRESS, Pair, psk_configs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record
 from nettester.protocols.dtls.cookie import CookieGate, Verdict

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from dtls_pair import PSK, PSK_IDENTITY
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from dtls_pair import PSK, PSK_IDENTITY
 from nettester.interfaces import IDatagramReceiver
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConfiguration

@@ -6,9 +6,9 @@ import base64
 from pathlib import Path
 
 import pytest
+from dtls_pair import Pair
 from twisted.python import usage
 
-from dtls_pair import Pair
 from nettester.options import RoleOptions
 from nettester.protocols.dtls.certificates import issue, make_ca
 from nettester.protocols.dtls.connection import ClientAuth

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from dtls_pair import CLIENT_ADDRESS
 from OpenSSL import SSL, crypto
 
-from dtls_pair import CLIENT_ADDRESS
 from nettester.protocols.dtls.certificates import issue, make_ca
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import (

@@ -6,7 +6,8 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nettester.protocols.dtls import record, suites
 from nettester.protocols.dtls.record import ReadState, RecordError, ReplayWindow, WriteState

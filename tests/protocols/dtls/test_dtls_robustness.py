@@ -6,8 +6,8 @@ import dataclasses
 import random
 
 import pytest
-
 from dtls_pair import CLIENT_ADDRESS, Pair, psk_configs
+
 from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record
 from nettester.protocols.dtls.connection import ConnectionClosed, DtlsConnection
