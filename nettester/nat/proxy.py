@@ -131,6 +131,7 @@ class NatProxy(Service):
         self._listen = listen
         self._initial_destinations = list(destinations)
         self._public: Any = None
+        self._public_sendto: Callable[[bytes, Address], Any] | None = None
         self._sockets: dict[int, Any] = {}
         self._timer: IDelayedCall | None = None
         self._retries: dict[str, IDelayedCall] = {}
@@ -151,6 +152,9 @@ class NatProxy(Service):
         super().startService()
         interface, port = self._listen
         self._public = self._reactor.listenUDP(port, _PublicProtocol(self), interface=interface)
+        # Straight to the socket: Port.write re-validates the address text on every datagram.
+        handle = getattr(self._public, "getHandle", None)
+        self._public_sendto = handle().sendto if handle is not None else self._public.write
         log.info(
             "NAT listening on {address}, {count} destinations, reverse address update {mode}",
             event="nat_start",
@@ -231,7 +235,7 @@ class NatProxy(Service):
             self.dropped.inc(reason)
             return
         try:
-            self._public.write(datagram, client)
+            self._public_sendto(datagram, client)
         except (OSError, MessageLengthError):
             self.dropped.inc("send_error")
             return

@@ -24,11 +24,14 @@ class FakePort:
         self.receive = receive
         self.written: list[tuple[bytes, Any]] = []
         self.open = True
+        self.refuse = False
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("UDP", "127.0.0.1", self.number)
 
     def write(self, datagram: bytes, address: Any) -> None:
+        if self.refuse:
+            raise OSError(105, "No buffer space available")
         self.written.append((datagram, address))
 
     def stopListening(self) -> None:
@@ -137,15 +140,11 @@ def test_stop_closes_every_socket() -> None:
 def test_a_refused_send_is_a_counted_drop() -> None:
     reactor = FakeUdpReactor()
     nat = proxy(reactor, A)
-
-    def refuse(datagram: bytes, address: Any) -> None:
-        raise OSError(105, "No buffer space available")
-
     public(reactor).protocol.datagramReceived(b"x", ("192.0.2.1", 1))
-    reactor.ports[1].write = refuse  # type: ignore[method-assign]
+    reactor.ports[1].refuse = True
     public(reactor).protocol.datagramReceived(b"y", ("192.0.2.1", 1))
     assert nat.dropped.values == {"send_error": 1} and nat.summary()["forwarded"] == 1
-    public(reactor).write = refuse  # type: ignore[method-assign]
+    public(reactor).refuse = True
     reactor.ports[1].receive(b"answer", A)
     assert nat.dropped.values == {"send_error": 2} and nat.summary()["backwarded"] == 0
 
