@@ -9,6 +9,7 @@ so its users feel at home: ``--[no-]plugtest``, ``--[no-]benchmark``,
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from twisted.python import usage
@@ -63,7 +64,7 @@ class CoapServerOptions(RoleOptions):
         "listen on coap BASE and coaps BASE+1, the extended ones (benchmark, requests, mycontext, myip, "
         "echo) on coap BASE+100 and coaps BASE+101. coaps needs --psk-file or --cert/--key."
     )
-    envVars: ClassVar[dict[str, str]] = {
+    envVars: ClassVar[Mapping[str, str]] = {
         "port": "COAP_SERVER_PORT",
         "interfaces": "COAP_SERVER_INTERFACES",
         "notify-interval": "COAP_NOTIFY_INTERVAL",
@@ -121,7 +122,7 @@ def content_format_option(value: str) -> int:
 class _CoapsClientCredentials:
     """``--identity/--secret`` or ``--cert/--key/--trust`` for coaps:// URIs; leaves ``self["dtls"]``."""
 
-    envVars: ClassVar[dict[str, str]] = {"identity": "COAP_PSK_IDENTITY", "secret": "COAP_PSK_SECRET"}
+    envVars: ClassVar[Mapping[str, str]] = {"identity": "COAP_PSK_IDENTITY", "secret": "COAP_PSK_SECRET"}
     optParameters: ClassVar[list[list[Any]]] = [
         ["identity", None, "", "coaps PSK identity."],
         ["secret", None, "", "coaps PSK secret: text, hex:..., or base64:..."],
@@ -207,7 +208,7 @@ class CoapBenchOptions(_CoapsClientCredentials, RoleOptions):
         "--report-interval and a summary with RTT percentiles and the requests-per-client histogram."
     )
     synopsis = "[options] coap[s]://host[:port]/benchmark?rlen=40"
-    envVars: ClassVar[dict[str, str]] = {"clients": "COAP_CLIENT_COUNT"}
+    envVars: ClassVar[Mapping[str, str]] = {"clients": "COAP_CLIENT_COUNT"}
     optFlags: ClassVar[list[list[Any]]] = [
         ["con", None, "Confirmable requests (default)."],
         ["non", None, "Non-confirmable requests."],
