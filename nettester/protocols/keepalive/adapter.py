@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from nettester.logs import Logger
-from nettester.protocols.keepalive.errno_tcp import lost_errno_text
+from nettester.protocols.keepalive.transport import lost_errno_text
 from nettester.protocols.keepalive.wire import Event
 
 log = Logger()
@@ -48,7 +48,7 @@ def close_cause(reason: Failure, closed_by_us: str | None, us: str, lost_errno: 
     not); C{us} is ``closed_by_server`` or ``closed_by_client``. A clean end
     of stream (ConnectionDone) we did not ask for is the peer's FIN; any
     other loss is a reset, detailed by the errno of the failed read when the
-    transport kept it (L{errno_tcp}), else by the exception text.
+    transport kept it (L{transport}), else by the exception text.
     """
     if closed_by_us is not None:
         return us, closed_by_us

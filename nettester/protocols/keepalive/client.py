@@ -33,7 +33,7 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
-from nettester.protocols.keepalive.errno_tcp import connect_tcp
+from nettester.protocols.keepalive.transport import connect_tcp
 from nettester.protocols.keepalive.wire import (
     ClientConnection,
     ClientPlan,

@@ -32,7 +32,7 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
-from nettester.protocols.keepalive.errno_tcp import listen_tcp
+from nettester.protocols.keepalive.transport import listen_tcp
 from nettester.protocols.keepalive.wire import (
     DummyReceived,
     Event,

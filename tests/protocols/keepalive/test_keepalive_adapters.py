@@ -6,16 +6,26 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import IReportingService
-from nettester.protocols.keepalive.client import KeepAliveClientProtocol, KeepAliveClientService
-from nettester.protocols.keepalive.errno_tcp import lost_errno_text
-from nettester.protocols.keepalive.server import KeepAliveServerProtocol, KeepAliveServerService
+from nettester.protocols.keepalive.client import (
+    KeepAliveClientProtocol,
+    KeepAliveClientService,
+)
+from nettester.protocols.keepalive.server import (
+    KeepAliveServerProtocol,
+    KeepAliveServerService,
+)
+from nettester.protocols.keepalive.transport import lost_errno_text
 from nettester.protocols.keepalive.wire import ClientTiming
 
 CLIENT_ADDRESS = IPv4Address("TCP", "10.0.0.2", 40000)

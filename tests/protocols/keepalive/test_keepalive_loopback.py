@@ -230,3 +230,52 @@ def test_the_local_scenario_passes_on_a_healthy_loopback() -> Generator[Any, Any
     verdict = scenario.verdict()
     assert verdict.passed, verdict.evidence
     assert verdict.evidence["connections"] == 30 and verdict.evidence["tls_keepalives"] > 0
+
+
+class _Collect(Protocol):
+    """Keeps the first bytes received and counts the rest."""
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.count = 0
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(self.head) < 16:
+            self.head = (self.head + data)[:16]
+        self.count += len(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_lean_transports_send_at_once_and_queue_only_what_the_kernel_refuses() -> Generator[Any, Any, None]:
+    from nettester.protocols.keepalive.transport import connect_tcp, listen_tcp
+
+    accepted: list[_Collect] = []
+    server_factory = Factory.forProtocol(_Collect)
+    server_factory.buildProtocol = lambda addr: accepted.append(_Collect()) or accepted[-1]  # type: ignore[method-assign]
+    port = listen_tcp(reactor, 0, server_factory, 50, "127.0.0.1")
+    connected: Deferred[_Collect] = Deferred()
+
+    class Connect(ClientFactory):
+        def buildProtocol(self, addr: Any) -> _Collect:
+            protocol = _Collect()
+            reactor.callLater(0, connected.callback, protocol)
+            return protocol
+
+    connect_tcp(reactor, "127.0.0.1", port.getHost().port, Connect(), 5.0, None)
+    try:
+        client = yield connected.addTimeout(TIMEOUT, reactor)
+        client.transport.write(b"Keep Alive 1\n")
+        assert client.transport not in reactor.getWriters()  # sent, not queued
+        big = b"x" * (16 << 20)  # more than the socket buffers hold: the rest is queued
+        client.transport.write(big)
+        assert client.transport in reactor.getWriters()
+        yield _until(lambda: bool(accepted) and accepted[0].count == len(big) + 13)
+        assert accepted[0].head == b"Keep Alive 1\nxxx"
+        client.transport.loseConnection()
+        yield client.lost.addTimeout(TIMEOUT, reactor)
+    finally:
+        yield port.stopListening()

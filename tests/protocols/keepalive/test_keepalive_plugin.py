@@ -7,7 +7,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from zope.interface.verify import verifyObject
 
-from nettester.interfaces import ICommandRole, ILocalScenario, IProtocolModule, IReportingService, IRole
+from nettester.interfaces import (
+    ICommandRole,
+    ILocalScenario,
+    IProtocolModule,
+    IReportingService,
+    IRole,
+)
 from nettester.plugins.keepalive import (
     ClientOptions,
     ReportOptions,

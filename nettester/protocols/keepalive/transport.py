@@ -1,0 +1,111 @@
+"""TCP transports of the keep-alive roles: they keep the errno, and send at once.
+
+Twisted turns a failed ``recv`` (ECONNRESET for a RST, ETIMEDOUT after
+retransmissions, EHOSTUNREACH...) into a bare ConnectionLost and drops the
+errno. These transports keep it in ``lost_errno``, so ``peer_reset`` lines
+can say what the OS said.
+
+They also send a write at once when nothing is queued, instead of queueing it
+and asking epoll for writability (two ``epoll_ctl`` calls and a reactor turn
+per keep-alive): the hot path of a server answering tens of thousands of
+connections. Anything not sent at once is queued as usual.
+
+Only real POSIX reactors build TCP transports this way; any other reactor
+(a test's MemoryReactor) gets the plain calls.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from twisted.internet import main, tcp
+from twisted.internet.interfaces import IConnector, IListeningPort, ITransport
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import ClientFactory, Factory
+
+
+class _LeanTransport:
+    """Mixin for tcp.Server / tcp.Client: keep the errno of the read that failed, send at once."""
+
+    lost_errno: int | None = None
+    socket: Any
+    bufferSize: int
+    connected: bool
+    disconnecting: bool
+    # Twisted's FileDescriptor buffers: nothing is queued when both are empty.
+    dataBuffer: bytes
+    offset: int
+    _tempDataBuffer: list[bytes]
+    _writeDisconnected: bool
+
+    def write(self, data: bytes) -> None:
+        if (data and self.connected and not self.disconnecting and not self._writeDisconnected
+                and not self._tempDataBuffer and self.offset >= len(self.dataBuffer)):
+            try:
+                sent = self.socket.send(data)
+            except OSError:
+                sent = 0  # EAGAIN, or an error the queued write reports through doWrite
+            data = data[sent:]
+        super().write(data)  # type: ignore[misc]
+
+    def doRead(self) -> Any:
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return None
+            self.lost_errno = error.errno
+            return main.CONNECTION_LOST
+        return self._dataReceived(data)  # type: ignore[attr-defined]
+
+
+class LeanServer(_LeanTransport, tcp.Server):
+    """An accepted connection."""
+
+
+class LeanClient(_LeanTransport, tcp.Client):
+    """An outgoing connection."""
+
+
+class LeanPort(tcp.Port):
+    """A listening port whose connections are L{LeanServer}s."""
+
+    transport = LeanServer
+
+
+class LeanConnector(tcp.Connector):
+    """A connector whose connections are L{LeanClient}s."""
+
+    def _makeTransport(self) -> LeanClient:
+        return LeanClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def listen_tcp(reactor: Any, port: int, factory: Factory, backlog: int, interface: str) -> IListeningPort:
+    """C{reactor.listenTCP}, with lean connections on a real POSIX reactor."""
+    if not isinstance(reactor, PosixReactorBase):
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+    listening = LeanPort(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening
+
+
+def connect_tcp(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float,
+                bind_address: tuple[str, int] | None) -> IConnector:
+    """C{reactor.connectTCP}, with a lean connection on a real POSIX reactor."""
+    if not isinstance(reactor, PosixReactorBase):
+        return reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=bind_address)
+    connector = LeanConnector(host, port, factory, timeout, bind_address, reactor)
+    connector.connect()
+    return connector
+
+
+def lost_errno_text(transport: ITransport | None) -> str | None:
+    """``ECONNRESET (104)`` for the transport (or the TCP transport under TLS) that lost its connection."""
+    while transport is not None:
+        code = getattr(transport, "lost_errno", None)
+        if code is not None:
+            return f"{errno.errorcode.get(code, 'errno')} ({code}: {os.strerror(code)})"
+        transport = getattr(transport, "transport", None)
+    return None
