@@ -199,10 +199,11 @@ class NatProxy(Service):
 
     def forward_datagram(self, datagram: bytes, client: Address) -> None:
         """A client's datagram: drop it on purpose, or send it out of its entry's socket."""
-        reason = self._policy.forward_drop(datagram)
-        if reason is not None:
-            self.dropped.inc(reason)
-            return
+        if self._policy.active:
+            reason = self._policy.forward_drop(datagram)
+            if reason is not None:
+                self.dropped.inc(reason)
+                return
         route = self.table.forward(client, self._reactor.seconds())
         if route is None:
             self.dropped.inc("no_destination")
@@ -230,10 +231,11 @@ class NatProxy(Service):
         if client is None:
             self.dropped.inc("unknown_entry")
             return
-        reason = self._policy.backward_drop(datagram)
-        if reason is not None:
-            self.dropped.inc(reason)
-            return
+        if self._policy.active:
+            reason = self._policy.backward_drop(datagram)
+            if reason is not None:
+                self.dropped.inc(reason)
+                return
         try:
             self._public_sendto(datagram, client)
         except (OSError, MessageLengthError):

@@ -80,15 +80,23 @@ class Destination:
 
 
 class NatEntry:
-    """One client source address: its outgoing socket key and destination."""
+    """One client source address: its outgoing socket key and destination.
 
-    __slots__ = ("client", "key", "destination", "last_used")
+    C{route} is kept up to date by the table, so forwarding allocates nothing.
+    """
+
+    __slots__ = ("client", "key", "destination", "last_used", "route")
 
     def __init__(self, client: Address, key: int, destination: Destination, now: float) -> None:
         self.client = client
         self.key = key
         self.destination = destination
         self.last_used = now
+        self.route = Route(key, destination.address)
+
+    def reroute(self) -> None:
+        """Refresh C{route} after the key or the destination changed."""
+        self.route = Route(self.key, self.destination.address)
 
 
 @implementer(INatTable)
@@ -161,7 +169,7 @@ class NatTable:
                 destination = replacement
                 if destination.unanswered_since is None:
                     destination.unanswered_since = now
-        return Route(entry.key, destination.address, evicted)
+        return entry.route if evicted is None else Route(entry.key, destination.address, evicted)
 
     def backward(self, socketKey: int, source: Address, now: float) -> Address | None:
         entry = self._by_key.get(socketKey)
@@ -217,6 +225,8 @@ class NatTable:
             self._by_key[entry.key] = entry
             if destination is not None:
                 self._move(entry, destination)
+            else:
+                entry.reroute()
         return old_keys
 
     def rebalance(self, now: float) -> tuple[int, int]:
@@ -311,6 +321,7 @@ class NatTable:
         entry.destination.usage -= 1
         destination.usage += 1
         entry.destination = destination
+        entry.reroute()
 
     def _remove(self, entry: NatEntry) -> int:
         del self._entries[entry.client]
@@ -363,7 +374,8 @@ def parse_size_limit(text: str) -> SizeLimit:
 class DropPolicy:
     """Which datagrams the emulator loses on purpose, and why.
 
-    Each method returns a short drop reason (a metrics label) or None to pass.
+    Each method returns a short drop reason (a metrics label) or None to pass;
+    C{active} is False when nothing is ever dropped, so callers can skip the calls.
     Percentages are 0..100; the random source is injected so tests are exact.
     """
 
@@ -380,6 +392,7 @@ class DropPolicy:
         self._size_limit = size_limit
         self._dtls_only = dtls_only
         self._random = rng if rng is not None else random.Random()
+        self.active = bool(forward_percent or backward_percent or size_limit or dtls_only)
 
     def forward_drop(self, datagram: bytes) -> str | None:
         """Why a client's datagram is dropped, or None."""

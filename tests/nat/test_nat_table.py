@@ -294,3 +294,13 @@ def test_address_and_size_parsers_raise_only_value_error(text: str) -> None:
             parse(text)
         except ValueError as error:
             assert "expected" in str(error)
+
+
+def test_forwarding_reuses_the_entrys_route_until_it_changes() -> None:
+    nat = table(A, B)
+    first = nat.forward(CLIENT, 0.0)
+    assert nat.forward(CLIENT, 1.0) is first
+    nat.reassign(2.0)
+    moved = nat.forward(CLIENT, 3.0)
+    assert moved is not first and moved.key != first.key
+    assert DropPolicy().active is False and DropPolicy(size_limit=SizeLimit(5)).active is True
