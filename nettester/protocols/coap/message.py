@@ -204,6 +204,7 @@ OPTION_SPECS: dict[int, OptionSpec] = {
 _LENGTH_BOUNDS: dict[int, tuple[int, int]] = {
     number: (spec.min_length, spec.max_length) for number, spec in OPTION_SPECS.items()
 }
+_NOT_REPEATABLE = frozenset(number for number, spec in OPTION_SPECS.items() if not spec.repeatable)
 
 
 def option_name(number: int) -> str:
@@ -715,7 +716,10 @@ def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Messa
         value = data[position:value_end]
         position = value_end
         bounds = _LENGTH_BOUNDS.get(number)
-        if bounds is not None and bounds[0] <= length <= bounds[1]:
+        # Section 5.4.5: a repeated non-repeatable option is unrecognized. Options
+        # come in number order, so a repeat follows its first occurrence directly.
+        if (bounds is not None and bounds[0] <= length <= bounds[1]
+                and not (options and options[-1][0] == number and number in _NOT_REPEATABLE)):
             options.append((number, value))
         elif number & 1 and bad_option is None:
             bad_option = number  # Keep parsing: a later format error wins.

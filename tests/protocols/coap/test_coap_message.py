@@ -10,6 +10,7 @@ from nettester.protocols.coap.message import (
     ACK,
     CON,
     NON,
+    OPTION_SPECS,
     RST,
     BlockValue,
     Code,
@@ -201,6 +202,11 @@ def messages(draw: st.DrawFn) -> Message:
     code = (code_class << 5) | draw(st.integers(1 if code_class == 0 else 0, 31))
     pairs = draw(st.lists(registered_values, max_size=6))
     options = [(number, draw(values)) for number, values in pairs]
+    seen: set[int] = set()
+    for number, _ in list(options):  # RFC 7252 section 5.4.5: keep one of each non-repeatable
+        if number in seen and not OPTION_SPECS[number].repeatable:
+            options.remove(next(option for option in reversed(options) if option[0] == number))
+        seen.add(number)
     return Message(
         mtype,
         code,
@@ -241,3 +247,14 @@ def test_fuzz_mutated_messages(message: Message, data: st.DataObject) -> None:
         decode(bytes(raw[:cut]))
     except CoapDecodeError:
         pass
+
+
+def test_repeated_non_repeatable_options_are_unrecognized() -> None:
+    # RFC 7252 section 5.4.5: Max-Age (elective) twice -> the second is ignored;
+    # Uri-Host (critical) twice -> 4.02.
+    elective = Message(CON, Code.GET, 1, b"", [(14, b"\x01"), (14, b"\x02"), (11, b"a"), (11, b"b")]).encode()
+    assert decode(elective).options == [(11, b"a"), (11, b"b"), (14, b"\x01")]
+    critical = Message(CON, Code.GET, 2, b"", [(3, b"h1"), (3, b"h2")]).encode()
+    with pytest.raises(CoapDecodeError) as caught:
+        decode(critical)
+    assert caught.value.failure is DecodeFailure.BAD_OPTION and caught.value.option == 3

@@ -313,3 +313,13 @@ def test_any_request_gets_a_deliberate_answer(path: str, code: int, query: list[
     (event,) = got
     assert isinstance(event, ResponseReceived)
     assert event.response.code >> 5 in (2, 4), event.response  # 5.00 would mean a handler raised
+
+
+def test_proxy_requests_get_5_05() -> None:
+    server = Server()
+    proxied = request("", options=[(OptionNumber.PROXY_URI, b"coap://example.org/x")])
+    assert server.ask(proxied).code == Code.PROXYING_NOT_SUPPORTED
+    scheme = request("test", options=[(OptionNumber.PROXY_SCHEME, b"http")])
+    assert server.ask(scheme).code == Code.PROXYING_NOT_SUPPORTED
+    sized = request("test", Code.PUT, payload=b"x", options=[(OptionNumber.SIZE1, b"\x01")])
+    assert server.ask(sized).code == Code.CHANGED

@@ -275,7 +275,13 @@ class Site:
     def handle_request(self, incoming: IncomingRequest, endpoint: CoapEndpoint) -> Answer:
         """Find the resource and let it answer (see :class:`SiteHandler`)."""
         request = incoming.request
-        key = tuple([value for number, value in request.options if number == OptionNumber.URI_PATH])
+        options = request.options
+        if options and options[-1][0] >= OptionNumber.PROXY_URI and (
+            request.has_option(OptionNumber.PROXY_URI) or request.has_option(OptionNumber.PROXY_SCHEME)
+        ):
+            # RFC 7252 section 5.7.2: this server is no forward proxy.
+            return response(Code.PROXYING_NOT_SUPPORTED)
+        key = tuple([value for number, value in options if number == OptionNumber.URI_PATH])
         resource = self._routes.get(key)
         if resource is None:
             if key == WELL_KNOWN_CORE:
