@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from coap_testing import request
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer, reactor
 from twisted.python import usage
 
@@ -149,3 +150,39 @@ def test_listen_failure_is_reported_not_raised() -> None:
         assert busy.hasStopped
     finally:
         set_exit_status(0)
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_coaps_with_certificates_from_the_options(tmp_path: Any) -> Generator[Any, Any, None]:
+    from nettester.protocols.coap.client import make_link
+    from nettester.protocols.coap.options import CoapClientOptions
+    from nettester.protocols.coap.roles import build_server
+    from nettester.protocols.dtls.certificates import issue, make_ca
+
+    ca = make_ca()
+    issue(ca, "coap-server").pem_files(str(tmp_path / "server.pem"), str(tmp_path / "server.key"))
+    issue(ca, "coap-device-7").pem_files(str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+    (tmp_path / "ca.pem").write_bytes(ca.certificate.public_bytes(Encoding.PEM))
+    server = build_server(reactor, parse(
+        "--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--dtls-only",
+        "--cert", str(tmp_path / "server.pem"), "--key", str(tmp_path / "server.key"),
+        "--trust", str(tmp_path / "ca.pem"), "--client-auth", "NEEDED",
+    ))
+    server.startService()
+    (port,) = [port for _, _, port, _ in server.listening]
+    options = CoapClientOptions()
+    options.parseOptions(["--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key"),
+                          "--trust", str(tmp_path / "ca.pem"), f"coaps://127.0.0.1:{port}/mycontext"])
+    link = make_link(reactor, options["uri"], options["dtls"])
+    client = CoapEndpoint(link, reactor)
+    client_port = reactor.listenUDP(0, link, interface="127.0.0.1")
+    try:
+        got = yield client.request_address(options["uri"].address, request("mycontext")).addTimeout(TIMEOUT, reactor)
+        lines = got.response.payload.decode().splitlines()
+        assert any(line.startswith("peer:") and "coap-device-7" in line for line in lines), lines
+        assert any(line.startswith("cipher-suite: TLS_ECDHE_ECDSA") for line in lines), lines
+    finally:
+        client.stop()
+        yield client_port.stopListening()
+        yield server.stopService()
