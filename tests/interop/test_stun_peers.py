@@ -49,6 +49,25 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
+def free_udp_and_tcp_port() -> int:
+    """A port free for UDP and TCP, below the ephemeral range.
+
+    coturn listens on both and retries a taken TCP port forever; other
+    tests on this machine may hold thousands of ephemeral TCP ports.
+    """
+    low, _ = (int(bound) for bound in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+                udp.bind(("127.0.0.1", port))
+                tcp.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+    pytest.fail("no port free for both UDP and TCP below the ephemeral range")
+
+
 def binding(address: tuple[str, int], transaction_id: bytes = b"interop-test", timeout: float = 0.5) -> bytes | None:
     """One Binding request from a fresh socket; the raw response or None."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -82,7 +101,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def coturn() -> Iterator[tuple[str, int]]:
     turnserver = require("turnserver")
-    port = free_udp_port()
+    port = free_udp_and_tcp_port()
     command = [turnserver, "-n", "--stun-only", "--no-cli", "-L", "127.0.0.1", "-p", str(port), "--no-tls", "--no-dtls"]
     as_nobody: dict[str, Any] = {"user": "nobody"} if os.geteuid() == 0 else {}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **as_nobody)
