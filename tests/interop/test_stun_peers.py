@@ -55,7 +55,8 @@ def free_udp_and_tcp_port() -> int:
     coturn listens on both and retries a taken TCP port forever; other
     tests on this machine may hold thousands of ephemeral TCP ports.
     """
-    low, _ = (int(bound) for bound in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as port_range:
+        low = int(port_range.read().split()[0])
     for _ in range(200):
         port = random.randrange(10000, low)
         try:
