@@ -140,7 +140,7 @@ class BenchClient:
         self.sent += 1
         payload = self.bench.rng.randbytes(config.payload_random) if config.payload_random else b""
         request = build_request(config.uri, config.method, payload, config.confirmable)
-        sending = self.endpoint.request(self.peer, request, response_timeout=config.timeout)
+        sending = self.endpoint.request(self.peer, request, timeout=config.timeout)
         sending.addCallbacks(self._answered, self._failed)
 
     def _answered(self, event: ResponseReceived) -> None:
@@ -149,6 +149,11 @@ class BenchClient:
 
     def _failed(self, failure: Any) -> None:
         failure.trap(CoapRequestError)
+        outgoing = failure.value.request
+        # MID and token find the exchange in a capture (coap.mid == N, coap.token == X).
+        log.warn("client {client}: request to {peer} failed: {reason} (MID {mid}, token {token}); retry in 1 s",
+                 event="coap_bench_failure", client=self.index, peer=outgoing.peer, reason=failure.value.reason,
+                 mid=outgoing.mid, token=outgoing.token.hex())
         self.bench.stats.record_failure()
         self.sent -= 1  # retried: the request still counts as to do
         self._next(RETRY_DELAY)

@@ -149,10 +149,14 @@ class CoapEndpoint:
     # ------------------------------------------------------------ client side
 
     def request(
-        self, peer: Peer, message: Message, response_timeout: float | None = None
+        self, peer: Peer, message: Message, response_timeout: float | None = None, timeout: float | None = None
     ) -> defer.Deferred[ResponseReceived]:
-        """Send a request to a peer handle; fires with the (reassembled) response."""
-        outgoing = self.core.request(peer, message, self._clock.seconds(), response_timeout)
+        """Send a request to a peer handle; fires with the (reassembled) response.
+
+        ``timeout`` bounds the whole request, retransmissions included
+        (see :meth:`CoapLayer.request`); it fails with reason ``timeout``.
+        """
+        outgoing = self.core.request(peer, message, self._clock.seconds(), response_timeout, timeout)
         result: defer.Deferred[ResponseReceived] = defer.Deferred()
         self._waiting[outgoing] = (result, None, None)
         self._pump()

@@ -166,9 +166,10 @@ class OutgoingRequest:
     """
 
     __slots__ = (
-        "peer", "request", "token", "observe", "done", "sent_at",
+        "peer", "request", "token", "observe", "done", "sent_at", "mid",
         "_current_token", "_body", "_block1_offset", "_block1_sent", "_block1_szx", "_assembled", "_etag",
-        "_block_observe", "_last_observe", "_response_deadline", "_response_timeout", "_transmission", "_holds_slot",
+        "_block_observe", "_last_observe", "_response_deadline", "_response_timeout", "_expires", "_transmission",
+        "_holds_slot",
     )
 
     def __init__(self, peer: Peer, request: Message, token: bytes, response_timeout: float | None) -> None:
@@ -180,6 +181,8 @@ class OutgoingRequest:
         self.done = False
         #: When the first datagram of the request left (for RTT).
         self.sent_at: float | None = None
+        #: Message ID of the latest datagram sent for it (to find it in a capture).
+        self.mid: int | None = None
         self._current_token = token
         self._body = request.payload
         self._block1_offset = 0
@@ -191,11 +194,13 @@ class OutgoingRequest:
         self._last_observe: tuple[int, float] | None = None
         self._response_deadline: float | None = None
         self._response_timeout = response_timeout
+        self._expires: float | None = None
         self._transmission: _Transmission | None = None
         self._holds_slot = False
 
     def __repr__(self) -> str:
-        return f"<OutgoingRequest {self.request.describe()} to {self.peer!r}>"
+        return (f"<OutgoingRequest {self.request.describe()} to {self.peer!r}: latest MID={self.mid} "
+                f"token={self.token.hex() or '-'}>")
 
 
 class ObserveRelation:
@@ -725,7 +730,8 @@ class CoapLayer:
     # ------------------------------------------------------------ client side
 
     def request(
-        self, peer: Peer, message: Message, now: float, response_timeout: float | None = None
+        self, peer: Peer, message: Message, now: float, response_timeout: float | None = None,
+        timeout: float | None = None,
     ) -> OutgoingRequest:
         """Send a request (CON or NON as ``message.mtype``); returns its handle.
 
@@ -733,11 +739,15 @@ class CoapLayer:
         block-wise responses are reassembled (Block2). An ``Observe: 0``
         option registers for notifications. ``response_timeout`` bounds the
         wait for a response after the request was acknowledged (default
-        EXCHANGE_LIFETIME, NON_LIFETIME for NON requests).
+        EXCHANGE_LIFETIME, NON_LIFETIME for NON requests); ``timeout``, when
+        given, bounds the whole request from now, retransmissions included
+        (a load generator's request timeout).
         """
         token = self._new_token(peer)
         message.token = token
         outgoing = OutgoingRequest(peer, message, token, response_timeout)
+        if timeout is not None:
+            outgoing._expires = now + timeout
         self._requests[(peer, token)] = outgoing
         if self._active.get(peer, 0) >= self.params.nstart:
             # RFC 7252 section 4.7: at most NSTART outstanding interactions.
@@ -767,6 +777,7 @@ class CoapLayer:
         """CoAP ping (RFC 7252 section 4.3): an Empty CON; the Reset answer ends it."""
         outgoing = OutgoingRequest(peer, Message(CON, 0), b"", None)
         mid = self._allocate_mid()
+        outgoing.mid = mid
         outgoing.sent_at = now
         data = encode_empty(CON, mid)
         outgoing._transmission = self._start_transmission(peer, mid, data, outgoing, now)
@@ -809,21 +820,30 @@ class CoapLayer:
             self._requests[(peer, token)] = outgoing
             outgoing._current_token = token
         mid = self._allocate_mid()
+        outgoing.mid = mid
         data = encode_message(message.mtype, message.code, mid, token, message.options, message.payload)
         if outgoing._transmission is not None:
             self._stop_transmission(outgoing._transmission)
             outgoing._transmission = None
         if message.mtype == CON:
             outgoing._transmission = self._start_transmission(peer, mid, data, outgoing, now)
-            outgoing._response_deadline = None
+            self._arm_deadline(outgoing, outgoing._expires)
         else:
             self._arm_response_timeout(outgoing, now, self.params.non_lifetime)
         self._send(data, peer)
 
     def _arm_response_timeout(self, outgoing: OutgoingRequest, now: float, default: float) -> None:
         timeout = outgoing._response_timeout if outgoing._response_timeout is not None else default
-        outgoing._response_deadline = now + timeout
-        self._schedule(outgoing._response_deadline, outgoing)
+        deadline = now + timeout
+        if outgoing._expires is not None and outgoing._expires < deadline:
+            deadline = outgoing._expires
+        self._arm_deadline(outgoing, deadline)
+
+    def _arm_deadline(self, outgoing: OutgoingRequest, deadline: float | None) -> None:
+        """The one deadline at which the request fails with ``timeout`` (None: none)."""
+        outgoing._response_deadline = deadline
+        if deadline is not None:
+            self._schedule(deadline, outgoing)
 
     def _receive_separate_response(
         self, message: Message, peer: Peer, dedup_bucket: dict[Hashable, bytes | None] | None, now: float

@@ -551,3 +551,24 @@ def test_block_wise_state_is_bounded() -> None:
         server.receive_datagram(upload.encode(), ("10.2.0.1", 1000 + index), 0.0)
     assert len(server._block1_uploads) <= 8
     assert all(decode(data).code == Code.CONTINUE for data, _ in server.datagrams_to_send())
+
+
+def test_outgoing_request_remembers_its_latest_mid() -> None:
+    pair = Pair()
+    outgoing = pair.client.request(SERVER, get("x"), pair.now)
+    (data,) = pair.to_server()
+    assert outgoing.mid == decode(data).mid
+    assert f"MID={outgoing.mid}" in repr(outgoing) and outgoing.token.hex() in repr(outgoing)
+
+
+def test_overall_timeout_cuts_retransmissions_short() -> None:
+    pair = Pair()
+    outgoing = pair.client.request(SERVER, get("lost"), pair.now, timeout=5.0)
+    pair.client.datagrams_to_send()
+    while not outgoing.done:
+        pair.client.handle_timer(pair.client.get_timer())
+    (failed,) = pair.events(pair.client)
+    assert isinstance(failed, RequestFailed) and failed.reason == "timeout"
+    assert pair.client.get_timer() > pair.now + 5.0  # nothing left but the store sweeps
+    sent = pair.client.datagrams_to_send()
+    assert 1 <= len(sent) <= 2  # at most one retransmission fitted into 5 s
