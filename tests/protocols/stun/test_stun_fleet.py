@@ -325,3 +325,17 @@ def test_fuzz_any_datagram_on_a_client_socket_is_counted_never_raised(data: byte
     counted = harness.counters.malformed.value + harness.counters.unexpected.value - before
     answered = harness.counters.responses.value + harness.counters.error_responses.value
     assert counted + answered == 1
+
+
+def test_sans_io_cores_do_not_import_twisted_internet() -> None:
+    import subprocess
+    import sys
+
+    cores = ["message", "responder", "fleet", "timerwheel", "counters"]
+    code = (
+        "import sys\n"
+        + "".join(f"import nettester.protocols.stun.{core}\n" for core in cores)
+        + "print(sorted(name for name in sys.modules if name.startswith('twisted.internet')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
