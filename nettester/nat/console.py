@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
@@ -233,16 +234,32 @@ class NatRoleService(MultiService):
         self._console_interface = console_interface
         self._stdin_console = stdin_console
         self._listening: Any = None
+        self.failed: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return self.proxy.summary()
 
     def startService(self) -> None:
-        super().startService()
-        if self._console_port is not None:
-            self._listening = self._reactor.listenTCP(
-                self._console_port, ConsoleFactory(self.console), interface=self._console_interface
+        try:
+            super().startService()  # the proxy binds the listening UDP port
+            if self._console_port is not None:
+                self._listening = self._reactor.listenTCP(
+                    self._console_port, ConsoleFactory(self.console), interface=self._console_interface
+                )
+        except (CannotListenError, OSError) as error:
+            self.failed = str(error)
+            log.critical(
+                "Cannot listen: {reason}; choose another listening address or --console-port, "
+                "or stop what is using it",
+                event="listen_failed",
+                reason=str(error),
             )
+            from nettester.tap import set_exit_status
+
+            set_exit_status(1)
+            self._reactor.callWhenRunning(self._reactor.stop)
+            return
+        if self._listening is not None:
             log.info("NAT console on tcp {address}", event="nat_console_listening",
                      address=f"{self._console_interface}:{self._listening.getHost().port}")
         if self._stdin_console:

@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 
 from nettester.nat.proxy import NatProxy
@@ -156,3 +157,42 @@ def test_the_entry_evicted_for_a_new_client_loses_its_socket() -> None:
         public(reactor).protocol.datagramReceived(b"x", ("192.0.2.1", port))
     assert [p.number for p in reactor.open_ports()] == [5784, 40002, 40003]
     assert len(nat.table) == 2 and nat.table.evicted == 1
+
+
+class BusyPortReactor(FakeUdpReactor):
+    """Every port is taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.when_running: list[Any] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> FakePort:
+        raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+    def callWhenRunning(self, call: Any, *args: Any) -> None:
+        self.when_running.append(call)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_busy_port_is_a_clear_critical_line_and_exit_status_1() -> None:
+    from twisted.logger import globalLogPublisher
+
+    from nettester import tap
+    from nettester.nat.console import NatRoleService
+
+    reactor = BusyPortReactor()
+    service = NatRoleService(reactor, NatProxy(reactor, NatTable([]), DropPolicy(), ("", 5784)))
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service.startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        status = tap.exit_status()
+        tap.set_exit_status(0)
+    assert status == 1 and reactor.when_running == [reactor.stop]
+    (failed,) = [event for event in events if event.get("event") == "listen_failed"]
+    assert "Address already in use" in failed["reason"] and service.failed
+    service.stopService()
