@@ -240,6 +240,19 @@ class ClusterNodeService(MultiService):
         except OSError:
             self._public_send_errors.value += 1
 
+    def summary(self) -> dict[str, int]:
+        """Cluster fields for the role's summary line (``coap-server summary: ... nodes=2 forwarded=...``)."""
+        if self.router is None or self.management is None or self.discovery is None:
+            return {}
+        return {
+            "nodes": len(self.discovery.nodes()),
+            "forwarded": self.router.forwarded,
+            "forwarded_in": self.management.received_in.value,
+            "backwarded": self.management.sent_out.value,
+            "router_dropped": sum(self.router.drops.values()),
+            "management_dropped": self.management.dropped.total,
+        }
+
     def is_ready(self) -> bool:
         """For ``/ready``: sockets open and, in Kubernetes, the pods listed once."""
         return self._public_port is not None and (self.kubernetes is None or self.kubernetes.ready)

@@ -217,6 +217,11 @@ def test_records_reach_their_owner_whatever_the_nat_does(mode: str) -> Generator
             forwarded_seen += via == "dtls-cid-router"
         assert forwarded_seen > 0, "some commands moved the client to another node"
         assert sum(node.router.forwarded for node in lab.nodes.values()) == forwarded_seen
+        summaries = [node.summary() for node in lab.nodes.values()]
+        assert all(summary["nodes"] == 2 for summary in summaries)
+        assert sum(summary["forwarded"] for summary in summaries) == forwarded_seen
+        assert sum(summary["forwarded_in"] for summary in summaries) == forwarded_seen
+        assert sum(summary["backwarded"] for summary in summaries) == forwarded_seen
         # A CID of a node nobody knows is dropped and counted by the router that received it.
         lab.client_port.write(cid_record(9, b"nobody"), ("127.0.0.1", lab.nat.proxy.port))
         yield wait_until(lambda: sum(n.router.drops.get("unknown_node", 0) for n in lab.nodes.values()) == 1)
