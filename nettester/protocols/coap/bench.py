@@ -62,12 +62,14 @@ class BenchStatistics:
         self._last_responses = 0
 
     def record_response(self, client: int, rtt: float | None) -> None:
+        """One answered request of ``client`` (RTT None: not measured)."""
         self.responses += 1
         self.per_client[client] += 1
         if rtt is not None:
             self.rtts.append(rtt)
 
     def record_failure(self) -> None:
+        """One request that ended without an answer (it is retried)."""
         self.failures += 1
 
     def progress_line(self, now: float, retransmissions: int, active_clients: int) -> str:
@@ -89,6 +91,7 @@ class BenchStatistics:
         return ordered[max(0, min(len(ordered), rank) - 1)]
 
     def summary_lines(self, now: float, retransmissions: int) -> list[str]:
+        """The final summary: overall rate, RTT percentiles, requests-per-client histogram."""
         elapsed = max(now - self.started, 1e-9)
         lines = [
             f"{self.responses} requests in {elapsed:.1f} s: {self.responses / elapsed:.0f} reqs/s, "
@@ -117,6 +120,7 @@ class BenchClient:
         self.port: Any = None
 
     def start(self) -> None:
+        """Connect (DTLS handshake for coaps), then start the closed loop."""
         connecting = self.link.connect(self.bench.config.uri.address)
         connecting.addCallbacks(self._connected, self._connect_failed)
 
@@ -199,6 +203,7 @@ class CoapBenchService(Service):
             self._reporter.start(self.config.report_interval, now=False)
 
     def retransmissions(self) -> int:
+        """CON retransmissions of every client so far."""
         return sum(client.endpoint.stats.retransmissions for client in self.clients)
 
     def _report(self) -> None:
@@ -206,6 +211,7 @@ class CoapBenchService(Service):
         self._print(self.stats.progress_line(self.reactor.seconds(), self.retransmissions(), active))
 
     def client_finished(self) -> None:
+        """A client sent its ``--requests``; the run ends with the last one."""
         self._finished_clients += 1
         if self._finished_clients == len(self.clients):
             self.reactor.callLater(0, self.stopService)

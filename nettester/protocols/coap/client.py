@@ -61,6 +61,7 @@ class CoapUri:
 
     @property
     def address(self) -> tuple[str, int]:
+        """(host, port) for IDatagramLink.connect."""
         return (self.host, self.port)
 
 

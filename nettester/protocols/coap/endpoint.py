@@ -111,6 +111,7 @@ class CoapEndpoint:
 
     @property
     def stats(self) -> LayerStats:
+        """The layer's counters."""
         return self.core.stats
 
     def peer_context(self, peer: Peer) -> PeerContext:

@@ -51,6 +51,7 @@ class _ServerAndBench(Service):
         yield maybeDeferred(self.server.stopService)
 
     def summary(self) -> dict[str, Any]:
+        """The server's counters plus the bench's answers, failures and p99 RTT."""
         fields = dict(self.server.summary())
         if self.bench is not None:
             stats = self.bench.stats

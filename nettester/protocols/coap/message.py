@@ -470,32 +470,39 @@ class Message:
 
     @property
     def content_format(self) -> int | None:
+        """Content-Format, or None."""
         return self.uint_option(OptionNumber.CONTENT_FORMAT)
 
     @property
     def accept(self) -> int | None:
+        """Accept, or None."""
         return self.uint_option(OptionNumber.ACCEPT)
 
     @property
     def observe(self) -> int | None:
+        """Observe, or None."""
         return self.uint_option(OptionNumber.OBSERVE)
 
     @property
     def block1(self) -> BlockValue | None:
+        """Block1 decoded, or None."""
         value = self.option(OptionNumber.BLOCK1)
         return None if value is None else decode_block(value)
 
     @property
     def block2(self) -> BlockValue | None:
+        """Block2 decoded, or None."""
         value = self.option(OptionNumber.BLOCK2)
         return None if value is None else decode_block(value)
 
     @property
     def size1(self) -> int | None:
+        """Size1, or None."""
         return self.uint_option(OptionNumber.SIZE1)
 
     @property
     def size2(self) -> int | None:
+        """Size2, or None."""
         return self.uint_option(OptionNumber.SIZE2)
 
     @property

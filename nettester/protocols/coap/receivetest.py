@@ -110,6 +110,7 @@ class ReceiveTestService(Service):
         self._port: Any = None
 
     def request(self) -> Message:
+        """The POST to ``requests`` asking for the history in the chosen format."""
         return build_request(self.uri, "POST", accept=self.content_format)
 
     def startService(self) -> None:

@@ -128,6 +128,7 @@ class CoapServerService(Service):
         return self._total("garbage") + self._total("format_errors") + self._total("bad_options")
 
     def summary(self) -> dict[str, Any]:
+        """Counters of every endpoint, for the periodic summary line."""
         return {
             "received": self._total("received"),
             "sent": self._total("sent"),
@@ -139,6 +140,7 @@ class CoapServerService(Service):
 
     @property
     def stats(self) -> list[LayerStats]:
+        """Each endpoint's counters."""
         return [endpoint.stats for endpoint in self.endpoints]
 
     def startService(self) -> None:

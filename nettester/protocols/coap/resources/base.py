@@ -127,6 +127,7 @@ class Resource:
         return "/" + "/".join(reversed(names))
 
     def site_or_none(self) -> Site | None:
+        """The site this resource is part of, None while detached."""
         node: Resource | None = self
         while node is not None:
             if node._site is not None:
@@ -136,6 +137,7 @@ class Resource:
 
     @property
     def site(self) -> Site:
+        """The site this resource is part of."""
         site = self.site_or_none()
         if site is None:
             raise RuntimeError(f"{self.path} is not part of a site")

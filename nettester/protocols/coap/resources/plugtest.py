@@ -47,6 +47,7 @@ def describe_request(exchange: Exchange) -> str:
 
 
 def text_response(code: int, body: str) -> Message:
+    """A text/plain response."""
     return response(code, body.encode(), TEXT)
 
 
@@ -209,6 +210,7 @@ class Clock(PeriodicResource):
         self._override: tuple[bytes, int] | None = None
 
     def render(self) -> bytes:
+        """The current time, padded to ``padding`` bytes for obs-large."""
         now = self.site.reactor.seconds()
         body = time.strftime("%H:%M:%S", time.gmtime(now)).encode()
         if self.padding:
@@ -295,6 +297,7 @@ class Validate(Resource):
 
     @property
     def etag(self) -> bytes:
+        """A 4-byte digest of the current body."""
         return blake2b(self.body, digest_size=4).digest()
 
     def get(self, exchange: Exchange) -> Answer:
