@@ -76,7 +76,9 @@ class TransmissionParameters:
     max_block_transfers: int = 4096
     token_length: int = 8
     dedup_buckets: int = 4
-    max_dedup_entries: int = 1 << 21
+    #: Hard cap of the deduplication store (about 400 bytes per entry with
+    #: its cached answer): past it the oldest bucket goes early (counted).
+    max_dedup_entries: int = 1 << 20
     #: RFC 7641 section 4.5: NON notifications turn CON now and then, so an
     #: observer that went away is noticed (its CON times out) and forgotten.
     notification_check_count: int = 100
@@ -571,6 +573,16 @@ class CoapLayer:
     def observer_count(self) -> int:
         """Active observe relations."""
         return len(self._relations)
+
+    @property
+    def dedup_size(self) -> int:
+        """(peer, MID) pairs remembered for deduplication."""
+        return len(self._dedup)
+
+    @property
+    def dedup_evicted(self) -> int:
+        """Dedup entries dropped before EXCHANGE_LIFETIME because of the cap."""
+        return self._dedup.evicted
 
     def _receive_request(self, incoming: IncomingRequest, now: float) -> None:
         request = incoming.request

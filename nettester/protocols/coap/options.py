@@ -86,6 +86,8 @@ class CoapServerOptions(RoleOptions):
          interface_list],
         ["notify-interval", None, 5.0, "Seconds between notifications of the obs resources.", positive_float],
         ["receive-buffer", None, 4 << 20, "SO_RCVBUF of each socket, bytes.", positive_int],
+        ["max-dedup-entries", None, 1 << 20, "Cap of each endpoint's deduplication store (about 400 bytes "
+         "per entry); past it entries go before EXCHANGE_LIFETIME (counted).", positive_int],
         ["client-auth", None, "NONE", "coaps client certificates: NONE, WANTED or NEEDED.",
          lambda value: value.strip().upper()],
         ["psk-file", None, "", "coaps PSK store: one 'identity=base64secret' per line."],

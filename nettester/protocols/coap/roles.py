@@ -49,6 +49,7 @@ def dtls_server_configuration(options: RoleOptions) -> Any:
 
 def build_server(reactor: Any, options: RoleOptions) -> IService:
     """The coap-server service for parsed options."""
+    from nettester.protocols.coap.layer import TransmissionParameters
     from nettester.protocols.coap.server import CoapServerService, local_addresses
 
     addresses = list(options["interfaces"]) or local_addresses(
@@ -66,6 +67,7 @@ def build_server(reactor: Any, options: RoleOptions) -> IService:
         reactor, options["port"], addresses, plugtest=options["plugtest"], benchmark=options["benchmark"],
         notify_interval=options["notify-interval"], receive_buffer=options["receive-buffer"],
         dtls_link_factory=factory, dtls_only=bool(options["dtls-only"]),
+        params=TransmissionParameters(max_dedup_entries=options["max-dedup-entries"]),
     )
 
 

@@ -26,7 +26,7 @@ from nettester.interfaces import IDatagramLink, IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.coap.endpoint import CoapEndpoint
-from nettester.protocols.coap.layer import LayerStats
+from nettester.protocols.coap.layer import LayerStats, TransmissionParameters
 from nettester.protocols.coap.options import COAPS_OFFSET, EXTENDED_OFFSET
 from nettester.protocols.coap.resources import Site, build_site
 from nettester.protocols.coap.resources.extended import extended_resources
@@ -93,6 +93,7 @@ class CoapServerService(Service):
         dtls_link_factory: Callable[[], IDatagramLink] | None = None,
         dtls_only: bool = False,
         server_name: str = "nettester",
+        params: TransmissionParameters | None = None,
     ) -> None:
         self._reactor = reactor
         self._base_port = port
@@ -101,6 +102,7 @@ class CoapServerService(Service):
         self._receive_buffer = receive_buffer
         self._dtls_link_factory = dtls_link_factory
         self._dtls_only = dtls_only
+        self._params = params
         started = reactor.seconds()
         self.plugtest_site: Site = build_site(reactor, plugtest_resources(notify_interval, self._shutdown))
         self.extended_site: Site = build_site(
@@ -120,6 +122,10 @@ class CoapServerService(Service):
         self.metrics.gauge("malformed", "datagrams that were not acceptable CoAP", self._malformed)
         self.metrics.gauge("observers", "active observe relations",
                            lambda: sum(endpoint.core.observer_count for endpoint in self.endpoints))
+        self.metrics.gauge("dedup_entries", "(peer, MID) pairs remembered for deduplication",
+                           lambda: sum(endpoint.core.dedup_size for endpoint in self.endpoints))
+        self.metrics.gauge("dedup_evicted", "dedup entries dropped early at --max-dedup-entries",
+                           lambda: sum(endpoint.core.dedup_evicted for endpoint in self.endpoints))
 
     def _total(self, field: str) -> int:
         return sum(getattr(endpoint.stats, field) for endpoint in self.endpoints)
@@ -167,7 +173,7 @@ class CoapServerService(Service):
 
     def _listen(self, scheme: str, address: str, offset: int, link: Any, site: Site, name: str) -> None:
         port_number = self._base_port + offset if self._base_port else 0
-        endpoint = CoapEndpoint(link, self._reactor)
+        endpoint = CoapEndpoint(link, self._reactor, params=self._params)
         site.attach(endpoint)
         port = self._reactor.listenUDP(port_number, link, interface=address)
         self._ports.append(port)

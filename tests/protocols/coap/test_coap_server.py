@@ -34,8 +34,10 @@ def test_options_defaults_and_negations() -> None:
     options = parse()
     assert options["port"] == 5683 and options["plugtest"] and not options["benchmark"]
     assert options["notify-interval"] == 5.0
-    options = parse("--no-plugtest", "--benchmark", "--port", "6000", "--interfaces", "127.0.0.1,[::1]")
+    options = parse("--no-plugtest", "--benchmark", "--port", "6000", "--interfaces", "127.0.0.1,[::1]",
+                    "--max-dedup-entries", "1000")
     assert not options["plugtest"] and options["benchmark"] and options["interfaces"] == ("127.0.0.1", "::1")
+    assert options["max-dedup-entries"] == 1000
 
 
 @pytest.mark.parametrize(
@@ -126,6 +128,8 @@ def test_roles_build_services_from_options(tmp_path: Any) -> Generator[Any, Any,
     service.startService()
     try:
         assert sorted(scheme for scheme, *_ in service.listening) == ["coap", "coap", "coaps", "coaps"]
+        assert {endpoint.core.params.max_dedup_entries for endpoint in service.endpoints} == {1 << 20}
+        assert service.summary()["received"] == 0
     finally:
         yield service.stopService()
 
