@@ -347,6 +347,7 @@ class StunClientService(Service):
             "loss_pct": round(fleet.loss_percent(), 3) if fleet else 0.0,
             "rtt_p50_ms": round(fleet.rtt.percentile(0.5) * 1000, 3) if fleet else 0.0,
             "rtt_p99_ms": round(fleet.rtt.percentile(0.99) * 1000, 3) if fleet else 0.0,
+            "timer_lag_p99_ms": round(fleet.timer_lag.percentile(0.99) * 1000, 3) if fleet else 0.0,
             "timeouts": counters.timeouts.value,
             "consecutive_failure_errors": counters.failures.value,
             "mapping_changes": counters.mapping_changes.value,

@@ -119,8 +119,8 @@ Event = OpenSocket | Send | ResponseMissing | ConsecutiveFailures | UnexpectedRe
 # --- statistics ---------------------------------------------------------------
 
 
-class RttHistogram:
-    """Round-trip times in log-spaced buckets (10 % wide, 10 us to ~60 s): fixed memory."""
+class DelayHistogram:
+    """Delays (round-trip times, timer lag) in log-spaced buckets, 10 % wide, 10 us to ~60 s: fixed memory."""
 
     _FLOOR = 1e-5
     _GROWTH = math.log(1.1)
@@ -198,7 +198,10 @@ class ClientFleet:
     def __init__(self, config: FleetConfig, counters: FleetCounters, now: float, rng: random.Random) -> None:
         self.config = config
         self.counters = counters
-        self.rtt = RttHistogram()
+        self.rtt = DelayHistogram()
+        # How late clients ran compared with their schedule: the tester's own health. Large values mean
+        # the process is overloaded and its sends, hence its loss figures, are late too.
+        self.timer_lag = DelayHistogram()
         self._rng = rng
         self._clients = [_Client() for _ in range(config.clients)]
         self._wheel = TimerWheel(config.clients, now, config.resolution)
@@ -224,6 +227,7 @@ class ClientFleet:
         """Run every client whose deadline has passed."""
         self._now = now
         for index, due in self._wheel.expire(now):
+            self.timer_lag.add(now - due)
             self._fire(index, self._clients[index], due, now)
 
     def _fire(self, index: int, client: _Client, due: float, now: float) -> None:

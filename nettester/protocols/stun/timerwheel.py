@@ -21,7 +21,7 @@ class TimerWheel:
         self._resolution = resolution
         self._slots: list[list[int]] = [[] for _ in range(slots)]
         self._deadlines = array("d", [_NONE]) * size
-        self._tick = self._tick_of(now)
+        self._tick = self._tick_of(now) - 1  # the last tick wholly swept: the one before now's
 
     def _tick_of(self, when: float) -> int:
         return int(when / self._resolution)
@@ -44,7 +44,8 @@ class TimerWheel:
         """Every (key, deadline) whose tick has completely passed at C{now}; never early.
 
         Each fires once and is then unscheduled. Only whole ticks are swept,
-        so a timer fires between 0 and one resolution late.
+        so a timer fires between 0 and one resolution after its deadline,
+        plus however long the caller waits between two calls.
         """
         fired: list[tuple[int, float]] = []
         target = self._tick_of(now) - 1

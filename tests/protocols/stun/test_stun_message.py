@@ -169,7 +169,7 @@ def test_message_type_interleaves_method_and_class() -> None:
 
 
 @given(st.integers(0, 0xFFF), st.sampled_from(list(MessageClass)))
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 def test_message_type_round_trips(method: int, message_class: int) -> None:
     assert split_message_type(message_type(method, message_class)) == (method, message_class)
 
@@ -282,7 +282,7 @@ def test_check_header_accepts_a_longer_buffer_for_tcp_framing() -> None:
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 def test_fuzz_arbitrary_bytes(data: bytes) -> None:
     try:
         message = decode(data)
@@ -301,7 +301,7 @@ attributes = st.lists(
 
 
 @given(st.integers(0, 0x3FFF), st.binary(min_size=12, max_size=12), attributes, st.data())
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_fuzz_well_framed_messages_with_mutated_bytes(kind: int, tid: bytes, attrs, data) -> None:  # type: ignore[no-untyped-def]
     """Valid framing with random values (the parser's deeper paths), then one flipped byte."""
     method, message_class = split_message_type(kind)

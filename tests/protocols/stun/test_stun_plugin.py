@@ -70,7 +70,7 @@ def test_counters_are_exported_for_prometheus() -> None:
 
 
 @given(st.text(max_size=30))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_fuzz_option_parsers_raise_only_value_error(text: str) -> None:
     for parser in (seconds_range, transport_address):
         with contextlib.suppress(ValueError):

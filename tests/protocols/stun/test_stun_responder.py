@@ -271,7 +271,7 @@ def test_a_responder_needs_four_addresses_for_rfc5780() -> None:
 
 
 @given(st.binary(max_size=120), st.sampled_from([PEER, ("2001:db8::1", 1), ("::ffff:10.0.0.1", 2)]))
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 def test_fuzz_any_datagram_is_answered_with_valid_stun_or_dropped(data: bytes, peer: tuple[str, int]) -> None:
     responder, counters = make_responder(RFC5780_ADDRESSES)
     reply = responder.respond(data, unmap_ipv4(peer))
@@ -283,7 +283,7 @@ def test_fuzz_any_datagram_is_answered_with_valid_stun_or_dropped(data: bytes, p
 
 
 @given(st.lists(st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=24)), max_size=5), st.booleans())
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_fuzz_well_framed_requests(attributes: list[tuple[int, bytes]], fingerprint: bool) -> None:
     responder, _ = make_responder(RFC5780_ADDRESSES)
     attrs = tuple(Attribute(t, v) for t, v in attributes if t != AttributeType.FINGERPRINT)

@@ -112,7 +112,7 @@ def test_port_in_use_says_what_to_do_and_stops_with_status_1(critical: list[dict
 
 
 @given(st.lists(st.binary(max_size=40), max_size=8))
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 def test_fuzz_tcp_stream_never_raises(chunks: list[bytes]) -> None:
     protocol, transport, _ = connected_stream()
     for chunk in chunks:
