@@ -13,12 +13,12 @@ from nettester.protocols.stun.counters import FleetCounters
 from nettester.protocols.stun.fleet import (
     ClientFleet,
     ConsecutiveFailures,
+    DelayHistogram,
     ErrorResponse,
     FleetConfig,
     MappingChanged,
     OpenSocket,
     ResponseMissing,
-    DelayHistogram,
     Send,
     UnexpectedResponse,
 )
