@@ -130,20 +130,23 @@ class IncomingRequest:
     """
 
     __slots__ = (
-        "peer", "request", "observe", "block2", "has_block1", "answered", "accepted",
+        "peer", "request", "observe", "accept", "block2", "has_block1", "answered", "accepted",
         "_dedup_bucket", "_dedup_key", "_block1",
     )
 
     def __init__(self, peer: Peer, request: Message) -> None:
         self.peer = peer
         self.request = request
-        #: The request's Observe value (0 register, 1 deregister) and Block2, read once.
+        #: The request's Observe value (0 register, 1 deregister), Accept and Block2, read once.
         self.observe: int | None = None
+        self.accept: int | None = None
         self.block2: BlockValue | None = None
         self.has_block1 = False
         for number, value in request.options:
             if number == OptionNumber.OBSERVE:
                 self.observe = int.from_bytes(value, "big")
+            elif number == OptionNumber.ACCEPT:
+                self.accept = int.from_bytes(value, "big")
             elif number == OptionNumber.BLOCK2:
                 self.block2 = decode_block(value)
             elif number == OptionNumber.BLOCK1:

@@ -323,3 +323,12 @@ def test_proxy_requests_get_5_05() -> None:
     assert server.ask(scheme).code == Code.PROXYING_NOT_SUPPORTED
     sized = request("test", Code.PUT, payload=b"x", options=[(OptionNumber.SIZE1, b"\x01")])
     assert server.ask(sized).code == Code.CHANGED
+
+
+def test_accept_that_cannot_be_met_gets_4_06() -> None:
+    server = Server()
+    assert server.ask(request("test", options=accept(ContentFormat.JSON))).code == Code.NOT_ACCEPTABLE
+    assert server.ask(request("test", options=accept(ContentFormat.TEXT_PLAIN))).code == Code.CONTENT
+    assert server.ask(request("benchmark", options=accept(ContentFormat.CBOR))).code == Code.NOT_ACCEPTABLE
+    # No payload, nothing to format: the Accept does not matter.
+    assert server.ask(request("test", Code.PUT, options=accept(ContentFormat.JSON))).code == Code.CHANGED

@@ -294,6 +294,12 @@ class Site:
             return response(Code.METHOD_NOT_ALLOWED)
         exchange = Exchange(request, incoming.peer, self, endpoint, incoming)
         answer = getattr(resource, method)(exchange)
+        accept = incoming.accept
+        if accept is not None and isinstance(answer, Message) and answer.payload and answer.code >> 5 == 2:
+            content_format = answer.content_format
+            if (content_format if content_format is not None else ContentFormat.OCTET_STREAM) != accept:
+                # RFC 7252 section 5.10.4: the wanted format cannot be returned.
+                return response(Code.NOT_ACCEPTABLE)
         if incoming.observe == 0 and resource.observable and request.code == Code.GET:
             if isinstance(answer, Message):
                 self._register(resource, endpoint, incoming, answer)
