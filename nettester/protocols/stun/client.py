@@ -114,7 +114,7 @@ class ClientSocket:
                 self._service.refused(self._index)
                 return
             except OSError as error:
-                self._service.socket_error(self._index, error)
+                self._service.socket_error(self._index, error, "receive on")
                 return
             self._service.received(self._index, datagram)
 
@@ -124,7 +124,7 @@ class ClientSocket:
         except ConnectionRefusedError:
             self._service.refused(self._index)
         except OSError as error:
-            self._service.socket_error(self._index, error)
+            self._service.socket_error(self._index, error, "send on")
 
     def close(self) -> None:
         self._socket.close()
@@ -159,7 +159,9 @@ class StunClientService(Service):
         self.metrics = MetricSet("stun_client")
         self.counters = FleetCounters(self.metrics)
         self.refused_count = self.metrics.counter("refused", "ICMP port unreachable reports (server not listening)")
-        self.socket_errors = self.metrics.counter("socket_errors", "Sockets that could not be opened or written")
+        self.socket_errors = self.metrics.counter(
+            "socket_errors", "Failed socket opens, sends and receives (a send without a socket included)"
+        )
         self.metrics.gauge("clients", "Clients started", lambda: self.fleet.started if self.fleet else 0)
         self.fleet: ClientFleet | None = None
         self._server_ip: str | None = None
@@ -254,10 +256,23 @@ class StunClientService(Service):
         port = self._ports[index] if index < len(self._ports) else None
         return port.local_port if port is not None else None
 
-    def socket_error(self, index: int, error: OSError) -> None:
-        """A send or receive failed on client C{index}'s socket (ENOBUFS, EAGAIN on send...)."""
+    def socket_error(self, index: int, error: OSError, action: str) -> None:
+        """Opening, sending on or receiving on client C{index}'s socket failed (no route, ENOBUFS...).
+
+        The first failure is logged as an error (usually a wrong address or a
+        missing route, the same for every client); the others are counted.
+        """
         self.socket_errors.value += 1
-        log.debug("Client {client}: socket error: {reason}", event="socket_error", client=index, reason=str(error))
+        if self.socket_errors.value == 1:
+            log.error(
+                "Client {client}: cannot {action} a UDP socket to {server}: {reason}; "
+                "further socket errors are only counted (socket_errors in the summary)",
+                event="socket_error",
+                client=index,
+                action=action,
+                server=str(Address(self._server_ip or self._server, self.server_port)),
+                reason=str(error),
+            )
 
     def _open(self, event: OpenSocket) -> None:
         self._close(event.client)
@@ -265,13 +280,7 @@ class StunClientService(Service):
         try:
             port = ClientSocket(self, event.client, self._local, (self._server_ip, self.server_port))
         except OSError as error:
-            self.socket_errors.value += 1
-            log.error(
-                "Client {client}: cannot open a UDP socket: {reason}",
-                event="socket_failed",
-                client=event.client,
-                reason=str(error),
-            )
+            self.socket_error(event.client, error, "open")
             return
         self._ports[event.client] = port
         self._reactor.addReader(port)
@@ -353,6 +362,7 @@ class StunClientService(Service):
             "mapping_changes": counters.mapping_changes.value,
             "unexpected": counters.unexpected.value,
             "refused": self.refused_count.value,
+            "socket_errors": self.socket_errors.value,
         }
 
     def stopService(self) -> Deferred[None]:

@@ -201,6 +201,21 @@ def test_refused_server_is_reported_once(events: list[dict[str, Any]]) -> None:
     service.stopService()
 
 
+def test_unroutable_server_is_reported_once(events: list[dict[str, Any]]) -> None:
+    reactor = FakeReactor()
+    # 198.51.100.0/24 (TEST-NET-2) from the loopback address: the kernel refuses to route it.
+    config = FleetConfig(clients=2, interval=1.0, start_delay=(0, 0))
+    service = StunClientService(reactor, "198.51.100.1", 3478, config, local_address="127.0.0.1")
+    service.startService()
+    advance(reactor, 1.05)
+    summary = service.summary()
+    assert summary["socket_errors"] >= 2
+    logged = lines(events, "socket_error")
+    assert len(logged) == 1 and logged[0][0] == LogLevel.error
+    assert logged[0][1].startswith("Client 0: cannot open a UDP socket to 198.51.100.1:3478: ")
+    service.stopService()
+
+
 def test_open_file_limit_error_says_what_to_do() -> None:
     import resource
 
