@@ -332,3 +332,15 @@ def test_accept_that_cannot_be_met_gets_4_06() -> None:
     assert server.ask(request("benchmark", options=accept(ContentFormat.CBOR))).code == Code.NOT_ACCEPTABLE
     # No payload, nothing to format: the Accept does not matter.
     assert server.ask(request("test", Code.PUT, options=accept(ContentFormat.JSON))).code == Code.CHANGED
+
+
+def test_large_create_keeps_a_bounded_number_of_children() -> None:
+    from nettester.protocols.coap.resources.plugtest import MAX_CREATED
+
+    server = Server()
+    for _ in range(MAX_CREATED + 5):
+        server.ask(request("large-create", Code.POST, payload=b"c"))
+    creator = server.site.find("/large-create")
+    assert creator is not None and len(creator.children) == MAX_CREATED
+    assert server.ask(request("large-create/1")).code == Code.NOT_FOUND
+    assert server.ask(request(f"large-create/{MAX_CREATED + 5}")).code == Code.CONTENT

@@ -22,6 +22,7 @@ from nettester.protocols.coap.message import Code, ContentFormat, Message, Messa
 from nettester.protocols.coap.resources.base import Exchange, PeriodicResource, Resource
 
 LARGE_SIZE = 1280
+MAX_CREATED = 100  # children of large-create kept; the oldest goes first
 SEPARATE_DELAY = 1.0
 SHUTDOWN_PASSWORD = b"sesame"
 TEXT = ContentFormat.TEXT_PLAIN
@@ -157,6 +158,8 @@ class LargeCreate(Resource):
     def post(self, exchange: Exchange) -> Answer:
         name = str(self._next)
         self._next += 1
+        if len(self.children) >= MAX_CREATED:
+            self.remove(next(iter(self.children)))  # bounded memory: the oldest child goes
         content_format = exchange.request.content_format
         child = Stored(name, exchange.request.payload, TEXT if content_format is None else content_format)
         self.add(child)
