@@ -415,6 +415,17 @@ def check_dtls_session(lab: ClusterLab) -> Generator[Any, Any, None]:
             assert via == ("direct" if receiving == owner_public else "dtls-cid-router")
             forwarded += via == "dtls-cid-router"
         assert forwarded > 0
+        # Another node restarts (a pod restart); the client is moved onto it: still the owner answers.
+        other = next(node_id for node_id in lab.nodes if node_id != owner)
+        yield lab.restart(other)
+        yield wait_until(lambda: len(lab.nodes[other].discovery.nodes()) == 2)
+        other_public = (lab.nodes[other].config.dtls_address[0], lab.nodes[other].public_port)
+        for _ in range(30):
+            if lab.nat.proxy.table.destination_of(client_nat_address) == other_public:
+                break
+            yield lab.nat.console.execute("rebalance")
+        assert lab.nat.proxy.table.destination_of(client_nat_address) == other_public
+        assert (yield request(b"after restart")) == (owner, owner, "dtls-cid-router")
         assert sum(endpoint.counters.handshakes.value for endpoint in lab.endpoints.values()) == 1
         assert len(client.connections) == 1
     finally:
