@@ -172,6 +172,8 @@ class Message:
         RFC 8489 sections 14.5-14.7: each is computed over the message so far,
         with the header length already counting the attribute being added.
         """
+        if len(self.transaction_id) != TRANSACTION_ID_LENGTH:
+            raise ValueError(f"a transaction id has 12 bytes, not {len(self.transaction_id)}")
         data = bytearray(
             _HEADER.pack(message_type(self.method, self.message_class), 0, MAGIC_COOKIE, self.transaction_id)
         )

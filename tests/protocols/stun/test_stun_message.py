@@ -224,6 +224,11 @@ def test_sha256_integrity_and_fingerprint_together() -> None:
     assert not check_fingerprint(bytes(corrupted))
 
 
+def test_encoding_refuses_a_transaction_id_of_the_wrong_size() -> None:
+    with pytest.raises(ValueError, match="12 bytes, not 16"):
+        Message(Method.BINDING, MessageClass.REQUEST, bytes(16)).encode()
+
+
 def test_format_transaction_id_is_upper_case_colon_hex() -> None:
     assert format_transaction_id(TRANSACTION_ID) == "B7:E7:A7:01:BC:34:D6:86:FA:87:DF:AE"
 
