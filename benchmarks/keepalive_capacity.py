@@ -7,14 +7,17 @@ each on its own port, and P client processes, one per server; each client
 process thus reaches its own destination port, which keeps every process
 well inside the ephemeral port range.
 
-Phases: ramp up (connections spread at random over --ramp seconds), settle,
-hold for --hold seconds (the measured window), report, stop with FINs.
+Phases: ramp up (connections spread at random over --ramp seconds), settle
+for three keep-alive intervals, hold for --hold seconds (the measured
+window), report, stop with FINs.
 Prints one line: connections held, keep-alive round trips per second during
 the hold, false errors (any reset, FIN, missing keep-alive or response,
 failed connect or invalid message before the stop: must be 0), RSS per
 connection on each side (RSS growth over the process's start / connection
 count; kernel socket buffers are not part of RSS), and CPU used during the
-hold (percent of one core, summed over the processes of each side).
+hold (percent of one core, summed over the processes of each side), and the
+worst reactor lag seen in any process of each side during the hold (how late
+a 100 ms timer ran: the time a keep-alive can wait inside a busy process).
 
     python3 benchmarks/keepalive_capacity.py                      # 50,000 connections held for 60 s
     python3 benchmarks/keepalive_capacity.py --connections 2000 --hold 10 --ramp 5
@@ -39,7 +42,8 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FD_MARGIN = 200  # descriptors a process keeps for itself (stdio, epoll, listening socket...)
-SETTLE = 5.0  # seconds between the end of the ramp and the start of the hold window
+SETTLE_INTERVALS = 3  # keep-alive intervals between the end of the ramp and the hold window (backlog drains)
+LAG_TICK = 0.1  # seconds between two checks of a process's reactor lag
 
 
 def raise_fd_limit() -> int:
@@ -75,6 +79,7 @@ def run_child(role: str, ports: list[int], connections: int, interval: float, ra
     sys.path.insert(0, ROOT)
     from twisted.internet import reactor, stdio
     from twisted.internet.defer import DeferredList
+    from twisted.internet.task import LoopingCall
     from twisted.logger import LogLevel, globalLogBeginner
     from twisted.protocols.basic import LineReceiver
 
@@ -97,6 +102,15 @@ def run_child(role: str, ports: list[int], connections: int, interval: float, ra
                                            reconnect_delay=1.0, connect_timeout=30.0)
                     for port, share in zip(ports, split(connections, len(ports)), strict=True)]
     marks: dict[str, float] = {}
+    # How late the reactor runs a 100 ms timer: the time a keep-alive waits in this process.
+    lag = {"last": time.monotonic(), "max": 0.0}
+
+    def measure_lag() -> None:
+        now = time.monotonic()
+        lag["max"] = max(lag["max"], now - lag["last"] - LAG_TICK)
+        lag["last"] = now
+
+    LoopingCall(measure_lag).start(LAG_TICK, now=False)
 
     def round_trips() -> int:
         return sum(service.keepalives.value if role == "server" else service.answered.value for service in services)
@@ -138,6 +152,7 @@ def run_child(role: str, ports: list[int], connections: int, interval: float, ra
             command = line.decode().strip()
             if command == "mark":
                 marks.update(time=time.monotonic(), cpu=cpu_seconds(), trips=round_trips(), rtt=rtt_total())
+                lag["max"] = 0.0
                 self.answer({"open": held()})
             elif command == "report":
                 elapsed = time.monotonic() - marks["time"]
@@ -150,6 +165,7 @@ def run_child(role: str, ports: list[int], connections: int, interval: float, ra
                     "cpu_pct": 100 * (cpu_seconds() - marks["cpu"]) / elapsed,
                     "rss_per_conn": (rss_bytes() - base_rss) / max(1, held()),
                     "errors": sum(errors(service) for service in services),
+                    "lag_max": lag["max"],
                     "summary": summary(),
                 })
             elif command == "stop":
@@ -217,7 +233,7 @@ def run(args: argparse.Namespace) -> str:
                    for server_ports, share in zip(ports, split(args.connections, pairs), strict=True)]
         for client in clients:
             client.ask()
-        time.sleep(args.ramp + SETTLE)
+        time.sleep(args.ramp + SETTLE_INTERVALS * args.interval)
         held_at_mark = sum(child.ask("mark")["open"] for child in clients)
         for server in servers:
             server.ask("mark")
@@ -249,7 +265,9 @@ def run(args: argparse.Namespace) -> str:
         f"rss_per_conn_server_kib={mean(server_reports, 'rss_per_conn') / 1024:.2f} "
         f"rss_per_conn_client_kib={mean(client_reports, 'rss_per_conn') / 1024:.2f} "
         f"cpu_server_pct={sum(report['cpu_pct'] for report in server_reports):.0f} "
-        f"cpu_client_pct={sum(report['cpu_pct'] for report in client_reports):.0f}"
+        f"cpu_client_pct={sum(report['cpu_pct'] for report in client_reports):.0f} "
+        f"loop_lag_max_ms_server={1000 * max(report['lag_max'] for report in server_reports):.0f} "
+        f"loop_lag_max_ms_client={1000 * max(report['lag_max'] for report in client_reports):.0f}"
     )
 
 
