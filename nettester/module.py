@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.application.service import IService, Service
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from nettester.interfaces import ICommandRole, ILocalScenario, IProtocolModule, IRole
@@ -70,7 +71,7 @@ class CommandService(Service):
         reactor.callWhenRunning(reactor.stop)
 
 
-@implementer(IProtocolModule)
+@implementer(IPlugin, IProtocolModule)
 @dataclass(frozen=True)
 class ProtocolModule:
     """A protocol module: its roles and its part of ``nettester local``."""

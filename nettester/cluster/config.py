@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
-from nettester.nat.table import parse_host_port
+from nettester.addresses import parse_host_port
 
 Address = tuple[str, int]
 

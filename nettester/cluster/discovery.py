@@ -37,7 +37,7 @@ from zope.interface import implementer
 from nettester.cluster.nodes import NodeListeners, NodeTable
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
-from nettester.nat.table import ip_family
+from nettester.addresses import ip_family
 
 log = Logger()
 

@@ -45,7 +45,7 @@ from nettester.cluster.wire import ManagementCodec
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
-from nettester.nat.table import ip_family
+from nettester.addresses import ip_family
 
 log = Logger()
 

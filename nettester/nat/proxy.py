@@ -24,13 +24,8 @@ from zope.interface import implementer
 from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
-from nettester.nat.table import (
-    Address,
-    DropPolicy,
-    NatTable,
-    ip_family,
-    parse_host_port,
-)
+from nettester.addresses import ip_family, parse_host_port
+from nettester.nat.table import Address, DropPolicy, NatTable
 
 log = Logger()
 

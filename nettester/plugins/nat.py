@@ -6,9 +6,7 @@ import getopt
 import sys
 from typing import Any, ClassVar
 
-from twisted.plugin import IPlugin
 from twisted.python import usage
-from zope.interface import implementer
 
 from nettester.module import ProtocolModule, Role
 from nettester.options import RoleOptions, non_negative_int, port_number, positive_int
@@ -34,7 +32,7 @@ def size_limit(value: str) -> Any:
 
 def listen_address(value: str) -> tuple[str, int]:
     """``[interface]:port`` to listen on; port 0 lets the OS choose."""
-    from nettester.nat.table import parse_host_port
+    from nettester.addresses import parse_host_port
 
     try:
         return parse_host_port(value, default_host="", lowest_port=0)
@@ -44,7 +42,7 @@ def listen_address(value: str) -> tuple[str, int]:
 
 def destination_address(value: str) -> str:
     """One ``host:port`` destination, checked, kept as text (host names are resolved at start)."""
-    from nettester.nat.table import parse_host_port
+    from nettester.addresses import parse_host_port
 
     try:
         parse_host_port(value)
@@ -205,13 +203,7 @@ nat_role = Role(
     factory=make_nat_service,
 )
 
-@implementer(IPlugin)
-class _DiscoverableModule(ProtocolModule):
-    """getPlugins only collects IPlugin providers and ProtocolModule does not
-    declare IPlugin yet (skeleton gap); drop this subclass once it does."""
-
-
-nat = _DiscoverableModule(
+nat = ProtocolModule(
     name="nat",
     summary="NAT and UDP load-balancer emulator in front of servers or a DTLS CID cluster.",
     roles=(nat_role,),

@@ -14,7 +14,8 @@ from twisted.internet.testing import StringTransport
 
 from nettester.nat.console import EXIT, HELP, ConsoleProtocol, NatConsole
 from nettester.nat.proxy import NatProxy
-from nettester.nat.table import DropPolicy, NatTable, parse_host_port
+from nettester.addresses import parse_host_port
+from nettester.nat.table import DropPolicy, NatTable
 
 
 class ResolvingClock(Clock):

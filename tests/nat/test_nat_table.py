@@ -287,7 +287,7 @@ def test_entries_left_without_destination_join_the_next_one_added() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=30) | st.from_regex(r"\[?[0-9a-f:.]{0,12}\]?:[0-9²¹]{0,6}", fullmatch=True))
 def test_address_and_size_parsers_raise_only_value_error(text: str) -> None:
-    from nettester.nat.table import parse_host_port
+    from nettester.addresses import parse_host_port
 
     for parse in (lambda t: parse_host_port(t), lambda t: parse_host_port(t, "", 0), parse_size_limit):
         try:

@@ -1,0 +1,32 @@
+"""Address helpers shared by every role: ``host:port`` parsing and address families."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+
+def parse_host_port(text: str, default_host: str | None = None, lowest_port: int = 1) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port`` or ``:port`` (host C{default_host}).
+
+    @param lowest_port: 0 for a listening address (the OS picks the port).
+    @raise ValueError: with a message saying what was expected.
+    """
+    host, separator, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not (port_text.isascii() and port_text.isdigit()) or not lowest_port <= int(port_text) <= 65535:
+        raise ValueError(f"expected host:port (port {lowest_port}-65535), got {text!r}")
+    if not host:
+        if default_host is None:
+            raise ValueError(f"expected host:port with a host, got {text!r}")
+        host = default_host
+    return host, int(port_text)
+
+
+def ip_family(host: str) -> int | None:
+    """socket.AF_INET / AF_INET6 for an IP literal, None for a host name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
