@@ -105,6 +105,7 @@ class CoapEndpoint:
         self._timer_deadline = 0.0
         self._timer_version = -1
         self._pumping = False
+        self._stopped = False
         self._waiting: dict[OutgoingRequest, tuple[defer.Deferred[ResponseReceived], Observation | None,
                                                    Callable[[ResponseReceived], None] | None]] = {}
         link.receiver = self
@@ -198,7 +199,8 @@ class CoapEndpoint:
         self._pump()
 
     def stop(self) -> None:
-        """Stop the timer (the link is closed by its owner)."""
+        """Stop the timer for good (the link is closed by its owner)."""
+        self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -221,7 +223,7 @@ class CoapEndpoint:
                 send(data, peer)
         finally:
             self._pumping = False
-        if self._timer is None or core.timer_version != self._timer_version:
+        if (self._timer is None or core.timer_version != self._timer_version) and not self._stopped:
             self._arm_timer()
 
     def _dispatch(self, event: Event) -> None:

@@ -170,3 +170,10 @@ def test_request_with_observe_option_fires_once_and_forgets() -> None:
     world.server.notify(relation, response(Code.CONTENT, b"1"), confirmable=False)
     world.exchange()
     assert handler.cancelled == ["reset"] and len(got) == 1
+
+
+def test_stopped_endpoint_arms_no_timer() -> None:
+    world, _ = handled_world()
+    world.client.stop()
+    world.client.request(SERVER, request("hello"))
+    assert world.clock.getDelayedCalls() == []  # the server has not run yet, the client is stopped
