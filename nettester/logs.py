@@ -20,6 +20,7 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
 )
 from twisted.logger import Logger as _TwistedLogger
@@ -67,13 +68,22 @@ def is_enabled(level: LogLevel) -> bool:
     return _PRIORITY[level] >= _threshold[0]
 
 
+# An event carrying this field is printed whatever the level: the summary
+# lines, which a user running with LOG_LEVEL=warning still needs.
+ALWAYS = "log_always"
+
+
 class Logger(_TwistedLogger):
     """A twisted Logger that drops events below the threshold before building them."""
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
-        if _PRIORITY.get(level, 4) < _threshold[0]:
+        if _PRIORITY.get(level, 4) < _threshold[0] and not kwargs.get(ALWAYS):
             return
         super().emit(level, format, **kwargs)
+
+
+def _always_shown(event: dict[str, Any]) -> PredicateResult:
+    return PredicateResult.yes if event.get(ALWAYS) else PredicateResult.maybe
 
 
 def _module_of(event: dict[str, Any]) -> str:
@@ -154,4 +164,4 @@ def make_observer(log_format: str, level: LogLevel, stream: IO[str] | None = Non
     set_level(level)
     out = stream if stream is not None else sys.__stdout__
     base: ILogObserver = JsonObserver(out) if log_format == "json" else HumanObserver(out)
-    return FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=level)])
+    return FilteringLogObserver(base, [_always_shown, LogLevelFilterPredicate(defaultLogLevel=level)])

@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from nettester.logs import Logger
+from nettester.logs import ALWAYS, Logger
 
 log = Logger()
 
@@ -117,6 +117,7 @@ class SummaryReporter(Service):
     """Logs ``<role> summary: k=v ...`` every interval and ``final summary`` on stop.
 
     Each field is also a field of the log event, so the JSON line is flat.
+    Summaries are info lines shown at every --log-level: they are the result.
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class SummaryReporter(Service):
             role=self._role,
             label=label,
             text=format_summary(fields),
+            **{ALWAYS: True},
             **{key: value for key, value in fields.items() if key not in ("role", "label", "text", "event")},
         )
 

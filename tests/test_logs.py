@@ -82,3 +82,19 @@ def test_parse_level_accepts_the_documented_names(name: str) -> None:
 def test_parse_level_rejects_unknown_names_with_the_list() -> None:
     with pytest.raises(ValueError, match="use one of debug, info, warn, error, critical"):
         logs.parse_level("verbose")
+
+
+def test_summary_lines_are_shown_at_every_level() -> None:
+    out = io.StringIO()
+    observer = logs.make_observer("json", LogLevel.error, out)
+    seen: list[dict] = []
+    log = logs.Logger(observer=LogPublisher(seen.append, observer))
+    try:
+        log.info("stun-client summary: {text}", event="summary", text="clients=1", **{logs.ALWAYS: True})
+        log.info("hidden", event="other")
+    finally:
+        logs.set_level(LogLevel.info)
+    assert len(seen) == 1
+    record = json.loads(out.getvalue())
+    assert record["event"] == "summary" and record["level"] == "info"
+    assert logs.ALWAYS not in record

@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.plugin import IPlugin
-from zope.interface import implementer
 
 from nettester.interfaces import ILocalScenario
 from nettester.module import ProtocolModule, Role
@@ -75,12 +73,7 @@ def _local(reactor: Any, options: RoleOptions) -> ILocalScenario:
     return StunLocalScenario(reactor)
 
 
-@implementer(IPlugin)
-class _DiscoverableModule(ProtocolModule):
-    """A ProtocolModule that twisted.plugin.getPlugins can find (it collects IPlugin providers only)."""
-
-
-stun = _DiscoverableModule(
+stun = ProtocolModule(
     name="stun",
     summary="STUN (RFC 8489) server and many-client loss tester: which responses never arrived?",
     roles=(
