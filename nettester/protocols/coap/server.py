@@ -185,6 +185,8 @@ class CoapServerService(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
+        self.plugtest_site.close()
+        self.extended_site.close()
         for endpoint in self.endpoints:
             endpoint.stop()
         ports, self._ports = self._ports, []

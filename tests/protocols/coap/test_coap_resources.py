@@ -344,3 +344,16 @@ def test_large_create_keeps_a_bounded_number_of_children() -> None:
     assert creator is not None and len(creator.children) == MAX_CREATED
     assert server.ask(request("large-create/1")).code == Code.NOT_FOUND
     assert server.ask(request(f"large-create/{MAX_CREATED + 5}")).code == Code.CONTENT
+
+
+def test_closing_the_site_stops_periodic_sources() -> None:
+    server = Server(notify_interval=1.0)
+    server.world.client.observe(SERVER, request("obs"), lambda event: None)
+    server.world.exchange()
+    assert len(server.world.clock.getDelayedCalls()) >= 1
+    obs = server.site.find("/obs")
+    assert obs is not None and obs.observers
+    server.site.close()
+    assert obs.observers == []
+    ticker_calls = [call for call in server.world.clock.getDelayedCalls() if "LoopingCall" in repr(call.func)]
+    assert ticker_calls == []

@@ -200,6 +200,11 @@ class Resource:
     def observer_count_changed(self) -> None:
         """Hook: the number of observers changed (start or stop a periodic source)."""
 
+    def close(self) -> None:
+        """The server stops: forget the observers without telling them."""
+        self.observers.clear()
+        self.observer_count_changed()
+
 
 class PeriodicResource(Resource):
     """An observable resource that changes every ``interval`` while observed."""
@@ -255,6 +260,12 @@ class Site:
     def attach(self, endpoint: CoapEndpoint) -> None:
         """Serve this tree through ``endpoint`` too."""
         endpoint.handler = SiteHandler(self, endpoint)
+
+    def close(self) -> None:
+        """Stop every periodic source and forget every observer (the server stops)."""
+        for resource in self.root.walk():
+            resource.close()
+        self._observed.clear()
 
     def endpoint_of(self, relation: ObserveRelation) -> CoapEndpoint:
         """The endpoint an observer registered through."""
