@@ -95,5 +95,8 @@ class UdpLink(DatagramProtocol):
         return resolving.addCallback(lambda resolved: (resolved, port))
 
     def peerContext(self, peer: UdpPeer) -> PeerContext:
-        """Plain UDP knows only the address."""
-        return PeerContext(address=peer, scheme=self.scheme)
+        """Plain UDP knows only the address (an IPv4 peer of a dual-stack socket unmapped)."""
+        host, port = peer[0], peer[1]
+        if host.startswith("::ffff:") and isIPAddress(host[7:]):
+            host = host[7:]
+        return PeerContext(address=(host, port), scheme=self.scheme)

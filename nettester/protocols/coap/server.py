@@ -42,11 +42,13 @@ def local_addresses(ipv4: bool, ipv6: bool, loopback: bool, external: bool) -> l
     """Addresses to listen on for the address flags.
 
     Loopback and external together are the wildcards (``::`` is dual-stack,
-    so IPv4 peers arrive v4-mapped); otherwise the matching addresses of
-    this host's interfaces (Linux: ioctl for IPv4, /proc for IPv6).
+    so IPv4 peers arrive v4-mapped; ``0.0.0.0`` where the host has no IPv6,
+    as in many containers); otherwise the matching addresses of this host's
+    interfaces (Linux: ioctl for IPv4, /proc for IPv6).
     """
+    ipv6 = ipv6 and ipv6_available()
     if loopback and external:
-        return ["::"] if ipv6 else ["0.0.0.0"]
+        return ["::"] if ipv6 else ["0.0.0.0"] if ipv4 else []
     found: list[str] = []
     if ipv4:
         found += [address for address in _ipv4_addresses() if ipaddress.ip_address(address).is_loopback == loopback]
@@ -54,6 +56,16 @@ def local_addresses(ipv4: bool, ipv6: bool, loopback: bool, external: bool) -> l
         found += [address for address in _ipv6_addresses()
                   if ipaddress.ip_address(address).is_loopback == loopback and not address.startswith("fe80")]
     return found
+
+
+def ipv6_available() -> bool:
+    """Whether this host can bind an IPv6 UDP socket at all."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        return False
+    return True
 
 
 def _ipv4_addresses() -> list[str]:
@@ -152,6 +164,8 @@ class CoapServerService(Service):
     def startService(self) -> None:
         super().startService()
         try:
+            if not self._addresses:
+                raise OSError("no address to listen on for these --ipv4/--ipv6/--loopback/--external flags")
             for address in self._addresses:
                 for offset, site, name in ((0, self.plugtest_site, "plugtest"),
                                            (EXTENDED_OFFSET, self.extended_site, "extended")):

@@ -58,9 +58,16 @@ def test_options_errors(argv: list[str]) -> None:
         parse(*argv)
 
 
-def test_local_addresses() -> None:
+def test_local_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nettester.protocols.coap import server as server_module
+
+    monkeypatch.setattr(server_module, "ipv6_available", lambda: True)
     assert local_addresses(True, True, True, True) == ["::"]
     assert local_addresses(True, False, True, True) == ["0.0.0.0"]
+    monkeypatch.setattr(server_module, "ipv6_available", lambda: False)
+    assert local_addresses(True, True, True, True) == ["0.0.0.0"]  # a container without IPv6
+    assert local_addresses(False, True, True, True) == []
+    monkeypatch.undo()
     loopback_v4 = local_addresses(True, False, True, False)
     assert "127.0.0.1" in loopback_v4
     assert "127.0.0.1" not in local_addresses(True, True, False, True)
@@ -152,6 +159,9 @@ def test_listen_failure_is_reported_not_raised() -> None:
         assert exit_status() == 1
         busy.run()  # the stop asked for when running
         assert busy.hasStopped
+        nowhere = CoapServerService(MemoryReactorClock(), 5683, [])
+        nowhere.startService()
+        assert nowhere.failed is not None and "no address" in nowhere.failed
     finally:
         set_exit_status(0)
 
