@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from nettester.logs import Logger
-from nettester.protocols.keepalive.transport import lost_errno_text
+from nettester.protocols.keepalive.transport import FIN, tcp_ending
 from nettester.protocols.keepalive.wire import Event
 
 log = Logger()
@@ -41,22 +41,25 @@ def address_text(address: IAddress) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def close_cause(reason: Failure, closed_by_us: str | None, us: str, lost_errno: str | None = None) -> tuple[str, str]:
+def close_cause(reason: Failure, closed_by_us: str | None, us: str, tcp_end: str | None = None) -> tuple[str, str]:
     """Classify a close: (cause, detail).
 
     C{closed_by_us} is the reason we asked for the close (None when we did
-    not); C{us} is ``closed_by_server`` or ``closed_by_client``. A clean end
-    of stream (ConnectionDone) we did not ask for is the peer's FIN; any
-    other loss is a reset, detailed by the errno of the failed read when the
-    transport kept it (L{transport}), else by the exception text.
+    not); C{us} is ``closed_by_server`` or ``closed_by_client``; C{tcp_end}
+    is what the TCP transport saw (L{tcp_ending}). A clean end of stream we
+    did not ask for is the peer's FIN, also under TLS without a close_notify;
+    any other loss is a reset, detailed by the errno of the failed read when
+    known, else by the exception text.
     """
     if closed_by_us is not None:
         return us, closed_by_us
     if reason.check(TLSError, VerificationError) is not None:
         return TLS_ERROR, str(reason.value)
     if reason.check(ConnectionDone) is not None:
-        return PEER_CLOSED, "FIN"
-    return PEER_RESET, lost_errno or str(reason.value)
+        return PEER_CLOSED, FIN
+    if tcp_end == FIN:
+        return PEER_CLOSED, "FIN without TLS close_notify"
+    return PEER_RESET, tcp_end or str(reason.value)
 
 
 class SansIOCore(TypingProtocol):
@@ -134,7 +137,7 @@ class CoreProtocol(Protocol):
 
     def connection_lost_cause(self, reason: Failure, us: str) -> tuple[str, str]:
         self.stop_timer()
-        return close_cause(reason, self.closing, us, lost_errno_text(self.transport))
+        return close_cause(reason, self.closing, us, tcp_ending(self.transport))
 
 
 

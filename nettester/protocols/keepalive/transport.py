@@ -1,9 +1,11 @@
-"""TCP transports of the keep-alive roles: they keep the errno, and send at once.
+"""TCP transports of the keep-alive roles: they keep the errno or FIN, and send at once.
 
 Twisted turns a failed ``recv`` (ECONNRESET for a RST, ETIMEDOUT after
 retransmissions, EHOSTUNREACH...) into a bare ConnectionLost and drops the
 errno. These transports keep it in ``lost_errno``, so ``peer_reset`` lines
-can say what the OS said.
+can say what the OS said. They also note a FIN (``saw_fin``): under TLS,
+Twisted reports a FIN without a TLS close_notify as a lost connection too,
+and only the TCP layer can tell it from a RST.
 
 They also send a write at once when nothing is queued, instead of queueing it
 and asking epoll for writability (two ``epoll_ctl`` calls and a reactor turn
@@ -25,11 +27,15 @@ from twisted.internet.interfaces import IConnector, IListeningPort, ITransport
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Factory
 
+FIN = "FIN"
+
 
 class _LeanTransport:
-    """Mixin for tcp.Server / tcp.Client: keep the errno of the read that failed, send at once."""
+    """Mixin for tcp.Server / tcp.Client: keep the errno of the read that failed (or that it read
+    the peer's FIN), send at once."""
 
     lost_errno: int | None = None
+    saw_fin = False
     socket: Any
     bufferSize: int
     connected: bool
@@ -58,6 +64,8 @@ class _LeanTransport:
                 return None
             self.lost_errno = error.errno
             return main.CONNECTION_LOST
+        if not data:
+            self.saw_fin = True
         return self._dataReceived(data)  # type: ignore[attr-defined]
 
 
@@ -101,11 +109,14 @@ def connect_tcp(reactor: Any, host: str, port: int, factory: ClientFactory, time
     return connector
 
 
-def lost_errno_text(transport: ITransport | None) -> str | None:
-    """``ECONNRESET (104)`` for the transport (or the TCP transport under TLS) that lost its connection."""
+def tcp_ending(transport: ITransport | None) -> str | None:
+    """How the TCP connection under C{transport} (TLS included) ended, when a lean transport saw it:
+    ``ECONNRESET (104: Connection reset by peer)`` for a failed read, L{FIN} for the peer's FIN."""
     while transport is not None:
         code = getattr(transport, "lost_errno", None)
         if code is not None:
             return f"{errno.errorcode.get(code, 'errno')} ({code}: {os.strerror(code)})"
+        if getattr(transport, "saw_fin", False):
+            return FIN
         transport = getattr(transport, "transport", None)
     return None

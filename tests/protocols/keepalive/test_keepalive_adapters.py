@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import IReportingService
+from nettester.protocols.keepalive.adapter import close_cause
 from nettester.protocols.keepalive.client import (
     KeepAliveClientProtocol,
     KeepAliveClientService,
@@ -25,7 +26,7 @@ from nettester.protocols.keepalive.server import (
     KeepAliveServerProtocol,
     KeepAliveServerService,
 )
-from nettester.protocols.keepalive.transport import lost_errno_text
+from nettester.protocols.keepalive.transport import tcp_ending
 from nettester.protocols.keepalive.wire import ClientTiming
 
 CLIENT_ADDRESS = IPv4Address("TCP", "10.0.0.2", 40000)
@@ -225,15 +226,35 @@ def test_client_stop_closes_with_a_fin_and_stops_reconnecting() -> None:
     assert len(reactor.tcpClients) == 2
 
 
-def test_the_errno_that_lost_a_connection_is_found_under_tls_too() -> None:
-    class Tcp:
+def test_how_tcp_ended_is_found_under_tls_too() -> None:
+    class Reset:
         lost_errno = errno.ECONNRESET
 
-    class Tls:
-        transport = Tcp()
+    class Fin:
+        saw_fin = True
 
-    assert lost_errno_text(Tls()) == "ECONNRESET (104: Connection reset by peer)"
-    assert lost_errno_text(StringTransport()) is None
+    class Tls:
+        def __init__(self, transport: object) -> None:
+            self.transport = transport
+
+    assert tcp_ending(Tls(Reset())) == "ECONNRESET (104: Connection reset by peer)"
+    assert tcp_ending(Tls(Fin())) == "FIN"
+    assert tcp_ending(StringTransport()) is None
+
+
+@pytest.mark.parametrize(
+    "reason, tcp_end, expected",
+    [
+        (ConnectionDone(), None, ("peer_closed", "FIN")),
+        (ConnectionLost(), "FIN", ("peer_closed", "FIN without TLS close_notify")),
+        (ConnectionLost(), "ECONNRESET (104: Connection reset by peer)",
+         ("peer_reset", "ECONNRESET (104: Connection reset by peer)")),
+        (ConnectionLost(), None, ("peer_reset", "Connection to the other side was lost in a non-clean fashion.")),
+    ],
+)
+def test_close_causes(reason: Exception, tcp_end: str | None, expected: tuple[str, str]) -> None:
+    assert close_cause(Failure(reason), None, "closed_by_server", tcp_end) == expected
+    assert close_cause(Failure(reason), "shutdown", "closed_by_server", tcp_end) == ("closed_by_server", "shutdown")
 
 
 def test_a_connection_completing_after_the_stop_is_closed_at_once() -> None:

@@ -181,6 +181,12 @@ class _Relay(Factory):
         reactor.connectTCP("127.0.0.1", self.target_port, Outbound())
         return inbound
 
+    def close_both_ends(self) -> None:
+        """Close every relayed socket with a plain TCP FIN (below any TLS)."""
+        for side in self.sides:
+            side.transport.loseConnection()
+        self.sides = []
+
     def reset_both_ends(self) -> None:
         """Close every relayed socket with SO_LINGER {1, 0}: the kernel sends a RST to each end."""
         for side in self.sides:
@@ -279,3 +285,29 @@ def test_lean_transports_send_at_once_and_queue_only_what_the_kernel_refuses() -
         yield client.lost.addTimeout(TIMEOUT, reactor)
     finally:
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_middlebox_fin_under_tls_is_peer_closed_on_both_ends(logged: Any) -> Generator[Any, Any, None]:
+    certificate = tls.self_signed_certificate()
+    server = KeepAliveServerService(reactor, 0, "127.0.0.1", keepalive_timeout=5.0,
+                                    tls=tls.server_options(certificate))
+    server.startService()
+    relay = _Relay(server.port_number)
+    relay_port = reactor.listenTCP(0, relay, interface="127.0.0.1")
+    fleet = KeepAliveClientService(reactor, "127.0.0.1", relay_port.getHost().port, 1, FAST, ramp_up=0.0,
+                                   reconnect_delay=60.0, tls=tls.client_creator("localhost", None, insecure=True))
+    fleet.startService()
+    try:
+        yield _until(lambda: fleet.summary()["keepalives"] >= 2)
+        relay.close_both_ends()
+        yield _until(lambda: fleet.summary()["server_closed"] == 1 and server.summary()["peer_closed"] == 1)
+    finally:
+        yield relay_port.stopListening()
+        yield fleet.stopService().addTimeout(TIMEOUT, reactor)
+        yield server.stopService().addTimeout(TIMEOUT, reactor)
+    details = [(event["cause"], event["detail"]) for event in logged.named("conn_closed")]
+    assert details == [("peer_closed", "FIN without TLS close_notify")] * 2
+    report = _report_of(logged)
+    assert report.classes["middlebox_fin"].count == 1
+    assert report.classes["middlebox_fin"].reasons == {"seen by both ends": 1}
