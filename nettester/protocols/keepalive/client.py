@@ -102,7 +102,8 @@ class KeepAliveClientProtocol(CoreProtocol):
         elif cause == PEER_RESET:
             log.error("Client {client}: TCP connection reset, conn={conn}", **fields)
         elif cause == TLS_ERROR:
-            log.error("Client {client}: TLS failed, conn={conn}: {detail}", **fields)
+            log.error("Client {client}: TLS failed, conn={conn}: {detail} (check --ca and --server-name, "
+                      "or use --insecure for a self-signed server)", **fields)
         else:
             log.info("Client {client}: closed TCP connection, conn={conn} :{detail}", **fields)
         self.slot.connection_lost(self, cause)
