@@ -136,11 +136,11 @@ def k8s_node_id(environ: Mapping[str, str], hostname: str) -> int:
     return _node_id(match.group(1))
 
 
-def group_secret(option: str | None, environ: Mapping[str, str]) -> bytes | None:
-    """The group secret: the option's text (UTF-8), else the base64 env variable, else None."""
+def group_secret(option: str | None, encoded: str) -> bytes | None:
+    """The group secret: the option's text (UTF-8), else the base64 form (option or env variable), else None."""
     if option:
         return option.encode("utf-8")
-    encoded = environ.get(SECRET_ENV, "").strip()
+    encoded = encoded.strip()
     if not encoded:
         return None
     try:
@@ -171,12 +171,15 @@ class ClusterOptionsMixin:
         ["k8s-dtls-cluster", None, "", "Kubernetes cluster: \"<dtls-interface>;<mgmt-interface>;<external-mgmt-port>\", "
                                        "e.g. \":5784;:5884;5884\"."],
         ["dtls-cluster-group-security", None, "", f"Secret authenticating management records (else env {SECRET_ENV})."],
+        ["dtls-cluster-group-security-base64", None, "", "The same secret, base64; prefer its environment variable "
+                                                         f"{SECRET_ENV}: a command line shows in ps."],
     ]
     envVars: ClassVar[dict[str, str]] = {
         "dtls-cluster": "DTLS_CLUSTER",
         "dtls-cluster-group": "DTLS_CLUSTER_GROUP",
         "k8s-dtls-cluster": "K8S_DTLS_CLUSTER",
         "no-dtls-cluster-backward": "DTLS_CLUSTER_NO_BACKWARD",
+        "dtls-cluster-group-security-base64": SECRET_ENV,
     }
 
     def postOptions(self) -> None:
@@ -196,7 +199,8 @@ def cluster_config(options: Mapping[str, Any], environ: Mapping[str, str], hostn
         return None
     if static_text and k8s_text:
         raise ValueError("use --dtls-cluster or --k8s-dtls-cluster, not both")
-    secret = group_secret(options["dtls-cluster-group-security"] or None, environ)
+    encoded = options.get("dtls-cluster-group-security-base64") or environ.get(SECRET_ENV, "")
+    secret = group_secret(options["dtls-cluster-group-security"] or None, encoded)
     backward = not options["no-dtls-cluster-backward"]
     if k8s_text:
         if group_text:

@@ -7,8 +7,6 @@ payload. Block-wise transfers are transparent (the layer reassembles them).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import string
 from dataclasses import dataclass
@@ -152,18 +150,6 @@ def format_message(title: str, message: Message, rtt: float | None = None) -> st
     lines.append("Payload (%d bytes):" % len(message.payload))
     lines.append(format_payload(message.payload, message.content_format))
     return "\n".join(lines)
-
-
-def parse_secret(text: str) -> bytes:
-    """A PSK secret: text, or ``hex:..`` / ``base64:..``."""
-    try:
-        if text.startswith("hex:"):
-            return bytes.fromhex(text[4:])
-        if text.startswith("base64:"):
-            return base64.b64decode(text[7:], validate=True)
-    except (ValueError, binascii.Error):
-        raise ValueError(f"cannot decode secret {text!r}") from None
-    return text.encode()
 
 
 class CoapClientService(Service):

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
+from nettester.cluster.config import ClusterOptionsMixin
 from nettester.options import (
     RoleOptions,
     non_negative_float,
@@ -22,12 +23,14 @@ from nettester.options import (
     positive_float,
     positive_int,
 )
+from nettester.protocols.dtls.options import DtlsClientOptionsMixin, DtlsServerOptionsMixin
 
 DEFAULT_PORT = 5683
 # RFC 7252 section 6.1 / 6.2 default ports: coap 5683, coaps 5684; the
 # extended endpoints sit 100 above (Californium's 5783 / 5784).
 COAPS_OFFSET = 1
 EXTENDED_OFFSET = 100
+CLUSTER_MIN_CID_LENGTH = 6  # issue 6: the node id byte plus enough random bytes for many sessions
 
 
 def negatable(name: str, default: bool, help_text: str) -> list[list[Any]]:
@@ -56,19 +59,21 @@ def interface_list(value: str) -> tuple[str, ...]:
     return addresses
 
 
-class CoapServerOptions(RoleOptions):
-    """``nettester coap-server``: the extended plugtest server."""
+class CoapServerOptions(ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions):
+    """``nettester coap-server``: the extended plugtest server, optionally a DTLS CID cluster node."""
 
     longdesc = (
         "An extended CoAP plugtest server (RFC 7252, 7959, 7641, 6690). The ETSI plugtest resources "
         "listen on coap BASE and coaps BASE+1, the extended ones (benchmark, requests, mycontext, myip, "
-        "echo) on coap BASE+100 and coaps BASE+101. coaps needs --psk-file or --cert/--key."
+        "echo) on coap BASE+100 and coaps BASE+101. coaps needs --psk-file, --psk-sandbox or --cert/--key. "
+        "With --dtls-cluster or --k8s-dtls-cluster the extended coaps endpoint is a DTLS CID cluster node "
+        "on the cluster's DTLS interface instead of BASE+101."
     )
     envVars: ClassVar[Mapping[str, str]] = {
         "port": "COAP_SERVER_PORT",
         "interfaces": "COAP_SERVER_INTERFACES",
         "notify-interval": "COAP_NOTIFY_INTERVAL",
-        "psk-file": "COAP_PSK_FILE",
+        "ready-port": "COAP_READY_PORT",
     }
     optFlags: ClassVar[list[list[Any]]] = [
         *negatable("plugtest", True, "Serve the ETSI plugtest resources on BASE / BASE+1"),
@@ -88,28 +93,36 @@ class CoapServerOptions(RoleOptions):
         ["receive-buffer", None, 4 << 20, "SO_RCVBUF of each socket, bytes.", positive_int],
         ["max-dedup-entries", None, 1 << 20, "Cap of each endpoint's deduplication store (about 400 bytes "
          "per entry); past it entries go before EXCHANGE_LIFETIME (counted).", positive_int],
-        ["client-auth", None, "NONE", "coaps client certificates: NONE, WANTED or NEEDED.",
-         lambda value: value.strip().upper()],
-        ["psk-file", None, "", "coaps PSK store: one 'identity=base64secret' per line."],
-        ["cert", None, "", "coaps PEM certificate chain (leaf first), P-256."],
-        ["key", None, "", "coaps PEM P-256 private key of --cert."],
-        ["trust", None, "", "coaps PEM trust anchors for client certificates."],
+        ["ready-port", None, 0, "Serve the readiness probe http://<metrics-interface>:PORT/ready (0 = off): "
+         "200 once the sockets are open and, in Kubernetes, the pods listed.", non_negative_int],
     ]
+
+    def dtls_wanted(self) -> bool:
+        """coaps is served only when credentials are given."""
+        return self.has_server_credentials()
+
+    def cid_node_id(self) -> int:
+        """In a cluster our CIDs start with the node id (issue 6), else 0."""
+        cluster = self["cluster"]
+        return cluster.node_id if cluster is not None else 0
 
     def postOptions(self) -> None:
         for name, default in (("plugtest", True), ("benchmark", False), ("loopback", True),
                               ("external", True), ("ipv4", True), ("ipv6", True)):
             self[name] = resolve_negatable(self, name, default)
-        if self["client-auth"] not in ("NONE", "WANTED", "NEEDED"):
-            raise usage.UsageError("--client-auth: expected NONE, WANTED or NEEDED; see --help")
+        super().postOptions()
+        if self["cluster"] is not None:
+            if self["dtls"] is None:
+                raise usage.UsageError("a DTLS cluster serves coaps: give --psk-file, --psk-sandbox or --cert/--key")
+            if self["cid-length"] < CLUSTER_MIN_CID_LENGTH:
+                raise usage.UsageError(f"--cid-length: a cluster needs CIDs of at least {CLUSTER_MIN_CID_LENGTH} "
+                                       "bytes (the first byte is the node id); see --help")
         if not (self["ipv4"] or self["ipv6"]) and not self["interfaces"]:
             raise usage.UsageError("--no-ipv4 and --no-ipv6 leave nothing to listen on")
         if not (self["loopback"] or self["external"]) and not self["interfaces"]:
             raise usage.UsageError("--no-loopback and --no-external leave nothing to listen on")
-        if self["dtls-only"] and not (self["psk-file"] or self["cert"]):
-            raise usage.UsageError("--dtls-only needs --psk-file or --cert/--key")
-        if bool(self["cert"]) != bool(self["key"]):
-            raise usage.UsageError("--cert and --key go together")
+        if self["dtls-only"] and self["dtls"] is None:
+            raise usage.UsageError("--dtls-only needs --psk-file, --psk-sandbox or --cert/--key")
         if self["port"] and self["port"] + EXTENDED_OFFSET + COAPS_OFFSET > 65535:
             raise usage.UsageError("--port: BASE+101 must stay below 65536")
 
@@ -121,17 +134,8 @@ def content_format_option(value: str) -> int:
     return parse_content_format(value)
 
 
-class _CoapsClientCredentials:
-    """``--identity/--secret`` or ``--cert/--key/--trust`` for coaps:// URIs; leaves ``self["dtls"]``."""
-
-    envVars: ClassVar[Mapping[str, str]] = {"identity": "COAP_PSK_IDENTITY", "secret": "COAP_PSK_SECRET"}
-    optParameters: ClassVar[list[list[Any]]] = [
-        ["identity", None, "", "coaps PSK identity."],
-        ["secret", None, "", "coaps PSK secret: text, hex:..., or base64:..."],
-        ["cert", None, "", "coaps PEM certificate chain, P-256."],
-        ["key", None, "", "coaps PEM P-256 private key of --cert."],
-        ["trust", None, "", "coaps PEM trust anchors for the server's certificate."],
-    ]
+class _CoapUriArgument:
+    """The URI argument of the client roles; DTLS options apply to coaps:// URIs only."""
 
     def parseArgs(self, uri: str) -> None:
         from nettester.protocols.coap.client import parse_uri
@@ -141,37 +145,11 @@ class _CoapsClientCredentials:
         except ValueError as error:
             raise usage.UsageError(f"{error}; see --help") from None
 
-    def _dtls_configuration(self) -> Any:
-        """The client DtlsConfiguration for coaps://, None for coap://."""
-        options: Any = self
-        if bool(options["identity"]) != bool(options["secret"]):
-            raise usage.UsageError("--identity and --secret go together")
-        if bool(options["cert"]) != bool(options["key"]):
-            raise usage.UsageError("--cert and --key go together")
-        if options["uri"].scheme != "coaps":
-            return None
-        if not (options["identity"] or options["cert"]):
-            raise usage.UsageError("coaps:// needs --identity/--secret or --cert/--key")
-        from nettester.protocols.coap.client import parse_secret
-        from nettester.protocols.dtls.connection import DtlsConfiguration
-        from nettester.protocols.dtls.options import load_certificates, load_private_key
-
-        try:
-            configuration = DtlsConfiguration(is_client=True)
-            if options["identity"]:
-                configuration.psk_identity = options["identity"].encode()
-                configuration.psk = parse_secret(options["secret"])
-            if options["cert"]:
-                configuration.certificate_chain = load_certificates(options["cert"])
-                configuration.private_key = load_private_key(options["key"])
-            if options["trust"]:
-                configuration.trust_anchors = load_certificates(options["trust"])
-        except (OSError, ValueError) as error:
-            raise usage.UsageError(f"{error}; see --help") from None
-        return configuration
+    def dtls_wanted(self) -> bool:
+        return bool(self["uri"].scheme == "coaps")  # type: ignore[index]
 
 
-class CoapClientOptions(_CoapsClientCredentials, RoleOptions):
+class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-client [options] URI``."""
 
     longdesc = (
@@ -197,10 +175,10 @@ class CoapClientOptions(_CoapsClientCredentials, RoleOptions):
 
         if self["method"] not in METHODS:
             raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
-        self["dtls"] = self._dtls_configuration()
+        super().postOptions()
 
 
-class CoapBenchOptions(_CoapsClientCredentials, RoleOptions):
+class CoapBenchOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-bench [options] URI`` (Californium's BenchmarkClient)."""
 
     longdesc = (
@@ -234,10 +212,10 @@ class CoapBenchOptions(_CoapsClientCredentials, RoleOptions):
             raise usage.UsageError("--con and --non contradict each other")
         if self["method"] not in METHODS:
             raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
-        self["dtls"] = self._dtls_configuration()
+        super().postOptions()
 
 
-class CoapReceiveTestOptions(_CoapsClientCredentials, RoleOptions):
+class CoapReceiveTestOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-receivetest [options] [URI]`` (Californium's ReceivetestClient)."""
 
     longdesc = (
@@ -265,4 +243,4 @@ class CoapReceiveTestOptions(_CoapsClientCredentials, RoleOptions):
         if self["json"] and self["cbor"]:
             raise usage.UsageError("--json and --cbor contradict each other")
         self["uuid-file"] = self["uuid-file"] or DEFAULT_UUID_FILE
-        self["dtls"] = self._dtls_configuration()
+        super().postOptions()

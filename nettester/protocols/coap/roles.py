@@ -25,49 +25,29 @@ from nettester.protocols.coap.options import (
 SUMMARY = "CoAP extended plugtest server (coap/coaps), client, benchmark and receive test (RFC 7252/7959/7641)."
 
 
-def dtls_server_configuration(options: RoleOptions) -> Any:
-    """The coaps server configuration from ``--psk-file``/``--cert``/``--key``/``--trust``, or None."""
-    if not (options["psk-file"] or options["cert"]):
-        return None
-    from nettester.protocols.dtls.cid import DEFAULT_CID_LENGTH, NodeConnectionIdGenerator
-    from nettester.protocols.dtls.connection import ClientAuth, DtlsConfiguration, SessionCache
-    from nettester.protocols.dtls.credentials import PskStore
-    from nettester.protocols.dtls.options import load_certificates, load_private_key
-
-    configuration = DtlsConfiguration(is_client=False)
-    configuration.psk_store = PskStore.from_file(options["psk-file"]) if options["psk-file"] else PskStore()
-    if options["cert"]:
-        configuration.certificate_chain = load_certificates(options["cert"])
-        configuration.private_key = load_private_key(options["key"])
-    if options["trust"]:
-        configuration.trust_anchors = load_certificates(options["trust"])
-    configuration.client_auth = ClientAuth(options["client-auth"].lower())
-    configuration.cid_generator = NodeConnectionIdGenerator(DEFAULT_CID_LENGTH, 0)
-    configuration.session_cache = SessionCache()
-    return configuration
-
-
-def build_server(reactor: Any, options: RoleOptions) -> IService:
-    """The coap-server service for parsed options."""
+def build_server(reactor: Any, options: RoleOptions, kubernetes_factory: Any = None) -> IService:
+    """The coap-server service for parsed options (C{kubernetes_factory}: tests' pod discovery)."""
     from nettester.protocols.coap.layer import TransmissionParameters
     from nettester.protocols.coap.server import CoapServerService, local_addresses
 
     addresses = list(options["interfaces"]) or local_addresses(
         options["ipv4"], options["ipv6"], options["loopback"], options["external"]
     )
-    dtls = dtls_server_configuration(options)
+    dtls = options["dtls"]
     factory = None
     if dtls is not None:
         from nettester.protocols.dtls.endpoint import DtlsEndpoint
 
         def factory() -> Any:
-            return DtlsEndpoint(reactor, server_configuration=dtls)
+            return DtlsEndpoint(reactor, server_configuration=dtls, max_connections=options["max-connections"])
 
     return CoapServerService(
         reactor, options["port"], addresses, plugtest=options["plugtest"], benchmark=options["benchmark"],
         notify_interval=options["notify-interval"], receive_buffer=options["receive-buffer"],
         dtls_link_factory=factory, dtls_only=bool(options["dtls-only"]),
         params=TransmissionParameters(max_dedup_entries=options["max-dedup-entries"]),
+        cluster=options["cluster"], kubernetes_factory=kubernetes_factory,
+        ready_port=options["ready-port"], ready_interface=options["metrics-interface"],
     )
 
 

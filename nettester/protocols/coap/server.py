@@ -6,6 +6,12 @@ section 6 default ports). Each port is a link (UdpLink or DtlsEndpoint) with
 its own CoapEndpoint; the plugtest endpoints share one resource tree, the
 extended ones another, so observers and stored state are the same whichever
 address a client uses.
+
+In a DTLS CID cluster (issue 6) the extended coaps endpoint is the cluster
+node's public socket instead (UDP socket -> CID router -> DTLS endpoint ->
+CoAP endpoint, DESIGN.md): records for another node's CID are forwarded
+there, records other nodes forward to us arrive with their route, and
+``mycontext`` shows ``node-id`` and ``via``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from zope.interface import implementer
 
+from nettester.cluster.config import ClusterConfig
 from nettester.interfaces import IDatagramLink, IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
@@ -106,7 +113,16 @@ class CoapServerService(Service):
         dtls_only: bool = False,
         server_name: str = "nettester",
         params: TransmissionParameters | None = None,
+        cluster: ClusterConfig | None = None,
+        kubernetes_factory: Any = None,
+        ready_port: int = 0,
+        ready_interface: str = "",
     ) -> None:
+        """C{cluster}: the extended coaps endpoint joins this DTLS CID cluster (needs
+        C{dtls_link_factory}); C{kubernetes_factory} replaces the pod discovery (tests).
+        C{ready_port}: serve ``/ready`` over HTTP there (0: off)."""
+        if cluster is not None and dtls_link_factory is None:
+            raise ValueError("a DTLS cluster needs a DTLS link factory")
         self._reactor = reactor
         self._base_port = port
         self._addresses = addresses
@@ -115,6 +131,13 @@ class CoapServerService(Service):
         self._dtls_link_factory = dtls_link_factory
         self._dtls_only = dtls_only
         self._params = params
+        self._cluster = cluster
+        self._kubernetes_factory = kubernetes_factory
+        self._ready_port_number = ready_port
+        self._ready_interface = ready_interface
+        self._ready_port: Any = None
+        #: The cluster node (public socket, router, management), or None outside a cluster.
+        self.cluster_node: Any = None
         started = reactor.seconds()
         self.plugtest_site: Site = build_site(reactor, plugtest_resources(notify_interval, self._shutdown))
         self.extended_site: Site = build_site(
@@ -146,8 +169,8 @@ class CoapServerService(Service):
         return self._total("garbage") + self._total("format_errors") + self._total("bad_options")
 
     def summary(self) -> dict[str, Any]:
-        """Counters of every endpoint, for the periodic summary line."""
-        return {
+        """Counters of every endpoint (and the cluster's), for the periodic summary line."""
+        fields = {
             "received": self._total("received"),
             "sent": self._total("sent"),
             "duplicates": self._total("duplicates"),
@@ -155,6 +178,16 @@ class CoapServerService(Service):
             "malformed": self._malformed(),
             "observers": sum(endpoint.core.observer_count for endpoint in self.endpoints),
         }
+        if self.cluster_node is not None:
+            fields["node_id"] = self._cluster.node_id  # type: ignore[union-attr]
+            fields.update(self.cluster_node.summary())
+        return fields
+
+    def is_ready(self) -> bool:
+        """For ``/ready``: every socket open and, in a cluster, the node ready (pods listed once in k8s)."""
+        if self.failed is not None or not self.running:
+            return False
+        return self.cluster_node.is_ready() if self.cluster_node is not None else bool(self.listening)
 
     @property
     def stats(self) -> list[LayerStats]:
@@ -173,17 +206,64 @@ class CoapServerService(Service):
                         continue
                     if not self._dtls_only:
                         self._listen("coap", address, offset, UdpLink(receive_buffer=self._receive_buffer), site, name)
-                    if self._dtls_link_factory is not None:
+                    if self._dtls_link_factory is not None and not (self._cluster and name == "extended"):
                         self._listen("coaps", address, offset + COAPS_OFFSET, self._dtls_link_factory(), site, name)
+            if self._cluster is not None:
+                self._start_cluster_node(self._cluster)
+            if self._ready_port_number:
+                self._serve_ready()
         except (CannotListenError, OSError) as error:
-            self.failed = str(error)
-            log.critical("cannot listen: {reason}; choose another --port or --interfaces", event="listen_failed",
-                         reason=str(error))
-            self.stopService()
-            from nettester.tap import set_exit_status
+            self._fail(str(error))
 
-            set_exit_status(1)
-            self._reactor.callWhenRunning(self._reactor.stop)
+    def _fail(self, reason: str) -> None:
+        """Listening failed: say why, stop, and make the process exit with status 1."""
+        self.failed = reason
+        log.critical("cannot listen: {reason}; choose another --port or --interfaces", event="listen_failed",
+                     reason=reason)
+        self.stopService()
+        from nettester.tap import set_exit_status
+
+        set_exit_status(1)
+        self._reactor.callWhenRunning(self._reactor.stop)
+
+    def _start_cluster_node(self, cluster: ClusterConfig) -> None:
+        """The extended coaps endpoint behind the CID router, on the cluster's DTLS interface."""
+        from nettester.cluster.node import ClusterNodeService
+
+        link = self._dtls_link_factory()  # type: ignore[misc]
+        endpoint = CoapEndpoint(link, self._reactor, params=self._params)
+        self.extended_site.attach(endpoint)
+        self.endpoints.append(endpoint)
+        self.cluster_node = ClusterNodeService(self._reactor, cluster, link, self.metrics, self._kubernetes_factory)
+        self.cluster_node.startService()
+        self.cluster_node.started.addCallbacks(self._cluster_listening, self._cluster_failed)
+
+    def _cluster_listening(self, _: None) -> None:
+        host = self._cluster.dtls_address[0] or "0.0.0.0"  # type: ignore[union-attr]
+        port = self.cluster_node.public_port
+        self.listening.append(("coaps", host, port, "extended"))
+        log.info("{name} resources on {scheme}://{where}:{port} (cluster node {node})", event="coap_listening",
+                 name="extended", scheme="coaps", where=f"[{host}]" if ":" in host else host, port=port,
+                 node=self._cluster.node_id)  # type: ignore[union-attr]
+
+    def _cluster_failed(self, failure: Any) -> None:
+        if self.running:
+            self._fail(f"cluster node: {failure.getErrorMessage()}")
+
+    def _serve_ready(self) -> None:
+        """``/ready`` for a Kubernetes readiness probe (the metrics port is the core's; this one is ours)."""
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site as WebSite
+
+        from nettester.cluster.discovery import ReadyResource
+
+        root = Resource()
+        root.putChild(b"ready", ReadyResource(self.is_ready))
+        site = WebSite(root)
+        site.noisy = False
+        self._ready_port = self._reactor.listenTCP(self._ready_port_number, site, interface=self._ready_interface)
+        log.info("readiness probe on http port {port}/ready", event="coap_ready_port",
+                 port=self._ready_port.getHost().port)
 
     def _listen(self, scheme: str, address: str, offset: int, link: Any, site: Site, name: str) -> None:
         port_number = self._base_port + offset if self._base_port else 0
@@ -204,7 +284,13 @@ class CoapServerService(Service):
         for endpoint in self.endpoints:
             endpoint.stop()
         ports, self._ports = self._ports, []
-        return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
+        if self._ready_port is not None:
+            ports.append(self._ready_port)
+            self._ready_port = None
+        stopping = [defer.maybeDeferred(port.stopListening) for port in ports]
+        if self.cluster_node is not None and self.cluster_node.running:  # kept for the final summary
+            stopping.append(defer.maybeDeferred(self.cluster_node.stopService))
+        return defer.gatherResults(stopping)
 
     def _shutdown(self) -> None:
         """The plugtest ``shutdown`` resource: stop the whole process."""

@@ -2,9 +2,15 @@
 
 Mix into a RoleOptions subclass: ``class O(DtlsServerOptionsMixin,
 RoleOptions)``.  ``postOptions`` checks the values and leaves
-``self["dtls"]``, a ready L{DtlsConfiguration}; a server role then builds a
+``self["dtls"]``, a ready L{DtlsConfiguration} (or None where a role uses
+DTLS only on demand, see C{dtls_wanted}); a server role then builds a
 ``DtlsEndpoint(reactor, server_configuration=options["dtls"],
 max_connections=options["max-connections"])``.
+
+The option names are the ones issues 4 and 5 give every DTLS role:
+``--cert/--key/--trust``, ``--psk-file``, ``--psk-sandbox``, ``--client-auth
+NONE|WANTED|NEEDED``, ``--cid-length``, ``--max-connections`` for servers, and
+``--identity/--secret`` for clients.
 """
 
 from __future__ import annotations
@@ -61,23 +67,42 @@ def load_private_key(path: str) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def parse_secret(text: str) -> bytes:
+    """A PSK secret: text, or ``hex:..`` / ``base64:..``."""
+    try:
+        if text.startswith("hex:"):
+            return bytes.fromhex(text[4:])
+        if text.startswith("base64:"):
+            return base64.b64decode(text[7:], validate=True)
+    except (ValueError, binascii.Error):
+        raise CredentialsError(f"--secret: cannot decode {text!r} (expected text, hex:... or base64:...)") from None
+    return text.encode()
+
+
+def _client_auth(value: str) -> str:
+    try:
+        return ClientAuth(value.strip().lower()).value
+    except ValueError:
+        raise ValueError(f"expected NONE, WANTED or NEEDED, got {value!r}") from None
+
+
 class _DtlsOptionsBase:
-    """What servers and clients share: suites, MTU, timers, X.509."""
+    """What servers and clients share: suites, CID, MTU, timers, X.509."""
 
     optParameters: ClassVar[list[list[Any]]] = [
-        ["dtls-suites", None, DEFAULT_SUITES, "Cipher suites, most preferred first.", _suite_list],
+        ["dtls-suites", None, DEFAULT_SUITES, "DTLS cipher suites, most preferred first.", _suite_list],
         ["cid-length", None, DEFAULT_CID_LENGTH, "DTLS Connection ID length (RFC 9146); 0 turns CID off.", _cid_length],
         ["dtls-mtu", None, 1400, "Largest DTLS datagram sent.", positive_int],
         ["dtls-retransmit", None, 1.0, "Initial handshake retransmission timeout, seconds (doubles).", positive_float],
-        ["certificate", None, "", "PEM certificate chain (leaf first) for ECDHE-ECDSA suites."],
-        ["private-key", None, "", "PEM P-256 private key of --certificate."],
-        ["trust", None, "", "PEM trust anchors the peer's certificate must chain to."],
+        ["cert", None, "", "DTLS PEM certificate chain (leaf first), P-256, for the ECDHE-ECDSA suites."],
+        ["key", None, "", "DTLS PEM P-256 private key of --cert."],
+        ["trust", None, "", "DTLS PEM trust anchors the peer's certificate must chain to."],
     ]
     envVars: ClassVar[dict[str, str]] = {
         "dtls-suites": "DTLS_SUITES",
         "cid-length": "DTLS_CID_LENGTH",
-        "certificate": "DTLS_CERTIFICATE",
-        "private-key": "DTLS_PRIVATE_KEY",
+        "cert": "DTLS_CERTIFICATE",
+        "key": "DTLS_PRIVATE_KEY",
         "trust": "DTLS_TRUST",
     }
 
@@ -88,14 +113,18 @@ class _DtlsOptionsBase:
             mtu=options["dtls-mtu"],
             initial_retransmit_timeout=options["dtls-retransmit"],
         )
-        if bool(options["certificate"]) != bool(options["private-key"]):
-            raise CredentialsError("--certificate and --private-key go together")
-        if options["certificate"]:
-            configuration.certificate_chain = load_certificates(options["certificate"])
-            configuration.private_key = load_private_key(options["private-key"])
+        if bool(options["cert"]) != bool(options["key"]):
+            raise CredentialsError("--cert and --key go together")
+        if options["cert"]:
+            configuration.certificate_chain = load_certificates(options["cert"])
+            configuration.private_key = load_private_key(options["key"])
         if options["trust"]:
             configuration.trust_anchors = load_certificates(options["trust"])
         return configuration
+
+    def dtls_wanted(self) -> bool:
+        """Whether this role needs a DTLS configuration at all (coap roles: only for coaps)."""
+        return True
 
 
 class DtlsServerOptionsMixin(_DtlsOptionsBase):
@@ -110,7 +139,7 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
         ],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
-        ["psk-file", None, "", "PSK store: one 'identity=base64secret' per line."],
+        ["psk-file", None, "", "DTLS PSK store: one 'identity=base64secret' per line."],
         [
             "max-connections",
             None,
@@ -118,13 +147,7 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
             "Most live DTLS connections; the stalest goes first.",
             positive_int,
         ],
-        [
-            "client-auth",
-            None,
-            "none",
-            "Ask clients for a certificate: none, wanted or needed.",
-            lambda value: ClientAuth(value.strip().lower()).value,
-        ],
+        ["client-auth", None, "none", "Ask DTLS clients for a certificate: NONE, WANTED or NEEDED.", _client_auth],
     ]
     envVars: ClassVar[dict[str, str]] = {
         "psk-sandbox": "DTLS_PSK_SANDBOX",
@@ -135,10 +158,23 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
 
     def postOptions(self) -> None:
         try:
-            self["dtls"] = self.server_configuration(self)  # type: ignore[index, arg-type]
+            self["dtls"] = (  # type: ignore[index]
+                self.server_configuration(self, self.cid_node_id())  # type: ignore[arg-type]
+                if self.dtls_wanted()
+                else None
+            )
         except (CredentialsError, OSError, ValueError) as error:
             raise usage.UsageError("%s; see --help" % error) from None
         super().postOptions()  # type: ignore[misc]
+
+    def has_server_credentials(self) -> bool:
+        """Whether any DTLS credential option is set (a PSK source or a certificate)."""
+        options: Any = self
+        return bool(options["psk-file"] or options["psk-sandbox"] or options["cert"])
+
+    def cid_node_id(self) -> int:
+        """The node id our CIDs start with: 0 alone, the node's id in a cluster."""
+        return 0
 
     def server_configuration(self, options: Mapping[str, Any], node_id: int | None = 0) -> DtlsConfiguration:
         """The server configuration; C{node_id} is the cluster node (0 alone)."""
@@ -151,7 +187,7 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
         if configuration.client_auth is not ClientAuth.NONE and configuration.trust_anchors is None:
             raise CredentialsError("--client-auth needs --trust")
         if not configuration.psk_store and not configuration.certificate_chain:
-            raise CredentialsError("a DTLS server needs --psk-file, --psk-sandbox or --certificate")
+            raise CredentialsError("a DTLS server needs --psk-file, --psk-sandbox or --cert/--key")
         length = options["cid-length"]
         configuration.cid_generator = NodeConnectionIdGenerator(length, node_id) if length else None
         configuration.session_cache = SessionCache()
@@ -165,36 +201,38 @@ class DtlsClientOptionsMixin(_DtlsOptionsBase):
         ["psk-sandbox", None, "Use the sandbox identity Client_identity/secretPSK of the plugtest servers."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
-        ["psk-identity", None, "", "PSK identity."],
-        ["psk-secret", None, "", "PSK secret, base64."],
+        ["identity", None, "", "DTLS PSK identity."],
+        ["secret", None, "", "DTLS PSK secret: text, hex:... or base64:..."],
         ["server-name", None, "", "Name the server's certificate must carry (SNI too)."],
     ]
     envVars: ClassVar[dict[str, str]] = {
         "psk-sandbox": "DTLS_PSK_SANDBOX",
-        "psk-identity": "DTLS_PSK_IDENTITY",
-        "psk-secret": "DTLS_PSK_SECRET",
+        "identity": "DTLS_PSK_IDENTITY",
+        "secret": "DTLS_PSK_SECRET",
     }
 
     def postOptions(self) -> None:
         try:
-            self["dtls"] = self.client_configuration(self)  # type: ignore[index, arg-type]
+            self["dtls"] = self.client_configuration(self) if self.dtls_wanted() else None  # type: ignore[index, arg-type]
         except (CredentialsError, OSError, ValueError) as error:
             raise usage.UsageError("%s; see --help" % error) from None
         super().postOptions()  # type: ignore[misc]
 
     def client_configuration(self, options: Mapping[str, Any]) -> DtlsConfiguration:
+        """The client configuration: PSK (--identity/--secret or --psk-sandbox) and/or certificates."""
+        if bool(options["identity"]) != bool(options["secret"]):
+            raise CredentialsError("--identity and --secret go together")
         configuration = self._common(options, is_client=True)
-        if options["psk-identity"]:
-            try:
-                secret = base64.b64decode(options["psk-secret"], validate=True)
-            except (binascii.Error, ValueError):
-                raise CredentialsError("--psk-secret is not base64") from None
+        if options["identity"]:
+            secret = parse_secret(options["secret"])
             if not secret:
-                raise CredentialsError("--psk-identity needs --psk-secret")
-            configuration.psk_identity, configuration.psk = options["psk-identity"].encode("utf-8"), secret
+                raise CredentialsError("--secret decodes to an empty secret")
+            configuration.psk_identity, configuration.psk = options["identity"].encode("utf-8"), secret
         elif options["psk-sandbox"]:
             configuration.psk_identity = SANDBOX_CLIENT_IDENTITY
             configuration.psk = SANDBOX_IDENTITIES[SANDBOX_CLIENT_IDENTITY]
+        if configuration.psk is None and configuration.trust_anchors is None and not configuration.certificate_chain:
+            raise CredentialsError("DTLS needs --identity/--secret, --psk-sandbox, or --trust (and --cert/--key)")
         configuration.server_name = options["server-name"] or None
         configuration.cid_length = options["cid-length"] if options["cid-length"] else None
         usable = [
@@ -203,6 +241,6 @@ class DtlsClientOptionsMixin(_DtlsOptionsBase):
             if (configuration.psk is not None) or not SUITES_BY_NAME[name].key_exchange.uses_psk
         ]
         if not usable:
-            raise CredentialsError("PSK suites need --psk-identity/--psk-secret or --psk-sandbox")
+            raise CredentialsError("PSK suites need --identity/--secret or --psk-sandbox")
         configuration.cipher_suites = tuple(usable)
         return configuration

@@ -44,7 +44,7 @@ def test_psk_file_and_explicit_client_identity(tmp_path: Path) -> None:
     secret = base64.b64encode(b"s3cret").decode()
     (tmp_path / "psk.txt").write_text("# devices\ndevice-1=%s\n" % secret)
     server = parse(ServerOptions, "--psk-file", str(tmp_path / "psk.txt"), "--cid-length", "0")
-    client = parse(ClientOptions, "--psk-identity", "device-1", "--psk-secret", secret)
+    client = parse(ClientOptions, "--identity", "device-1", "--secret", "base64:" + secret)
     assert server["dtls"].cid_generator is None
     pair = Pair(client["dtls"], server["dtls"])
     pair.start()
@@ -62,9 +62,9 @@ def test_certificates_and_client_auth(tmp_path: Path) -> None:
     ca_path.write_bytes(ca.certificate.public_bytes(Encoding.PEM))
     server = parse(
         ServerOptions,
-        "--certificate",
+        "--cert",
         str(tmp_path / "server.pem"),
-        "--private-key",
+        "--key",
         str(tmp_path / "server.key"),
         "--trust",
         str(ca_path),
@@ -73,9 +73,9 @@ def test_certificates_and_client_auth(tmp_path: Path) -> None:
     )
     client = parse(
         ClientOptions,
-        "--certificate",
+        "--cert",
         str(tmp_path / "client.pem"),
-        "--private-key",
+        "--key",
         str(tmp_path / "client.key"),
         "--trust",
         str(ca_path),
@@ -99,7 +99,11 @@ def test_certificates_and_client_auth(tmp_path: Path) -> None:
         (ServerOptions, ["--psk-sandbox", "--client-auth", "sometimes"]),
         (ServerOptions, ["--psk-sandbox", "--client-auth", "needed"]),  # without --trust
         (ServerOptions, ["--psk-file", "/nonexistent/psk.txt"]),
-        (ClientOptions, ["--psk-identity", "x", "--psk-secret", "not base64!"]),
+        (ClientOptions, ["--identity", "x", "--secret", "base64:not base64!"]),
+        (ClientOptions, ["--identity", "x", "--secret", "hex:zz"]),
+        (ClientOptions, ["--identity", "x"]),  # a secret is missing
+        (ClientOptions, []),  # no credentials and no trust anchors
+        (ServerOptions, ["--psk-sandbox", "--cert", "c.pem"]),  # --key is missing
         (ClientOptions, ["--dtls-suites", "TLS_PSK_WITH_AES_128_CCM_8"]),  # PSK suite without a PSK
     ],
 )
@@ -113,3 +117,19 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DTLS_MAX_CONNECTIONS", "77")
     options = parse(ServerOptions)
     assert options["max-connections"] == 77 and options["dtls"].psk_store.lookup(b"password") == b"sesame"
+
+
+def test_client_secret_forms_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse(ClientOptions, "--identity", "a", "--secret", "hex:0a0b")["dtls"].psk == b"\n\x0b"
+    assert parse(ClientOptions, "--identity", "a", "--secret", "base64:AAE=")["dtls"].psk == b"\x00\x01"
+    monkeypatch.setenv("DTLS_PSK_IDENTITY", "env-device")
+    monkeypatch.setenv("DTLS_PSK_SECRET", "plain")
+    monkeypatch.setenv("DTLS_CID_LENGTH", "8")
+    options = parse(ClientOptions)
+    assert (options["dtls"].psk_identity, options["dtls"].psk, options["dtls"].cid_length) == (b"env-device", b"plain", 8)
+    # The command line wins over the environment.
+    assert parse(ClientOptions, "--identity", "cli", "--secret", "s")["dtls"].psk_identity == b"cli"
+
+
+def test_client_auth_accepts_either_case() -> None:
+    assert parse(ServerOptions, "--psk-sandbox", "--client-auth", "NONE")["dtls"].client_auth is ClientAuth.NONE
