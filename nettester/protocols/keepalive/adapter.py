@@ -65,8 +65,6 @@ def close_cause(reason: Failure, closed_by_us: str | None, us: str, tcp_end: str
 class SansIOCore(TypingProtocol):
     """The part of ServerConnection / ClientConnection an adapter drives."""
 
-    finished: bool
-
     def receive_data(self, data: bytes, now: float) -> list[Event]: ...
 
     def data_to_send(self) -> bytes: ...

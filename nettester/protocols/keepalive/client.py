@@ -180,8 +180,7 @@ class KeepAliveClientService(Service):
     def __init__(self, reactor: Any, host: str, port: int, clients: int, timing: ClientTiming,
                  ramp_up: float = 10.0, reconnect_delay: float = 1.0,
                  tls: IOpenSSLClientConnectionCreator | None = None, rng: random.Random | None = None,
-                 run_id: str | None = None, connect_timeout: float = 10.0,
-                 bind_address: tuple[str, int] | None = None) -> None:
+                 run_id: str | None = None, connect_timeout: float = 10.0) -> None:
         self.reactor = reactor
         self.clock = reactor
         self.host = host
@@ -194,7 +193,6 @@ class KeepAliveClientService(Service):
         self.rng = rng if rng is not None else random.Random()
         self.run_id = run_id if run_id is not None else secrets.token_hex(3)
         self.connect_timeout = connect_timeout
-        self.bind_address = bind_address
         self.slots = [ClientSlot(self, number) for number in range(1, clients + 1)]
         self.open = OpenConnections(reactor)
         self.rtt_total = 0.0
@@ -223,7 +221,7 @@ class KeepAliveClientService(Service):
         if self.tls is not None:
             factory = TLSMemoryBIOFactory(self.tls, True, slot)
             factory.noisy = False
-        return connect_tcp(self.reactor, self.host, self.port, factory, self.connect_timeout, self.bind_address)
+        return connect_tcp(self.reactor, self.host, self.port, factory, self.connect_timeout)
 
     def connected(self, protocol: KeepAliveClientProtocol) -> None:
         self.connections.value += 1

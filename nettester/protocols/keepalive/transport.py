@@ -99,12 +99,11 @@ def listen_tcp(reactor: Any, port: int, factory: Factory, backlog: int, interfac
     return listening
 
 
-def connect_tcp(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float,
-                bind_address: tuple[str, int] | None) -> IConnector:
+def connect_tcp(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float) -> IConnector:
     """C{reactor.connectTCP}, with a lean connection on a real POSIX reactor."""
     if not isinstance(reactor, PosixReactorBase):
-        return reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=bind_address)
-    connector = LeanConnector(host, port, factory, timeout, bind_address, reactor)
+        return reactor.connectTCP(host, port, factory, timeout=timeout)
+    connector = LeanConnector(host, port, factory, timeout, None, reactor)
     connector.connect()
     return connector
 

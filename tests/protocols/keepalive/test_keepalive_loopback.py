@@ -272,7 +272,7 @@ def test_lean_transports_send_at_once_and_queue_only_what_the_kernel_refuses() -
             reactor.callLater(0, connected.callback, protocol)
             return protocol
 
-    connect_tcp(reactor, "127.0.0.1", port.getHost().port, Connect(), 5.0, None)
+    connect_tcp(reactor, "127.0.0.1", port.getHost().port, Connect(), 5.0)
     try:
         client = yield connected.addTimeout(TIMEOUT, reactor)
         client.transport.write(b"Keep Alive 1\n")
