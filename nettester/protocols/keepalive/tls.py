@@ -136,14 +136,17 @@ def _is_ip(name: str) -> bool:
 
 
 def client_creator(server_name: str, ca_path: str | None, insecure: bool) -> IOpenSSLClientConnectionCreator:
-    """The client's TLS connection creator: verified against C{ca_path} (or the system store) unless insecure."""
+    """The client's TLS connection creator: verified against C{ca_path} (a PEM file of one or more
+    CA certificates, e.g. a bundle) or the system store, unless insecure."""
     if insecure:
         return UnverifiedClientTLS(server_name)
     if ca_path:
         try:
-            trust_root = ssl.Certificate.loadPEM(_read(ca_path, "--ca"))
-        except SSL.Error:
+            authorities = x509.load_pem_x509_certificates(_read(ca_path, "--ca"))
+        except ValueError:
             raise TLSSetupError(f"--ca: {ca_path} holds no PEM certificate") from None
+        trust_root = ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(authority.public_bytes(serialization.Encoding.PEM)) for authority in authorities])
     else:
         trust_root = ssl.platformTrust()
     return ssl.optionsForClientTLS(server_name, trustRoot=trust_root,

@@ -117,3 +117,12 @@ def test_local_scenario_runs_plain_and_tls_fleets_on_loopback() -> None:
     assert len(reactor.tcpClients) == 30
     verdict = scenario.verdict()
     assert not verdict.passed and verdict.evidence["connections"] == 0
+
+
+def test_the_ca_file_may_be_a_bundle_and_must_hold_a_certificate(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(b"".join(tls.self_signed_certificate().chain_pem[0] for _ in range(3)))
+    assert parse(ClientOptions, "-s", "h", "--tls", "--ca", str(bundle))["tls-creator"] is not None
+    (tmp_path / "empty.pem").write_bytes(b"no certificate here")
+    with pytest.raises(UsageError, match="holds no PEM certificate"):
+        parse(ClientOptions, "-s", "h", "--tls", "--ca", str(tmp_path / "empty.pem"))
