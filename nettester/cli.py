@@ -12,10 +12,14 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from twisted.application.service import ServiceMaker
+from twisted.logger import globalLogBeginner
 from twisted.python.usage import UsageError
 from twisted.scripts.twistd import ServerOptions, runApp
 
 from nettester import tap
+from nettester.interfaces import ICommandRole
+from nettester.logs import make_observer, parse_level
+from nettester.options import RoleOptions
 
 SERVICE_MAKER = ServiceMaker("nettester", "nettester.tap", "nettester roles", "nettester")
 
@@ -48,5 +52,16 @@ def main(argv: list[str] | None = None) -> NoReturn:
         hint = f"nettester {role} --help" if role else "nettester --help"
         sys.stderr.write(f"nettester: error: {error}\nTry '{hint}' for the options.\n")
         sys.exit(2)
+    tap_options = config.subOptions
+    role = tap_options.roles[tap_options.subCommand]
+    if ICommandRole.providedBy(role):
+        sys.exit(_run_command(role, tap_options.subOptions))
     runApp(config)
     sys.exit(tap.exit_status())
+
+
+def _run_command(role: ICommandRole, options: RoleOptions) -> int:
+    """A one-shot role needs no reactor: its result on stdout, its log lines on stderr."""
+    observer = make_observer(options["log-format"], parse_level(options["log-level"]), sys.stderr)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    return role.run(options, sys.stdout)

@@ -63,3 +63,11 @@ def test_local_runs_on_loopback_and_reports(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert '"event":"local_result"' in result.stdout
+
+
+def test_a_command_role_prints_only_its_result_on_stdout(tmp_path: Path) -> None:
+    server_log = tmp_path / "server.jsonl"
+    server_log.write_text("")
+    result = _nettester("keepalive-report", str(server_log), str(server_log))
+    assert result.returncode == 0, result.stderr
+    assert "twistd" not in result.stdout and "connections seen" in result.stdout

@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import IO, Any, ClassVar
 
 from twisted.application.service import IService
-from twisted.plugin import IPlugin
 from twisted.python.usage import UsageError
-from zope.interface import implementer
 
 from nettester.interfaces import ILocalScenario
 from nettester.module import CommandRole, ProtocolModule, Role
@@ -183,16 +181,7 @@ def _local(reactor: Any, options: RoleOptions) -> ILocalScenario:
     return KeepAliveLocalScenario(reactor, options["duration"])
 
 
-@implementer(IPlugin)
-class _DiscoverableModule(ProtocolModule):
-    """A ProtocolModule that twisted.plugin.getPlugins can find.
-
-    getPlugins only collects objects providing IPlugin, and ProtocolModule
-    (nettester/module.py) does not declare it yet; drop this subclass once it does.
-    """
-
-
-keepalive = _DiscoverableModule(
+keepalive = ProtocolModule(
     name="keepalive",
     summary="TCP/TLS keep-alive server and client fleet: who resets long-lived connections?",
     roles=(
