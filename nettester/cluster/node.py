@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from twisted.application.service import MultiService
 from twisted.internet.defer import (
     Deferred,
+    FirstError,
     gatherResults,
     inlineCallbacks,
     maybeDeferred,
@@ -160,6 +161,8 @@ class ClusterNodeService(MultiService):
         self._start().addCallbacks(self.started.callback, self._start_failed)
 
     def _start_failed(self, failure: Any) -> None:
+        if failure.check(FirstError):
+            failure = failure.value.subFailure  # the first failed name resolution
         log.critical("Cluster node {node} did not start: {error}", event="cluster_start_failed",
                      node=self.config.node_id, error=failure.getErrorMessage())
         self.started.errback(failure)

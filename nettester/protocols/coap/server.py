@@ -213,13 +213,12 @@ class CoapServerService(Service):
             if self._ready_port_number:
                 self._serve_ready()
         except (CannotListenError, OSError) as error:
-            self._fail(str(error))
+            self._fail(str(error), "choose another --port or --interfaces")
 
-    def _fail(self, reason: str) -> None:
-        """Listening failed: say why, stop, and make the process exit with status 1."""
+    def _fail(self, reason: str, advice: str) -> None:
+        """Listening failed: say why and what to do, stop, and make the process exit with status 1."""
         self.failed = reason
-        log.critical("cannot listen: {reason}; choose another --port or --interfaces", event="listen_failed",
-                     reason=reason)
+        log.critical("cannot listen: {reason}; {advice}", event="listen_failed", reason=reason, advice=advice)
         self.stopService()
         from nettester.tap import set_exit_status
 
@@ -248,7 +247,8 @@ class CoapServerService(Service):
 
     def _cluster_failed(self, failure: Any) -> None:
         if self.running:
-            self._fail(f"cluster node: {failure.getErrorMessage()}")
+            self._fail(f"cluster node: {failure.getErrorMessage()}",
+                       "check the addresses and ports of --dtls-cluster / --dtls-cluster-group / --k8s-dtls-cluster")
 
     def _serve_ready(self) -> None:
         """``/ready`` for a Kubernetes readiness probe (the metrics port is the core's; this one is ours)."""
@@ -257,10 +257,15 @@ class CoapServerService(Service):
 
         from nettester.cluster.discovery import ReadyResource
 
+        class ProbeSite(WebSite):
+            noisy = False
+
+            def log(self, request: Any) -> None:
+                """A probe every few seconds: no access log line."""
+
         root = Resource()
         root.putChild(b"ready", ReadyResource(self.is_ready))
-        site = WebSite(root)
-        site.noisy = False
+        site = ProbeSite(root)
         self._ready_port = self._reactor.listenTCP(self._ready_port_number, site, interface=self._ready_interface)
         log.info("readiness probe on http port {port}/ready", event="coap_ready_port",
                  port=self._ready_port.getHost().port)
