@@ -11,6 +11,7 @@ connection (``nettester keepalive-report``).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import IO, Any, Callable
@@ -84,6 +85,21 @@ class Logger(_TwistedLogger):
 
 def _always_shown(event: dict[str, Any]) -> PredicateResult:
     return PredicateResult.yes if event.get(ALWAYS) else PredicateResult.maybe
+
+
+# Twisted logs every port it opens and closes at info level ("... starting on
+# 4242", "(UDP Port 4242 Closed)"): one line per client socket of a tester
+# fleet. Each role logs its own listening line, so these are debug detail.
+_PORT_CHATTER = re.compile(r"^(\((UDP|TCP) Port \d+ Closed\)|\S+ starting on \d+)$")
+
+
+def _port_chatter_is_debug(event: dict[str, Any]) -> PredicateResult:
+    if is_enabled(LogLevel.debug):
+        return PredicateResult.maybe
+    message = event.get("message")
+    if message and isinstance(message, tuple) and _PORT_CHATTER.match(str(message[0])):
+        return PredicateResult.no
+    return PredicateResult.maybe
 
 
 def _module_of(event: dict[str, Any]) -> str:
@@ -164,4 +180,6 @@ def make_observer(log_format: str, level: LogLevel, stream: IO[str] | None = Non
     set_level(level)
     out = stream if stream is not None else sys.__stdout__
     base: ILogObserver = JsonObserver(out) if log_format == "json" else HumanObserver(out)
-    return FilteringLogObserver(base, [_always_shown, LogLevelFilterPredicate(defaultLogLevel=level)])
+    return FilteringLogObserver(
+        base, [_always_shown, _port_chatter_is_debug, LogLevelFilterPredicate(defaultLogLevel=level)]
+    )

@@ -5,7 +5,7 @@ import json
 import time
 
 import pytest
-from twisted.logger import LogLevel, LogPublisher
+from twisted.logger import LogLevel, LogPublisher, globalLogPublisher
 
 from nettester import logs
 
@@ -98,3 +98,27 @@ def test_summary_lines_are_shown_at_every_level() -> None:
     record = json.loads(out.getvalue())
     assert record["event"] == "summary" and record["level"] == "info"
     assert logs.ALWAYS not in record
+
+
+def test_twisted_port_open_and_close_lines_are_debug_detail() -> None:
+    from twisted.python import log as legacy_log
+
+    out = io.StringIO()
+    observer = logs.make_observer("text", LogLevel.info, out)
+    wrapped = lambda event: observer(event)  # noqa: E731
+    globalLogPublisher.addObserver(wrapped)
+    try:
+        legacy_log.msg("(UDP Port 4242 Closed)")
+        legacy_log.msg("StunDatagramProtocol starting on 4242")
+        legacy_log.msg("something else happened")
+    finally:
+        globalLogPublisher.removeObserver(wrapped)
+    assert out.getvalue().count("\n") == 1 and "something else happened" in out.getvalue()
+    debug_out = io.StringIO()
+    debug_observer = logs.make_observer("text", LogLevel.debug, debug_out)
+    try:
+        debug_observer({"message": ("(UDP Port 4242 Closed)",), "log_level": LogLevel.info, "log_format": "{log_text}",
+                        "log_text": "(UDP Port 4242 Closed)", "log_time": 1.0, "log_namespace": "log_legacy"})
+    finally:
+        logs.set_level(LogLevel.info)
+    assert "UDP Port 4242 Closed" in debug_out.getvalue()
