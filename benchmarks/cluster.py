@@ -1,0 +1,179 @@
+"""What forwarding costs in the DTLS CID cluster: coaps ``coap-bench`` through ``nettester nat``.
+
+Four processes, each the real role: two ``coap-server`` nodes in a static
+cluster (management records authenticated, as k8s/coap-cluster.yaml runs
+them), ``nettester nat`` in front, and ``coap-bench`` (PSK, CID, closed loop,
+CON GET ``benchmark?rlen=40``) through the NAT. Two runs of the same load:
+
+- direct: the NAT sends every record to node 1, which owns every session;
+- forwarded: the clients shake hands with node 1, then the NAT's console moves
+  them all to node 2 (``add`` node 2, ``remove`` node 1), so every record
+  reaches node 2, whose CID router forwards it to node 1 (an IN record), and
+  node 1's answer goes back through node 2 (an OUT record).
+
+After a warm-up the bench's progress lines (one a second) give the requests
+answered in the measuring window, and /proc gives the CPU time both node
+processes used in it. On a shared machine the wall-clock rate moves with the
+neighbours' load, the CPU time per request does not, so the forwarding cost
+is read as extra node CPU microseconds per request. One result line:
+
+``cluster forwarding: direct N us/req (R req/s), forwarded M us/req (S req/s): +X us/req (+P %), throughput ratio T``
+
+    python3 benchmarks/cluster.py
+    python3 benchmarks/cluster.py --clients 20 --seconds 10 --no-secret --no-backward
+
+With ``--no-backward`` node 1 answers from its own public address; the NAT
+still delivers those answers (and counts them as from another destination).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import IO
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRESS = re.compile(r"^(\d+) requests \(")
+PATH = "benchmark?rlen=40"
+
+
+def free_udp_ports(count: int) -> list[int]:
+    """Ephemeral ports chosen by the OS, for the command lines that must name them."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU time of these processes so far (Linux /proc)."""
+    user = system = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
+        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return user, system
+
+
+def nettester(*arguments: str, stdin: int | None = subprocess.DEVNULL,
+              stdout: int | IO[str] | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "nettester", *arguments], cwd=ROOT, stdin=stdin, stdout=stdout,
+                            text=True)
+
+
+@dataclass(frozen=True)
+class Measured:
+    requests: int
+    seconds: float
+    node_user: float
+    node_system: float
+    errors_line: str
+
+    @property
+    def node_cpu(self) -> float:
+        return self.node_user + self.node_system
+
+    @property
+    def us_per_request(self) -> float:
+        return self.node_cpu * 1e6 / max(self.requests, 1)
+
+    @property
+    def system_us_per_request(self) -> float:
+        """The kernel's share (sockets, loopback delivery)."""
+        return self.node_system * 1e6 / max(self.requests, 1)
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+def run(forwarded: bool, args: argparse.Namespace) -> Measured:
+    """One run; the requests answered and the node CPU used in the measuring window."""
+    public1, public2, management1, management2, nat_port = free_udp_ports(5)
+    secret = [] if args.no_secret else ["--dtls-cluster-group-security", "benchmark secret"]
+    backward = ["--no-dtls-cluster-backward"] if args.no_backward else []
+    common = ["--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--dtls-only", "--benchmark",
+              "--psk-sandbox", "--log-level", "warn", "--stats-interval", "3600", *secret, *backward]
+    nodes = [
+        nettester("coap-server", *common, "--dtls-cluster",
+                  f"127.0.0.1:{public1};127.0.0.1:{management1};1,---;127.0.0.1:{management2};2"),
+        nettester("coap-server", *common, "--dtls-cluster",
+                  f"127.0.0.1:{public2};127.0.0.1:{management2};2,---;127.0.0.1:{management1};1"),
+    ]
+    nat = nettester("nat", f"127.0.0.1:{nat_port}", f"127.0.0.1:{public1}", "--log-level", "warn",
+                    stdin=subprocess.PIPE)
+    bench: subprocess.Popen[str] | None = None
+    try:
+        time.sleep(args.startup)  # the nodes and the NAT open their sockets
+        bench = nettester("coap-bench", "--psk-sandbox", "--clients", str(args.clients), "--report-interval", "1",
+                          "--log-level", "warn", f"coaps://127.0.0.1:{nat_port}/{PATH}", stdout=subprocess.PIPE)
+        assert bench.stdout is not None and nat.stdin is not None
+        start: tuple[float, int, tuple[float, float]] | None = None
+        pids = [node.pid for node in nodes]
+        for tick, line in enumerate(_progress_lines(bench.stdout), start=1):
+            requests = int(PROGRESS.match(line).group(1))  # type: ignore[union-attr]
+            if tick == args.warmup and forwarded:
+                # Every session is node 1's: moving the clients to node 2 makes it forward every record.
+                nat.stdin.write(f"add 127.0.0.1:{public2}\nremove 127.0.0.1:{public1}\n")
+                nat.stdin.flush()
+            if tick == args.warmup + 1:
+                start = (time.monotonic(), requests, cpu_seconds(pids))
+            if start is not None and tick == args.warmup + 1 + args.seconds:
+                user, system = cpu_seconds(pids)
+                return Measured(requests - start[1], time.monotonic() - start[0], user - start[2][0],
+                                system - start[2][1], line)
+        raise RuntimeError("coap-bench ended early; run it by hand to see why")
+    finally:
+        for process in [bench, nat, *nodes]:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [bench, nat, *nodes]:
+            if process is not None:
+                process.wait(timeout=30)
+
+
+def _progress_lines(stream: IO[str]) -> Iterator[str]:
+    """coap-bench's progress lines, as they come."""
+    return (line.strip() for line in stream if PROGRESS.match(line.strip()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=20, help="coap-bench clients (DTLS sessions)")
+    parser.add_argument("--seconds", type=int, default=10, help="measuring window of each run")
+    parser.add_argument("--warmup", type=int, default=3, help="seconds of load before the window")
+    parser.add_argument("--startup", type=float, default=2.0, help="seconds the servers get to start")
+    parser.add_argument("--no-secret", action="store_true", help="unauthenticated management records (no MAC)")
+    parser.add_argument("--no-backward", action="store_true",
+                        help="node 1 answers forwarded requests directly (--no-dtls-cluster-backward)")
+    args = parser.parse_args()
+    direct = run(False, args)
+    print(f"direct:    {direct.requests} requests in {direct.seconds:.1f} s, node CPU {direct.node_cpu:.2f} s; "
+          f"last: {direct.errors_line}", flush=True)
+    forwarded = run(True, args)
+    print(f"forwarded: {forwarded.requests} requests in {forwarded.seconds:.1f} s, node CPU "
+          f"{forwarded.node_cpu:.2f} s; last: {forwarded.errors_line}", flush=True)
+    extra = forwarded.us_per_request - direct.us_per_request
+    extra_system = forwarded.system_us_per_request - direct.system_us_per_request
+    mac = "without MAC" if args.no_secret else "with MAC"
+    answers = "answers direct" if args.no_backward else "answers backward"
+    print(f"cluster forwarding ({mac}, {answers}, {args.clients} clients): direct {direct.us_per_request:.1f} us/req "
+          f"({direct.rate:.0f} req/s), forwarded {forwarded.us_per_request:.1f} us/req ({forwarded.rate:.0f} req/s): "
+          f"{extra:+.1f} us/req ({extra * 100 / direct.us_per_request:+.1f} %; kernel {extra_system:+.1f}, "
+          f"user {extra - extra_system:+.1f}), throughput ratio {forwarded.rate / direct.rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
