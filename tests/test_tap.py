@@ -89,6 +89,17 @@ def test_build_prints_final_summary_only_after_the_role_has_stopped() -> None:
     assert done.called
 
 
+def test_build_makes_garbage_collections_rare_for_large_live_tables() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        tap.build(_demo_role([]), RoleOptions(), clock=Clock())
+        assert gc.get_threshold() == tap.GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)
+
+
 def test_root_service_installs_its_log_observer_into_the_twistd_application() -> None:
     options = RoleOptions()
     options.parseOptions(["--log-format", "json"])
