@@ -107,6 +107,7 @@ class DtlsEndpoint(DatagramProtocol):
     """
 
     scheme = "coaps"
+    noisy = False  # a bench opens one per client: no "Starting protocol" line for each
 
     def __init__(
         self,
