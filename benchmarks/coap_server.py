@@ -1,8 +1,9 @@
 """CoAP server throughput on loopback: CON GET ``benchmark?rlen=40``, dedup on.
 
-The server (UdpLink -> CoapEndpoint -> Site with the extended resources) runs
-in a child process pinned to one core; the load is ``udpload`` (the shared C
-generator, built on the fly) pinned to the other core. Three phases:
+The server is the shipped role, ``nettester coap-server --benchmark`` (extended
+endpoints only, on 127.0.0.1), in a child process pinned to one core; the load
+is ``udpload`` (the shared C generator, built on the fly) pinned to the other
+core. The phases:
 
 1. fresh: ``--sockets`` x ``--window`` closed-loop clients;
 2. churn: ``--churn`` clients come and go (batches of 1,000 new source ports),
@@ -27,13 +28,16 @@ load, the CPU cost per request does not.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
+import random
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
-from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -44,42 +48,71 @@ PATH = "benchmark?rlen=40"
 PSK_IDENTITY, PSK_SECRET = b"bench", b"benchmark-secret"
 
 
-def serve(receive_buffer: int, coaps: bool) -> None:
-    """Child: the CoAP server on 127.0.0.1, port printed; runs until stdin closes."""
-    from twisted.internet import reactor, stdio
-    from twisted.internet.protocol import Protocol
+class ServerRole:
+    """``nettester coap-server --benchmark`` on 127.0.0.1, pinned to a core, stopped with SIGTERM.
 
-    from nettester.protocols.coap.endpoint import CoapEndpoint
-    from nettester.protocols.coap.resources import build_site
-    from nettester.protocols.coap.resources.extended import extended_resources
-    from nettester.udplink import UdpLink
+    coap on BASE+100 and coaps (PSK ``bench``) on BASE+101; on exit the role's
+    final summary line is kept in ``final_summary``.
+    """
 
-    if coaps:
-        from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
-        from nettester.protocols.dtls.connection import DtlsConfiguration
-        from nettester.protocols.dtls.credentials import PskStore
-        from nettester.protocols.dtls.endpoint import DtlsEndpoint
+    def __init__(self, receive_buffer: int, core: str, directory: str) -> None:
+        self.base = free_base_port()
+        psk_file = os.path.join(directory, "psk.txt")
+        with open(psk_file, "w") as out:
+            out.write(f"{PSK_IDENTITY.decode()}={base64.b64encode(PSK_SECRET).decode()}\n")
+        self.command = [sys.executable, "-m", "nettester", "coap-server", "--benchmark", "--no-plugtest",
+                        "--interfaces", "127.0.0.1", "--port", str(self.base), "--psk-file", psk_file,
+                        "--receive-buffer", str(receive_buffer), "--stats-interval", "0"]
+        if shutil.which("taskset"):
+            self.command = ["taskset", "-c", core] + self.command
+        self.final_summary = ""
 
-        configuration = DtlsConfiguration(is_client=False, psk_store=PskStore({PSK_IDENTITY: PSK_SECRET}),
-                                          cid_generator=NodeConnectionIdGenerator(6, 0))
-        link: Any = DtlsEndpoint(reactor, server_configuration=configuration)
-    else:
-        link = UdpLink(receive_buffer=receive_buffer)
-    endpoint = CoapEndpoint(link, reactor)
-    site = build_site(reactor, extended_resources(True, "benchmark", reactor.seconds, reactor.seconds()))
-    site.attach(endpoint)
-    port = reactor.listenUDP(0, link, interface="127.0.0.1")
+    @property
+    def coap_port(self) -> int:
+        return self.base + 100
 
-    class StopOnEof(Protocol):
-        def connectionLost(self, reason: object = None) -> None:
-            stats = endpoint.stats
-            sys.stderr.write(f"server: received={stats.received} sent={stats.sent} duplicates={stats.duplicates} "
-                             f"dedup-entries={len(endpoint.core._dedup)}\n")
-            reactor.stop()
+    @property
+    def coaps_port(self) -> int:
+        return self.base + 101
 
-    stdio.StandardIO(StopOnEof())
-    print(port.getHost().port, flush=True)
-    reactor.run()
+    def __enter__(self) -> "ServerRole":
+        self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if f"coaps://127.0.0.1:{self.coaps_port}" in line:
+                return self
+        raise SystemExit(f"coap-server did not start: {' '.join(self.command)}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=30)
+        self.final_summary = next((line.split("final summary: ", 1)[1] for line in output.splitlines()
+                                   if "coap-server final summary: " in line), "")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc)."""
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_base_port() -> int:
+    """A BASE with BASE+100 and BASE+101 free on 127.0.0.1 (UDP)."""
+    for _ in range(100):
+        base = random.randrange(20000, 30000)
+        sockets = []
+        try:
+            for port in (base + 100, base + 101):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise SystemExit("no free UDP port pair on 127.0.0.1")
 
 
 def coaps_load(port: int, clients: int, requests: int) -> None:
@@ -102,43 +135,26 @@ def coaps_load(port: int, clients: int, requests: int) -> None:
     reactor.run()
 
 
-def run_coaps(args: argparse.Namespace) -> str:
+def run_coaps(args: argparse.Namespace, directory: str) -> str:
     """Phase 4: returns the result line."""
-    command = [sys.executable, os.path.abspath(__file__), "--serve", "--coaps"]
-    if shutil.which("taskset"):
-        command = ["taskset", "-c", args.server_core] + command
-    server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        load_command = [sys.executable, os.path.abspath(__file__), "--coaps-load", str(port),
+    with ServerRole(args.receive_buffer, args.server_core, directory) as server:
+        load_command = [sys.executable, os.path.abspath(__file__), "--coaps-load", str(server.coaps_port),
                         "--coaps-clients", str(args.coaps_clients), "--coaps-requests", str(args.coaps_requests)]
         if shutil.which("taskset"):
             load_command = ["taskset", "-c", args.load_core] + load_command
-        before = cpu_seconds(server.pid)
+        before = server.cpu_seconds()
         output = subprocess.run(load_command, check=True, capture_output=True, text=True).stdout
-        used = cpu_seconds(server.pid) - before
-    finally:
-        assert server.stdin is not None
-        server.stdin.close()
-        server.wait(timeout=10)
+        used = server.cpu_seconds() - before
     summary = next(line for line in output.splitlines() if " requests in " in line)
     answers = int(summary.split()[0])
     return (f"coaps (PSK CCM-8, CID): {summary}; server CPU {used:.1f} s = "
-            f"{answers / used if used else 0:.0f} answers per CPU-second")
+            f"{answers / used if used else 0:.0f} answers per CPU-second\nserver: {server.final_summary}")
 
 
 def build_udpload(directory: str) -> str:
     binary = os.path.join(directory, "udpload")
     subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", binary, UDPLOAD_SOURCE], check=True)
     return binary
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load(udpload: str, port: int, sockets: int, window: int, seconds: float, core: str) -> tuple[float, str]:
@@ -154,8 +170,6 @@ def load(udpload: str, port: int, sockets: int, window: int, seconds: float, cor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--coaps", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--coaps-load", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--coaps-clients", type=int, default=100, help="DTLS clients of phase 4 (0 skips it)")
     parser.add_argument("--coaps-requests", type=int, default=500, help="requests per DTLS client")
@@ -167,37 +181,27 @@ def main() -> None:
     parser.add_argument("--server-core", default="1")
     parser.add_argument("--load-core", default="0")
     args = parser.parse_args()
-    if args.serve:
-        serve(args.receive_buffer, args.coaps)
-        return
     if args.coaps_load:
         coaps_load(args.coaps_load, args.coaps_clients, args.coaps_requests)
         return
     with tempfile.TemporaryDirectory() as directory:
         udpload = build_udpload(directory)
-        command = [sys.executable, os.path.abspath(__file__), "--serve", "--receive-buffer", str(args.receive_buffer)]
-        if shutil.which("taskset"):
-            command = ["taskset", "-c", args.server_core] + command
-        server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert server.stdout is not None
-            port = int(server.stdout.readline())
+        with ServerRole(args.receive_buffer, args.server_core, directory) as server:
+            port = server.coap_port
             load(udpload, port, args.sockets, args.window, 1.0, args.load_core)  # warm-up
-            before = cpu_seconds(server.pid)
+            before = server.cpu_seconds()
             fresh, line = load(udpload, port, args.sockets, args.window, args.seconds, args.load_core)
-            fresh_cpu = cpu_seconds(server.pid) - before
+            fresh_cpu = server.cpu_seconds() - before
             print("fresh:      ", line, flush=True)
             for batch in range((args.churn + 999) // 1000):
                 _, line = load(udpload, port, min(1000, args.churn - batch * 1000), 1, 1.0, args.load_core)
                 print("churn:      ", line, flush=True)
-            before = cpu_seconds(server.pid)
+            before = server.cpu_seconds()
             after, line = load(udpload, port, args.sockets, args.window, args.seconds, args.load_core)
-            after_cpu = cpu_seconds(server.pid) - before
+            after_cpu = server.cpu_seconds() - before
             print("after churn:", line, flush=True)
-        finally:
-            assert server.stdin is not None
-            server.stdin.close()
-            server.wait(timeout=10)
+        print("server:", server.final_summary)
+        coaps_line = run_coaps(args, directory) if args.coaps_clients else ""
     change = (after - fresh) / fresh * 100 if fresh else 0.0
     print(f"coap benchmark: fresh={fresh:.0f} req/s after-churn={after:.0f} req/s "
           f"({args.churn} clients came and went, {change:+.1f} %)")
@@ -205,8 +209,8 @@ def main() -> None:
     after_per_cpu = after * args.seconds / after_cpu if after_cpu else 0.0
     print(f"server CPU: fresh={fresh_per_cpu:.0f} answers per CPU-second ({fresh_cpu:.1f} s), "
           f"after-churn={after_per_cpu:.0f} ({after_cpu:.1f} s)")
-    if args.coaps_clients:
-        print(run_coaps(args))
+    if coaps_line:
+        print(coaps_line)
 
 
 if __name__ == "__main__":
