@@ -1,5 +1,11 @@
 """Counters, Prometheus exposition and the summary reporter."""
 
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+import pytest_twisted
+
 from prometheus_client.exposition import generate_latest
 from twisted.internet.task import Clock
 from twisted.logger import LogPublisher, globalLogPublisher
@@ -77,3 +83,23 @@ def test_zero_interval_prints_only_the_final_summary() -> None:
 
 def test_format_summary_keeps_order() -> None:
     assert format_summary({"b": 1, "a": "x"}) == "b=1 a=x"
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_metrics_port_serves_prometheus_text_on_loopback() -> Generator[Any, Any, None]:
+    import treq
+    from twisted.internet import reactor
+
+    from nettester.metrics import metrics_http_service
+
+    service = metrics_http_service(0, new_registry(_metric_set()), "127.0.0.1")
+    service.startService()
+    try:
+        port = service._port.getHost().port
+        response = yield treq.get(f"http://127.0.0.1:{port}/metrics").addTimeout(10, reactor)
+        body = yield treq.content(response)
+    finally:
+        yield service.stopService()
+    assert response.code == 200
+    assert b"nettester_keepalive_server_connections_total 3.0" in body
