@@ -267,8 +267,9 @@ class CoapServerService(Service):
         root.putChild(b"ready", ReadyResource(self.is_ready))
         site = ProbeSite(root)
         self._ready_port = self._reactor.listenTCP(self._ready_port_number, site, interface=self._ready_interface)
-        log.info("readiness probe on http port {port}/ready", event="coap_ready_port",
-                 port=self._ready_port.getHost().port)
+        where = self._ready_interface or "0.0.0.0"
+        log.info("readiness probe on http://{where}:{port}/ready", event="coap_ready_port",
+                 where=f"[{where}]" if ":" in where else where, port=self._ready_port.getHost().port)
 
     def _listen(self, scheme: str, address: str, offset: int, link: Any, site: Site, name: str) -> None:
         port_number = self._base_port + offset if self._base_port else 0
