@@ -248,7 +248,8 @@ class CoapServerService(Service):
     def _cluster_failed(self, failure: Any) -> None:
         if self.running:
             self._fail(f"cluster node: {failure.getErrorMessage()}",
-                       "check the addresses and ports of --dtls-cluster / --dtls-cluster-group / --k8s-dtls-cluster")
+                       "check the addresses and ports of --dtls-cluster / --dtls-cluster-group / --k8s-dtls-cluster "
+                       "(in Kubernetes: the service account and the KUBECTL_* variables)")
 
     def _serve_ready(self) -> None:
         """``/ready`` for a Kubernetes readiness probe (the metrics port is the core's; this one is ours)."""
