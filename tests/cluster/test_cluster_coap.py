@@ -256,11 +256,16 @@ def test_coaps_sessions_survive_in_kubernetes_mode(api_server: Any, pod: Any,
         yield cluster.stop()
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("mode", ["static", "dynamic", "k8s"])
 @pytest_twisted.inlineCallbacks
 def test_coap_bench_through_nat_and_cluster_has_no_transmission_error(
-        mode: str, monkeypatch: pytest.MonkeyPatch) -> Generator[Any, Any, None]:
-    cluster = CoapCluster(mode, monkeypatch)
+        mode: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Generator[Any, Any, None]:
+    kubernetes = None
+    if mode == "k8s":
+        server, api_port, ca_pem, _ = request.getfixturevalue("api_server")
+        server.pods = [request.getfixturevalue("pod")(f"coap-cluster-{n}", f"127.0.0.{n}") for n in NODES]
+        kubernetes = (server, api_port, ca_pem)
+    cluster = CoapCluster(mode, monkeypatch, kubernetes=kubernetes)
     bench: CoapBenchService | None = None
     try:
         yield cluster.start()
