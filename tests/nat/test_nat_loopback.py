@@ -7,7 +7,7 @@ ports it saw, so the tests see the NAT's outgoing ports and destinations.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineOnlyReceiver
 
 from nettester.nat.console import NatRoleService
+from tests.loopback import wait_until
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable, SizeLimit
 
@@ -61,15 +62,6 @@ class ConsoleClient(LineOnlyReceiver):
 
 def timed(d: Deferred[Any]) -> Deferred[Any]:
     return d.addTimeout(TIMEOUT, reactor)
-
-
-@pytest_twisted.inlineCallbacks
-def wait_until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
-    for _ in range(int(TIMEOUT / 0.01)):
-        if condition():
-            return
-        yield deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not reached in time")
 
 
 class Lab:

@@ -1,0 +1,21 @@
+"""Helpers shared by the loopback integration tests (real sockets, bounded in time)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import deferLater
+
+
+@defer.inlineCallbacks
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0, step: float = 0.01) -> Generator[Any, Any, None]:
+    """Poll C{condition} on the running reactor every C{step} s; fail after C{timeout} s."""
+    from twisted.internet import reactor
+
+    for _ in range(int(timeout / step)):
+        if condition():
+            return
+        yield deferLater(reactor, step, lambda: None)
+    raise AssertionError(f"condition not reached within {timeout:g} s")
