@@ -20,6 +20,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import (
+    RECORD_TYPES,
     TYPE_IN,
     TYPE_OUT,
     ManagementCodec,
@@ -94,22 +95,31 @@ class ManagementEndpoint(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         try:
-            message = self._codec.decode(datagram)
+            if datagram and datagram[0] in RECORD_TYPES:
+                # The relay's hot path: no event object, one decode, one call.
+                client, records = self._codec.decode_records(datagram)
+            else:
+                message = self._codec.decode(datagram)
         except ManagementError as error:
             self.dropped.inc(error.reason)
             return
-        if isinstance(message, NodeMessage):
-            if self._node_table is None:
-                self.dropped.inc("static_cluster_ping")
-                return
-            for outgoing in self._node_table.receive(message, addr, self._reactor.seconds()):
-                self.send(outgoing.datagram, outgoing.address)
-        elif message.kind == TYPE_IN:
-            self.received_in.value += 1
-            self._on_forwarded(message.records, message.client, addr)
         else:
-            self.received_out.value += 1
-            self._on_backwarded(message.records, message.client, addr)
+            if datagram[0] == TYPE_OUT:
+                self.received_out.value += 1
+                self._on_backwarded(records, client, addr)
+            elif datagram[0] == TYPE_IN:
+                self.received_in.value += 1
+                self._on_forwarded(records, client, addr)
+            else:
+                self._node_message(message, addr)  # type: ignore[arg-type]
+
+    def _node_message(self, message: NodeMessage, addr: Address) -> None:
+        """PING/PONG: the node table's business (dynamic and Kubernetes discovery)."""
+        if self._node_table is None:
+            self.dropped.inc("static_cluster_ping")
+            return
+        for outgoing in self._node_table.receive(message, addr, self._reactor.seconds()):
+            self.send(outgoing.datagram, outgoing.address)
 
     def forward(self, records: bytes, client: Address, owner: Address) -> None:
         """Send a client's datagram to the node owning its CID (an IN record)."""

@@ -168,3 +168,33 @@ def test_encode_rejects_wrong_kinds() -> None:
         ManagementCodec().encode_records(TYPE_PING, ("192.0.2.1", 1), b"x")
     with pytest.raises(ValueError):
         ManagementCodec().encode_node(TYPE_IN, 1, NodeState.UP)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=1, max_size=100), clients, st.binary(min_size=1, max_size=200))
+def test_the_padded_key_mac_is_hmac_sha256(secret: bytes, client: tuple[str, int], records: bytes) -> None:
+    """The precomputed RFC 2104 pads give exactly hmac.new's tag, whatever the secret and records."""
+    import hashlib
+    import hmac
+
+    encoded = ManagementCodec(secret).encode_records(TYPE_OUT, client, records)
+    header_end = len(encoded) - len(records) - 8
+    expected = hmac.new(derive_mac_key(secret), encoded[:header_end] + records, hashlib.sha256).digest()[:8]
+    assert encoded[header_end:-len(records)] == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([TYPE_IN, TYPE_OUT]), st.binary(max_size=80))
+def test_the_records_fast_path_agrees_with_decode(kind: int, rest: bytes) -> None:
+    """decode_records (the relay's hot path) accepts and rejects exactly what decode does."""
+    datagram = bytes([kind]) + rest
+    for codec in (ManagementCodec(), ManagementCodec(SECRET)):
+        try:
+            expected = codec.decode(datagram)
+        except ManagementError as error:
+            with pytest.raises(ManagementError) as caught:
+                codec.decode_records(datagram)
+            assert caught.value.reason == error.reason
+        else:
+            assert isinstance(expected, ForwardedRecords)
+            assert codec.decode_records(datagram) == (expected.client, expected.records)
