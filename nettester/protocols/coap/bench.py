@@ -2,7 +2,9 @@
 
 Each client has its own socket (its own source port) and runs a closed
 loop: one request, wait for its response, the next one after ``interval``;
-a failed request (timeout, reset) is retried after one second. Every
+a failed request (timeout, reset, failed DTLS handshake) is a transmission
+error and counts as one of the client's requests, the next one goes after
+one second, so a run against a dead server ends too. Every
 ``report_interval`` a progress line, at the end a summary with the overall
 rate, RTT percentiles and the histogram of requests per client.
 """
@@ -23,7 +25,16 @@ from twisted.internet.task import LoopingCall
 
 from nettester.interfaces import IDatagramLink
 from nettester.logs import Logger
-from nettester.protocols.coap.client import CoapUri, build_request
+from nettester.protocols.coap.client import (
+    EXIT_ERROR_RESPONSE,
+    EXIT_NO_RESPONSE,
+    EXIT_SUCCESS,
+    MAX_DATAGRAM,
+    CoapUri,
+    build_request,
+    end_process,
+    server_text,
+)
 from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
 from nettester.protocols.coap.layer import ResponseReceived, TransmissionParameters
 
@@ -105,6 +116,12 @@ class BenchStatistics:
         lines += [f"  {count}: {clients}" for count, clients in sorted(histogram.items())]
         return lines
 
+    def exit_status(self) -> int:
+        """0 every request answered, 1 some failed, 3 none answered (see ``coap-bench --help``)."""
+        if not self.responses:
+            return EXIT_NO_RESPONSE
+        return EXIT_ERROR_RESPONSE if self.failures else EXIT_SUCCESS
+
 
 class BenchClient:
     """One closed-loop client: its own link and endpoint."""
@@ -130,16 +147,29 @@ class BenchClient:
             self._send()
 
     def _connect_failed(self, failure: Any) -> None:
+        """A failed handshake (or resolution) is a failed request too: counted, retried after 1 s."""
+        if not self.active or not self.bench.running:
+            return
+        log.warn("client {client}: connecting to {server} failed: {reason}; retry in 1 s",
+                 event="coap_bench_connect_failure", client=self.index,
+                 server=server_text(self.bench.config.uri.address), reason=failure.getErrorMessage())
         self.bench.stats.record_failure()
-        self.bench.reactor.callLater(RETRY_DELAY, self.start)
+        self.sent += 1
+        if self._requests_left():
+            self.bench.reactor.callLater(RETRY_DELAY, self.start)
+
+    def _requests_left(self) -> bool:
+        """Whether ``--requests`` leaves another one; when not, the client is done."""
+        requests = self.bench.config.requests
+        if requests and self.sent >= requests:
+            self.active = False
+            self.bench.client_finished()
+            return False
+        return True
 
     def _send(self) -> None:
         config = self.bench.config
-        if not self.active or not self.bench.running:
-            return
-        if config.requests and self.sent >= config.requests:
-            self.active = False
-            self.bench.client_finished()
+        if not self.active or not self.bench.running or not self._requests_left():
             return
         self.sent += 1
         payload = self.bench.rng.randbytes(config.payload_random) if config.payload_random else b""
@@ -159,7 +189,6 @@ class BenchClient:
                  event="coap_bench_failure", client=self.index, peer=outgoing.peer, reason=failure.value.reason,
                  mid=outgoing.mid, token=outgoing.token.hex())
         self.bench.stats.record_failure()
-        self.sent -= 1  # retried: the request still counts as to do
         self._next(RETRY_DELAY)
 
     def _next(self, delay: float) -> None:
@@ -193,7 +222,8 @@ class CoapBenchService(Service):
         for index in range(self.config.clients):
             link = self.link_factory()
             client = BenchClient(index, self, link)
-            client.port = self.reactor.listenUDP(0, link, interface="::" if ":" in self.config.uri.host else "")
+            client.port = self.reactor.listenUDP(0, link, interface="::" if ":" in self.config.uri.host else "",
+                                                 maxPacketSize=MAX_DATAGRAM)
             self.clients.append(client)
         for client in self.clients:
             client.start()
@@ -230,7 +260,7 @@ class CoapBenchService(Service):
             client.endpoint.stop()
             stopping.append(defer.maybeDeferred(client.port.stopListening))
         finished = defer.gatherResults(stopping)
-        finished.addCallback(lambda _: self.done.callback(0 if self.stats.responses else 1))
+        finished.addCallback(lambda _: self.done.callback(self.stats.exit_status()))
         return finished
 
     def _print(self, text: str) -> None:
@@ -257,13 +287,6 @@ def make_bench_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapBench
         timeout=options["timeout"], payload_random=options["payload-random"],
         report_interval=options["report-interval"],
     )
-    service = CoapBenchService(reactor, config, lambda: make_link(reactor, uri, options["dtls"]), stdout)
-
-    def end(status: int) -> None:
-        from nettester.tap import set_exit_status
-
-        set_exit_status(status)
-        reactor.stop()
-
-    service.done.addCallback(end)
+    service = CoapBenchService(reactor, config, lambda: make_link(reactor, uri, options["dtls"], one_shot=False), stdout)
+    service.done.addCallback(lambda status: end_process(reactor, status))
     return service

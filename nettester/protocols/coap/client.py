@@ -7,8 +7,11 @@ payload. Block-wise transfers are transparent (the layer reassembles them).
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
@@ -16,10 +19,19 @@ from urllib.parse import unquote, urlsplit
 import cbor2
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.error import DNSLookupError, ReactorNotRunning
+from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from nettester.interfaces import IDatagramLink
+from nettester.link import PeerContext
 from nettester.logs import Logger
-from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError, Observation
+from nettester.protocols.coap.endpoint import (
+    CoapEndpoint,
+    CoapRequestError,
+    Observation,
+)
 from nettester.protocols.coap.layer import ResponseReceived
 from nettester.protocols.coap.message import (
     CON,
@@ -32,16 +44,24 @@ from nettester.protocols.coap.message import (
     OptionFormat,
     OptionNumber,
     code_name,
+    decode,
     decode_block,
     encode_uint,
     media_type,
     option_name,
 )
-from nettester.udplink import UdpLink
+from nettester.protocols.coap.options import MAX_TRANSMIT_WAIT
+from nettester.udplink import UdpLink, UdpPeer
 
 log = Logger()
 
 DEFAULT_PORTS = {"coap": 5683, "coaps": 5684}  # RFC 7252 sections 6.1 and 6.2
+MAX_DATAGRAM = 65535  # read whole datagrams: a DTLS flight may come as one large one
+
+# Exit statuses of the client roles (2 is nettester's own: a bad command line).
+EXIT_SUCCESS = 0  # a 2.xx response (coap-bench: every request answered)
+EXIT_ERROR_RESPONSE = 1  # the server answered with another code (coap-bench: some requests failed)
+EXIT_NO_RESPONSE = 3  # no answer at all: nobody listening, timeout, Reset, DTLS handshake failed
 METHODS = {"GET": Code.GET, "POST": Code.POST, "PUT": Code.PUT, "DELETE": Code.DELETE,
            "FETCH": Code.FETCH, "PATCH": Code.PATCH, "IPATCH": Code.IPATCH}
 _PRINTABLE = set(string.printable)
@@ -152,75 +172,292 @@ def format_message(title: str, message: Message, rtt: float | None = None) -> st
     return "\n".join(lines)
 
 
-class CoapClientService(Service):
-    """Sends one request (or observes N notifications), prints, then stops the reactor."""
+def server_text(address: tuple[str, int]) -> str:
+    """``host:port``, ``[v6]:port``: how an address reads in a message."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def __init__(self, reactor: Any, uri: CoapUri, request: Message, link: IDatagramLink, stdout: IO[str],
-                 observe: int = 0, timeout: float = 60.0) -> None:
+
+def refused_text(address: tuple[str, int]) -> str:
+    """What an ICMP port unreachable means for a CoAP client, and what to check."""
+    where = server_text(address)
+    return (f"{where} refused the request (ICMP port unreachable): is a CoAP server listening on {where}? "
+            "Check the host and port of the URI")
+
+
+def end_process(reactor: Any, status: int) -> None:
+    """Make the ``nettester`` process exit with ``status``; the reactor may already be stopping (SIGTERM)."""
+    from nettester.tap import set_exit_status
+
+    set_exit_status(status)
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+class ServerUdpLink(UdpLink):
+    """A client's UDP link to its one server, on a connected socket (as libcoap's client sessions).
+
+    Linux reports ICMP port unreachable to a UDP socket only once it is
+    connected (udp(7)), as a pending ECONNREFUSED; ``on_refused`` hears of it.
+    A connected socket receives only from the server's address, which loses
+    nothing: the CoAP layer matches peers by address. For one-shot clients:
+    the reactor may close the socket on that error (see :meth:`stopProtocol`).
+    """
+
+    def __init__(self, resolver: Any = None, receive_buffer: int | None = None) -> None:
+        super().__init__(receive_buffer=receive_buffer, resolver=resolver)
+        #: Called with the server's address when it refused a datagram.
+        self.on_refused: Callable[[UdpPeer], None] | None = None
+        self.server: UdpPeer | None = None
+        self._socket: socket.socket | None = None
+
+    def connect(self, address: tuple[str, int]) -> defer.Deferred[UdpPeer]:
+        """The server's (resolved) address; the socket is connected to it the first time."""
+        return super().connect(address).addCallback(self._connect_socket)
+
+    def _connect_socket(self, peer: UdpPeer) -> UdpPeer:
+        if self.server is None:
+            self.transport.connect(peer[0], peer[1])  # type: ignore[union-attr]
+            self.server = peer
+        return peer
+
+    def connectionRefused(self) -> None:
+        """Twisted's select and poll reactors read the ECONNREFUSED and call this."""
+        self._refused()
+
+    def startProtocol(self) -> None:
+        super().startProtocol()
+        self._socket = self.transport.getHandle()  # type: ignore[union-attr]
+
+    def stopProtocol(self) -> None:
+        """The epoll reactor takes the socket error (EPOLLERR) for a lost connection and closes
+        the port; the error is still pending on the socket, which closes right after this."""
+        sock, self._socket = self._socket, None
+        if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED:
+            self._refused()
+        super().stopProtocol()
+
+    def _refused(self) -> None:
+        if self.on_refused is not None and self.server is not None:
+            self.on_refused(self.server)
+
+
+@implementer(IDatagramLink)
+class SendTap:
+    """An IDatagramLink in front of another one that shows ``on_send`` every datagram first.
+
+    The client prints its request as it went out: its MID and token are the
+    CoAP layer's (random, RFC 7252 sections 4.4 and 5.3.1), known once sent.
+    """
+
+    def __init__(self, link: IDatagramLink, on_send: Callable[[bytes], None]) -> None:
+        self.link = link
+        self.scheme = link.scheme
+        self._on_send = on_send
+
+    @property
+    def receiver(self) -> Any:
+        return self.link.receiver
+
+    @receiver.setter
+    def receiver(self, receiver: Any) -> None:
+        self.link.receiver = receiver
+
+    def sendDatagram(self, data: bytes, peer: Any) -> None:
+        self._on_send(data)
+        self.link.sendDatagram(data, peer)
+
+    def connect(self, address: tuple[str, int]) -> defer.Deferred[Any]:
+        return self.link.connect(address)
+
+    def peerContext(self, peer: Any) -> PeerContext:
+        return self.link.peerContext(peer)
+
+
+class OneServerService(Service):
+    """One exchange with one server: connect, send, wait at most ``timeout``, explain a failure, end.
+
+    Subclasses say what to send (:meth:`exchange`) and what an answer means
+    (:meth:`answered`, returning the exit status). Whatever goes wrong ends
+    with one readable line naming the server and what to check, and
+    ``done`` firing with :data:`EXIT_NO_RESPONSE`.
+    """
+
+    def __init__(self, reactor: Any, uri: CoapUri, link: IDatagramLink, stdout: IO[str], timeout: float) -> None:
         self._reactor = reactor
         self.uri = uri
-        self.request = request
         self.link = link
         self.stdout = stdout
-        self.observe = observe
         self.timeout = timeout
-        self.exit_status = 1
+        self.exit_status = EXIT_NO_RESPONSE
         self.done: defer.Deferred[int] = defer.Deferred()
+        self.endpoint: CoapEndpoint | None = None
         self._port: Any = None
-        self._endpoint: CoapEndpoint | None = None
-        self._observation: Observation | None = None
-        self._notifications = 0
+        self._watchdog: IDelayedCall | None = None
+        self._started = 0.0
+        self._connected = False
+        self._ended = False
+
+    @property
+    def server(self) -> str:
+        """The server as the user wrote it, ``host:port``."""
+        return server_text(self.uri.address)
+
+    def endpoint_link(self) -> IDatagramLink:
+        """The link the CoAP endpoint sends through."""
+        return self.link
+
+    def exchange(self, peer: Any) -> defer.Deferred[ResponseReceived]:
+        """Send the request(s) to the connected ``peer``; fires with the final answer."""
+        raise NotImplementedError
+
+    def answered(self, event: ResponseReceived) -> int:
+        """Show the final answer; the exit status it means."""
+        raise NotImplementedError
 
     def startService(self) -> None:
         super().startService()
-        self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "")
-        self._endpoint = CoapEndpoint(self.link, self._reactor)
-        self._print(format_message(f"request to {self.uri.scheme}://{self.uri.host}:{self.uri.port}", self.request))
+        if isinstance(self.link, ServerUdpLink):
+            self.link.on_refused = self.refused
+        self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "",
+                                             maxPacketSize=MAX_DATAGRAM)
+        self.endpoint = CoapEndpoint(self.endpoint_link(), self._reactor)
+        self._started = self._reactor.seconds()
+        self.rearm_watchdog()
         connecting = self.link.connect(self.uri.address)
-        connecting.addTimeout(self.timeout, self._reactor)
-        connecting.addCallback(self._send)
-        connecting.addCallbacks(self._finished, self._failed)
+        connecting.addCallback(self._connected_to)
+        connecting.addCallbacks(self._answered, self._failed)
 
-    def _send(self, peer: Any) -> defer.Deferred[ResponseReceived]:
-        assert self._endpoint is not None
-        if self.observe:
-            self._observation = self._endpoint.observe(peer, self.request, self._notified)
-            return self._observation.finished
-        return self._endpoint.request(peer, self.request, response_timeout=self.timeout)
+    def rearm_watchdog(self) -> None:
+        """Wait ``timeout`` more seconds for the next answer (a notification restarts the wait)."""
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = self._reactor.callLater(self.timeout, self._timed_out)
 
-    def _notified(self, event: ResponseReceived) -> None:
-        self._notifications += 1
-        title = "response" if self._notifications == 1 else f"notification {self._notifications - 1}"
-        self._print(format_message(title, event.response, event.rtt))
-        if self._notifications > self.observe and self._observation is not None:
-            self._observation.cancel()  # proactive deregistration (RFC 7641 section 3.6)
+    def _connected_to(self, peer: Any) -> defer.Deferred[ResponseReceived]:
+        self._connected = True
+        return self.exchange(peer)
 
-    def _finished(self, event: ResponseReceived) -> None:
-        self._print(format_message("final response" if self.observe else "response", event.response, event.rtt))
-        self._stop(0 if event.response.code >> 5 == 2 else 1)
+    def _answered(self, event: ResponseReceived) -> None:
+        if not self._ended:
+            self._end(self.answered(event))
 
-    def _failed(self, failure: Any) -> None:
-        reason = failure.value.reason if failure.check(CoapRequestError) else failure.getErrorMessage()
-        self._print(f"==[ no response ]== {reason}")
-        self._stop(1)
+    def _failed(self, failure: Failure) -> None:
+        if self._ended:
+            return
+        if failure.check(CoapRequestError):
+            reason = failure.value.reason
+            if reason == "timeout":
+                self._fail(self._no_answer_text())
+            elif reason == "reset":
+                self._fail(f"{self.server} answered with a Reset: it does not accept this request "
+                           "(RFC 7252 section 4.2)")
+            else:
+                self._fail(f"the request to {self.server} failed: {reason}")
+        elif failure.check(DNSLookupError):
+            self._fail(f"cannot resolve {self.uri.host!r}: check the host of the URI")
+        elif failure.check("nettester.protocols.dtls.endpoint.ConnectFailed"):
+            self._fail(f"DTLS handshake with {self.server} failed: {failure.getErrorMessage()}; check "
+                       "--identity/--secret or --cert/--key/--trust, and that a coaps server listens there")
+        else:
+            self._fail(f"the request to {self.server} failed: {failure.getErrorMessage()}")
 
-    def _print(self, text: str) -> None:
+    def refused(self, address: tuple[str, int]) -> None:
+        """ICMP port unreachable from the server: nobody listens there; no use waiting."""
+        if not self._ended:
+            self._fail(refused_text(address))
+
+    def _timed_out(self) -> None:
+        self._watchdog = None
+        if self._connected or self.uri.scheme == "coap":
+            self._fail(self._no_answer_text())
+        else:
+            self._fail(f"no DTLS handshake with {self.server} within {self.timeout:g} s: is a coaps server "
+                       f"listening on {self.server}? (--timeout waits longer)")
+
+    def _no_answer_text(self) -> str:
+        assert self.endpoint is not None
+        elapsed = self._reactor.seconds() - self._started
+        transmissions = 1 + self.endpoint.stats.retransmissions
+        return (f"no answer from {self.server} within {elapsed:.1f} s ({transmissions} transmissions): "
+                f"is a CoAP server listening on {self.server}, and does the path let UDP through? "
+                "(--timeout waits longer)")
+
+    def _fail(self, text: str) -> None:
+        self.print(f"==[ no response ]== {text}")
+        self._end(EXIT_NO_RESPONSE)
+
+    def print(self, text: str) -> None:
+        """A line of the role's output."""
         self.stdout.write(text + "\n")
         self.stdout.flush()
 
-    def _stop(self, status: int) -> None:
+    def _end(self, status: int) -> None:
+        self._ended = True
         self.exit_status = status
-        if self._endpoint is not None:
-            self._endpoint.stop()
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+        if self.endpoint is not None:
+            self.endpoint.stop()
         if self._port is not None:
             self._port.stopListening()
         self.done.callback(status)
 
 
-def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None) -> IDatagramLink:
-    """UDP for ``coap://``; a client DtlsEndpoint for ``coaps://`` (needs a configuration)."""
+class CoapClientService(OneServerService):
+    """Sends one request (or observes N notifications) and prints each message in a block."""
+
+    def __init__(self, reactor: Any, uri: CoapUri, request: Message, link: IDatagramLink, stdout: IO[str],
+                 observe: int = 0, timeout: float = MAX_TRANSMIT_WAIT) -> None:
+        super().__init__(reactor, uri, link, stdout, timeout)
+        self.request = request
+        self.observe = observe
+        self._observation: Observation | None = None
+        self._notifications = 0
+        self._request_shown = False
+
+    def endpoint_link(self) -> IDatagramLink:
+        return SendTap(self.link, self._sent)
+
+    def _sent(self, data: bytes) -> None:
+        """Print the request once, as it went out (MID and token included)."""
+        if not self._request_shown:
+            self._request_shown = True
+            self.print(format_message(f"request to {self.uri.scheme}://{self.server}", decode(data)))
+
+    def exchange(self, peer: Any) -> defer.Deferred[ResponseReceived]:
+        assert self.endpoint is not None
+        if self.observe:
+            self._observation = self.endpoint.observe(peer, self.request, self._notified)
+            return self._observation.finished
+        return self.endpoint.request(peer, self.request)
+
+    def _notified(self, event: ResponseReceived) -> None:
+        self._notifications += 1
+        self.rearm_watchdog()
+        title = "response" if self._notifications == 1 else f"notification {self._notifications - 1}"
+        self.print(format_message(title, event.response, event.rtt))
+        if self._notifications > self.observe and self._observation is not None:
+            self._observation.cancel()  # proactive deregistration (RFC 7641 section 3.6)
+
+    def answered(self, event: ResponseReceived) -> int:
+        self.print(format_message("final response" if self.observe else "response", event.response, event.rtt))
+        return EXIT_SUCCESS if event.response.code >> 5 == 2 else EXIT_ERROR_RESPONSE
+
+
+def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_shot: bool = True) -> IDatagramLink:
+    """UDP for ``coap://`` (connected for a ``one_shot`` client, so it hears a refusal); a client
+    DtlsEndpoint for ``coaps://`` (needs a configuration).
+
+    A long-running client (coap-bench) stays unconnected: one ICMP error
+    would cost it its socket (:class:`ServerUdpLink`), and it must outlive a
+    server restart.
+    """
     if uri.scheme == "coap":
-        return UdpLink(resolver=reactor)
+        return ServerUdpLink(resolver=reactor) if one_shot else UdpLink(resolver=reactor)
     if dtls_configuration is None:
         raise ValueError("coaps:// needs --identity/--secret or --cert/--key")
     from nettester.protocols.dtls.endpoint import DtlsEndpoint
@@ -235,12 +472,5 @@ def make_client_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapClie
                             options["content-format"], options["accept"])
     service = CoapClientService(reactor, uri, request, make_link(reactor, uri, options["dtls"]), stdout,
                                 options["observe"], options["timeout"])
-
-    def end(status: int) -> None:
-        from nettester.tap import set_exit_status
-
-        set_exit_status(status)
-        reactor.stop()
-
-    service.done.addCallback(end)
+    service.done.addCallback(lambda status: end_process(reactor, status))
     return service

@@ -17,13 +17,17 @@ from twisted.python import usage
 from nettester.cluster.config import ClusterOptionsMixin
 from nettester.options import (
     RoleOptions,
+    log_level_name,
     non_negative_float,
     non_negative_int,
     port_number,
     positive_float,
     positive_int,
 )
-from nettester.protocols.dtls.options import DtlsClientOptionsMixin, DtlsServerOptionsMixin
+from nettester.protocols.dtls.options import (
+    DtlsClientOptionsMixin,
+    DtlsServerOptionsMixin,
+)
 
 DEFAULT_PORT = 5683
 # RFC 7252 section 6.1 / 6.2 default ports: coap 5683, coaps 5684; the
@@ -31,6 +35,16 @@ DEFAULT_PORT = 5683
 COAPS_OFFSET = 1
 EXTENDED_OFFSET = 100
 CLUSTER_MIN_CID_LENGTH = 6  # issue 6: the node id byte plus enough random bytes for many sessions
+# RFC 7252 section 4.8.2 MAX_TRANSMIT_WAIT with the default parameters: ACK_TIMEOUT *
+# (2 ** (MAX_RETRANSMIT + 1) - 1) * ACK_RANDOM_FACTOR = 2 * 31 * 1.5 s, when a CON sender gives up.
+MAX_TRANSMIT_WAIT = 93.0
+CLIENT_EXIT_STATUS = (
+    "Exit status: 0 a 2.xx response; 1 another response (4.xx, 5.xx); 2 a bad command line; "
+    "3 no response (nobody listening, timeout, Reset, failed DTLS handshake)."
+)
+# The one-shot clients print their result themselves: info lines (twistd's banner) would only clutter it.
+QUIET_LOG_LEVEL = ["log-level", None, "warn", "debug, info, warn, error or critical (warn: the printed "
+                   "blocks are the output).", log_level_name]
 
 
 def negatable(name: str, default: bool, help_text: str) -> list[list[Any]]:
@@ -137,11 +151,20 @@ def content_format_option(value: str) -> int:
 class _CoapUriArgument:
     """The URI argument of the client roles; DTLS options apply to coaps:// URIs only."""
 
-    def parseArgs(self, uri: str) -> None:
+    #: Shown when the URI is missing.
+    uri_example = "coap://127.0.0.1:5683/test"
+
+    def parseArgs(self, *arguments: str) -> None:
         from nettester.protocols.coap.client import parse_uri
 
+        if not arguments:
+            raise usage.UsageError(f"give the URI, e.g. {self.uri_example}")
+        if len(arguments) > 1:
+            shown = " ".join(repr(argument) for argument in arguments)
+            raise usage.UsageError(f"expected one URI, got {len(arguments)} arguments ({shown}); "
+                                   "options go before the URI")
         try:
-            self["uri"] = parse_uri(uri)  # type: ignore[index]
+            self["uri"] = parse_uri(arguments[0])  # type: ignore[index]
         except ValueError as error:
             raise usage.UsageError(f"{error}; see --help") from None
 
@@ -155,7 +178,7 @@ class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     longdesc = (
         "Send one CoAP request (or observe a resource) and print the request and each response "
         "(code, options, RTT, payload). coaps:// uses DTLS 1.2 with PSK (--identity/--secret) or "
-        "certificates (--cert/--key/--trust). Block-wise transfers are transparent."
+        "certificates (--cert/--key/--trust). Block-wise transfers are transparent. " + CLIENT_EXIT_STATUS
     )
     synopsis = "[options] coap[s]://host[:port]/path[?query]"
     optFlags: ClassVar[list[list[Any]]] = [["non", None, "Send a Non-confirmable request (default CON)."]]
@@ -167,7 +190,9 @@ class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
         ["accept", None, None, "Accept: the Content-Format wanted.", content_format_option],
         ["observe", None, 0, "Observe and print N notifications, then deregister (0: a plain request).",
          non_negative_int],
-        ["timeout", None, 60.0, "Seconds to wait for the handshake and the response.", positive_float],
+        ["timeout", None, MAX_TRANSMIT_WAIT, "Seconds to wait for the DTLS handshake and the response (with "
+         "--observe: each notification); the default is RFC 7252's MAX_TRANSMIT_WAIT.", positive_float],
+        QUIET_LOG_LEVEL,
     ]
 
     def postOptions(self) -> None:
@@ -185,9 +210,12 @@ class CoapBenchOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
         "Load a CoAP server with --clients closed-loop clients, each on its own socket: one request, "
         "its response, the next one after --interval; a failed request is retried after 1 s. Prints "
         "'N requests (R reqs/s, X retransmissions (p%), Y transmission errors (q%), C clients)' every "
-        "--report-interval and a summary with RTT percentiles and the requests-per-client histogram."
+        "--report-interval and a summary with RTT percentiles and the requests-per-client histogram. "
+        "A failed request counts as one of the client's --requests. Exit status: 0 every request answered; "
+        "1 some failed; 2 a bad command line; 3 none answered."
     )
     synopsis = "[options] coap[s]://host[:port]/benchmark?rlen=40"
+    uri_example = "coap://127.0.0.1:5783/benchmark?rlen=40"
     envVars: ClassVar[Mapping[str, str]] = {"clients": "COAP_CLIENT_COUNT"}
     optFlags: ClassVar[list[list[Any]]] = [
         ["con", None, "Confirmable requests (default)."],
@@ -199,7 +227,8 @@ class CoapBenchOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
         ["nstart", None, 1, "Requests in flight per client (RFC 7252 NSTART).", positive_int],
         ["method", "m", "GET", "GET, POST, PUT...", lambda v: v.strip().upper()],
         ["interval", None, 0.0, "Seconds between a response and the client's next request.", non_negative_float],
-        ["timeout", None, 10.0, "Seconds to wait for a response (after the CON was acknowledged).",
+        ["timeout", None, 10.0, "Seconds a request may take, retransmissions included; then it is a "
+         "transmission error.",
          positive_float],
         ["payload-random", None, 0, "Send N random payload bytes with each request.", non_negative_int],
         ["report-interval", None, 10.0, "Seconds between progress lines (0: none).", non_negative_float],
@@ -221,7 +250,9 @@ class CoapReceiveTestOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptio
     longdesc = (
         "POST requests?dev=<uuid>&rid=<id>&ep to the extended server and print the history it keeps "
         "for this device (which requests arrived, when, from where) with the RTT. The device UUID "
-        "lives in --uuid-file so runs accumulate; --reset-uuid starts a new device."
+        "lives in --uuid-file so runs accumulate; --reset-uuid starts a new device. Exit status: 0 the "
+        "history was printed; 1 the server answered something else; 2 a bad command line; 3 no response "
+        "(nobody listening, timeout, Reset, failed DTLS handshake)."
     )
     synopsis = "[options] [coap[s]://host[:port]/requests]"
     optFlags: ClassVar[list[list[Any]]] = [
@@ -231,11 +262,14 @@ class CoapReceiveTestOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptio
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["uuid-file", None, "", "File keeping the device UUID (default ~/.nettester/coap-receivetest.uuid)."],
-        ["timeout", None, 60.0, "Seconds to wait for the handshake and the response.", positive_float],
+        ["timeout", None, MAX_TRANSMIT_WAIT, "Seconds to wait for the DTLS handshake and the response; the "
+         "default is RFC 7252's MAX_TRANSMIT_WAIT.", positive_float],
+        QUIET_LOG_LEVEL,
     ]
+    uri_example = "coap://127.0.0.1:5783/requests"
 
-    def parseArgs(self, uri: str = "coap://127.0.0.1:5783/requests") -> None:
-        super().parseArgs(uri)
+    def parseArgs(self, *arguments: str) -> None:
+        super().parseArgs(*(arguments or (self.uri_example,)))
 
     def postOptions(self) -> None:
         from nettester.protocols.coap.receivetest import DEFAULT_UUID_FILE

@@ -16,14 +16,21 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import cbor2
-from twisted.application.service import Service
 from twisted.internet import defer
 
 from nettester.interfaces import IDatagramLink
-from nettester.protocols.coap.client import CoapUri, build_request
-from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
+from nettester.protocols.coap.client import (
+    EXIT_ERROR_RESPONSE,
+    EXIT_SUCCESS,
+    CoapUri,
+    OneServerService,
+    build_request,
+    end_process,
+    make_link,
+)
 from nettester.protocols.coap.layer import ResponseReceived
 from nettester.protocols.coap.message import Code, ContentFormat, Message, code_name
+from nettester.protocols.coap.options import MAX_TRANSMIT_WAIT
 
 DEFAULT_UUID_FILE = os.path.join(os.path.expanduser("~"), ".nettester", "coap-receivetest.uuid")
 
@@ -91,89 +98,46 @@ def format_history(systemstart: int, entries: list[HistoryEntry], ours: str, rtt
     return "\n".join(lines)
 
 
-class ReceiveTestService(Service):
+class ReceiveTestService(OneServerService):
     """One POST to ``requests``; prints the device's history; then done."""
 
     def __init__(self, reactor: Any, uri: CoapUri, device: str, link: IDatagramLink, stdout: IO[str],
-                 content_format: int = ContentFormat.TEXT_PLAIN, timeout: float = 60.0) -> None:
-        self._reactor = reactor
+                 content_format: int = ContentFormat.TEXT_PLAIN, timeout: float = MAX_TRANSMIT_WAIT) -> None:
         self.device = device
         self.rid = f"r{int(reactor.seconds() * 1000)}"
         query = (f"dev={device}", f"rid={self.rid}", "ep")
-        self.uri = CoapUri(uri.scheme, uri.host, uri.port, uri.path, query)
-        self.link = link
-        self.stdout = stdout
+        super().__init__(reactor, CoapUri(uri.scheme, uri.host, uri.port, uri.path, query), link, stdout, timeout)
         self.content_format = content_format
-        self.timeout = timeout
-        self.done: defer.Deferred[int] = defer.Deferred()
-        self._endpoint: CoapEndpoint | None = None
-        self._port: Any = None
 
     def request(self) -> Message:
         """The POST to ``requests`` asking for the history in the chosen format."""
         return build_request(self.uri, "POST", accept=self.content_format)
 
-    def startService(self) -> None:
-        super().startService()
-        self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "")
-        self._endpoint = CoapEndpoint(self.link, self._reactor)
-        connecting = self.link.connect(self.uri.address)
-        connecting.addTimeout(self.timeout, self._reactor)
-        connecting.addCallback(self._post)
-        connecting.addCallbacks(self._answered, self._failed)
+    def exchange(self, peer: Any) -> defer.Deferred[ResponseReceived]:
+        assert self.endpoint is not None
+        return self.endpoint.request(peer, self.request())
 
-    def _post(self, peer: Any) -> defer.Deferred[ResponseReceived]:
-        assert self._endpoint is not None
-        return self._endpoint.request(peer, self.request(), response_timeout=self.timeout)
-
-    def _answered(self, event: ResponseReceived) -> None:
+    def answered(self, event: ResponseReceived) -> int:
         response = event.response
         if response.code != Code.CHANGED:
-            self._print(f"server answered {code_name(response.code)}: {response.payload.decode('utf-8', 'replace')}")
-            self._stop(1)
-            return
+            self.print(f"server answered {code_name(response.code)}: {response.payload.decode('utf-8', 'replace')}")
+            return EXIT_ERROR_RESPONSE
         try:
             systemstart, entries = parse_history(response.payload, response.content_format)
         except ValueError as error:
-            self._print(f"unreadable answer: {error}")
-            self._stop(1)
-            return
-        self._print(f"device {self.device}")
-        self._print(format_history(systemstart, entries, self.rid, event.rtt))
-        self._stop(0)
-
-    def _failed(self, failure: Any) -> None:
-        reason = failure.value.reason if failure.check(CoapRequestError) else failure.getErrorMessage()
-        self._print(f"no response: {reason}")
-        self._stop(1)
-
-    def _print(self, text: str) -> None:
-        self.stdout.write(text + "\n")
-        self.stdout.flush()
-
-    def _stop(self, status: int) -> None:
-        if self._endpoint is not None:
-            self._endpoint.stop()
-        if self._port is not None:
-            self._port.stopListening()
-        self.done.callback(status)
+            self.print(f"unreadable answer: {error}")
+            return EXIT_ERROR_RESPONSE
+        self.print(f"device {self.device}")
+        self.print(format_history(systemstart, entries, self.rid, event.rtt))
+        return EXIT_SUCCESS
 
 
 def make_receivetest_service(reactor: Any, options: Any, stdout: IO[str]) -> ReceiveTestService:
     """The role's service from parsed :class:`CoapReceiveTestOptions`; ends the process when done."""
-    from nettester.protocols.coap.client import make_link
-
     uri = options["uri"]
     content_format = ContentFormat.CBOR if options["cbor"] else ContentFormat.JSON if options["json"] else 0
     device = device_uuid(options["uuid-file"], bool(options["reset-uuid"]))
     service = ReceiveTestService(reactor, uri, device, make_link(reactor, uri, options["dtls"]), stdout,
                                  content_format, options["timeout"])
-
-    def end(status: int) -> None:
-        from nettester.tap import set_exit_status
-
-        set_exit_status(status)
-        reactor.stop()
-
-    service.done.addCallback(end)
+    service.done.addCallback(lambda status: end_process(reactor, status))
     return service

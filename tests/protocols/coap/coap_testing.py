@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
@@ -88,3 +89,59 @@ def results(d: defer.Deferred[Any]) -> list[Any]:
     found: list[Any] = []
     d.addBoth(found.append)
     return found
+
+
+class FakeUdpPort:
+    """What ``listenUDP`` returns in these tests: a host address and a no-op stop."""
+
+    def __init__(self, interface: str, port: int) -> None:
+        self._host = IPv4Address("UDP", interface or "0.0.0.0", port)
+        self.stopped = False
+
+    def getHost(self) -> IPv4Address:
+        return self._host
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+class UdpClock(Clock):
+    """A Clock whose ``listenUDP`` records the protocol and opens no socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listening: list[tuple[Any, str, int]] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> FakeUdpPort:
+        self.listening.append((protocol, interface, maxPacketSize))
+        return FakeUdpPort(interface, port or 40000 + len(self.listening))
+
+
+class FakeSocket:
+    """A connected datagram socket's handle: records sends; ``error`` is its pending SO_ERROR."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+        self.error = 0
+
+    def sendto(self, data: bytes, address: Any) -> int:
+        self.sent.append((data, address))
+        return len(data)
+
+    def getsockopt(self, level: int, option: int) -> int:
+        error, self.error = self.error, 0
+        return error
+
+
+class FakeUdpTransport:
+    """A udp.Port stand-in for a protocol: its socket, and the address it was connected to."""
+
+    def __init__(self) -> None:
+        self.socket = FakeSocket()
+        self.connected: tuple[str, int] | None = None
+
+    def getHandle(self) -> FakeSocket:
+        return self.socket
+
+    def connect(self, host: str, port: int) -> None:
+        self.connected = (host, port)

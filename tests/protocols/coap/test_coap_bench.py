@@ -9,11 +9,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from coap_testing import MemoryLink, UdpClock
+from twisted.internet import defer, reactor
 from twisted.python import usage
 
-from nettester.protocols.coap.bench import BenchConfig, BenchStatistics, CoapBenchService
+from nettester.protocols.coap.bench import (
+    BenchConfig,
+    BenchStatistics,
+    CoapBenchService,
+)
 from nettester.protocols.coap.client import parse_uri
+from nettester.protocols.coap.message import decode
 from nettester.protocols.coap.options import CoapBenchOptions
 from nettester.protocols.coap.server import CoapServerService
 from nettester.udplink import UdpLink
@@ -100,3 +106,53 @@ def test_failures_are_counted_logged_with_mid_and_retried() -> Generator[Any, An
     assert len(failures) == bench.stats.failures
     assert all(isinstance(event["mid"], int) and len(event["token"]) == 16 for event in failures)
     assert failures[0]["reason"] == "timeout"
+
+
+def test_exit_status_says_how_the_run_went() -> None:
+    stats = BenchStatistics(clients=1, started=0.0)
+    assert stats.exit_status() == 3
+    stats.record_failure()
+    assert stats.exit_status() == 3
+    stats.record_response(0, 0.001)
+    assert stats.exit_status() == 1
+    clean = BenchStatistics(clients=1, started=0.0)
+    clean.record_response(0, 0.001)
+    assert clean.exit_status() == 0
+
+
+def run_on_clock(link_factory: Any, requests: int) -> tuple[CoapBenchService, UdpClock, list[int]]:
+    clock = UdpClock()
+    config = BenchConfig(parse_uri("coap://192.0.2.1:5783/benchmark"), clients=2, requests=requests, timeout=1.0,
+                         report_interval=0)
+    bench = CoapBenchService(clock, config, link_factory, io.StringIO(), random.Random(7))
+    statuses: list[int] = []
+    bench.done.addCallback(statuses.append)
+    bench.startService()
+    for _ in range(100):
+        clock.advance(0.1)
+    return bench, clock, statuses
+
+
+def test_a_dead_server_costs_counted_requests_and_the_run_ends() -> None:
+    links: list[MemoryLink] = []
+
+    def silent() -> MemoryLink:
+        links.append(MemoryLink(("198.51.100.1", 40000 + len(links))))
+        return links[-1]
+
+    bench, clock, statuses = run_on_clock(silent, requests=2)
+    # Each client: a request, 1 s timeout, 1 s pause, the second, 1 s timeout: then done.
+    assert statuses == [3] and not bench.running
+    assert bench.stats.failures == 4 and bench.stats.responses == 0
+    assert [len({decode(data).token for data, _ in link.sent}) for link in links] == [2, 2]
+    assert clock.getDelayedCalls() == []
+
+
+def test_failed_handshakes_count_as_requests_too() -> None:
+    class Unreachable(MemoryLink):
+        def connect(self, address: tuple[str, int]) -> defer.Deferred[Any]:
+            return defer.fail(ConnectionError("handshake timeout"))
+
+    bench, clock, statuses = run_on_clock(lambda: Unreachable(("198.51.100.1", 40000)), requests=3)
+    assert statuses == [3] and bench.stats.failures == 6
+    assert clock.getDelayedCalls() == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 from collections.abc import Generator
 from typing import Any
@@ -9,20 +10,37 @@ from typing import Any
 import cbor2
 import pytest
 import pytest_twisted
+from coap_testing import FakeUdpTransport, MemoryLink, UdpClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.python import usage
 
 from nettester.protocols.coap.client import (
+    EXIT_ERROR_RESPONSE,
+    EXIT_NO_RESPONSE,
     CoapClientService,
+    ServerUdpLink,
     build_request,
     format_message,
     format_payload,
+    make_link,
     parse_uri,
 )
-from nettester.protocols.coap.message import NON, Code, ContentFormat, Message, OptionNumber, encode_block
-from nettester.protocols.coap.options import CoapClientOptions
+from nettester.protocols.coap.message import (
+    ACK,
+    NON,
+    RST,
+    Code,
+    ContentFormat,
+    Message,
+    OptionNumber,
+    decode,
+    encode_block,
+    encode_empty,
+    encode_message,
+)
+from nettester.protocols.coap.options import CoapBenchOptions, CoapClientOptions
 from nettester.protocols.coap.server import CoapServerService
 from nettester.udplink import UdpLink
 
@@ -113,3 +131,155 @@ def test_client_against_server_request_and_observe() -> Generator[Any, Any, None
 
 def test_message_title_padding() -> None:
     assert format_message("x", Message(NON, Code.CONTENT)).startswith("==[ x ]=====")
+
+
+# ------------------------------------------------------------ failures a newcomer meets
+
+SERVER = ("192.0.2.1", 5683)
+
+
+def client_on_clock(link: Any, timeout: float = 5.0, path: str = "test") -> tuple[CoapClientService, UdpClock,
+                                                                                  io.StringIO]:
+    clock = UdpClock()
+    out = io.StringIO()
+    uri = parse_uri(f"coap://{SERVER[0]}:{SERVER[1]}/{path}")
+    service = CoapClientService(clock, uri, build_request(uri, "GET"), link, out, timeout=timeout)
+    return service, clock, out
+
+
+def outcome(service: CoapClientService) -> list[int]:
+    statuses: list[int] = []
+    service.done.addCallback(statuses.append)
+    return statuses
+
+
+def test_request_block_shows_the_random_mid_and_token_that_went_out() -> None:
+    blocks = []
+    for _ in range(2):
+        link = MemoryLink(("198.51.100.1", 40000))
+        service, clock, out = client_on_clock(link)
+        service.startService()
+        ((data, peer),) = link.sent
+        sent = decode(data)
+        assert peer == SERVER
+        header = out.getvalue().splitlines()[1]
+        assert header == f"CON GET  MID={sent.mid}  Token={sent.token.hex()}"
+        assert len(sent.token) == 8  # RFC 7252 section 5.3.1: random tokens
+        blocks.append((sent.mid, sent.token))
+        assert clock.listening[0][2] == 65535  # whole datagrams (a DTLS flight may be one large one)
+    assert blocks[0] != blocks[1]  # RFC 7252 section 4.4: a random initial MID per client
+
+
+def test_no_answer_ends_after_timeout_with_status_3() -> None:
+    link = MemoryLink(("198.51.100.1", 40000))
+    service, clock, out = client_on_clock(link, timeout=5.0)
+    statuses = outcome(service)
+    service.startService()
+    clock.advance(4.9)
+    assert statuses == []
+    clock.advance(0.1)
+    assert statuses == [EXIT_NO_RESPONSE] and service.exit_status == EXIT_NO_RESPONSE
+    last = out.getvalue().splitlines()[-1]
+    transmissions = len(link.sent)
+    assert transmissions >= 2  # retransmitted before giving up
+    assert last == (f"==[ no response ]== no answer from 192.0.2.1:5683 within 5.0 s ({transmissions} "
+                    "transmissions): is a CoAP server listening on 192.0.2.1:5683, and does the path let UDP "
+                    "through? (--timeout waits longer)")
+    assert clock.getDelayedCalls() == []  # nothing left running
+
+
+def test_the_coap_exchange_timeout_ends_a_request_without_timeout_option() -> None:
+    link = MemoryLink(("198.51.100.1", 40000))
+    service, clock, out = client_on_clock(link, timeout=1000.0)
+    statuses = outcome(service)
+    service.startService()
+    for _ in range(100):
+        clock.advance(1.0)
+    # RFC 7252 section 4.8.2: the CON is sent 1 + MAX_RETRANSMIT times, then the layer gives up (<= 93 s).
+    assert statuses == [EXIT_NO_RESPONSE] and len(link.sent) == 5
+    assert "no answer from 192.0.2.1:5683 within" in out.getvalue() and "(5 transmissions)" in out.getvalue()
+
+
+def test_reset_is_explained() -> None:
+    link = MemoryLink(("198.51.100.1", 40000))
+    service, _, out = client_on_clock(link)
+    statuses = outcome(service)
+    service.startService()
+    sent = decode(link.sent[0][0])
+    link.receiver.datagramReceived(encode_empty(RST, sent.mid), SERVER)
+    assert statuses == [EXIT_NO_RESPONSE]
+    assert "192.0.2.1:5683 answered with a Reset" in out.getvalue()
+
+
+def test_error_response_gives_status_1() -> None:
+    link = MemoryLink(("198.51.100.1", 40000))
+    service, _, out = client_on_clock(link, path="nothing")
+    statuses = outcome(service)
+    service.startService()
+    sent = decode(link.sent[0][0])
+    link.receiver.datagramReceived(encode_message(ACK, Code.NOT_FOUND, sent.mid, sent.token), SERVER)
+    assert statuses == [EXIT_ERROR_RESPONSE] and "4.04 Not Found" in out.getvalue()
+
+
+def test_connected_link_reports_refusal_and_the_client_ends_at_once() -> None:
+    link = ServerUdpLink()
+    transport = FakeUdpTransport()
+    link.makeConnection(transport)  # type: ignore[arg-type]
+    service, clock, out = client_on_clock(link)
+    statuses = outcome(service)
+    service.startService()
+    assert transport.connected == SERVER  # so the kernel reports ICMP errors to this socket
+    assert len(transport.socket.sent) == 1
+    link.connectionRefused()  # Twisted's select/poll reactors
+    assert statuses == [EXIT_NO_RESPONSE]
+    assert out.getvalue().splitlines()[-1] == (
+        "==[ no response ]== 192.0.2.1:5683 refused the request (ICMP port unreachable): is a CoAP server "
+        "listening on 192.0.2.1:5683? Check the host and port of the URI")
+    assert clock.getDelayedCalls() == []
+
+
+def test_connected_link_reads_a_refusal_left_on_the_closed_socket() -> None:
+    """The epoll reactor closes the port on EPOLLERR: the pending SO_ERROR still tells."""
+    refused: list[Any] = []
+    link = ServerUdpLink()
+    transport = FakeUdpTransport()
+    link.makeConnection(transport)  # type: ignore[arg-type]
+    link.on_refused = refused.append
+    link.connect(SERVER)
+    transport.socket.error = errno.ECONNREFUSED
+    link.doStop()
+    assert refused == [SERVER]
+    quiet = ServerUdpLink()
+    quiet.makeConnection(FakeUdpTransport())  # type: ignore[arg-type]
+    quiet.on_refused = refused.append
+    quiet.connect(SERVER)
+    quiet.doStop()  # an ordinary stop: no error pending
+    assert refused == [SERVER]
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_client_against_a_closed_port_fails_at_once() -> Generator[Any, Any, None]:
+    probe = reactor.listenUDP(0, UdpLink(), interface="127.0.0.1")
+    closed = probe.getHost().port
+    yield probe.stopListening()
+    out = io.StringIO()
+    uri = parse_uri(f"coap://127.0.0.1:{closed}/test")
+    client = CoapClientService(reactor, uri, build_request(uri, "GET"), make_link(reactor, uri), out, timeout=30.0)
+    client.startService()
+    status = yield client.done.addTimeout(5.0, reactor)  # the refusal, not the 30 s timeout
+    assert status == EXIT_NO_RESPONSE
+    assert f"is a CoAP server listening on 127.0.0.1:{closed}?" in out.getvalue()
+
+
+def test_uri_argument_messages() -> None:
+    with pytest.raises(usage.UsageError, match=r"^give the URI, e\.g\. coap://127\.0\.0\.1:5683/test$"):
+        CoapClientOptions().parseOptions([])
+    with pytest.raises(usage.UsageError, match="options go before the URI"):
+        CoapClientOptions().parseOptions(["coap://127.0.0.1/test", "--method", "POST"])
+    with pytest.raises(usage.UsageError, match="benchmark"):
+        CoapBenchOptions().parseOptions([])
+    options = CoapClientOptions()
+    options.parseOptions(["coap://127.0.0.1/test"])
+    assert options["timeout"] == 93.0 and options["log-level"] == "warn"
+    assert "Exit status: 0 a 2.xx response" in str(options)

@@ -11,12 +11,19 @@ from typing import Any
 import cbor2
 import pytest
 import pytest_twisted
+from coap_testing import MemoryLink, UdpClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 
-from nettester.protocols.coap.client import parse_uri
-from nettester.protocols.coap.message import ContentFormat
+from nettester.protocols.coap.client import EXIT_NO_RESPONSE, make_link, parse_uri
+from nettester.protocols.coap.message import (
+    ACK,
+    Code,
+    ContentFormat,
+    decode,
+    encode_message,
+)
 from nettester.protocols.coap.options import CoapReceiveTestOptions
 from nettester.protocols.coap.receivetest import (
     HistoryEntry,
@@ -90,3 +97,47 @@ def test_two_runs_accumulate_history(tmp_path: Path) -> Generator[Any, Any, None
         assert "from 127.0.0.1:" in outputs[1] and "RTT of this request" in outputs[1]
     finally:
         yield server.stopService()
+
+
+def test_no_answer_ends_after_timeout(tmp_path: Path) -> None:
+    clock = UdpClock()
+    link = MemoryLink(("198.51.100.1", 40000))
+    out = io.StringIO()
+    service = ReceiveTestService(clock, parse_uri("coap://192.0.2.1:5783/requests"), "dev-1", link, out, timeout=4.0)
+    statuses: list[int] = []
+    service.done.addCallback(statuses.append)
+    service.startService()
+    clock.advance(4.0)
+    assert statuses == [EXIT_NO_RESPONSE]
+    assert "no answer from 192.0.2.1:5783 within 4.0 s" in out.getvalue()
+    assert clock.getDelayedCalls() == []
+
+
+def test_error_answer_gives_status_1() -> None:
+    clock = UdpClock()
+    link = MemoryLink(("198.51.100.1", 40000))
+    out = io.StringIO()
+    service = ReceiveTestService(clock, parse_uri("coap://192.0.2.1:5783/requests"), "dev-1", link, out)
+    statuses: list[int] = []
+    service.done.addCallback(statuses.append)
+    service.startService()
+    sent = decode(link.sent[0][0])
+    link.receiver.datagramReceived(encode_message(ACK, Code.BAD_OPTION, sent.mid, sent.token, (), b"no dev"),
+                                   ("192.0.2.1", 5783))
+    assert statuses == [1] and "server answered 4.02 Bad Option: no dev" in out.getvalue()
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_closed_port_fails_at_once() -> Generator[Any, Any, None]:
+    probe = reactor.listenUDP(0, UdpLink(), interface="127.0.0.1")
+    closed = probe.getHost().port
+    yield probe.stopListening()
+    uri = parse_uri(f"coap://127.0.0.1:{closed}/requests")
+    out = io.StringIO()
+    service = ReceiveTestService(reactor, uri, "dev-1", make_link(reactor, uri), out, timeout=30.0)
+    service.startService()
+    status = yield service.done.addTimeout(5.0, reactor)
+    assert status == EXIT_NO_RESPONSE
+    assert f"refused the request (ICMP port unreachable): is a CoAP server listening on 127.0.0.1:{closed}?" in (
+        out.getvalue())
