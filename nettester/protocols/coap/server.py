@@ -20,16 +20,17 @@ import fcntl
 import ipaddress
 import socket
 import struct
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import Metric
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from zope.interface import implementer
 
 from nettester.cluster.config import ClusterConfig
-from nettester.interfaces import IDatagramLink, IReportingService
+from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.coap.endpoint import CoapEndpoint
@@ -39,6 +40,9 @@ from nettester.protocols.coap.resources import Site, build_site
 from nettester.protocols.coap.resources.extended import extended_resources
 from nettester.protocols.coap.resources.plugtest import plugtest_resources
 from nettester.udplink import UdpLink
+
+if TYPE_CHECKING:
+    from nettester.protocols.dtls.endpoint import DtlsEndpoint
 
 log = Logger()
 
@@ -96,6 +100,42 @@ def _ipv6_addresses() -> list[str]:
     return [str(ipaddress.ip_address(bytes.fromhex(row.split()[0]))) for row in rows if row.strip()]
 
 
+def summed_families(metric_sets: Iterable[MetricSet]) -> list[Metric]:
+    """The families of metric sets of one shape, each sample summed over the sets.
+
+    Every DtlsEndpoint counts in its own ``MetricSet("dtls")``; the server
+    exports one ``nettester_dtls_*`` family per counter (names stay unique),
+    labelled samples (drops by reason) summed label by label.
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for metric_set in metric_sets:
+        for family in metric_set.collect():
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                samples[key] = samples.get(key, 0.0) + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
+
+
+class CoapServerMetrics(MetricSet):
+    """``nettester_coap_server_*``, followed by the DTLS endpoints' counters summed (``nettester_dtls_*``)."""
+
+    def __init__(self, dtls_links: list[DtlsEndpoint]) -> None:
+        super().__init__("coap_server")
+        self._dtls_links = dtls_links
+
+    def collect(self) -> Iterable[Metric]:
+        yield from super().collect()
+        yield from summed_families(link.metrics for link in self._dtls_links)
+
+
 @implementer(IReportingService)
 class CoapServerService(Service):
     """Listens on every (address, port) and serves the two resource trees."""
@@ -109,7 +149,7 @@ class CoapServerService(Service):
         benchmark: bool = False,
         notify_interval: float = 5.0,
         receive_buffer: int = 4 << 20,
-        dtls_link_factory: Callable[[], IDatagramLink] | None = None,
+        dtls_link_factory: Callable[[], DtlsEndpoint] | None = None,
         dtls_only: bool = False,
         server_name: str = "nettester",
         params: TransmissionParameters | None = None,
@@ -149,7 +189,9 @@ class CoapServerService(Service):
         #: (scheme, address, port, "plugtest" | "extended") of every listening socket.
         self.listening: list[tuple[str, str, int, str]] = []
         self._ports: list[Any] = []
-        self.metrics = MetricSet("coap_server")
+        #: Every DTLS endpoint made (coaps ports, the cluster node's): their counters join ours.
+        self.dtls_links: list[DtlsEndpoint] = []
+        self.metrics = CoapServerMetrics(self.dtls_links)
         self.metrics.gauge("requests", "requests received (datagrams)", lambda: self._total("received"))
         self.metrics.gauge("duplicates", "duplicate CON/NON answered from the cache",
                            lambda: self._total("duplicates"))
@@ -178,10 +220,19 @@ class CoapServerService(Service):
             "malformed": self._malformed(),
             "observers": sum(endpoint.core.observer_count for endpoint in self.endpoints),
         }
+        if self._dtls_link_factory is not None:
+            fields.update(self._dtls_summary())
         if self.cluster_node is not None:
             fields["node_id"] = self._cluster.node_id  # type: ignore[union-attr]
             fields.update(self.cluster_node.summary())
         return fields
+
+    def _dtls_summary(self) -> dict[str, int]:
+        """The DTLS endpoints' main counters, summed, for the summary line."""
+        summaries = [link.summary() for link in self.dtls_links]
+        return {field: sum(summary[key] for summary in summaries) for field, key in (
+            ("dtls_handshakes", "dtls_handshakes"), ("dtls_failures", "dtls_failed"),
+            ("dtls_dropped", "dtls_dropped"), ("dtls_connections", "dtls_connections"))}
 
     def is_ready(self) -> bool:
         """For ``/ready``: every socket open and, in a cluster, the node ready (pods listed once in k8s)."""
@@ -207,13 +258,19 @@ class CoapServerService(Service):
                     if not self._dtls_only:
                         self._listen("coap", address, offset, UdpLink(receive_buffer=self._receive_buffer), site, name)
                     if self._dtls_link_factory is not None and not (self._cluster and name == "extended"):
-                        self._listen("coaps", address, offset + COAPS_OFFSET, self._dtls_link_factory(), site, name)
+                        self._listen("coaps", address, offset + COAPS_OFFSET, self._new_dtls_link(), site, name)
             if self._cluster is not None:
                 self._start_cluster_node(self._cluster)
             if self._ready_port_number:
                 self._serve_ready()
         except (CannotListenError, OSError) as error:
             self._fail(str(error), "choose another --port or --interfaces")
+
+    def _new_dtls_link(self) -> DtlsEndpoint:
+        """A DTLS endpoint from the factory, its counters remembered for the summary and /metrics."""
+        link = self._dtls_link_factory()  # type: ignore[misc]
+        self.dtls_links.append(link)
+        return link
 
     def _fail(self, reason: str, advice: str) -> None:
         """Listening failed: say why and what to do, stop, and make the process exit with status 1."""
@@ -229,7 +286,7 @@ class CoapServerService(Service):
         """The extended coaps endpoint behind the CID router, on the cluster's DTLS interface."""
         from nettester.cluster.node import ClusterNodeService
 
-        link = self._dtls_link_factory()  # type: ignore[misc]
+        link = self._new_dtls_link()
         endpoint = CoapEndpoint(link, self._reactor, params=self._params)
         self.extended_site.attach(endpoint)
         self.endpoints.append(endpoint)

@@ -13,7 +13,12 @@ from twisted.internet import defer, reactor
 from twisted.python import usage
 
 from nettester.protocols.coap.endpoint import CoapEndpoint
-from nettester.protocols.coap.message import Code, ContentFormat, OptionNumber, encode_uint
+from nettester.protocols.coap.message import (
+    Code,
+    ContentFormat,
+    OptionNumber,
+    encode_uint,
+)
 from nettester.protocols.coap.options import CoapServerOptions
 from nettester.protocols.coap.server import CoapServerService, local_addresses
 from nettester.protocols.dtls.connection import DtlsConfiguration
@@ -200,3 +205,98 @@ def test_coaps_with_certificates_from_the_options(tmp_path: Any) -> Generator[An
         client.stop()
         yield client_port.stopListening()
         yield server.stopService()
+
+
+class _DtlsWire:
+    """Hands what each endpoint writes to the endpoint at the destination (no sockets)."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[tuple[str, int], DtlsEndpoint] = {}
+        self.queue: list[tuple[bytes, tuple[str, int], tuple[str, int]]] = []
+
+    def attach(self, endpoint: DtlsEndpoint, address: tuple[str, int]) -> None:
+        wire = self
+
+        class Transport:
+            def write(self, data: bytes, destination: tuple[str, int]) -> None:
+                wire.queue.append((data, address, destination))
+
+        endpoint.transport = Transport()  # type: ignore[assignment]
+        self.endpoints[address] = endpoint
+
+    def deliver(self) -> None:
+        while self.queue:
+            data, source, destination = self.queue.pop(0)
+            self.endpoints[destination].datagramReceived(data, source)
+
+
+def test_dtls_counters_of_every_endpoint_join_the_summary_and_metrics() -> None:
+    from coap_testing import UdpClock
+    from prometheus_client.exposition import generate_latest
+
+    from nettester.metrics import new_registry
+
+    clock = UdpClock()
+    store = PskStore({b"client-1": b"secret-psk"})
+    service = CoapServerService(clock, 0, ["192.0.2.1"], dtls_link_factory=lambda: DtlsEndpoint(
+        clock, server_configuration=DtlsConfiguration(is_client=False, psk_store=store)))
+    service.startService()
+    coaps = {name: port for scheme, _, port, name in service.listening if scheme == "coaps"}
+    assert len(service.dtls_links) == 2
+    wire = _DtlsWire()
+    for link, name in zip(service.dtls_links, ("plugtest", "extended")):
+        wire.attach(link, ("192.0.2.1", coaps[name]))
+    good = DtlsEndpoint(clock, client_configuration=DtlsConfiguration(
+        is_client=True, psk_identity=b"client-1", psk=b"secret-psk"))
+    stranger = DtlsEndpoint(clock, client_configuration=DtlsConfiguration(
+        is_client=True, psk_identity=b"stranger", psk=b"nope"))
+    wire.attach(good, ("198.51.100.1", 40000))
+    wire.attach(stranger, ("198.51.100.2", 40000))
+    connected: list[Any] = []
+    good.connect(("192.0.2.1", coaps["plugtest"])).addCallback(connected.append)
+    failed: list[Any] = []
+    stranger.connect(("192.0.2.1", coaps["extended"])).addErrback(failed.append)
+    wire.deliver()
+    assert len(connected) == 1 and len(failed) == 1
+    service.dtls_links[1].datagramReceived(b"\x19garbage", ("198.51.100.3", 1))  # not a DTLS record
+    summary = service.summary()
+    assert {key: summary[key] for key in summary if key.startswith("dtls_")} == {
+        "dtls_handshakes": 1, "dtls_failures": 1, "dtls_dropped": 1, "dtls_connections": 1}
+    text = generate_latest(new_registry(service.metrics)).decode()
+    assert "nettester_coap_server_requests 0.0" in text
+    assert text.count("# TYPE nettester_dtls_handshakes_total counter") == 1  # one family, summed
+    assert "\nnettester_dtls_handshakes_total 1.0\n" in text
+    assert 'nettester_dtls_handshake_failures_total{reason="unknown_psk_identity"} 1.0' in text
+    assert 'nettester_dtls_records_dropped_total{reason="malformed"} 1.0' in text
+    assert "\nnettester_dtls_connections 1.0\n" in text
+    service.stopService()
+
+
+def test_summed_families_add_up_label_by_label() -> None:
+    from nettester.metrics import MetricSet
+    from nettester.protocols.coap.server import summed_families
+
+    sets = []
+    for drops in ({"a": 1, "b": 2}, {"b": 5}):
+        metric_set = MetricSet("dtls")
+        metric_set.counter("handshakes_total", "h").value = 3
+        dropped = metric_set.labeled_counter("dropped_total", "d", "reason")
+        for reason, count in drops.items():
+            dropped.inc(reason, count)
+        metric_set.gauge("connections", "c", lambda: 2)
+        sets.append(metric_set)
+    families = {family.name: family for family in summed_families(sets)}
+    assert [family.type for family in families.values()] == ["counter", "counter", "gauge"]
+    assert [(s.name, s.value) for s in families["nettester_dtls_handshakes"].samples] == [
+        ("nettester_dtls_handshakes_total", 6)]
+    assert {s.labels["reason"]: s.value for s in families["nettester_dtls_dropped"].samples} == {"a": 1, "b": 7}
+    assert families["nettester_dtls_connections"].samples[0].value == 4
+
+
+def test_plain_coap_server_has_no_dtls_fields() -> None:
+    from coap_testing import UdpClock
+
+    service = CoapServerService(UdpClock(), 0, ["192.0.2.1"])
+    service.startService()
+    assert not [key for key in service.summary() if key.startswith("dtls")]
+    service.stopService()
