@@ -13,13 +13,17 @@ import pytest_twisted
 from coap_testing import FakeUdpTransport, MemoryLink, UdpClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.error import DNSLookupError
 from twisted.python import usage
+from zope.interface.verify import verifyObject
 
+from nettester.interfaces import IDatagramLink
 from nettester.protocols.coap.client import (
     EXIT_ERROR_RESPONSE,
     EXIT_NO_RESPONSE,
     CoapClientService,
+    SendTap,
     ServerUdpLink,
     build_request,
     format_message,
@@ -42,6 +46,7 @@ from nettester.protocols.coap.message import (
 )
 from nettester.protocols.coap.options import CoapBenchOptions, CoapClientOptions
 from nettester.protocols.coap.server import CoapServerService
+from nettester.protocols.dtls.endpoint import ConnectFailed
 from nettester.udplink import UdpLink
 
 
@@ -283,3 +288,48 @@ def test_uri_argument_messages() -> None:
     options.parseOptions(["coap://127.0.0.1/test"])
     assert options["timeout"] == 93.0 and options["log-level"] == "warn"
     assert "Exit status: 0 a 2.xx response" in str(options)
+
+
+def test_links_provide_idatagramlink() -> None:
+    link = ServerUdpLink()
+    assert verifyObject(IDatagramLink, link)
+    assert verifyObject(IDatagramLink, SendTap(link, lambda data: None))
+
+
+class _FailingConnect(MemoryLink):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(("198.51.100.1", 40000))
+        self.error = error
+
+    def connect(self, address: tuple[str, int]) -> defer.Deferred[Any]:
+        return defer.fail(self.error)
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (ConnectFailed("handshake_timeout"), "DTLS handshake with 192.0.2.1:5683 failed: handshake_timeout; check "
+     "--identity/--secret or --cert/--key/--trust, and that a coaps server listens there"),
+    (DNSLookupError("nope"), "cannot resolve '192.0.2.1': check the host of the URI"),
+])
+def test_connect_failures_are_explained(error: Exception, expected: str) -> None:
+    service, _, out = client_on_clock(_FailingConnect(error))
+    statuses = outcome(service)
+    service.startService()
+    assert statuses == [EXIT_NO_RESPONSE]
+    assert out.getvalue().splitlines()[-1] == f"==[ no response ]== {expected}"
+
+
+def test_no_dtls_handshake_within_timeout() -> None:
+    class Silent(MemoryLink):
+        def connect(self, address: tuple[str, int]) -> defer.Deferred[Any]:
+            return defer.Deferred()  # a handshake nobody answers
+
+    clock = UdpClock()
+    out = io.StringIO()
+    uri = parse_uri("coaps://192.0.2.1/test")
+    service = CoapClientService(clock, uri, build_request(uri, "GET"), Silent(("198.51.100.1", 1)), out, timeout=7)
+    statuses = outcome(service)
+    service.startService()
+    clock.advance(7)
+    assert statuses == [EXIT_NO_RESPONSE]
+    assert "no DTLS handshake with 192.0.2.1:5684 within 7 s: is a coaps server listening on 192.0.2.1:5684?" in (
+        out.getvalue())
