@@ -19,6 +19,8 @@ is read as extra node CPU microseconds per request. One result line:
 
 ``cluster forwarding: direct N us/req (R req/s), forwarded M us/req (S req/s): +X us/req (+P %), throughput ratio T``
 
+and where the extra CPU goes: the owner's us/req (against its direct figure) and the relaying node's.
+
     python3 benchmarks/cluster.py
     python3 benchmarks/cluster.py --clients 20 --seconds 10 --no-secret --no-backward
 
@@ -56,15 +58,14 @@ def free_udp_ports(count: int) -> list[int]:
     return ports
 
 
-def cpu_seconds(pids: list[int]) -> tuple[float, float]:
-    """(user, system) CPU time of these processes so far (Linux /proc)."""
-    user = system = 0.0
+def cpu_seconds(pids: list[int]) -> list[tuple[float, float]]:
+    """(user, system) CPU time of each of these processes so far (Linux /proc)."""
+    times = []
     for pid in pids:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rpartition(")")[2].split()
-        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
-        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
-    return user, system
+        times.append((int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")))
+    return times
 
 
 def nettester(*arguments: str, stdin: int | None = subprocess.DEVNULL,
@@ -75,11 +76,20 @@ def nettester(*arguments: str, stdin: int | None = subprocess.DEVNULL,
 
 @dataclass(frozen=True)
 class Measured:
+    """One run's window; C{per_node} is each node's (user, system) CPU seconds, node 1 first."""
+
     requests: int
     seconds: float
-    node_user: float
-    node_system: float
+    per_node: list[tuple[float, float]]
     errors_line: str
+
+    @property
+    def node_user(self) -> float:
+        return sum(user for user, _ in self.per_node)
+
+    @property
+    def node_system(self) -> float:
+        return sum(system for _, system in self.per_node)
 
     @property
     def node_cpu(self) -> float:
@@ -97,6 +107,11 @@ class Measured:
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
+
+    def node_us_per_request(self, index: int) -> tuple[float, float]:
+        """(user, kernel) microseconds per request of one node."""
+        user, system = self.per_node[index]
+        return user * 1e6 / max(self.requests, 1), system * 1e6 / max(self.requests, 1)
 
 
 def run(forwarded: bool, args: argparse.Namespace) -> Measured:
@@ -120,7 +135,7 @@ def run(forwarded: bool, args: argparse.Namespace) -> Measured:
         bench = nettester("coap-bench", "--psk-sandbox", "--clients", str(args.clients), "--report-interval", "1",
                           "--log-level", "warn", f"coaps://127.0.0.1:{nat_port}/{PATH}", stdout=subprocess.PIPE)
         assert bench.stdout is not None and nat.stdin is not None
-        start: tuple[float, int, tuple[float, float]] | None = None
+        start: tuple[float, int, list[tuple[float, float]]] | None = None
         pids = [node.pid for node in nodes]
         for tick, line in enumerate(_progress_lines(bench.stdout), start=1):
             requests = int(PROGRESS.match(line).group(1))  # type: ignore[union-attr]
@@ -131,9 +146,9 @@ def run(forwarded: bool, args: argparse.Namespace) -> Measured:
             if tick == args.warmup + 1:
                 start = (time.monotonic(), requests, cpu_seconds(pids))
             if start is not None and tick == args.warmup + 1 + args.seconds:
-                user, system = cpu_seconds(pids)
-                return Measured(requests - start[1], time.monotonic() - start[0], user - start[2][0],
-                                system - start[2][1], line)
+                per_node = [(user - user0, system - system0)
+                            for (user, system), (user0, system0) in zip(cpu_seconds(pids), start[2])]
+                return Measured(requests - start[1], time.monotonic() - start[0], per_node, line)
         raise RuntimeError("coap-bench ended early; run it by hand to see why")
     finally:
         for process in [bench, nat, *nodes]:
@@ -173,6 +188,10 @@ def main() -> None:
           f"({direct.rate:.0f} req/s), forwarded {forwarded.us_per_request:.1f} us/req ({forwarded.rate:.0f} req/s): "
           f"{extra:+.1f} us/req ({extra * 100 / direct.us_per_request:+.1f} %; kernel {extra_system:+.1f}, "
           f"user {extra - extra_system:+.1f}), throughput ratio {forwarded.rate / direct.rate:.2f}")
+    owner, relay = forwarded.node_us_per_request(0), forwarded.node_us_per_request(1)
+    alone = direct.node_us_per_request(0)
+    print(f"per node, forwarded: owner {sum(owner):.1f} us/req (user {owner[0]:.1f}, kernel {owner[1]:.1f}; "
+          f"direct {sum(alone):.1f}), relaying node {sum(relay):.1f} us/req (user {relay[0]:.1f}, kernel {relay[1]:.1f})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""The draining UDP port under the cluster's sockets: real loopback sockets, doRead driven by hand (no reactor loop)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.testing import MemoryReactor
+from twisted.logger import globalLogPublisher
+
+from nettester.cluster.node import MAX_DATAGRAMS_PER_READ, DrainingPort
+
+pytestmark = pytest.mark.integration
+
+
+class Recorder(DatagramProtocol):
+    def __init__(self, fail_on: bytes | None = None) -> None:
+        self.received: list[tuple[bytes, Any]] = []
+        self.fail_on = fail_on
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.received.append((datagram, addr))
+        if datagram == self.fail_on:
+            raise RuntimeError("handler bug")
+
+
+def open_port(protocol: Recorder, host: str = "127.0.0.1") -> Generator[tuple[DrainingPort, socket.socket], None, None]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        port = DrainingPort(0, protocol, interface=host, reactor=MemoryReactor())
+        port.startListening()
+    except Exception as error:  # a host without IPv6
+        pytest.skip(f"cannot listen on {host}: {error}")
+    sender = socket.socket(family, socket.SOCK_DGRAM)
+    sender.bind((host, 0))
+    try:
+        yield port, sender
+    finally:
+        sender.close()
+        port.socket.close()
+
+
+@pytest.fixture(params=["127.0.0.1", "::1"])
+def lab(request: pytest.FixtureRequest) -> Generator[tuple[DrainingPort, socket.socket, Recorder], None, None]:
+    protocol = Recorder()
+    for port, sender in open_port(protocol, request.param):
+        yield port, sender, protocol
+
+
+def send(port: DrainingPort, sender: socket.socket, *datagrams: bytes) -> None:
+    """Loopback delivery is done when sendto returns: the datagrams are queued on the port's socket."""
+    for datagram in datagrams:
+        sender.sendto(datagram, (port.getHost().host, port.getHost().port))
+
+
+def test_one_read_takes_every_queued_datagram_in_order_with_host_port_addresses(lab: Any) -> None:
+    port, sender, protocol = lab
+    send(port, sender, b"a", b"bb", b"ccc")
+    port.doRead()
+    source = sender.getsockname()[:2]
+    assert protocol.received == [(b"a", source), (b"bb", source), (b"ccc", source)]
+    port.doRead()  # nothing left: a spurious wake-up is quiet
+    assert len(protocol.received) == 3
+
+
+def test_a_read_stops_after_the_bound_and_the_rest_waits(lab: Any) -> None:
+    port, sender, protocol = lab
+    send(port, sender, *[b"%d" % i for i in range(MAX_DATAGRAMS_PER_READ + 3)])
+    port.doRead()
+    assert len(protocol.received) == MAX_DATAGRAMS_PER_READ
+    port.doRead()
+    assert [datagram for datagram, _ in protocol.received] == [b"%d" % i for i in range(MAX_DATAGRAMS_PER_READ + 3)]
+
+
+def test_an_empty_datagram_is_read_by_the_next_call(lab: Any) -> None:
+    """FIONREAD says 0 for a pending empty datagram: the reactor reports the socket again and nothing is lost."""
+    port, sender, protocol = lab
+    send(port, sender, b"x", b"", b"y")
+    port.doRead()
+    port.doRead()
+    assert [datagram for datagram, _ in protocol.received] == [b"x", b"", b"y"]
+
+
+def test_a_failing_handler_is_logged_and_the_next_datagram_still_read() -> None:
+    protocol = Recorder(fail_on=b"bad")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for port, sender in open_port(protocol):
+            send(port, sender, b"bad", b"good")
+            port.doRead()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [datagram for datagram, _ in protocol.received] == [b"bad", b"good"]
+    (failure,) = [e for e in events if e.get("event") == "datagram_handler_failed"]
+    assert failure["log_failure"].check(RuntimeError)
