@@ -20,7 +20,6 @@ from twisted.internet.protocol import DatagramProtocol
 
 from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import (
-    RECORD_TYPES,
     TYPE_IN,
     TYPE_OUT,
     ManagementCodec,
@@ -94,24 +93,23 @@ class ManagementEndpoint(DatagramProtocol):
         self._sendto = self._transport_write
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        kind = datagram[0] if datagram else None
         try:
-            if datagram and datagram[0] in RECORD_TYPES:
-                # The relay's hot path: no event object, one decode, one call.
-                client, records = self._codec.decode_records(datagram)
+            if kind == TYPE_OUT or kind == TYPE_IN:
+                client, records = self._codec.decode_records(datagram)  # the relay's hot path: no event object
             else:
-                message = self._codec.decode(datagram)
+                message = self._codec.decode(datagram)  # a PING/PONG, or the error saying why not
         except ManagementError as error:
             self.dropped.inc(error.reason)
             return
+        if kind == TYPE_OUT:
+            self.received_out.value += 1
+            self._on_backwarded(records, client, addr)
+        elif kind == TYPE_IN:
+            self.received_in.value += 1
+            self._on_forwarded(records, client, addr)
         else:
-            if datagram[0] == TYPE_OUT:
-                self.received_out.value += 1
-                self._on_backwarded(records, client, addr)
-            elif datagram[0] == TYPE_IN:
-                self.received_in.value += 1
-                self._on_forwarded(records, client, addr)
-            else:
-                self._node_message(message, addr)  # type: ignore[arg-type]
+            self._node_message(message, addr)  # type: ignore[arg-type]
 
     def _node_message(self, message: NodeMessage, addr: Address) -> None:
         """PING/PONG: the node table's business (dynamic and Kubernetes discovery)."""
