@@ -33,6 +33,7 @@ from twisted.internet.defer import (
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.udp import Port
 
+from nettester.addresses import ip_family
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import (
     DynamicDiscoveryService,
@@ -49,7 +50,6 @@ from nettester.cluster.wire import ManagementCodec
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
-from nettester.addresses import ip_family
 
 log = Logger()
 
@@ -138,7 +138,7 @@ class DrainingPort(Port):
                 return  # a spurious wake-up; ICMP errors are no news to an unconnected socket
             try:
                 received(datagram, address[:2] if ipv6 else address)  # no flow info or scope id, as Port does
-            except Exception:
+            except Exception:  # noqa: BLE001 - one bad datagram must not close the port (as Port does)
                 log.failure("Datagram from {peer} not handled", event="datagram_handler_failed", peer=address)
             fcntl.ioctl(fileno, termios.FIONREAD, pending)
             if pending == _NOTHING_PENDING:

@@ -34,10 +34,10 @@ import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
 from functools import lru_cache
 from hashlib import sha256
 from hmac import compare_digest
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF

@@ -7,6 +7,7 @@ from collections.abc import Generator
 from typing import Any
 
 import pytest
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
@@ -32,7 +33,7 @@ def open_port(protocol: Recorder, host: str = "127.0.0.1") -> Generator[tuple[Dr
     try:
         port = DrainingPort(0, protocol, interface=host, reactor=MemoryReactor())
         port.startListening()
-    except Exception as error:  # a host without IPv6
+    except CannotListenError as error:  # a host without IPv6
         pytest.skip(f"cannot listen on {host}: {error}")
     sender = socket.socket(family, socket.SOCK_DGRAM)
     sender.bind((host, 0))
