@@ -26,6 +26,14 @@ and where the extra CPU goes: the owner's us/req (against its direct figure) and
 
 With ``--no-backward`` node 1 answers from its own public address; the NAT
 still delivers those answers (and counts them as from another destination).
+
+``--relay-only`` measures the relaying node alone, without coap-bench, the NAT
+and DTLS around it: one real ``coap-server`` node 2, and this script playing
+both the clients (``tls12_cid`` records whose CID names node 1) and node 1
+(it answers every IN record with an OUT record, MAC included), closed loop
+with ``--in-flight`` records outstanding. One result line:
+
+``relaying node (with MAC, answers backward, 2 in flight): U user + K kernel = T us/req (R req/s)``
 """
 
 from __future__ import annotations
@@ -159,6 +167,60 @@ def run(forwarded: bool, args: argparse.Namespace) -> Measured:
                 process.wait(timeout=30)
 
 
+def relay_only(args: argparse.Namespace) -> str:
+    """The relaying node's CPU per relayed request, driven by this process (see the module docstring)."""
+    sys.path.insert(0, ROOT)
+    from nettester.cluster.wire import TYPE_IN, TYPE_OUT, ManagementCodec
+
+    secret = None if args.no_secret else b"benchmark secret"
+    codec = ManagementCodec(secret)
+    client, owner = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    for s in (client, owner):
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+    public, management = free_udp_ports(2)
+    node = nettester("coap-server", "--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--dtls-only",
+                     "--psk-sandbox", "--log-level", "warn", "--stats-interval", "3600",
+                     *([] if secret is None else ["--dtls-cluster-group-security", secret.decode()]),
+                     *(["--no-dtls-cluster-backward"] if args.no_backward else []), "--dtls-cluster",
+                     f"127.0.0.1:{public};127.0.0.1:{management};2,---;127.0.0.1:{owner.getsockname()[1]};1")
+    # RFC 9146 section 4: type 25, version, epoch, sequence number, CID (node 1's first byte), length, payload.
+    record = bytes([25, 254, 253, 0, 1, 0, 0, 0, 0, 0, 1]) + bytes([1, 9, 9, 9, 9, 9]) + b"\x00\x30" + bytes(48)
+    answer = bytes([25, 254, 253, 0, 1, 0, 0, 0, 0, 0, 2]) + bytes([1, 9, 9, 9, 9, 9]) + b"\x00\x10" + bytes(16)
+
+    def relay(requests: int) -> None:
+        """Closed loop: each answer the client receives sends its next record."""
+        for _ in range(args.in_flight):
+            client.sendto(record, ("127.0.0.1", public))
+        for count in range(requests):
+            forwarded = codec.decode(owner.recv(2048))
+            assert getattr(forwarded, "kind", None) == TYPE_IN, forwarded
+            if args.no_backward:
+                owner.sendto(answer, forwarded.client)  # type: ignore[union-attr]
+            else:
+                owner.sendto(codec.encode_records(TYPE_OUT, forwarded.client, answer),  # type: ignore[union-attr]
+                             ("127.0.0.1", management))
+            client.recv(2048)
+            if count < requests - args.in_flight:
+                client.sendto(record, ("127.0.0.1", public))
+
+    try:
+        time.sleep(args.startup)
+        relay(2000)  # warm-up
+        requests = max(1, args.requests)
+        before, start = cpu_seconds([node.pid])[0], time.monotonic()
+        relay(requests)
+        (user, system), seconds = cpu_seconds([node.pid])[0], time.monotonic() - start
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=30)
+    user, system = (user - before[0]) * 1e6 / requests, (system - before[1]) * 1e6 / requests
+    mac = "without MAC" if args.no_secret else "with MAC"
+    answers = "answers direct" if args.no_backward else "answers backward"
+    return (f"relaying node ({mac}, {answers}, {args.in_flight} in flight): {user:.1f} user + {system:.1f} kernel = "
+            f"{user + system:.1f} us/req ({requests / seconds:.0f} req/s)")
+
+
 def _progress_lines(stream: IO[str]) -> Iterator[str]:
     """coap-bench's progress lines, as they come."""
     return (line.strip() for line in stream if PROGRESS.match(line.strip()))
@@ -173,7 +235,13 @@ def main() -> None:
     parser.add_argument("--no-secret", action="store_true", help="unauthenticated management records (no MAC)")
     parser.add_argument("--no-backward", action="store_true",
                         help="node 1 answers forwarded requests directly (--no-dtls-cluster-backward)")
+    parser.add_argument("--relay-only", action="store_true", help="measure the relaying node alone (see above)")
+    parser.add_argument("--in-flight", type=int, default=2, help="--relay-only: records outstanding")
+    parser.add_argument("--requests", type=int, default=40000, help="--relay-only: requests measured")
     args = parser.parse_args()
+    if args.relay_only:
+        print(relay_only(args))
+        return
     direct = run(False, args)
     print(f"direct:    {direct.requests} requests in {direct.seconds:.1f} s, node CPU {direct.node_cpu:.2f} s; "
           f"last: {direct.errors_line}", flush=True)
