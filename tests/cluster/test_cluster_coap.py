@@ -21,16 +21,16 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, gatherResults
 
+from tests.loopback import wait_until as poll_until
 from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
 from nettester.cluster.nodes import NodeTable
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable
 from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
-from nettester.protocols.coap.client import build_request, parse_uri
+from nettester.protocols.coap.client import build_request
 from nettester.protocols.coap.endpoint import CoapEndpoint
 from nettester.protocols.coap.message import ContentFormat
 from nettester.protocols.coap.options import CoapBenchOptions, CoapClientOptions, CoapServerOptions
@@ -46,13 +46,9 @@ NODES = (1, 2, 3)
 VIA_ROUTER = "dtls-cid-router"
 
 
-@pytest_twisted.inlineCallbacks
-def wait_until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
-    for _ in range(int(TIMEOUT / 0.02)):
-        if condition():
-            return
-        yield deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not reached in time")
+def wait_until(condition: Callable[[], bool]) -> Deferred[None]:
+    """Poll every 20 ms for up to TIMEOUT (generous on a loaded machine)."""
+    return poll_until(condition, TIMEOUT, 0.02)
 
 
 class CoapCluster:

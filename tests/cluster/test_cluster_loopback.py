@@ -21,9 +21,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import deferLater
 from zope.interface import implementer
 
+from tests.loopback import wait_until
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
 from nettester.cluster.node import ClusterNodeService, ForwardedRoute
@@ -91,15 +91,6 @@ class Client(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.answers.put((data, addr))
-
-
-@pytest_twisted.inlineCallbacks
-def wait_until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
-    for _ in range(int(TIMEOUT / 0.01)):
-        if condition():
-            return
-        yield deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not reached in time")
 
 
 class ClusterLab:

@@ -8,6 +8,7 @@ an IPlugin-providing ProtocolModule.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any
 
 from twisted.application.service import IService
@@ -38,8 +39,7 @@ def build_server(reactor: Any, options: RoleOptions, kubernetes_factory: Any = N
     if dtls is not None:
         from nettester.protocols.dtls.endpoint import DtlsEndpoint
 
-        def factory() -> Any:
-            return DtlsEndpoint(reactor, server_configuration=dtls, max_connections=options["max-connections"])
+        factory = partial(DtlsEndpoint, reactor, server_configuration=dtls, max_connections=options["max-connections"])
 
     return CoapServerService(
         reactor, options["port"], addresses, plugtest=options["plugtest"], benchmark=options["benchmark"],
