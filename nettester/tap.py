@@ -7,20 +7,24 @@ Roles come from the protocol modules found under ``nettester.plugins`` with
 from __future__ import annotations
 
 import gc
+import signal
 from collections.abc import Generator
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import ILogObserver
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.components import Componentized
 
 from nettester.interfaces import IProtocolModule, IReportingService, IRole
-from nettester.logs import make_observer, parse_level
+from nettester.logs import Logger, make_observer, parse_level
 from nettester.metrics import SummaryReporter, metrics_http_service, new_registry
 from nettester.options import RoleOptions
+
+log = Logger()
 
 _exit_status = [0]
 
@@ -139,7 +143,27 @@ def build(role: IRole, options: RoleOptions, clock: Any = None) -> RoleRootServi
     gc.set_threshold(*GC_THRESHOLDS)
     root = RoleRootService(make_observer(options["log-format"], parse_level(options["log-level"])))
     with_reporting(role.makeService(options), role.name, options, clock).setServiceParent(root)
+    if IReactorCore.providedBy(clock):
+        clock.addSystemEventTrigger("before", "shutdown", answer_repeated_stop_signals)
     return root
+
+
+def answer_repeated_stop_signals() -> None:
+    """Once shutdown has begun, a second Ctrl-C or SIGTERM gets a line, not a traceback.
+
+    Twisted's own handler would call reactor.stop() again, which raises
+    ReactorNotRunning while the role is still closing its connections.
+    """
+
+    def already_stopping(signum: int, frame: Any) -> None:
+        log.warn(
+            "already shutting down: waiting for open connections to close, then the final summary",
+            event="shutdown_pending",
+            signal=signal.Signals(signum).name,
+        )
+
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, already_stopping)
 
 
 def makeService(options: Options) -> IService:

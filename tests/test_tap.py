@@ -129,3 +129,29 @@ def test_protocol_module_without_local_scenario() -> None:
     module = ProtocolModule("demo", "Demo.", ())
     assert verifyObject(IProtocolModule, module)
     assert module.localScenario(Clock(), RoleOptions()) is None
+
+
+def test_a_second_stop_signal_during_shutdown_is_answered_with_a_line() -> None:
+    import os
+    import signal
+
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        reactor = MemoryReactorClock()
+        tap.build(_demo_role([]), RoleOptions(), clock=reactor)
+        (phase, event, (trigger, args, kwargs)), = [
+            (phase, event, hook) for phase, events in reactor.triggers.items()
+            for event, hooks in events.items() for hook in hooks
+        ]
+        assert (phase, event) == ("before", "shutdown")
+        trigger(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert [e["signal"] for e in seen if e.get("event") == "shutdown_pending"] == ["SIGTERM"]
