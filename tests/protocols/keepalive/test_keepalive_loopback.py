@@ -87,7 +87,9 @@ def test_fifty_clients_keep_alive_without_a_single_error(use_tls: bool, tmp_path
     assert client_summary["connections"] == 50 and client_summary["errors"] == 0
     assert client_summary["keepalives"] >= 50 * 5 and client_summary["dummies"] >= 50 * 2
     assert server_summary["accepted"] == 50 and server_summary["peer_closed"] == 50
-    assert server_summary["keepalives"] == client_summary["keepalives"]
+    # Every answer the clients counted was a keep-alive the server counted; at
+    # most one per connection can still be in flight when the fleet stops.
+    assert client_summary["keepalives"] <= server_summary["keepalives"] <= client_summary["keepalives"] + 50
     assert _errors(logged) == []
     assert _report_of(logged).classes["still_open"].count == 50
 
