@@ -39,7 +39,6 @@ with ``--in-flight`` records outstanding. One result line:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import socket
@@ -50,30 +49,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, free_udp_ports, process_cpu_seconds
+
 PROGRESS = re.compile(r"^(\d+) requests \(")
 PATH = "benchmark?rlen=40"
 
 
-def free_udp_ports(count: int) -> list[int]:
-    """Ephemeral ports chosen by the OS, for the command lines that must name them."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def cpu_seconds(pids: list[int]) -> list[tuple[float, float]]:
-    """(user, system) CPU time of each of these processes so far (Linux /proc)."""
-    times = []
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-        times.append((int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")))
-    return times
+    """(user, system) CPU time of each of these processes so far."""
+    return [process_cpu_seconds(pid) for pid in pids]
 
 
 def nettester(*arguments: str, stdin: int | None = subprocess.DEVNULL,

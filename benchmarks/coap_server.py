@@ -32,16 +32,15 @@ import base64
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, UDPLOAD_SOURCE, build_udpload, pinned, process_cpu_seconds
+
 sys.path.insert(0, ROOT)
-UDPLOAD_SOURCE = os.path.join(os.path.dirname(ROOT), "shared", "tools", "udpload", "udpload.c")
 PATH = "benchmark?rlen=40"
 
 
@@ -60,11 +59,9 @@ class ServerRole:
         psk_file = os.path.join(directory, "psk.txt")
         with open(psk_file, "w") as out:
             out.write(f"{PSK_IDENTITY.decode()}={base64.b64encode(PSK_SECRET).decode()}\n")
-        self.command = [sys.executable, "-m", "nettester", "coap-server", "--benchmark", "--no-plugtest",
-                        "--interfaces", "127.0.0.1", "--port", str(self.base), "--psk-file", psk_file,
-                        "--receive-buffer", str(receive_buffer), "--stats-interval", "0"]
-        if shutil.which("taskset"):
-            self.command = ["taskset", "-c", core] + self.command
+        self.command = pinned(core, [sys.executable, "-m", "nettester", "coap-server", "--benchmark", "--no-plugtest",
+                                     "--interfaces", "127.0.0.1", "--port", str(self.base), "--psk-file", psk_file,
+                                     "--receive-buffer", str(receive_buffer), "--stats-interval", "0"])
         self.final_summary = ""
 
     @property
@@ -90,10 +87,8 @@ class ServerRole:
                                    if "coap-server final summary: " in line), "")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux /proc)."""
-        with open(f"/proc/{self.process.pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server process so far."""
+        return sum(process_cpu_seconds(self.process.pid))
 
 
 def free_base_port() -> int:
@@ -138,10 +133,9 @@ def coaps_load(port: int, clients: int, requests: int) -> None:
 def run_coaps(args: argparse.Namespace, directory: str) -> str:
     """Phase 4: returns the result line."""
     with ServerRole(args.receive_buffer, args.server_core, directory) as server:
-        load_command = [sys.executable, os.path.abspath(__file__), "--coaps-load", str(server.coaps_port),
-                        "--coaps-clients", str(args.coaps_clients), "--coaps-requests", str(args.coaps_requests)]
-        if shutil.which("taskset"):
-            load_command = ["taskset", "-c", args.load_core] + load_command
+        load_command = pinned(args.load_core, [
+            sys.executable, os.path.abspath(__file__), "--coaps-load", str(server.coaps_port),
+            "--coaps-clients", str(args.coaps_clients), "--coaps-requests", str(args.coaps_requests)])
         before = server.cpu_seconds()
         output = subprocess.run(load_command, check=True, capture_output=True, text=True).stdout
         used = server.cpu_seconds() - before
@@ -151,19 +145,11 @@ def run_coaps(args: argparse.Namespace, directory: str) -> str:
             f"{answers / used if used else 0:.0f} answers per CPU-second\nserver: {server.final_summary}")
 
 
-def build_udpload(directory: str) -> str:
-    binary = os.path.join(directory, "udpload")
-    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", binary, UDPLOAD_SOURCE], check=True)
-    return binary
-
-
 def load(udpload: str, port: int, sockets: int, window: int, seconds: float, core: str) -> tuple[float, str]:
     """One udpload run; its rate and its line."""
     command = [udpload, "--proto", "coap", "--port", str(port), "--path", PATH, "--con",
                "--sockets", str(sockets), "--window", str(window), "--duration", str(seconds)]
-    if shutil.which("taskset"):
-        command = ["taskset", "-c", core] + command
-    line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+    line = subprocess.run(pinned(core, command), check=True, capture_output=True, text=True).stdout.strip()
     match = re.search(r"rate=([0-9.]+)", line)
     return (float(match.group(1)) if match else 0.0), line
 
@@ -186,6 +172,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as directory:
         udpload = build_udpload(directory)
+        if udpload is None:
+            raise SystemExit(f"cannot build udpload from {UDPLOAD_SOURCE}: gcc and the shared source are needed")
         with ServerRole(args.receive_buffer, args.server_core, directory) as server:
             port = server.coap_port
             load(udpload, port, args.sockets, args.window, 1.0, args.load_core)  # warm-up

@@ -33,8 +33,8 @@ import time
 from typing import Callable
 
 from cryptography import x509
+from harness import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from nettester.protocols.dtls.certificates import issue, make_ca  # noqa: E402

@@ -40,7 +40,8 @@ import sys
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT
+
 FD_MARGIN = 200  # descriptors a process keeps for itself (stdio, epoll, listening socket...)
 SETTLE_INTERVALS = 3  # keep-alive intervals between the end of the ramp and the hold window (backlog drains)
 LAG_TICK = 0.1  # seconds between two checks of a process's reactor lag

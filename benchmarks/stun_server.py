@@ -22,30 +22,16 @@ import os
 import random
 import re
 import select
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-UDPLOAD_SOURCE = os.path.join(os.path.dirname(ROOT), "shared", "tools", "udpload", "udpload.c")
+from harness import ROOT, build_udpload, free_udp_ports, pinned, process_cpu_seconds
+
 COOKIE = b"\x21\x12\xa4\x42"
 REQUEST_HEADER = b"\x00\x01\x00\x00" + COOKIE
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def pinned(core: int, command: list[str]) -> list[str]:
-    """C{command} pinned to C{core} with taskset, when there are two cores and taskset exists."""
-    if shutil.which("taskset") and (os.cpu_count() or 1) > core:
-        return ["taskset", "-c", str(core), *command]
-    return command
 
 
 def start_server(port: int, core: int | None) -> subprocess.Popen[bytes]:
@@ -67,20 +53,8 @@ def start_server(port: int, core: int | None) -> subprocess.Popen[bytes]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def build_udpload() -> str | None:
-    """Compile the shared C generator into a temporary directory; None when impossible."""
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None or not os.path.exists(UDPLOAD_SOURCE):
-        return None
-    binary = os.path.join(tempfile.mkdtemp(prefix="stun-bench-"), "udpload")
-    result = subprocess.run([compiler, "-O2", "-Wall", "-pthread", "-o", binary, UDPLOAD_SOURCE], capture_output=True)
-    return binary if result.returncode == 0 else None
+    """User + system CPU time of a process so far."""
+    return sum(process_cpu_seconds(pid))
 
 
 def run_udpload(binary: str, port: int, sockets: int, window: int, seconds: float) -> str:
@@ -152,10 +126,10 @@ def run_python_generator(port: int, sockets: int, window: int, seconds: float, t
 
 
 def throughput(args: argparse.Namespace) -> None:
-    port = free_port()
+    port = free_udp_ports(1)[0]
     server = start_server(port, core=1)
     try:
-        binary = None if args.python_generator else build_udpload()
+        binary = None if args.python_generator else build_udpload(tempfile.mkdtemp(prefix="stun-bench-"))
         cpu_before, wall_before = cpu_seconds(server.pid), time.monotonic()
         if binary is not None:
             line = run_udpload(binary, port, args.sockets, args.window, args.seconds)
@@ -187,7 +161,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def client_memory(args: argparse.Namespace) -> None:
-    port = free_port()
+    port = free_udp_ports(1)[0]
     server = start_server(port, core=None)
     clients: dict[int, subprocess.Popen[str]] = {}
     try:
