@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -19,3 +20,15 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0, step: float 
             return
         yield deferLater(reactor, step, lambda: None)
     raise AssertionError(f"condition not reached within {timeout:g} s")
+
+
+def free_ports(count: int = 1, kind: socket.SocketKind = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> list[int]:
+    """Ports the OS chose (port 0), for peers and configurations that must name them up front."""
+    sockets = [socket.socket(socket.AF_INET, kind) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

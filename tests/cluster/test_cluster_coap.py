@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import socket
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -23,7 +24,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
-from tests.loopback import wait_until as poll_until
+from tests.loopback import free_ports, wait_until as poll_until
 from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
 from nettester.cluster.nodes import NodeTable
 from nettester.nat.console import NatRoleService
@@ -38,7 +39,6 @@ from nettester.protocols.coap.roles import build_server
 from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
 
-from test_cluster_loopback import free_udp_ports
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 10.0  # generous: a loaded 2-core machine
@@ -62,7 +62,7 @@ class CoapCluster:
                  kubernetes: tuple[Any, int, bytes] | None = None) -> None:
         self.mode = mode
         self._kubernetes = kubernetes
-        ports = free_udp_ports(6)
+        ports = free_ports(6)
         management, public = ports[:3], ports[3:]
         self.options: dict[int, CoapServerOptions] = {}
         for index, node_id in enumerate(NODES):
@@ -290,14 +290,6 @@ def test_coap_bench_through_nat_and_cluster_has_no_transmission_error(
         yield cluster.stop()
 
 
-def free_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest_twisted.inlineCallbacks
 def test_ready_probe_summary_and_the_warning_without_a_secret() -> Generator[Any, Any, None]:
     from twisted.logger import globalLogPublisher
@@ -305,8 +297,8 @@ def test_ready_probe_summary_and_the_warning_without_a_secret() -> Generator[Any
 
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
-    public, management = free_udp_ports(2)
-    ready_port = free_tcp_port()
+    public, management = free_ports(2)
+    (ready_port,) = free_ports(kind=socket.SOCK_STREAM)
     options = CoapServerOptions()
     options.parseOptions(["--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--psk-sandbox",
                           "--ready-port", str(ready_port), "--metrics-interface", "127.0.0.1",

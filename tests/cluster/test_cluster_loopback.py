@@ -11,7 +11,6 @@ answers must come back through the node (and NAT port) the client talks to.
 from __future__ import annotations
 
 import random
-import socket
 from collections.abc import Callable, Generator
 from functools import partial
 from typing import Any
@@ -23,7 +22,7 @@ from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
-from tests.loopback import wait_until
+from tests.loopback import free_ports, wait_until
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
 from nettester.cluster.node import ClusterNodeService, ForwardedRoute
@@ -43,17 +42,6 @@ pytestmark = pytest.mark.integration
 TIMEOUT = 5.0
 SECRET = b"cluster secret"
 PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
-
-
-def free_udp_ports(count: int) -> list[int]:
-    """Ephemeral ports chosen by the OS (port 0), for configurations that must name them up front."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def cid_record(node_id: int, payload: bytes) -> bytes:
@@ -101,7 +89,7 @@ class ClusterLab:
     def __init__(self, mode: str, secret: bytes | None = SECRET, backward: bool = True,
                  kubernetes: tuple[Any, int, bytes] | None = None,
                  endpoint: Callable[[int], Any] = StandInEndpoint) -> None:
-        ports = free_udp_ports(6)
+        ports = free_ports(6)
         self.management_ports, public_ports = ports[:3], ports[3:]
         self.endpoints = {node_id: endpoint(node_id) for node_id in (1, 2, 3)}
         self.nodes: dict[int, ClusterNodeService] = {}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 from collections.abc import Generator
 from typing import Any
 
@@ -18,6 +17,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
+from tests.loopback import free_ports
 from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
 from nettester.protocols.coap.client import parse_uri
 from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
@@ -119,7 +119,7 @@ class LibcoapServer(ProcessProtocol):
 
     def __init__(self, binary: str, *extra: str) -> None:
         self.ended: defer.Deferred[None] = defer.Deferred()
-        self.port = free_udp_port()
+        (self.port,) = free_ports()
         self.transport = reactor.spawnProcess(self, binary, [binary, "-A", "127.0.0.1", "-p", str(self.port), *extra],
                                               env=os.environ)
 
@@ -129,12 +129,6 @@ class LibcoapServer(ProcessProtocol):
     def stop(self) -> defer.Deferred[None]:
         self.transport.signalProcess("TERM")
         return self.ended
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def get(path: str, mtype: int = CON, payload: bytes = b"", code: int = Code.GET) -> Message:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
+from tests.loopback import free_ports
 from nettester.interfaces import IDatagramReceiver
 from nettester.protocols.dtls.certificates import Identity, issue, make_ca
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
@@ -54,12 +54,6 @@ def openssl() -> str:
 
 def mbedtls(program: str) -> str:
     return require(str(MBEDTLS_BIN / program), "Mbed TLS 3.6 " + program)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Peer(ProcessProtocol):
@@ -194,7 +188,7 @@ def test_our_client_with_openssl_s_server(
     suite: str, cipher: str, group: str, tmp_path: Path
 ) -> Generator[Any, Any, None]:
     binary = openssl()
-    port = free_udp_port()
+    (port,) = free_ports()
     arguments, _, ca = _openssl_credentials(suite, tmp_path, "server")
     server = spawn(
         [
@@ -303,7 +297,7 @@ def _parse_peer_cid(output: bytes) -> bytes:
 @pytest_twisted.inlineCallbacks
 def test_our_client_with_mbedtls_server_cid(suite: str, tmp_path: Path) -> Generator[Any, Any, None]:
     binary = mbedtls("ssl_server2")
-    port = free_udp_port()
+    (port,) = free_ports()
     mbed_cid = bytes.fromhex("a1b2c3d4")
     arguments = [
         "dtls=1",
@@ -447,7 +441,7 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
 @pytest_twisted.inlineCallbacks
 def test_our_client_resumes_its_session_with_mbedtls_server() -> Generator[Any, Any, None]:
     binary = mbedtls("ssl_server2")
-    port = free_udp_port()
+    (port,) = free_ports()
     arguments = [
         "dtls=1",
         "server_addr=127.0.0.1",

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from tests.loopback import free_ports
 from nettester.protocols.stun.message import (
     Address,
     AttributeType,
@@ -41,12 +42,6 @@ def require(binary: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def free_udp_and_tcp_port() -> int:
@@ -138,7 +133,7 @@ def test_our_hundred_clients_against_coturn_lose_nothing(coturn: tuple[str, int]
 @pytest.fixture
 def our_server() -> Iterator[tuple[int, int]]:
     """Our stun-server as a separate process, RFC 5780 on 127.0.0.1 and 127.0.0.2: (port, other port)."""
-    port, other_port = free_udp_port(), free_udp_port("127.0.0.2")
+    (port,), (other_port,) = free_ports(), free_ports(host="127.0.0.2")
     command = [sys.executable, "-m", "nettester", "stun-server", "--port", str(port), "--interface", "127.0.0.1",
                "--other-address", f"127.0.0.2:{other_port}", "--stats-interval", "0"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
