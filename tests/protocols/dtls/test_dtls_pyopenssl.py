@@ -71,6 +71,26 @@ def events(connection: DtlsConnection) -> list[object]:
     return found
 
 
+def _our_client_handshake(openssl: SSL.Connection, client: DtlsConnection) -> HandshakeCompleted:
+    now = 0.0
+    client.connect(now)
+    seen: list[object] = []
+    for _ in range(20):
+        for datagram in client.datagrams_to_send(now):
+            openssl.bio_write(datagram)
+            step(openssl)
+        for datagram in drain(openssl):
+            client.receive_datagram(datagram, now)
+        seen += events(client)
+        if client.is_established:
+            break
+    for datagram in client.datagrams_to_send(now):  # our final flight of an abbreviated handshake
+        openssl.bio_write(datagram)
+        step(openssl)
+    (completed,) = [e for e in seen if isinstance(e, HandshakeCompleted)]
+    return completed
+
+
 @pytest.mark.parametrize("suite", sorted(OPENSSL_NAMES))
 def test_our_client_against_openssl_server_with_cookies(suite: str) -> None:
     ca = make_ca()
@@ -88,18 +108,7 @@ def test_our_client_against_openssl_server_with_cookies(suite: str) -> None:
         )
     )
     now = 0.0
-    client.connect(now)
-    seen: list[object] = []
-    for _ in range(20):
-        for datagram in client.datagrams_to_send(now):
-            openssl.bio_write(datagram)
-            step(openssl)
-        for datagram in drain(openssl):
-            client.receive_datagram(datagram, now)
-        seen += events(client)
-        if client.is_established and not client.datagrams_to_send(now):
-            break
-    (completed,) = [e for e in seen if isinstance(e, HandshakeCompleted)]
+    completed = _our_client_handshake(openssl, client)
     assert completed.cipher_suite == suite and completed.peer_identity == "CN=localhost"
     assert completed.write_cid is None  # OpenSSL has no CID
     client.send_application_data(b"hello openssl")
@@ -172,26 +181,6 @@ def test_openssl_client_against_our_server(suite: str, client_auth: bool) -> Non
         openssl.bio_write(datagram)
     with pytest.raises(SSL.ZeroReturnError):
         openssl.recv(100)
-
-
-def _our_client_handshake(openssl: SSL.Connection, client: DtlsConnection) -> HandshakeCompleted:
-    now = 0.0
-    client.connect(now)
-    seen: list[object] = []
-    for _ in range(20):
-        for datagram in client.datagrams_to_send(now):
-            openssl.bio_write(datagram)
-            step(openssl)
-        for datagram in drain(openssl):
-            client.receive_datagram(datagram, now)
-        seen += events(client)
-        if client.is_established:
-            break
-    for datagram in client.datagrams_to_send(now):  # our final flight of an abbreviated handshake
-        openssl.bio_write(datagram)
-        step(openssl)
-    (completed,) = [e for e in seen if isinstance(e, HandshakeCompleted)]
-    return completed
 
 
 def test_our_client_resumes_a_session_with_openssl() -> None:
