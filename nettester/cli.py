@@ -7,6 +7,7 @@ pid file, so it can be a container's entrypoint.
 
 from __future__ import annotations
 
+import select
 import sys
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -56,8 +57,17 @@ def main(argv: list[str] | None = None) -> NoReturn:
     role = tap_options.roles[tap_options.subCommand]
     if ICommandRole.providedBy(role):
         sys.exit(_run_command(role, tap_options.subOptions))
+    _install_reactor()
     runApp(config)
     sys.exit(tap.exit_status())
+
+
+def _install_reactor() -> None:
+    """The lean datagram reactor (L{nettester.reactor}) where epoll exists, unless one is installed already."""
+    if hasattr(select, "epoll") and "twisted.internet.reactor" not in sys.modules:
+        from nettester.reactor import install
+
+        install()
 
 
 def _run_command(role: ICommandRole, options: RoleOptions) -> int:

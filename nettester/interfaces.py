@@ -103,6 +103,17 @@ class IDatagramReceiver(Interface):
         """
 
 
+class IDatagramReadDescriptor(Interface):
+    """A reactor read descriptor on a datagram socket whose C{doRead} handles its own errors.
+
+    It never returns a disconnect reason, so L{nettester.reactor} calls it
+    without Twisted's per-event wrapping (as it does for C{udp.Port}).
+    """
+
+    def doRead():
+        """Read what is queued (a bounded batch); the descriptor stays open."""
+
+
 class IDatagramLink(Interface):
     """What a message layer sends through: plain UDP or a DTLS endpoint.
 

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
-from nettester.interfaces import IReportingService
+from nettester.interfaces import IDatagramReadDescriptor, IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.addresses import ip_family, parse_host_port
@@ -47,7 +47,7 @@ class _PublicProtocol(DatagramProtocol):
 Receive = Callable[[bytes, Address], None]
 
 
-@implementer(IReadDescriptor)
+@implementer(IReadDescriptor, IDatagramReadDescriptor)
 class OutgoingSocket:
     """One NAT entry's outgoing UDP socket, read by the reactor directly.
 

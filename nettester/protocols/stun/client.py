@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nettester.interfaces import IReportingService
+from nettester.interfaces import IDatagramReadDescriptor, IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.stun.counters import FleetCounters
@@ -69,7 +69,7 @@ def format_mapped(mapped: Address | None) -> str:
     return ":" if mapped is None else str(mapped)
 
 
-@implementer(IReadDescriptor)
+@implementer(IReadDescriptor, IDatagramReadDescriptor)
 class ClientSocket:
     """One client's connected UDP socket, read by the reactor directly.
 

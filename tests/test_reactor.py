@@ -1,0 +1,163 @@
+"""The lean datagram reactor: datagram readers skip Twisted's per-event wrapping, nothing else changes.
+
+Each test runs its own reactor instance (never the global one) and polls it
+once, bounded, on loopback sockets.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.application.reactors import getReactorTypes
+from twisted.internet import tcp, udp
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import globalLogPublisher
+from twisted.python import log as legacy_log
+from zope.interface import implementer
+
+from nettester.cluster.node import DrainingPort
+from nettester.interfaces import IDatagramReadDescriptor
+from nettester.nat.proxy import OutgoingSocket
+from nettester.protocols.stun.client import ClientSocket
+from nettester.reactor import SHORT_NAME, DatagramEPollReactor, is_datagram_reader
+
+POLL_SECONDS = 2.0  # an upper bound: the poll returns as soon as the datagram is there
+
+
+@pytest.fixture
+def reactor() -> Iterator[DatagramEPollReactor]:
+    instance = DatagramEPollReactor()
+    yield instance
+    for selectable in instance.removeAll():
+        selectable.connectionLost(None)
+    instance.waker.connectionLost(None)
+    instance._poller.close()
+
+
+@pytest.fixture
+def wrapped_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The selectables Twisted's per-event wrapper (callWithLogger) was called for."""
+    calls: list[Any] = []
+    original = legacy_log.callWithLogger
+
+    def counting(logger: Any, func: Any, *args: Any, **kw: Any) -> Any:
+        calls.append(logger)
+        return original(logger, func, *args, **kw)
+
+    monkeypatch.setattr(legacy_log, "callWithLogger", counting)
+    return calls
+
+
+class Collecting(DatagramProtocol):
+    def __init__(self) -> None:
+        self.datagrams: list[bytes] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.datagrams.append(datagram)
+
+
+def _send_to(port: int, data: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.sendto(data, ("127.0.0.1", port))
+
+
+def test_udp_port_is_read_without_the_logging_wrapper(reactor: DatagramEPollReactor, wrapped_calls: list[Any]) -> None:
+    protocol = Collecting()
+    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    _send_to(port.getHost().port, b"one")
+    reactor.doPoll(POLL_SECONDS)
+    assert protocol.datagrams == [b"one"]
+    assert port not in wrapped_calls  # (the reactor's own wakers may be in it: a child process exited earlier)
+
+
+class SocketReader:
+    """A bare read descriptor on a bound UDP socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self.lost: list[Any] = []
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "raising"
+
+    def doRead(self) -> None:
+        self.socket.recv(100)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(reason)
+
+
+@implementer(IDatagramReadDescriptor)
+class RaisingReader(SocketReader):
+    """A datagram reader whose doRead fails: it must be logged and closed, not kill the loop."""
+
+    def doRead(self) -> None:
+        super().doRead()
+        raise RuntimeError("handler bug")
+
+
+class PlainReader(SocketReader):
+    """Not declared a datagram reader: Twisted's own path, wrapper included."""
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    return sock
+
+
+def test_a_failing_datagram_reader_is_logged_and_closed(reactor: DatagramEPollReactor) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    with _bound_socket() as sock:
+        reader = RaisingReader(sock)
+        reactor.addReader(reader)
+        _send_to(sock.getsockname()[1], b"x")
+        try:
+            reactor.doPoll(POLL_SECONDS)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert reader not in reactor.getReaders()
+        assert len(reader.lost) == 1
+    failures = [event for event in events if event.get("event") == "reader_failed"]
+    assert failures and failures[0]["descriptor"] == "RaisingReader"
+    assert failures[0]["log_failure"].check(RuntimeError)
+
+
+def test_other_descriptors_keep_twisteds_path(reactor: DatagramEPollReactor, wrapped_calls: list[Any]) -> None:
+    with _bound_socket() as sock:
+        reader = PlainReader(sock)
+        reactor.addReader(reader)
+        _send_to(sock.getsockname()[1], b"x")
+        reactor.doPoll(POLL_SECONDS)
+        assert reader in wrapped_calls
+        reactor.removeReader(reader)
+
+
+@pytest.mark.parametrize(
+    ("cls", "lean"),
+    [(udp.Port, True), (DrainingPort, True), (OutgoingSocket, True), (ClientSocket, True), (tcp.Port, False),
+     (PlainReader, False)],
+)
+def test_which_descriptors_are_datagram_readers(cls: type, lean: bool) -> None:
+    assert is_datagram_reader(cls) is lean
+
+
+def test_twistd_can_select_it_by_name() -> None:
+    assert SHORT_NAME in {installer.shortName for installer in getReactorTypes()}
+
+
+def test_the_console_script_installs_it() -> None:
+    script = ("from nettester.cli import _install_reactor; _install_reactor(); "
+              "from twisted.internet import reactor; print(type(reactor).__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "DatagramEPollReactor"
