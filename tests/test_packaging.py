@@ -73,3 +73,10 @@ def test_installed_console_script_lists_every_role(installed: Path) -> None:
     assert listing.startswith("Usage: nettester <role> [options]")
     for role in tap.discover_roles():
         assert role in listing
+
+
+def test_installed_twistd_offers_the_datagram_reactor(installed: Path) -> None:
+    code = "import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', '--help-reactors']; run()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=installed.parent,
+                            env=dict(os.environ, PYTHONPATH=str(installed)), capture_output=True, text=True, timeout=60)
+    assert "nettester-epoll" in result.stdout + result.stderr
