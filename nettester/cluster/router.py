@@ -7,10 +7,18 @@ whose CID starts with another known node's id goes to that node's management
 address; anything else (handshakes, alerts, our own CIDs) is local; a CID
 naming a node nobody knows is dropped and counted. No full parse: two byte
 reads and one dict lookup per datagram.
+
+With fail-over (``failover=True``, when nodes replicate their DTLS state, see
+L{nettester.cluster.replication}), a node that was known and has left the
+cluster is taken over by its successor: the next live node id above it,
+wrapping around (L{successor}), which holds the replicas of its
+connections. Its CIDs are then routed there (or kept local when we are the
+successor) instead of being dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nettester.interfaces import INodeDiscovery
@@ -49,21 +57,38 @@ DROP_TRUNCATED = Drop("truncated_cid_record")
 Decision = Local | Forward | Drop
 
 
+def successor(node_id: int, live: Iterable[int]) -> int | None:
+    """The node that backs up and takes over C{node_id}: the next live id above it, wrapping around.
+
+    None when no other node is live.
+    """
+    others = sorted(other for other in live if other != node_id)
+    if not others:
+        return None
+    return next((other for other in others if other > node_id), others[0])
+
+
 class CidRouter:
     """Decides per datagram: L{LOCAL}, a L{Forward} or a L{Drop}.
 
-    The forward decisions are precomputed per node and refreshed by the
+    The decisions are precomputed per node id and refreshed by the
     discovery's listener, so L{decide} allocates nothing.
 
     @param cid_length: the cluster's CID length (at least 6), so a record too
         short to hold a whole CID is recognised.
+    @param failover: route the CIDs of nodes that left to their successor
+        (see the module docstring) instead of dropping them.
     """
 
-    def __init__(self, discovery: INodeDiscovery, cid_length: int = MIN_CLUSTER_CID_LENGTH) -> None:
+    def __init__(self, discovery: INodeDiscovery, cid_length: int = MIN_CLUSTER_CID_LENGTH,
+                 failover: bool = False) -> None:
         if cid_length < MIN_CLUSTER_CID_LENGTH:
             raise ValueError(f"cluster CIDs need at least {MIN_CLUSTER_CID_LENGTH} bytes, got {cid_length}")
         self.own_node_id = discovery.ownNodeId
         self._minimum_length = CID_OFFSET + cid_length + 2  # + the record length field
+        self._failover = failover
+        self._live: dict[int, Address] = {}
+        self._departed: set[int] = set()
         self._routes: dict[int, Decision] = {self.own_node_id: LOCAL}
         self.drops: dict[str, int] = {}
         self.forwarded = 0
@@ -73,9 +98,29 @@ class CidRouter:
         if node_id == self.own_node_id:
             return
         if address is None:
-            self._routes.pop(node_id, None)
+            self._live.pop(node_id, None)
+            self._departed.add(node_id)
         else:
-            self._routes[node_id] = Forward(node_id, address)
+            self._live[node_id] = address
+            self._departed.discard(node_id)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        routes: dict[int, Decision] = {self.own_node_id: LOCAL}
+        for node_id, address in self._live.items():
+            routes[node_id] = Forward(node_id, address)
+        if self._failover:
+            live = [self.own_node_id, *self._live]
+            for node_id in self._departed:
+                heir = successor(node_id, live)
+                if heir is not None:
+                    routes[node_id] = routes[heir]
+        self._routes = routes
+
+    def backup(self) -> tuple[int, Address] | None:
+        """Our successor (id, management address): where our connections' replicas go; None when alone."""
+        heir = successor(self.own_node_id, [self.own_node_id, *self._live])
+        return None if heir is None else (heir, self._live[heir])
 
     def decide(self, datagram: bytes) -> Decision:
         """Where the datagram's first record goes."""

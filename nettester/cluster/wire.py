@@ -2,7 +2,8 @@
 
 Byte 0 is the type: 63 IN (a record forwarded to its owner), 62 OUT (the
 owner's answer, sent back through the node that received the request),
-61 PING, 60 PONG.
+61 PING, 60 PONG, and ours beyond Californium: 59 STATE (a DTLS connection's
+snapshot for the node that takes over if its owner is lost).
 
 IN/OUT::
 
@@ -26,10 +27,22 @@ PING/PONG then also carry the sender's wall-clock time in
 milliseconds, which the receiver checks against replay
 (L{nettester.cluster.nodes}). Without a secret the layout is exactly
 Californium's, and the cluster works unauthenticated.
+
+STATE (only with a secret: a snapshot carries the session's keys)::
+
+    type(1) nonce(12) AES-256-GCM(timestamp(8, little-endian ms) cid-length(1) cid snapshot) tag(16)
+
+The AEAD key is HKDF-SHA256 of the secret with the info
+``nettester dtls-cid cluster state v1`` (another key than the MAC's), the
+type byte is the additional data and the nonce is random (RFC 5116 section
+3: 96 bits; random nonces are safe far beyond the snapshots a cluster sends
+under one key). The timestamp lets the receiver keep only a connection's
+newest snapshot, so an old one replayed cannot roll its replay window back.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -39,19 +52,26 @@ from hashlib import sha256
 from hmac import compare_digest
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 TYPE_IN = 63
 TYPE_OUT = 62
 TYPE_PING = 61
 TYPE_PONG = 60
+TYPE_STATE = 59
 
 RECORD_TYPES = (TYPE_IN, TYPE_OUT)
 
 MAC_LENGTH = 8
 HMAC_BLOCK_SIZE = 64  # SHA-256's block size (RFC 2104 section 2: B)
 KDF_INFO = b"nettester dtls-cid cluster management mac v1"
+STATE_KDF_INFO = b"nettester dtls-cid cluster state v1"
+STATE_NONCE_LENGTH = 12  # RFC 5116 section 3.2: N_MIN = N_MAX = 12 for AES-GCM
+STATE_TAG_LENGTH = 16
+_STATE_HEADER = bytes((TYPE_STATE,))
 _NODE = struct.Struct("<BIB")  # type, node id, state
 _TIMESTAMP = struct.Struct("<Q")
 _ADDRESS_FAMILIES = {4: socket.AF_INET, 16: socket.AF_INET6}
@@ -72,7 +92,9 @@ class ManagementError(ValueError):
 
     Reasons: ``empty``, ``unknown_type``, ``truncated``, ``bad_address``,
     ``bad_state``, ``bad_length``, ``missing_mac`` (too short to hold one),
-    ``bad_mac``.
+    ``bad_mac``, ``state_without_secret`` (a STATE record to a node without
+    a secret), ``bad_state_record`` (a STATE record that does not decrypt or
+    parse).
     """
 
     def __init__(self, reason: str) -> None:
@@ -99,11 +121,25 @@ class NodeMessage:
     timestamp_ms: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionState:
+    """STATE (C{kind} 59): the snapshot of the DTLS connection whose read CID is C{cid}."""
+
+    cid: bytes
+    snapshot: bytes
+    timestamp_ms: int
+    kind: int = TYPE_STATE
+
+
 def derive_mac_key(secret: bytes) -> bytes:
     """The HMAC key of the management records (see the module docstring)."""
+    return _derive(secret, KDF_INFO)
+
+
+def _derive(secret: bytes, info: bytes) -> bytes:
     if not secret:
         raise ValueError("the cluster group secret must not be empty")
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KDF_INFO).derive(secret)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
 
 
 # Clients send many records each: both address conversions are cached (bounded).
@@ -139,6 +175,9 @@ class ManagementCodec:
             # RFC 2104 section 2: H(K xor opad, H(K xor ipad, text)); the 32-byte key is zero-padded to B.
             key = derive_mac_key(secret).ljust(HMAC_BLOCK_SIZE, b"\0")
             self._mac = sha256(bytes(k ^ 0x36 for k in key)), sha256(bytes(k ^ 0x5C for k in key))
+            self._state_aead: AESGCM | None = AESGCM(_derive(secret, STATE_KDF_INFO))
+        else:
+            self._state_aead = None
 
     @property
     def authenticated(self) -> bool:
@@ -176,9 +215,22 @@ class ManagementCodec:
         header += _TIMESTAMP.pack(timestamp_ms)
         return header + self._tag(header, b"")
 
+    def encode_state(self, cid: bytes, snapshot: bytes, timestamp_ms: int) -> bytes:
+        """A STATE record (encrypted; see the module docstring).
+
+        @raise ValueError: without a secret, or for a CID over 255 bytes.
+        """
+        if self._state_aead is None:
+            raise ValueError("STATE records need the cluster group secret: a snapshot carries session keys")
+        if not 0 < len(cid) < 256:
+            raise ValueError(f"a CID is 1 to 255 bytes, got {len(cid)}")
+        nonce = os.urandom(STATE_NONCE_LENGTH)
+        plaintext = _TIMESTAMP.pack(timestamp_ms) + bytes((len(cid),)) + cid + snapshot
+        return _STATE_HEADER + nonce + self._state_aead.encrypt(nonce, plaintext, _STATE_HEADER)
+
     # -- decoding ---------------------------------------------------------------
 
-    def decode(self, datagram: bytes) -> ForwardedRecords | NodeMessage:
+    def decode(self, datagram: bytes) -> ForwardedRecords | NodeMessage | ConnectionState:
         """Parse and authenticate one management datagram.
 
         @raise ManagementError: for anything that must be dropped.
@@ -190,7 +242,28 @@ class ManagementCodec:
             return ForwardedRecords(kind, *self.decode_records(datagram))
         if kind == TYPE_PING or kind == TYPE_PONG:
             return self._decode_node(kind, datagram)
+        if kind == TYPE_STATE:
+            return self._decode_state(datagram)
         raise ManagementError("unknown_type")
+
+    def _decode_state(self, datagram: bytes) -> ConnectionState:
+        if self._state_aead is None:
+            raise ManagementError("state_without_secret")
+        nonce_end = 1 + STATE_NONCE_LENGTH
+        if len(datagram) < nonce_end + STATE_TAG_LENGTH:
+            raise ManagementError("bad_state_record")
+        try:
+            plaintext = self._state_aead.decrypt(datagram[1:nonce_end], datagram[nonce_end:], _STATE_HEADER)
+        except InvalidTag:
+            raise ManagementError("bad_state_record") from None
+        cid_start = _TIMESTAMP.size + 1
+        if len(plaintext) < cid_start:
+            raise ManagementError("bad_state_record")
+        cid_end = cid_start + plaintext[_TIMESTAMP.size]
+        if cid_end == cid_start or len(plaintext) <= cid_end:
+            raise ManagementError("bad_state_record")  # no CID, or no snapshot
+        (timestamp,) = _TIMESTAMP.unpack_from(plaintext)
+        return ConnectionState(plaintext[cid_start:cid_end], plaintext[cid_end:], timestamp)
 
     def decode_records(self, datagram: bytes) -> tuple[Address, bytes]:
         """The hot path of L{decode} for a datagram whose first byte is IN or OUT: (client, records).

@@ -76,3 +76,45 @@ def test_any_datagram_gets_a_decision(datagram: bytes) -> None:
     assert decision is LOCAL or isinstance(decision, (Forward, Drop))
     if isinstance(decision, Forward):
         assert datagram[0] == 25 and datagram[11] == 2
+
+
+# -- fail-over: a lost node's CIDs go to its successor ------------------------------------------
+
+
+def test_successor_is_the_next_live_id_wrapping_around() -> None:
+    from nettester.cluster.router import successor
+
+    assert successor(2, [1, 2, 3]) == 3
+    assert successor(3, [1, 2, 3]) == 1
+    assert successor(2, [1, 3]) == 3  # 2 is gone: 3 takes over
+    assert successor(5, [1, 3]) == 1
+    assert successor(1, [1]) is None
+
+
+def test_a_lost_nodes_cids_go_to_its_successor_with_failover() -> None:
+    table = NodeTable(1, ManagementCodec())
+    r = CidRouter(table, failover=True)
+    C = ("10.0.0.3", 35884)
+    table.receive(NodeMessage(TYPE_PING, 2, NodeState.UP), B, 0.0)
+    table.receive(NodeMessage(TYPE_PING, 3, NodeState.UP), C, 0.0)
+    assert r.backup() == (2, B)
+    assert r.decide(cid_record(b"\x07abcde")) == Drop("unknown_node")  # never known: still dropped
+    table.receive(NodeMessage(TYPE_PING, 3, NodeState.UP), C, 9.0)
+    table.handle_timer(10.0)  # node 2 silent for 10 s: removed
+    assert r.decide(cid_record(b"\x02abcde")) == Forward(3, C)  # 3 is 2's successor
+    assert r.backup() == (3, C)
+    table.handle_timer(20.0)  # node 3 lost too: we take over both
+    assert r.decide(cid_record(b"\x02abcde")) is LOCAL
+    assert r.decide(cid_record(b"\x03abcde")) is LOCAL
+    assert r.backup() is None
+    table.receive(NodeMessage(TYPE_PING, 2, NodeState.UP), B, 21.0)  # 2 is back: its CIDs go home
+    assert r.decide(cid_record(b"\x02abcde")) == Forward(2, B)
+    assert r.decide(cid_record(b"\x03abcde")) is LOCAL  # 3's successor is still us (wrapping around)
+
+
+def test_without_failover_a_lost_nodes_cids_are_dropped() -> None:
+    table = NodeTable(1, ManagementCodec())
+    r = CidRouter(table)
+    table.receive(NodeMessage(TYPE_PING, 2, NodeState.UP), B, 0.0)
+    table.handle_timer(10.0)
+    assert r.decide(cid_record(b"\x02abcde")) == Drop("unknown_node")

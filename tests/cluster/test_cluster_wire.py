@@ -198,3 +198,52 @@ def test_the_records_fast_path_agrees_with_decode(kind: int, rest: bytes) -> Non
         else:
             assert isinstance(expected, ForwardedRecords)
             assert codec.decode_records(datagram) == (expected.client, expected.records)
+
+
+# -- STATE (59): connection snapshots for fail-over, encrypted ---------------------------------------
+
+
+def test_state_records_are_encrypted_and_round_trip() -> None:
+    from nettester.cluster.wire import TYPE_STATE, ConnectionState
+
+    codec = ManagementCodec(SECRET)
+    snapshot = b"session keys " * 8
+    encoded = codec.encode_state(b"\x02abcde", snapshot, 1_700_000_000_123)
+    assert encoded[0] == TYPE_STATE
+    assert b"session keys" not in encoded and b"\x02abcde" not in encoded
+    assert len(encoded) == 1 + 12 + 8 + 1 + 6 + len(snapshot) + 16
+    assert codec.decode(encoded) == ConnectionState(b"\x02abcde", snapshot, 1_700_000_000_123)
+    assert codec.encode_state(b"\x02abcde", snapshot, 1) != codec.encode_state(b"\x02abcde", snapshot, 1)  # nonce
+
+
+def test_state_records_need_the_secret_both_ways() -> None:
+    with pytest.raises(ValueError, match="secret"):
+        ManagementCodec().encode_state(b"\x02abcde", b"snapshot", 1)
+    encoded = ManagementCodec(SECRET).encode_state(b"\x02abcde", b"snapshot", 1)
+    for codec, reason in ((ManagementCodec(), "state_without_secret"), (ManagementCodec(b"wrong"), "bad_state_record")):
+        with pytest.raises(ManagementError) as caught:
+            codec.decode(encoded)
+        assert caught.value.reason == reason
+
+
+def test_state_record_key_is_not_the_mac_key() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    encoded = ManagementCodec(SECRET).encode_state(b"\x02abcde", b"snapshot", 1)
+    with pytest.raises(Exception):  # noqa: B017 - InvalidTag: the MAC key does not open it
+        AESGCM(derive_mac_key(SECRET)).decrypt(encoded[1:13], encoded[13:], encoded[:1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=32), st.binary(min_size=1, max_size=80), st.data())
+def test_tampered_or_truncated_state_records_are_dropped(cid: bytes, snapshot: bytes, data: st.DataObject) -> None:
+    codec = ManagementCodec(SECRET)
+    encoded = bytearray(codec.encode_state(cid, snapshot, 7))
+    if data.draw(st.booleans()):
+        del encoded[data.draw(st.integers(0, len(encoded) - 1)):]
+    else:
+        position = data.draw(st.integers(1, len(encoded) - 1))
+        encoded[position] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(ManagementError) as caught:
+        codec.decode(bytes(encoded))
+    assert caught.value.reason in ("bad_state_record", "empty", "unknown_type")
