@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record, suites
 from nettester.protocols.dtls.credentials import CredentialsError, PskStore, verify_chain
-from nettester.protocols.dtls.record import ReadState, RecordError, WriteState
+from nettester.protocols.dtls.record import ReadState, RecordError, ReplayWindow, WriteState
 
 # Alert descriptions (RFC 5246 section 7.2, RFC 4279 section 2).
 CLOSE_NOTIFY = 0
@@ -76,6 +76,29 @@ class Session:
     master_secret: bytes = field(repr=False)
     extended_master_secret: bool
     peer_identity: str | None
+
+
+@dataclass(frozen=True)
+class EstablishedState:
+    """An established server connection reduced to what continues it on
+    another node (``snapshot.py`` gives it a wire form): its session and the
+    current epoch of each direction."""
+
+    session: Session
+    cid_negotiated: bool
+    read_epoch: int
+    read_keys: suites.KeyMaterial
+    read_cid: bytes
+    #: the replay window (RFC 6347 section 4.1.2.6): highest authenticated
+    #: sequence number (-1: none yet) and the bitmap below it
+    read_highest: int
+    read_bitmap: int
+    write_epoch: int
+    write_keys: suites.KeyMaterial
+    write_cid: bytes
+    #: the sequence number the next record gets
+    write_sequence: int
+    peer_address: Any
 
 
 class SessionCache:
@@ -307,6 +330,8 @@ class DtlsConnection:
         self._own_cid = b""
         self._master_secret = b""
         self._extended_master_secret = False
+        #: (write, read) keys of the protected epoch, kept for snapshots
+        self._keys: tuple[suites.KeyMaterial, suites.KeyMaterial] | None = None
         self._resuming = False
         self._ephemeral: _Ephemeral | None = None
         self._server_key_exchange: hs.ServerKeyExchange | None = None
@@ -335,9 +360,83 @@ class DtlsConnection:
         return self._state is _State.CLOSED
 
     @property
+    def write_sequence(self) -> int:
+        """The sequence number the next record of the current write epoch gets."""
+        return self._write_states[self._write_epoch].next_sequence
+
+    @property
+    def read_sequence_high(self) -> int:
+        """The highest authenticated sequence number of the current read
+        epoch (-1: none yet)."""
+        return self._read_states[self._read_epoch].window.highest
+
+    @property
     def client_random(self) -> bytes:
         """The ClientHello random of this handshake (empty before it)."""
         return self._client_random
+
+    def _established_state(self) -> EstablishedState:
+        """What continues this established connection elsewhere (snapshot.py)."""
+        assert self._state is _State.ESTABLISHED and self.cipher_suite is not None and self._keys is not None
+        reader = self._read_states[self._read_epoch]
+        writer = self._write_states[self._write_epoch]
+        write_keys, read_keys = self._keys
+        return EstablishedState(
+            session=Session(
+                self.session_id,
+                self.cipher_suite.code,
+                self._master_secret,
+                self._extended_master_secret,
+                self.peer_identity,
+            ),
+            cid_negotiated=self.cid_negotiated,
+            read_epoch=reader.epoch,
+            read_keys=read_keys,
+            read_cid=self.read_cid,
+            read_highest=reader.window.highest,
+            read_bitmap=reader.window.bitmap,
+            write_epoch=writer.epoch,
+            write_keys=write_keys,
+            write_cid=self.write_cid,
+            write_sequence=writer.next_sequence,
+            peer_address=self.peer_address,
+        )
+
+    @classmethod
+    def _restore(
+        cls,
+        configuration: DtlsConfiguration,
+        state: EstablishedState,
+        drop_sink: Callable[[str], None] | None = None,
+    ) -> DtlsConnection:
+        """A server connection continuing C{state}, established as if its
+        handshake had just completed here (snapshot.restore_connection checks
+        C{state} first).  No HandshakeCompleted: no handshake happened here."""
+        connection = cls(configuration, state.peer_address, drop_sink)
+        session = state.session
+        suite = suites.SUITES[session.cipher_suite]
+        connection.cipher_suite = suite
+        connection.peer_identity = session.peer_identity
+        connection.session_id = session.session_id
+        connection.cid_negotiated = state.cid_negotiated
+        connection.read_cid = state.read_cid
+        connection.write_cid = state.write_cid
+        connection._master_secret = session.master_secret
+        connection._extended_master_secret = session.extended_master_secret
+        connection._keys = (state.write_keys, state.read_keys)
+        reader = ReadState(state.read_epoch, suite.protection(state.read_keys), state.read_cid)
+        reader.window = ReplayWindow.continuing(state.read_highest, state.read_bitmap)
+        connection._read_states[reader.epoch] = reader
+        connection._read_epoch = reader.epoch
+        writer = WriteState(state.write_epoch, suite.protection(state.write_keys), state.write_cid)
+        writer.next_sequence = state.write_sequence
+        connection._write_states[writer.epoch] = writer
+        connection._write_epoch = writer.epoch
+        connection._state = _State.ESTABLISHED
+        cache = configuration.session_cache
+        if session.session_id and cache is not None:
+            cache.put(session)  # the client may resume it here later (RFC 5246 section 7.3)
+        return connection
 
     def connect(self, now: float) -> None:
         """Client: start the handshake with a ClientHello (flight 1)."""
@@ -1006,10 +1105,11 @@ class DtlsConnection:
         suite = self.cipher_suite
         assert suite is not None
         block = suites.key_block(self._master_secret, self._client_random, self._server_random, suite)
-        client_write, server_write = suite.protections(block)
+        client_write, server_write = suite.key_material(block)
         mine, theirs = (client_write, server_write) if self.is_client else (server_write, client_write)
-        self._write_states[1] = WriteState(1, mine, self.write_cid)
-        self._pending_read = ReadState(1, theirs, self.read_cid)
+        self._keys = (mine, theirs)
+        self._write_states[1] = WriteState(1, suite.protection(mine), self.write_cid)
+        self._pending_read = ReadState(1, suite.protection(theirs), self.read_cid)
 
     def _finished_messages(self) -> list[_OutMessage]:
         """ChangeCipherSpec then Finished in the new epoch."""

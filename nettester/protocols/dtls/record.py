@@ -128,6 +128,26 @@ class ReplayWindow:
         self.highest = -1
         self._bitmap = 0
 
+    @classmethod
+    def continuing(cls, highest: int, bitmap: int) -> ReplayWindow:
+        """A window that goes on where another one (on another node) stood:
+        C{highest} (-1: nothing received yet) and its C{bitmap}.  Raises
+        ValueError for a state L{mark} cannot produce."""
+        if not -1 <= highest <= MAX_SEQUENCE or not 0 <= bitmap <= cls._MASK:
+            raise ValueError("replay window out of range")
+        # mark() sets bit 0 with the highest number and never marks below 0.
+        if (highest >= 0) != bool(bitmap & 1) or bitmap >> (highest + 1):
+            raise ValueError("inconsistent replay window")
+        window = cls()
+        window.highest = highest
+        window._bitmap = bitmap
+        return window
+
+    @property
+    def bitmap(self) -> int:
+        """Bit i set: sequence number C{highest - i} was received."""
+        return self._bitmap
+
     def is_replay(self, sequence_number: int) -> bool:
         """True for a duplicate or a record too old for the window."""
         if sequence_number > self.highest:

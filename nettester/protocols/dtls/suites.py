@@ -13,7 +13,7 @@ import enum
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
@@ -89,6 +89,16 @@ class BulkCipher(enum.Enum):
 
 
 @dataclass(frozen=True)
+class KeyMaterial:
+    """The keys of one direction of one epoch (RFC 5246 section 6.3): the
+    MAC key (CBC suites), the cipher key and the fixed IV (AEAD salt)."""
+
+    mac_key: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+    iv: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class CipherSuite:
     """One supported suite with its key block layout (RFC 5246 section 6.3)."""
 
@@ -111,8 +121,8 @@ class CipherSuite:
         # section 3); CBC: TLS 1.2 uses an explicit per-record IV instead.
         return 0 if self.bulk is BulkCipher.AES_128_CBC_SHA256 else 4
 
-    def protections(self, key_block: bytes) -> tuple["RecordProtection", "RecordProtection"]:
-        """(client write, server write) protections from the key block."""
+    def key_material(self, key_block: bytes) -> tuple[KeyMaterial, KeyMaterial]:
+        """(client write, server write) keys cut from the key block."""
         mac, key, iv = self.mac_key_length, self.enc_key_length, self.fixed_iv_length
         offset = 0
         parts = []
@@ -120,10 +130,28 @@ class CipherSuite:
             parts.append(key_block[offset : offset + length])
             offset += length
         client_mac, server_mac, client_key, server_key, client_iv, server_iv = parts
-        return (
-            _make_protection(self.bulk, client_key, client_iv, client_mac),
-            _make_protection(self.bulk, server_key, server_iv, server_mac),
+        return KeyMaterial(client_mac, client_key, client_iv), KeyMaterial(server_mac, server_key, server_iv)
+
+    def fits(self, material: KeyMaterial) -> bool:
+        """Whether C{material} has this suite's key lengths."""
+        return (len(material.mac_key), len(material.key), len(material.iv)) == (
+            self.mac_key_length,
+            self.enc_key_length,
+            self.fixed_iv_length,
         )
+
+    def protection(self, material: KeyMaterial) -> RecordProtection:
+        """The protection of one direction of one epoch keyed with C{material}."""
+        if self.bulk is BulkCipher.AES_128_CCM_8:
+            return AeadProtection(AESCCM(material.key, tag_length=8), material.iv, 8)
+        if self.bulk is BulkCipher.AES_128_GCM:
+            return AeadProtection(AESGCM(material.key), material.iv, 16)
+        return CbcHmacProtection(material.key, material.mac_key, os.urandom)
+
+    def protections(self, key_block: bytes) -> tuple["RecordProtection", "RecordProtection"]:
+        """(client write, server write) protections from the key block."""
+        client_write, server_write = self.key_material(key_block)
+        return self.protection(client_write), self.protection(server_write)
 
     @property
     def key_block_length(self) -> int:
@@ -242,14 +270,6 @@ class CbcHmacProtection(RecordProtection):
         expected_mac = hmac.digest(self._mac_key, additional_data_for(plaintext_length) + plaintext, "sha256")
         mac_ok = hmac.compare_digest(received_mac, expected_mac)
         return plaintext if (mac_ok and padding_ok) else None
-
-
-def _make_protection(bulk: BulkCipher, key: bytes, iv: bytes, mac_key: bytes) -> RecordProtection:
-    if bulk is BulkCipher.AES_128_CCM_8:
-        return AeadProtection(AESCCM(key, tag_length=8), iv, 8)
-    if bulk is BulkCipher.AES_128_GCM:
-        return AeadProtection(AESGCM(key), iv, 16)
-    return CbcHmacProtection(key, mac_key, os.urandom)
 
 
 def sha256(data: bytes) -> bytes:
