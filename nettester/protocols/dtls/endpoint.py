@@ -6,6 +6,11 @@ after a valid stateless cookie, bounds the live connections, and offers
 ``IDatagramLink`` so CoAP runs over it unchanged.  A layer beneath (the
 cluster router) hands it records that arrived elsewhere with
 ``routedDatagramReceived`` and a ``DatagramRoute`` to answer through.
+
+For a cluster that survives the loss of a node, ``on_established`` reports
+each new server connection (to replicate its ``snapshot``), ``unknown_cid``
+lets the cluster handle records of connections this node does not hold, and
+``adopt`` restores a replicated connection without a new handshake.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from nettester.protocols.dtls.connection import (
     Session,
 )
 from nettester.protocols.dtls.cookie import CookieGate, Verdict
+from nettester.protocols.dtls.snapshot import SnapshotError, restore_connection, snapshot_connection
 
 log = Logger()
 
@@ -96,6 +102,9 @@ class DtlsCounters:
         self.hello_verify = metrics.counter("hello_verify_requests_total", "HelloVerifyRequests sent")
         self.address_changes = metrics.counter("address_changes_total", "peer address changes by CID")
         self.evictions = metrics.counter("evictions_total", "stale connections evicted")
+        self.adopted = metrics.counter(
+            "connections_adopted_total", "DTLS connections restored from another node's snapshot"
+        )
 
 
 @implementer(IDatagramLink)
@@ -148,6 +157,13 @@ class DtlsEndpoint(DatagramProtocol):
         self.cid_length = generator.length if generator is not None else (client_cid or 0)
         if generator is not None and client_cid and client_cid != generator.length:
             raise ValueError("server and client CIDs on one endpoint must have one length")
+        #: called with each server peer whose handshake just completed with a
+        #: CID, so a cluster can replicate its snapshot; it must not raise
+        self.on_established: Callable[[DtlsPeer], None] | None = None
+        #: called with (cid, datagram, address, route) for a tls12_cid record
+        #: whose CID no peer here has; True: the datagram was taken care of
+        #: (adopted and fed again, or forwarded), so it is not counted as dropped
+        self.unknown_cid: Callable[[bytes, bytes, Address, DatagramRoute | None], bool] | None = None
 
     # --- IDatagramLink -----------------------------------------------------------
 
@@ -223,7 +239,8 @@ class DtlsEndpoint(DatagramProtocol):
         if cid is not None:
             peer = self._by_cid.get(cid)
             if peer is None:
-                self.counters.dropped.inc("unknown_cid")
+                if self.unknown_cid is None or not self.unknown_cid(cid, data, address, route):
+                    self.counters.dropped.inc("unknown_cid")
                 return
         else:
             peer = self._by_address.get(address)
@@ -258,9 +275,6 @@ class DtlsEndpoint(DatagramProtocol):
         if len(self._peers) >= self.max_connections and not self._evict_stale(now):
             self.counters.dropped.inc("max_connections")
             return None
-        previous = self._by_address.get(address)
-        if previous is not None:
-            self._remove(previous)
         connection = DtlsConnection(self.server_configuration, address, self.counters.dropped.inc)
         return self._add_peer(connection, address)
 
@@ -277,6 +291,10 @@ class DtlsEndpoint(DatagramProtocol):
     # --- the pump ----------------------------------------------------------------
 
     def _add_peer(self, connection: DtlsConnection, address: Address) -> DtlsPeer:
+        """Register a new peer at C{address}, replacing the one there."""
+        previous = self._by_address.get(address)
+        if previous is not None:
+            self._remove(previous)
         peer = DtlsPeer(connection, address)
         peer.last_activity = self.clock.seconds()
         self._peers[peer] = None
@@ -336,6 +354,8 @@ class DtlsEndpoint(DatagramProtocol):
             waiting, peer._waiting = peer._waiting, []
             for deferred in waiting:
                 deferred.callback(peer)
+            if self.on_established is not None and not peer.connection.is_client and event.read_cid is not None:
+                self.on_established(peer)
         elif isinstance(event, AddressChanged):
             self.counters.address_changes.inc()
             if self._by_address.get(peer.address) is peer:
@@ -395,6 +415,57 @@ class DtlsEndpoint(DatagramProtocol):
             self.counters.dropped.inc("send_error")
             log.debug("DTLS send to {peer} failed: {error}", event="dtls_send_failed", peer=address, error=error)
 
+    # --- cluster fail-over ------------------------------------------------------------
+
+    def snapshot(self, cid: bytes) -> bytes | None:
+        """The snapshot of the established server connection whose read CID
+        is C{cid}, else None.  It holds key material: send it encrypted only."""
+        peer = self._by_cid.get(cid)
+        if peer is None or peer.connection.is_client or not peer.connection.is_established:
+            return None
+        return snapshot_connection(peer.connection)
+
+    def adopt(self, snapshot: bytes, address: Address, route: DatagramRoute | None, sequence_gap: int) -> DtlsPeer:
+        """Continue the connection of C{snapshot} (taken on a node that is
+        gone) here, without a handshake: registered by CID and by address
+        like a handshake-made peer, replacing a peer with the same read CID;
+        answers go through C{route} when given.
+
+        C{address} is where the datagram that prompted the adoption came
+        from.  It is not authenticated yet, so the peer is registered at the
+        address the owner last authenticated (the snapshot's): feed that
+        datagram in again after adopt, and the peer moves to C{address} only
+        if its record authenticates (RFC 9146 section 6).  C{sequence_gap}:
+        see L{restore_connection}.  Raises L{SnapshotError}.
+        """
+        if self.server_configuration is None:
+            raise SnapshotError("not_server")
+        try:
+            connection = restore_connection(
+                self.server_configuration, snapshot, sequence_gap, drop_sink=self.counters.dropped.inc
+            )
+        except SnapshotError as error:
+            self.counters.dropped.inc("bad_snapshot")
+            log.info("DTLS snapshot rejected: {reason}", event="dtls_adopt_failed", reason=error.reason)
+            raise
+        cid = connection.read_cid
+        existing = self._by_cid.get(cid) if cid else None
+        if existing is not None:
+            self._remove(existing)
+        peer = self._add_peer(connection, connection.peer_address)
+        peer.route = route
+        if cid:
+            self._by_cid[cid] = peer
+        self.counters.adopted.inc()
+        log.info(
+            "DTLS connection {cid} adopted from a snapshot, peer {peer}",
+            event="dtls_adopted",
+            cid=cid.hex(),
+            peer=peer.address,
+            source=address,
+        )
+        return peer
+
     # --- introspection -------------------------------------------------------------
 
     def summary(self) -> dict[str, int]:
@@ -409,6 +480,7 @@ class DtlsEndpoint(DatagramProtocol):
             "dtls_dropped": counters.dropped.total,
             "dtls_moved": counters.address_changes.value,
             "dtls_evicted": counters.evictions.value,
+            "dtls_adopted": counters.adopted.value,
         }
 
     @property

@@ -1,5 +1,5 @@
-"""Snapshot and restore of established DTLS connections (cluster fail-over),
-engine to engine: no sockets, no reactor."""
+"""Snapshot and restore of established DTLS connections (cluster fail-over):
+engine to engine, then through DtlsEndpoint; no sockets, a task.Clock."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 from dtls_pair import CLIENT_ADDRESS, Pair, psk_configs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_dtls_endpoint import CLIENT, SERVER, Collector, make
 from test_dtls_engine import ecdsa_configs
+from twisted.internet.task import Clock
 
 from nettester.protocols.dtls import record, suites
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
@@ -21,6 +23,7 @@ from nettester.protocols.dtls.connection import (
     DtlsConnection,
     SessionCache,
 )
+from nettester.protocols.dtls.endpoint import DtlsEndpoint
 from nettester.protocols.dtls.record import RecordError
 from nettester.protocols.dtls.snapshot import SnapshotError, restore_connection, snapshot_connection
 
@@ -245,3 +248,153 @@ def test_restore_of_a_snapshot_with_flipped_bytes(data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(1, 4))):
         flipped[data.draw(st.integers(0, len(snapshot) - 1))] ^= data.draw(st.integers(1, 255))
     restores_or_fails_cleanly(bytes(flipped))
+
+
+# --- DtlsEndpoint ---------------------------------------------------------------
+
+
+def backup_of(server: DtlsEndpoint, clock: Clock) -> tuple[DtlsEndpoint, Collector]:
+    """A second node: the same server configuration, the same CID node id."""
+    receiver = Collector()
+    return DtlsEndpoint(clock, server_configuration=server.server_configuration, receiver=receiver), receiver
+
+
+def take_over(backup: DtlsEndpoint, snapshot: bytes) -> list[bytes]:
+    """The cluster's part on C{backup}: at the first record of an unknown
+    CID adopt C{snapshot}, then feed that record in again.  Returns the CIDs
+    it was asked about."""
+    asked: list[bytes] = []
+
+    def unknown_cid(cid: bytes, data: bytes, address: Any, route: Any) -> bool:
+        asked.append(cid)
+        backup.adopt(snapshot, address, route, GAP)
+        backup.datagramReceived(data, address)
+        return True
+
+    backup.unknown_cid = unknown_cid
+    return asked
+
+
+def connected(clock: Clock) -> tuple[DtlsEndpoint, DtlsEndpoint, Collector, Any, Any, list[Any]]:
+    """server, client, the client's receiver, its peer, the wire, the peers on_established reported."""
+    server, client, _, client_receiver, wire = make(clock)
+    reported: list[Any] = []
+    server.on_established = reported.append
+    client.on_established = reported.append  # client handshakes are not reported
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    (peer,) = peers
+    return server, client, client_receiver, peer, wire, reported
+
+
+def test_endpoint_fails_over_to_an_adopted_connection() -> None:
+    clock = Clock()
+    server, client, client_receiver, peer, wire, reported = connected(clock)
+    (server_peer,) = reported
+    assert server_peer.connection.is_established and not server_peer.connection.is_client
+    client.sendDatagram(b"before", peer)
+    wire.deliver()
+    cid = server.peerContext(server_peer).read_cid
+    snapshot = server.snapshot(cid)
+    assert snapshot is not None and server.snapshot(b"\x07nope!") is None
+
+    backup, backup_receiver = backup_of(server, clock)
+    wire.attach(backup, SERVER)  # the owner died: the load balancer sends its records here
+    asked = take_over(backup, snapshot)
+    client.sendDatagram(b"after", peer)
+    wire.deliver()
+    assert asked == [cid]
+    ((data, adopted),) = backup_receiver.received
+    assert data == b"after"
+    assert backup.peerByConnectionId(cid) is adopted and backup.connections == [adopted]
+    context = backup.peerContext(adopted)
+    assert (context.address, context.identity, context.node_id) == (CLIENT, "Client_identity", 7)
+    summary = backup.summary()
+    assert summary["dtls_adopted"] == 1 and summary["dtls_handshakes"] == 0 and summary["dtls_dropped"] == 0
+    exported = {family.name: family for family in backup.metrics.collect()}
+    assert exported["nettester_dtls_connections_adopted"].samples[0].value == 1
+    backup.sendDatagram(b"answer", adopted)
+    wire.deliver()
+    assert client_receiver.received[-1] == (b"answer", peer)
+    assert peer.connection.read_sequence_high >= server_peer.connection.write_sequence + GAP
+    assert len(reported) == 1  # adoption is no handshake
+
+
+def test_on_established_fires_once_per_server_handshake_with_a_cid() -> None:
+    clock = Clock()
+    server, client, _, _, wire, reported = connected(clock)
+    other = DtlsEndpoint(clock, client_configuration=dataclasses.replace(client.client_configuration, cid_length=None))
+    wire.attach(other, ("10.0.0.5", 1))
+    connections: list[Any] = []
+    other.connect(SERVER).addCallback(connections.append)
+    wire.deliver()
+    assert len(connections) == 1 and len(server.connections) == 2
+    assert len(reported) == 1  # the second client negotiated no CID: nothing to replicate by CID
+
+
+@pytest.mark.parametrize(("answer", "counted"), [(None, 1), (False, 1), (True, 0)])
+def test_unknown_cid_hook_decides_whether_the_drop_is_counted(answer: bool | None, counted: int) -> None:
+    server, _, _, _, _ = make(Clock())
+    calls: list[tuple[bytes, bytes, Any, Any]] = []
+
+    def unknown_cid(cid: bytes, data: bytes, address: Any, route: Any) -> bool:
+        calls.append((cid, data, address, route))
+        return bool(answer)
+
+    if answer is not None:
+        server.unknown_cid = unknown_cid
+    datagram = b"\x19\xfe\xfd" + bytes(8) + b"\x07abcde" + b"\x00\x10" + bytes(16)
+    server.datagramReceived(datagram, CLIENT)
+    assert server.counters.dropped.get("unknown_cid") == counted
+    if answer is not None:
+        assert calls == [(b"\x07abcde", datagram, CLIENT, None)]
+
+
+def test_adopt_replaces_a_peer_with_the_same_cid() -> None:
+    clock = Clock()
+    server, _, _, _, _, (server_peer,) = connected(clock)
+    snapshot = server.snapshot(server_peer.connection.read_cid)
+    assert snapshot is not None
+    backup, _ = backup_of(server, clock)
+    first = backup.adopt(snapshot, CLIENT, None, GAP)
+    second = backup.adopt(snapshot, CLIENT, None, 2 * GAP)
+    assert first is not second and backup.connections == [second]
+    assert backup.peerByConnectionId(second.connection.read_cid) is second
+    assert second.connection.write_sequence == server_peer.connection.write_sequence + 2 * GAP
+    assert backup.summary()["dtls_adopted"] == 2
+
+
+def test_adopted_peer_moves_only_on_an_authenticated_record() -> None:
+    clock = Clock()
+    server, client, client_receiver, peer, wire, (server_peer,) = connected(clock)
+    cid = server_peer.connection.read_cid
+    snapshot = server.snapshot(cid)
+    assert snapshot is not None
+    backup, backup_receiver = backup_of(server, clock)
+    wire.attach(backup, SERVER)
+    asked = take_over(backup, snapshot)
+    genuine = peer.connection.seal_application_data(b"genuine")
+    forged = genuine[:-1] + bytes((genuine[-1] ^ 1,))
+    backup.datagramReceived(forged, ("203.0.113.6", 666))  # someone who saw the CID on the wire
+    (adopted,) = backup.connections
+    assert asked == [cid] and adopted.address == CLIENT and backup.counters.dropped.get("bad_mac") == 1
+    moved = ("10.0.0.3", 40001)
+    wire.move(CLIENT, moved)  # the client's NAT rebound while its node failed
+    client.sendDatagram(b"from the new address", peer)
+    wire.deliver()
+    assert backup_receiver.received == [(b"from the new address", adopted)]
+    assert (adopted.address, adopted.previous_address) == (moved, CLIENT)
+    backup.sendDatagram(b"answer", adopted)
+    wire.deliver()
+    assert client_receiver.received[-1] == (b"answer", peer)
+
+
+def test_adopt_rejects_a_bad_snapshot() -> None:
+    clock = Clock()
+    server, _, _, _, _ = make(clock)
+    backup, _ = backup_of(server, clock)
+    with pytest.raises(SnapshotError) as raised:
+        backup.adopt(b"\x01garbage", CLIENT, None, GAP)
+    assert raised.value.reason == "truncated"
+    assert backup.counters.dropped.get("bad_snapshot") == 1 and backup.connections == []
