@@ -4,7 +4,8 @@ Incoming: PING/PONG feed the node table (dynamic and Kubernetes discovery);
 IN records are handed to the local DTLS endpoint as if they had arrived on
 its own socket, with the forwarding node as the route to answer through;
 OUT records are the owner's answers, to send from our public socket to the
-client. Anything that does not decode or authenticate is dropped and counted
+client; STATE records (connection snapshots) go to C{on_state}, the
+replication (L{nettester.cluster.replication}), when it runs. Anything that does not decode or authenticate is dropped and counted
 by reason (L{nettester.cluster.wire.ManagementError}).
 
 Outgoing: L{ManagementEndpoint.forward} (IN, to the owner) and
@@ -22,6 +23,7 @@ from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import (
     TYPE_IN,
     TYPE_OUT,
+    ConnectionState,
     ManagementCodec,
     ManagementError,
     NodeMessage,
@@ -64,6 +66,7 @@ class ManagementEndpoint(DatagramProtocol):
         self._on_backwarded = on_backwarded
         self._node_table = node_table
         self._sendto: Callable[[bytes, Address], Any] = self._transport_write
+        self.on_state: Callable[[ConnectionState, Address], None] | None = None
         self.received_in = metrics.counter("management_in_total", "IN records received (forwarded to us).")
         self.received_out = metrics.counter("management_out_total", "OUT records received (answers to send).")
         self.sent_in = metrics.counter("management_forwarded_total", "Datagrams forwarded to their owner node.")
@@ -108,6 +111,11 @@ class ManagementEndpoint(DatagramProtocol):
         elif kind == TYPE_IN:
             self.received_in.value += 1
             self._on_forwarded(records, client, addr)
+        elif type(message) is ConnectionState:
+            if self.on_state is None:
+                self.dropped.inc("state_not_replicating")
+            else:
+                self.on_state(message, addr)
         else:
             self._node_message(message, addr)  # type: ignore[arg-type]
 

@@ -45,6 +45,7 @@ from nettester.cluster.discovery import (
 )
 from nettester.cluster.management import ManagementEndpoint
 from nettester.cluster.nodes import NodeTable
+from nettester.cluster.replication import ReplicatedEndpoint, ReplicationService
 from nettester.cluster.router import LOCAL, CidRouter, Forward
 from nettester.cluster.wire import ManagementCodec
 from nettester.interfaces import INodeDiscovery
@@ -80,20 +81,14 @@ class ForwardedRoute:
             self.send_public(data, address)
 
 
-class RoutedEndpoint(Protocol):
-    """What the node needs from the DTLS endpoint (a DatagramProtocol with a route hook)."""
+class RoutedEndpoint(ReplicatedEndpoint, Protocol):
+    """What the node needs from the DTLS endpoint: a DatagramProtocol with the route and replication hooks."""
 
     def makeConnection(self, transport: Any) -> None:
         """Take the public socket as transport."""
 
     def doStop(self) -> None:
         """The public socket is closing."""
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        """A datagram that arrived on our public socket."""
-
-    def routedDatagramReceived(self, data: bytes, address: Address, route: ForwardedRoute) -> None:
-        """Records of C{address} that another node received and forwarded."""
 
 
 KubernetesFactory = Callable[[NodeTable, int], KubernetesDiscovery]
@@ -185,6 +180,7 @@ class ClusterNodeService(MultiService):
         self._public_port: Any = None
         self._management_port: Any = None
         self.kubernetes: Any = None
+        self.replication: ReplicationService | None = None
         self.started: Deferred[None] = Deferred()
         self._routes: dict[Address, ForwardedRoute] = {}
         self._public_sendto: Callable[[bytes, Address], Any] | None = None
@@ -219,7 +215,9 @@ class ClusterNodeService(MultiService):
         else:
             table = NodeTable(config.node_id, self.codec)
             self.discovery = table
-        self.router = CidRouter(self.discovery)
+        # Fail-over needs the secret (snapshots carry keys) and a discovery that notices lost nodes.
+        failover = config.secret is not None and config.mode != "static"
+        self.router = CidRouter(self.discovery, failover=failover)
         router_drops = self._metrics.labeled_counter("router_dropped_total", "Public datagrams dropped by the "
                                                      "CID router.", "reason")
         router_drops.values = self.router.drops
@@ -232,6 +230,15 @@ class ClusterNodeService(MultiService):
         # Straight to the socket: Port.write re-validates the address text on every datagram.
         self._public_sendto = self._public_port.getHandle().sendto
         self._endpoint.makeConnection(self._public_port)
+        if failover:
+            self.replication = ReplicationService(self._reactor, self._endpoint, self.router, self.codec,
+                                                  self.management.send, self.management.forward, self._metrics)
+            self.management.on_state = self.replication.receive
+            self.replication.setServiceParent(self)
+        elif config.mode != "static":
+            log.info("DTLS state replication is off: it needs --dtls-cluster-group-security (snapshots carry "
+                     "session keys); the clients of a lost node will need a new handshake",
+                     event="cluster_replication_off")
         if table is not None:
             own = self._management_port.getHost()
             # Bound to every interface, our own pings to the group may come back from loopback.
@@ -289,7 +296,7 @@ class ClusterNodeService(MultiService):
         """Cluster fields for the role's summary line (``coap-server summary: ... nodes=2 forwarded=...``)."""
         if self.router is None or self.management is None or self.discovery is None:
             return {}
-        return {
+        fields = {
             "nodes": len(self.discovery.nodes()),
             "forwarded": self.router.forwarded,
             "forwarded_in": self.management.received_in.value,
@@ -297,6 +304,10 @@ class ClusterNodeService(MultiService):
             "router_dropped": sum(self.router.drops.values()),
             "management_dropped": self.management.dropped.total,
         }
+        if self.replication is not None:
+            fields.update(replicated=self.replication.replicated.value, replicas=len(self.replication.replicas),
+                          taken_over=self.replication.adopted.value)
+        return fields
 
     def is_ready(self) -> bool:
         """For ``/ready``: sockets open and, in Kubernetes, the pods listed once."""

@@ -320,3 +320,61 @@ def test_ready_probe_summary_and_the_warning_without_a_secret() -> Generator[Any
         yield server.stopService()
     assert not server.is_ready()
     assert server.summary()["node_id"] == 7, "the final summary still has the cluster fields"
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "k8s"])
+@pytest_twisted.inlineCallbacks
+def test_a_lost_nodes_sessions_are_taken_over_without_a_new_handshake(
+        mode: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Generator[Any, Any, None]:
+    """The owner of a session crashes: its successor answers with the same CID; after a restart the CID still works."""
+    from nettester.cluster import nodes
+    from nettester.cluster.router import successor
+
+    # Declare a silent node lost within about a second instead of 10 s (Californium's timing, the default).
+    monkeypatch.setattr(nodes, "TIMER_INTERVAL", 0.2)
+    monkeypatch.setattr(nodes, "PING_AFTER", 0.4)
+    monkeypatch.setattr(nodes, "REMOVE_AFTER", 0.4)
+    kubernetes = None
+    if mode == "k8s":
+        server, api_port, ca_pem, _ = request.getfixturevalue("api_server")
+        server.pods = [request.getfixturevalue("pod")(f"coap-cluster-{n}", f"127.0.0.{n}") for n in NODES]
+        kubernetes = (server, api_port, ca_pem)
+    cluster = CoapCluster(mode, monkeypatch, kubernetes=kubernetes)
+    client: CoapsClient | None = None
+    try:
+        yield cluster.start()
+        client = CoapsClient(cluster.nat_address)
+        first = yield client.mycontext()
+        owner, cid = first["node-id"], first["read-cid"]
+        heir = successor(owner, NODES)
+        yield wait_until(lambda: cluster.summaries()[NODES.index(heir)]["replicas"] == 1)
+
+        # A crash: no close_notify reaches the client, the load balancer stops sending to the node.
+        host, port = cluster.public_address(owner)
+        for endpoint in cluster.servers[owner].endpoints:
+            monkeypatch.setattr(endpoint.link, "closeAll", lambda: None)
+        yield cluster.servers[owner].stopService()
+        yield cluster.nat.console.execute(f"remove {host}:{port}")
+        context = yield client.mycontext()
+        assert (context["node-id"], context["read-cid"]) == (heir, cid)
+        summaries = {node_id: server.summary() for node_id, server in cluster.servers.items()}
+        assert summaries[heir]["taken_over"] == 1
+        assert client.link.counters.handshakes.value == 1, "no new handshake"
+
+        # The owner comes back; the client is moved onto it: it asks its backup, which holds the session.
+        yield cluster.start_node(owner)
+        yield cluster.wait_for_discovery()
+        yield cluster.nat.console.execute(f"add {host}:{port}")
+        for _ in range(40):
+            if cluster.receiving_node(client.address) == owner:
+                break
+            yield cluster.nat.console.execute("rebalance")
+        assert cluster.receiving_node(client.address) == owner
+        context = yield client.mycontext()
+        # The restarted node does not know the CID any more: it forwards to its backup, the heir, which answers.
+        assert (context["node-id"], context["read-cid"], context["via"]) == (heir, cid, VIA_ROUTER)
+        assert client.link.counters.handshakes.value == 1, "one handshake for the whole session"
+    finally:
+        if client is not None:
+            yield client.stop()
+        yield cluster.stop()

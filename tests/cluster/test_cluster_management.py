@@ -135,3 +135,19 @@ def test_a_refused_send_is_a_counted_drop() -> None:
     management.backward(b"\x19y", CLIENT, B)
     assert management.dropped.values == {"send_error": 2}
     assert (management.sent_in.value, management.sent_out.value) == (0, 0)
+
+
+def test_state_records_reach_replication_and_forged_ones_are_dropped() -> None:
+    codec = ManagementCodec(b"k")
+    management, _, calls = endpoint(codec, NodeTable(1, codec))
+    genuine = codec.encode_state(b"\x02abcde", b"snapshot", 5)
+    management.datagramReceived(genuine, B)
+    assert management.dropped.values == {"state_not_replicating": 1}  # no replication running (static mode)
+    states: list[Any] = []
+    management.on_state = lambda state, source: states.append((state.cid, state.snapshot, source))
+    management.datagramReceived(genuine, B)
+    management.datagramReceived(ManagementCodec(b"attacker").encode_state(b"\x02abcde", b"forged", 6), B)
+    management.datagramReceived(genuine[:-1] + bytes([genuine[-1] ^ 1]), B)
+    assert states == [(b"\x02abcde", b"snapshot", B)]
+    assert management.dropped.values == {"state_not_replicating": 1, "bad_state_record": 2}
+    assert calls == []

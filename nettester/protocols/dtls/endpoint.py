@@ -210,7 +210,8 @@ class DtlsEndpoint(DatagramProtocol):
         read_cid = connection.read_cid if connection.cid_negotiated else None
         node_id = None
         if read_cid and self._cid_generator is not None and not connection.is_client:
-            node_id = self._cid_generator.nodeIdOf(read_cid)
+            # The node serving the session: the CID's node, or its successor after a takeover.
+            node_id = self._cid_generator.nodeId
         return PeerContext(
             address=peer.address,
             scheme=self.scheme,

@@ -1,0 +1,184 @@
+"""Replication and takeover, on a fake DTLS endpoint and task.Clock (the real endpoint: test_cluster_coap)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from nettester.cluster.nodes import NodeTable
+from nettester.cluster.replication import REFRESH_INTERVAL, SEQUENCE_GAP, ReplicaStore, ReplicationService
+from nettester.cluster.router import CidRouter
+from nettester.cluster.wire import TYPE_PING, ConnectionState, ManagementCodec, NodeMessage, NodeState
+from nettester.metrics import MetricSet
+from nettester.protocols.dtls.snapshot import SnapshotError
+
+SECRET = b"group secret"
+NODE_2 = ("10.0.0.2", 25884)
+NODE_3 = ("10.0.0.3", 35884)
+CLIENT = ("192.0.2.9", 40000)
+OWN_CID = b"\x01abcde"
+LOST_CID = b"\x02fghij"
+
+
+@dataclass
+class FakeConnection:
+    read_cid: bytes
+
+
+@dataclass
+class FakePeer:
+    connection: FakeConnection
+    last_activity: float = 0.0
+
+
+@dataclass
+class FakeEndpoint:
+    """Records what replication asks of the DTLS endpoint."""
+
+    connections: list[FakePeer] = field(default_factory=list)
+    on_established: Any = None
+    unknown_cid: Any = None
+    adopted: list[tuple[bytes, Any, Any, int]] = field(default_factory=list)
+    received: list[tuple[bytes, Any]] = field(default_factory=list)
+    routed: list[tuple[bytes, Any, Any]] = field(default_factory=list)
+
+    def snapshot(self, cid: bytes) -> bytes | None:
+        return b"snapshot of " + cid if any(p.connection.read_cid == cid for p in self.connections) else None
+
+    def adopt(self, snapshot: bytes, address: Any, route: Any, sequence_gap: int) -> FakePeer:
+        if snapshot == b"corrupt":
+            raise SnapshotError("bad_version")
+        self.adopted.append((snapshot, address, route, sequence_gap))
+        return FakePeer(FakeConnection(snapshot))
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.received.append((data, addr))
+
+    def routedDatagramReceived(self, data: bytes, address: Any, route: Any) -> None:
+        self.routed.append((data, address, route))
+
+
+class Cluster:
+    """Node 1's replication, with nodes 2 and 3 known through PING."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.codec = ManagementCodec(SECRET)
+        self.table = NodeTable(1, self.codec)
+        self.router = CidRouter(self.table, failover=True)
+        self.endpoint = FakeEndpoint()
+        self.sent: list[tuple[bytes, Any]] = []
+        self.forwarded: list[tuple[bytes, Any, Any]] = []
+        self.service = ReplicationService(self.clock, self.endpoint, self.router, self.codec, self._send,
+                                          lambda *args: self.forwarded.append(args), MetricSet("test"))
+        self.service.startService()
+
+    def _send(self, datagram: bytes, address: Any) -> bool:
+        self.sent.append((datagram, address))
+        return True
+
+    def node_up(self, node_id: int, address: Any) -> None:
+        self.table.receive(NodeMessage(TYPE_PING, node_id, NodeState.UP), address, self.clock.seconds())
+
+    def states_sent(self) -> list[tuple[ConnectionState, Any]]:
+        return [(self.codec.decode(datagram), address) for datagram, address in self.sent]  # type: ignore[misc]
+
+
+@pytest.fixture
+def cluster() -> Cluster:
+    return Cluster()
+
+
+def test_a_new_connection_is_replicated_to_the_next_node(cluster: Cluster) -> None:
+    cluster.node_up(2, NODE_2)
+    cluster.node_up(3, NODE_3)
+    peer = FakePeer(FakeConnection(OWN_CID))
+    cluster.endpoint.connections.append(peer)
+    cluster.endpoint.on_established(peer)
+    ((state, address),) = cluster.states_sent()
+    assert address == NODE_2
+    assert (state.cid, state.snapshot) == (OWN_CID, b"snapshot of " + OWN_CID)
+    assert state.timestamp_ms == 1_700_000_000_000
+    assert cluster.service.replicated.value == 1
+
+
+def test_alone_nothing_is_replicated(cluster: Cluster) -> None:
+    peer = FakePeer(FakeConnection(OWN_CID))
+    cluster.endpoint.connections.append(peer)
+    cluster.endpoint.on_established(peer)
+    cluster.clock.advance(REFRESH_INTERVAL)
+    assert cluster.sent == []
+
+
+def test_refresh_resends_active_connections_and_all_when_the_backup_changes(cluster: Cluster) -> None:
+    cluster.node_up(2, NODE_2)
+    idle, busy = FakePeer(FakeConnection(OWN_CID)), FakePeer(FakeConnection(b"\x01zzzzz"))
+    cluster.endpoint.connections += [idle, busy]
+    cluster.clock.advance(REFRESH_INTERVAL)
+    assert sorted(state.cid for state, _ in cluster.states_sent()) == sorted([OWN_CID, b"\x01zzzzz"])
+    cluster.sent.clear()
+    busy.last_activity = cluster.clock.seconds() + 0.5
+    cluster.clock.advance(REFRESH_INTERVAL)
+    assert [state.cid for state, _ in cluster.states_sent()] == [b"\x01zzzzz"]
+    cluster.sent.clear()
+    cluster.clock.advance(REFRESH_INTERVAL)
+    assert cluster.sent == []  # nothing new
+    cluster.node_up(3, NODE_3)
+    cluster.table.handle_timer(cluster.clock.seconds() + 10.0)  # node 2 silent: node 3 is our backup now
+    cluster.node_up(3, NODE_3)
+    cluster.clock.advance(REFRESH_INTERVAL)
+    assert sorted((state.cid, address) for state, address in cluster.states_sent()) == sorted(
+        [(OWN_CID, NODE_3), (b"\x01zzzzz", NODE_3)]
+    )
+
+
+def test_a_lost_nodes_connection_is_adopted_from_its_replica_and_the_record_processed(cluster: Cluster) -> None:
+    cluster.service.receive(ConnectionState(LOST_CID, b"replica", 5), NODE_2)
+    record = b"\x19" + LOST_CID
+    assert cluster.endpoint.unknown_cid(LOST_CID, record, CLIENT, None) is True
+    assert cluster.endpoint.adopted == [(b"replica", CLIENT, None, SEQUENCE_GAP)]
+    assert cluster.endpoint.received == [(record, CLIENT)]
+    assert cluster.service.adopted.value == 1 and len(cluster.service.replicas) == 0
+    # A record forwarded by another node is answered through that node's route.
+    cluster.service.receive(ConnectionState(b"\x02other", b"replica 2", 5), NODE_2)
+    route = object()
+    assert cluster.endpoint.unknown_cid(b"\x02other", record, CLIENT, route) is True
+    assert cluster.endpoint.routed == [(record, CLIENT, route)]
+
+
+def test_a_corrupt_replica_is_not_adopted(cluster: Cluster) -> None:
+    cluster.service.receive(ConnectionState(LOST_CID, b"corrupt", 5), NODE_2)
+    assert cluster.endpoint.unknown_cid(LOST_CID, b"record", CLIENT, None) is False
+    assert cluster.endpoint.received == []
+
+
+def test_after_a_restart_our_unknown_cids_are_asked_of_our_backup(cluster: Cluster) -> None:
+    cluster.node_up(2, NODE_2)
+    assert cluster.endpoint.unknown_cid(OWN_CID, b"record", CLIENT, None) is True
+    assert cluster.forwarded == [(b"record", CLIENT, NODE_2)]
+    # Not when the record was forwarded to us (no loops), nor for another node's CID without a replica.
+    assert cluster.endpoint.unknown_cid(OWN_CID, b"record", CLIENT, object()) is False
+    assert cluster.endpoint.unknown_cid(LOST_CID, b"record", CLIENT, None) is False
+    assert len(cluster.forwarded) == 1
+
+
+def test_stop_unhooks_the_endpoint(cluster: Cluster) -> None:
+    cluster.service.stopService()
+    assert cluster.endpoint.on_established is None and cluster.endpoint.unknown_cid is None
+    assert cluster.clock.getDelayedCalls() == []
+
+
+def test_the_store_keeps_the_newest_snapshot_and_is_bounded() -> None:
+    store = ReplicaStore(capacity=2)
+    assert store.store(ConnectionState(b"\x02a", b"new", 10))
+    assert not store.store(ConnectionState(b"\x02a", b"old", 9))  # a replayed older snapshot
+    assert store.stale == 1
+    store.store(ConnectionState(b"\x02b", b"b", 1))
+    store.store(ConnectionState(b"\x02c", b"c", 1))
+    assert len(store) == 2 and store.evicted == 1
+    assert store.take(b"\x02a") is None  # the oldest stored went first
+    assert store.take(b"\x02c") == b"c" and store.take(b"\x02c") is None
