@@ -5,7 +5,8 @@ IN records are handed to the local DTLS endpoint as if they had arrived on
 its own socket, with the forwarding node as the route to answer through;
 OUT records are the owner's answers, to send from our public socket to the
 client; STATE records (connection snapshots) go to C{on_state}, the
-replication (L{nettester.cluster.replication}), when it runs. Anything that does not decode or authenticate is dropped and counted
+replication (L{nettester.cluster.replication}) when it runs, which returns
+a drop reason for a stale one. Anything that does not decode or authenticate is dropped and counted
 by reason (L{nettester.cluster.wire.ManagementError}).
 
 Outgoing: L{ManagementEndpoint.forward} (IN, to the owner) and
@@ -66,7 +67,7 @@ class ManagementEndpoint(DatagramProtocol):
         self._on_backwarded = on_backwarded
         self._node_table = node_table
         self._sendto: Callable[[bytes, Address], Any] = self._transport_write
-        self.on_state: Callable[[ConnectionState, Address], None] | None = None
+        self.on_state: Callable[[ConnectionState, Address], str | None] | None = None
         self.received_in = metrics.counter("management_in_total", "IN records received (forwarded to us).")
         self.received_out = metrics.counter("management_out_total", "OUT records received (answers to send).")
         self.sent_in = metrics.counter("management_forwarded_total", "Datagrams forwarded to their owner node.")
@@ -114,8 +115,8 @@ class ManagementEndpoint(DatagramProtocol):
         elif type(message) is ConnectionState:
             if self.on_state is None:
                 self.dropped.inc("state_not_replicating")
-            else:
-                self.on_state(message, addr)
+            elif (reason := self.on_state(message, addr)) is not None:
+                self.dropped.inc(reason)
         else:
             self._node_message(message, addr)  # type: ignore[arg-type]
 

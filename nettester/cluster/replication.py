@@ -45,6 +45,7 @@ Address = tuple[str, int]
 REFRESH_INTERVAL = 2.0  # seconds; bounds how stale a replica's replay window is
 SEQUENCE_GAP = 1 << 32  # records the lost node may have written since its last snapshot
 DEFAULT_MAX_REPLICAS = 100_000
+MAX_STATE_AGE = 60.0  # seconds, as PING/PONG timestamps: a recorded STATE record cannot be replayed later
 
 
 class ReplicaStore:
@@ -62,10 +63,11 @@ class ReplicaStore:
     def __len__(self) -> int:
         return len(self._replicas)
 
-    def store(self, state: ConnectionState) -> bool:
-        """Keep C{state} unless we hold a newer snapshot of that CID (counted as stale)."""
+    def store(self, state: ConnectionState, now_ms: float) -> bool:
+        """Keep C{state} unless it is older than L{MAX_STATE_AGE} or than the snapshot we hold (counted)."""
         held = self._replicas.get(state.cid)
-        if held is not None and held.timestamp_ms >= state.timestamp_ms:
+        if abs(now_ms - state.timestamp_ms) > MAX_STATE_AGE * 1000 or (
+                held is not None and held.timestamp_ms >= state.timestamp_ms):
             self.stale += 1
             return False
         self._replicas[state.cid] = state
@@ -148,9 +150,9 @@ class ReplicationService(Service):
         self._endpoint.on_established = None
         self._endpoint.unknown_cid = None
 
-    def receive(self, state: ConnectionState, source: Address) -> None:
-        """A STATE record from another node (the management endpoint's callback)."""
-        self.replicas.store(state)
+    def receive(self, state: ConnectionState, source: Address) -> str | None:
+        """A STATE record from another node (the management endpoint's callback): None, or why it was dropped."""
+        return None if self.replicas.store(state, self._clock.seconds() * 1000) else "stale_state"
 
     def _established(self, peer: Any) -> None:
         backup = self._router.backup()

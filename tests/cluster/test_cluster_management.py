@@ -144,10 +144,12 @@ def test_state_records_reach_replication_and_forged_ones_are_dropped() -> None:
     management.datagramReceived(genuine, B)
     assert management.dropped.values == {"state_not_replicating": 1}  # no replication running (static mode)
     states: list[Any] = []
-    management.on_state = lambda state, source: states.append((state.cid, state.snapshot, source))
+    management.on_state = lambda state, source: states.append((state.cid, state.snapshot, source))  # type: ignore
+    management.datagramReceived(genuine, B)
+    management.on_state = lambda state, source: "stale_state"
     management.datagramReceived(genuine, B)
     management.datagramReceived(ManagementCodec(b"attacker").encode_state(b"\x02abcde", b"forged", 6), B)
     management.datagramReceived(genuine[:-1] + bytes([genuine[-1] ^ 1]), B)
     assert states == [(b"\x02abcde", b"snapshot", B)]
-    assert management.dropped.values == {"state_not_replicating": 1, "bad_state_record": 2}
+    assert management.dropped.values == {"state_not_replicating": 1, "stale_state": 1, "bad_state_record": 2}
     assert calls == []

@@ -137,21 +137,22 @@ def test_refresh_resends_active_connections_and_all_when_the_backup_changes(clus
 
 
 def test_a_lost_nodes_connection_is_adopted_from_its_replica_and_the_record_processed(cluster: Cluster) -> None:
-    cluster.service.receive(ConnectionState(LOST_CID, b"replica", 5), NODE_2)
+    now_ms = int(cluster.clock.seconds() * 1000)
+    assert cluster.service.receive(ConnectionState(LOST_CID, b"replica", now_ms), NODE_2) is None
     record = b"\x19" + LOST_CID
     assert cluster.endpoint.unknown_cid(LOST_CID, record, CLIENT, None) is True
     assert cluster.endpoint.adopted == [(b"replica", CLIENT, None, SEQUENCE_GAP)]
     assert cluster.endpoint.received == [(record, CLIENT)]
     assert cluster.service.adopted.value == 1 and len(cluster.service.replicas) == 0
     # A record forwarded by another node is answered through that node's route.
-    cluster.service.receive(ConnectionState(b"\x02other", b"replica 2", 5), NODE_2)
+    cluster.service.receive(ConnectionState(b"\x02other", b"replica 2", now_ms), NODE_2)
     route = object()
     assert cluster.endpoint.unknown_cid(b"\x02other", record, CLIENT, route) is True
     assert cluster.endpoint.routed == [(record, CLIENT, route)]
 
 
 def test_a_corrupt_replica_is_not_adopted(cluster: Cluster) -> None:
-    cluster.service.receive(ConnectionState(LOST_CID, b"corrupt", 5), NODE_2)
+    cluster.service.receive(ConnectionState(LOST_CID, b"corrupt", int(cluster.clock.seconds() * 1000)), NODE_2)
     assert cluster.endpoint.unknown_cid(LOST_CID, b"record", CLIENT, None) is False
     assert cluster.endpoint.received == []
 
@@ -166,6 +167,12 @@ def test_after_a_restart_our_unknown_cids_are_asked_of_our_backup(cluster: Clust
     assert len(cluster.forwarded) == 1
 
 
+def test_a_stale_state_record_is_refused_with_its_reason(cluster: Cluster) -> None:
+    an_hour_ago = int((cluster.clock.seconds() - 3600) * 1000)
+    assert cluster.service.receive(ConnectionState(LOST_CID, b"replica", an_hour_ago), NODE_2) == "stale_state"
+    assert len(cluster.service.replicas) == 0
+
+
 def test_stop_unhooks_the_endpoint(cluster: Cluster) -> None:
     cluster.service.stopService()
     assert cluster.endpoint.on_established is None and cluster.endpoint.unknown_cid is None
@@ -174,11 +181,12 @@ def test_stop_unhooks_the_endpoint(cluster: Cluster) -> None:
 
 def test_the_store_keeps_the_newest_snapshot_and_is_bounded() -> None:
     store = ReplicaStore(capacity=2)
-    assert store.store(ConnectionState(b"\x02a", b"new", 10))
-    assert not store.store(ConnectionState(b"\x02a", b"old", 9))  # a replayed older snapshot
-    assert store.stale == 1
-    store.store(ConnectionState(b"\x02b", b"b", 1))
-    store.store(ConnectionState(b"\x02c", b"c", 1))
+    assert store.store(ConnectionState(b"\x02a", b"new", 10), now_ms=20)
+    assert not store.store(ConnectionState(b"\x02a", b"old", 9), now_ms=20)  # a replayed older snapshot
+    assert not store.store(ConnectionState(b"\x02z", b"recorded", 10), now_ms=10 + 60_001)  # replayed later
+    assert store.stale == 2
+    store.store(ConnectionState(b"\x02b", b"b", 1), now_ms=20)
+    store.store(ConnectionState(b"\x02c", b"c", 1), now_ms=20)
     assert len(store) == 2 and store.evicted == 1
     assert store.take(b"\x02a") is None  # the oldest stored went first
     assert store.take(b"\x02c") == b"c" and store.take(b"\x02c") is None
