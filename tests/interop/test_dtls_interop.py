@@ -438,6 +438,61 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
         yield port_handle.stopListening()
 
 
+@pytest.mark.parametrize("suite", MBEDTLS_CASES)
+@pytest_twisted.inlineCallbacks
+def test_mbedtls_client_keeps_its_session_when_another_node_takes_it_over(
+        suite: str, tmp_path: Path) -> Generator[Any, Any, None]:
+    """Cluster fail-over seen by an independent client: node 9 serves exchange 1, then dies; node 10 restores
+    the connection from node 9's snapshot (write sequence numbers 2^32 higher) and serves exchanges 2 and 3."""
+    from nettester.cluster.replication import SEQUENCE_GAP
+
+    binary = mbedtls("ssl_client2")
+    identity = None
+    if "ECDSA" in suite:
+        _, identity, files = ecdsa_files(tmp_path)
+    owner = DtlsEndpoint(reactor, server_configuration=server_config(suite, identity, node_id=9))
+    heir = DtlsEndpoint(reactor, server_configuration=server_config(suite, identity, node_id=10))
+    owner_receiver, heir_receiver = Receiver(), Receiver(answer=lambda data: b"HTTP/1.0 200 OK\r\n\r\nheir")
+    handles = [listen(owner, owner_receiver), listen(heir, heir_receiver)]
+    relay = Relay(("127.0.0.1", handles[0].getHost().port))
+    relay.open_upstream()
+    relay_handle = reactor.listenUDP(0, relay, interface="127.0.0.1")
+
+    def answer_then_die(data: bytes) -> bytes:
+        ((_, peer),) = owner_receiver.received
+        snapshot = owner.snapshot(peer.connection.read_cid)
+        assert snapshot is not None
+        heir.adopt(snapshot, peer.address, None, SEQUENCE_GAP)  # what the heir does from its replica
+        relay.server = ("127.0.0.1", handles[1].getHost().port)  # the load balancer moves to the heir
+        return b"HTTP/1.0 200 OK\r\n\r\nowner"  # the owner still answers exchange 1 (after its snapshot)
+
+    owner_receiver.answer = answer_then_die
+    arguments = ["dtls=1", "server_addr=127.0.0.1", "server_port=%d" % relay_handle.getHost().port,
+                 "force_ciphersuite=" + _mbedtls_name(suite), "cid=1", "cid_val=0badcafe", "exchanges=3",
+                 "hs_timeout=300-5000", "read_timeout=5000"]
+    if identity is not None:
+        arguments += ["ca_file=" + files["ca.pem"], "server_name=localhost", "auth_mode=required"]
+    else:
+        arguments += ["psk=" + PSK.hex(), "psk_identity=" + PSK_IDENTITY.decode()]
+    client = spawn([binary] + arguments)
+    try:
+        exit_code = yield client.ended
+        output = client.output.decode(errors="replace")
+        assert exit_code == 0, output
+        assert len(owner_receiver.received) == 1 and len(heir_receiver.received) == 2, output
+        assert output.count("heir") >= 2, "Mbed TLS read the heir's answers"
+        assert owner.counters.handshakes.value == 1 and heir.counters.handshakes.value == 0
+        ((_, peer), _) = heir_receiver.received
+        assert peer.connection.read_cid[0] == 9  # node 9's CID, served by node 10
+    finally:
+        client.stop()
+        for _, handle in relay.upstreams:
+            yield handle.stopListening()
+        yield relay_handle.stopListening()
+        for handle in handles:
+            yield handle.stopListening()
+
+
 @pytest_twisted.inlineCallbacks
 def test_our_client_resumes_its_session_with_mbedtls_server() -> Generator[Any, Any, None]:
     binary = mbedtls("ssl_server2")
