@@ -252,16 +252,21 @@ def test_coaps_sessions_survive_in_kubernetes_mode(api_server: Any, pod: Any,
         yield cluster.stop()
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic", "k8s"])
-@pytest_twisted.inlineCallbacks
-def test_coap_bench_through_nat_and_cluster_has_no_transmission_error(
-        mode: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Generator[Any, Any, None]:
+def cluster_in(mode: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> CoapCluster:
+    """A cluster in C{mode}; in k8s mode its three pods are listed by the test API server."""
     kubernetes = None
     if mode == "k8s":
         server, api_port, ca_pem, _ = request.getfixturevalue("api_server")
         server.pods = [request.getfixturevalue("pod")(f"coap-cluster-{n}", f"127.0.0.{n}") for n in NODES]
         kubernetes = (server, api_port, ca_pem)
-    cluster = CoapCluster(mode, monkeypatch, kubernetes=kubernetes)
+    return CoapCluster(mode, monkeypatch, kubernetes=kubernetes)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "k8s"])
+@pytest_twisted.inlineCallbacks
+def test_coap_bench_through_nat_and_cluster_has_no_transmission_error(
+        mode: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Generator[Any, Any, None]:
+    cluster = cluster_in(mode, monkeypatch, request)
     bench: CoapBenchService | None = None
     try:
         yield cluster.start()
@@ -334,12 +339,7 @@ def test_a_lost_nodes_sessions_are_taken_over_without_a_new_handshake(
     monkeypatch.setattr(nodes, "TIMER_INTERVAL", 0.2)
     monkeypatch.setattr(nodes, "PING_AFTER", 0.4)
     monkeypatch.setattr(nodes, "REMOVE_AFTER", 0.4)
-    kubernetes = None
-    if mode == "k8s":
-        server, api_port, ca_pem, _ = request.getfixturevalue("api_server")
-        server.pods = [request.getfixturevalue("pod")(f"coap-cluster-{n}", f"127.0.0.{n}") for n in NODES]
-        kubernetes = (server, api_port, ca_pem)
-    cluster = CoapCluster(mode, monkeypatch, kubernetes=kubernetes)
+    cluster = cluster_in(mode, monkeypatch, request)
     client: CoapsClient | None = None
     try:
         yield cluster.start()
