@@ -38,24 +38,39 @@ both the clients (``tls12_cid`` records whose CID names node 1) and node 1
 with ``--in-flight`` records outstanding. One result line:
 
 ``relaying node (with MAC, answers backward, 2 in flight): U user + K kernel = T us/req (R req/s)``
+
+``--failover`` measures what the clients of a lost node see: three dynamic
+nodes with a secret (so they replicate their sessions), ``nettester nat
+--tlb 3000`` in front of all three, and ``coap-bench`` through it; the node
+holding the most sessions is killed with SIGKILL ``--kill-after`` seconds
+into the run. The nodes log JSON;
+their summaries give the sessions the killed node held and the handshakes, their
+``cluster_takeover`` lines when each session was taken over. One result line:
+
+``cluster fail-over (...): node N killed (SIGKILL) holding S sessions: T taken over A to B s later, H new handshakes; bench: ...``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
+from datetime import datetime
+from typing import IO, Any
 
 from harness import ROOT, free_udp_ports, process_cpu_seconds
 
 PROGRESS = re.compile(r"^(\d+) requests \(")
+TOTAL = re.compile(r"^\d+ requests in ")
 PATH = "benchmark?rlen=40"
 
 
@@ -212,6 +227,81 @@ def relay_only(args: argparse.Namespace) -> str:
             f"{user + system:.1f} us/req ({requests / seconds:.0f} req/s)")
 
 
+def failover(args: argparse.Namespace) -> str:
+    """Kill one of three replicating nodes under load; what its sessions and the clients went through."""
+    *ports, nat_port = free_udp_ports(7)
+    publics, managements = ports[:3], ports[3:]
+    group = ",".join(f"127.0.0.1:{port}" for port in managements)
+    logs = [tempfile.TemporaryFile("w+") for _ in range(3)]
+    os.environ["PYTHONUNBUFFERED"] = "1"  # every log line is in the file when the node is killed
+    nodes = [
+        nettester("coap-server", "--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--dtls-only",
+                  "--benchmark", "--psk-sandbox", "--log-format", "json", "--stats-interval", "1",
+                  "--dtls-cluster-group-security", "benchmark secret", "--dtls-cluster-group", group,
+                  "--dtls-cluster", f"127.0.0.1:{public};127.0.0.1:{management};{node_id}", stdout=log)
+        for node_id, (public, management, log) in enumerate(zip(publics, managements, logs, strict=True), start=1)
+    ]
+    nat = nettester("nat", f"127.0.0.1:{nat_port}", *(f"127.0.0.1:{port}" for port in publics), "--tlb", "3000",
+                    "--log-level", "warn")
+    bench: subprocess.Popen[str] | None = None
+    killed_at, victim = None, 0
+    try:
+        time.sleep(args.startup + 2)  # the nodes find each other (PING/PONG)
+        bench = nettester("coap-bench", "--psk-sandbox", "--clients", str(args.clients), "--requests",
+                          str(args.requests), "--timeout", "30", "--report-interval", "1", "--log-level", "warn",
+                          f"coaps://127.0.0.1:{nat_port}/{PATH}", stdout=subprocess.PIPE)
+        assert bench.stdout is not None
+        ticks, result = 0, "coap-bench printed no total"
+        for line in bench.stdout:
+            line = line.strip()
+            ticks += bool(PROGRESS.match(line))
+            if TOTAL.match(line):
+                result = line
+            if ticks == args.kill_after and killed_at is None:
+                killed_at = time.time()
+                held = [_last_summary(_events(log), killed_at)["dtls_connections"] for log in logs]
+                victim = held.index(max(held))
+                nodes[victim].kill()
+        bench.wait(timeout=120)
+    finally:
+        for process in [bench, nat, *nodes]:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [bench, nat, *nodes]:
+            if process is not None:
+                process.wait(timeout=30)
+    if killed_at is None:
+        raise RuntimeError("coap-bench ended before the kill; raise --requests")
+    events = [_events(log) for log in logs]
+    survivors = [node_events for index, node_events in enumerate(events) if index != victim]
+    handshakes_before = sum(_last_summary(node_events, killed_at)["dtls_handshakes"] for node_events in survivors)
+    finals = [next(e for e in reversed(node_events) if e.get("label") == "final summary") for node_events in survivors]
+    new_handshakes = sum(final["dtls_handshakes"] for final in finals) - handshakes_before
+    delays = sorted(_seconds(event["ts"]) - killed_at for node_events in survivors for event in node_events
+                    if event.get("event") == "cluster_takeover")
+    taken = f"{len(delays)} taken over {delays[0]:.1f} to {delays[-1]:.1f} s later" if delays else "none taken over"
+    return (f"cluster fail-over (3 dynamic nodes, NAT --tlb 3000, {args.clients} clients): node {victim + 1} killed "
+            f"(SIGKILL) holding {_last_summary(events[victim], killed_at)['dtls_connections']} sessions: {taken}, "
+            f"{new_handshakes} new handshakes; bench: {result}")
+
+
+def _events(log: IO[str]) -> list[dict[str, Any]]:
+    """The JSON log lines a node wrote so far (its output is unbuffered)."""
+    log.seek(0)
+    return [json.loads(line) for line in log if line.startswith("{")]
+
+
+def _seconds(timestamp: str) -> float:
+    """Epoch seconds of a JSON log line's ``ts`` (ISO 8601, UTC)."""
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+def _last_summary(events: list[dict[str, object]], before: float) -> dict[str, Any]:
+    """A node's last periodic summary logged before C{before} (epoch seconds)."""
+    return next(event for event in reversed(events)
+                if event.get("label") == "summary" and _seconds(str(event["ts"])) < before)
+
+
 def _progress_lines(stream: IO[str]) -> Iterator[str]:
     """coap-bench's progress lines, as they come."""
     return (line.strip() for line in stream if PROGRESS.match(line.strip()))
@@ -229,11 +319,19 @@ def main() -> None:
     parser.add_argument("--reverse", action="store_true",
                         help="node 1 answers directly and the NAT updates its entries from the answers (-r): "
                              "Californium's way around the forwarding cost")
+    parser.add_argument("--failover", action="store_true", help="kill a node under load (see above)")
+    parser.add_argument("--kill-after", type=int, default=4, help="--failover: seconds of load before the kill")
     parser.add_argument("--relay-only", action="store_true", help="measure the relaying node alone (see above)")
     parser.add_argument("--in-flight", type=int, default=2, help="--relay-only: records outstanding")
-    parser.add_argument("--requests", type=int, default=40000, help="--relay-only: requests measured")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="--relay-only: requests measured (40000); --failover: requests per client (8000)")
     args = parser.parse_args()
+    if args.failover:
+        args.requests = args.requests or 8000
+        print(failover(args))
+        return
     if args.relay_only:
+        args.requests = args.requests or 40000
         print(relay_only(args))
         return
     direct = run(False, args)
