@@ -170,7 +170,9 @@ class ClusterOptionsMixin:
                                          "\"localhost:15884,localhost:25884\"."],
         ["k8s-dtls-cluster", None, "", "Kubernetes cluster: \"<dtls-interface>;<mgmt-interface>;<external-mgmt-port>\", "
                                        "e.g. \":5784;:5884;5884\"."],
-        ["dtls-cluster-group-security", None, "", f"Secret authenticating management records (else env {SECRET_ENV})."],
+        ["dtls-cluster-group-security", None, "", "Secret authenticating management records and encrypting the "
+                                                  "session snapshots that let a node take over a lost node's "
+                                                  f"sessions (dynamic and k8s mode) (else env {SECRET_ENV})."],
         ["dtls-cluster-group-security-base64", None, "", "The same secret, base64; prefer its environment variable "
                                                          f"{SECRET_ENV}: a command line shows in ps."],
     ]
