@@ -306,7 +306,7 @@ class ClusterNodeService(MultiService):
         }
         if self.replication is not None:
             fields.update(replicated=self.replication.replicated.value, replicas=len(self.replication.replicas),
-                          taken_over=self.replication.adopted.value)
+                          taken_over=self.replication.taken_over.value)
         return fields
 
     def is_ready(self) -> bool:

@@ -132,7 +132,7 @@ class ReplicationService(Service):
         self._refresh = LoopingCall(self.refresh)
         self._refresh.clock = clock
         self.replicated = metrics.counter("replicated_total", "Connection snapshots sent to the backup node.")
-        self.adopted = metrics.counter("taken_over_total", "Connections taken over from a lost node's replica.")
+        self.taken_over = metrics.counter("taken_over_total", "Connections taken over from a lost node's replica.")
         metrics.gauge("replicas", "Snapshots held for other nodes' connections.", lambda: len(self.replicas))
 
     def startService(self) -> None:
@@ -193,7 +193,7 @@ class ReplicationService(Service):
                 self._endpoint.adopt(snapshot, address, route, SEQUENCE_GAP)
             except SnapshotError:
                 return False  # the endpoint counted it
-            self.adopted.value += 1
+            self.taken_over.value += 1
             log.info("Took over DTLS connection {cid} of node {node} for {peer} from its replica",
                      event="cluster_takeover", cid=cid.hex(), node=cid[0], peer=address)
             if route is None:

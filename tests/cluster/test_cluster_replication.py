@@ -143,7 +143,7 @@ def test_a_lost_nodes_connection_is_adopted_from_its_replica_and_the_record_proc
     assert cluster.endpoint.unknown_cid(LOST_CID, record, CLIENT, None) is True
     assert cluster.endpoint.adopted == [(b"replica", CLIENT, None, SEQUENCE_GAP)]
     assert cluster.endpoint.received == [(record, CLIENT)]
-    assert cluster.service.adopted.value == 1 and len(cluster.service.replicas) == 0
+    assert cluster.service.taken_over.value == 1 and len(cluster.service.replicas) == 0
     # A record forwarded by another node is answered through that node's route.
     cluster.service.receive(ConnectionState(b"\x02other", b"replica 2", now_ms), NODE_2)
     route = object()
