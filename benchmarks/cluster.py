@@ -72,6 +72,9 @@ from harness import ROOT, free_udp_ports, process_cpu_seconds
 PROGRESS = re.compile(r"^(\d+) requests \(")
 TOTAL = re.compile(r"^\d+ requests in ")
 PATH = "benchmark?rlen=40"
+NODE_OPTIONS = ("--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--dtls-only", "--benchmark",
+                "--psk-sandbox")
+QUIET = ("--log-level", "warn", "--stats-interval", "3600")
 
 
 def cpu_seconds(pids: list[int]) -> list[tuple[float, float]]:
@@ -83,6 +86,30 @@ def nettester(*arguments: str, stdin: int | None = subprocess.DEVNULL,
               stdout: int | IO[str] | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "nettester", *arguments], cwd=ROOT, stdin=stdin, stdout=stdout,
                             text=True)
+
+
+def coap_bench(nat_port: int, clients: int, *options: str) -> subprocess.Popen[str]:
+    """coaps ``coap-bench`` through the NAT, one progress line a second on its stdout."""
+    return nettester("coap-bench", "--psk-sandbox", "--clients", str(clients), *options, "--report-interval", "1",
+                     "--log-level", "warn", f"coaps://127.0.0.1:{nat_port}/{PATH}", stdout=subprocess.PIPE)
+
+
+def stop(*processes: subprocess.Popen[str] | None) -> None:
+    """SIGTERM every process still running, then wait for all of them."""
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        if process is not None:
+            process.wait(timeout=30)
+
+
+def setup(args: argparse.Namespace) -> str:
+    """How the nodes ran, for the result line: MAC or not, how the owner answers."""
+    mac = "without MAC" if args.no_secret else "with MAC"
+    if args.reverse:
+        return f"{mac}, answers direct, NAT reverse update"
+    return f"{mac}, answers direct" if args.no_backward else f"{mac}, answers backward"
 
 
 @dataclass(frozen=True)
@@ -130,8 +157,7 @@ def run(forwarded: bool, args: argparse.Namespace) -> Measured:
     public1, public2, management1, management2, nat_port = free_udp_ports(5)
     secret = [] if args.no_secret else ["--dtls-cluster-group-security", "benchmark secret"]
     backward = ["--no-dtls-cluster-backward"] if args.no_backward or args.reverse else []
-    common = ["--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--dtls-only", "--benchmark",
-              "--psk-sandbox", "--log-level", "warn", "--stats-interval", "3600", *secret, *backward]
+    common = [*NODE_OPTIONS, *QUIET, *secret, *backward]
     nodes = [
         nettester("coap-server", *common, "--dtls-cluster",
                   f"127.0.0.1:{public1};127.0.0.1:{management1};1,---;127.0.0.1:{management2};2"),
@@ -143,8 +169,7 @@ def run(forwarded: bool, args: argparse.Namespace) -> Measured:
     bench: subprocess.Popen[str] | None = None
     try:
         time.sleep(args.startup)  # the nodes and the NAT open their sockets
-        bench = nettester("coap-bench", "--psk-sandbox", "--clients", str(args.clients), "--report-interval", "1",
-                          "--log-level", "warn", f"coaps://127.0.0.1:{nat_port}/{PATH}", stdout=subprocess.PIPE)
+        bench = coap_bench(nat_port, args.clients)
         assert bench.stdout is not None and nat.stdin is not None
         start: tuple[float, int, list[tuple[float, float]]] | None = None
         pids = [node.pid for node in nodes]
@@ -165,12 +190,7 @@ def run(forwarded: bool, args: argparse.Namespace) -> Measured:
                 return Measured(requests - start[1], time.monotonic() - start[0], per_node, line)
         raise RuntimeError("coap-bench ended early; run it by hand to see why")
     finally:
-        for process in [bench, nat, *nodes]:
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in [bench, nat, *nodes]:
-            if process is not None:
-                process.wait(timeout=30)
+        stop(bench, nat, *nodes)
 
 
 def relay_only(args: argparse.Namespace) -> str:
@@ -185,8 +205,7 @@ def relay_only(args: argparse.Namespace) -> str:
         s.bind(("127.0.0.1", 0))
         s.settimeout(5)
     public, management = free_udp_ports(2)
-    node = nettester("coap-server", "--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--dtls-only",
-                     "--psk-sandbox", "--log-level", "warn", "--stats-interval", "3600",
+    node = nettester("coap-server", *NODE_OPTIONS, *QUIET,
                      *([] if secret is None else ["--dtls-cluster-group-security", secret.decode()]),
                      *(["--no-dtls-cluster-backward"] if args.no_backward else []), "--dtls-cluster",
                      f"127.0.0.1:{public};127.0.0.1:{management};2,---;127.0.0.1:{owner.getsockname()[1]};1")
@@ -218,12 +237,9 @@ def relay_only(args: argparse.Namespace) -> str:
         relay(requests)
         (user, system), seconds = cpu_seconds([node.pid])[0], time.monotonic() - start
     finally:
-        node.send_signal(signal.SIGTERM)
-        node.wait(timeout=30)
+        stop(node)
     user, system = (user - before[0]) * 1e6 / requests, (system - before[1]) * 1e6 / requests
-    mac = "without MAC" if args.no_secret else "with MAC"
-    answers = "answers direct" if args.no_backward else "answers backward"
-    return (f"relaying node ({mac}, {answers}, {args.in_flight} in flight): {user:.1f} user + {system:.1f} kernel = "
+    return (f"relaying node ({setup(args)}, {args.in_flight} in flight): {user:.1f} user + {system:.1f} kernel = "
             f"{user + system:.1f} us/req ({requests / seconds:.0f} req/s)")
 
 
@@ -235,8 +251,7 @@ def failover(args: argparse.Namespace) -> str:
     logs = [tempfile.TemporaryFile("w+") for _ in range(3)]
     os.environ["PYTHONUNBUFFERED"] = "1"  # every log line is in the file when the node is killed
     nodes = [
-        nettester("coap-server", "--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--dtls-only",
-                  "--benchmark", "--psk-sandbox", "--log-format", "json", "--stats-interval", "1",
+        nettester("coap-server", *NODE_OPTIONS, "--log-format", "json", "--stats-interval", "1",
                   "--dtls-cluster-group-security", "benchmark secret", "--dtls-cluster-group", group,
                   "--dtls-cluster", f"127.0.0.1:{public};127.0.0.1:{management};{node_id}", stdout=log)
         for node_id, (public, management, log) in enumerate(zip(publics, managements, logs, strict=True), start=1)
@@ -247,9 +262,7 @@ def failover(args: argparse.Namespace) -> str:
     killed_at, victim = None, 0
     try:
         time.sleep(args.startup + 2)  # the nodes find each other (PING/PONG)
-        bench = nettester("coap-bench", "--psk-sandbox", "--clients", str(args.clients), "--requests",
-                          str(args.requests), "--timeout", "30", "--report-interval", "1", "--log-level", "warn",
-                          f"coaps://127.0.0.1:{nat_port}/{PATH}", stdout=subprocess.PIPE)
+        bench = coap_bench(nat_port, args.clients, "--requests", str(args.requests), "--timeout", "30")
         assert bench.stdout is not None
         ticks, result = 0, "coap-bench printed no total"
         for line in bench.stdout:
@@ -264,12 +277,7 @@ def failover(args: argparse.Namespace) -> str:
                 nodes[victim].kill()
         bench.wait(timeout=120)
     finally:
-        for process in [bench, nat, *nodes]:
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in [bench, nat, *nodes]:
-            if process is not None:
-                process.wait(timeout=30)
+        stop(bench, nat, *nodes)
     if killed_at is None:
         raise RuntimeError("coap-bench ended before the kill; raise --requests")
     events = [_events(log) for log in logs]
@@ -342,11 +350,7 @@ def main() -> None:
           f"{forwarded.node_cpu:.2f} s; last: {forwarded.errors_line}", flush=True)
     extra = forwarded.us_per_request - direct.us_per_request
     extra_system = forwarded.system_us_per_request - direct.system_us_per_request
-    mac = "without MAC" if args.no_secret else "with MAC"
-    answers = "answers direct" if args.no_backward else "answers backward"
-    if args.reverse:
-        answers = "answers direct, NAT reverse update"
-    print(f"cluster forwarding ({mac}, {answers}, {args.clients} clients): direct {direct.us_per_request:.1f} us/req "
+    print(f"cluster forwarding ({setup(args)}, {args.clients} clients): direct {direct.us_per_request:.1f} us/req "
           f"({direct.rate:.0f} req/s), forwarded {forwarded.us_per_request:.1f} us/req ({forwarded.rate:.0f} req/s): "
           f"{extra:+.1f} us/req ({extra * 100 / direct.us_per_request:+.1f} %; kernel {extra_system:+.1f}, "
           f"user {extra - extra_system:+.1f}), throughput ratio {forwarded.rate / direct.rate:.2f}")
