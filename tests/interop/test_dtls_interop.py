@@ -340,6 +340,9 @@ def test_our_client_with_mbedtls_server_cid(suite: str, tmp_path: Path) -> Gener
         yield port_handle.stopListening()
 
 
+MBEDTLS_CLIENT_CID = bytes.fromhex("0badcafe")
+
+
 class Relay(DatagramProtocol):
     """Forwards a client to a server and, on request, moves the client's
     flow to a new source port (a NAT rebinding).  Records the first byte
@@ -351,6 +354,7 @@ class Relay(DatagramProtocol):
         self.upstreams: list[Any] = []
         self.log: list[tuple[str, int]] = []
         self.upstream_ports: list[int] = []
+        self._handle: Any = None
 
     def open_upstream(self) -> None:
         relay = self
@@ -371,37 +375,50 @@ class Relay(DatagramProtocol):
         self.log.append(("c2s", data[0]))
         self.upstreams[-1][0].transport.write(data, self.server)
 
+    def listen(self) -> int:
+        """Start listening on loopback; the port the client talks to."""
+        self.open_upstream()
+        self._handle = reactor.listenUDP(0, self, interface="127.0.0.1")
+        return int(self._handle.getHost().port)
+
+    @pytest_twisted.inlineCallbacks
+    def stop(self) -> Generator[Any, Any, None]:
+        for _, handle in self.upstreams:
+            yield handle.stopListening()
+        yield self._handle.stopListening()
+
+
+def spawn_mbedtls_cid_client(suite: str, port: int, files: dict[str, str] | None) -> Peer:
+    """ssl_client2 with CID 0badcafe: three exchanges with the server at C{port} (PSK, or ECDSA with C{files})."""
+    arguments = [
+        "dtls=1",
+        "server_addr=127.0.0.1",
+        "server_port=%d" % port,
+        "force_ciphersuite=" + _mbedtls_name(suite),
+        "cid=1",
+        "cid_val=" + MBEDTLS_CLIENT_CID.hex(),
+        "exchanges=3",
+        "hs_timeout=300-5000",
+        "read_timeout=5000",
+    ]
+    if files is not None:
+        arguments += ["ca_file=" + files["ca.pem"], "server_name=localhost", "auth_mode=required"]
+    else:
+        arguments += ["psk=" + PSK.hex(), "psk_identity=" + PSK_IDENTITY.decode()]
+    return spawn([mbedtls("ssl_client2")] + arguments)
+
 
 @pytest.mark.parametrize("suite", MBEDTLS_CASES)
 @pytest_twisted.inlineCallbacks
 def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_path: Path) -> Generator[Any, Any, None]:
-    binary = mbedtls("ssl_client2")
-    identity = None
-    mbed_cid = bytes.fromhex("0badcafe")
+    identity, files = None, None
     receiver = Receiver(answer=lambda data: b"HTTP/1.0 200 OK\r\n\r\nnettester")
     if "ECDSA" in suite:
         _, identity, files = ecdsa_files(tmp_path)
     endpoint = DtlsEndpoint(reactor, server_configuration=server_config(suite, identity, node_id=9))
     port_handle = listen(endpoint, receiver)
     relay = Relay(("127.0.0.1", port_handle.getHost().port))
-    relay.open_upstream()
-    relay_handle = reactor.listenUDP(0, relay, interface="127.0.0.1")
-    arguments = [
-        "dtls=1",
-        "server_addr=127.0.0.1",
-        "server_port=%d" % relay_handle.getHost().port,
-        "force_ciphersuite=" + _mbedtls_name(suite),
-        "cid=1",
-        "cid_val=" + mbed_cid.hex(),
-        "exchanges=3",
-        "hs_timeout=300-5000",
-        "read_timeout=5000",
-    ]
-    if identity is not None:
-        arguments += ["ca_file=" + files["ca.pem"], "server_name=localhost", "auth_mode=required"]
-    else:
-        arguments += ["psk=" + PSK.hex(), "psk_identity=" + PSK_IDENTITY.decode()]
-    client = spawn([binary] + arguments)
+    client = spawn_mbedtls_cid_client(suite, relay.listen(), files)
 
     def move_after_first_exchange(data: bytes) -> bytes:
         if len(receiver.received) == 1:
@@ -419,7 +436,7 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
         (peer,) = peers
         context = endpoint.peerContext(peer)
         assert context.cipher_suite == suite
-        assert context.write_cid == mbed_cid  # Mbed TLS's CID is the one we use
+        assert context.write_cid == MBEDTLS_CLIENT_CID  # Mbed TLS's CID is the one we use
         assert _parse_peer_cid(client.output) == context.read_cid  # our node-prefixed CID is Mbed TLS's
         assert context.read_cid[0] == 9 and context.node_id == 9
         assert context.address[1] == relay.upstream_ports[-1]
@@ -432,9 +449,7 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
             assert set(after) == {25}, (direction, types)
     finally:
         client.stop()
-        for _, handle in relay.upstreams:
-            yield handle.stopListening()
-        yield relay_handle.stopListening()
+        yield relay.stop()
         yield port_handle.stopListening()
 
 
@@ -446,8 +461,7 @@ def test_mbedtls_client_keeps_its_session_when_another_node_takes_it_over(
     the connection from node 9's snapshot (write sequence numbers 2^32 higher) and serves exchanges 2 and 3."""
     from nettester.cluster.replication import SEQUENCE_GAP
 
-    binary = mbedtls("ssl_client2")
-    identity = None
+    identity, files = None, None
     if "ECDSA" in suite:
         _, identity, files = ecdsa_files(tmp_path)
     owner = DtlsEndpoint(reactor, server_configuration=server_config(suite, identity, node_id=9))
@@ -455,8 +469,6 @@ def test_mbedtls_client_keeps_its_session_when_another_node_takes_it_over(
     owner_receiver, heir_receiver = Receiver(), Receiver(answer=lambda data: b"HTTP/1.0 200 OK\r\n\r\nheir")
     handles = [listen(owner, owner_receiver), listen(heir, heir_receiver)]
     relay = Relay(("127.0.0.1", handles[0].getHost().port))
-    relay.open_upstream()
-    relay_handle = reactor.listenUDP(0, relay, interface="127.0.0.1")
 
     def answer_then_die(data: bytes) -> bytes:
         ((_, peer),) = owner_receiver.received
@@ -467,14 +479,7 @@ def test_mbedtls_client_keeps_its_session_when_another_node_takes_it_over(
         return b"HTTP/1.0 200 OK\r\n\r\nowner"  # the owner still answers exchange 1 (after its snapshot)
 
     owner_receiver.answer = answer_then_die
-    arguments = ["dtls=1", "server_addr=127.0.0.1", "server_port=%d" % relay_handle.getHost().port,
-                 "force_ciphersuite=" + _mbedtls_name(suite), "cid=1", "cid_val=0badcafe", "exchanges=3",
-                 "hs_timeout=300-5000", "read_timeout=5000"]
-    if identity is not None:
-        arguments += ["ca_file=" + files["ca.pem"], "server_name=localhost", "auth_mode=required"]
-    else:
-        arguments += ["psk=" + PSK.hex(), "psk_identity=" + PSK_IDENTITY.decode()]
-    client = spawn([binary] + arguments)
+    client = spawn_mbedtls_cid_client(suite, relay.listen(), files)
     try:
         exit_code = yield client.ended
         output = client.output.decode(errors="replace")
@@ -486,9 +491,7 @@ def test_mbedtls_client_keeps_its_session_when_another_node_takes_it_over(
         assert peer.connection.read_cid[0] == 9  # node 9's CID, served by node 10
     finally:
         client.stop()
-        for _, handle in relay.upstreams:
-            yield handle.stopListening()
-        yield relay_handle.stopListening()
+        yield relay.stop()
         for handle in handles:
             yield handle.stopListening()
 
