@@ -6,63 +6,28 @@ and C{pod} (builds a v1 Pod document in the API's shape).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 from collections.abc import Callable, Generator
 from typing import Any
 from urllib.parse import unquote
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.ssl import PrivateCertificate
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from nettester.protocols.dtls.certificates import Identity, issue, make_ca
+
 TOKEN = "test-token-123"
 NAMESPACE = "lab"
 
 
-def make_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, certificate
-
-
-def make_server_pem(ca_key: Any, ca: x509.Certificate) -> bytes:
-    """A server certificate for 127.0.0.1 (IP SAN) and kubernetes.default.svc, signed by the CA."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("kubernetes.default.svc"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+def server_pem(ca: Identity) -> bytes:
+    """A server certificate for 127.0.0.1 (IP SAN) and kubernetes.default.svc, signed by the CA, and its key."""
+    server = issue(ca, "kube-apiserver", ("kubernetes.default.svc",))
+    return server.certificate.public_bytes(serialization.Encoding.PEM) + server.private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
@@ -122,15 +87,15 @@ class FakeApiServer(Resource):
 
 @pytest.fixture
 def api_server() -> Generator[tuple[FakeApiServer, int, bytes, bytes], None, None]:
-    ca_key, ca = make_ca("test-cluster-ca")
+    ca = make_ca("test-cluster-ca")
     resource = FakeApiServer()
     site = Site(resource)
     site.noisy = False
-    options = PrivateCertificate.loadPEM(make_server_pem(ca_key, ca)).options()
+    options = PrivateCertificate.loadPEM(server_pem(ca)).options()
     port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
-    _, other_ca = make_ca("some-other-ca")
-    yield resource, port.getHost().port, ca.public_bytes(serialization.Encoding.PEM), other_ca.public_bytes(
-        serialization.Encoding.PEM)
+    other_ca = make_ca("some-other-ca")
+    yield resource, port.getHost().port, ca.certificate.public_bytes(serialization.Encoding.PEM), \
+        other_ca.certificate.public_bytes(serialization.Encoding.PEM)
     port.stopListening()
 
 
