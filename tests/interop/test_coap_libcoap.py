@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 from collections.abc import Generator
 from typing import Any
 
@@ -30,6 +29,7 @@ from nettester.protocols.dtls.connection import DtlsConfiguration
 from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
 from nettester.udplink import UdpLink
+from tests.interop.peers import installed
 
 pytestmark = pytest.mark.interop
 TIMEOUT = 10.0
@@ -38,13 +38,7 @@ LARGE = bytes(ord("a") + i % 26 for i in range(1280))
 
 def require(tool: str) -> str:
     """The tool's path; skip without it, fail without it on CI."""
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} not installed (Debian package libcoap3-bin)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return installed(tool, "Debian package libcoap3-bin")
 
 
 class TinyResources:

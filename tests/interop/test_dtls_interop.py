@@ -25,6 +25,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from tests.loopback import free_ports
+from tests.interop.peers import missing_peer
 from nettester.interfaces import IDatagramReceiver
 from nettester.protocols.dtls.certificates import Identity, issue, make_ca
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
@@ -42,10 +43,7 @@ def require(path: str | None, what: str) -> str:
     """The peer's path, or skip (fail under CI=true) when it is missing."""
     if path and os.access(path, os.X_OK):
         return path
-    message = "%s is not installed (see .ci/install.d/40-dtls.sh)" % what
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    missing_peer("%s is not installed (see .ci/install.d/40-dtls.sh)" % what)
 
 
 def openssl() -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 import pytest_twisted
 
 from tests.loopback import free_ports
+from tests.interop.peers import installed
 from nettester.protocols.stun.message import (
     Address,
     AttributeType,
@@ -35,13 +35,7 @@ STARTUP_TIMEOUT = 10.0
 
 def require(binary: str) -> str:
     """The peer's path; skip (or fail in CI) when it is not installed."""
-    path = shutil.which(binary)
-    if path is None:
-        message = f"{binary} is not installed (apt-get install coturn stun-client)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return installed(binary, "apt-get install coturn stun-client")
 
 
 def free_udp_and_tcp_port() -> int:
