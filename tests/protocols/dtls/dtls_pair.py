@@ -23,7 +23,8 @@ PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
 Network = Callable[[str, list[bytes]], list[bytes]]
 
 
-def psk_configs(**client_overrides: object) -> tuple[DtlsConfiguration, DtlsConfiguration]:
+def psk_configs(node_id: int = 0, **client_overrides: object) -> tuple[DtlsConfiguration, DtlsConfiguration]:
+    """A PSK CCM-8 client (with C{client_overrides}) and a server issuing 6-byte CIDs of node C{node_id}."""
     client = DtlsConfiguration(
         is_client=True,
         cipher_suites=("TLS_PSK_WITH_AES_128_CCM_8",),
@@ -35,7 +36,7 @@ def psk_configs(**client_overrides: object) -> tuple[DtlsConfiguration, DtlsConf
     server = DtlsConfiguration(
         is_client=False,
         psk_store=PskStore({PSK_IDENTITY: PSK}),
-        cid_generator=NodeConnectionIdGenerator(6, 0),
+        cid_generator=NodeConnectionIdGenerator(6, node_id),
     )
     return client, server
 

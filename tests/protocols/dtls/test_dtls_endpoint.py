@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from dtls_pair import PSK, PSK_IDENTITY
+from dtls_pair import psk_configs
 from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import IConnectionIdGenerator, IDatagramLink, IDatagramReceiver
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
-from nettester.protocols.dtls.connection import DtlsConfiguration, DtlsConnection
-from nettester.protocols.dtls.credentials import PskStore
+from nettester.protocols.dtls.connection import DtlsConnection
 from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
 
 SERVER = ("10.0.0.1", 5684)
@@ -67,21 +66,9 @@ class Wire:
 
 def make(clock: Clock, **server_options: Any) -> tuple[DtlsEndpoint, DtlsEndpoint, Collector, Collector, Wire]:
     server_receiver, client_receiver = Collector(), Collector()
-    server = DtlsEndpoint(
-        clock,
-        server_configuration=DtlsConfiguration(
-            is_client=False, psk_store=PskStore({PSK_IDENTITY: PSK}), cid_generator=NodeConnectionIdGenerator(6, 7)
-        ),
-        receiver=server_receiver,
-        **server_options,
-    )
-    client = DtlsEndpoint(
-        clock,
-        client_configuration=DtlsConfiguration(
-            is_client=True, cipher_suites=("TLS_PSK_WITH_AES_128_CCM_8",), psk_identity=PSK_IDENTITY, psk=PSK
-        ),
-        receiver=client_receiver,
-    )
+    client_configuration, server_configuration = psk_configs(node_id=7)
+    server = DtlsEndpoint(clock, server_configuration=server_configuration, receiver=server_receiver, **server_options)
+    client = DtlsEndpoint(clock, client_configuration=client_configuration, receiver=client_receiver)
     wire = Wire()
     wire.attach(server, SERVER)
     wire.attach(client, CLIENT)
