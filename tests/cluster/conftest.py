@@ -18,6 +18,8 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
+from nettester.cluster.nodes import NodeTable
 from nettester.protocols.dtls.certificates import Identity, issue, make_ca
 
 TOKEN = "test-token-123"
@@ -83,6 +85,15 @@ class FakeApiServer(Resource):
         items = [p for p in self.pods if p["metadata"]["labels"].get(key) == value]
         return json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "42"},
                            "items": items}).encode()
+
+
+def pod_discovery(kubernetes: tuple[FakeApiServer, int, bytes] | None, node_id: int, table: NodeTable,
+                  management_port: int) -> KubernetesDiscovery:
+    """Node C{node_id}'s pod discovery (pod ``coap-cluster-<id>``) against the test API server (server, port, CA)."""
+    assert kubernetes is not None, "k8s mode needs the api_server fixture"
+    server, port, ca_pem = kubernetes
+    api = KubernetesApi(reactor, f"127.0.0.1:{port}", server.namespace, lambda: server.token, ca_pem)
+    return KubernetesDiscovery(reactor, api, table, f"coap-cluster-{node_id}", management_port)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from functools import partial
 import socket
 from collections.abc import Callable, Generator
 from typing import Any
@@ -24,9 +25,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
+from tests.cluster.conftest import pod_discovery
 from tests.loopback import free_ports, wait_until as poll_until
-from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
-from nettester.cluster.nodes import NodeTable
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable
@@ -85,16 +85,10 @@ class CoapCluster:
         self.servers: dict[int, CoapServerService] = {}
         self.nat: NatRoleService | None = None
 
-    def _pod_discovery(self, node_id: int, table: NodeTable, management_port: int) -> KubernetesDiscovery:
-        assert self._kubernetes is not None
-        server, port, ca_pem = self._kubernetes
-        api = KubernetesApi(reactor, f"127.0.0.1:{port}", server.namespace, lambda: server.token, ca_pem)
-        return KubernetesDiscovery(reactor, api, table, f"coap-cluster-{node_id}", management_port)
-
     @pytest_twisted.inlineCallbacks
     def start_node(self, node_id: int) -> Generator[Any, Any, None]:
         server = build_server(reactor, self.options[node_id],
-                              kubernetes_factory=lambda table, port: self._pod_discovery(node_id, table, port))
+                              kubernetes_factory=partial(pod_discovery, self._kubernetes, node_id))
         assert isinstance(server, CoapServerService)
         self.servers[node_id] = server
         server.startService()

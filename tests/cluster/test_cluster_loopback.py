@@ -22,11 +22,10 @@ from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
+from tests.cluster.conftest import pod_discovery
 from tests.loopback import free_ports, wait_until
 from nettester.cluster.config import ClusterConfig
-from nettester.cluster.discovery import KubernetesApi, KubernetesDiscovery
 from nettester.cluster.node import ClusterNodeService, ForwardedRoute
-from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import TYPE_IN, ManagementCodec
 from nettester.interfaces import IDatagramReceiver
 from nettester.metrics import MetricSet
@@ -115,13 +114,7 @@ class ClusterLab:
 
     def _node(self, config: ClusterConfig) -> ClusterNodeService:
         return ClusterNodeService(reactor, config, self.endpoints[config.node_id], MetricSet(f"n{config.node_id}"),
-                                  kubernetes_factory=partial(self._pod_discovery, config.node_id))
-
-    def _pod_discovery(self, node_id: int, table: NodeTable, management_port: int) -> KubernetesDiscovery:
-        assert self._kubernetes is not None
-        server, port, ca_pem = self._kubernetes
-        api = KubernetesApi(reactor, f"127.0.0.1:{port}", server.namespace, lambda: server.token, ca_pem)
-        return KubernetesDiscovery(reactor, api, table, f"coap-cluster-{node_id}", management_port)
+                                  kubernetes_factory=partial(pod_discovery, self._kubernetes, config.node_id))
 
     @pytest_twisted.inlineCallbacks
     def restart(self, node_id: int) -> Generator[Any, Any, None]:
