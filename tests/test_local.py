@@ -5,11 +5,11 @@ from typing import Any
 import pytest
 from twisted.application.service import Service
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
 from twisted.python.usage import UsageError
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests.logcapture import log_events
 from nettester import tap
 from nettester.interfaces import ILocalScenario
 from nettester.local import LocalOptions, LocalService, Verdict
@@ -35,16 +35,12 @@ def _options(*argv: str) -> LocalOptions:
 
 
 def _run(scenarios: list[_Scenario], seconds: float) -> tuple[MemoryReactorClock, list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    reactor = MemoryReactorClock()
-    try:
+    with log_events() as seen:
+        reactor = MemoryReactorClock()
         service = LocalService(reactor, scenarios, _options("--duration", "5", "--stats-interval", "0"))
         service.startService()
         assert all(s.service.running for s in scenarios)
         reactor.advance(seconds)
-    finally:
-        globalLogPublisher.removeObserver(seen.append)
     return reactor, seen
 
 
@@ -81,18 +77,16 @@ def test_nothing_is_judged_before_the_duration() -> None:
 
 
 def test_interrupt_judges_what_ran() -> None:
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    reactor = MemoryReactorClock()
-    scenario = _Scenario("a", True)
-    try:
-        service = LocalService(reactor, [scenario], _options("--duration", "30", "--stats-interval", "0"))
-        service.startService()
-        reactor.advance(1)
-        service.stopService()
-    finally:
-        globalLogPublisher.removeObserver(seen.append)
-        tap.set_exit_status(0)
+    with log_events() as seen:
+        reactor = MemoryReactorClock()
+        scenario = _Scenario("a", True)
+        try:
+            service = LocalService(reactor, [scenario], _options("--duration", "30", "--stats-interval", "0"))
+            service.startService()
+            reactor.advance(1)
+            service.stopService()
+        finally:
+            tap.set_exit_status(0)
     events = [e.get("event") for e in seen]
     assert "local_interrupted" in events and "local_verdict" in events
 

@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogPublisher, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
+from tests.logcapture import log_events
 from nettester.metrics import MetricSet, MetricsResource, SummaryReporter, format_summary, new_registry
 
 
@@ -46,20 +47,16 @@ def test_labeled_counter_total() -> None:
 
 
 def test_reporter_prints_every_interval_and_a_final_summary() -> None:
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    clock = Clock()
-    counter = {"n": 0}
-    reporter = SummaryReporter(clock, "demo-role", lambda: {"clients": 2, "errors": counter["n"]}, 10.0)
-    try:
+    with log_events() as seen:
+        clock = Clock()
+        counter = {"n": 0}
+        reporter = SummaryReporter(clock, "demo-role", lambda: {"clients": 2, "errors": counter["n"]}, 10.0)
         reporter.startService()
         clock.advance(10)
         counter["n"] = 1
         clock.advance(10)
         reporter.stopService()
         clock.advance(30)
-    finally:
-        globalLogPublisher.removeObserver(seen.append)
     summaries = [e for e in seen if e.get("event") in ("summary", "final_summary")]
     assert [e["text"] for e in summaries] == ["clients=2 errors=0", "clients=2 errors=1", "clients=2 errors=1"]
     assert summaries[-1]["event"] == "final_summary" and summaries[-1]["label"] == "final summary"

@@ -16,11 +16,11 @@ import pytest
 from twisted.application.reactors import getReactorTypes
 from twisted.internet import tcp, udp
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import globalLogPublisher
 from twisted.python import log as legacy_log
 from zope.interface import implementer
 
 from nettester.cluster.node import DrainingPort
+from tests.logcapture import log_events
 from nettester.interfaces import IDatagramReadDescriptor
 from nettester.nat.proxy import OutgoingSocket
 from nettester.protocols.stun.client import ClientSocket
@@ -116,16 +116,12 @@ def _bound_socket() -> socket.socket:
 
 
 def test_a_failing_datagram_reader_is_logged_and_closed(reactor: DatagramEPollReactor) -> None:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
     with _bound_socket() as sock:
         reader = RaisingReader(sock)
         reactor.addReader(reader)
         _send_to(sock.getsockname()[1], b"x")
-        try:
+        with log_events() as events:
             reactor.doPoll(POLL_SECONDS)
-        finally:
-            globalLogPublisher.removeObserver(events.append)
         assert reader not in reactor.getReaders()
         assert len(reader.lost) == 1
     failures = [event for event in events if event.get("event") == "reader_failed"]

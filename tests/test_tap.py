@@ -135,23 +135,21 @@ def test_a_second_stop_signal_during_shutdown_is_answered_with_a_line() -> None:
     import os
     import signal
 
-    from twisted.logger import globalLogPublisher
+    from tests.logcapture import log_events
 
-    seen: list[dict] = []
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    globalLogPublisher.addObserver(seen.append)
-    try:
-        reactor = MemoryReactorClock()
-        tap.build(_demo_role([]), RoleOptions(), clock=reactor)
-        (phase, event, (trigger, args, kwargs)), = [
-            (phase, event, hook) for phase, events in reactor.triggers.items()
-            for event, hooks in events.items() for hook in hooks
-        ]
-        assert (phase, event) == ("before", "shutdown")
-        trigger(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
-    finally:
-        globalLogPublisher.removeObserver(seen.append)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with log_events() as seen:
+        try:
+            reactor = MemoryReactorClock()
+            tap.build(_demo_role([]), RoleOptions(), clock=reactor)
+            (phase, event, (trigger, args, kwargs)), = [
+                (phase, event, hook) for phase, events in reactor.triggers.items()
+                for event, hooks in events.items() for hook in hooks
+            ]
+            assert (phase, event) == ("before", "shutdown")
+            trigger(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     assert [e["signal"] for e in seen if e.get("event") == "shutdown_pending"] == ["SIGTERM"]

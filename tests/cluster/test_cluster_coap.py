@@ -25,6 +25,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
+from tests.logcapture import log_events
 from tests.cluster.conftest import pod_discovery
 from tests.loopback import free_ports, wait_until as poll_until
 from nettester.nat.console import NatRoleService
@@ -291,32 +292,29 @@ def test_coap_bench_through_nat_and_cluster_has_no_transmission_error(
 
 @pytest_twisted.inlineCallbacks
 def test_ready_probe_summary_and_the_warning_without_a_secret() -> Generator[Any, Any, None]:
-    from twisted.logger import globalLogPublisher
     from twisted.web.client import Agent, readBody
 
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    public, management = free_ports(2)
-    (ready_port,) = free_ports(kind=socket.SOCK_STREAM)
-    options = CoapServerOptions()
-    options.parseOptions(["--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--psk-sandbox",
-                          "--ready-port", str(ready_port), "--metrics-interface", "127.0.0.1",
-                          "--dtls-cluster", f"127.0.0.1:{public};127.0.0.1:{management};7,---;127.0.0.1:9;8"])
-    server = build_server(reactor, options)
-    assert not server.is_ready()
-    try:
-        server.startService()
-        yield server.cluster_node.started
-        response = yield Agent(reactor).request(b"GET", b"http://127.0.0.1:%d/ready" % ready_port)
-        body = yield readBody(response)
-        assert (response.code, body) == (200, b"ready\n")
-        summary = server.summary()
-        assert (summary["node_id"], summary["nodes"], summary["forwarded"], summary["router_dropped"]) == (7, 1, 0, 0)
-        assert ("coaps", "127.0.0.1", public, "extended") in server.listening
-        assert any(event.get("event") == "cluster_unauthenticated" for event in events)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-        yield server.stopService()
+    with log_events() as events:
+        public, management = free_ports(2)
+        (ready_port,) = free_ports(kind=socket.SOCK_STREAM)
+        options = CoapServerOptions()
+        options.parseOptions(["--interfaces", "127.0.0.1", "--port", "0", "--no-plugtest", "--psk-sandbox",
+                              "--ready-port", str(ready_port), "--metrics-interface", "127.0.0.1",
+                              "--dtls-cluster", f"127.0.0.1:{public};127.0.0.1:{management};7,---;127.0.0.1:9;8"])
+        server = build_server(reactor, options)
+        assert not server.is_ready()
+        try:
+            server.startService()
+            yield server.cluster_node.started
+            response = yield Agent(reactor).request(b"GET", b"http://127.0.0.1:%d/ready" % ready_port)
+            body = yield readBody(response)
+            assert (response.code, body) == (200, b"ready\n")
+            summary = server.summary()
+            assert (summary["node_id"], summary["nodes"], summary["forwarded"], summary["router_dropped"]) == (7, 1, 0, 0)
+            assert ("coaps", "127.0.0.1", public, "extended") in server.listening
+            assert any(event.get("event") == "cluster_unauthenticated" for event in events)
+        finally:
+            yield server.stopService()
     assert not server.is_ready()
     assert server.summary()["node_id"] == 7, "the final summary still has the cluster fields"
 

@@ -7,8 +7,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
+from tests.logcapture import log_events
 from nettester.cluster.discovery import DynamicDiscoveryService
 from nettester.cluster.management import ManagementEndpoint
 from nettester.cluster.nodes import NodeTable
@@ -81,12 +81,8 @@ def test_drops_are_counted_with_the_node_tables_reasons() -> None:
 
 
 def test_static_mode_drops_pings_and_unauthenticated_mode_warns() -> None:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with log_events() as events:
         management, udp, _ = endpoint(ManagementCodec())
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     assert [e.get("event") for e in events] == ["cluster_unauthenticated"]
     management.datagramReceived(ManagementCodec().encode_node(TYPE_PING, 2, NodeState.UP), B)
     assert management.dropped.values == {"static_cluster_ping": 1} and udp.written == []

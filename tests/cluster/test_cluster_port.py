@@ -10,8 +10,8 @@ import pytest
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import globalLogPublisher
 
+from tests.logcapture import log_events
 from nettester.cluster.node import MAX_DATAGRAMS_PER_READ, DrainingPort
 
 pytestmark = pytest.mark.integration
@@ -87,14 +87,10 @@ def test_an_empty_datagram_is_read_by_the_next_call(lab: Any) -> None:
 
 def test_a_failing_handler_is_logged_and_the_next_datagram_still_read() -> None:
     protocol = Recorder(fail_on=b"bad")
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with log_events() as events:
         for port, sender in open_port(protocol):
             send(port, sender, b"bad", b"good")
             port.doRead()
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     assert [datagram for datagram, _ in protocol.received] == [b"bad", b"good"]
     (failure,) = [e for e in events if e.get("event") == "datagram_handler_failed"]
     assert failure["log_failure"].check(RuntimeError)

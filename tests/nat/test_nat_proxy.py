@@ -9,6 +9,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 
+from tests.logcapture import log_events
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable, SizeLimit
 
@@ -177,21 +178,18 @@ class BusyPortReactor(FakeUdpReactor):
 
 
 def test_a_busy_port_is_a_clear_critical_line_and_exit_status_1() -> None:
-    from twisted.logger import globalLogPublisher
 
     from nettester import tap
     from nettester.nat.console import NatRoleService
 
     reactor = BusyPortReactor()
     service = NatRoleService(reactor, NatProxy(reactor, NatTable([]), DropPolicy(), ("", 5784)))
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        service.startService()
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-        status = tap.exit_status()
-        tap.set_exit_status(0)
+    with log_events() as events:
+        try:
+            service.startService()
+        finally:
+            status = tap.exit_status()
+            tap.set_exit_status(0)
     assert status == 1 and reactor.when_running == [reactor.stop]
     (failed,) = [event for event in events if event.get("event") == "listen_failed"]
     assert "Address already in use" in failed["reason"] and service.failed

@@ -13,6 +13,7 @@ from coap_testing import MemoryLink, UdpClock
 from twisted.internet import defer, reactor
 from twisted.python import usage
 
+from tests.logcapture import log_events
 from nettester.protocols.coap.bench import (
     BenchConfig,
     BenchStatistics,
@@ -84,23 +85,20 @@ def test_short_run_against_the_server() -> Generator[Any, Any, None]:
 @pytest_twisted.inlineCallbacks
 def test_failures_are_counted_logged_with_mid_and_retried() -> Generator[Any, Any, None]:
     from twisted.internet.task import deferLater
-    from twisted.logger import globalLogPublisher
 
     silent = UdpLink()
     silent_port = reactor.listenUDP(0, silent, interface="127.0.0.1")  # a peer that never answers
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    out = io.StringIO()
-    config = BenchConfig(parse_uri(f"coap://127.0.0.1:{silent_port.getHost().port}/benchmark"), clients=2,
-                         timeout=0.2, report_interval=0)
-    bench = CoapBenchService(reactor, config, UdpLink, out, random.Random(5))
-    try:
-        bench.startService()
-        yield deferLater(reactor, 1.5, lambda: None)  # 0.2 s timeout, then a retry 1 s later
-        yield bench.stopService()
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-        yield silent_port.stopListening()
+    with log_events() as events:
+        out = io.StringIO()
+        config = BenchConfig(parse_uri(f"coap://127.0.0.1:{silent_port.getHost().port}/benchmark"), clients=2,
+                             timeout=0.2, report_interval=0)
+        bench = CoapBenchService(reactor, config, UdpLink, out, random.Random(5))
+        try:
+            bench.startService()
+            yield deferLater(reactor, 1.5, lambda: None)  # 0.2 s timeout, then a retry 1 s later
+            yield bench.stopService()
+        finally:
+            yield silent_port.stopListening()
     assert bench.stats.failures >= 4 and bench.stats.responses == 0
     failures = [event for event in events if event.get("event") == "coap_bench_failure"]
     assert len(failures) == bench.stats.failures

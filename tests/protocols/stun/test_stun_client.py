@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 from zope.interface.verify import verifyObject
 
+from tests.logcapture import log_events
 from nettester.protocols.stun.client import StunClientService, format_mapped, raise_open_file_limit
 from nettester.protocols.stun.fleet import FleetConfig
 from nettester.protocols.stun.message import (
@@ -47,10 +48,8 @@ class FakeReactor(Clock):
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
+    with log_events() as seen:
+        yield seen
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import deferLater
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 
+from tests.logcapture import log_events
 from nettester.protocols.stun.client import StunClientService
 from nettester.protocols.stun.fleet import FleetConfig
 from nettester.protocols.stun.message import (
@@ -48,10 +49,8 @@ def wait_for(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
+    with log_events() as seen:
+        yield seen
 
 
 @pytest_twisted.inlineCallbacks
