@@ -32,3 +32,13 @@ def free_ports(count: int = 1, kind: socket.SocketKind = socket.SOCK_DGRAM, host
     finally:
         for sock in sockets:
             sock.close()
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (some containers have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

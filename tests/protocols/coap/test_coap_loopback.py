@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Generator
 from typing import Any
 
@@ -10,6 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
+from tests.loopback import has_ipv6_loopback
 from nettester.protocols.coap.endpoint import CoapEndpoint
 from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, response
 from nettester.protocols.coap.message import CON, NON, Code, Message, OptionNumber
@@ -29,15 +29,6 @@ class Echo:
 
     def observe_cancelled(self, relation: ObserveRelation, reason: str) -> None:
         pass
-
-
-def has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 @defer.inlineCallbacks
@@ -69,7 +60,7 @@ def test_ipv4_loopback() -> Generator[Any, Any, None]:
     yield exchange("127.0.0.1")
 
 
-@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback on this host")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this host")
 @pytest_twisted.inlineCallbacks
 def test_ipv6_loopback() -> Generator[Any, Any, None]:
     yield exchange("::1")

@@ -15,6 +15,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent
 
+from tests.loopback import has_ipv6_loopback
 from tests.logcapture import log_events
 from nettester.protocols.stun.client import StunClientService
 from nettester.protocols.stun.fleet import FleetConfig
@@ -72,17 +73,6 @@ def test_thirty_clients_every_request_answered(events: list[dict[str, Any]]) -> 
     # Only the requests in flight when the run stopped may lack an answer.
     assert summary["responses"] <= server.counters.responses.value <= summary["requests"] <= summary["responses"] + 30
     assert not [e for e in events if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)]
-
-
-def has_ipv6_loopback() -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
