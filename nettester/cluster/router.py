@@ -87,7 +87,7 @@ class CidRouter:
         self.own_node_id = discovery.ownNodeId
         self._minimum_length = CID_OFFSET + cid_length + 2  # + the record length field
         self._failover = failover
-        self._live: dict[int, Address] = {}
+        self._discovery = discovery
         self._departed: set[int] = set()
         self._routes: dict[int, Decision] = {self.own_node_id: LOCAL}
         self.drops: dict[str, int] = {}
@@ -98,19 +98,19 @@ class CidRouter:
         if node_id == self.own_node_id:
             return
         if address is None:
-            self._live.pop(node_id, None)
             self._departed.add(node_id)
         else:
-            self._live[node_id] = address
             self._departed.discard(node_id)
         self._rebuild()
 
     def _rebuild(self) -> None:
+        """The decisions from the discovery's current nodes (it has already applied the change)."""
+        nodes = self._discovery.nodes()
         routes: dict[int, Decision] = {self.own_node_id: LOCAL}
-        for node_id, address in self._live.items():
+        for node_id, address in nodes.items():
             routes[node_id] = Forward(node_id, address)
         if self._failover:
-            live = [self.own_node_id, *self._live]
+            live = [self.own_node_id, *nodes]
             for node_id in self._departed:
                 heir = successor(node_id, live)
                 if heir is not None:
@@ -119,8 +119,9 @@ class CidRouter:
 
     def backup(self) -> tuple[int, Address] | None:
         """Our successor (id, management address): where our connections' replicas go; None when alone."""
-        heir = successor(self.own_node_id, [self.own_node_id, *self._live])
-        return None if heir is None else (heir, self._live[heir])
+        nodes = self._discovery.nodes()
+        heir = successor(self.own_node_id, [self.own_node_id, *nodes])
+        return None if heir is None else (heir, nodes[heir])
 
     def decide(self, datagram: bytes) -> Decision:
         """Where the datagram's first record goes."""
