@@ -21,13 +21,13 @@ selects it under twistd (its plugin is in C{twisted/plugins}).
 
 from __future__ import annotations
 
-import errno
 import select
 from typing import Any
 
 from twisted.internet import udp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import installReactor
+from twisted.python import log as legacy_log
 from zope.interface import implementedBy
 
 from nettester.interfaces import IDatagramReadDescriptor
@@ -54,12 +54,8 @@ class DatagramEPollReactor(EPollReactor):
         """Poll once and dispatch, as C{EPollReactor.doPoll} does, datagram readers directly."""
         try:
             events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
-        except InterruptedError:
+        except InterruptedError:  # EINTR (a signal): the main loop polls again
             return
-        except OSError as error:  # pragma: no cover - EINTR is InterruptedError since PEP 475
-            if error.errno == errno.EINTR:
-                return
-            raise
         selectables = self._selectables
         readers = self._datagram_reader_classes
         for fd, event in events:
@@ -74,7 +70,7 @@ class DatagramEPollReactor(EPollReactor):
                 if lean:
                     self._read_datagrams(selectable)
                     continue
-            self._dispatch_with_logger(selectable, fd, event)
+            legacy_log.callWithLogger(selectable, self._doReadOrWrite, selectable, fd, event)
 
     def _read_datagrams(self, selectable: Any) -> None:
         try:
@@ -83,11 +79,6 @@ class DatagramEPollReactor(EPollReactor):
             log.failure("Reading {descriptor} failed; closing it", event="reader_failed",
                         descriptor=type(selectable).__name__)
             self._disconnectSelectable(selectable, error, True)
-
-    def _dispatch_with_logger(self, selectable: Any, fd: int, event: int) -> None:
-        from twisted.python import log as legacy_log
-
-        legacy_log.callWithLogger(selectable, self._doReadOrWrite, selectable, fd, event)
 
     doIteration = doPoll
 
