@@ -33,12 +33,12 @@ import ipaddress
 import struct
 from collections.abc import Callable
 
+from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record, suites
 from nettester.protocols.dtls.connection import DtlsConfiguration, DtlsConnection, EstablishedState, Session
 
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("!BBHHqQHQH")
-_LENGTH = {1: struct.Struct("!B"), 2: struct.Struct("!H")}
 _CID_NEGOTIATED, _EXTENDED_MASTER_SECRET, _HAS_IDENTITY = 1, 2, 4
 _MAX_SESSION_ID = 32  # RFC 5246 section 7.4.1.2
 
@@ -144,64 +144,42 @@ def restore_connection(
 def _vector(value: bytes, length_size: int = 1) -> bytes:
     if len(value) >= 1 << (8 * length_size):
         raise SnapshotError("field_too_long")
-    return _LENGTH[length_size].pack(len(value)) + value
+    return hs.vector(length_size, value)
 
 
 def _keys_vectors(keys: suites.KeyMaterial) -> list[bytes]:
     return [_vector(keys.mac_key), _vector(keys.key), _vector(keys.iv)]
 
 
-class _Reader:
-    """Reads a snapshot front to back; running out is L{SnapshotError}."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._offset = 0
-
-    def unpack(self, layout: struct.Struct) -> tuple[int, ...]:
-        if len(self._data) - self._offset < layout.size:
-            raise SnapshotError("truncated")
-        values = layout.unpack_from(self._data, self._offset)
-        self._offset += layout.size
-        return values
-
-    def vector(self, length_size: int = 1) -> bytes:
-        (length,) = self.unpack(_LENGTH[length_size])
-        if len(self._data) - self._offset < length:
-            raise SnapshotError("truncated")
-        value = bytes(self._data[self._offset : self._offset + length])
-        self._offset += length
-        return value
-
-    def keys(self, suite: suites.CipherSuite) -> suites.KeyMaterial:
-        material = suites.KeyMaterial(self.vector(), self.vector(), self.vector())
-        if not suite.fits(material):
-            raise SnapshotError("bad_length")
-        return material
-
-    def finish(self) -> None:
-        if self._offset != len(self._data):
-            raise SnapshotError("bad_length")
+def _keys(reader: hs.Reader, suite: suites.CipherSuite) -> suites.KeyMaterial:
+    """MAC key, key and IV, each a 1-byte-length vector, of the lengths C{suite} uses."""
+    material = suites.KeyMaterial(reader.vector(1), reader.vector(1), reader.vector(1))
+    if not suite.fits(material):
+        raise SnapshotError("bad_length")
+    return material
 
 
 def _decode(snapshot: bytes) -> EstablishedState:
     """The state in C{snapshot}, every field checked."""
-    reader = _Reader(snapshot)
     if not snapshot:
         raise SnapshotError("truncated")
     if snapshot[0] != FORMAT_VERSION:
         raise SnapshotError("bad_version")
-    (
-        _version,
-        flags,
-        suite_code,
-        read_epoch,
-        read_highest,
-        read_bitmap,
-        write_epoch,
-        write_sequence,
-        port,
-    ) = reader.unpack(_HEADER)
+    reader = hs.Reader(snapshot)
+    try:
+        (
+            _version,
+            flags,
+            suite_code,
+            read_epoch,
+            read_highest,
+            read_bitmap,
+            write_epoch,
+            write_sequence,
+            port,
+        ) = _HEADER.unpack(reader.take(_HEADER.size))
+    except hs.DecodeError:  # the only one take() raises: truncated
+        raise SnapshotError("truncated") from None
     if flags & ~(_CID_NEGOTIATED | _EXTENDED_MASTER_SECRET | _HAS_IDENTITY):
         raise SnapshotError("bad_flags")
     suite = suites.SUITES.get(suite_code)
@@ -215,11 +193,15 @@ def _decode(snapshot: bytes) -> EstablishedState:
         raise SnapshotError("bad_replay_window") from error
     if write_sequence > record.MAX_SEQUENCE + 1:
         raise SnapshotError("bad_sequence")
-    read_keys, read_cid = reader.keys(suite), reader.vector()
-    write_keys, write_cid = reader.keys(suite), reader.vector()
-    session_id, master_secret, host_bytes = reader.vector(), reader.vector(), reader.vector()
-    identity_bytes = reader.vector(2)
-    reader.finish()
+    try:
+        read_keys, read_cid = _keys(reader, suite), reader.vector(1)
+        write_keys, write_cid = _keys(reader, suite), reader.vector(1)
+        session_id, master_secret, host_bytes = reader.vector(1), reader.vector(1), reader.vector(1)
+        identity_bytes = reader.vector(2)
+    except hs.DecodeError:  # vector() without bounds only runs out: truncated
+        raise SnapshotError("truncated") from None
+    if reader.remaining:
+        raise SnapshotError("bad_length")
     cid_negotiated = bool(flags & _CID_NEGOTIATED)
     if not cid_negotiated and (read_cid or write_cid) or cid_negotiated and not read_cid:
         raise SnapshotError("bad_cid")  # a server always gives itself a CID (RFC 9146 section 3)
