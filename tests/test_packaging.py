@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nettester import tap
+from nettester.module import discover_roles
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,14 +64,14 @@ def test_wheel_contains_the_plugin_and_every_module(wheel: Path) -> None:
 def test_installed_twistd_plugin_lists_every_role(installed: Path) -> None:
     code = "import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', '-n', 'nettester', '--help']; run()"
     listing = _run_installed(installed, [sys.executable, "-c", code])
-    for role in tap.discover_roles():
+    for role in discover_roles():
         assert f"    {role} " in listing or f"    {role}\n" in listing, role
 
 
 def test_installed_console_script_lists_every_role(installed: Path) -> None:
     listing = _run_installed(installed, [sys.executable, str(installed / "bin" / "nettester"), "--help"])
     assert listing.startswith("Usage: nettester <role> [options]")
-    for role in tap.discover_roles():
+    for role in discover_roles():
         assert role in listing
 
 
