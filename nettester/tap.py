@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import sys
 from collections.abc import Generator
 from typing import Any
 
@@ -19,6 +20,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.components import Componentized
 
+import nettester
 from nettester.interfaces import IProtocolModule, IReportingService, IRole
 from nettester.logs import Logger, make_observer, parse_level
 from nettester.metrics import SummaryReporter, metrics_http_service, new_registry
@@ -81,6 +83,11 @@ class Options(usage.Options):
     @property
     def subCommands(self) -> list[tuple[str, None, type[RoleOptions], str]]:  # type: ignore[override]
         return [(role.name, None, role.options, role.summary) for role in self.roles.values()]
+
+    def opt_version(self) -> None:
+        """Display nettester's version and exit."""
+        sys.stdout.write(f"nettester {nettester.__version__}\n")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         if not self.subCommand:
