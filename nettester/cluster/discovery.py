@@ -34,10 +34,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from nettester.addresses import ip_family
 from nettester.cluster.nodes import NodeListeners, NodeTable
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
-from nettester.addresses import ip_family
 
 log = Logger()
 
