@@ -22,7 +22,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from twisted.python import usage
 
@@ -186,7 +186,7 @@ class ClusterOptionsMixin:
 
     def postOptions(self) -> None:
         try:
-            self["cluster"] = cluster_config(self, os.environ, socket.gethostname())  # type: ignore[index]
+            self["cluster"] = cluster_config(cast("Mapping[str, Any]", self), os.environ, socket.gethostname())  # type: ignore[index]  # a mixin of usage.Options, a dict
         except ValueError as error:
             raise usage.UsageError(f"{error}; see --help") from None
         super().postOptions()  # type: ignore[misc]
