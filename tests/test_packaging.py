@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 from twisted.internet.epollreactor import EPollReactor
 
 import nettester
-from nettester import tap
+from nettester.module import discover_roles
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,13 +153,13 @@ def _run_editable(env_dir: Path, argv: list[str]) -> subprocess.CompletedProcess
 def test_editable_install_twistd_lists_every_role(editable: Path) -> None:
     code = "import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', '-n', 'nettester', '--help']; run()"
     listing = _run_editable(editable, [str(editable / "bin" / "python"), "-c", code]).stdout
-    for role in tap.discover_roles():
+    for role in discover_roles():
         assert f"    {role} " in listing or f"    {role}\n" in listing, role
 
 
 def test_editable_install_console_script_lists_every_role(editable: Path) -> None:
     listing = _run_editable(editable, [str(editable / "bin" / "nettester"), "--help"]).stdout
-    for role in tap.discover_roles():
+    for role in discover_roles():
         assert role in listing
     version = _run_editable(editable, [str(editable / "bin" / "nettester"), "--version"]).stdout
     assert version.strip() == f"nettester {nettester.__version__}"
@@ -168,14 +168,14 @@ def test_editable_install_console_script_lists_every_role(editable: Path) -> Non
 def test_installed_twistd_plugin_lists_every_role(installed: Path) -> None:
     code = "import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', '-n', 'nettester', '--help']; run()"
     listing = _run_installed(installed, [sys.executable, "-c", code])
-    for role in tap.discover_roles():
+    for role in discover_roles():
         assert f"    {role} " in listing or f"    {role}\n" in listing, role
 
 
 def test_installed_console_script_lists_every_role(installed: Path) -> None:
     listing = _run_installed(installed, [sys.executable, str(installed / "bin" / "nettester"), "--help"])
     assert listing.startswith("Usage: nettester <role> [options]")
-    for role in tap.discover_roles():
+    for role in discover_roles():
         assert role in listing
 
 

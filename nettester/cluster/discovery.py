@@ -32,11 +32,11 @@ from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
+from nettester.addresses import ip_family
 from nettester.cluster.nodes import NodeListeners, NodeTable
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
 from nettester.metrics import ReadyResource  # noqa: F401 - the probe lives with /metrics; re-exported
-from nettester.addresses import ip_family
 
 log = Logger()
 

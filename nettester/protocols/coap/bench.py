@@ -288,5 +288,5 @@ def make_bench_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapBench
         report_interval=options["report-interval"],
     )
     service = CoapBenchService(reactor, config, lambda: make_link(reactor, uri, options["dtls"], one_shot=False), stdout)
-    service.done.addCallback(lambda status: end_process(reactor, status))
+    service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service
