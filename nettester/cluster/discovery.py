@@ -9,7 +9,7 @@
   service account, TLS verified against the service account's ``ca.crt``
   with pyOpenSSL and service-identity) and makes their IPs with the external
   management port the NodeTable's group; PING/PONG then map node ids.
-  L{ReadyResource} is the ``/ready`` readiness probe.
+  ``ReadyResource`` (from nettester.metrics) is the ``/ready`` readiness probe.
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 from zope.interface import implementer
 
 from nettester.addresses import ip_family
 from nettester.cluster.nodes import NodeListeners, NodeTable
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
+from nettester.metrics import ReadyResource  # noqa: F401 - the probe lives with /metrics; re-exported
 
 log = Logger()
 
@@ -328,19 +327,3 @@ def kubernetes_discovery_from_environment(
     read("token")  # fail now, not at the first listing
     api = KubernetesApi(reactor, host, namespace, lambda: read("token"), ca_pem)
     return KubernetesDiscovery(reactor, api, table, hostname, management_port, environ.get("KUBECTL_SELECTOR") or None)
-
-
-class ReadyResource(Resource):
-    """``GET /ready``: 200 once C{is_ready()} is true, else 503 (the readiness probe)."""
-
-    isLeaf = True
-
-    def __init__(self, is_ready: Callable[[], bool]) -> None:
-        super().__init__()
-        self._is_ready = is_ready
-
-    def render_GET(self, request: Request) -> bytes:
-        if self._is_ready():
-            return b"ready\n"
-        request.setResponseCode(503)
-        return b"not ready\n"
