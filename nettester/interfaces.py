@@ -24,12 +24,12 @@ class IRole(Interface):
         "also read from its environment variable."
     )
 
-    def makeService(options):
-        """Build the role from parsed options.
+    def makeService(reactor, options):
+        """Build the role from parsed options, on ``reactor``.
 
-        @return: an L{twisted.application.service.IService}. When it also
-            provides L{IReportingService}, the core prints its summary every
-            stats interval and once more on stop, and serves its metrics.
+        Returns an ``IService``. When it also provides ``IReportingService``,
+        the core prints its summary every stats interval and once more on
+        stop, and serves its metrics.
         """
 
 

@@ -446,5 +446,5 @@ def make_bench_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapBench
     )
     service = CoapBenchService(reactor, config, lambda: make_link(reactor, uri, options["dtls"], one_shot=False),
                                stdout, json_lines=options["log-format"] == "json")
-    service.done.addCallback(lambda status: end_process(reactor, status))
+    service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

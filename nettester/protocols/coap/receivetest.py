@@ -139,5 +139,5 @@ def make_receivetest_service(reactor: Any, options: Any, stdout: IO[str]) -> Rec
     device = device_uuid(options["uuid-file"], bool(options["reset-uuid"]))
     service = ReceiveTestService(reactor, uri, device, make_link(reactor, uri, options["dtls"]), stdout,
                                  content_format, options["timeout"])
-    service.done.addCallback(lambda status: end_process(reactor, status))
+    service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

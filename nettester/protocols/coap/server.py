@@ -40,6 +40,7 @@ from nettester.protocols.coap.options import COAPS_OFFSET, EXTENDED_OFFSET
 from nettester.protocols.coap.resources import Site, build_site
 from nettester.protocols.coap.resources.extended import extended_resources
 from nettester.protocols.coap.resources.plugtest import plugtest_resources
+from nettester.service import set_exit_status
 from nettester.udplink import UdpLink
 
 if TYPE_CHECKING:
@@ -279,9 +280,7 @@ class CoapServerService(Service):
         self.failed = reason
         log.critical("cannot listen: {reason}; {advice}", event="listen_failed", reason=reason, advice=advice)
         self.stopService()
-        from nettester.tap import set_exit_status
-
-        set_exit_status(1)
+        set_exit_status(self, 1)
         self._reactor.callWhenRunning(self._reactor.stop)
 
     def _start_cluster_node(self, cluster: ClusterConfig) -> None:

@@ -14,16 +14,11 @@ from nettester.interfaces import (
     IReportingService,
     IRole,
 )
-from nettester.plugins.keepalive import (
-    ClientOptions,
-    ReportOptions,
-    ServerOptions,
-    build_client,
-    build_server,
-    keepalive,
-)
+from nettester.plugins.keepalive import keepalive
+from nettester.protocols.keepalive.options import ClientOptions, ReportOptions, ServerOptions
+from nettester.protocols.keepalive.roles import build_client, build_server
 from nettester.protocols.keepalive import tls
-from nettester.tap import discover_modules
+from nettester.module import discover_modules
 
 
 def parse(options_class: type, *argv: str) -> dict:

@@ -22,7 +22,7 @@ from nettester.protocols.stun.options import (
     seconds_range,
     transport_address,
 )
-from nettester.tap import discover_modules
+from nettester.module import discover_modules
 
 
 def parse(options_class: type, *argv: str) -> Any:
