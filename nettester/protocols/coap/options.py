@@ -245,7 +245,7 @@ class CoapBenchOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMi
         super().postOptions()
 
 
-class CoapReceiveTestOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
+class CoapReceiveTestOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-receivetest [options] [URI]`` (Californium's ReceivetestClient)."""
 
     longdesc = (

@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import pytest
 import pytest_twisted
+from coap_net import SERVER_ADDRESS, Net
 from coap_testing import MemoryLink, UdpClock
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
@@ -17,18 +18,15 @@ from twisted.python import usage
 
 from tests.logcapture import log_events
 from nettester.logs import make_observer, parse_level
-from nettester.protocols.coap.attribution import REPORT_OPTION, TAG_OPTION, attach, decode_report, decode_tag
+from nettester.protocols.coap.attribution import REPORT_OPTION, TAG_OPTION, decode_report, decode_tag
 from nettester.protocols.coap.bench import (
     BenchConfig,
     BenchStatistics,
     CoapBenchService,
 )
 from nettester.protocols.coap.client import parse_uri
-from nettester.protocols.coap.endpoint import CoapEndpoint
-from nettester.protocols.coap.message import decode
+from nettester.protocols.coap.message import Message, decode
 from nettester.protocols.coap.options import CoapBenchOptions
-from nettester.protocols.coap.resources import build_site
-from nettester.protocols.coap.resources.extended import extended_resources
 from nettester.protocols.coap.server import CoapServerService
 from nettester.report import Thresholds
 from nettester.udplink import UdpLink
@@ -188,61 +186,21 @@ def test_failed_handshakes_count_as_requests_too() -> None:
     assert clock.getDelayedCalls() == []
 
 
-class Net:
-    """Bench clients and one extended server endpoint on a Clock, with chosen losses.
-
-    ``drop_requests`` / ``drop_responses``: (client session, sequence) pairs whose every
-    transmission (request) or answer (response) is lost on the way.
-    """
-
-    def __init__(self, attributing: bool = True) -> None:
-        self.clock = UdpClock()
-        self.clock.advance(1000)
-        self.queue: list[tuple[Any, bytes, Any]] = []
-        self.clients: dict[Any, MemoryLink] = {}
-        self.drop_requests: set[int] = set()
-        self.drop_responses: set[int] = set()
-        net = self
-
-        class ServerLink(MemoryLink):
-            def sendDatagram(self, data: bytes, peer: Any) -> None:
-                net.queue.append((net.clients[peer], data, SERVER_ADDRESS))
-
-        class ClientLink(MemoryLink):
-            def sendDatagram(self, data: bytes, peer: Any) -> None:
-                net.queue.append((net.server_link, data, self.me))
-
-        self.client_link_class = ClientLink
-        self.server_link = ServerLink(SERVER_ADDRESS)
-        site = build_site(self.clock, extended_resources(True, "nettester", self.clock.seconds, 1000.0))
-        self.server = CoapEndpoint(self.server_link, self.clock, rng=random.Random(1))
-        site.attach(self.server)
-        self.table = attach(site) if attributing else None
-
-    def new_client_link(self) -> MemoryLink:
-        link = self.client_link_class(("192.0.2.50", 40000 + len(self.clients)))
-        self.clients[link.me] = link
-        return link
-
-    def deliver(self) -> None:
-        queue, self.queue = self.queue, []
-        for link, data, source in queue:
-            message = decode(data)
-            tag = message.option(TAG_OPTION)
-            if tag is not None and decode_tag(tag)[1] in self.drop_requests:  # type: ignore[index]
-                continue
-            report = message.option(REPORT_OPTION)
-            if report is not None and decode_report(report).highest in self.drop_responses:  # type: ignore[union-attr]
-                continue
-            link.receiver.datagramReceived(data, source)
-
-    def run(self, bench: CoapBenchService, seconds: float) -> None:
-        for _ in range(round(seconds / 0.05)):
-            self.clock.advance(0.05)
-            self.deliver()
+def tagged(sequences: set[int]) -> Callable[[Message], bool]:
+    """Matches requests whose attribution tag carries one of ``sequences``."""
+    def match(message: Message) -> bool:
+        tag = message.option(TAG_OPTION)
+        return tag is not None and (decode_tag(tag) or (b"", 0))[1] in sequences
+    return match
 
 
-SERVER_ADDRESS = ("192.0.2.1", 5783)
+def reporting(sequences: set[int]) -> Callable[[Message], bool]:
+    """Matches answers whose attribution report's highest sequence is one of ``sequences``."""
+    def match(message: Message) -> bool:
+        report = message.option(REPORT_OPTION)
+        decoded = decode_report(report) if report is not None else None
+        return decoded is not None and decoded.highest in sequences
+    return match
 
 
 def bench_on(net: Net, requests: int, out: io.StringIO, **config: Any) -> CoapBenchService:
@@ -255,13 +213,13 @@ def bench_on(net: Net, requests: int, out: io.StringIO, **config: Any) -> CoapBe
 
 def test_failed_requests_are_attributed_by_direction() -> None:
     net = Net()
-    net.drop_requests.add(3)  # every transmission of the 3rd request is lost on the way out
-    net.drop_responses.add(5)  # every answer to the 5th is lost on the way back
+    net.drop_forward = tagged({3})  # every transmission of the 3rd request is lost on the way out
+    net.drop_return = reporting({5})  # every answer to the 5th is lost on the way back
     out = io.StringIO()
     bench = bench_on(net, requests=8, out=out)
     statuses: list[int] = []
     bench.done.addCallback(statuses.append)
-    net.run(bench, 40.0)
+    net.run(40.0)
     assert statuses == [1] and bench.stats.failures == 2 and bench.stats.responses == 6
     assert bench.recorder.loss_fields() == {"lost_forward": 1, "lost_return": 1, "lost_unattributed": 0}
     by_direction = {episode.direction: episode for episode in bench.recorder.episodes}
@@ -277,18 +235,18 @@ def test_failed_requests_are_attributed_by_direction() -> None:
 
 def test_a_server_without_attribution_leaves_losses_unattributed() -> None:
     net = Net(attributing=False)
-    net.drop_requests.add(2)
+    net.drop_forward = tagged({2})
     bench = bench_on(net, requests=4, out=io.StringIO())
-    net.run(bench, 30.0)
+    net.run(30.0)
     assert bench.stats.failures == 1
     assert bench.recorder.loss_fields() == {"lost_forward": 0, "lost_return": 0, "lost_unattributed": 1}
 
 
 def test_a_loss_open_at_stop_is_unattributed_with_no_end() -> None:
     net = Net()
-    net.drop_requests.update(range(2, 100))  # the server hears the first request only
+    net.drop_forward = tagged(set(range(2, 100)))  # the server hears the first request only
     bench = bench_on(net, requests=0, out=io.StringIO(), duration=9.0)  # the 2nd fails at ~5 s, stop at 9 s
-    net.run(bench, 12.0)
+    net.run(12.0)
     assert not bench.running
     # The 2nd only: the 3rd, sent a second later, is still in flight at stop and no loss.
     [episode] = bench.recorder.episodes
@@ -302,11 +260,11 @@ def test_start_up_line_early_progress_and_duration(tmp_path: Any) -> None:
     bench = bench_on(net, requests=0, out=out, duration=3.0, report_interval=10.0, report=report, interval=0.1)
     first = out.getvalue().splitlines()
     assert first == ["coap-bench: 1 clients to 192.0.2.1:5783 (coap, CON GET /benchmark, for 3 s)"]
-    net.run(bench, 1.05)
+    net.run(1.05)
     progress = out.getvalue().splitlines()[1]
     assert progress.endswith("0 transmission errors (0.00%), 1 clients) lost_forward=0 lost_return=0 "
                              "lost_unattributed=0")  # after 1 s, not only after --report-interval
-    net.run(bench, 3.0)
+    net.run(3.0)
     assert not bench.running  # --duration stopped it
     assert out.getvalue().splitlines()[-1] == "verdict: pass"
     with open(report) as stream:
@@ -330,7 +288,7 @@ def test_json_log_format_puts_only_json_lines_on_stdout() -> None:
         bench = CoapBenchService(net.clock, BenchConfig(uri, **settings), net.new_client_link, out,
                                  random.Random(3), json_lines=True)
         bench.startService()
-        net.run(bench, 3.0)
+        net.run(3.0)
     finally:
         globalLogPublisher.removeObserver(observer)
     assert out.getvalue() == ""
