@@ -28,6 +28,7 @@ from nettester.protocols.dtls.options import (
     DtlsClientOptionsMixin,
     DtlsServerOptionsMixin,
 )
+from nettester.report.options import ResultOptionsMixin
 
 DEFAULT_PORT = 5683
 # RFC 7252 section 6.1 / 6.2 default ports: coap 5683, coaps 5684; the
@@ -203,7 +204,7 @@ class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
         super().postOptions()
 
 
-class CoapBenchOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
+class CoapBenchOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-bench [options] URI`` (Californium's BenchmarkClient)."""
 
     longdesc = (
@@ -244,7 +245,7 @@ class CoapBenchOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
         super().postOptions()
 
 
-class CoapReceiveTestOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
+class CoapReceiveTestOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-receivetest [options] [URI]`` (Californium's ReceivetestClient)."""
 
     longdesc = (

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 from twisted.python.usage import UsageError
 
 from nettester.options import RoleOptions, non_negative_float, port_number, positive_float, positive_int
+from nettester.report.options import ResultOptionsMixin
 
 DEFAULT_PORT = 49665
 
@@ -54,7 +55,7 @@ class ServerOptions(RoleOptions):
                 raise UsageError(str(error)) from None
 
 
-class ClientOptions(RoleOptions):
+class ClientOptions(ResultOptionsMixin, RoleOptions):
     """Options of ``keepalive-client``."""
 
     longdesc = ("Open --clients long-lived connections to a keepalive-server, each sending 'Establish Session', "
