@@ -13,8 +13,9 @@ from nettester.protocols.dtls.connection import (
     DtlsConnection,
     HandshakeCompleted,
 )
-from nettester.protocols.dtls.cookie import CookieGate, Verdict
+from nettester.protocols.dtls.cookie import Verdict
 from nettester.protocols.dtls.credentials import PskStore
+from nettester.protocols.dtls.peers import Admission
 
 CLIENT_ADDRESS = ("192.0.2.1", 5684)
 SERVER_ADDRESS = ("192.0.2.2", 5684)
@@ -59,7 +60,8 @@ class Pair:
         self.client = DtlsConnection(client_config, SERVER_ADDRESS)
         self.server_config = server_config
         self.server: DtlsConnection | None = None
-        self.gate = CookieGate()
+        self.admission = Admission()  # the cookie gate, with fragmented ClientHellos reassembled
+        self.gate = self.admission.gate
         self.network = network or (lambda direction, datagrams: datagrams)
         self.client_events: list[object] = []
         self.server_events: list[object] = []
@@ -72,7 +74,7 @@ class Pair:
 
     def to_server(self, datagram: bytes) -> None:
         if self.server is None:
-            result = self.gate.check(datagram, self.client_address, self.now)
+            result = self.admission.check(datagram, self.client_address, self.now)
             if result.verdict is Verdict.VERIFY:
                 self.hello_verify_requests += 1
                 self._pending_to_client.append(result.reply)
@@ -80,6 +82,7 @@ class Pair:
             if result.verdict is Verdict.DROP:
                 return
             self.server = DtlsConnection(self.server_config, self.client_address)
+            datagram = result.datagram
         self.server.receive_datagram(datagram, self.client_address, self.now)
 
     def pump(self, rounds: int = 30) -> None:
