@@ -14,7 +14,7 @@ DEFAULT_CID_LENGTH = 6
 
 @implementer(IConnectionIdGenerator)
 class NodeConnectionIdGenerator:
-    """CIDs of C{length} bytes whose first byte is the node id (0 outside a
+    """CIDs of ``length`` bytes whose first byte is the node id (0 outside a
     cluster), the rest random and unique among the live connections."""
 
     def __init__(
