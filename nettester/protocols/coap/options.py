@@ -224,7 +224,7 @@ class CoapBenchOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMi
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["clients", "c", 2000, "Clients, each with its own source port.", positive_int],
-        ["requests", "r", 0, "Requests per client (0: until stopped).", non_negative_int],
+        ["requests", None, 0, "Requests per client (0: until stopped).", non_negative_int],
         ["nstart", None, 1, "Requests in flight per client (RFC 7252 NSTART).", positive_int],
         ["method", "m", "GET", "GET, POST, PUT...", lambda v: v.strip().upper()],
         ["interval", None, 0.0, "Seconds between a response and the client's next request.", non_negative_float],

@@ -82,7 +82,7 @@ class ClientOptions(ResultOptionsMixin, RoleOptions):
         ["insecure", None, "With --tls: do not verify the server certificate."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
-        ["server", "s", None, "Server host name or IP address (required)."],
+        ["server", None, None, "Server host name or IP address (required)."],
         ["port", "p", DEFAULT_PORT, "Server TCP port.", port_number],
         ["clients", "c", 100, "Number of clients, each holding one connection.", positive_int],
         ["keepalive-interval", None, 5.0, "Seconds between keep-alives.", positive_float],
