@@ -141,7 +141,8 @@ class DtlsEndpoint(DatagramProtocol):
         self.metrics = metrics if metrics is not None else MetricSet("dtls")
         self.counters = DtlsCounters(self.metrics)
         self.metrics.gauge("connections", "live DTLS connections", lambda: len(self._peers))
-        self._gate = cookie_gate or CookieGate()
+        self._gate = cookie_gate or CookieGate(
+            shared_secret=server_configuration.cookie_secret if server_configuration else None)
         self._by_cid: dict[bytes, DtlsPeer] = {}
         self._by_address: dict[Address, DtlsPeer] = {}
         # insertion order = least recently active first
