@@ -29,6 +29,7 @@ from nettester.protocols.dtls.options import (
     DtlsServerOptionsMixin,
 )
 from nettester.report.options import ResultOptionsMixin
+from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
 
 DEFAULT_PORT = 5683
 # RFC 7252 section 6.1 / 6.2 default ports: coap 5683, coaps 5684; the
@@ -74,7 +75,7 @@ def interface_list(value: str) -> tuple[str, ...]:
     return addresses
 
 
-class CoapServerOptions(ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions):
+class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions):
     """``nettester coap-server``: the extended plugtest server, optionally a DTLS CID cluster node."""
 
     longdesc = (
@@ -204,7 +205,9 @@ class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
         super().postOptions()
 
 
-class CoapBenchOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
+class CoapBenchOptions(
+    ResultOptionsMixin, ProcessesOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions
+):
     """``nettester coap-bench [options] URI`` (Californium's BenchmarkClient)."""
 
     longdesc = (

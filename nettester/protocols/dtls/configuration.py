@@ -129,6 +129,8 @@ class DtlsConfiguration:
     cid_length: int | None = 6
     cid_generator: IConnectionIdGenerator | None = None
     cids_in_use: Container[bytes] = frozenset()
+    #: a server's HelloVerifyRequest secret shared by ``--workers`` processes (None: its own)
+    cookie_secret: bytes | None = field(default=None, repr=False)
     require_extended_master_secret: bool = True
     mtu: int = 1400
     initial_retransmit_timeout: float = 1.0

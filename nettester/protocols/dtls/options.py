@@ -39,6 +39,7 @@ from nettester.protocols.dtls.credentials import (
 )
 from nettester.protocols.dtls.endpoint import DEFAULT_MAX_CONNECTIONS
 from nettester.protocols.dtls.suites import SUITES_BY_NAME
+from nettester.workers import shared_cookie_secret, worker_index
 
 SANDBOX_CLIENT_IDENTITY = b"Client_identity"
 
@@ -198,7 +199,11 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
         if not configuration.psk_store and not configuration.certificate_chain:
             raise CredentialsError("a DTLS server needs --psk-file, --psk-sandbox or --cert/--key")
         length = options["cid-length"]
-        configuration.cid_generator = NodeConnectionIdGenerator(length, node_id) if length else None
+        # --workers: the kernel steers a session's records by CID byte 1 (nettester.steering).
+        configuration.cid_generator = (
+            NodeConnectionIdGenerator(length, node_id, worker=worker_index()) if length else None
+        )
+        configuration.cookie_secret = shared_cookie_secret()
         configuration.session_cache = SessionCache()
         return configuration
 
