@@ -18,7 +18,6 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent
 from zope.interface.verify import verifyObject
 
-from tests.logcapture import log_events
 from nettester.protocols.stun.client import StunClientService, format_mapped, raise_open_file_limit
 from nettester.protocols.stun.fleet import FleetConfig
 from nettester.protocols.stun.message import (
@@ -30,6 +29,7 @@ from nettester.protocols.stun.message import (
     decode,
     make_attribute,
 )
+from tests.logcapture import log_events
 
 
 class FakeReactor(Clock):

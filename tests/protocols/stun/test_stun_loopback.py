@@ -15,8 +15,6 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent
 
-from tests.loopback import has_ipv6_loopback
-from tests.logcapture import log_events
 from nettester.protocols.stun.client import StunClientService
 from nettester.protocols.stun.fleet import FleetConfig
 from nettester.protocols.stun.message import (
@@ -30,6 +28,8 @@ from nettester.protocols.stun.message import (
     make_attribute,
 )
 from nettester.protocols.stun.server import StunServerService
+from tests.logcapture import log_events
+from tests.loopback import has_ipv6_loopback
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 10.0

@@ -14,7 +14,8 @@ from twisted.python.usage import UsageError
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import ILocalScenario, IProtocolModule, IReportingService, IRole
-from nettester.plugins.stun import build_client, build_server, stun
+from nettester.module import discover_modules
+from nettester.plugins.stun import stun
 from nettester.protocols.stun.options import (
     SecondsRange,
     StunClientOptions,
@@ -22,7 +23,7 @@ from nettester.protocols.stun.options import (
     seconds_range,
     transport_address,
 )
-from nettester.module import discover_modules
+from nettester.protocols.stun.roles import build_client, build_server
 
 
 def parse(options_class: type, *argv: str) -> Any:
@@ -34,7 +35,7 @@ def parse(options_class: type, *argv: str) -> Any:
 def test_module_is_discovered_and_provides_its_interfaces() -> None:
     assert stun in discover_modules()
     assert verifyObject(IProtocolModule, stun)
-    assert [role.name for role in stun.roles] == ["stun-server", "stun-client"]
+    assert [role.name for role in stun.roles] == ["stun-server", "stun-client", "stun-report"]
     for role in stun.roles:
         assert verifyObject(IRole, role)
 
