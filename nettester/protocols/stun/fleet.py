@@ -269,6 +269,7 @@ class _Client:
         "first_sequence",
         "episode",
         "waiting",
+        "state_first",
     )
 
     def __init__(self) -> None:
@@ -285,6 +286,7 @@ class _Client:
         self.first_sequence = 0  # of the outstanding transaction's first transmission
         self.episode: _Episode | None = None  # the outstanding transaction, once it missed an answer
         self.waiting: list[_Episode] | None = None  # ended episodes waiting for a receipt
+        self.state_first = 0  # ``first`` of the server's state of this session as receipts tell it; 0: none yet
 
 
 @dataclass(frozen=True)
@@ -546,6 +548,11 @@ class ClientFleet:
             self.counters.attribution_invalid.value += 1
             self._events.append(AttributionInvalid(index, transaction_id, str(error)))
             return  # never trusted: the episodes wait for a receipt that makes sense
+        # The server's state of this session began with ``first``. Transmissions before it never reached
+        # that state; they never reached the server at all unless an earlier state was lost (a restart,
+        # an eviction), which shows as ``first`` changing between receipts.
+        below_first_lost = client.state_first in (0, receipt.first)
+        client.state_first = receipt.first
         if not client.waiting:
             return
         still: list[_Episode] = []
@@ -553,7 +560,10 @@ class ClientFleet:
             if receipt.highest < episode.last:
                 still.append(episode)  # its last transmissions may yet arrive: a later receipt will tell
                 continue
-            known = [receipt.reached(sequence) for sequence in range(episode.first, episode.last + 1)]
+            known = [
+                False if below_first_lost and sequence < receipt.first else receipt.reached(sequence)
+                for sequence in range(episode.first, episode.last + 1)
+            ]
             if None in known:
                 self._resolve(index, episode, now, None, NOT_COVERED)
             else:

@@ -28,6 +28,7 @@ from nettester.protocols.stun.counters import FleetCounters, ServerCounters
 from nettester.protocols.stun.fleet import (
     AT_STOP,
     FORWARD,
+    NOT_COVERED,
     NOT_NETTESTER,
     RETURN,
     UNATTRIBUTED,
@@ -313,6 +314,23 @@ def test_lost_requests_are_attributed_to_the_way_out() -> None:
     path.run_until(1006.0)
     (event,) = path.resolved()
     assert (event.sent, event.lost_forward, event.lost_return, event.directions) == (2, 1, 0, (FORWARD,))
+
+
+def test_the_very_first_request_lost_on_the_way_out_is_attributed() -> None:
+    """The server's state then begins with the re-send: nothing before it arrived."""
+    path = LossyPath(scripted({0: 1}), never)
+    path.run_until(1003.0)
+    (event,) = path.resolved()
+    assert (event.sent, event.lost_forward, event.directions) == (2, 1, (FORWARD,))
+
+
+def test_a_server_that_lost_the_sessions_state_leaves_older_losses_unattributed() -> None:
+    path = LossyPath(never, scripted({1: 1}))
+    path.run_until(1001.5)  # the 1st transaction answered (the state's origin is known), the 2nd's answer lost
+    path.responder.sessions = SessionTable()  # the server restarts before the re-send
+    path.run_until(1003.0)
+    (event,) = path.resolved()
+    assert event.directions == (UNATTRIBUTED,) and event.reason == NOT_COVERED
 
 
 def test_a_mixed_episode_counts_once_in_each_direction() -> None:
