@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import resource
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -58,30 +57,6 @@ from nettester.report import (
 from nettester.service import set_exit_status
 
 log = Logger()
-
-# Descriptors beyond one per client: stdio, the epoll fd, the waker pipe, metrics, logs.
-SPARE_FILES = 64
-
-
-def raise_open_file_limit(clients: int) -> int:
-    """Raise RLIMIT_NOFILE's soft limit toward the hard limit for ``clients`` sockets.
-
-    Returns the soft limit now in force; raises ``ValueError``, saying what
-    to do, when even the hard limit is too low.
-    """
-    needed = clients + SPARE_FILES
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        raise ValueError(
-            f"{clients} clients need {needed} open files (one UDP socket each) but the hard limit "
-            f"(ulimit -Hn) is {hard}; raise it (docker run --ulimit nofile={needed}, systemd LimitNOFILE=, "
-            f"or the pod's runtime limits) or lower --clients"
-        )
-    return int(soft)
-
 
 def format_mapped(mapped: Address | None) -> str:
     """``ip:port`` of the last known mapping, ``:`` when none is known yet (the original's form)."""
@@ -497,7 +472,7 @@ class StunClientService(Service):
                             event.reached, detail)
             )
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, int | float]:
         counters = self.counters
         fleet = self.fleet
         return {

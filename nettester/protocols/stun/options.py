@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import ipaddress
+import resource
 from typing import Any, ClassVar, NamedTuple
 
 from twisted.python import usage
 
 from nettester.options import RoleOptions, non_negative_int, port_number, positive_float, positive_int
 from nettester.report.options import ResultOptionsMixin
+
+# Descriptors beyond one per client: stdio, the epoll fd, the waker pipe, metrics, logs.
+SPARE_FILES = 64
+
+
+def raise_open_file_limit(clients: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit toward the hard limit for ``clients`` sockets.
+
+    Returns the soft limit now in force; raises ``ValueError``, saying what
+    to do, when even the hard limit is too low.
+    """
+    needed = clients + SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise ValueError(
+            f"{clients} clients need {needed} open files (one UDP socket each) but the hard limit "
+            f"(ulimit -Hn) is {hard}; raise it (docker run --ulimit nofile={needed}, systemd LimitNOFILE=, "
+            f"or the pod's runtime limits) or lower --clients"
+        )
+    return int(soft)
 
 
 class SecondsRange(NamedTuple):
@@ -195,8 +219,6 @@ class StunClientOptions(ResultOptionsMixin, RoleOptions):
         super().postOptions()
         if not self["server"]:
             raise usage.UsageError("--server is required (or set STUN_SERVER_IP); see --help")
-        from nettester.protocols.stun.client import raise_open_file_limit
-
         try:
             raise_open_file_limit(self["clients"])
         except ValueError as error:

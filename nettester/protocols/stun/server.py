@@ -19,6 +19,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall
+from twisted.internet.udp import Port as UdpPort
 from zope.interface import implementer
 
 from nettester.interfaces import IReportingService
@@ -66,7 +67,7 @@ class StunDatagramProtocol(DatagramProtocol):
 
     noisy = False
 
-    def __init__(self, via: int, sockets: list[Any]) -> None:
+    def __init__(self, via: int, sockets: list[UdpPort]) -> None:
         self._via = via
         self._sockets = sockets  # the listening ports, indexed like the responder's addresses
         self._respond: Callable[..., Reply | None] | None = None
@@ -93,7 +94,7 @@ class StunDatagramProtocol(DatagramProtocol):
         self._journal = journal
         self._listening = listening
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
         peer = unmap_ipv4(addr) if addr[0][0] == ":" else addr
         now = self._clock()
         if self._journal is not None and len(datagram) >= 20 and datagram[:2] == b"\x00\x01":
@@ -202,7 +203,7 @@ class StunServerService(Service):
         self._receive_buffer = receive_buffer
         self.metrics = MetricSet("stun_server")
         self.counters = ServerCounters(self.metrics)
-        self._udp: list[Any] = []
+        self._udp: list[UdpPort] = []
         self._tcp_port: IListeningPort | None = None
         self.addresses: list[Address] = []
         self.failed: str | None = None
@@ -284,13 +285,13 @@ class StunServerService(Service):
             asked=self._receive_buffer,
         )
 
-    def _listen_udp(self, interface: str, port: int, via: int) -> Any:
+    def _listen_udp(self, interface: str, port: int, via: int) -> UdpPort:
         return self._reactor.listenUDP(
             port, StunDatagramProtocol(via, self._udp), interface=interface, maxPacketSize=65535
         )
 
     @staticmethod
-    def _address_of(port: Any) -> Address:
+    def _address_of(port: UdpPort) -> Address:
         host = port.getHost()
         return Address(host.host, host.port)
 
@@ -299,7 +300,7 @@ class StunServerService(Service):
         """The primary UDP port actually bound (useful with --port 0)."""
         return self.addresses[0].port
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, int]:
         counters = self.counters
         return {
             "requests": counters.requests.value,
@@ -314,7 +315,7 @@ class StunServerService(Service):
         }
 
     def _close_all(self) -> Deferred[Any]:
-        ports: Sequence[Any] = [*self._udp, *([self._tcp_port] if self._tcp_port is not None else [])]
+        ports: Sequence[IListeningPort] = [*self._udp, *([self._tcp_port] if self._tcp_port is not None else [])]
         del self._udp[:]
         self._tcp_port = None
         return DeferredList([maybeDeferred(port.stopListening) for port in ports])

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent
 from zope.interface.verify import verifyObject
 
-from nettester.protocols.stun.client import StunClientService, format_mapped, raise_open_file_limit
+from nettester.protocols.stun.client import StunClientService, format_mapped
 from nettester.protocols.stun.fleet import FleetConfig
 from nettester.protocols.stun.message import (
     Address,
@@ -29,6 +29,7 @@ from nettester.protocols.stun.message import (
     decode,
     make_attribute,
 )
+from nettester.protocols.stun.options import raise_open_file_limit
 from tests.logcapture import log_events
 
 
