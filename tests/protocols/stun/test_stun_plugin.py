@@ -156,8 +156,12 @@ def test_local_scenario_passes_on_loopback() -> Generator[Any, Any, None]:
     scenario = stun.localScenario(reactor, {"duration": 3.0})
     assert verifyObject(ILocalScenario, scenario)
     scenario.service.startService()
+    client = scenario.service.client
     try:
-        yield deferLater(reactor, 2.5, lambda: None)
+        for _ in range(600):  # at most 30 s: every one of the 20 clients answered twice
+            if client.counters.responses.value >= 40:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
     finally:
         yield scenario.service.stopService()
     verdict = scenario.verdict()
