@@ -425,3 +425,33 @@ def test_every_resolved_episode_matches_the_paths_record(
         assert event.lost_forward == fates.count(FORWARD), (event, fates)
         assert event.lost_return == fates.count(RETURN), (event, fates)
         assert event.answered == fates.count("ok")
+
+
+@given(st.binary(max_size=40), st.integers(0, 2**32 - 1))
+@settings(max_examples=300)
+def test_fuzz_any_nettester_sequence_value_is_answered_never_raised(value: bytes, sequence: int) -> None:
+    server, counters = responder()
+    request = Message(Method.BINDING, MessageClass.REQUEST, b"H" * 12, (Attribute(NETTESTER_SEQUENCE, value),))
+    reply = server.respond(request.encode(), PEER, now=1.0)
+    assert reply is not None and decode(reply[0]).message_class == MessageClass.SUCCESS
+    assert counters.attribution_invalid.value == (0 if len(value) == 12 else 1)
+
+
+@given(st.binary(max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_fuzz_any_nettester_received_value_is_counted_never_raised(value: bytes) -> None:
+    path = LossyPath(never, scripted({1: 1}))
+
+    def rewrite(response: bytes) -> bytes:
+        message = decode(response)
+        attributes = tuple(
+            Attribute(NETTESTER_RECEIVED, value) if attribute.type == NETTESTER_RECEIVED else attribute
+            for attribute in message.attributes
+        )
+        return Message(message.method, message.message_class, message.transaction_id, attributes).encode()
+
+    path.tamper = rewrite
+    path.run_until(1003.0, step=0.05)
+    path.stop()
+    assert path.counters.responses.value == 2  # the first transaction and the re-send of the second
+    assert len(path.resolved()) == 1  # the one episode ends exactly once, attributed or not

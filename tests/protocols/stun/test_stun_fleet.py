@@ -62,7 +62,7 @@ class Harness:
         self.events: list[Any] = []
 
     def run_until(self, until: float, step: float = 0.005) -> list[Any]:
-        """Tick every C{step} up to C{until}; return the events produced meanwhile (with their times)."""
+        """Tick every ``step`` up to ``until``; return the events produced meanwhile (with their times)."""
         produced = []
         while self.now < until - 1e-9:
             self.now = min(self.now + step, until)
