@@ -35,6 +35,7 @@ _U32 = 0xFFFFFFFF
 _SEQUENCE = struct.Struct("!8sI")
 _RECEIVED = struct.Struct("!IIIQQ")
 _STATE = struct.Struct("!IIIQ")  # received, first, highest, window: the server's state of one session
+_RECEIVED_ATTRIBUTE = struct.Struct("!HHIIIQQ")  # the whole attribute: type, length, value
 SEQUENCE_LENGTH = _SEQUENCE.size  # 12
 RECEIVED_LENGTH = _RECEIVED.size  # 28
 SESSION_ID_LENGTH = 8
@@ -137,11 +138,13 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def record(self, tag: SequenceTag, now: float) -> Receipt:
-        """Note one received transmission; return the receipt to answer it with."""
+    def answer(self, session: bytes, sequence: int, now: float) -> bytes:
+        """Note one received transmission; return the whole NETTESTER-RECEIVED attribute answering it.
+
+        Plain integers and one packed state per session: this runs for every tester request.
+        """
         sessions = self._sessions
-        state = sessions.pop(tag.session, None)
-        sequence = tag.sequence
+        state = sessions.pop(session, None)
         if state is None:
             if len(sessions) >= self.max_sessions:
                 del sessions[next(iter(sessions))]
@@ -149,7 +152,8 @@ class SessionTable:
             received, first, highest, window = 1, sequence, sequence, 0
         else:
             received, first, highest, window = _STATE.unpack(state)
-            received = min(received + 1, _U32)
+            if received < _U32:
+                received += 1
             if sequence > highest:
                 shift = sequence - highest
                 window = ((window << shift) | (1 << (shift - 1))) & _WINDOW_MASK if shift <= WINDOW else 0
@@ -157,5 +161,11 @@ class SessionTable:
             elif first <= sequence < highest and highest - 1 - sequence < WINDOW:
                 window |= 1 << (highest - 1 - sequence)
             # else a duplicate of the highest, or older than the state or the window: counted only
-        sessions[tag.session] = _STATE.pack(received, first, highest, window)
-        return Receipt(received, first, highest, window, max(0, int(now * 1e6)))
+        sessions[session] = _STATE.pack(received, first, highest, window)
+        return _RECEIVED_ATTRIBUTE.pack(
+            NETTESTER_RECEIVED, RECEIVED_LENGTH, received, first, highest, window, max(0, int(now * 1e6))
+        )
+
+    def record(self, tag: SequenceTag, now: float) -> Receipt:
+        """``answer`` for a decoded tag, as a ``Receipt``."""
+        return Receipt.decode(self.answer(tag.session, tag.sequence, now)[4:])

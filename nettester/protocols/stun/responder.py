@@ -18,10 +18,8 @@ from nettester.protocols.stun.attribution import (
     NETTESTER_SEQUENCE,
     SEQUENCE_HEADER,
     AttributionError,
-    Receipt,
     SequenceTag,
     SessionTable,
-    received_attribute,
 )
 from nettester.protocols.stun.counters import ServerCounters
 from nettester.protocols.stun.message import (
@@ -134,8 +132,7 @@ class BindingResponder:
             counters.requests.value += 1
             counters.responses.value += 1
             counters.attributed.value += 1
-            tag = SequenceTag(data[24:32], _U32.unpack_from(data, 32)[0])
-            receipt = received_attribute(self.sessions.record(tag, now))
+            receipt = self.sessions.answer(data[24:32], _U32.unpack_from(data, 32)[0], now)
             addresses = self._ipv4_cache.get(peer) or self._address_attributes(data[8:20], peer)
             header = _TYPE_AND_LENGTH.pack(0x0101, len(addresses) + len(receipt) + len(self._software))
             return b"".join((header, data[4:20], addresses, receipt, self._software)), via, 0
@@ -218,8 +215,9 @@ class BindingResponder:
             counters.attributed.value += 1
         return self._success(data, peer, via, send_via, fingerprint, classic, receipt), send_via, response_port
 
-    def _record(self, message: Message, now: float) -> Receipt | None:
-        """Note a NETTESTER-SEQUENCE (recorded even when the answer is an error); None without one."""
+    def _record(self, message: Message, now: float) -> bytes | None:
+        """Note a NETTESTER-SEQUENCE (recorded even when the answer is an error): the NETTESTER-RECEIVED
+        attribute to answer with; None without one."""
         attribute = message.find(NETTESTER_SEQUENCE)
         if attribute is None or self.sessions is None:
             return None
@@ -228,7 +226,7 @@ class BindingResponder:
         except AttributionError:
             self._counters.attribution_invalid.value += 1  # answered as if it were absent
             return None
-        return self.sessions.record(tag, now)
+        return self.sessions.answer(tag.session, tag.sequence, now)
 
     def _success(
         self,
@@ -238,7 +236,7 @@ class BindingResponder:
         send_via: int,
         fingerprint: bool,
         classic: bool,
-        receipt: Receipt | None = None,
+        receipt: bytes | None = None,
     ) -> bytes:
         """RFC 8489 section 10.1.2: XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, [RFC 5780 addresses], SOFTWARE, [FINGERPRINT].
 
@@ -255,7 +253,7 @@ class BindingResponder:
             addresses += make_attribute(origin, self._addresses[send_via]).encode()
             addresses += make_attribute(other, self._addresses[via ^ 3]).encode()
         if receipt is not None:
-            addresses += received_attribute(receipt)
+            addresses += receipt
         software = self._classic_software if classic else self._software
         length = len(addresses) + len(software) + (8 if fingerprint else 0)
         # Bytes 4-20 are echoed: the magic cookie and transaction id (or an RFC 3489 128-bit id).
