@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.task import deferLater
 
-from tests.loopback import free_ports
-from tests.interop.peers import installed
+from nettester.protocols.stun.attribution import NETTESTER_RECEIVED
+from nettester.protocols.stun.fleet import tagged_binding_request
 from nettester.protocols.stun.message import (
     Address,
     AttributeType,
@@ -28,6 +29,8 @@ from nettester.protocols.stun.message import (
     Method,
     decode,
 )
+from tests.interop.peers import installed
+from tests.loopback import free_ports
 
 pytestmark = pytest.mark.interop
 STARTUP_TIMEOUT = 10.0
@@ -105,7 +108,6 @@ def coturn() -> Iterator[tuple[str, int]]:
 @pytest_twisted.inlineCallbacks
 def test_our_hundred_clients_against_coturn_lose_nothing(coturn: tuple[str, int]) -> Generator[Any, Any, None]:
     from twisted.internet import reactor
-    from twisted.internet.task import deferLater
 
     from nettester.protocols.stun.client import StunClientService
     from nettester.protocols.stun.fleet import FleetConfig
@@ -114,7 +116,9 @@ def test_our_hundred_clients_against_coturn_lose_nothing(coturn: tuple[str, int]
     fleet = StunClientService(reactor, coturn[0], coturn[1], config, rng=random.Random(5))
     fleet.startService()
     try:
-        yield deferLater(reactor, 3.2, lambda: None)
+        deadline = time.monotonic() + 30.0
+        while fleet.counters.responses.value < 100 * 5 and time.monotonic() < deadline:
+            yield deferLater(reactor, 0.05, lambda: None)
     finally:
         yield fleet.stopService()
     summary = fleet.summary()
@@ -122,6 +126,48 @@ def test_our_hundred_clients_against_coturn_lose_nothing(coturn: tuple[str, int]
     assert summary["responses"] >= 100 * 5
     assert (summary["timeouts"], summary["unexpected"], summary["consecutive_failure_errors"]) == (0, 0, 0)
     assert fleet.counters.malformed.value == 0 and fleet.counters.error_responses.value == 0
+    # Every request carried NETTESTER-SEQUENCE (comprehension-optional): coturn ignored it, as RFC 8489 says.
+    assert (summary["lost_forward"], summary["lost_return"], summary["lost_unattributed"]) == (0, 0, 0)
+    assert summary["attribution_invalid"] == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_losses_against_coturn_are_unattributed(coturn: tuple[str, int]) -> Generator[Any, Any, None]:
+    """coturn does not say what it received: a loss can be counted, not placed."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import DatagramProtocol
+
+    from nettester.protocols.stun.client import StunClientService
+    from nettester.protocols.stun.fleet import FleetConfig
+
+    class EveryThirdResponseDropped(DatagramProtocol):
+        def __init__(self) -> None:
+            self.origin: dict[bytes, Any] = {}
+            self.responses = 0
+
+        def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+            if addr == coturn:
+                self.responses += 1
+                if self.responses % 3 and datagram[8:20] in self.origin:
+                    self.transport.write(datagram, self.origin[datagram[8:20]])
+            else:
+                self.origin[datagram[8:20]] = addr
+                self.transport.write(datagram, coturn)
+
+    relay = reactor.listenUDP(0, EveryThirdResponseDropped(), interface="127.0.0.1")
+    config = FleetConfig(clients=5, interval=0.2, start_delay=(0.0, 0.1))
+    fleet = StunClientService(reactor, "127.0.0.1", relay.getHost().port, config, rng=random.Random(6))
+    fleet.startService()
+    try:
+        deadline = time.monotonic() + 30.0
+        while fleet.counters.lost.get("unattributed") < 3 and time.monotonic() < deadline:
+            yield deferLater(reactor, 0.05, lambda: None)
+    finally:
+        yield fleet.stopService()
+        relay.stopListening()
+    summary = fleet.summary()
+    assert summary["lost_unattributed"] >= 3
+    assert (summary["lost_forward"], summary["lost_return"], summary["attribution_invalid"]) == (0, 0, 0)
 
 
 @pytest.fixture
@@ -184,3 +230,11 @@ def test_aioice_parses_our_responses(our_server: tuple[int, int]) -> None:
             assert parsed.attributes["MAPPED-ADDRESS"] == sock.getsockname()
             assert ("FINGERPRINT" in parsed.attributes) == fingerprint
             assert decode(data).get(AttributeType.OTHER_ADDRESS) == Address("127.0.0.2", other_port)
+        # A tester's request: the answer carries NETTESTER-RECEIVED, which aioice skips as unknown.
+        transaction_id = random.randbytes(12)
+        sock.sendto(tagged_binding_request(transaction_id, bytes(8), 1), ("127.0.0.1", port))
+        data = sock.recv(2048)
+        assert decode(data).find(NETTESTER_RECEIVED) is not None
+        parsed = aioice_stun.parse_message(data)
+        assert parsed.transaction_id == transaction_id
+        assert parsed.attributes["XOR-MAPPED-ADDRESS"] == sock.getsockname()

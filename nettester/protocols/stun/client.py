@@ -1,23 +1,24 @@
-"""The ``stun-client`` role: the Twisted adapter driving a :class:`ClientFleet`.
+"""The ``stun-client`` role: the Twisted adapter driving a ``ClientFleet``.
 
 Each client owns one connected UDP socket (its own NAT mapping). One
-``LoopingCall`` ticks the fleet's timer wheel every ``resolution`` seconds,
-so 10,000 clients cost 100 wake-ups a second, not 10,000 drifting timers.
-Events from the fleet become socket actions and the original tool's log lines.
+``IDelayedCall``, re-armed at the fleet's ``get_timer()``, drives the
+fleet's timer wheel (at most one wake-up per 10 ms tick, so 10,000 clients
+cost 100 wake-ups a second, not 10,000 drifting timers). Events from the
+fleet become socket actions and the original tool's log lines; at the end
+the run is judged (``--max-loss``) and, with ``--report``, written as JSON.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
-import resource
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReadDescriptor
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -26,44 +27,36 @@ from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.stun.counters import FleetCounters
 from nettester.protocols.stun.fleet import (
+    AT_STOP,
+    FORWARD,
+    RETURN,
+    UNATTRIBUTED,
+    AttributionInvalid,
     ClientFleet,
     ConsecutiveFailures,
     ErrorResponse,
     FleetConfig,
+    FleetEvent,
+    LossResolved,
     MappingChanged,
     OpenSocket,
-    ResponseMissing,
-    Send,
+    RequestUnanswered,
     UnexpectedResponse,
 )
 from nettester.protocols.stun.message import Address, format_transaction_id
+from nettester.report import (
+    MAPPING_CHANGE,
+    LossEpisode,
+    ReportError,
+    RunRecorder,
+    Thresholds,
+    Verdict,
+    judge,
+    write_report,
+)
 from nettester.service import set_exit_status
 
 log = Logger()
-
-# Descriptors beyond one per client: stdio, the epoll fd, the waker pipe, metrics, logs.
-SPARE_FILES = 64
-
-
-def raise_open_file_limit(clients: int) -> int:
-    """Raise RLIMIT_NOFILE's soft limit toward the hard limit for C{clients} sockets.
-
-    @return: the soft limit now in force.
-    @raise ValueError: saying what to do, when even the hard limit is too low.
-    """
-    needed = clients + SPARE_FILES
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        raise ValueError(
-            f"{clients} clients need {needed} open files (one UDP socket each) but the hard limit "
-            f"(ulimit -Hn) is {hard}; raise it (docker run --ulimit nofile={needed}, systemd LimitNOFILE=, "
-            f"or the pod's runtime limits) or lower --clients"
-        )
-    return int(soft)
-
 
 def format_mapped(mapped: Address | None) -> str:
     """``ip:port`` of the last known mapping, ``:`` when none is known yet (the original's form)."""
@@ -134,12 +127,18 @@ class ClientSocket:
         self._socket.close()
 
 
+# Time-series points for the report's plots: one every this many seconds.
+SAMPLE_INTERVAL = 10.0
+
+
 @implementer(IReportingService)
 class StunClientService(Service):
-    """Runs C{config.clients} testers against C{server}:C{port}.
+    """Runs ``config.clients`` testers against ``server``:``port``.
 
-    C{server_port} may be changed until the service starts (``nettester local``
-    learns its server's port only then).
+    ``server_port`` may be changed until the service starts (``nettester local``
+    learns its server's port only then). ``duration`` > 0 stops the reactor
+    after that many seconds; at stop the run is judged by ``thresholds``
+    (None: not judged, for an embedding service) and written to ``report``.
     """
 
     def __init__(
@@ -150,8 +149,20 @@ class StunClientService(Service):
         config: FleetConfig,
         local_address: str = "",
         rng: random.Random | None = None,
+        duration: float = 0.0,
+        report: str | None = None,
+        thresholds: Thresholds | None = None,
+        configuration: Mapping[str, Any] | None = None,
     ) -> None:
         self._reactor = reactor
+        self._duration = duration
+        self._report_path = report
+        self._thresholds = thresholds
+        self._configuration = dict(configuration or {})
+        self.recorder: RunRecorder | None = None
+        self.verdict: Verdict | None = None
+        self._invalid_logged = False
+        self._next_sample = 0.0
         self._server = server
         self.server_port = port
         self._config = config
@@ -167,10 +178,16 @@ class StunClientService(Service):
         self.fleet: ClientFleet | None = None
         self._server_ip: str | None = None
         self._ports: list[ClientSocket | None] = []
-        self._loop: LoopingCall | None = None
+        self._timer: IDelayedCall | None = None
+        self._stopper: IDelayedCall | None = None
 
     def startService(self) -> None:
         super().startService()
+        now = self._reactor.seconds()
+        self.recorder = RunRecorder("stun-client", self._configuration, now)
+        self._next_sample = now + SAMPLE_INTERVAL
+        if self._duration > 0:
+            self._stopper = self._reactor.callLater(self._duration, self._duration_over)
         try:
             ipaddress.ip_address(self._server)
         except ValueError:
@@ -208,23 +225,37 @@ class StunClientService(Service):
             high=self._config.start_delay[1],
             rfc=", RFC 8489 retransmissions" if self._config.rfc_retransmit else "",
         )
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._reactor
-        self._loop.start(self._config.resolution, now=True)
+        self._on_timer()
 
-    def _tick(self) -> None:
-        assert self.fleet is not None
-        self.fleet.handle_timer(self._reactor.seconds())
+    def _duration_over(self) -> None:
+        self._stopper = None
+        log.info("--duration {duration:g} s is over: stopping", event="duration_over", duration=self._duration)
+        self._reactor.stop()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        fleet = self.fleet
+        assert fleet is not None
+        now = self._reactor.seconds()
+        fleet.handle_timer(now)
         self._pump()
+        if now >= self._next_sample and self.recorder is not None:
+            self._next_sample = now + SAMPLE_INTERVAL
+            self.recorder.sample(
+                now,
+                rtt_p50_ms=round(fleet.rtt.percentile(0.5) * 1000, 3) if fleet.rtt.count else None,
+                rtt_p99_ms=round(fleet.rtt.percentile(0.99) * 1000, 3) if fleet.rtt.count else None,
+                loss_pct=round(fleet.loss_percent(), 3),
+            )
 
     def received(self, index: int, datagram: bytes) -> None:
-        """A datagram on client C{index}'s socket."""
+        """A datagram on client ``index``'s socket."""
         if self.fleet is not None:
-            self.fleet.receive(index, datagram, self._reactor.seconds())
+            self.fleet.receive_datagram(datagram, index, self._reactor.seconds())
             self._pump()
 
     def refused(self, index: int) -> None:
-        """ICMP port unreachable on client C{index}'s socket: nobody listens at the server address."""
+        """ICMP port unreachable on client ``index``'s socket: nobody listens at the server address."""
         self.refused_count.value += 1
         if self.refused_count.value == 1:
             log.error(
@@ -235,28 +266,42 @@ class StunClientService(Service):
             )
 
     def _pump(self) -> None:
-        """Carry out every event the fleet produced."""
+        """Carry out what the fleet asks: events (sockets first opened), datagrams, then re-arm the timer."""
         fleet = self.fleet
         assert fleet is not None
         while (event := fleet.next_event()) is not None:
-            if type(event) is Send:
-                port = self._ports[event.client]
-                if port is None:
-                    self.socket_errors.value += 1
-                else:
-                    port.write(event.data)
-            elif type(event) is OpenSocket:
+            if type(event) is OpenSocket:
                 self._open(event)
             else:
                 self._report(event)
+        for data, index in fleet.datagrams_to_send():
+            port = self._ports[index]
+            if port is None:
+                self.socket_errors.value += 1
+            else:
+                port.write(data)
+        if not self.running:
+            return
+        deadline = fleet.get_timer()
+        timer = self._timer
+        if deadline is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+            return
+        if timer is not None:
+            if timer.getTime() <= deadline:
+                return  # already due no later (an early wake-up just finds nothing to do)
+            timer.cancel()
+        self._timer = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), self._on_timer)
 
     def local_port(self, index: int) -> int | None:
-        """The local UDP port client C{index} currently sends from (None before it starts)."""
+        """The local UDP port client ``index`` currently sends from (None before it starts)."""
         port = self._ports[index] if index < len(self._ports) else None
         return port.local_port if port is not None else None
 
     def socket_error(self, index: int, error: OSError, action: str) -> None:
-        """Opening, sending on or receiving on client C{index}'s socket failed (no route, ENOBUFS...).
+        """Opening, sending on or receiving on client ``index``'s socket failed (no route, ENOBUFS...).
 
         The first failure is logged as an error (usually a wrong address or a
         missing route, the same for every client); the others are counted.
@@ -299,9 +344,9 @@ class StunClientService(Service):
             port.close()
             self._ports[index] = None
 
-    def _report(self, event: Any) -> None:
+    def _report(self, event: FleetEvent) -> None:
         """Log one finding with the original tool's wording."""
-        if type(event) is ResponseMissing:
+        if type(event) is RequestUnanswered:
             log.warn(
                 'Client {client}: Failed to receive STUN response for TrID "{trid}", mapped addr: {mapped}',
                 event="response_missing",
@@ -309,6 +354,7 @@ class StunClientService(Service):
                 trid=format_transaction_id(event.transaction_id),
                 mapped=format_mapped(event.mapped),
                 consecutive=event.consecutive,
+                sent=event.sent,
             )
         elif type(event) is ConsecutiveFailures:
             log.error(
@@ -327,6 +373,19 @@ class StunClientService(Service):
                 client=event.client,
                 trid=format_transaction_id(event.transaction_id),
             )
+        elif type(event) is LossResolved:
+            self._loss_resolved(event)
+        elif type(event) is AttributionInvalid:
+            if not self._invalid_logged:
+                self._invalid_logged = True
+                log.warn(
+                    'Client {client}: TrID "{trid}": ignoring an invalid NETTESTER-RECEIVED attribute ({reason}); '
+                    "further ones are only counted (attribution_invalid in the summary)",
+                    event="attribution_invalid",
+                    client=event.client,
+                    trid=format_transaction_id(event.transaction_id),
+                    reason=event.reason,
+                )
         elif type(event) is MappingChanged:
             log.warn(
                 "Client {client}: mapped address changed from {old} to {new}",
@@ -335,6 +394,10 @@ class StunClientService(Service):
                 old=str(event.old),
                 new=str(event.new),
             )
+            if self.recorder is not None:
+                self.recorder.mark(
+                    self._reactor.seconds(), MAPPING_CHANGE, str(event.client), old=str(event.old), new=str(event.new)
+                )
         elif type(event) is ErrorResponse:
             log.warn(
                 'Client {client}: STUN error response {code} {reason} for TrID "{trid}"',
@@ -345,7 +408,71 @@ class StunClientService(Service):
                 trid=format_transaction_id(event.transaction_id),
             )
 
-    def summary(self) -> dict[str, Any]:
+    def _loss_resolved(self, event: LossResolved) -> None:
+        """One line per resolved loss episode (those still open at stop are summed up in one line)."""
+        trid = format_transaction_id(event.transaction_id)
+        lost = event.sent - event.answered
+        fields = {
+            "client": event.client,
+            "trid": trid,
+            "sent": event.sent,
+            "lost": lost,
+            "reached": event.reached,
+            "answered": bool(event.answered),
+            "mapped": format_mapped(event.mapped),
+            "directions": ",".join(event.directions),
+        }
+        if event.reached is None:
+            if event.reason != AT_STOP:
+                log.warn(
+                    'Client {client}: TrID "{trid}": direction unknown for {lost} lost requests: {reason}, '
+                    "mapped addr: {mapped}",
+                    event="loss_unattributed",
+                    reason=event.reason,
+                    **fields,
+                )
+        elif event.lost_forward and event.lost_return:
+            log.warn(
+                'Client {client}: TrID "{trid}": {lost_return} of {lost} requests reached the server; their '
+                "responses were lost on the way back, the other {lost_forward} were lost on the way out, "
+                "mapped addr: {mapped}",
+                event="loss_attributed",
+                lost_return=event.lost_return,
+                lost_forward=event.lost_forward,
+                **fields,
+            )
+        elif event.lost_return:
+            log.warn(
+                'Client {client}: TrID "{trid}": {lost_return} of {lost} requests reached the server; their '
+                "responses were lost on the way back, mapped addr: {mapped}",
+                event="loss_attributed",
+                lost_return=event.lost_return,
+                lost_forward=0,
+                **fields,
+            )
+        else:
+            log.warn(
+                'Client {client}: TrID "{trid}": 0 of {lost} requests reached the server; they were lost on the '
+                "way out, mapped addr: {mapped}",
+                event="loss_attributed",
+                lost_return=0,
+                lost_forward=event.lost_forward,
+                **fields,
+            )
+        if self.recorder is None:
+            return
+        end = None if event.reason == AT_STOP else event.end
+        detail = {"mapped": format_mapped(event.mapped), "answered": bool(event.answered)}
+        if event.reason:
+            detail["reason"] = event.reason
+        counts = {FORWARD: event.lost_forward, RETURN: event.lost_return, UNATTRIBUTED: lost}
+        for direction in event.directions:
+            self.recorder.episode(
+                LossEpisode(str(event.client), trid, event.start, end, direction, counts[direction],
+                            event.reached, detail)
+            )
+
+    def summary(self) -> dict[str, int | float]:
         counters = self.counters
         fleet = self.fleet
         return {
@@ -362,12 +489,58 @@ class StunClientService(Service):
             "unexpected": counters.unexpected.value,
             "refused": self.refused_count.value,
             "socket_errors": self.socket_errors.value,
+            "lost_forward": counters.lost.get(FORWARD),
+            "lost_return": counters.lost.get(RETURN),
+            "lost_unattributed": counters.lost.get(UNATTRIBUTED),
+            "attribution_invalid": counters.attribution_invalid.value,
         }
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        for call in (self._timer, self._stopper):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._stopper = None
         for index in range(len(self._ports)):
             self._close(index)
+        if self.fleet is not None:
+            self._end_run()
         return succeed(None)
+
+    def _end_run(self) -> None:
+        """Episodes still open are unattributed; judge the run, write the report."""
+        fleet = self.fleet
+        assert fleet is not None and self.recorder is not None
+        now = self._reactor.seconds()
+        still_open = fleet.close(now)
+        while (event := fleet.next_event()) is not None:
+            self._report(event)
+        if still_open:
+            log.info(
+                "{count} loss episodes still unresolved at stop: counted as lost_unattributed",
+                event="loss_open_at_stop",
+                count=still_open,
+            )
+        if self._thresholds is None:
+            return
+        counters = self.counters
+        ended = counters.responses.value + counters.error_responses.value + counters.timeouts.value
+        self.verdict = verdict = judge(
+            self._thresholds, sent=ended, lost=counters.timeouts.value, answered=counters.responses.value
+        )
+        if self._report_path:
+            rtt = fleet.rtt
+            rtt_ms = (
+                {f"p{pct}": round(rtt.percentile(pct / 100) * 1000, 3) for pct in (50, 90, 99)} | {"samples": rtt.count}
+                if rtt.count
+                else None
+            )
+            document = self.recorder.document(now, self.summary(), rtt_ms, self._thresholds, verdict)
+            try:
+                write_report(self._report_path, document)
+            except ReportError as error:
+                log.error("{error}", event="report_failed", error=str(error))
+                set_exit_status(self, 1)
+                return
+        log.info("{verdict}", event="verdict", verdict=verdict.line(), passed=verdict.passed)
+        set_exit_status(self, verdict.exit_status)

@@ -17,6 +17,11 @@ class Count(Protocol):
 class LabeledCount(Protocol):
     def inc(self, label_value: str, amount: int = 1) -> None: ...
 
+    def get(self, label_value: str) -> int: ...
+
+    @property
+    def total(self) -> int: ...
+
 
 class MetricFactory(Protocol):
     """What the counter sets need from a ``nettester.metrics.MetricSet`` (duck-typed: no Twisted here)."""
@@ -35,6 +40,10 @@ class ServerCounters:
         self.errors = metrics.labeled_counter("error_responses", "Error responses sent, by error code", "code")
         self.dropped = metrics.labeled_counter("dropped", "Datagrams dropped without an answer, by reason", "reason")
         self.changed = metrics.counter("change_requests", "Responses sent from another address (RFC 5780)")
+        self.attributed = metrics.counter("attributed", "Success responses carrying NETTESTER-RECEIVED")
+        self.attribution_invalid = metrics.counter(
+            "attribution_invalid", "Malformed NETTESTER-SEQUENCE attributes (answered as if absent)"
+        )
 
 
 class FleetCounters:
@@ -50,3 +59,11 @@ class FleetCounters:
         self.error_responses = metrics.counter("error_responses", "Error responses received")
         self.malformed = metrics.counter("malformed", "Datagrams received that are not a STUN response")
         self.reopens = metrics.counter("reopens", "Sockets reopened (failures or periodic)")
+        self.lost = metrics.labeled_counter(
+            "lost", "Loss episodes by direction (forward, return, unattributed)", "direction"
+        )
+        for direction in ("forward", "return", "unattributed"):
+            self.lost.inc(direction, 0)  # every direction exported, zeros included
+        self.attribution_invalid = metrics.counter(
+            "attribution_invalid", "NETTESTER-RECEIVED attributes that were malformed or impossible (ignored)"
+        )

@@ -1,12 +1,12 @@
 """STUN message codec (RFC 8489 section 5 and 14, RFC 5780 section 7), sans-IO.
 
-Bytes in, a :class:`Message` out, and back. Attribute values stay raw bytes
+Bytes in, a ``Message`` out, and back. Attribute values stay raw bytes
 (with the padding bytes as received, so a decoded message re-encodes byte for
-byte, RFC 5769 vectors included); :meth:`Message.get` decodes a value on
+byte, RFC 5769 vectors included); ``Message.get`` decodes a value on
 demand, so a reader only pays for the attributes it looks at.
 
-Malformed input raises :class:`StunDecodeError` (a ``ValueError``) and nothing
-else: from :func:`decode`, :meth:`Message.get` and :func:`decode_attribute_value`.
+Malformed input raises ``StunDecodeError`` (a ``ValueError``) and nothing
+else: from ``decode``, ``Message.get`` and ``decode_attribute_value``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def message_type(method: int, message_class: int) -> int:
 
 
 def split_message_type(value: int) -> tuple[int, int]:
-    """(method, class) of a type field; the inverse of :func:`message_type`."""
+    """(method, class) of a type field; the inverse of ``message_type``."""
     method = (value & 0x000F) | ((value & 0x00E0) >> 1) | ((value & 0x3E00) >> 2)
     message_class = ((value >> 4) & 0b01) | ((value >> 7) & 0b10)
     return method, message_class
@@ -237,8 +237,8 @@ def check_header(data: bytes, magic_cookie: bool = True) -> int:
     """Validate the fixed header (RFC 8489 section 5) and return the message length field.
 
     Accepts a buffer longer than the message (TCP framing reads the length
-    from here); :func:`decode` also requires the exact size. With
-    C{magic_cookie=False} an RFC 3489 message (no cookie, 128-bit id) passes too.
+    from here); ``decode`` also requires the exact size. With
+    ``magic_cookie=False`` an RFC 3489 message (no cookie, 128-bit id) passes too.
     """
     if len(data) < HEADER_LENGTH:
         raise StunDecodeError(f"{len(data)} bytes is shorter than the 20-byte STUN header")
@@ -255,8 +255,8 @@ def check_header(data: bytes, magic_cookie: bool = True) -> int:
 def decode(data: bytes, magic_cookie: bool = True) -> Message:
     """Parse one whole STUN message (a UDP datagram or one TCP frame).
 
-    C{magic_cookie=False} also accepts an RFC 3489 message; its 128-bit id is
-    then the cookie field plus C{transaction_id} (RFC 8489 section 5).
+    ``magic_cookie=False`` also accepts an RFC 3489 message; its 128-bit id is
+    then the cookie field plus ``transaction_id`` (RFC 8489 section 5).
     """
     length = check_header(data, magic_cookie)
     if len(data) != HEADER_LENGTH + length:
@@ -289,7 +289,7 @@ def check_fingerprint(data: bytes) -> bool:
 
 
 def check_integrity(data: bytes, key: bytes, sha256: bool = False) -> bool:
-    """True when MESSAGE-INTEGRITY (or -SHA256) matches C{key} (RFC 8489 sections 14.5, 14.6).
+    """True when MESSAGE-INTEGRITY (or -SHA256) matches ``key`` (RFC 8489 sections 14.5, 14.6).
 
     The HMAC covers the message up to the attribute, with the header length
     adjusted to end just after it.
@@ -324,7 +324,7 @@ _FAMILY_IPV6 = 0x02
 
 
 def _decode_address(value: bytes, mask: bytes = b"") -> Address:
-    """MAPPED-ADDRESS layout (RFC 8489 section 14.1); C{mask} XORs port and address (section 14.2)."""
+    """MAPPED-ADDRESS layout (RFC 8489 section 14.1); ``mask`` XORs port and address (section 14.2)."""
     if len(value) < 4:
         raise StunDecodeError("address attribute shorter than 4 bytes")
     family = value[1]
@@ -470,7 +470,7 @@ def decode_attribute_value(attribute_type: int, value: bytes, transaction_id: by
 def make_attribute(attribute_type: int, value: Any, transaction_id: bytes = b"", padding: bytes = b"") -> Attribute:
     """Encode a typed value (Address, str, ErrorCode, ChangeRequest, ...) as an attribute.
 
-    C{transaction_id} is needed by XOR-MAPPED-ADDRESS only; unknown types take raw bytes.
+    ``transaction_id`` is needed by XOR-MAPPED-ADDRESS only; unknown types take raw bytes.
     """
     codec = _CODECS.get(attribute_type)
     raw = value if codec is None else codec[1](value, transaction_id)

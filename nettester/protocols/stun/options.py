@@ -1,14 +1,39 @@
-"""Options of the ``stun-server`` and ``stun-client`` roles (no reactor imports: read at plugin load)."""
+"""Options of the ``stun-server``, ``stun-client`` and ``stun-report`` roles (Twisted-free: read at plugin load)."""
 
 from __future__ import annotations
 
 import ipaddress
+import resource
 from typing import Any, ClassVar, NamedTuple
 
 from twisted.python import usage
 
 from nettester.options import RoleOptions, non_negative_int, port_number, positive_float, positive_int
 from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
+from nettester.report.options import ResultOptionsMixin
+
+# Descriptors beyond one per client: stdio, the epoll fd, the waker pipe, metrics, logs.
+SPARE_FILES = 64
+
+
+def raise_open_file_limit(clients: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit toward the hard limit for ``clients`` sockets.
+
+    Returns the soft limit now in force; raises ``ValueError``, saying what
+    to do, when even the hard limit is too low.
+    """
+    needed = clients + SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise ValueError(
+            f"{clients} clients need {needed} open files (one UDP socket each) but the hard limit "
+            f"(ulimit -Hn) is {hard}; raise it (docker run --ulimit nofile={needed}, systemd LimitNOFILE=, "
+            f"or the pod's runtime limits) or lower --clients"
+        )
+    return int(soft)
 
 
 class SecondsRange(NamedTuple):
@@ -99,6 +124,27 @@ class StunServerOptions(WorkersOptionsMixin, RoleOptions):
             "SO_RCVBUF to ask for, in bytes (the kernel may grant less).",
             positive_int,
         ],
+        [
+            "max-sessions",
+            None,
+            100_000,
+            "Tester sessions (NETTESTER-SEQUENCE) whose receptions are remembered; the least recently "
+            "used go first.",
+            positive_int,
+        ],
+        [
+            "journal",
+            None,
+            None,
+            "Write one JSON line per received request (TrID, source, time) to FILE, for stun-report.",
+        ],
+        [
+            "journal-max-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Rotate the journal to FILE.1 when FILE would pass this many bytes.",
+            positive_int,
+        ],
     ]
     optFlags: ClassVar[list[list[Any]]] = [["tcp", None, "Also serve STUN over TCP on the same port."]]
 
@@ -122,7 +168,7 @@ class StunServerOptions(WorkersOptionsMixin, RoleOptions):
             raise usage.UsageError(f"--other-address port {other[1]} must differ from --port; see --help")
 
 
-class StunClientOptions(ProcessesOptionsMixin, RoleOptions):
+class StunClientOptions(ResultOptionsMixin, ProcessesOptionsMixin, RoleOptions):
     """``nettester stun-client``."""
 
     longdesc = (
@@ -163,14 +209,36 @@ class StunClientOptions(ProcessesOptionsMixin, RoleOptions):
             "RFC 8489 retransmissions (RTO 500 ms doubling, Rc=7, Rm=16) instead of the "
             "original once-per-interval re-send.",
         ],
+        [
+            "no-attribution",
+            None,
+            "Send bare Binding requests, without NETTESTER-SEQUENCE (every loss is then unattributed).",
+        ],
     ]
 
     def postOptions(self) -> None:
+        super().postOptions()
         if not self["server"]:
             raise usage.UsageError("--server is required (or set STUN_SERVER_IP); see --help")
-        from nettester.protocols.stun.client import raise_open_file_limit
-
         try:
             raise_open_file_limit(self["clients"])
         except ValueError as error:
             raise usage.UsageError(f"--clients: {error}") from None
+
+
+class StunReportOptions(RoleOptions):
+    """``nettester stun-report``."""
+
+    synopsis = "SERVER.jsonl CLIENT.jsonl [CLIENT.jsonl ...]"
+    longdesc = (
+        "Join a stun-server journal (--journal) with the JSON logs (--log-format json) of its stun-clients by "
+        "transaction id and print, per lost TrID, whether the server received it, when and from which "
+        "address, and the Wireshark filter that finds it; then totals by direction and by client. "
+        "Exit status: 0 no loss, 1 a path loss found, 2 an unreadable input."
+    )
+
+    def parseArgs(self, server: str, *clients: str) -> None:  # type: ignore[override]
+        if not clients:
+            raise usage.UsageError("give the server's journal and at least one client's JSON log")
+        self["server_journal"] = server
+        self["client_logs"] = list(clients)

@@ -1,10 +1,12 @@
 """The Binding responder (RFC 8489 section 6.3, RFC 5780 section 6.1), sans-IO.
 
-One call per request: bytes and the peer address in, the response bytes and
-the local socket to send it from out. The hot path reads the 20-byte header
-first; a request without attributes (what testers and load generators send)
-is answered from precomputed parts and a per-peer cache of the address
-attributes, without building a :class:`~nettester.protocols.stun.message.Message`.
+One call per request: bytes, the peer address and the time in, the response
+bytes and the local socket to send it from out. The hot path reads the
+20-byte header first; a request without attributes (what load generators
+send), or with only NETTESTER-SEQUENCE (what nettester's tester sends, see
+``nettester.protocols.stun.attribution``), is answered from precomputed
+parts and a per-peer cache of the address attributes, without building a
+``nettester.protocols.stun.message.Message``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from nettester.protocols.stun.attribution import (
+    NETTESTER_SEQUENCE,
+    SEQUENCE_HEADER,
+    AttributionError,
+    SequenceTag,
+    SessionTable,
+)
 from nettester.protocols.stun.counters import ServerCounters
 from nettester.protocols.stun.message import (
     MAGIC_COOKIE_BYTES,
@@ -56,7 +65,10 @@ Reply = tuple[bytes, int, int]
 
 BINDING_REQUEST = b"\x00\x01"
 BARE_BINDING_REQUEST = BINDING_REQUEST + b"\x00\x00" + MAGIC_COOKIE_BYTES  # type, zero length, cookie
+# The tester's request: the header, then NETTESTER-SEQUENCE alone (16 bytes).
+TESTER_BINDING_REQUEST = BINDING_REQUEST + b"\x00\x10" + MAGIC_COOKIE_BYTES
 _TYPE_AND_LENGTH = struct.Struct("!HH")
+_U32 = struct.Struct("!I")
 _CACHE_LIMIT = 65536
 
 # Socket indexes of an RFC 5780 server: bit 0 = alternate port, bit 1 = alternate IP.
@@ -66,10 +78,12 @@ ALTERNATE_IP = 2
 
 
 class BindingResponder:
-    """Answers Binding requests; with four C{addresses} also RFC 5780 CHANGE-REQUEST.
+    """Answers Binding requests; with four ``addresses`` also RFC 5780 CHANGE-REQUEST.
 
-    C{addresses}, when given, are the server's sockets indexed by
+    ``addresses``, when given, are the server's sockets indexed by
     ``ALTERNATE_IP | ALTERNATE_PORT`` bits: (IP1, P1), (IP1, P2), (IP2, P1), (IP2, P2).
+    ``sessions`` records NETTESTER-SEQUENCE and answers it with NETTESTER-RECEIVED;
+    None ignores it like any other comprehension-optional attribute.
     """
 
     def __init__(
@@ -77,8 +91,10 @@ class BindingResponder:
         counters: ServerCounters,
         software: str,
         addresses: Sequence[Address] | None = None,
+        sessions: SessionTable | None = None,
     ) -> None:
         self._counters = counters
+        self.sessions = sessions
         self._software_text = software
         self._software = make_attribute(AttributeType.SOFTWARE, software).encode()
         # Success header (type and length) by the size of the address attributes: IPv4 24, IPv6 48 bytes.
@@ -90,21 +106,39 @@ class BindingResponder:
         self._understood = UNDERSTOOD if self._addresses is None else UNDERSTOOD_RFC5780
         self._ipv4_cache: dict[tuple[str, int], bytes] = {}
 
-    def respond(self, data: bytes, peer: tuple[str, int], via: int = PRIMARY) -> Reply | None:
-        """The response to C{data} from C{peer}, the socket index to send it from and the port to send it to.
+    def respond(self, data: bytes, peer: tuple[str, int], via: int = PRIMARY, now: float = 0.0) -> Reply | None:
+        """The response to ``data`` from ``peer``, the socket index to send it from and the port to send it to.
 
-        None means drop. The first branch is the hot path: a Binding request
-        without attributes (what testers and load generators send).
+        None means drop. ``now`` (seconds since the epoch) is the receive time
+        NETTESTER-RECEIVED reports. The first branches are the hot path: a
+        Binding request without attributes (load generators), and one with
+        NETTESTER-SEQUENCE alone (nettester's tester).
         """
-        if data[:8] == BARE_BINDING_REQUEST and len(data) == 20 and self._addresses is None:
+        head = data[:8]
+        if head == BARE_BINDING_REQUEST and len(data) == 20 and self._addresses is None:
             counters = self._counters
             counters.requests.value += 1
             counters.responses.value += 1
             addresses = self._ipv4_cache.get(peer) or self._address_attributes(data[8:20], peer)
             return b"".join((self._headers[len(addresses)], data[4:20], addresses, self._software)), via, 0
-        return self._respond(data, peer, via)
+        if (
+            head == TESTER_BINDING_REQUEST
+            and len(data) == 36
+            and data[20:24] == SEQUENCE_HEADER
+            and self._addresses is None
+            and self.sessions is not None
+        ):
+            counters = self._counters
+            counters.requests.value += 1
+            counters.responses.value += 1
+            counters.attributed.value += 1
+            receipt = self.sessions.answer(data[24:32], _U32.unpack_from(data, 32)[0], now)
+            addresses = self._ipv4_cache.get(peer) or self._address_attributes(data[8:20], peer)
+            header = _TYPE_AND_LENGTH.pack(0x0101, len(addresses) + len(receipt) + len(self._software))
+            return b"".join((header, data[4:20], addresses, receipt, self._software)), via, 0
+        return self._respond(data, peer, via, now)
 
-    def _respond(self, data: bytes, peer: tuple[str, int], via: int) -> Reply | None:
+    def _respond(self, data: bytes, peer: tuple[str, int], via: int, now: float) -> Reply | None:
         """Every case but the hot path: attributes, RFC 5780, RFC 3489 clients, errors, noise."""
         counters = self._counters
         if len(data) < 20 or data[0] & 0xC0:
@@ -115,14 +149,14 @@ class BindingResponder:
         if data[:2] != BINDING_REQUEST:
             return self._not_binding(data, via)
         counters.requests.value += 1
-        return self._with_attributes(data, peer, via, False)
+        return self._with_attributes(data, peer, via, False, now)
 
     def _classic(self, data: bytes, peer: tuple[str, int], via: int) -> Reply | None:
         """An RFC 3489 client: no magic cookie (RFC 8489 section 12, RFC 5389 section 12.2)."""
         if data[:2] != BINDING_REQUEST:
             self._counters.dropped.inc("not_stun")
             return None
-        return self._with_attributes(data, peer, via, True)
+        return self._with_attributes(data, peer, via, True, 0.0)
 
     def _not_binding(self, data: bytes, via: int) -> Reply | None:
         # RFC 8489 section 6.3: only requests are answered; indications and responses are not.
@@ -132,7 +166,9 @@ class BindingResponder:
         self._counters.requests.value += 1
         return self._error(data, 400, "Bad Request: unsupported method", False), via, 0
 
-    def _with_attributes(self, data: bytes, peer: tuple[str, int], via: int, classic: bool) -> Reply | None:
+    def _with_attributes(
+        self, data: bytes, peer: tuple[str, int], via: int, classic: bool, now: float
+    ) -> Reply | None:
         counters = self._counters
         try:
             message = decode(data, magic_cookie=not classic)
@@ -149,6 +185,7 @@ class BindingResponder:
             # RFC 8489 section 7.3: a bad FINGERPRINT means the datagram is not STUN.
             counters.dropped.inc("bad_fingerprint")
             return None
+        receipt = None if classic else self._record(message, now)
         unknown = [a.type for a in attributes if is_comprehension_required(a.type) and a.type not in self._understood]
         if unknown:
             # RFC 8489 section 6.3.1.1: 420 listing every unknown comprehension-required attribute.
@@ -174,10 +211,32 @@ class BindingResponder:
         except StunDecodeError:
             return self._error(data, 400, "Bad Request: malformed RESPONSE-PORT", fingerprint, (), classic), via, 0
         counters.responses.value += 1
-        return self._success(data, peer, via, send_via, fingerprint, classic), send_via, response_port
+        if receipt is not None:
+            counters.attributed.value += 1
+        return self._success(data, peer, via, send_via, fingerprint, classic, receipt), send_via, response_port
+
+    def _record(self, message: Message, now: float) -> bytes | None:
+        """Note a NETTESTER-SEQUENCE (recorded even when the answer is an error): the NETTESTER-RECEIVED
+        attribute to answer with; None without one."""
+        attribute = message.find(NETTESTER_SEQUENCE)
+        if attribute is None or self.sessions is None:
+            return None
+        try:
+            tag = SequenceTag.decode(attribute.value)
+        except AttributionError:
+            self._counters.attribution_invalid.value += 1  # answered as if it were absent
+            return None
+        return self.sessions.answer(tag.session, tag.sequence, now)
 
     def _success(
-        self, request: bytes, peer: tuple[str, int], via: int, send_via: int, fingerprint: bool, classic: bool
+        self,
+        request: bytes,
+        peer: tuple[str, int],
+        via: int,
+        send_via: int,
+        fingerprint: bool,
+        classic: bool,
+        receipt: bytes | None = None,
     ) -> bytes:
         """RFC 8489 section 10.1.2: XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, [RFC 5780 addresses], SOFTWARE, [FINGERPRINT].
 
@@ -193,6 +252,8 @@ class BindingResponder:
         if self._addresses is not None:
             addresses += make_attribute(origin, self._addresses[send_via]).encode()
             addresses += make_attribute(other, self._addresses[via ^ 3]).encode()
+        if receipt is not None:
+            addresses += receipt
         software = self._classic_software if classic else self._software
         length = len(addresses) + len(software) + (8 if fingerprint else 0)
         # Bytes 4-20 are echoed: the magic cookie and transaction id (or an RFC 3489 128-bit id).
@@ -202,7 +263,7 @@ class BindingResponder:
         return response
 
     def _address_attributes(self, transaction_id: bytes, peer: tuple[str, int]) -> bytes:
-        """XOR-MAPPED-ADDRESS then MAPPED-ADDRESS of C{peer}.
+        """XOR-MAPPED-ADDRESS then MAPPED-ADDRESS of ``peer``.
 
         Cached per IPv4 peer: its XOR mask is the cookie alone, while an
         IPv6 mask includes the transaction id (RFC 8489 section 14.2).

@@ -18,8 +18,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent
 from zope.interface.verify import verifyObject
 
-from tests.logcapture import log_events
-from nettester.protocols.stun.client import StunClientService, format_mapped, raise_open_file_limit
+from nettester.protocols.stun.client import StunClientService, format_mapped
 from nettester.protocols.stun.fleet import FleetConfig
 from nettester.protocols.stun.message import (
     Address,
@@ -30,6 +29,8 @@ from nettester.protocols.stun.message import (
     decode,
     make_attribute,
 )
+from nettester.protocols.stun.options import raise_open_file_limit
+from tests.logcapture import log_events
 
 
 class FakeReactor(Clock):
@@ -224,3 +225,131 @@ def test_open_file_limit_error_says_what_to_do() -> None:
     assert raise_open_file_limit(10) >= 10 + 64
     with pytest.raises(ValueError, match=r"ulimit -Hn.*lower --clients"):
         raise_open_file_limit(hard)
+
+
+def answer_with(server: socket.socket, service: StunClientService, responder: Any, deliver_it: bool = True) -> bytes:
+    """Read one request, answer it with a nettester responder; drop the answer unless ``deliver_it``."""
+    data, peer = server.recvfrom(2048)
+    reply = responder.respond(data, peer, now=service._reactor.seconds())  # type: ignore[attr-defined]
+    if deliver_it:
+        server.sendto(reply[0], peer)
+        deliver(service)
+    return bytes(decode(data).transaction_id)
+
+
+def nettester_responder() -> Any:
+    from nettester.metrics import MetricSet
+    from nettester.protocols.stun.attribution import SessionTable
+    from nettester.protocols.stun.counters import ServerCounters
+    from nettester.protocols.stun.responder import BindingResponder
+
+    return BindingResponder(ServerCounters(MetricSet("stun_test_server")), "nettester", sessions=SessionTable())
+
+
+def test_a_resolved_loss_episode_gets_one_line_naming_its_direction(
+    server_socket: socket.socket, events: list[dict[str, Any]]
+) -> None:
+    reactor, service = start(server_socket)
+    responder = nettester_responder()
+    advance(reactor, 0.02)
+    answer_with(server_socket, service, responder)
+    mapped = f"127.0.0.1:{service.local_port(0)}"
+    advance(reactor, 1.0)
+    lost = answer_with(server_socket, service, responder, deliver_it=False)  # reached the server, answer lost
+    advance(reactor, 1.0)
+    assert answer_with(server_socket, service, responder, deliver_it=False) == lost  # the re-send: same again
+    advance(reactor, 1.0)
+    assert answer_with(server_socket, service, responder) == lost  # the second re-send is answered
+    trid = lost.hex(":").upper()
+    assert lines(events, "loss_attributed") == [
+        (
+            LogLevel.warn,
+            f'Client 0: TrID "{trid}": 2 of 2 requests reached the server; their responses were lost on the '
+            f"way back, mapped addr: {mapped}",
+        )
+    ]
+    assert len(lines(events, "response_missing")) == 2  # the original lines are still there
+    summary = service.summary()
+    assert (summary["lost_forward"], summary["lost_return"], summary["lost_unattributed"]) == (0, 1, 0)
+    assert summary["attribution_invalid"] == 0
+    service.stopService()
+
+
+def test_loss_counters_are_one_family_with_a_direction_label(server_socket: socket.socket) -> None:
+    from prometheus_client.exposition import generate_latest
+
+    from nettester.metrics import new_registry
+
+    reactor, service = start(server_socket)
+    text = generate_latest(new_registry(service.metrics)).decode()
+    for direction in ("forward", "return", "unattributed"):
+        assert f'nettester_stun_client_lost_total{{direction="{direction}"}} 0.0' in text
+    assert "nettester_stun_client_attribution_invalid_total 0.0" in text
+    service.stopService()
+
+
+def test_a_loss_open_at_stop_is_unattributed_and_reported(
+    server_socket: socket.socket, events: list[dict[str, Any]], tmp_path: Any
+) -> None:
+    import json
+
+    from nettester.report import Thresholds
+    from nettester.service import exit_status_of
+
+    reactor = FakeReactor()
+    reactor.advance(100.0)
+    report = tmp_path / "run.json"
+    service = StunClientService(
+        reactor, "127.0.0.1", server_socket.getsockname()[1],
+        FleetConfig(clients=1, interval=1.0, start_delay=(0.0, 0.0)), rng=random.Random(3),
+        report=str(report), thresholds=Thresholds(max_loss_percent=10.0), configuration={"clients": 1},
+    )  # fmt: skip
+    service.startService()
+    responder = nettester_responder()
+    advance(reactor, 0.02)
+    answer_with(server_socket, service, responder)
+    advance(reactor, 1.0)
+    lost = answer_with(server_socket, service, responder, deliver_it=False)
+    advance(reactor, 1.0)  # one miss, then the re-send is outstanding when the run stops
+    service.stopService()
+    summary = service.summary()
+    assert (summary["lost_forward"], summary["lost_return"], summary["lost_unattributed"]) == (0, 0, 1)
+    assert lines(events, "loss_open_at_stop") == [
+        (LogLevel.info, "1 loss episodes still unresolved at stop: counted as lost_unattributed")
+    ]
+    document = json.loads(report.read_text())
+    assert document["loss"] == {"lost_forward": 0, "lost_return": 0, "lost_unattributed": 1}
+    (episode,) = document["episodes"]
+    assert (episode["key"], episode["direction"], episode["end"]) == (lost.hex(":").upper(), "unattributed", None)
+    # 1 of 2 waits ended without an answer: 50 % is above --max-loss 10.
+    assert document["verdict"]["passed"] is False and exit_status_of(service) == 1
+    assert [text for _, text in lines(events, "verdict")] == [
+        "verdict: FAIL: loss 50.00% (1 of 2) is above --max-loss 10%"
+    ]
+
+
+def test_duration_stops_the_reactor_by_itself(server_socket: socket.socket, events: list[dict[str, Any]]) -> None:
+    reactor = FakeReactor()
+    stopped: list[float] = []
+    reactor.stop = lambda: stopped.append(reactor.seconds())  # type: ignore[attr-defined]
+    service = StunClientService(
+        reactor, "127.0.0.1", server_socket.getsockname()[1], FleetConfig(clients=1, start_delay=(0.0, 0.0)),
+        duration=2.5,
+    )  # fmt: skip
+    service.startService()
+    advance(reactor, 2.49)
+    assert stopped == []
+    advance(reactor, 0.02)
+    assert stopped == [pytest.approx(2.5, abs=0.011)]
+    assert lines(events, "duration_over") == [(LogLevel.info, "--duration 2.5 s is over: stopping")]
+    service.stopService()
+
+
+def test_the_timer_is_one_delayed_call_re_armed_at_the_fleets_next_deadline(server_socket: socket.socket) -> None:
+    reactor, service = start(server_socket, clients=3, interval=1.0)
+    advance(reactor, 0.05)
+    calls = reactor.getDelayedCalls()
+    assert len(calls) == 1  # not a periodic tick: the next deadline of the whole fleet
+    assert 1.0 <= calls[0].getTime() - 100.0 <= 1.02
+    service.stopService()
+    assert reactor.getDelayedCalls() == []

@@ -15,8 +15,6 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent
 
-from tests.loopback import has_ipv6_loopback
-from tests.logcapture import log_events
 from nettester.protocols.stun.client import StunClientService
 from nettester.protocols.stun.fleet import FleetConfig
 from nettester.protocols.stun.message import (
@@ -30,9 +28,11 @@ from nettester.protocols.stun.message import (
     make_attribute,
 )
 from nettester.protocols.stun.server import StunServerService
+from tests.logcapture import log_events
+from tests.loopback import has_ipv6_loopback
 
 pytestmark = pytest.mark.integration
-TIMEOUT = 10.0
+TIMEOUT = 30.0  # a bound, not a wait: every wait ends as soon as its condition holds
 
 
 def sleep(seconds: float) -> Deferred[None]:
@@ -62,7 +62,7 @@ def test_thirty_clients_every_request_answered(events: list[dict[str, Any]]) -> 
     fleet = StunClientService(reactor, "127.0.0.1", server.port, config, rng=random.Random(1))
     fleet.startService()
     try:
-        yield sleep(2.6)
+        yield wait_for(lambda: fleet.counters.responses.value >= 30 * 5)
     finally:
         yield fleet.stopService()
         yield server.stopService()
@@ -143,7 +143,8 @@ def test_relay_dropping_one_clients_responses_for_six_intervals(
         relay.victim = ("127.0.0.1", first_port)
         relay.drop_until = reactor.seconds() + 6 * interval
         yield wait_for(lambda: fleet.counters.failures.value == 1)
-        yield sleep(4 * interval)
+        yield wait_for(lambda: ("127.0.0.1", fleet.local_port(1)) in relay.delivered)  # the new socket is answered
+        yield wait_for(lambda: fleet.counters.lost.get("return") == 1)  # which resolves the loss episode
         new_port = fleet.local_port(1)
     finally:
         yield fleet.stopService()
@@ -167,6 +168,13 @@ def test_relay_dropping_one_clients_responses_for_six_intervals(
     ]
     assert new_port not in (None, first_port)
     assert lines("socket_reopened") == [(LogLevel.info, f"Client 1: new UDP socket, local port {new_port} (failures)")]
+    assert lines("loss_attributed") == [
+        (
+            LogLevel.warn,
+            f'Client 1: TrID "{trid}": 5 of 5 requests reached the server; their responses were lost on the way '
+            f"back, mapped addr: {mapped}",
+        )
+    ]
     # The other clients never missed, and the new socket is answered again.
     assert ("127.0.0.1", new_port) in relay.delivered
     assert relay.dropped >= 5
@@ -248,3 +256,76 @@ def test_stun_over_tcp_on_the_same_port() -> Generator[Any, Any, None]:
         collector.transport.loseConnection()
     finally:
         yield server.stopService()
+
+
+class SeededLossRelay(DatagramProtocol):
+    """Drops a seeded share of requests and of responses, and remembers which (by TrID)."""
+
+    def __init__(self, server: tuple[str, int], seed: int, request_loss: float, response_loss: float) -> None:
+        self.server = server
+        self.rng = random.Random(seed)
+        self.request_loss, self.response_loss = request_loss, response_loss
+        self.origin: dict[bytes, tuple[str, int]] = {}
+        self.dropped: dict[bytes, list[str]] = {}
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        trid = datagram[8:20]
+        if addr == self.server:
+            if self.rng.random() < self.response_loss:
+                self.dropped.setdefault(trid, []).append("return")
+            elif trid in self.origin:
+                self.transport.write(datagram, self.origin[trid])
+        else:
+            self.origin[trid] = addr
+            if self.rng.random() < self.request_loss:
+                self.dropped.setdefault(trid, []).append("forward")
+            else:
+                self.transport.write(datagram, self.server)
+
+
+@pytest_twisted.inlineCallbacks
+def test_journal_and_stun_report_agree_with_the_clients_own_attribution(tmp_path: Any) -> Generator[Any, Any, None]:
+    import io
+    import json
+
+    from twisted.logger import globalLogPublisher
+
+    from nettester.logs import JsonObserver
+    from nettester.protocols.stun.report import run_report
+
+    journal = tmp_path / "server.jsonl"
+    client_log = tmp_path / "client.jsonl"
+    server = StunServerService(reactor, port=0, interface="127.0.0.1", journal=str(journal))
+    server.startService()
+    relay = SeededLossRelay(("127.0.0.1", server.port), seed=7, request_loss=0.15, response_loss=0.15)
+    relay_port = reactor.listenUDP(0, relay, interface="127.0.0.1")
+    config = FleetConfig(clients=10, interval=0.2, start_delay=(0.0, 0.1))
+    fleet = StunClientService(reactor, "127.0.0.1", relay_port.getHost().port, config, rng=random.Random(4))
+    with open(client_log, "w") as log_file:
+        observer = JsonObserver(log_file)
+        globalLogPublisher.addObserver(observer)
+        try:
+            fleet.startService()
+            lost = fleet.counters.lost
+            yield wait_for(lambda: lost.get("forward") >= 3 and lost.get("return") >= 3)
+        finally:
+            yield fleet.stopService()
+            globalLogPublisher.removeObserver(observer)
+            relay_port.stopListening()
+            yield server.stopService()
+    records = [json.loads(line) for line in client_log.read_text().splitlines()]
+    resolved = [r for r in records if r["event"] == "loss_attributed"]
+    assert resolved
+    for record in resolved:  # the client's verdict matches the relay's own record, transmission for transmission
+        fates = relay.dropped[bytes.fromhex(record["trid"].replace(":", ""))]
+        assert (record["lost_forward"], record["lost_return"]) == (fates.count("forward"), fates.count("return"))
+    out = io.StringIO()
+    assert run_report(str(journal), [str(client_log)], out) == 1
+    text = out.getvalue()
+    for record in resolved:
+        direction = {"forward": "forward", "return": "return"}.get(record["directions"], "both")
+        line = next(line for line in text.splitlines() if record["trid"] in line and "wireshark" not in line)
+        assert f"; {direction}: " in line
+        hex_id = record["trid"].replace(":", "").lower()
+        assert f"wireshark: stun.id == 0x{hex_id} || frame contains {record['trid']}" in text
+    assert "lost TrIDs: " in text

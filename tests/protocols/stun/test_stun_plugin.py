@@ -14,7 +14,8 @@ from twisted.python.usage import UsageError
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import ILocalScenario, IProtocolModule, IReportingService, IRole
-from nettester.plugins.stun import build_client, build_server, stun
+from nettester.module import discover_modules
+from nettester.plugins.stun import stun
 from nettester.protocols.stun.options import (
     SecondsRange,
     StunClientOptions,
@@ -22,7 +23,7 @@ from nettester.protocols.stun.options import (
     seconds_range,
     transport_address,
 )
-from nettester.module import discover_modules
+from nettester.protocols.stun.roles import build_client, build_server
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def parse(options_class: type, *argv: str) -> Any:
 def test_module_is_discovered_and_provides_its_interfaces() -> None:
     assert stun in discover_modules()
     assert verifyObject(IProtocolModule, stun)
-    assert [role.name for role in stun.roles] == ["stun-server", "stun-client"]
+    assert [role.name for role in stun.roles] == ["stun-server", "stun-client", "stun-report"]
     for role in stun.roles:
         assert verifyObject(IRole, role)
 
@@ -162,8 +163,12 @@ def test_local_scenario_passes_on_loopback() -> Generator[Any, Any, None]:
     scenario = stun.localScenario(reactor, {"duration": 3.0})
     assert verifyObject(ILocalScenario, scenario)
     scenario.service.startService()
+    client = scenario.service.client
     try:
-        yield deferLater(reactor, 2.5, lambda: None)
+        for _ in range(600):  # at most 30 s: every one of the 20 clients answered twice
+            if client.counters.responses.value >= 40:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
     finally:
         yield scenario.service.stopService()
     verdict = scenario.verdict()

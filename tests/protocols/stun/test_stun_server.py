@@ -26,7 +26,7 @@ TID_B = b"B" * 12
 
 def connected_stream() -> tuple[StunStreamProtocol, StringTransport, ServerCounters]:
     counters = ServerCounters(MetricSet("stun_tcp_test"))
-    protocol = StunStreamProtocol(BindingResponder(counters, "tcp test"))
+    protocol = StunStreamProtocol(BindingResponder(counters, "tcp test"), lambda: 0.0)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.4", 5555))
     protocol.makeConnection(transport)
     return protocol, transport, counters
@@ -128,7 +128,7 @@ class FullSocket:
 def test_udp_send_failure_is_counted_not_raised() -> None:
     counters = ServerCounters(MetricSet("stun_udp_test"))
     protocol = StunDatagramProtocol(0, [FullSocket()])
-    protocol.serve(BindingResponder(counters, "udp test"), counters)
+    protocol.serve(BindingResponder(counters, "udp test"), counters, lambda: 0.0)
     protocol.datagramReceived(Message(Method.BINDING, MessageClass.REQUEST, TID_A).encode(), ("192.0.2.4", 5555))
     assert counters.responses.value == 1
     assert counters.dropped.get("send_failed") == 1
