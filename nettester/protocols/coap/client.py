@@ -12,9 +12,7 @@ import json
 import socket
 import string
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit
 
 import cbor2
 from twisted.application.service import IService, Service
@@ -32,12 +30,9 @@ from nettester.protocols.coap.endpoint import (
     CoapRequestError,
     Observation,
 )
-from nettester.protocols.coap.layer import ResponseReceived
+from nettester.protocols.coap.events import ResponseReceived
 from nettester.protocols.coap.message import (
-    CON,
-    NON,
     OPTION_SPECS,
-    Code,
     ContentFormat,
     Message,
     MessageType,
@@ -46,76 +41,25 @@ from nettester.protocols.coap.message import (
     code_name,
     decode,
     decode_block,
-    encode_uint,
     media_type,
     option_name,
 )
-from nettester.protocols.coap.options import MAX_TRANSMIT_WAIT
+from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
+
+# parse_uri is re-exported: the bench and receive-test roles and their tests import it from here.
+from nettester.protocols.coap.uri import CoapUri, build_request, parse_uri  # noqa: F401
 from nettester.service import set_exit_status
 from nettester.udplink import UdpLink, UdpPeer
 
 log = Logger()
 
-DEFAULT_PORTS = {"coap": 5683, "coaps": 5684}  # RFC 7252 sections 6.1 and 6.2
 MAX_DATAGRAM = 65535  # read whole datagrams: a DTLS flight may come as one large one
 
 # Exit statuses of the client roles (2 is nettester's own: a bad command line).
 EXIT_SUCCESS = 0  # a 2.xx response (coap-bench: every request answered)
 EXIT_ERROR_RESPONSE = 1  # the server answered with another code (coap-bench: some requests failed)
 EXIT_NO_RESPONSE = 3  # no answer at all: nobody listening, timeout, Reset, DTLS handshake failed
-METHODS = {"GET": Code.GET, "POST": Code.POST, "PUT": Code.PUT, "DELETE": Code.DELETE,
-           "FETCH": Code.FETCH, "PATCH": Code.PATCH, "IPATCH": Code.IPATCH}
 _PRINTABLE = set(string.printable)
-
-
-@dataclass(frozen=True)
-class CoapUri:
-    """A parsed ``coap://`` / ``coaps://`` URI (RFC 7252 section 6.4)."""
-
-    scheme: str
-    host: str
-    port: int
-    path: tuple[str, ...]
-    query: tuple[str, ...]
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """(host, port) for IDatagramLink.connect."""
-        return (self.host, self.port)
-
-
-def parse_uri(text: str) -> CoapUri:
-    """Split a CoAP URI into host, port, path segments and query arguments."""
-    parts = urlsplit(text.strip())
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"expected a coap:// or coaps:// URI, got {text!r}")
-    if not parts.hostname:
-        raise ValueError(f"no host in {text!r}")
-    if parts.fragment:
-        raise ValueError("a CoAP URI has no fragment (RFC 7252 section 6.4)")
-    try:
-        port = parts.port or DEFAULT_PORTS[scheme]
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
-    # Section 6.4 steps 8-9: one Uri-Path per segment, one Uri-Query per argument, percent-decoded.
-    segments = tuple(unquote(segment) for segment in parts.path.split("/")[1:])
-    if segments == ("",):
-        segments = ()
-    query = tuple(unquote(argument) for argument in parts.query.split("&") if argument) if parts.query else ()
-    return CoapUri(scheme, parts.hostname, port, segments, query)
-
-
-def build_request(uri: CoapUri, method: str, payload: bytes = b"", confirmable: bool = True,
-                  content_format: int | None = None, accept: int | None = None) -> Message:
-    """The request message for ``uri``."""
-    options: list[tuple[int, bytes]] = [(OptionNumber.URI_PATH, segment.encode()) for segment in uri.path]
-    options += [(OptionNumber.URI_QUERY, argument.encode()) for argument in uri.query]
-    if content_format is not None:
-        options.append((OptionNumber.CONTENT_FORMAT, encode_uint(content_format)))
-    if accept is not None:
-        options.append((OptionNumber.ACCEPT, encode_uint(accept)))
-    return Message(CON if confirmable else NON, METHODS[method.upper()], 0, b"", options, payload)
 
 
 def format_option(number: int, value: bytes) -> str:

@@ -23,23 +23,19 @@ from zope.interface import implementer
 from nettester.interfaces import IDatagramLink, IDatagramReceiver
 from nettester.link import PeerContext
 from nettester.logs import Logger
-from nettester.protocols.coap.layer import (
-    CoapLayer,
+from nettester.protocols.coap.events import (
     Event,
-    IncomingRequest,
-    LayerStats,
     MessageRejected,
     ObserveCancelled,
-    ObserveRelation,
-    OutgoingRequest,
     Peer,
     RequestFailed,
     RequestReceived,
     ResponseReceived,
-    TransmissionParameters,
-    response,
 )
-from nettester.protocols.coap.message import Code, Message, OptionNumber
+from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation, OutgoingRequest
+from nettester.protocols.coap.layer import CoapLayer
+from nettester.protocols.coap.message import Code, Message, OptionNumber, response
+from nettester.protocols.coap.parameters import LayerStats, TransmissionParameters
 
 log = Logger()
 

@@ -741,3 +741,21 @@ def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Messa
             bad_option,
         )
     return Message(_TYPES[mtype], code, mid, token, options, payload)
+
+
+# Content-Format option values of the formats answered most, encoded once.
+_CONTENT_FORMAT_VALUES = {number: encode_uint(number) for number in (0, 40, 41, 42, 50, 60)}
+
+
+def response(
+    code: int,
+    payload: bytes = b"",
+    content_format: int | None = None,
+    options: list[tuple[int, bytes]] | None = None,
+) -> Message:
+    """A response for ``CoapLayer.respond``; the layer sets type, MID and token."""
+    message = Message(ACK, code, 0, b"", list(options) if options else [], payload)
+    if content_format is not None:
+        value = _CONTENT_FORMAT_VALUES.get(content_format)
+        message.options.append((OptionNumber.CONTENT_FORMAT, encode_uint(content_format) if value is None else value))
+    return message

@@ -9,6 +9,7 @@ so its users feel at home: ``--[no-]plugtest``, ``--[no-]benchmark``,
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -24,6 +25,8 @@ from nettester.options import (
     positive_float,
     positive_int,
 )
+from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
+from nettester.protocols.coap.uri import METHODS, parse_uri
 from nettester.protocols.dtls.options import (
     DtlsClientOptionsMixin,
     DtlsServerOptionsMixin,
@@ -35,9 +38,8 @@ DEFAULT_PORT = 5683
 COAPS_OFFSET = 1
 EXTENDED_OFFSET = 100
 CLUSTER_MIN_CID_LENGTH = 6  # issue 6: the node id byte plus enough random bytes for many sessions
-# RFC 7252 section 4.8.2 MAX_TRANSMIT_WAIT with the default parameters: ACK_TIMEOUT *
-# (2 ** (MAX_RETRANSMIT + 1) - 1) * ACK_RANDOM_FACTOR = 2 * 31 * 1.5 s, when a CON sender gives up.
-MAX_TRANSMIT_WAIT = 93.0
+#: Where coap-receivetest keeps the device UUID unless --uuid-file says otherwise.
+DEFAULT_UUID_FILE = os.path.join(os.path.expanduser("~"), ".nettester", "coap-receivetest.uuid")
 CLIENT_EXIT_STATUS = (
     "Exit status: 0 a 2.xx response; 1 another response (4.xx, 5.xx); 2 a bad command line; "
     "3 no response (nobody listening, timeout, Reset, failed DTLS handshake)."
@@ -148,6 +150,12 @@ def content_format_option(value: str) -> int:
     return parse_content_format(value)
 
 
+def check_method(method: str) -> None:
+    """``--method``: one of the request methods (RFC 7252 section 12.1.1, RFC 8132)."""
+    if method not in METHODS:
+        raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
+
+
 class _CoapUriArgument:
     """The URI argument of the client roles; DTLS options apply to coaps:// URIs only."""
 
@@ -155,8 +163,6 @@ class _CoapUriArgument:
     uri_example = "coap://127.0.0.1:5683/test"
 
     def parseArgs(self, *arguments: str) -> None:
-        from nettester.protocols.coap.client import parse_uri
-
         if not arguments:
             raise usage.UsageError(f"give the URI, e.g. {self.uri_example}")
         if len(arguments) > 1:
@@ -196,10 +202,7 @@ class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     ]
 
     def postOptions(self) -> None:
-        from nettester.protocols.coap.client import METHODS
-
-        if self["method"] not in METHODS:
-            raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
+        check_method(self["method"])
         super().postOptions()
 
 
@@ -235,12 +238,9 @@ class CoapBenchOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     ]
 
     def postOptions(self) -> None:
-        from nettester.protocols.coap.client import METHODS
-
         if self["con"] and self["non"]:
             raise usage.UsageError("--con and --non contradict each other")
-        if self["method"] not in METHODS:
-            raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
+        check_method(self["method"])
         super().postOptions()
 
 
@@ -272,8 +272,6 @@ class CoapReceiveTestOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptio
         super().parseArgs(*(arguments or (self.uri_example,)))
 
     def postOptions(self) -> None:
-        from nettester.protocols.coap.receivetest import DEFAULT_UUID_FILE
-
         if self["json"] and self["cbor"]:
             raise usage.UsageError("--json and --cbor contradict each other")
         self["uuid-file"] = self["uuid-file"] or DEFAULT_UUID_FILE

@@ -28,7 +28,7 @@ SUMMARY = "CoAP extended plugtest server (coap/coaps), client, benchmark and rec
 
 def build_server(reactor: Any, options: RoleOptions, kubernetes_factory: Any = None) -> IService:
     """The coap-server service for parsed options (C{kubernetes_factory}: tests' pod discovery)."""
-    from nettester.protocols.coap.layer import TransmissionParameters
+    from nettester.protocols.coap.parameters import TransmissionParameters
     from nettester.protocols.coap.server import CoapServerService, local_addresses
 
     addresses = list(options["interfaces"]) or local_addresses(

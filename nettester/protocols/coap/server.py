@@ -34,8 +34,8 @@ from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.coap.endpoint import CoapEndpoint
-from nettester.protocols.coap.layer import LayerStats, TransmissionParameters
 from nettester.protocols.coap.options import COAPS_OFFSET, EXTENDED_OFFSET
+from nettester.protocols.coap.parameters import LayerStats, TransmissionParameters
 from nettester.protocols.coap.resources import Site, build_site
 from nettester.protocols.coap.resources.extended import extended_resources
 from nettester.protocols.coap.resources.plugtest import plugtest_resources

@@ -13,8 +13,8 @@ from zope.interface import implementer
 from nettester.interfaces import IDatagramLink
 from nettester.link import PeerContext
 from nettester.protocols.coap.endpoint import CoapEndpoint, RequestHandler
-from nettester.protocols.coap.layer import TransmissionParameters
 from nettester.protocols.coap.message import CON, Code, Message, OptionNumber
+from nettester.protocols.coap.parameters import TransmissionParameters
 
 SERVER, CLIENT = ("192.0.2.1", 5683), ("192.0.2.2", 40000)
 

@@ -19,9 +19,10 @@ from twisted.internet.task import LoopingCall
 
 from nettester.link import PeerContext
 from nettester.logs import Logger
-from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, Peer, response
+from nettester.protocols.coap.events import Peer
+from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation
 from nettester.protocols.coap.linkformat import Link, filter_links, format_links
-from nettester.protocols.coap.message import Code, ContentFormat, Message, OptionNumber
+from nettester.protocols.coap.message import Code, ContentFormat, Message, OptionNumber, response
 
 if TYPE_CHECKING:
     from nettester.protocols.coap.endpoint import Answer, CoapEndpoint

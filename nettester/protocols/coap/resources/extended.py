@@ -15,8 +15,7 @@ import cbor2
 
 from nettester.link import PeerContext
 from nettester.protocols.coap.endpoint import Answer
-from nettester.protocols.coap.layer import response
-from nettester.protocols.coap.message import Code, ContentFormat, OptionNumber
+from nettester.protocols.coap.message import Code, ContentFormat, OptionNumber, response
 from nettester.protocols.coap.resources.base import Exchange, Resource
 
 BENCHMARK_BODY = b"hello benchmark"

@@ -16,9 +16,16 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 
 from nettester.protocols.coap.endpoint import Answer
-from nettester.protocols.coap.layer import response
 from nettester.protocols.coap.linkformat import format_links
-from nettester.protocols.coap.message import Code, ContentFormat, Message, MessageType, OptionNumber, code_name
+from nettester.protocols.coap.message import (
+    Code,
+    ContentFormat,
+    Message,
+    MessageType,
+    OptionNumber,
+    code_name,
+    response,
+)
 from nettester.protocols.coap.resources.base import Exchange, PeriodicResource, Resource
 
 LARGE_SIZE = 1280
