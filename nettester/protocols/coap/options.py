@@ -107,6 +107,8 @@ class CoapServerOptions(ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions
          interface_list],
         ["notify-interval", None, 5.0, "Seconds between notifications of the obs resources.", positive_float],
         ["receive-buffer", None, 4 << 20, "SO_RCVBUF of each socket, bytes.", positive_int],
+        ["max-body-size", None, 8192, "Largest request body, bytes (Size1 announced or reassembled from "
+         "Block1); larger gets 4.13 with Size1 telling the limit (RFC 7959 section 2.9.3).", positive_int],
         ["max-dedup-entries", None, 1 << 20, "Cap of each endpoint's deduplication store (about 400 bytes "
          "per entry); past it entries go before EXCHANGE_LIFETIME (counted).", positive_int],
         ["ready-port", None, 0, "Serve the readiness probe http://<metrics-interface>:PORT/ready (0 = off): "

@@ -45,7 +45,8 @@ def build_server(reactor: Any, options: RoleOptions, kubernetes_factory: Any = N
         reactor, options["port"], addresses, plugtest=options["plugtest"], benchmark=options["benchmark"],
         notify_interval=options["notify-interval"], receive_buffer=options["receive-buffer"],
         dtls_link_factory=factory, dtls_only=bool(options["dtls-only"]),
-        params=TransmissionParameters(max_dedup_entries=options["max-dedup-entries"]),
+        params=TransmissionParameters(max_dedup_entries=options["max-dedup-entries"],
+                                      max_body_size=options["max-body-size"]),
         cluster=options["cluster"], kubernetes_factory=kubernetes_factory,
         ready_port=options["ready-port"], ready_interface=options["metrics-interface"],
     )

@@ -21,6 +21,7 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import Metric
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+PLUGTEST_BLOCK_SZX = 2  # 64-byte blocks (RFC 7959 section 2.2: 2 ** (SZX + 4))
 SIOCGIFADDR = 0x8915  # Linux ioctl: the IPv4 address of an interface
 
 
@@ -273,6 +275,12 @@ class CoapServerService(Service):
         self.dtls_links.append(link)
         return link
 
+    def _endpoint_params(self, name: str) -> TransmissionParameters:
+        """The extended endpoints' parameters; the plugtest ones send server-initiated blocks of
+        64 bytes, as Californium's plugtest server does (TD_COAP_BLOCK_*)."""
+        params = self._params or TransmissionParameters()
+        return replace(params, block_szx=PLUGTEST_BLOCK_SZX) if name == "plugtest" else params
+
     def _fail(self, reason: str, advice: str) -> None:
         """Listening failed: say why and what to do, stop, and make the process exit with status 1."""
         self.failed = reason
@@ -330,7 +338,7 @@ class CoapServerService(Service):
 
     def _listen(self, scheme: str, address: str, offset: int, link: Any, site: Site, name: str) -> None:
         port_number = self._base_port + offset if self._base_port else 0
-        endpoint = CoapEndpoint(link, self._reactor, params=self._params)
+        endpoint = CoapEndpoint(link, self._reactor, params=self._endpoint_params(name))
         site.attach(endpoint)
         port = self._reactor.listenUDP(port_number, link, interface=address)
         self._ports.append(port)

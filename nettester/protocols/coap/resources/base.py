@@ -11,12 +11,14 @@ resources (RFC 7641): a GET with Observe: 0 registers, every
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from nettester.addresses import unmapped_host
 from nettester.link import PeerContext
 from nettester.logs import Logger
 from nettester.protocols.coap.events import Peer
@@ -57,8 +59,16 @@ class Exchange:
             self.endpoint.accept(self.incoming)
 
     def peer_context(self) -> PeerContext:
-        """The link's view of the peer (address, security context)."""
-        return self.endpoint.peer_context(self.peer)
+        """The link's view of the peer (address, security context), IPv4 peers of a dual-stack socket unmapped."""
+        context = self.endpoint.peer_context(self.peer)
+        host = unmapped_host(context.address[0])
+        previous = context.previous_address
+        if host != context.address[0] or (previous is not None and unmapped_host(previous[0]) != previous[0]):
+            context = replace(
+                context, address=(host, context.address[1]),
+                previous_address=None if previous is None else (unmapped_host(previous[0]), previous[1]),
+            )
+        return context
 
     def query(self) -> dict[str, str]:
         """Uri-Query as a dict: ``a=b`` -> {"a": "b"}, a bare ``a`` -> {"a": ""}."""
@@ -195,6 +205,16 @@ class Resource:
         for relation in list(self.observers):
             if site is not None and relation.active:
                 site.notify(self, relation, response(code))
+        self.observers.clear()
+        self.observer_count_changed()
+
+    def drop_observations(self) -> None:
+        """Forget every observer without telling it (Californium's obs-reset): the
+        observer notices when the last notification's Max-Age runs out."""
+        site = self.site_or_none()
+        for relation in list(self.observers):
+            if site is not None and relation.active:
+                site.endpoint_of(relation).cancel_relation(relation, "reset by the server")
         self.observers.clear()
         self.observer_count_changed()
 
