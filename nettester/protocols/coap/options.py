@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -28,6 +29,7 @@ from nettester.options import (
 from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
 from nettester.protocols.coap.uri import METHODS, parse_uri
 from nettester.protocols.dtls.options import (
+    ClientAuth,
     DtlsClientOptionsMixin,
     DtlsServerOptionsMixin,
 )
@@ -75,6 +77,18 @@ def interface_list(value: str) -> tuple[str, ...]:
     return addresses
 
 
+def interface_patterns(value: str) -> tuple[re.Pattern[str], ...]:
+    """Space-separated regular expressions over interface names (``--interfaces-pattern``)."""
+    patterns = []
+    for text in value.split():
+        try:
+            patterns.append(re.compile(text))
+        except re.error as error:
+            raise ValueError(f"expected regular expressions separated by spaces, {text!r} is not one: "
+                             f"{error}") from None
+    return tuple(patterns)
+
+
 class CoapServerOptions(ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions):
     """``nettester coap-server``: the extended plugtest server, optionally a DTLS CID cluster node."""
 
@@ -88,6 +102,7 @@ class CoapServerOptions(ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions
     envVars: ClassVar[Mapping[str, str]] = {
         "port": "COAP_SERVER_PORT",
         "interfaces": "COAP_SERVER_INTERFACES",
+        "interfaces-pattern": "COAP_SERVER_INTERFACES_PATTERN",
         "notify-interval": "COAP_NOTIFY_INTERVAL",
         "ready-port": "COAP_READY_PORT",
     }
@@ -99,12 +114,17 @@ class CoapServerOptions(ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions
         *negatable("ipv4", True, "Listen on IPv4"),
         *negatable("ipv6", True, "Listen on IPv6"),
         ["dtls-only", None, "Only coaps: no plain coap endpoints."],
+        ["trust-all", None, "Accept any valid client certificate chain (verified up to the root it brings), "
+         "as Californium's --trust-all; without --client-auth it asks for one (WANTED). A warning at start."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["port", "p", DEFAULT_PORT, "BASE port: coap BASE, coaps BASE+1, extended BASE+100 and BASE+101.",
          port_number],
         ["interfaces", None, (), "Comma-separated addresses to listen on (overrides the address flags).",
          interface_list],
+        ["interfaces-pattern", None, (), "Regular expressions, separated by spaces, over interface names: "
+         "listen on the addresses of every interface whose whole name matches one (with --ipv4/--ipv6), "
+         "in addition to --interfaces. Example: --interfaces-pattern 'eth[0-9]+ lo'.", interface_patterns],
         ["notify-interval", None, 5.0, "Seconds between notifications of the obs resources.", positive_float],
         ["receive-buffer", None, 4 << 20, "SO_RCVBUF of each socket, bytes.", positive_int],
         ["max-body-size", None, 8192, "Largest request body, bytes (Size1 announced or reassembled from "
@@ -128,7 +148,18 @@ class CoapServerOptions(ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions
         for name, default in (("plugtest", True), ("benchmark", False), ("loopback", True),
                               ("external", True), ("ipv4", True), ("ipv6", True)):
             self[name] = resolve_negatable(self, name, default)
+        client_auth = self["client-auth"]
+        if self["trust-all"] and not self["trust"]:
+            # The DTLS options demand --trust for client authentication; --trust-all stands in for it.
+            self["client-auth"] = "none"
         super().postOptions()
+        if self["trust-all"]:
+            if self["dtls"] is None:
+                raise usage.UsageError("--trust-all is about coaps clients: give --psk-file, --psk-sandbox or "
+                                       "--cert/--key too")
+            self["client-auth"] = client_auth if client_auth != "none" else "wanted"
+            self["dtls"].client_auth = ClientAuth(self["client-auth"])
+            self["dtls"].trust_all = True
         if self["cluster"] is not None:
             if self["dtls"] is None:
                 raise usage.UsageError("a DTLS cluster serves coaps: give --psk-file, --psk-sandbox or --cert/--key")
@@ -137,7 +168,7 @@ class CoapServerOptions(ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions
                                        "bytes (the first byte is the node id); see --help")
         if not (self["ipv4"] or self["ipv6"]) and not self["interfaces"]:
             raise usage.UsageError("--no-ipv4 and --no-ipv6 leave nothing to listen on")
-        if not (self["loopback"] or self["external"]) and not self["interfaces"]:
+        if not (self["loopback"] or self["external"]) and not (self["interfaces"] or self["interfaces-pattern"]):
             raise usage.UsageError("--no-loopback and --no-external leave nothing to listen on")
         if self["dtls-only"] and self["dtls"] is None:
             raise usage.UsageError("--dtls-only needs --psk-file, --psk-sandbox or --cert/--key")

@@ -16,14 +16,14 @@ there, records other nodes forward to us arrive with their route, and
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
+import re
 import socket
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import ifaddr
 from prometheus_client.core import Metric
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 log = Logger()
 
 PLUGTEST_BLOCK_SZX = 2  # 64-byte blocks (RFC 7959 section 2.2: 2 ** (SZX + 4))
-SIOCGIFADDR = 0x8915  # Linux ioctl: the IPv4 address of an interface
 
 
 def local_addresses(ipv4: bool, ipv6: bool, loopback: bool, external: bool) -> list[str]:
@@ -58,17 +57,36 @@ def local_addresses(ipv4: bool, ipv6: bool, loopback: bool, external: bool) -> l
     Loopback and external together are the wildcards (``::`` is dual-stack,
     so IPv4 peers arrive v4-mapped; ``0.0.0.0`` where the host has no IPv6,
     as in many containers); otherwise the matching addresses of this host's
-    interfaces (Linux: ioctl for IPv4, /proc for IPv6).
+    interfaces.
     """
     ipv6 = ipv6 and ipv6_available()
     if loopback and external:
         return ["::"] if ipv6 else ["0.0.0.0"] if ipv4 else []
-    found: list[str] = []
-    if ipv4:
-        found += [address for address in _ipv4_addresses() if ipaddress.ip_address(address).is_loopback == loopback]
-    if ipv6:
-        found += [address for address in _ipv6_addresses()
-                  if ipaddress.ip_address(address).is_loopback == loopback and not address.startswith("fe80")]
+    return [address for _, address in interface_addresses(ipv4, ipv6)
+            if ipaddress.ip_address(address).is_loopback == loopback]
+
+
+def pattern_addresses(patterns: Iterable[re.Pattern[str]], ipv4: bool, ipv6: bool) -> list[str]:
+    """The addresses of the interfaces whose name matches one of ``patterns`` (``--interfaces-pattern``)."""
+    compiled = list(patterns)
+    return [address for name, address in interface_addresses(ipv4, ipv6 and ipv6_available())
+            if any(pattern.fullmatch(name) for pattern in compiled)]
+
+
+def interface_addresses(ipv4: bool, ipv6: bool) -> list[tuple[str, str]]:
+    """(interface name, address) of this host, link-local IPv6 left out (it needs a scope).
+
+    ifaddr enumerates them (getifaddrs): names and both families in one
+    portable call, where the standard library has neither.
+    """
+    found: list[tuple[str, str]] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                if ipv4:
+                    found.append((adapter.name, ip.ip))
+            elif ipv6 and not ipaddress.ip_address(ip.ip[0]).is_link_local:
+                found.append((adapter.name, ip.ip[0]))
     return found
 
 
@@ -80,27 +98,6 @@ def ipv6_available() -> bool:
     except OSError:
         return False
     return True
-
-
-def _ipv4_addresses() -> list[str]:
-    addresses = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        for _, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-            except OSError:
-                continue  # no IPv4 address on this interface
-            addresses.append(socket.inet_ntoa(packed[20:24]))
-    return addresses
-
-
-def _ipv6_addresses() -> list[str]:
-    try:
-        with open("/proc/net/if_inet6") as table:
-            rows = table.read().split("\n")
-    except OSError:
-        return []
-    return [str(ipaddress.ip_address(bytes.fromhex(row.split()[0]))) for row in rows if row.strip()]
 
 
 def summed_families(metric_sets: Iterable[MetricSet]) -> list[Metric]:

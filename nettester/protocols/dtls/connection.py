@@ -139,6 +139,9 @@ class DtlsConfiguration:
     certificate_chain: list[x509.Certificate] = field(default_factory=list)
     private_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
     trust_anchors: list[x509.Certificate] | None = None
+    #: Server: accept any client chain that verifies up to its own last
+    #: certificate (Californium's --trust-all), trust_anchors or not.
+    trust_all: bool = False
     client_auth: ClientAuth = ClientAuth.NONE
     server_name: str | None = None
     #: the wall-clock time certificates must be valid at; None lets the
@@ -346,6 +349,7 @@ class DtlsConnection:
             not self.is_client
             and configuration.client_auth is not ClientAuth.NONE
             and configuration.trust_anchors is None
+            and not configuration.trust_all
         ):
             raise ValueError("client authentication needs trust anchors")
 
@@ -1145,6 +1149,8 @@ class DtlsConnection:
         except (ValueError, UnsupportedAlgorithm) as error:
             raise HandshakeFailure(BAD_CERTIFICATE, "undecodable_certificate") from error
         anchors = self.configuration.trust_anchors
+        if chain and self.configuration.trust_all and not self.is_client:
+            anchors = chain[-1:]  # --trust-all: the chain's own root
         if chain and anchors is not None:
             try:
                 at = self.configuration.certificate_time
