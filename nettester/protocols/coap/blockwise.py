@@ -3,14 +3,14 @@
 The message layer (``layer.py``) decides when a transfer starts and sends
 what these helpers build:
 
-- server side, :class:`Block1Uploads` reassembles request bodies sent with
+- server side, ``Block1Uploads`` reassembles request bodies sent with
   Block1 (RFC 7959 section 2.5). Its memory is bounded three ways: a body
   larger than ``max_body_size`` gets 4.13 with Size1 telling the limit
   (section 2.9.3), a peer keeps at most ``max_uploads_per_peer`` uploads, and
   all uploads together take at most ``max_uploads`` entries and
   ``max_bytes`` bytes (the least recently active upload goes first, counted);
-- :func:`block_of` cuts one Block2 slice of a response body (section 2.4);
-- client side, :func:`block1_request` and :func:`block2_follow_up` build the
+- ``block_of`` cuts one Block2 slice of a response body (section 2.4);
+- client side, ``block1_request`` and ``block2_follow_up`` build the
   next request of a transfer (sections 2.4, 2.5 and 3.4).
 """
 

@@ -146,7 +146,7 @@ class ServerUdpLink(UdpLink):
     connected (udp(7)), as a pending ECONNREFUSED; ``on_refused`` hears of it.
     A connected socket receives only from the server's address, which loses
     nothing: the CoAP layer matches peers by address. For one-shot clients:
-    the reactor may close the socket on that error (see :meth:`stopProtocol`).
+    the reactor may close the socket on that error (see ``stopProtocol``).
     """
 
     def __init__(self, resolver: Any = None, receive_buffer: int | None = None) -> None:
@@ -222,10 +222,10 @@ class SendTap:
 class OneServerService(Service):
     """One exchange with one server: connect, send, wait at most ``timeout``, explain a failure, end.
 
-    Subclasses say what to send (:meth:`exchange`) and what an answer means
-    (:meth:`answered`, returning the exit status). Whatever goes wrong ends
+    Subclasses say what to send (``exchange``) and what an answer means
+    (``answered``, returning the exit status). Whatever goes wrong ends
     with one readable line naming the server and what to check, and
-    ``done`` firing with :data:`EXIT_NO_RESPONSE`.
+    ``done`` firing with ``EXIT_NO_RESPONSE``.
     """
 
     def __init__(self, reactor: Any, uri: CoapUri, link: IDatagramLink, stdout: IO[str], timeout: float) -> None:
@@ -396,7 +396,7 @@ def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_sh
     DtlsEndpoint for ``coaps://`` (needs a configuration).
 
     A long-running client (coap-bench) stays unconnected: one ICMP error
-    would cost it its socket (:class:`ServerUdpLink`), and it must outlive a
+    would cost it its socket (``ServerUdpLink``), and it must outlive a
     server restart.
     """
     if uri.scheme == "coap":
@@ -409,7 +409,7 @@ def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_sh
 
 
 def make_client_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapClientService:
-    """The role's service from parsed :class:`CoapClientOptions`; ends the process when done."""
+    """The role's service from parsed ``CoapClientOptions``; ends the process when done."""
     uri = options["uri"]
     request = build_request(uri, options["method"], options["payload"].encode(), not options["non"],
                             options["content-format"], options["accept"])

@@ -1,11 +1,11 @@
-"""Twisted adapter: a :class:`CoapLayer` over any IDatagramLink.
+"""Twisted adapter: a ``CoapLayer`` over any IDatagramLink.
 
 The endpoint feeds the sans-IO layer with datagrams and ``reactor.seconds()``,
 then runs one pump: write what the layer wants written, dispatch its events
-(requests to the handler, responses to the Deferreds of :meth:`request`),
+(requests to the handler, responses to the Deferreds of ``request``),
 and re-arm a single IDelayedCall for the layer's next deadline.
 
-It runs unchanged over plain UDP (:class:`nettester.udplink.UdpLink`) and
+It runs unchanged over plain UDP (``nettester.udplink.UdpLink``) and
 over the DTLS endpoint, because it only sees ``IDatagramLink``.
 """
 
@@ -65,9 +65,9 @@ class CoapRequestError(Exception):
 class Observation:
     """A client-side observation: notifications go to a callback until it ends.
 
-    ``finished`` fires with the final :class:`ResponseReceived` (the server
+    ``finished`` fires with the final ``ResponseReceived`` (the server
     answered without Observe, or the deregistration was answered) or fails
-    with :class:`CoapRequestError`.
+    with ``CoapRequestError``.
     """
 
     def __init__(self, endpoint: CoapEndpoint, request: OutgoingRequest) -> None:
@@ -152,7 +152,7 @@ class CoapEndpoint:
         """Send a request to a peer handle; fires with the (reassembled) response.
 
         ``timeout`` bounds the whole request, retransmissions included
-        (see :meth:`CoapLayer.request`); it fails with reason ``timeout``.
+        (see ``CoapLayer.request``); it fails with reason ``timeout``.
         """
         outgoing = self.core.request(peer, message, self._clock.seconds(), response_timeout, timeout)
         result: defer.Deferred[ResponseReceived] = defer.Deferred()
@@ -163,7 +163,7 @@ class CoapEndpoint:
     def request_address(
         self, address: tuple[str, int], message: Message, response_timeout: float | None = None
     ) -> defer.Deferred[ResponseReceived]:
-        """Like :meth:`request`, after the link connected (resolution, DTLS handshake)."""
+        """Like ``request``, after the link connected (resolution, DTLS handshake)."""
         connecting: defer.Deferred[Peer] = self.link.connect(address)
         return connecting.addCallback(lambda peer: self.request(peer, message, response_timeout))
 

@@ -1,7 +1,7 @@
 """Handles of the CoAP layer's exchanges: requests served, requests sent, observers, CON messages in flight.
 
-The application holds :class:`IncomingRequest` until it answers and
-:class:`OutgoingRequest` until the final response; the layer keeps its
+The application holds ``IncomingRequest`` until it answers and
+``OutgoingRequest`` until the final response; the layer keeps its
 per-exchange state in their private slots.
 """
 
@@ -59,7 +59,7 @@ class OutgoingRequest:
     """A request this endpoint sent (client side), until its final response.
 
     An observe registration stays open after the first response: every
-    notification is another :class:`ResponseReceived` until it is cancelled.
+    notification is another ``ResponseReceived`` until it is cancelled.
     """
 
     __slots__ = (

@@ -123,7 +123,7 @@ class CoapLayer:
         self._transmissions: dict[tuple[Peer, int], Transmission] = {}
         self._timers: list[tuple[float, int, Transmission | OutgoingRequest]] = []
         self._timer_seq = 0
-        #: Changes whenever :meth:`get_timer` may have become earlier: an
+        #: Changes whenever ``get_timer`` may have become earlier: an
         #: adapter whose timer is armed can skip asking when it is unchanged.
         self.timer_version = 0
         self._requests: dict[tuple[Peer, bytes], OutgoingRequest] = {}
@@ -145,7 +145,7 @@ class CoapLayer:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float:
-        """When :meth:`handle_timer` must be called next (absolute time)."""
+        """When ``handle_timer`` must be called next (absolute time)."""
         timers = self._timers
         while timers and self._timer_is_stale(timers[0]):
             heapq.heappop(timers)

@@ -4,12 +4,12 @@ The message layer sends the notifications (``CoapLayer.notify``); this module
 holds what observe itself decides (the relation, ``ObserveRelation``, is a
 handle in ``exchanges.py``):
 
-- :func:`notification_for`: the Observe number of the next notification,
+- ``notification_for``: the Observe number of the next notification,
   and the 4.06 that ends a relation whose representation format changed
   (section 4.2);
-- :func:`confirm_now`: when a NON notification turns CON so that an observer
+- ``confirm_now``: when a NON notification turns CON so that an observer
   that went away is noticed (section 4.5);
-- :func:`is_fresh`: the client's reordering check (section 3.4).
+- ``is_fresh``: the client's reordering check (section 3.4).
 """
 
 from __future__ import annotations

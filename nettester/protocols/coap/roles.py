@@ -29,8 +29,8 @@ log = Logger()
 SUMMARY = "CoAP extended plugtest server (coap/coaps), client, benchmark and receive test (RFC 7252/7959/7641)."
 
 
-def build_server(reactor: Any, options: RoleOptions, kubernetes_factory: Any = None) -> IService:
-    """The coap-server service for parsed options (C{kubernetes_factory}: tests' pod discovery)."""
+def build_server(reactor: Any, options: RoleOptions) -> IService:
+    """The coap-server service for parsed options."""
     from nettester.protocols.coap.parameters import TransmissionParameters
     from nettester.protocols.coap.server import CoapServerService, local_addresses, pattern_addresses
 
@@ -57,7 +57,7 @@ def build_server(reactor: Any, options: RoleOptions, kubernetes_factory: Any = N
         dtls_link_factory=factory, dtls_only=bool(options["dtls-only"]),
         params=TransmissionParameters(max_dedup_entries=options["max-dedup-entries"],
                                       max_body_size=options["max-body-size"]),
-        cluster=options["cluster"], kubernetes_factory=kubernetes_factory,
+        cluster=options["cluster"],
         ready_port=options["ready-port"], ready_interface=options["metrics-interface"],
     )
 

@@ -154,13 +154,11 @@ class CoapServerService(Service):
         server_name: str = "nettester",
         params: TransmissionParameters | None = None,
         cluster: ClusterConfig | None = None,
-        kubernetes_factory: Any = None,
         ready_port: int = 0,
         ready_interface: str = "",
     ) -> None:
-        """C{cluster}: the extended coaps endpoint joins this DTLS CID cluster (needs
-        C{dtls_link_factory}); C{kubernetes_factory} replaces the pod discovery (tests).
-        C{ready_port}: serve ``/ready`` over HTTP there (0: off)."""
+        """``cluster``: the extended coaps endpoint joins this DTLS CID cluster (needs
+        ``dtls_link_factory``). ``ready_port``: serve ``/ready`` over HTTP there (0: off)."""
         if cluster is not None and dtls_link_factory is None:
             raise ValueError("a DTLS cluster needs a DTLS link factory")
         self._reactor = reactor
@@ -172,7 +170,6 @@ class CoapServerService(Service):
         self._dtls_only = dtls_only
         self._params = params
         self._cluster = cluster
-        self._kubernetes_factory = kubernetes_factory
         self._ready_port_number = ready_port
         self._ready_interface = ready_interface
         self._ready_port: Any = None
@@ -294,7 +291,7 @@ class CoapServerService(Service):
         endpoint = CoapEndpoint(link, self._reactor, params=self._params)
         self.extended_site.attach(endpoint)
         self.endpoints.append(endpoint)
-        self.cluster_node = ClusterNodeService(self._reactor, cluster, link, self.metrics, self._kubernetes_factory)
+        self.cluster_node = ClusterNodeService(self._reactor, cluster, link, self.metrics)
         self.cluster_node.startService()
         self.cluster_node.started.addCallbacks(self._cluster_listening, self._cluster_failed)
 

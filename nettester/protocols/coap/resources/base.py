@@ -1,11 +1,11 @@
-"""Resource tree: what a CoAP server role serves through a :class:`CoapEndpoint`.
+"""Resource tree: what a CoAP server role serves through a ``CoapEndpoint``.
 
-A :class:`Site` is the endpoint's request handler. It finds the resource by
+A ``Site`` is the endpoint's request handler. It finds the resource by
 its Uri-Path (one dictionary lookup on the raw option values), dispatches
 by method, answers ``/.well-known/core`` from the tree's link attributes
 (RFC 6690 section 4, with filtering), and keeps the observers of observable
 resources (RFC 7641): a GET with Observe: 0 registers, every
-:meth:`Resource.changed` renders the resource again for each observer.
+``Resource.changed`` renders the resource again for each observer.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Resource:
     """A node of the tree. Override ``get``/``post``/``put``/``delete``.
 
     ``attributes`` are its RFC 6690 link attributes; ``observable`` resources
-    accept observers and notify them on :meth:`changed`, with CON
+    accept observers and notify them on ``changed``, with CON
     notifications unless ``confirmable_notifications`` is False.
     """
 
@@ -307,7 +307,7 @@ class Site:
     # -- serving
 
     def handle_request(self, incoming: IncomingRequest, endpoint: CoapEndpoint) -> Answer:
-        """Find the resource and let it answer (see :class:`SiteHandler`)."""
+        """Find the resource and let it answer (see ``SiteHandler``)."""
         request = incoming.request
         options = request.options
         if options and options[-1][0] >= OptionNumber.PROXY_URI and (
