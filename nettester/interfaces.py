@@ -7,6 +7,8 @@ these interfaces, so a new protocol module is a new file under
 
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 from zope.interface import Attribute, Interface
 
 
@@ -222,3 +224,28 @@ class INatTable(Interface):
 
     def info():
         """The console's ``info`` lines (entries, reverse mode, each destination's usage)."""
+
+
+@runtime_checkable
+class DatagramCore(Protocol):
+    """The contract of every sans-IO datagram core (aioquic's ``QuicConnection`` shape).
+
+    Bytes and the current time go in, datagrams, one timer and events come
+    out; the core never reads a clock or touches a socket. The CoAP layer
+    (``nettester.protocols.coap.layer.CoapLayer``) follows it.
+    """
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        """Process one datagram from ``addr``."""
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
+        """The datagrams to write now, as (data, address), handed over."""
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` must run next (absolute time; None: never)."""
+
+    def handle_timer(self, now: float) -> None:
+        """Do what is due at ``now`` (retransmissions, expiries)."""
+
+    def next_event(self) -> object | None:
+        """The next event for the application, or None."""
