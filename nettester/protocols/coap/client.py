@@ -17,6 +17,7 @@ from typing import IO, Any
 import cbor2
 from twisted.application.service import IService, Service
 from twisted.internet import defer
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import DNSLookupError, ReactorNotRunning
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
@@ -48,6 +49,7 @@ from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
 
 # parse_uri is re-exported: the bench and receive-test roles and their tests import it from here.
 from nettester.protocols.coap.uri import CoapUri, build_request, parse_uri  # noqa: F401
+from nettester.protocols.dtls.endpoint import DtlsEndpoint, DtlsPeer
 from nettester.service import set_exit_status
 from nettester.udplink import UdpLink, UdpPeer
 
@@ -139,31 +141,29 @@ def end_process(service: IService, reactor: Any, status: int) -> None:
         pass
 
 
-class ServerUdpLink(UdpLink):
-    """A client's UDP link to its one server, on a connected socket (as libcoap's client sessions).
+class ServerConnection:
+    """A one-shot client's socket connected to its one server (as libcoap's client sessions).
 
     Linux reports ICMP port unreachable to a UDP socket only once it is
     connected (udp(7)), as a pending ECONNREFUSED; ``on_refused`` hears of it.
     A connected socket receives only from the server's address, which loses
-    nothing: the CoAP layer matches peers by address. For one-shot clients:
-    the reactor may close the socket on that error (see ``stopProtocol``).
+    nothing: the CoAP layer and the DTLS endpoint match peers by address.
+    The reactor may close the socket on that error (see ``stopProtocol``).
+    Mixed into the UDP link (coap://) and the DTLS endpoint (coaps://), so
+    a refused handshake is reported as fast as a refused request.
     """
 
-    def __init__(self, resolver: Any = None, receive_buffer: int | None = None) -> None:
-        super().__init__(receive_buffer=receive_buffer, resolver=resolver)
-        #: Called with the server's address when it refused a datagram.
-        self.on_refused: Callable[[UdpPeer], None] | None = None
-        self.server: UdpPeer | None = None
-        self._socket: socket.socket | None = None
+    transport: Any
+    #: Called with the server's address when it refused a datagram.
+    on_refused: Callable[[UdpPeer], None] | None = None
+    server: UdpPeer | None = None
+    _socket: socket.socket | None = None
 
-    def connect(self, address: tuple[str, int]) -> defer.Deferred[UdpPeer]:
-        """The server's (resolved) address; the socket is connected to it the first time."""
-        return super().connect(address).addCallback(self._connect_socket)
-
-    def _connect_socket(self, peer: UdpPeer) -> UdpPeer:
+    def connect_socket(self, peer: UdpPeer) -> UdpPeer:
+        """Connect the socket to the server's (resolved) address, the first time."""
         if self.server is None:
-            self.transport.connect(peer[0], peer[1])  # type: ignore[union-attr]
-            self.server = peer
+            self.transport.connect(peer[0], peer[1])
+            self.server = (peer[0], peer[1])
         return peer
 
     def connectionRefused(self) -> None:
@@ -171,20 +171,43 @@ class ServerUdpLink(UdpLink):
         self._refused()
 
     def startProtocol(self) -> None:
-        super().startProtocol()
-        self._socket = self.transport.getHandle()  # type: ignore[union-attr]
+        super().startProtocol()  # type: ignore[misc]
+        self._socket = self.transport.getHandle()
 
     def stopProtocol(self) -> None:
-        """The epoll reactor takes the socket error (EPOLLERR) for a lost connection and closes
+        """The epoll reactor may take the socket error (EPOLLERR) for a lost connection and close
         the port; the error is still pending on the socket, which closes right after this."""
         sock, self._socket = self._socket, None
         if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED:
             self._refused()
-        super().stopProtocol()
+        super().stopProtocol()  # type: ignore[misc]
 
     def _refused(self) -> None:
         if self.on_refused is not None and self.server is not None:
             self.on_refused(self.server)
+
+
+class ServerUdpLink(ServerConnection, UdpLink):
+    """A one-shot coap:// client's link, connected to its server (see ``ServerConnection``)."""
+
+    def __init__(self, resolver: Any = None, receive_buffer: int | None = None) -> None:
+        super().__init__(receive_buffer=receive_buffer, resolver=resolver)
+
+    def connect(self, address: tuple[str, int]) -> defer.Deferred[UdpPeer]:
+        """The server's (resolved) address; the socket is connected to it the first time."""
+        return super().connect(address).addCallback(self.connect_socket)
+
+
+class ServerDtlsLink(ServerConnection, DtlsEndpoint):
+    """A one-shot coaps:// client's DTLS endpoint, its socket connected to the server before the
+    handshake starts (see ``ServerConnection``)."""
+
+    def connect(self, address: tuple[str, int]) -> defer.Deferred[DtlsPeer]:
+        host = address[0]
+        if isIPAddress(host) or isIPv6Address(host):
+            self.connect_socket(address)
+        # A host name is resolved by the endpoint, which then connects the resolved address here.
+        return super().connect(address)
 
 
 @implementer(IDatagramLink)
@@ -242,6 +265,7 @@ class OneServerService(Service):
         self._started = 0.0
         self._connected = False
         self._ended = False
+        self._progress: IDelayedCall | None = None
 
     @property
     def server(self) -> str:
@@ -262,16 +286,33 @@ class OneServerService(Service):
 
     def startService(self) -> None:
         super().startService()
-        if isinstance(self.link, ServerUdpLink):
+        if isinstance(self.link, ServerConnection):
             self.link.on_refused = self.refused
         self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "",
                                              maxPacketSize=MAX_DATAGRAM)
         self.endpoint = CoapEndpoint(self.endpoint_link(), self._reactor)
         self._started = self._reactor.seconds()
         self.rearm_watchdog()
+        configuration = getattr(self.link, "client_configuration", None)
+        if configuration is not None:
+            self._progress_after(0.0, configuration.initial_retransmit_timeout)
         connecting = self.link.connect(self.uri.address)
         connecting.addCallback(self._connected_to)
         connecting.addCallbacks(self._answered, self._failed)
+
+    def _progress_after(self, waited: float, interval: float) -> None:
+        """A line each time the DTLS handshake retransmits (RFC 6347 section 4.2.4.1: the
+        timer starts at the initial timeout and doubles, up to 60 s) while nothing came back."""
+        self._progress = self._reactor.callLater(interval, self._handshake_progress, waited + interval,
+                                                 min(2 * interval, 60.0))
+
+    def _handshake_progress(self, waited: float, interval: float) -> None:
+        self._progress = None
+        if self._connected or self._ended:
+            return
+        self.print(f"==[ DTLS handshake ]== no answer from {self.server} after {waited:.1f} s, retransmitting "
+                   f"(gives up after {self.timeout:g} s)")
+        self._progress_after(waited, interval)
 
     def rearm_watchdog(self) -> None:
         """Wait ``timeout`` more seconds for the next answer (a notification restarts the wait)."""
@@ -343,6 +384,9 @@ class OneServerService(Service):
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
+        if self._progress is not None and self._progress.active():
+            self._progress.cancel()
+        self._progress = None
         if self.endpoint is not None:
             self.endpoint.stop()
         if self._port is not None:
@@ -395,17 +439,16 @@ def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_sh
     """UDP for ``coap://`` (connected for a ``one_shot`` client, so it hears a refusal); a client
     DtlsEndpoint for ``coaps://`` (needs a configuration).
 
+    A one-shot coaps client's socket is connected too (``ServerDtlsLink``).
     A long-running client (coap-bench) stays unconnected: one ICMP error
-    would cost it its socket (``ServerUdpLink``), and it must outlive a
-    server restart.
+    would cost it its socket, and it must outlive a server restart.
     """
     if uri.scheme == "coap":
         return ServerUdpLink(resolver=reactor) if one_shot else UdpLink(resolver=reactor)
     if dtls_configuration is None:
         raise ValueError("coaps:// needs --identity/--secret or --cert/--key")
-    from nettester.protocols.dtls.endpoint import DtlsEndpoint
-
-    return DtlsEndpoint(reactor, client_configuration=dtls_configuration)
+    link = ServerDtlsLink if one_shot else DtlsEndpoint
+    return link(reactor, client_configuration=dtls_configuration)
 
 
 def make_client_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapClientService:
