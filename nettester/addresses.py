@@ -38,6 +38,15 @@ def unmapped_host(host: str) -> str:
     return host
 
 
+def address_text(peer: object) -> str:
+    """How an address reads in logs and reprs: ``host:port``, ``[v6]:port`` (an IPv4-mapped
+    host unmapped); any other peer handle (a DTLS peer) as its ``str``."""
+    if isinstance(peer, tuple) and len(peer) >= 2 and isinstance(peer[0], str):
+        host = unmapped_host(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer)
+
+
 def mapped_for(family: int, host: str) -> str:
     """``host`` as a socket of ``family`` addresses it: an IPv4 literal becomes ``::ffff:a.b.c.d``
     on an IPv6 (dual-stack) socket; the inverse of :func:`unmapped_host`."""

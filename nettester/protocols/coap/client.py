@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nettester.addresses import address_text
 from nettester.interfaces import IDatagramLink
 from nettester.link import PeerContext
 from nettester.logs import Logger
@@ -121,8 +122,7 @@ def format_message(title: str, message: Message, rtt: float | None = None) -> st
 
 def server_text(address: tuple[str, int]) -> str:
     """``host:port``, ``[v6]:port``: how an address reads in a message."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address_text(address)
 
 
 def refused_text(address: tuple[str, int]) -> str:
@@ -331,7 +331,7 @@ class OneServerService(Service):
     def _failed(self, failure: Failure) -> None:
         if self._ended:
             return
-        if failure.check(CoapRequestError):
+        if isinstance(failure.value, CoapRequestError):
             reason = failure.value.reason
             if reason == "timeout":
                 self._fail(self._no_answer_text())

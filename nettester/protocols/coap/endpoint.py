@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nettester.addresses import address_text
 from nettester.interfaces import IDatagramLink, IDatagramReceiver
 from nettester.link import PeerContext
 from nettester.logs import Logger
@@ -57,7 +58,7 @@ class CoapRequestError(Exception):
     """A request of ours ended without a response (``timeout``, ``reset``...)."""
 
     def __init__(self, request: OutgoingRequest, reason: str) -> None:
-        super().__init__(f"{request.request.describe()} to {request.peer!r}: {reason}")
+        super().__init__(f"{request.request.describe()} to {address_text(request.peer)}: {reason}")
         self.request = request
         self.reason = reason
 
@@ -235,7 +236,7 @@ class CoapEndpoint:
                 waiting[0].errback(CoapRequestError(event.request, event.reason))
         elif isinstance(event, MessageRejected):
             log.debug("rejected a datagram from {peer} (MID {mid}): {reason}; answered {answer}",
-                      event="coap_rejected", peer=event.peer, mid=event.mid, reason=event.reason,
+                      event="coap_rejected", peer=address_text(event.peer), mid=event.mid, reason=event.reason,
                       answer=event.answer or "nothing")
         elif isinstance(event, ObserveCancelled):
             log.debug("observer {relation} cancelled: {reason}", event="coap_observe_cancelled",

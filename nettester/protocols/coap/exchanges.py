@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+from nettester.addresses import address_text
 from nettester.protocols.coap.blockwise import Block2Assembly
 from nettester.protocols.coap.message import BlockValue, Message, OptionNumber, decode_block
 
@@ -52,7 +53,7 @@ class IncomingRequest:
         self._block1: BlockValue | None = None
 
     def __repr__(self) -> str:
-        return f"<IncomingRequest {self.request.describe()} from {self.peer!r}>"
+        return f"<IncomingRequest {self.request.describe()} from {address_text(self.peer)}>"
 
 
 class OutgoingRequest:
@@ -94,7 +95,7 @@ class OutgoingRequest:
         self._holds_slot = False
 
     def __repr__(self) -> str:
-        return (f"<OutgoingRequest {self.request.describe()} to {self.peer!r}: latest MID={self.mid} "
+        return (f"<OutgoingRequest {self.request.describe()} to {address_text(self.peer)}: latest MID={self.mid} "
                 f"token={self.token.hex() or '-'}>")
 
 
@@ -121,7 +122,7 @@ class ObserveRelation:
         self._last_con = now
 
     def __repr__(self) -> str:
-        return f"<ObserveRelation {self.request.path_string} of {self.peer!r}>"
+        return f"<ObserveRelation {self.request.path_string} of {address_text(self.peer)}>"
 
 
 Owner = OutgoingRequest | ObserveRelation | IncomingRequest

@@ -360,3 +360,14 @@ def test_cluster_headers_carry_ipv4_clients_in_4_bytes() -> None:
 
     assert mapped_for(socket.AF_INET6, "10.1.2.3") == "::ffff:10.1.2.3"
     assert mapped_for(socket.AF_INET, "10.1.2.3") == "10.1.2.3"
+
+
+def test_addresses_read_host_port_in_reprs_and_logs() -> None:
+    from nettester.addresses import address_text
+    from nettester.protocols.coap.exchanges import IncomingRequest
+
+    assert address_text(("::ffff:192.0.2.9", 5683)) == "192.0.2.9:5683"
+    assert address_text(("2001:db8::1", 5684)) == "[2001:db8::1]:5684"
+    assert address_text("dtls-peer") == "dtls-peer"
+    incoming = IncomingRequest(("::ffff:192.0.2.9", 40000), request("test"))
+    assert repr(incoming).endswith("from 192.0.2.9:40000>")

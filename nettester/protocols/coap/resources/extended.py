@@ -15,6 +15,7 @@ from xml.sax.saxutils import quoteattr
 
 import cbor2
 
+from nettester.addresses import address_text
 from nettester.link import PeerContext
 from nettester.protocols.coap.endpoint import Answer
 from nettester.protocols.coap.message import Code, ContentFormat, OptionNumber, response
@@ -30,11 +31,6 @@ _CONTEXT_FORMATS = (*_ACCEPTED, ContentFormat.XML)
 #: Californium's receive test: the answer's length limit (``rlen``), 1..1023, default 500.
 REQUESTS_MAX_RLEN = 1023
 REQUESTS_DEFAULT_LENGTH = 500
-
-
-def _format_address(address: tuple[str, int]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _negotiate(exchange: Exchange) -> int | None:
@@ -128,7 +124,7 @@ class MyIp(Resource):
 
     def get(self, exchange: Exchange) -> Answer:
         context = exchange.peer_context()
-        return response(Code.CONTENT, _format_address(context.address).encode(), ContentFormat.TEXT_PLAIN)
+        return response(Code.CONTENT, address_text(context.address).encode(), ContentFormat.TEXT_PLAIN)
 
 
 class MyContext(Resource):
@@ -251,13 +247,15 @@ class Requests(Resource):
         if content_format == ContentFormat.TEXT_PLAIN:
             text = f"systemstart:{self.system_start_ms}\n"
             for entry in entries:
-                longer = f"{text}{entry.rid}:{entry.time_ms}\n"
-                if len(longer) > limit:
+                line = f"{entry.rid}:{entry.time_ms}\n"
+                if len(text) + len(line) > limit:
                     break
-                text = longer
+                text += line
             return text.encode()
         items: list[dict[str, object]] = [{"systemstart": self.system_start_ms}]
-        encode = (lambda value: json.dumps(value).encode()) if content_format == ContentFormat.JSON else cbor2.dumps
+        encode: Callable[[object], bytes] = (
+            (lambda value: json.dumps(value).encode()) if content_format == ContentFormat.JSON else cbor2.dumps
+        )
         payload = encode(items)
         for entry in entries:
             item: dict[str, object] = {"rid": entry.rid, "time": entry.time_ms}

@@ -31,6 +31,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
+from nettester.addresses import address_text
 from nettester.logs import Logger
 from nettester.protocols.coap.endpoint import Answer, CoapEndpoint, Observation
 from nettester.protocols.coap.events import Peer, ResponseReceived
@@ -104,7 +105,7 @@ class ReverseRequest(Resource):
         self.overall += count
         self.pending += count
         log.info("{peer}/{resource}: {count} reverse requests, {overall} overall", event="coap_reverse_requests",
-                 peer=exchange.peer_context().address, resource=path, count=count, overall=self.overall)
+                 peer=address_text(exchange.peer_context().address), resource=path, count=count, overall=self.overall)
         if count:
             self._runs += 1
             request = _get(path, forwarded)
@@ -122,7 +123,7 @@ class ReverseRequest(Resource):
                   remaining: int) -> None:
         if event.response.code >> 5 != 2:
             log.info("reverse request to {peer}: error {code}, {pending} pending", event="coap_reverse_error",
-                     peer=peer, code=code_string(event.response.code), pending=remaining)
+                     peer=address_text(peer), code=code_string(event.response.code), pending=remaining)
             self._done(remaining)
             return
         self.pending -= 1
@@ -133,7 +134,7 @@ class ReverseRequest(Resource):
 
     def _failed(self, failure: Failure, peer: Peer, remaining: int) -> None:
         log.debug("reverse request to {peer} failed: {reason}, {pending} pending", event="coap_reverse_failed",
-                  peer=peer, reason=failure.getErrorMessage(), pending=remaining)
+                  peer=address_text(peer), reason=failure.getErrorMessage(), pending=remaining)
         self._done(remaining)
 
     def _done(self, remaining: int) -> None:
@@ -200,14 +201,14 @@ class _ReverseObservation:
             return
         code = event.response.code if event.response.code >> 5 != 2 else Code.NOT_ACCEPTABLE
         log.info("reverse observation of {peer} not established: {code}", event="coap_reverse_observe_ended",
-                 peer=self.peer, code=code_string(event.response.code))
+                 peer=address_text(self.peer), code=code_string(event.response.code))
         self._end(code)
 
     def _failed(self, failure: Failure, observation: Observation) -> None:
         if observation is not self._observation:
             return
         log.debug("reverse observation of {peer} failed: {reason}", event="coap_reverse_observe_failed",
-                  peer=self.peer, reason=failure.getErrorMessage())
+                  peer=address_text(self.peer), reason=failure.getErrorMessage())
         self._end(Code.SERVICE_UNAVAILABLE)
 
     def _end(self, code: int) -> None:
@@ -231,7 +232,7 @@ class _ReverseObservation:
     def _timed_out(self) -> None:
         self._watchdog = None
         log.info("reverse observation of {peer}: no notification for {timeout:g} s, cancelled",
-                 event="coap_reverse_observe_timeout", peer=self.peer, timeout=self.timeout)
+                 event="coap_reverse_observe_timeout", peer=address_text(self.peer), timeout=self.timeout)
         if self._answer is not None:
             answer, self._answer = self._answer, None
             answer(response(Code.SERVICE_UNAVAILABLE, b"no notification"))
@@ -286,7 +287,7 @@ class ReverseObserve(Resource):
         if count == 0:
             if existing is not None:
                 log.info("{peer}: reverse observation of {resource} cancelled on request",
-                         event="coap_reverse_observe_cancel", peer=context.address, resource=path)
+                         event="coap_reverse_observe_cancel", peer=address_text(context.address), resource=path)
                 existing.cancel()
             return response(Code.CHANGED)
         if existing is not None and not existing.established:
@@ -308,7 +309,7 @@ class ReverseObserve(Resource):
                                           _get(path, forwarded), count, timeout, answer)
         self.observations[key] = observation
         log.info("{peer}: reverse observation of {resource}, re-registered every {count} notifications",
-                 event="coap_reverse_observe", peer=context.address, resource=path, count=count)
+                 event="coap_reverse_observe", peer=address_text(context.address), resource=path, count=count)
         observation.start()
         return answered
 
