@@ -8,7 +8,8 @@ what these helpers build:
   larger than ``max_body_size`` gets 4.13 with Size1 telling the limit
   (section 2.9.3), a peer keeps at most ``max_uploads_per_peer`` uploads, and
   all uploads together take at most ``max_uploads`` entries and
-  ``max_bytes`` bytes (the least recently active upload goes first, counted);
+  ``max_bytes`` bytes (the least recently active upload goes first, counted;
+  an upload that cannot fit even alone gets 5.03);
 - ``block_of`` cuts one Block2 slice of a response body (section 2.4);
 - client side, ``block1_request`` and ``block2_follow_up`` build the
   next request of a transfer (sections 2.4, 2.5 and 3.4).
@@ -153,7 +154,9 @@ class Block1Uploads:
         if len(upload.body) + len(payload) > self.max_body_size:
             self._forget(entry)
             return BlockRefusal(Code.REQUEST_ENTITY_TOO_LARGE, size1=self.max_body_size)
-        self._make_room(len(payload), entry)
+        if not self._make_room(len(payload), entry):
+            self._forget(entry)
+            return BlockRefusal(Code.SERVICE_UNAVAILABLE, b"block-wise reassembly memory is full")
         upload.body += payload
         self._bytes += len(payload)
         if block1.more:
@@ -172,13 +175,14 @@ class Block1Uploads:
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         return upload
 
-    def _make_room(self, length: int, keep: tuple[Hashable, CacheKey]) -> None:
-        """Evict the least recently active other uploads until ``length`` more bytes fit."""
+    def _make_room(self, length: int, keep: tuple[Hashable, CacheKey]) -> bool:
+        """Evict the least recently active other uploads until ``length`` more bytes fit; False if they cannot."""
         while self._bytes + length > self.max_bytes:
             victim = next((key for key in self._uploads if key != keep), None)
             if victim is None:
-                return
+                return False
             self._evict(victim)
+        return True
 
     def _evict(self, entry: tuple[Hashable, CacheKey]) -> None:
         self.evicted += 1

@@ -6,6 +6,8 @@ import random
 
 import cbor2
 from coap_testing import CLIENT, SERVER, Server, World, accept, request, results
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nettester.link import PeerContext
 from nettester.protocols.coap.blockwise import Block1Uploads, BlockRefusal, cache_key
@@ -371,3 +373,23 @@ def test_addresses_read_host_port_in_reprs_and_logs() -> None:
     assert address_text("dtls-peer") == "dtls-peer"
     incoming = IncomingRequest(("::ffff:192.0.2.9", 40000), request("test"))
     assert repr(incoming).endswith("from 192.0.2.9:40000>")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), st.integers(0, 6), st.booleans(),
+                          st.integers(0, 7), st.integers(0, 300), st.floats(0, 50)), max_size=60))
+def test_reassembly_bounds_hold_for_any_block_sequence(
+        blocks: list[tuple[int, int, int, bool, int, int, float]]) -> None:
+    uploads = Block1Uploads(100.0, max_body_size=1200, max_uploads=6, max_uploads_per_peer=2, max_bytes=900)
+    keys = [cache_key(Message(CON, Code.PUT, 0, b"", [(OptionNumber.URI_PATH, bytes([n]))])) for n in range(4)]
+    now = 0.0
+    for peer, key, num, more, szx, length, step in blocks:
+        now += step
+        uploads.sweep(now)
+        result = uploads.receive(peer, keys[key], BlockValue(num, more, szx), b"x" * length, None, now)
+        assert result is None or isinstance(result, (bytes, BlockRefusal))
+        if isinstance(result, bytes):
+            assert len(result) <= 900
+        assert uploads.bytes_held <= 900 and len(uploads) <= 6
+        assert uploads.bytes_held == sum(len(upload.body) for upload in uploads._uploads.values())
+        assert all(count <= 2 for count in uploads._per_peer.values())

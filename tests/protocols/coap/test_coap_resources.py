@@ -275,7 +275,7 @@ RESOURCE_PATHS = [
     "test", "seg1/seg2/seg3", "query", "separate", "large", "large-update", "large-create", "large-post",
     "large-separate", "obs", "obs-non", "obs-large", "obs-reset", "location-query", "multi-format", "link1",
     "path/sub2", "validate", "create1", "benchmark", "requests", "mycontext", "myip", "echo",
-    ".well-known/core", "missing",
+    ".well-known/core", "missing", "path", "path/sub1", "reverse-request", "reverse-observe", "shutdown",
 ]
 
 
@@ -283,12 +283,13 @@ RESOURCE_PATHS = [
 @given(
     path=st.sampled_from(RESOURCE_PATHS),
     code=st.sampled_from([Code.GET, Code.POST, Code.PUT, Code.DELETE, Code.FETCH, 9]),
-    query=st.lists(st.sampled_from(["rlen=3", "rlen=x", "ack", "dev=d", "rid=1", "ep", "rt=Type1", "a="]),
-                   max_size=3),
+    query=st.lists(st.sampled_from(["rlen=3", "rlen=x", "rlen=0", "ack", "dev=d", "rid=1", "ep", "rt=Type1", "a=",
+                                    "req=2", "res=feed", "obs=1", "obs=0", "timeout=x", "notfound"]), max_size=4),
     extra=st.lists(st.sampled_from([
         (OptionNumber.ACCEPT, b"\x3c"), (OptionNumber.ACCEPT, b"\x2f"), (OptionNumber.CONTENT_FORMAT, b"\x32"),
         (OptionNumber.ETAG, b"e"), (OptionNumber.IF_MATCH, b""), (OptionNumber.IF_NONE_MATCH, b""),
-        (OptionNumber.OBSERVE, b""), (OptionNumber.OBSERVE, b"\x01"),
+        (OptionNumber.OBSERVE, b""), (OptionNumber.OBSERVE, b"\x01"), (OptionNumber.OSCORE, b"\x09"),
+        (OptionNumber.SIZE1, b"\x01\x86\xa0"), (OptionNumber.CONTENT_FORMAT, b""),
     ]), max_size=3),
     payload=st.binary(max_size=40),
 )
