@@ -7,7 +7,8 @@ these interfaces, so a new protocol module is a new file under
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from zope.interface import Attribute, Interface
 
@@ -226,26 +227,25 @@ class INatTable(Interface):
         """The console's ``info`` lines (entries, reverse mode, each destination's usage)."""
 
 
-@runtime_checkable
 class DatagramCore(Protocol):
-    """The contract of every sans-IO datagram core (aioquic's ``QuicConnection`` shape).
+    """The one contract of every sans-IO datagram core (aioquic's shape).
 
-    Bytes and the current time go in, datagrams, one timer and events come
-    out; the core never reads a clock or touches a socket. The CoAP layer
-    (``nettester.protocols.coap.layer.CoapLayer``) follows it.
+    Bytes and the time go in; datagrams, one timer and events come out.
+    ``nettester.pump.CorePump`` drives any of them from Twisted. A core
+    tolerates ``handle_timer`` being called at or after ``get_timer()``.
     """
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
-        """Process one datagram from ``addr``."""
+        """One datagram from ``addr``."""
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
-        """The datagrams to write now, as (data, address), handed over."""
+    def datagrams_to_send(self) -> Iterable[tuple[bytes, Any]]:
+        """What to write now, as ``(datagram, address)`` pairs; each is handed out once."""
 
     def get_timer(self) -> float | None:
-        """When ``handle_timer`` must run next (absolute time; None: never)."""
+        """When ``handle_timer`` is due next (in the same clock as ``now``), or None."""
 
     def handle_timer(self, now: float) -> None:
-        """Do what is due at ``now`` (retransmissions, expiries)."""
+        """The timer fired: retransmit, expire, ping."""
 
-    def next_event(self) -> object | None:
-        """The next event for the application, or None."""
+    def next_event(self) -> Any | None:
+        """The next event for the layer above, or None when there is none."""

@@ -16,7 +16,6 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.loopback import free_ports
 from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
 from nettester.protocols.coap.client import parse_uri
 from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
@@ -30,6 +29,7 @@ from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
 from nettester.udplink import UdpLink
 from tests.interop.peers import installed
+from tests.loopback import free_ports
 
 pytestmark = pytest.mark.interop
 TIMEOUT = 10.0
