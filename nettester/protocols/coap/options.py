@@ -202,8 +202,7 @@ class _CoapUriArgument:
             raise usage.UsageError(f"give the URI, e.g. {self.uri_example}")
         if len(arguments) > 1:
             shown = " ".join(repr(argument) for argument in arguments)
-            raise usage.UsageError(f"expected one URI, got {len(arguments)} arguments ({shown}); "
-                                   "options go before the URI")
+            raise usage.UsageError(f"expected one URI, got {len(arguments)} arguments ({shown}); see --help")
         try:
             self["uri"] = parse_uri(arguments[0])  # type: ignore[index]
         except ValueError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import re
 import sys
@@ -47,9 +48,18 @@ def credentials(tmp_path: Path) -> list[str]:
     return ["--cert", str(tmp_path / "server.pem"), "--key", str(tmp_path / "server.key")]
 
 
+def at_start_of_test(now: float) -> datetime.datetime:
+    """The engine-to-engine pair's clock starts at 0: certificates are checked at the wall-clock time of the test."""
+    return STARTED + datetime.timedelta(seconds=now)
+
+
+STARTED = datetime.datetime.now(datetime.UTC)
+
+
 def test_trust_all_accepts_a_client_chain_of_an_unknown_ca(tmp_path: Path) -> None:
     options = parse(*credentials(tmp_path), "--trust-all")
     server = options["dtls"]
+    server.certificate_time = at_start_of_test
     assert server.trust_all and server.trust_anchors is None and server.client_auth is ClientAuth.WANTED
     stranger = issue(make_ca("a CA nobody configured"), "device-7")
     client = DtlsConfiguration(is_client=True, cipher_suites=("TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",),
@@ -67,6 +77,7 @@ def test_without_trust_all_the_unknown_ca_is_rejected(tmp_path: Path) -> None:
     stranger = issue(make_ca("a CA nobody configured"), "device-7")
     client = DtlsConfiguration(is_client=True, cipher_suites=("TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",),
                                certificate_chain=stranger.full_chain(), private_key=stranger.private_key)
+    options["dtls"].certificate_time = at_start_of_test
     pair = Pair(client, options["dtls"])
     pair.start()
     pair.run()
