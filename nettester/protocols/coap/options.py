@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from twisted.python import usage
@@ -101,7 +100,7 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
         "With --dtls-cluster or --k8s-dtls-cluster the extended coaps endpoint is a DTLS CID cluster node "
         "on the cluster's DTLS interface instead of BASE+101."
     )
-    envVars: ClassVar[Mapping[str, str]] = {
+    envVars: ClassVar[dict[str, str]] = {
         "port": "COAP_SERVER_PORT",
         "interfaces": "COAP_SERVER_INTERFACES",
         "interfaces-pattern": "COAP_SERVER_INTERFACES_PATTERN",
@@ -255,7 +254,7 @@ class CoapBenchOptions(
     )
     synopsis = "[options] coap[s]://host[:port]/benchmark?rlen=40"
     uri_example = "coap://127.0.0.1:5783/benchmark?rlen=40"
-    envVars: ClassVar[Mapping[str, str]] = {"clients": "COAP_CLIENT_COUNT"}
+    envVars: ClassVar[dict[str, str]] = {"clients": "COAP_CLIENT_COUNT"}
     optFlags: ClassVar[list[list[Any]]] = [
         ["con", None, "Confirmable requests (default)."],
         ["non", None, "Non-confirmable requests."],
