@@ -24,6 +24,37 @@ def parse_host_port(text: str, default_host: str | None = None, lowest_port: int
     return host, int(port_text)
 
 
+def unmapped_host(host: str) -> str:
+    """``a.b.c.d`` for an IPv4-mapped IPv6 address ``::ffff:a.b.c.d`` (RFC 4291 section 2.5.5.2), else ``host``.
+
+    A dual-stack socket reports IPv4 peers mapped; what a user reads (and what
+    Californium shows) is the IPv4 address.
+    """
+    if host[:7].lower() == "::ffff:" and "." in host:
+        try:
+            return str(ipaddress.IPv6Address(host).ipv4_mapped or host)
+        except ValueError:
+            return host
+    return host
+
+
+def address_text(peer: object) -> str:
+    """How an address reads in logs and reprs: ``host:port``, ``[v6]:port`` (an IPv4-mapped
+    host unmapped); any other peer handle (a DTLS peer) as its ``str``."""
+    if isinstance(peer, tuple) and len(peer) >= 2 and isinstance(peer[0], str):
+        host = unmapped_host(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer)
+
+
+def mapped_for(family: int, host: str) -> str:
+    """``host`` as a socket of ``family`` addresses it: an IPv4 literal becomes ``::ffff:a.b.c.d``
+    on an IPv6 (dual-stack) socket; the inverse of :func:`unmapped_host`."""
+    if family == socket.AF_INET6 and ip_family(host) == socket.AF_INET:
+        return "::ffff:" + host
+    return host
+
+
 def ip_family(host: str) -> int | None:
     """socket.AF_INET / AF_INET6 for an IP literal, None for a host name."""
     try:

@@ -33,7 +33,7 @@ from twisted.internet.defer import (
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.udp import Port
 
-from nettester.addresses import ip_family
+from nettester.addresses import ip_family, mapped_for
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import (
     DynamicDiscoveryService,
@@ -210,6 +210,7 @@ class ClusterNodeService(MultiService):
         self.started: Deferred[None] = Deferred()
         self._routes: dict[Address, ForwardedRoute] = {}
         self._public_sendto: Callable[[bytes, Address], Any] = _not_open
+        self._public_family = socket.AF_INET
         self._public_send_errors = metrics.counter("public_send_errors_total", "Sends refused on the public socket.")
 
     @property
@@ -255,6 +256,7 @@ class ClusterNodeService(MultiService):
         self._public_port = _listen_udp(self._reactor, config.dtls_address, _PublicProtocol(self))
         # Straight to the socket: Port.write re-validates the address text on every datagram.
         self._public_sendto = self._public_port.getHandle().sendto
+        self._public_family = self._public_port.getHandle().family
         self._endpoint.makeConnection(self._public_port)
         if failover:
             self.replication = ReplicationService(self._reactor, self._endpoint, self.router, self.codec,
@@ -301,6 +303,7 @@ class ClusterNodeService(MultiService):
             self.management.forward(datagram, client, decision.address)  # type: ignore[union-attr]
 
     def _forwarded(self, records: bytes, client: Address, node: Address) -> None:
+        client = (mapped_for(self._public_family, client[0]), client[1])  # as our own socket reports it
         route = self._routes.get(node)
         if route is None:
             route = ForwardedRoute(node, self.management, self.send_public, self.config.backward)  # type: ignore[arg-type]
@@ -314,7 +317,7 @@ class ClusterNodeService(MultiService):
     def send_public(self, data: bytes, address: Address) -> None:
         """Send from our public socket; a refused send is counted, never raised."""
         try:
-            self._public_sendto(data, address)
+            self._public_sendto(data, (mapped_for(self._public_family, address[0]), address[1]))
         except OSError:
             self._public_send_errors.value += 1
 

@@ -58,6 +58,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from nettester.addresses import unmapped_host
+
 if TYPE_CHECKING:
     from hashlib import _Hash
 
@@ -154,6 +156,7 @@ ADDRESS_CACHE_SIZE = 65536
 def _records_header(kind: int, client: Address) -> bytes:
     """type, port(2, little-endian), address length, address: constant per client and direction."""
     host, port = client
+    host = unmapped_host(host)  # an IPv4 client is written with 4 bytes, as Californium does
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     packed = socket.inet_pton(family, host)
     return struct.pack("<BHB", kind, port, len(packed)) + packed

@@ -17,7 +17,6 @@ import json
 import random
 import socket
 from collections.abc import Callable, Generator
-from functools import partial
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
+from nettester.cluster.node import ClusterNodeService
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable
@@ -63,6 +63,10 @@ class CoapCluster:
                  kubernetes: tuple[Any, int, bytes] | None = None) -> None:
         self.mode = mode
         self._kubernetes = kubernetes
+        if kubernetes is not None:
+            # The pods are listed by the test API server instead of the pod's service account.
+            monkeypatch.setattr(ClusterNodeService, "_kubernetes_from_environment",
+                                lambda node, table, port: pod_discovery(kubernetes, node.config.node_id, table, port))
         ports = free_ports(6)
         management, public = ports[:3], ports[3:]
         self.options: dict[int, CoapServerOptions] = {}
@@ -88,8 +92,7 @@ class CoapCluster:
 
     @pytest_twisted.inlineCallbacks
     def start_node(self, node_id: int) -> Generator[Any, Any, None]:
-        server = build_server(reactor, self.options[node_id],
-                              kubernetes_factory=partial(pod_discovery, self._kubernetes, node_id))
+        server = build_server(reactor, self.options[node_id])
         assert isinstance(server, CoapServerService)
         self.servers[node_id] = server
         server.startService()

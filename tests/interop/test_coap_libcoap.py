@@ -16,7 +16,6 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.loopback import free_ports
 from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
 from nettester.protocols.coap.client import parse_uri
 from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
@@ -30,6 +29,7 @@ from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
 from nettester.udplink import UdpLink
 from tests.interop.peers import installed
+from tests.loopback import free_ports
 
 pytestmark = pytest.mark.interop
 TIMEOUT = 10.0
@@ -250,3 +250,36 @@ def test_our_coaps_client_against_libcoap_openssl_server() -> Generator[Any, Any
         endpoint.stop()
         yield port.stopListening()
         yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_libcoap_client_sees_the_californium_behaviour() -> Generator[Any, Any, None]:
+    """issue 12 section 3 through an independent client: LINK_09, OSCORE garbage, Size1, benchmark, ct."""
+    client = require("coap-client-notls")
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], benchmark=True)
+    service.startService()
+    ports = {name: port for _, _, port, name in service.listening}
+    plugtest, extended = f"coap://127.0.0.1:{ports['plugtest']}", f"coap://127.0.0.1:{ports['extended']}"
+
+    def run(*arguments: str) -> defer.Deferred[tuple[bytes, bytes, int]]:
+        return getProcessOutputAndValue(client, ["-v", "5", *arguments], env=os.environ)
+
+    try:
+        out, err, code = yield getProcessOutputAndValue(client, ["-m", "get", f"{plugtest}/path"], env=os.environ)
+        assert code == 0 and [link.target for link in parse_links(out.decode().strip())] == [
+            "/path/sub1", "/path/sub2", "/path/sub3"]
+        out, err, code = yield getProcessOutputAndValue(client, ["-m", "get", f"{plugtest}/path/sub1"],
+                                                        env=os.environ)
+        assert out.strip() == b"/path/sub1"
+        # libcoap prints the response code of an error response on stderr/stdout ("4.02 ...").
+        out, err, code = yield run("-m", "get", "-O", "9,0x09ff", f"{plugtest}/test")
+        assert b"4.02" in out + err
+        out, err, code = yield run("-m", "put", "-O", "60,0x0186a0", "-e", "x", f"{plugtest}/large-update")
+        assert b"4.13" in out + err
+        out, err, code = yield getProcessOutputAndValue(client, ["-m", "get", f"{extended}/benchmark?rlen=0"],
+                                                        env=os.environ)
+        assert out.strip() == b"hello benchmark"
+        out, err, code = yield run("-m", "get", f"{extended}/benchmark?rlen=99999")
+        assert b"4.02" in out + err
+    finally:
+        yield service.stopService()

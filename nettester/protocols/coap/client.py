@@ -12,18 +12,18 @@ import json
 import socket
 import string
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit
 
 import cbor2
 from twisted.application.service import IService, Service
 from twisted.internet import defer
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import DNSLookupError, ReactorNotRunning
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nettester.addresses import address_text
 from nettester.interfaces import IDatagramLink
 from nettester.link import PeerContext
 from nettester.logs import Logger
@@ -32,12 +32,9 @@ from nettester.protocols.coap.endpoint import (
     CoapRequestError,
     Observation,
 )
-from nettester.protocols.coap.layer import ResponseReceived
+from nettester.protocols.coap.events import ResponseReceived
 from nettester.protocols.coap.message import (
-    CON,
-    NON,
     OPTION_SPECS,
-    Code,
     ContentFormat,
     Message,
     MessageType,
@@ -46,76 +43,26 @@ from nettester.protocols.coap.message import (
     code_name,
     decode,
     decode_block,
-    encode_uint,
     media_type,
     option_name,
 )
-from nettester.protocols.coap.options import MAX_TRANSMIT_WAIT
+from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
+
+# parse_uri is re-exported: the bench and receive-test roles and their tests import it from here.
+from nettester.protocols.coap.uri import CoapUri, build_request, parse_uri  # noqa: F401
+from nettester.protocols.dtls.endpoint import DtlsEndpoint, DtlsPeer
 from nettester.service import set_exit_status
 from nettester.udplink import UdpLink, UdpPeer
 
 log = Logger()
 
-DEFAULT_PORTS = {"coap": 5683, "coaps": 5684}  # RFC 7252 sections 6.1 and 6.2
 MAX_DATAGRAM = 65535  # read whole datagrams: a DTLS flight may come as one large one
 
 # Exit statuses of the client roles (2 is nettester's own: a bad command line).
 EXIT_SUCCESS = 0  # a 2.xx response (coap-bench: every request answered)
 EXIT_ERROR_RESPONSE = 1  # the server answered with another code (coap-bench: some requests failed)
 EXIT_NO_RESPONSE = 3  # no answer at all: nobody listening, timeout, Reset, DTLS handshake failed
-METHODS = {"GET": Code.GET, "POST": Code.POST, "PUT": Code.PUT, "DELETE": Code.DELETE,
-           "FETCH": Code.FETCH, "PATCH": Code.PATCH, "IPATCH": Code.IPATCH}
 _PRINTABLE = set(string.printable)
-
-
-@dataclass(frozen=True)
-class CoapUri:
-    """A parsed ``coap://`` / ``coaps://`` URI (RFC 7252 section 6.4)."""
-
-    scheme: str
-    host: str
-    port: int
-    path: tuple[str, ...]
-    query: tuple[str, ...]
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """(host, port) for IDatagramLink.connect."""
-        return (self.host, self.port)
-
-
-def parse_uri(text: str) -> CoapUri:
-    """Split a CoAP URI into host, port, path segments and query arguments."""
-    parts = urlsplit(text.strip())
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"expected a coap:// or coaps:// URI, got {text!r}")
-    if not parts.hostname:
-        raise ValueError(f"no host in {text!r}")
-    if parts.fragment:
-        raise ValueError("a CoAP URI has no fragment (RFC 7252 section 6.4)")
-    try:
-        port = parts.port or DEFAULT_PORTS[scheme]
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
-    # Section 6.4 steps 8-9: one Uri-Path per segment, one Uri-Query per argument, percent-decoded.
-    segments = tuple(unquote(segment) for segment in parts.path.split("/")[1:])
-    if segments == ("",):
-        segments = ()
-    query = tuple(unquote(argument) for argument in parts.query.split("&") if argument) if parts.query else ()
-    return CoapUri(scheme, parts.hostname, port, segments, query)
-
-
-def build_request(uri: CoapUri, method: str, payload: bytes = b"", confirmable: bool = True,
-                  content_format: int | None = None, accept: int | None = None) -> Message:
-    """The request message for ``uri``."""
-    options: list[tuple[int, bytes]] = [(OptionNumber.URI_PATH, segment.encode()) for segment in uri.path]
-    options += [(OptionNumber.URI_QUERY, argument.encode()) for argument in uri.query]
-    if content_format is not None:
-        options.append((OptionNumber.CONTENT_FORMAT, encode_uint(content_format)))
-    if accept is not None:
-        options.append((OptionNumber.ACCEPT, encode_uint(accept)))
-    return Message(CON if confirmable else NON, METHODS[method.upper()], 0, b"", options, payload)
 
 
 def format_option(number: int, value: bytes) -> str:
@@ -175,8 +122,7 @@ def format_message(title: str, message: Message, rtt: float | None = None) -> st
 
 def server_text(address: tuple[str, int]) -> str:
     """``host:port``, ``[v6]:port``: how an address reads in a message."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address_text(address)
 
 
 def refused_text(address: tuple[str, int]) -> str:
@@ -195,31 +141,29 @@ def end_process(service: IService, reactor: Any, status: int) -> None:
         pass
 
 
-class ServerUdpLink(UdpLink):
-    """A client's UDP link to its one server, on a connected socket (as libcoap's client sessions).
+class ServerConnection:
+    """A one-shot client's socket connected to its one server (as libcoap's client sessions).
 
     Linux reports ICMP port unreachable to a UDP socket only once it is
     connected (udp(7)), as a pending ECONNREFUSED; ``on_refused`` hears of it.
     A connected socket receives only from the server's address, which loses
-    nothing: the CoAP layer matches peers by address. For one-shot clients:
-    the reactor may close the socket on that error (see :meth:`stopProtocol`).
+    nothing: the CoAP layer and the DTLS endpoint match peers by address.
+    The reactor may close the socket on that error (see ``stopProtocol``).
+    Mixed into the UDP link (coap://) and the DTLS endpoint (coaps://), so
+    a refused handshake is reported as fast as a refused request.
     """
 
-    def __init__(self, resolver: Any = None, receive_buffer: int | None = None) -> None:
-        super().__init__(receive_buffer=receive_buffer, resolver=resolver)
-        #: Called with the server's address when it refused a datagram.
-        self.on_refused: Callable[[UdpPeer], None] | None = None
-        self.server: UdpPeer | None = None
-        self._socket: socket.socket | None = None
+    transport: Any
+    #: Called with the server's address when it refused a datagram.
+    on_refused: Callable[[UdpPeer], None] | None = None
+    server: UdpPeer | None = None
+    _socket: socket.socket | None = None
 
-    def connect(self, address: tuple[str, int]) -> defer.Deferred[UdpPeer]:
-        """The server's (resolved) address; the socket is connected to it the first time."""
-        return super().connect(address).addCallback(self._connect_socket)
-
-    def _connect_socket(self, peer: UdpPeer) -> UdpPeer:
+    def connect_socket(self, peer: UdpPeer) -> UdpPeer:
+        """Connect the socket to the server's (resolved) address, the first time."""
         if self.server is None:
-            self.transport.connect(peer[0], peer[1])  # type: ignore[union-attr]
-            self.server = peer
+            self.transport.connect(peer[0], peer[1])
+            self.server = (peer[0], peer[1])
         return peer
 
     def connectionRefused(self) -> None:
@@ -227,20 +171,43 @@ class ServerUdpLink(UdpLink):
         self._refused()
 
     def startProtocol(self) -> None:
-        super().startProtocol()
-        self._socket = self.transport.getHandle()  # type: ignore[union-attr]
+        super().startProtocol()  # type: ignore[misc]
+        self._socket = self.transport.getHandle()
 
     def stopProtocol(self) -> None:
-        """The epoll reactor takes the socket error (EPOLLERR) for a lost connection and closes
+        """The epoll reactor may take the socket error (EPOLLERR) for a lost connection and close
         the port; the error is still pending on the socket, which closes right after this."""
         sock, self._socket = self._socket, None
         if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED:
             self._refused()
-        super().stopProtocol()
+        super().stopProtocol()  # type: ignore[misc]
 
     def _refused(self) -> None:
         if self.on_refused is not None and self.server is not None:
             self.on_refused(self.server)
+
+
+class ServerUdpLink(ServerConnection, UdpLink):
+    """A one-shot coap:// client's link, connected to its server (see ``ServerConnection``)."""
+
+    def __init__(self, resolver: Any = None, receive_buffer: int | None = None) -> None:
+        super().__init__(receive_buffer=receive_buffer, resolver=resolver)
+
+    def connect(self, address: tuple[str, int]) -> defer.Deferred[UdpPeer]:
+        """The server's (resolved) address; the socket is connected to it the first time."""
+        return super().connect(address).addCallback(self.connect_socket)
+
+
+class ServerDtlsLink(ServerConnection, DtlsEndpoint):
+    """A one-shot coaps:// client's DTLS endpoint, its socket connected to the server before the
+    handshake starts (see ``ServerConnection``)."""
+
+    def connect(self, address: tuple[str, int]) -> defer.Deferred[DtlsPeer]:
+        host = address[0]
+        if isIPAddress(host) or isIPv6Address(host):
+            self.connect_socket(address)
+        # A host name is resolved by the endpoint, which then connects the resolved address here.
+        return super().connect(address)
 
 
 @implementer(IDatagramLink)
@@ -278,10 +245,10 @@ class SendTap:
 class OneServerService(Service):
     """One exchange with one server: connect, send, wait at most ``timeout``, explain a failure, end.
 
-    Subclasses say what to send (:meth:`exchange`) and what an answer means
-    (:meth:`answered`, returning the exit status). Whatever goes wrong ends
+    Subclasses say what to send (``exchange``) and what an answer means
+    (``answered``, returning the exit status). Whatever goes wrong ends
     with one readable line naming the server and what to check, and
-    ``done`` firing with :data:`EXIT_NO_RESPONSE`.
+    ``done`` firing with ``EXIT_NO_RESPONSE``.
     """
 
     def __init__(self, reactor: Any, uri: CoapUri, link: IDatagramLink, stdout: IO[str], timeout: float) -> None:
@@ -298,6 +265,7 @@ class OneServerService(Service):
         self._started = 0.0
         self._connected = False
         self._ended = False
+        self._progress: IDelayedCall | None = None
 
     @property
     def server(self) -> str:
@@ -318,16 +286,33 @@ class OneServerService(Service):
 
     def startService(self) -> None:
         super().startService()
-        if isinstance(self.link, ServerUdpLink):
+        if isinstance(self.link, ServerConnection):
             self.link.on_refused = self.refused
         self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "",
                                              maxPacketSize=MAX_DATAGRAM)
         self.endpoint = CoapEndpoint(self.endpoint_link(), self._reactor)
         self._started = self._reactor.seconds()
         self.rearm_watchdog()
+        configuration = getattr(self.link, "client_configuration", None)
+        if configuration is not None:
+            self._progress_after(0.0, configuration.initial_retransmit_timeout)
         connecting = self.link.connect(self.uri.address)
         connecting.addCallback(self._connected_to)
         connecting.addCallbacks(self._answered, self._failed)
+
+    def _progress_after(self, waited: float, interval: float) -> None:
+        """A line each time the DTLS handshake retransmits (RFC 6347 section 4.2.4.1: the
+        timer starts at the initial timeout and doubles, up to 60 s) while nothing came back."""
+        self._progress = self._reactor.callLater(interval, self._handshake_progress, waited + interval,
+                                                 min(2 * interval, 60.0))
+
+    def _handshake_progress(self, waited: float, interval: float) -> None:
+        self._progress = None
+        if self._connected or self._ended:
+            return
+        self.print(f"==[ DTLS handshake ]== no answer from {self.server} after {waited:.1f} s, retransmitting "
+                   f"(gives up after {self.timeout:g} s)")
+        self._progress_after(waited, interval)
 
     def rearm_watchdog(self) -> None:
         """Wait ``timeout`` more seconds for the next answer (a notification restarts the wait)."""
@@ -346,7 +331,7 @@ class OneServerService(Service):
     def _failed(self, failure: Failure) -> None:
         if self._ended:
             return
-        if failure.check(CoapRequestError):
+        if isinstance(failure.value, CoapRequestError):
             reason = failure.value.reason
             if reason == "timeout":
                 self._fail(self._no_answer_text())
@@ -399,6 +384,9 @@ class OneServerService(Service):
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
+        if self._progress is not None and self._progress.active():
+            self._progress.cancel()
+        self._progress = None
         if self.endpoint is not None:
             self.endpoint.stop()
         if self._port is not None:
@@ -451,21 +439,20 @@ def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_sh
     """UDP for ``coap://`` (connected for a ``one_shot`` client, so it hears a refusal); a client
     DtlsEndpoint for ``coaps://`` (needs a configuration).
 
+    A one-shot coaps client's socket is connected too (``ServerDtlsLink``).
     A long-running client (coap-bench) stays unconnected: one ICMP error
-    would cost it its socket (:class:`ServerUdpLink`), and it must outlive a
-    server restart.
+    would cost it its socket, and it must outlive a server restart.
     """
     if uri.scheme == "coap":
         return ServerUdpLink(resolver=reactor) if one_shot else UdpLink(resolver=reactor)
     if dtls_configuration is None:
         raise ValueError("coaps:// needs --identity/--secret or --cert/--key")
-    from nettester.protocols.dtls.endpoint import DtlsEndpoint
-
-    return DtlsEndpoint(reactor, client_configuration=dtls_configuration)
+    link = ServerDtlsLink if one_shot else DtlsEndpoint
+    return link(reactor, client_configuration=dtls_configuration)
 
 
 def make_client_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapClientService:
-    """The role's service from parsed :class:`CoapClientOptions`; ends the process when done."""
+    """The role's service from parsed ``CoapClientOptions``; ends the process when done."""
     uri = options["uri"]
     request = build_request(uri, options["method"], options["payload"].encode(), not options["non"],
                             options["content-format"], options["accept"])

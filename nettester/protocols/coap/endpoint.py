@@ -1,11 +1,11 @@
-"""Twisted adapter: a :class:`CoapLayer` over any IDatagramLink.
+"""Twisted adapter: a ``CoapLayer`` over any IDatagramLink.
 
 The endpoint feeds the sans-IO layer with datagrams and ``reactor.seconds()``,
 then runs one pump: write what the layer wants written, dispatch its events
-(requests to the handler, responses to the Deferreds of :meth:`request`),
+(requests to the handler, responses to the Deferreds of ``request``),
 and re-arm a single IDelayedCall for the layer's next deadline.
 
-It runs unchanged over plain UDP (:class:`nettester.udplink.UdpLink`) and
+It runs unchanged over plain UDP (``nettester.udplink.UdpLink``) and
 over the DTLS endpoint, because it only sees ``IDatagramLink``.
 """
 
@@ -20,26 +20,23 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nettester.addresses import address_text
 from nettester.interfaces import IDatagramLink, IDatagramReceiver
 from nettester.link import PeerContext
 from nettester.logs import Logger
-from nettester.protocols.coap.layer import (
-    CoapLayer,
+from nettester.protocols.coap.events import (
     Event,
-    IncomingRequest,
-    LayerStats,
     MessageRejected,
     ObserveCancelled,
-    ObserveRelation,
-    OutgoingRequest,
     Peer,
     RequestFailed,
     RequestReceived,
     ResponseReceived,
-    TransmissionParameters,
-    response,
 )
-from nettester.protocols.coap.message import Code, Message, OptionNumber
+from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation, OutgoingRequest
+from nettester.protocols.coap.layer import CoapLayer
+from nettester.protocols.coap.message import Code, Message, OptionNumber, response
+from nettester.protocols.coap.parameters import LayerStats, TransmissionParameters
 
 log = Logger()
 
@@ -61,7 +58,7 @@ class CoapRequestError(Exception):
     """A request of ours ended without a response (``timeout``, ``reset``...)."""
 
     def __init__(self, request: OutgoingRequest, reason: str) -> None:
-        super().__init__(f"{request.request.describe()} to {request.peer!r}: {reason}")
+        super().__init__(f"{request.request.describe()} to {address_text(request.peer)}: {reason}")
         self.request = request
         self.reason = reason
 
@@ -69,9 +66,9 @@ class CoapRequestError(Exception):
 class Observation:
     """A client-side observation: notifications go to a callback until it ends.
 
-    ``finished`` fires with the final :class:`ResponseReceived` (the server
+    ``finished`` fires with the final ``ResponseReceived`` (the server
     answered without Observe, or the deregistration was answered) or fails
-    with :class:`CoapRequestError`.
+    with ``CoapRequestError``.
     """
 
     def __init__(self, endpoint: CoapEndpoint, request: OutgoingRequest) -> None:
@@ -156,7 +153,7 @@ class CoapEndpoint:
         """Send a request to a peer handle; fires with the (reassembled) response.
 
         ``timeout`` bounds the whole request, retransmissions included
-        (see :meth:`CoapLayer.request`); it fails with reason ``timeout``.
+        (see ``CoapLayer.request``); it fails with reason ``timeout``.
         """
         outgoing = self.core.request(peer, message, self._clock.seconds(), response_timeout, timeout)
         result: defer.Deferred[ResponseReceived] = defer.Deferred()
@@ -167,7 +164,7 @@ class CoapEndpoint:
     def request_address(
         self, address: tuple[str, int], message: Message, response_timeout: float | None = None
     ) -> defer.Deferred[ResponseReceived]:
-        """Like :meth:`request`, after the link connected (resolution, DTLS handshake)."""
+        """Like ``request``, after the link connected (resolution, DTLS handshake)."""
         connecting: defer.Deferred[Peer] = self.link.connect(address)
         return connecting.addCallback(lambda peer: self.request(peer, message, response_timeout))
 
@@ -239,7 +236,7 @@ class CoapEndpoint:
                 waiting[0].errback(CoapRequestError(event.request, event.reason))
         elif isinstance(event, MessageRejected):
             log.debug("rejected a datagram from {peer} (MID {mid}): {reason}; answered {answer}",
-                      event="coap_rejected", peer=event.peer, mid=event.mid, reason=event.reason,
+                      event="coap_rejected", peer=address_text(event.peer), mid=event.mid, reason=event.reason,
                       answer=event.answer or "nothing")
         elif isinstance(event, ObserveCancelled):
             log.debug("observer {relation} cancelled: {reason}", event="coap_observe_cancelled",

@@ -1,20 +1,25 @@
 """Sans-IO CoAP: the message layer and the request/response layer.
 
-:class:`CoapLayer` is one CoAP endpoint (server and client at once) talking
-to many peers. It never reads a clock, never touches a socket and never
-imports ``twisted.internet``: datagrams and the current time go in
-(:meth:`CoapLayer.receive_datagram`, :meth:`CoapLayer.handle_timer`),
-datagrams, one timer and events come out (:meth:`CoapLayer.datagrams_to_send`,
-:meth:`CoapLayer.get_timer`, :meth:`CoapLayer.next_event`). The application
-answers requests and issues its own through method calls that take ``now``.
+``CoapLayer`` is one CoAP endpoint (server and client at once) talking to
+many peers. It never reads a clock, never touches a socket and never imports
+``twisted.internet``. It follows the datagram-core contract of every
+nettester core (``nettester.interfaces.DatagramCore``): datagrams and the
+current time go in (``receive_datagram(data, addr, now)``,
+``handle_timer(now)``), datagrams, one timer and events come out
+(``datagrams_to_send()``, ``get_timer()``, ``next_event()``). The
+application answers requests and issues its own through method calls that
+take ``now``.
 
 Message layer (RFC 7252 section 4): CON/NON/ACK/RST, retransmission with
 exponential back-off, deduplication of CON and NON by (peer, message id) with
 the cached answer re-sent, Empty-CON ping answered by Reset, NSTART.
 
 Request/response layer: token matching (RFC 7252 section 5.3.2),
-piggybacked and separate responses, block-wise transfers in both directions
-on both sides (RFC 7959), observe on both sides (RFC 7641).
+piggybacked and separate responses, critical options the server does not
+implement refused with 4.02 (section 5.4.1), block-wise transfers in both
+directions on both sides (RFC 7959, helpers in ``blockwise.py``), observe on
+both sides (RFC 7641, rules in ``observe.py``). The events are in
+``events.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,26 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass
 
+from nettester.protocols.coap.blockwise import (
+    Block1Uploads,
+    Block2Assembly,
+    BlockRefusal,
+    block1_request,
+    block2_follow_up,
+    block_of,
+    cache_key,
+)
+from nettester.protocols.coap.events import (
+    CoapEvent,
+    Event,
+    MessageRejected,
+    ObserveCancelled,
+    RequestFailed,
+    RequestReceived,
+    ResponseReceived,
+)
+from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation, OutgoingRequest, Owner, Transmission
 from nettester.protocols.coap.message import (
     ACK,
     CON,
@@ -38,313 +61,32 @@ from nettester.protocols.coap.message import (
     OptionNumber,
     code_string,
     decode_after_header,
-    decode_block,
     encode_block,
     encode_empty,
     encode_message,
-    encode_uint,
-    is_no_cache_key,
     is_request,
+    option_name,
     peek_header,
+    response,
 )
+from nettester.protocols.coap.observe import (
+    OBSERVE_MODULO,
+    confirm_now,
+    is_fresh,
+    notification_for,
+)
+from nettester.protocols.coap.parameters import LayerStats, TransmissionParameters
 from nettester.protocols.coap.store import ExpiringStore
 
+# The events, the observe relation and cache_key keep being importable from
+# here: the other CoAP modules (client, bench, receive test, TCP) use them.
+__all__ = [
+    "CoapEvent", "CoapLayer", "Event", "IncomingRequest", "LayerStats", "MessageRejected", "ObserveCancelled",
+    "ObserveRelation", "OutgoingRequest", "Peer", "RequestFailed", "RequestReceived", "ResponseReceived",
+    "TransmissionParameters", "cache_key", "response",
+]
+
 Peer = Hashable
-
-# RFC 7641 section 4.4: the Observe sequence number is 24 bits.
-OBSERVE_MODULO = 1 << 24
-# RFC 7641 section 3.4: notifications more than 128 s apart are always fresh.
-OBSERVE_FRESHNESS_SECONDS = 128.0
-
-
-@dataclass(frozen=True, slots=True)
-class TransmissionParameters:
-    """RFC 7252 section 4.8 parameters and the stack's own limits."""
-
-    ack_timeout: float = 2.0
-    ack_random_factor: float = 1.5
-    max_retransmit: int = 4
-    nstart: int = 1
-    max_latency: float = 100.0
-    #: Preferred block size exponent (RFC 7959): 6 = 1024 bytes.
-    block_szx: int = 6
-    #: Largest request body accepted block-wise (Block1) and response body
-    #: reassembled (Block2); beyond it 4.13 / a failure (RFC 7959 section 2.9.3).
-    max_body_size: int = 1 << 20
-    #: Block-wise transfers kept at once (uploads, and bodies being served):
-    #: with max_body_size this bounds the memory block-wise can take.
-    max_block_transfers: int = 4096
-    token_length: int = 8
-    dedup_buckets: int = 4
-    #: Hard cap of the deduplication store (about 400 bytes per entry with
-    #: its cached answer): past it the oldest bucket goes early (counted).
-    max_dedup_entries: int = 1 << 20
-    #: RFC 7641 section 4.5: NON notifications turn CON now and then, so an
-    #: observer that went away is noticed (its CON times out) and forgotten.
-    notification_check_count: int = 100
-    notification_check_interval: float = 24 * 3600.0
-
-    @property
-    def max_transmit_span(self) -> float:
-        """RFC 7252 section 4.8.2."""
-        return self.ack_timeout * ((1 << self.max_retransmit) - 1) * self.ack_random_factor
-
-    @property
-    def exchange_lifetime(self) -> float:
-        """RFC 7252 section 4.8.2: span + 2 * MAX_LATENCY + PROCESSING_DELAY (= ACK_TIMEOUT)."""
-        return self.max_transmit_span + 2 * self.max_latency + self.ack_timeout
-
-    @property
-    def non_lifetime(self) -> float:
-        """RFC 7252 section 4.8.2: span + MAX_LATENCY."""
-        return self.max_transmit_span + self.max_latency
-
-
-@dataclass(slots=True)
-class LayerStats:
-    """Plain counters; the role exports them as metrics."""
-
-    received: int = 0
-    sent: int = 0
-    garbage: int = 0
-    format_errors: int = 0
-    bad_options: int = 0
-    duplicates: int = 0
-    pings: int = 0
-    resets_received: int = 0
-    retransmissions: int = 0
-    transmission_failures: int = 0
-    unmatched: int = 0
-    stale_notifications: int = 0
-    block_errors: int = 0
-
-
-# ---------------------------------------------------------------- handles
-
-
-class IncomingRequest:
-    """A request received from a peer, waiting for the application's answer.
-
-    ``request`` is the whole request: after a block-wise upload its payload
-    is the reassembled body and its Block1 option is gone.
-    """
-
-    __slots__ = (
-        "peer", "request", "observe", "accept", "block2", "has_block1", "answered", "accepted",
-        "_dedup_bucket", "_dedup_key", "_block1",
-    )
-
-    def __init__(self, peer: Peer, request: Message) -> None:
-        self.peer = peer
-        self.request = request
-        #: The request's Observe value (0 register, 1 deregister), Accept and Block2, read once.
-        self.observe: int | None = None
-        self.accept: int | None = None
-        self.block2: BlockValue | None = None
-        self.has_block1 = False
-        for number, value in request.options:
-            if number == OptionNumber.OBSERVE:
-                self.observe = int.from_bytes(value, "big")
-            elif number == OptionNumber.ACCEPT:
-                self.accept = int.from_bytes(value, "big")
-            elif number == OptionNumber.BLOCK2:
-                self.block2 = decode_block(value)
-            elif number == OptionNumber.BLOCK1:
-                self.has_block1 = True
-        #: True once a response was sent (further responses are refused).
-        self.answered = False
-        #: True once an empty ACK announced a separate response.
-        self.accepted = False
-        self._dedup_bucket: dict[Hashable, bytes | None] | None = None
-        self._dedup_key: Hashable = None
-        self._block1: BlockValue | None = None
-
-    def __repr__(self) -> str:
-        return f"<IncomingRequest {self.request.describe()} from {self.peer!r}>"
-
-
-class OutgoingRequest:
-    """A request this endpoint sent (client side), until its final response.
-
-    An observe registration stays open after the first response: every
-    notification is another :class:`ResponseReceived` until it is cancelled.
-    """
-
-    __slots__ = (
-        "peer", "request", "token", "observe", "done", "sent_at", "mid",
-        "_current_token", "_body", "_block1_offset", "_block1_sent", "_block1_szx", "_assembled", "_etag",
-        "_block_observe", "_last_observe", "_response_deadline", "_response_timeout", "_expires", "_transmission",
-        "_holds_slot",
-    )
-
-    def __init__(self, peer: Peer, request: Message, token: bytes, response_timeout: float | None) -> None:
-        self.peer = peer
-        self.request = request
-        self.token = token
-        #: True when this is an observe registration (Observe: 0).
-        self.observe = request.observe == 0
-        self.done = False
-        #: When the first datagram of the request left (for RTT).
-        self.sent_at: float | None = None
-        #: Message ID of the latest datagram sent for it (to find it in a capture).
-        self.mid: int | None = None
-        self._current_token = token
-        self._body = request.payload
-        self._block1_offset = 0
-        self._block1_sent = 0
-        self._block1_szx = 0
-        self._assembled: bytearray | None = None
-        self._etag: bytes | None = None
-        self._block_observe: int | None = None
-        self._last_observe: tuple[int, float] | None = None
-        self._response_deadline: float | None = None
-        self._response_timeout = response_timeout
-        self._expires: float | None = None
-        self._transmission: _Transmission | None = None
-        self._holds_slot = False
-
-    def __repr__(self) -> str:
-        return (f"<OutgoingRequest {self.request.describe()} to {self.peer!r}: latest MID={self.mid} "
-                f"token={self.token.hex() or '-'}>")
-
-
-class ObserveRelation:
-    """A server-side observer (RFC 7641 section 4.1): a peer, a token and the request."""
-
-    __slots__ = ("peer", "token", "request", "active", "sequence", "_transmission", "_non_mid",
-                 "_non_in_a_row", "_last_con")
-
-    def __init__(self, peer: Peer, token: bytes, request: Message, sequence: int, now: float) -> None:
-        self.peer = peer
-        self.token = token
-        self.request = request
-        self.active = True
-        self.sequence = sequence
-        self._transmission: _Transmission | None = None
-        self._non_mid: int | None = None
-        self._non_in_a_row = 0
-        self._last_con = now
-
-    def __repr__(self) -> str:
-        return f"<ObserveRelation {self.request.path_string} of {self.peer!r}>"
-
-
-Owner = OutgoingRequest | ObserveRelation | IncomingRequest
-
-
-class _Transmission:
-    """A CON message being retransmitted until acknowledged (RFC 7252 section 4.2)."""
-
-    __slots__ = ("peer", "mid", "data", "owner", "retransmissions", "timeout", "deadline", "cancelled")
-
-    def __init__(self, peer: Peer, mid: int, data: bytes, owner: Owner, timeout: float, now: float) -> None:
-        self.peer = peer
-        self.mid = mid
-        self.data = data
-        self.owner = owner
-        self.retransmissions = 0
-        self.timeout = timeout
-        self.deadline = now + timeout
-        self.cancelled = False
-
-
-class _Block1Upload:
-    """Server-side reassembly of one block-wise request body (RFC 7959 section 2.5)."""
-
-    __slots__ = ("body",)
-
-    def __init__(self) -> None:
-        self.body = bytearray()
-
-
-# ---------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
-    """A complete request for the application; answer it with ``respond``."""
-
-    request: IncomingRequest
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseReceived:
-    """A (reassembled) response or notification for one of our requests."""
-
-    request: OutgoingRequest
-    response: Message
-    rtt: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class RequestFailed:
-    """One of our requests ended without a response: timeout, reset, ..."""
-
-    request: OutgoingRequest
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ObserveCancelled:
-    """A server-side observe relation ended: deregistered, reset, timeout, replaced."""
-
-    relation: ObserveRelation
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRejected:
-    """A datagram that was not acceptable CoAP: counted, answered or dropped.
-
-    ``mid`` is None when even the header was unreadable; ``answer`` names what
-    was sent back (``RST``, ``4.02``) or is None for a silent drop.
-    """
-
-    peer: Peer
-    reason: str
-    mid: int | None
-    answer: str | None
-
-
-Event = RequestReceived | ResponseReceived | RequestFailed | ObserveCancelled | MessageRejected
-
-
-# Content-Format option values of the formats answered most, encoded once.
-_CONTENT_FORMAT_VALUES = {number: encode_uint(number) for number in (0, 40, 41, 42, 50, 60)}
-
-
-def response(
-    code: int,
-    payload: bytes = b"",
-    content_format: int | None = None,
-    options: list[tuple[int, bytes]] | None = None,
-) -> Message:
-    """A response for :meth:`CoapLayer.respond`; the layer sets type, MID and token."""
-    message = Message(ACK, code, 0, b"", list(options) if options else [], payload)
-    if content_format is not None:
-        value = _CONTENT_FORMAT_VALUES.get(content_format)
-        message.options.append((OptionNumber.CONTENT_FORMAT, encode_uint(content_format) if value is None else value))
-    return message
-
-
-_NOT_CACHE_KEY = frozenset(
-    (OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.OBSERVE, OptionNumber.SIZE1, OptionNumber.SIZE2)
-)
-_BLOCK_OPTIONS = frozenset((OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.SIZE1, OptionNumber.SIZE2))
-
-
-def cache_key(message: Message) -> tuple[int, tuple[tuple[int, bytes], ...]]:
-    """Method plus the cache-key options (RFC 7252 section 5.4.6), minus block and observe.
-
-    Block-wise state is keyed by it (RFC 7959 section 2.4: follow-up block
-    requests carry the same options).
-    """
-    return message.code, tuple(
-        (number, value)
-        for number, value in message.options
-        if number not in _NOT_CACHE_KEY and not is_no_cache_key(number)
-    )
-
 
 # ---------------------------------------------------------------- the layer
 
@@ -374,11 +116,14 @@ class CoapLayer:
         transfers = self.params.max_block_transfers
         self._block2_bodies: ExpiringStore[Message] = ExpiringStore(lifetime, now, buckets, transfers)
         # (peer, cache key) -> body being uploaded block-wise.
-        self._block1_uploads: ExpiringStore[_Block1Upload] = ExpiringStore(lifetime, now, buckets, transfers)
-        self._transmissions: dict[tuple[Peer, int], _Transmission] = {}
-        self._timers: list[tuple[float, int, _Transmission | OutgoingRequest]] = []
+        # (peer, cache key) -> body being uploaded block-wise, bounded per peer and in total.
+        params = self.params
+        self._block1_uploads = Block1Uploads(lifetime, params.max_body_size, transfers, params.max_uploads_per_peer,
+                                             params.max_upload_bytes)
+        self._transmissions: dict[tuple[Peer, int], Transmission] = {}
+        self._timers: list[tuple[float, int, Transmission | OutgoingRequest]] = []
         self._timer_seq = 0
-        #: Changes whenever :meth:`get_timer` may have become earlier: an
+        #: Changes whenever ``get_timer`` may have become earlier: an
         #: adapter whose timer is armed can skip asking when it is unchanged.
         self.timer_version = 0
         self._requests: dict[tuple[Peer, bytes], OutgoingRequest] = {}
@@ -400,7 +145,7 @@ class CoapLayer:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float:
-        """When :meth:`handle_timer` must be called next (absolute time)."""
+        """When ``handle_timer`` must be called next (absolute time)."""
         timers = self._timers
         while timers and self._timer_is_stale(timers[0]):
             heapq.heappop(timers)
@@ -417,7 +162,7 @@ class CoapLayer:
             if self._timer_is_stale(entry):
                 continue
             target = entry[2]
-            if isinstance(target, _Transmission):
+            if isinstance(target, Transmission):
                 self._retransmit(target, now)
             else:
                 self._fail_request(target, "timeout", now)
@@ -496,6 +241,7 @@ class CoapLayer:
         if wants_observe:
             if incoming.observe == 0 and answer.code >> 5 == 2:
                 relation = self._register_observer(incoming, now)
+                relation.content_format = answer.content_format
                 answer.set_uint_option(OptionNumber.OBSERVE, relation.sequence)
             else:
                 answer.remove_option(OptionNumber.OBSERVE)  # RFC 7641 section 4.1: not registered
@@ -507,23 +253,21 @@ class CoapLayer:
         self._send_response(incoming, answer, now)
         return relation
 
-    def notify(self, relation: ObserveRelation, notification: Message, now: float, confirmable: bool) -> None:
+    def notify(
+        self, relation: ObserveRelation, notification: Message, now: float, confirmable: bool, final: bool = False
+    ) -> None:
         """Send a notification to an observer (RFC 7641 section 4.2).
 
         A CON notification replaces one still being retransmitted and keeps
         its retransmission state (RFC 7641 section 4.5.2). A notification
-        that is not 2.xx carries no Observe option and ends the relation
-        (RFC 7641 sections 3.2 and 4.2).
+        that is not 2.xx, or ``final``, carries no Observe option and ends the
+        relation (RFC 7641 sections 3.2 and 4.2); so does a 2.xx in another
+        Content-Format than the registration's, sent as 4.06 (section 4.2).
         """
         if not relation.active:
             raise ValueError(f"{relation!r} is no longer active")
         notification.token = relation.token
-        final = notification.code >> 5 != 2
-        if final:
-            notification.remove_option(OptionNumber.OBSERVE)
-        else:
-            relation.sequence = (relation.sequence + 1) % OBSERVE_MODULO
-            notification.set_uint_option(OptionNumber.OBSERVE, relation.sequence)
+        final = notification_for(relation, notification, final)
         if len(notification.payload) > (16 << self.params.block_szx):
             notification = self._first_block_of(relation.peer, relation.request, notification, None, now)
         mid = self._allocate_mid()
@@ -532,8 +276,8 @@ class CoapLayer:
             self._non_notifications.pop((relation.peer, relation._non_mid), None)
             relation._non_mid = None
         params = self.params
-        if not confirmable and (relation._non_in_a_row + 1 >= params.notification_check_count
-                                or now - relation._last_con >= params.notification_check_interval):
+        if not confirmable and confirm_now(relation, now, params.notification_check_count,
+                                           params.notification_check_interval):
             confirmable = True  # RFC 7641 section 4.5: check the observer is still there
         if confirmable:
             relation._non_in_a_row = 0
@@ -590,14 +334,30 @@ class CoapLayer:
     def _receive_request(self, incoming: IncomingRequest, now: float) -> None:
         request = incoming.request
         peer = incoming.peer
+        supported = self.params.supported_critical_options
+        for number, _ in request.options:
+            if number & 1 and number not in supported:
+                # RFC 7252 section 5.4.1: a critical option this server does not implement.
+                self.stats.bad_options += 1
+                self._respond_error(incoming, Code.BAD_OPTION,
+                                    f"unsupported critical option {option_name(number)}".encode(), now)
+                self._events.append(MessageRejected(peer, f"unsupported critical option {option_name(number)}",
+                                                    request.mid, "4.02"))
+                return
         observe = incoming.observe
         if observe is not None:
             existing = self._relations.get((peer, request.token))
             if existing is not None:
                 # RFC 7641 section 3.6 deregistration, section 4.1 re-registration.
                 self.cancel_relation(existing, "deregistered" if observe == 1 else "replaced")
-        if incoming.has_block1 and not self._receive_block1(incoming, now):
-            return
+        if incoming.has_block1:
+            if not self._receive_block1(incoming, now):
+                return
+        else:
+            refusal = self._block1_uploads.too_large(request.size1, len(request.payload))
+            if refusal is not None:
+                self._refuse(incoming, refusal, now)
+                return
         block2 = incoming.block2
         if block2 is not None:
             if block2.szx > 6:
@@ -607,7 +367,7 @@ class CoapLayer:
                 stored = self._block2_bodies.get((peer, cache_key(request)))
                 if stored is not None:
                     incoming.answered = True
-                    self._send_response(incoming, self._block_of(stored[1], block2), now)
+                    self._send_response(incoming, block_of(stored[1], block2, self.params.block_szx), now)
                     return
         self._events.append(RequestReceived(incoming))
 
@@ -616,38 +376,15 @@ class CoapLayer:
         request = incoming.request
         block1 = request.block1
         assert block1 is not None
-        params = self.params
-        if block1.szx > 6:
-            self._respond_error(incoming, Code.BAD_REQUEST, b"Block1 SZX 7 is reserved", now)
+        result = self._block1_uploads.receive(
+            incoming.peer, cache_key(request), block1, request.payload, request.size1, now
+        )
+        if isinstance(result, BlockRefusal):
+            self._refuse(incoming, result, now)
             return False
-        size1 = request.size1
-        if size1 is not None and size1 > params.max_body_size:
-            self._respond_too_large(incoming, now)
-            return False
-        key = (incoming.peer, cache_key(request))
-        if block1.num == 0:
-            upload = _Block1Upload()
-            self._block1_uploads.pop(key)
-            self._block1_uploads.put(key, upload, now)
-        else:
-            found = self._block1_uploads.get(key)
-            if found is None or len(found[1].body) != block1.offset:
-                self.stats.block_errors += 1
-                self._respond_error(incoming, Code.REQUEST_ENTITY_INCOMPLETE, b"", now)
-                return False
-            upload = found[1]
-        if block1.more and len(request.payload) != block1.size:
-            self.stats.block_errors += 1
-            self._respond_error(incoming, Code.BAD_REQUEST, b"Block1 with M set must be full size", now)
-            return False
-        upload.body += request.payload
-        if len(upload.body) > params.max_body_size:
-            self._block1_uploads.pop(key)
-            self._respond_too_large(incoming, now)
-            return False
-        if block1.more:
+        if result is None:
             # RFC 7959 section 2.5: 2.31 Continue, possibly asking for smaller blocks.
-            szx = min(block1.szx, params.block_szx)
+            szx = min(block1.szx, self.params.block_szx)
             incoming.answered = True
             self._send_response(
                 incoming,
@@ -655,19 +392,15 @@ class CoapLayer:
                 now,
             )
             return False
-        self._block1_uploads.pop(key)
         incoming._block1 = block1
         request.options = [(n, v) for n, v in request.options if n != OptionNumber.BLOCK1 and n != OptionNumber.SIZE1]
-        request.payload = bytes(upload.body)
+        request.payload = result
         return True
 
-    def _respond_too_large(self, incoming: IncomingRequest, now: float) -> None:
-        """4.13 with Size1 telling the limit (RFC 7959 section 2.9.3)."""
+    def _refuse(self, incoming: IncomingRequest, refusal: BlockRefusal, now: float) -> None:
+        """A block or a body not taken: 4.00, 4.08, or 4.13 with Size1 telling the limit (RFC 7959 2.9.3)."""
         self.stats.block_errors += 1
-        answer = response(
-            Code.REQUEST_ENTITY_TOO_LARGE, options=[(OptionNumber.SIZE1, encode_uint(self.params.max_body_size))]
-        )
-        self.respond(incoming, answer, now)
+        self.respond(incoming, response(refusal.code, refusal.diagnostic, options=refusal.response_options()), now)
 
     def _respond_error(self, incoming: IncomingRequest, code: int, diagnostic: bytes, now: float) -> None:
         self.respond(incoming, response(code, diagnostic), now)
@@ -680,27 +413,7 @@ class CoapLayer:
         wanted = BlockValue(0 if block2 is None else block2.num, False, szx)
         if len(whole.payload) > wanted.size:
             self._block2_bodies.put((peer, cache_key(request)), whole, now)
-        return self._block_of(whole, wanted)
-
-    def _block_of(self, whole: Message, wanted: BlockValue) -> Message:
-        """One Block2 slice of ``whole`` (RFC 7959 section 2.4), Size2 on the first block."""
-        szx = min(wanted.szx, self.params.block_szx)
-        size = 16 << szx
-        offset = wanted.num * (16 << wanted.szx)
-        body = whole.payload
-        if offset and offset >= len(body):
-            return response(Code.BAD_OPTION, b"Block2 beyond the end of the body")
-        num = offset // size
-        chunk = body[num * size: num * size + size]
-        more = num * size + size < len(body)
-        options = [(n, v) for n, v in whole.options if n != OptionNumber.BLOCK2 and n != OptionNumber.SIZE2]
-        options.append((OptionNumber.BLOCK2, encode_block(num, more, szx)))
-        if num == 0:
-            options.append((OptionNumber.SIZE2, encode_uint(len(body))))
-        if num > 0:
-            # Notifications are only numbered on the first block (RFC 7959 section 3.4).
-            options = [(n, v) for n, v in options if n != OptionNumber.OBSERVE]
-        return Message(whole.mtype, whole.code, whole.mid, whole.token, options, chunk)
+        return block_of(whole, wanted, self.params.block_szx)
 
     def _send_response(self, incoming: IncomingRequest, answer: Message, now: float) -> None:
         """Piggyback on the ACK, or send separately (CON or NON) with a new MID."""
@@ -814,18 +527,10 @@ class CoapLayer:
 
     def _block1_message(self, outgoing: OutgoingRequest, offset: int) -> Message:
         """The request carrying the Block1 slice at ``offset`` (RFC 7959 section 2.5)."""
-        size = 16 << outgoing._block1_szx
-        body = outgoing._body
-        base = outgoing.request
-        options = [(n, v) for n, v in base.options if n not in _BLOCK_OPTIONS]
-        more = offset + size < len(body)
-        options.append((OptionNumber.BLOCK1, encode_block(offset // size, more, outgoing._block1_szx)))
-        if offset == 0:
-            options.append((OptionNumber.SIZE1, encode_uint(len(body))))
-        chunk = body[offset: offset + size]
+        message = block1_request(outgoing.request, outgoing._body, offset, outgoing._block1_szx)
         outgoing._block1_offset = offset
-        outgoing._block1_sent = len(chunk)
-        return Message(base.mtype, base.code, 0, base.token, options, chunk)
+        outgoing._block1_sent = len(message.payload)
+        return message
 
     def _send_request_message(self, outgoing: OutgoingRequest, message: Message, token: bytes, now: float) -> None:
         peer = outgoing.peer
@@ -928,15 +633,12 @@ class CoapLayer:
             self._continue_block1(outgoing, message, now)
             return
         block2 = message.block2
-        if block2 is not None and (block2.more or outgoing._assembled is not None):
+        if block2 is not None and (block2.more or outgoing._assembly is not None):
             if not self._collect_block2(outgoing, message, block2, now):
                 return
-            message.payload = bytes(outgoing._assembled or b"")
-            message.remove_option(OptionNumber.BLOCK2)
-            outgoing._assembled = None
-            if outgoing._block_observe is not None:
-                # RFC 7959 section 3.4: only the first block carried the notification's Observe.
-                message.set_uint_option(OptionNumber.OBSERVE, outgoing._block_observe)
+            assert outgoing._assembly is not None
+            outgoing._assembly.complete(message)
+            outgoing._assembly = None
         if outgoing.observe and message.observe is not None and message.code >> 5 == 2:
             first = outgoing._last_observe is None
             if not self._is_fresh(outgoing, message.observe, now):
@@ -963,49 +665,23 @@ class CoapLayer:
 
     def _collect_block2(self, outgoing: OutgoingRequest, message: Message, block2: BlockValue, now: float) -> bool:
         """Append one Block2 slice; ask for the next one. True when the body is complete."""
-        etag = message.option(OptionNumber.ETAG)
-        if block2.num == 0 or outgoing._assembled is None:
-            if block2.num != 0:
-                self.stats.block_errors += 1
-                self._fail_request(outgoing, "Block2 transfer did not start at block 0", now)
-                return False
-            outgoing._assembled = bytearray()
-            outgoing._etag = etag
-            outgoing._block_observe = message.observe
-        elif etag != outgoing._etag:
-            # RFC 7959 section 2.4: the representation changed under the transfer.
+        assembly = outgoing._assembly
+        if block2.num == 0 or assembly is None:
+            assembly = outgoing._assembly = Block2Assembly(message, self.params.max_response_body_size)
+        failure = assembly.add(message, block2)
+        if failure is not None:
             self.stats.block_errors += 1
-            self._fail_request(outgoing, "ETag changed during a Block2 transfer", now)
-            return False
-        assembled = outgoing._assembled
-        if block2.offset != len(assembled):
-            self.stats.block_errors += 1
-            self._fail_request(outgoing, "Block2 out of sequence", now)
-            return False
-        assembled += message.payload
-        if len(assembled) > self.params.max_body_size:
-            self._fail_request(outgoing, "Block2 body larger than max_body_size", now)
+            self._fail_request(outgoing, failure, now)
             return False
         if not block2.more:
             return True
-        # RFC 7959 sections 2.4 and 3.4: ask for the next block with the same
-        # method and options, no body, no Observe, and a fresh token.
-        base = outgoing.request
-        options = [(n, v) for n, v in base.options if n not in _BLOCK_OPTIONS and n != OptionNumber.OBSERVE]
-        options.append((OptionNumber.BLOCK2, encode_block(block2.num + 1, False, block2.szx)))
-        follow_up = Message(base.mtype, base.code, 0, b"", options)
+        follow_up = block2_follow_up(outgoing.request, block2)
         self._send_request_message(outgoing, follow_up, self._new_token(outgoing.peer), now)
         return False
 
     def _is_fresh(self, outgoing: OutgoingRequest, value: int, now: float) -> bool:
         """RFC 7641 section 3.4: is notification ``value`` newer than the last one?"""
-        last = outgoing._last_observe
-        fresh = (
-            last is None
-            or (last[0] < value and value - last[0] < (1 << 23))
-            or (last[0] > value and last[0] - value > (1 << 23))
-            or now > last[1] + OBSERVE_FRESHNESS_SECONDS
-        )
+        fresh = is_fresh(outgoing._last_observe, value, now)
         if fresh:
             outgoing._last_observe = (value, now)
         return fresh
@@ -1096,20 +772,20 @@ class CoapLayer:
         self._send(data, peer)
         self._events.append(MessageRejected(peer, error.reason, error.mid, answer))
 
-    def _start_transmission(self, peer: Peer, mid: int, data: bytes, owner: Owner, now: float) -> _Transmission:
+    def _start_transmission(self, peer: Peer, mid: int, data: bytes, owner: Owner, now: float) -> Transmission:
         """Track a CON for retransmission (RFC 7252 section 4.2)."""
         params = self.params
         timeout = params.ack_timeout * self._rng.uniform(1.0, params.ack_random_factor)
-        transmission = _Transmission(peer, mid, data, owner, timeout, now)
+        transmission = Transmission(peer, mid, data, owner, timeout, now)
         self._transmissions[(peer, mid)] = transmission
         self._schedule(transmission.deadline, transmission)
         return transmission
 
-    def _stop_transmission(self, transmission: _Transmission) -> None:
+    def _stop_transmission(self, transmission: Transmission) -> None:
         transmission.cancelled = True
         self._transmissions.pop((transmission.peer, transmission.mid), None)
 
-    def _retransmit(self, transmission: _Transmission, now: float) -> None:
+    def _retransmit(self, transmission: Transmission, now: float) -> None:
         """Resend with the timeout doubled, or give up after MAX_RETRANSMIT (section 4.2)."""
         if transmission.retransmissions >= self.params.max_retransmit:
             self._stop_transmission(transmission)
@@ -1127,14 +803,14 @@ class CoapLayer:
         self.stats.retransmissions += 1
         self._send(transmission.data, transmission.peer)
 
-    def _schedule(self, deadline: float, target: _Transmission | OutgoingRequest) -> None:
+    def _schedule(self, deadline: float, target: Transmission | OutgoingRequest) -> None:
         self._timer_seq += 1
         self.timer_version = self._timer_seq
         heapq.heappush(self._timers, (deadline, self._timer_seq, target))
 
     @staticmethod
-    def _timer_is_stale(entry: tuple[float, int, _Transmission | OutgoingRequest]) -> bool:
+    def _timer_is_stale(entry: tuple[float, int, Transmission | OutgoingRequest]) -> bool:
         deadline, _, target = entry
-        if isinstance(target, _Transmission):
+        if isinstance(target, Transmission):
             return target.cancelled or target.deadline != deadline
         return target.done or target._response_deadline != deadline

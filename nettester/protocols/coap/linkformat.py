@@ -1,8 +1,8 @@
 """CoRE Link Format (RFC 6690): write, parse and filter links.
 
-The server writes ``/.well-known/core`` with :func:`format_links` after
-:func:`filter_links` applied the request's query (RFC 6690 section 4.1);
-the client reads it with :func:`parse_links`.
+The server writes ``/.well-known/core`` with ``format_links`` after
+``filter_links`` applied the request's query (RFC 6690 section 4.1);
+the client reads it with ``parse_links``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _format_link(link: Link) -> str:
 def parse_links(text: str) -> list[Link]:
     """Parse a link-format document.
 
-    :raises LinkFormatError: on anything RFC 6690 section 2 does not allow.
+    Raises ``LinkFormatError`` on anything RFC 6690 section 2 does not allow.
     """
     links: list[Link] = []
     position, end = 0, len(text)

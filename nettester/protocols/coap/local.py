@@ -55,8 +55,9 @@ class _ServerAndBench(Service):
         fields = dict(self.server.summary())
         if self.bench is not None:
             stats = self.bench.stats
+            p99 = stats.percentile(99)  # None: no responses
             fields.update(bench_responses=stats.responses, bench_failures=stats.failures,
-                          rtt_p99_ms=round(stats.percentile(99) * 1000, 2))
+                          rtt_p99_ms=None if p99 is None else round(p99 * 1000, 2))
         return fields
 
 

@@ -1,11 +1,11 @@
 """CoAP message codec (RFC 7252 section 3), with the option registry.
 
-Bytes in, a :class:`Message` out, and back. Option values stay raw bytes in
+Bytes in, a ``Message`` out, and back. Option values stay raw bytes in
 the message; typed accessors decode them on demand, so a hot path only pays
-for the options it reads. :func:`peek_header` reads just type, code and
+for the options it reads. ``peek_header`` reads just type, code and
 message id, which is all the deduplication decision needs.
 
-Malformed input raises :class:`CoapDecodeError` and nothing else. The error
+Malformed input raises ``CoapDecodeError`` and nothing else. The error
 carries whatever part of the header could be read, so the message layer can
 answer a Confirmable message as RFC 7252 sections 4.2 and 5.4.1 say (Reset,
 or 4.02 Bad Option piggybacked for a request) or count and drop it.
@@ -47,7 +47,7 @@ class Code:
 
     Plain ints, not an IntEnum: reading an enum member costs ~100 ns, and
     the hot path reads several per datagram. The same holds for
-    :class:`OptionNumber` and :class:`ContentFormat`.
+    ``OptionNumber`` and ``ContentFormat``.
     """
 
     EMPTY = make_code(0, 0)
@@ -642,13 +642,13 @@ def peek_header(data: bytes) -> tuple[int, int, int, int] | None:
 
 
 def decode(data: bytes) -> Message:
-    """Parse a datagram into a :class:`Message`.
+    """Parse a datagram into a ``Message``.
 
     Unrecognized elective options, and recognized elective options whose
     length is out of bounds, are dropped (RFC 7252 sections 5.4.1, 5.4.3);
     the same for a critical option raises BAD_OPTION.
 
-    :raises CoapDecodeError: for anything that is not a valid message.
+    Raises ``CoapDecodeError`` for anything that is not a valid message.
     """
     header = peek_header(data)
     if header is None:
@@ -657,7 +657,7 @@ def decode(data: bytes) -> Message:
 
 
 def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Message:
-    """:func:`decode` for a caller that already has :func:`peek_header`'s result."""
+    """``decode`` for a caller that already has ``peek_header``'s result."""
     mtype, tkl, code, mid = header
 
     def fail(reason: str, token: bytes | None = None) -> CoapDecodeError:
@@ -745,3 +745,21 @@ def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Messa
             bad_option,
         )
     return Message(_TYPES[mtype], code, mid, token, options, payload)
+
+
+# Content-Format option values of the formats answered most, encoded once.
+_CONTENT_FORMAT_VALUES = {number: encode_uint(number) for number in (0, 40, 41, 42, 50, 60)}
+
+
+def response(
+    code: int,
+    payload: bytes = b"",
+    content_format: int | None = None,
+    options: list[tuple[int, bytes]] | None = None,
+) -> Message:
+    """A response for ``CoapLayer.respond``; the layer sets type, MID and token."""
+    message = Message(ACK, code, 0, b"", list(options) if options else [], payload)
+    if content_format is not None:
+        value = _CONTENT_FORMAT_VALUES.get(content_format)
+        message.options.append((OptionNumber.CONTENT_FORMAT, encode_uint(content_format) if value is None else value))
+    return message

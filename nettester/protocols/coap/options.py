@@ -9,7 +9,8 @@ so its users feel at home: ``--[no-]plugtest``, ``--[no-]benchmark``,
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import os
+import re
 from typing import Any, ClassVar
 
 from twisted.python import usage
@@ -24,7 +25,10 @@ from nettester.options import (
     positive_float,
     positive_int,
 )
+from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
+from nettester.protocols.coap.uri import METHODS, parse_uri
 from nettester.protocols.dtls.options import (
+    ClientAuth,
     DtlsClientOptionsMixin,
     DtlsServerOptionsMixin,
 )
@@ -37,9 +41,8 @@ DEFAULT_PORT = 5683
 COAPS_OFFSET = 1
 EXTENDED_OFFSET = 100
 CLUSTER_MIN_CID_LENGTH = 6  # issue 6: the node id byte plus enough random bytes for many sessions
-# RFC 7252 section 4.8.2 MAX_TRANSMIT_WAIT with the default parameters: ACK_TIMEOUT *
-# (2 ** (MAX_RETRANSMIT + 1) - 1) * ACK_RANDOM_FACTOR = 2 * 31 * 1.5 s, when a CON sender gives up.
-MAX_TRANSMIT_WAIT = 93.0
+#: Where coap-receivetest keeps the device UUID unless --uuid-file says otherwise.
+DEFAULT_UUID_FILE = os.path.join(os.path.expanduser("~"), ".nettester", "coap-receivetest.uuid")
 CLIENT_EXIT_STATUS = (
     "Exit status: 0 a 2.xx response; 1 another response (4.xx, 5.xx); 2 a bad command line; "
     "3 no response (nobody listening, timeout, Reset, failed DTLS handshake)."
@@ -75,6 +78,18 @@ def interface_list(value: str) -> tuple[str, ...]:
     return addresses
 
 
+def interface_patterns(value: str) -> tuple[re.Pattern[str], ...]:
+    """Space-separated regular expressions over interface names (``--interfaces-pattern``)."""
+    patterns = []
+    for text in value.split():
+        try:
+            patterns.append(re.compile(text))
+        except re.error as error:
+            raise ValueError(f"expected regular expressions separated by spaces, {text!r} is not one: "
+                             f"{error}") from None
+    return tuple(patterns)
+
+
 class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions):
     """``nettester coap-server``: the extended plugtest server, optionally a DTLS CID cluster node."""
 
@@ -85,9 +100,10 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
         "With --dtls-cluster or --k8s-dtls-cluster the extended coaps endpoint is a DTLS CID cluster node "
         "on the cluster's DTLS interface instead of BASE+101."
     )
-    envVars: ClassVar[Mapping[str, str]] = {
+    envVars: ClassVar[dict[str, str]] = {
         "port": "COAP_SERVER_PORT",
         "interfaces": "COAP_SERVER_INTERFACES",
+        "interfaces-pattern": "COAP_SERVER_INTERFACES_PATTERN",
         "notify-interval": "COAP_NOTIFY_INTERVAL",
         "ready-port": "COAP_READY_PORT",
     }
@@ -99,14 +115,21 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
         *negatable("ipv4", True, "Listen on IPv4"),
         *negatable("ipv6", True, "Listen on IPv6"),
         ["dtls-only", None, "Only coaps: no plain coap endpoints."],
+        ["trust-all", None, "Accept any valid client certificate chain (verified up to the root it brings), "
+         "as Californium's --trust-all; without --client-auth it asks for one (WANTED). A warning at start."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["port", "p", DEFAULT_PORT, "BASE port: coap BASE, coaps BASE+1, extended BASE+100 and BASE+101.",
          port_number],
         ["interfaces", None, (), "Comma-separated addresses to listen on (overrides the address flags).",
          interface_list],
+        ["interfaces-pattern", None, (), "Regular expressions, separated by spaces, over interface names: "
+         "listen on the addresses of every interface whose whole name matches one (with --ipv4/--ipv6), "
+         "in addition to --interfaces. Example: --interfaces-pattern 'eth[0-9]+ lo'.", interface_patterns],
         ["notify-interval", None, 5.0, "Seconds between notifications of the obs resources.", positive_float],
         ["receive-buffer", None, 4 << 20, "SO_RCVBUF of each socket, bytes.", positive_int],
+        ["max-body-size", None, 8192, "Largest request body, bytes (Size1 announced or reassembled from "
+         "Block1); larger gets 4.13 with Size1 telling the limit (RFC 7959 section 2.9.3).", positive_int],
         ["max-dedup-entries", None, 1 << 20, "Cap of each endpoint's deduplication store (about 400 bytes "
          "per entry); past it entries go before EXCHANGE_LIFETIME (counted).", positive_int],
         ["ready-port", None, 0, "Serve the readiness probe http://<metrics-interface>:PORT/ready (0 = off): "
@@ -126,7 +149,18 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
         for name, default in (("plugtest", True), ("benchmark", False), ("loopback", True),
                               ("external", True), ("ipv4", True), ("ipv6", True)):
             self[name] = resolve_negatable(self, name, default)
+        client_auth = self["client-auth"]
+        if self["trust-all"] and not self["trust"]:
+            # The DTLS options demand --trust for client authentication; --trust-all stands in for it.
+            self["client-auth"] = "none"
         super().postOptions()
+        if self["trust-all"]:
+            if self["dtls"] is None:
+                raise usage.UsageError("--trust-all is about coaps clients: give --psk-file, --psk-sandbox or "
+                                       "--cert/--key too")
+            self["client-auth"] = client_auth if client_auth != "none" else "wanted"
+            self["dtls"].client_auth = ClientAuth(self["client-auth"])
+            self["dtls"].trust_all = True
         if self["cluster"] is not None:
             if self["dtls"] is None:
                 raise usage.UsageError("a DTLS cluster serves coaps: give --psk-file, --psk-sandbox or --cert/--key")
@@ -135,7 +169,7 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
                                        "bytes (the first byte is the node id); see --help")
         if not (self["ipv4"] or self["ipv6"]) and not self["interfaces"]:
             raise usage.UsageError("--no-ipv4 and --no-ipv6 leave nothing to listen on")
-        if not (self["loopback"] or self["external"]) and not self["interfaces"]:
+        if not (self["loopback"] or self["external"]) and not (self["interfaces"] or self["interfaces-pattern"]):
             raise usage.UsageError("--no-loopback and --no-external leave nothing to listen on")
         if self["dtls-only"] and self["dtls"] is None:
             raise usage.UsageError("--dtls-only needs --psk-file, --psk-sandbox or --cert/--key")
@@ -150,6 +184,12 @@ def content_format_option(value: str) -> int:
     return parse_content_format(value)
 
 
+def check_method(method: str) -> None:
+    """``--method``: one of the request methods (RFC 7252 section 12.1.1, RFC 8132)."""
+    if method not in METHODS:
+        raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
+
+
 class _CoapUriArgument:
     """The URI argument of the client roles; DTLS options apply to coaps:// URIs only."""
 
@@ -157,13 +197,11 @@ class _CoapUriArgument:
     uri_example = "coap://127.0.0.1:5683/test"
 
     def parseArgs(self, *arguments: str) -> None:
-        from nettester.protocols.coap.client import parse_uri
-
         if not arguments:
             raise usage.UsageError(f"give the URI, e.g. {self.uri_example}")
         if len(arguments) > 1:
             shown = " ".join(repr(argument) for argument in arguments)
-            raise usage.UsageError(f"expected one URI, got {len(arguments)} arguments ({shown})")
+            raise usage.UsageError(f"expected one URI, got {len(arguments)} arguments ({shown}); see --help")
         try:
             self["uri"] = parse_uri(arguments[0])  # type: ignore[index]
         except ValueError as error:
@@ -197,10 +235,7 @@ class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     ]
 
     def postOptions(self) -> None:
-        from nettester.protocols.coap.client import METHODS
-
-        if self["method"] not in METHODS:
-            raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
+        check_method(self["method"])
         super().postOptions()
 
 
@@ -219,7 +254,7 @@ class CoapBenchOptions(
     )
     synopsis = "[options] coap[s]://host[:port]/benchmark?rlen=40"
     uri_example = "coap://127.0.0.1:5783/benchmark?rlen=40"
-    envVars: ClassVar[Mapping[str, str]] = {"clients": "COAP_CLIENT_COUNT"}
+    envVars: ClassVar[dict[str, str]] = {"clients": "COAP_CLIENT_COUNT"}
     optFlags: ClassVar[list[list[Any]]] = [
         ["con", None, "Confirmable requests (default)."],
         ["non", None, "Non-confirmable requests."],
@@ -238,12 +273,9 @@ class CoapBenchOptions(
     ]
 
     def postOptions(self) -> None:
-        from nettester.protocols.coap.client import METHODS
-
         if self["con"] and self["non"]:
             raise usage.UsageError("--con and --non contradict each other")
-        if self["method"] not in METHODS:
-            raise usage.UsageError(f"--method: expected one of {', '.join(METHODS)}; see --help")
+        check_method(self["method"])
         super().postOptions()
 
 
@@ -275,8 +307,6 @@ class CoapReceiveTestOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOpt
         super().parseArgs(*(arguments or (self.uri_example,)))
 
     def postOptions(self) -> None:
-        from nettester.protocols.coap.receivetest import DEFAULT_UUID_FILE
-
         if self["json"] and self["cbor"]:
             raise usage.UsageError("--json and --cbor contradict each other")
         self["uuid-file"] = self["uuid-file"] or DEFAULT_UUID_FILE

@@ -17,6 +17,7 @@ with the three keys and a verdict line follow the last history.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import uuid
@@ -95,21 +96,36 @@ def parse_history(payload: bytes, content_format: int | None) -> tuple[int, list
     try:
         if content_format in (ContentFormat.JSON, ContentFormat.CBOR):
             document = json.loads(payload) if content_format == ContentFormat.JSON else cbor2.loads(payload)
+            if isinstance(document, list):
+                # Californium's shape: [{"systemstart": ms}, {"rid", "time"[, "ep", "port"]}, ...]
+                entries = [HistoryEntry(str(item["rid"]), int(item["time"]), _endpoint(item))
+                           for item in document[1:]]
+                return int(document[0]["systemstart"]), entries
             entries = [HistoryEntry(str(item["rid"]), int(item["time"]), item.get("ep"))
                        for item in document["requests"]]
             return int(document["systemstart"]), entries
-        lines = payload.decode().splitlines()
-        name, _, start = lines[0].partition(": ")
+        lines = [line for line in payload.decode().splitlines() if line]
+        name, _, start = lines[0].partition(":")
         if name != "systemstart":
             raise ValueError("no systemstart line")
         entries = []
         for line in lines[1:]:
-            rid, _, rest = line.partition(": ")  # a rid never holds ':' (the server refuses it)
-            time_text, _, endpoint = rest.partition(" ")
+            rid, _, rest = line.partition(":")  # a rid never holds ':' (the server refuses it)
+            time_text, _, endpoint = rest.strip().partition(" ")
             entries.append(HistoryEntry(rid, int(time_text), endpoint or None))
         return int(start), entries
     except (KeyError, TypeError, IndexError, UnicodeDecodeError, cbor2.CBORDecodeError) as error:
         raise ValueError(f"not a receive-test history: {error}") from None
+
+
+def _endpoint(item: dict[str, object]) -> str | None:
+    """``host:port`` of a Californium-shaped entry (``ep`` text in JSON, address bytes in CBOR)."""
+    host, port = item.get("ep"), item.get("port")
+    if host is None:
+        return None
+    if isinstance(host, bytes):
+        host = str(ipaddress.ip_address(host))
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def format_history(systemstart: int, entries: list[HistoryEntry], ours: str, rtt: float | None) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.application.service import IService
 
 from nettester.interfaces import ILocalScenario
+from nettester.logs import Logger
 from nettester.module import Role
 from nettester.options import RoleOptions
 from nettester.protocols.coap.options import (
@@ -23,17 +24,26 @@ from nettester.protocols.coap.options import (
     CoapServerOptions,
 )
 
+log = Logger()
+
 SUMMARY = "CoAP extended plugtest server (coap/coaps), client, benchmark and receive test (RFC 7252/7959/7641)."
 
 
-def build_server(reactor: Any, options: RoleOptions, kubernetes_factory: Any = None) -> IService:
-    """The coap-server service for parsed options (C{kubernetes_factory}: tests' pod discovery)."""
-    from nettester.protocols.coap.layer import TransmissionParameters
-    from nettester.protocols.coap.server import CoapServerService, local_addresses
+def build_server(reactor: Any, options: RoleOptions) -> IService:
+    """The coap-server service for parsed options."""
+    from nettester.protocols.coap.parameters import TransmissionParameters
+    from nettester.protocols.coap.server import CoapServerService, local_addresses, pattern_addresses
 
-    addresses = list(options["interfaces"]) or local_addresses(
-        options["ipv4"], options["ipv6"], options["loopback"], options["external"]
-    )
+    addresses = list(options["interfaces"])
+    if options["interfaces-pattern"]:
+        # Californium: the interfaces matching a pattern, next to those named.
+        addresses += [address for address in pattern_addresses(options["interfaces-pattern"], options["ipv4"],
+                                                                options["ipv6"]) if address not in addresses]
+    elif not addresses:
+        addresses = local_addresses(options["ipv4"], options["ipv6"], options["loopback"], options["external"])
+    if options["trust-all"]:
+        log.warn("--trust-all: any client certificate chain that verifies up to its own root is accepted; "
+                 "client identities are not authenticated by a trust anchor", event="coap_trust_all")
     dtls = options["dtls"]
     factory = None
     if dtls is not None:
@@ -45,8 +55,9 @@ def build_server(reactor: Any, options: RoleOptions, kubernetes_factory: Any = N
         reactor, options["port"], addresses, plugtest=options["plugtest"], benchmark=options["benchmark"],
         notify_interval=options["notify-interval"], receive_buffer=options["receive-buffer"],
         dtls_link_factory=factory, dtls_only=bool(options["dtls-only"]),
-        params=TransmissionParameters(max_dedup_entries=options["max-dedup-entries"]),
-        cluster=options["cluster"], kubernetes_factory=kubernetes_factory,
+        params=TransmissionParameters(max_dedup_entries=options["max-dedup-entries"],
+                                      max_body_size=options["max-body-size"]),
+        cluster=options["cluster"],
         ready_port=options["ready-port"], ready_interface=options["metrics-interface"],
     )
 

@@ -16,13 +16,14 @@ there, records other nodes forward to us arrive with their route, and
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
+import re
 import socket
-import struct
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import ifaddr
 from prometheus_client.core import Metric
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -35,8 +36,8 @@ from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.coap.attribution import attach as attach_attribution
 from nettester.protocols.coap.endpoint import CoapEndpoint
-from nettester.protocols.coap.layer import LayerStats, TransmissionParameters
 from nettester.protocols.coap.options import COAPS_OFFSET, EXTENDED_OFFSET
+from nettester.protocols.coap.parameters import LayerStats, TransmissionParameters
 from nettester.protocols.coap.resources import Site, build_site
 from nettester.protocols.coap.resources.extended import extended_resources
 from nettester.protocols.coap.resources.plugtest import plugtest_resources
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-SIOCGIFADDR = 0x8915  # Linux ioctl: the IPv4 address of an interface
+PLUGTEST_BLOCK_SZX = 2  # 64-byte blocks (RFC 7959 section 2.2: 2 ** (SZX + 4))
 
 
 def local_addresses(ipv4: bool, ipv6: bool, loopback: bool, external: bool) -> list[str]:
@@ -57,17 +58,36 @@ def local_addresses(ipv4: bool, ipv6: bool, loopback: bool, external: bool) -> l
     Loopback and external together are the wildcards (``::`` is dual-stack,
     so IPv4 peers arrive v4-mapped; ``0.0.0.0`` where the host has no IPv6,
     as in many containers); otherwise the matching addresses of this host's
-    interfaces (Linux: ioctl for IPv4, /proc for IPv6).
+    interfaces.
     """
     ipv6 = ipv6 and ipv6_available()
     if loopback and external:
         return ["::"] if ipv6 else ["0.0.0.0"] if ipv4 else []
-    found: list[str] = []
-    if ipv4:
-        found += [address for address in _ipv4_addresses() if ipaddress.ip_address(address).is_loopback == loopback]
-    if ipv6:
-        found += [address for address in _ipv6_addresses()
-                  if ipaddress.ip_address(address).is_loopback == loopback and not address.startswith("fe80")]
+    return [address for _, address in interface_addresses(ipv4, ipv6)
+            if ipaddress.ip_address(address).is_loopback == loopback]
+
+
+def pattern_addresses(patterns: Iterable[re.Pattern[str]], ipv4: bool, ipv6: bool) -> list[str]:
+    """The addresses of the interfaces whose name matches one of ``patterns`` (``--interfaces-pattern``)."""
+    compiled = list(patterns)
+    return [address for name, address in interface_addresses(ipv4, ipv6 and ipv6_available())
+            if any(pattern.fullmatch(name) for pattern in compiled)]
+
+
+def interface_addresses(ipv4: bool, ipv6: bool) -> list[tuple[str, str]]:
+    """(interface name, address) of this host, link-local IPv6 left out (it needs a scope).
+
+    ifaddr enumerates them (getifaddrs): names and both families in one
+    portable call, where the standard library has neither.
+    """
+    found: list[tuple[str, str]] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                if ipv4:
+                    found.append((adapter.name, ip.ip))
+            elif ipv6 and not ipaddress.ip_address(ip.ip[0]).is_link_local:
+                found.append((adapter.name, ip.ip[0]))
     return found
 
 
@@ -79,27 +99,6 @@ def ipv6_available() -> bool:
     except OSError:
         return False
     return True
-
-
-def _ipv4_addresses() -> list[str]:
-    addresses = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        for _, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-            except OSError:
-                continue  # no IPv4 address on this interface
-            addresses.append(socket.inet_ntoa(packed[20:24]))
-    return addresses
-
-
-def _ipv6_addresses() -> list[str]:
-    try:
-        with open("/proc/net/if_inet6") as table:
-            rows = table.read().split("\n")
-    except OSError:
-        return []
-    return [str(ipaddress.ip_address(bytes.fromhex(row.split()[0]))) for row in rows if row.strip()]
 
 
 def summed_families(metric_sets: Iterable[MetricSet]) -> list[Metric]:
@@ -156,13 +155,11 @@ class CoapServerService(Service):
         server_name: str = "nettester",
         params: TransmissionParameters | None = None,
         cluster: ClusterConfig | None = None,
-        kubernetes_factory: Any = None,
         ready_port: int = 0,
         ready_interface: str = "",
     ) -> None:
-        """C{cluster}: the extended coaps endpoint joins this DTLS CID cluster (needs
-        C{dtls_link_factory}); C{kubernetes_factory} replaces the pod discovery (tests).
-        C{ready_port}: serve ``/ready`` over HTTP there (0: off)."""
+        """``cluster``: the extended coaps endpoint joins this DTLS CID cluster (needs
+        ``dtls_link_factory``). ``ready_port``: serve ``/ready`` over HTTP there (0: off)."""
         if cluster is not None and dtls_link_factory is None:
             raise ValueError("a DTLS cluster needs a DTLS link factory")
         self._reactor = reactor
@@ -174,7 +171,6 @@ class CoapServerService(Service):
         self._dtls_only = dtls_only
         self._params = params
         self._cluster = cluster
-        self._kubernetes_factory = kubernetes_factory
         self._ready_port_number = ready_port
         self._ready_interface = ready_interface
         self._ready_port: Any = None
@@ -275,6 +271,12 @@ class CoapServerService(Service):
         self.dtls_links.append(link)
         return link
 
+    def _endpoint_params(self, name: str) -> TransmissionParameters:
+        """The extended endpoints' parameters; the plugtest ones send server-initiated blocks of
+        64 bytes, as Californium's plugtest server does (TD_COAP_BLOCK_*)."""
+        params = self._params or TransmissionParameters()
+        return replace(params, block_szx=PLUGTEST_BLOCK_SZX) if name == "plugtest" else params
+
     def _fail(self, reason: str, advice: str) -> None:
         """Listening failed: say why and what to do, stop, and make the process exit with status 1."""
         self.failed = reason
@@ -291,7 +293,7 @@ class CoapServerService(Service):
         endpoint = CoapEndpoint(link, self._reactor, params=self._params)
         self.extended_site.attach(endpoint)
         self.endpoints.append(endpoint)
-        self.cluster_node = ClusterNodeService(self._reactor, cluster, link, self.metrics, self._kubernetes_factory)
+        self.cluster_node = ClusterNodeService(self._reactor, cluster, link, self.metrics)
         self.cluster_node.startService()
         self.cluster_node.started.addCallbacks(self._cluster_listening, self._cluster_failed)
 
@@ -325,7 +327,7 @@ class CoapServerService(Service):
 
     def _listen(self, scheme: str, address: str, offset: int, link: Any, site: Site, name: str) -> None:
         port_number = self._base_port + offset if self._base_port else 0
-        endpoint = CoapEndpoint(link, self._reactor, params=self._params)
+        endpoint = CoapEndpoint(link, self._reactor, params=self._endpoint_params(name))
         site.attach(endpoint)
         port = self._reactor.listenUDP(port_number, link, interface=address)
         self._ports.append(port)

@@ -118,6 +118,9 @@ class DtlsConfiguration:
     certificate_chain: list[x509.Certificate] = field(default_factory=list)
     private_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
     trust_anchors: list[x509.Certificate] | None = None
+    #: Server: accept any client chain that verifies up to its own last
+    #: certificate (Californium's --trust-all), trust_anchors or not.
+    trust_all: bool = False
     client_auth: ClientAuth = ClientAuth.NONE
     server_name: str | None = None
     #: maps the engine's ``now`` to the wall-clock time certificates must be

@@ -184,6 +184,7 @@ class ConnectionCore:
             not self.is_client
             and configuration.client_auth is not ClientAuth.NONE
             and configuration.trust_anchors is None
+            and not configuration.trust_all
         ):
             raise ValueError("client authentication needs trust anchors")
 
@@ -286,6 +287,8 @@ class ConnectionCore:
         except (ValueError, UnsupportedAlgorithm) as error:
             raise HandshakeError(BAD_CERTIFICATE, "undecodable_certificate") from error
         anchors = self.configuration.trust_anchors
+        if chain and self.configuration.trust_all and not self.is_client:
+            anchors = chain[-1:]  # --trust-all: the chain's own root
         if chain and anchors is not None:
             try:
                 verify_chain(chain, anchors, server_name, self.configuration.certificate_time(now))

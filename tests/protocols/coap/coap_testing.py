@@ -13,8 +13,12 @@ from zope.interface import implementer
 from nettester.interfaces import IDatagramLink
 from nettester.link import PeerContext
 from nettester.protocols.coap.endpoint import CoapEndpoint, RequestHandler
-from nettester.protocols.coap.layer import TransmissionParameters
-from nettester.protocols.coap.message import CON, Code, Message, OptionNumber
+from nettester.protocols.coap.events import ResponseReceived
+from nettester.protocols.coap.message import CON, Code, Message, OptionNumber, encode_uint
+from nettester.protocols.coap.parameters import TransmissionParameters
+from nettester.protocols.coap.resources import build_site
+from nettester.protocols.coap.resources.extended import extended_resources
+from nettester.protocols.coap.resources.plugtest import plugtest_resources
 
 SERVER, CLIENT = ("192.0.2.1", 5683), ("192.0.2.2", 40000)
 
@@ -145,3 +149,29 @@ class FakeUdpTransport:
 
     def connect(self, host: str, port: int) -> None:
         self.connected = (host, port)
+
+
+class Server:
+    """A plugtest + extended site on a World; ``ask`` runs one request to completion."""
+
+    def __init__(self, benchmark: bool = True, notify_interval: float = 5.0) -> None:
+        self.world = World()
+        self.shutdowns: list[bool] = []
+        resources = plugtest_resources(notify_interval, lambda: self.shutdowns.append(True))
+        resources += extended_resources(benchmark, "test-server", self.world.clock.seconds, 1000.0)
+        self.site = build_site(self.world.clock, resources)
+        self.site.attach(self.world.server)
+
+    def ask(self, message: Message, wait: float = 0.0) -> Message:
+        got = results(self.world.client.request(SERVER, message))
+        self.world.exchange()
+        if wait:
+            self.world.advance(wait)
+        (event,) = got
+        assert isinstance(event, ResponseReceived), event
+        return event.response
+
+
+def accept(content_format: int) -> list[tuple[int, bytes]]:
+    """An Accept option."""
+    return [(OptionNumber.ACCEPT, encode_uint(content_format))]

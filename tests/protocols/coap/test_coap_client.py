@@ -24,6 +24,7 @@ from nettester.protocols.coap.client import (
     EXIT_NO_RESPONSE,
     CoapClientService,
     SendTap,
+    ServerDtlsLink,
     ServerUdpLink,
     build_request,
     format_message,
@@ -283,7 +284,7 @@ def test_uri_argument_messages() -> None:
     with pytest.raises(usage.UsageError, match="expected one URI, got 2 arguments"):
         CoapClientOptions().parseOptions(["coap://127.0.0.1/test", "coap://127.0.0.1/other"])
     after = CoapClientOptions()
-    after.parseOptions(["coap://127.0.0.1/test", "--method", "POST"])  # GNU style: options after the URI too
+    after.parseOptions(["coap://127.0.0.1/test", "--method", "POST"])  # options after the URI (GNU style)
     assert after["method"] == "POST"
     with pytest.raises(usage.UsageError, match="benchmark"):
         CoapBenchOptions().parseOptions([])
@@ -336,3 +337,63 @@ def test_no_dtls_handshake_within_timeout() -> None:
     assert statuses == [EXIT_NO_RESPONSE]
     assert "no DTLS handshake with 192.0.2.1:5684 within 7 s: is a coaps server listening on 192.0.2.1:5684?" in (
         out.getvalue())
+
+
+def sandbox_client_configuration() -> Any:
+    options = CoapClientOptions()
+    options.parseOptions(["--psk-sandbox", "coaps://127.0.0.1/test"])
+    return options["dtls"]
+
+
+def test_coaps_link_is_connected_before_the_handshake_and_hears_a_refusal() -> None:
+    clock = UdpClock()
+    link = make_link(clock, parse_uri("coaps://192.0.2.1/test"), sandbox_client_configuration())
+    assert isinstance(link, ServerDtlsLink)
+    transport = FakeUdpTransport()
+    link.makeConnection(transport)  # type: ignore[arg-type]
+    refused: list[Any] = []
+    link.on_refused = refused.append
+    link.connect(("192.0.2.1", 5684))
+    assert transport.connected == ("192.0.2.1", 5684) and len(transport.socket.sent) == 1  # the ClientHello
+    link.connectionRefused()
+    assert refused == [("192.0.2.1", 5684)]
+    long_running = make_link(clock, parse_uri("coaps://192.0.2.1/test"), sandbox_client_configuration(),
+                             one_shot=False)
+    assert not isinstance(long_running, ServerDtlsLink)  # coap-bench keeps an unconnected socket
+
+
+def test_a_retransmitting_handshake_prints_progress() -> None:
+    class Silent(MemoryLink):
+        client_configuration = sandbox_client_configuration()
+
+        def connect(self, address: tuple[str, int]) -> defer.Deferred[Any]:
+            return defer.Deferred()  # a handshake nobody answers
+
+    clock = UdpClock()
+    out = io.StringIO()
+    uri = parse_uri("coaps://192.0.2.1/test")
+    service = CoapClientService(clock, uri, build_request(uri, "GET"), Silent(("198.51.100.1", 1)), out, timeout=20)
+    service.startService()
+    for _ in range(20):
+        clock.advance(1)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("==[ DTLS handshake ]==")]
+    assert lines == [f"==[ DTLS handshake ]== no answer from 192.0.2.1:5684 after {waited:.1f} s, retransmitting "
+                     "(gives up after 20 s)" for waited in (1.0, 3.0, 7.0, 15.0)]
+    assert clock.getDelayedCalls() == []  # the timeout ended it and the progress timer with it
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_coaps_client_against_a_closed_port_fails_at_once() -> Generator[Any, Any, None]:
+    """issue 16: coaps reports a refusal as fast as coap:// does, not after --timeout."""
+    probe = reactor.listenUDP(0, UdpLink(), interface="127.0.0.1")
+    closed = probe.getHost().port
+    yield probe.stopListening()
+    out = io.StringIO()
+    uri = parse_uri(f"coaps://127.0.0.1:{closed}/test")
+    link = make_link(reactor, uri, sandbox_client_configuration())
+    client = CoapClientService(reactor, uri, build_request(uri, "GET"), link, out, timeout=30.0)
+    client.startService()
+    status = yield client.done.addTimeout(5.0, reactor)  # the refusal, not the 30 s timeout
+    assert status == EXIT_NO_RESPONSE
+    assert f"127.0.0.1:{closed} refused the request (ICMP port unreachable)" in out.getvalue()

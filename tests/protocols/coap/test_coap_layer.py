@@ -572,3 +572,15 @@ def test_overall_timeout_cuts_retransmissions_short() -> None:
     assert pair.client.get_timer() > pair.now + 5.0  # nothing left but the store sweeps
     sent = pair.client.datagrams_to_send()
     assert 1 <= len(sent) <= 2  # at most one retransmission fitted into 5 s
+
+
+def test_layer_follows_the_datagram_core_contract() -> None:
+    from nettester.interfaces import DatagramCore
+
+    layer: DatagramCore = CoapLayer(0.0)  # checked by mypy
+    assert all(callable(getattr(layer, name)) for name in (
+        "receive_datagram", "datagrams_to_send", "get_timer", "handle_timer", "next_event"))
+    layer.receive_datagram(encode_empty(CON, 7), CLIENT, 0.0)  # a ping
+    assert layer.datagrams_to_send() == [(encode_empty(RST, 7), CLIENT)]
+    assert layer.next_event() is None and layer.get_timer() > 0.0
+    layer.handle_timer(layer.get_timer())

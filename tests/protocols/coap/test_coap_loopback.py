@@ -9,11 +9,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from tests.loopback import has_ipv6_loopback
 from nettester.protocols.coap.endpoint import CoapEndpoint
 from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, response
 from nettester.protocols.coap.message import CON, NON, Code, Message, OptionNumber
 from nettester.udplink import UdpLink
+from tests.loopback import has_ipv6_loopback
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 5.0

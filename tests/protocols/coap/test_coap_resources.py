@@ -7,7 +7,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from coap_testing import SERVER, World, request, results
+from coap_testing import SERVER, Server, accept, request, results
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,34 +25,9 @@ from nettester.protocols.coap.message import (
     decode,
     encode_uint,
 )
-from nettester.protocols.coap.resources import build_site
-from nettester.protocols.coap.resources.extended import extended_resources
-from nettester.protocols.coap.resources.plugtest import LARGE_SIZE, plugtest_resources
+from nettester.protocols.coap.resources.plugtest import LARGE_SIZE
 
-
-class Server:
-    """A plugtest + extended site on a World; ``ask`` runs one request to completion."""
-
-    def __init__(self, benchmark: bool = True, notify_interval: float = 5.0) -> None:
-        self.world = World()
-        self.shutdowns: list[bool] = []
-        resources = plugtest_resources(notify_interval, lambda: self.shutdowns.append(True))
-        resources += extended_resources(benchmark, "test-server", self.world.clock.seconds, 1000.0)
-        self.site = build_site(self.world.clock, resources)
-        self.site.attach(self.world.server)
-
-    def ask(self, message: Message, wait: float = 0.0) -> Message:
-        got = results(self.world.client.request(SERVER, message))
-        self.world.exchange()
-        if wait:
-            self.world.advance(wait)
-        (event,) = got
-        assert isinstance(event, ResponseReceived), event
-        return event.response
-
-
-def accept(content_format: int) -> list[tuple[int, bytes]]:
-    return [(OptionNumber.ACCEPT, encode_uint(content_format))]
+TEXT_FORMAT = [(OptionNumber.CONTENT_FORMAT, encode_uint(ContentFormat.TEXT_PLAIN))]
 
 
 def test_default_test_resource_methods() -> None:
@@ -102,8 +77,11 @@ def test_large_is_block_wise_and_large_update_round_trip() -> None:
     assert server.ask(put).code == Code.CHANGED
     back = server.ask(request("large-update"))
     assert back.payload == body and back.content_format == ContentFormat.OCTET_STREAM
-    echoed = server.ask(request("large-post", Code.POST, payload=body))
-    assert echoed.code == Code.CHANGED and echoed.payload == body
+    text = (b"hello block-wise " * 100)[:1500]
+    upper = server.ask(request("large-post", Code.POST, payload=text, options=TEXT_FORMAT))
+    assert upper.code == Code.CHANGED and upper.payload == text.upper()  # as Californium: upper-cased
+    assert server.ask(request("large-post", Code.POST, payload=text)).code == Code.BAD_REQUEST  # no Content-Format
+    assert server.ask(request("large-update", Code.PUT, payload=b"x")).code == Code.BAD_REQUEST
 
 
 def test_large_create_and_link_listing() -> None:
@@ -123,7 +101,7 @@ def test_well_known_core_with_filters() -> None:
     everything = parse_links(server.ask(request(".well-known/core")).payload.decode())
     targets = {link.target for link in everything}
     assert {"/obs", "/large", "/path/sub2", "/benchmark", "/mycontext"} <= targets
-    assert "/shutdown" not in targets
+    assert "/shutdown" in targets and "/create1" not in targets  # as Californium: create1 hidden until created
     obs = next(link for link in everything if link.target == "/obs")
     assert obs.values("obs") == [None]
     filtered = parse_links(server.ask(request(".well-known/core?rt=Type2")).payload.decode())
@@ -163,7 +141,7 @@ def test_validate_etag_and_create1() -> None:
     assert server.ask(wrong).code == Code.PRECONDITION_FAILED
     changed = server.ask(request("validate", Code.PUT, payload=b"new", options=[(OptionNumber.IF_MATCH, etag)]))
     assert changed.code == Code.CHANGED and changed.option(OptionNumber.ETAG) != etag
-    create = request("create1", Code.PUT, payload=b"once", options=[(OptionNumber.IF_NONE_MATCH, b"")])
+    create = request("create1", Code.PUT, payload=b"once", options=[(OptionNumber.IF_NONE_MATCH, b""), *TEXT_FORMAT])
     assert server.ask(create).code == Code.CREATED
     assert server.ask(create).code == Code.PRECONDITION_FAILED
 
@@ -222,7 +200,7 @@ def test_benchmark_disabled_enabled_rlen_and_ack() -> None:
     assert server.ask(request("benchmark", Code.POST)).code == Code.CHANGED
     assert server.ask(request("benchmark?rlen=40")).payload == b"hello benchmark" + b"*" * 25
     assert server.ask(request("benchmark?rlen=5")).payload == b"hello"
-    assert server.ask(request("benchmark?rlen=x")).code == Code.BAD_REQUEST
+    assert server.ask(request("benchmark?rlen=x")).code == Code.BAD_OPTION
     separate = results(server.world.client.request(SERVER, request("benchmark?ack")))
     server.world.client_link.flush()
     empty_ack, separate_response = (decode(data) for data, _ in server.world.server_link.sent)
@@ -233,20 +211,29 @@ def test_benchmark_disabled_enabled_rlen_and_ack() -> None:
 
 
 def test_requests_receive_test_history_and_formats() -> None:
+    """The shapes Californium's ReceivetestClient reads (RequestStatistic)."""
     server = Server()
     assert server.ask(request("requests?dev=abc", Code.POST)).code == Code.BAD_OPTION
     assert server.ask(request("requests?dev=abc&rid=a:b", Code.POST)).code == Code.BAD_OPTION
+    assert server.ask(request("requests?dev=abc&rid=1&what", Code.POST)).code == Code.BAD_OPTION
+    assert server.ask(request("requests?dev=abc&rid=1&rlen=0", Code.POST)).code == Code.BAD_OPTION
+    assert server.ask(request("requests?dev=abc&rid=1&rlen=1024", Code.POST)).code == Code.BAD_OPTION
+    server.site.find("/requests").devices.clear()  # type: ignore[union-attr]
     for rid in range(30):
         server.world.clock.advance(1)
-        got = server.ask(request(f"requests?dev=abc&rid={rid}&ep", Code.POST))
-    assert got.code == Code.CHANGED
-    lines = got.payload.decode().splitlines()
-    assert lines[0] == "systemstart: 1000000"
-    assert len(lines) == 25 and lines[1].startswith("29: ") and lines[1].endswith("192.0.2.2:40000")
-    as_json = json.loads(server.ask(request("requests?dev=other&rid=r1", Code.POST, options=accept(50))).payload)
-    assert as_json["systemstart"] == 1000000 and [r["rid"] for r in as_json["requests"]] == ["r1"]
+        got = server.ask(request(f"requests?dev=abc&rid=r{rid}&ep&rlen=1023", Code.POST))
+    assert got.code == Code.CHANGED and got.content_format == ContentFormat.TEXT_PLAIN
+    lines = got.payload.decode().split("\n")
+    assert lines[0] == "systemstart:1000000" and lines[-1] == ""
+    assert len(lines) == 26 and lines[1] == "r29:1030000" and lines[24] == "r6:1007000"  # 24 kept
+    short = server.ask(request("requests?dev=abc&rid=r30&rlen=60", Code.POST)).payload
+    assert short == b"systemstart:1000000\nr30:1030000\nr29:1030000\nr28:1029000\n"  # 56 of rlen=60 bytes
+    as_json = json.loads(server.ask(request("requests?dev=other&rid=r1&ep", Code.POST, options=accept(50))).payload)
+    assert as_json == [{"systemstart": 1000000}, {"rid": "r1", "time": 1030000, "ep": "192.0.2.2", "port": 40000}]
     as_cbor = cbor2.loads(server.ask(request("requests?dev=other&rid=r2", Code.POST, options=accept(60))).payload)
-    assert [r["rid"] for r in as_cbor["requests"]] == ["r2", "r1"] and "ep" not in as_cbor["requests"][0]
+    assert as_cbor[0] == {"systemstart": 1000000}
+    assert as_cbor[1] == {"rid": "r2", "time": 1030000}
+    assert as_cbor[2] == {"rid": "r1", "time": 1030000, "ep": bytes([192, 0, 2, 2]), "port": 40000}
 
 
 def test_requests_evicts_least_recently_updated_device() -> None:
@@ -264,6 +251,9 @@ def test_mycontext_and_myip() -> None:
     assert server.ask(request("myip")).payload == b"192.0.2.2:40000"
     text = server.ask(request("mycontext")).payload.decode()
     assert text.splitlines() == ["ip: 192.0.2.2", "port: 40000", "server: test-server"]
+    xml = server.ask(request("mycontext", options=accept(ContentFormat.XML)))
+    assert xml.content_format == ContentFormat.XML
+    assert xml.payload == b'<context ip="192.0.2.2" port="40000" server="test-server" />'
     server.world.server_link.context = PeerContext(
         address=("192.0.2.2", 40000), scheme="coaps", identity="psk-id", cipher_suite="TLS_PSK_WITH_AES_128_CCM_8",
         read_cid=b"\x01\x02", write_cid=b"", node_id=3, via="dtls-cid-router", previous_address=("192.0.2.9", 1),
@@ -271,7 +261,7 @@ def test_mycontext_and_myip() -> None:
     context = cbor2.loads(server.ask(request("mycontext", options=accept(60))).payload)
     assert context["peer"] == "psk-id" and context["read-cid"] == "0102" and context["write-cid"] == ""
     assert context["node-id"] == 3 and context["prev-ip"] == "192.0.2.9" and context["prev-port"] == 1
-    assert server.ask(request("mycontext", options=accept(41))).code == Code.NOT_ACCEPTABLE
+    assert server.ask(request("mycontext", options=accept(ContentFormat.EXI))).code == Code.NOT_ACCEPTABLE
 
 
 def test_echo() -> None:
@@ -285,7 +275,7 @@ RESOURCE_PATHS = [
     "test", "seg1/seg2/seg3", "query", "separate", "large", "large-update", "large-create", "large-post",
     "large-separate", "obs", "obs-non", "obs-large", "obs-reset", "location-query", "multi-format", "link1",
     "path/sub2", "validate", "create1", "benchmark", "requests", "mycontext", "myip", "echo",
-    ".well-known/core", "missing",
+    ".well-known/core", "missing", "path", "path/sub1", "reverse-request", "reverse-observe", "shutdown",
 ]
 
 
@@ -293,12 +283,13 @@ RESOURCE_PATHS = [
 @given(
     path=st.sampled_from(RESOURCE_PATHS),
     code=st.sampled_from([Code.GET, Code.POST, Code.PUT, Code.DELETE, Code.FETCH, 9]),
-    query=st.lists(st.sampled_from(["rlen=3", "rlen=x", "ack", "dev=d", "rid=1", "ep", "rt=Type1", "a="]),
-                   max_size=3),
+    query=st.lists(st.sampled_from(["rlen=3", "rlen=x", "rlen=0", "ack", "dev=d", "rid=1", "ep", "rt=Type1", "a=",
+                                    "req=2", "res=feed", "obs=1", "obs=0", "timeout=x", "notfound"]), max_size=4),
     extra=st.lists(st.sampled_from([
         (OptionNumber.ACCEPT, b"\x3c"), (OptionNumber.ACCEPT, b"\x2f"), (OptionNumber.CONTENT_FORMAT, b"\x32"),
         (OptionNumber.ETAG, b"e"), (OptionNumber.IF_MATCH, b""), (OptionNumber.IF_NONE_MATCH, b""),
-        (OptionNumber.OBSERVE, b""), (OptionNumber.OBSERVE, b"\x01"),
+        (OptionNumber.OBSERVE, b""), (OptionNumber.OBSERVE, b"\x01"), (OptionNumber.OSCORE, b"\x09"),
+        (OptionNumber.SIZE1, b"\x01\x86\xa0"), (OptionNumber.CONTENT_FORMAT, b""),
     ]), max_size=3),
     payload=st.binary(max_size=40),
 )

@@ -241,7 +241,7 @@ def test_dtls_counters_of_every_endpoint_join_the_summary_and_metrics() -> None:
     coaps = {name: port for scheme, _, port, name in service.listening if scheme == "coaps"}
     assert len(service.dtls_links) == 2
     wire = _DtlsWire()
-    for link, name in zip(service.dtls_links, ("plugtest", "extended")):
+    for link, name in zip(service.dtls_links, ("plugtest", "extended"), strict=True):
         wire.attach(link, ("192.0.2.1", coaps[name]))
     good = DtlsEndpoint(clock, client_configuration=DtlsConfiguration(
         is_client=True, psk_identity=b"client-1", psk=b"secret-psk"))

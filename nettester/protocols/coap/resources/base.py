@@ -1,27 +1,30 @@
-"""Resource tree: what a CoAP server role serves through a :class:`CoapEndpoint`.
+"""Resource tree: what a CoAP server role serves through a ``CoapEndpoint``.
 
-A :class:`Site` is the endpoint's request handler. It finds the resource by
+A ``Site`` is the endpoint's request handler. It finds the resource by
 its Uri-Path (one dictionary lookup on the raw option values), dispatches
 by method, answers ``/.well-known/core`` from the tree's link attributes
 (RFC 6690 section 4, with filtering), and keeps the observers of observable
 resources (RFC 7641): a GET with Observe: 0 registers, every
-:meth:`Resource.changed` renders the resource again for each observer.
+``Resource.changed`` renders the resource again for each observer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from nettester.addresses import unmapped_host
 from nettester.link import PeerContext
 from nettester.logs import Logger
-from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, Peer, response
+from nettester.protocols.coap.events import Peer
+from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation
 from nettester.protocols.coap.linkformat import Link, filter_links, format_links
-from nettester.protocols.coap.message import Code, ContentFormat, Message, OptionNumber
+from nettester.protocols.coap.message import Code, ContentFormat, Message, OptionNumber, response
 
 if TYPE_CHECKING:
     from nettester.protocols.coap.endpoint import Answer, CoapEndpoint
@@ -56,8 +59,16 @@ class Exchange:
             self.endpoint.accept(self.incoming)
 
     def peer_context(self) -> PeerContext:
-        """The link's view of the peer (address, security context)."""
-        return self.endpoint.peer_context(self.peer)
+        """The link's view of the peer (address, security context), IPv4 peers of a dual-stack socket unmapped."""
+        context = self.endpoint.peer_context(self.peer)
+        host = unmapped_host(context.address[0])
+        previous = context.previous_address
+        if host != context.address[0] or (previous is not None and unmapped_host(previous[0]) != previous[0]):
+            context = replace(
+                context, address=(host, context.address[1]),
+                previous_address=None if previous is None else (unmapped_host(previous[0]), previous[1]),
+            )
+        return context
 
     def query(self) -> dict[str, str]:
         """Uri-Query as a dict: ``a=b`` -> {"a": "b"}, a bare ``a`` -> {"a": ""}."""
@@ -72,7 +83,7 @@ class Resource:
     """A node of the tree. Override ``get``/``post``/``put``/``delete``.
 
     ``attributes`` are its RFC 6690 link attributes; ``observable`` resources
-    accept observers and notify them on :meth:`changed`, with CON
+    accept observers and notify them on ``changed``, with CON
     notifications unless ``confirmable_notifications`` is False.
     """
 
@@ -197,6 +208,16 @@ class Resource:
         self.observers.clear()
         self.observer_count_changed()
 
+    def drop_observations(self) -> None:
+        """Forget every observer without telling it (Californium's obs-reset): the
+        observer notices when the last notification's Max-Age runs out."""
+        site = self.site_or_none()
+        for relation in list(self.observers):
+            if site is not None and relation.active:
+                site.endpoint_of(relation).cancel_relation(relation, "reset by the server")
+        self.observers.clear()
+        self.observer_count_changed()
+
     def observer_count_changed(self) -> None:
         """Hook: the number of observers changed (start or stop a periodic source)."""
 
@@ -286,7 +307,7 @@ class Site:
     # -- serving
 
     def handle_request(self, incoming: IncomingRequest, endpoint: CoapEndpoint) -> Answer:
-        """Find the resource and let it answer (see :class:`SiteHandler`)."""
+        """Find the resource and let it answer (see ``SiteHandler``)."""
         request = incoming.request
         options = request.options
         if options and options[-1][0] >= OptionNumber.PROXY_URI and (

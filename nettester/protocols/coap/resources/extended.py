@@ -10,25 +10,27 @@ import json
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import ip_address
+from xml.sax.saxutils import quoteattr
 
 import cbor2
 
+from nettester.addresses import address_text
 from nettester.link import PeerContext
 from nettester.protocols.coap.endpoint import Answer
-from nettester.protocols.coap.layer import response
-from nettester.protocols.coap.message import Code, ContentFormat, OptionNumber
+from nettester.protocols.coap.message import Code, ContentFormat, OptionNumber, response
 from nettester.protocols.coap.resources.base import Exchange, Resource
+from nettester.protocols.coap.resources.reverse import ReverseObserve, ReverseRequest
 
 BENCHMARK_BODY = b"hello benchmark"
 MAX_RESPONSE_LENGTH = 8192
 REQUESTS_HISTORY = 24
 REQUESTS_MAX_DEVICES = 16384
 _ACCEPTED = (ContentFormat.TEXT_PLAIN, ContentFormat.JSON, ContentFormat.CBOR)
-
-
-def _format_address(address: tuple[str, int]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+_CONTEXT_FORMATS = (*_ACCEPTED, ContentFormat.XML)
+#: Californium's receive test: the answer's length limit (``rlen``), 1..1023, default 500.
+REQUESTS_MAX_RLEN = 1023
+REQUESTS_DEFAULT_LENGTH = 500
 
 
 def _negotiate(exchange: Exchange) -> int | None:
@@ -40,11 +42,14 @@ def _negotiate(exchange: Exchange) -> int | None:
 
 
 def _render(fields: dict[str, object], content_format: int) -> bytes:
-    """``name: value`` lines, a JSON object or a CBOR map."""
+    """``name: value`` lines, a JSON object, a CBOR map or one XML element (Californium's ``<context .../>``)."""
     if content_format == ContentFormat.JSON:
         return json.dumps(fields).encode()
     if content_format == ContentFormat.CBOR:
         return cbor2.dumps(fields)
+    if content_format == ContentFormat.XML:
+        attributes = "".join(f"{name}={quoteattr(str(value))} " for name, value in fields.items())
+        return f"<context {attributes}/>".encode()
     return "\n".join(f"{name}: {value}" for name, value in fields.items()).encode()
 
 
@@ -65,20 +70,24 @@ class Benchmark(Resource):
 
     def _answer(self, exchange: Exchange, code: int) -> Answer:
         if not self.enabled:
-            return response(Code.NOT_IMPLEMENTED)
+            return response(Code.NOT_IMPLEMENTED, b"benchmark is not supported on this host!")
         length = len(BENCHMARK_BODY)
         separate = False
         for number, value in exchange.request.options:
             if number == OptionNumber.URI_QUERY:
+                # Californium answers a query it does not support, or a bad rlen, with 4.02.
                 if value.startswith(b"rlen="):
                     try:
-                        length = int(value[5:])
+                        wanted = int(value[5:])
                     except ValueError:
-                        return response(Code.BAD_REQUEST, b"rlen must be a number")
-                    if not 0 <= length <= MAX_RESPONSE_LENGTH:
-                        return response(Code.BAD_REQUEST, b"rlen out of range")
+                        return response(Code.BAD_OPTION, b"rlen must be a number")
+                    if not 0 <= wanted <= MAX_RESPONSE_LENGTH:
+                        return response(Code.BAD_OPTION, f"rlen must be 0..{MAX_RESPONSE_LENGTH}".encode())
+                    length = wanted or len(BENCHMARK_BODY)  # rlen=0: the default answer
                 elif value == b"ack":
                     separate = True
+                else:
+                    return response(Code.BAD_OPTION, b"query " + value[:40] + b" is not supported (rlen=N, ack)")
         body = self._bodies.get(length)
         if body is None:
             body = self._bodies[length] = BENCHMARK_BODY.ljust(length, b"*")[:length]
@@ -115,19 +124,20 @@ class MyIp(Resource):
 
     def get(self, exchange: Exchange) -> Answer:
         context = exchange.peer_context()
-        return response(Code.CONTENT, _format_address(context.address).encode(), ContentFormat.TEXT_PLAIN)
+        return response(Code.CONTENT, address_text(context.address).encode(), ContentFormat.TEXT_PLAIN)
 
 
 class MyContext(Resource):
     """``mycontext``: the peer's address and security context (text, JSON or CBOR)."""
 
     def __init__(self, server_name: str) -> None:
-        super().__init__("mycontext", (("title", "Your context as the server sees it"),))
+        super().__init__("mycontext", (("ct", "0 41 50 60"), ("title", "Communication Context")))
         self.server_name = server_name
 
     def get(self, exchange: Exchange) -> Answer:
-        content_format = _negotiate(exchange)
-        if content_format is None:
+        accept = exchange.request.accept
+        content_format = ContentFormat.TEXT_PLAIN if accept is None else accept
+        if content_format not in _CONTEXT_FORMATS:
             return response(Code.NOT_ACCEPTABLE)
         return response(Code.CONTENT, _render(self.fields(exchange.peer_context()), content_format), content_format)
 
@@ -151,66 +161,114 @@ class MyContext(Resource):
 
 @dataclass(frozen=True, slots=True)
 class ReceivedRequest:
-    """One entry of a device's history in the receive test."""
+    """One entry of a device's history in the receive test; ``source`` when ``ep`` was asked."""
 
     rid: str
     time_ms: int
-    endpoint: str | None
+    source: tuple[str, int] | None
 
 
 class Requests(Resource):
-    """``requests``: the receive test (Californium's ``ReceivetestClient`` server side).
+    """``requests``: the receive test, answered as Californium's ``RequestStatistic`` does.
 
-    POST with ``dev=<uuid>&rid=<id>[&ep]``: the request is recorded for the
-    device (newest 24 kept, 16,384 devices at most, the least recently
-    updated evicted), and the answer is 2.04 with ``systemstart`` and the
-    device's history as text, JSON or CBOR.
+    POST with ``dev=<uuid>&rid=<id>[&ep][&rlen=N]``: the request is recorded
+    for the device (newest 24 kept, 16,384 devices at most, the least
+    recently updated evicted), and the answer is 2.04 with the history,
+    newest first, as many entries as fit into ``rlen`` bytes (1..1023,
+    default 500):
+
+    - text: ``systemstart:<ms>`` then one ``<rid>:<ms>`` line per request;
+    - JSON: an array, ``{"systemstart": ms}`` first, then
+      ``{"rid", "time"[, "ep", "port"]}`` maps (``ep`` the address as text);
+    - CBOR: the same array, ``ep`` the address's bytes (4 or 16).
+
+    A missing ``dev`` or ``rid``, a ``:`` in ``rid``, a bad ``rlen`` or any
+    other query gets 4.02 naming it.
     """
 
     def __init__(self, clock: Callable[[], float], started: float,
                  max_devices: int = REQUESTS_MAX_DEVICES, history: int = REQUESTS_HISTORY) -> None:
-        super().__init__("requests", (("title", "Receive test: records and reports requests per device"),))
+        super().__init__("requests", (("ct", "0 50 60"),
+                                      ("title", "Resource that collects requests for client statistics")))
         self._clock = clock
         self.system_start_ms = int(started * 1000)
         self.max_devices = max_devices
         self.history = history
         self.devices: OrderedDict[str, deque[ReceivedRequest]] = OrderedDict()
 
+    @staticmethod
+    def _read_query(exchange: Exchange) -> tuple[str, str, bool, int] | str:
+        """(device, rid, ep, rlen) or what is wrong with the query."""
+        device = rid = None
+        source = False
+        length = REQUESTS_DEFAULT_LENGTH
+        for argument in exchange.request.uri_query:
+            if argument.startswith("rid="):
+                rid = argument[4:]
+                if ":" in rid:
+                    return "rid must not contain ':'"
+            elif argument.startswith("dev="):
+                device = argument[4:]
+            elif argument.startswith("rlen="):
+                try:
+                    length = int(argument[5:])
+                except ValueError:
+                    return "rlen is no number"
+                if not 1 <= length <= REQUESTS_MAX_RLEN:
+                    return f"rlen must be 1..{REQUESTS_MAX_RLEN}"
+            elif argument == "ep":
+                source = True
+            else:
+                return f"query {argument[:40]!r} is not supported (dev, rid, ep, rlen)"
+        if not device or not rid:
+            return "query needs dev=<uuid>&rid=<id>"
+        return device, rid, source, length
+
     def post(self, exchange: Exchange) -> Answer:
-        query = exchange.query()
-        device, rid = query.get("dev"), query.get("rid")
-        if not device or not rid or ":" in rid:
-            return response(Code.BAD_OPTION, b"query needs dev=<uuid>&rid=<id> (no ':' in rid)")
+        query = self._read_query(exchange)
+        if isinstance(query, str):
+            return response(Code.BAD_OPTION, query.encode(), ContentFormat.TEXT_PLAIN)
+        device, rid, source, length = query
         content_format = _negotiate(exchange)
         if content_format is None:
             return response(Code.NOT_ACCEPTABLE)
-        endpoint = None
-        if "ep" in query:
-            endpoint = _format_address(exchange.peer_context().address)
+        address = exchange.peer_context().address if source else None
         entries = self.devices.pop(device, None)
         if entries is None:
             entries = deque(maxlen=self.history)
             if len(self.devices) >= self.max_devices:
                 self.devices.popitem(last=False)
         self.devices[device] = entries
-        entries.append(ReceivedRequest(rid, int(self._clock() * 1000), endpoint))
-        return response(Code.CHANGED, self._report(entries, content_format), content_format)
+        entries.append(ReceivedRequest(rid, int(self._clock() * 1000), address))
+        return response(Code.CHANGED, self._report(list(reversed(entries)), content_format, length), content_format)
 
-    def _report(self, entries: deque[ReceivedRequest], content_format: int) -> bytes:
+    def _report(self, entries: list[ReceivedRequest], content_format: int, limit: int) -> bytes:
+        """The history, newest first, cut after the last entry that fits into ``limit`` bytes."""
         if content_format == ContentFormat.TEXT_PLAIN:
-            lines = [f"systemstart: {self.system_start_ms}"]
-            for entry in reversed(entries):
-                line = f"{entry.rid}: {entry.time_ms}"
-                lines.append(line if entry.endpoint is None else f"{line} {entry.endpoint}")
-            return "\n".join(lines).encode()
-        history = []
-        for entry in reversed(entries):
+            text = f"systemstart:{self.system_start_ms}\n"
+            for entry in entries:
+                line = f"{entry.rid}:{entry.time_ms}\n"
+                if len(text) + len(line) > limit:
+                    break
+                text += line
+            return text.encode()
+        items: list[dict[str, object]] = [{"systemstart": self.system_start_ms}]
+        encode: Callable[[object], bytes] = (
+            (lambda value: json.dumps(value).encode()) if content_format == ContentFormat.JSON else cbor2.dumps
+        )
+        payload = encode(items)
+        for entry in entries:
             item: dict[str, object] = {"rid": entry.rid, "time": entry.time_ms}
-            if entry.endpoint is not None:
-                item["ep"] = entry.endpoint
-            history.append(item)
-        document = {"systemstart": self.system_start_ms, "requests": history}
-        return json.dumps(document).encode() if content_format == ContentFormat.JSON else cbor2.dumps(document)
+            if entry.source is not None:
+                host, port = entry.source
+                item["ep"] = host if content_format == ContentFormat.JSON else ip_address(host).packed
+                item["port"] = port
+            items.append(item)
+            longer = encode(items)
+            if len(longer) > limit:
+                break
+            payload = longer
+        return payload
 
 
 def extended_resources(benchmark: bool, server_name: str, clock: Callable[[], float], started: float) -> list[Resource]:
@@ -221,4 +279,6 @@ def extended_resources(benchmark: bool, server_name: str, clock: Callable[[], fl
         MyContext(server_name),
         MyIp("myip", (("title", "Your IP address and port"),)),
         Echo("echo", (("title", "Echoes the request body"),)),
+        ReverseRequest(),
+        ReverseObserve(),
     ]

@@ -16,9 +16,16 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 
 from nettester.protocols.coap.endpoint import Answer
-from nettester.protocols.coap.layer import response
-from nettester.protocols.coap.linkformat import format_links
-from nettester.protocols.coap.message import Code, ContentFormat, Message, MessageType, OptionNumber, code_name
+from nettester.protocols.coap.linkformat import Link, format_links
+from nettester.protocols.coap.message import (
+    Code,
+    ContentFormat,
+    Message,
+    MessageType,
+    OptionNumber,
+    code_name,
+    response,
+)
 from nettester.protocols.coap.resources.base import Exchange, PeriodicResource, Resource
 
 LARGE_SIZE = 1280
@@ -26,6 +33,12 @@ MAX_CREATED = 100  # children of large-create kept; the oldest goes first
 SEPARATE_DELAY = 1.0
 SHUTDOWN_PASSWORD = b"sesame"
 TEXT = ContentFormat.TEXT_PLAIN
+#: Californium's Max-Age of GET /test and of the observable resources' notifications:
+#: a client whose observation was dropped re-registers once it runs out (TD_COAP_OBS_04).
+TEST_MAX_AGE = 30
+OBSERVE_MAX_AGE = 5
+#: The text/plain content format as a link attribute (RFC 6690 section 3.3).
+CT_TEXT = ("ct", "0")
 
 
 def large_body(size: int = LARGE_SIZE) -> bytes:
@@ -52,11 +65,22 @@ def text_response(code: int, body: str) -> Message:
     return response(code, body.encode(), TEXT)
 
 
+def max_age(answer: Message, seconds: int) -> Message:
+    """``answer`` with a Max-Age option (RFC 7252 section 5.10.5)."""
+    answer.set_uint_option(OptionNumber.MAX_AGE, seconds)
+    return answer
+
+
+def content_format_missing() -> Message:
+    """4.00 for a PUT or POST without Content-Format, as Californium's plugtest resources answer."""
+    return text_response(Code.BAD_REQUEST, "Content-Format not set")
+
+
 class DefaultTest(Resource):
     """``test``: TD_COAP_CORE_01..04 (GET, POST creates a location, PUT, DELETE)."""
 
     def get(self, exchange: Exchange) -> Answer:
-        return text_response(Code.CONTENT, describe_request(exchange))
+        return max_age(text_response(Code.CONTENT, describe_request(exchange)), TEST_MAX_AGE)
 
     def post(self, exchange: Exchange) -> Answer:
         answer = response(Code.CREATED)
@@ -83,6 +107,21 @@ class Text(Resource):
 
     def get(self, exchange: Exchange) -> Answer:
         return text_response(Code.CONTENT, self.body)
+
+
+class PathSub(Resource):
+    """``path/subN``: answers its own path (TD_COAP_LINK_09), as Californium's ``getURI()``."""
+
+    def get(self, exchange: Exchange) -> Answer:
+        return text_response(Code.CONTENT, self.path)
+
+
+class Path(Resource):
+    """``path``: GET lists the sub-resources in link format (TD_COAP_LINK_09)."""
+
+    def get(self, exchange: Exchange) -> Answer:
+        links = [resource.link() for resource in self.walk() if resource is not self and resource.visible]
+        return response(Code.CONTENT, format_links(links).encode(), ContentFormat.LINK_FORMAT)
 
 
 class Query(Resource):
@@ -113,12 +152,20 @@ class Separate(Resource):
 class Large(Resource):
     """``large``: 1280 bytes, served block-wise (TD_COAP_BLOCK_01/02)."""
 
-    def __init__(self, name: str = "large", body: bytes | None = None) -> None:
-        super().__init__(name, (("rt", "block"), ("sz", str(LARGE_SIZE)), ("title", "Large resource")))
+    def __init__(self, name: str = "large", body: bytes | None = None,
+                 title: str = "Large resource") -> None:
+        super().__init__(name, (("rt", "block"), ("title", title)))
         self.body = body if body is not None else large_body()
+        self.content_format: int = TEXT
+
+    def link(self) -> Link:
+        """ct and sz follow the current body (Californium updates them after an upload)."""
+        link = super().link()
+        return Link(link.target, (("ct", str(self.content_format)),) + link.attributes
+                    + (("sz", str(len(self.body))),))
 
     def get(self, exchange: Exchange) -> Answer:
-        return response(Code.CONTENT, self.body, TEXT)
+        return response(Code.CONTENT, self.body, self.content_format)
 
 
 class LargeUpdate(Large):
@@ -127,8 +174,7 @@ class LargeUpdate(Large):
     observable = True
 
     def __init__(self) -> None:
-        super().__init__("large-update")
-        self.content_format: int = TEXT
+        super().__init__("large-update", title="Large resource that can be updated using PUT method")
 
     def get(self, exchange: Exchange) -> Answer:
         accept = exchange.request.accept
@@ -137,9 +183,11 @@ class LargeUpdate(Large):
         return response(Code.CONTENT, self.body, self.content_format)
 
     def put(self, exchange: Exchange) -> Answer:
-        self.body = exchange.request.payload
         content_format = exchange.request.content_format
-        self.content_format = TEXT if content_format is None else content_format
+        if content_format is None:
+            return content_format_missing()
+        self.body = exchange.request.payload
+        self.content_format = content_format
         self.changed()
         return response(Code.CHANGED)
 
@@ -148,7 +196,8 @@ class LargeCreate(Resource):
     """``large-create``: POST creates a child (TD_COAP_BLOCK_04); GET lists them as link format."""
 
     def __init__(self) -> None:
-        super().__init__("large-create", (("rt", "block"), ("title", "Large resource that can be created using POST")))
+        super().__init__("large-create", (("ct", "40"), ("rt", "block"),
+                                          ("title", "Large resource that can be created using POST method")))
         self._next = 1
 
     def get(self, exchange: Exchange) -> Answer:
@@ -192,22 +241,26 @@ class Stored(Resource):
 
 
 class LargePost(Resource):
-    """``large-post``: a block-wise POST answered with the body it carried (TD_COAP_BLOCK_04)."""
+    """``large-post``: a block-wise text POST answered upper-cased (TD_COAP_BLOCK_04, as Californium)."""
 
     def __init__(self) -> None:
-        super().__init__("large-post", (("rt", "block"), ("title", "Large resource that handles POST")))
+        super().__init__("large-post", (("rt", "block"), ("title", "Handle POST with two-way blockwise transfer")))
 
     def post(self, exchange: Exchange) -> Answer:
         content_format = exchange.request.content_format
-        return response(Code.CHANGED, exchange.request.payload, TEXT if content_format is None else content_format)
+        if content_format is None:
+            return content_format_missing()
+        if content_format != TEXT:
+            return response(Code.UNSUPPORTED_CONTENT_FORMAT)
+        return response(Code.CHANGED, exchange.request.payload.upper(), TEXT)
 
 
 class Clock(PeriodicResource):
-    """``obs`` and friends: the server time, notified every interval (TD_COAP_OBS)."""
+    """``obs`` and friends: the server time, notified every interval (TD_COAP_OBS), Max-Age 5."""
 
     def __init__(self, name: str, interval: float, confirmable: bool = True, padding: int = 0) -> None:
-        super().__init__(name, interval, (("rt", "observe"), ("title", "Observable resource which changes every "
-                                                                          f"{interval:g} seconds")))
+        super().__init__(name, interval, (CT_TEXT, ("rt", "observe"), ("title", "Observable resource which changes "
+                                                                                 f"every {interval:g} seconds")))
         self.confirmable_notifications = confirmable
         self.padding = padding
         self._override: tuple[bytes, int] | None = None
@@ -222,17 +275,25 @@ class Clock(PeriodicResource):
 
     def get(self, exchange: Exchange) -> Answer:
         if self._override is not None:
-            return response(Code.CONTENT, self._override[0], self._override[1])
-        return response(Code.CONTENT, self.render(), TEXT)
+            answer = response(Code.CONTENT, self._override[0], self._override[1])
+        else:
+            answer = response(Code.CONTENT, self.render(), TEXT)
+        return max_age(answer, OBSERVE_MAX_AGE)
 
     def tick(self) -> None:
         self._override = None
         self.changed()
 
     def put(self, exchange: Exchange) -> Answer:
-        """TD_COAP_OBS_04: a PUT sets the state (until the next tick) and notifies."""
+        """TD_COAP_OBS_04/08: a PUT sets the state (until the next tick) and notifies.
+
+        A new Content-Format ends every observation with 4.06 (RFC 7641
+        section 4.2, done by the layer for each notification).
+        """
         content_format = exchange.request.content_format
-        self._override = (exchange.request.payload, TEXT if content_format is None else content_format)
+        if content_format is None:
+            return content_format_missing()
+        self._override = (exchange.request.payload, content_format)
         self.changed()
         return response(Code.CHANGED)
 
@@ -242,11 +303,24 @@ class Clock(PeriodicResource):
         return response(Code.DELETED)
 
 
-class ObserveReset(Clock):
-    """``obs-reset``: a POST ends every observation with 5.03 (Californium's obs-reset)."""
+class ObserveReset(Resource):
+    """``obs-reset``: POST ``sesame`` ends the observations of every observable resource (Californium's).
+
+    The observers are forgotten without a word (they re-register when the
+    last notification's Max-Age runs out); with ``?notfound`` they get 4.04.
+    Another payload gets 4.03.
+    """
 
     def post(self, exchange: Exchange) -> Answer:
-        self.end_observations(Code.SERVICE_UNAVAILABLE)
+        if exchange.request.payload != SHUTDOWN_PASSWORD:
+            return response(Code.FORBIDDEN)
+        not_found = "notfound" in exchange.query()
+        for resource in exchange.site.root.walk():
+            if resource.observable:
+                if not_found:
+                    resource.end_observations(Code.NOT_FOUND)
+                else:
+                    resource.drop_observations()
         return response(Code.CHANGED)
 
 
@@ -321,23 +395,37 @@ class Validate(Resource):
 
 
 class Create(Resource):
-    """``create1``: PUT with If-None-Match creates once, then 4.12 (TD_COAP_CORE_23)."""
+    """``create1``: PUT with If-None-Match creates once, then 4.12 (TD_COAP_CORE_23).
+
+    Hidden from ``/.well-known/core`` until created; a 4.12 clears it again
+    (Californium's automatic reset, so the test can be repeated).
+    """
 
     def __init__(self) -> None:
         super().__init__("create1", (("title", "Resource which does not exist yet (to perform atomic PUT)"),))
         self.body: bytes | None = None
+        self.content_format: int = TEXT
+
+    @property
+    def visible(self) -> bool:  # type: ignore[override]
+        return self.body is not None
 
     def get(self, exchange: Exchange) -> Answer:
         if self.body is None:
             return response(Code.NOT_FOUND)
-        return response(Code.CONTENT, self.body, TEXT)
+        return response(Code.CONTENT, self.body, self.content_format)
 
     def put(self, exchange: Exchange) -> Answer:
-        exists = self.body is not None
-        if exists and exchange.request.has_option(OptionNumber.IF_NONE_MATCH):
+        request = exchange.request
+        if self.body is not None and request.has_option(OptionNumber.IF_NONE_MATCH):
+            self.body = None
             return response(Code.PRECONDITION_FAILED)
-        self.body = exchange.request.payload
-        return response(Code.CHANGED if exists else Code.CREATED)
+        content_format = request.content_format
+        if content_format is None:
+            return content_format_missing()
+        self.body = request.payload
+        self.content_format = content_format
+        return response(Code.CREATED)
 
     def delete(self, exchange: Exchange) -> Answer:
         self.body = None
@@ -345,9 +433,7 @@ class Create(Resource):
 
 
 class Shutdown(Resource):
-    """``shutdown``: POST ``sesame`` stops the server (after answering)."""
-
-    visible = False
+    """``shutdown``: POST ``sesame`` stops the server (after answering); listed, as in Californium."""
 
     def __init__(self, on_shutdown: Callable[[], object]) -> None:
         super().__init__("shutdown")
@@ -361,31 +447,34 @@ class Shutdown(Resource):
 
 
 def plugtest_resources(notify_interval: float, on_shutdown: Callable[[], object]) -> list[Resource]:
-    """The ETSI plugtest tree's top-level resources."""
-    seg1 = Text("seg1", "Long path resource seg1")
-    seg2 = seg1.add(Text("seg2", "Long path resource seg2"))
-    seg2.add(Text("seg3", "Long path resource seg3"))
-    path = Resource("path", (("ct", "40"), ("title", "Hierarchical link description entry")))
+    """The ETSI plugtest tree's top-level resources (link attributes as Californium shows them)."""
+    seg1 = Text("seg1", "Long path resource seg1", (CT_TEXT, ("title", "Long path resource")))
+    seg2 = seg1.add(Text("seg2", "Long path resource seg2", (CT_TEXT, ("title", "Long path resource"))))
+    seg2.add(Text("seg3", "Long path resource seg3", (CT_TEXT, ("title", "Long path resource"))))
+    path = Path("path", (("ct", "40"), ("title", "Hierarchical link description entry")))
     for index in (1, 2, 3):
-        path.add(Text(f"sub{index}", f"sub{index}", (("title", "Hierarchical link description sub-resource"),)))
+        path.add(PathSub(f"sub{index}", (("title", "Hierarchical link description sub-resource"),)))
     return [
-        DefaultTest("test", (("title", "Default test resource"),)),
+        DefaultTest("test", (CT_TEXT, ("title", "Default test resource"))),
         seg1,
-        Query("query", (("title", "Resource accepting query parameters"),)),
-        Separate("separate", attributes=(("title", "Resource which cannot be served immediately"),)),
+        Query("query", (CT_TEXT, ("title", "Resource accepting query parameters"))),
+        Separate("separate", attributes=(CT_TEXT, ("title", "Resource which cannot be served immediately and "
+                                                            "which cannot be acknowledged in a piggy-backed way"))),
         Large(),
         LargeUpdate(),
         LargeCreate(),
         LargePost(),
-        Separate("large-separate", lambda exchange: large_body(), (("rt", "block"), ("sz", str(LARGE_SIZE)))),
+        Separate("large-separate", lambda exchange: large_body(),
+                 (CT_TEXT, ("rt", "block"), ("sz", str(LARGE_SIZE)),
+                  ("title", "Large resource which cannot be served immediately"))),
         Clock("obs", notify_interval),
         Clock("obs-non", notify_interval, confirmable=False),
         Clock("obs-large", notify_interval, padding=LARGE_SIZE),
         Clock("obs-pumping", notify_interval / 10),
         Clock("obs-pumping-non", notify_interval / 10, confirmable=False),
-        ObserveReset("obs-reset", notify_interval),
+        ObserveReset("obs-reset"),
         LocationQuery("location-query", (("title", "Perform POST transaction with responses containing "
-                                                   "several Location-Query options"),)),
+                                                   "several Location-Query options (CON mode)"),)),
         MultiFormat(),
         Text("link1", "link1", (("rt", "Type1 Type2"), ("if", "If1"), ("title", "Link test resource"))),
         Text("link2", "link2", (("rt", "Type2 Type3"), ("if", "If2"), ("title", "Link test resource"))),
