@@ -268,6 +268,64 @@ def test_openssl_s_client_with_our_server(
         yield port_handle.stopListening()
 
 
+def _openssl_psk_client(binary: str, port: int, *extra: str) -> Peer:
+    return spawn(
+        [binary, "s_client", "-dtls1_2", "-connect", "127.0.0.1:%d" % port, "-cipher", "PSK-AES128-CCM8"]
+        + ["-psk", PSK.hex(), "-psk_identity", PSK_IDENTITY.decode()]
+        + list(extra)
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_openssl_s_client_fragmented_client_hello(tmp_path: Path) -> Generator[Any, Any, None]:
+    """Issue 13: ``-mtu 256`` with a long SNI and ALPN list splits the
+    ClientHello (about 700 bytes) into fragments: reassembled in front of
+    the cookie gate, the handshake completes."""
+    binary = openssl()
+    receiver = Receiver(answer=lambda data: b"echo:" + data)
+    endpoint = DtlsEndpoint(reactor, server_configuration=server_config("TLS_PSK_WITH_AES_128_CCM_8"))
+    port_handle = listen(endpoint, receiver)
+    long_name = ".".join("label%02d" % i for i in range(20)) + ".example"
+    alpn = ",".join("protocol-%02d" % i for i in range(30))
+    client = _openssl_psk_client(
+        binary, port_handle.getHost().port, "-mtu", "256", "-servername", long_name, "-alpn", alpn
+    )
+    try:
+        yield wait_for(lambda: endpoint.counters.handshakes.value == 1, "the handshake")
+        yield wait_for(lambda: b"Cipher is" in client.output, "s_client ready")
+        client.write(b"fragmented\n")
+        yield wait_for(lambda: b"echo:fragmented" in client.output, "our echo in s_client")
+        assert endpoint.counters.dropped.get("not_client_hello") == 0
+        assert endpoint.admission.reassembled >= 1, "the ClientHello came in fragments"
+    finally:
+        client.stop()
+        yield port_handle.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_openssl_s_client_renegotiation_is_refused(tmp_path: Path) -> Generator[Any, Any, None]:
+    """Issue 13: ``R`` in s_client used to hang: the server resent its last
+    flight forever.  Now the renegotiating ClientHello gets a no_renegotiation
+    warning on the session; OpenSSL then gives up (its choice)."""
+    binary = openssl()
+    receiver = Receiver(answer=lambda data: b"echo:" + data)
+    endpoint = DtlsEndpoint(reactor, server_configuration=server_config("TLS_PSK_WITH_AES_128_CCM_8"))
+    port_handle = listen(endpoint, receiver)
+    client = _openssl_psk_client(binary, port_handle.getHost().port)
+    try:
+        yield wait_for(lambda: b"Cipher is" in client.output, "s_client ready")
+        client.write(b"R\n")
+        yield wait_for(lambda: endpoint.counters.renegotiations_refused.value >= 1, "the refusal")
+        yield wait_for(
+            lambda: b"no renegotiation" in client.output.lower() or client.exit_code is not None,
+            "s_client to take the refusal",
+        )
+        assert endpoint.counters.handshakes.value == 1, "no second handshake"
+    finally:
+        client.stop()
+        yield port_handle.stopListening()
+
+
 # --- Mbed TLS 3.6: RFC 9146 ----------------------------------------------------------
 
 MBEDTLS_CASES = [

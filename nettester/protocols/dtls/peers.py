@@ -157,6 +157,8 @@ class Admission:
     def __init__(self, gate: CookieGate | None = None, fragments: ClientHelloFragments | None = None) -> None:
         self.gate = gate or CookieGate()
         self.fragments = fragments or ClientHelloFragments()
+        #: ClientHellos that arrived in fragments and were reassembled
+        self.reassembled = 0
 
     def check(self, datagram: bytes, address: Address, now: float) -> AdmissionResult:
         """Judge a datagram from ``address``, which has no connection."""
@@ -182,6 +184,7 @@ class Admission:
         reason, hello, evicted = self.fragments.add(address, fragments, now)
         if hello is None:
             return AdmissionResult(Verdict.DROP, reason=reason or "client_hello_fragment", evicted=evicted)
+        self.reassembled += 1
         body, message_seq, record_sequence = hello
         return AdmissionResult.of(self.gate.judge(body, message_seq, record_sequence, address, now), evicted)
 

@@ -7,13 +7,16 @@ from typing import Any
 import pytest
 from dtls_pair import psk_configs
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
+
+from tests.logcapture import log_events
 
 from nettester.interfaces import IConnectionIdGenerator, IDatagramLink, IDatagramReceiver
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConnection
-from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
+from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint, format_address
 
 SERVER = ("10.0.0.1", 5684)
 CLIENT = ("10.0.0.2", 40000)
@@ -175,6 +178,46 @@ def test_connect_failure_fires_errback() -> None:
     assert failure.check(ConnectFailed)
     assert server.counters.failures.get("unknown_psk_identity") == 1
     assert server.connections == [] and client.connections == []
+
+
+def test_unknown_identity_is_named_by_its_alert_on_the_client() -> None:
+    """Issue 13: the client says the server rejected it, with the alert's name."""
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    client.client_configuration.psk_identity = b"stranger"
+    failures: list[Any] = []
+    client.connect(SERVER).addErrback(failures.append)
+    wire.deliver()
+    assert failures[0].getErrorMessage() == "the server rejected the handshake: unknown_psk_identity"
+    assert client.counters.failures.get("unknown_psk_identity") == 1
+
+
+def test_wrong_psk_fails_at_once_on_both_sides_with_the_identity_logged() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    client.client_configuration.psk = b"not the secret"
+    failures: list[Any] = []
+    with log_events() as events:
+        client.connect(SERVER).addErrback(failures.append)
+        wire.deliver()
+    assert clock.seconds() == 0.0 and failures
+    assert failures[0].getErrorMessage() == "the server rejected the handshake: bad_record_mac"
+    assert server.counters.failures.get("bad_record_mac") == 1
+    lines = [formatEvent(event) for event in events]
+    assert any(
+        line == 'DTLS handshake with 10.0.0.2:40000 failed: wrong key for PSK identity "Client_identity"'
+        for line in lines
+    ), lines
+
+
+def test_peer_repr_and_log_addresses_are_host_port() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    assert repr(peers[0]) == "<DtlsPeer 10.0.0.1:5684>"
+    assert format_address(("::1", 5684)) == "[::1]:5684"
 
 
 def test_max_connections_with_stale_eviction() -> None:
