@@ -191,7 +191,7 @@ def test_our_client_with_gnutls_serv(suite: str, tmp_path: Path) -> Generator[An
     endpoint = DtlsEndpoint(reactor, client_configuration=config)
     port_handle = listen(endpoint, receiver)
     try:
-        yield wait_for(lambda: b"UDP server ready" in server.output or b"listening" in server.output, "gnutls-serv")
+        yield wait_for(lambda: b"listening on IPv4" in server.output, "gnutls-serv")
         peer = yield endpoint.connect(("127.0.0.1", port))
         assert endpoint.peerContext(peer).cipher_suite == suite
         endpoint.sendDatagram(b"hello gnutls", peer)
