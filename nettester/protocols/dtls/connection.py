@@ -96,7 +96,7 @@ class DtlsConnection(ClientHandshake, ServerHandshake):
         self._datagrams += 1
         offset = 0
         try:
-            while offset < len(data) and self._state is not State.CLOSED:
+            while offset < len(data) and not self.is_closed:
                 # Record by record: a ServerHello may negotiate the CID that
                 # the next record of the same datagram (Finished) carries.
                 received, offset = record.parse_record(data, offset, len(self.read_cid))

@@ -101,7 +101,7 @@ def verify_chain(
     )
     try:
         if server_name is not None:
-            builder.build_server_verifier(verification.DNSName(server_name)).verify(leaf, chain[1:])
+            builder.build_server_verifier(x509.DNSName(server_name)).verify(leaf, chain[1:])
         else:
             builder.build_client_verifier().verify(leaf, chain[1:])
     except verification.VerificationError as error:

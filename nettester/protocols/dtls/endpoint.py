@@ -235,7 +235,8 @@ class DtlsEndpoint(DatagramProtocol):
             resolve = getattr(self.clock, "resolve", None)
             if resolve is None:
                 return defer.fail(ConnectFailed("cannot resolve %s" % host))
-            return resolve(host).addCallback(lambda resolved: self.connect((resolved, port)))
+            resolved: defer.Deferred[str] = resolve(host)
+            return resolved.addCallback(lambda name: self.connect((name, port)))
         existing = self.peers.at_address(address)
         if existing is not None and existing.connection.is_established:
             return defer.succeed(existing)
@@ -277,7 +278,7 @@ class DtlsEndpoint(DatagramProtocol):
 
     # --- datagrams in ----------------------------------------------------------
 
-    def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
         self._receive(data, addr, None)
 
     def routedDatagramReceived(self, data: bytes, address: Address, route: DatagramRoute) -> None:
