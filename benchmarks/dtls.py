@@ -331,7 +331,7 @@ def time_ours(server: tuple[str, int], drop: set[int], limit: float) -> float | 
     try:
         started = time.monotonic()
         engine = driver.start(driver.sockets[0], started)
-        driver.run(limit, lambda sock, engine, now: driver.flush(sock, engine, now), until=lambda: engine.is_established)
+        driver.run(limit, driver.flush, until=lambda: engine.is_established)
         return time.monotonic() - started if engine.is_established else None
     finally:
         driver.close()

@@ -175,7 +175,9 @@ def test_a_bad_pem_file_names_the_option_and_what_it_should_hold(tmp_path: Path)
     key = tmp_path / "key.pem"
     issue(make_ca(), "x").pem_files(str(tmp_path / "good.pem"), str(key))
     message = _usage_error(ServerOptions, "--cert", str(bad), "--key", str(key))
-    assert message.startswith("--cert %s: no PEM certificate in it; expected one or more -----BEGIN CERTIFICATE-----" % bad)
+    assert message.startswith(
+        "--cert %s: no PEM certificate in it; expected one or more -----BEGIN CERTIFICATE-----" % bad
+    ), message
     assert "Malformed" not in message and "http" not in message
     message = _usage_error(ServerOptions, "--cert", str(tmp_path / "good.pem"), "--key", str(bad))
     assert message.startswith("--key %s: no unencrypted PEM private key in it" % bad), message
