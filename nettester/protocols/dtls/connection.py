@@ -230,7 +230,7 @@ class DtlsConnection(ClientHandshake, ServerHandshake):
             self._send_alert(WARNING, CLOSE_NOTIFY)
             self._close(CLOSE_NOTIFY, "close_notify", by_peer=True)
         elif level == FATAL:
-            self._peer_alert(level, description)
+            self._peer_alert(description)
 
     def _finished_fails_to_open(self, received: record.Record) -> bool:
         """Whether a record that failed authentication means our keys differ

@@ -406,7 +406,7 @@ class ConnectionCore:
         self.dropped[reason] += 1
         self._unreported_drops[reason] += 1
 
-    def _peer_alert(self, level: int, description: int) -> None:
+    def _peer_alert(self, description: int) -> None:
         """A fatal alert from the peer ends the connection; its reason is the
         alert's name (``unknown_psk_identity``, never ``alert_115``)."""
         name = alert_name(description)
