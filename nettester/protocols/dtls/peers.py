@@ -155,8 +155,9 @@ class Admission:
     reassembly of fragmented ClientHellos."""
 
     def __init__(self, gate: CookieGate | None = None, fragments: ClientHelloFragments | None = None) -> None:
-        self.gate = gate or CookieGate()
-        self.fragments = fragments or ClientHelloFragments()
+        self.gate = gate if gate is not None else CookieGate()
+        # not ``fragments or ...``: an empty area is falsy (it has a length)
+        self.fragments = fragments if fragments is not None else ClientHelloFragments()
         #: ClientHellos that arrived in fragments and were reassembled
         self.reassembled = 0
 
