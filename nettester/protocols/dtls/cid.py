@@ -20,17 +20,17 @@ class NodeConnectionIdGenerator:
     def __init__(
         self,
         length: int = DEFAULT_CID_LENGTH,
-        nodeId: int | None = 0,
+        node_id: int | None = 0,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         if not 0 <= length <= 255:
             raise ValueError("CID length must be 0..255")
-        if nodeId is not None and not 0 <= nodeId <= 255:
+        if node_id is not None and not 0 <= node_id <= 255:
             raise ValueError("node id must be 0..255")
-        if length == 1 and nodeId is not None:
+        if length == 1 and node_id is not None:
             raise ValueError("a node-prefixed CID needs at least 2 bytes")
         self.length = length
-        self.nodeId = nodeId
+        self.nodeId = node_id  # the attribute's name is IConnectionIdGenerator's
         self._random = random
 
     def newConnectionId(self, inUse: Container[bytes]) -> bytes:
