@@ -249,15 +249,6 @@ class DtlsConnection(ClientHandshake, ServerHandshake):
         self._finished_failures += 1
         return self._finished_failures >= 2 or self._ccs_datagram == self._datagrams
 
-    def _wrong_key_detail(self) -> str:
-        """What a Finished that does not check out means, for a person."""
-        suite = self.cipher_suite
-        if suite is not None and suite.key_exchange.uses_psk and not self.is_client:
-            return 'wrong key for PSK identity "%s"' % self.peer_identity
-        if suite is not None and suite.key_exchange.uses_psk:
-            return "the server's Finished does not check out: wrong PSK?"
-        return "the peer's Finished does not check out"
-
     def _receive_change_cipher_spec(self, payload: bytes, epoch: int, now: float) -> None:
         if payload != b"\x01" or epoch != self._read_epoch:
             self._drop("unexpected")

@@ -299,7 +299,8 @@ class DtlsEndpoint(DatagramProtocol):
         else:
             peer = self.peers.at_address(address)
             if peer is not None and (
-                _is_new_client_hello(data, peer.connection) or self.admission.fragments.assembling(address)
+                _is_new_client_hello(data, peer.connection)
+                or (self.admission.fragments.assembling(address) and _is_client_hello(data))
             ):
                 # A new handshake from a known address (the client restarted,
                 # RFC 6347 section 4.2.8): only a valid cookie replaces the
@@ -596,15 +597,23 @@ _CLIENT_RANDOM = slice(record.HEADER_LENGTH + 12 + 2, record.HEADER_LENGTH + 12 
 _FRAGMENT_OFFSET = slice(record.HEADER_LENGTH + 6, record.HEADER_LENGTH + 9)
 
 
+def _is_client_hello(data: bytes) -> bool:
+    """A datagram that starts with an epoch-0 ClientHello (fragment)."""
+    return (
+        len(data) > record.HEADER_LENGTH
+        and data[0] == record.HANDSHAKE
+        and data[3:5] == b"\x00\x00"
+        and data[record.HEADER_LENGTH] == 1
+    )
+
+
 def _is_new_client_hello(data: bytes, connection: DtlsConnection) -> bool:
     """An epoch-0 ClientHello to a server connection, with another random
     than the hello that connection serves (not a retransmission)."""
     return (
         not connection.is_client
         and len(data) >= _CLIENT_RANDOM.stop
-        and data[0] == record.HANDSHAKE
-        and data[3:5] == b"\x00\x00"
-        and data[record.HEADER_LENGTH] == 1
+        and _is_client_hello(data)
         and data[_FRAGMENT_OFFSET] == b"\x00\x00\x00"  # the first fragment holds the random
         and data[_CLIENT_RANDOM] != connection.client_random
     )

@@ -330,3 +330,31 @@ def test_client_reconnect_resumes_the_session() -> None:
     assert len(peers) == 2 and peers[0] is not peers[1]
     assert server.counters.resumptions.value == 1 and client.counters.resumptions.value == 1
     assert client.peerContext(peers[1]).identity == "Client_identity"
+
+
+def test_a_spoofed_client_hello_fragment_does_not_cut_off_an_established_peer() -> None:
+    """A first ClientHello fragment forged from a peer's address starts a
+    partial hello in the reassembly area; the peer's own records still reach
+    its connection (only ClientHello fragments go to the area)."""
+    from nettester.protocols.dtls import handshake as hs
+    from nettester.protocols.dtls import record
+
+    clock = Clock()
+    client_configuration, server_configuration = psk_configs(node_id=7, cid_length=None)
+    server_receiver = Collector()
+    server = DtlsEndpoint(clock, server_configuration=server_configuration, receiver=server_receiver)
+    client = DtlsEndpoint(clock, client_configuration=client_configuration)
+    wire = Wire()
+    wire.attach(server, SERVER)
+    wire.attach(client, CLIENT)
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    forged = record.encode_plaintext_record(
+        record.HANDSHAKE, record.DTLS_1_2, 0, 5, hs.encode_header(hs.CLIENT_HELLO, 500, 0, 0, 40) + bytes(40)
+    )
+    server.datagramReceived(forged, CLIENT)
+    assert server.admission.fragments.assembling(CLIENT)
+    client.sendDatagram(b"still mine", peers[0])
+    wire.deliver()
+    assert [data for data, _ in server_receiver.received] == [b"still mine"]
