@@ -16,7 +16,7 @@ Prints one line:
 ``dtls benchmark: handshakes/s psk-ccm8=N ecdhe-ecdsa=N; app-data echo records/s=N (concurrency=C)``
 
 The ``loss`` mode measures loss recovery (RFC 6347 section 4.2.4) instead:
-one PSK CCM-8 handshake at a time through a relay that loses a fixed set of
+one PSK CCM-8 (or, with ``--suite ecdsa``, ECDHE-ECDSA CCM-8) handshake at a time through a relay that loses a fixed set of
 datagrams (by their order through it, both directions counted: --drop,
 default 4-7), for our client and server, for ``openssl s_client``/``s_server``
 and for ``gnutls-cli``/``gnutls-serv`` (each skipped when not installed),
@@ -46,6 +46,7 @@ import time
 from typing import Callable
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from harness import ROOT
 
 sys.path.insert(0, ROOT)
@@ -324,10 +325,58 @@ def _end(process: subprocess.Popen[bytes]) -> None:
     process.wait(timeout=5)
 
 
-def time_ours(server: tuple[str, int], drop: set[int], limit: float) -> float | None:
+class LossCase:
+    """What one loss-mode run handshakes with: ``psk`` (PSK CCM-8) or
+    ``ecdsa`` (ECDHE-ECDSA CCM-8, a certificate flight that the MTU splits,
+    the client verifying chain and name)."""
+
+    def __init__(self, suite: str, directory: str, ca: x509.Certificate, certificate: str, key: str) -> None:
+        self.suite = suite
+        self.ca = ca
+        self.ca_file = os.path.join(directory, "ca.pem")
+        with open(self.ca_file, "wb") as handle:
+            handle.write(ca.public_bytes(serialization.Encoding.PEM))
+        self.certificate, self.key = certificate, key
+        self.passwd = os.path.join(directory, "psk.passwd")
+        with open(self.passwd, "w") as handle:
+            handle.write("%s:%s\n" % (PSK_IDENTITY.decode(), PSK.hex()))
+
+    @property
+    def psk(self) -> bool:
+        return self.suite == "psk"
+
+    def our_client(self) -> DtlsConfiguration:
+        return psk_client() if self.psk else ecdsa_client_factory(self.ca)()
+
+    def openssl_server(self) -> list[str]:
+        if self.psk:
+            return ["-nocert", "-cipher", "PSK-AES128-CCM8", "-psk", PSK.hex(), "-psk_identity", PSK_IDENTITY.decode()]
+        return ["-cert", self.certificate, "-key", self.key, "-cipher", "ECDHE-ECDSA-AES128-CCM8"]
+
+    def openssl_client(self) -> list[str]:
+        if self.psk:
+            return ["-cipher", "PSK-AES128-CCM8", "-psk", PSK.hex(), "-psk_identity", PSK_IDENTITY.decode()]
+        return ["-cipher", "ECDHE-ECDSA-AES128-CCM8", "-CAfile", self.ca_file, "-verify_return_error"]
+
+    def gnutls_priority(self) -> str:
+        kx = "+PSK" if self.psk else "+ECDHE-ECDSA"
+        return "NONE:+VERS-DTLS1.2:%s:+AES-128-CCM-8:+AEAD:+SIGN-ALL:+COMP-NULL:+CURVE-ALL" % kx
+
+    def gnutls_server(self) -> list[str]:
+        if self.psk:
+            return ["--pskpasswd", self.passwd]
+        return ["--x509certfile", self.certificate, "--x509keyfile", self.key]
+
+    def gnutls_client(self) -> list[str]:
+        if self.psk:
+            return ["--pskusername", PSK_IDENTITY.decode(), "--pskkey", PSK.hex()]
+        return ["--x509cafile", self.ca_file, "--verify-hostname", "localhost"]
+
+
+def time_ours(server: tuple[str, int], case: LossCase, drop: set[int], limit: float) -> float | None:
     relay = Relay(server, drop)
     relay.start()
-    driver = Driver(relay.address, 1, psk_client)
+    driver = Driver(relay.address, 1, case.our_client)
     try:
         started = time.monotonic()
         engine = driver.start(driver.sockets[0], started)
@@ -344,16 +393,15 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def time_openssl(binary: str, drop: set[int], limit: float) -> float | None:
+def time_openssl(binary: str, case: LossCase, drop: set[int], limit: float) -> float | None:
     port = _free_port()
-    psk = ["-psk", PSK.hex(), "-psk_identity", PSK_IDENTITY.decode(), "-cipher", "PSK-AES128-CCM8"]
-    server = _spawn([binary, "s_server", "-dtls1_2", "-4", "-accept", str(port), "-nocert"] + psk)
+    server = _spawn([binary, "s_server", "-dtls1_2", "-4", "-accept", str(port)] + case.openssl_server())
     relay = Relay(("127.0.0.1", port), drop)
     try:
         if _wait_for_output(server, b"ACCEPT", 10.0) is None:
             return None
         relay.start()
-        client = _spawn([binary, "s_client", "-dtls1_2", "-connect", "%s:%d" % relay.address] + psk)
+        client = _spawn([binary, "s_client", "-dtls1_2", "-connect", "%s:%d" % relay.address] + case.openssl_client())
         try:
             return _wait_for_output(client, b"Cipher is", limit)
         finally:
@@ -363,16 +411,11 @@ def time_openssl(binary: str, drop: set[int], limit: float) -> float | None:
         relay.stop()
 
 
-GNUTLS_PRIORITY = "NONE:+VERS-DTLS1.2:+PSK:+AES-128-CCM-8:+AEAD:+SIGN-ALL:+COMP-NULL:+CURVE-ALL"
-
-
-def time_gnutls(directory: str, drop: set[int], limit: float) -> float | None:
+def time_gnutls(case: LossCase, drop: set[int], limit: float) -> float | None:
     port = _free_port()
-    passwd = os.path.join(directory, "psk.passwd")
-    with open(passwd, "w") as handle:
-        handle.write("%s:%s\n" % (PSK_IDENTITY.decode(), PSK.hex()))
+    priority = case.gnutls_priority()
     server = _spawn(
-        ["gnutls-serv", "--udp", "--port", str(port), "--echo", "--priority", GNUTLS_PRIORITY, "--pskpasswd", passwd]
+        ["gnutls-serv", "--udp", "--port", str(port), "--echo", "--priority", priority] + case.gnutls_server()
     )
     relay = Relay(("127.0.0.1", port), drop)
     try:
@@ -380,8 +423,9 @@ def time_gnutls(directory: str, drop: set[int], limit: float) -> float | None:
             return None
         relay.start()
         client = _spawn(
-            ["gnutls-cli", "--udp", "--port", str(relay.address[1]), "--priority", GNUTLS_PRIORITY]
-            + ["--pskusername", PSK_IDENTITY.decode(), "--pskkey", PSK.hex(), "127.0.0.1"]
+            ["gnutls-cli", "--udp", "--port", str(relay.address[1]), "--priority", priority]
+            + case.gnutls_client()
+            + ["127.0.0.1"]
         )
         try:
             return _wait_for_output(client, b"Handshake was completed", limit)
@@ -401,14 +445,14 @@ def parse_drop(text: str) -> set[int]:
     return numbers
 
 
-def loss_benchmark(server: tuple[str, int], drop_text: str, rounds: int, directory: str) -> str:
+def loss_benchmark(server: tuple[str, int], case: LossCase, drop_text: str, rounds: int) -> str:
     drop, limit = parse_drop(drop_text), 60.0
-    contenders: dict[str, Callable[[], float | None]] = {"ours": lambda: time_ours(server, drop, limit)}
+    contenders: dict[str, Callable[[], float | None]] = {"ours": lambda: time_ours(server, case, drop, limit)}
     openssl = shutil.which("openssl")
     if openssl:
-        contenders["openssl"] = lambda: time_openssl(openssl, drop, limit)
+        contenders["openssl"] = lambda: time_openssl(openssl, case, drop, limit)
     if shutil.which("gnutls-cli") and shutil.which("gnutls-serv"):
-        contenders["gnutls"] = lambda: time_gnutls(directory, drop, limit)
+        contenders["gnutls"] = lambda: time_gnutls(case, drop, limit)
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for round_number in range(rounds):
         order = list(contenders) if round_number % 2 == 0 else list(reversed(contenders))  # alternate
@@ -419,7 +463,8 @@ def loss_benchmark(server: tuple[str, int], drop_text: str, rounds: int, directo
     medians = {name: statistics.median(values) for name, values in times.items() if values}
     others = [value for name, value in medians.items() if name != "ours"]
     ratio = "ours/fastest-other=%.2f" % (medians["ours"] / min(others)) if "ours" in medians and others else ""
-    return "dtls loss recovery (PSK-CCM8, datagrams %s lost): median handshake s %s; %s (%d rounds)" % (
+    return "dtls loss recovery (%s, datagrams %s lost): median handshake s %s; %s (%d rounds)" % (
+        "PSK-CCM8" if case.psk else "ECDHE-ECDSA-CCM8",
         drop_text,
         " ".join("%s=%.2f" % (name, value) for name, value in medians.items()),
         ratio,
@@ -436,6 +481,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="loss mode: alternating rounds (median)")
     parser.add_argument("--drop", default="4-7", help="loss mode: datagrams lost, by order through the relay")
+    parser.add_argument("--suite", default="psk", choices=["psk", "ecdsa"], help="loss mode: what to handshake with")
     arguments = parser.parse_args()
     if arguments.mode == "serve":
         serve(*arguments.files)
@@ -454,7 +500,8 @@ def main() -> None:
         assert child.stdout is not None
         server = ("127.0.0.1", int(child.stdout.readline()))
         if arguments.mode == "loss":
-            print(loss_benchmark(server, arguments.drop, max(1, arguments.rounds), workdir))
+            case = LossCase(arguments.suite, workdir, ca.certificate, certificate_path, key_path)
+            print(loss_benchmark(server, case, arguments.drop, max(1, arguments.rounds)))
             return
         psk = handshake_rate(server, arguments.seconds, arguments.concurrency, psk_client)
         ecdsa = handshake_rate(server, arguments.seconds, arguments.concurrency, ecdsa_client_factory(ca.certificate))
