@@ -16,9 +16,9 @@ Prints one line:
 ``dtls benchmark: handshakes/s psk-ccm8=N ecdhe-ecdsa=N; app-data echo records/s=N (concurrency=C)``
 
 The ``loss`` mode measures loss recovery (RFC 6347 section 4.2.4) instead:
-one PSK CCM-8 (or, with ``--suite ecdsa``, ECDHE-ECDSA CCM-8) handshake at a time through a relay that loses a fixed set of
-datagrams (by their order through it, both directions counted: --drop,
-default 4-7), for our client and server, for ``openssl s_client``/``s_server``
+one PSK CCM-8 (or, with ``--suite ecdsa``, ECDHE-ECDSA CCM-8) handshake at
+a time through a relay that loses a fixed set of datagrams (by their order
+through it, both directions counted: --drop, default 4-7), for our client and server, for ``openssl s_client``/``s_server``
 and for ``gnutls-cli``/``gnutls-serv`` (each skipped when not installed),
 alternating, --rounds times; every implementation at its default 1 s initial
 retransmission timer.  One line: the median handshake time of each and
