@@ -18,8 +18,9 @@ Prints one line:
 The ``loss`` mode measures loss recovery (RFC 6347 section 4.2.4) instead:
 one PSK CCM-8 (or, with ``--suite ecdsa``, ECDHE-ECDSA CCM-8) handshake at
 a time through a relay that loses a fixed set of datagrams (by their order
-through it, both directions counted: --drop, default 4-7), for our client and server, for ``openssl s_client``/``s_server``
-and for ``gnutls-cli``/``gnutls-serv`` (each skipped when not installed),
+through it, both directions counted: --drop, default 4-7), for our client
+and server, for ``openssl s_client``/``s_server`` and for
+``gnutls-cli``/``gnutls-serv`` (each skipped when not installed),
 alternating, --rounds times; every implementation at its default 1 s initial
 retransmission timer.  One line: the median handshake time of each and
 ours over the fastest other (below 1: faster)::
@@ -27,6 +28,7 @@ ours over the fastest other (below 1: faster)::
     python3 benchmarks/dtls.py
     python3 benchmarks/dtls.py --seconds 3 --concurrency 32
     python3 benchmarks/dtls.py loss --rounds 5
+    python3 benchmarks/dtls.py loss --suite ecdsa --drop 4
 """
 
 from __future__ import annotations
