@@ -304,18 +304,19 @@ class PeerTable(Generic[P]):
     def make_room(self, now: float) -> tuple[bool, list[tuple[P, str]]]:
         """Room for one more half-open handshake?  Returns (admit, evicted):
         the peers to evict first, each with why ("half_open": the oldest
-        handshake that never completed; "stale": the least recently active
-        peer, idle for ``stale_after``).  Established sessions that are not
-        stale are never evicted: admit is False when only they fill the table."""
+        handshake that never completed, first; else "stale": the least
+        recently active peer, idle for ``stale_after``).  Established
+        sessions that are not stale are never evicted: admit is False when
+        only they fill the table."""
         evicted: list[tuple[P, str]] = []
         if self._half_open and len(self._half_open) >= self.max_half_open:
             evicted.append((next(iter(self._half_open)), "half_open"))
         elif len(self._entries) >= self.max_connections:
             oldest = next(iter(self._entries), None)
-            if oldest is not None and now - self._entries[oldest].last_activity >= self.stale_after:
-                evicted.append((oldest, "stale"))
-            elif self._half_open:
+            if self._half_open:
                 evicted.append((next(iter(self._half_open)), "half_open"))
+            elif oldest is not None and now - self._entries[oldest].last_activity >= self.stale_after:
+                evicted.append((oldest, "stale"))
             else:
                 return False, []
         for peer, why in evicted:
