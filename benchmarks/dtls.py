@@ -39,13 +39,13 @@ import os
 import select
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
-import statistics
 import tempfile
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -252,7 +252,7 @@ def ecdsa_client_factory(ca: x509.Certificate) -> Callable[[], DtlsConfiguration
     """Clients that verify the server's chain and name: a real client's cost."""
     return lambda: DtlsConfiguration(
         is_client=True, cipher_suites=(ECDSA_SUITE,), trust_anchors=[ca], server_name="localhost",
-        certificate_time=lambda now: datetime.datetime.now(datetime.timezone.utc),  # now is monotonic here
+        certificate_time=lambda now: datetime.datetime.now(datetime.UTC),  # now is monotonic here
     )
 
 

@@ -21,6 +21,7 @@ from nettester import tap
 from nettester.interfaces import ICommandRole
 from nettester.logs import make_observer, parse_level
 from nettester.options import RoleOptions
+from nettester.service import exit_status_of
 
 SERVICE_MAKER = ServiceMaker("nettester", "nettester.tap", "nettester roles", "nettester")
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.exit(_run_command(role, tap_options.subOptions))
     _install_reactor()
     runApp(config)
-    sys.exit(tap.exit_status())
+    sys.exit(exit_status_of(tap_options.root) if tap_options.root is not None else 1)
 
 
 def _install_reactor() -> None:

@@ -19,8 +19,9 @@ from twisted.python.usage import UsageError
 from nettester.interfaces import ILocalScenario
 from nettester.logs import Logger
 from nettester.metrics import format_summary
-from nettester.module import Role
+from nettester.module import ProtocolModule, Role, discover_modules
 from nettester.options import RoleOptions, positive_float
+from nettester.service import set_exit_status, with_reporting
 
 log = Logger()
 
@@ -37,14 +38,12 @@ class LocalOptions(RoleOptions):
     """Options of ``nettester local``."""
 
     optParameters: ClassVar[list[list[Any]]] = [
-        ["duration", "d", 30.0, "Seconds to run before judging.", positive_float],
-        ["modules", "m", "", "Comma-separated module names to run (default: every installed module)."],
+        ["duration", None, 30.0, "Seconds to run before judging.", positive_float],
+        ["modules", None, "", "Comma-separated module names to run (default: every installed module)."],
     ]
 
     def postOptions(self) -> None:
-        from nettester.tap import discover_modules
-
-        available = [module.name for module in discover_modules()]
+        available = [module.name for module in discover_modules() if module.name != "local"]
         wanted = [name.strip() for name in self["modules"].split(",") if name.strip()]
         unknown = sorted(set(wanted) - set(available))
         if unknown:
@@ -56,8 +55,6 @@ class LocalService(Service):
     """Runs the scenarios for a fixed time, then judges them and stops the reactor."""
 
     def __init__(self, reactor: Any, scenarios: list[ILocalScenario], options: RoleOptions) -> None:
-        from nettester.tap import with_reporting
-
         self._reactor = reactor
         self._scenarios = scenarios
         self._duration = options["duration"]
@@ -105,9 +102,7 @@ class LocalService(Service):
             )
             if not verdict.passed:
                 failed.append(scenario.name)
-        from nettester.tap import set_exit_status
-
-        set_exit_status(1 if failed else 0)
+        set_exit_status(self, 1 if failed else 0)
         if failed:
             log.error(
                 "local: {count} of {total} modules failed: {failed}",
@@ -128,12 +123,8 @@ class LocalService(Service):
         return self.finish()
 
 
-def make_local_service(options: RoleOptions, reactor: Any = None) -> IService:
+def make_local_service(reactor: Any, options: RoleOptions) -> IService:
     """Build the scenarios of the selected modules."""
-    from nettester.tap import discover_modules
-
-    if reactor is None:
-        from twisted.internet import reactor
     scenarios = []
     for module in discover_modules():
         if module.name in options["modules"]:
@@ -148,4 +139,11 @@ local_role = Role(
     summary="Run every module's server and a client fleet on loopback, then print each verdict.",
     options=LocalOptions,
     factory=make_local_service,
+)
+
+
+local = ProtocolModule(
+    name="local",
+    summary="Every module's loopback scenario at once: the installation's smoke test.",
+    roles=(local_role,),
 )

@@ -1,7 +1,8 @@
-"""Small concrete providers of IRole, ICommandRole and IProtocolModule.
+"""The module registry, and the small providers of IRole, ICommandRole and IProtocolModule.
 
-A plugin file under ``nettester/plugins/`` builds one L{ProtocolModule} from
+A plugin file under ``nettester/plugins/`` builds one ``ProtocolModule`` from
 these, so declaring a module is a few lines and needs no edit of the core.
+``discover_modules`` finds them with ``twisted.plugin.getPlugins``.
 """
 
 from __future__ import annotations
@@ -12,31 +13,44 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.application.service import IService, Service
-from twisted.plugin import IPlugin
+from twisted.plugin import IPlugin, getPlugins
 from zope.interface import implementer
 
 from nettester.interfaces import ICommandRole, ILocalScenario, IProtocolModule, IRole
 from nettester.options import RoleOptions
+from nettester.service import set_exit_status
+
+
+def discover_modules() -> list[IProtocolModule]:
+    """Every installed module (``local`` included), sorted by name."""
+    import nettester.plugins
+
+    return sorted(getPlugins(IProtocolModule, nettester.plugins), key=lambda module: module.name)
+
+
+def discover_roles() -> dict[str, IRole]:
+    """Role name -> role, for every installed module."""
+    return {role.name: role for module in discover_modules() for role in module.roles}
 
 
 @implementer(IRole)
 @dataclass(frozen=True)
 class Role:
-    """A long-running role: C{factory(options)} builds its service."""
+    """A long-running role: ``factory(reactor, options)`` builds its service."""
 
     name: str
     summary: str
     options: type[RoleOptions]
-    factory: Callable[[RoleOptions], IService]
+    factory: Callable[[Any, RoleOptions], IService]
 
-    def makeService(self, options: RoleOptions) -> IService:
-        return self.factory(options)
+    def makeService(self, reactor: Any, options: RoleOptions) -> IService:
+        return self.factory(reactor, options)
 
 
 @implementer(ICommandRole)
 @dataclass(frozen=True)
 class CommandRole:
-    """A one-shot role: C{command(options, stdout)} returns the exit status."""
+    """A one-shot role: ``command(options, stdout)`` returns the exit status."""
 
     name: str
     summary: str
@@ -46,14 +60,14 @@ class CommandRole:
     def run(self, options: RoleOptions, stdout: IO[str]) -> int:
         return self.command(options, stdout)
 
-    def makeService(self, options: RoleOptions) -> IService:
-        return CommandService(self, options)
+    def makeService(self, reactor: Any, options: RoleOptions) -> IService:
+        return CommandService(self, options, reactor)
 
 
 class CommandService(Service):
     """Runs a command role inside twistd, then stops the reactor with its status."""
 
-    def __init__(self, role: CommandRole, options: RoleOptions, reactor: Any = None, stdout: IO[str] | None = None) -> None:
+    def __init__(self, role: CommandRole, options: RoleOptions, reactor: Any, stdout: IO[str] | None = None) -> None:
         self._role = role
         self._options = options
         self._reactor = reactor
@@ -62,13 +76,8 @@ class CommandService(Service):
 
     def startService(self) -> None:
         super().startService()
-        from nettester.tap import set_exit_status
-
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        set_exit_status(self._role.run(self._options, self._stdout))
-        reactor.callWhenRunning(reactor.stop)
+        set_exit_status(self, self._role.run(self._options, self._stdout))
+        self._reactor.callWhenRunning(self._reactor.stop)
 
 
 @implementer(IPlugin, IProtocolModule)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from twisted.python import reflect
 
-from nettester.tap import discover_roles
+from nettester.module import discover_roles
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted((ROOT / "k8s").glob("*.y*ml"))

@@ -10,7 +10,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.logcapture import log_events
-from nettester import tap
+from nettester.service import exit_status_of
 from nettester.interfaces import ILocalScenario
 from nettester.local import LocalOptions, LocalService, Verdict
 
@@ -34,44 +34,38 @@ def _options(*argv: str) -> LocalOptions:
     return options
 
 
-def _run(scenarios: list[_Scenario], seconds: float) -> tuple[MemoryReactorClock, list[dict[str, Any]]]:
+def _run(scenarios: list[_Scenario], seconds: float) -> tuple[MemoryReactorClock, LocalService, list[dict[str, Any]]]:
     with log_events() as seen:
         reactor = MemoryReactorClock()
         service = LocalService(reactor, scenarios, _options("--duration", "5", "--stats-interval", "0"))
         service.startService()
         assert all(s.service.running for s in scenarios)
         reactor.advance(seconds)
-    return reactor, seen
+    return reactor, service, seen
 
 
 def test_all_passing_modules_exit_zero_after_duration() -> None:
     scenarios = [_Scenario("a", True), _Scenario("b", True)]
     assert verifyObject(ILocalScenario, scenarios[0])
-    reactor, seen = _run(scenarios, 5)
-    try:
-        assert reactor.hasStopped
-        assert tap.exit_status() == 0
-        assert all(s.judged_while_running is False for s in scenarios)
-        verdicts = [e for e in seen if e.get("event") == "local_verdict"]
-        assert [(e["module"], e["result"]) for e in verdicts] == [("a", "PASS"), ("b", "PASS")]
-        assert any(e.get("event") == "local_result" and e["total"] == 2 for e in seen)
-    finally:
-        tap.set_exit_status(0)
+    reactor, service, seen = _run(scenarios, 5)
+    assert reactor.hasStopped
+    assert exit_status_of(service) == 0
+    assert all(s.judged_while_running is False for s in scenarios)
+    verdicts = [e for e in seen if e.get("event") == "local_verdict"]
+    assert [(e["module"], e["result"]) for e in verdicts] == [("a", "PASS"), ("b", "PASS")]
+    assert any(e.get("event") == "local_result" and e["total"] == 2 for e in seen)
 
 
 def test_a_failing_module_makes_the_exit_status_one() -> None:
-    reactor, seen = _run([_Scenario("a", True), _Scenario("b", False)], 5)
-    try:
-        assert tap.exit_status() == 1
-        result = [e for e in seen if e.get("event") == "local_result"][0]
-        assert result["failed"] == "b" and result["count"] == 1
-        assert [e["evidence"] for e in seen if e.get("event") == "local_verdict"][1] == "errors=2"
-    finally:
-        tap.set_exit_status(0)
+    reactor, service, seen = _run([_Scenario("a", True), _Scenario("b", False)], 5)
+    assert exit_status_of(service) == 1
+    result = [e for e in seen if e.get("event") == "local_result"][0]
+    assert result["failed"] == "b" and result["count"] == 1
+    assert [e["evidence"] for e in seen if e.get("event") == "local_verdict"][1] == "errors=2"
 
 
 def test_nothing_is_judged_before_the_duration() -> None:
-    reactor, seen = _run([_Scenario("a", True)], 4.9)
+    reactor, _, seen = _run([_Scenario("a", True)], 4.9)
     assert not reactor.hasStopped
     assert not [e for e in seen if e.get("event") == "local_verdict"]
 
@@ -80,13 +74,10 @@ def test_interrupt_judges_what_ran() -> None:
     with log_events() as seen:
         reactor = MemoryReactorClock()
         scenario = _Scenario("a", True)
-        try:
-            service = LocalService(reactor, [scenario], _options("--duration", "30", "--stats-interval", "0"))
-            service.startService()
-            reactor.advance(1)
-            service.stopService()
-        finally:
-            tap.set_exit_status(0)
+        service = LocalService(reactor, [scenario], _options("--duration", "30", "--stats-interval", "0"))
+        service.startService()
+        reactor.advance(1)
+        service.stopService()
     events = [e.get("event") for e in seen]
     assert "local_interrupted" in events and "local_verdict" in events
 

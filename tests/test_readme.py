@@ -26,8 +26,8 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def test_every_role_is_documented() -> None:
-    from nettester import tap
+    from nettester.module import discover_roles
 
     readme = (ROOT / "README.md").read_text()
-    for role in tap.discover_roles():
+    for role in discover_roles():
         assert f"nettester {role}" in readme, f"README does not show 'nettester {role}'"

@@ -25,6 +25,7 @@ from zope.interface import implementer
 from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.nat.proxy import NatProxy
+from nettester.service import set_exit_status
 
 log = Logger()
 
@@ -254,9 +255,7 @@ class NatRoleService(MultiService):
                 event="listen_failed",
                 reason=str(error),
             )
-            from nettester.tap import set_exit_status
-
-            set_exit_status(1)
+            set_exit_status(self, 1)
             self._reactor.callWhenRunning(self._reactor.stop)
             return
         if self._listening is not None:

@@ -55,18 +55,6 @@ def build_client(reactor: Any, options: RoleOptions) -> IService:
     )
 
 
-def _make_server(options: RoleOptions) -> IService:
-    from twisted.internet import reactor
-
-    return build_server(reactor, options)
-
-
-def _make_client(options: RoleOptions) -> IService:
-    from twisted.internet import reactor
-
-    return build_client(reactor, options)
-
-
 def _local(reactor: Any, options: RoleOptions) -> ILocalScenario:
     from nettester.protocols.stun.local import StunLocalScenario
 
@@ -81,13 +69,13 @@ stun = ProtocolModule(
             "stun-server",
             "Answer STUN Binding requests (UDP, TCP, RFC 5780 with --other-address).",
             StunServerOptions,
-            _make_server,
+            build_server,
         ),
         Role(
             "stun-client",
             "Many STUN clients, each with its own socket; log every lost transaction id.",
             StunClientOptions,
-            _make_client,
+            build_client,
         ),
     ),
     local=_local,

@@ -15,9 +15,9 @@ from __future__ import annotations
 import io
 import json
 import random
-from functools import partial
 import socket
 from collections.abc import Callable, Generator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -25,9 +25,6 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
-from tests.logcapture import log_events
-from tests.cluster.conftest import pod_discovery
-from tests.loopback import free_ports, wait_until as poll_until
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable
@@ -39,7 +36,10 @@ from nettester.protocols.coap.options import CoapBenchOptions, CoapClientOptions
 from nettester.protocols.coap.roles import build_server
 from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
-
+from tests.cluster.conftest import pod_discovery
+from tests.logcapture import log_events
+from tests.loopback import free_ports
+from tests.loopback import wait_until as poll_until
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 10.0  # generous: a loaded 2-core machine

@@ -24,14 +24,14 @@ from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from tests.loopback import free_ports
-from tests.interop.peers import missing_peer
 from nettester.interfaces import IDatagramReceiver
 from nettester.protocols.dtls.certificates import Identity, issue, make_ca
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConfiguration, SessionCache
 from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import MAX_DATAGRAM, DtlsEndpoint
+from tests.interop.peers import missing_peer
+from tests.loopback import free_ports
 
 pytestmark = pytest.mark.interop
 TIMEOUT = 20.0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nettester.plugins.nat import NatOptions
+from nettester.nat.options import NatOptions
 
 MANIFEST = Path(__file__).resolve().parents[2] / "k8s" / "nat.yaml"
 

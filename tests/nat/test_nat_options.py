@@ -8,7 +8,9 @@ from twisted.python.usage import UsageError
 
 from nettester.interfaces import IReportingService
 from nettester.nat.table import SizeLimit
-from nettester.plugins.nat import NatOptions, make_nat_service, nat
+from nettester.nat.options import NatOptions
+from nettester.nat.roles import build_nat
+from nettester.plugins.nat import nat
 
 
 def parse(argv: list[str]) -> NatOptions:
@@ -82,7 +84,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_factory_builds_a_reporting_service_with_the_options() -> None:
     options = parse([":0", "127.0.0.1:5684", "127.0.0.1:5685", "--tnat", "2000", "--tlb", "1000", "-r",
                      "--no-stdin-console"])
-    service = make_nat_service(options, MemoryReactorClock())
+    service = build_nat(MemoryReactorClock(), options)
     assert IReportingService.providedBy(service)
     table = service.proxy.table
     assert (table.nat_timeout, table.lb_timeout, table.reverseUpdate) == (2.0, 1.0, True)

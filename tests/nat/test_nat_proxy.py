@@ -179,17 +179,14 @@ class BusyPortReactor(FakeUdpReactor):
 
 def test_a_busy_port_is_a_clear_critical_line_and_exit_status_1() -> None:
 
-    from nettester import tap
     from nettester.nat.console import NatRoleService
+    from nettester.service import exit_status_of
 
     reactor = BusyPortReactor()
     service = NatRoleService(reactor, NatProxy(reactor, NatTable([]), DropPolicy(), ("", 5784)))
     with log_events() as events:
-        try:
-            service.startService()
-        finally:
-            status = tap.exit_status()
-            tap.set_exit_status(0)
+        service.startService()
+        status = exit_status_of(service)
     assert status == 1 and reactor.when_running == [reactor.stop]
     (failed,) = [event for event in events if event.get("event") == "listen_failed"]
     assert "Address already in use" in failed["reason"] and service.failed

@@ -17,7 +17,7 @@ from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 import cbor2
-from twisted.application.service import Service
+from twisted.application.service import IService, Service
 from twisted.internet import defer
 from twisted.internet.error import DNSLookupError, ReactorNotRunning
 from twisted.internet.interfaces import IDelayedCall
@@ -51,6 +51,7 @@ from nettester.protocols.coap.message import (
     option_name,
 )
 from nettester.protocols.coap.options import MAX_TRANSMIT_WAIT
+from nettester.service import set_exit_status
 from nettester.udplink import UdpLink, UdpPeer
 
 log = Logger()
@@ -185,11 +186,9 @@ def refused_text(address: tuple[str, int]) -> str:
             "Check the host and port of the URI")
 
 
-def end_process(reactor: Any, status: int) -> None:
-    """Make the ``nettester`` process exit with ``status``; the reactor may already be stopping (SIGTERM)."""
-    from nettester.tap import set_exit_status
-
-    set_exit_status(status)
+def end_process(service: IService, reactor: Any, status: int) -> None:
+    """Make the process running ``service`` exit with ``status``; the reactor may already be stopping (SIGTERM)."""
+    set_exit_status(service, status)
     try:
         reactor.stop()
     except ReactorNotRunning:
@@ -472,5 +471,5 @@ def make_client_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapClie
                             options["content-format"], options["accept"])
     service = CoapClientService(reactor, uri, request, make_link(reactor, uri, options["dtls"]), stdout,
                                 options["observe"], options["timeout"])
-    service.done.addCallback(lambda status: end_process(reactor, status))
+    service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

@@ -51,32 +51,25 @@ def build_server(reactor: Any, options: RoleOptions, kubernetes_factory: Any = N
     )
 
 
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-def _make_server(options: RoleOptions) -> IService:
-    return build_server(_reactor(), options)
-
-
-def _make_client(options: RoleOptions) -> IService:
+def build_client(reactor: Any, options: RoleOptions) -> IService:
+    """The coap-client service for parsed options."""
     from nettester.protocols.coap.client import make_client_service
 
-    return make_client_service(_reactor(), options, sys.__stdout__ or sys.stdout)
+    return make_client_service(reactor, options, sys.__stdout__ or sys.stdout)
 
 
-def _make_bench(options: RoleOptions) -> IService:
+def build_bench(reactor: Any, options: RoleOptions) -> IService:
+    """The coap-bench service for parsed options."""
     from nettester.protocols.coap.bench import make_bench_service
 
-    return make_bench_service(_reactor(), options, sys.__stdout__ or sys.stdout)
+    return make_bench_service(reactor, options, sys.__stdout__ or sys.stdout)
 
 
-def _make_receivetest(options: RoleOptions) -> IService:
+def build_receivetest(reactor: Any, options: RoleOptions) -> IService:
+    """The coap-receivetest service for parsed options."""
     from nettester.protocols.coap.receivetest import make_receivetest_service
 
-    return make_receivetest_service(_reactor(), options, sys.__stdout__ or sys.stdout)
+    return make_receivetest_service(reactor, options, sys.__stdout__ or sys.stdout)
 
 
 def local(reactor: Any, options: RoleOptions) -> ILocalScenario:
@@ -88,11 +81,11 @@ def local(reactor: Any, options: RoleOptions) -> ILocalScenario:
 
 ROLES = (
     Role("coap-server", "Extended CoAP plugtest server: plugtest, benchmark, receive test, mycontext (coap/coaps).",
-         CoapServerOptions, _make_server),
+         CoapServerOptions, build_server),
     Role("coap-client", "One CoAP request or observation, printed in readable blocks.", CoapClientOptions,
-         _make_client),
+         build_client),
     Role("coap-bench", "Many closed-loop CoAP clients (Californium BenchmarkClient): reqs/s, RTT, errors.",
-         CoapBenchOptions, _make_bench),
+         CoapBenchOptions, build_bench),
     Role("coap-receivetest", "POST to the receive-test resource and print which requests arrived.",
-         CoapReceiveTestOptions, _make_receivetest),
+         CoapReceiveTestOptions, build_receivetest),
 )

@@ -10,8 +10,8 @@ import datetime
 import enum
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
-from typing import Callable, Container
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,7 +35,7 @@ DEFAULT_SUITES = (
 def posix_time(now: float) -> datetime.datetime:
     """The wall-clock time of an engine ``now`` that counts POSIX seconds,
     as ``reactor.seconds()`` does: what certificates are checked against."""
-    return datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(now, datetime.UTC)
 
 
 class ClientAuth(enum.Enum):
@@ -129,6 +129,8 @@ class DtlsConfiguration:
     cid_length: int | None = 6
     cid_generator: IConnectionIdGenerator | None = None
     cids_in_use: Container[bytes] = frozenset()
+    #: a server's HelloVerifyRequest secret shared by ``--workers`` processes (None: its own)
+    cookie_secret: bytes | None = field(default=None, repr=False)
     require_extended_master_secret: bool = True
     mtu: int = 1400
     initial_retransmit_timeout: float = 1.0

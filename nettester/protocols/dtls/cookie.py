@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from nettester.protocols.dtls import handshake, record
 
@@ -43,17 +43,31 @@ def _address_bytes(address: tuple[str, int]) -> bytes:
 class CookieGate:
     """Checks initial ClientHellos and mints cookies: HMAC-SHA256 over the
     client's address and hello parameters, with a secret rotated every
-    ``rotation`` seconds; the previous secret stays valid for one period."""
+    ``rotation`` seconds; the previous secret stays valid for one period.
 
-    def __init__(self, rotation: float = DEFAULT_ROTATION, random: Callable[[int], bytes] = os.urandom) -> None:
+    With ``shared_secret`` (``--workers``: every worker process gets the
+    parent's) the secret of each rotation period is derived from it, so
+    processes sharing a port accept each other's cookies."""
+
+    def __init__(self, rotation: float = DEFAULT_ROTATION, random: Callable[[int], bytes] = os.urandom,
+                 shared_secret: bytes | None = None) -> None:
         self._random = random
         self._rotation = rotation
+        self._shared = shared_secret
         self._secret = random(32)
         self._previous = self._secret
         self._rotated_at: float | None = None
 
+    def _period_secret(self, period: int) -> bytes:
+        return hmac.digest(self._shared or b"", period.to_bytes(8, "big", signed=True), "sha256")
+
     def _rotate(self, now: float) -> None:
-        if self._rotated_at is None:
+        if self._shared is not None:
+            period = int(now // self._rotation)
+            if self._rotated_at != period:
+                self._rotated_at = period
+                self._secret, self._previous = self._period_secret(period), self._period_secret(period - 1)
+        elif self._rotated_at is None:
             self._rotated_at = now
         elif now - self._rotated_at >= self._rotation:
             self._previous = self._secret if now - self._rotated_at < 2 * self._rotation else self._random(32)

@@ -19,7 +19,8 @@ lets the cluster handle records of connections this node does not hold, and
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -181,7 +182,8 @@ class DtlsEndpoint(DatagramProtocol):
         self.peers: PeerTable[DtlsPeer] = PeerTable(max_connections, stale_after, max_half_open)
         self.metrics.gauge("connections", "live DTLS connections", lambda: len(self.peers))
         self.metrics.gauge("half_open", "DTLS server handshakes in progress", lambda: self.peers.half_open)
-        self.admission = Admission(cookie_gate)
+        self.admission = Admission(cookie_gate or CookieGate(
+            shared_secret=server_configuration.cookie_secret if server_configuration else None))
         self.server_configuration = (
             dataclasses.replace(
                 server_configuration,

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -40,6 +41,7 @@ from nettester.protocols.dtls.credentials import (
 )
 from nettester.protocols.dtls.endpoint import DEFAULT_MAX_CONNECTIONS
 from nettester.protocols.dtls.suites import SUITES_BY_NAME
+from nettester.workers import shared_cookie_secret, worker_index
 
 SANDBOX_CLIENT_IDENTITY = b"Client_identity"
 
@@ -234,7 +236,11 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
         if not configuration.psk_store and not configuration.certificate_chain:
             raise CredentialsError("a DTLS server needs --psk-file, --psk-sandbox or --cert/--key")
         length = options["cid-length"]
-        configuration.cid_generator = NodeConnectionIdGenerator(length, node_id) if length else None
+        # --workers: the kernel steers a session's records by CID byte 1 (nettester.steering).
+        configuration.cid_generator = (
+            NodeConnectionIdGenerator(length, node_id, worker=worker_index()) if length else None
+        )
+        configuration.cookie_secret = shared_cookie_secret()
         configuration.session_cache = SessionCache()
         return configuration
 

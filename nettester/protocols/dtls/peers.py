@@ -21,8 +21,9 @@ Both take ``now`` and never read a clock; the endpoint is their adapter.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Generic, TypeVar
 
 from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record

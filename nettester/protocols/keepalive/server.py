@@ -42,7 +42,7 @@ from nettester.protocols.keepalive.wire import (
     ServerConnection,
     SessionEstablished,
 )
-from nettester.tap import set_exit_status
+from nettester.service import set_exit_status
 
 log = Logger()
 
@@ -156,7 +156,7 @@ class KeepAliveServerService(Service):
             log.critical("Cannot listen on {interface}:{port}: {reason}; choose another --port (TCP_SERVER_PORT) "
                          "or --interface, or stop the program using it", event="listen_failed",
                          interface=self.interface or "*", port=self.port, reason=error.socketError)
-            set_exit_status(1)
+            set_exit_status(self, 1)
             self.reactor.callWhenRunning(self.reactor.stop)
             return
         log.info("keepalive-server listening on {address} ({transport}), keep-alive timeout {timeout:g} s",

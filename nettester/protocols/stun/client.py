@@ -37,6 +37,7 @@ from nettester.protocols.stun.fleet import (
     UnexpectedResponse,
 )
 from nettester.protocols.stun.message import Address, format_transaction_id
+from nettester.service import set_exit_status
 
 log = Logger()
 
@@ -184,9 +185,7 @@ class StunClientService(Service):
             server=self._server,
             reason=failure.getErrorMessage(),
         )
-        from nettester.tap import set_exit_status
-
-        set_exit_status(1)
+        set_exit_status(self, 1)
         self._reactor.stop()
 
     def _start(self, server_ip: str) -> None:

@@ -23,13 +23,19 @@ from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.stun.counters import ServerCounters
-from nettester.protocols.stun.message import HEADER_LENGTH, Address, StunDecodeError, check_header
+from nettester.protocols.stun.message import (
+    HEADER_LENGTH,
+    Address,
+    StunDecodeError,
+    check_header,
+)
 from nettester.protocols.stun.responder import (
     ALTERNATE_IP,
     ALTERNATE_PORT,
     PRIMARY,
     BindingResponder,
 )
+from nettester.service import set_exit_status
 
 log = Logger()
 
@@ -171,9 +177,7 @@ class StunServerService(Service):
             )
             self._close_all()
             if self._stop_on_failure:
-                from nettester.tap import set_exit_status
-
-                set_exit_status(1)
+                set_exit_status(self, 1)
                 self._reactor.callWhenRunning(self._reactor.stop)
 
     def _where(self) -> str:

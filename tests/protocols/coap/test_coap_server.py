@@ -150,7 +150,7 @@ def test_listen_failure_is_reported_not_raised() -> None:
     from twisted.internet.error import CannotListenError
     from twisted.internet.testing import MemoryReactorClock
 
-    from nettester.tap import exit_status, set_exit_status
+    from nettester.service import exit_status_of
 
     class Busy(MemoryReactorClock):
         def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
@@ -158,17 +158,14 @@ def test_listen_failure_is_reported_not_raised() -> None:
 
     busy = Busy()
     service = CoapServerService(busy, 5683, ["127.0.0.1"])
-    try:
-        service.startService()
-        assert service.failed is not None and "Address already in use" in service.failed
-        assert exit_status() == 1
-        busy.run()  # the stop asked for when running
-        assert busy.hasStopped
-        nowhere = CoapServerService(MemoryReactorClock(), 5683, [])
-        nowhere.startService()
-        assert nowhere.failed is not None and "no address" in nowhere.failed
-    finally:
-        set_exit_status(0)
+    service.startService()
+    assert service.failed is not None and "Address already in use" in service.failed
+    assert exit_status_of(service) == 1
+    busy.run()  # the stop asked for when running
+    assert busy.hasStopped
+    nowhere = CoapServerService(MemoryReactorClock(), 5683, [])
+    nowhere.startService()
+    assert nowhere.failed is not None and "no address" in nowhere.failed
 
 
 @pytest.mark.integration

@@ -4,7 +4,7 @@ clock and a hook to lose, duplicate or reorder datagrams (test helper)."""
 from __future__ import annotations
 
 import datetime
-from typing import Callable
+from collections.abc import Callable
 
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import (
@@ -22,7 +22,7 @@ SERVER_ADDRESS = ("192.0.2.2", 5684)
 PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
 
 #: when the test run started: the fake clocks' 0.0 (certificates are minted valid from an hour before)
-STARTED = datetime.datetime.now(datetime.timezone.utc)
+STARTED = datetime.datetime.now(datetime.UTC)
 
 
 def fake_clock_time(now: float) -> datetime.datetime:

@@ -11,12 +11,11 @@ from twisted.logger import formatEvent
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.logcapture import log_events
-
 from nettester.interfaces import IConnectionIdGenerator, IDatagramLink, IDatagramReceiver
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConnection
 from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint, format_address
+from tests.logcapture import log_events
 
 SERVER = ("10.0.0.1", 5684)
 CLIENT = ("10.0.0.2", 40000)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
-from dtls_pair import PSK, PSK_IDENTITY, Pair, psk_configs, fake_clock_time
+from dtls_pair import PSK, PSK_IDENTITY, Pair, fake_clock_time, psk_configs
 
 from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record
@@ -167,7 +167,7 @@ def test_expired_server_certificate_is_rejected() -> None:
     import datetime
 
     client, server = ecdsa_configs()
-    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=365)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365)
     client.certificate_time = lambda now: later
     pair = Pair(client, server)
     pair.start()

@@ -127,7 +127,8 @@ def test_client_secret_forms_and_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("DTLS_PSK_SECRET", "plain")
     monkeypatch.setenv("DTLS_CID_LENGTH", "8")
     options = parse(ClientOptions)
-    assert (options["dtls"].psk_identity, options["dtls"].psk, options["dtls"].cid_length) == (b"env-device", b"plain", 8)
+    dtls = options["dtls"]
+    assert (dtls.psk_identity, dtls.psk, dtls.cid_length) == (b"env-device", b"plain", 8)
     # The command line wins over the environment.
     assert parse(ClientOptions, "--identity", "cli", "--secret", "s")["dtls"].psk_identity == b"cli"
 

@@ -13,12 +13,12 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 
-from nettester import tap
 from nettester.metrics import MetricSet
 from nettester.protocols.stun.counters import ServerCounters
 from nettester.protocols.stun.message import Address, AttributeType, Message, MessageClass, Method, decode
 from nettester.protocols.stun.responder import BindingResponder
 from nettester.protocols.stun.server import StunDatagramProtocol, StunServerService, StunStreamProtocol
+from nettester.service import exit_status_of
 
 TID_A = b"A" * 12
 TID_B = b"B" * 12
@@ -98,17 +98,14 @@ def critical() -> Iterator[list[dict[str, Any]]]:
 def test_port_in_use_says_what_to_do_and_stops_with_status_1(critical: list[dict[str, Any]]) -> None:
     reactor = RefusingReactor()
     service = StunServerService(reactor, port=3478, interface="127.0.0.1")
-    try:
-        service.startService()
-        assert service.failed is not None and "Address already in use" in service.failed
-        assert [event["event"] for event in critical] == ["listen_failed"]
-        assert "choose another --port" in critical[0]["log_format"]
-        assert critical[0]["what"] == "127.0.0.1:3478"
-        for call in reactor.when_running:
-            call()
-        assert reactor.stopped and tap.exit_status() == 1
-    finally:
-        tap.set_exit_status(0)
+    service.startService()
+    assert service.failed is not None and "Address already in use" in service.failed
+    assert [event["event"] for event in critical] == ["listen_failed"]
+    assert "choose another --port" in critical[0]["log_format"]
+    assert critical[0]["what"] == "127.0.0.1:3478"
+    for call in reactor.when_running:
+        call()
+    assert reactor.stopped and exit_status_of(service) == 1
 
 
 @given(st.lists(st.binary(max_size=40), max_size=8))
@@ -145,4 +142,4 @@ def test_local_scenario_reports_a_listen_failure_in_its_verdict() -> None:
     scenario.service.startService()
     verdict = scenario.verdict()
     assert not verdict.passed and "Address already in use" in verdict.evidence["error"]
-    assert reactor.when_running == [] and tap.exit_status() == 0  # the local run goes on
+    assert reactor.when_running == [] and exit_status_of(scenario.service) == 0  # the local run goes on
