@@ -143,7 +143,7 @@ class Driver:
         return engine
 
     def flush(self, sock: socket.socket, engine: DtlsConnection, now: float) -> None:
-        for datagram in engine.datagrams_to_send():
+        for datagram, _ in engine.datagrams_to_send():
             try:
                 sock.sendto(datagram, self.server)
             except BlockingIOError:

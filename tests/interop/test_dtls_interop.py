@@ -673,7 +673,7 @@ def test_our_client_with_python_mbedtls_server() -> None:
     client.connect(0.0)
     hello_verify = 0
     for _ in range(20):
-        for datagram in client.datagrams_to_send():
+        for datagram, _ in client.datagrams_to_send():
             buffer.receive_from_network(datagram)
             try:
                 _step(tls, buffer)
@@ -697,7 +697,7 @@ def test_our_client_with_python_mbedtls_server() -> None:
     assert hello_verify == 1
     _step(tls, buffer)
     client.send_application_data(b"to python-mbedtls")
-    for datagram in client.datagrams_to_send():
+    for datagram, _ in client.datagrams_to_send():
         buffer.receive_from_network(datagram)
     assert buffer.read(100) == b"to python-mbedtls"
     buffer.write(b"from python-mbedtls")
@@ -727,7 +727,7 @@ def test_python_mbedtls_client_with_our_server() -> None:
                     continue
                 server = DtlsConnection(server_config("TLS_PSK_WITH_AES_128_CCM_8"), address)
             server.receive_datagram(out, address, 0.0)
-            for datagram in server.datagrams_to_send():
+            for datagram, _ in server.datagrams_to_send():
                 buffer.receive_from_network(datagram)
         _step(tls, buffer)
         if server is not None and server.is_established:
@@ -740,6 +740,6 @@ def test_python_mbedtls_client_with_our_server() -> None:
     server.receive_datagram(_drain(buffer), address, 0.0)
     assert server.next_event() == ApplicationData(b"hello")
     server.send_application_data(b"world")
-    for datagram in server.datagrams_to_send():
+    for datagram, _ in server.datagrams_to_send():
         buffer.receive_from_network(datagram)
     assert buffer.read(100) == b"world"

@@ -6,7 +6,8 @@ One ``DtlsConnection`` per peer, client or server, in the style of aioquic's
 one timer and events come out (``datagrams_to_send()``, ``get_timer()``,
 ``next_event()``).  It never reads a clock and never touches a socket.
 
-This module holds the record layer and the public API; the handshake
+It is an ``interfaces.DatagramCore``.  This module holds the record layer
+and the public API; the handshake
 messages of each side are in ``client_handshake.py`` and
 ``server_handshake.py``, what both share in ``core.py``, the configuration
 in ``configuration.py`` and the events in ``events.py`` (re-exported here).
@@ -130,10 +131,11 @@ class DtlsConnection(ClientHandshake, ServerHandshake):
         candidates = [t for t in (self._retransmit_at, self._handshake_deadline) if t is not None]
         return min(candidates) if candidates else None
 
-    def datagrams_to_send(self) -> list[bytes]:
-        """Datagrams to write to the peer's current address, in order."""
+    def datagrams_to_send(self) -> list[tuple[bytes, Address | None]]:
+        """What to write, in order, as (datagram, the peer's current address)
+        pairs (``interfaces.DatagramCore``); each is handed out once."""
         datagrams, self._outgoing = self._outgoing, []
-        return datagrams
+        return [(datagram, self.peer_address) for datagram in datagrams]
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None

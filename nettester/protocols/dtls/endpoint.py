@@ -392,7 +392,7 @@ class DtlsEndpoint(DatagramProtocol):
         connection = peer.connection
         if now is None:
             now = self.clock.seconds()
-        for datagram in connection.datagrams_to_send():
+        for datagram, _ in connection.datagrams_to_send():  # to peer.address, the connection's too
             self._write(datagram, peer.address, peer.route)
         for reason, count in connection.take_dropped().items():
             self.counters.dropped.inc(reason, count)

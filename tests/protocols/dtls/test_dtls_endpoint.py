@@ -306,7 +306,7 @@ def test_spoofed_client_hello_does_not_end_a_session() -> None:
     (session,) = server.connections
     stranger = DtlsConnection(client.client_configuration, SERVER)
     stranger.connect(0.0)
-    (hello,) = stranger.datagrams_to_send()
+    (hello,) = [d for d, _ in stranger.datagrams_to_send()]
     server.datagramReceived(hello, CLIENT)  # spoofed source: the client's address, no cookie
     assert server.connections == [session] and session.connection.is_established
     assert server.counters.hello_verify.value == 2

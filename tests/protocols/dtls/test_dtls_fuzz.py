@@ -55,7 +55,7 @@ def test_extension_decoders(body: bytes) -> None:
 def _valid_client_hello() -> bytes:
     pair = Pair(*psk_configs())
     pair.start()
-    (datagram,) = pair.client.datagrams_to_send()
+    (datagram,) = [d for d, _ in pair.client.datagrams_to_send()]
     return datagram
 
 
