@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, formatEvent
 
+from nettester import logs
 from nettester.protocols.dtls.connection import SessionCache
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
 from tests.interop.test_dtls_interop import (
@@ -154,6 +155,8 @@ def test_gnutls_cli_with_a_wrong_psk_gets_a_fatal_alert_at_once(tmp_path: Path) 
     """Issue 13: a wrong key ends the handshake with bad_record_mac at once,
     and our log names the identity."""
     suite = "TLS_PSK_WITH_AES_128_CCM_8"
+    threshold = logs._threshold[0]
+    logs.set_level(LogLevel.info)  # whatever an earlier test left
     with log_events() as events:
         endpoint, receiver, port_handle = _our_server(suite)
         arguments = _client_arguments(suite, port_handle.getHost().port, psk=b"wrong key")
@@ -167,6 +170,7 @@ def test_gnutls_cli_with_a_wrong_psk_gets_a_fatal_alert_at_once(tmp_path: Path) 
         finally:
             client.stop()
             yield port_handle.stopListening()
+            logs._threshold[0] = threshold
 
 
 # --- our client against gnutls-serv ---------------------------------------------------------

@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 from dtls_pair import psk_configs
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, formatEvent
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from nettester import logs
 from nettester.interfaces import IConnectionIdGenerator, IDatagramLink, IDatagramReceiver
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConnection
@@ -196,9 +197,14 @@ def test_wrong_psk_fails_at_once_on_both_sides_with_the_identity_logged() -> Non
     server, client, _, _, wire = make(clock)
     client.client_configuration.psk = b"not the secret"
     failures: list[Any] = []
-    with log_events() as events:
-        client.connect(SERVER).addErrback(failures.append)
-        wire.deliver()
+    threshold = logs._threshold[0]
+    logs.set_level(LogLevel.info)  # whatever an earlier test left
+    try:
+        with log_events() as events:
+            client.connect(SERVER).addErrback(failures.append)
+            wire.deliver()
+    finally:
+        logs._threshold[0] = threshold
     assert clock.seconds() == 0.0 and failures
     assert failures[0].getErrorMessage() == "the server rejected the handshake: bad_record_mac"
     assert server.counters.failures.get("bad_record_mac") == 1
