@@ -7,7 +7,7 @@ these interfaces, so a new protocol module is a new file under
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any, Protocol
 
 from zope.interface import Attribute, Interface
@@ -97,7 +97,7 @@ class IProtocolModule(Interface):
 class IDatagramReceiver(Interface):
     """The layer above an IDatagramLink (a CoAP endpoint)."""
 
-    def datagramReceived(data, peer):
+    def datagramReceived(data: bytes, peer: Any) -> None:
         """One datagram (plaintext application data) from C{peer}.
 
         @param peer: an opaque hashable handle, stable for the life of the
@@ -150,10 +150,10 @@ class IConnectionIdGenerator(Interface):
     nodeId = Attribute("The node id (0..255) encoded in every CID, or None.")
     length = Attribute("Length in bytes of every CID issued (0 disables CID).")
 
-    def newConnectionId(inUse):
+    def newConnectionId(inUse: Container[bytes]) -> bytes:
         """A fresh CID not contained in C{inUse} (a container of bytes)."""
 
-    def nodeIdOf(cid):
+    def nodeIdOf(cid: bytes) -> int | None:
         """The node id a CID names, or None when CIDs carry no node id."""
 
 

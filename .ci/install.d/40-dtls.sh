@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# DTLS interop peers (issue 4): OpenSSL's command line tool and Mbed TLS 3.6
+# DTLS interop peers (issues 4, 13): OpenSSL's command line tool, GnuTLS's
+# gnutls-cli/gnutls-serv (gnutls-bin) and Mbed TLS 3.6
 # ssl_server2/ssl_client2 (the one RFC 9146 implementation available), built
 # from Debian trixie's source package.  python-mbedtls comes with the test
 # extras of setup.cfg.  Idempotent: the Mbed TLS build is cached outside the
@@ -7,6 +8,8 @@
 set -euo pipefail
 
 command -v openssl >/dev/null || apt-get install -y --no-install-recommends openssl
+command -v gnutls-cli >/dev/null && command -v gnutls-serv >/dev/null \
+    || apt-get install -y --no-install-recommends gnutls-bin
 
 CACHE=${NETTESTER_MBEDTLS_CACHE:-/var/cache/nettester/mbedtls}
 if [ -x "$CACHE/bin/ssl_server2" ] && [ -x "$CACHE/bin/ssl_client2" ]; then

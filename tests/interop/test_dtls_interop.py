@@ -24,14 +24,14 @@ from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from tests.loopback import free_ports
-from tests.interop.peers import missing_peer
 from nettester.interfaces import IDatagramReceiver
 from nettester.protocols.dtls.certificates import Identity, issue, make_ca
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConfiguration, SessionCache
 from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import MAX_DATAGRAM, DtlsEndpoint
+from tests.interop.peers import missing_peer
+from tests.loopback import free_ports
 
 pytestmark = pytest.mark.interop
 TIMEOUT = 20.0
@@ -263,6 +263,64 @@ def test_openssl_s_client_with_our_server(
         if identity is None:
             assert endpoint.peerContext(peer).identity == PSK_IDENTITY.decode()
         assert endpoint.counters.hello_verify.value >= 1
+    finally:
+        client.stop()
+        yield port_handle.stopListening()
+
+
+def _openssl_psk_client(binary: str, port: int, *extra: str) -> Peer:
+    return spawn(
+        [binary, "s_client", "-dtls1_2", "-connect", "127.0.0.1:%d" % port, "-cipher", "PSK-AES128-CCM8"]
+        + ["-psk", PSK.hex(), "-psk_identity", PSK_IDENTITY.decode()]
+        + list(extra)
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_openssl_s_client_fragmented_client_hello(tmp_path: Path) -> Generator[Any, Any, None]:
+    """Issue 13: ``-mtu 256`` with a long SNI and ALPN list splits the
+    ClientHello (about 700 bytes) into fragments: reassembled in front of
+    the cookie gate, the handshake completes."""
+    binary = openssl()
+    receiver = Receiver(answer=lambda data: b"echo:" + data)
+    endpoint = DtlsEndpoint(reactor, server_configuration=server_config("TLS_PSK_WITH_AES_128_CCM_8"))
+    port_handle = listen(endpoint, receiver)
+    long_name = ".".join("label%02d" % i for i in range(20)) + ".example"
+    alpn = ",".join("protocol-%02d" % i for i in range(30))
+    client = _openssl_psk_client(
+        binary, port_handle.getHost().port, "-mtu", "256", "-servername", long_name, "-alpn", alpn
+    )
+    try:
+        yield wait_for(lambda: endpoint.counters.handshakes.value == 1, "the handshake")
+        yield wait_for(lambda: b"Cipher is" in client.output, "s_client ready")
+        client.write(b"fragmented\n")
+        yield wait_for(lambda: b"echo:fragmented" in client.output, "our echo in s_client")
+        assert endpoint.counters.dropped.get("not_client_hello") == 0
+        assert endpoint.admission.reassembled >= 1, "the ClientHello came in fragments"
+    finally:
+        client.stop()
+        yield port_handle.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_openssl_s_client_renegotiation_is_refused(tmp_path: Path) -> Generator[Any, Any, None]:
+    """Issue 13: ``R`` in s_client used to hang: the server resent its last
+    flight forever.  Now the renegotiating ClientHello gets a no_renegotiation
+    warning on the session; OpenSSL then gives up (its choice)."""
+    binary = openssl()
+    receiver = Receiver(answer=lambda data: b"echo:" + data)
+    endpoint = DtlsEndpoint(reactor, server_configuration=server_config("TLS_PSK_WITH_AES_128_CCM_8"))
+    port_handle = listen(endpoint, receiver)
+    client = _openssl_psk_client(binary, port_handle.getHost().port)
+    try:
+        yield wait_for(lambda: b"Cipher is" in client.output, "s_client ready")
+        client.write(b"R\n")
+        yield wait_for(lambda: endpoint.counters.renegotiations_refused.value >= 1, "the refusal")
+        yield wait_for(
+            lambda: b"no renegotiation" in client.output.lower() or client.exit_code is not None,
+            "s_client to take the refusal",
+        )
+        assert endpoint.counters.handshakes.value == 1, "no second handshake"
     finally:
         client.stop()
         yield port_handle.stopListening()
@@ -615,7 +673,7 @@ def test_our_client_with_python_mbedtls_server() -> None:
     client.connect(0.0)
     hello_verify = 0
     for _ in range(20):
-        for datagram in client.datagrams_to_send():
+        for datagram, _ in client.datagrams_to_send():
             buffer.receive_from_network(datagram)
             try:
                 _step(tls, buffer)
@@ -639,7 +697,7 @@ def test_our_client_with_python_mbedtls_server() -> None:
     assert hello_verify == 1
     _step(tls, buffer)
     client.send_application_data(b"to python-mbedtls")
-    for datagram in client.datagrams_to_send():
+    for datagram, _ in client.datagrams_to_send():
         buffer.receive_from_network(datagram)
     assert buffer.read(100) == b"to python-mbedtls"
     buffer.write(b"from python-mbedtls")
@@ -669,7 +727,7 @@ def test_python_mbedtls_client_with_our_server() -> None:
                     continue
                 server = DtlsConnection(server_config("TLS_PSK_WITH_AES_128_CCM_8"), address)
             server.receive_datagram(out, address, 0.0)
-            for datagram in server.datagrams_to_send():
+            for datagram, _ in server.datagrams_to_send():
                 buffer.receive_from_network(datagram)
         _step(tls, buffer)
         if server is not None and server.is_established:
@@ -682,6 +740,6 @@ def test_python_mbedtls_client_with_our_server() -> None:
     server.receive_datagram(_drain(buffer), address, 0.0)
     assert server.next_event() == ApplicationData(b"hello")
     server.send_application_data(b"world")
-    for datagram in server.datagrams_to_send():
+    for datagram, _ in server.datagrams_to_send():
         buffer.receive_from_network(datagram)
     assert buffer.read(100) == b"world"

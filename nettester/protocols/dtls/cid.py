@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Container
+from collections.abc import Callable, Container
 
 from zope.interface import implementer
 
@@ -24,20 +24,20 @@ class NodeConnectionIdGenerator:
     def __init__(
         self,
         length: int = DEFAULT_CID_LENGTH,
-        nodeId: int | None = 0,
+        node_id: int | None = 0,
         random: Callable[[int], bytes] = os.urandom,
         worker: int | None = None,
     ) -> None:
         if not 0 <= length <= 255:
             raise ValueError("CID length must be 0..255")
-        if nodeId is not None and not 0 <= nodeId <= 255:
+        if node_id is not None and not 0 <= node_id <= 255:
             raise ValueError("node id must be 0..255")
-        if length == 1 and nodeId is not None:
+        if length == 1 and node_id is not None:
             raise ValueError("a node-prefixed CID needs at least 2 bytes")
-        if worker is not None and (nodeId is None or not 0 <= worker <= 255 or length < 3):
+        if worker is not None and (node_id is None or not 0 <= worker <= 255 or length < 3):
             raise ValueError("a worker-steered CID needs a node id, a worker 0..255 and at least 3 bytes")
         self.length = length
-        self.nodeId = nodeId
+        self.nodeId = node_id  # the attribute's name is IConnectionIdGenerator's
         self.worker = worker
         self._random = random
 

@@ -10,8 +10,8 @@ import datetime
 import enum
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
-from typing import Callable, Container
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,7 +35,7 @@ DEFAULT_SUITES = (
 def posix_time(now: float) -> datetime.datetime:
     """The wall-clock time of an engine ``now`` that counts POSIX seconds,
     as ``reactor.seconds()`` does: what certificates are checked against."""
-    return datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(now, datetime.UTC)
 
 
 class ClientAuth(enum.Enum):

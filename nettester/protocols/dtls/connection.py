@@ -6,7 +6,8 @@ One ``DtlsConnection`` per peer, client or server, in the style of aioquic's
 one timer and events come out (``datagrams_to_send()``, ``get_timer()``,
 ``next_event()``).  It never reads a clock and never touches a socket.
 
-This module holds the record layer and the public API; the handshake
+It is an ``interfaces.DatagramCore``.  This module holds the record layer
+and the public API; the handshake
 messages of each side are in ``client_handshake.py`` and
 ``server_handshake.py``, what both share in ``core.py``, the configuration
 in ``configuration.py`` and the events in ``events.py`` (re-exported here).
@@ -96,7 +97,7 @@ class DtlsConnection(ClientHandshake, ServerHandshake):
         self._datagrams += 1
         offset = 0
         try:
-            while offset < len(data) and self._state is not State.CLOSED:
+            while offset < len(data) and not self.is_closed:
                 # Record by record: a ServerHello may negotiate the CID that
                 # the next record of the same datagram (Finished) carries.
                 received, offset = record.parse_record(data, offset, len(self.read_cid))
@@ -130,10 +131,11 @@ class DtlsConnection(ClientHandshake, ServerHandshake):
         candidates = [t for t in (self._retransmit_at, self._handshake_deadline) if t is not None]
         return min(candidates) if candidates else None
 
-    def datagrams_to_send(self) -> list[bytes]:
-        """Datagrams to write to the peer's current address, in order."""
+    def datagrams_to_send(self) -> list[tuple[bytes, Address | None]]:
+        """What to write, in order, as (datagram, the peer's current address)
+        pairs (``interfaces.DatagramCore``); each is handed out once."""
         datagrams, self._outgoing = self._outgoing, []
-        return datagrams
+        return [(datagram, self.peer_address) for datagram in datagrams]
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -230,7 +232,7 @@ class DtlsConnection(ClientHandshake, ServerHandshake):
             self._send_alert(WARNING, CLOSE_NOTIFY)
             self._close(CLOSE_NOTIFY, "close_notify", by_peer=True)
         elif level == FATAL:
-            self._peer_alert(level, description)
+            self._peer_alert(description)
 
     def _finished_fails_to_open(self, received: record.Record) -> bool:
         """Whether a record that failed authentication means our keys differ
@@ -248,15 +250,6 @@ class DtlsConnection(ClientHandshake, ServerHandshake):
             return False
         self._finished_failures += 1
         return self._finished_failures >= 2 or self._ccs_datagram == self._datagrams
-
-    def _wrong_key_detail(self) -> str:
-        """What a Finished that does not check out means, for a person."""
-        suite = self.cipher_suite
-        if suite is not None and suite.key_exchange.uses_psk and not self.is_client:
-            return 'wrong key for PSK identity "%s"' % self.peer_identity
-        if suite is not None and suite.key_exchange.uses_psk:
-            return "the server's Finished does not check out: wrong PSK?"
-        return "the peer's Finished does not check out"
 
     def _receive_change_cipher_spec(self, payload: bytes, epoch: int, now: float) -> None:
         if payload != b"\x01" or epoch != self._read_epoch:

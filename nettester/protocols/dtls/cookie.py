@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from nettester.protocols.dtls import handshake, record
 

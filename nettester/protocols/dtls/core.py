@@ -278,7 +278,7 @@ class ConnectionCore:
             self._master_secret, is_client_finished, suites.sha256(bytes(self._transcript))
         )
         if not hmac.compare_digest(body, expected):
-            raise HandshakeError(DECRYPT_ERROR, "bad_finished")
+            raise HandshakeError(DECRYPT_ERROR, "bad_finished", self._wrong_key_detail())
 
     def _verify_certificates(self, ders: list[bytes], server_name: str | None, now: float) -> list[x509.Certificate]:
         try:
@@ -409,7 +409,16 @@ class ConnectionCore:
         self.dropped[reason] += 1
         self._unreported_drops[reason] += 1
 
-    def _peer_alert(self, level: int, description: int) -> None:
+    def _wrong_key_detail(self) -> str:
+        """What a Finished that does not check out means, for a person."""
+        suite = self.cipher_suite
+        if suite is not None and suite.key_exchange.uses_psk and not self.is_client:
+            return 'wrong key for PSK identity "%s"' % self.peer_identity
+        if suite is not None and suite.key_exchange.uses_psk:
+            return "the server's Finished does not check out: wrong PSK?"
+        return "the peer's Finished does not check out"
+
+    def _peer_alert(self, description: int) -> None:
         """A fatal alert from the peer ends the connection; its reason is the
         alert's name (``unknown_psk_identity``, never ``alert_115``)."""
         name = alert_name(description)

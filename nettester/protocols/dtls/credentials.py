@@ -41,7 +41,7 @@ class PskStore:
         return bool(self.secrets) or self.sandbox
 
     @classmethod
-    def from_lines(cls, lines: list[str] | tuple[str, ...], sandbox: bool = False) -> "PskStore":
+    def from_lines(cls, lines: list[str] | tuple[str, ...], sandbox: bool = False) -> PskStore:
         """Parse ``identity=base64secret`` lines (the identity holds no '=');
         '#' starts a comment line."""
         secrets: dict[bytes, bytes] = {}
@@ -63,7 +63,7 @@ class PskStore:
         return cls(secrets, sandbox)
 
     @classmethod
-    def from_file(cls, path: str, sandbox: bool = False) -> "PskStore":
+    def from_file(cls, path: str, sandbox: bool = False) -> PskStore:
         with open(path, encoding="utf-8") as handle:
             return cls.from_lines(handle.read().splitlines(), sandbox)
 
@@ -101,7 +101,7 @@ def verify_chain(
     )
     try:
         if server_name is not None:
-            builder.build_server_verifier(verification.DNSName(server_name)).verify(leaf, chain[1:])
+            builder.build_server_verifier(x509.DNSName(server_name)).verify(leaf, chain[1:])
         else:
             builder.build_client_verifier().verify(leaf, chain[1:])
     except verification.VerificationError as error:

@@ -19,7 +19,8 @@ lets the cluster handle records of connections this node does not hold, and
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -236,7 +237,8 @@ class DtlsEndpoint(DatagramProtocol):
             resolve = getattr(self.clock, "resolve", None)
             if resolve is None:
                 return defer.fail(ConnectFailed("cannot resolve %s" % host))
-            return resolve(host).addCallback(lambda resolved: self.connect((resolved, port)))
+            resolved: defer.Deferred[str] = resolve(host)
+            return resolved.addCallback(lambda name: self.connect((name, port)))
         existing = self.peers.at_address(address)
         if existing is not None and existing.connection.is_established:
             return defer.succeed(existing)
@@ -278,7 +280,7 @@ class DtlsEndpoint(DatagramProtocol):
 
     # --- datagrams in ----------------------------------------------------------
 
-    def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
         self._receive(data, addr, None)
 
     def routedDatagramReceived(self, data: bytes, address: Address, route: DatagramRoute) -> None:
@@ -299,7 +301,8 @@ class DtlsEndpoint(DatagramProtocol):
         else:
             peer = self.peers.at_address(address)
             if peer is not None and (
-                _is_new_client_hello(data, peer.connection) or self.admission.fragments.assembling(address)
+                _is_new_client_hello(data, peer.connection)
+                or (self.admission.fragments.assembling(address) and _is_client_hello(data))
             ):
                 # A new handshake from a known address (the client restarted,
                 # RFC 6347 section 4.2.8): only a valid cookie replaces the
@@ -389,7 +392,7 @@ class DtlsEndpoint(DatagramProtocol):
         connection = peer.connection
         if now is None:
             now = self.clock.seconds()
-        for datagram in connection.datagrams_to_send():
+        for datagram, _ in connection.datagrams_to_send():  # to peer.address, the connection's too
             self._write(datagram, peer.address, peer.route)
         for reason, count in connection.take_dropped().items():
             self.counters.dropped.inc(reason, count)
@@ -596,15 +599,23 @@ _CLIENT_RANDOM = slice(record.HEADER_LENGTH + 12 + 2, record.HEADER_LENGTH + 12 
 _FRAGMENT_OFFSET = slice(record.HEADER_LENGTH + 6, record.HEADER_LENGTH + 9)
 
 
+def _is_client_hello(data: bytes) -> bool:
+    """A datagram that starts with an epoch-0 ClientHello (fragment)."""
+    return (
+        len(data) > record.HEADER_LENGTH
+        and data[0] == record.HANDSHAKE
+        and data[3:5] == b"\x00\x00"
+        and data[record.HEADER_LENGTH] == 1
+    )
+
+
 def _is_new_client_hello(data: bytes, connection: DtlsConnection) -> bool:
     """An epoch-0 ClientHello to a server connection, with another random
     than the hello that connection serves (not a retransmission)."""
     return (
         not connection.is_client
         and len(data) >= _CLIENT_RANDOM.stop
-        and data[0] == record.HANDSHAKE
-        and data[3:5] == b"\x00\x00"
-        and data[record.HEADER_LENGTH] == 1
+        and _is_client_hello(data)
         and data[_FRAGMENT_OFFSET] == b"\x00\x00\x00"  # the first fragment holds the random
         and data[_CLIENT_RANDOM] != connection.client_random
     )

@@ -145,7 +145,7 @@ class ClientHello:
     extensions: dict[int, bytes] = field(default_factory=dict)
 
     @classmethod
-    def decode(cls, body: bytes, strict: bool = True) -> "ClientHello":
+    def decode(cls, body: bytes, strict: bool = True) -> ClientHello:
         reader = Reader(body)
         version = reader.uint(2)
         random = reader.take(32)
@@ -191,7 +191,7 @@ class ServerHello:
     extensions: dict[int, bytes] = field(default_factory=dict)
 
     @classmethod
-    def decode(cls, body: bytes) -> "ServerHello":
+    def decode(cls, body: bytes) -> ServerHello:
         reader = Reader(body)
         version = reader.uint(2)
         random = reader.take(32)
@@ -255,7 +255,7 @@ class ServerKeyExchange:
     signature: bytes | None = None
 
     @classmethod
-    def decode(cls, body: bytes, has_psk: bool, has_ecdhe: bool, signed: bool) -> "ServerKeyExchange":
+    def decode(cls, body: bytes, has_psk: bool, has_ecdhe: bool, signed: bool) -> ServerKeyExchange:
         reader = Reader(body)
         message = cls()
         if has_psk:
@@ -294,7 +294,7 @@ class ClientKeyExchange:
     public_key: bytes | None = None
 
     @classmethod
-    def decode(cls, body: bytes, has_psk: bool, has_ecdhe: bool) -> "ClientKeyExchange":
+    def decode(cls, body: bytes, has_psk: bool, has_ecdhe: bool) -> ClientKeyExchange:
         reader = Reader(body)
         message = cls()
         if has_psk:
@@ -322,7 +322,7 @@ class CertificateRequest:
     authorities: bytes = b""
 
     @classmethod
-    def decode(cls, body: bytes) -> "CertificateRequest":
+    def decode(cls, body: bytes) -> CertificateRequest:
         reader = Reader(body)
         types = reader.vector(1, 1)
         raw = reader.vector(2, 2)

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.python import usage
@@ -45,9 +47,13 @@ SANDBOX_CLIENT_IDENTITY = b"Client_identity"
 
 
 def _cid_length(value: str) -> int:
-    length = int(value)
+    """0 (CID off) or 2..255 bytes (RFC 9146; a node-prefixed CID needs 2)."""
+    try:
+        length = int(value)
+    except ValueError:
+        length = -1
     if not (length == 0 or 2 <= length <= 255):
-        raise ValueError("expected 0 (CID off) or 2..255, got %r" % value)
+        raise ValueError("expected 0 (CID off) or a whole number 2..255, got %r" % value)
     return length
 
 
@@ -59,21 +65,40 @@ def _suite_list(value: str) -> tuple[str, ...]:
     return names
 
 
-def load_certificates(path: str) -> list[x509.Certificate]:
+def _read(path: str, option: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise CredentialsError("%s %s: cannot read it (%s)" % (option, path, error.strerror or error)) from None
+
+
+def load_certificates(path: str, option: str = "--cert") -> list[x509.Certificate]:
     """Every PEM certificate of ``path`` (a chain, leaf first, or anchors)."""
-    with open(path, "rb") as handle:
-        certificates = x509.load_pem_x509_certificates(handle.read())
+    data = _read(path, option)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
     if not certificates:
-        raise CredentialsError("%s holds no certificate" % path)
+        raise CredentialsError(
+            "%s %s: no PEM certificate in it; expected one or more -----BEGIN CERTIFICATE----- blocks" % (option, path)
+        )
     return certificates
 
 
-def load_private_key(path: str) -> ec.EllipticCurvePrivateKey:
+def load_private_key(path: str, option: str = "--key") -> ec.EllipticCurvePrivateKey:
     """A PEM EC private key (P-256: the only curve our ECDSA suites sign with)."""
-    with open(path, "rb") as handle:
-        key = load_pem_private_key(handle.read(), password=None)
+    data = _read(path, option)
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise CredentialsError(
+            "%s %s: no unencrypted PEM private key in it; expected a -----BEGIN PRIVATE KEY----- "
+            "or -----BEGIN EC PRIVATE KEY----- block" % (option, path)
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise CredentialsError("%s is not a P-256 private key" % path)
+        raise CredentialsError("%s %s is not a P-256 (secp256r1) EC private key" % (option, path))
     return key
 
 
@@ -87,6 +112,18 @@ def parse_secret(text: str) -> bytes:
     except (ValueError, binascii.Error):
         raise CredentialsError(f"--secret: cannot decode {text!r} (expected text, hex:... or base64:...)") from None
     return text.encode()
+
+
+def _psk_file(path: str, sandbox: bool) -> PskStore:
+    """The PSK store of ``--psk-file``: errors name the option and the file."""
+    try:
+        return PskStore.from_file(path, sandbox)
+    except OSError as error:
+        raise CredentialsError("--psk-file %s: cannot read it (%s)" % (path, error.strerror or error)) from None
+    except UnicodeDecodeError:
+        raise CredentialsError("--psk-file %s: not UTF-8 text (one identity=base64secret per line)" % path) from None
+    except CredentialsError as error:
+        raise CredentialsError("--psk-file %s: %s" % (path, error)) from None
 
 
 def _client_auth(value: str) -> str:
@@ -126,10 +163,10 @@ class _DtlsOptionsBase:
         if bool(options["cert"]) != bool(options["key"]):
             raise CredentialsError("--cert and --key go together")
         if options["cert"]:
-            configuration.certificate_chain = load_certificates(options["cert"])
-            configuration.private_key = load_private_key(options["key"])
+            configuration.certificate_chain = load_certificates(options["cert"], "--cert")
+            configuration.private_key = load_private_key(options["key"], "--key")
         if options["trust"]:
-            configuration.trust_anchors = load_certificates(options["trust"])
+            configuration.trust_anchors = load_certificates(options["trust"], "--trust")
         return configuration
 
     def dtls_wanted(self) -> bool:
@@ -191,7 +228,7 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
         configuration = self._common(options, is_client=False)
         sandbox = bool(options["psk-sandbox"])
         configuration.psk_store = (
-            PskStore.from_file(options["psk-file"], sandbox) if options["psk-file"] else PskStore(sandbox=sandbox)
+            _psk_file(options["psk-file"], sandbox) if options["psk-file"] else PskStore(sandbox=sandbox)
         )
         configuration.client_auth = ClientAuth(options["client-auth"])
         if configuration.client_auth is not ClientAuth.NONE and configuration.trust_anchors is None:

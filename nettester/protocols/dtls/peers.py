@@ -21,8 +21,9 @@ Both take ``now`` and never read a clock; the endpoint is their adapter.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Generic, TypeVar
 
 from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record
@@ -155,8 +156,11 @@ class Admission:
     reassembly of fragmented ClientHellos."""
 
     def __init__(self, gate: CookieGate | None = None, fragments: ClientHelloFragments | None = None) -> None:
-        self.gate = gate or CookieGate()
-        self.fragments = fragments or ClientHelloFragments()
+        self.gate = gate if gate is not None else CookieGate()
+        # not ``fragments or ...``: an empty area is falsy (it has a length)
+        self.fragments = fragments if fragments is not None else ClientHelloFragments()
+        #: ClientHellos that arrived in fragments and were reassembled
+        self.reassembled = 0
 
     def check(self, datagram: bytes, address: Address, now: float) -> AdmissionResult:
         """Judge a datagram from ``address``, which has no connection."""
@@ -182,6 +186,7 @@ class Admission:
         reason, hello, evicted = self.fragments.add(address, fragments, now)
         if hello is None:
             return AdmissionResult(Verdict.DROP, reason=reason or "client_hello_fragment", evicted=evicted)
+        self.reassembled += 1
         body, message_seq, record_sequence = hello
         return AdmissionResult.of(self.gate.judge(body, message_seq, record_sequence, address, now), evicted)
 
@@ -300,18 +305,19 @@ class PeerTable(Generic[P]):
     def make_room(self, now: float) -> tuple[bool, list[tuple[P, str]]]:
         """Room for one more half-open handshake?  Returns (admit, evicted):
         the peers to evict first, each with why ("half_open": the oldest
-        handshake that never completed; "stale": the least recently active
-        peer, idle for ``stale_after``).  Established sessions that are not
-        stale are never evicted: admit is False when only they fill the table."""
+        handshake that never completed, first; else "stale": the least
+        recently active peer, idle for ``stale_after``).  Established
+        sessions that are not stale are never evicted: admit is False when
+        only they fill the table."""
         evicted: list[tuple[P, str]] = []
         if self._half_open and len(self._half_open) >= self.max_half_open:
             evicted.append((next(iter(self._half_open)), "half_open"))
         elif len(self._entries) >= self.max_connections:
             oldest = next(iter(self._entries), None)
-            if oldest is not None and now - self._entries[oldest].last_activity >= self.stale_after:
-                evicted.append((oldest, "stale"))
-            elif self._half_open:
+            if self._half_open:
                 evicted.append((next(iter(self._half_open)), "half_open"))
+            elif oldest is not None and now - self._entries[oldest].last_activity >= self.stale_after:
+                evicted.append((oldest, "stale"))
             else:
                 return False, []
         for peer, why in evicted:

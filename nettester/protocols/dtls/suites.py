@@ -13,8 +13,8 @@ import enum
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -148,7 +148,7 @@ class CipherSuite:
             return AeadProtection(AESGCM(material.key), material.iv, 16)
         return CbcHmacProtection(material.key, material.mac_key, os.urandom)
 
-    def protections(self, key_block: bytes) -> tuple["RecordProtection", "RecordProtection"]:
+    def protections(self, key_block: bytes) -> tuple[RecordProtection, RecordProtection]:
         """(client write, server write) protections from the key block."""
         client_write, server_write = self.key_material(key_block)
         return self.protection(client_write), self.protection(server_write)

@@ -4,7 +4,7 @@ clock and a hook to lose, duplicate or reorder datagrams (test helper)."""
 from __future__ import annotations
 
 import datetime
-from typing import Callable
+from collections.abc import Callable
 
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import (
@@ -22,7 +22,7 @@ SERVER_ADDRESS = ("192.0.2.2", 5684)
 PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
 
 #: when the test run started: the fake clocks' 0.0 (certificates are minted valid from an hour before)
-STARTED = datetime.datetime.now(datetime.timezone.utc)
+STARTED = datetime.datetime.now(datetime.UTC)
 
 
 def fake_clock_time(now: float) -> datetime.datetime:
@@ -89,13 +89,13 @@ class Pair:
         """Exchange datagrams until both sides are quiet."""
         for _ in range(rounds):
             self._pending_to_client: list[bytes] = []
-            outgoing = self.client.datagrams_to_send()
+            outgoing = [d for d, _ in self.client.datagrams_to_send()]
             self.wire += [("c2s", d) for d in outgoing]
             for datagram in self.network("c2s", outgoing):
                 self.to_server(datagram)
             from_server = self._pending_to_client
             if self.server is not None:
-                from_server = from_server + self.server.datagrams_to_send()
+                from_server = from_server + [d for d, _ in self.server.datagrams_to_send()]
             self.wire += [("s2c", d) for d in from_server]
             for datagram in self.network("s2c", from_server):
                 self.client.receive_datagram(datagram, SERVER_ADDRESS, self.now)

@@ -37,7 +37,7 @@ def test_verify_chain_checks_anchor_name_and_time() -> None:
         verify_chain(leaf.full_chain(), [ca.certificate], "other.example")
     with pytest.raises(CredentialsError):
         verify_chain(leaf.full_chain(), [make_ca().certificate], "server.example")
-    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=400)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=400)
     with pytest.raises(CredentialsError):
         verify_chain(leaf.full_chain(), [ca.certificate], "server.example", at=later)
     with pytest.raises(CredentialsError):

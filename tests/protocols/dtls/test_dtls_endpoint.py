@@ -7,13 +7,16 @@ from typing import Any
 import pytest
 from dtls_pair import psk_configs
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from nettester import logs
 from nettester.interfaces import IConnectionIdGenerator, IDatagramLink, IDatagramReceiver
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConnection
-from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
+from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint, format_address
+from tests.logcapture import log_events
 
 SERVER = ("10.0.0.1", 5684)
 CLIENT = ("10.0.0.2", 40000)
@@ -177,6 +180,51 @@ def test_connect_failure_fires_errback() -> None:
     assert server.connections == [] and client.connections == []
 
 
+def test_unknown_identity_is_named_by_its_alert_on_the_client() -> None:
+    """Issue 13: the client says the server rejected it, with the alert's name."""
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    client.client_configuration.psk_identity = b"stranger"
+    failures: list[Any] = []
+    client.connect(SERVER).addErrback(failures.append)
+    wire.deliver()
+    assert failures[0].getErrorMessage() == "the server rejected the handshake: unknown_psk_identity"
+    assert client.counters.failures.get("unknown_psk_identity") == 1
+
+
+def test_wrong_psk_fails_at_once_on_both_sides_with_the_identity_logged() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    client.client_configuration.psk = b"not the secret"
+    failures: list[Any] = []
+    threshold = logs._threshold[0]
+    logs.set_level(LogLevel.info)  # whatever an earlier test left
+    try:
+        with log_events() as events:
+            client.connect(SERVER).addErrback(failures.append)
+            wire.deliver()
+    finally:
+        logs._threshold[0] = threshold
+    assert clock.seconds() == 0.0 and failures
+    assert failures[0].getErrorMessage() == "the server rejected the handshake: bad_record_mac"
+    assert server.counters.failures.get("bad_record_mac") == 1
+    lines = [formatEvent(event) for event in events]
+    assert any(
+        line == 'DTLS handshake with 10.0.0.2:40000 failed: wrong key for PSK identity "Client_identity"'
+        for line in lines
+    ), lines
+
+
+def test_peer_repr_and_log_addresses_are_host_port() -> None:
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    assert repr(peers[0]) == "<DtlsPeer 10.0.0.1:5684>"
+    assert format_address(("::1", 5684)) == "[::1]:5684"
+
+
 def test_max_connections_with_stale_eviction() -> None:
     clock = Clock()
     server, client, _, _, wire = make(clock, max_connections=1, stale_after=60.0)
@@ -264,7 +312,7 @@ def test_spoofed_client_hello_does_not_end_a_session() -> None:
     (session,) = server.connections
     stranger = DtlsConnection(client.client_configuration, SERVER)
     stranger.connect(0.0)
-    (hello,) = stranger.datagrams_to_send()
+    (hello,) = [d for d, _ in stranger.datagrams_to_send()]
     server.datagramReceived(hello, CLIENT)  # spoofed source: the client's address, no cookie
     assert server.connections == [session] and session.connection.is_established
     assert server.counters.hello_verify.value == 2
@@ -287,3 +335,31 @@ def test_client_reconnect_resumes_the_session() -> None:
     assert len(peers) == 2 and peers[0] is not peers[1]
     assert server.counters.resumptions.value == 1 and client.counters.resumptions.value == 1
     assert client.peerContext(peers[1]).identity == "Client_identity"
+
+
+def test_a_spoofed_client_hello_fragment_does_not_cut_off_an_established_peer() -> None:
+    """A first ClientHello fragment forged from a peer's address starts a
+    partial hello in the reassembly area; the peer's own records still reach
+    its connection (only ClientHello fragments go to the area)."""
+    from nettester.protocols.dtls import handshake as hs
+    from nettester.protocols.dtls import record
+
+    clock = Clock()
+    client_configuration, server_configuration = psk_configs(node_id=7, cid_length=None)
+    server_receiver = Collector()
+    server = DtlsEndpoint(clock, server_configuration=server_configuration, receiver=server_receiver)
+    client = DtlsEndpoint(clock, client_configuration=client_configuration)
+    wire = Wire()
+    wire.attach(server, SERVER)
+    wire.attach(client, CLIENT)
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)
+    wire.deliver()
+    forged = record.encode_plaintext_record(
+        record.HANDSHAKE, record.DTLS_1_2, 0, 5, hs.encode_header(hs.CLIENT_HELLO, 500, 0, 0, 40) + bytes(40)
+    )
+    server.datagramReceived(forged, CLIENT)
+    assert server.admission.fragments.assembling(CLIENT)
+    client.sendDatagram(b"still mine", peers[0])
+    wire.deliver()
+    assert [data for data, _ in server_receiver.received] == [b"still mine"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
-from dtls_pair import PSK, PSK_IDENTITY, Pair, psk_configs, fake_clock_time
+from dtls_pair import PSK, PSK_IDENTITY, Pair, fake_clock_time, psk_configs
 
 from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record
@@ -38,7 +38,7 @@ def test_psk_ccm8_handshake_with_cookie_and_cid() -> None:
     assert client.read_cid == server.write_cid and len(client.read_cid) == 6
     # Every record after the handshake is a tls12_cid record.
     pair.client.send_application_data(b"ping")
-    datagram = pair.client.datagrams_to_send()[0]
+    datagram = [d for d, _ in pair.client.datagrams_to_send()][0]
     assert datagram[0] == record.TLS12_CID and datagram[11:17] == server.read_cid
     pair.server.receive_datagram(datagram, pair.client_address, pair.now)
     pair._collect()
@@ -167,7 +167,7 @@ def test_expired_server_certificate_is_rejected() -> None:
     import datetime
 
     client, server = ecdsa_configs()
-    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=365)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365)
     client.certificate_time = lambda now: later
     pair = Pair(client, server)
     pair.start()
@@ -333,3 +333,18 @@ def test_psk_sandbox_identities() -> None:
     assert pair.now == 0.0
     assert pair.completed("server").peer_identity == "cali.1234"
     assert PSK == b"secretPSK"
+
+
+def test_the_engine_is_a_datagram_core() -> None:
+    """interfaces.DatagramCore: (datagram, address) pairs out, handed out once."""
+    from nettester.interfaces import DatagramCore
+    from nettester.protocols.dtls.connection import DtlsConnection
+
+    client_config, _ = psk_configs()
+    core: DatagramCore = DtlsConnection(client_config, ("192.0.2.2", 5684))
+    assert isinstance(core, DtlsConnection)
+    core.connect(0.0)
+    ((datagram, address),) = core.datagrams_to_send()
+    assert address == ("192.0.2.2", 5684) and datagram[0] == record.HANDSHAKE
+    assert list(core.datagrams_to_send()) == []
+    assert core.get_timer() == 1.0

@@ -127,10 +127,60 @@ def test_client_secret_forms_and_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("DTLS_PSK_SECRET", "plain")
     monkeypatch.setenv("DTLS_CID_LENGTH", "8")
     options = parse(ClientOptions)
-    assert (options["dtls"].psk_identity, options["dtls"].psk, options["dtls"].cid_length) == (b"env-device", b"plain", 8)
+    dtls = options["dtls"]
+    assert (dtls.psk_identity, dtls.psk, dtls.cid_length) == (b"env-device", b"plain", 8)
     # The command line wins over the environment.
     assert parse(ClientOptions, "--identity", "cli", "--secret", "s")["dtls"].psk_identity == b"cli"
 
 
 def test_client_auth_accepts_either_case() -> None:
     assert parse(ServerOptions, "--psk-sandbox", "--client-auth", "NONE")["dtls"].client_auth is ClientAuth.NONE
+
+
+def _usage_error(options_class: type, *arguments: str) -> str:
+    with pytest.raises(usage.UsageError) as raised:
+        parse(options_class, *arguments)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "option,expected",
+    [
+        ("--cid-length", "expected 0 (CID off) or a whole number 2..255, got 'abc'"),
+        ("--dtls-mtu", "expected a whole number of at least 1, got 'abc'"),
+        ("--dtls-retransmit", "expected a number above 0, got 'abc'"),
+        ("--max-connections", "expected a whole number of at least 1, got 'abc'"),
+    ],
+)
+def test_every_numeric_option_says_what_it_expects(option: str, expected: str) -> None:
+    """Issue 16: like --port, never Python's 'invalid literal for int()'."""
+    message = _usage_error(ServerOptions, "--psk-sandbox", option, "abc")
+    assert option in message and expected in message and "invalid literal" not in message
+
+
+def test_a_missing_psk_file_names_the_option() -> None:
+    message = _usage_error(ServerOptions, "--psk-file", "/nonexistent/psk.txt")
+    assert message.startswith("--psk-file /nonexistent/psk.txt: cannot read it (No such file or directory)"), message
+
+
+def test_a_bad_psk_file_line_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.psk").write_text("device=not base64!\n")
+    message = _usage_error(ServerOptions, "--psk-file", str(tmp_path / "bad.psk"))
+    assert message.startswith("--psk-file %s: line 1: secret is not base64" % (tmp_path / "bad.psk")), message
+
+
+def test_a_bad_pem_file_names_the_option_and_what_it_should_hold(tmp_path: Path) -> None:
+    """Issue 16: no cryptography internals (MalformedFraming and its URL)."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    key = tmp_path / "key.pem"
+    issue(make_ca(), "x").pem_files(str(tmp_path / "good.pem"), str(key))
+    message = _usage_error(ServerOptions, "--cert", str(bad), "--key", str(key))
+    assert message.startswith(
+        "--cert %s: no PEM certificate in it; expected one or more -----BEGIN CERTIFICATE-----" % bad
+    ), message
+    assert "Malformed" not in message and "http" not in message
+    message = _usage_error(ServerOptions, "--cert", str(tmp_path / "good.pem"), "--key", str(bad))
+    assert message.startswith("--key %s: no unencrypted PEM private key in it" % bad), message
+    message = _usage_error(ClientOptions, "--trust", str(tmp_path / "missing.pem"))
+    assert message.startswith("--trust %s: cannot read it" % (tmp_path / "missing.pem")), message

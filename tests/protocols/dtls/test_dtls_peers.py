@@ -24,7 +24,7 @@ def client_hello(**overrides: Any) -> tuple[DtlsConnection, bytes]:
     client_config, _ = psk_configs(**overrides)
     client = DtlsConnection(client_config, ("192.0.2.2", 5684))
     client.connect(0.0)
-    datagrams = client.datagrams_to_send()
+    assert [d for d, _ in client.datagrams_to_send()]
     assert client._client_hello is not None
     return client, client._client_hello.encode()
 

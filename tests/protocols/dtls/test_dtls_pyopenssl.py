@@ -76,7 +76,7 @@ def _our_client_handshake(openssl: SSL.Connection, client: DtlsConnection) -> Ha
     client.connect(now)
     seen: list[object] = []
     for _ in range(20):
-        for datagram in client.datagrams_to_send():
+        for datagram, _ in client.datagrams_to_send():
             openssl.bio_write(datagram)
             step(openssl)
         for datagram in drain(openssl):
@@ -84,7 +84,7 @@ def _our_client_handshake(openssl: SSL.Connection, client: DtlsConnection) -> Ha
         seen += events(client)
         if client.is_established:
             break
-    for datagram in client.datagrams_to_send():  # our final flight of an abbreviated handshake
+    for datagram, _ in client.datagrams_to_send():  # our final flight of an abbreviated handshake
         openssl.bio_write(datagram)
         step(openssl)
     (completed,) = [e for e in seen if isinstance(e, HandshakeCompleted)]
@@ -113,7 +113,7 @@ def test_our_client_against_openssl_server_with_cookies(suite: str) -> None:
     assert completed.cipher_suite == suite and completed.peer_identity == "CN=localhost"
     assert completed.write_cid is None  # OpenSSL has no CID
     client.send_application_data(b"hello openssl")
-    for datagram in client.datagrams_to_send():
+    for datagram, _ in client.datagrams_to_send():
         openssl.bio_write(datagram)
     assert openssl.recv(1000) == b"hello openssl"
     openssl.send(b"hello nettester")
@@ -161,7 +161,7 @@ def test_openssl_client_against_our_server(suite: str, client_auth: bool) -> Non
                 server = DtlsConnection(server_config, CLIENT_ADDRESS)
             server.receive_datagram(datagram, CLIENT_ADDRESS, now)
         if server is not None:
-            for datagram in server.datagrams_to_send():
+            for datagram, _ in server.datagrams_to_send():
                 openssl.bio_write(datagram)
         step(openssl)
         if server is not None and server.is_established:
@@ -175,11 +175,11 @@ def test_openssl_client_against_our_server(suite: str, client_auth: bool) -> Non
         server.receive_datagram(datagram, CLIENT_ADDRESS, now)
     assert [e.data for e in events(server) if isinstance(e, ApplicationData)] == [b"ping"]
     server.send_application_data(b"pong")
-    for datagram in server.datagrams_to_send():
+    for datagram, _ in server.datagrams_to_send():
         openssl.bio_write(datagram)
     assert openssl.recv(100) == b"pong"
     server.close()
-    for datagram in server.datagrams_to_send():
+    for datagram, _ in server.datagrams_to_send():
         openssl.bio_write(datagram)
     with pytest.raises(SSL.ZeroReturnError):
         openssl.recv(100)
@@ -209,7 +209,7 @@ def test_our_client_resumes_a_session_with_openssl() -> None:
     # OpenSSL took the abbreviated handshake: a full one would have been refused.
     assert resumed.resumed and resumed.session_id == full.session_id
     client.send_application_data(b"resumed")
-    for datagram in client.datagrams_to_send():
+    for datagram, _ in client.datagrams_to_send():
         second.bio_write(datagram)
     assert second.recv(100) == b"resumed"
 
@@ -240,7 +240,7 @@ def test_openssl_client_resumes_a_session_with_our_server() -> None:
         for _ in range(20):
             for datagram in drain(openssl):
                 server.receive_datagram(datagram, CLIENT_ADDRESS, 0.0)
-            for datagram in server.datagrams_to_send():
+            for datagram, _ in server.datagrams_to_send():
                 openssl.bio_write(datagram)
             step(openssl)
             if server.is_established:

@@ -49,7 +49,7 @@ def established(suite: str = "TLS_PSK_WITH_AES_128_CCM_8", session_cache: Sessio
 def deliver(sender: DtlsConnection, receiver: DtlsConnection, data: bytes, address: Any) -> bytes:
     """Send C{data} as one record and return its datagram once C{receiver} got it."""
     sender.send_application_data(data)
-    (datagram,) = sender.datagrams_to_send()
+    (datagram,) = [d for d, _ in sender.datagrams_to_send()]
     receiver.receive_datagram(datagram, address, 0.0)
     assert drain(receiver) == [ApplicationData(data)]
     return datagram
