@@ -180,17 +180,22 @@ class MetricsResource(Resource):
         return generate_latest(self._registry)
 
 
-def metrics_http_service(
-    port: int,
-    registry: CollectorRegistry,
-    interface: str = "",
-    extra: Mapping[bytes, Resource] | None = None,
-) -> TCPServer:
-    """A TCP service serving ``/metrics`` (and C{extra} children, e.g. ``/ready``)."""
+def metrics_site(registry: CollectorRegistry, extra: Mapping[bytes, Resource] | None = None) -> Site:
+    """An HTTP site serving ``/metrics`` (and ``extra`` children, e.g. ``/ready``)."""
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry))
     for path, resource in (extra or {}).items():
         root.putChild(path, resource)
     site = Site(root)
     site.noisy = False
-    return TCPServer(port, site, interface=interface)
+    return site
+
+
+def metrics_http_service(
+    port: int,
+    registry: CollectorRegistry,
+    interface: str = "",
+    extra: Mapping[bytes, Resource] | None = None,
+) -> TCPServer:
+    """A TCP service serving ``metrics_site`` on ``port``."""
+    return TCPServer(port, metrics_site(registry, extra), interface=interface)
