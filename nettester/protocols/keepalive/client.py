@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import ClientFactory, Factory, connectionDone
+from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -33,6 +34,7 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
+from nettester.protocols.keepalive.backoff import DEFAULT_MAX_DELAY, Backoff, Repeats, RepeatedFailures
 from nettester.protocols.keepalive.transport import connect_tcp
 from nettester.protocols.keepalive.wire import (
     ClientConnection,
@@ -48,6 +50,9 @@ from nettester.protocols.keepalive.wire import (
 log = Logger()
 
 CLOSED_BY_CLIENT = "closed_by_client"
+
+# Seconds during which the same failure again is counted instead of logged (see backoff.py).
+REPEAT_WINDOW = 10.0
 
 
 class KeepAliveClientProtocol(CoreProtocol):
@@ -75,6 +80,7 @@ class KeepAliveClientProtocol(CoreProtocol):
     def handle_event(self, event: Event) -> None:
         fleet = self.slot.fleet
         if type(event) is KeepAliveAnswered:
+            self.slot.backoff.succeeded()
             fleet.answered.value += 1
             fleet.rtt_total += event.rtt
             if event.rtt > fleet.rtt_max:
@@ -102,8 +108,8 @@ class KeepAliveClientProtocol(CoreProtocol):
         elif cause == PEER_RESET:
             log.error("Client {client}: TCP connection reset, conn={conn}", **fields)
         elif cause == TLS_ERROR:
-            log.error("Client {client}: TLS failed, conn={conn}: {detail} (check --ca and --server-name, "
-                      "or use --insecure for a self-signed server)", **fields)
+            log.emit(self.slot.fleet.failure_level(f"TLS failed: {detail}", self.conn),
+                     "Client {client}: TLS failed, conn={conn}: {detail}", **fields)
         else:
             log.info("Client {client}: closed TCP connection, conn={conn} :{detail}", **fields)
         self.slot.connection_lost(self, cause)
@@ -122,6 +128,7 @@ class ClientSlot(ClientFactory):
         self.connector: IConnector | None = None
         self.protocol_instance: KeepAliveClientProtocol | None = None
         self.pending: IDelayedCall | None = None
+        self.backoff = Backoff(fleet.reconnect_delay, fleet.reconnect_max_delay, fleet.rng)
 
     def schedule(self, delay: float) -> None:
         """Connect after C{delay} seconds."""
@@ -146,18 +153,20 @@ class ClientSlot(ClientFactory):
         if not self.fleet.running:
             return
         self.fleet.connect_failures.value += 1
-        log.error("Client {client}: Server unavailable {reason} (is keepalive-server running at {server}? "
-                  "retrying in {delay:g} s), conn={conn}", event="server_unavailable", client=self.number,
-                  conn=self.conn_id, server=self.fleet.address, reason=reason.getErrorMessage().rstrip("."),
-                  delay=self.fleet.reconnect_delay)
-        self.schedule(self.fleet.reconnect_delay)
+        text = reason.getErrorMessage().rstrip(".")
+        delay = round(self.backoff.failed(), 1)
+        log.emit(self.fleet.failure_level(f"Server unavailable {text}", self.conn_id),
+                 "Client {client}: Server unavailable {reason} (is keepalive-server running at {server}? "
+                 "retrying in {delay:g} s), conn={conn}", event="server_unavailable", client=self.number,
+                 conn=self.conn_id, server=self.fleet.address, reason=text, delay=delay)
+        self.schedule(delay)
 
     def connection_lost(self, protocol: KeepAliveClientProtocol, cause: str) -> None:
         self.connector = None
         self.protocol_instance = None
         self.fleet.disconnected(protocol, cause)
         if self.fleet.running:
-            self.schedule(self.fleet.reconnect_delay)
+            self.schedule(self.backoff.failed())
 
     def stop(self) -> None:
         """Cancel a pending (re)connect or connection attempt; close an open connection with a FIN."""
@@ -180,7 +189,8 @@ class KeepAliveClientService(Service):
     def __init__(self, reactor: Any, host: str, port: int, clients: int, timing: ClientTiming,
                  ramp_up: float = 10.0, reconnect_delay: float = 1.0,
                  tls: IOpenSSLClientConnectionCreator | None = None, rng: random.Random | None = None,
-                 run_id: str | None = None, connect_timeout: float = 10.0) -> None:
+                 run_id: str | None = None, connect_timeout: float = 10.0,
+                 reconnect_max_delay: float = DEFAULT_MAX_DELAY) -> None:
         self.reactor = reactor
         self.clock = reactor
         self.host = host
@@ -189,6 +199,8 @@ class KeepAliveClientService(Service):
         self.plan = ClientPlan(timing)
         self.ramp_up = ramp_up
         self.reconnect_delay = reconnect_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        self.repeats = RepeatedFailures(REPEAT_WINDOW)
         self.tls = tls
         self.rng = rng if rng is not None else random.Random()
         self.run_id = run_id if run_id is not None else secrets.token_hex(3)
@@ -215,6 +227,18 @@ class KeepAliveClientService(Service):
                  transport="TLS" if self.tls is not None else "TCP", ramp=self.ramp_up)
         for slot in self.slots:
             slot.schedule(self.rng.uniform(0.0, self.ramp_up))
+
+    def failure_level(self, kind: str, conn: str) -> LogLevel:
+        """error for the first failure of a kind in a while; debug for its repeats, counted and said later."""
+        full, finished = self.repeats.record(kind, conn, self.clock.seconds())
+        if finished is not None:
+            self._say_repeats(kind, finished)
+        return LogLevel.error if full else LogLevel.debug
+
+    def _say_repeats(self, kind: str, run: Repeats) -> None:
+        log.error("Client fleet: {count} more connections failed the same way in the last {seconds:g} s "
+                  "({kind}), last conn={conn}", event="failures_repeated", count=run.count, kind=kind,
+                  seconds=round(self.clock.seconds() - run.since, 1), conn=run.last_conn)
 
     def connect(self, slot: ClientSlot) -> IConnector:
         factory: Factory = slot
@@ -261,4 +285,6 @@ class KeepAliveClientService(Service):
         super().stopService()
         for slot in self.slots:
             slot.stop()
+        for kind, run in self.repeats.flush():
+            self._say_repeats(kind, run)
         return self.open.when_empty()
