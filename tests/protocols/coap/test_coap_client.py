@@ -280,8 +280,11 @@ def test_client_against_a_closed_port_fails_at_once() -> Generator[Any, Any, Non
 def test_uri_argument_messages() -> None:
     with pytest.raises(usage.UsageError, match=r"^give the URI, e\.g\. coap://127\.0\.0\.1:5683/test$"):
         CoapClientOptions().parseOptions([])
-    with pytest.raises(usage.UsageError, match="options go before the URI"):
-        CoapClientOptions().parseOptions(["coap://127.0.0.1/test", "--method", "POST"])
+    after = CoapClientOptions()  # GNU style (issue 16): options may follow the URI
+    after.parseOptions(["coap://127.0.0.1/test", "--method", "POST"])
+    assert after["method"] == "POST"
+    with pytest.raises(usage.UsageError, match="expected one URI, got 2 arguments"):
+        CoapClientOptions().parseOptions(["coap://127.0.0.1/test", "coap://127.0.0.1/other"])
     with pytest.raises(usage.UsageError, match="benchmark"):
         CoapBenchOptions().parseOptions([])
     options = CoapClientOptions()
