@@ -7,6 +7,7 @@ pid file, so it can be a container's entrypoint.
 
 from __future__ import annotations
 
+import os
 import select
 import sys
 from collections.abc import Iterator
@@ -43,11 +44,17 @@ class _ForegroundOptions(ServerOptions):
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Parse C{argv} as ``nettester <role> [options]`` and run the role until stopped."""
+    """Parse ``argv`` as ``nettester <role> [options]`` and run the role until stopped."""
     args = sys.argv[1:] if argv is None else argv
     config = _ForegroundOptions()
     try:
         config.parseOptions(["--nodaemon", "--pidfile=", SERVICE_MAKER.tapname, *args])
+    except SystemExit:
+        _flush_stdout()  # --help: a reader that stopped early (``| head``) is not an error
+        raise
+    except BrokenPipeError:
+        _flush_stdout()
+        sys.exit(0)
     except UsageError as error:
         tap_options = getattr(config, "subOptions", None)
         role = getattr(tap_options, "subCommand", None)
@@ -55,6 +62,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.stderr.write(f"nettester: error: {error}\nTry '{hint}' for the options.\n")
         sys.exit(2)
     tap_options = config.subOptions
+    tap_options.twistd_banners = False
     role = tap_options.roles[tap_options.subCommand]
     if ICommandRole.providedBy(role):
         sys.exit(_run_command(role, tap_options.subOptions))
@@ -63,8 +71,17 @@ def main(argv: list[str] | None = None) -> NoReturn:
     sys.exit(exit_status_of(tap_options.root) if tap_options.root is not None else 1)
 
 
+def _flush_stdout() -> None:
+    """Flush stdout; when its reader has gone, send the rest to /dev/null (no BrokenPipeError at exit)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def _install_reactor() -> None:
-    """The lean datagram reactor (L{nettester.reactor}) where epoll exists, unless one is installed already."""
+    """The lean datagram reactor (``nettester.reactor``) where epoll exists, unless one is installed already."""
     if hasattr(select, "epoll") and "twisted.internet.reactor" not in sys.modules:
         from nettester.reactor import install
 

@@ -16,12 +16,12 @@ from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.python.usage import UsageError
 
-from nettester.interfaces import ILocalScenario
+from nettester.interfaces import ILocalScenario, IReportingService
 from nettester.logs import Logger
 from nettester.metrics import format_summary
 from nettester.module import ProtocolModule, Role, discover_modules
 from nettester.options import RoleOptions, positive_float
-from nettester.service import set_exit_status, with_reporting
+from nettester.service import exit_status_of, metrics_endpoint, set_exit_status, with_reporting
 
 log = Logger()
 
@@ -36,6 +36,9 @@ class Verdict:
 
 class LocalOptions(RoleOptions):
     """Options of ``nettester local``."""
+
+    # The summaries and verdicts are the output; each connection's lines are debug detail.
+    connection_lines_at_debug = True
 
     optParameters: ClassVar[list[list[Any]]] = [
         ["duration", None, 30.0, "Seconds to run before judging.", positive_float],
@@ -58,7 +61,15 @@ class LocalService(Service):
         self._reactor = reactor
         self._scenarios = scenarios
         self._duration = options["duration"]
-        self._running = [with_reporting(s.service, s.name, options, reactor) for s in scenarios]
+        # One --metrics-port for the whole run, serving every module's metrics.
+        self._running = [with_reporting(s.service, s.name, options, reactor, metrics=False) for s in scenarios]
+        if options["metrics-port"]:
+            metric_sets = [s.service.metrics for s in scenarios if IReportingService.providedBy(s.service)]
+            self._running.insert(0, metrics_endpoint(reactor, options, *metric_sets))
+        for service in self._running:
+            # Started and stopped by hand (in order), but part of the tree, so an
+            # exit status recorded by a scenario reaches the root.
+            service.parent = self
         self._timer: Any = None
         self._finished: Deferred[None] | None = None
 
@@ -102,7 +113,8 @@ class LocalService(Service):
             )
             if not verdict.passed:
                 failed.append(scenario.name)
-        set_exit_status(self, 1 if failed else 0)
+        # A port that could not be opened (--metrics-port) has already made the run fail.
+        set_exit_status(self, 1 if failed or exit_status_of(self) else 0)
         if failed:
             log.error(
                 "local: {count} of {total} modules failed: {failed}",

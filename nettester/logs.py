@@ -65,7 +65,7 @@ def set_level(level: LogLevel) -> None:
 
 
 def is_enabled(level: LogLevel) -> bool:
-    """True when a log call at C{level} would be emitted."""
+    """True when a log call at ``level`` would be emitted."""
     return _PRIORITY[level] >= _threshold[0]
 
 
@@ -90,7 +90,7 @@ def _always_shown(event: dict[str, Any]) -> PredicateResult:
 # Twisted logs every port it opens and closes at info level ("... starting on
 # 4242", "(UDP Port 4242 Closed)"): one line per client socket of a tester
 # fleet. Each role logs its own listening line, so these are debug detail.
-_PORT_CHATTER = re.compile(r"^(\((UDP|TCP) Port \d+ Closed\)|\S+ starting on \d+)$")
+_PORT_CHATTER = re.compile(r"^(\((UDP|TCP) Port \d+ Closed\)|.+ starting on \d+)$")
 
 
 def _port_chatter_is_debug(event: dict[str, Any]) -> PredicateResult:
@@ -98,6 +98,30 @@ def _port_chatter_is_debug(event: dict[str, Any]) -> PredicateResult:
         return PredicateResult.maybe
     message = event.get("message")
     if message and isinstance(message, tuple) and _PORT_CHATTER.match(str(message[0])):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
+# twistd's start and stop banners. The ``nettester`` launcher shows them at
+# debug only: its output is the role's lines, summaries and verdicts.
+TWISTD_BANNERS = frozenset({
+    "twistd {version} ({exe} {pyVersion}) starting up.",
+    "reactor class: {reactor}.",
+    "Main loop terminated.",
+    "Server Shut Down.",
+})
+
+
+def _twistd_banner_is_debug(event: dict[str, Any]) -> PredicateResult:
+    if event.get("log_format") in TWISTD_BANNERS and not is_enabled(LogLevel.debug):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
+def _connection_line_is_debug(event: dict[str, Any]) -> PredicateResult:
+    """An info line about one connection (it carries ``conn`` or ``peer``) is debug detail."""
+    if (event.get("log_level") == LogLevel.info and ("conn" in event or "peer" in event)
+            and not is_enabled(LogLevel.debug)):
         return PredicateResult.no
     return PredicateResult.maybe
 
@@ -171,15 +195,22 @@ def json_record(event: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def make_observer(log_format: str, level: LogLevel, stream: IO[str] | None = None) -> ILogObserver:
+def make_observer(log_format: str, level: LogLevel, stream: IO[str] | None = None, *,
+                  twistd_banners: bool = True, connection_lines_at_debug: bool = False) -> ILogObserver:
     """The observer for ``--log-format`` and ``--log-level``; also sets the fast threshold.
 
     The stream is captured now, because twistd later replaces ``sys.stdout``
-    with a file that logs what is written to it.
+    with a file that logs what is written to it. Without ``twistd_banners``
+    (the ``nettester`` launcher), twistd's start and stop banners are debug
+    lines; with ``connection_lines_at_debug`` (``nettester local``), so are
+    the info lines about single connections.
     """
     set_level(level)
     out = stream if stream is not None else sys.__stdout__
     base: ILogObserver = JsonObserver(out) if log_format == "json" else HumanObserver(out)
-    return FilteringLogObserver(
-        base, [_always_shown, _port_chatter_is_debug, LogLevelFilterPredicate(defaultLogLevel=level)]
-    )
+    predicates = [_always_shown, _port_chatter_is_debug]
+    if not twistd_banners:
+        predicates.append(_twistd_banner_is_debug)
+    if connection_lines_at_debug:
+        predicates.append(_connection_line_is_debug)
+    return FilteringLogObserver(base, [*predicates, LogLevelFilterPredicate(defaultLogLevel=level)])

@@ -331,6 +331,21 @@ class QuietSite(Site):
         pass
 
 
+def metrics_site(
+    registry: CollectorRegistry,
+    extra: Mapping[bytes, Resource] | None = None,
+    is_ready: Callable[[], bool] | None = None,
+) -> Site:
+    """An HTTP site serving ``/metrics``, ``/ready`` when ``is_ready`` is given, and ``extra`` children."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry))
+    if is_ready is not None:
+        root.putChild(b"ready", ReadyResource(is_ready))
+    for path, resource in (extra or {}).items():
+        root.putChild(path, resource)
+    return QuietSite(root)
+
+
 def metrics_http_service(
     port: int,
     registry: CollectorRegistry,
@@ -338,11 +353,5 @@ def metrics_http_service(
     extra: Mapping[bytes, Resource] | None = None,
     is_ready: Callable[[], bool] | None = None,
 ) -> TCPServer:
-    """A TCP service serving ``/metrics``, ``/ready`` when ``is_ready`` is given, and ``extra`` children."""
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry))
-    if is_ready is not None:
-        root.putChild(b"ready", ReadyResource(is_ready))
-    for path, resource in (extra or {}).items():
-        root.putChild(path, resource)
-    return TCPServer(port, QuietSite(root), interface=interface)
+    """A TCP service serving ``metrics_site`` on ``port``."""
+    return TCPServer(port, metrics_site(registry, extra, is_ready), interface=interface)

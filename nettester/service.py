@@ -5,24 +5,33 @@
 and carries the process exit status, the role's summary reporter and
 metrics endpoint, and the role's own service. Nothing here knows a
 protocol module.
+
+It also opens listening ports the same way for every role. A port that
+cannot be opened (in use, no such address, no permission) is a user error:
+one critical line in one shape, naming the option to change, and exit
+status 1 (``listen_failed``)::
+
+    [critical] cannot listen on 0.0.0.0:9100 (--metrics-port): Address already in use; choose another --metrics-port
 """
 
 from __future__ import annotations
 
 import gc
 import signal
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import inlineCallbacks, maybeDeferred
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
 from nettester.interfaces import IReportingService, IRole
 from nettester.logs import Logger, make_observer, parse_level
-from nettester.metrics import SummaryReporter, metrics_http_service, new_registry
+from nettester.metrics import SummaryReporter, metrics_site, new_registry
 from nettester.options import RoleOptions
 from nettester.supervisor import multiprocess_service
 
@@ -49,6 +58,92 @@ def _root_of(service: IService) -> Any:
     while getattr(node, "parent", None) is not None:
         node = node.parent
     return node
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, ``[v6]:port``; an empty host (every address) is ``*``."""
+    host = host or "*"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_error_reason(error: BaseException) -> str:
+    """What the OS said, without Python's decoration: ``Address already in use``."""
+    cause = error.socketError if isinstance(error, CannotListenError) else error
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause)
+
+
+def listen_failed(service: IService, reactor: Any, host: str, port: int, option: str, error: BaseException) -> None:
+    """Log the one-line port failure for ``option`` (``--port``, ``--metrics-port``...), then stop, exit status 1.
+
+    ``service`` is any service of the role's tree: the exit status goes to
+    its root. The reactor is stopped once it runs, so a failure during
+    start-up ends the process with this line instead of a traceback.
+    """
+    log.critical(
+        "cannot listen on {address} ({option}): {reason}; choose another {option}",
+        event="listen_failed",
+        address=host_port(host, port),
+        option=option,
+        reason=listen_error_reason(error),
+    )
+    set_exit_status(service, 1)
+    reactor.callWhenRunning(reactor.stop)
+
+
+class TCPListener(Service):
+    """Listens on a TCP port while running; a port that cannot be opened is ``listen_failed``.
+
+    ``on_listening(port)`` is called once listening (to log where).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        port: int,
+        factory: Factory,
+        interface: str,
+        option: str,
+        on_listening: Callable[[IListeningPort], None] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._port = port
+        self._factory = factory
+        self._interface = interface
+        self._option = option
+        self._on_listening = on_listening
+        self.listening: IListeningPort | None = None
+        self.failed = False
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.listening = self._reactor.listenTCP(self._port, self._factory, interface=self._interface)
+        except CannotListenError as error:
+            self.failed = True
+            listen_failed(self, self._reactor, self._interface, self._port, self._option, error)
+            return
+        if self._on_listening is not None:
+            self._on_listening(self.listening)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        listening, self.listening = self.listening, None
+        return maybeDeferred(listening.stopListening) if listening is not None else succeed(None)
+
+
+def metrics_endpoint(reactor: Any, options: RoleOptions, *metric_sets: Any,
+                     is_ready: Callable[[], bool] | None = None) -> TCPListener:
+    """``--metrics-port``: ``/metrics`` of these metric sets, logged as ``metrics on http://ADDR:PORT/metrics``."""
+
+    def listening(port: IListeningPort) -> None:
+        address = port.getHost()
+        log.info("metrics on http://{address}/metrics", event="metrics_listening",
+                 address=host_port(address.host, address.port))
+
+    return TCPListener(reactor, options["metrics-port"], metrics_site(new_registry(*metric_sets), is_ready=is_ready),
+                       options["metrics-interface"], "--metrics-port", listening)
 
 
 class SequentialStopService(MultiService):
@@ -79,17 +174,16 @@ class RoleRootService(SequentialStopService):
         super().setServiceParent(parent)
 
 
-def with_reporting(service: IService, name: str, options: RoleOptions, clock: Any) -> MultiService:
-    """Wrap ``service`` with its summary reporter and, if asked, its metrics endpoint."""
+def with_reporting(service: IService, name: str, options: RoleOptions, reactor: Any,
+                   metrics: bool = True) -> MultiService:
+    """Wrap ``service`` with its summary reporter and, if asked (and ``metrics``), its metrics endpoint."""
     wrapper = SequentialStopService()
     if IReportingService.providedBy(service):
-        SummaryReporter(clock, name, service.summary, options["stats-interval"]).setServiceParent(wrapper)
-        if options["metrics-port"]:
-            registry = new_registry(service.metrics)
+        SummaryReporter(reactor, name, service.summary, options["stats-interval"]).setServiceParent(wrapper)
+        if metrics and options["metrics-port"]:
             # /ready: the role's own readiness where it has one (coap-server), else "it is running".
             is_ready = getattr(service, "is_ready", lambda: bool(service.running))
-            metrics_http_service(options["metrics-port"], registry, options["metrics-interface"],
-                                 is_ready=is_ready).setServiceParent(wrapper)
+            metrics_endpoint(reactor, options, service.metrics, is_ready=is_ready).setServiceParent(wrapper)
     service.setServiceParent(wrapper)
     return wrapper
 
@@ -102,10 +196,16 @@ def with_reporting(service: IService, name: str, options: RoleOptions, clock: An
 GC_THRESHOLDS = (100_000, 50, 100)
 
 
-def build(role: IRole, options: RoleOptions, reactor: Any) -> RoleRootService:
-    """The whole service tree of a role: logging, reporting, the role itself."""
+def build(role: IRole, options: RoleOptions, reactor: Any, twistd_banners: bool = True) -> RoleRootService:
+    """The whole service tree of a role: logging, reporting, the role itself.
+
+    ``twistd_banners=False`` (the ``nettester`` launcher) shows twistd's
+    start and stop banners at debug only.
+    """
     gc.set_threshold(*GC_THRESHOLDS)
-    root = RoleRootService(make_observer(options["log-format"], parse_level(options["log-level"])))
+    root = RoleRootService(make_observer(options["log-format"], parse_level(options["log-level"]),
+                                         twistd_banners=twistd_banners,
+                                         connection_lines_at_debug=options.connection_lines_at_debug))
     service = multiprocess_service(role, options, reactor, set_exit_status)  # --workers / --processes
     if service is None or IReportingService.providedBy(service):
         service = with_reporting(service or role.makeService(reactor, options), role.name, options, reactor)

@@ -38,6 +38,8 @@ class Options(usage.Options):
         super().__init__()
         self.roles = discover_roles()
         self.root: IService | None = None
+        # The nettester launcher sets this to False: twistd's banners are then debug lines.
+        self.twistd_banners = True
 
     @property
     def subCommands(self) -> list[tuple[str, None, type[RoleOptions], str]]:  # type: ignore[override]
@@ -61,5 +63,6 @@ def makeService(options: Options) -> IService:
     """
     from twisted.internet import reactor
 
-    options.root = build(options.roles[options.subCommand], options.subOptions, reactor)
+    options.root = build(options.roles[options.subCommand], options.subOptions, reactor,
+                         twistd_banners=options.twistd_banners)
     return options.root

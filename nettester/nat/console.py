@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
@@ -25,7 +25,7 @@ from zope.interface import implementer
 from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.nat.proxy import NatProxy
-from nettester.service import set_exit_status
+from nettester.service import TCPListener, listen_failed
 
 log = Logger()
 
@@ -231,10 +231,12 @@ class NatRoleService(MultiService):
         proxy.setServiceParent(self)
         self.metrics = proxy.metrics
         self.console = NatConsole(proxy)
-        self._console_port = console_port
-        self._console_interface = console_interface
         self._stdin_console = stdin_console
-        self._listening: Any = None
+        self._tcp_console: TCPListener | None = None
+        if console_port is not None:
+            self._tcp_console = TCPListener(reactor, console_port, ConsoleFactory(self.console), console_interface,
+                                            "--console-port", self._console_listening)
+            self._tcp_console.setServiceParent(self)
         self.failed: str | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -242,25 +244,15 @@ class NatRoleService(MultiService):
 
     def startService(self) -> None:
         try:
-            super().startService()  # the proxy binds the listening UDP port
-            if self._console_port is not None:
-                self._listening = self._reactor.listenTCP(
-                    self._console_port, ConsoleFactory(self.console), interface=self._console_interface
-                )
+            super().startService()  # the proxy binds the listening UDP port, then the TCP console listens
         except (CannotListenError, OSError) as error:
             self.failed = str(error)
-            log.critical(
-                "Cannot listen: {reason}; choose another listening address or --console-port, "
-                "or stop what is using it",
-                event="listen_failed",
-                reason=str(error),
-            )
-            set_exit_status(self, 1)
-            self._reactor.callWhenRunning(self._reactor.stop)
+            host, port = self.proxy.listen_address
+            listen_failed(self, self._reactor, host, port, "<listen>", error)
             return
-        if self._listening is not None:
-            log.info("NAT console on tcp {address}", event="nat_console_listening",
-                     address=f"{self._console_interface}:{self._listening.getHost().port}")
+        if self._tcp_console is not None and self._tcp_console.failed:
+            self.failed = "--console-port"
+            return
         if self._stdin_console:
             from twisted.internet.stdio import StandardIO
 
@@ -271,14 +263,13 @@ class NatRoleService(MultiService):
             console = ConsoleProtocol(self.console, on_exit=self._reactor.stop, output=_write_stdout)
             StandardIO(console, stdin=0, stdout=devnull, reactor=self._reactor)
 
+    def _console_listening(self, port: Any) -> None:
+        address = port.getHost()
+        log.info("NAT console on tcp {address}", event="nat_console_listening",
+                 address=f"{address.host}:{address.port}")
+
     @property
     def console_port(self) -> int:
         """The TCP console's real port number."""
-        return self._listening.getHost().port
-
-    def stopService(self) -> Deferred[Any]:
-        stopping = super().stopService()
-        if self._listening is None:
-            return stopping
-        listening, self._listening = self._listening, None
-        return maybeDeferred(listening.stopListening).addCallback(lambda _: stopping)
+        assert self._tcp_console is not None and self._tcp_console.listening is not None, "no TCP console"
+        return self._tcp_console.listening.getHost().port

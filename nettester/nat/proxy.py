@@ -175,6 +175,11 @@ class NatProxy(Service):
         return gatherResults(closing)
 
     @property
+    def listen_address(self) -> tuple[str, int]:
+        """The ``[interface]:port`` asked for (the listening argument)."""
+        return self._listen
+
+    @property
     def port(self) -> int:
         """The public port's real number (useful with port 0)."""
         return self._public.getHost().port

@@ -20,6 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from nettester.logs import Logger
+from nettester.protocols.keepalive.tls import tls_failure_text
 from nettester.protocols.keepalive.transport import FIN, tcp_ending
 from nettester.protocols.keepalive.wire import Event
 
@@ -54,7 +55,7 @@ def close_cause(reason: Failure, closed_by_us: str | None, us: str, tcp_end: str
     if closed_by_us is not None:
         return us, closed_by_us
     if reason.check(TLSError, VerificationError) is not None:
-        return TLS_ERROR, str(reason.value)
+        return TLS_ERROR, tls_failure_text(reason.value)
     if reason.check(ConnectionDone) is not None:
         return PEER_CLOSED, FIN
     if tcp_end == FIN:

@@ -26,6 +26,7 @@ from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import ClientFactory, Factory, connectionDone
 from twisted.internet.task import LoopingCall
+from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -41,6 +42,7 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
+from nettester.protocols.keepalive.backoff import DEFAULT_MAX_DELAY, Backoff, Repeats, RepeatedFailures
 from nettester.protocols.keepalive.transport import connect_tcp
 from nettester.protocols.keepalive.wire import (
     ClientConnection,
@@ -92,6 +94,9 @@ class Outage:
         return LossEpisode(str(client), self.conn, self.start, end, UNATTRIBUTED, self.attempts, None,
                            {"cause": self.cause, "detail": self.detail})
 
+# Seconds during which the same failure again is counted instead of logged (see backoff.py).
+REPEAT_WINDOW = 10.0
+
 
 class KeepAliveClientProtocol(CoreProtocol):
     """One client connection."""
@@ -118,6 +123,7 @@ class KeepAliveClientProtocol(CoreProtocol):
     def handle_event(self, event: Event) -> None:
         fleet = self.slot.fleet
         if type(event) is KeepAliveAnswered:
+            self.slot.backoff.succeeded()
             fleet.answered.value += 1
             fleet.rtt_total += event.rtt
             fleet.interval_rtt.record(event.rtt)
@@ -146,8 +152,8 @@ class KeepAliveClientProtocol(CoreProtocol):
         elif cause == PEER_RESET:
             log.error("Client {client}: TCP connection reset, conn={conn}", **fields)
         elif cause == TLS_ERROR:
-            log.error("Client {client}: TLS failed, conn={conn}: {detail} (check --ca and --server-name, "
-                      "or use --insecure for a self-signed server)", **fields)
+            log.emit(self.slot.fleet.failure_level(f"TLS failed: {detail}", self.conn),
+                     "Client {client}: TLS failed, conn={conn}: {detail}", **fields)
         else:
             log.info("Client {client}: closed TCP connection, conn={conn} :{detail}", **fields)
         self.slot.connection_lost(self, cause, detail)
@@ -167,6 +173,7 @@ class ClientSlot(ClientFactory):
         self.protocol_instance: KeepAliveClientProtocol | None = None
         self.pending: IDelayedCall | None = None
         self.outage: Outage | None = None
+        self.backoff = Backoff(fleet.reconnect_delay, fleet.reconnect_max_delay, fleet.rng)
 
     def schedule(self, delay: float) -> None:
         """Connect after C{delay} seconds."""
@@ -196,15 +203,16 @@ class ClientSlot(ClientFactory):
         if not self.fleet.running:
             return
         self.fleet.connect_failures.value += 1
+        text = reason.getErrorMessage().rstrip(".")
         if self.outage is None:
-            self.outage = Outage(self.fleet.clock.seconds(), SERVER_UNAVAILABLE, self.conn_id,
-                                 reason.getErrorMessage().rstrip("."))
+            self.outage = Outage(self.fleet.clock.seconds(), SERVER_UNAVAILABLE, self.conn_id, text)
             self.outage.attempts = 1
-        log.error("Client {client}: Server unavailable {reason} (is keepalive-server running at {server}? "
-                  "retrying in {delay:g} s), conn={conn}", event="server_unavailable", client=self.number,
-                  conn=self.conn_id, server=self.fleet.address, reason=reason.getErrorMessage().rstrip("."),
-                  delay=self.fleet.reconnect_delay)
-        self.schedule(self.fleet.reconnect_delay)
+        delay = round(self.backoff.failed(), 1)
+        log.emit(self.fleet.failure_level(f"Server unavailable {text}", self.conn_id),
+                 "Client {client}: Server unavailable {reason} (is keepalive-server running at {server}? "
+                 "retrying in {delay:g} s), conn={conn}", event="server_unavailable", client=self.number,
+                 conn=self.conn_id, server=self.fleet.address, reason=text, delay=delay)
+        self.schedule(delay)
 
     def connection_lost(self, protocol: KeepAliveClientProtocol, cause: str, detail: str = "") -> None:
         self.connector = None
@@ -215,7 +223,7 @@ class ClientSlot(ClientFactory):
             self.outage = Outage(self.fleet.clock.seconds(), why, protocol.conn, detail)
         self.fleet.disconnected(protocol, cause, why)
         if self.fleet.running:
-            self.schedule(self.fleet.reconnect_delay)
+            self.schedule(self.backoff.failed())
 
     def stop(self) -> None:
         """Cancel a pending (re)connect or connection attempt; close an open connection with a FIN."""
@@ -239,7 +247,8 @@ class KeepAliveClientService(Service):
                  ramp_up: float = 10.0, reconnect_delay: float = 1.0,
                  tls: IOpenSSLClientConnectionCreator | None = None, rng: random.Random | None = None,
                  run_id: str | None = None, connect_timeout: float = 10.0,
-                 results: ResultSettings | None = None, stop: Callable[[], None] | None = None) -> None:
+                 results: ResultSettings | None = None, stop: Callable[[], None] | None = None,
+                 reconnect_max_delay: float = DEFAULT_MAX_DELAY) -> None:
         """``results``: judge the run, write the report, set the exit status (None: the caller judges).
         ``stop``: ends the process at ``--duration`` (default ``reactor.stop``)."""
         self.reactor = reactor
@@ -250,6 +259,8 @@ class KeepAliveClientService(Service):
         self.plan = ClientPlan(timing)
         self.ramp_up = ramp_up
         self.reconnect_delay = reconnect_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        self.repeats = RepeatedFailures(REPEAT_WINDOW)
         self.tls = tls
         self.rng = rng if rng is not None else random.Random()
         self.run_id = run_id if run_id is not None else secrets.token_hex(3)
@@ -323,6 +334,18 @@ class KeepAliveClientService(Service):
         if self.recorder is not None:
             self.recorder.episode(outage.episode(client, self.clock.seconds()))
 
+    def failure_level(self, kind: str, conn: str) -> LogLevel:
+        """error for the first failure of a kind in a while; debug for its repeats, counted and said later."""
+        full, finished = self.repeats.record(kind, conn, self.clock.seconds())
+        if finished is not None:
+            self._say_repeats(kind, finished)
+        return LogLevel.error if full else LogLevel.debug
+
+    def _say_repeats(self, kind: str, run: Repeats) -> None:
+        log.error("Client fleet: {count} more connections failed the same way in the last {seconds:g} s "
+                  "({kind}), last conn={conn}", event="failures_repeated", count=run.count, kind=kind,
+                  seconds=round(self.clock.seconds() - run.since, 1), conn=run.last_conn)
+
     def connect(self, slot: ClientSlot) -> IConnector:
         factory: Factory = slot
         if self.tls is not None:
@@ -375,6 +398,8 @@ class KeepAliveClientService(Service):
             self._sampler.stop()
         for slot in self.slots:
             slot.stop()
+        for kind, run in self.repeats.flush():
+            self._say_repeats(kind, run)
         closed = self.open.when_empty()
         if self.results is not None:
             closed.addCallback(lambda _: self._conclude())

@@ -73,6 +73,7 @@ class ClientOptions(ResultOptionsMixin, ProcessesOptionsMixin, RoleOptions):
         "dummy-interval": "TCP_DUMMY_INTERVAL",
         "ramp-up": "TCP_RAMP_UP",
         "reconnect-delay": "TCP_RECONNECT_DELAY",
+        "reconnect-max-delay": "TCP_RECONNECT_MAX_DELAY",
         "tls": "TCP_TLS",
         "ca": "TLS_CA",
         "server-name": "TLS_SERVER_NAME",
@@ -92,6 +93,9 @@ class ClientOptions(ResultOptionsMixin, ProcessesOptionsMixin, RoleOptions):
         ["dummy-interval", None, 11.0, "Seconds between dummy messages (0 = none).", non_negative_float],
         ["ramp-up", None, 10.0, "Start clients at random times spread over this many seconds.", non_negative_float],
         ["reconnect-delay", None, 1.0, "Seconds to wait before reconnecting after a drop.", non_negative_float],
+        ["reconnect-max-delay", None, 60.0, "Each further failure in a row (refused, TLS failed, closed before a "
+                                            "keep-alive was answered) doubles the wait, with jitter, up to this "
+                                            "many seconds.", positive_float],
         ["ca", None, None, "With --tls: PEM CA certificate to verify the server (default: system trust store)."],
         ["server-name", None, None, "With --tls: name for SNI and the certificate check (default: --server)."],
     ]
@@ -99,6 +103,9 @@ class ClientOptions(ResultOptionsMixin, ProcessesOptionsMixin, RoleOptions):
     def postOptions(self) -> None:
         if not self["server"]:
             raise UsageError("--server is required (or set TCP_SERVER_IP): the keepalive-server's host or IP")
+        if self["port"] == 0:
+            raise UsageError(f"--port 0 is not a destination: give the keepalive-server's port "
+                             f"(default {DEFAULT_PORT}, or set TCP_SERVER_PORT)")
         if not self["tls"] and (self["ca"] or self["server-name"] or self["insecure"]):
             raise UsageError("--ca, --server-name and --insecure need --tls")
         if self["insecure"] and self["ca"]:

@@ -16,6 +16,12 @@ is a verdict here, not a guess. Classes, decided per connection:
 
 Connection attempts that never connected (``server_unavailable``) and
 connections closed before ``Establish Session`` (no conn id) are counted apart.
+A server close without a conn id whose 4-tuple is a client's connection (a
+TLS handshake the client refused, say) is that connection's server side:
+one connection, one class.
+
+The command reads only JSON logs: a line that is not a nettester JSON record
+is named (file and line) and the exit status is 2.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ class Connection:
     server: Close | None = None
     client: Close | None = None
     sides: set[str] = field(default_factory=set)
+    # (client's local address, client's peer address), as the client logged them.
+    client_tuple: tuple[str, str] | None = None
 
 
 @dataclass
@@ -89,17 +97,33 @@ class Report:
     connect_failures: ClassStats = field(default_factory=ClassStats)
     without_session: ClassStats = field(default_factory=ClassStats)
     skipped_lines: int = 0
+    # Server closes without a conn id: (peer, local, close), matched to a client's connection by 4-tuple.
+    unnamed_server_closes: list[tuple[str | None, str | None, Close]] = field(default_factory=list)
+
+
+def _record(line: str) -> Mapping[str, Any] | None:
+    """The nettester JSON record on ``line``, or None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("event"), str) else None
+
+
+def first_non_record(lines: Iterable[str]) -> tuple[int, str] | None:
+    """(line number, text) of the first non-blank line that is not a nettester JSON record, or None."""
+    for number, line in enumerate(lines, start=1):
+        if line.strip() and _record(line) is None:
+            return number, line.rstrip("\n")
+    return None
 
 
 def read_records(lines: Iterable[str], report: Report) -> list[Mapping[str, Any]]:
-    """The JSON objects among C{lines}; anything else is counted in C{report.skipped_lines}."""
+    """The JSON records among ``lines``; anything else is counted in ``report.skipped_lines``."""
     records = []
     for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("event"), str):
+        record = _record(line)
+        if record is not None:
             records.append(record)
         elif line.strip():
             report.skipped_lines += 1
@@ -112,7 +136,7 @@ def _text(record: Mapping[str, Any], key: str) -> str | None:
 
 
 def add_log(report: Report, side: str, records: Iterable[Mapping[str, Any]]) -> None:
-    """Fold one end's records (C{side} is ``server`` or ``client``) into C{report}."""
+    """Fold one end's records (``side`` is ``server`` or ``client``) into ``report``."""
     for record in records:
         event, conn, ts = record["event"], _text(record, "conn"), _text(record, "ts")
         if event == "server_unavailable" and side == "client":
@@ -120,14 +144,19 @@ def add_log(report: Report, side: str, records: Iterable[Mapping[str, Any]]) -> 
             continue
         if event not in ("session_established", "conn_open", "conn_closed"):
             continue
+        close = Close(_text(record, "cause") or "unknown", _text(record, "detail") or "", ts or "")
         if conn is None or conn == "-":
-            if event == "conn_closed":
-                report.without_session.add(ts, _text(record, "cause"))
+            if event == "conn_closed" and side == "server":
+                report.unnamed_server_closes.append((_text(record, "peer"), _text(record, "local"), close))
+            elif event == "conn_closed":
+                report.without_session.add(ts, close.cause)
             continue
         connection = report.connections.setdefault(conn, Connection())
         connection.sides.add(side)
+        local, peer = _text(record, "local"), _text(record, "peer")
+        if side == "client" and local is not None and peer is not None:
+            connection.client_tuple = (local, peer)
         if event == "conn_closed":
-            close = Close(_text(record, "cause") or "unknown", _text(record, "detail") or "", ts or "")
             setattr(connection, side, close)
         elif ts is not None and (connection.opened is None or ts < connection.opened):
             connection.opened = ts
@@ -157,12 +186,27 @@ def classify(connection: Connection) -> tuple[str, str | None, str | None]:
     return "middlebox_fin", "seen by both ends" if len(closes) == 2 else "seen by one end", when
 
 
+def _match_unnamed_server_closes(report: Report) -> None:
+    """A server close before Establish Session is the server side of the client connection with its
+    4-tuple, when one is known (no NAT in between); else it is counted apart."""
+    by_tuple = {connection.client_tuple: connection for connection in report.connections.values()
+                if connection.client_tuple is not None and connection.server is None}
+    for peer, local, close in report.unnamed_server_closes:
+        connection = by_tuple.pop((peer, local), None) if peer is not None and local is not None else None
+        if connection is None:
+            report.without_session.add(close.ts or None, close.cause)
+            continue
+        connection.server = close
+        connection.sides.add("server")
+
+
 def build_report(server_lines: Iterable[str], client_logs: Iterable[Iterable[str]]) -> Report:
     """Join the server's log lines with every client's."""
     report = Report()
     add_log(report, "server", read_records(server_lines, report))
     for lines in client_logs:
         add_log(report, "client", read_records(lines, report))
+    _match_unnamed_server_closes(report)
     for connection in report.connections.values():
         report.seen.add(connection.opened)
         name, reason, ts = classify(connection)
@@ -193,16 +237,22 @@ def format_report(report: Report) -> str:
 
 
 def run_report(server_path: str, client_paths: list[str], stdout: IO[str]) -> int:
-    """Read the files, print the table; exit status 2 when a file cannot be read."""
-    try:
-        with open(server_path, encoding="utf-8", errors="replace") as server_file:
-            server_lines = server_file.readlines()
-        client_logs = []
-        for path in client_paths:
-            with open(path, encoding="utf-8", errors="replace") as client_file:
-                client_logs.append(client_file.readlines())
-    except OSError as error:
-        stdout.write(f"keepalive-report: cannot read {error.filename}: {error.strerror}\n")
-        return 2
-    stdout.write(format_report(build_report(server_lines, client_logs)))
+    """Read the files, print the table; exit status 2 when a file cannot be read or is not a JSON log."""
+    logs = []
+    for path in (server_path, *client_paths):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as log_file:
+                lines = log_file.readlines()
+        except OSError as error:
+            stdout.write(f"keepalive-report: cannot read {path}: {error.strerror}\n")
+            return 2
+        bad = first_non_record(lines)
+        if bad is not None:
+            number, text = bad
+            excerpt = text if len(text) <= 120 else text[:117] + "..."
+            stdout.write(f"keepalive-report: {path}: line {number} is not a nettester JSON log record: {excerpt!r}; "
+                         "run both roles with --log-format json and give their logs\n")
+            return 2
+        logs.append(lines)
+    stdout.write(format_report(build_report(logs[0], logs[1:])))
     return 0

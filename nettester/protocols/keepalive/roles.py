@@ -38,6 +38,7 @@ def build_client(reactor: Any, options: RoleOptions) -> IService:
     timing = ClientTiming(options["keepalive-interval"], options["response-timeout"], options["dummy-interval"])
     return KeepAliveClientService(reactor, options["server"], options["port"], options["clients"], timing,
                                   ramp_up=options["ramp-up"], reconnect_delay=options["reconnect-delay"],
+                                  reconnect_max_delay=options["reconnect-max-delay"],
                                   tls=options["tls-creator"], connect_timeout=options["response-timeout"],
                                   results=ResultSettings.from_options(options))
 

@@ -42,7 +42,7 @@ from nettester.protocols.keepalive.wire import (
     ServerConnection,
     SessionEstablished,
 )
-from nettester.service import set_exit_status
+from nettester.service import listen_failed
 
 log = Logger()
 
@@ -153,11 +153,7 @@ class KeepAliveServerService(Service):
         try:
             self.listening = listen_tcp(self.reactor, self.port, factory, self.backlog, self.interface)
         except CannotListenError as error:
-            log.critical("Cannot listen on {interface}:{port}: {reason}; choose another --port (TCP_SERVER_PORT) "
-                         "or --interface, or stop the program using it", event="listen_failed",
-                         interface=self.interface or "*", port=self.port, reason=error.socketError)
-            set_exit_status(self, 1)
-            self.reactor.callWhenRunning(self.reactor.stop)
+            listen_failed(self, self.reactor, self.interface, self.port, "--port", error)
             return
         log.info("keepalive-server listening on {address} ({transport}), keep-alive timeout {timeout:g} s",
                  event="listening", address=address_text(self.listening.getHost()),

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -28,6 +29,35 @@ MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
 class TLSSetupError(Exception):
     """Certificate material that cannot be used; the message says what to fix."""
+
+
+# OpenSSL's reason for a failed handshake -> what it means and what to do, as each end logs it.
+_TLS_FAILURES = {
+    "certificate verify failed": "the server's certificate is not trusted (self-signed?): use --ca FILE or --insecure",
+    "tlsv1 alert unknown ca": "the client does not trust this server's certificate (unknown CA): give the clients "
+                              "--ca with the CA, or --insecure",
+    "wrong version number": "the other end does not speak TLS: use --tls on both ends or on neither",
+    "http request": "the other end does not speak TLS: use --tls on both ends or on neither",
+}
+
+
+def _identity_text(identity: object) -> str:
+    """``example.org`` or ``127.0.0.1`` for service-identity's DNS_ID / IPAddress_ID."""
+    value = getattr(identity, "hostname", None) or getattr(identity, "ip", None) or identity
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
+def tls_failure_text(error: BaseException) -> str:
+    """A TLS failure in words, with what to do: OpenSSL's error list or service-identity's verdict."""
+    if isinstance(error, VerificationError):
+        names = ", ".join(_identity_text(mismatch.mismatched_id) for mismatch in error.errors)
+        return f"the server's certificate does not name {names}: use --server-name with a name it has, or --insecure"
+    reasons = [entry[-1] for entry in error.args[0] if isinstance(entry, tuple) and entry] if (
+        isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list)) else []
+    for reason in reasons:
+        if reason in _TLS_FAILURES:
+            return _TLS_FAILURES[reason]
+    return "; ".join(str(reason) for reason in reasons) or str(error) or type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -46,7 +76,7 @@ def _fingerprint(certificate: x509.Certificate) -> str:
 
 def self_signed_certificate(names: tuple[str, ...] = ("localhost",),
                             addresses: tuple[str, ...] = ("127.0.0.1", "::1")) -> ServerCertificate:
-    """A fresh P-256 key and a one-year self-signed certificate for C{names} and C{addresses}."""
+    """A fresh P-256 key and a one-year self-signed certificate for ``names`` and ``addresses``."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     now = datetime.datetime.now(datetime.UTC)
@@ -136,7 +166,7 @@ def _is_ip(name: str) -> bool:
 
 
 def client_creator(server_name: str, ca_path: str | None, insecure: bool) -> IOpenSSLClientConnectionCreator:
-    """The client's TLS connection creator: verified against C{ca_path} (a PEM file of one or more
+    """The client's TLS connection creator: verified against ``ca_path`` (a PEM file of one or more
     CA certificates, e.g. a bundle) or the system store, unless insecure."""
     if insecure:
         return UnverifiedClientTLS(server_name)

@@ -121,3 +121,11 @@ def test_the_ca_file_may_be_a_bundle_and_must_hold_a_certificate(tmp_path: Path)
     (tmp_path / "empty.pem").write_bytes(b"no certificate here")
     with pytest.raises(UsageError, match="holds no PEM certificate"):
         parse(ClientOptions, "--server", "h", "--tls", "--ca", str(tmp_path / "empty.pem"))
+
+
+def test_port_0_is_not_a_destination() -> None:
+    import pytest as _pytest
+    from twisted.python.usage import UsageError as _UsageError
+
+    with _pytest.raises(_UsageError, match="--port 0 is not a destination"):
+        parse(ClientOptions, "--server", "127.0.0.1", "--port", "0")

@@ -78,7 +78,7 @@ def test_the_table_names_each_class() -> None:
 
 def test_run_report_reads_files_and_reports_unreadable_ones(tmp_path: Path) -> None:
     server, client = tmp_path / "server.jsonl", tmp_path / "client.jsonl"
-    server.write_text("\n".join(SERVER))
+    server.write_text("\n".join(SERVER[1:]) + "\n\n")
     client.write_text("\n".join(CLIENT_1))
     out = io.StringIO()
     assert run_report(str(server), [str(client)], out) == 0
@@ -106,3 +106,34 @@ def test_arbitrary_log_lines_never_break_the_report(lines: list[str]) -> None:
 @pytest.mark.parametrize("line", ["[]", "1", '"x"', '{"event": 3}', "{"])
 def test_json_that_is_not_a_record_is_skipped(line: str) -> None:
     assert build_report([line], []).skipped_lines == 1
+
+
+@pytest.mark.parametrize("which", ["server", "client"])
+def test_a_file_that_is_not_a_json_log_is_named_with_its_line_and_exit_status_2(tmp_path: Path, which: str) -> None:
+    server, client = tmp_path / "server.jsonl", tmp_path / "client.log"
+    server.write_text("\n".join(SERVER[1:]))
+    client.write_text("\n".join(CLIENT_1))
+    human = "12:00:02.310 [info] Client 17: connected 10.1.0.7:40112 -> 203.0.113.10:49665, conn=3f9a2c-17-1"
+    bad = server if which == "server" else client
+    bad.write_text(bad.read_text() + "\n" + human + "\n")
+    line = len(bad.read_text().splitlines())
+    out = io.StringIO()
+    assert run_report(str(server), [str(client)], out) == 2
+    assert out.getvalue() == (f"keepalive-report: {bad}: line {line} is not a nettester JSON log record: "
+                              f"{human!r}; run both roles with --log-format json and give their logs\n")
+
+
+def test_a_tls_failure_before_establish_session_is_one_connection_in_one_class() -> None:
+    """The client refuses the server's certificate: the client logs its conn id, the server cannot
+    (no Establish Session yet); the 4-tuple makes them one connection."""
+    server = [rec("01", "conn_attempt", peer="127.0.0.1:40000", local="127.0.0.1:49665"),
+              rec("02", "conn_closed", conn="-", peer="127.0.0.1:40000", local="127.0.0.1:49665", cause="tls_error",
+                  detail="unknown CA"),
+              rec("03", "conn_closed", conn="-", peer="10.0.0.9:1234", local="127.0.0.1:49665", cause="peer_closed")]
+    client = [rec("01", "conn_open", conn="r-1-1", local="127.0.0.1:40000", peer="127.0.0.1:49665"),
+              rec("02", "conn_closed", conn="r-1-1", local="127.0.0.1:40000", peer="127.0.0.1:49665",
+                  cause="tls_error", detail="not trusted")]
+    report = build_report(server, [client])
+    assert report.classes["tls_error"].count == 1
+    assert report.without_session.count == 1 and report.without_session.reasons == {"peer_closed": 1}
+    assert report.seen.count == 1
