@@ -123,27 +123,44 @@ def loss_timeline(page: Page) -> str | None:
     return _svg(figure, "timeline")
 
 
-def loss_per_minute(page: Page) -> str | None:
-    """Episodes per minute of their start, stacked by direction."""
-    minutes: dict[str, Counter[int]] = {direction: Counter() for direction in DIRECTIONS}
-    for _, report in page.reports:
-        for episode in report["episodes"]:
-            minutes[episode["direction"]][int(page.t(episode["start"]) // 60)] += 1
-    if not any(minutes.values()):
-        return None
-    last = max(max(counter, default=0) for counter in minutes.values())
+def _bin_width(page: Page) -> int:
+    """Seconds per bar: a minute, or 10 s for runs of 10 minutes or less."""
+    span = max(page.end(report) for _, report in page.reports)
+    return 60 if span > 600 else 10
+
+
+def _stacked_bars(page: Page, counts: Mapping[str, Counter[int]], colours: Mapping[str, str] | None,
+                  labels: Mapping[str, str] | None, what: str, salt: str) -> str:
+    """Bars per time bin, stacked by key (a direction or a cause)."""
+    width = _bin_width(page)
+    last = max(max(counter, default=0) for counter in counts.values())
     figure, axes = _new_figure()
     bottom = [0] * (last + 1)
-    for direction in DIRECTIONS:
-        heights = [minutes[direction][minute] for minute in range(last + 1)]
-        axes.bar(range(last + 1), heights, bottom=bottom, color=COLOURS[direction], label=LABELS[direction],
-                 width=0.8)
+    starts = [index * width for index in range(last + 1)]
+    for key, counter in counts.items():
+        heights = [counter[index] for index in range(last + 1)]
+        axes.bar(starts, heights, bottom=bottom, width=width * 0.8, align="edge",
+                 color=colours[key] if colours else None, label=labels[key] if labels else key)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    axes.set_xlabel("minute since start")
-    axes.set_ylabel("loss episodes")
-    axes.set_title("Loss per minute by direction")
+    axes.set_xlim(0, max(max(page.end(report) for _, report in page.reports), (last + 1) * width))
+    axes.set_xlabel("seconds since start")
+    axes.set_ylabel(what)
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.set_title(f"{what.capitalize()} per {'minute' if width == 60 else f'{width} s'}")
     axes.legend(loc="upper right", fontsize=8)
-    return _svg(figure, "perminute")
+    return _svg(figure, salt)
+
+
+def loss_per_minute(page: Page) -> str | None:
+    """Episodes per minute (10 s for short runs) of their start, stacked by direction."""
+    width = _bin_width(page)
+    bins: dict[str, Counter[int]] = {direction: Counter() for direction in DIRECTIONS}
+    for _, report in page.reports:
+        for episode in report["episodes"]:
+            bins[episode["direction"]][int(page.t(episode["start"]) // width)] += 1
+    if not any(bins.values()):
+        return None
+    return _stacked_bars(page, bins, COLOURS, LABELS, "loss episodes by direction", "perminute")
 
 
 def _series(page: Page, key: str) -> Iterable[tuple[str, list[float], list[float]]]:
@@ -193,27 +210,17 @@ def connections_over_time(page: Page) -> str | None:
 
 
 def closes_by_cause(page: Page) -> str | None:
-    """Keep-alive: closes per minute, stacked by cause."""
-    per_cause: dict[str, Counter[int]] = {}
+    """Keep-alive: closes per minute (10 s for short runs), stacked by cause."""
+    width = _bin_width(page)
+    bins: dict[str, Counter[int]] = {}
     for _, report in page.reports:
         for mark in report["marks"]:
             if mark["kind"] == CLOSE:
                 cause = str(mark["detail"].get("cause", "unknown"))
-                per_cause.setdefault(cause, Counter())[int(page.t(mark["t"]) // 60)] += 1
-    if not per_cause:
+                bins.setdefault(cause, Counter())[int(page.t(mark["t"]) // width)] += 1
+    if not bins:
         return None
-    last = max(max(counter) for counter in per_cause.values())
-    figure, axes = _new_figure()
-    bottom = [0] * (last + 1)
-    for cause in sorted(per_cause):
-        heights = [per_cause[cause][minute] for minute in range(last + 1)]
-        axes.bar(range(last + 1), heights, bottom=bottom, label=cause, width=0.8)
-        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    axes.set_xlabel("minute since start")
-    axes.set_ylabel("closes")
-    axes.set_title("Closes by cause per minute")
-    axes.legend(loc="upper right", fontsize=8)
-    return _svg(figure, "closes")
+    return _stacked_bars(page, dict(sorted(bins.items())), None, None, "closes by cause", "closes")
 
 
 FIGURES = (loss_timeline, loss_per_minute, rtt_over_time, connections_over_time, closes_by_cause)
@@ -225,12 +232,19 @@ def _summary_rows(page: Page) -> str:
         verdict = report["verdict"]
         loss = report["loss"]
         target = report["configuration"].get("target", "")
-        status = "pass" if verdict["passed"] else "FAIL: " + "; ".join(verdict["reasons"])
-        cells = [name, report["role"], target, f"{report['duration_s']:g} s",
+        status = "pass" if verdict["passed"] else "FAIL"
+        cells = [name, report["role"], target, f"{report['duration_s']:.0f} s",
                  *(str(loss[LOSS_KEYS[direction]]) for direction in DIRECTIONS), status]
         css = "pass" if verdict["passed"] else "fail"
         rows.append(f'<tr class="{css}">' + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
     return "\n".join(rows)
+
+
+def _reasons(page: Page) -> str:
+    """Why each failed run failed, below the table."""
+    items = [f"<li>{html.escape(name)}: {html.escape(reason)}</li>" for name, report in page.reports
+             for reason in report["verdict"]["reasons"]]
+    return f'<ul class="reasons">{"".join(items)}</ul>' if items else ""
 
 
 def render_page(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
@@ -249,8 +263,9 @@ def render_page(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>nettester report</title>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; color: #222; background: #fff; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+table {{ border-collapse: collapse; margin-bottom: 0.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }}
+ul.reasons {{ color: #b00; margin-bottom: 1.5em; }}
 tr.fail td:last-child {{ color: #b00; font-weight: bold; }}
 tr.pass td:last-child {{ color: #080; }}
 .figure svg {{ max-width: 100%; height: auto; }}
@@ -260,6 +275,7 @@ tr.pass td:last-child {{ color: #080; }}
 <table><tr>{header}</tr>
 {_summary_rows(page)}
 </table>
+{_reasons(page)}
 {body}
 </body></html>
 """

@@ -63,12 +63,13 @@ def test_page_is_self_contained_and_has_every_figure() -> None:
     pytest.importorskip("matplotlib")
     page = render_page([("stun.json", stun_like_report()), ("keepalive.json", keepalive_report())])
     assert page.count("<svg") == 5
-    for title in ("Loss timeline by client", "Loss per minute by direction", "RTT p50 / p99 over time",
-                  "Connections open over time", "Closes by cause per minute"):
+    for title in ("Loss timeline by client", "Loss episodes by direction per 10 s", "RTT p50 / p99 over time",
+                  "Connections open over time", "Closes by cause per 10 s"):
         assert f"<!-- {title} -->" in page  # matplotlib draws text as paths, with the text as a comment
     for fetch in ('src="', 'href="http', "url(http", "<script", "<link", "@import", "<metadata>"):
         assert fetch not in page  # nothing loaded from anywhere: the page is all there is
     assert '<tr class="fail"><td>stun.json</td><td>stun-client</td><td>127.0.0.1:3478</td>' in page
+    assert "<li>keepalive.json: 6 connections reset or dropped, above --max-resets 0</li>" in page
 
 
 def test_plot_role_writes_the_page_and_names_bad_input(tmp_path: Path, capsys: Any) -> None:
