@@ -116,7 +116,7 @@ def judge(thresholds: Thresholds, sent: int, lost: int, answered: int, resets: i
             reasons.append(f"loss {percent:.2f}% ({lost} of {sent}) is above --max-loss "
                            f"{thresholds.max_loss_percent:g}%")
     if resets is not None and thresholds.max_resets is not None and resets > thresholds.max_resets:
-        reasons.append(f"{resets} resets, above --max-resets {thresholds.max_resets}")
+        reasons.append(f"{resets} connections reset or dropped, above --max-resets {thresholds.max_resets}")
     return Verdict(not reasons, tuple(reasons))
 
 

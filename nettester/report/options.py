@@ -38,7 +38,8 @@ class ResultOptionsMixin:
          "episode, verdict) to FILE at the end.")],
         ["max-loss", None, 0.0, "Fail (exit 1) when more than PCT percent of the requests were lost.",
          loss_percent],
-        ["max-resets", None, 0, "Fail (exit 1) when more than N connections were reset (keep-alive).",
+        ["max-resets", None, 0, ("Fail (exit 1) when more than N connections were reset, closed by the far end "
+                                 "or refused (keep-alive)."),
          non_negative_int],
     ]
 

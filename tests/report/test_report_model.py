@@ -74,7 +74,7 @@ def test_marks_are_bounded() -> None:
     (100, 1, 99, None, True, None),
     (0, 0, 0, None, False, "nothing was sent"),
     (5, 5, 0, None, False, "no responses: all 5 requests were lost"),
-    (10, 0, 10, 3, False, "3 resets, above --max-resets 2"),
+    (10, 0, 10, 3, False, "3 connections reset or dropped, above --max-resets 2"),
 ])
 def test_judge(sent: int, lost: int, answered: int, resets: int | None, passed: bool, reason: str | None) -> None:
     verdict = judge(Thresholds(max_loss_percent=1.0, max_resets=2), sent, lost, answered, resets)

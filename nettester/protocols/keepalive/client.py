@@ -416,8 +416,11 @@ class KeepAliveClientService(Service):
                 slot.outage = None
         answered, missing = self.answered.value, self.responses_missing.value
         thresholds = self.results.thresholds
-        # Loss: keep-alives without a response; resets: connections ended by a RST neither end sent.
-        self.verdict = verdict = judge(thresholds, answered + missing, missing, answered, self.closes.get(PEER_RESET))
+        # Loss: keep-alives without a response. Resets: connections the path or the server ended (RST, FIN,
+        # TLS failure) or refused: a healthy path shows none.
+        dropped = (self.closes.get(PEER_RESET) + self.closes.get(PEER_CLOSED) + self.closes.get(TLS_ERROR)
+                   + self.connect_failures.value)
+        self.verdict = verdict = judge(thresholds, answered + missing, missing, answered, dropped)
         status = verdict.exit_status
         log.info("keepalive-client run {run}: {verdict}", event="verdict", run=self.run_id, verdict=verdict.line(),
                  passed=verdict.passed, reasons=list(verdict.reasons), **{ALWAYS: True})

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from test_keepalive_adapters import _connect
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
@@ -59,9 +59,9 @@ def test_a_reset_is_an_episode_a_mark_and_fails_the_run(tmp_path: Path, logged: 
     assert stops == ["stop"]  # --duration asked the process to stop
     stop(reactor, service)
     assert service.verdict is not None and not service.verdict.passed
-    assert service.verdict.reasons == ("1 resets, above --max-resets 0",)
+    assert service.verdict.reasons == ("1 connections reset or dropped, above --max-resets 0",)
     assert exit_status_of(service) == 1
-    assert logged.lines("verdict") == ["keepalive-client run run: verdict: FAIL: 1 resets, above --max-resets 0"]
+    assert logged.lines("verdict") == ["keepalive-client run run: verdict: FAIL: 1 connections reset or dropped, above --max-resets 0"]
     document = json.loads(Path(report).read_text())
     [episode] = document["episodes"]
     assert episode["key"] == "run-1-1" and episode["client"] == "1" and episode["direction"] == "unattributed"
@@ -93,6 +93,19 @@ def test_a_clean_run_passes_and_an_open_outage_has_no_end() -> None:
     assert episode.end is None and episode.detail["cause"] == "server_unavailable" and episode.transmissions == 2
     assert service.verdict is not None and service.verdict.reasons == (
         "nothing was sent (is --duration too short, or the server unreachable?)",)
+
+
+def test_a_server_that_goes_away_fails_the_run(logged: Any) -> None:
+    reactor, service, _ = fleet(ResultSettings())
+    reactor.advance(0.0)
+    protocol, _ = _connect(reactor)
+    answer_keepalives(reactor, protocol, 2)
+    protocol.connectionLost(Failure(ConnectionDone()))  # the server's FIN
+    reactor.advance(2.0)
+    reactor.tcpClients[1][2].clientConnectionFailed(reactor.connectors[1], Failure(ConnectionRefusedError()))
+    stop(reactor, service)
+    assert service.verdict is not None
+    assert service.verdict.reasons == ("2 connections reset or dropped, above --max-resets 0",)
 
 
 def test_without_result_settings_nothing_is_judged() -> None:
