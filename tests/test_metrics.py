@@ -100,3 +100,201 @@ def test_metrics_port_serves_prometheus_text_on_loopback() -> Generator[Any, Any
         yield service.stopService()
     assert response.code == 200
     assert b"nettester_keepalive_server_connections_total 3.0" in body
+
+
+# --- every long-running role, scraped for real ----------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from nettester.metrics import LABEL_VALUES  # noqa: E402
+from tests.interop.peers import installed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRAPE_BOUND = 60.0  # seconds a role gets to open its metrics port on a loaded machine
+
+
+def _free_ports(count: int, spacing: int = 1) -> list[int]:
+    """``count`` loopback port numbers whose ``spacing`` neighbours are free for TCP and UDP."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + spacing > 65535:
+            continue
+        try:
+            for offset in range(spacing):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as check:
+                        check.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        ports.append(base)
+    return ports
+
+
+def _role_commands() -> dict[str, list[str]]:
+    """Each long-running role (its metric prefix: the role's name) with a loopback peer to talk to."""
+    keepalive, stun, metrics_base, nat = _free_ports(4)
+    coap = _free_ports(1, spacing=102)[0]
+    cluster_public, cluster_management = _free_ports(2)
+    return {
+        "keepalive-server": ["keepalive-server", "--interface", "127.0.0.1", "--port", str(keepalive)],
+        "keepalive-client": ["keepalive-client", "--server", "127.0.0.1", "--port", str(keepalive), "--clients", "2"],
+        "stun-server": ["stun-server", "--interface", "127.0.0.1", "--port", str(stun)],
+        "stun-client": ["stun-client", "--server", "127.0.0.1", "--port", str(stun), "--clients", "2",
+                        "--start-delay", "0", "--interval", "1"],
+        "coap-server": ["coap-server", "--port", str(coap), "--interfaces", "127.0.0.1", "--psk-sandbox",
+                        "--dtls-cluster", f":{cluster_public};127.0.0.1:{cluster_management};1"],
+        "nat": ["nat", f"127.0.0.1:{nat}", f"127.0.0.1:{coap + 1}", "--no-stdin-console"],
+    }
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.fixture(scope="module")
+def scraped() -> dict[str, dict[str, Any]]:
+    """Role -> its /metrics text, /ready status, final summary fields and log output (roles run side by side)."""
+    commands = _role_commands()
+    metrics_ports = dict(zip(commands, _free_ports(len(commands))))
+    processes = {}
+    for role, argv in commands.items():
+        processes[role] = subprocess.Popen(
+            [sys.executable, "-m", "nettester", *argv, "--metrics-port", str(metrics_ports[role]),
+             "--metrics-interface", "127.0.0.1", "--log-format", "json", "--stats-interval", "0"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for role, port in metrics_ports.items():
+            deadline = time.monotonic() + SCRAPE_BOUND
+            while True:
+                try:
+                    status, text = _get(f"http://127.0.0.1:{port}/metrics")
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or processes[role].poll() is not None:
+                        raise AssertionError(f"{role} served no /metrics within {SCRAPE_BOUND} s") from None
+                    time.sleep(0.2)
+            assert status == 200
+            _get(f"http://127.0.0.1:{port}/metrics")  # a second scrape: still no log line
+            results[role] = {"metrics": text, "ready": _get(f"http://127.0.0.1:{port}/ready")[0]}
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+        for role, process in processes.items():
+            output, _ = process.communicate(timeout=60)
+            results.setdefault(role, {})["log"] = output
+            finals = [json.loads(line) for line in output.splitlines()
+                      if line.startswith("{") and '"final_summary"' in line]
+            results[role]["summary"] = finals[-1]["text"] if finals else ""
+    return results
+
+
+ROLES = list(_role_commands())
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_the_exposition_parses_and_passes_promtool(scraped: dict[str, dict[str, Any]], role: str) -> None:
+    text = scraped[role]["metrics"]
+    families = list(text_string_to_metric_families(text))
+    assert any(family.name.startswith("nettester_") for family in families)
+    promtool = installed("promtool", "Debian's prometheus package; .ci/install.d/60-deploy.sh")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_count_is_a_counter_and_labels_start_at_zero(scraped: dict[str, dict[str, Any]], role: str) -> None:
+    families = {family.name: family for family in text_string_to_metric_families(scraped[role]["metrics"])}
+    for family in families.values():
+        if family.type == "counter":
+            assert all(sample.name.endswith(("_total", "_created")) for sample in family.samples), family.name
+        for key, values in LABEL_VALUES.items():
+            if family.name == f"nettester_{key}":
+                seen = {value for sample in family.samples for value in sample.labels.values()}
+                assert set(values) <= seen, (family.name, set(values) - seen)
+    gauges = {name for name, family in families.items() if family.type == "gauge" and name.startswith("nettester_")}
+    counted = ("received", "sent", "duplicates", "retransmissions", "malformed", "evicted", "violations", "forwarded",
+               "errors", "requests", "responses", "dropped")
+    assert not {name for name in gauges if name.endswith(counted)}, "a count exported as a gauge"
+    assert 'nettester_build_info{version="' in scraped[role]["metrics"]
+    for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"):
+        assert name in families, name
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_no_log_line_per_scrape_and_ready_answers(scraped: dict[str, dict[str, Any]], role: str) -> None:
+    assert scraped[role]["ready"] == 200
+    assert "GET /metrics" not in scraped[role]["log"] and "GET /ready" not in scraped[role]["log"]
+
+
+# Summary keys that are no metric: derived values (percentiles, percentages, sums) and identities.
+DERIVED_SUMMARY_KEYS = frozenset((
+    "loss_pct", "rtt_p50_ms", "rtt_p99_ms", "rtt_avg_ms", "rtt_max_ms", "timer_lag_p99_ms", "errors", "node_id",
+    "nodes", "sent",
+))
+
+
+# keepalive-client's summary keeps the original tool's words for two close causes
+# (``closes_total{cause=...}`` has the cause names the logs use, as on the server).
+SUMMARY_ALIASES = {"server_closed": "peer_closed", "resets": "peer_reset"}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_summary_keys_are_the_metric_names_without_the_prefix(scraped: dict[str, dict[str, Any]], role: str) -> None:
+    families = {family.name: family for family in text_string_to_metric_families(scraped[role]["metrics"])}
+    label_values = {value for family in families.values() for sample in family.samples
+                    for value in sample.labels.values()}
+    prefix = "nettester_" + role.replace("-", "_") + "_"
+    keys = [pair.split("=", 1)[0] for pair in scraped[role]["summary"].split()]
+    assert keys, scraped[role]["log"][-2000:]
+    keys = [SUMMARY_ALIASES.get(key, key) for key in keys]
+    unnamed = [key for key in keys if key not in DERIVED_SUMMARY_KEYS and key not in label_values
+               and prefix + key not in families and "nettester_" + key not in families]
+    assert not unnamed, f"{role}: summary keys without a metric of that name: {unnamed}"
+
+
+def test_documented_label_values_are_used_in_the_code() -> None:
+    source = "\n".join(path.read_text() for path in (ROOT / "nettester").rglob("*.py") if path.name != "metrics.py")
+    for key, values in LABEL_VALUES.items():
+        for value in values:
+            assert f'"{value}"' in source or f" {value}," in source, (key, value)
+
+
+def test_round_trip_times_are_a_histogram_in_seconds(scraped: dict[str, dict[str, Any]]) -> None:
+    families = {family.name: family for family in text_string_to_metric_families(scraped["stun-client"]["metrics"])}
+    rtt = families["nettester_stun_client_rtt_seconds"]
+    assert rtt.type == "histogram"
+    buckets = {sample.labels["le"]: sample.value for sample in rtt.samples if sample.name.endswith("_bucket")}
+    assert list(buckets.values()) == sorted(buckets.values())  # cumulative
+    assert buckets["+Inf"] == families["nettester_stun_client_responses"].samples[0].value
+
+
+def test_fine_delay_buckets_fold_into_bounds_that_never_overcount() -> None:
+    from nettester.metrics import histogram_family
+
+    class Fine:
+        def buckets(self) -> list[tuple[float, int]]:
+            return [(0.0004, 2), (0.0011, 3), (0.0009, 1), (30.0, 1)]
+
+    family = histogram_family("x_seconds", "x", Fine(), bounds=(0.001, 0.01))
+    assert [(sample.labels["le"], sample.value) for sample in family.samples] == [
+        ("0.001", 3), ("0.01", 6), ("+Inf", 7)]
