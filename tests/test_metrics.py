@@ -1,5 +1,6 @@
 """Counters, Prometheus exposition and the summary reporter."""
 
+import subprocess
 from collections.abc import Generator
 from typing import Any
 
@@ -7,12 +8,15 @@ import pytest
 import pytest_twisted
 
 from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.logger import LogPublisher, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
+from tests.interop.peers import installed
 from tests.logcapture import log_events
-from nettester.metrics import MetricSet, MetricsResource, SummaryReporter, format_summary, new_registry
+from tests.scrape import ROLES, ROOT, scrape_every_role
+from nettester.metrics import LABEL_VALUES, MetricSet, MetricsResource, SummaryReporter, format_summary, new_registry
 
 
 def _metric_set() -> MetricSet:
@@ -104,111 +108,11 @@ def test_metrics_port_serves_prometheus_text_on_loopback() -> Generator[Any, Any
 
 # --- every long-running role, scraped for real ----------------------------------------------------------------------
 
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from nettester.metrics import LABEL_VALUES  # noqa: E402
-from tests.interop.peers import installed  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRAPE_BOUND = 60.0  # seconds a role gets to open its metrics port on a loaded machine
-
-
-def _free_ports(count: int, spacing: int = 1) -> list[int]:
-    """``count`` loopback port numbers whose ``spacing`` neighbours are free for TCP and UDP."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + spacing > 65535:
-            continue
-        try:
-            for offset in range(spacing):
-                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    with socket.socket(socket.AF_INET, kind) as check:
-                        check.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        ports.append(base)
-    return ports
-
-
-def _role_commands() -> dict[str, list[str]]:
-    """Each long-running role (its metric prefix: the role's name) with a loopback peer to talk to."""
-    keepalive, stun, metrics_base, nat = _free_ports(4)
-    coap = _free_ports(1, spacing=102)[0]
-    cluster_public, cluster_management = _free_ports(2)
-    return {
-        "keepalive-server": ["keepalive-server", "--interface", "127.0.0.1", "--port", str(keepalive)],
-        "keepalive-client": ["keepalive-client", "--server", "127.0.0.1", "--port", str(keepalive), "--clients", "2"],
-        "stun-server": ["stun-server", "--interface", "127.0.0.1", "--port", str(stun)],
-        "stun-client": ["stun-client", "--server", "127.0.0.1", "--port", str(stun), "--clients", "2",
-                        "--start-delay", "0", "--interval", "1"],
-        "coap-server": ["coap-server", "--port", str(coap), "--interfaces", "127.0.0.1", "--psk-sandbox",
-                        "--dtls-cluster", f":{cluster_public};127.0.0.1:{cluster_management};1"],
-        "nat": ["nat", f"127.0.0.1:{nat}", f"127.0.0.1:{coap + 1}", "--no-stdin-console"],
-    }
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 @pytest.fixture(scope="module")
 def scraped() -> dict[str, dict[str, Any]]:
-    """Role -> its /metrics text, /ready status, final summary fields and log output (roles run side by side)."""
-    commands = _role_commands()
-    metrics_ports = dict(zip(commands, _free_ports(len(commands))))
-    processes = {}
-    for role, argv in commands.items():
-        processes[role] = subprocess.Popen(
-            [sys.executable, "-m", "nettester", *argv, "--metrics-port", str(metrics_ports[role]),
-             "--metrics-interface", "127.0.0.1", "--log-format", "json", "--stats-interval", "0"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        for role, port in metrics_ports.items():
-            deadline = time.monotonic() + SCRAPE_BOUND
-            while True:
-                try:
-                    status, text = _get(f"http://127.0.0.1:{port}/metrics")
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or processes[role].poll() is not None:
-                        raise AssertionError(f"{role} served no /metrics within {SCRAPE_BOUND} s") from None
-                    time.sleep(0.2)
-            assert status == 200
-            _get(f"http://127.0.0.1:{port}/metrics")  # a second scrape: still no log line
-            results[role] = {"metrics": text, "ready": _get(f"http://127.0.0.1:{port}/ready")[0]}
-    finally:
-        for process in processes.values():
-            process.send_signal(signal.SIGTERM)
-        for role, process in processes.items():
-            output, _ = process.communicate(timeout=60)
-            results.setdefault(role, {})["log"] = output
-            finals = [json.loads(line) for line in output.splitlines()
-                      if line.startswith("{") and '"final_summary"' in line]
-            results[role]["summary"] = finals[-1]["text"] if finals else ""
-    return results
+    return scrape_every_role()
 
 
-ROLES = list(_role_commands())
 
 
 @pytest.mark.parametrize("role", ROLES)
