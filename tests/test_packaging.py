@@ -117,8 +117,9 @@ def test_the_installed_twisted_is_within_the_tested_bound() -> None:
         assert hasattr(EPollReactor(), private) or hasattr(EPollReactor, private), private
 
 
-def test_version_is_nettesters() -> None:
-    result = subprocess.run([sys.executable, "-m", "nettester", "--version"], capture_output=True, text=True,
+@pytest.mark.parametrize("argv", [["--version"], ["local", "--version"], ["stun-server", "--version"]])
+def test_version_is_nettesters(argv: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "nettester", *argv], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"nettester {nettester.__version__}"
