@@ -41,6 +41,7 @@ from twisted.application.internet import TCPServer
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -75,8 +76,8 @@ LABEL_VALUES: Mapping[str, tuple[str, ...]] = {
                     "size_limit", "unknown_entry"),
     "dtls_dropped": (
         "bad_cookie", "bad_mac", "bad_snapshot", "closed", "epoch", "fragment", "malformed", "max_connections",
-        "no_cookie", "not_client_hello", "replay", "send_error", "send_not_established", "unauthenticated_alert", "unexpected",
-        "unknown_cid", "unknown_peer",
+        "no_cookie", "not_client_hello", "replay", "send_error", "send_not_established", "unauthenticated_alert",
+        "unexpected", "unknown_cid", "unknown_peer",
     ),
     "coap_server_router_dropped": ("truncated_cid_record", "unknown_node"),
     "coap_server_management_dropped": (
@@ -168,7 +169,7 @@ def histogram_family(name: str, help: str, source: DelayBuckets | None,
         cumulative[index] += count
     running = 0
     samples: list[tuple[str, float]] = []
-    for bound, count in zip([*map(float, bounds), float("inf")], cumulative):
+    for bound, count in zip([*map(float, bounds), float("inf")], cumulative, strict=True):
         running += count
         samples.append(("+Inf" if bound == float("inf") else repr(bound), running))
     return HistogramMetricFamily(name, help, buckets=samples)
@@ -328,7 +329,7 @@ class QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

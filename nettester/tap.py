@@ -6,7 +6,6 @@ is wired by ``nettester.service``.
 
 from __future__ import annotations
 
-
 from twisted.application.service import IService
 from twisted.python import usage
 

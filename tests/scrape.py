@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRAPE_BOUND = 60.0  # seconds a role gets to open its metrics port on a loaded machine
 
@@ -74,7 +73,7 @@ def _get(url: str) -> tuple[int, str]:
 def scrape_every_role() -> dict[str, dict[str, Any]]:
     """Role -> its /metrics text, /ready status, final summary fields and log output (roles run side by side)."""
     commands = _role_commands()
-    metrics_ports = dict(zip(commands, _free_ports(len(commands))))
+    metrics_ports = dict(zip(commands, _free_ports(len(commands)), strict=True))
     processes = {}
     for role, argv in commands.items():
         processes[role] = subprocess.Popen(

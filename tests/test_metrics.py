@@ -6,17 +6,16 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.logger import LogPublisher, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
+from nettester.metrics import LABEL_VALUES, MetricSet, MetricsResource, SummaryReporter, format_summary, new_registry
 from tests.interop.peers import installed
 from tests.logcapture import log_events
 from tests.scrape import ROLES, ROOT, scrape_every_role
-from nettester.metrics import LABEL_VALUES, MetricSet, MetricsResource, SummaryReporter, format_summary, new_registry
 
 
 def _metric_set() -> MetricSet:

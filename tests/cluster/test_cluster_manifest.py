@@ -11,7 +11,6 @@ import base64
 from typing import Any
 
 import pytest
-
 from twisted.internet.task import Clock
 
 from nettester.cluster.config import SECRET_ENV

@@ -23,4 +23,5 @@ def test_the_container_runs_the_nat_role_configured_by_its_env_vars(monkeypatch:
     service = next(d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == "nettester-nat")
     assert service["spec"]["ports"][0]["protocol"] == "UDP"
     # The NAT forwards to the cluster's pods: the overlay deploys both.
-    assert any(w["kind"] == "StatefulSet" and w["metadata"]["name"] == "coap-cluster" for w, _ in pod_templates(documents))
+    workloads = [(workload["kind"], workload["metadata"]["name"]) for workload, _ in pod_templates(documents)]
+    assert ("StatefulSet", "coap-cluster") in workloads
