@@ -24,6 +24,7 @@ from nettester.interfaces import IReportingService, IRole
 from nettester.logs import Logger, make_observer, parse_level
 from nettester.metrics import SummaryReporter, metrics_http_service, new_registry
 from nettester.options import RoleOptions
+from nettester.supervisor import multiprocess_service
 
 log = Logger()
 
@@ -105,7 +106,10 @@ def build(role: IRole, options: RoleOptions, reactor: Any) -> RoleRootService:
     """The whole service tree of a role: logging, reporting, the role itself."""
     gc.set_threshold(*GC_THRESHOLDS)
     root = RoleRootService(make_observer(options["log-format"], parse_level(options["log-level"])))
-    with_reporting(role.makeService(reactor, options), role.name, options, reactor).setServiceParent(root)
+    service = multiprocess_service(role, options, reactor, set_exit_status)  # --workers / --processes
+    if service is None or IReportingService.providedBy(service):
+        service = with_reporting(service or role.makeService(reactor, options), role.name, options, reactor)
+    service.setServiceParent(root)
     if IReactorCore.providedBy(reactor):
         reactor.addSystemEventTrigger("before", "shutdown", answer_repeated_stop_signals)
     return root

@@ -59,7 +59,8 @@ def resolve_nodes(reactor: Any, nodes: Mapping[int, Address]) -> Deferred[dict[i
     """Resolve every management address of a static cluster."""
     node_ids = list(nodes)
     resolving = [resolve_address(reactor, nodes[node_id]) for node_id in node_ids]
-    return gatherResults(resolving, consumeErrors=True).addCallback(lambda found: dict(zip(node_ids, found, strict=True)))
+    gathered = gatherResults(resolving, consumeErrors=True)
+    return gathered.addCallback(lambda found: dict(zip(node_ids, found, strict=True)))
 
 
 @implementer(INodeDiscovery)
@@ -81,7 +82,7 @@ class StaticDiscovery(NodeListeners):
 class DynamicDiscoveryService(Service):
     """Runs a L{NodeTable}'s timer: PINGs go out through C{send(datagram, address)}."""
 
-    def __init__(self, reactor: Any, table: NodeTable, send: Callable[[bytes, Address], None]) -> None:
+    def __init__(self, reactor: Any, table: NodeTable, send: Callable[[bytes, Address], object]) -> None:
         self._reactor = reactor
         self._table = table
         self._send = send
@@ -180,7 +181,8 @@ class KubernetesApi:
 
     @inlineCallbacks
     def _get(self, url: str) -> Generator[Deferred[Any], Any, Any]:
-        headers = {"Authorization": f"Bearer {self._token()}", "Accept": "application/json"}
+        headers: dict[bytes | str, bytes | str] = {
+            "Authorization": f"Bearer {self._token()}", "Accept": "application/json"}
         response = yield self._http.get(url, headers=headers).addTimeout(REQUEST_TIMEOUT, self._reactor)
         body = yield response.content()
         if response.code != 200:

@@ -82,6 +82,11 @@ class ForwardedRoute:
             self.send_public(data, address)
 
 
+
+def _not_open(data: bytes, address: Address) -> None:
+    """The public send before the port is open: refused like a send the kernel refuses."""
+    raise OSError("the public port is not open yet")
+
 class ReplicatedEndpoint(Protocol):
     """What replication needs from the DTLS endpoint."""
 
@@ -204,7 +209,7 @@ class ClusterNodeService(MultiService):
         self.replication: ReplicationService | None = None
         self.started: Deferred[None] = Deferred()
         self._routes: dict[Address, ForwardedRoute] = {}
-        self._public_sendto: Callable[[bytes, Address], Any] | None = None
+        self._public_sendto: Callable[[bytes, Address], Any] = _not_open
         self._public_send_errors = metrics.counter("public_send_errors_total", "Sends refused on the public socket.")
 
     @property

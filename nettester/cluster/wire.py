@@ -51,12 +51,15 @@ from enum import IntEnum
 from functools import lru_cache
 from hashlib import sha256
 from hmac import compare_digest
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 TYPE_IN = 63
 TYPE_OUT = 62
@@ -171,7 +174,7 @@ class ManagementCodec:
     def __init__(self, secret: bytes | None = None, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         """``random_bytes(n)`` makes the STATE records' nonces (injected, like every source of chance here)."""
         self._random_bytes = random_bytes
-        self._mac: tuple[Any, Any] | None = None
+        self._mac: tuple[_Hash, _Hash] | None = None
         self._mac_length = 0
         if secret is not None:
             self._mac_length = MAC_LENGTH

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from twisted.python import usage
@@ -54,3 +55,17 @@ class ResultOptionsMixin:
     def thresholds(self) -> Thresholds:
         """The limits given on the command line."""
         return Thresholds(max_loss_percent=self["max-loss"], max_resets=self["max-resets"])  # type: ignore[index]
+
+
+@dataclass(frozen=True)
+class ResultSettings:
+    """What a role's service needs of the result options, without the options object."""
+
+    duration: float = 0.0
+    report: str | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    @classmethod
+    def from_options(cls, options: Any) -> ResultSettings:
+        """From options parsed with :class:`ResultOptionsMixin`."""
+        return cls(options["duration"], options["report"], options.thresholds())

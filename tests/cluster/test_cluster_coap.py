@@ -344,7 +344,7 @@ def test_a_lost_nodes_sessions_are_taken_over_without_a_new_handshake(
         # A crash: no close_notify reaches the client, the load balancer stops sending to the node.
         host, port = cluster.public_address(owner)
         for endpoint in cluster.servers[owner].endpoints:
-            monkeypatch.setattr(endpoint.link, "closeAll", lambda: None)
+            monkeypatch.setattr(endpoint.link, "close_all", lambda: None)
         yield cluster.servers[owner].stopService()
         yield cluster.nat.console.execute(f"remove {host}:{port}")
         context = yield client.mycontext()

@@ -28,6 +28,8 @@ from nettester.protocols.dtls.options import (
     DtlsClientOptionsMixin,
     DtlsServerOptionsMixin,
 )
+from nettester.report.options import ResultOptionsMixin
+from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
 
 DEFAULT_PORT = 5683
 # RFC 7252 section 6.1 / 6.2 default ports: coap 5683, coaps 5684; the
@@ -73,7 +75,7 @@ def interface_list(value: str) -> tuple[str, ...]:
     return addresses
 
 
-class CoapServerOptions(ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions):
+class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOptionsMixin, RoleOptions):
     """``nettester coap-server``: the extended plugtest server, optionally a DTLS CID cluster node."""
 
     longdesc = (
@@ -203,7 +205,9 @@ class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
         super().postOptions()
 
 
-class CoapBenchOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
+class CoapBenchOptions(
+    ResultOptionsMixin, ProcessesOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions
+):
     """``nettester coap-bench [options] URI`` (Californium's BenchmarkClient)."""
 
     longdesc = (
@@ -223,7 +227,7 @@ class CoapBenchOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["clients", "c", 2000, "Clients, each with its own source port.", positive_int],
-        ["requests", "r", 0, "Requests per client (0: until stopped).", non_negative_int],
+        ["requests", None, 0, "Requests per client (0: until stopped).", non_negative_int],
         ["nstart", None, 1, "Requests in flight per client (RFC 7252 NSTART).", positive_int],
         ["method", "m", "GET", "GET, POST, PUT...", lambda v: v.strip().upper()],
         ["interval", None, 0.0, "Seconds between a response and the client's next request.", non_negative_float],
@@ -244,7 +248,7 @@ class CoapBenchOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
         super().postOptions()
 
 
-class CoapReceiveTestOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
+class CoapReceiveTestOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-receivetest [options] [URI]`` (Californium's ReceivetestClient)."""
 
     longdesc = (

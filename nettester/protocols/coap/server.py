@@ -33,6 +33,7 @@ from nettester.cluster.config import ClusterConfig
 from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
+from nettester.protocols.coap.attribution import attach as attach_attribution
 from nettester.protocols.coap.endpoint import CoapEndpoint
 from nettester.protocols.coap.layer import LayerStats, TransmissionParameters
 from nettester.protocols.coap.options import COAPS_OFFSET, EXTENDED_OFFSET
@@ -184,6 +185,7 @@ class CoapServerService(Service):
         self.extended_site: Site = build_site(
             reactor, extended_resources(benchmark, server_name, reactor.seconds, started)
         )
+        self.attribution = attach_attribution(self.extended_site)  # loss attribution for coap-bench
         self.endpoints: list[CoapEndpoint] = []
         #: Why listening failed (the process then exits with status 1), or None.
         self.failed: str | None = None

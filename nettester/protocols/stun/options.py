@@ -8,6 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 from twisted.python import usage
 
 from nettester.options import RoleOptions, non_negative_int, port_number, positive_float, positive_int
+from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
 
 
 class SecondsRange(NamedTuple):
@@ -59,7 +60,7 @@ def _ip_literal(value: str) -> str:
     return value
 
 
-class StunServerOptions(RoleOptions):
+class StunServerOptions(WorkersOptionsMixin, RoleOptions):
     """``nettester stun-server``."""
 
     longdesc = (
@@ -121,7 +122,7 @@ class StunServerOptions(RoleOptions):
             raise usage.UsageError(f"--other-address port {other[1]} must differ from --port; see --help")
 
 
-class StunClientOptions(RoleOptions):
+class StunClientOptions(ProcessesOptionsMixin, RoleOptions):
     """``nettester stun-client``."""
 
     longdesc = (
@@ -138,7 +139,7 @@ class StunClientOptions(RoleOptions):
         "rfc-retransmit": "STUN_RFC_RETRANSMIT",
     }
     optParameters: ClassVar[list[list[Any]]] = [
-        ["server", "s", "", "STUN server: IPv4 or IPv6 literal, or a host name (resolved once, IPv4) (required)."],
+        ["server", None, "", "STUN server: IPv4 or IPv6 literal, or a host name (resolved once, IPv4) (required)."],
         ["port", "p", 3478, "STUN server UDP port.", port_number],
         ["clients", "c", 1000, "Number of clients, each with its own UDP socket.", positive_int],
         ["interval", None, 10.0, "Seconds between Binding requests; also the wait for an answer.", positive_float],

@@ -1,0 +1,473 @@
+"""The processes of ``--workers`` / ``--processes`` (see ``nettester.workers``): parent and child sides.
+
+Parent (``SupervisorService``): spawns the children one after the other
+(each once the previous one is listening, so every reuseport group orders
+their sockets the same way), reads their JSON report lines from descriptor
+3, is the role's reporting service (merged summary and ``/metrics``),
+restarts a worker that dies after it started, and on stop sends every child
+SIGTERM and waits for it (SIGKILL after ``STOP_TIMEOUT``). It also keeps the
+kernel's order of each reuseport group (``steering.ReuseportSlots``) and
+tells every worker the CID steering program's slots whenever they change.
+
+Child (``WorkerChildService``): runs the role as usual, but instead of
+summary lines and a metrics port it writes a report line every
+``REPORT_INTERVAL`` and a final one on stop; it reads slot updates on its
+standard input and stops when that closes (the parent is gone). SIGINT is
+the parent's to handle: a terminal's Ctrl-C reaches the whole process group.
+
+Report lines (child -> parent), one JSON object each::
+
+    {"ready": true, "pid": 123}
+    {"summary": {...}, "metrics": [[name, type, help, [[sample, labels, value], ...]], ...], "final": false}
+
+Command lines (parent -> child): ``{"slots": [slot of worker 0, ...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import abstract, base, defer, fdesc
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from nettester import steering
+from nettester.interfaces import IReportingService, IRole
+from nettester.logs import Logger
+from nettester.metrics import MetricSet
+from nettester.options import RoleOptions
+from nettester.workers import (
+    COOKIE_SECRET_ENV,
+    REPORT_FD,
+    WORKER_ENV,
+    WorkersOptionsMixin,
+    _MultiProcessOptions,
+    current_worker,
+    merge_exit_statuses,
+    merge_metric_families,
+    merge_summaries,
+)
+
+log = Logger()
+
+REPORT_INTERVAL = 1.0  # seconds between a child's report lines
+RESTART_DELAY = 0.5  # seconds before a dead worker is started again
+STOP_TIMEOUT = 30.0  # seconds a child gets to stop after SIGTERM before SIGKILL
+
+ExitStatusSetter = Callable[[IService, int], None]
+
+
+def multiprocess_service(role: IRole, options: RoleOptions, reactor: Any,
+                         set_exit_status: ExitStatusSetter) -> IService | None:
+    """The supervisor (a parent of N > 1), the worker wrapper (a child), or None (one process, as before)."""
+    if not isinstance(options, _MultiProcessOptions):
+        return None
+    worker = current_worker()
+    is_server = isinstance(options, WorkersOptionsMixin)
+    if worker is not None:
+        if is_server:
+            install_reuseport()
+        return WorkerChildService(role.makeService(reactor, options), reactor)
+    if options.process_count() <= 1:
+        return None
+    return SupervisorService(reactor, role.name, options.role_argv, options.process_count(), is_server,
+                             options.live_fields, set_exit_status)
+
+
+# -- child side ---------------------------------------------------------------------------------------------
+
+_reuseport_udp: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def install_reuseport() -> None:
+    """Every listening port this process opens on a fixed port number gets SO_REUSEPORT.
+
+    ``BasePort.createInternetSocket`` is the one place every Twisted port
+    passes through before ``bind`` (``udp.Port``, ``tcp.Port`` and the
+    project's ``DrainingPort`` and ``LeanPort``), so no listen helper needs to
+    know about workers. Ports on port 0 (clients' sockets) are left alone.
+    """
+    original = base.BasePort.createInternetSocket
+    if getattr(original, "reuseport", False):
+        return
+
+    def createInternetSocket(port: Any) -> socket.socket:
+        sock = original(port)
+        if getattr(port, "port", 0) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if sock.type == socket.SOCK_DGRAM:
+                _reuseport_udp.add(sock)
+        return sock
+
+    createInternetSocket.reuseport = True  # type: ignore[attr-defined]
+    base.BasePort.createInternetSocket = createInternetSocket  # type: ignore[method-assign]
+
+
+def steer(slots: Sequence[int]) -> int:
+    """Attach the CID steering program for ``slots`` to every open reuseport UDP socket; how many took it."""
+    code = steering.program(slots)
+    attached = 0
+    for sock in list(_reuseport_udp):
+        if sock.fileno() < 0:
+            continue
+        try:
+            steering.attach(sock, code)
+        except OSError as error:
+            log.warn("CID steering not attached to {where}: {error}; records then follow the 4-tuple hash",
+                     event="steering_failed", where=sock.getsockname(), error=error)
+            continue
+        attached += 1
+    return attached
+
+
+def snapshot_metrics(metrics: Any) -> list[Any]:
+    """A MetricSet's families as plain lists (JSON), as Prometheus would collect them."""
+    return [
+        [family.name, family.type, family.documentation,
+         [[sample.name, dict(sample.labels), sample.value] for sample in family.samples]]
+        for family in metrics.collect()
+    ]
+
+
+class _ParentChannel(abstract.FileDescriptor):
+    """Standard input of a worker: slot updates from the parent; its end means the parent is gone."""
+
+    def __init__(self, reactor: Any, received: Callable[[dict[str, Any]], None], lost: Callable[[], None]) -> None:
+        super().__init__(reactor)
+        self._received = received
+        self._lost = lost
+        self._buffer = b""
+        fdesc.setNonBlocking(0)
+
+    def fileno(self) -> int:
+        return 0
+
+    def doRead(self) -> Any:
+        return fdesc.readFromFD(0, self._data)
+
+    def _data(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                log.warn("worker: unreadable line from the parent ignored: {line!r}", event="worker_bad_command",
+                         line=line[:80])
+                continue
+            self._received(message)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._lost()
+
+
+class WorkerChildService(MultiService):
+    """The role in a worker process: reports to the parent instead of printing summaries."""
+
+    def __init__(self, role_service: IService, reactor: Any, report_fd: int = REPORT_FD) -> None:
+        super().__init__()
+        self.role_service = role_service
+        self._reactor = reactor
+        self._report_fd = report_fd
+        self._loop = LoopingCall(self.report)
+        self._loop.clock = reactor
+        self._channel: _ParentChannel | None = None
+        role_service.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.addSystemEventTrigger("after", "startup", self._started)
+
+    def _started(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (SIGTERM)
+        self._channel = _ParentChannel(self._reactor, self._command, self._parent_gone)
+        self._channel.startReading()
+        self._write({"ready": True, "pid": os.getpid()})
+        self._loop.start(REPORT_INTERVAL, now=True)
+
+    def _command(self, message: dict[str, Any]) -> None:
+        slots = message.get("slots")
+        if isinstance(slots, list):
+            steer([int(slot) for slot in slots])
+
+    def _parent_gone(self) -> None:
+        if self.running:
+            log.warn("worker: the parent process is gone; stopping", event="worker_orphaned")
+            self._reactor.stop()
+
+    def report(self, final: bool = False) -> None:
+        service = self.role_service
+        message: dict[str, Any] = {"summary": {}, "metrics": [], "final": final}
+        if IReportingService.providedBy(service):
+            message["summary"] = dict(service.summary())
+            message["metrics"] = snapshot_metrics(service.metrics)
+        self._write(message)
+
+    def _write(self, message: dict[str, Any]) -> None:
+        data = (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
+        try:
+            while data:
+                data = data[os.write(self._report_fd, data):]
+        except OSError as error:  # the parent is gone: nobody to report to
+            log.debug("worker report not written: {error}", event="worker_report_failed", error=error)
+
+    def stopService(self) -> defer.Deferred[None]:
+        if self._loop.running:
+            self._loop.stop()
+        if self._channel is not None:
+            self._channel.stopReading()
+        stopping = defer.maybeDeferred(super().stopService)
+        stopping.addBoth(lambda result: self.report(final=True))
+        return stopping
+
+
+# -- parent side --------------------------------------------------------------------------------------------
+
+
+class _Child(ProcessProtocol):
+    """One running child: its report lines in, its end out."""
+
+    def __init__(self, supervisor: SupervisorService, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.pid: int | None = None
+        self.ready = False
+        self.summary: dict[str, Any] = {}
+        self.metrics: list[Any] = []
+        self._buffer = b""
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != REPORT_FD:
+            return
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                log.warn("worker {index} (pid {pid}): unreadable report line ignored", event="worker_bad_report",
+                         index=self.index, pid=self.pid)
+                continue
+            self.supervisor.reported(self, message)
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.transport.writeToChild(0, (json.dumps(message) + "\n").encode())  # type: ignore[union-attr]
+        except (OSError, KeyError):  # its stdin already closed: it is ending
+            pass
+
+    def signal(self, name: str) -> None:
+        try:
+            self.transport.signalProcess(name)  # type: ignore[union-attr]
+        except ProcessExitedAlready:
+            pass
+
+    def processEnded(self, reason: Failure) -> None:
+        self.supervisor.ended(self, reason)
+
+
+class _MergedMetrics(MetricSet):
+    """The parent's metrics: its own counters plus the workers' families summed (see ``merge_metric_families``)."""
+
+    def __init__(self, prefix: str, supervisor: SupervisorService) -> None:
+        super().__init__(prefix)
+        self._supervisor = supervisor
+
+    def collect(self) -> Any:
+        from prometheus_client.core import Metric
+
+        yield from super().collect()
+        for name, kind, help_text, samples in self._supervisor.merged_metrics():
+            family = Metric(name, help_text, kind)
+            for sample_name, labels, value in samples:
+                family.add_sample(sample_name, labels, value)
+            yield family
+
+
+@implementer(IReportingService)
+class SupervisorService(Service):
+    """The parent of N children of one role (see the module docstring)."""
+
+    def __init__(self, reactor: Any, role: str, argv: Sequence[str], count: int, is_server: bool,
+                 live_fields: frozenset[str], set_exit_status: ExitStatusSetter,
+                 executable: Sequence[str] = (sys.executable, "-m", "nettester")) -> None:
+        self._reactor = reactor
+        self.role = role
+        self.argv = list(argv)
+        self.count = count
+        self.is_server = is_server
+        self.kind, self.kinds = ("worker", "workers") if is_server else ("process", "processes")
+        self.live_fields = live_fields
+        self._set_exit_status = set_exit_status
+        self._executable = list(executable)
+        self.children: dict[int, _Child] = {}
+        self.retired: list[tuple[dict[str, Any], list[Any]]] = []  # dead children's last reports
+        self.exit_statuses: dict[int, int] = {}
+        self.slots = steering.ReuseportSlots()
+        self.cookie_secret = os.urandom(32).hex()
+        self.metrics = _MergedMetrics("workers", self)
+        self.restarts = self.metrics.counter("restarts", "worker processes started again after they died")
+        self.metrics.gauge("live", "worker processes running", lambda: len(self.children))
+        self._stopping = False
+        self._stopped: defer.Deferred[None] = defer.Deferred()
+        self._kill_call: Any = None
+
+    # -- starting
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("starting {count} {kinds} of {role}", event="workers_starting", count=self.count,
+                 kinds=self.kinds, role=self.role)
+        self._spawn(0)
+
+    def _spawn(self, index: int) -> None:
+        env = dict(os.environ)
+        env[WORKER_ENV] = f"{index}/{self.count}"
+        if self.is_server:
+            env[COOKIE_SECRET_ENV] = self.cookie_secret
+        child = _Child(self, index)
+        self.children[index] = child
+        args = [*self._executable, self.role, *self.argv]
+        self._reactor.spawnProcess(child, args[0], args, env=env, childFDs={0: "w", 1: 1, 2: 2, REPORT_FD: "r"})
+
+    def _spawn_next(self) -> None:
+        waiting = [index for index in range(self.count)
+                   if index not in self.children and index not in self.exit_statuses]
+        starting = [child for child in self.children.values() if not child.ready]
+        if waiting and not starting and self.running:
+            self._spawn(waiting[0])
+
+    # -- reports
+
+    def reported(self, child: _Child, message: dict[str, Any]) -> None:
+        if message.get("ready"):
+            child.ready = True
+            log.info("{kind} {index} (pid {pid}) started", event="worker_started", kind=self.kind,
+                     index=child.index, pid=child.pid)
+            if self.is_server:
+                self.slots.bound(child.index)
+                self._broadcast_slots()
+            self._spawn_next()
+            return
+        if isinstance(message.get("summary"), dict):
+            child.summary = message["summary"]
+            child.metrics = message.get("metrics") or []
+
+    def _broadcast_slots(self) -> None:
+        slots = self.slots.slots(self.count)
+        for child in self.children.values():
+            if child.ready:
+                child.send({"slots": slots})
+
+    # -- ends
+
+    def ended(self, child: _Child, reason: Failure) -> None:
+        del self.children[child.index]
+        self.retired.append((child.summary, child.metrics))
+        if self.is_server:
+            self.slots.closed(child.index)
+        code = getattr(reason.value, "exitCode", None)
+        how = "exited" if isinstance(reason.value, ProcessDone) or code is not None else "ended"
+        text = f"status {code}" if code is not None else f"signal {getattr(reason.value, 'signal', '?')}"
+        log.info("{kind} {index} (pid {pid}) {how} ({text}), its final summary: {summary}", event="worker_ended",
+                 kind=self.kind, index=child.index, pid=child.pid, how=how, text=text,
+                 summary=" ".join(f"{key}={value}" for key, value in child.summary.items()))
+        if self._stopping:
+            if not self.children:
+                self._finish_stop()
+            return
+        if self.is_server:
+            self._server_child_ended(child, text)
+        else:
+            self._generator_child_ended(child, code, text)
+        if self.is_server:
+            self._broadcast_slots()
+
+    def _server_child_ended(self, child: _Child, text: str) -> None:
+        if not child.ready:
+            log.error("{kind} {index} of {role} stopped before it was listening ({text}): see its lines above "
+                      "(a port in use? bad options?); stopping every worker", event="worker_start_failed",
+                      kind=self.kind, index=child.index, role=self.role, text=text)
+            self._set_exit_status(self, 1)
+            self._reactor.callLater(0, self._reactor.stop)
+            return
+        log.warn("{kind} {index} (pid {pid}) died ({text}); starting it again", event="worker_restarting",
+                 kind=self.kind, index=child.index, pid=child.pid, text=text)
+        self.restarts.inc()
+        self._reactor.callLater(RESTART_DELAY, self._restart, child.index)
+
+    def _restart(self, index: int) -> None:
+        if self.running and not self._stopping and index not in self.children:
+            self._spawn(index)
+
+    def _generator_child_ended(self, child: _Child, code: int | None, text: str) -> None:
+        if code is None:  # killed: its clients start again in a new process
+            log.warn("{kind} {index} (pid {pid}) died ({text}); starting it again", event="worker_restarting",
+                     kind=self.kind, index=child.index, pid=child.pid, text=text)
+            self.restarts.inc()
+            self._reactor.callLater(RESTART_DELAY, self._restart, child.index)
+            return
+        self.exit_statuses[child.index] = code
+        self._spawn_next()
+        if len(self.exit_statuses) == self.count:
+            self._set_exit_status(self, merge_exit_statuses(list(self.exit_statuses.values())))
+            self._reactor.callLater(0, self._reactor.stop)
+
+    # -- stopping
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        if not self.children:
+            self._finish_stop()
+            return self._stopped
+        for child in list(self.children.values()):
+            child.signal("TERM")
+        self._kill_call = self._reactor.callLater(STOP_TIMEOUT, self._kill_all)
+        return self._stopped
+
+    def _kill_all(self) -> None:
+        self._kill_call = None
+        for child in list(self.children.values()):
+            log.warn("{kind} {index} (pid {pid}) did not stop within {timeout:g} s; killing it",
+                     event="worker_killed", kind=self.kind, index=child.index, pid=child.pid, timeout=STOP_TIMEOUT)
+            child.signal("KILL")
+
+    def _finish_stop(self) -> None:
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        if not self._stopped.called:
+            self._stopped.callback(None)
+
+    # -- merged views
+
+    def _reports(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        live = [child.summary for child in self.children.values()]
+        return [summary for summary, _ in self.retired] + live, live
+
+    def summary(self) -> dict[str, Any]:
+        parts, live = self._reports()
+        merged = merge_summaries(parts, live, self.live_fields)
+        merged[self.kinds] = len(self.children)
+        merged["restarts"] = self.restarts.value
+        return merged
+
+    def merged_metrics(self) -> list[Any]:
+        live = [child.metrics for child in self.children.values()]
+        return merge_metric_families([metrics for _, metrics in self.retired] + live, live)

@@ -1,0 +1,218 @@
+"""``--workers N`` for servers and ``--processes N`` for load generators: one role, N processes.
+
+The parent re-executes the same role (``python -m nettester <role> <its
+arguments>``) N times. A child learns it is worker ``i`` of ``N`` from the
+environment (``NETTESTER_WORKER=i/N``): a server worker opens its ports with
+``SO_REUSEPORT`` (so all N share each port, see ``nettester.supervisor``), a
+load-generator process runs its share of ``--clients``. Each child reports
+its summary counters and metric samples to the parent as JSON lines on
+descriptor 3; the parent prints the merged summary line, serves the merged
+``/metrics`` and restarts a worker that dies.
+
+What the workers must share comes from the parent too: the HelloVerifyRequest
+cookie secret (``NETTESTER_COOKIE_SECRET``, hex), so a ClientHello answered
+by one worker may come back to another; the PSK store and the cluster
+identity come from the same arguments and environment in every child.
+
+This module is Twisted-free (options classes import it); the process
+management is ``nettester.supervisor``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from twisted.python import usage
+
+WORKER_ENV = "NETTESTER_WORKER"  # "index/count" in a child
+COOKIE_SECRET_ENV = "NETTESTER_COOKIE_SECRET"  # hex, set by the parent of server workers
+REPORT_FD = 3  # a child writes its JSON report lines here
+
+
+def worker_count(value: str) -> int:
+    """``--workers`` / ``--processes``: a whole number of at least 1, or ``auto`` (one per usable core)."""
+    if value.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"expected a whole number of at least 1 or 'auto', got {value!r}")
+    return count
+
+
+worker_count.coerceDoc = "A number of processes, or 'auto' (one per core)."  # type: ignore[attr-defined]
+
+
+def current_worker(environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """``(index, count)`` in a worker child, None in a parent or a process on its own."""
+    raw = environ.get(WORKER_ENV)
+    if not raw:
+        return None
+    index, _, count = raw.partition("/")
+    return int(index), int(count)
+
+
+def worker_index(environ: Mapping[str, str] = os.environ) -> int | None:
+    """This server worker's index (what the CID's byte 1 carries), None outside ``--workers``."""
+    worker = current_worker(environ)
+    return worker[0] if worker is not None else None
+
+
+def shared_cookie_secret(environ: Mapping[str, str] = os.environ) -> bytes | None:
+    """The HelloVerifyRequest secret every worker shares, None outside ``--workers``."""
+    raw = environ.get(COOKIE_SECRET_ENV)
+    return bytes.fromhex(raw) if raw else None
+
+
+def share(total: int, index: int, count: int) -> int:
+    """Process ``index``'s part of ``total`` split over ``count`` (the first ones take the remainder)."""
+    return total // count + (1 if index < total % count else 0)
+
+
+class _MultiProcessOptions:
+    """What both mixins share: the role's own argument list, kept for re-executing it."""
+
+    process_option: ClassVar[str]
+    #: Summary fields that are a live level, not a running total: a dead
+    #: worker's last value is dropped instead of kept.
+    live_fields: ClassVar[frozenset[str]] = frozenset({"open", "observers", "dtls_connections"})
+    role_argv: list[str]
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        import sys
+
+        self.role_argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)  # type: ignore[misc]
+
+    def process_count(self) -> int:
+        return int(self[self.process_option])  # type: ignore[index]
+
+
+class WorkersOptionsMixin(_MultiProcessOptions):
+    """``--workers N|auto`` for a server role: N processes share its ports (list it first in the bases)."""
+
+    process_option = "workers"
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["workers", None, 1, "Server processes sharing each port with SO_REUSEPORT ('auto': one per core); DTLS "
+         "records with a Connection ID are steered in the kernel to the worker that owns the session.",
+         worker_count],
+    ]
+    envVars: ClassVar[dict[str, str]] = {"workers": "NETTESTER_WORKERS"}
+
+    def postOptions(self) -> None:
+        super().postOptions()  # type: ignore[misc]
+        if self.process_count() > 1 and current_worker() is None:
+            if self.get("port", None) == 0:  # type: ignore[attr-defined]
+                raise usage.UsageError("--workers needs a fixed --port: every worker must bind the same one")
+            if self.get("cluster", None):  # type: ignore[attr-defined]
+                raise usage.UsageError("--workers does not combine with a DTLS cluster yet: run one node per "
+                                       "process (or pod), or drop --workers")
+
+
+class ProcessesOptionsMixin(_MultiProcessOptions):
+    """``--processes N|auto`` for a load generator: its ``--clients`` split over N processes (list it first)."""
+
+    process_option = "processes"
+    #: The options divided among the processes.
+    split_options: ClassVar[tuple[str, ...]] = ("clients",)
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["processes", None, 1, "Split --clients over this many processes ('auto': one per core); one merged "
+         "summary.", worker_count],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()  # type: ignore[misc]
+        count = self.process_count()
+        for name in self.split_options:
+            if self[name] < count:  # type: ignore[index]
+                raise usage.UsageError(f"--processes {count} needs at least {count} --{name}, got {self[name]}")  # type: ignore[index]
+        worker = current_worker()
+        if worker is not None:
+            for name in self.split_options:
+                self[name] = share(self[name], *worker)  # type: ignore[index]
+
+
+# Summary fields that are statistics of a distribution, not counts: merged as
+# the worst worker (an upper bound of the merged percentile, loss or mean),
+# ``min`` ones as the best.
+_STATISTIC = re.compile(r"(^|_)(p\d+(\.\d+)?|pct|avg|mean|max|lag)(_|$)")
+_MINIMUM = re.compile(r"(^|_)min(_|$)")
+
+
+def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, Any]] = (),
+                    live_fields: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """One summary from the workers' ``parts`` (running totals, dead workers' last ones included).
+
+    Counts add up; fields in ``live_fields`` add up over ``live`` only (the
+    workers running now); statistics (percentiles, ``_pct``, ``_avg``,
+    ``_max``) take the worst worker, ``_min`` the best; text fields that agree
+    are kept, others listed. Field order is the first part's.
+    """
+    merged: dict[str, Any] = {}
+    values: dict[str, list[Any]] = {}
+    for part in parts:
+        for key, value in part.items():
+            values.setdefault(key, []).append(value)
+    live_values: dict[str, list[Any]] = {}
+    for part in live:
+        for key, value in part.items():
+            live_values.setdefault(key, []).append(value)
+    for key, seen in values.items():
+        if key in live_fields:
+            merged[key] = sum(live_values.get(key, []))
+        elif all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in seen):
+            if _MINIMUM.search(key):
+                merged[key] = min(seen)
+            elif _STATISTIC.search(key):
+                merged[key] = max(seen)
+            else:
+                merged[key] = sum(seen)
+        else:
+            distinct = list(dict.fromkeys(str(value) for value in seen))
+            merged[key] = distinct[0] if len(distinct) == 1 else ",".join(distinct)
+    return merged
+
+
+MetricSample = tuple[str, dict[str, str], float]
+MetricFamily = tuple[str, str, str, list[MetricSample]]  # name, type, help, samples
+
+
+def merge_metric_families(parts: Iterable[Sequence[MetricFamily]], live: Iterable[Sequence[MetricFamily]] = ()
+                          ) -> list[MetricFamily]:
+    """The workers' metric families summed sample by sample.
+
+    Counters add up over ``parts`` (dead workers' last values included, so
+    they stay monotonic); gauges over ``live`` only.
+    """
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+
+    def add(family: MetricFamily) -> None:
+        name, kind, help_text, samples = family
+        _, _, sums = families.setdefault(name, (kind, help_text, {}))
+        for sample_name, labels, value in samples:
+            key = (sample_name, tuple(sorted(labels.items())))
+            sums[key] = sums.get(key, 0.0) + value
+
+    for part in parts:
+        for family in part:
+            if family[1] != "gauge":
+                add(family)
+    for part in live:
+        for family in part:
+            if family[1] == "gauge":
+                add(family)
+    return [
+        (name, kind, help_text, [(sample, dict(labels), value) for (sample, labels), value in sums.items()])
+        for name, (kind, help_text, sums) in families.items()
+    ]
+
+
+def merge_exit_statuses(statuses: Sequence[int]) -> int:
+    """The load generators' exit status: theirs when they agree, else 1 (some requests failed)."""
+    distinct = set(statuses)
+    return distinct.pop() if len(distinct) == 1 else 1
