@@ -41,6 +41,7 @@ from twisted.application.internet import TCPServer
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -57,7 +58,7 @@ COUNTS_READ_AT_SCRAPE = frozenset((
     "coap_server_retransmissions",
     "coap_server_malformed",
     "coap_server_dedup_evicted",
-    "coap_server_router_forwarded",
+    "coap_server_forwarded",
     "nat_violations",
     "keepalive_local_keepalives",
     "keepalive_local_errors",
@@ -69,13 +70,14 @@ COUNTS_READ_AT_SCRAPE = frozenset((
 LABEL_VALUES: Mapping[str, tuple[str, ...]] = {
     "keepalive_server_closes": ("closed_by_server", "peer_closed", "peer_reset", "tls_error"),
     "keepalive_client_closes": ("closed_by_client", "peer_closed", "peer_reset", "tls_error"),
-    "stun_server_error_responses": ("400", "420"),
+    "stun_server_errors": ("400", "420"),
     "stun_server_dropped": ("not_stun", "not_request", "bad_fingerprint", "send_failed"),
-    "nat_dropped": ("no_destination", "no_socket", "send_error", "unknown_entry"),
-    "dtls_records_dropped": (
+    "nat_dropped": ("backward_random", "forward_random", "no_destination", "no_socket", "not_dtls", "send_error",
+                    "size_limit", "unknown_entry"),
+    "dtls_dropped": (
         "bad_cookie", "bad_mac", "bad_snapshot", "closed", "epoch", "fragment", "malformed", "max_connections",
-        "not_client_hello", "replay", "send_error", "send_not_established", "unauthenticated_alert", "unexpected",
-        "unknown_cid", "unknown_peer",
+        "no_cookie", "not_client_hello", "replay", "send_error", "send_not_established", "unauthenticated_alert",
+        "unexpected", "unknown_cid", "unknown_peer",
     ),
     "coap_server_router_dropped": ("truncated_cid_record", "unknown_node"),
     "coap_server_management_dropped": (
@@ -167,7 +169,7 @@ def histogram_family(name: str, help: str, source: DelayBuckets | None,
         cumulative[index] += count
     running = 0
     samples: list[tuple[str, float]] = []
-    for bound, count in zip([*map(float, bounds), float("inf")], cumulative):
+    for bound, count in zip([*map(float, bounds), float("inf")], cumulative, strict=True):
         running += count
         samples.append(("+Inf" if bound == float("inf") else repr(bound), running))
     return HistogramMetricFamily(name, help, buckets=samples)
@@ -327,7 +329,7 @@ class QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from twisted.python import reflect, usage
 
+import nettester
 from nettester.logs import parse_level
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -233,6 +234,11 @@ class RoleOptions(usage.Options):
                 self._dispatch[name](name, raw)
             except usage.UsageError as error:
                 raise usage.UsageError(f"environment variable {variable}={raw!r}: {error}") from None
+
+    def opt_version(self) -> None:
+        """Display nettester's version and exit."""
+        sys.stdout.write(f"nettester {nettester.__version__}\n")
+        sys.exit(0)
 
     def _flags(self) -> list[list[Any]]:
         flags: list[list[Any]] = []

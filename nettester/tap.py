@@ -6,12 +6,9 @@ is wired by ``nettester.service``.
 
 from __future__ import annotations
 
-import sys
-
 from twisted.application.service import IService
 from twisted.python import usage
 
-import nettester
 from nettester.module import discover_roles
 from nettester.options import RoleOptions
 from nettester.service import build
@@ -45,10 +42,7 @@ class Options(usage.Options):
     def subCommands(self) -> list[tuple[str, None, type[RoleOptions], str]]:  # type: ignore[override]
         return [(role.name, None, role.options, role.summary) for role in self.roles.values()]
 
-    def opt_version(self) -> None:
-        """Display nettester's version and exit."""
-        sys.stdout.write(f"nettester {nettester.__version__}\n")
-        sys.exit(0)
+    opt_version = RoleOptions.opt_version
 
     def postOptions(self) -> None:
         if not self.subCommand:

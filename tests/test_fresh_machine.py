@@ -37,7 +37,8 @@ def test_both_quick_start_commands_pass_on_a_fresh_debian_12(tmp_path: Path) -> 
         what="git archive HEAD")
     image = base_image()
     with working_container(image) as container:
-        run(["buildah", "add", "--quiet", container, str(archive), CHECKOUT], timeout=300, what="buildah add (checkout)")
+        run(["buildah", "add", "--quiet", container, str(archive), CHECKOUT], timeout=300,
+            what="buildah add (checkout)")
         for command, bound, proof in ((run_command, RUN_COMMAND_BOUND, "local verdict"),
                                       (test_command, TEST_COMMAND_BOUND, " passed")):
             started = time.monotonic()

@@ -18,14 +18,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import twisted
 from packaging.requirements import Requirement
 from twisted.internet.epollreactor import EPollReactor
 
 import nettester
+import twisted
 from nettester.module import discover_roles
 
 ROOT = Path(__file__).resolve().parent.parent
+TWISTD_HELP = ("import sys; from twisted.scripts.twistd import run; "
+               "sys.argv = ['twistd', '-n', 'nettester', '--help']; run()")
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +119,9 @@ def test_the_installed_twisted_is_within_the_tested_bound() -> None:
         assert hasattr(EPollReactor(), private) or hasattr(EPollReactor, private), private
 
 
-def test_version_is_nettesters() -> None:
-    result = subprocess.run([sys.executable, "-m", "nettester", "--version"], capture_output=True, text=True,
+@pytest.mark.parametrize("argv", [["--version"], ["local", "--version"], ["stun-server", "--version"]])
+def test_version_is_nettesters(argv: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "nettester", *argv], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"nettester {nettester.__version__}"
@@ -151,7 +154,7 @@ def _run_editable(env_dir: Path, argv: list[str]) -> subprocess.CompletedProcess
 
 
 def test_editable_install_twistd_lists_every_role(editable: Path) -> None:
-    code = "import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', '-n', 'nettester', '--help']; run()"
+    code = TWISTD_HELP
     listing = _run_editable(editable, [str(editable / "bin" / "python"), "-c", code]).stdout
     for role in discover_roles():
         assert f"    {role} " in listing or f"    {role}\n" in listing, role
@@ -166,7 +169,7 @@ def test_editable_install_console_script_lists_every_role(editable: Path) -> Non
 
 
 def test_installed_twistd_plugin_lists_every_role(installed: Path) -> None:
-    code = "import sys; from twisted.scripts.twistd import run; sys.argv = ['twistd', '-n', 'nettester', '--help']; run()"
+    code = TWISTD_HELP
     listing = _run_installed(installed, [sys.executable, "-c", code])
     for role in discover_roles():
         assert f"    {role} " in listing or f"    {role}\n" in listing, role

@@ -68,10 +68,10 @@ class ManagementEndpoint(DatagramProtocol):
         self._node_table = node_table
         self._sendto: Callable[[bytes, Address], Any] = self._transport_write
         self.on_state: Callable[[ConnectionState, Address], str | None] | None = None
-        self.received_in = metrics.counter("management_in_total", "IN records received (forwarded to us).")
+        self.received_in = metrics.counter("forwarded_in_total", "IN records received (forwarded to us).")
         self.received_out = metrics.counter("management_out_total", "OUT records received (answers to send).")
         self.sent_in = metrics.counter("management_forwarded_total", "Datagrams forwarded to their owner node.")
-        self.sent_out = metrics.counter("management_backwarded_total", "Answers sent back through another node.")
+        self.sent_out = metrics.counter("backwarded_total", "Answers sent back through another node.")
         self.dropped = metrics.labeled_counter("management_dropped_total", "Management records dropped.", "reason")
         if node_table is not None:
             # The node table counts its own drops (replay, stale_timestamp...) in the same series.

@@ -248,7 +248,7 @@ class ClusterNodeService(MultiService):
         router_drops = self._metrics.labeled_counter("router_dropped_total", "Public datagrams dropped by the "
                                                      "CID router.", "reason")
         router_drops.values = self.router.drops
-        self._metrics.gauge("router_forwarded", "Public datagrams forwarded to their owner node.",
+        self._metrics.gauge("forwarded", "Public datagrams forwarded to their owner node.",
                             lambda: self.router.forwarded if self.router else 0)
         self.management = ManagementEndpoint(self._reactor, self.codec, self._forwarded, self._backwarded,
                                              self._metrics, table)

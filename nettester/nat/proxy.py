@@ -134,7 +134,7 @@ class NatProxy(Service):
         self._forwarded = self.metrics.counter("forwarded_total", "Datagrams forwarded to a destination.")
         self._backwarded = self.metrics.counter("backwarded_total", "Answers sent back to a client.")
         self._new_entries = self.metrics.counter("entries_created_total", "NAT entries created.")
-        self._expired = self.metrics.counter("entries_expired_total", "NAT entries expired by --tnat.")
+        self._expired = self.metrics.counter("expired_total", "NAT entries expired by --tnat.")
         self.dropped = self.metrics.labeled_counter("dropped_total", "Datagrams dropped, by reason.", "reason")
         self.metrics.gauge("entries", "Live NAT entries.", lambda: len(self.table))
         self.metrics.gauge("destinations", "Configured destinations.", lambda: len(self.table.destinations()))

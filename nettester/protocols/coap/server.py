@@ -191,7 +191,7 @@ class CoapServerService(Service):
         #: Every DTLS endpoint made (coaps ports, the cluster node's): their counters join ours.
         self.dtls_links: list[DtlsEndpoint] = []
         self.metrics = CoapServerMetrics(self.dtls_links)
-        self.metrics.gauge("requests", "requests received (datagrams)", lambda: self._total("received"))
+        self.metrics.gauge("received", "requests received (datagrams)", lambda: self._total("received"))
         self.metrics.gauge("duplicates", "duplicate CON/NON answered from the cache",
                            lambda: self._total("duplicates"))
         self.metrics.gauge("retransmissions", "retransmitted CON messages", lambda: self._total("retransmissions"))

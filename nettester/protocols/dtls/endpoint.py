@@ -125,8 +125,8 @@ class DtlsCounters:
     def __init__(self, metrics: MetricSet) -> None:
         self.handshakes = metrics.counter("handshakes_total", "DTLS handshakes completed")
         self.resumptions = metrics.counter("resumptions_total", "DTLS handshakes that resumed a session")
-        self.failures = metrics.labeled_counter("handshake_failures_total", "DTLS handshakes failed", "reason")
-        self.dropped = metrics.labeled_counter("records_dropped_total", "DTLS records or datagrams dropped", "reason")
+        self.failures = metrics.labeled_counter("failures_total", "DTLS handshakes failed", "reason")
+        self.dropped = metrics.labeled_counter("dropped_total", "DTLS records or datagrams dropped", "reason")
         self.hello_verify = metrics.counter("hello_verify_requests_total", "HelloVerifyRequests sent")
         self.address_changes = metrics.counter("address_changes_total", "peer address changes by CID")
         self.evictions = metrics.counter("evictions_total", "stale connections evicted")
@@ -140,7 +140,7 @@ class DtlsCounters:
             "renegotiations_refused_total", "renegotiation attempts answered with no_renegotiation"
         )
         self.adopted = metrics.counter(
-            "connections_adopted_total", "DTLS connections restored from another node's snapshot"
+            "adopted_total", "DTLS connections restored from another node's snapshot"
         )
 
 

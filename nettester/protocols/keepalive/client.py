@@ -280,13 +280,14 @@ class KeepAliveClientService(Service):
         self.metrics = MetricSet("keepalive_client")
         self.connect_attempts = self.metrics.counter("connect_attempts_total", "Connection attempts.")
         self.connections = self.metrics.counter("connections_total", "Connections established.")
-        self.connect_failures = self.metrics.counter("connect_failures_total", "Failed connection attempts.")
-        self.answered = self.metrics.counter("keepalives_answered_total", "Keep-alive round trips completed.")
-        self.dummies = self.metrics.counter("dummies_answered_total", "Dummy echoes received.")
+        self.connect_failures = self.metrics.counter("server_unavailable_total", "Failed connection attempts.")
+        self.answered = self.metrics.counter("keepalives_total", "Keep-alive round trips completed.")
+        self.dummies = self.metrics.counter("dummies_total", "Dummy echoes received.")
         self.responses_missing = self.metrics.counter("responses_missing_total", "Keep-alive responses not received.")
         self.protocol_errors = self.metrics.counter("protocol_errors_total", "Invalid messages from the server.")
         self.closes = self.metrics.labeled_counter("closes_total", "Closed connections by cause.", "cause")
-        self.metrics.gauge("open_connections", "Connections open now.", lambda: len(self.open))
+        self.metrics.gauge("open", "Connections open now.", lambda: len(self.open))
+        self.metrics.gauge("clients", "Configured clients.", lambda: len(self.slots))
 
     def startService(self) -> None:
         super().startService()

@@ -135,13 +135,13 @@ class KeepAliveServerService(Service):
         self.listening: IListeningPort | None = None
         self.open = OpenConnections(reactor)
         self.metrics = MetricSet("keepalive_server")
-        self.accepted = self.metrics.counter("connections_total", "Connections accepted.")
+        self.accepted = self.metrics.counter("accepted_total", "Connections accepted.")
         self.keepalives = self.metrics.counter("keepalives_total", "Keep-alive requests answered.")
         self.dummies = self.metrics.counter("dummies_total", "Dummy messages echoed.")
         self.protocol_errors = self.metrics.counter("protocol_errors_total", "Connections closed for invalid input.")
         self.closes = self.metrics.labeled_counter("closes_total", "Closed connections by cause.", "cause")
         self.missing = self.metrics.counter("keepalive_missing_total", "Connections closed for a missing keep-alive.")
-        self.metrics.gauge("open_connections", "Connections open now.", lambda: len(self.open))
+        self.metrics.gauge("open", "Connections open now.", lambda: len(self.open))
 
     def startService(self) -> None:
         """Listen; when the port cannot be opened, say why and stop with exit status 1."""

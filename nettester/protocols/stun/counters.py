@@ -37,9 +37,9 @@ class ServerCounters:
     def __init__(self, metrics: MetricFactory) -> None:
         self.requests = metrics.counter("requests", "Binding requests received")
         self.responses = metrics.counter("responses", "Binding success responses sent")
-        self.errors = metrics.labeled_counter("error_responses", "Error responses sent, by error code", "code")
+        self.errors = metrics.labeled_counter("errors", "Error responses sent, by error code", "code")
         self.dropped = metrics.labeled_counter("dropped", "Datagrams dropped without an answer, by reason", "reason")
-        self.changed = metrics.counter("change_requests", "Responses sent from another address (RFC 5780)")
+        self.changed = metrics.counter("changed", "Responses sent from another address (RFC 5780)")
         self.attributed = metrics.counter("attributed", "Success responses carrying NETTESTER-RECEIVED")
         self.attribution_invalid = metrics.counter(
             "attribution_invalid", "Malformed NETTESTER-SEQUENCE attributes (answered as if absent)"

@@ -27,6 +27,7 @@ import math
 import random
 import struct
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nettester.protocols.stun.attribution import (
@@ -221,6 +222,11 @@ class DelayHistogram:
         index = int(math.log(max(seconds, self._FLOOR) / self._FLOOR) / self._GROWTH)
         self._counts[min(index, self._BUCKETS - 1)] += 1
         self.count += 1
+
+    def buckets(self) -> Iterator[tuple[float, int]]:
+        """``(upper bound in seconds, count)`` of every bucket, in increasing order (for /metrics)."""
+        for index, count in enumerate(self._counts):
+            yield self._FLOOR * math.exp((index + 1) * self._GROWTH), count
 
     def percentile(self, fraction: float) -> float:
         """Upper bound (seconds) of the bucket holding the ``fraction`` quantile; 0 when empty."""

@@ -260,11 +260,11 @@ def test_dtls_counters_of_every_endpoint_join_the_summary_and_metrics() -> None:
     assert {key: summary[key] for key in summary if key.startswith("dtls_")} == {
         "dtls_handshakes": 1, "dtls_failures": 1, "dtls_dropped": 1, "dtls_connections": 1}
     text = generate_latest(new_registry(service.metrics)).decode()
-    assert "nettester_coap_server_requests 0.0" in text
+    assert "nettester_coap_server_received_total 0.0" in text
     assert text.count("# TYPE nettester_dtls_handshakes_total counter") == 1  # one family, summed
     assert "\nnettester_dtls_handshakes_total 1.0\n" in text
-    assert 'nettester_dtls_handshake_failures_total{reason="unknown_psk_identity"} 1.0' in text
-    assert 'nettester_dtls_records_dropped_total{reason="malformed"} 1.0' in text
+    assert 'nettester_dtls_failures_total{reason="unknown_psk_identity"} 1.0' in text
+    assert 'nettester_dtls_dropped_total{reason="malformed"} 1.0' in text
     assert "\nnettester_dtls_connections 1.0\n" in text
     service.stopService()
 
@@ -277,7 +277,7 @@ def test_summed_families_add_up_label_by_label() -> None:
     for drops in ({"a": 1, "b": 2}, {"b": 5}):
         metric_set = MetricSet("dtls")
         metric_set.counter("handshakes_total", "h").value = 3
-        dropped = metric_set.labeled_counter("dropped_total", "d", "reason")
+        dropped = metric_set.labeled_counter("drops_total", "d", "reason")
         for reason, count in drops.items():
             dropped.inc(reason, count)
         metric_set.gauge("connections", "c", lambda: 2)
@@ -286,7 +286,7 @@ def test_summed_families_add_up_label_by_label() -> None:
     assert [family.type for family in families.values()] == ["counter", "counter", "gauge"]
     assert [(s.name, s.value) for s in families["nettester_dtls_handshakes"].samples] == [
         ("nettester_dtls_handshakes_total", 6)]
-    assert {s.labels["reason"]: s.value for s in families["nettester_dtls_dropped"].samples} == {"a": 1, "b": 7}
+    assert {s.labels["reason"]: s.value for s in families["nettester_dtls_drops"].samples} == {"a": 1, "b": 7}
     assert families["nettester_dtls_connections"].samples[0].value == 4
 
 

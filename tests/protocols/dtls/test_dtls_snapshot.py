@@ -313,7 +313,7 @@ def test_endpoint_fails_over_to_an_adopted_connection() -> None:
     summary = backup.summary()
     assert summary["dtls_adopted"] == 1 and summary["dtls_handshakes"] == 0 and summary["dtls_dropped"] == 0
     exported = {family.name: family for family in backup.metrics.collect()}
-    assert exported["nettester_dtls_connections_adopted"].samples[0].value == 1
+    assert exported["nettester_dtls_adopted"].samples[0].value == 1
     backup.sendDatagram(b"answer", adopted)
     wire.deliver()
     assert client_receiver.received[-1] == (b"answer", peer)
