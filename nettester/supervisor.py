@@ -386,7 +386,8 @@ class SupervisorService(Service):
         text = f"status {code}" if code is not None else f"signal {getattr(reason.value, 'signal', '?')}"
         log.info("{kind} {index} (pid {pid}) {how} ({text}), its final summary: {summary}", event="worker_ended",
                  kind=self.kind, index=child.index, pid=child.pid, how=how, text=text,
-                 summary=" ".join(f"{key}={value}" for key, value in child.summary.items()))
+                 summary=" ".join(f"{key}={value}" for key, value in child.summary.items()),
+                 worker_summary=child.summary)
         if self._stopping:
             if not self.children:
                 self._finish_stop()
