@@ -12,8 +12,8 @@ tells every worker the CID steering program's slots whenever they change.
 Child (``WorkerChildService``): runs the role as usual, but instead of
 summary lines and a metrics port it writes a report line every
 ``REPORT_INTERVAL`` and a final one on stop; it reads slot updates on its
-standard input and stops when that closes (the parent is gone). SIGINT is
-the parent's to handle: a terminal's Ctrl-C reaches the whole process group.
+standard input and stops when that closes (the parent is gone). Children run in their own
+process group: a terminal's Ctrl-C is the parent's to handle.
 
 Report lines (child -> parent), one JSON object each::
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 import weakref
@@ -66,6 +65,11 @@ RESTART_DELAY = 0.5  # seconds before a dead worker is started again
 STOP_TIMEOUT = 30.0  # seconds a child gets to stop after SIGTERM before SIGKILL
 
 ExitStatusSetter = Callable[[IService, int], None]
+
+# ``python -c CHILD_MAIN <role> <arguments>``: ``python -m nettester`` in a
+# process group of its own, so a terminal's Ctrl-C (sent to the foreground
+# group) reaches only the parent, which stops the children with SIGTERM.
+CHILD_MAIN = "import os, runpy; os.setpgid(0, 0); runpy.run_module('nettester', run_name='__main__')"
 
 
 def multiprocess_service(role: IRole, options: RoleOptions, reactor: Any,
@@ -191,7 +195,6 @@ class WorkerChildService(MultiService):
         self._reactor.addSystemEventTrigger("after", "startup", self._started)
 
     def _started(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (SIGTERM)
         self._channel = _ParentChannel(self._reactor, self._command, self._parent_gone)
         self._channel.startReading()
         self._write({"ready": True, "pid": os.getpid()})
@@ -305,7 +308,7 @@ class SupervisorService(Service):
 
     def __init__(self, reactor: Any, role: str, argv: Sequence[str], count: int, is_server: bool,
                  live_fields: frozenset[str], set_exit_status: ExitStatusSetter,
-                 executable: Sequence[str] = (sys.executable, "-m", "nettester")) -> None:
+                 executable: Sequence[str] = (sys.executable, "-c", CHILD_MAIN)) -> None:
         self._reactor = reactor
         self.role = role
         self.argv = list(argv)
