@@ -232,6 +232,41 @@ def run_workers_scaling(args: argparse.Namespace, udpload: str, directory: str) 
           f"({args.rounds} alternating rounds; goal >= 0.9)")
 
 
+def run_bench_processes(args: argparse.Namespace) -> None:
+    """``--bench-processes``: ``coap-bench --processes 2`` against 1 process, both against libcoap's
+    ``coap-server-notls`` pinned to the server core; the rate is every process's answers over the
+    longest process's run time."""
+    libcoap = shutil.which("coap-server-notls")
+    if libcoap is None:
+        raise SystemExit("--bench-processes needs coap-server-notls (apt-get install libcoap3-bin)")
+    port = free_udp_ports(1)[0]
+    server = subprocess.Popen(pinned(args.server_core, [libcoap, "-A", "127.0.0.1", "-p", str(port)]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def bench(processes: int) -> Callable[[], float]:
+        def run() -> float:
+            command = [sys.executable, "-m", "nettester", "coap-bench", "--processes", str(processes),
+                       "--clients", str(args.bench_clients), "--requests", str(args.bench_requests),
+                       "--report-interval", "0", "--log-level", "warn", f"coap://127.0.0.1:{port}/time"]
+            output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            runs = [(int(answers), float(seconds))
+                    for answers, seconds in re.findall(r"^(\d+) requests in ([0-9.]+) s", output, re.MULTILINE)]
+            assert len(runs) == processes, output
+            rate = sum(answers for answers, _ in runs) / max(seconds for _, seconds in runs)
+            print(f"  coap-bench --processes {processes}: {rate:.0f} reqs/s ({runs})", flush=True)
+            return rate
+        return run
+
+    try:
+        bench(1)()  # warm-up
+        ratios = alternate(args.rounds, bench(2), bench(1), "coap-bench reqs/s processes 2/1, round")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    print(f"coap-bench --processes 2 vs 1 against libcoap coap-server-notls: median ratio {median(ratios):.2f} "
+          f"({args.rounds} alternating rounds, {args.bench_clients} clients x {args.bench_requests} requests)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coaps-load", type=int, help=argparse.SUPPRESS)
@@ -247,8 +282,15 @@ def main() -> None:
     parser.add_argument("--vs", choices=["libcoap"], help="only compare with libcoap on one core, alternating")
     parser.add_argument("--workers-scaling", action="store_true",
                         help="only compare --workers 2 with 1: answers per server CPU-second, coap and coaps")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of --vs / --workers-scaling")
+    parser.add_argument("--bench-processes", action="store_true",
+                        help="only compare coap-bench --processes 2 with 1 against libcoap's coap-server")
+    parser.add_argument("--bench-clients", type=int, default=200)
+    parser.add_argument("--bench-requests", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the comparisons")
     args = parser.parse_args()
+    if args.bench_processes:
+        run_bench_processes(args)
+        return
     if args.coaps_load:
         coaps_load(args.coaps_load, args.coaps_clients, args.coaps_requests)
         return

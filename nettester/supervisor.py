@@ -1,8 +1,8 @@
 """The processes of ``--workers`` / ``--processes`` (see ``nettester.workers``): parent and child sides.
 
-Parent (``SupervisorService``): spawns the children one after the other
+Parent (``SupervisorService``): spawns server workers one after the other
 (each once the previous one is listening, so every reuseport group orders
-their sockets the same way), reads their JSON report lines from descriptor
+their sockets the same way) and load-generator processes together, reads their JSON report lines from descriptor
 3, is the role's reporting service (merged summary and ``/metrics``),
 restarts a worker that dies after it started, and on stop sends every child
 SIGTERM and waits for it (SIGKILL after ``STOP_TIMEOUT``). It also keeps the
@@ -336,7 +336,10 @@ class SupervisorService(Service):
         super().startService()
         log.info("starting {count} {kinds} of {role}", event="workers_starting", count=self.count,
                  kinds=self.kinds, role=self.role)
-        self._spawn(0)
+        # Server workers start one by one (the reuseport order, see the module
+        # docstring); load generators all at once, so they run side by side.
+        for index in range(1 if self.is_server else self.count):
+            self._spawn(index)
 
     def _spawn(self, index: int) -> None:
         env = dict(os.environ)

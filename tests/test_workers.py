@@ -216,6 +216,7 @@ def test_stop_terminates_every_worker_and_waits() -> None:
 def test_load_generators_end_with_their_merged_status() -> None:
     service, reactor, status = make_supervisor(is_server=False)
     service.startService()
+    assert len(reactor.spawned) == 2, "load generators start together"
     report(reactor.spawned[0][0], ready=True)
     report(reactor.spawned[1][0], ready=True)
     reactor.spawned[0][0].processEnded(Failure(ProcessDone(0)))
