@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -101,6 +102,15 @@ class WorkerServer:
         self._reader.join(5)
 
 
+def metric(port: int, name: str) -> float:
+    """One unlabelled sample of the parent's merged /metrics (-1 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return -1.0
+
+
 def exchange(sockets: list[socket.socket], port: int, first_mid: int) -> None:
     """One GET from each socket; every one is answered (2.05 with the request's MID)."""
     for number, sock in enumerate(sockets):
@@ -123,17 +133,22 @@ def clients() -> Generator[list[socket.socket], None, None]:
 
 def test_merged_counters_survive_a_killed_worker_and_equal_the_sum_of_the_parts(clients: list[socket.socket]
                                                                                  ) -> None:
-    server = WorkerServer()
+    metrics_port = free_ports(1, socket.SOCK_STREAM)[0]
+    server = WorkerServer("--metrics-port", str(metrics_port), "--metrics-interface", "127.0.0.1")
     try:
         server.wait(lambda: len(server.started_pids()) == 2)
         exchange(clients, server.port, 1)
         server.wait(lambda: any(s.get("received", 0) >= 16 for s in server.of("summary")))
+        # coap-server exports its counts as gauges: summed over the live workers.
+        server.wait(lambda: metric(metrics_port, "nettester_coap_server_requests") >= 16)
 
         os.kill(server.started_pids()[0], signal.SIGKILL)
         server.wait(lambda: len(server.started_pids()) == 3)
         assert server.of("worker_restarting")[0]["index"] == 0
         exchange(clients, server.port, 100)
         server.wait(lambda: any(s.get("received", 0) >= 32 and s["restarts"] == 1 for s in server.of("summary")))
+        server.wait(lambda: metric(metrics_port, "nettester_workers_live") == 2)
+        assert metric(metrics_port, "nettester_workers_restarts_total") == 1
     finally:
         server.stop()
     received = [s.get("received", 0) for s in server.of("summary") + server.of("final_summary")]
