@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import abstract, base, defer, fdesc
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester import steering
-from nettester.interfaces import IReportingService, IRole
+from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.options import RoleOptions
@@ -64,7 +64,7 @@ REPORT_INTERVAL = 1.0  # seconds between a child's report lines
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
 STOP_TIMEOUT = 30.0  # seconds a child gets to stop after SIGTERM before SIGKILL
 
-ExitStatusSetter = Callable[[IService, int], None]
+ExitStatusSetter = Callable[[Any, int], None]  # nettester.service.set_exit_status
 
 # ``python -c CHILD_MAIN <role> <arguments>``: ``python -m nettester`` in a
 # process group of its own, so a terminal's Ctrl-C (sent to the foreground
@@ -72,8 +72,7 @@ ExitStatusSetter = Callable[[IService, int], None]
 CHILD_MAIN = "import os, runpy; os.setpgid(0, 0); runpy.run_module('nettester', run_name='__main__')"
 
 
-def multiprocess_service(role: IRole, options: RoleOptions, reactor: Any,
-                         set_exit_status: ExitStatusSetter) -> IService | None:
+def multiprocess_service(role: Any, options: RoleOptions, reactor: Any, set_exit_status: ExitStatusSetter) -> Any:
     """The supervisor (a parent of N > 1), the worker wrapper (a child), or None (one process, as before)."""
     if not isinstance(options, _MultiProcessOptions):
         return None
@@ -115,7 +114,7 @@ def install_reuseport() -> None:
         return sock
 
     createInternetSocket.reuseport = True  # type: ignore[attr-defined]
-    base.BasePort.createInternetSocket = createInternetSocket  # type: ignore[method-assign]
+    base.BasePort.createInternetSocket = createInternetSocket  # type: ignore[method-assign, assignment]
 
 
 def steer(slots: Sequence[int]) -> int:
@@ -180,7 +179,7 @@ class _ParentChannel(abstract.FileDescriptor):
 class WorkerChildService(MultiService):
     """The role in a worker process: reports to the parent instead of printing summaries."""
 
-    def __init__(self, role_service: IService, reactor: Any, report_fd: int = REPORT_FD) -> None:
+    def __init__(self, role_service: Any, reactor: Any, report_fd: int = REPORT_FD) -> None:
         super().__init__()
         self.role_service = role_service
         self._reactor = reactor
@@ -252,7 +251,8 @@ class _Child(ProcessProtocol):
         self._buffer = b""
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
+        transport: Any = self.transport
+        self.pid = transport.pid
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != REPORT_FD:
@@ -269,14 +269,16 @@ class _Child(ProcessProtocol):
             self.supervisor.reported(self, message)
 
     def send(self, message: dict[str, Any]) -> None:
+        transport: Any = self.transport
         try:
-            self.transport.writeToChild(0, (json.dumps(message) + "\n").encode())  # type: ignore[union-attr]
+            transport.writeToChild(0, (json.dumps(message) + "\n").encode())
         except (OSError, KeyError):  # its stdin already closed: it is ending
             pass
 
     def signal(self, name: str) -> None:
+        transport: Any = self.transport
         try:
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
+            transport.signalProcess(name)
         except ProcessExitedAlready:
             pass
 
