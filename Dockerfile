@@ -2,26 +2,32 @@
 # `nettester` console script, so `docker run nettester:latest keepalive-server`
 # and Kubernetes `args: ["keepalive-server", ...]` run the same service as
 # `twistd -n nettester keepalive-server`.
+#
+# BASE_IMAGE: any Debian 12 with python3 and python3-venv. The default is the
+# official image; CI builds from a local mmdebstrap root file system
+# (tests/test_image.py). Dependencies are pinned by constraints.txt (README,
+# "Kubernetes and the container image", says how to refresh it).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM python:3.11-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY setup.cfg pyproject.toml README.md ./
+COPY setup.cfg pyproject.toml README.md LICENSE constraints.txt ./
 COPY nettester ./nettester
 COPY twisted ./twisted
-RUN pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv /opt/nettester \
- && /opt/nettester/bin/pip install /wheels/*.whl
+RUN python3 -m venv /opt/nettester \
+ && /opt/nettester/bin/pip install --constraint constraints.txt .
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 ENV PATH=/opt/nettester/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 COPY --from=build /opt/nettester /opt/nettester
 # Regenerate the plugin caches (twistd's twisted/plugins and nettester's
 # modules) now, as root: at run time the image is read-only and unprivileged,
-# and a stale cache would be rebuilt on every start.
-RUN python -c "import nettester.plugins, twisted.plugins; \
+# and a stale cache would be rebuilt on every start. The user is written
+# into /etc/passwd directly: a minimal Debian has no useradd.
+RUN python3 -c "import nettester.plugins, twisted.plugins; \
 from twisted.plugin import IPlugin, getPlugins; \
 from nettester.interfaces import IProtocolModule; \
 list(getPlugins(IPlugin, twisted.plugins)); \
@@ -29,9 +35,12 @@ modules = list(getPlugins(IProtocolModule, nettester.plugins)); \
 assert modules, 'no nettester module found'; \
 print('modules:', ', '.join(sorted(m.name for m in modules)))" \
  && nettester --help > /dev/null \
- && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent nettester
+ && echo 'nettester:x:10001:10001:nettester:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
+ && echo 'nettester:x:10001:' >> /etc/group
 USER 10001:10001
-# 49665 keepalive (TCP/TLS); more modules add their ports.
-EXPOSE 49665
+# keepalive 49665/tcp; STUN 3478/udp+tcp; CoAP coap 5683, coaps 5684, extended
+# 5783/5784 (the cluster's DTLS port); cluster management 5884/udp; NAT console
+# 5799/tcp; coap-server --ready-port 8080/tcp; --metrics-port (and /ready) 9100/tcp.
+EXPOSE 49665/tcp 3478/udp 3478/tcp 5683/udp 5684/udp 5783/udp 5784/udp 5884/udp 5799/tcp 8080/tcp 9100/tcp
 ENTRYPOINT ["nettester"]
 CMD ["--help"]

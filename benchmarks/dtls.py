@@ -22,6 +22,7 @@ Prints one line:
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import select
 import shutil
@@ -127,7 +128,7 @@ class Driver:
         return engine
 
     def flush(self, sock: socket.socket, engine: DtlsConnection, now: float) -> None:
-        for datagram in engine.datagrams_to_send(now):
+        for datagram in engine.datagrams_to_send():
             try:
                 sock.sendto(datagram, self.server)
             except BlockingIOError:
@@ -151,7 +152,7 @@ class Driver:
                         data = sock.recv(65535)
                     except BlockingIOError:
                         break
-                    engine.receive_datagram(data, now, self.server)
+                    engine.receive_datagram(data, self.server, now)
                     on_ready(sock, engine, now)
                     engine = self.engines[fd]
             for sock in self.sockets:
@@ -235,7 +236,8 @@ def psk_client() -> DtlsConfiguration:
 def ecdsa_client_factory(ca: x509.Certificate) -> Callable[[], DtlsConfiguration]:
     """Clients that verify the server's chain and name: a real client's cost."""
     return lambda: DtlsConfiguration(
-        is_client=True, cipher_suites=(ECDSA_SUITE,), trust_anchors=[ca], server_name="localhost"
+        is_client=True, cipher_suites=(ECDSA_SUITE,), trust_anchors=[ca], server_name="localhost",
+        certificate_time=lambda now: datetime.datetime.now(datetime.timezone.utc),  # now is monotonic here
     )
 
 

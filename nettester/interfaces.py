@@ -7,6 +7,9 @@ these interfaces, so a new protocol module is a new file under
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, Protocol
+
 from zope.interface import Attribute, Interface
 
 
@@ -222,3 +225,27 @@ class INatTable(Interface):
 
     def info():
         """The console's ``info`` lines (entries, reverse mode, each destination's usage)."""
+
+
+class DatagramCore(Protocol):
+    """The one contract of every sans-IO datagram core (aioquic's shape).
+
+    Bytes and the time go in; datagrams, one timer and events come out.
+    ``nettester.pump.CorePump`` drives any of them from Twisted. A core
+    tolerates ``handle_timer`` being called at or after ``get_timer()``.
+    """
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        """One datagram from ``addr``."""
+
+    def datagrams_to_send(self) -> Iterable[tuple[bytes, Any]]:
+        """What to write now, as ``(datagram, address)`` pairs; each is handed out once."""
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` is due next (in the same clock as ``now``), or None."""
+
+    def handle_timer(self, now: float) -> None:
+        """The timer fired: retransmit, expire, ping."""
+
+    def next_event(self) -> Any | None:
+        """The next event for the layer above, or None when there is none."""

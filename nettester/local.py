@@ -38,8 +38,8 @@ class LocalOptions(RoleOptions):
     """Options of ``nettester local``."""
 
     optParameters: ClassVar[list[list[Any]]] = [
-        ["duration", "d", 30.0, "Seconds to run before judging.", positive_float],
-        ["modules", "m", "", "Comma-separated module names to run (default: every installed module)."],
+        ["duration", None, 30.0, "Seconds to run before judging.", positive_float],
+        ["modules", None, "", "Comma-separated module names to run (default: every installed module)."],
     ]
 
     def postOptions(self) -> None:

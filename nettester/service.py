@@ -86,9 +86,10 @@ def with_reporting(service: IService, name: str, options: RoleOptions, clock: An
         SummaryReporter(clock, name, service.summary, options["stats-interval"]).setServiceParent(wrapper)
         if options["metrics-port"]:
             registry = new_registry(service.metrics)
-            metrics_http_service(options["metrics-port"], registry, options["metrics-interface"]).setServiceParent(
-                wrapper
-            )
+            # /ready: the role's own readiness where it has one (coap-server), else "it is running".
+            is_ready = getattr(service, "is_ready", lambda: bool(service.running))
+            metrics_http_service(options["metrics-port"], registry, options["metrics-interface"],
+                                 is_ready=is_ready).setServiceParent(wrapper)
     service.setServiceParent(wrapper)
     return wrapper
 

@@ -6,9 +6,12 @@ is wired by ``nettester.service``.
 
 from __future__ import annotations
 
+import sys
+
 from twisted.application.service import IService
 from twisted.python import usage
 
+import nettester
 from nettester.module import discover_roles
 from nettester.options import RoleOptions
 from nettester.service import build
@@ -39,6 +42,11 @@ class Options(usage.Options):
     @property
     def subCommands(self) -> list[tuple[str, None, type[RoleOptions], str]]:  # type: ignore[override]
         return [(role.name, None, role.options, role.summary) for role in self.roles.values()]
+
+    def opt_version(self) -> None:
+        """Display nettester's version and exit."""
+        sys.stdout.write(f"nettester {nettester.__version__}\n")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         if not self.subCommand:

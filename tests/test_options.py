@@ -76,3 +76,62 @@ def test_coercers() -> None:
     with pytest.raises(ValueError, match="above 0"):
         positive_float("0")
     assert choice("a", "b")("B") == "b"
+
+
+class _PositionalOptions(RoleOptions):
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["clients", "c", 1, "Clients.", positive_int],
+        ["interface", None, "", "Address to listen on."],
+        ["count", None, 0, "A count.", int],
+        ["ratio", None, 0.5, "A ratio.", float],
+        ["suites", None, ("A", "B"), "Suites."],
+        ["nothing", None, (), "Nothing by default."],
+        ["example", None, "", "Cluster, e.g. \":15784;localhost:15884;1,---;localhost:25884;2\" or 'coap://host/path'."],
+    ]
+    optFlags: ClassVar[list[list[Any]]] = [["no-ipv4", None, "Do not: listen on IPv4"]]
+
+    def parseArgs(self, *arguments: str) -> None:
+        self["arguments"] = list(arguments)
+
+
+def test_options_may_follow_positional_arguments() -> None:
+    options = _PositionalOptions()
+    options.parseOptions(["coap://h/x", "--clients", "5", "second", "-c", "6", "--", "--not-an-option"])
+    assert options["clients"] == 6
+    assert options["arguments"] == ["coap://h/x", "second", "--not-an-option"]
+
+
+def test_an_unknown_option_after_an_argument_is_still_an_error() -> None:
+    with pytest.raises(UsageError, match="option --frob not recognized; see --help"):
+        _PositionalOptions().parseOptions(["x", "--frob"])
+
+
+@pytest.mark.parametrize("spelling", ["--interface", "--interfaces"])
+def test_interface_and_interfaces_are_one_option(spelling: str) -> None:
+    options = _PositionalOptions()
+    options.parseOptions([spelling, "127.0.0.1"])
+    assert options["interface"] == "127.0.0.1"
+    assert "--interfaces" not in options.getUsage()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--count", "abc"], "--count: expected a whole number, got 'abc'; see --help"),
+        (["--ratio", "half"], "--ratio: expected a number, got 'half'; see --help"),
+    ],
+)
+def test_plain_int_and_float_options_say_what_they_expect(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        _PositionalOptions().parseOptions(argv)
+    assert str(raised.value) == message
+
+
+def test_help_shows_defaults_as_typed_examples_whole_and_negated_flags_as_sentences() -> None:
+    usage_text = _PositionalOptions().getUsage(width=80)
+    flat = " ".join(usage_text.split())
+    assert "[default: A, B]" in flat
+    assert "(" + ")" not in usage_text and "[default: ]" not in usage_text and "[]" not in usage_text
+    assert '":15784;localhost:15884;1,---;localhost:25884;2"' in usage_text
+    assert "'coap://host/path'" in usage_text
+    assert "Do not listen on IPv4." in flat and "Do not:" not in usage_text

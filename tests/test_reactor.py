@@ -157,3 +157,55 @@ def test_the_console_script_installs_it() -> None:
               "from twisted.internet import reactor; print(type(reactor).__name__)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "DatagramEPollReactor"
+
+
+class RecordingService:
+    """What a ``ClientSocket`` reports to its stun-client service."""
+
+    def __init__(self) -> None:
+        self.refusals: list[int] = []
+        self.errors: list[OSError] = []
+
+    def refused(self, index: int) -> None:
+        self.refusals.append(index)
+
+    def socket_error(self, index: int, error: OSError, action: str) -> None:
+        self.errors.append(error)
+
+    def received(self, index: int, datagram: bytes) -> None:
+        raise AssertionError("nothing listens there: no datagram can arrive")
+
+
+def _dead_udp_port() -> int:
+    """A loopback UDP port nothing listens on (bound, then closed again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_refusal_on_a_connected_datagram_socket_is_read_not_taken_for_a_disconnect(
+    reactor: DatagramEPollReactor,
+) -> None:
+    """ICMP port unreachable arrives as EPOLLERR alone: the reader must see ECONNREFUSED and stay open.
+
+    Before the fix the event took Twisted's disconnect path: the socket was
+    closed under the stun-client, whose next send failed with EBADF.
+    """
+    service = RecordingService()
+    client = ClientSocket(service, 3, "127.0.0.1", ("127.0.0.1", _dead_udp_port()))  # type: ignore[arg-type]
+    reactor.addReader(client)
+    try:
+        for _ in range(3):  # each refusal is reported on the next send or receive
+            client.write(b"binding request")
+            for _ in range(20):  # bounded: the ICMP error is queued within microseconds on loopback
+                refusals = len(service.refusals)
+                reactor.doPoll(0.1)
+                if len(service.refusals) > refusals:
+                    break
+        assert service.errors == []
+        assert service.refusals and set(service.refusals) == {3}
+        assert client in reactor.getReaders()
+        assert client.fileno() != -1
+    finally:
+        reactor.removeReader(client)
+        client.close()

@@ -2,7 +2,7 @@
 # CoAP interop peers (issue 5): libcoap 4.3 command-line tools from Debian
 # (coap-client-notls / coap-server-notls, and the -openssl variants for
 # coaps), and the build tools DTLSSocket needs (aiocoap's coaps transport,
-# built from source when the test extras are installed).
+# built from source by 70-interop.sh, setup.cfg's [interop] extra).
 # Idempotent: nothing is installed when everything is already there.
 set -euo pipefail
 

@@ -22,7 +22,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from twisted.python import usage
 
@@ -168,8 +168,8 @@ class ClusterOptionsMixin:
                                    "\":15784;localhost:15884;1,---;localhost:25884;2\"."],
         ["dtls-cluster-group", None, "", "Dynamic cluster: management addresses of the group, "
                                          "\"localhost:15884,localhost:25884\"."],
-        ["k8s-dtls-cluster", None, "", "Kubernetes cluster: \"<dtls-interface>;<mgmt-interface>;<external-mgmt-port>\", "
-                                       "e.g. \":5784;:5884;5884\"."],
+        ["k8s-dtls-cluster", None, "",
+         "Kubernetes cluster: \"<dtls-interface>;<mgmt-interface>;<external-mgmt-port>\", e.g. \":5784;:5884;5884\"."],
         ["dtls-cluster-group-security", None, "", "Secret authenticating management records and encrypting the "
                                                   "session snapshots that let a node take over a lost node's "
                                                   f"sessions (dynamic and k8s mode) (else env {SECRET_ENV})."],
@@ -186,7 +186,7 @@ class ClusterOptionsMixin:
 
     def postOptions(self) -> None:
         try:
-            self["cluster"] = cluster_config(self, os.environ, socket.gethostname())  # type: ignore[index]
+            self["cluster"] = cluster_config(cast("Mapping[str, Any]", self), os.environ, socket.gethostname())  # type: ignore[index]
         except ValueError as error:
             raise usage.UsageError(f"{error}; see --help") from None
         super().postOptions()  # type: ignore[misc]
@@ -194,7 +194,8 @@ class ClusterOptionsMixin:
 
 def cluster_config(options: Mapping[str, Any], environ: Mapping[str, str], hostname: str) -> ClusterConfig | None:
     """Build the L{ClusterConfig} from parsed option values (None without a cluster option)."""
-    static_text, group_text, k8s_text = options["dtls-cluster"], options["dtls-cluster-group"], options["k8s-dtls-cluster"]
+    static_text, group_text = options["dtls-cluster"], options["dtls-cluster-group"]
+    k8s_text = options["k8s-dtls-cluster"]
     if not (static_text or k8s_text):
         if group_text:
             raise ValueError("--dtls-cluster-group needs --dtls-cluster with this node's own entry")

@@ -9,7 +9,7 @@
   service account, TLS verified against the service account's ``ca.crt``
   with pyOpenSSL and service-identity) and makes their IPs with the external
   management port the NodeTable's group; PING/PONG then map node ids.
-  L{ReadyResource} is the ``/ready`` readiness probe.
+  ``ReadyResource`` (from nettester.metrics) is the ``/ready`` readiness probe.
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 from zope.interface import implementer
 
+from nettester.addresses import ip_family
 from nettester.cluster.nodes import NodeListeners, NodeTable
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
-from nettester.addresses import ip_family
+from nettester.metrics import ReadyResource  # noqa: F401 - the probe lives with /metrics; re-exported
 
 log = Logger()
 
@@ -60,7 +59,8 @@ def resolve_nodes(reactor: Any, nodes: Mapping[int, Address]) -> Deferred[dict[i
     """Resolve every management address of a static cluster."""
     node_ids = list(nodes)
     resolving = [resolve_address(reactor, nodes[node_id]) for node_id in node_ids]
-    return gatherResults(resolving, consumeErrors=True).addCallback(lambda found: dict(zip(node_ids, found, strict=True)))
+    gathered = gatherResults(resolving, consumeErrors=True)
+    return gathered.addCallback(lambda found: dict(zip(node_ids, found, strict=True)))
 
 
 @implementer(INodeDiscovery)
@@ -82,7 +82,7 @@ class StaticDiscovery(NodeListeners):
 class DynamicDiscoveryService(Service):
     """Runs a L{NodeTable}'s timer: PINGs go out through C{send(datagram, address)}."""
 
-    def __init__(self, reactor: Any, table: NodeTable, send: Callable[[bytes, Address], None]) -> None:
+    def __init__(self, reactor: Any, table: NodeTable, send: Callable[[bytes, Address], object]) -> None:
         self._reactor = reactor
         self._table = table
         self._send = send
@@ -181,7 +181,8 @@ class KubernetesApi:
 
     @inlineCallbacks
     def _get(self, url: str) -> Generator[Deferred[Any], Any, Any]:
-        headers = {"Authorization": f"Bearer {self._token()}", "Accept": "application/json"}
+        headers: dict[bytes | str, bytes | str] = {
+            "Authorization": f"Bearer {self._token()}", "Accept": "application/json"}
         response = yield self._http.get(url, headers=headers).addTimeout(REQUEST_TIMEOUT, self._reactor)
         body = yield response.content()
         if response.code != 200:
@@ -326,19 +327,3 @@ def kubernetes_discovery_from_environment(
     read("token")  # fail now, not at the first listing
     api = KubernetesApi(reactor, host, namespace, lambda: read("token"), ca_pem)
     return KubernetesDiscovery(reactor, api, table, hostname, management_port, environ.get("KUBECTL_SELECTOR") or None)
-
-
-class ReadyResource(Resource):
-    """``GET /ready``: 200 once C{is_ready()} is true, else 503 (the readiness probe)."""
-
-    isLeaf = True
-
-    def __init__(self, is_ready: Callable[[], bool]) -> None:
-        super().__init__()
-        self._is_ready = is_ready
-
-    def render_GET(self, request: Request) -> bytes:
-        if self._is_ready():
-            return b"ready\n"
-        request.setResponseCode(503)
-        return b"not ready\n"

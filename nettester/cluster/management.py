@@ -85,7 +85,9 @@ class ManagementEndpoint(DatagramProtocol):
             )
 
     def _transport_write(self, datagram: bytes, address: Address) -> None:
-        self.transport.write(datagram, address)
+        transport = self.transport
+        assert transport is not None, "written to before the port was opened"
+        transport.write(datagram, address)
 
     def startProtocol(self) -> None:
         # Straight to the socket: Port.write re-validates the address text on every datagram.

@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
     Deferred,
     FirstError,
@@ -45,12 +45,13 @@ from nettester.cluster.discovery import (
 )
 from nettester.cluster.management import ManagementEndpoint
 from nettester.cluster.nodes import NodeTable
-from nettester.cluster.replication import ReplicatedEndpoint, ReplicationService
+from nettester.cluster.replication import DEFAULT_MAX_REPLICAS, SEQUENCE_GAP, AskBackup, Replicator, TakeOver
 from nettester.cluster.router import LOCAL, CidRouter, Forward
-from nettester.cluster.wire import ManagementCodec
+from nettester.cluster.wire import ConnectionState, ManagementCodec
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
+from nettester.protocols.dtls.snapshot import SnapshotError
 
 log = Logger()
 
@@ -79,6 +80,31 @@ class ForwardedRoute:
             self.management.backward(data, address, self.node)
         else:
             self.send_public(data, address)
+
+
+
+def _not_open(data: bytes, address: Address) -> None:
+    """The public send before the port is open: refused like a send the kernel refuses."""
+    raise OSError("the public port is not open yet")
+
+class ReplicatedEndpoint(Protocol):
+    """What replication needs from the DTLS endpoint."""
+
+    connections: list[Any]
+    on_established: Callable[[Any], None] | None
+    unknown_cid: Callable[[bytes, bytes, Address, Any], bool] | None
+
+    def snapshot(self, cid: bytes) -> bytes | None:
+        """The established connection's snapshot, or None."""
+
+    def adopt(self, snapshot: bytes, address: Address, route: Any, sequence_gap: int) -> Any:
+        """Restore a connection from a snapshot; raises SnapshotError."""
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        """A datagram from our public socket."""
+
+    def routedDatagramReceived(self, data: bytes, address: Address, route: Any) -> None:
+        """A datagram another node forwarded."""
 
 
 class RoutedEndpoint(ReplicatedEndpoint, Protocol):
@@ -183,7 +209,7 @@ class ClusterNodeService(MultiService):
         self.replication: ReplicationService | None = None
         self.started: Deferred[None] = Deferred()
         self._routes: dict[Address, ForwardedRoute] = {}
-        self._public_sendto: Callable[[bytes, Address], Any] | None = None
+        self._public_sendto: Callable[[bytes, Address], Any] = _not_open
         self._public_send_errors = metrics.counter("public_send_errors_total", "Sends refused on the public socket.")
 
     @property
@@ -321,3 +347,104 @@ class ClusterNodeService(MultiService):
             if port is not None:
                 stopping.append(maybeDeferred(port.stopListening))
         return gatherResults(stopping)
+
+
+class ReplicationService(Service):
+    """Carries out the ``Replicator``'s decisions: sends snapshots, adopts or forwards unknown CIDs.
+
+    ``send(datagram, management_address)`` returns False when the kernel refused it;
+    ``forward(records, client, management_address)`` sends an IN record.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        endpoint: ReplicatedEndpoint,
+        router: CidRouter,
+        codec: ManagementCodec,
+        send: Callable[[bytes, Address], bool],
+        forward: Callable[[bytes, Address, Address], None],
+        metrics: MetricSet,
+        max_replicas: int = DEFAULT_MAX_REPLICAS,
+    ) -> None:
+        self._clock = clock
+        self._endpoint = endpoint
+        self._router = router
+        self._send = send
+        self._forward = forward
+        self.core = Replicator(router.own_node_id, codec, max_replicas)
+        self.replicas = self.core.replicas
+        self._timer: Any = None
+        self.replicated = metrics.counter("replicated_total", "Connection snapshots sent to the backup node.")
+        self.taken_over = metrics.counter("taken_over_total", "Connections taken over from a lost node's replica.")
+        metrics.gauge("replicas", "Snapshots held for other nodes' connections.", lambda: len(self.replicas))
+
+    def startService(self) -> None:
+        super().startService()
+        self._endpoint.on_established = self._established
+        self._endpoint.unknown_cid = self.unknown_cid
+        self.core.start(self._clock.seconds())
+        self._arm()
+        log.info("DTLS state replication on: each connection's snapshot goes to the next node, which takes it "
+                 "over if node {node} is lost", event="cluster_replication_on", node=self._router.own_node_id)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.core.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._endpoint.on_established = None
+        self._endpoint.unknown_cid = None
+
+    def _arm(self) -> None:
+        due = self.core.get_timer()
+        if due is not None:
+            self._timer = self._clock.callLater(max(0.0, due - self._clock.seconds()), self.refresh)
+
+    def receive(self, state: ConnectionState, source: Address) -> str | None:
+        """A STATE record from another node (the management endpoint's callback): None, or why it was dropped."""
+        return self.core.receive_state(state, self._clock.seconds())
+
+    def _established(self, peer: Any) -> None:
+        backup = self._router.backup()
+        if backup is not None:
+            self._replicate(peer.connection.read_cid, peer.last_activity, backup)
+
+    def refresh(self) -> None:
+        """Send the snapshots the replicator says are due, and re-arm its timer."""
+        backup = self._router.backup()
+        activity = {peer.connection.read_cid: peer.last_activity for peer in self._endpoint.connections}
+        for cid in self.core.refresh(self._clock.seconds(), backup, activity.items()):
+            assert backup is not None  # refresh names no CID without a backup
+            self._replicate(cid, activity[cid], backup)
+        self._arm()
+
+    def _replicate(self, cid: bytes, activity: float, backup: tuple[int, Address]) -> None:
+        snapshot = self._endpoint.snapshot(cid)
+        if snapshot is None:
+            return
+        if self._send(self.core.state_record(cid, snapshot, self._clock.seconds()), backup[1]):
+            self.replicated.value += 1
+            self.core.replicated(cid, backup, activity)
+
+    def unknown_cid(self, cid: bytes, data: bytes, address: Address, route: Any) -> bool:
+        """The endpoint's hook for a CID it does not know: adopt a replica, or ask our backup after a restart."""
+        decision = self.core.unknown_cid(cid, route is not None, self._router.backup())
+        if isinstance(decision, AskBackup):
+            self._forward(data, address, decision.address)
+            return True
+        if not isinstance(decision, TakeOver):
+            return False
+        try:
+            self._endpoint.adopt(decision.snapshot, address, route, SEQUENCE_GAP)
+        except SnapshotError:
+            return False  # the endpoint counted it
+        self.taken_over.value += 1
+        log.info("Took over DTLS connection {cid} of node {node} for {peer} from its replica",
+                 event="cluster_takeover", cid=cid.hex(), node=cid[0], peer=address)
+        if route is None:
+            self._endpoint.datagramReceived(data, address)
+        else:
+            self._endpoint.routedDatagramReceived(data, address, route)
+        return True

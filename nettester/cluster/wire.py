@@ -45,17 +45,21 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
 from hashlib import sha256
 from hmac import compare_digest
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 TYPE_IN = 63
 TYPE_OUT = 62
@@ -167,8 +171,10 @@ class ManagementCodec:
     @param secret: the group secret, or None for Californium's unauthenticated layout.
     """
 
-    def __init__(self, secret: bytes | None = None) -> None:
-        self._mac: tuple[Any, Any] | None = None
+    def __init__(self, secret: bytes | None = None, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        """``random_bytes(n)`` makes the STATE records' nonces (injected, like every source of chance here)."""
+        self._random_bytes = random_bytes
+        self._mac: tuple[_Hash, _Hash] | None = None
         self._mac_length = 0
         if secret is not None:
             self._mac_length = MAC_LENGTH
@@ -224,7 +230,7 @@ class ManagementCodec:
             raise ValueError("STATE records need the cluster group secret: a snapshot carries session keys")
         if not 0 < len(cid) < 256:
             raise ValueError(f"a CID is 1 to 255 bytes, got {len(cid)}")
-        nonce = os.urandom(STATE_NONCE_LENGTH)
+        nonce = self._random_bytes(STATE_NONCE_LENGTH)
         plaintext = _TIMESTAMP.pack(timestamp_ms) + bytes((len(cid),)) + cid + snapshot
         return _STATE_HEADER + nonce + self._state_aead.encrypt(nonce, plaintext, _STATE_HEADER)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import getopt
-import sys
 from typing import Any, ClassVar
 
 from twisted.python import usage
@@ -23,7 +21,7 @@ def percent(value: str) -> float:
 
 
 def size_limit(value: str) -> Any:
-    """``SIZE[:PCT]``, see L{nettester.nat.table.parse_size_limit}."""
+    """``SIZE[:PCT]``, see ``nettester.nat.table.parse_size_limit``."""
     from nettester.nat.table import parse_size_limit
 
     return parse_size_limit(value)
@@ -115,22 +113,6 @@ class NatOptions(RoleOptions):
         ["seed", None, None, "Seed of the random choices (destinations, drops) for a reproducible run.",
          non_negative_int],
     ]
-
-    def parseOptions(self, options: list[str] | None = None) -> None:
-        """Accept options after the positional arguments too (cf-nat's order:
-        ``nat :5784 host:5684 -r -d 10``); Twisted's own parser stops at the first one."""
-        if options is None:
-            options = sys.argv[1:]
-        try:
-            pairs, positional = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
-        except getopt.error as error:
-            raise usage.UsageError(f"{error}; see --help") from None
-        ordered: list[str] = []
-        for option, value in pairs:
-            name = option.lstrip("-")
-            takes_value = f"{name}=" in self.longOpt if option.startswith("--") else f"{name}:" in self.shortOpt
-            ordered.extend((option, value) if takes_value else (option,))
-        super().parseOptions([*ordered, "--", *positional])
 
     def parseArgs(self, *arguments: str) -> None:
         """``<listen> <destination>...``; they win over --listen/--destinations and their env vars."""

@@ -15,9 +15,9 @@ from __future__ import annotations
 import io
 import json
 import random
-from functools import partial
 import socket
 from collections.abc import Callable, Generator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -25,9 +25,6 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
-from tests.logcapture import log_events
-from tests.cluster.conftest import pod_discovery
-from tests.loopback import free_ports, wait_until as poll_until
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable
@@ -39,7 +36,10 @@ from nettester.protocols.coap.options import CoapBenchOptions, CoapClientOptions
 from nettester.protocols.coap.roles import build_server
 from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
-
+from tests.cluster.conftest import pod_discovery
+from tests.logcapture import log_events
+from tests.loopback import free_ports
+from tests.loopback import wait_until as poll_until
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 10.0  # generous: a loaded 2-core machine
@@ -344,7 +344,7 @@ def test_a_lost_nodes_sessions_are_taken_over_without_a_new_handshake(
         # A crash: no close_notify reaches the client, the load balancer stops sending to the node.
         host, port = cluster.public_address(owner)
         for endpoint in cluster.servers[owner].endpoints:
-            monkeypatch.setattr(endpoint.link, "closeAll", lambda: None)
+            monkeypatch.setattr(endpoint.link, "close_all", lambda: None)
         yield cluster.servers[owner].stopService()
         yield cluster.nat.console.execute(f"remove {host}:{port}")
         context = yield client.mycontext()

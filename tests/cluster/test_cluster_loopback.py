@@ -22,8 +22,6 @@ from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
-from tests.cluster.conftest import pod_discovery
-from tests.loopback import free_ports, wait_until
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.node import ClusterNodeService, ForwardedRoute
 from nettester.cluster.wire import TYPE_IN, ManagementCodec
@@ -36,6 +34,8 @@ from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConfiguration
 from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
+from tests.cluster.conftest import pod_discovery
+from tests.loopback import free_ports, wait_until
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 5.0

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from tests.logcapture import log_events
 from nettester.cluster.discovery import DynamicDiscoveryService
 from nettester.cluster.management import ManagementEndpoint
 from nettester.cluster.nodes import NodeTable
@@ -21,6 +20,7 @@ from nettester.cluster.wire import (
     NodeState,
 )
 from nettester.metrics import MetricSet
+from tests.logcapture import log_events
 
 A = ("10.0.0.1", 5884)
 B = ("10.0.0.2", 5884)

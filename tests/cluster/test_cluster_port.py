@@ -11,8 +11,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactor
 
-from tests.logcapture import log_events
 from nettester.cluster.node import MAX_DATAGRAMS_PER_READ, DrainingPort
+from tests.logcapture import log_events
 
 pytestmark = pytest.mark.integration
 

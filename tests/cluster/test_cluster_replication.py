@@ -8,8 +8,16 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
+from nettester.cluster.node import ReplicationService
 from nettester.cluster.nodes import NodeTable
-from nettester.cluster.replication import REFRESH_INTERVAL, SEQUENCE_GAP, ReplicaStore, ReplicationService
+from nettester.cluster.replication import (
+    REFRESH_INTERVAL,
+    SEQUENCE_GAP,
+    AskBackup,
+    ReplicaStore,
+    Replicator,
+    TakeOver,
+)
 from nettester.cluster.router import CidRouter
 from nettester.cluster.wire import TYPE_PING, ConnectionState, ManagementCodec, NodeMessage, NodeState
 from nettester.metrics import MetricSet
@@ -190,3 +198,45 @@ def test_the_store_keeps_the_newest_snapshot_and_is_bounded() -> None:
     assert len(store) == 2 and store.evicted == 1
     assert store.take(b"\x02a") is None  # the oldest stored went first
     assert store.take(b"\x02c") == b"c" and store.take(b"\x02c") is None
+
+
+# -- the sans-IO decisions alone, on plain values ---------------------------------------------------
+
+def test_the_replicator_names_what_is_due_on_plain_values() -> None:
+    core = Replicator(1, ManagementCodec(SECRET))
+    assert core.get_timer() is None
+    core.start(100.0)
+    assert core.get_timer() == 100.0 + REFRESH_INTERVAL
+    backup = (2, NODE_2)
+    assert core.refresh(102.0, backup, [(OWN_CID, 0.0), (b"", 0.0)]) == [OWN_CID]  # no CID: never replicated
+    assert core.get_timer() == 102.0 + REFRESH_INTERVAL
+    core.replicated(OWN_CID, backup, 0.0)
+    assert core.refresh(104.0, backup, [(OWN_CID, 0.0)]) == []  # nothing new since
+    assert core.refresh(106.0, backup, [(OWN_CID, 105.0)]) == [OWN_CID]  # active again
+    core.replicated(OWN_CID, backup, 105.0)
+    assert core.refresh(108.0, (3, NODE_3), [(OWN_CID, 105.0)]) == [OWN_CID]  # the backup changed
+    assert core.refresh(110.0, None, [(OWN_CID, 109.0)]) == []  # alone
+    core.stop()
+    assert core.get_timer() is None
+
+
+def test_the_replicator_decides_what_an_unknown_cid_means() -> None:
+    codec = ManagementCodec(SECRET)
+    core = Replicator(1, codec)
+    state = codec.decode(codec.encode_state(LOST_CID, b"replica", 1_000_000))
+    assert isinstance(state, ConnectionState)
+    assert core.receive_state(state, 1_000.0) is None
+    assert core.receive_state(state, 1_000.0) == "stale_state"  # not newer than the one held
+    assert core.unknown_cid(LOST_CID, routed=True, backup=None) == TakeOver(b"replica")
+    assert core.unknown_cid(LOST_CID, routed=True, backup=None) is None  # taken once
+    assert core.unknown_cid(OWN_CID, routed=False, backup=(2, NODE_2)) == AskBackup(NODE_2)
+    assert core.unknown_cid(OWN_CID, routed=True, backup=(2, NODE_2)) is None  # a forwarded record: not ours to ask
+    assert core.unknown_cid(OWN_CID, routed=False, backup=None) is None
+
+
+def test_state_nonces_come_from_the_injected_source() -> None:
+    codec = ManagementCodec(SECRET, random_bytes=lambda n: b"\x07" * n)
+    first, second = codec.encode_state(OWN_CID, b"s", 1), codec.encode_state(OWN_CID, b"s", 1)
+    assert first == second  # the same nonce: the codec drew nothing else
+    assert b"\x07" * 12 in first
+    assert ManagementCodec(SECRET).encode_state(OWN_CID, b"s", 1) != first

@@ -66,7 +66,7 @@ def require(module: str) -> None:
     try:
         __import__(module)
     except ImportError:
-        missing_peer(f"{module} not installed (aiocoap[tinydtls] is part of the test extras)")
+        missing_peer(f"{module} not installed (pip install -e .[interop]: aiocoap[tinydtls] builds DTLSSocket, which needs autoconf, automake and libtool)")
 
 
 @pytest_twisted.inlineCallbacks

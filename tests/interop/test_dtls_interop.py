@@ -615,7 +615,7 @@ def test_our_client_with_python_mbedtls_server() -> None:
     client.connect(0.0)
     hello_verify = 0
     for _ in range(20):
-        for datagram in client.datagrams_to_send(0.0):
+        for datagram in client.datagrams_to_send():
             buffer.receive_from_network(datagram)
             try:
                 _step(tls, buffer)
@@ -624,11 +624,11 @@ def test_our_client_with_python_mbedtls_server() -> None:
                 reply = _drain(buffer)
                 buffer = context.wrap_buffers()  # Mbed TLS restarts the session after a HelloVerifyRequest
                 buffer.setcookieparam(b"127.0.0.1:5684")
-                client.receive_datagram(reply, 0.0)
+                client.receive_datagram(reply, None, 0.0)
                 continue
         out = _drain(buffer)
         if out:
-            client.receive_datagram(out, 0.0)
+            client.receive_datagram(out, None, 0.0)
         if client.is_established:
             break
     events = []
@@ -639,11 +639,11 @@ def test_our_client_with_python_mbedtls_server() -> None:
     assert hello_verify == 1
     _step(tls, buffer)
     client.send_application_data(b"to python-mbedtls")
-    for datagram in client.datagrams_to_send(0.0):
+    for datagram in client.datagrams_to_send():
         buffer.receive_from_network(datagram)
     assert buffer.read(100) == b"to python-mbedtls"
     buffer.write(b"from python-mbedtls")
-    client.receive_datagram(_drain(buffer), 0.0)
+    client.receive_datagram(_drain(buffer), None, 0.0)
     assert client.next_event() == ApplicationData(b"from python-mbedtls")
 
 
@@ -668,8 +668,8 @@ def test_python_mbedtls_client_with_our_server() -> None:
                     _step(tls, buffer)
                     continue
                 server = DtlsConnection(server_config("TLS_PSK_WITH_AES_128_CCM_8"), address)
-            server.receive_datagram(out, 0.0, address)
-            for datagram in server.datagrams_to_send(0.0):
+            server.receive_datagram(out, address, 0.0)
+            for datagram in server.datagrams_to_send():
                 buffer.receive_from_network(datagram)
         _step(tls, buffer)
         if server is not None and server.is_established:
@@ -679,9 +679,9 @@ def test_python_mbedtls_client_with_our_server() -> None:
     assert isinstance(completed, HandshakeCompleted)
     assert completed.peer_identity == "Client_identity" and completed.read_cid is None
     buffer.write(b"hello")
-    server.receive_datagram(_drain(buffer), 0.0, address)
+    server.receive_datagram(_drain(buffer), address, 0.0)
     assert server.next_event() == ApplicationData(b"hello")
     server.send_application_data(b"world")
-    for datagram in server.datagrams_to_send(0.0):
+    for datagram in server.datagrams_to_send():
         buffer.receive_from_network(datagram)
     assert buffer.read(100) == b"world"

@@ -4,19 +4,25 @@ Each client has its own socket (its own source port) and runs a closed
 loop: one request, wait for its response, the next one after ``interval``;
 a failed request (timeout, reset, failed DTLS handshake) is a transmission
 error and counts as one of the client's requests, the next one goes after
-one second, so a run against a dead server ends too. Every
-``report_interval`` a progress line, at the end a summary with the overall
-rate, RTT percentiles and the histogram of requests per client.
+one second, so a run against a dead server ends too. A start-up line, a
+first progress line after a second, then one every ``report_interval``; at
+the end a summary with the overall rate, RTT percentiles (from a bounded
+histogram), the loss by direction, the histogram of requests per client and
+the verdict. With ``--log-format json`` these are JSON log lines too, so
+stdout holds nothing else.
+
+Every request carries the attribution tag (:mod:`.attribution`): against
+nettester's extended server a failed request is told lost on the way out
+(``lost_forward``) or back (``lost_return``); against others it stays
+``lost_unattributed``.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import resource
-from array import array
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from twisted.application.service import Service
@@ -24,7 +30,8 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
 from nettester.interfaces import IDatagramLink
-from nettester.logs import Logger
+from nettester.logs import ALWAYS, Logger
+from nettester.protocols.coap.attribution import REPORT_OPTION, TAG_OPTION, Attributor
 from nettester.protocols.coap.client import (
     EXIT_ERROR_RESPONSE,
     EXIT_NO_RESPONSE,
@@ -37,10 +44,22 @@ from nettester.protocols.coap.client import (
 )
 from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
 from nettester.protocols.coap.layer import ResponseReceived, TransmissionParameters
+from nettester.report import (
+    UNATTRIBUTED,
+    LossEpisode,
+    ReportError,
+    RttHistogram,
+    RunRecorder,
+    Thresholds,
+    Verdict,
+    judge,
+    write_report,
+)
 
 log = Logger()
 
 RETRY_DELAY = 1.0
+FIRST_PROGRESS = 1.0  # seconds to the first progress line: a short run shows one too
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
 
@@ -58,17 +77,34 @@ class BenchConfig:
     timeout: float = 10.0
     payload_random: int = 0
     report_interval: float = 10.0
+    duration: float = 0.0  # stop by itself after this many seconds; 0 = when --requests are done or stopped
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    report: str | None = None  # --report FILE
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration as the report and the start-up line show it."""
+        uri = self.uri
+        path = "/" + "/".join(uri.path) + ("?" + "&".join(uri.query) if uri.query else "")
+        return {"target": server_text(uri.address), "scheme": uri.scheme, "resource": path,
+                "clients": self.clients, "requests_per_client": self.requests, "nstart": self.nstart,
+                "mode": "CON" if self.confirmable else "NON", "method": self.method, "interval_s": self.interval,
+                "timeout_s": self.timeout, "payload_random": self.payload_random, "duration_s": self.duration}
 
 
 class BenchStatistics:
-    """Counts and RTTs of a run: pure bookkeeping, fed with times from outside."""
+    """Counts and RTTs of a run: pure bookkeeping, fed with times from outside.
+
+    RTTs go into a bounded histogram (``rtt``, merged from the one of the
+    current progress interval), so memory stays flat however long the run.
+    """
 
     def __init__(self, clients: int, started: float) -> None:
         self.started = started
         self.responses = 0
         self.failures = 0
         self.per_client = [0] * clients
-        self.rtts = array("d")
+        self.rtt = RttHistogram()
+        self.interval_rtt = RttHistogram()
         self._last_time = started
         self._last_responses = 0
 
@@ -77,11 +113,17 @@ class BenchStatistics:
         self.responses += 1
         self.per_client[client] += 1
         if rtt is not None:
-            self.rtts.append(rtt)
+            self.interval_rtt.record(rtt)
 
     def record_failure(self) -> None:
         """One request that ended without an answer (it is retried)."""
         self.failures += 1
+
+    def end_interval(self) -> RttHistogram:
+        """The RTTs since the last call (merged into ``rtt``), for a time-series sample."""
+        interval, self.interval_rtt = self.interval_rtt, RttHistogram()
+        self.rtt.merge(interval)
+        return interval
 
     def progress_line(self, now: float, retransmissions: int, active_clients: int) -> str:
         """``N requests (R reqs/s, X retransmissions (p%), Y transmission errors (q%), C clients)``."""
@@ -93,44 +135,58 @@ class BenchStatistics:
                 f"({retransmissions * 100 / sent:.2f}%), {self.failures} transmission errors "
                 f"({self.failures * 100 / sent:.2f}%), {active_clients} clients)")
 
-    def percentile(self, percent: float) -> float:
-        """The RTT at ``percent`` (nearest rank), seconds; 0 without samples."""
-        if not self.rtts:
-            return 0.0
-        ordered = sorted(self.rtts)
-        rank = math.ceil(percent / 100 * len(ordered))
-        return ordered[max(0, min(len(ordered), rank) - 1)]
+    def percentile(self, percent: float) -> float | None:
+        """The RTT at ``percent`` in seconds, None without samples."""
+        self.end_interval()
+        return self.rtt.percentile(percent)
 
-    def summary_lines(self, now: float, retransmissions: int) -> list[str]:
-        """The final summary: overall rate, RTT percentiles, requests-per-client histogram."""
+    def rtt_line(self) -> str:
+        """``RTT ms: p50=..., ..., max=...``, or ``RTT ms: no responses``."""
+        self.end_interval()
+        percentiles = self.rtt.percentiles_ms(PERCENTILES)
+        if percentiles is None:
+            return "RTT ms: no responses"
+        return "RTT ms: " + ", ".join(f"{name}={value:.2f}" for name, value in percentiles.items()
+                                      if name != "samples")
+
+    def summary_lines(self, now: float, retransmissions: int, loss: dict[str, int] | None = None) -> list[str]:
+        """The final summary: overall rate, loss by direction, RTT percentiles, requests-per-client histogram."""
         elapsed = max(now - self.started, 1e-9)
+        directions = "".join(f", {key}={value}" for key, value in (loss or {}).items())
         lines = [
             f"{self.responses} requests in {elapsed:.1f} s: {self.responses / elapsed:.0f} reqs/s, "
-            f"{retransmissions} retransmissions, {self.failures} transmission errors, "
+            f"{retransmissions} retransmissions, {self.failures} transmission errors{directions}, "
             f"{len(self.per_client)} clients",
-            "RTT ms: " + ", ".join(f"p{p:g}={self.percentile(p) * 1000:.2f}" for p in PERCENTILES)
-            + (f", max={max(self.rtts) * 1000:.2f}" if self.rtts else ""),
+            self.rtt_line(),
             "requests per client (requests: clients):",
         ]
         histogram = Counter(self.per_client)
         lines += [f"  {count}: {clients}" for count, clients in sorted(histogram.items())]
         return lines
 
-    def exit_status(self) -> int:
-        """0 every request answered, 1 some failed, 3 none answered (see ``coap-bench --help``)."""
+    def verdict(self, thresholds: Thresholds) -> Verdict:
+        """The run judged by ``thresholds`` (``--max-loss``)."""
+        return judge(thresholds, self.responses + self.failures, self.failures, self.responses)
+
+    def exit_status(self, thresholds: Thresholds | None = None) -> int:
+        """0 passed, 1 failed (more failed requests than ``--max-loss``, default none), 3 none answered."""
         if not self.responses:
             return EXIT_NO_RESPONSE
-        return EXIT_ERROR_RESPONSE if self.failures else EXIT_SUCCESS
+        return EXIT_SUCCESS if self.verdict(thresholds or Thresholds()).passed else EXIT_ERROR_RESPONSE
 
 
 class BenchClient:
-    """One closed-loop client: its own link and endpoint."""
+    """One closed-loop client: its own link, endpoint and attribution session."""
 
     def __init__(self, index: int, bench: CoapBenchService, link: IDatagramLink) -> None:
         self.index = index
         self.bench = bench
         self.link = link
-        self.endpoint = CoapEndpoint(link, bench.reactor, params=bench.params, rng=random.Random(bench.rng.random()))
+        rng = random.Random(bench.rng.random())
+        self.endpoint = CoapEndpoint(link, bench.reactor, params=bench.params, rng=rng)
+        self.attribution = Attributor(rng.randbytes(8))
+        #: False once the server answered without a report: it does not attribute (a third-party server).
+        self.attributing = True
         self.peer: Any = None
         self.sent = 0
         self.active = True
@@ -138,22 +194,26 @@ class BenchClient:
 
     def start(self) -> None:
         """Connect (DTLS handshake for coaps), then start the closed loop."""
+        started = self.bench.reactor.seconds()
         connecting = self.link.connect(self.bench.config.uri.address)
-        connecting.addCallbacks(self._connected, self._connect_failed)
+        connecting.addCallbacks(self._connected, self._connect_failed, errbackArgs=(started,))
 
     def _connected(self, peer: Any) -> None:
         self.peer = peer
         for _ in range(self.bench.config.nstart):
             self._send()
 
-    def _connect_failed(self, failure: Any) -> None:
+    def _connect_failed(self, failure: Any, started: float) -> None:
         """A failed handshake (or resolution) is a failed request too: counted, retried after 1 s."""
         if not self.active or not self.bench.running:
             return
+        reason = failure.getErrorMessage()
         log.warn("client {client}: connecting to {server} failed: {reason}; retry in 1 s",
-                 event="coap_bench_connect_failure", client=self.index,
-                 server=server_text(self.bench.config.uri.address), reason=failure.getErrorMessage())
+                 event="coap_bench_connect_failure", client=self.index, server=self.bench.server, reason=reason)
         self.bench.stats.record_failure()
+        # No request went out: where the handshake was lost is not known.
+        self.bench.loss(LossEpisode(str(self.index), "handshake", started, self.bench.reactor.seconds(),
+                                    UNATTRIBUTED, 1, None, {"reason": reason}))
         self.sent += 1
         if self._requests_left():
             self.bench.reactor.callLater(RETRY_DELAY, self.start)
@@ -174,21 +234,45 @@ class BenchClient:
         self.sent += 1
         payload = self.bench.rng.randbytes(config.payload_random) if config.payload_random else b""
         request = build_request(config.uri, config.method, payload, config.confirmable)
+        sequence, tag = self.attribution.next_tag()
+        request.options.append((TAG_OPTION, tag))
+        retransmitted = self.endpoint.stats.retransmissions
         sending = self.endpoint.request(self.peer, request, timeout=config.timeout)
-        sending.addCallbacks(self._answered, self._failed)
+        sending.addCallbacks(self._answered, self._failed,
+                             errbackArgs=(sequence, self.bench.reactor.seconds(), retransmitted))
 
     def _answered(self, event: ResponseReceived) -> None:
+        if not self.bench.running:
+            return  # after the summary: not counted
         self.bench.stats.record_response(self.index, event.rtt)
+        report = event.response.option(REPORT_OPTION)
+        self.attributing = report is not None
+        now = self.bench.reactor.seconds()
+        for episode, direction in self.attribution.answered(report):
+            self.bench.loss(LossEpisode(episode.client, episode.key, episode.start, now, direction,
+                                        episode.transmissions, episode.reached, episode.detail))
         self._next(self.bench.config.interval)
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Any, sequence: int, started: float, retransmitted: int) -> None:
         failure.trap(CoapRequestError)
+        if not self.bench.running:
+            return
         outgoing = failure.value.request
+        reason = failure.value.reason
         # MID and token find the exchange in a capture (coap.mid == N, coap.token == X).
         log.warn("client {client}: request to {peer} failed: {reason} (MID {mid}, token {token}); retry in 1 s",
-                 event="coap_bench_failure", client=self.index, peer=outgoing.peer, reason=failure.value.reason,
+                 event="coap_bench_failure", client=self.index, peer=self.bench.server, reason=reason,
                  mid=outgoing.mid, token=outgoing.token.hex())
         self.bench.stats.record_failure()
+        # With one request in flight, the endpoint's retransmissions since the send are this request's.
+        retransmissions = self.endpoint.stats.retransmissions - retransmitted if self.bench.config.nstart == 1 else 0
+        episode = LossEpisode(str(self.index), outgoing.token.hex(), started, None, UNATTRIBUTED,
+                              1 + retransmissions, None, {"mid": outgoing.mid, "reason": reason, "sequence": sequence})
+        if self.attributing:
+            self.attribution.failed(sequence, episode)
+        else:
+            self.bench.loss(LossEpisode(episode.client, episode.key, started, self.bench.reactor.seconds(),
+                                        UNATTRIBUTED, episode.transmissions, None, episode.detail))
         self._next(RETRY_DELAY)
 
     def _next(self, delay: float) -> None:
@@ -199,46 +283,82 @@ class BenchClient:
 
 
 class CoapBenchService(Service):
-    """Starts the clients, prints progress lines and a final summary."""
+    """Starts the clients, prints progress lines, a final summary and the verdict."""
 
     def __init__(self, reactor: Any, config: BenchConfig, link_factory: Any, stdout: IO[str],
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, json_lines: bool = False) -> None:
         self.reactor = reactor
         self.config = config
         self.link_factory = link_factory
         self.stdout = stdout
+        self.json_lines = json_lines
         self.rng = rng or random.Random()
         self.params = TransmissionParameters(nstart=config.nstart)
+        self.server = server_text(config.uri.address)
         self.clients: list[BenchClient] = []
         self.stats = BenchStatistics(config.clients, reactor.seconds())
+        self.recorder = RunRecorder("coap-bench", config.describe(), reactor.seconds())
+        self.verdict: Verdict | None = None
         self.done: defer.Deferred[int] = defer.Deferred()
         self._finished_clients = 0
         self._reporter: LoopingCall | None = None
+        self._pending: list[Any] = []
 
     def startService(self) -> None:
         super().startService()
-        _raise_file_limit(self.config.clients + 64)
-        self.stats = BenchStatistics(self.config.clients, self.reactor.seconds())
-        for index in range(self.config.clients):
+        config = self.config
+        _raise_file_limit(config.clients + 64)
+        now = self.reactor.seconds()
+        self.stats = BenchStatistics(config.clients, now)
+        self.recorder = RunRecorder("coap-bench", config.describe(), now)
+        described = config.describe()
+        until = (f"{config.requests} requests each" if config.requests else
+                 f"for {config.duration:g} s" if config.duration else "until stopped")
+        self._print(f"coap-bench: {config.clients} clients to {self.server} ({config.uri.scheme}, "
+                    f"{described['mode']} {config.method} {described['resource']}, {until})", "coap_bench_start",
+                    **described)
+        for index in range(config.clients):
             link = self.link_factory()
             client = BenchClient(index, self, link)
-            client.port = self.reactor.listenUDP(0, link, interface="::" if ":" in self.config.uri.host else "",
+            client.port = self.reactor.listenUDP(0, link, interface="::" if ":" in config.uri.host else "",
                                                  maxPacketSize=MAX_DATAGRAM)
             self.clients.append(client)
         for client in self.clients:
             client.start()
-        if self.config.report_interval:
-            self._reporter = LoopingCall(self._report)
-            self._reporter.clock = self.reactor
-            self._reporter.start(self.config.report_interval, now=False)
+        if config.report_interval:
+            self._pending.append(self.reactor.callLater(min(FIRST_PROGRESS, config.report_interval),
+                                                        self._start_reporting))
+        if config.duration:
+            self._pending.append(self.reactor.callLater(config.duration, self.stopService))
+
+    def _start_reporting(self) -> None:
+        self._reporter = LoopingCall(self._report)
+        self._reporter.clock = self.reactor
+        self._reporter.start(self.config.report_interval, now=True)
 
     def retransmissions(self) -> int:
         """CON retransmissions of every client so far."""
         return sum(client.endpoint.stats.retransmissions for client in self.clients)
 
+    def loss(self, episode: LossEpisode) -> None:
+        """A failed request, resolved (or open at stop)."""
+        self.recorder.episode(episode)
+
+    def _sample(self, now: float) -> None:
+        interval = self.stats.end_interval()
+        p50, p99 = interval.percentile(50), interval.percentile(99)
+        self.recorder.sample(now, rtt_p50_ms=None if p50 is None else round(p50 * 1000, 3),
+                             rtt_p99_ms=None if p99 is None else round(p99 * 1000, 3),
+                             responses=self.stats.responses, failures=self.stats.failures)
+
     def _report(self) -> None:
+        now = self.reactor.seconds()
         active = sum(1 for client in self.clients if client.active)
-        self._print(self.stats.progress_line(self.reactor.seconds(), self.retransmissions(), active))
+        self._sample(now)
+        loss = self.recorder.loss_fields()
+        line = self.stats.progress_line(now, self.retransmissions(), active)
+        self._print(line + " " + " ".join(f"{key}={value}" for key, value in loss.items()), "coap_bench_progress",
+                    requests=self.stats.responses, failures=self.stats.failures, clients=active, **loss)
 
     def client_finished(self) -> None:
         """A client sent its ``--requests``; the run ends with the last one."""
@@ -250,20 +370,56 @@ class CoapBenchService(Service):
         if not self.running:
             return defer.succeed(None)
         super().stopService()
+        for call in self._pending:
+            if call.active():
+                call.cancel()
         if self._reporter is not None and self._reporter.running:
             self._reporter.stop()
-        for line in self.stats.summary_lines(self.reactor.seconds(), self.retransmissions()):
-            self._print(line)
+        status = self._conclude(self.reactor.seconds())
         stopping = []
         for client in self.clients:
             client.active = False
             client.endpoint.stop()
             stopping.append(defer.maybeDeferred(client.port.stopListening))
         finished = defer.gatherResults(stopping)
-        finished.addCallback(lambda _: self.done.callback(self.stats.exit_status()))
+        finished.addCallback(lambda _: self.done.callback(status))
         return finished
 
-    def _print(self, text: str) -> None:
+    def _conclude(self, now: float) -> int:
+        """Close open episodes, print the summary and verdict, write the report; the exit status."""
+        for client in self.clients:
+            for episode in client.attribution.open():
+                self.recorder.episode(episode)  # still unresolved at stop: unattributed, end None
+        self._sample(now)
+        loss = self.recorder.loss_fields()
+        retransmissions = self.retransmissions()
+        lines = self.stats.summary_lines(now, retransmissions, loss)
+        thresholds = self.config.thresholds
+        self.verdict = verdict = self.stats.verdict(thresholds)
+        status = self.stats.exit_status(thresholds)
+        counters = {"requests": self.stats.responses, "transmission_errors": self.stats.failures,
+                    "retransmissions": retransmissions, "clients": len(self.clients),
+                    "reqs_per_s": round(self.stats.responses / max(now - self.stats.started, 1e-9), 1),
+                    "attribution_invalid": sum(client.attribution.invalid for client in self.clients), **loss}
+        rtt = self.stats.rtt.percentiles_ms(PERCENTILES)
+        self._print(lines[0], "coap_bench_summary", **counters)
+        self._print(lines[1], "coap_bench_rtt", rtt_ms=rtt)
+        histogram = {str(count): clients for count, clients in sorted(Counter(self.stats.per_client).items())}
+        self._print("\n".join(lines[2:]), "coap_bench_histogram", requests_per_client=histogram)
+        self._print(verdict.line(), "verdict", passed=verdict.passed, reasons=list(verdict.reasons))
+        if self.config.report:
+            try:
+                write_report(self.config.report, self.recorder.document(now, counters, rtt, thresholds, verdict))
+            except ReportError as error:
+                log.error("{reason}", event="report_failed", reason=str(error))
+                status = max(status, EXIT_ERROR_RESPONSE)
+        return status
+
+    def _print(self, text: str, event: str, **fields: Any) -> None:
+        """A result line: plain text on stdout, or with ``--log-format json`` a JSON log line."""
+        if self.json_lines:
+            log.info("{text}", event=event, text=text, **{ALWAYS: True}, **fields)
+            return
         self.stdout.write(text + "\n")
         self.stdout.flush()
 
@@ -285,8 +441,10 @@ def make_bench_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapBench
         uri=uri, clients=options["clients"], requests=options["requests"], nstart=options["nstart"],
         confirmable=not options["non"], method=options["method"], interval=options["interval"],
         timeout=options["timeout"], payload_random=options["payload-random"],
-        report_interval=options["report-interval"],
+        report_interval=options["report-interval"], duration=options["duration"],
+        thresholds=options.thresholds(), report=options["report"],
     )
-    service = CoapBenchService(reactor, config, lambda: make_link(reactor, uri, options["dtls"], one_shot=False), stdout)
+    service = CoapBenchService(reactor, config, lambda: make_link(reactor, uri, options["dtls"], one_shot=False),
+                               stdout, json_lines=options["log-format"] == "json")
     service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

@@ -198,6 +198,10 @@ OPTION_SPECS: dict[int, OptionSpec] = {
     252: OptionSpec("Echo", _O, 1, 40, False),
     258: OptionSpec("No-Response", _U, 0, 1, False),
     292: OptionSpec("Request-Tag", _O, 0, 8, True),
+    # nettester's loss attribution, experimental range (section 12.2); layouts in attribution.py.
+    # Any length passes the decoder so a malformed value is counted there, not silently dropped.
+    65020: OptionSpec("Attribution-Tag", _O, 0, 255, False),
+    65052: OptionSpec("Attribution-Report", _O, 0, 255, False),
 }
 
 # Number -> (min, max) length, the only thing the decoder checks per option.

@@ -28,6 +28,7 @@ from nettester.protocols.dtls.options import (
     DtlsClientOptionsMixin,
     DtlsServerOptionsMixin,
 )
+from nettester.report.options import ResultOptionsMixin
 from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
 
 DEFAULT_PORT = 5683
@@ -204,7 +205,9 @@ class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
         super().postOptions()
 
 
-class CoapBenchOptions(ProcessesOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
+class CoapBenchOptions(
+    ResultOptionsMixin, ProcessesOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions
+):
     """``nettester coap-bench [options] URI`` (Californium's BenchmarkClient)."""
 
     longdesc = (
@@ -224,7 +227,7 @@ class CoapBenchOptions(ProcessesOptionsMixin, _CoapUriArgument, DtlsClientOption
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["clients", "c", 2000, "Clients, each with its own source port.", positive_int],
-        ["requests", "r", 0, "Requests per client (0: until stopped).", non_negative_int],
+        ["requests", None, 0, "Requests per client (0: until stopped).", non_negative_int],
         ["nstart", None, 1, "Requests in flight per client (RFC 7252 NSTART).", positive_int],
         ["method", "m", "GET", "GET, POST, PUT...", lambda v: v.strip().upper()],
         ["interval", None, 0.0, "Seconds between a response and the client's next request.", non_negative_float],
@@ -245,7 +248,7 @@ class CoapBenchOptions(ProcessesOptionsMixin, _CoapUriArgument, DtlsClientOption
         super().postOptions()
 
 
-class CoapReceiveTestOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
+class CoapReceiveTestOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-receivetest [options] [URI]`` (Californium's ReceivetestClient)."""
 
     longdesc = (

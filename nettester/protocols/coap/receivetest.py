@@ -5,6 +5,14 @@ in the server's ``requests`` resource. Each run POSTs
 ``requests?dev=<uuid>&rid=<id>&ep`` and prints the history the server
 returns (which of our earlier requests arrived, when, from which address),
 with the RTT of this request: lost requests show as gaps in the history.
+
+With ``--duration S`` it repeats the POST (one second after each answer or
+failure) until S, and attributes each failed request by the histories that
+follow: a request the server recorded lost its answer on the way back
+(``lost_return``); one missing from a history that reaches back past it was
+lost on the way out (``lost_forward``); one the 24-entry history no longer
+covers, or still open at the end, is ``lost_unattributed``. A summary line
+with the three keys and a verdict line follow the last history.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from typing import IO, Any
 
 import cbor2
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
 
 from nettester.interfaces import IDatagramLink
 from nettester.protocols.coap.client import (
@@ -27,10 +37,27 @@ from nettester.protocols.coap.client import (
     build_request,
     end_process,
     make_link,
+    server_text,
 )
+from nettester.protocols.coap.endpoint import CoapRequestError
 from nettester.protocols.coap.layer import ResponseReceived
 from nettester.protocols.coap.message import Code, ContentFormat, Message, code_name
 from nettester.protocols.coap.options import MAX_TRANSMIT_WAIT
+from nettester.protocols.coap.resources.extended import REQUESTS_HISTORY
+from nettester.report import (
+    FORWARD,
+    RETURN,
+    UNATTRIBUTED,
+    LossEpisode,
+    ReportError,
+    RttHistogram,
+    RunRecorder,
+    judge,
+    write_report,
+)
+from nettester.report.options import ResultSettings
+
+LOOP_DELAY = 1.0  # seconds between an answer (or a failure) and the next POST with --duration
 
 DEFAULT_UUID_FILE = os.path.join(os.path.expanduser("~"), ".nettester", "coap-receivetest.uuid")
 
@@ -98,24 +125,152 @@ def format_history(systemstart: int, entries: list[HistoryEntry], ours: str, rtt
     return "\n".join(lines)
 
 
+def attribute(rid: str, sequence: int, run: str, entries: list[HistoryEntry]) -> str:
+    """Where failed request ``rid`` (our ``sequence``-th of ``run``) was lost, by a later history.
+
+    The history is the newest arrivals of the device, without gaps. Recorded:
+    the answer was lost on the way back. Not recorded, while the history
+    also holds an arrival older than it would be (a request of an earlier
+    run or an earlier one of ours), or holds every arrival (fewer than the
+    server keeps): lost on the way out. Otherwise the later requests pushed
+    it out of the history: unattributed.
+    """
+    if any(entry.rid == rid for entry in entries):
+        return RETURN
+    prefix = run + "-"
+    later = sum(1 for entry in entries if entry.rid.startswith(prefix) and entry.rid[len(prefix):].isdigit()
+                and int(entry.rid[len(prefix):]) > sequence)
+    if later < len(entries) or len(entries) < REQUESTS_HISTORY:
+        return FORWARD
+    return UNATTRIBUTED
+
+
 class ReceiveTestService(OneServerService):
-    """One POST to ``requests``; prints the device's history; then done."""
+    """One POST to ``requests`` (or one a second for ``--duration``); prints the device's history; then done."""
 
     def __init__(self, reactor: Any, uri: CoapUri, device: str, link: IDatagramLink, stdout: IO[str],
-                 content_format: int = ContentFormat.TEXT_PLAIN, timeout: float = MAX_TRANSMIT_WAIT) -> None:
+                 content_format: int = ContentFormat.TEXT_PLAIN, timeout: float = MAX_TRANSMIT_WAIT,
+                 results: ResultSettings | None = None) -> None:
         self.device = device
-        self.rid = f"r{int(reactor.seconds() * 1000)}"
-        query = (f"dev={device}", f"rid={self.rid}", "ep")
-        super().__init__(reactor, CoapUri(uri.scheme, uri.host, uri.port, uri.path, query), link, stdout, timeout)
+        self.run = f"r{int(reactor.seconds() * 1000)}"
+        self.rid = self.run
+        self.results = results if results is not None else ResultSettings()
+        self.looping = self.results.duration > 0
+        super().__init__(reactor, uri, link, stdout, timeout)
         self.content_format = content_format
+        self.recorder = RunRecorder("coap-receivetest", {"target": server_text(uri.address), "scheme": uri.scheme,
+                                                         "device": device, "duration_s": self.results.duration,
+                                                         "timeout_s": timeout}, reactor.seconds())
+        self.rtt = RttHistogram()
+        self.sent = 0
+        self.answers = 0
+        self.failures = 0
+        self.pending: dict[str, LossEpisode] = {}
+        self._peer: Any = None
+        self._final: defer.Deferred[ResponseReceived] = defer.Deferred()
+        self._last: ResponseReceived | None = None
+        self._last_failure: Failure | None = None
+        self._finishing = False
+        self._next: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = None
+        self._concluded = False
 
     def request(self) -> Message:
-        """The POST to ``requests`` asking for the history in the chosen format."""
-        return build_request(self.uri, "POST", accept=self.content_format)
+        """The POST to ``requests`` for the current rid, asking for the history in the chosen format."""
+        query = (f"dev={self.device}", f"rid={self.rid}", "ep")
+        uri = CoapUri(self.uri.scheme, self.uri.host, self.uri.port, self.uri.path, query)
+        return build_request(uri, "POST", accept=self.content_format)
+
+    def rearm_watchdog(self) -> None:
+        """With ``--duration``, once connected, each request has its own ``--timeout``: no watchdog."""
+        if self.looping and self._peer is not None:
+            if self._watchdog is not None and self._watchdog.active():
+                self._watchdog.cancel()
+            self._watchdog = None
+            return
+        super().rearm_watchdog()
 
     def exchange(self, peer: Any) -> defer.Deferred[ResponseReceived]:
         assert self.endpoint is not None
-        return self.endpoint.request(peer, self.request())
+        if not self.looping:
+            self.sent = 1
+            return self.endpoint.request(peer, self.request()).addCallback(self._counted)
+        self._peer = peer
+        self.rearm_watchdog()
+        self._deadline = self._reactor.callLater(self.results.duration, self._finish)
+        self._send()
+        return self._final
+
+    def _counted(self, event: ResponseReceived) -> ResponseReceived:
+        self.answers += 1
+        if event.rtt is not None:
+            self.rtt.record(event.rtt)
+        return event
+
+    def _send(self) -> None:
+        assert self.endpoint is not None
+        self._next = None
+        self.sent += 1
+        self.rid = f"{self.run}-{self.sent}"
+        sending = self.endpoint.request(self._peer, self.request(), timeout=self.timeout)
+        sending.addCallbacks(self._loop_answered, self._loop_failed,
+                             errbackArgs=(self.rid, self.sent, self._reactor.seconds()))
+
+    def _loop_answered(self, event: ResponseReceived) -> None:
+        if self._final.called:
+            return
+        self._counted(event)
+        self._last = event
+        try:
+            if event.response.code != Code.CHANGED:
+                raise ValueError("not 2.04")
+            _, entries = parse_history(event.response.payload, event.response.content_format)
+        except ValueError:
+            self._final.callback(event)  # answered() says what the server sent
+            return
+        now = self._reactor.seconds()
+        for rid, episode in list(self.pending.items()):
+            direction = attribute(rid, int(episode.detail["sequence"]), self.run, entries)
+            del self.pending[rid]
+            self.recorder.episode(LossEpisode(episode.client, rid, episode.start, now, direction,
+                                              episode.transmissions, 1 if direction == RETURN else 0, episode.detail))
+        self._continue()
+
+    def _loop_failed(self, failure: Failure, rid: str, sequence: int, started: float) -> None:
+        if self._final.called:
+            return
+        if not failure.check(CoapRequestError):
+            self._final.errback(failure)
+            return
+        self.failures += 1
+        self._last_failure = failure
+        outgoing = failure.value.request
+        self.pending[rid] = LossEpisode(self.device, rid, started, None, UNATTRIBUTED, 1, None,
+                                        {"sequence": sequence, "reason": failure.value.reason, "mid": outgoing.mid,
+                                         "token": outgoing.token.hex()})
+        self.print(f"request rid={rid} to {self.server} failed: {failure.value.reason} "
+                   f"(MID {outgoing.mid}, token {outgoing.token.hex()})")
+        self._continue()
+
+    def _continue(self) -> None:
+        if self._finishing:
+            self._finish()
+        else:
+            self._next = self._reactor.callLater(LOOP_DELAY, self._send)
+
+    def _finish(self) -> None:
+        """``--duration`` is over: end with the last answer (the request in flight, if any, first ends)."""
+        self._finishing = True
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        if self._final.called:
+            return
+        if self._last is not None:
+            self._final.callback(self._last)
+        elif self._last_failure is not None:
+            self._final.errback(self._last_failure)
 
     def answered(self, event: ResponseReceived) -> int:
         response = event.response
@@ -131,6 +286,44 @@ class ReceiveTestService(OneServerService):
         self.print(format_history(systemstart, entries, self.rid, event.rtt))
         return EXIT_SUCCESS
 
+    def _end(self, status: int) -> None:
+        if not self._concluded:
+            self._concluded = True
+            status = self._conclude(status)
+        super()._end(status)
+
+    def _conclude(self, status: int) -> int:
+        """Unresolved failures are unattributed; the summary and verdict (``--duration``), the report."""
+        now = self._reactor.seconds()
+        for call in (self._next, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        for episode in self.pending.values():
+            self.recorder.episode(episode)
+        self.pending.clear()
+        thresholds = self.results.thresholds
+        verdict = judge(thresholds, self.sent, self.failures if self.looping else self.sent - self.answers,
+                        self.answers)
+        loss = self.recorder.loss_fields()
+        rtt = self.rtt.percentiles_ms((50.0, 90.0, 99.0))
+        if self.looping:
+            shown = ("no responses" if rtt is None
+                     else f"p50={rtt['p50']:.1f}, p99={rtt['p99']:.1f}, max={rtt['max']:.1f}")
+            self.print(f"{self.sent} requests, {self.answers} answered, {self.failures} failed: "
+                       + " ".join(f"{key}={value}" for key, value in loss.items()) + f"; RTT ms: {shown}")
+            self.print(verdict.line())
+        if status == EXIT_SUCCESS:
+            status = verdict.exit_status
+        if self.results.report:
+            counters = {"requests": self.sent, "answered": self.answers, "failed": self.failures, **loss}
+            try:
+                write_report(self.results.report, self.recorder.document(now, counters, rtt, thresholds, verdict))
+            except ReportError as error:
+                self.print(str(error))
+                if status == EXIT_SUCCESS:
+                    status = EXIT_ERROR_RESPONSE
+        return status
+
 
 def make_receivetest_service(reactor: Any, options: Any, stdout: IO[str]) -> ReceiveTestService:
     """The role's service from parsed :class:`CoapReceiveTestOptions`; ends the process when done."""
@@ -138,6 +331,6 @@ def make_receivetest_service(reactor: Any, options: Any, stdout: IO[str]) -> Rec
     content_format = ContentFormat.CBOR if options["cbor"] else ContentFormat.JSON if options["json"] else 0
     device = device_uuid(options["uuid-file"], bool(options["reset-uuid"]))
     service = ReceiveTestService(reactor, uri, device, make_link(reactor, uri, options["dtls"]), stdout,
-                                 content_format, options["timeout"])
+                                 content_format, options["timeout"], ResultSettings.from_options(options))
     service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

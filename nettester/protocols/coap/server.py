@@ -33,6 +33,7 @@ from nettester.cluster.config import ClusterConfig
 from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
+from nettester.protocols.coap.attribution import attach as attach_attribution
 from nettester.protocols.coap.endpoint import CoapEndpoint
 from nettester.protocols.coap.layer import LayerStats, TransmissionParameters
 from nettester.protocols.coap.options import COAPS_OFFSET, EXTENDED_OFFSET
@@ -184,6 +185,7 @@ class CoapServerService(Service):
         self.extended_site: Site = build_site(
             reactor, extended_resources(benchmark, server_name, reactor.seconds, started)
         )
+        self.attribution = attach_attribution(self.extended_site)  # loss attribution for coap-bench
         self.endpoints: list[CoapEndpoint] = []
         #: Why listening failed (the process then exits with status 1), or None.
         self.failed: str | None = None
@@ -310,19 +312,12 @@ class CoapServerService(Service):
     def _serve_ready(self) -> None:
         """``/ready`` for a Kubernetes readiness probe (the metrics port is the core's; this one is ours)."""
         from twisted.web.resource import Resource
-        from twisted.web.server import Site as WebSite
 
-        from nettester.cluster.discovery import ReadyResource
-
-        class ProbeSite(WebSite):
-            noisy = False
-
-            def log(self, request: Any) -> None:
-                """A probe every few seconds: no access log line."""
+        from nettester.metrics import QuietSite, ReadyResource
 
         root = Resource()
         root.putChild(b"ready", ReadyResource(self.is_ready))
-        site = ProbeSite(root)
+        site = QuietSite(root)
         self._ready_port = self._reactor.listenTCP(self._ready_port_number, site, interface=self._ready_interface)
         where = self._ready_interface or "0.0.0.0"
         log.info("readiness probe on http://{where}:{port}/ready", event="coap_ready_port",

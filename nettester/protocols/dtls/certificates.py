@@ -68,7 +68,7 @@ def make_ca(common_name: str = "nettester test CA", days: int = 30) -> Identity:
 
 
 def issue(ca: Identity, common_name: str, dns_names: tuple[str, ...] = ("localhost",), days: int = 30) -> Identity:
-    """A P-256 leaf for C{common_name} signed by C{ca}, valid for TLS server
+    """A P-256 leaf for ``common_name`` signed by ``ca``, valid for TLS server
     and client use, with the DNS names and 127.0.0.1/::1 as SANs."""
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]

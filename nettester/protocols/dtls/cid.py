@@ -14,10 +14,10 @@ DEFAULT_CID_LENGTH = 6
 
 @implementer(IConnectionIdGenerator)
 class NodeConnectionIdGenerator:
-    """CIDs of C{length} bytes whose first byte is the node id (0 outside a
+    """CIDs of ``length`` bytes whose first byte is the node id (0 outside a
     cluster), the rest random and unique among the live connections.
 
-    C{worker} (``--workers``): the second byte is this worker process's
+    ``worker`` (``--workers``): the second byte is this worker process's
     index, which the kernel steers the session's records by
     (``nettester.steering``)."""
 

@@ -27,9 +27,13 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class GateResult:
+    """``reply``: the HelloVerifyRequest to send (VERIFY); ``datagram``: what
+    to feed the new connection (ACCEPT); ``reason``: the drop's counter label."""
+
     verdict: Verdict
     reply: bytes = b""
     reason: str = ""
+    datagram: bytes = b""
 
 
 def _address_bytes(address: tuple[str, int]) -> bytes:
@@ -39,9 +43,9 @@ def _address_bytes(address: tuple[str, int]) -> bytes:
 class CookieGate:
     """Checks initial ClientHellos and mints cookies: HMAC-SHA256 over the
     client's address and hello parameters, with a secret rotated every
-    C{rotation} seconds; the previous secret stays valid for one period.
+    ``rotation`` seconds; the previous secret stays valid for one period.
 
-    With C{shared_secret} (``--workers``: every worker process gets the
+    With ``shared_secret`` (``--workers``: every worker process gets the
     parent's) the secret of each rotation period is derived from it, so
     processes sharing a port accept each other's cookies."""
 
@@ -74,8 +78,9 @@ class CookieGate:
         return hmac.digest(secret, _address_bytes(address) + hello.cookie_input(), "sha256")[:COOKIE_LENGTH]
 
     def check(self, datagram: bytes, address: tuple[str, int], now: float) -> GateResult:
-        """Judge a datagram from an address without a connection."""
-        self._rotate(now)
+        """Judge a datagram from an address without a connection, when it
+        holds a whole ClientHello in one fragment (``peers.Admission`` also
+        reassembles fragmented ones and then calls ``judge``)."""
         records, _ = record.parse_records(datagram, 0)
         if not records:
             return GateResult(Verdict.DROP, reason="malformed")
@@ -83,28 +88,58 @@ class CookieGate:
         if first.content_type != record.HANDSHAKE or first.epoch != 0:
             return GateResult(Verdict.DROP, reason="not_client_hello")
         try:
-            fragments = handshake.parse_fragments(first.fragment)
-            fragment = fragments[0]
-            # The stateless server needs the whole ClientHello in one fragment.
-            if fragment.msg_type != handshake.CLIENT_HELLO or fragment.offset or len(fragment.body) != fragment.length:
-                return GateResult(Verdict.DROP, reason="not_client_hello")
-            hello = handshake.ClientHello.decode(fragment.body)
+            fragment = handshake.parse_fragments(first.fragment)[0]
         except (handshake.DecodeError, IndexError):
+            return GateResult(Verdict.DROP, reason="malformed")
+        if fragment.msg_type != handshake.CLIENT_HELLO or fragment.offset or len(fragment.body) != fragment.length:
+            return GateResult(Verdict.DROP, reason="not_client_hello")
+        return self.judge(fragment.body, fragment.message_seq, first.sequence_number, address, now, datagram)
+
+    def judge(
+        self,
+        body: bytes,
+        message_seq: int,
+        record_sequence: int,
+        address: tuple[str, int],
+        now: float,
+        datagram: bytes = b"",
+    ) -> GateResult:
+        """Judge the whole ClientHello ``body`` (message ``message_seq``, in
+        records up to ``record_sequence``) from ``address``.  An accepted
+        hello comes back as the datagram to feed a new connection:
+        ``datagram`` when given, else one record rebuilt from ``body``."""
+        self._rotate(now)
+        try:
+            # Lenient: what the connection rejects with an alert (duplicate
+            # extensions) still gets a cookie, so the alert can be sent.
+            hello = handshake.ClientHello.decode(body, strict=False)
+        except handshake.DecodeError:
             return GateResult(Verdict.DROP, reason="malformed")
         if hello.cookie and any(
             hmac.compare_digest(hello.cookie, self._cookie(secret, address, hello))
             for secret in (self._secret, self._previous)
         ):
-            return GateResult(Verdict.ACCEPT)
+            if not datagram:
+                datagram = record.encode_plaintext_record(
+                    record.HANDSHAKE,
+                    record.DTLS_1_2,
+                    0,
+                    record_sequence,
+                    handshake.encode_message(handshake.CLIENT_HELLO, message_seq, body),
+                )
+            return GateResult(Verdict.ACCEPT, datagram=datagram)
         cookie = self._cookie(self._secret, address, hello)
         # RFC 6347 section 4.2.1: version DTLS 1.0 in the HelloVerifyRequest,
         # the ClientHello's record sequence number and message_seq echoed.
-        body = handshake.encode_hello_verify_request(record.DTLS_1_0, cookie)
         reply = record.encode_plaintext_record(
             record.HANDSHAKE,
             record.DTLS_1_0,
             0,
-            first.sequence_number,
-            handshake.encode_message(handshake.HELLO_VERIFY_REQUEST, fragment.message_seq, body),
+            record_sequence,
+            handshake.encode_message(
+                handshake.HELLO_VERIFY_REQUEST,
+                message_seq,
+                handshake.encode_hello_verify_request(record.DTLS_1_0, cookie),
+            ),
         )
         return GateResult(Verdict.VERIFY, reply, reason="bad_cookie" if hello.cookie else "no_cookie")

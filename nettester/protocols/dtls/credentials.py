@@ -29,7 +29,7 @@ class PskStore:
     sandbox: bool = False
 
     def lookup(self, identity: bytes) -> bytes | None:
-        """The secret for C{identity}, or None."""
+        """The secret for ``identity``, or None."""
         secret = self.secrets.get(identity)
         if secret is None and self.sandbox:
             secret = SANDBOX_IDENTITIES.get(identity)
@@ -74,11 +74,11 @@ def verify_chain(
     server_name: str | None = None,
     at: datetime.datetime | None = None,
 ) -> None:
-    """Verify C{chain} (leaf first) against C{trust_anchors}.
+    """Verify ``chain`` (leaf first) against ``trust_anchors``.
 
-    With C{server_name} the leaf must name it (a server seen by a client);
+    With ``server_name`` the leaf must name it (a server seen by a client);
     the leaf must hold a P-256 key, the only curve our ECDSA suites sign
-    with.  Raises L{CredentialsError}.
+    with.  Raises ``CredentialsError``.
     """
     if not chain:
         raise CredentialsError("empty certificate chain")

@@ -1,11 +1,14 @@
 """The Twisted adapter of the DTLS engine: one UDP socket, many peers.
 
 ``DtlsEndpoint`` demultiplexes datagrams to ``DtlsConnection``s by CID
-(tls12_cid records, RFC 9146) or by address, creates server connections only
-after a valid stateless cookie, bounds the live connections, and offers
-``IDatagramLink`` so CoAP runs over it unchanged.  A layer beneath (the
-cluster router) hands it records that arrived elsewhere with
-``routedDatagramReceived`` and a ``DatagramRoute`` to answer through.
+(tls12_cid records, RFC 9146) or by address and offers ``IDatagramLink`` so
+CoAP runs over it unchanged.  Who gets a connection and who loses one
+(cookies, fragmented ClientHellos, half-open and stale eviction) is decided
+by the sans-IO ``peers.Admission`` and ``peers.PeerTable``; this adapter
+feeds them and the connections ``reactor.seconds()`` and runs one pump per
+peer.  A layer beneath (the cluster router) hands it records that arrived
+elsewhere with ``routedDatagramReceived`` and a ``DatagramRoute`` to answer
+through.
 
 For a cluster that survives the loss of a node, ``on_established`` reports
 each new server connection (to replicate its ``snapshot``), ``unknown_cid``
@@ -16,7 +19,6 @@ lets the cluster handle records of connections this node does not hold, and
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from typing import Callable, Protocol
 
 from twisted.internet import defer
@@ -25,29 +27,53 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
-from nettester.interfaces import IDatagramLink, IDatagramReceiver
+from nettester.interfaces import IConnectionIdGenerator, IDatagramLink, IDatagramReceiver
 from nettester.link import PeerContext
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.dtls import record
-from nettester.protocols.dtls.connection import (
+from nettester.protocols.dtls.configuration import Address, DtlsConfiguration, Session
+from nettester.protocols.dtls.connection import DtlsConnection
+from nettester.protocols.dtls.cookie import CookieGate, Verdict
+from nettester.protocols.dtls.events import (
     AddressChanged,
     ApplicationData,
     ConnectionClosed,
-    DtlsConfiguration,
-    DtlsConnection,
+    DtlsEvent,
     HandshakeCompleted,
-    Session,
+    RenegotiationRefused,
 )
-from nettester.protocols.dtls.cookie import CookieGate, Verdict
+from nettester.protocols.dtls.peers import (
+    DEFAULT_HALF_OPEN_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HALF_OPEN,
+    DEFAULT_STALE_AFTER,
+    Admission,
+    PeerTable,
+)
 from nettester.protocols.dtls.snapshot import SnapshotError, restore_connection, snapshot_connection
 
 log = Logger()
 
-Address = tuple[str, int]
-DEFAULT_MAX_CONNECTIONS = 10000
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "MAX_DATAGRAM",
+    "ConnectFailed",
+    "DatagramRoute",
+    "DtlsEndpoint",
+    "DtlsPeer",
+    "format_address",
+]
+
 MAX_DATAGRAM = 65535
-DEFAULT_STALE_AFTER = 300.0
+
+
+def format_address(address: Address | None) -> str:
+    """``host:port`` or ``[v6]:port``: how addresses are written in logs."""
+    if address is None:
+        return "-"
+    host, port = address[0], address[1]
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 class DatagramRoute(Protocol):
@@ -56,7 +82,7 @@ class DatagramRoute(Protocol):
     name: str
 
     def send(self, data: bytes, address: Address) -> None:
-        """Deliver C{data} to the peer at C{address} along this route."""
+        """Deliver ``data`` to the peer at ``address`` along this route."""
 
 
 class ConnectFailed(Exception):
@@ -82,13 +108,14 @@ class DtlsPeer:
         self.address = address
         self.previous_address: Address | None = None
         self.route: DatagramRoute | None = None
+        #: when the peer was last heard from (the cluster replication reads it)
         self.last_activity = 0.0
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
         self._waiting: list[defer.Deferred[DtlsPeer]] = []
 
     def __repr__(self) -> str:
-        return "<DtlsPeer %s:%d>" % self.address
+        return "<DtlsPeer %s>" % format_address(self.address)
 
 
 class DtlsCounters:
@@ -102,6 +129,15 @@ class DtlsCounters:
         self.hello_verify = metrics.counter("hello_verify_requests_total", "HelloVerifyRequests sent")
         self.address_changes = metrics.counter("address_changes_total", "peer address changes by CID")
         self.evictions = metrics.counter("evictions_total", "stale connections evicted")
+        self.half_open_evictions = metrics.counter(
+            "half_open_evictions_total", "half-open DTLS handshakes evicted to make room for new ones"
+        )
+        self.fragment_evictions = metrics.counter(
+            "client_hello_fragments_evicted_total", "partial ClientHellos forgotten (area full or timed out)"
+        )
+        self.renegotiations_refused = metrics.counter(
+            "renegotiations_refused_total", "renegotiation attempts answered with no_renegotiation"
+        )
         self.adopted = metrics.counter(
             "connections_adopted_total", "DTLS connections restored from another node's snapshot"
         )
@@ -129,33 +165,39 @@ class DtlsEndpoint(DatagramProtocol):
         metrics: MetricSet | None = None,
         cookie_gate: CookieGate | None = None,
         resume_sessions: bool = True,
+        max_half_open: int = DEFAULT_MAX_HALF_OPEN,
+        half_open_timeout: float = DEFAULT_HALF_OPEN_TIMEOUT,
     ) -> None:
-        """C{resume_sessions}: a client reconnecting to a server resumes
-        the last session it had with it."""
+        """``resume_sessions``: a client reconnecting to a server resumes
+        the last session it had with it.  ``max_half_open`` bounds the server
+        handshakes in progress (the oldest goes first when a new one needs
+        room), ``half_open_timeout`` is how long one may take."""
         self.clock = clock
         self.resume_sessions = resume_sessions
         self._client_sessions: dict[Address, Session] = {}
         self.receiver = receiver
-        self.max_connections = max_connections
-        self.stale_after = stale_after
         self.metrics = metrics if metrics is not None else MetricSet("dtls")
         self.counters = DtlsCounters(self.metrics)
-        self.metrics.gauge("connections", "live DTLS connections", lambda: len(self._peers))
-        self._gate = cookie_gate or CookieGate(
-            shared_secret=server_configuration.cookie_secret if server_configuration else None)
-        self._by_cid: dict[bytes, DtlsPeer] = {}
-        self._by_address: dict[Address, DtlsPeer] = {}
-        # insertion order = least recently active first
-        self._peers: OrderedDict[DtlsPeer, None] = OrderedDict()
+        self.peers: PeerTable[DtlsPeer] = PeerTable(max_connections, stale_after, max_half_open)
+        self.metrics.gauge("connections", "live DTLS connections", lambda: len(self.peers))
+        self.metrics.gauge("half_open", "DTLS server handshakes in progress", lambda: self.peers.half_open)
+        self.admission = Admission(cookie_gate or CookieGate(
+            shared_secret=server_configuration.cookie_secret if server_configuration else None))
         self.server_configuration = (
-            dataclasses.replace(server_configuration, cids_in_use=self._by_cid) if server_configuration else None
+            dataclasses.replace(
+                server_configuration,
+                cids_in_use=self.peers.by_cid,
+                handshake_timeout=min(server_configuration.handshake_timeout, half_open_timeout),
+            )
+            if server_configuration
+            else None
         )
         self.client_configuration = client_configuration
         self._sendto: Callable[[bytes, Address], int] | None = None
         generator = server_configuration.cid_generator if server_configuration else None
         client_cid = client_configuration.cid_length if client_configuration else None
-        self._cid_generator = generator
-        self.cid_length = generator.length if generator is not None else (client_cid or 0)
+        self._cid_generator: IConnectionIdGenerator | None = generator
+        self.cid_length: int = generator.length if generator is not None else (client_cid or 0)
         if generator is not None and client_cid and client_cid != generator.length:
             raise ValueError("server and client CIDs on one endpoint must have one length")
         #: called with each server peer whose handshake just completed with a
@@ -166,10 +208,18 @@ class DtlsEndpoint(DatagramProtocol):
         #: (adopted and fed again, or forwarded), so it is not counted as dropped
         self.unknown_cid: Callable[[bytes, bytes, Address, DatagramRoute | None], bool] | None = None
 
+    @property
+    def max_connections(self) -> int:
+        return self.peers.max_connections
+
+    @property
+    def stale_after(self) -> float:
+        return self.peers.stale_after
+
     # --- IDatagramLink -----------------------------------------------------------
 
     def sendDatagram(self, data: bytes, peer: DtlsPeer) -> None:
-        """Send C{data} as one application data record to C{peer}."""
+        """Send ``data`` as one application data record to ``peer``."""
         connection = peer.connection
         if not connection.is_established:
             self.counters.dropped.inc("send_not_established")
@@ -178,7 +228,7 @@ class DtlsEndpoint(DatagramProtocol):
         self._write(connection.seal_application_data(data), peer.address, peer.route)
 
     def connect(self, address: Address) -> defer.Deferred[DtlsPeer]:
-        """Handshake with the server at C{address}: fires with the peer."""
+        """Handshake with the server at ``address``: fires with the peer."""
         if self.client_configuration is None:
             return defer.fail(ConnectFailed("no client configuration"))
         host, port = address
@@ -187,7 +237,7 @@ class DtlsEndpoint(DatagramProtocol):
             if resolve is None:
                 return defer.fail(ConnectFailed("cannot resolve %s" % host))
             return resolve(host).addCallback(lambda resolved: self.connect((resolved, port)))
-        existing = self._by_address.get(address)
+        existing = self.peers.at_address(address)
         if existing is not None and existing.connection.is_established:
             return defer.succeed(existing)
         waiting: defer.Deferred[DtlsPeer] = defer.Deferred()
@@ -199,10 +249,11 @@ class DtlsEndpoint(DatagramProtocol):
         if session is not None:
             # Resume the last session with this server (RFC 5246 section 7.3).
             configuration = dataclasses.replace(configuration, session=session)
-        peer = self._add_peer(DtlsConnection(configuration, address, self.counters.dropped.inc), address)
+        now = self.clock.seconds()
+        peer = self._add_peer(DtlsConnection(configuration, address), address, now)
         peer._waiting.append(waiting)
-        peer.connection.connect(self.clock.seconds())
-        self._pump(peer)
+        peer.connection.connect(now)
+        self._pump(peer, now)
         return waiting
 
     def peerContext(self, peer: DtlsPeer) -> PeerContext:
@@ -231,42 +282,51 @@ class DtlsEndpoint(DatagramProtocol):
         self._receive(data, addr, None)
 
     def routedDatagramReceived(self, data: bytes, address: Address, route: DatagramRoute) -> None:
-        """Records from C{address} that reached another node first; answers
-        to that peer go back through C{route} until it is heard directly."""
+        """Records from ``address`` that reached another node first; answers
+        to that peer go back through ``route`` until it is heard directly."""
         self._receive(data, address, route)
 
     def _receive(self, data: bytes, address: Address, route: DatagramRoute | None) -> None:
         now = self.clock.seconds()
         cid = record.peek_cid(data, self.cid_length)
+        peer: DtlsPeer | None
         if cid is not None:
-            peer = self._by_cid.get(cid)
+            peer = self.peers.with_cid(cid)
             if peer is None:
                 if self.unknown_cid is None or not self.unknown_cid(cid, data, address, route):
                     self.counters.dropped.inc("unknown_cid")
                 return
         else:
-            peer = self._by_address.get(address)
-            if peer is not None and _is_new_client_hello(data, peer.connection):
+            peer = self.peers.at_address(address)
+            if peer is not None and (
+                _is_new_client_hello(data, peer.connection) or self.admission.fragments.assembling(address)
+            ):
                 # A new handshake from a known address (the client restarted,
                 # RFC 6347 section 4.2.8): only a valid cookie replaces the
                 # old connection, so a spoofer cannot end it.
                 peer = None
             if peer is None:
-                peer = self._admit(data, address, now, route)
-                if peer is None:
+                admitted = self._admit(data, address, now, route)
+                if admitted is None:
                     return
+                peer, data = admitted
         peer.route = route
         peer.last_activity = now
-        self._peers.move_to_end(peer)
-        peer.connection.receive_datagram(data, now, address)
+        self.peers.touch(peer, now)
+        peer.connection.receive_datagram(data, address, now)
         self._pump(peer, now)
 
-    def _admit(self, data: bytes, address: Address, now: float, route: DatagramRoute | None) -> DtlsPeer | None:
-        """A server connection for a ClientHello with a valid cookie, else None."""
+    def _admit(
+        self, data: bytes, address: Address, now: float, route: DatagramRoute | None
+    ) -> tuple[DtlsPeer, bytes] | None:
+        """A server peer for a ClientHello with a valid cookie and the
+        datagram to feed it (a fragmented hello comes reassembled), else None."""
         if self.server_configuration is None:
             self.counters.dropped.inc("unknown_peer")
             return None
-        result = self._gate.check(data, address, now)
+        result = self.admission.check(data, address, now)
+        if result.evicted:
+            self.counters.fragment_evictions.inc(result.evicted)
         if result.verdict is Verdict.VERIFY:
             self.counters.hello_verify.inc()
             self._write(result.reply, address, route)
@@ -274,33 +334,53 @@ class DtlsEndpoint(DatagramProtocol):
         if result.verdict is Verdict.DROP:
             self.counters.dropped.inc(result.reason)
             return None
-        if len(self._peers) >= self.max_connections and not self._evict_stale(now):
+        admit, evicted = self.peers.make_room(now)
+        for victim, why in evicted:
+            self._evicted(victim, why)
+        self._report_pressure(now)
+        if not admit:
             self.counters.dropped.inc("max_connections")
             return None
-        connection = DtlsConnection(self.server_configuration, address, self.counters.dropped.inc)
-        return self._add_peer(connection, address)
+        connection = DtlsConnection(self.server_configuration, address)
+        return self._add_peer(connection, address, now, half_open=True), result.datagram
 
-    def _evict_stale(self, now: float) -> bool:
-        """Drop the least recently active connection if it is stale."""
-        oldest = next(iter(self._peers), None)
-        if oldest is None or now - oldest.last_activity < self.stale_after:
-            return False
-        self.counters.evictions.inc()
-        log.info("DTLS evicting stale connection {peer}", event="dtls_evicted", peer=oldest.address)
-        self._remove(oldest)
-        return True
+    def _evicted(self, peer: DtlsPeer, why: str) -> None:
+        """``peer`` left the table to make room (``why``: stale or half_open)."""
+        if why == "stale":
+            self.counters.evictions.inc()
+            log.info(
+                "DTLS evicting stale connection {peer}", event="dtls_evicted", peer=format_address(peer.address)
+            )
+        else:
+            self.counters.half_open_evictions.inc()
+            log.debug(
+                "DTLS evicting half-open handshake with {peer}",
+                event="dtls_half_open_evicted",
+                peer=format_address(peer.address),
+            )
+        self._forget(peer)
+
+    def _report_pressure(self, now: float) -> None:
+        evicted = self.peers.pressure_report(now)
+        if evicted:
+            log.warn(
+                "DTLS half-open handshakes at their bound ({bound}): {evicted} evicted, oldest first, "
+                "to admit new ones (a flood of clients that never finish?)",
+                event="dtls_half_open_pressure",
+                bound=min(self.peers.max_half_open, self.peers.max_connections),
+                evicted=evicted,
+                half_open=self.peers.half_open,
+            )
 
     # --- the pump ----------------------------------------------------------------
 
-    def _add_peer(self, connection: DtlsConnection, address: Address) -> DtlsPeer:
-        """Register a new peer at C{address}, replacing the one there."""
-        previous = self._by_address.get(address)
-        if previous is not None:
-            self._remove(previous)
+    def _add_peer(self, connection: DtlsConnection, address: Address, now: float, half_open: bool = False) -> DtlsPeer:
+        """Register a new peer at ``address``, replacing the one there."""
         peer = DtlsPeer(connection, address)
-        peer.last_activity = self.clock.seconds()
-        self._peers[peer] = None
-        self._by_address[address] = peer
+        peer.last_activity = now
+        replaced = self.peers.add(peer, address, now, half_open)
+        if replaced is not None:
+            self._forget(replaced)
         return peer
 
     def _pump(self, peer: DtlsPeer, now: float | None = None) -> None:
@@ -309,13 +389,15 @@ class DtlsEndpoint(DatagramProtocol):
         connection = peer.connection
         if now is None:
             now = self.clock.seconds()
-        for datagram in connection.datagrams_to_send(now):
+        for datagram in connection.datagrams_to_send():
             self._write(datagram, peer.address, peer.route)
-        if connection.read_cid and connection.read_cid not in self._by_cid:
-            self._by_cid[connection.read_cid] = peer
+        for reason, count in connection.take_dropped().items():
+            self.counters.dropped.inc(reason, count)
+        if connection.read_cid and self.peers.with_cid(connection.read_cid) is None and peer in self.peers:
+            self.peers.set_cid(peer, connection.read_cid)
         while (event := connection.next_event()) is not None:
             self._dispatch(peer, event)
-        if peer not in self._peers:
+        if peer not in self.peers:
             return
         timer_at = connection.get_timer()
         if timer_at != peer._timer_at:
@@ -332,11 +414,12 @@ class DtlsEndpoint(DatagramProtocol):
         peer.connection.handle_timer(self.clock.seconds())
         self._pump(peer)
 
-    def _dispatch(self, peer: DtlsPeer, event: object) -> None:
+    def _dispatch(self, peer: DtlsPeer, event: DtlsEvent) -> None:
         if isinstance(event, ApplicationData):
             if self.receiver is not None:
                 self.receiver.datagramReceived(event.data, peer)
         elif isinstance(event, HandshakeCompleted):
+            self.peers.established(peer)
             self.counters.handshakes.inc()
             if event.resumed:
                 self.counters.resumptions.inc()
@@ -347,7 +430,7 @@ class DtlsEndpoint(DatagramProtocol):
                 "DTLS handshake with {peer} done: {suite} identity={identity} "
                 "read_cid={read_cid} write_cid={write_cid}",
                 event="dtls_handshake",
-                peer=peer.address,
+                peer=format_address(peer.address),
                 suite=event.cipher_suite,
                 identity=event.peer_identity,
                 read_cid=event.read_cid.hex() if event.read_cid is not None else None,
@@ -358,17 +441,22 @@ class DtlsEndpoint(DatagramProtocol):
                 deferred.callback(peer)
             if self.on_established is not None and not peer.connection.is_client and event.read_cid is not None:
                 self.on_established(peer)
+        elif isinstance(event, RenegotiationRefused):
+            self.counters.renegotiations_refused.inc()
+            log.info(
+                "DTLS peer {peer} asked to renegotiate: refused with no_renegotiation, the session goes on",
+                event="dtls_renegotiation_refused",
+                peer=format_address(peer.address),
+            )
         elif isinstance(event, AddressChanged):
             self.counters.address_changes.inc()
-            if self._by_address.get(peer.address) is peer:
-                del self._by_address[peer.address]
+            self.peers.move(peer, event.current)
             peer.previous_address, peer.address = peer.address, event.current
-            self._by_address[event.current] = peer
             log.info(
                 "DTLS peer moved from {previous} to {current} (CID)",
                 event="dtls_address_changed",
-                previous=event.previous,
-                current=event.current,
+                previous=format_address(event.previous),
+                current=format_address(event.current),
             )
         elif isinstance(event, ConnectionClosed):
             if not peer.connection.is_established and event.reason not in ("closed", "close_notify"):
@@ -376,21 +464,22 @@ class DtlsEndpoint(DatagramProtocol):
                 log.info(
                     "DTLS handshake with {peer} failed: {reason}",
                     event="dtls_handshake_failed",
-                    peer=peer.address,
-                    reason=event.reason,
+                    peer=format_address(peer.address),
+                    reason=event.description,
+                    alert=event.reason,
                 )
             waiting, peer._waiting = peer._waiting, []
             for deferred in waiting:
-                deferred.errback(ConnectFailed(event.reason))
+                deferred.errback(ConnectFailed(event.description))
             self._remove(peer)
 
     def _remove(self, peer: DtlsPeer) -> None:
-        self._peers.pop(peer, None)
-        if self._by_address.get(peer.address) is peer:
-            del self._by_address[peer.address]
-        cid = peer.connection.read_cid
-        if cid and self._by_cid.get(cid) is peer:
-            del self._by_cid[cid]
+        self.peers.remove(peer)
+        self._forget(peer)
+
+    @staticmethod
+    def _forget(peer: DtlsPeer) -> None:
+        """Stop the timer of a peer that left the table."""
         if peer._timer is not None and peer._timer.active():
             peer._timer.cancel()
         peer._timer = None
@@ -415,56 +504,59 @@ class DtlsEndpoint(DatagramProtocol):
                 self.transport.write(data, address)
         except OSError as error:
             self.counters.dropped.inc("send_error")
-            log.debug("DTLS send to {peer} failed: {error}", event="dtls_send_failed", peer=address, error=error)
+            log.debug(
+                "DTLS send to {peer} failed: {error}",
+                event="dtls_send_failed",
+                peer=format_address(address),
+                error=error,
+            )
 
     # --- cluster fail-over ------------------------------------------------------------
 
     def snapshot(self, cid: bytes) -> bytes | None:
         """The snapshot of the established server connection whose read CID
-        is C{cid}, else None.  It holds key material: send it encrypted only."""
-        peer = self._by_cid.get(cid)
+        is ``cid``, else None.  It holds key material: send it encrypted only."""
+        peer = self.peers.with_cid(cid)
         if peer is None or peer.connection.is_client or not peer.connection.is_established:
             return None
         return snapshot_connection(peer.connection)
 
     def adopt(self, snapshot: bytes, address: Address, route: DatagramRoute | None, sequence_gap: int) -> DtlsPeer:
-        """Continue the connection of C{snapshot} (taken on a node that is
+        """Continue the connection of ``snapshot`` (taken on a node that is
         gone) here, without a handshake: registered by CID and by address
         like a handshake-made peer, replacing a peer with the same read CID;
-        answers go through C{route} when given.
+        answers go through ``route`` when given.
 
-        C{address} is where the datagram that prompted the adoption came
+        ``address`` is where the datagram that prompted the adoption came
         from.  It is not authenticated yet, so the peer is registered at the
         address the owner last authenticated (the snapshot's): feed that
-        datagram in again after adopt, and the peer moves to C{address} only
-        if its record authenticates (RFC 9146 section 6).  C{sequence_gap}:
-        see L{restore_connection}.  Raises L{SnapshotError}.
+        datagram in again after adopt, and the peer moves to ``address`` only
+        if its record authenticates (RFC 9146 section 6).  ``sequence_gap``:
+        see ``restore_connection``.  Raises ``SnapshotError``.
         """
         if self.server_configuration is None:
             raise SnapshotError("not_server")
         try:
-            connection = restore_connection(
-                self.server_configuration, snapshot, sequence_gap, drop_sink=self.counters.dropped.inc
-            )
+            connection = restore_connection(self.server_configuration, snapshot, sequence_gap)
         except SnapshotError as error:
             self.counters.dropped.inc("bad_snapshot")
             log.info("DTLS snapshot rejected: {reason}", event="dtls_adopt_failed", reason=error.reason)
             raise
         cid = connection.read_cid
-        existing = self._by_cid.get(cid) if cid else None
+        existing = self.peers.with_cid(cid) if cid else None
         if existing is not None:
             self._remove(existing)
-        peer = self._add_peer(connection, connection.peer_address)
+        assert connection.peer_address is not None  # restore_connection checks it
+        peer = self._add_peer(connection, connection.peer_address, self.clock.seconds())
         peer.route = route
-        if cid:
-            self._by_cid[cid] = peer
+        self.peers.set_cid(peer, cid)
         self.counters.adopted.inc()
         log.info(
             "DTLS connection {cid} adopted from a snapshot, peer {peer}",
             event="dtls_adopted",
             cid=cid.hex(),
-            peer=peer.address,
-            source=address,
+            peer=format_address(peer.address),
+            source=format_address(address),
         )
         return peer
 
@@ -474,7 +566,7 @@ class DtlsEndpoint(DatagramProtocol):
         """The counters for a role's summary line (IReportingService.summary)."""
         counters = self.counters
         return {
-            "dtls_connections": len(self._peers),
+            "dtls_connections": len(self.peers),
             "dtls_handshakes": counters.handshakes.value,
             "dtls_resumed": counters.resumptions.value,
             "dtls_failed": counters.failures.total,
@@ -482,24 +574,26 @@ class DtlsEndpoint(DatagramProtocol):
             "dtls_dropped": counters.dropped.total,
             "dtls_moved": counters.address_changes.value,
             "dtls_evicted": counters.evictions.value,
+            "dtls_half_open_evicted": counters.half_open_evictions.value,
             "dtls_adopted": counters.adopted.value,
         }
 
     @property
     def connections(self) -> list[DtlsPeer]:
-        return list(self._peers)
+        return list(self.peers)
 
-    def peerByConnectionId(self, cid: bytes) -> DtlsPeer | None:
-        return self._by_cid.get(cid)
+    def peer_by_connection_id(self, cid: bytes) -> DtlsPeer | None:
+        return self.peers.with_cid(cid)
 
-    def closeAll(self) -> None:
+    def close_all(self) -> None:
         """Send close_notify to every peer (on service stop)."""
-        for peer in list(self._peers):
+        for peer in list(self.peers):
             peer.connection.close()
             self._pump(peer)
 
 
 _CLIENT_RANDOM = slice(record.HEADER_LENGTH + 12 + 2, record.HEADER_LENGTH + 12 + 2 + 32)
+_FRAGMENT_OFFSET = slice(record.HEADER_LENGTH + 6, record.HEADER_LENGTH + 9)
 
 
 def _is_new_client_hello(data: bytes, connection: DtlsConnection) -> bool:
@@ -511,5 +605,6 @@ def _is_new_client_hello(data: bytes, connection: DtlsConnection) -> bool:
         and data[0] == record.HANDSHAKE
         and data[3:5] == b"\x00\x00"
         and data[record.HEADER_LENGTH] == 1
+        and data[_FRAGMENT_OFFSET] == b"\x00\x00\x00"  # the first fragment holds the random
         and data[_CLIENT_RANDOM] != connection.client_random
     )

@@ -2,13 +2,15 @@
 
 Codecs for the messages of RFC 5246 section 7.4 with the DTLS changes of
 RFC 6347 section 4.2 (cookie, HelloVerifyRequest, the 12-byte handshake
-header).  Every decoder raises L{DecodeError} and nothing else on bad input.
+header).  Every decoder raises ``DecodeError`` and nothing else on bad input.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+
+from nettester.protocols.dtls.alerts import DECODE_ERROR, ILLEGAL_PARAMETER
 
 HELLO_REQUEST = 0
 CLIENT_HELLO = 1
@@ -42,7 +44,16 @@ _HEADER = struct.Struct("!BHBHHBHB")  # type, len hi16, len lo8, seq, off hi16, 
 
 
 class DecodeError(ValueError):
-    """A handshake message or extension that does not parse."""
+    """A handshake message or extension that does not parse; ``alert`` is
+    the fatal alert it earns once the peer is known to be where it claims."""
+
+    alert = DECODE_ERROR
+
+
+class DuplicateExtensionError(DecodeError):
+    """The same extension twice in a hello (RFC 5246 section 7.4.1.4)."""
+
+    alert = ILLEGAL_PARAMETER
 
 
 class Reader:
@@ -99,17 +110,18 @@ def encode_uint16_list(values: list[int] | tuple[int, ...]) -> bytes:
     return vector(2, b"".join(value.to_bytes(2, "big") for value in values))
 
 
-def decode_extensions(reader: Reader) -> dict[int, bytes]:
+def decode_extensions(reader: Reader, strict: bool = True) -> dict[int, bytes]:
     """Extensions of a hello; absent block gives {} (RFC 5246 section 7.4.1.2).
-    Duplicates are an error (section 7.4.1.4)."""
+    Duplicates are an error (section 7.4.1.4), unless not ``strict`` (the
+    stateless cookie check, which leaves judging them to the connection)."""
     if not reader.remaining:
         return {}
     block = Reader(reader.vector(2))
     extensions: dict[int, bytes] = {}
     while block.remaining:
         extension_type = block.uint(2)
-        if extension_type in extensions:
-            raise DecodeError("duplicate extension")
+        if extension_type in extensions and strict:
+            raise DuplicateExtensionError("duplicate extension %d" % extension_type)
         extensions[extension_type] = block.vector(2)
     return extensions
 
@@ -133,7 +145,7 @@ class ClientHello:
     extensions: dict[int, bytes] = field(default_factory=dict)
 
     @classmethod
-    def decode(cls, body: bytes) -> "ClientHello":
+    def decode(cls, body: bytes, strict: bool = True) -> "ClientHello":
         reader = Reader(body)
         version = reader.uint(2)
         random = reader.take(32)
@@ -144,7 +156,7 @@ class ClientHello:
             raise DecodeError("odd cipher suite list")
         cipher_suites = [int.from_bytes(suites_bytes[i : i + 2], "big") for i in range(0, len(suites_bytes), 2)]
         compression_methods = reader.vector(1, 1)
-        extensions = decode_extensions(reader)
+        extensions = decode_extensions(reader, strict)
         reader.finish()
         return cls(version, random, session_id, cookie, cipher_suites, compression_methods, extensions)
 
@@ -421,7 +433,7 @@ def encode_message(msg_type: int, message_seq: int, body: bytes) -> bytes:
 
 
 def fragment_message(msg_type: int, message_seq: int, body: bytes, max_fragment: int) -> list[bytes]:
-    """The message split into fragments of at most C{max_fragment} body bytes."""
+    """The message split into fragments of at most ``max_fragment`` body bytes."""
     max_fragment = max(1, max_fragment)
     if len(body) <= max_fragment:
         return [encode_message(msg_type, message_seq, body)]
@@ -432,7 +444,7 @@ def fragment_message(msg_type: int, message_seq: int, body: bytes, max_fragment:
     ]
 
 
-class _Partial:
+class PartialMessage:
     """A message being reassembled: its buffer and the byte ranges received."""
 
     __slots__ = ("msg_type", "epoch", "buffer", "ranges")
@@ -464,14 +476,14 @@ class _Partial:
 class Reassembler:
     """Orders and reassembles incoming handshake messages by message_seq
     (RFC 6347 section 4.2.2).  Only a small window of future messages is
-    buffered, and all buffers together stay within C{max_message_length}
+    buffered, and all buffers together stay within ``max_message_length``
     bytes, so a peer cannot make us hold much memory."""
 
     def __init__(self, max_message_length: int = 32768, window: int = 8) -> None:
         self.next_seq = 0
         self.max_message_length = max_message_length
         self.window = window
-        self._pending: dict[int, _Partial] = {}
+        self._pending: dict[int, PartialMessage] = {}
         self._buffered = 0
 
     def add(self, fragment: Fragment, epoch: int) -> str:
@@ -486,7 +498,7 @@ class Reassembler:
         if partial is None:
             if self._buffered + fragment.length > self.max_message_length:
                 return "rejected"
-            partial = self._pending[seq] = _Partial(fragment.msg_type, fragment.length, epoch)
+            partial = self._pending[seq] = PartialMessage(fragment.msg_type, fragment.length, epoch)
             self._buffered += fragment.length
         elif (partial.msg_type, len(partial.buffer), partial.epoch) != (fragment.msg_type, fragment.length, epoch):
             return "rejected"
@@ -504,7 +516,7 @@ class Reassembler:
         return partial.msg_type, self.next_seq - 1, partial.epoch, bytes(partial.buffer)
 
     def restart_at(self, seq: int) -> None:
-        """Expect C{seq} next, forgetting anything buffered."""
+        """Expect ``seq`` next, forgetting anything buffered."""
         self.next_seq = seq
         self._pending.clear()
         self._buffered = 0

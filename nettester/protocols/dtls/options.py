@@ -2,8 +2,8 @@
 
 Mix into a RoleOptions subclass: ``class O(DtlsServerOptionsMixin,
 RoleOptions)``.  ``postOptions`` checks the values and leaves
-``self["dtls"]``, a ready L{DtlsConfiguration} (or None where a role uses
-DTLS only on demand, see C{dtls_wanted}); a server role then builds a
+``self["dtls"]``, a ready ``DtlsConfiguration`` (or None where a role uses
+DTLS only on demand, see ``dtls_wanted``); a server role then builds a
 ``DtlsEndpoint(reactor, server_configuration=options["dtls"],
 max_connections=options["max-connections"])``.
 
@@ -26,8 +26,17 @@ from twisted.python import usage
 
 from nettester.options import positive_float, positive_int
 from nettester.protocols.dtls.cid import DEFAULT_CID_LENGTH, NodeConnectionIdGenerator
-from nettester.protocols.dtls.connection import DEFAULT_SUITES, ClientAuth, DtlsConfiguration, SessionCache
-from nettester.protocols.dtls.credentials import SANDBOX_IDENTITIES, CredentialsError, PskStore
+from nettester.protocols.dtls.connection import (
+    DEFAULT_SUITES,
+    ClientAuth,
+    DtlsConfiguration,
+    SessionCache,
+)
+from nettester.protocols.dtls.credentials import (
+    SANDBOX_IDENTITIES,
+    CredentialsError,
+    PskStore,
+)
 from nettester.protocols.dtls.endpoint import DEFAULT_MAX_CONNECTIONS
 from nettester.protocols.dtls.suites import SUITES_BY_NAME
 from nettester.workers import shared_cookie_secret, worker_index
@@ -51,7 +60,7 @@ def _suite_list(value: str) -> tuple[str, ...]:
 
 
 def load_certificates(path: str) -> list[x509.Certificate]:
-    """Every PEM certificate of C{path} (a chain, leaf first, or anchors)."""
+    """Every PEM certificate of ``path`` (a chain, leaf first, or anchors)."""
     with open(path, "rb") as handle:
         certificates = x509.load_pem_x509_certificates(handle.read())
     if not certificates:
@@ -178,7 +187,7 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
         return 0
 
     def server_configuration(self, options: Mapping[str, Any], node_id: int | None = 0) -> DtlsConfiguration:
-        """The server configuration; C{node_id} is the cluster node (0 alone)."""
+        """The server configuration; ``node_id`` is the cluster node (0 alone)."""
         configuration = self._common(options, is_client=False)
         sandbox = bool(options["psk-sandbox"])
         configuration.psk_store = (

@@ -56,9 +56,9 @@ class Record:
 
 
 def parse_record(datagram: bytes, offset: int, cid_length: int) -> tuple[Record | None, int]:
-    """The record at C{offset} and the offset after it; (None, end) when the
+    """The record at ``offset`` and the offset after it; (None, end) when the
     rest of the datagram is malformed (dropped, RFC 6347 section 4.1.2.7).
-    Records of content type 25 carry a CID of C{cid_length} bytes."""
+    Records of content type 25 carry a CID of ``cid_length`` bytes."""
     end = len(datagram)
     if end - offset < HEADER_LENGTH:
         return None, end
@@ -90,7 +90,7 @@ def parse_record(datagram: bytes, offset: int, cid_length: int) -> tuple[Record 
 
 
 def parse_records(datagram: bytes, cid_length: int) -> tuple[list[Record], bool]:
-    """Split C{datagram} into records (RFC 6347 section 4.1.1: several per
+    """Split ``datagram`` into records (RFC 6347 section 4.1.1: several per
     datagram).  Returns the records and whether trailing bytes were malformed."""
     records: list[Record] = []
     offset = 0
@@ -131,8 +131,8 @@ class ReplayWindow:
     @classmethod
     def continuing(cls, highest: int, bitmap: int) -> ReplayWindow:
         """A window that goes on where another one (on another node) stood:
-        C{highest} (-1: nothing received yet) and its C{bitmap}.  Raises
-        ValueError for a state L{mark} cannot produce."""
+        ``highest`` (-1: nothing received yet) and its ``bitmap``.  Raises
+        ValueError for a state ``mark`` cannot produce."""
         if not -1 <= highest <= MAX_SEQUENCE or not 0 <= bitmap <= cls._MASK:
             raise ValueError("replay window out of range")
         # mark() sets bit 0 with the highest number and never marks below 0.
@@ -145,7 +145,7 @@ class ReplayWindow:
 
     @property
     def bitmap(self) -> int:
-        """Bit i set: sequence number C{highest - i} was received."""
+        """Bit i set: sequence number ``highest - i`` was received."""
         return self._bitmap
 
     def is_replay(self, sequence_number: int) -> bool:
@@ -193,7 +193,7 @@ class ReadState:
 
     def open(self, record: Record) -> tuple[int, bytes]:
         """(content type, plaintext) of an authenticated record; raises
-        L{RecordError} when it fails authentication or has the wrong shape.
+        ``RecordError`` when it fails authentication or has the wrong shape.
         The caller checks replay first and marks the window after success."""
         if self.protection is None:
             if record.content_type not in CONTENT_TYPES:

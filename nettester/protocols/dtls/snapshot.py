@@ -31,11 +31,15 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import struct
-from collections.abc import Callable
 
 from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record, suites
-from nettester.protocols.dtls.connection import DtlsConfiguration, DtlsConnection, EstablishedState, Session
+from nettester.protocols.dtls.connection import (
+    DtlsConfiguration,
+    DtlsConnection,
+    EstablishedState,
+    Session,
+)
 
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("!BBHHqQHQH")
@@ -45,7 +49,7 @@ _MAX_SESSION_ID = 32  # RFC 5246 section 7.4.1.2
 
 class SnapshotError(ValueError):
     """A connection that cannot be snapshotted or a snapshot that cannot be
-    restored; C{reason} is short snake_case text (a metrics label)."""
+    restored; ``reason`` is short snake_case text (a metrics label)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -106,21 +110,18 @@ def restore_connection(
     configuration: DtlsConfiguration,
     snapshot: bytes,
     sequence_gap: int,
-    *,
-    drop_sink: Callable[[str], None] | None = None,
 ) -> DtlsConnection:
-    """An established server connection continuing C{snapshot}, as if its
+    """An established server connection continuing ``snapshot``, as if its
     handshake had just completed here (no HandshakeCompleted event).
 
-    Its next write sequence number is the snapshot's plus C{sequence_gap}:
+    Its next write sequence number is the snapshot's plus ``sequence_gap``:
     the dead node may have sent records after it took the snapshot, and a
     sequence number sent twice under the same key is a repeated AEAD nonce
     (the nonce is the salt and the epoch + sequence number: RFC 6347 section
     4.1, RFC 5288 section 3, RFC 6655 section 3), which RFC 5116 section 3
     forbids.  The read
     replay window goes on from the snapshot's, so records the owner accepted
-    before the snapshot are replays here.  C{drop_sink} is the connection's
-    (see DtlsConnection).  Raises L{SnapshotError} for any bad input.
+    before the snapshot are replays here.  Raises ``SnapshotError`` for any bad input.
     """
     if configuration.is_client:
         raise SnapshotError("not_server")
@@ -138,7 +139,7 @@ def restore_connection(
     write_sequence = state.write_sequence + sequence_gap
     if write_sequence > record.MAX_SEQUENCE:
         raise SnapshotError("sequence_exhausted")  # RFC 6347 section 4.1: no wrap, no reuse
-    return DtlsConnection._restore(configuration, dataclasses.replace(state, write_sequence=write_sequence), drop_sink)
+    return DtlsConnection._restore(configuration, dataclasses.replace(state, write_sequence=write_sequence))
 
 
 def _vector(value: bytes, length_size: int = 1) -> bytes:
@@ -152,7 +153,7 @@ def _keys_vectors(keys: suites.KeyMaterial) -> list[bytes]:
 
 
 def _keys(reader: hs.Reader, suite: suites.CipherSuite) -> suites.KeyMaterial:
-    """MAC key, key and IV, each a 1-byte-length vector, of the lengths C{suite} uses."""
+    """MAC key, key and IV, each a 1-byte-length vector, of the lengths ``suite`` uses."""
     material = suites.KeyMaterial(reader.vector(1), reader.vector(1), reader.vector(1))
     if not suite.fits(material):
         raise SnapshotError("bad_length")
@@ -160,7 +161,7 @@ def _keys(reader: hs.Reader, suite: suites.CipherSuite) -> suites.KeyMaterial:
 
 
 def _decode(snapshot: bytes) -> EstablishedState:
-    """The state in C{snapshot}, every field checked."""
+    """The state in ``snapshot``, every field checked."""
     if not snapshot:
         raise SnapshotError("truncated")
     if snapshot[0] != FORMAT_VERSION:

@@ -25,7 +25,7 @@ VERIFY_DATA_LENGTH = 12
 
 
 def p_sha256(secret: bytes, seed: bytes, length: int) -> bytes:
-    """P_SHA256 of RFC 5246 section 5: HMAC-SHA256 expansion of C{seed}."""
+    """P_SHA256 of RFC 5246 section 5: HMAC-SHA256 expansion of ``seed``."""
     output = bytearray()
     a_value = seed
     while len(output) < length:
@@ -45,7 +45,7 @@ def master_secret(
     server_random: bytes,
     session_hash: bytes | None,
 ) -> bytes:
-    """The 48-byte master secret; with C{session_hash} the extended master
+    """The 48-byte master secret; with ``session_hash`` the extended master
     secret of RFC 7627 section 4, else RFC 5246 section 8.1."""
     if session_hash is not None:
         return prf(pre_master_secret, b"extended master secret", session_hash, MASTER_SECRET_LENGTH)
@@ -133,7 +133,7 @@ class CipherSuite:
         return KeyMaterial(client_mac, client_key, client_iv), KeyMaterial(server_mac, server_key, server_iv)
 
     def fits(self, material: KeyMaterial) -> bool:
-        """Whether C{material} has this suite's key lengths."""
+        """Whether ``material`` has this suite's key lengths."""
         return (len(material.mac_key), len(material.key), len(material.iv)) == (
             self.mac_key_length,
             self.enc_key_length,
@@ -141,7 +141,7 @@ class CipherSuite:
         )
 
     def protection(self, material: KeyMaterial) -> RecordProtection:
-        """The protection of one direction of one epoch keyed with C{material}."""
+        """The protection of one direction of one epoch keyed with ``material``."""
         if self.bulk is BulkCipher.AES_128_CCM_8:
             return AeadProtection(AESCCM(material.key, tag_length=8), material.iv, 8)
         if self.bulk is BulkCipher.AES_128_GCM:
@@ -185,13 +185,13 @@ class RecordProtection:
     overhead: int
 
     def seal(self, plaintext: bytes, additional_data: bytes, explicit_nonce: bytes) -> bytes:
-        """The protected fragment for C{plaintext}."""
+        """The protected fragment for ``plaintext``."""
         raise NotImplementedError
 
     def open(self, fragment: bytes, additional_data_for: Callable[[int], bytes]) -> bytes | None:
-        """The plaintext of C{fragment}, or None when it fails authentication.
+        """The plaintext of ``fragment``, or None when it fails authentication.
 
-        C{additional_data_for(plaintext_length)} builds the additional data,
+        ``additional_data_for(plaintext_length)`` builds the additional data,
         which depends on the plaintext length the fragment turns out to have.
         """
         raise NotImplementedError

@@ -5,12 +5,19 @@ Each client number holds one connection at a time (a L{ClientSlot}), sends
 core, tells a FIN from a RST from a missing response, and reconnects after
 ``--reconnect-delay``. Every connection has a conn id unique across runs and
 replicas (``<run>-<client>-<attempt>``) that the server logs too.
+
+With result settings (``--duration``, ``--report``, ``--max-loss``,
+``--max-resets``) the fleet records every outage as a loss episode (from
+the drop to the next connection, by cause and conn id), samples the open
+connections and keep-alive RTTs every second, marks every close by cause,
+and at the end logs its verdict, writes the report and sets the exit status.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -18,12 +25,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import ClientFactory, Factory, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester.interfaces import IReportingService
-from nettester.logs import Logger
+from nettester.logs import ALWAYS, Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.keepalive.adapter import (
     PEER_CLOSED,
@@ -44,10 +52,45 @@ from nettester.protocols.keepalive.wire import (
     ProtocolError,
     ResponseMissing,
 )
+from nettester.report import (
+    CLOSE,
+    UNATTRIBUTED,
+    LossEpisode,
+    ReportError,
+    RttHistogram,
+    RunRecorder,
+    Verdict,
+    judge,
+    write_report,
+)
+from nettester.report.options import ResultSettings
+from nettester.service import set_exit_status
 
 log = Logger()
 
 CLOSED_BY_CLIENT = "closed_by_client"
+SERVER_UNAVAILABLE = "server_unavailable"
+SHUTDOWN = "shutdown"
+SAMPLE_INTERVAL = 1.0  # seconds between time-series samples of the report
+RTT_PERCENTILES = (50.0, 90.0, 99.0)
+
+
+class Outage:
+    """A client number without a connection since ``start``: a loss episode once it ends."""
+
+    __slots__ = ("attempts", "cause", "conn", "detail", "start")
+
+    def __init__(self, start: float, cause: str, conn: str, detail: str) -> None:
+        self.start = start
+        self.cause = cause
+        self.conn = conn
+        self.detail = detail
+        self.attempts = 0
+
+    def episode(self, client: int, end: float | None) -> LossEpisode:
+        """The episode: keyed by the conn id that dropped; over TCP the direction is not known."""
+        return LossEpisode(str(client), self.conn, self.start, end, UNATTRIBUTED, self.attempts, None,
+                           {"cause": self.cause, "detail": self.detail})
 
 
 class KeepAliveClientProtocol(CoreProtocol):
@@ -77,6 +120,7 @@ class KeepAliveClientProtocol(CoreProtocol):
         if type(event) is KeepAliveAnswered:
             fleet.answered.value += 1
             fleet.rtt_total += event.rtt
+            fleet.interval_rtt.record(event.rtt)
             if event.rtt > fleet.rtt_max:
                 fleet.rtt_max = event.rtt
         elif type(event) is DummyReceived:
@@ -106,7 +150,7 @@ class KeepAliveClientProtocol(CoreProtocol):
                       "or use --insecure for a self-signed server)", **fields)
         else:
             log.info("Client {client}: closed TCP connection, conn={conn} :{detail}", **fields)
-        self.slot.connection_lost(self, cause)
+        self.slot.connection_lost(self, cause, detail)
 
 
 class ClientSlot(ClientFactory):
@@ -122,6 +166,7 @@ class ClientSlot(ClientFactory):
         self.connector: IConnector | None = None
         self.protocol_instance: KeepAliveClientProtocol | None = None
         self.pending: IDelayedCall | None = None
+        self.outage: Outage | None = None
 
     def schedule(self, delay: float) -> None:
         """Connect after C{delay} seconds."""
@@ -132,6 +177,8 @@ class ClientSlot(ClientFactory):
         self.attempt += 1
         self.conn_id = f"{self.fleet.run_id}-{self.number}-{self.attempt}"
         self.fleet.connect_attempts.value += 1
+        if self.outage is not None:
+            self.outage.attempts += 1
         self.connector = self.fleet.connect(self)
 
     def buildProtocol(self, addr: IAddress) -> KeepAliveClientProtocol:
@@ -139,6 +186,9 @@ class ClientSlot(ClientFactory):
 
     def connection_made(self, protocol: KeepAliveClientProtocol) -> None:
         self.protocol_instance = protocol
+        if self.outage is not None:
+            self.fleet.outage_ended(self.number, self.outage)
+            self.outage = None
         self.fleet.connected(protocol)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
@@ -146,16 +196,24 @@ class ClientSlot(ClientFactory):
         if not self.fleet.running:
             return
         self.fleet.connect_failures.value += 1
+        if self.outage is None:
+            self.outage = Outage(self.fleet.clock.seconds(), SERVER_UNAVAILABLE, self.conn_id,
+                                 reason.getErrorMessage().rstrip("."))
+            self.outage.attempts = 1
         log.error("Client {client}: Server unavailable {reason} (is keepalive-server running at {server}? "
                   "retrying in {delay:g} s), conn={conn}", event="server_unavailable", client=self.number,
                   conn=self.conn_id, server=self.fleet.address, reason=reason.getErrorMessage().rstrip("."),
                   delay=self.fleet.reconnect_delay)
         self.schedule(self.fleet.reconnect_delay)
 
-    def connection_lost(self, protocol: KeepAliveClientProtocol, cause: str) -> None:
+    def connection_lost(self, protocol: KeepAliveClientProtocol, cause: str, detail: str = "") -> None:
         self.connector = None
         self.protocol_instance = None
-        self.fleet.disconnected(protocol, cause)
+        # The client closes on a missing response or garbage too: that close is the loss, named by its reason.
+        why = detail if cause == CLOSED_BY_CLIENT else cause
+        if why != SHUTDOWN and self.fleet.running:
+            self.outage = Outage(self.fleet.clock.seconds(), why, protocol.conn, detail)
+        self.fleet.disconnected(protocol, cause, why)
         if self.fleet.running:
             self.schedule(self.fleet.reconnect_delay)
 
@@ -180,7 +238,10 @@ class KeepAliveClientService(Service):
     def __init__(self, reactor: Any, host: str, port: int, clients: int, timing: ClientTiming,
                  ramp_up: float = 10.0, reconnect_delay: float = 1.0,
                  tls: IOpenSSLClientConnectionCreator | None = None, rng: random.Random | None = None,
-                 run_id: str | None = None, connect_timeout: float = 10.0) -> None:
+                 run_id: str | None = None, connect_timeout: float = 10.0,
+                 results: ResultSettings | None = None, stop: Callable[[], None] | None = None) -> None:
+        """``results``: judge the run, write the report, set the exit status (None: the caller judges).
+        ``stop``: ends the process at ``--duration`` (default ``reactor.stop``)."""
         self.reactor = reactor
         self.clock = reactor
         self.host = host
@@ -197,6 +258,14 @@ class KeepAliveClientService(Service):
         self.open = OpenConnections(reactor)
         self.rtt_total = 0.0
         self.rtt_max = 0.0
+        self.rtt = RttHistogram()
+        self.interval_rtt = RttHistogram()
+        self.results = results
+        self._stop = stop if stop is not None else getattr(reactor, "stop", None)
+        self.recorder: RunRecorder | None = None
+        self.verdict: Verdict | None = None
+        self._sampler: LoopingCall | None = None
+        self._time_up: IDelayedCall | None = None
         self.metrics = MetricSet("keepalive_client")
         self.connect_attempts = self.metrics.counter("connect_attempts_total", "Connection attempts.")
         self.connections = self.metrics.counter("connections_total", "Connections established.")
@@ -215,6 +284,44 @@ class KeepAliveClientService(Service):
                  transport="TLS" if self.tls is not None else "TCP", ramp=self.ramp_up)
         for slot in self.slots:
             slot.schedule(self.rng.uniform(0.0, self.ramp_up))
+        if self.results is not None:
+            self._start_recording()
+
+    def _start_recording(self) -> None:
+        assert self.results is not None
+        configuration = {"target": self.address, "clients": len(self.slots),
+                         "transport": "TLS" if self.tls is not None else "TCP", "run": self.run_id,
+                         "keepalive_interval_s": self.plan.timing.keepalive_interval,
+                         "response_timeout_s": self.plan.timing.response_timeout, "ramp_up_s": self.ramp_up,
+                         "reconnect_delay_s": self.reconnect_delay, "duration_s": self.results.duration}
+        self.recorder = RunRecorder("keepalive-client", configuration, self.clock.seconds())
+        self._sampler = LoopingCall(self._sample)
+        self._sampler.clock = self.clock
+        self._sampler.start(SAMPLE_INTERVAL, now=False)
+        if self.results.duration:
+            self._time_up = self.clock.callLater(self.results.duration, self._duration_reached)
+
+    def _duration_reached(self) -> None:
+        self._time_up = None
+        log.info("keepalive-client run {run}: --duration {duration:g} s reached, stopping", event="duration_reached",
+                 run=self.run_id, duration=self.results.duration if self.results else 0)
+        if self._stop is not None:
+            self._stop()
+
+    def _sample(self) -> None:
+        interval, self.interval_rtt = self.interval_rtt, RttHistogram()
+        self.rtt.merge(interval)
+        if self.recorder is None:
+            return
+        p50, p99 = interval.percentile(50), interval.percentile(99)
+        self.recorder.sample(self.clock.seconds(), open_connections=len(self.open),
+                             rtt_p50_ms=None if p50 is None else round(p50 * 1000, 3),
+                             rtt_p99_ms=None if p99 is None else round(p99 * 1000, 3))
+
+    def outage_ended(self, client: int, outage: Outage) -> None:
+        """A client number is connected again: its outage is a loss episode."""
+        if self.recorder is not None:
+            self.recorder.episode(outage.episode(client, self.clock.seconds()))
 
     def connect(self, slot: ClientSlot) -> IConnector:
         factory: Factory = slot
@@ -227,9 +334,12 @@ class KeepAliveClientService(Service):
         self.connections.value += 1
         self.open.add(protocol)
 
-    def disconnected(self, protocol: KeepAliveClientProtocol, cause: str) -> None:
+    def disconnected(self, protocol: KeepAliveClientProtocol, cause: str, why: str) -> None:
+        """A connection closed by ``cause`` (``why``: the reason when we closed it, else the cause)."""
         self.closes.inc(cause)
         self.open.discard(protocol)
+        if self.recorder is not None and why != SHUTDOWN:
+            self.recorder.mark(self.clock.seconds(), CLOSE, str(protocol.slot.number), cause=why, conn=protocol.conn)
 
     @property
     def errors(self) -> int:
@@ -257,8 +367,40 @@ class KeepAliveClientService(Service):
         }
 
     def stopService(self) -> Deferred[None]:
-        """Stop reconnecting, close every connection with a FIN, fire when they are gone."""
+        """Stop reconnecting, close every connection with a FIN, fire when they are gone; then judge."""
         super().stopService()
+        if self._time_up is not None and self._time_up.active():
+            self._time_up.cancel()
+        if self._sampler is not None and self._sampler.running:
+            self._sampler.stop()
         for slot in self.slots:
             slot.stop()
-        return self.open.when_empty()
+        closed = self.open.when_empty()
+        if self.results is not None:
+            closed.addCallback(lambda _: self._conclude())
+        return closed
+
+    def _conclude(self) -> None:
+        """Outages still open are episodes without an end; the verdict, the report, the exit status."""
+        assert self.results is not None and self.recorder is not None
+        now = self.clock.seconds()
+        self._sample()
+        for slot in self.slots:
+            if slot.outage is not None:
+                self.recorder.episode(slot.outage.episode(slot.number, None))
+                slot.outage = None
+        answered, missing = self.answered.value, self.responses_missing.value
+        thresholds = self.results.thresholds
+        # Loss: keep-alives without a response; resets: connections ended by a RST neither end sent.
+        self.verdict = verdict = judge(thresholds, answered + missing, missing, answered, self.closes.get(PEER_RESET))
+        status = verdict.exit_status
+        log.info("keepalive-client run {run}: {verdict}", event="verdict", run=self.run_id, verdict=verdict.line(),
+                 passed=verdict.passed, reasons=list(verdict.reasons), **{ALWAYS: True})
+        if self.results.report:
+            rtt = self.rtt.percentiles_ms(RTT_PERCENTILES)
+            try:
+                write_report(self.results.report, self.recorder.document(now, self.summary(), rtt, thresholds, verdict))
+            except ReportError as error:
+                log.error("{reason}", event="report_failed", reason=str(error))
+                status = 1
+        set_exit_status(self, status)

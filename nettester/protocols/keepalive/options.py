@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 from twisted.python.usage import UsageError
 
 from nettester.options import RoleOptions, non_negative_float, port_number, positive_float, positive_int
+from nettester.report.options import ResultOptionsMixin
 from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
 
 DEFAULT_PORT = 49665
@@ -55,7 +56,7 @@ class ServerOptions(WorkersOptionsMixin, RoleOptions):
                 raise UsageError(str(error)) from None
 
 
-class ClientOptions(ProcessesOptionsMixin, RoleOptions):
+class ClientOptions(ResultOptionsMixin, ProcessesOptionsMixin, RoleOptions):
     """Options of ``keepalive-client``."""
 
     longdesc = ("Open --clients long-lived connections to a keepalive-server, each sending 'Establish Session', "
@@ -82,7 +83,7 @@ class ClientOptions(ProcessesOptionsMixin, RoleOptions):
         ["insecure", None, "With --tls: do not verify the server certificate."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
-        ["server", "s", None, "Server host name or IP address (required)."],
+        ["server", None, None, "Server host name or IP address (required)."],
         ["port", "p", DEFAULT_PORT, "Server TCP port.", port_number],
         ["clients", "c", 100, "Number of clients, each holding one connection.", positive_int],
         ["keepalive-interval", None, 5.0, "Seconds between keep-alives.", positive_float],

@@ -33,11 +33,13 @@ def build_client(reactor: Any, options: RoleOptions) -> IService:
     """The keepalive-client fleet for parsed ``options``."""
     from nettester.protocols.keepalive.client import KeepAliveClientService
     from nettester.protocols.keepalive.wire import ClientTiming
+    from nettester.report.options import ResultSettings
 
     timing = ClientTiming(options["keepalive-interval"], options["response-timeout"], options["dummy-interval"])
     return KeepAliveClientService(reactor, options["server"], options["port"], options["clients"], timing,
                                   ramp_up=options["ramp-up"], reconnect_delay=options["reconnect-delay"],
-                                  tls=options["tls-creator"], connect_timeout=options["response-timeout"])
+                                  tls=options["tls-creator"], connect_timeout=options["response-timeout"],
+                                  results=ResultSettings.from_options(options))
 
 
 def _report(options: RoleOptions, stdout: IO[str]) -> int:

@@ -139,7 +139,7 @@ class StunClientOptions(ProcessesOptionsMixin, RoleOptions):
         "rfc-retransmit": "STUN_RFC_RETRANSMIT",
     }
     optParameters: ClassVar[list[list[Any]]] = [
-        ["server", "s", "", "STUN server: IPv4 or IPv6 literal, or a host name (resolved once, IPv4) (required)."],
+        ["server", None, "", "STUN server: IPv4 or IPv6 literal, or a host name (resolved once, IPv4) (required)."],
         ["port", "p", 3478, "STUN server UDP port.", port_number],
         ["clients", "c", 1000, "Number of clients, each with its own UDP socket.", positive_int],
         ["interval", None, 10.0, "Seconds between Binding requests; also the wait for an answer.", positive_float],

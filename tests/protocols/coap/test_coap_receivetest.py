@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
 import pytest_twisted
+from coap_net import SERVER_ADDRESS, Net
 from coap_testing import MemoryLink, UdpClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from nettester.protocols.coap.message import (
     ACK,
     Code,
     ContentFormat,
+    Message,
     decode,
     encode_message,
 )
@@ -28,11 +30,14 @@ from nettester.protocols.coap.options import CoapReceiveTestOptions
 from nettester.protocols.coap.receivetest import (
     HistoryEntry,
     ReceiveTestService,
+    attribute,
     device_uuid,
     format_history,
     parse_history,
 )
+from nettester.protocols.coap.resources.extended import REQUESTS_HISTORY
 from nettester.protocols.coap.server import CoapServerService
+from nettester.report.options import ResultSettings
 from nettester.udplink import UdpLink
 
 
@@ -141,3 +146,79 @@ def test_closed_port_fails_at_once() -> Generator[Any, Any, None]:
     assert status == EXIT_NO_RESPONSE
     assert f"refused the request (ICMP port unreachable): is a CoAP server listening on 127.0.0.1:{closed}?" in (
         out.getvalue())
+
+
+def rid_is(*rids: str) -> Callable[[Message], bool]:
+    """Matches requests for one of ``rids``."""
+    return lambda message: any(f"rid={rid}" in message.uri_query for rid in rids)
+
+
+def history_newest(*rids: str) -> Callable[[Message], bool]:
+    """Matches answers whose newest history entry is one of ``rids`` (the answer to that request)."""
+    def match(message: Message) -> bool:
+        try:
+            _, entries = parse_history(message.payload, message.content_format)
+        except ValueError:
+            return False
+        return bool(entries) and entries[0].rid in rids
+    return match
+
+
+def looping(net: Net, duration: float, report: str | None = None, timeout: float = 3.0) -> ReceiveTestService:
+    uri = parse_uri(f"coap://{SERVER_ADDRESS[0]}:{SERVER_ADDRESS[1]}/requests")
+    service = ReceiveTestService(net.clock, uri, "dev-1", net.new_client_link(), io.StringIO(), ContentFormat.JSON,
+                                 timeout, ResultSettings(duration=duration, report=report))
+    service.startService()
+    return service
+
+
+def test_duration_repeats_and_attributes_each_lost_request(tmp_path: Path) -> None:
+    net = Net()
+    run = f"r{int(net.clock.seconds() * 1000)}"
+    net.drop_forward = rid_is(f"{run}-2")  # never reaches the server
+    net.drop_return = history_newest(f"{run}-4")  # reaches it; every answer is lost
+    report = str(tmp_path / "receivetest.json")
+    service = looping(net, duration=15.0, report=report)
+    statuses: list[int] = []
+    service.done.addCallback(statuses.append)
+    net.run(20.0)
+    assert statuses == [1]  # two losses, --max-loss 0
+    assert service.sent > 5 and service.failures == 2
+    assert service.recorder.loss_fields() == {"lost_forward": 1, "lost_return": 1, "lost_unattributed": 0}
+    out = service.stdout.getvalue()  # type: ignore[attr-defined]
+    assert f"request rid={run}-2 to 192.0.2.1:5783 failed: timeout" in out
+    assert f"{service.sent} requests, {service.sent - 2} answered, 2 failed: lost_forward=1 lost_return=1 " \
+           "lost_unattributed=0; RTT ms: p50=" in out
+    assert out.splitlines()[-1] == "verdict: FAIL: loss " + f"{200 / service.sent:.2f}% (2 of {service.sent}) " \
+           "is above --max-loss 0%"
+    document = json.loads(Path(report).read_text())
+    assert {episode["key"]: episode["direction"] for episode in document["episodes"]} == {
+        f"{run}-2": "forward", f"{run}-4": "return"}
+    assert document["role"] == "coap-receivetest" and document["counters"]["failed"] == 2
+
+
+def test_attribute_by_history() -> None:
+    def history(*rids: str) -> list[HistoryEntry]:
+        return [HistoryEntry(rid, 0, None) for rid in rids]
+
+    assert attribute("r1-3", 3, "r1", history("r1-4", "r1-3", "r1-2")) == "return"
+    assert attribute("r1-3", 3, "r1", history("r1-4", "r1-2")) == "forward"
+    assert attribute("r1-1", 1, "r1", history("r1-2", "r0")) == "forward"  # an older run's entry is older
+    assert attribute("r1-1", 1, "r1", history("r1-2")) == "forward"  # the whole history: nothing pushed out
+    full = history(*(f"r1-{n}" for n in range(30, 30 - REQUESTS_HISTORY, -1)))
+    assert attribute("r1-3", 3, "r1", full) == "unattributed"  # pushed out by later requests
+
+
+def test_one_shot_with_a_report_and_no_answer(tmp_path: Path) -> None:
+    clock = UdpClock()
+    report = str(tmp_path / "one.json")
+    service = ReceiveTestService(clock, parse_uri("coap://192.0.2.1:5783/requests"), "dev-1",
+                                 MemoryLink(("198.51.100.1", 40000)), io.StringIO(), timeout=4.0,
+                                 results=ResultSettings(report=report))
+    statuses: list[int] = []
+    service.done.addCallback(statuses.append)
+    service.startService()
+    clock.advance(4.0)
+    assert statuses == [EXIT_NO_RESPONSE]
+    document = json.loads(Path(report).read_text())
+    assert document["verdict"]["reasons"] == ["no responses: all 1 requests were lost"]

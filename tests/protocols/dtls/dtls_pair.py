@@ -3,6 +3,7 @@ clock and a hook to lose, duplicate or reorder datagrams (test helper)."""
 
 from __future__ import annotations
 
+import datetime
 from typing import Callable
 
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
@@ -12,12 +13,22 @@ from nettester.protocols.dtls.connection import (
     DtlsConnection,
     HandshakeCompleted,
 )
-from nettester.protocols.dtls.cookie import CookieGate, Verdict
+from nettester.protocols.dtls.cookie import Verdict
 from nettester.protocols.dtls.credentials import PskStore
+from nettester.protocols.dtls.peers import Admission
 
 CLIENT_ADDRESS = ("192.0.2.1", 5684)
 SERVER_ADDRESS = ("192.0.2.2", 5684)
 PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
+
+#: when the test run started: the fake clocks' 0.0 (certificates are minted valid from an hour before)
+STARTED = datetime.datetime.now(datetime.timezone.utc)
+
+
+def fake_clock_time(now: float) -> datetime.datetime:
+    """The wall-clock time of a fake clock's ``now`` (certificate checks)."""
+    return STARTED + datetime.timedelta(seconds=now)
+
 
 #: (direction, datagrams of one pump step) -> datagrams actually delivered
 Network = Callable[[str, list[bytes]], list[bytes]]
@@ -49,7 +60,8 @@ class Pair:
         self.client = DtlsConnection(client_config, SERVER_ADDRESS)
         self.server_config = server_config
         self.server: DtlsConnection | None = None
-        self.gate = CookieGate()
+        self.admission = Admission()  # the cookie gate, with fragmented ClientHellos reassembled
+        self.gate = self.admission.gate
         self.network = network or (lambda direction, datagrams: datagrams)
         self.client_events: list[object] = []
         self.server_events: list[object] = []
@@ -62,7 +74,7 @@ class Pair:
 
     def to_server(self, datagram: bytes) -> None:
         if self.server is None:
-            result = self.gate.check(datagram, self.client_address, self.now)
+            result = self.admission.check(datagram, self.client_address, self.now)
             if result.verdict is Verdict.VERIFY:
                 self.hello_verify_requests += 1
                 self._pending_to_client.append(result.reply)
@@ -70,22 +82,23 @@ class Pair:
             if result.verdict is Verdict.DROP:
                 return
             self.server = DtlsConnection(self.server_config, self.client_address)
-        self.server.receive_datagram(datagram, self.now, self.client_address)
+            datagram = result.datagram
+        self.server.receive_datagram(datagram, self.client_address, self.now)
 
     def pump(self, rounds: int = 30) -> None:
         """Exchange datagrams until both sides are quiet."""
         for _ in range(rounds):
             self._pending_to_client: list[bytes] = []
-            outgoing = self.client.datagrams_to_send(self.now)
+            outgoing = self.client.datagrams_to_send()
             self.wire += [("c2s", d) for d in outgoing]
             for datagram in self.network("c2s", outgoing):
                 self.to_server(datagram)
             from_server = self._pending_to_client
             if self.server is not None:
-                from_server = from_server + self.server.datagrams_to_send(self.now)
+                from_server = from_server + self.server.datagrams_to_send()
             self.wire += [("s2c", d) for d in from_server]
             for datagram in self.network("s2c", from_server):
-                self.client.receive_datagram(datagram, self.now, SERVER_ADDRESS)
+                self.client.receive_datagram(datagram, SERVER_ADDRESS, self.now)
             self._collect()
             if not outgoing and not from_server:
                 return

@@ -107,7 +107,7 @@ def test_connect_exchange_and_peer_context() -> None:
     assert server.summary()["dtls_connections"] == 1 and server.summary()["dtls_handshakes"] == 1
     exported = {family.name: family for family in server.metrics.collect()}
     assert exported["nettester_dtls_handshakes"].samples[0].value == 1
-    assert server.peerByConnectionId(context.read_cid) is server_peer
+    assert server.peer_by_connection_id(context.read_cid) is server_peer
 
 
 def test_client_hello_flood_without_cookie_creates_no_state() -> None:
@@ -264,7 +264,7 @@ def test_spoofed_client_hello_does_not_end_a_session() -> None:
     (session,) = server.connections
     stranger = DtlsConnection(client.client_configuration, SERVER)
     stranger.connect(0.0)
-    (hello,) = stranger.datagrams_to_send(0.0)
+    (hello,) = stranger.datagrams_to_send()
     server.datagramReceived(hello, CLIENT)  # spoofed source: the client's address, no cookie
     assert server.connections == [session] and session.connection.is_established
     assert server.counters.hello_verify.value == 2
@@ -279,7 +279,7 @@ def test_client_reconnect_resumes_the_session() -> None:
     peers: list[Any] = []
     client.connect(SERVER).addCallback(peers.append)
     wire.deliver()
-    client.closeAll()
+    client.close_all()
     wire.deliver()
     assert server.connections == [] and client.connections == []
     client.connect(SERVER).addCallback(peers.append)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import pytest
-from dtls_pair import PSK, PSK_IDENTITY, Pair, psk_configs
+from dtls_pair import PSK, PSK_IDENTITY, Pair, psk_configs, fake_clock_time
 
 from nettester.protocols.dtls import handshake as hs
 from nettester.protocols.dtls import record
@@ -38,9 +38,9 @@ def test_psk_ccm8_handshake_with_cookie_and_cid() -> None:
     assert client.read_cid == server.write_cid and len(client.read_cid) == 6
     # Every record after the handshake is a tls12_cid record.
     pair.client.send_application_data(b"ping")
-    datagram = pair.client.datagrams_to_send(pair.now)[0]
+    datagram = pair.client.datagrams_to_send()[0]
     assert datagram[0] == record.TLS12_CID and datagram[11:17] == server.read_cid
-    pair.server.receive_datagram(datagram, pair.now, pair.client_address)
+    pair.server.receive_datagram(datagram, pair.client_address, pair.now)
     pair._collect()
     assert pair.app_data("server") == [b"ping"]
     assert pair.wire and pair.now == 0.0
@@ -84,6 +84,7 @@ def ecdsa_configs(
         is_client=True,
         cipher_suites=(suite,),
         trust_anchors=[ca.certificate],
+        certificate_time=fake_clock_time,
         server_name="server.example",
         certificate_chain=client_identity.full_chain() if client_cert else [],
         private_key=client_identity.private_key if client_cert else None,
@@ -93,6 +94,7 @@ def ecdsa_configs(
         certificate_chain=server_identity.full_chain(),
         private_key=server_identity.private_key,
         trust_anchors=[ca.certificate],
+        certificate_time=fake_clock_time,
         client_auth=client_auth,
     )
     from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
@@ -166,7 +168,7 @@ def test_expired_server_certificate_is_rejected() -> None:
 
     client, server = ecdsa_configs()
     later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=365)
-    client.certificate_time = lambda: later
+    client.certificate_time = lambda now: later
     pair = Pair(client, server)
     pair.start()
     pair.run()
@@ -182,15 +184,50 @@ def test_wrong_server_name_is_rejected() -> None:
     assert pair.client.failure_reason == "certificate_rejected"
 
 
-def test_wrong_psk_never_completes_and_is_not_answered() -> None:
+def test_wrong_psk_is_a_fatal_alert_at_once() -> None:
+    """Issue 13: a Finished that does not decrypt ends the handshake with
+    bad_record_mac at once, naming the identity, instead of 120 s of silence."""
     client, server = psk_configs(psk=b"wrong")
-    client.max_retransmissions = 2
     pair = Pair(client, server)
     pair.start()
     pair.run()
-    assert pair.client.is_closed and pair.client.failure_reason == "handshake_timeout"
-    assert not pair.server.is_established
+    assert pair.now == 0.0, "no timer was needed"
+    assert pair.server.is_closed and pair.server.failure_reason == "bad_record_mac"
     assert pair.server.dropped["bad_mac"] >= 1
+    (server_closed,) = [e for e in pair.server_events if isinstance(e, ConnectionClosed)]
+    assert server_closed.description == 'wrong key for PSK identity "Client_identity"'
+    (client_closed,) = [e for e in pair.client_events if isinstance(e, ConnectionClosed)]
+    assert client_closed.by_peer and client_closed.alert == 20 and client_closed.reason == "bad_record_mac"
+    assert client_closed.description == "the server rejected the handshake: bad_record_mac"
+
+
+def test_one_forged_record_after_the_ccs_does_not_end_a_handshake() -> None:
+    """A lone record of the new epoch that does not decrypt, in its own
+    datagram, is dropped: only the peer's own Finished failing (in the CCS
+    datagram, or twice) means a wrong key."""
+    pair = Pair(*psk_configs())
+    pair.start()
+    forged = bytes([record.HANDSHAKE]) + b"\xfe\xfd\x00\x01" + bytes(6) + (40).to_bytes(2, "big") + bytes(40)
+
+    def network(direction: str, datagrams: list[bytes]) -> list[bytes]:
+        out = []
+        for datagram in datagrams:
+            offsets, offset = [], 0
+            while offset < len(datagram):
+                received, offset = record.parse_record(datagram, offset, 6)
+                offsets.append((received.content_type if received else None, offset))
+            if direction == "c2s" and len(offsets) > 1 and offsets[-2][0] == record.CHANGE_CIPHER_SPEC:
+                # up to the CCS, then the forged record, then the genuine Finished
+                split = offsets[-2][1]
+                out += [datagram[:split], forged, datagram[split:]]
+            else:
+                out.append(datagram)
+        return out
+
+    pair.network = network
+    pair.run()
+    assert pair.server.is_established and pair.client.is_established
+    assert pair.server.dropped["bad_mac"] == 1  # the forged record reached the server in wait_finished
 
 
 def test_unknown_psk_identity_is_a_fatal_alert() -> None:

@@ -55,7 +55,7 @@ def test_extension_decoders(body: bytes) -> None:
 def _valid_client_hello() -> bytes:
     pair = Pair(*psk_configs())
     pair.start()
-    (datagram,) = pair.client.datagrams_to_send(0.0)
+    (datagram,) = pair.client.datagrams_to_send()
     return datagram
 
 
@@ -142,8 +142,8 @@ def test_established_engine_ignores_garbage(garbage: list[bytes]) -> None:
     pair.start()
     pair.run()
     for datagram in garbage:
-        pair.server.receive_datagram(datagram, pair.now, CLIENT_ADDRESS)
-        pair.client.receive_datagram(datagram, pair.now, SERVER_ADDRESS)
+        pair.server.receive_datagram(datagram, CLIENT_ADDRESS, pair.now)
+        pair.client.receive_datagram(datagram, SERVER_ADDRESS, pair.now)
     pair._collect()
     assert pair.server.is_established and pair.client.is_established
     assert pair.app_data("server") == [] and pair.app_data("client") == []

@@ -66,7 +66,7 @@ def test_client_and_server_endpoints_on_loopback() -> Generator[Any, Any, None]:
         context = server.peerContext(server_peer)
         assert context.identity == "Client_identity" and context.node_id == 2
         assert context.address == ("127.0.0.1", client_port.getHost().port)
-        client.closeAll()
+        client.close_all()
         for _ in range(500):  # close_notify reaches the server, which forgets the peer
             if not server.connections:
                 break

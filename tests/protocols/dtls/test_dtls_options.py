@@ -6,7 +6,7 @@ import base64
 from pathlib import Path
 
 import pytest
-from dtls_pair import Pair
+from dtls_pair import Pair, fake_clock_time
 from twisted.python import usage
 
 from nettester.options import RoleOptions
@@ -84,6 +84,7 @@ def test_certificates_and_client_auth(tmp_path: Path) -> None:
     )
     assert server["dtls"].client_auth is ClientAuth.NEEDED
     assert all("ECDSA" in name for name in client["dtls"].cipher_suites)  # no PSK configured
+    client["dtls"].certificate_time = server["dtls"].certificate_time = fake_clock_time  # Pair's clock starts at 0
     pair = Pair(client["dtls"], server["dtls"])
     pair.start()
     pair.run()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from dtls_pair import CLIENT_ADDRESS
+from dtls_pair import CLIENT_ADDRESS, fake_clock_time
 from OpenSSL import SSL, crypto
 
 from nettester.protocols.dtls.certificates import issue, make_ca
@@ -76,15 +76,15 @@ def _our_client_handshake(openssl: SSL.Connection, client: DtlsConnection) -> Ha
     client.connect(now)
     seen: list[object] = []
     for _ in range(20):
-        for datagram in client.datagrams_to_send(now):
+        for datagram in client.datagrams_to_send():
             openssl.bio_write(datagram)
             step(openssl)
         for datagram in drain(openssl):
-            client.receive_datagram(datagram, now)
+            client.receive_datagram(datagram, None, now)
         seen += events(client)
         if client.is_established:
             break
-    for datagram in client.datagrams_to_send(now):  # our final flight of an abbreviated handshake
+    for datagram in client.datagrams_to_send():  # our final flight of an abbreviated handshake
         openssl.bio_write(datagram)
         step(openssl)
     (completed,) = [e for e in seen if isinstance(e, HandshakeCompleted)]
@@ -104,7 +104,8 @@ def test_our_client_against_openssl_server_with_cookies(suite: str) -> None:
     openssl.set_accept_state()
     client = DtlsConnection(
         DtlsConfiguration(
-            is_client=True, cipher_suites=(suite,), trust_anchors=[ca.certificate], server_name="localhost"
+            is_client=True, cipher_suites=(suite,), trust_anchors=[ca.certificate], server_name="localhost",
+            certificate_time=fake_clock_time,
         )
     )
     now = 0.0
@@ -112,16 +113,16 @@ def test_our_client_against_openssl_server_with_cookies(suite: str) -> None:
     assert completed.cipher_suite == suite and completed.peer_identity == "CN=localhost"
     assert completed.write_cid is None  # OpenSSL has no CID
     client.send_application_data(b"hello openssl")
-    for datagram in client.datagrams_to_send(now):
+    for datagram in client.datagrams_to_send():
         openssl.bio_write(datagram)
     assert openssl.recv(1000) == b"hello openssl"
     openssl.send(b"hello nettester")
     for datagram in drain(openssl):
-        client.receive_datagram(datagram, now)
+        client.receive_datagram(datagram, None, now)
     assert [e.data for e in events(client) if isinstance(e, ApplicationData)] == [b"hello nettester"]
     openssl.shutdown()
     for datagram in drain(openssl):
-        client.receive_datagram(datagram, now)
+        client.receive_datagram(datagram, None, now)
     (closed,) = [e for e in events(client) if isinstance(e, ConnectionClosed)]
     assert closed.by_peer and closed.alert == 0
 
@@ -136,6 +137,7 @@ def test_openssl_client_against_our_server(suite: str, client_auth: bool) -> Non
         certificate_chain=server_identity.full_chain(),
         private_key=server_identity.private_key,
         trust_anchors=[ca.certificate],
+        certificate_time=fake_clock_time,
         client_auth=ClientAuth.NEEDED if client_auth else ClientAuth.NONE,
         cid_generator=NodeConnectionIdGenerator(),
         mtu=600,  # force fragmentation of the certificate flight
@@ -157,9 +159,9 @@ def test_openssl_client_against_our_server(suite: str, client_auth: bool) -> Non
                     continue
                 assert verdict.verdict is Verdict.ACCEPT
                 server = DtlsConnection(server_config, CLIENT_ADDRESS)
-            server.receive_datagram(datagram, now, CLIENT_ADDRESS)
+            server.receive_datagram(datagram, CLIENT_ADDRESS, now)
         if server is not None:
-            for datagram in server.datagrams_to_send(now):
+            for datagram in server.datagrams_to_send():
                 openssl.bio_write(datagram)
         step(openssl)
         if server is not None and server.is_established:
@@ -170,14 +172,14 @@ def test_openssl_client_against_our_server(suite: str, client_auth: bool) -> Non
     assert completed.peer_identity == ("CN=openssl-client" if client_auth else None)
     openssl.send(b"ping")
     for datagram in drain(openssl):
-        server.receive_datagram(datagram, now, CLIENT_ADDRESS)
+        server.receive_datagram(datagram, CLIENT_ADDRESS, now)
     assert [e.data for e in events(server) if isinstance(e, ApplicationData)] == [b"ping"]
     server.send_application_data(b"pong")
-    for datagram in server.datagrams_to_send(now):
+    for datagram in server.datagrams_to_send():
         openssl.bio_write(datagram)
     assert openssl.recv(100) == b"pong"
     server.close()
-    for datagram in server.datagrams_to_send(now):
+    for datagram in server.datagrams_to_send():
         openssl.bio_write(datagram)
     with pytest.raises(SSL.ZeroReturnError):
         openssl.recv(100)
@@ -190,6 +192,7 @@ def test_our_client_resumes_a_session_with_openssl() -> None:
         is_client=True,
         cipher_suites=("TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",),
         trust_anchors=[ca.certificate],
+        certificate_time=fake_clock_time,
         server_name="localhost",
     )
     first = SSL.Connection(context, None)
@@ -206,7 +209,7 @@ def test_our_client_resumes_a_session_with_openssl() -> None:
     # OpenSSL took the abbreviated handshake: a full one would have been refused.
     assert resumed.resumed and resumed.session_id == full.session_id
     client.send_application_data(b"resumed")
-    for datagram in client.datagrams_to_send(0.0):
+    for datagram in client.datagrams_to_send():
         second.bio_write(datagram)
     assert second.recv(100) == b"resumed"
 
@@ -236,8 +239,8 @@ def test_openssl_client_resumes_a_session_with_our_server() -> None:
         step(openssl)
         for _ in range(20):
             for datagram in drain(openssl):
-                server.receive_datagram(datagram, 0.0, CLIENT_ADDRESS)
-            for datagram in server.datagrams_to_send(0.0):
+                server.receive_datagram(datagram, CLIENT_ADDRESS, 0.0)
+            for datagram in server.datagrams_to_send():
                 openssl.bio_write(datagram)
             step(openssl)
             if server.is_established:
@@ -247,12 +250,12 @@ def test_openssl_client_resumes_a_session_with_our_server() -> None:
         session = openssl.get_session()
         openssl.send(b"hi")
         for datagram in drain(openssl):
-            server.receive_datagram(datagram, 0.0, CLIENT_ADDRESS)
+            server.receive_datagram(datagram, CLIENT_ADDRESS, 0.0)
         assert [e.data for e in events(server) if isinstance(e, ApplicationData)] == [b"hi"]
         # OpenSSL only resumes sessions that were shut down properly.
         openssl.shutdown()
         for datagram in drain(openssl):
-            server.receive_datagram(datagram, 0.0, CLIENT_ADDRESS)
+            server.receive_datagram(datagram, CLIENT_ADDRESS, 0.0)
         assert server.is_closed
     assert results == [False, True]
     assert len(server_config.session_cache) == 1

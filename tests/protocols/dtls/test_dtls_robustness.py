@@ -60,7 +60,7 @@ def test_retransmission_backs_off_exponentially_then_gives_up() -> None:
         assert timer is not None
         pair.now = timer
         pair.client.handle_timer(pair.now)
-        pair.client.datagrams_to_send(pair.now)
+        pair.client.datagrams_to_send()
     assert sent_at == [0.0, 1.0, 3.0, 7.0]  # 1 s, then doubling (RFC 6347 section 4.2.4.1)
     assert pair.client.failure_reason == "handshake_timeout"
 
@@ -92,9 +92,9 @@ def established() -> Pair:
 def test_replayed_record_is_dropped() -> None:
     pair = established()
     pair.client.send_application_data(b"once")
-    (datagram,) = pair.client.datagrams_to_send(pair.now)
-    pair.server.receive_datagram(datagram, pair.now, CLIENT_ADDRESS)
-    pair.server.receive_datagram(datagram, pair.now, CLIENT_ADDRESS)
+    (datagram,) = pair.client.datagrams_to_send()
+    pair.server.receive_datagram(datagram, CLIENT_ADDRESS, pair.now)
+    pair.server.receive_datagram(datagram, CLIENT_ADDRESS, pair.now)
     pair._collect()
     assert pair.app_data("server") == [b"once"]
     assert pair.server.dropped["replay"] == 1
@@ -109,7 +109,7 @@ def test_old_epoch_and_plaintext_records_after_handshake_are_ignored() -> None:
         + plaintext.seal(record.ALERT, b"\x02\x28")  # fatal handshake_failure, unauthenticated
         + plaintext.seal(record.HANDSHAKE, hs.encode_message(hs.CLIENT_HELLO, 9, b"x"))
     )
-    pair.server.receive_datagram(forged, pair.now, CLIENT_ADDRESS)
+    pair.server.receive_datagram(forged, CLIENT_ADDRESS, pair.now)
     pair._collect()
     assert pair.server.is_established and pair.app_data("server") == []
     assert pair.server.dropped["unauthenticated_alert"] == 1
@@ -118,10 +118,10 @@ def test_old_epoch_and_plaintext_records_after_handshake_are_ignored() -> None:
 def test_tampered_record_is_dropped_and_not_answered() -> None:
     pair = established()
     pair.client.send_application_data(b"secret")
-    (datagram,) = pair.client.datagrams_to_send(pair.now)
+    (datagram,) = pair.client.datagrams_to_send()
     tampered = datagram[:-1] + bytes([datagram[-1] ^ 0x80])
-    pair.server.receive_datagram(tampered, pair.now, CLIENT_ADDRESS)
-    assert pair.server.datagrams_to_send(pair.now) == []
+    pair.server.receive_datagram(tampered, CLIENT_ADDRESS, pair.now)
+    assert pair.server.datagrams_to_send() == []
     assert pair.server.dropped["bad_mac"] == 1 and pair.server.is_established
 
 
@@ -149,8 +149,8 @@ def test_renegotiation_is_refused() -> None:
     writer = pair.client._write_states[1]
     next_seq = pair.server._reassembler.next_seq
     hello = writer.seal(record.HANDSHAKE, hs.encode_message(hs.CLIENT_HELLO, next_seq, b"\x00" * 40))
-    pair.server.receive_datagram(hello, pair.now, CLIENT_ADDRESS)
-    (alert,) = pair.server.datagrams_to_send(pair.now)
+    pair.server.receive_datagram(hello, CLIENT_ADDRESS, pair.now)
+    (alert,) = pair.server.datagrams_to_send()
     records, _ = record.parse_records(alert, 6)
     assert pair.client._read_states[1].open(records[0]) == (record.ALERT, b"\x01\x64")  # warning no_renegotiation
     assert pair.server.is_established
@@ -160,7 +160,7 @@ def test_client_hello_flood_without_cookie_creates_no_state() -> None:
     client, _ = psk_configs()
     connection = DtlsConnection(client, ("192.0.2.2", 5684))
     connection.connect(0.0)
-    (hello,) = connection.datagrams_to_send(0.0)
+    (hello,) = connection.datagrams_to_send()
     gate = CookieGate()
     verdicts = {gate.check(hello, ("198.51.100.%d" % (i % 250), 1000 + i), 0.0).verdict for i in range(500)}
     assert verdicts == {Verdict.VERIFY}
@@ -170,11 +170,11 @@ def test_cookie_is_bound_to_address_and_rotates() -> None:
     client, _ = psk_configs()
     connection = DtlsConnection(client, ("192.0.2.2", 5684))
     connection.connect(0.0)
-    (hello,) = connection.datagrams_to_send(0.0)
+    (hello,) = connection.datagrams_to_send()
     gate = CookieGate(rotation=10.0)
     reply = gate.check(hello, CLIENT_ADDRESS, 0.0).reply
-    connection.receive_datagram(reply, 0.0)
-    (hello_with_cookie,) = connection.datagrams_to_send(0.0)
+    connection.receive_datagram(reply, None, 0.0)
+    (hello_with_cookie,) = connection.datagrams_to_send()
     assert gate.check(hello_with_cookie, CLIENT_ADDRESS, 5.0).verdict is Verdict.ACCEPT
     assert gate.check(hello_with_cookie, ("192.0.2.99", 5684), 5.0).verdict is Verdict.VERIFY
     assert gate.check(hello_with_cookie, CLIENT_ADDRESS, 12.0).verdict is Verdict.ACCEPT  # previous secret
@@ -214,7 +214,7 @@ def test_oversized_fragment_mid_handshake_is_counted() -> None:
     plaintext = WriteState(0, None)
     plaintext.next_sequence = 500
     huge = plaintext.seal(record.HANDSHAKE, hs.encode_header(hs.CLIENT_KEY_EXCHANGE, 2**24 - 1, 2, 0, 4) + b"abcd")
-    pair.server.receive_datagram(huge, pair.now, CLIENT_ADDRESS)
+    pair.server.receive_datagram(huge, CLIENT_ADDRESS, pair.now)
     assert pair.server.dropped["fragment"] == 1 and not pair.server.is_closed
 
 
@@ -230,11 +230,11 @@ def hello_with_cookie(client_record_number: int = 0) -> tuple[DtlsConnection, by
     client_config, _ = psk_configs()
     client = DtlsConnection(client_config, ("192.0.2.2", 5684))
     client.connect(0.0)
-    (hello,) = client.datagrams_to_send(0.0)
+    (hello,) = client.datagrams_to_send()
     gate = CookieGate()
     client._write_states[0].next_sequence = client_record_number or client._write_states[0].next_sequence
-    client.receive_datagram(gate.check(hello, CLIENT_ADDRESS, 0.0).reply, 0.0)
-    (hello,) = client.datagrams_to_send(0.0)
+    client.receive_datagram(gate.check(hello, CLIENT_ADDRESS, 0.0).reply, None, 0.0)
+    (hello,) = client.datagrams_to_send()
     assert gate.check(hello, CLIENT_ADDRESS, 0.0).verdict is Verdict.ACCEPT
     return client, hello
 
@@ -242,18 +242,21 @@ def hello_with_cookie(client_record_number: int = 0) -> tuple[DtlsConnection, by
 def test_a_bug_ends_only_its_association_with_internal_error() -> None:
     client, hello = hello_with_cookie()
     server = Broken(psk_configs()[1], CLIENT_ADDRESS)
-    server.receive_datagram(hello, 0.0, CLIENT_ADDRESS)
+    server.receive_datagram(hello, CLIENT_ADDRESS, 0.0)
     assert server.is_closed and server.failure_reason == "internal_error:KeyError"
-    for datagram in server.datagrams_to_send(0.0):
-        client.receive_datagram(datagram, 0.0)
-    assert client.next_event() == ConnectionClosed(80, "alert_80", by_peer=True)
+    for datagram in server.datagrams_to_send():
+        client.receive_datagram(datagram, None, 0.0)
+    # issue 13: failure reasons are alert names, never alert_80
+    assert client.next_event() == ConnectionClosed(
+        80, "internal_error", by_peer=True, detail="the server rejected the handshake: internal_error"
+    )
 
 
 def test_hostile_client_hello_record_number_is_not_adopted() -> None:
     _, hello = hello_with_cookie(client_record_number=2**48 - 2)
     server = DtlsConnection(psk_configs()[1], CLIENT_ADDRESS)
-    server.receive_datagram(hello, 0.0, CLIENT_ADDRESS)
-    assert server.datagrams_to_send(0.0) and not server.is_closed
+    server.receive_datagram(hello, CLIENT_ADDRESS, 0.0)
+    assert server.datagrams_to_send() and not server.is_closed
     assert server._write_states[0].next_sequence < 2**16
 
 
@@ -262,9 +265,9 @@ def test_plaintext_fatal_alert_ends_a_handshake_by_design() -> None:
     section 7.2): honoured during the handshake, ignored after it."""
     client, hello = hello_with_cookie()
     server = DtlsConnection(psk_configs()[1], CLIENT_ADDRESS)
-    server.receive_datagram(hello, 0.0, CLIENT_ADDRESS)
-    server.receive_datagram(WriteState(0, None).seal(record.ALERT, b"\x02\x28"), 0.0, CLIENT_ADDRESS)
-    assert server.is_closed and server.failure_reason == "alert_40"
+    server.receive_datagram(hello, CLIENT_ADDRESS, 0.0)
+    server.receive_datagram(WriteState(0, None).seal(record.ALERT, b"\x02\x28"), CLIENT_ADDRESS, 0.0)
+    assert server.is_closed and server.failure_reason == "handshake_failure"  # issue 13: never alert_40
 
 
 def test_application_data_overtaking_finished_is_delivered_after_it() -> None:
@@ -292,8 +295,8 @@ def test_application_data_overtaking_finished_is_delivered_after_it() -> None:
     pair.start()
     pair.pump()
     assert held and pair.server is not None and not pair.server.is_established
-    for datagram in reversed(held + pair.client.datagrams_to_send(pair.now)):  # data first, then CCS + Finished
-        pair.server.receive_datagram(datagram, pair.now, CLIENT_ADDRESS)
+    for datagram in reversed(held + pair.client.datagrams_to_send()):  # data first, then CCS + Finished
+        pair.server.receive_datagram(datagram, CLIENT_ADDRESS, pair.now)
     pair._collect()
     kinds = [type(event) for event in pair.server_events]
     assert kinds == [HandshakeCompleted, ApplicationData]

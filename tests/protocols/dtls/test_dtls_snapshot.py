@@ -49,8 +49,8 @@ def established(suite: str = "TLS_PSK_WITH_AES_128_CCM_8", session_cache: Sessio
 def deliver(sender: DtlsConnection, receiver: DtlsConnection, data: bytes, address: Any) -> bytes:
     """Send C{data} as one record and return its datagram once C{receiver} got it."""
     sender.send_application_data(data)
-    (datagram,) = sender.datagrams_to_send(0.0)
-    receiver.receive_datagram(datagram, 0.0, address)
+    (datagram,) = sender.datagrams_to_send()
+    receiver.receive_datagram(datagram, address, 0.0)
     assert drain(receiver) == [ApplicationData(data)]
     return datagram
 
@@ -100,7 +100,7 @@ def test_record_accepted_before_the_snapshot_is_a_replay() -> None:
     assert pair.server is not None
     accepted = deliver(pair.client, pair.server, b"once", CLIENT_ADDRESS)
     second = restore_connection(pair.server_config, snapshot_connection(pair.server), 0)
-    second.receive_datagram(accepted, 0.0, CLIENT_ADDRESS)
+    second.receive_datagram(accepted, CLIENT_ADDRESS, 0.0)
     assert drain(second) == [] and second.dropped["replay"] == 1
     deliver(pair.client, second, b"new", CLIENT_ADDRESS)  # the window moves on from there
 
@@ -307,7 +307,7 @@ def test_endpoint_fails_over_to_an_adopted_connection() -> None:
     assert asked == [cid]
     ((data, adopted),) = backup_receiver.received
     assert data == b"after"
-    assert backup.peerByConnectionId(cid) is adopted and backup.connections == [adopted]
+    assert backup.peer_by_connection_id(cid) is adopted and backup.connections == [adopted]
     context = backup.peerContext(adopted)
     assert (context.address, context.identity, context.node_id) == (CLIENT, "Client_identity", 7)
     summary = backup.summary()
@@ -360,7 +360,7 @@ def test_adopt_replaces_a_peer_with_the_same_cid() -> None:
     first = backup.adopt(snapshot, CLIENT, None, GAP)
     second = backup.adopt(snapshot, CLIENT, None, 2 * GAP)
     assert first is not second and backup.connections == [second]
-    assert backup.peerByConnectionId(second.connection.read_cid) is second
+    assert backup.peer_by_connection_id(second.connection.read_cid) is second
     assert second.connection.write_sequence == server_peer.connection.write_sequence + 2 * GAP
     assert backup.summary()["dtls_adopted"] == 2
 

@@ -59,10 +59,10 @@ def test_client_reads_the_original_environment_variables(monkeypatch: pytest.Mon
     "options_class, argv, message",
     [
         (ClientOptions, [], "--server is required (or set TCP_SERVER_IP)"),
-        (ClientOptions, ["-s", "h", "--clients", "0"], "--clients: expected a whole number of at least 1"),
-        (ClientOptions, ["-s", "h", "--insecure"], "--ca, --server-name and --insecure need --tls"),
-        (ClientOptions, ["-s", "h", "--tls", "--insecure", "--ca", "x"], "give one of them"),
-        (ClientOptions, ["-s", "h", "--tls", "--ca", "/nonexistent.pem"], "--ca: cannot read /nonexistent.pem"),
+        (ClientOptions, ["--server", "h", "--clients", "0"], "--clients: expected a whole number of at least 1"),
+        (ClientOptions, ["--server", "h", "--insecure"], "--ca, --server-name and --insecure need --tls"),
+        (ClientOptions, ["--server", "h", "--tls", "--insecure", "--ca", "x"], "give one of them"),
+        (ClientOptions, ["--server", "h", "--tls", "--ca", "/nonexistent.pem"], "--ca: cannot read /nonexistent.pem"),
         (ServerOptions, ["--port", "70000"], "--port: expected a port number 0-65535"),
         (ServerOptions, ["--keepalive-timeout", "0"], "--keepalive-timeout: expected a number above 0"),
         (ServerOptions, ["--tls", "--cert", "c.pem"], "--cert and --key go together"),
@@ -93,7 +93,7 @@ def test_server_loads_a_certificate_and_refuses_a_mismatched_key(tmp_path: Path)
 def test_built_services_report_and_use_the_options() -> None:
     reactor = MemoryReactorClock()
     server = build_server(reactor, parse(ServerOptions, "--port", "0", "--tls"))
-    client = build_client(reactor, parse(ClientOptions, "-s", "127.0.0.1", "--clients", "3", "--ramp-up", "0"))
+    client = build_client(reactor, parse(ClientOptions, "--server", "127.0.0.1", "--clients", "3", "--ramp-up", "0"))
     verifyObject(IReportingService, server)
     verifyObject(IReportingService, client)
     server.startService()
@@ -117,7 +117,7 @@ def test_local_scenario_runs_plain_and_tls_fleets_on_loopback() -> None:
 def test_the_ca_file_may_be_a_bundle_and_must_hold_a_certificate(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(b"".join(tls.self_signed_certificate().chain_pem[0] for _ in range(3)))
-    assert parse(ClientOptions, "-s", "h", "--tls", "--ca", str(bundle))["tls-creator"] is not None
+    assert parse(ClientOptions, "--server", "h", "--tls", "--ca", str(bundle))["tls-creator"] is not None
     (tmp_path / "empty.pem").write_bytes(b"no certificate here")
     with pytest.raises(UsageError, match="holds no PEM certificate"):
-        parse(ClientOptions, "-s", "h", "--tls", "--ca", str(tmp_path / "empty.pem"))
+        parse(ClientOptions, "--server", "h", "--tls", "--ca", str(tmp_path / "empty.pem"))

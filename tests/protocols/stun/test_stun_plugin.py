@@ -25,6 +25,13 @@ from nettester.protocols.stun.options import (
 from nettester.module import discover_modules
 
 
+@pytest.fixture
+def any_descriptor_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parse the default --clients 1000 on any machine: a fresh one may have a hard RLIMIT_NOFILE of 1024
+    (the limit check itself is tested with raise_open_file_limit's own tests)."""
+    monkeypatch.setattr("nettester.protocols.stun.client.raise_open_file_limit", lambda clients: clients)
+
+
 def parse(options_class: type, *argv: str) -> Any:
     options = options_class()
     options.parseOptions(list(argv))
@@ -39,7 +46,7 @@ def test_module_is_discovered_and_provides_its_interfaces() -> None:
         assert verifyObject(IRole, role)
 
 
-def test_server_and_client_services_report() -> None:
+def test_server_and_client_services_report(any_descriptor_limit: None) -> None:
     from twisted.internet.task import Clock
 
     server = build_server(Clock(), parse(StunServerOptions))
@@ -49,7 +56,7 @@ def test_server_and_client_services_report() -> None:
         assert service.summary()
 
 
-def test_counters_are_exported_for_prometheus() -> None:
+def test_counters_are_exported_for_prometheus(any_descriptor_limit: None) -> None:
     from prometheus_client.exposition import generate_latest
     from twisted.internet.task import Clock
 
@@ -77,7 +84,7 @@ def test_fuzz_option_parsers_raise_only_value_error(text: str) -> None:
             parser(text)
 
 
-def test_client_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_defaults_and_environment(monkeypatch: pytest.MonkeyPatch, any_descriptor_limit: None) -> None:
     options = parse(StunClientOptions, "--server", "stun.example")
     assert (options["port"], options["clients"], options["interval"]) == (3478, 1000, 10.0)
     assert options["start-delay"] == (1.0, 10.0) and str(options["start-delay"]) == "1-10"

@@ -1,0 +1,85 @@
+"""The one pump that drives a sans-IO datagram core from Twisted.
+
+Every datagram adapter does the same three things after feeding its core:
+write what the core wants written, hand the core's events to the layer
+above, and re-arm a single ``IDelayedCall`` for the core's timer. This is
+that loop, written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from nettester.interfaces import DatagramCore
+
+
+class CorePump:
+    """Runs ``core`` on ``reactor``: ``write(datagram, address)`` sends, ``dispatch(event)`` delivers.
+
+    The timer is moved only when the core's deadline comes earlier than the
+    call already scheduled; a call that fires before a deadline that moved
+    later just re-arms. So a datagram in costs no timer rescheduling in the
+    common case, where the deadline only ever moves later.
+    """
+
+    def __init__(self, reactor: IReactorTime, core: DatagramCore, write: Callable[[bytes, Any], object],
+                 dispatch: Callable[[Any], object]) -> None:
+        self._reactor = reactor
+        self.core = core
+        self._write = write
+        self._dispatch = dispatch
+        self._call: IDelayedCall | None = None
+        self._stopped = False
+
+    def receive(self, data: bytes, addr: Any) -> None:
+        """Feed one datagram to the core, then pump."""
+        self.core.receive_datagram(data, addr, self._reactor.seconds())
+        self.pump()
+
+    def pump(self) -> None:
+        """Write, dispatch, re-arm; again while dispatching made the core want to write more."""
+        core = self.core
+        while True:
+            for datagram, address in core.datagrams_to_send():
+                self._write(datagram, address)
+            event = core.next_event()
+            if event is None:
+                break
+            while event is not None:
+                self._dispatch(event)
+                event = core.next_event()
+        self._arm()
+
+    def stop(self) -> None:
+        """Cancel the timer; the core is not driven any more."""
+        self._stopped = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _arm(self) -> None:
+        if self._stopped:
+            return
+        due = self.core.get_timer()
+        call = self._call
+        if due is None:
+            if call is not None and call.active():
+                call.cancel()
+            self._call = None
+            return
+        if call is not None and call.active():
+            if call.getTime() <= due:
+                return  # fires early at worst, then re-arms
+            call.cancel()
+        self._call = self._reactor.callLater(max(0.0, due - self._reactor.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        due = self.core.get_timer()
+        now = self._reactor.seconds()
+        if due is not None and due <= now:
+            self.core.handle_timer(now)
+        self.pump()

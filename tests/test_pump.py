@@ -1,0 +1,91 @@
+"""The shared pump, on task.Clock with a small scripted core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from nettester.interfaces import DatagramCore
+from nettester.pump import CorePump
+
+
+class EchoCore:
+    """Echoes each datagram back, reports it as an event, and retransmits it once after ``delay`` seconds."""
+
+    def __init__(self, delay: float = 1.0) -> None:
+        self.delay = delay
+        self.outgoing: list[tuple[bytes, Any]] = []
+        self.events: list[bytes] = []
+        self.pending: list[tuple[float, bytes, Any]] = []
+        self.timer_calls: list[float] = []
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        self.outgoing.append((data, addr))
+        self.events.append(data)
+        self.pending.append((now + self.delay, data, addr))
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
+        out, self.outgoing = self.outgoing, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return min((due for due, _, _ in self.pending), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        self.timer_calls.append(now)
+        due_now = [entry for entry in self.pending if entry[0] <= now]
+        self.pending = [entry for entry in self.pending if entry[0] > now]
+        self.outgoing += [(b"again " + data, addr) for _, data, addr in due_now]
+
+    def next_event(self) -> bytes | None:
+        return self.events.pop(0) if self.events else None
+
+
+def make(delay: float = 1.0) -> tuple[Clock, EchoCore, CorePump, list[tuple[bytes, Any]], list[Any]]:
+    clock, core = Clock(), EchoCore(delay)
+    written: list[tuple[bytes, Any]] = []
+    dispatched: list[Any] = []
+    pump = CorePump(clock, core, lambda data, addr: written.append((data, addr)), dispatched.append)
+    return clock, core, pump, written, dispatched
+
+
+def test_the_echo_core_follows_the_contract() -> None:
+    core: DatagramCore = EchoCore()  # mypy checks the structural match
+    assert core.get_timer() is None
+
+
+def test_a_datagram_is_written_dispatched_and_its_timer_armed() -> None:
+    clock, core, pump, written, dispatched = make()
+    pump.receive(b"one", ("127.0.0.1", 5683))
+    assert written == [(b"one", ("127.0.0.1", 5683))] and dispatched == [b"one"]
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [1.0]
+    clock.advance(1.0)
+    assert written[-1] == (b"again one", ("127.0.0.1", 5683)) and core.timer_calls == [1.0]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_later_deadline_keeps_the_scheduled_call_and_an_early_firing_only_rearms() -> None:
+    clock, core, pump, written, _ = make()
+    pump.receive(b"a", "peer")
+    clock.advance(0.5)
+    core.pending = [(5.0, b"a", "peer")]  # the core's deadline moved later
+    pump.receive(b"b", "peer")  # b is due at 1.5: later than the call at 1.0, which stays
+    (call,) = clock.getDelayedCalls()
+    assert call.getTime() == 1.0
+    clock.advance(0.5)  # fires at 1.0, before any deadline: no handle_timer, re-armed for 1.5
+    assert core.timer_calls == [] and [c.getTime() for c in clock.getDelayedCalls()] == [1.5]
+    clock.advance(0.5)
+    assert core.timer_calls == [1.5] and written[-1] == (b"again b", "peer")
+
+
+def test_an_earlier_deadline_moves_the_call_and_stop_cancels_it() -> None:
+    clock, core, pump, _, _ = make(delay=10.0)
+    pump.receive(b"slow", "peer")
+    core.delay = 1.0
+    pump.receive(b"fast", "peer")
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [1.0]
+    pump.stop()
+    assert clock.getDelayedCalls() == []
+    pump.receive(b"after", "peer")  # still fed, never re-armed
+    assert clock.getDelayedCalls() == []
