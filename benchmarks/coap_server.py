@@ -76,7 +76,7 @@ class ServerRole:
     def coaps_port(self) -> int:
         return self.base + 101
 
-    def __enter__(self) -> "ServerRole":
+    def __enter__(self) -> ServerRole:
         self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         ready = f"worker {self.workers - 1} (pid" if self.workers > 1 else f"coaps://127.0.0.1:{self.coaps_port}"
