@@ -32,13 +32,15 @@ import base64
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
-from harness import ROOT, UDPLOAD_SOURCE, build_udpload, pinned, process_cpu_seconds
+from harness import ROOT, UDPLOAD_SOURCE, alternate, build_udpload, free_udp_ports, median, pinned, tree_cpu_seconds
 
 sys.path.insert(0, ROOT)
 PATH = "benchmark?rlen=40"
@@ -54,14 +56,16 @@ class ServerRole:
     final summary line is kept in ``final_summary``.
     """
 
-    def __init__(self, receive_buffer: int, core: str, directory: str) -> None:
+    def __init__(self, receive_buffer: int, core: str | None, directory: str, workers: int = 1) -> None:
         self.base = free_base_port()
+        self.workers = workers
         psk_file = os.path.join(directory, "psk.txt")
         with open(psk_file, "w") as out:
             out.write(f"{PSK_IDENTITY.decode()}={base64.b64encode(PSK_SECRET).decode()}\n")
-        self.command = pinned(core, [sys.executable, "-m", "nettester", "coap-server", "--benchmark", "--no-plugtest",
-                                     "--interfaces", "127.0.0.1", "--port", str(self.base), "--psk-file", psk_file,
-                                     "--receive-buffer", str(receive_buffer), "--stats-interval", "0"])
+        command = [sys.executable, "-m", "nettester", "coap-server", "--benchmark", "--no-plugtest",
+                   "--interfaces", "127.0.0.1", "--port", str(self.base), "--psk-file", psk_file,
+                   "--receive-buffer", str(receive_buffer), "--stats-interval", "0", "--workers", str(workers)]
+        self.command = pinned(core, command) if core is not None else command
         self.final_summary = ""
 
     @property
@@ -72,11 +76,12 @@ class ServerRole:
     def coaps_port(self) -> int:
         return self.base + 101
 
-    def __enter__(self) -> "ServerRole":
+    def __enter__(self) -> ServerRole:
         self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
+        ready = f"worker {self.workers - 1} (pid" if self.workers > 1 else f"coaps://127.0.0.1:{self.coaps_port}"
         for line in self.process.stdout:
-            if f"coaps://127.0.0.1:{self.coaps_port}" in line:
+            if ready in line:
                 return self
         raise SystemExit(f"coap-server did not start: {' '.join(self.command)}")
 
@@ -87,8 +92,8 @@ class ServerRole:
                                    if "coap-server final summary: " in line), "")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far."""
-        return sum(process_cpu_seconds(self.process.pid))
+        """User + system CPU time of the server process (and its workers) so far."""
+        return tree_cpu_seconds(self.process.pid)
 
 
 def free_base_port() -> int:
@@ -130,28 +135,136 @@ def coaps_load(port: int, clients: int, requests: int) -> None:
     reactor.run()
 
 
+def coaps_run(args: argparse.Namespace, server: ServerRole, load_core: str | None) -> tuple[int, float, str]:
+    """coap-bench's DTLS clients against ``server``: (answers, server CPU seconds, the bench's summary line)."""
+    command = [sys.executable, os.path.abspath(__file__), "--coaps-load", str(server.coaps_port),
+               "--coaps-clients", str(args.coaps_clients), "--coaps-requests", str(args.coaps_requests)]
+    before = server.cpu_seconds()
+    output = subprocess.run(pinned(load_core, command) if load_core is not None else command, check=True,
+                            capture_output=True, text=True).stdout
+    used = server.cpu_seconds() - before
+    summary = next(line for line in output.splitlines() if " requests in " in line)
+    return int(summary.split()[0]), used, summary
+
+
 def run_coaps(args: argparse.Namespace, directory: str) -> str:
     """Phase 4: returns the result line."""
     with ServerRole(args.receive_buffer, args.server_core, directory) as server:
-        load_command = pinned(args.load_core, [
-            sys.executable, os.path.abspath(__file__), "--coaps-load", str(server.coaps_port),
-            "--coaps-clients", str(args.coaps_clients), "--coaps-requests", str(args.coaps_requests)])
-        before = server.cpu_seconds()
-        output = subprocess.run(load_command, check=True, capture_output=True, text=True).stdout
-        used = server.cpu_seconds() - before
-    summary = next(line for line in output.splitlines() if " requests in " in line)
-    answers = int(summary.split()[0])
+        answers, used, summary = coaps_run(args, server, args.load_core)
     return (f"coaps (PSK CCM-8, CID): {summary}; server CPU {used:.1f} s = "
             f"{answers / used if used else 0:.0f} answers per CPU-second\nserver: {server.final_summary}")
 
 
-def load(udpload: str, port: int, sockets: int, window: int, seconds: float, core: str) -> tuple[float, str]:
+def load(udpload: str, port: int, sockets: int, window: int, seconds: float, core: str,
+         path: str = PATH) -> tuple[float, str]:
     """One udpload run; its rate and its line."""
-    command = [udpload, "--proto", "coap", "--port", str(port), "--path", PATH, "--con",
+    command = [udpload, "--proto", "coap", "--port", str(port), "--path", path, "--con",
                "--sockets", str(sockets), "--window", str(window), "--duration", str(seconds)]
     line = subprocess.run(pinned(core, command), check=True, capture_output=True, text=True).stdout.strip()
     match = re.search(r"rate=([0-9.]+)", line)
     return (float(match.group(1)) if match else 0.0), line
+
+
+def run_vs_libcoap(args: argparse.Namespace, udpload: str, directory: str) -> None:
+    """``--vs libcoap``: ours and libcoap's ``coap-server-notls``, each fresh, pinned to the same core,
+    the same udpload load, alternating; prints the median ratio of the rates."""
+    libcoap = shutil.which("coap-server-notls")
+    if libcoap is None:
+        raise SystemExit("--vs libcoap needs coap-server-notls (apt-get install libcoap3-bin)")
+
+    def ours() -> float:
+        with ServerRole(args.receive_buffer, args.server_core, directory) as server:
+            load(udpload, server.coap_port, args.sockets, args.window, 1.0, args.load_core)  # warm-up
+            rate, line = load(udpload, server.coap_port, args.sockets, args.window, args.seconds, args.load_core)
+        print("  nettester:", line, flush=True)
+        return rate
+
+    def theirs() -> float:
+        port = free_udp_ports(1)[0]
+        process = subprocess.Popen(pinned(args.server_core, [libcoap, "-A", "127.0.0.1", "-p", str(port)]),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            load(udpload, port, args.sockets, args.window, 1.0, args.load_core, path="time")  # warm-up
+            rate, line = load(udpload, port, args.sockets, args.window, args.seconds, args.load_core, path="time")
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+        print("  libcoap:  ", line, flush=True)
+        return rate
+
+    ratios = alternate(args.rounds, ours, theirs, "nettester/libcoap req/s, round")
+    print(f"coap-server vs libcoap 4.3 coap-server-notls: median ratio {median(ratios):.2f} "
+          f"({args.rounds} alternating rounds, both on core {args.server_core}, udpload {args.sockets}x"
+          f"{args.window} {args.seconds:g} s; ours GET {PATH}, libcoap GET time; goal >= 0.9)")
+
+
+def run_workers_scaling(args: argparse.Namespace, udpload: str, directory: str) -> None:
+    """``--workers-scaling``: answers per server CPU-second (every worker's CPU counted) with
+    ``--workers 2`` against 1, coap (udpload) and coaps (coap-bench's DTLS clients), alternating."""
+
+    def coap(workers: int) -> Callable[[], float]:
+        def run() -> float:
+            with ServerRole(args.receive_buffer, None, directory, workers=workers) as server:
+                load(udpload, server.coap_port, args.sockets, args.window, 1.0, args.load_core)  # warm-up
+                before = server.cpu_seconds()
+                rate, line = load(udpload, server.coap_port, args.sockets, args.window, args.seconds, args.load_core)
+                used = server.cpu_seconds() - before
+            per_cpu = rate * args.seconds / used if used else 0.0
+            print(f"  coap --workers {workers}: {rate:.0f} answers/s wall, server CPU {used:.1f} s, "
+                  f"{per_cpu:.0f} answers per CPU-second | {line}", flush=True)
+            return per_cpu
+        return run
+
+    def coaps(workers: int) -> Callable[[], float]:
+        def run() -> float:
+            with ServerRole(args.receive_buffer, None, directory, workers=workers) as server:
+                answers, used, summary = coaps_run(args, server, None)
+            per_cpu = answers / used if used else 0.0
+            print(f"  coaps --workers {workers}: {summary}; server CPU {used:.1f} s, {per_cpu:.0f} answers per "
+                  "CPU-second", flush=True)
+            return per_cpu
+        return run
+
+    coap_ratios = alternate(args.rounds, coap(2), coap(1), "coap per-CPU-second workers 2/1, round")
+    coaps_ratios = alternate(args.rounds, coaps(2), coaps(1), "coaps per-CPU-second workers 2/1, round")
+    print(f"coap-server --workers 2 vs 1, answers per server CPU-second: coap median ratio "
+          f"{median(coap_ratios):.2f}, coaps (PSK CCM-8, CID) median ratio {median(coaps_ratios):.2f} "
+          f"({args.rounds} alternating rounds; goal >= 0.9)")
+
+
+def run_bench_processes(args: argparse.Namespace) -> None:
+    """``--bench-processes``: ``coap-bench --processes 2`` against 1 process, both against libcoap's
+    ``coap-server-notls`` pinned to the server core; the rate is every process's answers over the
+    longest process's run time."""
+    libcoap = shutil.which("coap-server-notls")
+    if libcoap is None:
+        raise SystemExit("--bench-processes needs coap-server-notls (apt-get install libcoap3-bin)")
+    port = free_udp_ports(1)[0]
+    server = subprocess.Popen(pinned(args.server_core, [libcoap, "-A", "127.0.0.1", "-p", str(port)]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def bench(processes: int) -> Callable[[], float]:
+        def run() -> float:
+            command = [sys.executable, "-m", "nettester", "coap-bench", "--processes", str(processes),
+                       "--clients", str(args.bench_clients), "--requests", str(args.bench_requests),
+                       "--report-interval", "0", "--log-level", "warn", f"coap://127.0.0.1:{port}/time"]
+            output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            runs = [(int(answers), float(seconds))
+                    for answers, seconds in re.findall(r"^(\d+) requests in ([0-9.]+) s", output, re.MULTILINE)]
+            assert len(runs) == processes, output
+            rate = sum(answers for answers, _ in runs) / max(seconds for _, seconds in runs)
+            print(f"  coap-bench --processes {processes}: {rate:.0f} reqs/s ({runs})", flush=True)
+            return rate
+        return run
+
+    try:
+        bench(1)()  # warm-up
+        ratios = alternate(args.rounds, bench(2), bench(1), "coap-bench reqs/s processes 2/1, round")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    print(f"coap-bench --processes 2 vs 1 against libcoap coap-server-notls: median ratio {median(ratios):.2f} "
+          f"({args.rounds} alternating rounds, {args.bench_clients} clients x {args.bench_requests} requests)")
 
 
 def main() -> None:
@@ -166,7 +279,18 @@ def main() -> None:
     parser.add_argument("--receive-buffer", type=int, default=4 << 20)
     parser.add_argument("--server-core", default="1")
     parser.add_argument("--load-core", default="0")
+    parser.add_argument("--vs", choices=["libcoap"], help="only compare with libcoap on one core, alternating")
+    parser.add_argument("--workers-scaling", action="store_true",
+                        help="only compare --workers 2 with 1: answers per server CPU-second, coap and coaps")
+    parser.add_argument("--bench-processes", action="store_true",
+                        help="only compare coap-bench --processes 2 with 1 against libcoap's coap-server")
+    parser.add_argument("--bench-clients", type=int, default=200)
+    parser.add_argument("--bench-requests", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the comparisons")
     args = parser.parse_args()
+    if args.bench_processes:
+        run_bench_processes(args)
+        return
     if args.coaps_load:
         coaps_load(args.coaps_load, args.coaps_clients, args.coaps_requests)
         return
@@ -174,6 +298,9 @@ def main() -> None:
         udpload = build_udpload(directory)
         if udpload is None:
             raise SystemExit(f"cannot build udpload from {UDPLOAD_SOURCE}: gcc and the shared source are needed")
+        if args.vs or args.workers_scaling:
+            (run_vs_libcoap if args.vs else run_workers_scaling)(args, udpload, directory)
+            return
         with ServerRole(args.receive_buffer, args.server_core, directory) as server:
             port = server.coap_port
             load(udpload, port, args.sockets, args.window, 1.0, args.load_core)  # warm-up

@@ -22,22 +22,27 @@ import os
 import random
 import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
-from harness import ROOT, build_udpload, free_udp_ports, pinned, process_cpu_seconds
+from harness import ROOT, alternate, build_udpload, free_udp_ports, median, pinned, process_cpu_seconds
 
 COOKIE = b"\x21\x12\xa4\x42"
 REQUEST_HEADER = b"\x00\x01\x00\x00" + COOKIE
 
 
-def start_server(port: int, core: int | None) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "nettester", "stun-server", "--port", str(port), "--interface", "127.0.0.1",
-               "--stats-interval", "0", "--log-level", "warn"]  # fmt: skip
-    process = subprocess.Popen(pinned(core, command) if core is not None else command, cwd=ROOT)
+def start_server(port: int, core: int | None, command: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """Our stun-server (or ``command``) on 127.0.0.1:``port``, once it answers a Binding request."""
+    command = command or [sys.executable, "-m", "nettester", "stun-server", "--port", str(port), "--interface",
+                          "127.0.0.1", "--stats-interval", "0", "--log-level", "warn"]  # fmt: skip
+    extra: dict[str, Any] = {"user": "nobody"} if command[0].endswith("turnserver") and os.geteuid() == 0 else {}
+    process = subprocess.Popen(pinned(core, command) if core is not None else command, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **extra)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.settimeout(0.2)
         for _ in range(100):
@@ -192,6 +197,37 @@ def client_memory(args: argparse.Namespace) -> None:
     )
 
 
+def vs_coturn(args: argparse.Namespace) -> None:
+    """``--vs coturn``: ours and coturn ``turnserver --stun-only -m 1`` (one relay thread), each fresh,
+    pinned to core 1, the same udpload load on core 0, alternating; prints the median ratio."""
+    turnserver = shutil.which("turnserver")
+    if turnserver is None:
+        raise SystemExit("--vs coturn needs turnserver (apt-get install coturn)")
+    binary = build_udpload(tempfile.mkdtemp(prefix="stun-bench-"))
+    if binary is None:
+        raise SystemExit("--vs coturn needs udpload (gcc and the shared source; see UDPLOAD_SOURCE)")
+
+    def measure(command: list[str] | None, name: str) -> float:
+        port = free_udp_ports(1)[0]
+        if command is not None:
+            command = [*command, "-p", str(port)]
+        server = start_server(port, core=1, command=command)
+        try:
+            run_udpload(binary, port, args.sockets, args.window, 1.0)  # warm-up
+            line = run_udpload(binary, port, args.sockets, args.window, args.seconds)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+        print(f"  {name}:", line, flush=True)
+        return float(dict(re.findall(r"(\w+)=(\S+)", line)).get("rate", 0))
+
+    coturn = [turnserver, "-n", "--stun-only", "--no-cli", "-L", "127.0.0.1", "--no-tls", "--no-dtls", "-m", "1"]
+    ratios = alternate(args.rounds, lambda: measure(None, "nettester"), lambda: measure(coturn, "coturn -m 1"),
+                       "nettester/coturn responses/s, round")
+    print(f"stun-server vs coturn turnserver -m 1: median ratio {median(ratios):.2f} ({args.rounds} alternating "
+          f"rounds, both on core 1, udpload {args.sockets}x{args.window} {args.seconds:g} s; goal >= 1.0)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="load duration (udpload caps it at 15)")
@@ -200,7 +236,12 @@ def main() -> None:
     parser.add_argument("--python-generator", action="store_true", help="use the pure-Python load generator")
     parser.add_argument("--clients", type=int, default=10000, help="clients for the memory run (0 = skip it)")
     parser.add_argument("--settle", type=float, default=12.0, help="seconds before measuring the clients' RSS")
+    parser.add_argument("--vs", choices=["coturn"], help="only compare with coturn -m 1 on one core, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of --vs")
     args = parser.parse_args()
+    if args.vs:
+        vs_coturn(args)
+        return
     throughput(args)
     if args.clients > 1:
         client_memory(args)

@@ -1,8 +1,8 @@
 """The processes of ``--workers`` / ``--processes`` (see ``nettester.workers``): parent and child sides.
 
-Parent (``SupervisorService``): spawns the children one after the other
+Parent (``SupervisorService``): spawns server workers one after the other
 (each once the previous one is listening, so every reuseport group orders
-their sockets the same way), reads their JSON report lines from descriptor
+their sockets the same way) and load-generator processes together, reads their JSON report lines from descriptor
 3, is the role's reporting service (merged summary and ``/metrics``),
 restarts a worker that dies after it started, and on stop sends every child
 SIGTERM and waits for it (SIGKILL after ``STOP_TIMEOUT``). It also keeps the
@@ -12,8 +12,8 @@ tells every worker the CID steering program's slots whenever they change.
 Child (``WorkerChildService``): runs the role as usual, but instead of
 summary lines and a metrics port it writes a report line every
 ``REPORT_INTERVAL`` and a final one on stop; it reads slot updates on its
-standard input and stops when that closes (the parent is gone). SIGINT is
-the parent's to handle: a terminal's Ctrl-C reaches the whole process group.
+standard input and stops when that closes (the parent is gone). Children run in their own
+process group: a terminal's Ctrl-C is the parent's to handle.
 
 Report lines (child -> parent), one JSON object each::
 
@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import abstract, base, defer, fdesc
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
@@ -43,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester import steering
-from nettester.interfaces import IReportingService, IRole
+from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.options import RoleOptions
@@ -65,11 +64,15 @@ REPORT_INTERVAL = 1.0  # seconds between a child's report lines
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
 STOP_TIMEOUT = 30.0  # seconds a child gets to stop after SIGTERM before SIGKILL
 
-ExitStatusSetter = Callable[[IService, int], None]
+ExitStatusSetter = Callable[[Any, int], None]  # nettester.service.set_exit_status
+
+# ``python -c CHILD_MAIN <role> <arguments>``: ``python -m nettester`` in a
+# process group of its own, so a terminal's Ctrl-C (sent to the foreground
+# group) reaches only the parent, which stops the children with SIGTERM.
+CHILD_MAIN = "import os, runpy; os.setpgid(0, 0); runpy.run_module('nettester', run_name='__main__')"
 
 
-def multiprocess_service(role: IRole, options: RoleOptions, reactor: Any,
-                         set_exit_status: ExitStatusSetter) -> IService | None:
+def multiprocess_service(role: Any, options: RoleOptions, reactor: Any, set_exit_status: ExitStatusSetter) -> Any:
     """The supervisor (a parent of N > 1), the worker wrapper (a child), or None (one process, as before)."""
     if not isinstance(options, _MultiProcessOptions):
         return None
@@ -111,7 +114,7 @@ def install_reuseport() -> None:
         return sock
 
     createInternetSocket.reuseport = True  # type: ignore[attr-defined]
-    base.BasePort.createInternetSocket = createInternetSocket  # type: ignore[method-assign]
+    base.BasePort.createInternetSocket = createInternetSocket  # type: ignore[method-assign, assignment]
 
 
 def steer(slots: Sequence[int]) -> int:
@@ -176,7 +179,7 @@ class _ParentChannel(abstract.FileDescriptor):
 class WorkerChildService(MultiService):
     """The role in a worker process: reports to the parent instead of printing summaries."""
 
-    def __init__(self, role_service: IService, reactor: Any, report_fd: int = REPORT_FD) -> None:
+    def __init__(self, role_service: Any, reactor: Any, report_fd: int = REPORT_FD) -> None:
         super().__init__()
         self.role_service = role_service
         self._reactor = reactor
@@ -191,7 +194,6 @@ class WorkerChildService(MultiService):
         self._reactor.addSystemEventTrigger("after", "startup", self._started)
 
     def _started(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (SIGTERM)
         self._channel = _ParentChannel(self._reactor, self._command, self._parent_gone)
         self._channel.startReading()
         self._write({"ready": True, "pid": os.getpid()})
@@ -249,7 +251,8 @@ class _Child(ProcessProtocol):
         self._buffer = b""
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
+        transport: Any = self.transport
+        self.pid = transport.pid
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != REPORT_FD:
@@ -266,14 +269,16 @@ class _Child(ProcessProtocol):
             self.supervisor.reported(self, message)
 
     def send(self, message: dict[str, Any]) -> None:
+        transport: Any = self.transport
         try:
-            self.transport.writeToChild(0, (json.dumps(message) + "\n").encode())  # type: ignore[union-attr]
+            transport.writeToChild(0, (json.dumps(message) + "\n").encode())
         except (OSError, KeyError):  # its stdin already closed: it is ending
             pass
 
     def signal(self, name: str) -> None:
+        transport: Any = self.transport
         try:
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
+            transport.signalProcess(name)
         except ProcessExitedAlready:
             pass
 
@@ -305,7 +310,7 @@ class SupervisorService(Service):
 
     def __init__(self, reactor: Any, role: str, argv: Sequence[str], count: int, is_server: bool,
                  live_fields: frozenset[str], set_exit_status: ExitStatusSetter,
-                 executable: Sequence[str] = (sys.executable, "-m", "nettester")) -> None:
+                 executable: Sequence[str] = (sys.executable, "-c", CHILD_MAIN)) -> None:
         self._reactor = reactor
         self.role = role
         self.argv = list(argv)
@@ -333,7 +338,10 @@ class SupervisorService(Service):
         super().startService()
         log.info("starting {count} {kinds} of {role}", event="workers_starting", count=self.count,
                  kinds=self.kinds, role=self.role)
-        self._spawn(0)
+        # Server workers start one by one (the reuseport order, see the module
+        # docstring); load generators all at once, so they run side by side.
+        for index in range(1 if self.is_server else self.count):
+            self._spawn(index)
 
     def _spawn(self, index: int) -> None:
         env = dict(os.environ)
@@ -386,7 +394,8 @@ class SupervisorService(Service):
         text = f"status {code}" if code is not None else f"signal {getattr(reason.value, 'signal', '?')}"
         log.info("{kind} {index} (pid {pid}) {how} ({text}), its final summary: {summary}", event="worker_ended",
                  kind=self.kind, index=child.index, pid=child.pid, how=how, text=text,
-                 summary=" ".join(f"{key}={value}" for key, value in child.summary.items()))
+                 summary=" ".join(f"{key}={value}" for key, value in child.summary.items()),
+                 worker_summary=child.summary)
         if self._stopping:
             if not self.children:
                 self._finish_stop()

@@ -84,10 +84,19 @@ class _MultiProcessOptions:
     role_argv: list[str]
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Parse as usual (``postOptions`` included), then check and apply the process count.
+
+        Done here, not in ``postOptions``: a role's options class overrides
+        that without always calling up the chain.
+        """
         import sys
 
         self.role_argv = list(sys.argv[1:] if options is None else options)
         super().parseOptions(options)  # type: ignore[misc]
+        self.check_processes()
+
+    def check_processes(self) -> None:
+        """Raise UsageError for a process count these options cannot use; adapt a child's options."""
 
     def process_count(self) -> int:
         return int(self[self.process_option])  # type: ignore[index]
@@ -104,8 +113,7 @@ class WorkersOptionsMixin(_MultiProcessOptions):
     ]
     envVars: ClassVar[dict[str, str]] = {"workers": "NETTESTER_WORKERS"}
 
-    def postOptions(self) -> None:
-        super().postOptions()  # type: ignore[misc]
+    def check_processes(self) -> None:
         if self.process_count() > 1 and current_worker() is None:
             if self.get("port", None) == 0:  # type: ignore[attr-defined]
                 raise usage.UsageError("--workers needs a fixed --port: every worker must bind the same one")
@@ -125,8 +133,7 @@ class ProcessesOptionsMixin(_MultiProcessOptions):
          "summary.", worker_count],
     ]
 
-    def postOptions(self) -> None:
-        super().postOptions()  # type: ignore[misc]
+    def check_processes(self) -> None:
         count = self.process_count()
         for name in self.split_options:
             if self[name] < count:  # type: ignore[index]
@@ -142,6 +149,7 @@ class ProcessesOptionsMixin(_MultiProcessOptions):
 # ``min`` ones as the best.
 _STATISTIC = re.compile(r"(^|_)(p\d+(\.\d+)?|pct|avg|mean|max|lag)(_|$)")
 _MINIMUM = re.compile(r"(^|_)min(_|$)")
+_IDENTITY = re.compile(r"(^|_)id$")  # node_id: the same in every worker, not a count
 
 
 def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, Any]] = (),
@@ -149,9 +157,10 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[s
     """One summary from the workers' ``parts`` (running totals, dead workers' last ones included).
 
     Counts add up; fields in ``live_fields`` add up over ``live`` only (the
-    workers running now); statistics (percentiles, ``_pct``, ``_avg``,
-    ``_max``) take the worst worker, ``_min`` the best; text fields that agree
-    are kept, others listed. Field order is the first part's.
+    workers running now); identities (``node_id``) and text fields that
+    agree are kept, others listed; statistics (percentiles, ``_pct``, ``_avg``,
+    ``_max``) take the worst worker, ``_min`` the best. Field order is the
+    first part's.
     """
     merged: dict[str, Any] = {}
     values: dict[str, list[Any]] = {}
@@ -165,7 +174,8 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[s
     for key, seen in values.items():
         if key in live_fields:
             merged[key] = sum(live_values.get(key, []))
-        elif all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in seen):
+        elif not _IDENTITY.search(key) and all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in seen):
             if _MINIMUM.search(key):
                 merged[key] = min(seen)
             elif _STATISTIC.search(key):
@@ -173,8 +183,8 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[s
             else:
                 merged[key] = sum(seen)
         else:
-            distinct = list(dict.fromkeys(str(value) for value in seen))
-            merged[key] = distinct[0] if len(distinct) == 1 else ",".join(distinct)
+            distinct = list(dict.fromkeys(seen))
+            merged[key] = distinct[0] if len(distinct) == 1 else ",".join(str(value) for value in distinct)
     return merged
 
 

@@ -1,0 +1,233 @@
+"""--workers / --processes: options, merging, and the supervisor driven by a fake reactor (no processes)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
+
+from nettester import supervisor, workers
+from nettester.protocols.coap.options import CoapBenchOptions, CoapServerOptions
+from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
+from nettester.protocols.dtls.cookie import DEFAULT_ROTATION, CookieGate, Verdict
+from nettester.protocols.keepalive.options import ClientOptions as KeepaliveClientOptions
+from nettester.protocols.stun.options import StunClientOptions, StunServerOptions
+
+
+def test_worker_count_accepts_numbers_and_auto() -> None:
+    assert workers.worker_count("3") == 3
+    assert workers.worker_count("auto") >= 1
+    with pytest.raises(ValueError, match="at least 1 or 'auto'"):
+        workers.worker_count("0")
+
+
+def test_shares_add_up_to_the_total() -> None:
+    assert [workers.share(10, index, 3) for index in range(3)] == [4, 3, 3]
+
+
+def test_a_child_runs_its_share_of_the_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(workers.WORKER_ENV, "1/3")
+    options = StunClientOptions()
+    options.parseOptions(["--server", "127.0.0.1", "--clients", "10", "--processes", "3"])
+    assert options["clients"] == 3
+    assert options.role_argv == ["--server", "127.0.0.1", "--clients", "10", "--processes", "3"]
+
+
+def test_fewer_clients_than_processes_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
+    with pytest.raises(UsageError, match="--processes 4 needs at least 4 --clients"):
+        KeepaliveClientOptions().parseOptions(["--server", "127.0.0.1", "--clients", "2", "--processes", "4"])
+
+
+def test_workers_need_a_fixed_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
+    with pytest.raises(UsageError, match="--workers needs a fixed --port"):
+        StunServerOptions().parseOptions(["--port", "0", "--workers", "2"])
+
+
+def test_the_roles_offer_the_options() -> None:
+    assert "workers" in CoapServerOptions().docs and "processes" in CoapBenchOptions().docs
+
+
+def test_summaries_merge_counts_live_levels_and_statistics() -> None:
+    dead = {"requests": 5, "open": 3, "rtt_p99_ms": 9.0, "loss_pct": 1.0, "rtt_min_ms": 0.5, "node_id": 1}
+    live = [{"requests": 7, "open": 2, "rtt_p99_ms": 4.0, "loss_pct": 2.0, "rtt_min_ms": 0.2, "node_id": 1},
+            {"requests": 1, "open": 1, "rtt_p99_ms": 1.0, "loss_pct": 0.0, "rtt_min_ms": 0.3, "node_id": 1}]
+    merged = workers.merge_summaries([dead, *live], live, frozenset({"open"}))
+    assert merged == {"requests": 13, "open": 3, "rtt_p99_ms": 9.0, "loss_pct": 2.0, "rtt_min_ms": 0.2,
+                      "node_id": 1}
+
+
+def test_metric_counters_keep_dead_workers_and_gauges_do_not() -> None:
+    def families(received: float, live: float) -> list[Any]:
+        return [("nettester_coap_received", "counter", "r", [("nettester_coap_received_total", {}, received)]),
+                ("nettester_coap_live", "gauge", "l", [("nettester_coap_live", {"kind": "x"}, live)])]
+
+    merged = workers.merge_metric_families([families(5, 9), families(7, 2)], [families(7, 2)])
+    assert {name: samples[0][2] for name, _, _, samples in merged} == {"nettester_coap_received": 12,
+                                                                          "nettester_coap_live": 2}
+
+
+def test_exit_statuses_merge() -> None:
+    assert workers.merge_exit_statuses([0, 0]) == 0
+    assert workers.merge_exit_statuses([3, 3]) == 3
+    assert workers.merge_exit_statuses([0, 3]) == 1
+
+
+def test_a_worker_cid_carries_node_and_worker() -> None:
+    cid = NodeConnectionIdGenerator(6, 4, random=lambda n: b"\xaa" * n, worker=2).newConnectionId(set())
+    assert cid == b"\x04\x02\xaa\xaa\xaa\xaa"
+    with pytest.raises(ValueError, match="at least 3 bytes"):
+        NodeConnectionIdGenerator(2, 0, worker=1)
+
+
+def test_workers_accept_each_others_cookies() -> None:
+    import dataclasses
+
+    from nettester.protocols.dtls import handshake, record
+
+    hello = handshake.ClientHello(record.DTLS_1_2, bytes(32), b"", b"", [0xC0A8], b"\x00")
+    peer = ("127.0.0.1", 4000)
+
+    def datagram(cookie: bytes) -> bytes:
+        body = dataclasses.replace(hello, cookie=cookie).encode()
+        return record.encode_plaintext_record(record.HANDSHAKE, record.DTLS_1_2, 0, 0,
+                                              handshake.encode_message(handshake.CLIENT_HELLO, 0, body))
+
+    first, second = CookieGate(shared_secret=b"s" * 32), CookieGate(shared_secret=b"s" * 32)
+    verify = first.check(datagram(b""), peer, now=1000.0)
+    fragment = handshake.parse_fragments(record.parse_records(verify.reply, 0)[0][0].fragment)[0]
+    cookie = handshake.decode_hello_verify_request(fragment.body)
+    assert second.check(datagram(cookie), peer, now=1030.0).verdict is Verdict.ACCEPT
+    assert second.check(datagram(cookie), peer, now=1000.0 + 2 * DEFAULT_ROTATION).verdict is Verdict.VERIFY
+    assert CookieGate().check(datagram(cookie), peer, now=1030.0).verdict is Verdict.VERIFY
+
+
+class FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written: list[dict[str, Any]] = []
+        self.signals: list[str] = []
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written.append(json.loads(data))
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class FakeReactor(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, list[str], dict[str, str]]] = []
+        self.stopped = False
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: dict[str, str],
+                     childFDs: dict[int, Any]) -> FakeTransport:
+        assert childFDs[workers.REPORT_FD] == "r" and childFDs[0] == "w"
+        transport = FakeTransport(100 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, args, env))
+        return transport
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def report(child: Any, **message: Any) -> None:
+    child.childDataReceived(workers.REPORT_FD, (json.dumps(message) + "\n").encode())
+
+
+def make_supervisor(is_server: bool = True) -> tuple[supervisor.SupervisorService, FakeReactor, dict[str, int]]:
+    reactor = FakeReactor()
+    status: dict[str, int] = {}
+    service = supervisor.SupervisorService(reactor, "coap-server", ["--port", "5683"], 2, is_server,
+                                           frozenset({"open"}), lambda _, code: status.__setitem__("code", code),
+                                           executable=["python", "-m", "nettester"])
+    return service, reactor, status
+
+
+def test_workers_start_one_after_the_other_and_learn_their_slots() -> None:
+    service, reactor, _ = make_supervisor()
+    service.startService()
+    assert len(reactor.spawned) == 1
+    first, args, env = reactor.spawned[0]
+    assert args == ["python", "-m", "nettester", "coap-server", "--port", "5683"]
+    assert env[workers.WORKER_ENV] == "0/2" and len(bytes.fromhex(env[workers.COOKIE_SECRET_ENV])) == 32
+    report(first, ready=True, pid=100)
+    assert len(reactor.spawned) == 2
+    second = reactor.spawned[1][0]
+    assert reactor.spawned[1][2][workers.COOKIE_SECRET_ENV] == env[workers.COOKIE_SECRET_ENV]
+    report(second, ready=True, pid=101)
+    assert first.transport.written[-1] == {"slots": [0, 1]} == second.transport.written[-1]
+
+
+def test_a_dead_worker_is_restarted_its_totals_kept_and_its_slot_moved() -> None:
+    service, reactor, _ = make_supervisor()
+    service.startService()
+    first = reactor.spawned[0][0]
+    report(first, ready=True)
+    second = reactor.spawned[1][0]
+    report(second, ready=True)
+    report(first, summary={"received": 10, "open": 4}, metrics=[])
+    report(second, summary={"received": 5, "open": 1}, metrics=[])
+    assert service.summary() == {"received": 15, "open": 5, "workers": 2, "restarts": 0}
+    first.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert second.transport.written[-1] == {"slots": [-1, 0]}  # the kernel moved worker 1 to index 0
+    assert service.summary() == {"received": 15, "open": 1, "workers": 1, "restarts": 1}
+    reactor.advance(supervisor.RESTART_DELAY)
+    again = reactor.spawned[2][0]
+    assert reactor.spawned[2][2][workers.WORKER_ENV] == "0/2"
+    report(again, ready=True)
+    report(again, summary={"received": 1, "open": 0}, metrics=[])
+    assert second.transport.written[-1] == {"slots": [1, 0]}
+    assert service.summary()["received"] == 16
+
+
+def test_a_worker_failing_at_start_stops_everything() -> None:
+    service, reactor, status = make_supervisor()
+    service.startService()
+    reactor.spawned[0][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+    reactor.advance(0)
+    assert reactor.stopped and status == {"code": 1} and len(reactor.spawned) == 1
+
+
+def test_stop_terminates_every_worker_and_waits() -> None:
+    service, reactor, _ = make_supervisor()
+    service.startService()
+    report(reactor.spawned[0][0], ready=True)
+    report(reactor.spawned[1][0], ready=True)
+    stopped = service.stopService()
+    children = [spawned[0] for spawned in reactor.spawned]
+    assert [child.transport.signals for child in children] == [["TERM"], ["TERM"]]
+    children[0].processEnded(Failure(ProcessTerminated(signal=15)))
+    assert not stopped.called
+    reactor.advance(supervisor.STOP_TIMEOUT)
+    assert children[1].transport.signals == ["TERM", "KILL"]
+    children[1].processEnded(Failure(ProcessTerminated(signal=9)))
+    assert stopped.called and len(reactor.spawned) == 2  # nothing restarted while stopping
+
+
+def test_load_generators_end_with_their_merged_status() -> None:
+    service, reactor, status = make_supervisor(is_server=False)
+    service.startService()
+    assert len(reactor.spawned) == 2, "load generators start together"
+    report(reactor.spawned[0][0], ready=True)
+    report(reactor.spawned[1][0], ready=True)
+    reactor.spawned[0][0].processEnded(Failure(ProcessDone(0)))
+    assert not reactor.stopped
+    reactor.spawned[1][0].processEnded(Failure(ProcessTerminated(exitCode=3)))
+    reactor.advance(0)
+    assert reactor.stopped and status == {"code": 1}
+
+
+def test_garbage_on_the_report_pipe_is_ignored() -> None:
+    service, reactor, _ = make_supervisor()
+    service.startService()
+    reactor.spawned[0][0].childDataReceived(workers.REPORT_FD, b"not json\n")
+    assert service.summary() == {"workers": 1, "restarts": 0}
