@@ -60,6 +60,7 @@ COUNTS_READ_AT_SCRAPE = frozenset((
     "coap_server_dedup_evicted",
     "coap_server_forwarded",
     "nat_violations",
+    "stun_server_sessions_evicted",
     "keepalive_local_keepalives",
     "keepalive_local_errors",
 ))

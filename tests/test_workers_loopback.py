@@ -139,8 +139,8 @@ def test_merged_counters_survive_a_killed_worker_and_equal_the_sum_of_the_parts(
         server.wait(lambda: len(server.started_pids()) == 2)
         exchange(clients, server.port, 1)
         server.wait(lambda: any(s.get("received", 0) >= 16 for s in server.of("summary")))
-        # coap-server exports its counts as gauges: summed over the live workers.
-        server.wait(lambda: metric(metrics_port, "nettester_coap_server_requests") >= 16)
+        # the merged /metrics sums the live workers' counters
+        server.wait(lambda: metric(metrics_port, "nettester_coap_server_received_total") >= 16)
 
         os.kill(server.started_pids()[0], signal.SIGKILL)
         server.wait(lambda: len(server.started_pids()) == 3)

@@ -203,6 +203,10 @@ class StunServerService(Service):
         self._receive_buffer = receive_buffer
         self.metrics = MetricSet("stun_server")
         self.counters = ServerCounters(self.metrics)
+        self.metrics.gauge("sessions", "Tester sessions whose reception state is kept (--max-sessions)",
+                           lambda: len(self.sessions))
+        self.metrics.gauge("sessions_evicted_total", "Tester sessions evicted from the bounded table (LRU)",
+                           lambda: self.sessions.evicted)
         self._udp: list[UdpPort] = []
         self._tcp_port: IListeningPort | None = None
         self.addresses: list[Address] = []

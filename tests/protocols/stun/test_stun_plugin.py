@@ -30,7 +30,7 @@ from nettester.protocols.stun.roles import build_client, build_server
 def any_descriptor_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """Parse the default --clients 1000 on any machine: a fresh one may have a hard RLIMIT_NOFILE of 1024
     (the limit check itself is tested with raise_open_file_limit's own tests)."""
-    monkeypatch.setattr("nettester.protocols.stun.client.raise_open_file_limit", lambda clients: clients)
+    monkeypatch.setattr("nettester.protocols.stun.options.raise_open_file_limit", lambda clients: clients)
 
 
 def parse(options_class: type, *argv: str) -> Any:
