@@ -74,7 +74,7 @@ class ILocalScenario(Interface):
     def verdict():
         """Judge the run once the service has stopped.
 
-        @return: a L{nettester.local.Verdict}.
+        @return: a L{nettester.module.Verdict}.
         """
 
 
