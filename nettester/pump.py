@@ -25,6 +25,8 @@ class CorePump:
     common case, where the deadline only ever moves later.
     """
 
+    __slots__ = ("_reactor", "core", "_write", "_dispatch", "_call", "_stopped")
+
     def __init__(self, reactor: IReactorTime, core: DatagramCore, write: Callable[[bytes, Any], object],
                  dispatch: Callable[[Any], object]) -> None:
         self._reactor = reactor

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
@@ -53,6 +54,7 @@ from nettester.protocols.dtls.peers import (
     PeerTable,
 )
 from nettester.protocols.dtls.snapshot import SnapshotError, restore_connection, snapshot_connection
+from nettester.pump import CorePump
 
 log = Logger()
 
@@ -99,8 +101,7 @@ class DtlsPeer:
         "previous_address",
         "route",
         "last_activity",
-        "_timer",
-        "_timer_at",
+        "pump",
         "_waiting",
     )
 
@@ -111,8 +112,8 @@ class DtlsPeer:
         self.route: DatagramRoute | None = None
         #: when the peer was last heard from (the cluster replication reads it)
         self.last_activity = 0.0
-        self._timer: IDelayedCall | None = None
-        self._timer_at: float | None = None
+        #: drives ``connection`` (set by the endpoint that registers the peer)
+        self.pump: CorePump | None = None
         self._waiting: list[defer.Deferred[DtlsPeer]] = []
 
     def __repr__(self) -> str:
@@ -255,7 +256,7 @@ class DtlsEndpoint(DatagramProtocol):
         peer = self._add_peer(DtlsConnection(configuration, address), address, now)
         peer._waiting.append(waiting)
         peer.connection.connect(now)
-        self._pump(peer, now)
+        self._pump(peer)
         return waiting
 
     def peerContext(self, peer: DtlsPeer) -> PeerContext:
@@ -317,7 +318,7 @@ class DtlsEndpoint(DatagramProtocol):
         peer.last_activity = now
         self.peers.touch(peer, now)
         peer.connection.receive_datagram(data, address, now)
-        self._pump(peer, now)
+        self._pump(peer)
 
     def _admit(
         self, data: bytes, address: Address, now: float, route: DatagramRoute | None
@@ -381,41 +382,26 @@ class DtlsEndpoint(DatagramProtocol):
         """Register a new peer at ``address``, replacing the one there."""
         peer = DtlsPeer(connection, address)
         peer.last_activity = now
+        peer.pump = CorePump(self.clock, connection, partial(self._write_to, peer), partial(self._dispatch, peer))
         replaced = self.peers.add(peer, address, now, half_open)
         if replaced is not None:
             self._forget(replaced)
         return peer
 
-    def _pump(self, peer: DtlsPeer, now: float | None = None) -> None:
-        """Write what the connection wants written, dispatch its events,
-        re-arm its timer."""
+    def _pump(self, peer: DtlsPeer) -> None:
+        """Count the records the connection dropped, register its CID, then let
+        its pump write, dispatch its events and re-arm its timer."""
         connection = peer.connection
-        if now is None:
-            now = self.clock.seconds()
-        for datagram, _ in connection.datagrams_to_send():  # to peer.address, the connection's too
-            self._write(datagram, peer.address, peer.route)
         for reason, count in connection.take_dropped().items():
             self.counters.dropped.inc(reason, count)
         if connection.read_cid and self.peers.with_cid(connection.read_cid) is None and peer in self.peers:
             self.peers.set_cid(peer, connection.read_cid)
-        while (event := connection.next_event()) is not None:
-            self._dispatch(peer, event)
-        if peer not in self.peers:
-            return
-        timer_at = connection.get_timer()
-        if timer_at != peer._timer_at:
-            if peer._timer is not None and peer._timer.active():
-                peer._timer.cancel()
-            peer._timer = None
-            if timer_at is not None:
-                peer._timer = self.clock.callLater(max(0.0, timer_at - now), self._fire_timer, peer)
-            peer._timer_at = timer_at
+        assert peer.pump is not None  # every registered peer has one (_add_peer)
+        peer.pump.pump()
 
-    def _fire_timer(self, peer: DtlsPeer) -> None:
-        peer._timer = None
-        peer._timer_at = None
-        peer.connection.handle_timer(self.clock.seconds())
-        self._pump(peer)
+    def _write_to(self, peer: DtlsPeer, datagram: bytes, _address: Address) -> None:
+        """The pump's writer: to where the peer is now heard from, through its route."""
+        self._write(datagram, peer.address, peer.route)
 
     def _dispatch(self, peer: DtlsPeer, event: DtlsEvent) -> None:
         if isinstance(event, ApplicationData):
@@ -483,9 +469,8 @@ class DtlsEndpoint(DatagramProtocol):
     @staticmethod
     def _forget(peer: DtlsPeer) -> None:
         """Stop the timer of a peer that left the table."""
-        if peer._timer is not None and peer._timer.active():
-            peer._timer.cancel()
-        peer._timer = None
+        if peer.pump is not None:
+            peer.pump.stop()
 
     def startProtocol(self) -> None:
         # Straight to the socket: Port.write re-validates the address text on
