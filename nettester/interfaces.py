@@ -162,21 +162,21 @@ class INodeDiscovery(Interface):
 
     Static discovery has a fixed table; dynamic and Kubernetes discovery learn
     it with PING/PONG over the management port. The router asks
-    C{managementAddress} for every forwarded record, so it must be a dict lookup.
+    ``management_address`` for every forwarded record, so it must be a dict lookup.
     """
 
-    ownNodeId = Attribute("This node's id (0..255).")
+    own_node_id = Attribute("This node's id (0..255).")
 
-    def managementAddress(nodeId):
-        """The (host, port) management address of node C{nodeId}, or None when
+    def management_address(node_id):
+        """The (host, port) management address of node ``node_id``, or None when
         it is unknown (or is this node)."""
 
     def nodes():
         """A snapshot mapping of every known other node id -> management address."""
 
-    def addListener(listener):
-        """Call C{listener(nodeId, address)} for every node known now, then
-        whenever a node appears or moves, and C{listener(nodeId, None)} when it leaves."""
+    def add_listener(listener):
+        """Call ``listener(node_id, address)`` for every node known now, then
+        whenever a node appears or moves, and ``listener(node_id, None)`` when it leaves."""
 
 
 class INatTable(Interface):

@@ -76,9 +76,13 @@ class CorePump:
             if call.getTime() <= due:
                 return  # fires early at worst, then re-arms
             call.cancel()
-        self._call = self._reactor.callLater(max(0.0, due - self._reactor.seconds()), self._fire)
+        self._call = self._reactor.callLater(max(0.0, due - self._reactor.seconds()), self.run_timer)
 
-    def _fire(self) -> None:
+    def run_timer(self) -> None:
+        """Run the core's timer if it is due, then pump: the reactor calls this when the
+        timer fires; an adapter may too, to run a core's first tick at start."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
         self._call = None
         due = self.core.get_timer()
         now = self._reactor.seconds()

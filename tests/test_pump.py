@@ -89,3 +89,16 @@ def test_an_earlier_deadline_moves_the_call_and_stop_cancels_it() -> None:
     assert clock.getDelayedCalls() == []
     pump.receive(b"after", "peer")  # still fed, never re-armed
     assert clock.getDelayedCalls() == []
+
+
+def test_run_timer_runs_a_due_timer_at_once_and_leaves_an_early_call_alone() -> None:
+    clock, core, pump, written, _ = make(delay=1.0)
+    pump.receive(b"x", "peer")
+    clock.advance(0.5)
+    pump.run_timer()  # not due yet: nothing runs, the timer stays armed
+    assert core.timer_calls == [] and [call.getTime() for call in clock.getDelayedCalls()] == [1.0]
+    clock.advance(0.25)
+    core.pending = [(0.75, b"y", "peer")]  # the deadline came earlier than the armed call
+    pump.run_timer()
+    assert core.timer_calls == [0.75] and written[-1] == (b"again y", "peer")
+    assert clock.getDelayedCalls() == []

@@ -1,10 +1,11 @@
 """Discovery services: the dynamic PING/PONG driver and Kubernetes pod listing.
 
-- static: L{StaticDiscovery}, a fixed table (no service needed, after
-  L{resolve_nodes} has turned host names into addresses).
-- dynamic: L{DynamicDiscoveryService} runs a L{NodeTable}'s timer and sends
-  its PINGs through the management socket.
-- Kubernetes: L{KubernetesDiscovery} lists the pods of the cluster every 10 s
+- static: ``StaticDiscovery``, a fixed table (no service needed, after
+  ``resolve_nodes`` has turned host names into addresses).
+- dynamic: ``DynamicDiscovery`` drives a ``NodeTable`` core with the shared
+  ``CorePump``: PING/PONG datagrams from the management socket in, PINGs
+  and PONGs out through it, node changes to the listeners.
+- Kubernetes: ``KubernetesDiscovery`` lists the pods of the cluster every 10 s
   (``GET /api/v1/namespaces/<ns>/pods?labelSelector=...``, bearer token of the
   service account, TLS verified against the service account's ``ca.crt``
   with pyOpenSSL and service-identity) and makes their IPs with the external
@@ -26,17 +27,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
 from nettester.addresses import ip_family
-from nettester.cluster.nodes import NodeListeners, NodeTable
+from nettester.cluster.nodes import NodeChanged, NodeListeners, NodeTable
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
 from nettester.metrics import ReadyResource  # noqa: F401 - the probe lives with /metrics; re-exported
+from nettester.pump import CorePump
 
 log = Logger()
 
@@ -69,41 +70,47 @@ class StaticDiscovery(NodeListeners):
 
     def __init__(self, own_node_id: int, nodes: Mapping[int, Address]) -> None:
         super().__init__()
-        self.ownNodeId = own_node_id
+        self.own_node_id = own_node_id
         self._nodes = {node_id: address for node_id, address in nodes.items() if node_id != own_node_id}
 
-    def managementAddress(self, nodeId: int) -> Address | None:
-        return self._nodes.get(nodeId)
+    def management_address(self, node_id: int) -> Address | None:
+        return self._nodes.get(node_id)
 
     def nodes(self) -> dict[int, Address]:
         return dict(self._nodes)
 
 
-class DynamicDiscoveryService(Service):
-    """Runs a L{NodeTable}'s timer: PINGs go out through C{send(datagram, address)}."""
+@implementer(INodeDiscovery)
+class DynamicDiscovery(NodeListeners, Service):
+    """Dynamic and Kubernetes discovery: runs ``table`` (the PING/PONG core); its
+    datagrams go out through ``send(datagram, address)``, its node changes to the listeners."""
 
     def __init__(self, reactor: Any, table: NodeTable, send: Callable[[bytes, Address], object]) -> None:
-        self._reactor = reactor
-        self._table = table
-        self._send = send
-        self._timer: IDelayedCall | None = None
+        NodeListeners.__init__(self)
+        self.table = table
+        self.own_node_id = table.own_node_id
+        self._pump = CorePump(reactor, table, send, self._changed)
+
+    def datagram_received(self, datagram: bytes, address: Address) -> None:
+        """A PING or PONG datagram from the management socket."""
+        self._pump.receive(datagram, address)
+
+    def management_address(self, node_id: int) -> Address | None:
+        return self.table.management_address(node_id)
+
+    def nodes(self) -> dict[int, Address]:
+        return self.table.nodes()
 
     def startService(self) -> None:
         super().startService()
-        self._tick()
-
-    def _tick(self) -> None:
-        now = self._reactor.seconds()
-        for outgoing in self._table.handle_timer(now):
-            self._send(outgoing.datagram, outgoing.address)
-        deadline = self._table.get_timer()
-        self._timer = self._reactor.callLater(max(0.0, (deadline or now) - now), self._tick)
+        self._pump.run_timer()  # the first tick is due at once
 
     def stopService(self) -> None:
         super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._pump.stop()
+
+    def _changed(self, event: NodeChanged) -> None:
+        self._notify(event.node_id, event.address)
 
 
 class KubernetesApiError(Exception):

@@ -20,14 +20,15 @@ from typing import Any
 
 from twisted.internet.protocol import DatagramProtocol
 
-from nettester.cluster.nodes import NodeTable
+from nettester.cluster.discovery import DynamicDiscovery
 from nettester.cluster.wire import (
     TYPE_IN,
     TYPE_OUT,
+    TYPE_PING,
+    TYPE_PONG,
     ConnectionState,
     ManagementCodec,
     ManagementError,
-    NodeMessage,
 )
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
@@ -46,8 +47,8 @@ class ManagementEndpoint(DatagramProtocol):
         the DTLS endpoint processes them and answers through that node.
     @param on_backwarded: OUT records: C{(records, client, owner node)}; send
         the records to the client from the public socket.
-    @param node_table: the dynamic discovery core, or None in static mode
-        (PING/PONG are then dropped and counted).
+    @param discovery: dynamic (or Kubernetes) discovery, which PING/PONG
+        datagrams go to; None in static mode (they are then dropped and counted).
     """
 
     noisy = False
@@ -59,13 +60,13 @@ class ManagementEndpoint(DatagramProtocol):
         on_forwarded: RecordsHandler,
         on_backwarded: RecordsHandler,
         metrics: MetricSet,
-        node_table: NodeTable | None = None,
+        discovery: DynamicDiscovery | None = None,
     ) -> None:
         self._reactor = reactor
         self._codec = codec
         self._on_forwarded = on_forwarded
         self._on_backwarded = on_backwarded
-        self._node_table = node_table
+        self._discovery = discovery
         self._sendto: Callable[[bytes, Address], Any] = self._transport_write
         self.on_state: Callable[[ConnectionState, Address], str | None] | None = None
         self.received_in = metrics.counter("forwarded_in_total", "IN records received (forwarded to us).")
@@ -73,9 +74,9 @@ class ManagementEndpoint(DatagramProtocol):
         self.sent_in = metrics.counter("management_forwarded_total", "Datagrams forwarded to their owner node.")
         self.sent_out = metrics.counter("backwarded_total", "Answers sent back through another node.")
         self.dropped = metrics.labeled_counter("management_dropped_total", "Management records dropped.", "reason")
-        if node_table is not None:
+        if discovery is not None:
             # The node table counts its own drops (replay, stale_timestamp...) in the same series.
-            self.dropped.values = node_table.drops
+            self.dropped.values = discovery.table.drops
         if not codec.authenticated:
             log.warn(
                 "Cluster management records are not authenticated: anyone reaching the management port can "
@@ -100,11 +101,18 @@ class ManagementEndpoint(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         kind = datagram[0] if datagram else None
+        if kind == TYPE_PING or kind == TYPE_PONG:
+            # the node table's business (dynamic and Kubernetes discovery); it decodes them itself
+            if self._discovery is None:
+                self.dropped.inc("static_cluster_ping")
+            else:
+                self._discovery.datagram_received(datagram, addr)
+            return
         try:
             if kind == TYPE_OUT or kind == TYPE_IN:
                 client, records = self._codec.decode_records(datagram)  # the relay's hot path: no event object
             else:
-                message = self._codec.decode(datagram)  # a PING/PONG, or the error saying why not
+                message = self._codec.decode(datagram)  # a connection state, or the error saying why not
         except ManagementError as error:
             self.dropped.inc(error.reason)
             return
@@ -114,21 +122,12 @@ class ManagementEndpoint(DatagramProtocol):
         elif kind == TYPE_IN:
             self.received_in.value += 1
             self._on_forwarded(records, client, addr)
-        elif type(message) is ConnectionState:
+        else:
+            assert type(message) is ConnectionState  # PING and PONG went to the discovery above
             if self.on_state is None:
                 self.dropped.inc("state_not_replicating")
             elif (reason := self.on_state(message, addr)) is not None:
                 self.dropped.inc(reason)
-        else:
-            self._node_message(message, addr)  # type: ignore[arg-type]
-
-    def _node_message(self, message: NodeMessage, addr: Address) -> None:
-        """PING/PONG: the node table's business (dynamic and Kubernetes discovery)."""
-        if self._node_table is None:
-            self.dropped.inc("static_cluster_ping")
-            return
-        for outgoing in self._node_table.receive(message, addr, self._reactor.seconds()):
-            self.send(outgoing.datagram, outgoing.address)
 
     def forward(self, records: bytes, client: Address, owner: Address) -> None:
         """Send a client's datagram to the node owning its CID (an IN record)."""

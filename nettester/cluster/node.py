@@ -36,8 +36,7 @@ from twisted.internet.udp import Port
 from nettester.addresses import ip_family, mapped_for
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import (
-    DynamicDiscoveryService,
-    KubernetesDiscovery,
+    DynamicDiscovery,
     StaticDiscovery,
     kubernetes_discovery_from_environment,
     resolve_address,
@@ -117,7 +116,6 @@ class RoutedEndpoint(ReplicatedEndpoint, Protocol):
         """The public socket is closing."""
 
 
-KubernetesFactory = Callable[[NodeTable, int], KubernetesDiscovery]
 
 
 class _PublicProtocol(DatagramProtocol):
@@ -180,9 +178,6 @@ class ClusterNodeService(MultiService):
     """The public socket, the management socket and the discovery of one node.
 
     @param endpoint: the DTLS endpoint (see the module docstring).
-    @param kubernetes_factory: k8s mode: C{factory(node_table, management_port)}
-        builds the pod discovery (default: from the pod's environment and
-        service account; tests pass their own API server).
     """
 
     def __init__(
@@ -191,11 +186,9 @@ class ClusterNodeService(MultiService):
         config: ClusterConfig,
         endpoint: RoutedEndpoint,
         metrics: MetricSet,
-        kubernetes_factory: KubernetesFactory | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
-        self._kubernetes_factory = kubernetes_factory or self._kubernetes_from_environment
         self.config = config
         self._endpoint = endpoint
         self._metrics = metrics
@@ -235,13 +228,13 @@ class ClusterNodeService(MultiService):
     @inlineCallbacks
     def _start(self) -> Generator[Deferred[Any], Any, None]:
         config = self.config
-        table: NodeTable | None = None
+        dynamic: DynamicDiscovery | None = None
         if config.mode == "static":
             nodes = yield resolve_nodes(self._reactor, config.nodes)
             self.discovery = StaticDiscovery(config.node_id, nodes)
         else:
-            table = NodeTable(config.node_id, self.codec)
-            self.discovery = table
+            dynamic = DynamicDiscovery(self._reactor, NodeTable(config.node_id, self.codec), self._send_management)
+            self.discovery = dynamic
         # Fail-over needs the secret (snapshots carry keys) and a discovery that notices lost nodes.
         failover = config.secret is not None and config.mode != "static"
         self.router = CidRouter(self.discovery, failover=failover)
@@ -251,7 +244,7 @@ class ClusterNodeService(MultiService):
         self._metrics.gauge("forwarded", "Public datagrams forwarded to their owner node.",
                             lambda: self.router.forwarded if self.router else 0)
         self.management = ManagementEndpoint(self._reactor, self.codec, self._forwarded, self._backwarded,
-                                             self._metrics, table)
+                                             self._metrics, dynamic)
         self._management_port = _listen_udp(self._reactor, config.management_address, self.management)
         self._public_port = _listen_udp(self._reactor, config.dtls_address, _PublicProtocol(self))
         # Straight to the socket: Port.write re-validates the address text on every datagram.
@@ -267,7 +260,8 @@ class ClusterNodeService(MultiService):
             log.info("DTLS state replication is off: it needs --dtls-cluster-group-security (snapshots carry "
                      "session keys); the clients of a lost node will need a new handshake",
                      event="cluster_replication_off")
-        if table is not None:
+        if dynamic is not None:
+            table = dynamic.table
             own = self._management_port.getHost()
             # Bound to every interface, our own pings to the group may come back from loopback.
             hosts = {own.host, "127.0.0.1", "::1"} if own.host in ("0.0.0.0", "::") else {own.host}
@@ -278,9 +272,11 @@ class ClusterNodeService(MultiService):
                                             consumeErrors=True)
                 table.set_group(group)
             else:
-                self.kubernetes = self._kubernetes_factory(table, config.external_management_port or own.port)
+                self.kubernetes = kubernetes_discovery_from_environment(
+                    self._reactor, table, config.external_management_port or own.port, os.environ,
+                    socket.gethostname())
                 self.kubernetes.setServiceParent(self)
-            DynamicDiscoveryService(self._reactor, table, self.management.send).setServiceParent(self)
+            dynamic.setServiceParent(self)
         log.info(
             "Cluster node {node} ({mode}): public port {public}, management port {management}",
             event="cluster_node_start",
@@ -290,9 +286,10 @@ class ClusterNodeService(MultiService):
             management=self.management_port,
         )
 
-    def _kubernetes_from_environment(self, table: NodeTable, management_port: int) -> KubernetesDiscovery:
-        return kubernetes_discovery_from_environment(self._reactor, table, management_port, os.environ,
-                                                     socket.gethostname())
+    def _send_management(self, datagram: bytes, address: Address) -> bool:
+        """The discovery's PINGs and PONGs go out through the management socket."""
+        assert self.management is not None, "discovery runs once the management socket is open"
+        return self.management.send(datagram, address)
 
     def public_datagram(self, datagram: bytes, client: Address) -> None:
         """A datagram on the public socket: local, forwarded to its owner, or dropped (counted)."""

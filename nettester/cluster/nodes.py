@@ -1,16 +1,17 @@
-"""Who the other cluster nodes are, learned with PING/PONG (static tables: L{nettester.cluster.discovery}).
+"""Who the other cluster nodes are, learned with PING/PONG (static tables: ``nettester.cluster.discovery``).
 
-L{NodeTable} is the sans-IO core of dynamic (and Kubernetes) discovery:
-management PING/PONG messages and the time go in, datagrams to send come
-out, and listeners hear node id -> management address changes. Timing, as
-Californium's dynamic cluster: a timer every 2 s; a node silent for 4 s is
-pinged (again on every tick), and removed once silent for 6 s more; group
-addresses that no known node answers from are pinged every 10 s. Unlike
-Californium, a two-node group pings too: every group address other than
-our own is pinged until it answers, whatever the group's size.
+``NodeTable`` is the sans-IO core of dynamic (and Kubernetes) discovery, an
+``interfaces.DatagramCore``: management PING/PONG datagrams and the time go
+in; PINGs and PONGs to send, one timer, and ``NodeChanged`` events (node id ->
+management address, or gone) come out. Timing, as Californium's dynamic
+cluster: a timer every 2 s; a node silent for 4 s is pinged (again on every
+tick), and removed once silent for 6 s more; group addresses that no known
+node answers from are pinged every 10 s. Unlike Californium, a two-node
+group pings too: every group address other than our own is pinged until it
+answers, whatever the group's size.
 
 With a group secret, PING/PONG carry the sender's time in ms; a message is
-accepted only when that time is within C{replay_window} of ours and later
+accepted only when that time is within ``replay_window`` of ours and later
 than the last one accepted from that node, so a recorded PING/PONG cannot
 be replayed to move a node to an attacker's address.
 """
@@ -18,19 +19,18 @@ be replayed to move a node to an attacker's address.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-from zope.interface import implementer
 
 from nettester.cluster.wire import (
     TYPE_PING,
     TYPE_PONG,
     ManagementCodec,
+    ManagementError,
     NodeMessage,
     NodeState,
 )
-from nettester.interfaces import INodeDiscovery
 
 Address = tuple[str, int]
 Listener = Callable[[int, "Address | None"], None]
@@ -44,15 +44,15 @@ MAX_NODE_ID = 255
 
 
 @dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A management datagram to send."""
+class NodeChanged:
+    """Node ``node_id`` appeared at or moved to ``address``; ``None``: it is gone."""
 
-    address: Address
-    datagram: bytes
+    node_id: int
+    address: Address | None
 
 
 class NodeListeners(ABC):
-    """Node change listeners: the base of every INodeDiscovery provider."""
+    """Node change listeners: the base of every ``INodeDiscovery`` provider."""
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
@@ -61,8 +61,8 @@ class NodeListeners(ABC):
     def nodes(self) -> dict[int, Address]:
         """Every known other node id -> management address."""
 
-    def addListener(self, listener: Listener) -> None:
-        """Register C{listener} and tell it every node known now."""
+    def add_listener(self, listener: Listener) -> None:
+        """Register ``listener`` and tell it every node known now."""
         self._listeners.append(listener)
         for node_id, address in self.nodes().items():
             listener(node_id, address)
@@ -81,12 +81,11 @@ class _Node:
         self.last_seen = now
 
 
-@implementer(INodeDiscovery)
-class NodeTable(NodeListeners):
+class NodeTable:
     """Dynamic discovery's core (see the module docstring).
 
-    @param group: management addresses of the group (possibly our own among them).
-    @param own_addresses: our own management addresses, never pinged.
+    :param group: management addresses of the group (possibly our own among them).
+    :param own_addresses: our own management addresses, never pinged.
     """
 
     def __init__(
@@ -98,8 +97,7 @@ class NodeTable(NodeListeners):
         state: NodeState = NodeState.UP,
         replay_window: float = REPLAY_WINDOW,
     ) -> None:
-        super().__init__()
-        self.ownNodeId = own_node_id
+        self.own_node_id = own_node_id
         self.state = state
         self._codec = codec
         self._own_addresses = set(own_addresses)
@@ -109,14 +107,16 @@ class NodeTable(NodeListeners):
         self._nodes: dict[int, _Node] = {}
         self._last_timestamp: dict[int, int] = {}
         self._last_sent_ms = 0
-        self._next_tick: float | None = None
+        self._next_tick = 0.0  # the first tick is due at once
+        self._outgoing: list[tuple[bytes, Address]] = []
+        self._events: deque[NodeChanged] = deque()
         self.drops: dict[str, int] = {}
         self.set_group(group)
 
-    # -- INodeDiscovery ---------------------------------------------------------
+    # -- queries ------------------------------------------------------------------
 
-    def managementAddress(self, nodeId: int) -> Address | None:
-        node = self._nodes.get(nodeId)
+    def management_address(self, node_id: int) -> Address | None:
+        node = self._nodes.get(node_id)
         return node.address if node is not None else None
 
     def nodes(self) -> dict[int, Address]:
@@ -134,54 +134,74 @@ class NodeTable(NodeListeners):
         self._group = [address for address in dict.fromkeys(addresses) if address not in self._own_addresses]
         self._last_group_ping = {a: t for a, t in self._last_group_ping.items() if a in self._group}
 
-    def receive(self, message: NodeMessage, source: Address, now: float) -> list[Outgoing]:
-        """An authenticated PING or PONG from C{source}; answers a PING with a PONG."""
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """A management datagram from ``addr``: an authenticated PING is answered with a PONG;
+        anything else that is not a valid PING or PONG is a counted drop."""
+        try:
+            message = self._codec.decode(data)
+        except ManagementError as error:
+            self._count(error.reason)
+            return
+        if not isinstance(message, NodeMessage):
+            self._count("not_ping_pong")
+            return
+        self.receive_message(message, addr, now)
+
+    def receive_message(self, message: NodeMessage, source: Address, now: float) -> None:
+        """An authenticated, decoded PING or PONG from ``source``."""
         if message.node_id > MAX_NODE_ID:
             self._count("bad_node_id")  # a CID names its node in one byte
-            return []
+            return
         if not self._fresh(message, now):
-            return []
-        if message.node_id == self.ownNodeId:
+            return
+        if message.node_id == self.own_node_id:
             if source not in self._own_addresses:
                 self._count("own_id_conflict")
-            return []
+            return
         node = self._nodes.get(message.node_id)
         if node is None:
             self._nodes[message.node_id] = _Node(source, message.state, now)
-            self._notify(message.node_id, source)
+            self._events.append(NodeChanged(message.node_id, source))
         else:
             node.last_seen = now
             node.state = message.state
             if node.address != source:
                 node.address = source
-                self._notify(message.node_id, source)
+                self._events.append(NodeChanged(message.node_id, source))
         if message.kind == TYPE_PING:
-            return [Outgoing(source, self._message(TYPE_PONG, now))]
-        return []
+            self._outgoing.append((self._message(TYPE_PONG, now), source))
 
-    def handle_timer(self, now: float) -> list[Outgoing]:
+    def handle_timer(self, now: float) -> None:
         """The periodic tick: ping silent nodes and unanswered group addresses, remove dead nodes."""
         self._next_tick = now + TIMER_INTERVAL
-        outgoing: list[Outgoing] = []
         for node_id, node in list(self._nodes.items()):
             silent = now - node.last_seen
             if silent >= PING_AFTER + REMOVE_AFTER:
                 del self._nodes[node_id]
-                self._notify(node_id, None)
+                self._events.append(NodeChanged(node_id, None))
             elif silent >= PING_AFTER:
-                outgoing.append(Outgoing(node.address, self._message(TYPE_PING, now)))
+                self._outgoing.append((self._message(TYPE_PING, now), node.address))
         known = {node.address for node in self._nodes.values()}
         for address in self._group:
             if address in known:
                 continue
             if now - self._last_group_ping.get(address, float("-inf")) >= GROUP_PING_INTERVAL:
                 self._last_group_ping[address] = now
-                outgoing.append(Outgoing(address, self._message(TYPE_PING, now)))
+                self._outgoing.append((self._message(TYPE_PING, now), address))
+
+    # -- output -----------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """PINGs and PONGs as ``(datagram, address)``; each is handed out once."""
+        outgoing, self._outgoing = self._outgoing, []
         return outgoing
 
-    def get_timer(self) -> float | None:
-        """When L{handle_timer} is due next; None before the first tick (call it at start)."""
+    def get_timer(self) -> float:
+        """When ``handle_timer`` is due next (at once before the first tick)."""
         return self._next_tick
+
+    def next_event(self) -> NodeChanged | None:
+        return self._events.popleft() if self._events else None
 
     # -- internals --------------------------------------------------------------
 
@@ -189,7 +209,7 @@ class NodeTable(NodeListeners):
         # Strictly increasing timestamps, so a PING and a PONG in the same
         # millisecond are both fresh for the receiver.
         self._last_sent_ms = max(int(now * 1000), self._last_sent_ms + 1)
-        return self._codec.encode_node(kind, self.ownNodeId, self.state, self._last_sent_ms)
+        return self._codec.encode_node(kind, self.own_node_id, self.state, self._last_sent_ms)
 
     def _fresh(self, message: NodeMessage, now: float) -> bool:
         timestamp = message.timestamp_ms

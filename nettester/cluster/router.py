@@ -84,7 +84,7 @@ class CidRouter:
                  failover: bool = False) -> None:
         if cid_length < MIN_CLUSTER_CID_LENGTH:
             raise ValueError(f"cluster CIDs need at least {MIN_CLUSTER_CID_LENGTH} bytes, got {cid_length}")
-        self.own_node_id = discovery.ownNodeId
+        self.own_node_id = discovery.own_node_id
         self._minimum_length = CID_OFFSET + cid_length + 2  # + the record length field
         self._failover = failover
         self._discovery = discovery
@@ -92,7 +92,7 @@ class CidRouter:
         self._routes: dict[int, Decision] = {self.own_node_id: LOCAL}
         self.drops: dict[str, int] = {}
         self.forwarded = 0
-        discovery.addListener(self._node_changed)
+        discovery.add_listener(self._node_changed)
 
     def _node_changed(self, node_id: int, address: Address | None) -> None:
         if node_id == self.own_node_id:

@@ -1,7 +1,8 @@
 """Shared by the cluster tests: a Kubernetes API server over TLS with its own CA and a bearer token.
 
-Fixtures: C{api_server} (the server, its port, the CA that signed it, another CA)
-and C{pod} (builds a v1 Pod document in the API's shape).
+Fixtures: ``api_server`` (the server, its port, the CA that signed it, another CA)
+and ``pod`` (builds a v1 Pod document in the API's shape); ``use_test_api_server``
+points the nodes' pod discovery at the test API server.
 """
 
 from __future__ import annotations
@@ -89,11 +90,22 @@ class FakeApiServer(Resource):
 
 def pod_discovery(kubernetes: tuple[FakeApiServer, int, bytes] | None, node_id: int, table: NodeTable,
                   management_port: int) -> KubernetesDiscovery:
-    """Node C{node_id}'s pod discovery (pod ``coap-cluster-<id>``) against the test API server (server, port, CA)."""
+    """Node ``node_id``'s pod discovery (pod ``coap-cluster-<id>``) against the test API server (server, port, CA)."""
     assert kubernetes is not None, "k8s mode needs the api_server fixture"
     server, port, ca_pem = kubernetes
     api = KubernetesApi(reactor, f"127.0.0.1:{port}", server.namespace, lambda: server.token, ca_pem)
     return KubernetesDiscovery(reactor, api, table, f"coap-cluster-{node_id}", management_port)
+
+
+def use_test_api_server(monkeypatch: pytest.MonkeyPatch, kubernetes: tuple[FakeApiServer, int, bytes]) -> None:
+    """A cluster node builds its pod discovery from the pod's environment: build it against the
+    test API server instead, as pod ``coap-cluster-<node id>``."""
+
+    def from_environment(_reactor: Any, table: NodeTable, management_port: int, _environ: Any, _hostname: str
+                         ) -> KubernetesDiscovery:
+        return pod_discovery(kubernetes, table.own_node_id, table, management_port)
+
+    monkeypatch.setattr("nettester.cluster.node.kubernetes_discovery_from_environment", from_environment)
 
 
 @pytest.fixture

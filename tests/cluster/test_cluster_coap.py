@@ -24,7 +24,6 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
-from nettester.cluster.node import ClusterNodeService
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable
@@ -36,7 +35,7 @@ from nettester.protocols.coap.options import CoapBenchOptions, CoapClientOptions
 from nettester.protocols.coap.roles import build_server
 from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
-from tests.cluster.conftest import pod_discovery
+from tests.cluster.conftest import use_test_api_server
 from tests.logcapture import log_events
 from tests.loopback import free_ports
 from tests.loopback import wait_until as poll_until
@@ -65,8 +64,7 @@ class CoapCluster:
         self._kubernetes = kubernetes
         if kubernetes is not None:
             # The pods are listed by the test API server instead of the pod's service account.
-            monkeypatch.setattr(ClusterNodeService, "_kubernetes_from_environment",
-                                lambda node, table, port: pod_discovery(kubernetes, node.config.node_id, table, port))
+            use_test_api_server(monkeypatch, kubernetes)
         ports = free_ports(6)
         management, public = ports[:3], ports[3:]
         self.options: dict[int, CoapServerOptions] = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Generator
-from functools import partial
 from typing import Any
 
 import pytest
@@ -34,7 +33,7 @@ from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConfiguration
 from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
-from tests.cluster.conftest import pod_discovery
+from tests.cluster.conftest import use_test_api_server
 from tests.loopback import free_ports, wait_until
 
 pytestmark = pytest.mark.integration
@@ -81,18 +80,16 @@ class Client(DatagramProtocol):
 
 
 class ClusterLab:
-    """Three nodes (ids 1, 2, 3), each with C{endpoint(node_id)}, behind the NAT. In k8s mode
+    """Three nodes (ids 1, 2, 3), each with ``endpoint(node_id)``, behind the NAT. In k8s mode
     they are pods 127.0.0.1-3 sharing one port pair, found through the test API server
-    C{kubernetes} = (server, port, ca_pem)."""
+    (``use_test_api_server``)."""
 
     def __init__(self, mode: str, secret: bytes | None = SECRET, backward: bool = True,
-                 kubernetes: tuple[Any, int, bytes] | None = None,
                  endpoint: Callable[[int], Any] = StandInEndpoint) -> None:
         ports = free_ports(6)
         self.management_ports, public_ports = ports[:3], ports[3:]
         self.endpoints = {node_id: endpoint(node_id) for node_id in (1, 2, 3)}
         self.nodes: dict[int, ClusterNodeService] = {}
-        self._kubernetes = kubernetes
         for index, node_id in enumerate((1, 2, 3)):
             own = ("127.0.0.1", self.management_ports[index])
             public = ("127.0.0.1", public_ports[index])
@@ -113,8 +110,7 @@ class ClusterLab:
         self.client_port: Any = None
 
     def _node(self, config: ClusterConfig) -> ClusterNodeService:
-        return ClusterNodeService(reactor, config, self.endpoints[config.node_id], MetricSet(f"n{config.node_id}"),
-                                  kubernetes_factory=partial(pod_discovery, self._kubernetes, config.node_id))
+        return ClusterNodeService(reactor, config, self.endpoints[config.node_id], MetricSet(f"n{config.node_id}"))
 
     @pytest_twisted.inlineCallbacks
     def restart(self, node_id: int) -> Generator[Any, Any, None]:
@@ -277,11 +273,13 @@ def test_a_restarted_node_is_found_again(mode: str) -> Generator[Any, Any, None]
 
 
 @pytest_twisted.inlineCallbacks
-def test_kubernetes_mode_finds_the_pods_and_routes_records(api_server: Any, pod: Any) -> Generator[Any, Any, None]:
+def test_kubernetes_mode_finds_the_pods_and_routes_records(api_server: Any, pod: Any, monkeypatch: pytest.MonkeyPatch
+                                                            ) -> Generator[Any, Any, None]:
     """Pods 127.0.0.1-3 with one management port, listed by the test API server, learn each other's ids."""
     server, api_port, ca_pem, _ = api_server
     server.pods = [pod(f"coap-cluster-{n}", f"127.0.0.{n}") for n in (1, 2, 3)]
-    lab = ClusterLab("k8s", kubernetes=(server, api_port, ca_pem))
+    use_test_api_server(monkeypatch, (server, api_port, ca_pem))
+    lab = ClusterLab("k8s")
     try:
         yield lab.start()
         yield wait_until(lambda: all(len(node.discovery.nodes()) == 2 for node in lab.nodes.values()))
@@ -347,10 +345,12 @@ def test_a_dtls_session_survives_clear_reassign_and_rebalance(mode: str) -> Gene
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_dtls_session_survives_in_kubernetes_mode(api_server: Any, pod: Any) -> Generator[Any, Any, None]:
+def test_a_dtls_session_survives_in_kubernetes_mode(api_server: Any, pod: Any, monkeypatch: pytest.MonkeyPatch
+                                                     ) -> Generator[Any, Any, None]:
     server, api_port, ca_pem, _ = api_server
     server.pods = [pod(f"coap-cluster-{n}", f"127.0.0.{n}") for n in (1, 2, 3)]
-    yield check_dtls_session(ClusterLab("k8s", kubernetes=(server, api_port, ca_pem), endpoint=dtls_node))
+    use_test_api_server(monkeypatch, (server, api_port, ca_pem))
+    yield check_dtls_session(ClusterLab("k8s", endpoint=dtls_node))
 
 
 @pytest_twisted.inlineCallbacks

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from nettester.cluster.discovery import DynamicDiscoveryService
+from nettester.cluster.discovery import DynamicDiscovery
 from nettester.cluster.management import ManagementEndpoint
 from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import (
@@ -37,12 +37,21 @@ class FakeUdp:
 
 def endpoint(codec: ManagementCodec, table: NodeTable | None = None
              ) -> tuple[ManagementEndpoint, FakeUdp, list[tuple[str, bytes, Any, Any]]]:
+    """A management endpoint on a fake socket; with ``table``, dynamic discovery answers through it."""
     calls: list[tuple[str, bytes, Any, Any]] = []
+    clock = Clock()
+    management: ManagementEndpoint | None = None
+
+    def send(datagram: bytes, address: Any) -> bool:
+        assert management is not None
+        return management.send(datagram, address)
+
+    discovery = DynamicDiscovery(clock, table, send) if table is not None else None
     management = ManagementEndpoint(
-        Clock(), codec,
+        clock, codec,
         lambda records, client, node: calls.append(("in", records, client, node)),
         lambda records, client, node: calls.append(("out", records, client, node)),
-        MetricSet("test"), table,
+        MetricSet("test"), discovery,
     )
     udp = FakeUdp()
     management.transport = udp  # type: ignore[assignment]
@@ -59,7 +68,7 @@ def test_in_and_out_records_reach_their_handlers_and_ping_gets_a_pong() -> None:
     management.datagramReceived(NodeTable(2, codec)._message(TYPE_PING, 0.0), B)
     ((pong, address),) = udp.written
     assert address == B and codec.decode(pong).kind == TYPE_PONG
-    assert table.managementAddress(2) == B
+    assert table.management_address(2) == B
     management.forward(b"\x19x", CLIENT, A)
     management.backward(b"\x19y", CLIENT, B)
     assert [codec.decode(d).kind for d, _ in udp.written[1:]] == [TYPE_IN, TYPE_OUT]
@@ -93,7 +102,7 @@ def test_dynamic_discovery_ticks_every_2_seconds() -> None:
     clock.advance(1000.0)
     table = NodeTable(1, ManagementCodec(), group=[B])
     sent: list[tuple[bytes, Any]] = []
-    service = DynamicDiscoveryService(clock, table, lambda datagram, address: sent.append((datagram, address)))
+    service = DynamicDiscovery(clock, table, lambda datagram, address: sent.append((datagram, address)))
     service.startService()
     assert [address for _, address in sent] == [B]
     clock.advance(2.0)

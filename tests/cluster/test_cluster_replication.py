@@ -9,7 +9,6 @@ import pytest
 from twisted.internet.task import Clock
 
 from nettester.cluster.node import ReplicationService
-from nettester.cluster.nodes import NodeTable
 from nettester.cluster.replication import (
     REFRESH_INTERVAL,
     SEQUENCE_GAP,
@@ -19,9 +18,10 @@ from nettester.cluster.replication import (
     TakeOver,
 )
 from nettester.cluster.router import CidRouter
-from nettester.cluster.wire import TYPE_PING, ConnectionState, ManagementCodec, NodeMessage, NodeState
+from nettester.cluster.wire import ConnectionState, ManagementCodec
 from nettester.metrics import MetricSet
 from nettester.protocols.dtls.snapshot import SnapshotError
+from tests.cluster.nodes_on_clock import DiscoveryOnClock
 
 SECRET = b"group secret"
 NODE_2 = ("10.0.0.2", 25884)
@@ -76,8 +76,8 @@ class Cluster:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.codec = ManagementCodec(SECRET)
-        self.table = NodeTable(1, self.codec)
-        self.router = CidRouter(self.table, failover=True)
+        self.nodes = DiscoveryOnClock(1, self.codec, start=self.clock.seconds())
+        self.router = CidRouter(self.nodes.discovery, failover=True)
         self.endpoint = FakeEndpoint()
         self.sent: list[tuple[bytes, Any]] = []
         self.forwarded: list[tuple[bytes, Any, Any]] = []
@@ -90,7 +90,7 @@ class Cluster:
         return True
 
     def node_up(self, node_id: int, address: Any) -> None:
-        self.table.receive(NodeMessage(TYPE_PING, node_id, NodeState.UP), address, self.clock.seconds())
+        self.nodes.ping_from(node_id, address, self.clock.seconds())
 
     def states_sent(self) -> list[tuple[ConnectionState, Any]]:
         return [(self.codec.decode(datagram), address) for datagram, address in self.sent]  # type: ignore[misc]
@@ -136,7 +136,7 @@ def test_refresh_resends_active_connections_and_all_when_the_backup_changes(clus
     cluster.clock.advance(REFRESH_INTERVAL)
     assert cluster.sent == []  # nothing new
     cluster.node_up(3, NODE_3)
-    cluster.table.handle_timer(cluster.clock.seconds() + 10.0)  # node 2 silent: node 3 is our backup now
+    cluster.nodes.at(cluster.clock.seconds() + 10.0)  # node 2 silent: node 3 is our backup now
     cluster.node_up(3, NODE_3)
     cluster.clock.advance(REFRESH_INTERVAL)
     assert sorted((state.cid, address) for state, address in cluster.states_sent()) == sorted(

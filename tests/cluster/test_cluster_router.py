@@ -7,9 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nettester.cluster.discovery import StaticDiscovery
-from nettester.cluster.nodes import NodeTable
 from nettester.cluster.router import LOCAL, CidRouter, Drop, Forward
-from nettester.cluster.wire import TYPE_PING, ManagementCodec, NodeMessage, NodeState
+from tests.cluster.nodes_on_clock import DiscoveryOnClock
 
 A = ("10.0.0.1", 15884)
 B = ("10.0.0.2", 25884)
@@ -60,12 +59,12 @@ def test_cid_length_is_honoured_and_at_least_6() -> None:
 
 
 def test_dynamic_discovery_changes_the_routes() -> None:
-    table = NodeTable(1, ManagementCodec())
-    r = CidRouter(table)
+    nodes = DiscoveryOnClock(1)
+    r = CidRouter(nodes.discovery)
     assert r.decide(cid_record(b"\x03abcde")) == Drop("unknown_node")
-    table.receive(NodeMessage(TYPE_PING, 3, NodeState.UP), B, 0.0)
+    nodes.ping_from(3, B, 0.0)
     assert r.decide(cid_record(b"\x03abcde")) == Forward(3, B)
-    table.handle_timer(10.0)
+    nodes.at(10.0)
     assert r.decide(cid_record(b"\x03abcde")) == Drop("unknown_node")
 
 
@@ -92,29 +91,29 @@ def test_successor_is_the_next_live_id_wrapping_around() -> None:
 
 
 def test_a_lost_nodes_cids_go_to_its_successor_with_failover() -> None:
-    table = NodeTable(1, ManagementCodec())
-    r = CidRouter(table, failover=True)
+    nodes = DiscoveryOnClock(1)
+    r = CidRouter(nodes.discovery, failover=True)
     C = ("10.0.0.3", 35884)
-    table.receive(NodeMessage(TYPE_PING, 2, NodeState.UP), B, 0.0)
-    table.receive(NodeMessage(TYPE_PING, 3, NodeState.UP), C, 0.0)
+    nodes.ping_from(2, B, 0.0)
+    nodes.ping_from(3, C, 0.0)
     assert r.backup() == (2, B)
     assert r.decide(cid_record(b"\x07abcde")) == Drop("unknown_node")  # never known: still dropped
-    table.receive(NodeMessage(TYPE_PING, 3, NodeState.UP), C, 9.0)
-    table.handle_timer(10.0)  # node 2 silent for 10 s: removed
+    nodes.ping_from(3, C, 9.0)
+    nodes.at(10.0)  # node 2 silent for 10 s: removed
     assert r.decide(cid_record(b"\x02abcde")) == Forward(3, C)  # 3 is 2's successor
     assert r.backup() == (3, C)
-    table.handle_timer(20.0)  # node 3 lost too: we take over both
+    nodes.at(20.0)  # node 3 lost too: we take over both
     assert r.decide(cid_record(b"\x02abcde")) is LOCAL
     assert r.decide(cid_record(b"\x03abcde")) is LOCAL
     assert r.backup() is None
-    table.receive(NodeMessage(TYPE_PING, 2, NodeState.UP), B, 21.0)  # 2 is back: its CIDs go home
+    nodes.ping_from(2, B, 21.0)  # 2 is back: its CIDs go home
     assert r.decide(cid_record(b"\x02abcde")) == Forward(2, B)
     assert r.decide(cid_record(b"\x03abcde")) is LOCAL  # 3's successor is still us (wrapping around)
 
 
 def test_without_failover_a_lost_nodes_cids_are_dropped() -> None:
-    table = NodeTable(1, ManagementCodec())
-    r = CidRouter(table)
-    table.receive(NodeMessage(TYPE_PING, 2, NodeState.UP), B, 0.0)
-    table.handle_timer(10.0)
+    nodes = DiscoveryOnClock(1)
+    r = CidRouter(nodes.discovery)
+    nodes.ping_from(2, B, 0.0)
+    nodes.at(10.0)
     assert r.decide(cid_record(b"\x02abcde")) == Drop("unknown_node")
