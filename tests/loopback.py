@@ -11,15 +11,18 @@ from twisted.internet.task import deferLater
 
 
 @defer.inlineCallbacks
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0, step: float = 0.01) -> Generator[Any, Any, None]:
-    """Poll C{condition} on the running reactor every C{step} s; fail after C{timeout} s."""
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0, step: float = 0.01,
+               what: str = "condition") -> Generator[Any, Any, None]:
+    """Poll ``condition`` on the running reactor every ``step`` s; fail after ``timeout`` s, naming ``what``."""
     from twisted.internet import reactor
 
     for _ in range(int(timeout / step)):
         if condition():
             return
         yield deferLater(reactor, step, lambda: None)
-    raise AssertionError(f"condition not reached within {timeout:g} s")
+    if condition():
+        return
+    raise AssertionError(f"{what} not reached within {timeout:g} s")
 
 
 def free_ports(count: int = 1, kind: socket.SocketKind = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> list[int]:

@@ -26,6 +26,7 @@ from nettester.cluster.discovery import (
 )
 from nettester.cluster.nodes import NodeTable
 from nettester.cluster.wire import ManagementCodec
+from tests.loopback import wait_until
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 10.0
@@ -111,12 +112,7 @@ def test_the_service_lists_at_start_and_builds_from_the_environment(api_server: 
         "coap-cluster-0", str(tmp_path))
     found.startService()
     try:
-        for _ in range(int(TIMEOUT / 0.05)):
-            if found.ready:
-                break
-            from twisted.internet.task import deferLater
-
-            yield deferLater(reactor, 0.05, lambda: None)
+        yield wait_until(lambda: found.ready, timeout=TIMEOUT, step=0.05, what="Kubernetes discovery ready")
         assert found.ready and found.group == (("10.1.0.11", 5884),)
     finally:
         found.stopService()

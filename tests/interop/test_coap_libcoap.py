@@ -29,7 +29,7 @@ from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
 from nettester.udplink import UdpLink
 from tests.interop.peers import installed
-from tests.loopback import free_ports
+from tests.loopback import free_ports, wait_until
 
 pytestmark = pytest.mark.interop
 TIMEOUT = 10.0
@@ -172,7 +172,7 @@ def test_our_client_against_libcoap_server() -> Generator[Any, Any, None]:
 
         notifications: list[bytes] = []
         observation = endpoint.observe(address, get("time"), lambda event: notifications.append(event.response.payload))
-        yield deferLater(reactor, 3.5, lambda: None)  # /time notifies once a second
+        yield wait_until(lambda: len(notifications) >= 3, timeout=TIMEOUT)  # /time notifies once a second
         assert len(notifications) >= 3, notifications
         finished = observation.finished
         observation.cancel()  # proactive: GET with Observe: 1

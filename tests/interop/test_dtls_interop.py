@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
-from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from nettester.interfaces import IDatagramReceiver
@@ -31,7 +30,7 @@ from nettester.protocols.dtls.connection import DtlsConfiguration, SessionCache
 from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import MAX_DATAGRAM, DtlsEndpoint
 from tests.interop.peers import missing_peer
-from tests.loopback import free_ports
+from tests.loopback import free_ports, wait_until
 
 pytestmark = pytest.mark.interop
 TIMEOUT = 20.0
@@ -85,14 +84,8 @@ def spawn(argv: list[str]) -> Peer:
     return peer
 
 
-@pytest_twisted.inlineCallbacks
-def wait_for(condition: Callable[[], bool], what: str) -> Generator[Deferred[Any], Any, None]:
-    waited = 0.0
-    while not condition():
-        if waited > TIMEOUT:
-            raise AssertionError("timed out waiting for " + what)
-        yield deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
+def wait_for(condition: Callable[[], bool], what: str) -> Deferred[None]:
+    return wait_until(condition, TIMEOUT, step=0.02, what=what)
 
 
 @implementer(IDatagramReceiver)

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 
 from nettester.protocols.stun.attribution import NETTESTER_RECEIVED
 from nettester.protocols.stun.fleet import tagged_binding_request
@@ -30,7 +29,7 @@ from nettester.protocols.stun.message import (
     decode,
 )
 from tests.interop.peers import installed
-from tests.loopback import free_ports
+from tests.loopback import free_ports, wait_until
 
 pytestmark = pytest.mark.interop
 STARTUP_TIMEOUT = 10.0
@@ -116,9 +115,7 @@ def test_our_hundred_clients_against_coturn_lose_nothing(coturn: tuple[str, int]
     fleet = StunClientService(reactor, coturn[0], coturn[1], config, rng=random.Random(5))
     fleet.startService()
     try:
-        deadline = time.monotonic() + 30.0
-        while fleet.counters.responses.value < 100 * 5 and time.monotonic() < deadline:
-            yield deferLater(reactor, 0.05, lambda: None)
+        yield wait_until(lambda: fleet.counters.responses.value >= 100 * 5, timeout=30.0, step=0.05)
     finally:
         yield fleet.stopService()
     summary = fleet.summary()
@@ -159,9 +156,7 @@ def test_losses_against_coturn_are_unattributed(coturn: tuple[str, int]) -> Gene
     fleet = StunClientService(reactor, "127.0.0.1", relay.getHost().port, config, rng=random.Random(6))
     fleet.startService()
     try:
-        deadline = time.monotonic() + 30.0
-        while fleet.counters.lost.get("unattributed") < 3 and time.monotonic() < deadline:
-            yield deferLater(reactor, 0.05, lambda: None)
+        yield wait_until(lambda: fleet.counters.lost.get("unattributed") >= 3, timeout=30.0, step=0.05)
     finally:
         yield fleet.stopService()
         relay.stopListening()

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import ILocalScenario, IReportingService
 from nettester.nat.local import NatLocalScenario
 from nettester.plugins.nat import nat
+from tests.loopback import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,8 @@ def test_short_local_run_passes_and_a_wrong_answer_fails_it() -> Generator[Any, 
     assert verifyObject(ILocalScenario, scenario)
     assert IReportingService.providedBy(scenario.service) and scenario.service.metrics is not None
     scenario.service.startService()
-    yield deferLater(reactor, 0.6, lambda: None)
+    yield wait_until(lambda: scenario.verdict().evidence["sent"] >= 24
+                     and scenario.verdict().evidence["rebalance"].startswith("reassigned "), timeout=10.0)
     yield scenario.service.stopService()
     verdict = scenario.verdict()
     assert verdict.passed, verdict.evidence

@@ -16,7 +16,6 @@ from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
-from tests.logcapture import log_events
 from nettester.logs import make_observer, parse_level
 from nettester.protocols.coap.attribution import REPORT_OPTION, TAG_OPTION, decode_report, decode_tag
 from nettester.protocols.coap.bench import (
@@ -30,6 +29,8 @@ from nettester.protocols.coap.options import CoapBenchOptions
 from nettester.protocols.coap.server import CoapServerService
 from nettester.report import Thresholds
 from nettester.udplink import UdpLink
+from tests.logcapture import log_events
+from tests.loopback import wait_until
 
 
 def test_progress_line_matches_californium_wording() -> None:
@@ -108,8 +109,6 @@ def test_short_run_against_the_server() -> Generator[Any, Any, None]:
 @pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_failures_are_counted_logged_with_mid_and_retried() -> Generator[Any, Any, None]:
-    from twisted.internet.task import deferLater
-
     silent = UdpLink()
     silent_port = reactor.listenUDP(0, silent, interface="127.0.0.1")  # a peer that never answers
     silent_number = silent_port.getHost().port
@@ -120,7 +119,8 @@ def test_failures_are_counted_logged_with_mid_and_retried() -> Generator[Any, An
         bench = CoapBenchService(reactor, config, UdpLink, out, random.Random(5))
         try:
             bench.startService()
-            yield deferLater(reactor, 1.5, lambda: None)  # 0.2 s timeout, then a retry 1 s later
+            # each client: a 0.2 s timeout, then a retry 1 s later
+            yield wait_until(lambda: bench.stats.failures >= 4, timeout=10.0)
             yield bench.stopService()
         finally:
             yield silent_port.stopListening()

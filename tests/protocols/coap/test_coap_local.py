@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import ILocalScenario, IReportingService
 from nettester.protocols.coap.local import CoapLocalScenario
+from tests.loopback import wait_until
 
 
 @pytest.mark.integration
@@ -22,7 +22,7 @@ def test_local_scenario_passes_in_a_second() -> Generator[Any, Any, None]:
     verifyObject(ILocalScenario, scenario)
     verifyObject(IReportingService, scenario.service)
     scenario.service.startService()
-    yield deferLater(reactor, 1.0, lambda: None)
+    yield wait_until(lambda: scenario.verdict().evidence["bench_responses"] >= 20 * 5, timeout=10.0)
     yield scenario.service.stopService()
     verdict = scenario.verdict()
     assert verdict.passed, verdict.evidence

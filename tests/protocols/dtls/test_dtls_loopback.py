@@ -10,7 +10,6 @@ import pytest_twisted
 from dtls_pair import PSK, PSK_IDENTITY
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredQueue
-from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from nettester.interfaces import IDatagramReceiver
@@ -18,6 +17,7 @@ from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConfiguration
 from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import MAX_DATAGRAM, DtlsEndpoint
+from tests.loopback import wait_until
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 10.0
@@ -67,10 +67,8 @@ def test_client_and_server_endpoints_on_loopback() -> Generator[Any, Any, None]:
         assert context.identity == "Client_identity" and context.node_id == 2
         assert context.address == ("127.0.0.1", client_port.getHost().port)
         client.close_all()
-        for _ in range(500):  # close_notify reaches the server, which forgets the peer
-            if not server.connections:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
+        # close_notify reaches the server, which forgets the peer
+        yield wait_until(lambda: not server.connections, timeout=5.0)
         assert server.connections == [] and client.connections == []
     finally:
         yield client_port.stopListening()

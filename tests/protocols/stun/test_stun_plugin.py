@@ -24,6 +24,7 @@ from nettester.protocols.stun.options import (
     transport_address,
 )
 from nettester.protocols.stun.roles import build_client, build_server
+from tests.loopback import wait_until
 
 
 @pytest.fixture
@@ -158,17 +159,14 @@ def test_server_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest_twisted.inlineCallbacks
 def test_local_scenario_passes_on_loopback() -> Generator[Any, Any, None]:
     from twisted.internet import reactor
-    from twisted.internet.task import deferLater
 
     scenario = stun.localScenario(reactor, {"duration": 3.0})
     assert verifyObject(ILocalScenario, scenario)
     scenario.service.startService()
     client = scenario.service.client
     try:
-        for _ in range(600):  # at most 30 s: every one of the 20 clients answered twice
-            if client.counters.responses.value >= 40:
-                break
-            yield deferLater(reactor, 0.05, lambda: None)
+        # every one of the 20 clients answered twice
+        yield wait_until(lambda: client.counters.responses.value >= 40, timeout=30.0, step=0.05)
     finally:
         yield scenario.service.stopService()
     verdict = scenario.verdict()
