@@ -18,7 +18,6 @@ from twisted.logger import globalLogBeginner
 from twisted.python.usage import UsageError
 from twisted.scripts.twistd import ServerOptions, runApp
 
-from nettester import tap
 from nettester.interfaces import ICommandRole
 from nettester.logs import make_observer, parse_level
 from nettester.options import RoleOptions

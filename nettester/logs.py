@@ -14,7 +14,8 @@ import json
 import re
 import sys
 import time
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,

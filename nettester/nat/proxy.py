@@ -21,10 +21,10 @@ from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
+from nettester.addresses import ip_family, parse_host_port
 from nettester.interfaces import IDatagramReadDescriptor, IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
-from nettester.addresses import ip_family, parse_host_port
 from nettester.nat.table import Address, DropPolicy, NatTable
 
 log = Logger()

@@ -42,7 +42,7 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
-from nettester.protocols.keepalive.backoff import DEFAULT_MAX_DELAY, Backoff, Repeats, RepeatedFailures
+from nettester.protocols.keepalive.backoff import DEFAULT_MAX_DELAY, Backoff, RepeatedFailures, Repeats
 from nettester.protocols.keepalive.transport import connect_tcp
 from nettester.protocols.keepalive.wire import (
     ClientConnection,

@@ -16,7 +16,6 @@ from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
-from tests.logcapture import log_events
 from nettester.logs import make_observer, parse_level
 from nettester.protocols.coap.attribution import REPORT_OPTION, TAG_OPTION, decode_report, decode_tag
 from nettester.protocols.coap.bench import (
@@ -30,6 +29,7 @@ from nettester.protocols.coap.options import CoapBenchOptions
 from nettester.protocols.coap.server import CoapServerService
 from nettester.report import Thresholds
 from nettester.udplink import UdpLink
+from tests.logcapture import log_events
 
 
 def test_progress_line_matches_californium_wording() -> None:
