@@ -37,7 +37,7 @@ class _ForegroundOptions(ServerOptions):
     synopsis = "Usage:"
 
     @property
-    def subCommands(self) -> Iterator[tuple[str, None, Any, str]]:  # type: ignore[override]
+    def subCommands(self) -> Iterator[tuple[str, None, Any, str]]:
         self.loadedPlugins = {SERVICE_MAKER.tapname: SERVICE_MAKER}
         yield (SERVICE_MAKER.tapname, None, SERVICE_MAKER.options, SERVICE_MAKER.description)
 

@@ -62,7 +62,8 @@ class LocalService(Service):
         self._scenarios = scenarios
         self._duration = options["duration"]
         # One --metrics-port for the whole run, serving every module's metrics.
-        self._running = [with_reporting(s.service, s.name, options, reactor, metrics=False) for s in scenarios]
+        self._running: list[Service] = [
+            with_reporting(s.service, s.name, options, reactor, metrics=False) for s in scenarios]
         if options["metrics-port"]:
             metric_sets = [s.service.metrics for s in scenarios if IReportingService.providedBy(s.service)]
             self._running.insert(0, metrics_endpoint(reactor, options, *metric_sets))

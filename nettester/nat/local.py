@@ -41,6 +41,7 @@ class _Echo(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self.received += 1
+        assert self.transport is not None  # a datagram came through it
         self.transport.write(datagram, addr)
 
 
@@ -57,6 +58,7 @@ class _Client(DatagramProtocol):
 
     def send(self) -> None:
         self.sent += 1
+        assert self.transport is not None, "send() before the client's port is open"
         self.transport.write(b"%d" % self.sent, self._target)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:

@@ -236,6 +236,7 @@ class NatProxy(Service):
             if reason is not None:
                 self.dropped.inc(reason)
                 return
+        assert self._public_sendto is not None  # set by startService, before any entry exists
         try:
             self._public_sendto(datagram, client)
         except (OSError, MessageLengthError):
