@@ -90,9 +90,12 @@ def _not_open(data: bytes, address: Address) -> None:
 class ReplicatedEndpoint(Protocol):
     """What replication needs from the DTLS endpoint."""
 
-    connections: list[Any]
     on_established: Callable[[Any], None] | None
     unknown_cid: Callable[[bytes, bytes, Address, Any], bool] | None
+
+    @property
+    def connections(self) -> list[Any]:
+        """The live connections (read-only)."""
 
     def snapshot(self, cid: bytes) -> bytes | None:
         """The established connection's snapshot, or None."""

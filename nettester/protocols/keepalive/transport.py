@@ -38,8 +38,8 @@ class _LeanTransport:
     saw_fin = False
     socket: Any
     bufferSize: int
-    connected: bool
-    disconnecting: bool
+    connected: int  # FileDescriptor keeps 0 or 1
+    disconnecting: int
     # Twisted's FileDescriptor buffers: nothing is queued when both are empty.
     dataBuffer: bytes
     offset: int
