@@ -7,7 +7,7 @@ these interfaces, so a new protocol module is a new file under
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any, Protocol
 
 from zope.interface import Attribute, Interface
@@ -167,14 +167,14 @@ class INodeDiscovery(Interface):
 
     ownNodeId = Attribute("This node's id (0..255).")
 
-    def managementAddress(nodeId):
+    def managementAddress(nodeId: int) -> tuple[str, int] | None:
         """The (host, port) management address of node C{nodeId}, or None when
         it is unknown (or is this node)."""
 
-    def nodes():
+    def nodes() -> Mapping[int, tuple[str, int]]:
         """A snapshot mapping of every known other node id -> management address."""
 
-    def addListener(listener):
+    def addListener(listener: Callable[[int, tuple[str, int] | None], None]) -> None:
         """Call C{listener(nodeId, address)} for every node known now, then
         whenever a node appears or moves, and C{listener(nodeId, None)} when it leaves."""
 
