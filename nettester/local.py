@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.usage import UsageError
 
 from nettester.interfaces import ILocalScenario, IReportingService
@@ -71,7 +72,7 @@ class LocalService(Service):
             # Started and stopped by hand (in order), but part of the tree, so an
             # exit status recorded by a scenario reaches the root.
             service.parent = self
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._finished: Deferred[None] | None = None
 
     def startService(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import signal
 from collections.abc import Callable, Generator
+from types import FrameType
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -223,7 +224,7 @@ def answer_repeated_stop_signals() -> None:
     ReactorNotRunning while the role is still closing its connections.
     """
 
-    def already_stopping(signum: int, frame: Any) -> None:
+    def already_stopping(signum: int, frame: FrameType | None) -> None:
         log.warn(
             "already shutting down: waiting for open connections to close, then the final summary",
             event="shutdown_pending",

@@ -30,6 +30,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
     maybeDeferred,
 )
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.udp import Port
 
@@ -51,6 +52,7 @@ from nettester.cluster.wire import ConnectionState, ManagementCodec
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
+from nettester.protocols.dtls.endpoint import DatagramRoute, DtlsPeer
 from nettester.protocols.dtls.snapshot import SnapshotError
 
 log = Logger()
@@ -90,23 +92,23 @@ def _not_open(data: bytes, address: Address) -> None:
 class ReplicatedEndpoint(Protocol):
     """What replication needs from the DTLS endpoint."""
 
-    on_established: Callable[[Any], None] | None
-    unknown_cid: Callable[[bytes, bytes, Address, Any], bool] | None
+    on_established: Callable[[DtlsPeer], None] | None
+    unknown_cid: Callable[[bytes, bytes, Address, DatagramRoute | None], bool] | None
 
     @property
-    def connections(self) -> list[Any]:
+    def connections(self) -> list[DtlsPeer]:
         """The live connections (read-only)."""
 
     def snapshot(self, cid: bytes) -> bytes | None:
         """The established connection's snapshot, or None."""
 
-    def adopt(self, snapshot: bytes, address: Address, route: Any, sequence_gap: int) -> Any:
+    def adopt(self, snapshot: bytes, address: Address, route: DatagramRoute | None, sequence_gap: int) -> DtlsPeer:
         """Restore a connection from a snapshot; raises SnapshotError."""
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         """A datagram from our public socket."""
 
-    def routedDatagramReceived(self, data: bytes, address: Address, route: Any) -> None:
+    def routedDatagramReceived(self, data: bytes, address: Address, route: DatagramRoute) -> None:
         """A datagram another node forwarded."""
 
 
@@ -364,7 +366,7 @@ class ReplicationService(Service):
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         endpoint: ReplicatedEndpoint,
         router: CidRouter,
         codec: ManagementCodec,
@@ -380,7 +382,7 @@ class ReplicationService(Service):
         self._forward = forward
         self.core = Replicator(router.own_node_id, codec, max_replicas)
         self.replicas = self.core.replicas
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self.replicated = metrics.counter("replicated_total", "Connection snapshots sent to the backup node.")
         self.taken_over = metrics.counter("taken_over_total", "Connections taken over from a lost node's replica.")
         metrics.gauge("replicas", "Snapshots held for other nodes' connections.", lambda: len(self.replicas))
@@ -412,7 +414,7 @@ class ReplicationService(Service):
         """A STATE record from another node (the management endpoint's callback): None, or why it was dropped."""
         return self.core.receive_state(state, self._clock.seconds())
 
-    def _established(self, peer: Any) -> None:
+    def _established(self, peer: DtlsPeer) -> None:
         backup = self._router.backup()
         if backup is not None:
             self._replicate(peer.connection.read_cid, peer.last_activity, backup)
@@ -434,7 +436,7 @@ class ReplicationService(Service):
             self.replicated.value += 1
             self.core.replicated(cid, backup, activity)
 
-    def unknown_cid(self, cid: bytes, data: bytes, address: Address, route: Any) -> bool:
+    def unknown_cid(self, cid: bytes, data: bytes, address: Address, route: DatagramRoute | None) -> bool:
         """The endpoint's hook for a CID it does not know: adopt a replica, or ask our backup after a restart."""
         decision = self.core.unknown_cid(cid, route is not None, self._router.backup())
         if isinstance(decision, AskBackup):

@@ -21,6 +21,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester.interfaces import IReportingService
@@ -150,7 +151,7 @@ class ConsoleProtocol(LineOnlyReceiver):
         text = line.decode("utf-8", "replace").strip()
         self._queue.addCallback(lambda _: self._console.execute(text)).addCallbacks(self._answer, self._failed)
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         log.failure("Console command failed", failure, event="nat_console_failed")
         self._write(b"command failed; see the log.\n")
 
@@ -188,7 +189,7 @@ class ConsoleProtocol(LineOnlyReceiver):
         self._write(b"line too long; closing the console.\n")
         self._close()
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         log.debug("Console session closed", event="nat_console_closed")
         if self._exiting and self._on_exit is not None:
             self._on_exit()

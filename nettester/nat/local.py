@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
@@ -82,7 +83,7 @@ class _NatLab(Service):
         self.metrics = proxy.metrics
         self.clients: list[_Client] = []
         self._loops: list[LoopingCall] = []
-        self._timers: list[Any] = []
+        self._timers: list[IDelayedCall] = []
         self.rebalanced = ""
 
     def startService(self) -> None:
