@@ -208,9 +208,9 @@ class ClusterNodeService(MultiService):
         self.discovery: INodeDiscovery | None = None
         self.router: CidRouter | None = None
         self.management: ManagementEndpoint | None = None
-        self._public_port: Any = None
-        self._management_port: Any = None
-        self.kubernetes: Any = None
+        self._public_port: DrainingPort | None = None
+        self._management_port: DrainingPort | None = None
+        self.kubernetes: KubernetesDiscovery | None = None
         self.replication: ReplicationService | None = None
         self.started: Deferred[None] = Deferred()
         self._routes: dict[Address, ForwardedRoute] = {}
@@ -220,10 +220,12 @@ class ClusterNodeService(MultiService):
 
     @property
     def public_port(self) -> int:
+        assert self._public_port is not None, "not started"
         return self._public_port.getHost().port
 
     @property
     def management_port(self) -> int:
+        assert self._management_port is not None, "not started"
         return self._management_port.getHost().port
 
     def startService(self) -> None:
