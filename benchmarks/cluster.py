@@ -47,7 +47,8 @@ into the run. The nodes log JSON;
 their summaries give the sessions the killed node held and the handshakes, their
 ``cluster_takeover`` lines when each session was taken over. One result line:
 
-``cluster fail-over (...): node N killed (SIGKILL) holding S sessions: T taken over A to B s later, H new handshakes; bench: ...``
+``cluster fail-over (...): node N killed (SIGKILL) holding S sessions: T taken over A to B s later,
+H new handshakes; bench: ...`` (one line)
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def run(forwarded: bool, args: argparse.Namespace) -> Measured:
                 start = (time.monotonic(), requests, cpu_seconds(pids))
             if start is not None and tick == args.warmup + 1 + args.seconds:
                 per_node = [(user - user0, system - system0)
-                            for (user, system), (user0, system0) in zip(cpu_seconds(pids), start[2])]
+                            for (user, system), (user0, system0) in zip(cpu_seconds(pids), start[2], strict=True)]
                 return Measured(requests - start[1], time.monotonic() - start[0], per_node, line)
         raise RuntimeError("coap-bench ended early; run it by hand to see why")
     finally:
@@ -357,7 +358,8 @@ def main() -> None:
     owner, relay = forwarded.node_us_per_request(0), forwarded.node_us_per_request(1)
     alone = direct.node_us_per_request(0)
     print(f"per node, forwarded: owner {sum(owner):.1f} us/req (user {owner[0]:.1f}, kernel {owner[1]:.1f}; "
-          f"direct {sum(alone):.1f}), relaying node {sum(relay):.1f} us/req (user {relay[0]:.1f}, kernel {relay[1]:.1f})")
+          f"direct {sum(alone):.1f}), relaying node {sum(relay):.1f} us/req "
+          f"(user {relay[0]:.1f}, kernel {relay[1]:.1f})")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from twisted.logger import globalLogBeginner
 from twisted.python.usage import UsageError
 from twisted.scripts.twistd import ServerOptions, runApp
 
-from nettester import tap
 from nettester.interfaces import ICommandRole
 from nettester.logs import make_observer, parse_level
 from nettester.options import RoleOptions
@@ -38,7 +37,7 @@ class _ForegroundOptions(ServerOptions):
     synopsis = "Usage:"
 
     @property
-    def subCommands(self) -> Iterator[tuple[str, None, Any, str]]:  # type: ignore[override]
+    def subCommands(self) -> Iterator[tuple[str, None, Any, str]]:
         self.loadedPlugins = {SERVICE_MAKER.tapname: SERVICE_MAKER}
         yield (SERVICE_MAKER.tapname, None, SERVICE_MAKER.options, SERVICE_MAKER.description)
 

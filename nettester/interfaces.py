@@ -7,7 +7,7 @@ these interfaces, so a new protocol module is a new file under
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any, Protocol
 
 from zope.interface import Attribute, Interface
@@ -167,14 +167,14 @@ class INodeDiscovery(Interface):
 
     own_node_id = Attribute("This node's id (0..255).")
 
-    def management_address(node_id):
+    def management_address(node_id: int) -> tuple[str, int] | None:
         """The (host, port) management address of node ``node_id``, or None when
         it is unknown (or is this node)."""
 
-    def nodes():
+    def nodes() -> Mapping[int, tuple[str, int]]:
         """A snapshot mapping of every known other node id -> management address."""
 
-    def add_listener(listener):
+    def add_listener(listener: Callable[[int, tuple[str, int] | None], None]) -> None:
         """Call ``listener(node_id, address)`` for every node known now, then
         whenever a node appears or moves, and ``listener(node_id, None)`` when it leaves."""
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.usage import UsageError
 
 from nettester.interfaces import ILocalScenario, IReportingService
@@ -53,7 +54,8 @@ class LocalService(Service):
         self._scenarios = scenarios
         self._duration = options["duration"]
         # One --metrics-port for the whole run, serving every module's metrics.
-        self._running = [with_reporting(s.service, s.name, options, reactor, metrics=False) for s in scenarios]
+        self._running: list[Service] = [
+            with_reporting(s.service, s.name, options, reactor, metrics=False) for s in scenarios]
         if options["metrics-port"]:
             metric_sets = [s.service.metrics for s in scenarios if IReportingService.providedBy(s.service)]
             self._running.insert(0, metrics_endpoint(reactor, options, *metric_sets))
@@ -61,7 +63,7 @@ class LocalService(Service):
             # Started and stopped by hand (in order), but part of the tree, so an
             # exit status recorded by a scenario reaches the root.
             service.parent = self
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._finished: Deferred[None] | None = None
 
     def startService(self) -> None:

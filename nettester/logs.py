@@ -14,10 +14,12 @@ import json
 import re
 import sys
 import time
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
@@ -25,7 +27,7 @@ from twisted.logger import (
     formatEvent,
 )
 from twisted.logger import Logger as _TwistedLogger
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 LEVEL_NAMES: dict[str, LogLevel] = {
     "debug": LogLevel.debug,
@@ -83,6 +85,7 @@ class Logger(_TwistedLogger):
         super().emit(level, format, **kwargs)
 
 
+@provider(ILogFilterPredicate)
 def _always_shown(event: dict[str, Any]) -> PredicateResult:
     return PredicateResult.yes if event.get(ALWAYS) else PredicateResult.maybe
 
@@ -93,6 +96,7 @@ def _always_shown(event: dict[str, Any]) -> PredicateResult:
 _PORT_CHATTER = re.compile(r"^(\((UDP|TCP) Port \d+ Closed\)|.+ starting on \d+)$")
 
 
+@provider(ILogFilterPredicate)
 def _port_chatter_is_debug(event: dict[str, Any]) -> PredicateResult:
     if is_enabled(LogLevel.debug):
         return PredicateResult.maybe
@@ -112,12 +116,14 @@ TWISTD_BANNERS = frozenset({
 })
 
 
+@provider(ILogFilterPredicate)
 def _twistd_banner_is_debug(event: dict[str, Any]) -> PredicateResult:
     if event.get("log_format") in TWISTD_BANNERS and not is_enabled(LogLevel.debug):
         return PredicateResult.no
     return PredicateResult.maybe
 
 
+@provider(ILogFilterPredicate)
 def _connection_line_is_debug(event: dict[str, Any]) -> PredicateResult:
     """An info line about one connection (it carries ``conn`` or ``peer``) is debug detail."""
     if (event.get("log_level") == LogLevel.info and ("conn" in event or "peer" in event)
@@ -207,8 +213,9 @@ def make_observer(log_format: str, level: LogLevel, stream: IO[str] | None = Non
     """
     set_level(level)
     out = stream if stream is not None else sys.__stdout__
+    assert out is not None, "no stream to log to: Python started without a stdout"
     base: ILogObserver = JsonObserver(out) if log_format == "json" else HumanObserver(out)
-    predicates = [_always_shown, _port_chatter_is_debug]
+    predicates: list[ILogFilterPredicate] = [_always_shown, _port_chatter_is_debug]
     if not twistd_banners:
         predicates.append(_twistd_banner_is_debug)
     if connection_lines_at_debug:

@@ -85,6 +85,7 @@ class CommandService(Service):
 
     def startService(self) -> None:
         super().startService()
+        assert self._stdout is not None, "no stdout for the result: Python started without one"
         set_exit_status(self, self._role.run(self._options, self._stdout))
         self._reactor.callWhenRunning(self._reactor.stop)
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 import gc
 import signal
 from collections.abc import Callable, Generator
+from types import FrameType
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorCore
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
@@ -102,7 +103,7 @@ class TCPListener(Service):
         self,
         reactor: Any,
         port: int,
-        factory: Factory,
+        factory: IProtocolFactory,
         interface: str,
         option: str,
         on_listening: Callable[[IListeningPort], None] | None = None,
@@ -139,6 +140,7 @@ def metrics_endpoint(reactor: Any, options: RoleOptions, *metric_sets: Any,
 
     def listening(port: IListeningPort) -> None:
         address = port.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))  # a TCP port
         log.info("metrics on http://{address}/metrics", event="metrics_listening",
                  address=host_port(address.host, address.port))
 
@@ -206,7 +208,7 @@ def build(role: IRole, options: RoleOptions, reactor: Any, twistd_banners: bool 
     root = RoleRootService(make_observer(options["log-format"], parse_level(options["log-level"]),
                                          twistd_banners=twistd_banners,
                                          connection_lines_at_debug=options.connection_lines_at_debug))
-    service = multiprocess_service(role, options, reactor, set_exit_status)  # --workers / --processes
+    service: IService | None = multiprocess_service(role, options, reactor, set_exit_status)  # --workers / --processes
     if service is None or IReportingService.providedBy(service):
         service = with_reporting(service or role.makeService(reactor, options), role.name, options, reactor)
     service.setServiceParent(root)
@@ -222,7 +224,7 @@ def answer_repeated_stop_signals() -> None:
     ReactorNotRunning while the role is still closing its connections.
     """
 
-    def already_stopping(signum: int, frame: Any) -> None:
+    def already_stopping(signum: int, frame: FrameType | None) -> None:
         log.warn(
             "already shutting down: waiting for open connections to close, then the final summary",
             event="shutdown_pending",

@@ -18,7 +18,7 @@ class Options(usage.Options):
     """``nettester <role> [options]``; ``nettester <role> --help`` for a role's options."""
 
     @property
-    def synopsis(self) -> str:  # type: ignore[override]
+    def synopsis(self) -> str:
         """``<role> [options]`` at the top; the role's own synopsis follows its name."""
         return "" if self.subCommand else "<role> [options]"
 
@@ -39,7 +39,7 @@ class Options(usage.Options):
         self.twistd_banners = True
 
     @property
-    def subCommands(self) -> list[tuple[str, None, type[RoleOptions], str]]:  # type: ignore[override]
+    def subCommands(self) -> list[tuple[str, None, type[RoleOptions], str]]:
         return [(role.name, None, role.options, role.summary) for role in self.roles.values()]
 
     opt_version = RoleOptions.opt_version
@@ -57,6 +57,7 @@ def makeService(options: Options) -> IService:
     """
     from twisted.internet import reactor
 
+    assert options.subCommand is not None  # postOptions requires a role
     options.root = build(options.roles[options.subCommand], options.subOptions, reactor,
                          twistd_banners=options.twistd_banners)
     return options.root

@@ -67,7 +67,7 @@ class UdpLink(DatagramProtocol):
     def stopProtocol(self) -> None:
         self._sendto = None
 
-    def datagramReceived(self, data: bytes, addr: UdpPeer) -> None:  # type: ignore[override]
+    def datagramReceived(self, data: bytes, addr: UdpPeer) -> None:
         receiver = self.receiver
         if receiver is not None:
             receiver.datagramReceived(data, addr)

@@ -1,6 +1,7 @@
 """Module discovery, the role sub-commands and the service tree of a role."""
 
 import io
+
 import pytest
 from twisted.application.service import Application, IService, Service
 from twisted.internet.defer import Deferred
@@ -12,12 +13,11 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from nettester import tap
-from nettester.module import discover_modules, discover_roles
-from nettester.service import GC_THRESHOLDS, build, exit_status_of
 from nettester.interfaces import ICommandRole, IProtocolModule, IReportingService, IRole
 from nettester.metrics import MetricSet
-from nettester.module import CommandRole, CommandService, ProtocolModule, Role
+from nettester.module import CommandRole, CommandService, ProtocolModule, Role, discover_modules, discover_roles
 from nettester.options import RoleOptions
+from nettester.service import GC_THRESHOLDS, build, exit_status_of
 
 
 def test_every_installed_module_and_role_provides_its_interface() -> None:

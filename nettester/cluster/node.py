@@ -30,6 +30,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
     maybeDeferred,
 )
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.udp import Port
 
@@ -37,6 +38,7 @@ from nettester.addresses import ip_family, mapped_for
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import (
     DynamicDiscovery,
+    KubernetesDiscovery,
     StaticDiscovery,
     kubernetes_discovery_from_environment,
     resolve_address,
@@ -50,6 +52,7 @@ from nettester.cluster.wire import ConnectionState, ManagementCodec
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
+from nettester.protocols.dtls.endpoint import DatagramRoute, DtlsPeer
 from nettester.protocols.dtls.snapshot import SnapshotError
 
 log = Logger()
@@ -89,20 +92,23 @@ def _not_open(data: bytes, address: Address) -> None:
 class ReplicatedEndpoint(Protocol):
     """What replication needs from the DTLS endpoint."""
 
-    connections: list[Any]
-    on_established: Callable[[Any], None] | None
-    unknown_cid: Callable[[bytes, bytes, Address, Any], bool] | None
+    on_established: Callable[[DtlsPeer], None] | None
+    unknown_cid: Callable[[bytes, bytes, Address, DatagramRoute | None], bool] | None
+
+    @property
+    def connections(self) -> list[DtlsPeer]:
+        """The live connections (read-only)."""
 
     def snapshot(self, cid: bytes) -> bytes | None:
         """The established connection's snapshot, or None."""
 
-    def adopt(self, snapshot: bytes, address: Address, route: Any, sequence_gap: int) -> Any:
+    def adopt(self, snapshot: bytes, address: Address, route: DatagramRoute | None, sequence_gap: int) -> DtlsPeer:
         """Restore a connection from a snapshot; raises SnapshotError."""
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         """A datagram from our public socket."""
 
-    def routedDatagramReceived(self, data: bytes, address: Address, route: Any) -> None:
+    def routedDatagramReceived(self, data: bytes, address: Address, route: DatagramRoute) -> None:
         """A datagram another node forwarded."""
 
 
@@ -196,9 +202,9 @@ class ClusterNodeService(MultiService):
         self.discovery: INodeDiscovery | None = None
         self.router: CidRouter | None = None
         self.management: ManagementEndpoint | None = None
-        self._public_port: Any = None
-        self._management_port: Any = None
-        self.kubernetes: Any = None
+        self._public_port: DrainingPort | None = None
+        self._management_port: DrainingPort | None = None
+        self.kubernetes: KubernetesDiscovery | None = None
         self.replication: ReplicationService | None = None
         self.started: Deferred[None] = Deferred()
         self._routes: dict[Address, ForwardedRoute] = {}
@@ -208,10 +214,12 @@ class ClusterNodeService(MultiService):
 
     @property
     def public_port(self) -> int:
+        assert self._public_port is not None, "not started"
         return self._public_port.getHost().port
 
     @property
     def management_port(self) -> int:
+        assert self._management_port is not None, "not started"
         return self._management_port.getHost().port
 
     def startService(self) -> None:
@@ -358,7 +366,7 @@ class ReplicationService(Service):
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         endpoint: ReplicatedEndpoint,
         router: CidRouter,
         codec: ManagementCodec,
@@ -374,7 +382,7 @@ class ReplicationService(Service):
         self._forward = forward
         self.core = Replicator(router.own_node_id, codec, max_replicas)
         self.replicas = self.core.replicas
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self.replicated = metrics.counter("replicated_total", "Connection snapshots sent to the backup node.")
         self.taken_over = metrics.counter("taken_over_total", "Connections taken over from a lost node's replica.")
         metrics.gauge("replicas", "Snapshots held for other nodes' connections.", lambda: len(self.replicas))
@@ -406,7 +414,7 @@ class ReplicationService(Service):
         """A STATE record from another node (the management endpoint's callback): None, or why it was dropped."""
         return self.core.receive_state(state, self._clock.seconds())
 
-    def _established(self, peer: Any) -> None:
+    def _established(self, peer: DtlsPeer) -> None:
         backup = self._router.backup()
         if backup is not None:
             self._replicate(peer.connection.read_cid, peer.last_activity, backup)
@@ -428,7 +436,7 @@ class ReplicationService(Service):
             self.replicated.value += 1
             self.core.replicated(cid, backup, activity)
 
-    def unknown_cid(self, cid: bytes, data: bytes, address: Address, route: Any) -> bool:
+    def unknown_cid(self, cid: bytes, data: bytes, address: Address, route: DatagramRoute | None) -> bool:
         """The endpoint's hook for a CID it does not know: adopt a replica, or ask our backup after a restart."""
         decision = self.core.unknown_cid(cid, route is not None, self._router.backup())
         if isinstance(decision, AskBackup):

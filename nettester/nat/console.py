@@ -15,11 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester.interfaces import IReportingService
@@ -149,7 +151,7 @@ class ConsoleProtocol(LineOnlyReceiver):
         text = line.decode("utf-8", "replace").strip()
         self._queue.addCallback(lambda _: self._console.execute(text)).addCallbacks(self._answer, self._failed)
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         log.failure("Console command failed", failure, event="nat_console_failed")
         self._write(b"command failed; see the log.\n")
 
@@ -157,16 +159,21 @@ class ConsoleProtocol(LineOnlyReceiver):
         """End of input: answer what is queued; then a TCP session closes, while
         stdin's end leaves the emulator running (a container's stdin is often /dev/null)."""
         if self._on_exit is None:
-            self._queue.addCallback(lambda _: self.transport.loseConnection())
+            self._queue.addCallback(lambda _: self._close())
 
     def writeConnectionLost(self) -> None:
         """Nobody reads the answers any more: stop reading commands too."""
+        self._close()
+
+    def _close(self) -> None:
+        assert self.transport is not None  # set while connected
         self.transport.loseConnection()
 
     def _write(self, data: bytes) -> None:
         if self._output is not None:
             self._output(data)
         else:
+            assert self.transport is not None  # set while connected
             self.transport.write(data)
 
     def _answer(self, answer: Any) -> None:
@@ -174,15 +181,15 @@ class ConsoleProtocol(LineOnlyReceiver):
             # Close first, so every answer is flushed before on_exit stops the process.
             self._exiting = True
             self._write(b"bye.\n")
-            self.transport.loseConnection()
+            self._close()
             return
         self._write(answer.encode("utf-8") + b"\n")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._write(b"line too long; closing the console.\n")
-        self.transport.loseConnection()
+        self._close()
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         log.debug("Console session closed", event="nat_console_closed")
         if self._exiting and self._on_exit is not None:
             self._on_exit()
@@ -261,7 +268,8 @@ class NatRoleService(MultiService):
             # through the same blocking stream as the log lines.
             devnull = os.open(os.devnull, os.O_WRONLY)
             console = ConsoleProtocol(self.console, on_exit=self._reactor.stop, output=_write_stdout)
-            StandardIO(console, stdin=0, stdout=devnull, reactor=self._reactor)
+            # mypy reads the Windows StandardIO, which has no stdin/stdout arguments.
+            StandardIO(console, stdin=0, stdout=devnull, reactor=self._reactor)  # type: ignore[call-arg]
 
     def _console_listening(self, port: Any) -> None:
         address = port.getHost()
@@ -272,4 +280,6 @@ class NatRoleService(MultiService):
     def console_port(self) -> int:
         """The TCP console's real port number."""
         assert self._tcp_console is not None and self._tcp_console.listening is not None, "no TCP console"
-        return self._tcp_console.listening.getHost().port
+        address = self._tcp_console.listening.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))  # a TCP port
+        return address.port

@@ -13,13 +13,14 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from nettester.interfaces import ILocalScenario, IReportingService
-from nettester.module import Verdict
 from nettester.logs import Logger
+from nettester.module import Verdict
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable
@@ -41,6 +42,7 @@ class _Echo(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self.received += 1
+        assert self.transport is not None  # a datagram came through it
         self.transport.write(datagram, addr)
 
 
@@ -57,6 +59,7 @@ class _Client(DatagramProtocol):
 
     def send(self) -> None:
         self.sent += 1
+        assert self.transport is not None, "send() before the client's port is open"
         self.transport.write(b"%d" % self.sent, self._target)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
@@ -80,7 +83,7 @@ class _NatLab(Service):
         self.metrics = proxy.metrics
         self.clients: list[_Client] = []
         self._loops: list[LoopingCall] = []
-        self._timers: list[Any] = []
+        self._timers: list[IDelayedCall] = []
         self.rebalanced = ""
 
     def startService(self) -> None:

@@ -19,12 +19,13 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succe
 from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nettester.addresses import ip_family, parse_host_port
 from nettester.interfaces import IDatagramReadDescriptor, IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
-from nettester.addresses import ip_family, parse_host_port
 from nettester.nat.table import Address, DropPolicy, NatTable
 
 log = Logger()
@@ -96,7 +97,7 @@ class OutgoingSocket:
         self._reactor.removeReader(self)
         self._socket.close()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         self._socket.close()
 
 
@@ -236,6 +237,7 @@ class NatProxy(Service):
             if reason is not None:
                 self.dropped.inc(reason)
                 return
+        assert self._public_sendto is not None  # set by startService, before any entry exists
         try:
             self._public_sendto(datagram, client)
         except (OSError, MessageLengthError):
@@ -300,7 +302,7 @@ class NatProxy(Service):
         except ValueError as error:
             return succeed(str(error))
 
-        def failed(failure: Any) -> str:
+        def failed(failure: Failure) -> str:
             log.error("Destination {destination} not resolved: {error}; check the host name",
                       event="nat_destination_unresolved", destination=name, error=failure.getErrorMessage())
             return f"cannot resolve {host}: {failure.getErrorMessage()}"
@@ -312,7 +314,7 @@ class NatProxy(Service):
         Kubernetes the NAT often starts before the pods it balances have DNS names."""
         host, port = parse_host_port(name)
 
-        def retry(failure: Any) -> None:
+        def retry(failure: Failure) -> None:
             log.warn("Destination {destination} not resolved yet ({error}); retrying in {delay:g} s",
                      event="nat_destination_retry", destination=name, error=failure.getErrorMessage(),
                      delay=RESOLVE_RETRY)

@@ -235,7 +235,8 @@ class NatTable:
         mode = "enabled" if self.reverseUpdate else "disabled"
         lines = [f"{len(self._entries)} NAT entries, reverse address update {mode}."]
         lines.extend(
-            f"Destination: {destination.name}, usage: {destination.usage}" for destination in self._destinations.values()
+            f"Destination: {destination.name}, usage: {destination.usage}"
+            for destination in self._destinations.values()
         )
         return lines
 

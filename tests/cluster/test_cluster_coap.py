@@ -73,7 +73,8 @@ class CoapCluster:
                          "--psk-sandbox", "--dtls-cluster-group-security", "cluster secret"]
             own = f"127.0.0.1:{public[index]};127.0.0.1:{management[index]};{node_id}"
             if mode == "static":
-                others = [f"---;127.0.0.1:{port};{n}" for n, port in zip(NODES, management, strict=True) if n != node_id]
+                others = [f"---;127.0.0.1:{port};{n}"
+                          for n, port in zip(NODES, management, strict=True) if n != node_id]
                 arguments += ["--dtls-cluster", ",".join([own, *others])]
             elif mode == "dynamic":
                 arguments += ["--dtls-cluster", own,
@@ -311,7 +312,8 @@ def test_ready_probe_summary_and_the_warning_without_a_secret() -> Generator[Any
             body = yield readBody(response)
             assert (response.code, body) == (200, b"ready\n")
             summary = server.summary()
-            assert (summary["node_id"], summary["nodes"], summary["forwarded"], summary["router_dropped"]) == (7, 1, 0, 0)
+            counts = (summary["node_id"], summary["nodes"], summary["forwarded"], summary["router_dropped"])
+            assert counts == (7, 1, 0, 0)
             assert ("coaps", "127.0.0.1", public, "extended") in server.listening
             assert any(event.get("event") == "cluster_unauthenticated" for event in events)
         finally:

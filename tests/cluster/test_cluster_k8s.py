@@ -148,7 +148,8 @@ def test_pod_list_parsing(pod: Any) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=8) | st.sampled_from(["PodList", "Running", "10.0.0.1"]),
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+    | st.sampled_from(["PodList", "Running", "10.0.0.1"]),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(
         st.sampled_from(["kind", "items", "metadata", "status", "name", "podIP", "phase", "labels", "app"]),
         children, max_size=4),

@@ -44,7 +44,8 @@ PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
 
 def cid_record(node_id: int, payload: bytes) -> bytes:
     """A tls12_cid record (RFC 9146 section 4) with a 6-byte CID owned by C{node_id}."""
-    return bytes([25, 254, 253, 0, 1]) + bytes(6) + bytes([node_id]) + b"cidxx" + len(payload).to_bytes(2, "big") + payload
+    cid = bytes([node_id]) + b"cidxx"
+    return bytes([25, 254, 253, 0, 1]) + bytes(6) + cid + len(payload).to_bytes(2, "big") + payload
 
 
 HANDSHAKE = bytes([22, 254, 253, 0, 0]) + bytes(6) + (3).to_bytes(2, "big") + b"hello"
@@ -93,7 +94,8 @@ class ClusterLab:
         for index, node_id in enumerate((1, 2, 3)):
             own = ("127.0.0.1", self.management_ports[index])
             public = ("127.0.0.1", public_ports[index])
-            others = {n: ("127.0.0.1", p) for n, p in zip((1, 2, 3), self.management_ports, strict=True) if n != node_id}
+            others = {n: ("127.0.0.1", p)
+                      for n, p in zip((1, 2, 3), self.management_ports, strict=True) if n != node_id}
             if mode == "static":
                 config = ClusterConfig("static", node_id, public, own, nodes=others, secret=secret, backward=backward)
             elif mode == "dynamic":
@@ -320,7 +322,8 @@ def dtls_node(node_id: int) -> DtlsEndpoint:
     echo.endpoint = DtlsEndpoint(
         reactor,
         server_configuration=DtlsConfiguration(
-            is_client=False, psk_store=PskStore({PSK_IDENTITY: PSK}), cid_generator=NodeConnectionIdGenerator(6, node_id)
+            is_client=False, psk_store=PskStore({PSK_IDENTITY: PSK}),
+            cid_generator=NodeConnectionIdGenerator(6, node_id),
         ),
         receiver=echo,
     )

@@ -66,7 +66,8 @@ def require(module: str) -> None:
     try:
         __import__(module)
     except ImportError:
-        missing_peer(f"{module} not installed (pip install -e .[interop]: aiocoap[tinydtls] builds DTLSSocket, which needs autoconf, automake and libtool)")
+        missing_peer(f"{module} not installed (pip install -e .[interop]: aiocoap[tinydtls] builds DTLSSocket, "
+                     "which needs autoconf, automake and libtool)")
 
 
 @pytest_twisted.inlineCallbacks

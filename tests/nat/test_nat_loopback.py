@@ -19,9 +19,9 @@ from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineOnlyReceiver
 
 from nettester.nat.console import NatRoleService
-from tests.loopback import wait_until
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable, SizeLimit
+from tests.loopback import wait_until
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 5.0

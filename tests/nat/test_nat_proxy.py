@@ -9,9 +9,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 
-from tests.logcapture import log_events
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable, SizeLimit
+from tests.logcapture import log_events
 
 A = ("10.0.0.1", 5684)
 B = ("10.0.0.2", 5684)

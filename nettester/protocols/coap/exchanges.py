@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from nettester.addresses import address_text
-from nettester.protocols.coap.blockwise import Block2Assembly
+from nettester.protocols.coap.blockwise import Block2Assembly, block1_request
 from nettester.protocols.coap.message import BlockValue, Message, OptionNumber, decode_block
 
 Peer = Hashable
@@ -55,6 +55,12 @@ class IncomingRequest:
     def __repr__(self) -> str:
         return f"<IncomingRequest {self.request.describe()} from {address_text(self.peer)}>"
 
+    def cache_answer(self, data: bytes) -> None:
+        """Remember what answered this CON so a duplicate gets it again (RFC 7252 section 4.5)."""
+        bucket = self._dedup_bucket
+        if bucket is not None:
+            bucket[self._dedup_key] = data
+
 
 class OutgoingRequest:
     """A request this endpoint sent (client side), until its final response.
@@ -97,6 +103,21 @@ class OutgoingRequest:
     def __repr__(self) -> str:
         return (f"<OutgoingRequest {self.request.describe()} to {address_text(self.peer)}: latest MID={self.mid} "
                 f"token={self.token.hex() or '-'}>")
+
+    def block1_message(self, offset: int) -> Message:
+        """The request carrying the Block1 slice at ``offset`` (RFC 7959 section 2.5)."""
+        message = block1_request(self.request, self._body, offset, self._block1_szx)
+        self._block1_offset = offset
+        self._block1_sent = len(message.payload)
+        return message
+
+    def response_deadline(self, now: float, default: float) -> float:
+        """When the wait for a response ends: its response timeout (else ``default``) from now, within ``timeout``."""
+        timeout = self._response_timeout if self._response_timeout is not None else default
+        deadline = now + timeout
+        if self._expires is not None and self._expires < deadline:
+            deadline = self._expires
+        return deadline
 
 
 class ObserveRelation:
@@ -142,3 +163,11 @@ class Transmission:
         self.timeout = timeout
         self.deadline = now + timeout
         self.cancelled = False
+
+
+def timer_is_stale(entry: tuple[float, int, Transmission | OutgoingRequest]) -> bool:
+    """Whether a (deadline, sequence, target) entry of the layer's timer heap was cancelled or moved."""
+    deadline, _, target = entry
+    if isinstance(target, Transmission):
+        return target.cancelled or target.deadline != deadline
+    return target.done or target._response_deadline != deadline

@@ -33,7 +33,6 @@ from nettester.protocols.coap.blockwise import (
     Block1Uploads,
     Block2Assembly,
     BlockRefusal,
-    block1_request,
     block2_follow_up,
     block_of,
     cache_key,
@@ -47,7 +46,15 @@ from nettester.protocols.coap.events import (
     RequestReceived,
     ResponseReceived,
 )
-from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation, OutgoingRequest, Owner, Transmission
+from nettester.protocols.coap.exchanges import (
+    IncomingRequest,
+    ObserveRelation,
+    OutgoingRequest,
+    Owner,
+    Peer,
+    Transmission,
+    timer_is_stale,
+)
 from nettester.protocols.coap.message import (
     ACK,
     CON,
@@ -86,8 +93,6 @@ __all__ = [
     "TransmissionParameters", "cache_key", "response",
 ]
 
-Peer = Hashable
-
 # ---------------------------------------------------------------- the layer
 
 
@@ -115,7 +120,6 @@ class CoapLayer:
         # (peer, cache key) -> whole response body being served block-wise.
         transfers = self.params.max_block_transfers
         self._block2_bodies: ExpiringStore[Message] = ExpiringStore(lifetime, now, buckets, transfers)
-        # (peer, cache key) -> body being uploaded block-wise.
         # (peer, cache key) -> body being uploaded block-wise, bounded per peer and in total.
         params = self.params
         self._block1_uploads = Block1Uploads(lifetime, params.max_body_size, transfers, params.max_uploads_per_peer,
@@ -147,7 +151,7 @@ class CoapLayer:
     def get_timer(self) -> float:
         """When ``handle_timer`` must be called next (absolute time)."""
         timers = self._timers
-        while timers and self._timer_is_stale(timers[0]):
+        while timers and timer_is_stale(timers[0]):
             heapq.heappop(timers)
         deadline = min(self._dedup.next_sweep, self._block2_bodies.next_sweep, self._block1_uploads.next_sweep)
         if timers and timers[0][0] < deadline:
@@ -159,7 +163,7 @@ class CoapLayer:
         timers = self._timers
         while timers and timers[0][0] <= now:
             entry = heapq.heappop(timers)
-            if self._timer_is_stale(entry):
+            if timer_is_stale(entry):
                 continue
             target = entry[2]
             if isinstance(target, Transmission):
@@ -217,7 +221,7 @@ class CoapLayer:
             return
         incoming.accepted = True
         data = encode_empty(ACK, incoming.request.mid)
-        self._cache_answer(incoming, data)
+        incoming.cache_answer(data)
         self._send(data, incoming.peer)
 
     def respond(self, incoming: IncomingRequest, answer: Message, now: float) -> ObserveRelation | None:
@@ -438,12 +442,6 @@ class CoapLayer:
             data = encode_message(NON, answer.code, mid, request.token, answer.options, answer.payload)
         self._send(data, peer)
 
-    def _cache_answer(self, incoming: IncomingRequest, data: bytes) -> None:
-        """Remember what answered this CON so a duplicate gets it again (section 4.5)."""
-        bucket = incoming._dedup_bucket
-        if bucket is not None:
-            bucket[incoming._dedup_key] = data
-
     def _register_observer(self, incoming: IncomingRequest, now: float) -> ObserveRelation:
         key = (incoming.peer, incoming.request.token)
         existing = self._relations.get(key)
@@ -521,16 +519,9 @@ class CoapLayer:
         message = outgoing.request
         if len(body) > block_size:
             outgoing._block1_szx = self.params.block_szx
-            message = self._block1_message(outgoing, 0)
+            message = outgoing.block1_message(0)
         outgoing.sent_at = now
         self._send_request_message(outgoing, message, outgoing.token, now)
-
-    def _block1_message(self, outgoing: OutgoingRequest, offset: int) -> Message:
-        """The request carrying the Block1 slice at ``offset`` (RFC 7959 section 2.5)."""
-        message = block1_request(outgoing.request, outgoing._body, offset, outgoing._block1_szx)
-        outgoing._block1_offset = offset
-        outgoing._block1_sent = len(message.payload)
-        return message
 
     def _send_request_message(self, outgoing: OutgoingRequest, message: Message, token: bytes, now: float) -> None:
         peer = outgoing.peer
@@ -553,11 +544,7 @@ class CoapLayer:
         self._send(data, peer)
 
     def _arm_response_timeout(self, outgoing: OutgoingRequest, now: float, default: float) -> None:
-        timeout = outgoing._response_timeout if outgoing._response_timeout is not None else default
-        deadline = now + timeout
-        if outgoing._expires is not None and outgoing._expires < deadline:
-            deadline = outgoing._expires
-        self._arm_deadline(outgoing, deadline)
+        self._arm_deadline(outgoing, outgoing.response_deadline(now, default))
 
     def _arm_deadline(self, outgoing: OutgoingRequest, deadline: float | None) -> None:
         """The one deadline at which the request fails with ``timeout`` (None: none)."""
@@ -661,7 +648,7 @@ class CoapLayer:
             self.stats.block_errors += 1
             self._fail_request(outgoing, "2.31 Continue after the last block", now)
             return
-        self._send_request_message(outgoing, self._block1_message(outgoing, next_offset), outgoing._current_token, now)
+        self._send_request_message(outgoing, outgoing.block1_message(next_offset), outgoing._current_token, now)
 
     def _collect_block2(self, outgoing: OutgoingRequest, message: Message, block2: BlockValue, now: float) -> bool:
         """Append one Block2 slice; ask for the next one. True when the body is complete."""
@@ -807,10 +794,3 @@ class CoapLayer:
         self._timer_seq += 1
         self.timer_version = self._timer_seq
         heapq.heappush(self._timers, (deadline, self._timer_seq, target))
-
-    @staticmethod
-    def _timer_is_stale(entry: tuple[float, int, Transmission | OutgoingRequest]) -> bool:
-        deadline, _, target = entry
-        if isinstance(target, Transmission):
-            return target.cancelled or target.deadline != deadline
-        return target.done or target._response_deadline != deadline

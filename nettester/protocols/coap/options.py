@@ -27,8 +27,8 @@ from nettester.options import (
 )
 from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
 from nettester.protocols.coap.uri import METHODS, parse_uri
+from nettester.protocols.dtls.connection import ClientAuth
 from nettester.protocols.dtls.options import (
-    ClientAuth,
     DtlsClientOptionsMixin,
     DtlsServerOptionsMixin,
 )

@@ -260,11 +260,13 @@ class ReceiveTestService(OneServerService):
             return
         self.failures += 1
         self._last_failure = failure
-        outgoing = failure.value.request
+        error = failure.value
+        assert isinstance(error, CoapRequestError)  # check() matched its type
+        outgoing = error.request
         self.pending[rid] = LossEpisode(self.device, rid, started, None, UNATTRIBUTED, 1, None,
-                                        {"sequence": sequence, "reason": failure.value.reason, "mid": outgoing.mid,
+                                        {"sequence": sequence, "reason": error.reason, "mid": outgoing.mid,
                                          "token": outgoing.token.hex()})
-        self.print(f"request rid={rid} to {self.server} failed: {failure.value.reason} "
+        self.print(f"request rid={rid} to {self.server} failed: {error.reason} "
                    f"(MID {outgoing.mid}, token {outgoing.token.hex()})")
         self._continue()
 

@@ -82,7 +82,9 @@ def format_address(address: Address | None) -> str:
 class DatagramRoute(Protocol):
     """How to answer a peer whose records arrived through another node."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The route's name in the peer's context (read-only)."""
 
     def send(self, data: bytes, address: Address) -> None:
         """Deliver ``data`` to the peer at ``address`` along this route."""

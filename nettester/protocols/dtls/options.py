@@ -145,7 +145,7 @@ class _DtlsOptionsBase:
         ["key", None, "", "DTLS PEM P-256 private key of --cert."],
         ["trust", None, "", "DTLS PEM trust anchors the peer's certificate must chain to."],
     ]
-    envVars: ClassVar[dict[str, str]] = {
+    envVars: ClassVar[Mapping[str, str]] = {
         "dtls-suites": "DTLS_SUITES",
         "cid-length": "DTLS_CID_LENGTH",
         "cert": "DTLS_CERTIFICATE",
@@ -196,7 +196,7 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
         ],
         ["client-auth", None, "none", "Ask DTLS clients for a certificate: NONE, WANTED or NEEDED.", _client_auth],
     ]
-    envVars: ClassVar[dict[str, str]] = {
+    envVars: ClassVar[Mapping[str, str]] = {
         "psk-sandbox": "DTLS_PSK_SANDBOX",
         "psk-file": "DTLS_PSK_FILE",
         "max-connections": "DTLS_MAX_CONNECTIONS",
@@ -256,7 +256,7 @@ class DtlsClientOptionsMixin(_DtlsOptionsBase):
         ["secret", None, "", "DTLS PSK secret: text, hex:... or base64:..."],
         ["server-name", None, "", "Name the server's certificate must carry (SNI too)."],
     ]
-    envVars: ClassVar[dict[str, str]] = {
+    envVars: ClassVar[Mapping[str, str]] = {
         "psk-sandbox": "DTLS_PSK_SANDBOX",
         "identity": "DTLS_PSK_IDENTITY",
         "secret": "DTLS_PSK_SECRET",

@@ -55,6 +55,7 @@ def close_cause(reason: Failure, closed_by_us: str | None, us: str, tcp_end: str
     if closed_by_us is not None:
         return us, closed_by_us
     if reason.check(TLSError, VerificationError) is not None:
+        assert reason.value is not None  # check() matched its type
         return TLS_ERROR, tls_failure_text(reason.value)
     if reason.check(ConnectionDone) is not None:
         return PEER_CLOSED, FIN
@@ -102,6 +103,7 @@ class CoreProtocol(Protocol):
         """Write what the core produced, dispatch its events, re-arm the timer."""
         data = self.core.data_to_send()
         if data and self.closing is None:
+            assert self.transport is not None  # the core runs while connected
             self.transport.write(data)
         for event in events:
             self.handle_event(event)
@@ -132,6 +134,7 @@ class CoreProtocol(Protocol):
         if self.closing is None:
             self.closing = why
             self.stop_timer()
+            assert self.transport is not None  # the core runs while connected
             self.transport.loseConnection()
 
     def connection_lost_cause(self, reason: Failure, us: str) -> tuple[str, str]:

@@ -24,7 +24,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import ClientFactory, Factory, connectionDone
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -42,7 +42,7 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
-from nettester.protocols.keepalive.backoff import DEFAULT_MAX_DELAY, Backoff, Repeats, RepeatedFailures
+from nettester.protocols.keepalive.backoff import DEFAULT_MAX_DELAY, Backoff, RepeatedFailures, Repeats
 from nettester.protocols.keepalive.transport import connect_tcp
 from nettester.protocols.keepalive.wire import (
     ClientConnection,
@@ -110,6 +110,7 @@ class KeepAliveClientProtocol(CoreProtocol):
 
     def connectionMade(self) -> None:
         fleet = self.slot.fleet
+        assert self.transport is not None
         self.local = address_text(self.transport.getHost())
         self.peer = address_text(self.transport.getPeer())
         log.info("Client {client}: connected {local} -> {peer}, conn={conn}", event="conn_open",
@@ -188,7 +189,7 @@ class ClientSlot(ClientFactory):
             self.outage.attempts += 1
         self.connector = self.fleet.connect(self)
 
-    def buildProtocol(self, addr: IAddress) -> KeepAliveClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> KeepAliveClientProtocol:
         return KeepAliveClientProtocol(self, self.conn_id)
 
     def connection_made(self, protocol: KeepAliveClientProtocol) -> None:
@@ -348,7 +349,7 @@ class KeepAliveClientService(Service):
                   seconds=round(self.clock.seconds() - run.since, 1), conn=run.last_conn)
 
     def connect(self, slot: ClientSlot) -> IConnector:
-        factory: Factory = slot
+        factory: ClientFactory[Any] = slot
         if self.tls is not None:
             factory = TLSMemoryBIOFactory(self.tls, True, slot)
             factory.noisy = False

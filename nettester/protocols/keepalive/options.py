@@ -130,7 +130,7 @@ class ReportOptions(RoleOptions):
                 "(keep-alive missing), closed by the client, reset by a middlebox (a RST neither end sent), "
                 "still open.")
 
-    def parseArgs(self, server: str, *clients: str) -> None:
+    def parseArgs(self, server: str, *clients: str) -> None:  # type: ignore[override]  # Options passes the arguments
         if not clients:
             raise UsageError("give the server's JSON log and at least one client's JSON log")
         self["server_log"] = server

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP, IReactorTime
@@ -52,6 +53,8 @@ CLOSED_BY_SERVER = "closed_by_server"
 class KeepAliveServerProtocol(CoreProtocol):
     """One accepted connection."""
 
+    core: ServerConnection
+
     def __init__(self, service: KeepAliveServerService) -> None:
         super().__init__(service.clock)
         self.service = service
@@ -63,6 +66,7 @@ class KeepAliveServerProtocol(CoreProtocol):
         return self.core.conn_id or "-"
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.peer = address_text(self.transport.getPeer())
         self.local = address_text(self.transport.getHost())
         log.info("New TCP connection attempt {peer}", event="conn_attempt", peer=self.peer, local=self.local)
@@ -114,7 +118,7 @@ class KeepAliveServerFactory(Factory):
     def __init__(self, service: KeepAliveServerService) -> None:
         self.service = service
 
-    def buildProtocol(self, addr: IAddress) -> KeepAliveServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> KeepAliveServerProtocol:
         return KeepAliveServerProtocol(self.service)
 
 
@@ -145,7 +149,7 @@ class KeepAliveServerService(Service):
 
     def startService(self) -> None:
         """Listen; when the port cannot be opened, say why and stop with exit status 1."""
-        factory: Factory = KeepAliveServerFactory(self)
+        factory: Factory[Any] = KeepAliveServerFactory(self)
         if self.tls is not None:
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
             factory.noisy = False
@@ -163,7 +167,9 @@ class KeepAliveServerService(Service):
     def port_number(self) -> int:
         """The real listening port (useful with port 0)."""
         assert self.listening is not None, "not listening yet"
-        return self.listening.getHost().port
+        address = self.listening.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))  # a TCP port
+        return address.port
 
     def connection_made(self, protocol: KeepAliveServerProtocol) -> None:
         self.accepted.value += 1

@@ -133,10 +133,12 @@ def load_server_certificate(cert_path: str, key_path: str) -> ServerCertificate:
 
 def server_options(certificate: ServerCertificate) -> ssl.CertificateOptions:
     """The server's TLS context factory (TLS 1.2 and 1.3)."""
+    # CertificateOptions' hints still name pyOpenSSL's PKey and X509; it takes (and
+    # pyOpenSSL prefers) cryptography's keys and certificates.
     return ssl.CertificateOptions(
-        privateKey=serialization.load_pem_private_key(certificate.key_pem, password=None),
-        certificate=x509.load_pem_x509_certificate(certificate.chain_pem[0]),
-        extraCertChain=[x509.load_pem_x509_certificate(pem) for pem in certificate.chain_pem[1:]],
+        privateKey=serialization.load_pem_private_key(certificate.key_pem, password=None),  # type: ignore[arg-type]
+        certificate=x509.load_pem_x509_certificate(certificate.chain_pem[0]),  # type: ignore[arg-type]
+        extraCertChain=[x509.load_pem_x509_certificate(pem) for pem in certificate.chain_pem[1:]],  # type: ignore[misc]
         raiseMinimumTo=MINIMUM_VERSION,
     )
 

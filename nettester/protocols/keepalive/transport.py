@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Any
 
 from twisted.internet import main, tcp
@@ -36,10 +37,10 @@ class _LeanTransport:
 
     lost_errno: int | None = None
     saw_fin = False
-    socket: Any
+    socket: socket.socket
     bufferSize: int
-    connected: bool
-    disconnecting: bool
+    connected: int  # FileDescriptor keeps 0 or 1
+    disconnecting: int
     # Twisted's FileDescriptor buffers: nothing is queued when both are empty.
     dataBuffer: bytes
     offset: int

@@ -175,7 +175,8 @@ class StunClientService(Service):
             "socket_errors", "Failed socket opens, sends and receives (a send without a socket included)"
         )
         self.metrics.gauge("clients", "Clients started", lambda: self.fleet.started if self.fleet else 0)
-        self.metrics.histogram("rtt_seconds", "Binding round-trip times", lambda: self.fleet.rtt if self.fleet else None)
+        self.metrics.histogram("rtt_seconds", "Binding round-trip times",
+                               lambda: self.fleet.rtt if self.fleet else None)
         self.fleet: ClientFleet | None = None
         self._server_ip: str | None = None
         self._ports: list[ClientSocket | None] = []

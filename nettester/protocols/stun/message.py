@@ -283,7 +283,7 @@ def check_fingerprint(data: bytes) -> bool:
         if field.type == AttributeType.FINGERPRINT:
             if field.length != 4 or field.offset + FINGERPRINT_LENGTH != len(data):
                 return False
-            (received,) = struct.unpack_from("!I", data, field.offset + 4)
+            received: int = struct.unpack_from("!I", data, field.offset + 4)[0]
             return received == _crc(data[: field.offset])
     return False
 

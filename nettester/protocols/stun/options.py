@@ -9,8 +9,8 @@ from typing import Any, ClassVar, NamedTuple
 from twisted.python import usage
 
 from nettester.options import RoleOptions, non_negative_int, port_number, positive_float, positive_int
-from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
 from nettester.report.options import ResultOptionsMixin
+from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
 
 # Descriptors beyond one per client: stdio, the epoll fd, the waker pipe, metrics, logs.
 SPARE_FILES = 64
