@@ -49,7 +49,8 @@ def build_server(reactor: Any, options: RoleOptions) -> IService:
     if dtls is not None:
         from nettester.protocols.dtls.endpoint import DtlsEndpoint
 
-        factory = partial(DtlsEndpoint, reactor, server_configuration=dtls, max_connections=options["max-connections"])
+        factory = partial(DtlsEndpoint, reactor, server_configuration=dtls, max_connections=options["max-connections"],
+                          max_half_open=options["max-half-open"], half_open_timeout=options["half-open-timeout"])
 
     return CoapServerService(
         reactor, options["port"], addresses, plugtest=options["plugtest"], benchmark=options["benchmark"],

@@ -39,7 +39,7 @@ from nettester.protocols.dtls.credentials import (
     CredentialsError,
     PskStore,
 )
-from nettester.protocols.dtls.endpoint import DEFAULT_MAX_CONNECTIONS
+from nettester.protocols.dtls.peers import DEFAULT_HALF_OPEN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HALF_OPEN
 from nettester.protocols.dtls.suites import SUITES_BY_NAME
 from nettester.workers import shared_cookie_secret, worker_index
 
@@ -194,12 +194,29 @@ class DtlsServerOptionsMixin(_DtlsOptionsBase):
             "Most live DTLS connections; the stalest goes first.",
             positive_int,
         ],
+        [
+            "max-half-open",
+            None,
+            DEFAULT_MAX_HALF_OPEN,
+            "Most DTLS server handshakes in progress (past the cookie exchange); when a new one needs room, "
+            "the oldest is evicted, never an established session.",
+            positive_int,
+        ],
+        [
+            "half-open-timeout",
+            None,
+            DEFAULT_HALF_OPEN_TIMEOUT,
+            "Seconds a DTLS server handshake may take before it is dropped.",
+            positive_float,
+        ],
         ["client-auth", None, "none", "Ask DTLS clients for a certificate: NONE, WANTED or NEEDED.", _client_auth],
     ]
     envVars: ClassVar[Mapping[str, str]] = {
         "psk-sandbox": "DTLS_PSK_SANDBOX",
         "psk-file": "DTLS_PSK_FILE",
         "max-connections": "DTLS_MAX_CONNECTIONS",
+        "max-half-open": "DTLS_MAX_HALF_OPEN",
+        "half-open-timeout": "DTLS_HALF_OPEN_TIMEOUT",
         "client-auth": "DTLS_CLIENT_AUTH",
     }
 

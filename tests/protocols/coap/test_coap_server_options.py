@@ -142,3 +142,14 @@ def test_bad_pattern_is_a_usage_error() -> None:
 def test_max_body_size_reaches_the_endpoints() -> None:
     service = build_server(UdpClock(), parse("--max-body-size", "1000", "--interfaces", "127.0.0.1"))
     assert service._params.max_body_size == 1000  # type: ignore[attr-defined]
+
+
+def test_half_open_bound_and_timeout_reach_the_dtls_endpoint() -> None:
+    """Issue 13 section 4: half-open handshakes have their own bound and a short timeout, both settable."""
+    service = build_server(UdpClock(), parse("--psk-sandbox", "--max-half-open", "7", "--half-open-timeout", "2.5",
+                                             "--interfaces", "127.0.0.1"))
+    endpoint = service._dtls_link_factory()  # type: ignore[attr-defined]
+    assert endpoint.peers.max_half_open == 7
+    assert endpoint.server_configuration.handshake_timeout == 2.5
+    default = build_server(UdpClock(), parse("--psk-sandbox", "--interfaces", "127.0.0.1"))
+    assert default._dtls_link_factory().peers.max_half_open == 1000  # type: ignore[attr-defined]

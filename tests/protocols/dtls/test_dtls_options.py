@@ -116,8 +116,10 @@ def test_bad_options_are_usage_errors(options_class: type, arguments: list[str])
 def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DTLS_PSK_SANDBOX", "true")
     monkeypatch.setenv("DTLS_MAX_CONNECTIONS", "77")
+    monkeypatch.setenv("DTLS_MAX_HALF_OPEN", "12")
     options = parse(ServerOptions)
     assert options["max-connections"] == 77 and options["dtls"].psk_store.lookup(b"password") == b"sesame"
+    assert options["max-half-open"] == 12 and options["half-open-timeout"] == 10.0
 
 
 def test_client_secret_forms_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,6 +152,8 @@ def _usage_error(options_class: type, *arguments: str) -> str:
         ("--dtls-mtu", "expected a whole number of at least 1, got 'abc'"),
         ("--dtls-retransmit", "expected a number above 0, got 'abc'"),
         ("--max-connections", "expected a whole number of at least 1, got 'abc'"),
+        ("--max-half-open", "expected a whole number of at least 1, got 'abc'"),
+        ("--half-open-timeout", "expected a number above 0, got 'abc'"),
     ],
 )
 def test_every_numeric_option_says_what_it_expects(option: str, expected: str) -> None:
