@@ -12,9 +12,9 @@ from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from nettester.addresses import parse_host_port
 from nettester.nat.console import EXIT, HELP, ConsoleProtocol, NatConsole
 from nettester.nat.proxy import NatProxy
-from nettester.addresses import parse_host_port
 from nettester.nat.table import DropPolicy, NatTable
 
 
@@ -55,7 +55,7 @@ def test_commands_and_answers() -> None:
     assert proxy.table.destinations()[1].address == ("10.9.9.9", 5684)
     assert run(console, "add known.test:5684") == "destination known.test:5684 is already there."
     assert run(console, "add unknown.test:5684").startswith("cannot resolve unknown.test")
-    assert run(console, "add [::1]:5684") == "[::1]:5684 resolves to ::1: all destinations must be of one address family"
+    assert run(console, "add [::1]:5684") == "added destination [::1]:5684."  # both families are served
     assert run(console, "add nonsense") == "expected host:port (port 1-65535), got 'nonsense'"
     assert run(console, "add :5684") == "expected host:port with a host, got ':5684'"
     assert run(console, "add") == "usage: add <host:port>"

@@ -19,9 +19,9 @@ from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineOnlyReceiver
 
 from nettester.nat.console import NatRoleService
-from tests.loopback import wait_until
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable, SizeLimit
+from tests.loopback import has_ipv6_loopback, wait_until
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 5.0
@@ -377,3 +377,43 @@ def test_ipv6_loopback() -> Generator[Any, Any, None]:
         yield proxy.stopService()
         yield client_port.stopListening()
         yield echo_port.stopListening()
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest_twisted.inlineCallbacks
+def test_ipv4_and_ipv6_destinations_together_and_rebalance_across_families() -> Generator[Any, Any, None]:
+    echoes = [Echo(), Echo()]
+    ports = [reactor.listenUDP(0, echoes[0], interface="127.0.0.1"), reactor.listenUDP(0, echoes[1], interface="::1")]
+    names = [f"127.0.0.1:{ports[0].getHost().port}", f"[::1]:{ports[1].getHost().port}"]
+    proxy = NatProxy(reactor, NatTable([], rng=random.Random(3)), DropPolicy(), ("127.0.0.1", 0), names)
+    proxy.startService()
+    clients = [(Client(), None) for _ in range(10)]
+    clients = [(client, reactor.listenUDP(0, client, interface="127.0.0.1")) for client, _ in clients]
+    try:
+        yield wait_until(lambda: len(proxy.table.destinations()) == 2)
+
+        @pytest_twisted.inlineCallbacks
+        def round_trip(data: bytes) -> Generator[Any, Any, list[int]]:
+            destinations = []
+            for client, port in clients:
+                port.write(data, ("127.0.0.1", proxy.port))
+                answer = yield timed(client.answers.get())
+                destinations.append(int(answer.partition(b"|")[0]))
+            return destinations
+
+        first = yield round_trip(b"a")
+        assert set(first) == {port.getHost().port for port in ports}, "both families serve"
+        for _ in range(20):  # rebalance until some entry changes family, then it still gets answers
+            proxy.rebalance()
+            after = yield round_trip(b"b")
+            if after != first:
+                break
+        assert after != first
+        assert proxy.summary()["forwarded"] == proxy.summary()["backwarded"]
+        assert proxy.summary()["entries"] == len(clients)
+    finally:
+        yield proxy.stopService()
+        for _, port in clients:
+            yield port.stopListening()
+        for port in ports:
+            yield port.stopListening()

@@ -7,9 +7,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 
 from nettester.interfaces import IReportingService
-from nettester.nat.table import SizeLimit
 from nettester.nat.options import NatOptions
 from nettester.nat.roles import build_nat
+from nettester.nat.table import SizeLimit
 from nettester.plugins.nat import nat
 
 
