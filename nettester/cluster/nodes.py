@@ -1,6 +1,6 @@
-"""Who the other cluster nodes are, learned with PING/PONG (static tables: L{nettester.cluster.discovery}).
+"""Who the other cluster nodes are, learned with PING/PONG (static tables: :mod:`nettester.cluster.discovery`).
 
-L{NodeTable} is the sans-IO core of dynamic (and Kubernetes) discovery:
+:class:`NodeTable` is the sans-IO core of dynamic (and Kubernetes) discovery:
 management PING/PONG messages and the time go in, datagrams to send come
 out, and listeners hear node id -> management address changes. Timing, as
 Californium's dynamic cluster: a timer every 2 s; a node silent for 4 s is
@@ -10,7 +10,7 @@ Californium, a two-node group pings too: every group address other than
 our own is pinged until it answers, whatever the group's size.
 
 With a group secret, PING/PONG carry the sender's time in ms; a message is
-accepted only when that time is within C{replay_window} of ours and later
+accepted only when that time is within ``replay_window`` of ours and later
 than the last one accepted from that node, so a recorded PING/PONG cannot
 be replayed to move a node to an attacker's address.
 """
@@ -62,7 +62,7 @@ class NodeListeners(ABC):
         """Every known other node id -> management address."""
 
     def addListener(self, listener: Listener) -> None:
-        """Register C{listener} and tell it every node known now."""
+        """Register ``listener`` and tell it every node known now."""
         self._listeners.append(listener)
         for node_id, address in self.nodes().items():
             listener(node_id, address)
@@ -85,8 +85,8 @@ class _Node:
 class NodeTable(NodeListeners):
     """Dynamic discovery's core (see the module docstring).
 
-    @param group: management addresses of the group (possibly our own among them).
-    @param own_addresses: our own management addresses, never pinged.
+    :param group: management addresses of the group (possibly our own among them).
+    :param own_addresses: our own management addresses, never pinged.
     """
 
     def __init__(
@@ -135,7 +135,7 @@ class NodeTable(NodeListeners):
         self._last_group_ping = {a: t for a, t in self._last_group_ping.items() if a in self._group}
 
     def receive(self, message: NodeMessage, source: Address, now: float) -> list[Outgoing]:
-        """An authenticated PING or PONG from C{source}; answers a PING with a PONG."""
+        """An authenticated PING or PONG from ``source``; answers a PING with a PONG."""
         if message.node_id > MAX_NODE_ID:
             self._count("bad_node_id")  # a CID names its node in one byte
             return []
@@ -180,7 +180,7 @@ class NodeTable(NodeListeners):
         return outgoing
 
     def get_timer(self) -> float | None:
-        """When L{handle_timer} is due next; None before the first tick (call it at start)."""
+        """When :meth:`handle_timer` is due next; None before the first tick (call it at start)."""
         return self._next_tick
 
     # -- internals --------------------------------------------------------------

@@ -60,7 +60,7 @@ class OutgoingSocket:
     with one socket per NAT entry that is two info lines per client, so the
     NAT registers plain non-blocking sockets with IReactorFDSet instead.
 
-    @raise OSError: when no socket can be opened (e.g. too many open files).
+    :raises OSError: when no socket can be opened (e.g. too many open files).
     """
 
     MAX_READS = 64  # per readiness event, so one busy entry cannot starve the others
@@ -109,10 +109,10 @@ class OutgoingSocket:
 class NatProxy(Service):
     """The ``nat`` role's service: public socket, outgoing sockets, expiry timer.
 
-    @param reactor: IReactorUDP, IReactorFDSet, IReactorTime and IReactorCore (name resolution).
-    @param destinations: ``host:port`` texts; host names are resolved at start.
-    @param open_socket: C{open_socket(family, receive)} opens one entry's
-        outgoing socket (default: an L{OutgoingSocket}); tests pass fakes.
+    :param reactor: IReactorUDP, IReactorFDSet, IReactorTime and IReactorCore (name resolution).
+    :param destinations: ``host:port`` texts; host names are resolved at start.
+    :param open_socket: ``open_socket(family, receive)`` opens one entry's
+        outgoing socket (default: an :class:`OutgoingSocket`); tests pass fakes.
     """
 
     def __init__(
@@ -237,7 +237,7 @@ class NatProxy(Service):
         self._forwarded.value += 1
 
     def backward_datagram(self, key: int, datagram: bytes, source: Address) -> None:
-        """An answer on entry C{key}'s socket: send it back to the entry's client."""
+        """An answer on entry ``key``'s socket: send it back to the entry's client."""
         client = self.table.backward(key, source, self._reactor.seconds())
         if client is None:
             self.dropped.inc("unknown_entry")
@@ -255,7 +255,7 @@ class NatProxy(Service):
         self._backwarded.value += 1
 
     def _open(self, key: int, family: int) -> Any:
-        """Open entry C{key}'s outgoing socket for C{family}; None (logged) when the OS refuses."""
+        """Open entry ``key``'s outgoing socket for ``family``; None (logged) when the OS refuses."""
         try:
             outgoing = self._open_socket(family, partial(self.backward_datagram, key))
         except OSError as error:
@@ -272,7 +272,7 @@ class NatProxy(Service):
         return outgoing
 
     def _close(self, keys: Iterable[int]) -> int:
-        """Close the sockets of the entries C{keys}; how many entries had any."""
+        """Close the sockets of the entries ``keys``; how many entries had any."""
         closed = 0
         for key in keys:
             sockets = self._sockets.pop(key, None)
@@ -295,7 +295,7 @@ class NatProxy(Service):
     # -- console commands ---------------------------------------------------------
 
     def clear(self, count: int | None) -> int:
-        """Drop C{count} random entries (all when None); their clients get new ports."""
+        """Drop ``count`` random entries (all when None); their clients get new ports."""
         return self._close(self.table.clear(count))
 
     def reassign(self) -> int:
@@ -348,7 +348,7 @@ class NatProxy(Service):
         return f"added destination {name}."
 
     def remove_destination(self, name: str) -> str:
-        """Remove the destination added as C{name} (or with that address)."""
+        """Remove the destination added as ``name`` (or with that address)."""
         for destination in self.table.destinations():
             if name in (destination.name, f"{destination.address[0]}:{destination.address[1]}"):
                 self.table.removeDestination(destination.address)

@@ -1,11 +1,11 @@
 """The sans-IO core of the NAT / load-balancer emulator.
 
-A L{NatTable} maps each client source address to one NAT entry: an outgoing
+A :class:`NatTable` maps each client source address to one NAT entry: an outgoing
 socket (named by an integer key, opened by the adapter) and a destination,
 picked at random when the entry is created and then sticky. Entries expire
 after the NAT timeout without traffic. Destinations that stop answering for
 the load-balancer timeout become stale (no new entries) and are probed back
-after the same time. L{DropPolicy} decides which datagrams are lost on purpose.
+after the same time. :class:`DropPolicy` decides which datagrams are lost on purpose.
 
 Nothing here reads a clock or touches a socket: the time is an argument.
 """
@@ -26,9 +26,9 @@ Address = tuple[str, int]
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one forwarded datagram goes: out of socket C{key} to C{destination}.
+    """Where one forwarded datagram goes: out of socket ``key`` to ``destination``.
 
-    C{evicted} is the socket key of the entry dropped to make room (``-n``), to close.
+    ``evicted`` is the socket key of the entry dropped to make room (``-n``), to close.
     """
 
     key: int
@@ -54,7 +54,7 @@ class Destination:
 class NatEntry:
     """One client source address: its outgoing socket key and destination.
 
-    C{route} is kept up to date by the table, so forwarding allocates nothing.
+    ``route`` is kept up to date by the table, so forwarding allocates nothing.
     """
 
     __slots__ = ("client", "key", "destination", "last_used", "route")
@@ -67,7 +67,7 @@ class NatEntry:
         self.route = Route(key, destination.address)
 
     def reroute(self) -> None:
-        """Refresh C{route} after the key or the destination changed."""
+        """Refresh ``route`` after the key or the destination changed."""
         self.route = Route(self.key, self.destination.address)
 
 
@@ -75,12 +75,12 @@ class NatEntry:
 class NatTable:
     """NAT entries and destinations; see the module docstring.
 
-    @param nat_timeout: seconds an entry lives without traffic (``--tnat``).
-    @param lb_timeout: seconds a destination may leave traffic unanswered
+    :param nat_timeout: seconds an entry lives without traffic (``--tnat``).
+    :param lb_timeout: seconds a destination may leave traffic unanswered
         before it is stale, and seconds before a stale one is probed (``--tlb``).
-    @param max_entries: at most this many entries; the least recently used
+    :param max_entries: at most this many entries; the least recently used
         one makes room for a new client (``-n``).
-    @param rng: the source of every random choice (seed it in tests).
+    :param rng: the source of every random choice (seed it in tests).
     """
 
     def __init__(
@@ -249,12 +249,12 @@ class NatTable:
         return list(self._destinations.values())
 
     def destination_of(self, client: Address) -> Address | None:
-        """The destination of C{client}'s entry, or None without an entry."""
+        """The destination of ``client``'s entry, or None without an entry."""
         entry = self._entries.get(client)
         return entry.destination.address if entry is not None else None
 
     def key_of(self, client: Address) -> int | None:
-        """The socket key of C{client}'s entry, or None without an entry."""
+        """The socket key of ``client``'s entry, or None without an entry."""
         entry = self._entries.get(client)
         return entry.key if entry is not None else None
 
@@ -324,7 +324,7 @@ def looks_like_dtls(datagram: bytes) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class SizeLimit:
-    """``-s SIZE[:PCT]``: datagrams longer than C{size} bytes are dropped with C{percent} % probability."""
+    """``-s SIZE[:PCT]``: datagrams longer than ``size`` bytes are dropped with ``percent`` % probability."""
 
     size: int
     percent: float = 100.0
@@ -347,7 +347,7 @@ class DropPolicy:
     """Which datagrams the emulator loses on purpose, and why.
 
     Each method returns a short drop reason (a metrics label) or None to pass;
-    C{active} is False when nothing is ever dropped, so callers can skip the calls.
+    ``active`` is False when nothing is ever dropped, so callers can skip the calls.
     Percentages are 0..100; the random source is injected so tests are exact.
     """
 

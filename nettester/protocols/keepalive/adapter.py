@@ -45,9 +45,9 @@ def address_text(address: IAddress) -> str:
 def close_cause(reason: Failure, closed_by_us: str | None, us: str, tcp_end: str | None = None) -> tuple[str, str]:
     """Classify a close: (cause, detail).
 
-    C{closed_by_us} is the reason we asked for the close (None when we did
-    not); C{us} is ``closed_by_server`` or ``closed_by_client``; C{tcp_end}
-    is what the TCP transport saw (L{tcp_ending}). A clean end of stream we
+    ``closed_by_us`` is the reason we asked for the close (None when we did
+    not); ``us`` is ``closed_by_server`` or ``closed_by_client``; ``tcp_end``
+    is what the TCP transport saw (:func:`tcp_ending`). A clean end of stream we
     did not ask for is the peer's FIN, also under TLS without a close_notify;
     any other loss is a reset, detailed by the errno of the failed read when
     known, else by the exception text.
@@ -78,8 +78,8 @@ class SansIOCore(TypingProtocol):
 class CoreProtocol(Protocol):
     """A Twisted Protocol driving one sans-IO keep-alive core.
 
-    Subclasses create C{self.core} in connectionMade, then call L{pump};
-    they implement L{handle_event}.
+    Subclasses create ``self.core`` in connectionMade, then call :meth:`pump`;
+    they implement :meth:`handle_event`.
     """
 
     core: SansIOCore

@@ -1,7 +1,7 @@
 """``keepalive-client``: a fleet of long-lived keep-alive connections.
 
-Each client number holds one connection at a time (a L{ClientSlot}), sends
-``Establish Session``, keep-alives and dummies through a L{ClientConnection}
+Each client number holds one connection at a time (a :class:`ClientSlot`), sends
+``Establish Session``, keep-alives and dummies through a :class:`ClientConnection`
 core, tells a FIN from a RST from a missing response, and reconnects after
 ``--reconnect-delay``. Every connection has a conn id unique across runs and
 replicas (``<run>-<client>-<attempt>``) that the server logs too.
@@ -160,7 +160,7 @@ class KeepAliveClientProtocol(CoreProtocol):
 
 
 class ClientSlot(ClientFactory):
-    """Client number C{number}: one connection at a time, reconnecting after a drop."""
+    """Client number ``number``: one connection at a time, reconnecting after a drop."""
 
     noisy = False
 
@@ -176,7 +176,7 @@ class ClientSlot(ClientFactory):
         self.backoff = Backoff(fleet.reconnect_delay, fleet.reconnect_max_delay, fleet.rng)
 
     def schedule(self, delay: float) -> None:
-        """Connect after C{delay} seconds."""
+        """Connect after ``delay`` seconds."""
         self.pending = self.fleet.clock.callLater(delay, self.connect)
 
     def connect(self) -> None:
@@ -241,7 +241,7 @@ class ClientSlot(ClientFactory):
 
 @implementer(IReportingService)
 class KeepAliveClientService(Service):
-    """C{clients} clients spread over C{ramp_up} seconds against one server."""
+    """``clients`` clients spread over ``ramp_up`` seconds against one server."""
 
     def __init__(self, reactor: Any, host: str, port: int, clients: int, timing: ClientTiming,
                  ramp_up: float = 10.0, reconnect_delay: float = 1.0,

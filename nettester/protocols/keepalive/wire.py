@@ -14,8 +14,8 @@ events are returned, bytes to write come out of ``data_to_send()`` and the
 next deadline out of ``get_timer()``. The Twisted adapters live in
 ``server.py`` and ``client.py``.
 
-Every malformed input raises L{WireError} from the parser; the state machines
-turn it into a L{ProtocolError} event and stop, so arbitrary bytes never raise
+Every malformed input raises :exc:`WireError` from the parser; the state machines
+turn it into a :class:`ProtocolError` event and stop, so arbitrary bytes never raise
 out of them.
 """
 
@@ -74,7 +74,7 @@ class KeepAlive:
 
 @dataclass(frozen=True, slots=True)
 class KeepAliveResponse:
-    """Server answer to L{KeepAlive}."""
+    """Server answer to :class:`KeepAlive`."""
 
     seq: int
 
@@ -84,7 +84,7 @@ class KeepAliveResponse:
 
 @dataclass(frozen=True, slots=True)
 class Dummy:
-    """Dummy data (``short`` or ``long``), or the server's echo of it (C{reply})."""
+    """Dummy data (``short`` or ``long``), or the server's echo of it (``reply``)."""
 
     kind: str
     payload: bytes
@@ -117,7 +117,7 @@ def _payload(text: bytes) -> bytes:
 def parse_line(line: bytes) -> Message:
     """Parse one line (without its ``\\n``; a trailing ``\\r`` is tolerated).
 
-    @raise WireError: for anything that is not exactly one known message.
+    :raises WireError: for anything that is not exactly one known message.
     """
     if line.endswith(b"\r"):
         line = line[:-1]
@@ -143,7 +143,7 @@ def parse_line(line: bytes) -> Message:
 
 
 class LineFramer:
-    """Splits a byte stream into lines; refuses lines longer than C{max_line}."""
+    """Splits a byte stream into lines; refuses lines longer than ``max_line``."""
 
     __slots__ = ("_partial", "_max_line")
 
@@ -152,9 +152,9 @@ class LineFramer:
         self._max_line = max_line
 
     def feed(self, data: bytes) -> list[bytes]:
-        """The complete lines C{data} finishes, without their ``\\n``.
+        """The complete lines ``data`` finishes, without their ``\\n``.
 
-        @raise WireError: when a line (complete or not) exceeds the limit.
+        :raises WireError: when a line (complete or not) exceeds the limit.
         """
         buffered = self._partial + data if self._partial else data
         *lines, self._partial = buffered.split(b"\n")
@@ -202,7 +202,7 @@ class KeepAliveMissing:
 
 @dataclass(frozen=True, slots=True)
 class KeepAliveAnswered:
-    """The server answered keep-alive C{seq} after C{rtt} seconds (client side)."""
+    """The server answered keep-alive ``seq`` after ``rtt`` seconds (client side)."""
 
     seq: int
     rtt: float
@@ -210,7 +210,7 @@ class KeepAliveAnswered:
 
 @dataclass(frozen=True, slots=True)
 class ResponseMissing:
-    """Keep-alive C{seq} got no answer within the response timeout (client side)."""
+    """Keep-alive ``seq`` got no answer within the response timeout (client side)."""
 
     seq: int
     waited: float
@@ -236,8 +236,8 @@ Event = (
 class ServerConnection:
     """One accepted connection, server side.
 
-    Answers keep-alives and dummies, and reports L{KeepAliveMissing} when no
-    ``Establish Session`` / ``Keep Alive`` arrived for C{keepalive_timeout}
+    Answers keep-alives and dummies, and reports :class:`KeepAliveMissing` when no
+    ``Establish Session`` / ``Keep Alive`` arrived for ``keepalive_timeout``
     seconds. After any terminal event it ignores all input: the adapter closes.
     """
 
@@ -307,7 +307,7 @@ class ServerConnection:
         return data
 
     def get_timer(self) -> float | None:
-        """When L{handle_timer} must be called next, or None."""
+        """When :meth:`handle_timer` must be called next, or None."""
         return self._deadline
 
     def handle_timer(self, now: float) -> list[Event]:
@@ -345,7 +345,7 @@ class ClientPlan:
 
 def _next_tick(previous: float, interval: float, now: float) -> float:
     """The next send time on a fixed grid, so a late timer does not stretch the interval;
-    after a stall longer than one interval, restart the grid from C{now}."""
+    after a stall longer than one interval, restart the grid from ``now``."""
     following = previous + interval
     return following if following > now else now + interval
 
@@ -353,10 +353,10 @@ def _next_tick(previous: float, interval: float, now: float) -> float:
 class ClientConnection:
     """One client connection: establish, keep-alives, dummies, response timeout.
 
-    Keep-alive C{seq} counts from 1 every C{keepalive_interval}; the server
+    Keep-alive ``seq`` counts from 1 every ``keepalive_interval``; the server
     answers in order (TCP is ordered), so a response must carry the oldest
-    outstanding seq. When that one is older than C{response_timeout},
-    L{ResponseMissing} is returned and the connection is finished.
+    outstanding seq. When that one is older than ``response_timeout``,
+    :class:`ResponseMissing` is returned and the connection is finished.
     """
 
     __slots__ = ("_plan", "_framer", "_outgoing", "_next_keepalive", "_next_dummy", "_seq", "_pending", "_dummies",
@@ -418,7 +418,7 @@ class ClientConnection:
         return data
 
     def get_timer(self) -> float | None:
-        """When L{handle_timer} must be called next, or None once finished."""
+        """When :meth:`handle_timer` must be called next, or None once finished."""
         if self.finished:
             return None
         deadline = self._next_keepalive
