@@ -187,21 +187,21 @@ class INatTable(Interface):
     one lazily for a key it has not seen and closes the keys it is told to.
     """
 
-    reverseUpdate = Attribute("True when backward traffic from another destination moves the entry there.")
+    reverse_update = Attribute("True when backward traffic from another destination moves the entry there.")
 
     def forward(client, now):
         """Route a datagram from ``client``: a :class:`nettester.nat.table.Route`
         (socket key, destination address, and the key of an entry evicted to
         make room, to close), or None when no destination is usable."""
 
-    def backward(socketKey, source, now):
-        """The client address an answer arriving on ``socketKey`` from ``source``
+    def backward(socket_key, source, now):
+        """The client address an answer arriving on ``socket_key`` from ``source``
         goes back to, or None when the key is unknown."""
 
     def expire(now):
         """Remove entries idle longer than the NAT timeout; return their socket keys."""
 
-    def nextDeadline():
+    def next_deadline():
         """When ``expire`` next has work to do, or None with no entries."""
 
     def clear(count):
@@ -217,10 +217,10 @@ class INatTable(Interface):
         :returns: (entries whose destination changed, entries in total).
         """
 
-    def addDestination(name, address):
+    def add_destination(name, address):
         """Add a destination; False when it is already there."""
 
-    def removeDestination(address):
+    def remove_destination(address):
         """Remove a destination, moving its entries elsewhere; False when unknown."""
 
     def info():

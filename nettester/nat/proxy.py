@@ -161,7 +161,7 @@ class NatProxy(Service):
             event="nat_start",
             address=address_text((interface, self.port)) if interface else f"*:{self.port}",
             count=len(self._initial_destinations),
-            mode="enabled" if self.table.reverseUpdate else "disabled",
+            mode="enabled" if self.table.reverse_update else "disabled",
         )
         for name in self._initial_destinations:
             self._add_initial_destination(name)
@@ -268,7 +268,7 @@ class NatProxy(Service):
             self._new_entries.value += 1
         sockets[family] = outgoing
         if self._timer is None:
-            self._arm(self.table.nextDeadline())
+            self._arm(self.table.next_deadline())
         return outgoing
 
     def _close(self, keys: Iterable[int]) -> int:
@@ -290,7 +290,7 @@ class NatProxy(Service):
     def _expire(self) -> None:
         expired = self.table.expire(self._reactor.seconds())
         self._expired.value += self._close(expired)
-        self._arm(self.table.nextDeadline())
+        self._arm(self.table.next_deadline())
 
     # -- console commands ---------------------------------------------------------
 
@@ -307,7 +307,7 @@ class NatProxy(Service):
         return self.table.rebalance(self._reactor.seconds())
 
     def set_reverse(self, enabled: bool) -> None:
-        self.table.reverseUpdate = enabled
+        self.table.reverse_update = enabled
 
     def add_destination(self, name: str) -> Deferred[str]:
         """Resolve ``host:port`` and add it; fires with the console's answer line."""
@@ -341,7 +341,7 @@ class NatProxy(Service):
         return succeed(host) if ip_family(host) is not None else self._reactor.resolve(host)
 
     def _add_resolved(self, address: str, name: str, port: int) -> str:
-        if not self.table.addDestination(name, (address, port)):
+        if not self.table.add_destination(name, (address, port)):
             return f"destination {name} is already there."
         log.info("Destination added {destination} ({address})", event="nat_destination_added",
                  destination=name, address=address_text((address, port)))
@@ -351,7 +351,7 @@ class NatProxy(Service):
         """Remove the destination added as ``name`` (or with that address)."""
         for destination in self.table.destinations():
             if name in (destination.name, f"{destination.address[0]}:{destination.address[1]}"):
-                self.table.removeDestination(destination.address)
+                self.table.remove_destination(destination.address)
                 log.info("Destination removed {destination}", event="nat_destination_removed", destination=name)
                 return f"removed destination {name}."
         return f"unknown destination {name}; 'info' lists them."

@@ -95,7 +95,7 @@ class NatTable:
         self.nat_timeout = nat_timeout
         self.lb_timeout = lb_timeout
         self.max_entries = max_entries
-        self.reverseUpdate = reverse_update
+        self.reverse_update = reverse_update
         self._random = rng if rng is not None else random.Random()
         self._destinations: dict[Address, Destination] = {}
         # Least recently used first, so expiry and eviction look at the front only.
@@ -106,7 +106,7 @@ class NatTable:
         self.evicted = 0
         self.stale_marked = 0
         for name, address in destinations:
-            self.addDestination(name, address)
+            self.add_destination(name, address)
 
     # -- the hot path ---------------------------------------------------------
 
@@ -143,8 +143,8 @@ class NatTable:
                     destination.unanswered_since = now
         return entry.route if evicted is None else Route(entry.key, destination.address, evicted)
 
-    def backward(self, socketKey: int, source: Address, now: float) -> Address | None:
-        entry = self._by_key.get(socketKey)
+    def backward(self, socket_key: int, source: Address, now: float) -> Address | None:
+        entry = self._by_key.get(socket_key)
         if entry is None:
             return None
         entry.last_used = now
@@ -155,7 +155,7 @@ class NatTable:
             answering = self._destinations.get(source)
             if answering is None:
                 return entry.client
-            if self.reverseUpdate:
+            if self.reverse_update:
                 self._move(entry, answering)
             destination = answering
         destination.unanswered_since = None
@@ -174,7 +174,7 @@ class NatTable:
             expired.append(self._remove(entry))
         return expired
 
-    def nextDeadline(self) -> float | None:
+    def next_deadline(self) -> float | None:
         if not self._entries:
             return None
         return next(iter(self._entries.values())).last_used + self.nat_timeout
@@ -210,17 +210,17 @@ class NatTable:
                 changed += 1
         return changed, len(self._entries)
 
-    def addDestination(self, name: str, address: Address) -> bool:
+    def add_destination(self, name: str, address: Address) -> bool:
         if address in self._destinations:
             return False
         added = Destination(name, address)
         self._destinations[address] = added
         for entry in self._entries.values():
             if self._destinations.get(entry.destination.address) is not entry.destination:
-                self._move(entry, added)  # left without a destination by removeDestination
+                self._move(entry, added)  # left without a destination by remove_destination
         return True
 
-    def removeDestination(self, address: Address) -> bool:
+    def remove_destination(self, address: Address) -> bool:
         removed = self._destinations.pop(address, None)
         if removed is None:
             return False
@@ -232,11 +232,9 @@ class NatTable:
         return True
 
     def info(self) -> list[str]:
-        mode = "enabled" if self.reverseUpdate else "disabled"
+        mode = "enabled" if self.reverse_update else "disabled"
         lines = [f"{len(self._entries)} NAT entries, reverse address update {mode}."]
-        lines.extend(
-            f"Destination: {destination.name}, usage: {destination.usage}" for destination in self._destinations.values()
-        )
+        lines.extend(f"Destination: {d.name}, usage: {d.usage}" for d in self._destinations.values())
         return lines
 
     # -- views ------------------------------------------------------------------

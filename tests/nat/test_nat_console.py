@@ -61,8 +61,8 @@ def test_commands_and_answers() -> None:
     assert run(console, "add") == "usage: add <host:port>"
     assert run(console, "remove 10.0.0.1:5684") == "removed destination 10.0.0.1:5684."
     assert run(console, "remove 10.0.0.1:5684") == "unknown destination 10.0.0.1:5684; 'info' lists them."
-    assert run(console, "reverse on") == "reverse address update enabled." and proxy.table.reverseUpdate
-    assert run(console, "REVERSE off") == "reverse address update disabled." and not proxy.table.reverseUpdate
+    assert run(console, "reverse on") == "reverse address update enabled." and proxy.table.reverse_update
+    assert run(console, "REVERSE off") == "reverse address update disabled." and not proxy.table.reverse_update
     assert run(console, "reverse maybe") == "usage: reverse on|off"
     assert run(console, "reassign") == "reassigned 0 NAT entries to new outgoing ports."
     assert run(console, "exit") is EXIT and run(console, "quit") is EXIT

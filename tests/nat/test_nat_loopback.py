@@ -199,7 +199,7 @@ def test_sticky_entries_clear_reassign_rebalance_add_remove() -> Generator[Any, 
         assert (yield lab.command("remove 127.0.0.1:1")) == "unknown destination 127.0.0.1:1; 'info' lists them."
         assert (yield lab.command("add nohost.invalid:5")).startswith("cannot resolve nohost.invalid")
         assert (yield lab.command("reverse on")) == "reverse address update enabled."
-        assert lab.proxy.table.reverseUpdate is True
+        assert lab.proxy.table.reverse_update is True
         assert lab.proxy.summary()["forwarded"] == lab.proxy.summary()["backwarded"]
     finally:
         yield lab.close()

@@ -128,7 +128,7 @@ def test_drops_are_counted_by_reason() -> None:
     nat.backward_datagram(999, b"x", A)
     assert nat.dropped.values == {"size_limit": 2, "no_socket": 1, "unknown_entry": 1}
     assert public(reactor).written == [(b"x", ("192.0.2.1", 1))]
-    nat.table.removeDestination(A)
+    nat.table.remove_destination(A)
     public(reactor).protocol.datagramReceived(b"1", ("192.0.2.9", 1))
     assert nat.dropped.get("no_destination") == 1
 
@@ -175,7 +175,7 @@ def test_destinations_of_both_families_an_entry_moved_across_gets_a_socket_per_f
     # Removing the IPv6 destination moves its entries to IPv4: each opens its second socket.
     moved = [client for client in clients if nat.table.destination_of(client) == six]
     assert 0 < len(moved) < len(clients)
-    nat.table.removeDestination(six)
+    nat.table.remove_destination(six)
     for client in moved:
         public(reactor).protocol.datagramReceived(b"y", client)
     assert len(reactor.ports) == 1 + len(clients) + len(moved)
