@@ -1,4 +1,4 @@
-"""Every zope.interface of nettester, in one place.
+"""Every zope.interface and typing.Protocol of nettester, in one place.
 
 The core (``tap``, ``cli``, ``local``) only talks to protocol modules through
 these interfaces, so a new protocol module is a new file under
@@ -249,3 +249,28 @@ class DatagramCore(Protocol):
 
     def next_event(self) -> Any | None:
         """The next event for the layer above, or None when there is none."""
+
+
+class StreamCore(Protocol):
+    """The stream twin of :class:`DatagramCore` (h11's shape): one connection of a stream protocol.
+
+    Bytes read and the time go in; bytes to write, one timer and events come
+    out. ``nettester.protocols.keepalive.adapter.CoreProtocol`` drives one from
+    a Twisted ``Protocol``. A core tolerates ``handle_timer`` being called at or
+    after ``get_timer()``.
+    """
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Bytes read from the connection, in order."""
+
+    def data_to_send(self) -> bytes:
+        """What to write now; each byte is handed out once."""
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` is due next (in the same clock as ``now``), or None."""
+
+    def handle_timer(self, now: float) -> None:
+        """The timer fired: send what is due, check deadlines."""
+
+    def next_event(self) -> Any | None:
+        """The next event for the adapter, or None when there is none."""

@@ -8,8 +8,7 @@ Twisted does lazily when the deadline only moves later: cheap per keep-alive).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Protocol as TypingProtocol
+from collections.abc import Iterator
 
 from OpenSSL.SSL import Error as TLSError
 from service_identity import VerificationError
@@ -19,6 +18,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from nettester.interfaces import StreamCore
 from nettester.logs import Logger
 from nettester.protocols.keepalive.tls import tls_failure_text
 from nettester.protocols.keepalive.transport import FIN, tcp_ending
@@ -63,18 +63,6 @@ def close_cause(reason: Failure, closed_by_us: str | None, us: str, tcp_end: str
     return PEER_RESET, tcp_end or str(reason.value)
 
 
-class SansIOCore(TypingProtocol):
-    """The part of ServerConnection / ClientConnection an adapter drives."""
-
-    def receive_data(self, data: bytes, now: float) -> list[Event]: ...
-
-    def data_to_send(self) -> bytes: ...
-
-    def get_timer(self) -> float | None: ...
-
-    def handle_timer(self, now: float) -> list[Event]: ...
-
-
 class CoreProtocol(Protocol):
     """A Twisted Protocol driving one sans-IO keep-alive core.
 
@@ -82,7 +70,7 @@ class CoreProtocol(Protocol):
     they implement :meth:`handle_event`.
     """
 
-    core: SansIOCore
+    core: StreamCore
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
@@ -91,21 +79,24 @@ class CoreProtocol(Protocol):
         self.closing: str | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        self.pump(self.core.receive_data(data, self.clock.seconds()))
+        self.core.receive_data(data, self.clock.seconds())
+        self.pump()
 
     def _timer_fired(self) -> None:
         self._timer = None
         self._deadline = None
-        self.pump(self.core.handle_timer(self.clock.seconds()))
+        self.core.handle_timer(self.clock.seconds())
+        self.pump()
 
-    def pump(self, events: Sequence[Event]) -> None:
+    def pump(self) -> None:
         """Write what the core produced, dispatch its events, re-arm the timer."""
-        data = self.core.data_to_send()
+        core = self.core
+        data = core.data_to_send()
         if data and self.closing is None:
             self.transport.write(data)
-        for event in events:
+        while (event := core.next_event()) is not None:
             self.handle_event(event)
-        deadline = self.core.get_timer()
+        deadline = core.get_timer()
         if deadline == self._deadline:
             return
         self._deadline = deadline

@@ -42,7 +42,7 @@ from nettester.protocols.keepalive.adapter import (
     OpenConnections,
     address_text,
 )
-from nettester.protocols.keepalive.backoff import DEFAULT_MAX_DELAY, Backoff, Repeats, RepeatedFailures
+from nettester.protocols.keepalive.backoff import DEFAULT_MAX_DELAY, Backoff, RepeatedFailures, Repeats
 from nettester.protocols.keepalive.transport import connect_tcp
 from nettester.protocols.keepalive.wire import (
     ClientConnection,
@@ -101,6 +101,8 @@ REPEAT_WINDOW = 10.0
 class KeepAliveClientProtocol(CoreProtocol):
     """One client connection."""
 
+    core: ClientConnection
+
     def __init__(self, slot: ClientSlot, conn_id: str) -> None:
         super().__init__(slot.fleet.clock)
         self.slot = slot
@@ -116,7 +118,7 @@ class KeepAliveClientProtocol(CoreProtocol):
                  client=self.slot.number, local=self.local, peer=self.peer, conn=self.conn)
         self.core = ClientConnection(fleet.plan, str(self.slot.number), self.conn, self.clock.seconds())
         self.slot.connection_made(self)
-        self.pump(())
+        self.pump()
         if not fleet.running:
             self.close("shutdown")
 

@@ -52,6 +52,8 @@ CLOSED_BY_SERVER = "closed_by_server"
 class KeepAliveServerProtocol(CoreProtocol):
     """One accepted connection."""
 
+    core: ServerConnection
+
     def __init__(self, service: KeepAliveServerService) -> None:
         super().__init__(service.clock)
         self.service = service
@@ -68,7 +70,7 @@ class KeepAliveServerProtocol(CoreProtocol):
         log.info("New TCP connection attempt {peer}", event="conn_attempt", peer=self.peer, local=self.local)
         self.core = ServerConnection(self.service.keepalive_timeout, self.clock.seconds())
         self.service.connection_made(self)
-        self.pump(())
+        self.pump()
 
     def handle_event(self, event: Event) -> None:
         service = self.service

@@ -61,7 +61,8 @@ def test_a_reset_is_an_episode_a_mark_and_fails_the_run(tmp_path: Path, logged: 
     assert service.verdict is not None and not service.verdict.passed
     assert service.verdict.reasons == ("1 connections reset or dropped, above --max-resets 0",)
     assert exit_status_of(service) == 1
-    assert logged.lines("verdict") == ["keepalive-client run run: verdict: FAIL: 1 connections reset or dropped, above --max-resets 0"]
+    assert logged.lines("verdict") == [
+        "keepalive-client run run: verdict: FAIL: 1 connections reset or dropped, above --max-resets 0"]
     document = json.loads(Path(report).read_text())
     [episode] = document["episodes"]
     assert episode["key"] == "run-1-1" and episode["client"] == "1" and episode["direction"] == "unattributed"

@@ -14,11 +14,11 @@ from nettester.interfaces import (
     IReportingService,
     IRole,
 )
+from nettester.module import discover_modules
 from nettester.plugins.keepalive import keepalive
+from nettester.protocols.keepalive import tls
 from nettester.protocols.keepalive.options import ClientOptions, ReportOptions, ServerOptions
 from nettester.protocols.keepalive.roles import build_client, build_server
-from nettester.protocols.keepalive import tls
-from nettester.module import discover_modules
 
 
 def parse(options_class: type, *argv: str) -> dict:
