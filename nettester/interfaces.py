@@ -74,7 +74,7 @@ class ILocalScenario(Interface):
     def verdict():
         """Judge the run once the service has stopped.
 
-        :returns: a :class:`nettester.local.Verdict`.
+        :returns: a :class:`nettester.module.Verdict`.
         """
 
 

@@ -8,8 +8,7 @@ passed, so the command doubles as a smoke test of an installation.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Generator
 from typing import Any, ClassVar
 
 from twisted.application.service import IService, Service
@@ -24,14 +23,6 @@ from nettester.options import RoleOptions, positive_float
 from nettester.service import exit_status_of, metrics_endpoint, set_exit_status, with_reporting
 
 log = Logger()
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A module's judgement of its local run: passed or not, and the evidence."""
-
-    passed: bool
-    evidence: Mapping[str, Any] = field(default_factory=dict)
 
 
 class LocalOptions(RoleOptions):

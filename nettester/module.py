@@ -8,8 +8,8 @@ these, so declaring a module is a few lines and needs no edit of the core.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from twisted.application.service import IService, Service
@@ -19,6 +19,15 @@ from zope.interface import implementer
 from nettester.interfaces import ICommandRole, ILocalScenario, IProtocolModule, IRole
 from nettester.options import RoleOptions
 from nettester.service import set_exit_status
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A module's judgement of its ``nettester local`` run (an ``ILocalScenario``'s result):
+    passed or not, and the evidence."""
+
+    passed: bool
+    evidence: Mapping[str, Any] = field(default_factory=dict)
 
 
 def discover_modules() -> list[IProtocolModule]:

@@ -9,10 +9,11 @@ from twisted.python.usage import UsageError
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.logcapture import log_events
-from nettester.service import exit_status_of
 from nettester.interfaces import ILocalScenario
-from nettester.local import LocalOptions, LocalService, Verdict
+from nettester.local import LocalOptions, LocalService
+from nettester.module import Verdict
+from nettester.service import exit_status_of
+from tests.logcapture import log_events
 
 
 @implementer(ILocalScenario)

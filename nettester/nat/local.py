@@ -18,7 +18,7 @@ from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from nettester.interfaces import ILocalScenario, IReportingService
-from nettester.local import Verdict
+from nettester.module import Verdict
 from nettester.logs import Logger
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy

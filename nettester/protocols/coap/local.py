@@ -11,7 +11,7 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from zope.interface import implementer
 
 from nettester.interfaces import ILocalScenario, IReportingService
-from nettester.local import Verdict
+from nettester.module import Verdict
 from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
 from nettester.protocols.coap.client import parse_uri
 from nettester.protocols.coap.server import CoapServerService

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from zope.interface import implementer
 
 from nettester.interfaces import ILocalScenario, IReportingService
-from nettester.local import Verdict
+from nettester.module import Verdict
 from nettester.metrics import MetricSet
 from nettester.protocols.keepalive import tls
 from nettester.protocols.keepalive.adapter import PEER_RESET, TLS_ERROR

@@ -10,7 +10,7 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from zope.interface import implementer
 
 from nettester.interfaces import ILocalScenario, IReportingService
-from nettester.local import Verdict
+from nettester.module import Verdict
 from nettester.protocols.stun.client import StunClientService
 from nettester.protocols.stun.fleet import FleetConfig
 from nettester.protocols.stun.server import StunServerService
