@@ -25,6 +25,7 @@ from nettester.protocols.keepalive.wire import ClientTiming
 from tests.loopback import wait_until
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 10.0
 FAST = ClientTiming(keepalive_interval=0.2, response_timeout=1.5, dummy_interval=0.5)
 SILENT = ClientTiming(keepalive_interval=60.0, response_timeout=60.0, dummy_interval=0.0)
@@ -107,6 +108,33 @@ def test_tls_with_the_wrong_server_name_fails_verification(tmp_path: Path, logge
     assert client_close["cause"] == "tls_error"
     assert (f"Client 1: TLS failed, conn={client_close['conn']}: the server's certificate does not name "
             "example.org: use --server-name with a name it has, or --insecure") in logged.lines("conn_closed")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_self_signed_server_untrusted_by_the_client_is_tls_error_on_both_ends_as_the_readme_says(
+        logged: Any) -> Generator[Any, Any, None]:
+    """Issue 16: both ends say what to do, and the README's close-cause table shows these very details."""
+    server = KeepAliveServerService(reactor, 0, "127.0.0.1", tls=tls.server_options(tls.self_signed_certificate()))
+    server.startService()
+    fleet = KeepAliveClientService(reactor, "127.0.0.1", server.port_number, 1, FAST, ramp_up=0.0,
+                                   reconnect_delay=60.0, tls=tls.client_creator("localhost", None, False))
+    fleet.startService()
+    try:
+        yield _until(lambda: fleet.summary()["tls_error"] == 1 and server.summary()["tls_error"] == 1)
+    finally:
+        yield fleet.stopService().addTimeout(TIMEOUT, reactor)
+        yield server.stopService().addTimeout(TIMEOUT, reactor)
+    client_detail = "the server's certificate is not trusted (self-signed?): use --ca FILE or --insecure"
+    server_detail = ("the client does not trust this server's certificate (unknown CA): give the clients --ca "
+                     "with the CA, or --insecure")
+    client_address = logged.named("conn_open")[0]["local"]
+    conn = logged.named("conn_open")[0]["conn"]
+    assert sorted(logged.lines("conn_closed")) == sorted([
+        f"Client 1: TLS failed, conn={conn}: {client_detail}",
+        f"TCP connection from {client_address} closed, conn=-: tls_error ({server_detail})",
+    ])
+    [row] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `tls_error` |")]
+    assert f"`{server_detail}`" in row and f"`{client_detail}`" in row
 
 
 @pytest_twisted.inlineCallbacks
