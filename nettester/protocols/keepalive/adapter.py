@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from nettester import addresses
 from nettester.interfaces import StreamCore
 from nettester.logs import Logger
 from nettester.protocols.keepalive.tls import tls_failure_text
@@ -36,10 +37,9 @@ TLS_ERROR = "tls_error"  # handshake, certificate or record failure
 
 
 def address_text(address: IAddress) -> str:
-    """``ip:port`` (``[ip]:port`` for IPv6), as both ends log their 4-tuple."""
-    host = getattr(address, "host", str(address))
-    port = getattr(address, "port", 0)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """``ip:port`` (``[ip]:port`` for IPv6, an IPv4-mapped one unmapped), as both ends log their
+    4-tuple: the shared :func:`nettester.addresses.address_text` of a Twisted address."""
+    return addresses.address_text((getattr(address, "host", str(address)), getattr(address, "port", 0)))
 
 
 def close_cause(reason: Failure, closed_by_us: str | None, us: str, tcp_end: str | None = None) -> tuple[str, str]:

@@ -16,8 +16,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from zope.interface import implementer
 
 from nettester.interfaces import ILocalScenario, IReportingService
-from nettester.module import Verdict
 from nettester.metrics import MetricSet
+from nettester.module import Verdict
 from nettester.protocols.keepalive import tls
 from nettester.protocols.keepalive.adapter import PEER_RESET, TLS_ERROR
 from nettester.protocols.keepalive.client import KeepAliveClientService
