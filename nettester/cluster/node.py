@@ -33,7 +33,7 @@ from twisted.internet.defer import (
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.udp import Port
 
-from nettester.addresses import ip_family, mapped_for
+from nettester.addresses import address_text, ip_family, mapped_for
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import (
     DynamicDiscoveryService,
@@ -160,7 +160,8 @@ class DrainingPort(Port):
             try:
                 received(datagram, address[:2] if ipv6 else address)  # no flow info or scope id, as Port does
             except Exception:  # noqa: BLE001 - one bad datagram must not close the port (as Port does)
-                log.failure("Datagram from {peer} not handled", event="datagram_handler_failed", peer=address)
+                log.failure("Datagram from {peer} not handled", event="datagram_handler_failed",
+                            peer=address_text(address))
             fcntl.ioctl(fileno, termios.FIONREAD, pending)
             if pending == _NOTHING_PENDING:
                 return
@@ -445,7 +446,7 @@ class ReplicationService(Service):
             return False  # the endpoint counted it
         self.taken_over.value += 1
         log.info("Took over DTLS connection {cid} of node {node} for {peer} from its replica",
-                 event="cluster_takeover", cid=cid.hex(), node=cid[0], peer=address)
+                 event="cluster_takeover", cid=cid.hex(), node=cid[0], peer=address_text(address))
         if route is None:
             self._endpoint.datagramReceived(data, address)
         else:
