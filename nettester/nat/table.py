@@ -234,7 +234,10 @@ class NatTable:
     def info(self) -> list[str]:
         mode = "enabled" if self.reverse_update else "disabled"
         lines = [f"{len(self._entries)} NAT entries, reverse address update {mode}."]
-        lines.extend(f"Destination: {d.name}, usage: {d.usage}" for d in self._destinations.values())
+        lines.extend(
+            f"Destination: {destination.name}, usage: {destination.usage}"
+            for destination in self._destinations.values()
+        )
         return lines
 
     # -- views ------------------------------------------------------------------
