@@ -12,7 +12,7 @@ from twisted.internet.task import deferLater
 
 @defer.inlineCallbacks
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0, step: float = 0.01) -> Generator[Any, Any, None]:
-    """Poll C{condition} on the running reactor every C{step} s; fail after C{timeout} s."""
+    """Poll ``condition`` on the running reactor every ``step`` s; fail after ``timeout`` s."""
     from twisted.internet import reactor
 
     for _ in range(int(timeout / step)):

@@ -1,7 +1,7 @@
 """Shared by the cluster tests: a Kubernetes API server over TLS with its own CA and a bearer token.
 
-Fixtures: C{api_server} (the server, its port, the CA that signed it, another CA)
-and C{pod} (builds a v1 Pod document in the API's shape).
+Fixtures: ``api_server`` (the server, its port, the CA that signed it, another CA)
+and ``pod`` (builds a v1 Pod document in the API's shape).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class FakeApiServer(Resource):
 
 def pod_discovery(kubernetes: tuple[FakeApiServer, int, bytes] | None, node_id: int, table: NodeTable,
                   management_port: int) -> KubernetesDiscovery:
-    """Node C{node_id}'s pod discovery (pod ``coap-cluster-<id>``) against the test API server (server, port, CA)."""
+    """Node ``node_id``'s pod discovery (pod ``coap-cluster-<id>``) against the test API server (server, port, CA)."""
     assert kubernetes is not None, "k8s mode needs the api_server fixture"
     server, port, ca_pem = kubernetes
     api = KubernetesApi(reactor, f"127.0.0.1:{port}", server.namespace, lambda: server.token, ca_pem)

@@ -44,7 +44,7 @@ PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
 
 
 def cid_record(node_id: int, payload: bytes) -> bytes:
-    """A tls12_cid record (RFC 9146 section 4) with a 6-byte CID owned by C{node_id}."""
+    """A tls12_cid record (RFC 9146 section 4) with a 6-byte CID owned by ``node_id``."""
     return bytes([25, 254, 253, 0, 1]) + bytes(6) + bytes([node_id]) + b"cidxx" + len(payload).to_bytes(2, "big") + payload
 
 
@@ -81,9 +81,9 @@ class Client(DatagramProtocol):
 
 
 class ClusterLab:
-    """Three nodes (ids 1, 2, 3), each with C{endpoint(node_id)}, behind the NAT. In k8s mode
+    """Three nodes (ids 1, 2, 3), each with ``endpoint(node_id)``, behind the NAT. In k8s mode
     they are pods 127.0.0.1-3 sharing one port pair, found through the test API server
-    C{kubernetes} = (server, port, ca_pem)."""
+    ``kubernetes`` = (server, port, ca_pem)."""
 
     def __init__(self, mode: str, secret: bytes | None = SECRET, backward: bool = True,
                  kubernetes: tuple[Any, int, bytes] | None = None,

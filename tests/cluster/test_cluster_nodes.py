@@ -27,7 +27,7 @@ T0 = 1_800_000_000.0
 
 def exchange(sender: NodeTable, receiver: NodeTable, packets: list[Outgoing], source: tuple[str, int],
              now: float) -> list[Outgoing]:
-    """Deliver C{packets} from C{sender} at C{source} to C{receiver}; its answers."""
+    """Deliver ``packets`` from ``sender`` at ``source`` to ``receiver``; its answers."""
     answers: list[Outgoing] = []
     for packet in packets:
         answers.extend(receiver.receive(receiver._codec.decode(packet.datagram), source, now))

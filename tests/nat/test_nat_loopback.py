@@ -303,7 +303,7 @@ def test_a_silent_destination_goes_stale_and_is_probed_back() -> Generator[Any, 
 
 
 class Relay(DatagramProtocol):
-    """A destination that lets another one answer: passes each datagram, with its source, to C{other}."""
+    """A destination that lets another one answer: passes each datagram, with its source, to ``other``."""
 
     def __init__(self, other: tuple[str, int]) -> None:
         self.other = other
