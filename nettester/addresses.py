@@ -7,10 +7,10 @@ import socket
 
 
 def parse_host_port(text: str, default_host: str | None = None, lowest_port: int = 1) -> tuple[str, int]:
-    """Split ``host:port``, ``[v6]:port`` or ``:port`` (host C{default_host}).
+    """Split ``host:port``, ``[v6]:port`` or ``:port`` (host ``default_host``).
 
-    @param lowest_port: 0 for a listening address (the OS picks the port).
-    @raise ValueError: with a message saying what was expected.
+    :param lowest_port: 0 for a listening address (the OS picks the port).
+    :raises ValueError: with a message saying what was expected.
     """
     host, separator, port_text = text.strip().rpartition(":")
     if host.startswith("[") and host.endswith("]"):

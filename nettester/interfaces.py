@@ -1,4 +1,4 @@
-"""Every zope.interface of nettester, in one place.
+"""Every zope.interface and typing.Protocol of nettester, in one place.
 
 The core (``tap``, ``cli``, ``local``) only talks to protocol modules through
 these interfaces, so a new protocol module is a new file under
@@ -40,9 +40,9 @@ class ICommandRole(IRole):
     """A role that runs once and exits instead of serving."""
 
     def run(options, stdout):
-        """Do the work synchronously, write results to C{stdout}.
+        """Do the work synchronously, write results to ``stdout``.
 
-        @return: the process exit status (0 when everything was fine).
+        :returns: the process exit status (0 when everything was fine).
         """
 
 
@@ -74,7 +74,7 @@ class ILocalScenario(Interface):
     def verdict():
         """Judge the run once the service has stopped.
 
-        @return: a L{nettester.module.Verdict}.
+        :returns: a :class:`nettester.module.Verdict`.
         """
 
 
@@ -88,9 +88,9 @@ class IProtocolModule(Interface):
     def localScenario(reactor, options):
         """The module's part of ``nettester local``.
 
-        @param reactor: provides IReactorTCP, IReactorUDP and IReactorTime.
-        @param options: the parsed ``local`` options (``duration``, ...).
-        @return: an L{ILocalScenario}, or C{None} when the module has none.
+        :param reactor: provides IReactorTCP, IReactorUDP and IReactorTime.
+        :param options: the parsed ``local`` options (``duration``, ...).
+        :returns: an :class:`ILocalScenario`, or ``None`` when the module has none.
         """
 
 
@@ -98,19 +98,19 @@ class IDatagramReceiver(Interface):
     """The layer above an IDatagramLink (a CoAP endpoint)."""
 
     def datagramReceived(data: bytes, peer: Any) -> None:
-        """One datagram (plaintext application data) from C{peer}.
+        """One datagram (plaintext application data) from ``peer``.
 
-        @param peer: an opaque hashable handle, stable for the life of the
+        :param peer: an opaque hashable handle, stable for the life of the
             peer's association: the (host, port) tuple on plain UDP, the
             connection on DTLS (so it survives a DTLS CID address change).
         """
 
 
 class IDatagramReadDescriptor(Interface):
-    """A reactor read descriptor on a datagram socket whose C{doRead} handles its own errors.
+    """A reactor read descriptor on a datagram socket whose ``doRead`` handles its own errors.
 
-    It never returns a disconnect reason, so L{nettester.reactor} calls it
-    without Twisted's per-event wrapping (as it does for C{udp.Port}).
+    It never returns a disconnect reason, so :mod:`nettester.reactor` calls it
+    without Twisted's per-event wrapping (as it does for ``udp.Port``).
     """
 
     def doRead():
@@ -127,15 +127,15 @@ class IDatagramLink(Interface):
     scheme = Attribute("URI scheme served: 'coap' or 'coaps'.")
 
     def sendDatagram(data, peer):
-        """Send C{data} to C{peer} (a handle given to datagramReceived or
+        """Send ``data`` to ``peer`` (a handle given to datagramReceived or
         returned by connect)."""
 
     def connect(address):
         """Client side: a Deferred firing with the peer handle for
-        C{address} (host, port), once any security handshake is done."""
+        ``address`` (host, port), once any security handshake is done."""
 
     def peerContext(peer):
-        """The L{nettester.link.PeerContext} of C{peer}: its current address
+        """The :class:`nettester.link.PeerContext` of ``peer``: its current address
         and its security context (identity, cipher suite, CIDs, node id,
         route). Called only when a resource asks, never per datagram."""
 
@@ -151,7 +151,7 @@ class IConnectionIdGenerator(Interface):
     length = Attribute("Length in bytes of every CID issued (0 disables CID).")
 
     def newConnectionId(inUse: Container[bytes]) -> bytes:
-        """A fresh CID not contained in C{inUse} (a container of bytes)."""
+        """A fresh CID not contained in ``inUse`` (a container of bytes)."""
 
     def nodeIdOf(cid: bytes) -> int | None:
         """The node id a CID names, or None when CIDs carry no node id."""
@@ -187,25 +187,25 @@ class INatTable(Interface):
     one lazily for a key it has not seen and closes the keys it is told to.
     """
 
-    reverseUpdate = Attribute("True when backward traffic from another destination moves the entry there.")
+    reverse_update = Attribute("True when backward traffic from another destination moves the entry there.")
 
     def forward(client, now):
-        """Route a datagram from C{client}: a L{nettester.nat.table.Route}
+        """Route a datagram from ``client``: a :class:`nettester.nat.table.Route`
         (socket key, destination address, and the key of an entry evicted to
         make room, to close), or None when no destination is usable."""
 
-    def backward(socketKey, source, now):
-        """The client address an answer arriving on C{socketKey} from C{source}
+    def backward(socket_key, source, now):
+        """The client address an answer arriving on ``socket_key`` from ``source``
         goes back to, or None when the key is unknown."""
 
     def expire(now):
         """Remove entries idle longer than the NAT timeout; return their socket keys."""
 
-    def nextDeadline():
-        """When C{expire} next has work to do, or None with no entries."""
+    def next_deadline():
+        """When ``expire`` next has work to do, or None with no entries."""
 
     def clear(count):
-        """Remove C{count} random entries (all when None); return their socket keys."""
+        """Remove ``count`` random entries (all when None); return their socket keys."""
 
     def reassign(now):
         """New socket key and new random destination for every entry; return
@@ -214,13 +214,13 @@ class INatTable(Interface):
     def rebalance(now):
         """New random destination for every entry, same socket key.
 
-        @return: (entries whose destination changed, entries in total).
+        :returns: (entries whose destination changed, entries in total).
         """
 
-    def addDestination(name, address):
+    def add_destination(name, address):
         """Add a destination; False when it is already there."""
 
-    def removeDestination(address):
+    def remove_destination(address):
         """Remove a destination, moving its entries elsewhere; False when unknown."""
 
     def info():
@@ -249,3 +249,28 @@ class DatagramCore(Protocol):
 
     def next_event(self) -> Any | None:
         """The next event for the layer above, or None when there is none."""
+
+
+class StreamCore(Protocol):
+    """The stream twin of :class:`DatagramCore` (h11's shape): one connection of a stream protocol.
+
+    Bytes read and the time go in; bytes to write, one timer and events come
+    out. ``nettester.protocols.keepalive.adapter.CoreProtocol`` drives one from
+    a Twisted ``Protocol``. A core tolerates ``handle_timer`` being called at or
+    after ``get_timer()``.
+    """
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Bytes read from the connection, in order."""
+
+    def data_to_send(self) -> bytes:
+        """What to write now; each byte is handed out once."""
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` is due next (in the same clock as ``now``), or None."""
+
+    def handle_timer(self, now: float) -> None:
+        """The timer fired: send what is due, check deadlines."""
+
+    def next_event(self) -> Any | None:
+        """The next event for the adapter, or None when there is none."""

@@ -1,6 +1,6 @@
 """``nettester local``: every installed module's server and a small client fleet on loopback.
 
-Each module contributes an L{ILocalScenario}. All run together for
+Each module contributes an :class:`ILocalScenario`. All run together for
 ``--duration`` seconds; then they are stopped, their final summaries printed,
 and each module's verdict logged. The exit status is 0 only when every module
 passed, so the command doubles as a smoke test of an installation.

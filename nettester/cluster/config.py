@@ -9,8 +9,8 @@
   management interface, the management port other pods reach); the node id
   comes from ``KUBECTL_NODE_ID`` or the StatefulSet ordinal of the host name.
 
-L{ClusterOptionsMixin} adds these options to a role's options class; after
-parsing, ``options["cluster"]`` is a L{ClusterConfig} or None.
+:class:`ClusterOptionsMixin` adds these options to a role's options class; after
+parsing, ``options["cluster"]`` is a :class:`ClusterConfig` or None.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ _ORDINAL = re.compile(r"-(\d+)$")
 class ClusterConfig:
     """One node's cluster configuration, whatever the mode.
 
-    @ivar mode: ``static``, ``dynamic`` or ``k8s``.
-    @ivar dtls_address: (interface, port) of the public DTLS socket ("" = any).
-    @ivar management_address: (interface, port) of the management socket.
-    @ivar nodes: static mode: every other node id -> management (host, port).
-    @ivar group: dynamic mode: the group's management addresses.
-    @ivar external_management_port: k8s mode: the port other pods send to.
+    :ivar mode: ``static``, ``dynamic`` or ``k8s``.
+    :ivar dtls_address: (interface, port) of the public DTLS socket ("" = any).
+    :ivar management_address: (interface, port) of the management socket.
+    :ivar nodes: static mode: every other node id -> management (host, port).
+    :ivar group: dynamic mode: the group's management addresses.
+    :ivar external_management_port: k8s mode: the port other pods send to.
     """
 
     mode: str
@@ -74,7 +74,7 @@ def _interface(text: str, what: str) -> Address:
 def parse_dtls_cluster(text: str) -> tuple[int, Address, Address, dict[int, Address]]:
     """``--dtls-cluster``: (own node id, own DTLS address, own management address, other nodes).
 
-    @raise ValueError: saying which entry is wrong and why.
+    :raises ValueError: saying which entry is wrong and why.
     """
     own: tuple[int, Address, Address] | None = None
     others: dict[int, Address] = {}
@@ -155,8 +155,8 @@ def group_secret(option: str | None, encoded: str) -> bytes | None:
 class ClusterOptionsMixin:
     """Cluster options for a RoleOptions subclass: ``class O(ClusterOptionsMixin, RoleOptions)``.
 
-    Its C{postOptions} sets ``self["cluster"]`` (a L{ClusterConfig} or None)
-    and then calls the next class's C{postOptions}.
+    Its ``postOptions`` sets ``self["cluster"]`` (a :class:`ClusterConfig` or None)
+    and then calls the next class's ``postOptions``.
     """
 
     optFlags: ClassVar[list[list[Any]]] = [
@@ -193,7 +193,7 @@ class ClusterOptionsMixin:
 
 
 def cluster_config(options: Mapping[str, Any], environ: Mapping[str, str], hostname: str) -> ClusterConfig | None:
-    """Build the L{ClusterConfig} from parsed option values (None without a cluster option)."""
+    """Build the :class:`ClusterConfig` from parsed option values (None without a cluster option)."""
     static_text, group_text = options["dtls-cluster"], options["dtls-cluster-group"]
     k8s_text = options["k8s-dtls-cluster"]
     if not (static_text or k8s_text):

@@ -128,7 +128,7 @@ class Pod:
 def pods_from_list(document: Any) -> list[Pod]:
     """The running, not terminating pods with an IP, from a v1 PodList document.
 
-    @raise KubernetesApiError: when the document is not a PodList.
+    :raises KubernetesApiError: when the document is not a PodList.
     """
     if not isinstance(document, dict) or document.get("kind") != "PodList" or not isinstance(
         document.get("items"), list
@@ -152,7 +152,7 @@ def pods_from_list(document: Any) -> list[Pod]:
 def app_label_of(document: Any) -> str:
     """The ``app`` label of a v1 Pod document.
 
-    @raise KubernetesApiError: without one.
+    :raises KubernetesApiError: without one.
     """
     try:
         label = document["metadata"]["labels"]["app"]
@@ -172,8 +172,8 @@ def trust_root_from_pem(ca_pem: bytes) -> Any:
 class KubernetesApi:
     """The two Kubernetes API calls discovery needs, over verified HTTPS.
 
-    @param host: ``host[:port]`` of the API server (KUBECTL_HOST).
-    @param token: returns the bearer token; called per request, because
+    :param host: ``host[:port]`` of the API server (KUBECTL_HOST).
+    :param token: returns the bearer token; called per request, because
         projected service-account tokens are rotated.
     """
 
@@ -201,7 +201,7 @@ class KubernetesApi:
             raise KubernetesApiError(f"GET {url}: the answer is not JSON") from None
 
     def get_pod(self, name: str) -> Deferred[Any]:
-        """The v1 Pod document of pod C{name}."""
+        """The v1 Pod document of pod ``name``."""
         return self._get(f"{self._base}/{quote(name, safe='')}")
 
     def list_pods(self, selector: str) -> Deferred[list[Pod]]:
@@ -210,10 +210,10 @@ class KubernetesApi:
 
 
 class KubernetesDiscovery(Service):
-    """Keeps a L{NodeTable}'s group equal to the cluster's pod IPs (see the module docstring).
+    """Keeps a :class:`NodeTable`'s group equal to the cluster's pod IPs (see the module docstring).
 
-    @param selector: a label selector; None derives ``app=<own app label>``
-        from this pod (C{own_pod}, the host name).
+    :param selector: a label selector; None derives ``app=<own app label>``
+        from this pod (``own_pod``, the host name).
     """
 
     def __init__(
@@ -317,7 +317,7 @@ def kubernetes_discovery_from_environment(
     ``KUBECTL_SELECTOR`` (else ``app=<own app label>``); token and ca.crt from
     the service account directory.
 
-    @raise ValueError: when something needed is missing, saying what.
+    :raises ValueError: when something needed is missing, saying what.
     """
     host = api_host(environ)
 

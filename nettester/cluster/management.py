@@ -4,13 +4,13 @@ Incoming: PING/PONG feed the node table (dynamic and Kubernetes discovery);
 IN records are handed to the local DTLS endpoint as if they had arrived on
 its own socket, with the forwarding node as the route to answer through;
 OUT records are the owner's answers, to send from our public socket to the
-client; STATE records (connection snapshots) go to C{on_state}, the
-replication (L{nettester.cluster.replication}) when it runs, which returns
+client; STATE records (connection snapshots) go to ``on_state``, the
+replication (:mod:`nettester.cluster.replication`) when it runs, which returns
 a drop reason for a stale one. Anything that does not decode or authenticate is dropped and counted
-by reason (L{nettester.cluster.wire.ManagementError}).
+by reason (:exc:`nettester.cluster.wire.ManagementError`).
 
-Outgoing: L{ManagementEndpoint.forward} (IN, to the owner) and
-L{ManagementEndpoint.backward} (OUT, to the node the client talks to).
+Outgoing: :meth:`ManagementEndpoint.forward` (IN, to the owner) and
+:meth:`ManagementEndpoint.backward` (OUT, to the node the client talks to).
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ log = Logger()
 
 Address = tuple[str, int]
 RecordsHandler = Callable[[bytes, Address, Address], None]
-"""C{handler(records, client, node)}: DTLS records of C{client}, from/for cluster node C{node}."""
+"""``handler(records, client, node)``: DTLS records of ``client``, from/for cluster node ``node``."""
 
 
 class ManagementEndpoint(DatagramProtocol):
     """One node's management socket; see the module docstring.
 
-    @param on_forwarded: IN records: C{(records, client, forwarding node)};
+    :param on_forwarded: IN records: ``(records, client, forwarding node)``;
         the DTLS endpoint processes them and answers through that node.
-    @param on_backwarded: OUT records: C{(records, client, owner node)}; send
+    :param on_backwarded: OUT records: ``(records, client, owner node)``; send
         the records to the client from the public socket.
-    @param discovery: dynamic (or Kubernetes) discovery, which PING/PONG
+    :param discovery: dynamic (or Kubernetes) discovery, which PING/PONG
         datagrams go to; None in static mode (they are then dropped and counted).
     """
 
@@ -135,7 +135,7 @@ class ManagementEndpoint(DatagramProtocol):
             self.sent_in.value += 1
 
     def backward(self, records: bytes, client: Address, via: Address) -> None:
-        """Send our answer to C{client} through node C{via}, which received the request (an OUT record)."""
+        """Send our answer to ``client`` through node ``via``, which received the request (an OUT record)."""
         if self.send(self._codec.encode_records(TYPE_OUT, client, records), via):
             self.sent_out.value += 1
 

@@ -3,12 +3,12 @@
 This is the layer beneath the DTLS endpoint (DESIGN.md: UDP socket -> cluster
 router -> DTLS endpoint). The node owns the public socket and hands it to the
 endpoint as its transport, so the endpoint answers direct peers itself. A
-datagram the router keeps local goes to C{endpoint.datagramReceived(data,
-client)}; a record another node forwarded goes to
-C{endpoint.routedDatagramReceived(records, client, route)}, and the endpoint
-answers that peer with C{route.send(data, client)}: back through the node the
+datagram the router keeps local goes to ``endpoint.datagramReceived(data,
+client)``; a record another node forwarded goes to
+``endpoint.routedDatagramReceived(records, client, route)``, and the endpoint
+answers that peer with ``route.send(data, client)``: back through the node the
 client talks to (OUT records), or straight from our public socket with
-``--no-dtls-cluster-backward``. C{route.name} is what ``mycontext`` shows
+``--no-dtls-cluster-backward``. ``route.name`` is what ``mycontext`` shows
 as ``via``.
 """
 
@@ -34,7 +34,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.udp import Port
 
-from nettester.addresses import ip_family, mapped_for
+from nettester.addresses import address_text, ip_family, mapped_for
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import (
     DynamicDiscovery,
@@ -68,7 +68,7 @@ _NOTHING_PENDING = b"\0\0\0\0"
 class ForwardedRoute:
     """How to answer a peer whose record another node forwarded: back through it (OUT), or directly.
 
-    @ivar send_public: sends from our public socket (``--no-dtls-cluster-backward``).
+    :ivar send_public: sends from our public socket (``--no-dtls-cluster-backward``).
     """
 
     node: Address
@@ -139,7 +139,7 @@ class _PublicProtocol(DatagramProtocol):
 class DrainingPort(Port):
     """A UDP port that reads what is queued on its socket and stops without a failing read.
 
-    Twisted's C{Port.doRead} reads until C{recvfrom} raises EAGAIN; creating
+    Twisted's ``Port.doRead`` reads until ``recvfrom`` raises EAGAIN; creating
     and raising that error costs about 3 us, more than reading the datagram,
     and a relaying node's wake-ups mostly find one datagram (public and
     management socket: two wake-ups per relayed request). Here FIONREAD
@@ -164,14 +164,15 @@ class DrainingPort(Port):
             try:
                 received(datagram, address[:2] if ipv6 else address)  # no flow info or scope id, as Port does
             except Exception:  # noqa: BLE001 - one bad datagram must not close the port (as Port does)
-                log.failure("Datagram from {peer} not handled", event="datagram_handler_failed", peer=address)
+                log.failure("Datagram from {peer} not handled", event="datagram_handler_failed",
+                            peer=address_text(address))
             fcntl.ioctl(fileno, termios.FIONREAD, pending)
             if pending == _NOTHING_PENDING:
                 return
 
 
 def _listen_udp(reactor: Any, address: Address, protocol: DatagramProtocol) -> DrainingPort:
-    """What C{reactor.listenUDP} does, with the L{DrainingPort}."""
+    """What ``reactor.listenUDP`` does, with the :class:`DrainingPort`."""
     interface, port_number = address
     if interface and ip_family(interface) is None:
         interface = socket.gethostbyname(interface)  # a host name such as "localhost", once at start
@@ -183,7 +184,7 @@ def _listen_udp(reactor: Any, address: Address, protocol: DatagramProtocol) -> D
 class ClusterNodeService(MultiService):
     """The public socket, the management socket and the discovery of one node.
 
-    @param endpoint: the DTLS endpoint (see the module docstring).
+    :param endpoint: the DTLS endpoint (see the module docstring).
     """
 
     def __init__(
@@ -450,7 +451,7 @@ class ReplicationService(Service):
             return False  # the endpoint counted it
         self.taken_over.value += 1
         log.info("Took over DTLS connection {cid} of node {node} for {peer} from its replica",
-                 event="cluster_takeover", cid=cid.hex(), node=cid[0], peer=address)
+                 event="cluster_takeover", cid=cid.hex(), node=cid[0], peer=address_text(address))
         if route is None:
             self._endpoint.datagramReceived(data, address)
         else:

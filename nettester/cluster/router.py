@@ -9,9 +9,9 @@ naming a node nobody knows is dropped and counted. No full parse: two byte
 reads and one dict lookup per datagram.
 
 With fail-over (``failover=True``, when nodes replicate their DTLS state, see
-L{nettester.cluster.replication}), a node that was known and has left the
+:mod:`nettester.cluster.replication`), a node that was known and has left the
 cluster is taken over by its successor: the next live node id above it,
-wrapping around (L{successor}), which holds the replicas of its
+wrapping around (:func:`successor`), which holds the replicas of its
 connections. Its CIDs are then routed there (or kept local when we are the
 successor) instead of being dropped.
 """
@@ -37,7 +37,7 @@ class Local:
 
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """Send the datagram, as an IN management record, to C{address} (node C{node_id})."""
+    """Send the datagram, as an IN management record, to ``address`` (node ``node_id``)."""
 
     node_id: int
     address: Address
@@ -45,7 +45,7 @@ class Forward:
 
 @dataclass(frozen=True, slots=True)
 class Drop:
-    """Drop the datagram; C{reason} is its metrics label."""
+    """Drop the datagram; ``reason`` is its metrics label."""
 
     reason: str
 
@@ -58,7 +58,7 @@ Decision = Local | Forward | Drop
 
 
 def successor(node_id: int, live: Iterable[int]) -> int | None:
-    """The node that backs up and takes over C{node_id}: the next live id above it, wrapping around.
+    """The node that backs up and takes over ``node_id``: the next live id above it, wrapping around.
 
     None when no other node is live.
     """
@@ -69,14 +69,14 @@ def successor(node_id: int, live: Iterable[int]) -> int | None:
 
 
 class CidRouter:
-    """Decides per datagram: L{LOCAL}, a L{Forward} or a L{Drop}.
+    """Decides per datagram: :data:`LOCAL`, a :class:`Forward` or a :class:`Drop`.
 
     The decisions are precomputed per node id and refreshed by the
-    discovery's listener, so L{decide} allocates nothing.
+    discovery's listener, so :meth:`decide` allocates nothing.
 
-    @param cid_length: the cluster's CID length (at least 6), so a record too
+    :param cid_length: the cluster's CID length (at least 6), so a record too
         short to hold a whole CID is recognised.
-    @param failover: route the CIDs of nodes that left to their successor
+    :param failover: route the CIDs of nodes that left to their successor
         (see the module docstring) instead of dropping them.
     """
 

@@ -22,10 +22,10 @@ the info ``nettester dtls-cid cluster management mac v1``, 32 bytes, so the
 secret itself never keys HMAC directly and one secret could key other
 purposes later. The HMAC is computed as RFC 2104 section 2 defines it, from
 the two padded-key hash states prepared once per codec, which costs half of
-what copying an C{hmac.HMAC} object does (four MACs per forwarded request).
+what copying an ``hmac.HMAC`` object does (four MACs per forwarded request).
 PING/PONG then also carry the sender's wall-clock time in
 milliseconds, which the receiver checks against replay
-(L{nettester.cluster.nodes}). Without a secret the layout is exactly
+(:mod:`nettester.cluster.nodes`). Without a secret the layout is exactly
 Californium's, and the cluster works unauthenticated.
 
 STATE (only with a secret: a snapshot carries the session's keys)::
@@ -94,7 +94,7 @@ class NodeState(IntEnum):
 
 
 class ManagementError(ValueError):
-    """A management record that is dropped; C{reason} is its metrics label.
+    """A management record that is dropped; ``reason`` is its metrics label.
 
     Reasons: ``empty``, ``unknown_type``, ``truncated``, ``bad_address``,
     ``bad_state``, ``bad_length``, ``missing_mac`` (too short to hold one),
@@ -110,7 +110,7 @@ class ManagementError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ForwardedRecords:
-    """IN (C{kind} 63) or OUT (62): DTLS records on behalf of C{client}."""
+    """IN (``kind`` 63) or OUT (62): DTLS records on behalf of ``client``."""
 
     kind: int
     client: Address
@@ -119,7 +119,7 @@ class ForwardedRecords:
 
 @dataclass(frozen=True, slots=True)
 class NodeMessage:
-    """PING (C{kind} 61) or PONG (60). C{timestamp_ms} is None without a secret."""
+    """PING (``kind`` 61) or PONG (60). ``timestamp_ms`` is None without a secret."""
 
     kind: int
     node_id: int
@@ -129,7 +129,7 @@ class NodeMessage:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionState:
-    """STATE (C{kind} 59): the snapshot of the DTLS connection whose read CID is C{cid}."""
+    """STATE (``kind`` 59): the snapshot of the DTLS connection whose read CID is ``cid``."""
 
     cid: bytes
     snapshot: bytes
@@ -164,14 +164,14 @@ def _records_header(kind: int, client: Address) -> bytes:
 
 @lru_cache(maxsize=ADDRESS_CACHE_SIZE)
 def _unpack_address(header: bytes) -> Address:
-    """The client address of a records header (the inverse of L{_records_header}); its length byte is valid."""
+    """The client address of a records header (the inverse of :func:`_records_header`); its length byte is valid."""
     return socket.inet_ntop(_ADDRESS_FAMILIES[header[3]], header[4:]), header[1] | header[2] << 8
 
 
 class ManagementCodec:
     """Encodes and decodes management records, with the MAC when keyed.
 
-    @param secret: the group secret, or None for Californium's unauthenticated layout.
+    :param secret: the group secret, or None for Californium's unauthenticated layout.
     """
 
     def __init__(self, secret: bytes | None = None, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
@@ -193,7 +193,7 @@ class ManagementCodec:
         return self._mac is not None
 
     def _tag(self, header: bytes, payload: bytes) -> bytes:
-        """HMAC-SHA256 of header + payload, truncated to L{MAC_LENGTH} (RFC 2104 section 5)."""
+        """HMAC-SHA256 of header + payload, truncated to :data:`MAC_LENGTH` (RFC 2104 section 5)."""
         assert self._mac is not None
         inner_pad, outer_pad = self._mac
         inner = inner_pad.copy()
@@ -206,7 +206,7 @@ class ManagementCodec:
     # -- encoding ---------------------------------------------------------------
 
     def encode_records(self, kind: int, client: Address, records: bytes) -> bytes:
-        """An IN or OUT record carrying C{records} for C{client}."""
+        """An IN or OUT record carrying ``records`` for ``client``."""
         if kind not in RECORD_TYPES:
             raise ValueError(f"not a records type: {kind}")
         header = _records_header(kind, client)
@@ -215,7 +215,7 @@ class ManagementCodec:
         return header + self._tag(header, records) + records
 
     def encode_node(self, kind: int, node_id: int, state: NodeState, timestamp_ms: int = 0) -> bytes:
-        """A PING or PONG; C{timestamp_ms} is sent only when keyed."""
+        """A PING or PONG; ``timestamp_ms`` is sent only when keyed."""
         if kind not in (TYPE_PING, TYPE_PONG):
             raise ValueError(f"not a node message type: {kind}")
         header = _NODE.pack(kind, node_id, state)
@@ -227,7 +227,7 @@ class ManagementCodec:
     def encode_state(self, cid: bytes, snapshot: bytes, timestamp_ms: int) -> bytes:
         """A STATE record (encrypted; see the module docstring).
 
-        @raise ValueError: without a secret, or for a CID over 255 bytes.
+        :raises ValueError: without a secret, or for a CID over 255 bytes.
         """
         if self._state_aead is None:
             raise ValueError("STATE records need the cluster group secret: a snapshot carries session keys")
@@ -242,7 +242,7 @@ class ManagementCodec:
     def decode(self, datagram: bytes) -> ForwardedRecords | NodeMessage | ConnectionState:
         """Parse and authenticate one management datagram.
 
-        @raise ManagementError: for anything that must be dropped.
+        :raises ManagementError: for anything that must be dropped.
         """
         if not datagram:
             raise ManagementError("empty")
@@ -275,11 +275,11 @@ class ManagementCodec:
         return ConnectionState(plaintext[cid_start:cid_end], plaintext[cid_end:], timestamp)
 
     def decode_records(self, datagram: bytes) -> tuple[Address, bytes]:
-        """The hot path of L{decode} for a datagram whose first byte is IN or OUT: (client, records).
+        """The hot path of :meth:`decode` for a datagram whose first byte is IN or OUT: (client, records).
 
         No event object: the management endpoint calls this once per relayed record.
 
-        @raise ManagementError: for anything that must be dropped.
+        :raises ManagementError: for anything that must be dropped.
         """
         length = len(datagram)
         if length < 4:

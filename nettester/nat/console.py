@@ -43,13 +43,13 @@ reverse on|off     - enable/disable reverse address update
 exit or quit       - stop"""
 
 EXIT = object()
-"""What L{NatConsole.execute} answers to ``exit``/``quit``."""
+"""What :meth:`NatConsole.execute` answers to ``exit``/``quit``."""
 
 MAX_LINE = 1024
 
 
 class NatConsole:
-    """Parses one console line and runs it against a L{NatProxy}.
+    """Parses one console line and runs it against a :class:`NatProxy`.
 
     Every line gets an answer: bad input gives a usage line, never an exception.
     """
@@ -69,7 +69,7 @@ class NatConsole:
         }
 
     def execute(self, line: str) -> Deferred[Any]:
-        """Run one line; fires with the answer text, or L{EXIT}."""
+        """Run one line; fires with the answer text, or :data:`EXIT`."""
         words = line.split()
         if not words:
             return succeed(self._info([]))
@@ -125,11 +125,11 @@ class NatConsole:
 class ConsoleProtocol(LineOnlyReceiver):
     """One console session: a line in, its answer out, in order.
 
-    @param on_exit: called once the session is closed by ``exit``/``quit``
+    :param on_exit: called once the session is closed by ``exit``/``quit``
         (stdin: stop the process; TCP: None). End of input alone never calls it,
         so a container whose stdin is /dev/null keeps running.
-    @param output: where answers go instead of the transport (stdin's console,
-        see L{NatRoleService}).
+    :param output: where answers go instead of the transport (stdin's console,
+        see :class:`NatRoleService`).
     """
 
     delimiter = b"\n"
@@ -220,8 +220,8 @@ def _write_stdout(data: bytes) -> None:
 class NatRoleService(MultiService):
     """The ``nat`` role: the proxy plus its consoles (stdin and/or TCP).
 
-    @param console_port: TCP console port; None for none, 0 for any free port.
-    @param stdin_console: read commands from stdin (``exit`` stops the reactor).
+    :param console_port: TCP console port; None for none, 0 for any free port.
+    :param stdin_console: read commands from stdin (``exit`` stops the reactor).
     """
 
     def __init__(

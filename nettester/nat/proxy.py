@@ -5,6 +5,11 @@ own outgoing socket (its own source port), opened on the first datagram the
 table routes through it and closed when the table drops the entry. Answers
 arriving on an outgoing socket go back out of the public socket to the
 client, so the client only ever sees the address it talked to.
+
+Destinations may mix IPv4 and IPv6: an entry opens one outgoing socket per
+address family it is routed to (a second one only when a rebalance, a stale
+destination or a reverse update moves it to the other family), and all of an
+entry's sockets close together.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nettester.addresses import ip_family, parse_host_port
+from nettester.addresses import address_text, ip_family, parse_host_port
 from nettester.interfaces import IDatagramReadDescriptor, IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
@@ -56,7 +61,7 @@ class OutgoingSocket:
     with one socket per NAT entry that is two info lines per client, so the
     NAT registers plain non-blocking sockets with IReactorFDSet instead.
 
-    @raise OSError: when no socket can be opened (e.g. too many open files).
+    :raises OSError: when no socket can be opened (e.g. too many open files).
     """
 
     MAX_READS = 64  # per readiness event, so one busy entry cannot starve the others
@@ -105,10 +110,10 @@ class OutgoingSocket:
 class NatProxy(Service):
     """The ``nat`` role's service: public socket, outgoing sockets, expiry timer.
 
-    @param reactor: IReactorUDP, IReactorFDSet, IReactorTime and IReactorCore (name resolution).
-    @param destinations: ``host:port`` texts; host names are resolved at start.
-    @param open_socket: C{open_socket(family, receive)} opens one entry's
-        outgoing socket (default: an L{OutgoingSocket}); tests pass fakes.
+    :param reactor: IReactorUDP, IReactorFDSet, IReactorTime and IReactorCore (name resolution).
+    :param destinations: ``host:port`` texts; host names are resolved at start.
+    :param open_socket: ``open_socket(family, receive)`` opens one entry's
+        outgoing socket (default: an :class:`OutgoingSocket`); tests pass fakes.
     """
 
     def __init__(
@@ -128,7 +133,8 @@ class NatProxy(Service):
         self._initial_destinations = list(destinations)
         self._public: Any = None
         self._public_sendto: Callable[[bytes, Address], Any] | None = None
-        self._sockets: dict[int, Any] = {}
+        # Entry key -> address family -> that entry's outgoing socket for the family.
+        self._sockets: dict[int, dict[int, Any]] = {}
         self._timer: IDelayedCall | None = None
         self._retries: dict[str, IDelayedCall] = {}
         self.metrics = MetricSet("nat")
@@ -154,9 +160,9 @@ class NatProxy(Service):
         log.info(
             "NAT listening on {address}, {count} destinations, reverse address update {mode}",
             event="nat_start",
-            address=f"{interface or '*'}:{self.port}",
+            address=address_text((interface, self.port)) if interface else f"*:{self.port}",
             count=len(self._initial_destinations),
-            mode="enabled" if self.table.reverseUpdate else "disabled",
+            mode="enabled" if self.table.reverse_update else "disabled",
         )
         for name in self._initial_destinations:
             self._add_initial_destination(name)
@@ -168,7 +174,7 @@ class NatProxy(Service):
                 delayed.cancel()
         self._timer = None
         self._retries.clear()
-        closing = [maybeDeferred(port.stopListening) for port in self._sockets.values()]
+        closing = [maybeDeferred(port.stopListening) for sockets in self._sockets.values() for port in sockets.values()]
         self._sockets.clear()
         if self._public is not None:
             closing.append(maybeDeferred(self._public.stopListening))
@@ -211,14 +217,19 @@ class NatProxy(Service):
             return
         if route.evicted is not None:
             self._close((route.evicted,))
-        outgoing = self._sockets.get(route.key)
+        destination = route.destination
+        # Destinations are IP literals once resolved: a colon means IPv6.
+        family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
+        sockets = self._sockets.get(route.key)
+        outgoing = sockets.get(family) if sockets is not None else None
         if outgoing is None:
-            outgoing = self._open(route.key, route.destination)
+            outgoing = self._open(route.key, family)
             if outgoing is None:
                 self.dropped.inc("no_socket")
                 return
-            log.debug("New NAT entry {client} -> {destination}", event="nat_entry", client=client,
-                      destination=route.destination)
+            if sockets is None:
+                log.debug("New NAT entry {client} -> {destination}", event="nat_entry", client=address_text(client),
+                          destination=address_text(destination))
         try:
             outgoing.write(datagram, route.destination)
         except OSError:
@@ -227,7 +238,7 @@ class NatProxy(Service):
         self._forwarded.value += 1
 
     def backward_datagram(self, key: int, datagram: bytes, source: Address) -> None:
-        """An answer on entry C{key}'s socket: send it back to the entry's client."""
+        """An answer on entry ``key``'s socket: send it back to the entry's client."""
         client = self.table.backward(key, source, self._reactor.seconds())
         if client is None:
             self.dropped.inc("unknown_entry")
@@ -245,26 +256,31 @@ class NatProxy(Service):
             return
         self._backwarded.value += 1
 
-    def _open(self, key: int, destination: Address) -> Any:
-        family = socket.AF_INET6 if ip_family(destination[0]) == socket.AF_INET6 else socket.AF_INET
+    def _open(self, key: int, family: int) -> Any:
+        """Open entry ``key``'s outgoing socket for ``family``; None (logged) when the OS refuses."""
         try:
             outgoing = self._open_socket(family, partial(self.backward_datagram, key))
         except OSError as error:
             log.error("No outgoing socket for a new NAT entry: {error}; raise the open-files limit or lower -n",
                       event="nat_socket_failed", error=error)
             return None
-        self._sockets[key] = outgoing
-        self._new_entries.value += 1
+        sockets = self._sockets.get(key)
+        if sockets is None:
+            sockets = self._sockets[key] = {}
+            self._new_entries.value += 1
+        sockets[family] = outgoing
         if self._timer is None:
-            self._arm(self.table.nextDeadline())
+            self._arm(self.table.next_deadline())
         return outgoing
 
     def _close(self, keys: Iterable[int]) -> int:
+        """Close the sockets of the entries ``keys``; how many entries had any."""
         closed = 0
         for key in keys:
-            outgoing = self._sockets.pop(key, None)
-            if outgoing is not None:
-                outgoing.stopListening()
+            sockets = self._sockets.pop(key, None)
+            if sockets is not None:
+                for outgoing in sockets.values():
+                    outgoing.stopListening()
                 closed += 1
         return closed
 
@@ -276,12 +292,12 @@ class NatProxy(Service):
     def _expire(self) -> None:
         expired = self.table.expire(self._reactor.seconds())
         self._expired.value += self._close(expired)
-        self._arm(self.table.nextDeadline())
+        self._arm(self.table.next_deadline())
 
     # -- console commands ---------------------------------------------------------
 
     def clear(self, count: int | None) -> int:
-        """Drop C{count} random entries (all when None); their clients get new ports."""
+        """Drop ``count`` random entries (all when None); their clients get new ports."""
         return self._close(self.table.clear(count))
 
     def reassign(self) -> int:
@@ -293,7 +309,7 @@ class NatProxy(Service):
         return self.table.rebalance(self._reactor.seconds())
 
     def set_reverse(self, enabled: bool) -> None:
-        self.table.reverseUpdate = enabled
+        self.table.reverse_update = enabled
 
     def add_destination(self, name: str) -> Deferred[str]:
         """Resolve ``host:port`` and add it; fires with the console's answer line."""
@@ -327,20 +343,17 @@ class NatProxy(Service):
         return succeed(host) if ip_family(host) is not None else self._reactor.resolve(host)
 
     def _add_resolved(self, address: str, name: str, port: int) -> str:
-        families = {ip_family(d.address[0]) for d in self.table.destinations()}
-        if families and ip_family(address) not in families:
-            return f"{name} resolves to {address}: all destinations must be of one address family"
-        if not self.table.addDestination(name, (address, port)):
+        if not self.table.add_destination(name, (address, port)):
             return f"destination {name} is already there."
         log.info("Destination added {destination} ({address})", event="nat_destination_added",
-                 destination=name, address=f"{address}:{port}")
+                 destination=name, address=address_text((address, port)))
         return f"added destination {name}."
 
     def remove_destination(self, name: str) -> str:
-        """Remove the destination added as C{name} (or with that address)."""
+        """Remove the destination added as ``name`` (or with that address)."""
         for destination in self.table.destinations():
             if name in (destination.name, f"{destination.address[0]}:{destination.address[1]}"):
-                self.table.removeDestination(destination.address)
+                self.table.remove_destination(destination.address)
                 log.info("Destination removed {destination}", event="nat_destination_removed", destination=name)
                 return f"removed destination {name}."
         return f"unknown destination {name}; 'info' lists them."

@@ -1,11 +1,11 @@
 """The sans-IO core of the NAT / load-balancer emulator.
 
-A L{NatTable} maps each client source address to one NAT entry: an outgoing
+A :class:`NatTable` maps each client source address to one NAT entry: an outgoing
 socket (named by an integer key, opened by the adapter) and a destination,
 picked at random when the entry is created and then sticky. Entries expire
 after the NAT timeout without traffic. Destinations that stop answering for
 the load-balancer timeout become stale (no new entries) and are probed back
-after the same time. L{DropPolicy} decides which datagrams are lost on purpose.
+after the same time. :class:`DropPolicy` decides which datagrams are lost on purpose.
 
 Nothing here reads a clock or touches a socket: the time is an argument.
 """
@@ -26,9 +26,9 @@ Address = tuple[str, int]
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one forwarded datagram goes: out of socket C{key} to C{destination}.
+    """Where one forwarded datagram goes: out of socket ``key`` to ``destination``.
 
-    C{evicted} is the socket key of the entry dropped to make room (``-n``), to close.
+    ``evicted`` is the socket key of the entry dropped to make room (``-n``), to close.
     """
 
     key: int
@@ -54,7 +54,7 @@ class Destination:
 class NatEntry:
     """One client source address: its outgoing socket key and destination.
 
-    C{route} is kept up to date by the table, so forwarding allocates nothing.
+    ``route`` is kept up to date by the table, so forwarding allocates nothing.
     """
 
     __slots__ = ("client", "key", "destination", "last_used", "route")
@@ -67,7 +67,7 @@ class NatEntry:
         self.route = Route(key, destination.address)
 
     def reroute(self) -> None:
-        """Refresh C{route} after the key or the destination changed."""
+        """Refresh ``route`` after the key or the destination changed."""
         self.route = Route(self.key, self.destination.address)
 
 
@@ -75,12 +75,12 @@ class NatEntry:
 class NatTable:
     """NAT entries and destinations; see the module docstring.
 
-    @param nat_timeout: seconds an entry lives without traffic (``--tnat``).
-    @param lb_timeout: seconds a destination may leave traffic unanswered
+    :param nat_timeout: seconds an entry lives without traffic (``--tnat``).
+    :param lb_timeout: seconds a destination may leave traffic unanswered
         before it is stale, and seconds before a stale one is probed (``--tlb``).
-    @param max_entries: at most this many entries; the least recently used
+    :param max_entries: at most this many entries; the least recently used
         one makes room for a new client (``-n``).
-    @param rng: the source of every random choice (seed it in tests).
+    :param rng: the source of every random choice (seed it in tests).
     """
 
     def __init__(
@@ -95,7 +95,7 @@ class NatTable:
         self.nat_timeout = nat_timeout
         self.lb_timeout = lb_timeout
         self.max_entries = max_entries
-        self.reverseUpdate = reverse_update
+        self.reverse_update = reverse_update
         self._random = rng if rng is not None else random.Random()
         self._destinations: dict[Address, Destination] = {}
         # Least recently used first, so expiry and eviction look at the front only.
@@ -106,7 +106,7 @@ class NatTable:
         self.evicted = 0
         self.stale_marked = 0
         for name, address in destinations:
-            self.addDestination(name, address)
+            self.add_destination(name, address)
 
     # -- the hot path ---------------------------------------------------------
 
@@ -143,8 +143,8 @@ class NatTable:
                     destination.unanswered_since = now
         return entry.route if evicted is None else Route(entry.key, destination.address, evicted)
 
-    def backward(self, socketKey: int, source: Address, now: float) -> Address | None:
-        entry = self._by_key.get(socketKey)
+    def backward(self, socket_key: int, source: Address, now: float) -> Address | None:
+        entry = self._by_key.get(socket_key)
         if entry is None:
             return None
         entry.last_used = now
@@ -155,7 +155,7 @@ class NatTable:
             answering = self._destinations.get(source)
             if answering is None:
                 return entry.client
-            if self.reverseUpdate:
+            if self.reverse_update:
                 self._move(entry, answering)
             destination = answering
         destination.unanswered_since = None
@@ -174,7 +174,7 @@ class NatTable:
             expired.append(self._remove(entry))
         return expired
 
-    def nextDeadline(self) -> float | None:
+    def next_deadline(self) -> float | None:
         if not self._entries:
             return None
         return next(iter(self._entries.values())).last_used + self.nat_timeout
@@ -210,17 +210,17 @@ class NatTable:
                 changed += 1
         return changed, len(self._entries)
 
-    def addDestination(self, name: str, address: Address) -> bool:
+    def add_destination(self, name: str, address: Address) -> bool:
         if address in self._destinations:
             return False
         added = Destination(name, address)
         self._destinations[address] = added
         for entry in self._entries.values():
             if self._destinations.get(entry.destination.address) is not entry.destination:
-                self._move(entry, added)  # left without a destination by removeDestination
+                self._move(entry, added)  # left without a destination by remove_destination
         return True
 
-    def removeDestination(self, address: Address) -> bool:
+    def remove_destination(self, address: Address) -> bool:
         removed = self._destinations.pop(address, None)
         if removed is None:
             return False
@@ -232,7 +232,7 @@ class NatTable:
         return True
 
     def info(self) -> list[str]:
-        mode = "enabled" if self.reverseUpdate else "disabled"
+        mode = "enabled" if self.reverse_update else "disabled"
         lines = [f"{len(self._entries)} NAT entries, reverse address update {mode}."]
         lines.extend(
             f"Destination: {destination.name}, usage: {destination.usage}"
@@ -250,12 +250,12 @@ class NatTable:
         return list(self._destinations.values())
 
     def destination_of(self, client: Address) -> Address | None:
-        """The destination of C{client}'s entry, or None without an entry."""
+        """The destination of ``client``'s entry, or None without an entry."""
         entry = self._entries.get(client)
         return entry.destination.address if entry is not None else None
 
     def key_of(self, client: Address) -> int | None:
-        """The socket key of C{client}'s entry, or None without an entry."""
+        """The socket key of ``client``'s entry, or None without an entry."""
         entry = self._entries.get(client)
         return entry.key if entry is not None else None
 
@@ -325,7 +325,7 @@ def looks_like_dtls(datagram: bytes) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class SizeLimit:
-    """``-s SIZE[:PCT]``: datagrams longer than C{size} bytes are dropped with C{percent} % probability."""
+    """``-s SIZE[:PCT]``: datagrams longer than ``size`` bytes are dropped with ``percent`` % probability."""
 
     size: int
     percent: float = 100.0
@@ -348,7 +348,7 @@ class DropPolicy:
     """Which datagrams the emulator loses on purpose, and why.
 
     Each method returns a short drop reason (a metrics label) or None to pass;
-    C{active} is False when nothing is ever dropped, so callers can skip the calls.
+    ``active`` is False when nothing is ever dropped, so callers can skip the calls.
     Percentages are 0..100; the random source is injected so tests are exact.
     """
 

@@ -55,7 +55,7 @@ class CoapCluster:
     """Three coap-server nodes (ids 1-3) and the NAT in front of them.
 
     k8s mode: pods 127.0.0.1-3 sharing one public and one management port,
-    listed by the test API server C{kubernetes} = (server, port, ca_pem).
+    listed by the test API server ``kubernetes`` = (server, port, ca_pem).
     """
 
     def __init__(self, mode: str, monkeypatch: pytest.MonkeyPatch,
@@ -250,7 +250,7 @@ def test_coaps_sessions_survive_in_kubernetes_mode(api_server: Any, pod: Any,
 
 
 def cluster_in(mode: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> CoapCluster:
-    """A cluster in C{mode}; in k8s mode its three pods are listed by the test API server."""
+    """A cluster in ``mode``; in k8s mode its three pods are listed by the test API server."""
     kubernetes = None
     if mode == "k8s":
         server, api_port, ca_pem, _ = request.getfixturevalue("api_server")

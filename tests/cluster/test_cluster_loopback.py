@@ -43,7 +43,7 @@ PSK_IDENTITY, PSK = b"Client_identity", b"secretPSK"
 
 
 def cid_record(node_id: int, payload: bytes) -> bytes:
-    """A tls12_cid record (RFC 9146 section 4) with a 6-byte CID owned by C{node_id}."""
+    """A tls12_cid record (RFC 9146 section 4) with a 6-byte CID owned by ``node_id``."""
     cid = bytes([node_id]) + b"cidxx"
     return bytes([25, 254, 253, 0, 1]) + bytes(6) + cid + len(payload).to_bytes(2, "big") + payload
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 
 from nettester.cluster.node import ReplicationService
 from nettester.cluster.replication import (
@@ -22,6 +23,7 @@ from nettester.cluster.wire import ConnectionState, ManagementCodec
 from nettester.metrics import MetricSet
 from nettester.protocols.dtls.snapshot import SnapshotError
 from tests.cluster.nodes_on_clock import DiscoveryOnClock
+from tests.logcapture import log_events
 
 SECRET = b"group secret"
 NODE_2 = ("10.0.0.2", 25884)
@@ -148,7 +150,11 @@ def test_a_lost_nodes_connection_is_adopted_from_its_replica_and_the_record_proc
     now_ms = int(cluster.clock.seconds() * 1000)
     assert cluster.service.receive(ConnectionState(LOST_CID, b"replica", now_ms), NODE_2) is None
     record = b"\x19" + LOST_CID
-    assert cluster.endpoint.unknown_cid(LOST_CID, record, CLIENT, None) is True
+    with log_events() as events:
+        assert cluster.endpoint.unknown_cid(LOST_CID, record, CLIENT, None) is True
+    [takeover] = [formatEvent(event) for event in events if event.get("event") == "cluster_takeover"]
+    assert takeover == (f"Took over DTLS connection {LOST_CID.hex()} of node {LOST_CID[0]} for 192.0.2.9:40000 "
+                        "from its replica")
     assert cluster.endpoint.adopted == [(b"replica", CLIENT, None, SEQUENCE_GAP)]
     assert cluster.endpoint.received == [(record, CLIENT)]
     assert cluster.service.taken_over.value == 1 and len(cluster.service.replicas) == 0

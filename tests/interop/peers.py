@@ -17,7 +17,7 @@ def missing_peer(message: str) -> NoReturn:
 
 
 def installed(program: str, hint: str) -> str:
-    """The path of C{program} on PATH, else L{missing_peer} with C{hint} (how to install it)."""
+    """The path of ``program`` on PATH, else ``missing_peer`` with ``hint`` (how to install it)."""
     path = shutil.which(program)
     if path is None:
         missing_peer(f"{program} is not installed ({hint})")

@@ -438,7 +438,7 @@ class Relay(DatagramProtocol):
 
 
 def spawn_mbedtls_cid_client(suite: str, port: int, files: dict[str, str] | None) -> Peer:
-    """ssl_client2 with CID 0badcafe: three exchanges with the server at C{port} (PSK, or ECDSA with C{files})."""
+    """ssl_client2 with CID 0badcafe: three exchanges with the server at ``port`` (PSK, or ECDSA with ``files``)."""
     arguments = [
         "dtls=1",
         "server_addr=127.0.0.1",

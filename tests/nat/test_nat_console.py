@@ -55,15 +55,14 @@ def test_commands_and_answers() -> None:
     assert proxy.table.destinations()[1].address == ("10.9.9.9", 5684)
     assert run(console, "add known.test:5684") == "destination known.test:5684 is already there."
     assert run(console, "add unknown.test:5684").startswith("cannot resolve unknown.test")
-    assert run(console, "add [::1]:5684") == (
-        "[::1]:5684 resolves to ::1: all destinations must be of one address family")
+    assert run(console, "add [::1]:5684") == "added destination [::1]:5684."  # both families are served
     assert run(console, "add nonsense") == "expected host:port (port 1-65535), got 'nonsense'"
     assert run(console, "add :5684") == "expected host:port with a host, got ':5684'"
     assert run(console, "add") == "usage: add <host:port>"
     assert run(console, "remove 10.0.0.1:5684") == "removed destination 10.0.0.1:5684."
     assert run(console, "remove 10.0.0.1:5684") == "unknown destination 10.0.0.1:5684; 'info' lists them."
-    assert run(console, "reverse on") == "reverse address update enabled." and proxy.table.reverseUpdate
-    assert run(console, "REVERSE off") == "reverse address update disabled." and not proxy.table.reverseUpdate
+    assert run(console, "reverse on") == "reverse address update enabled." and proxy.table.reverse_update
+    assert run(console, "REVERSE off") == "reverse address update disabled." and not proxy.table.reverse_update
     assert run(console, "reverse maybe") == "usage: reverse on|off"
     assert run(console, "reassign") == "reassigned 0 NAT entries to new outgoing ports."
     assert run(console, "exit") is EXIT and run(console, "quit") is EXIT

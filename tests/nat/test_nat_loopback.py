@@ -21,7 +21,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable, SizeLimit
-from tests.loopback import wait_until
+from tests.loopback import has_ipv6_loopback, wait_until
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 5.0
@@ -199,7 +199,7 @@ def test_sticky_entries_clear_reassign_rebalance_add_remove() -> Generator[Any, 
         assert (yield lab.command("remove 127.0.0.1:1")) == "unknown destination 127.0.0.1:1; 'info' lists them."
         assert (yield lab.command("add nohost.invalid:5")).startswith("cannot resolve nohost.invalid")
         assert (yield lab.command("reverse on")) == "reverse address update enabled."
-        assert lab.proxy.table.reverseUpdate is True
+        assert lab.proxy.table.reverse_update is True
         assert lab.proxy.summary()["forwarded"] == lab.proxy.summary()["backwarded"]
     finally:
         yield lab.close()
@@ -303,7 +303,7 @@ def test_a_silent_destination_goes_stale_and_is_probed_back() -> Generator[Any, 
 
 
 class Relay(DatagramProtocol):
-    """A destination that lets another one answer: passes each datagram, with its source, to C{other}."""
+    """A destination that lets another one answer: passes each datagram, with its source, to ``other``."""
 
     def __init__(self, other: tuple[str, int]) -> None:
         self.other = other
@@ -377,3 +377,43 @@ def test_ipv6_loopback() -> Generator[Any, Any, None]:
         yield proxy.stopService()
         yield client_port.stopListening()
         yield echo_port.stopListening()
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest_twisted.inlineCallbacks
+def test_ipv4_and_ipv6_destinations_together_and_rebalance_across_families() -> Generator[Any, Any, None]:
+    echoes = [Echo(), Echo()]
+    ports = [reactor.listenUDP(0, echoes[0], interface="127.0.0.1"), reactor.listenUDP(0, echoes[1], interface="::1")]
+    names = [f"127.0.0.1:{ports[0].getHost().port}", f"[::1]:{ports[1].getHost().port}"]
+    proxy = NatProxy(reactor, NatTable([], rng=random.Random(3)), DropPolicy(), ("127.0.0.1", 0), names)
+    proxy.startService()
+    clients = [(Client(), None) for _ in range(10)]
+    clients = [(client, reactor.listenUDP(0, client, interface="127.0.0.1")) for client, _ in clients]
+    try:
+        yield wait_until(lambda: len(proxy.table.destinations()) == 2)
+
+        @pytest_twisted.inlineCallbacks
+        def round_trip(data: bytes) -> Generator[Any, Any, list[int]]:
+            destinations = []
+            for client, port in clients:
+                port.write(data, ("127.0.0.1", proxy.port))
+                answer = yield timed(client.answers.get())
+                destinations.append(int(answer.partition(b"|")[0]))
+            return destinations
+
+        first = yield round_trip(b"a")
+        assert set(first) == {port.getHost().port for port in ports}, "both families serve"
+        for _ in range(20):  # rebalance until some entry changes family, then it still gets answers
+            proxy.rebalance()
+            after = yield round_trip(b"b")
+            if after != first:
+                break
+        assert after != first
+        assert proxy.summary()["forwarded"] == proxy.summary()["backwarded"]
+        assert proxy.summary()["entries"] == len(clients)
+    finally:
+        yield proxy.stopService()
+        for _, port in clients:
+            yield port.stopListening()
+        for port in ports:
+            yield port.stopListening()

@@ -87,6 +87,6 @@ def test_factory_builds_a_reporting_service_with_the_options() -> None:
     service = build_nat(MemoryReactorClock(), options)
     assert IReportingService.providedBy(service)
     table = service.proxy.table
-    assert (table.nat_timeout, table.lb_timeout, table.reverseUpdate) == (2.0, 1.0, True)
+    assert (table.nat_timeout, table.lb_timeout, table.reverse_update) == (2.0, 1.0, True)
     assert set(service.summary()) >= {"entries", "forwarded", "backwarded", "dropped"}
     assert [role.name for role in nat.roles] == ["nat"]

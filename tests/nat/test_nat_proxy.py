@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -20,8 +21,9 @@ B = ("10.0.0.2", 5684)
 class FakePort:
     """The public port (a DatagramProtocol's transport) or an outgoing socket (a receive callback)."""
 
-    def __init__(self, number: int, protocol: Any = None, receive: Any = None) -> None:
+    def __init__(self, number: int, protocol: Any = None, receive: Any = None, family: int = socket.AF_INET) -> None:
         self.number = number
+        self.family = family
         self.protocol = protocol
         self.receive = receive
         self.written: list[tuple[bytes, Any]] = []
@@ -56,7 +58,7 @@ class FakeUdpReactor(Clock):
         """NatProxy's open_socket: an outgoing socket, or EMFILE past the limit."""
         if len(self.open_ports()) >= self._limit:
             raise OSError(24, "Too many open files")
-        fake = FakePort(40000 + len(self.ports), receive=receive)
+        fake = FakePort(40000 + len(self.ports), receive=receive, family=family)
         self.ports.append(fake)
         return fake
 
@@ -126,7 +128,7 @@ def test_drops_are_counted_by_reason() -> None:
     nat.backward_datagram(999, b"x", A)
     assert nat.dropped.values == {"size_limit": 2, "no_socket": 1, "unknown_entry": 1}
     assert public(reactor).written == [(b"x", ("192.0.2.1", 1))]
-    nat.table.removeDestination(A)
+    nat.table.remove_destination(A)
     public(reactor).protocol.datagramReceived(b"1", ("192.0.2.9", 1))
     assert nat.dropped.get("no_destination") == 1
 
@@ -158,6 +160,33 @@ def test_the_entry_evicted_for_a_new_client_loses_its_socket() -> None:
         public(reactor).protocol.datagramReceived(b"x", ("192.0.2.1", port))
     assert [p.number for p in reactor.open_ports()] == [5784, 40002, 40003]
     assert len(nat.table) == 2 and nat.table.evicted == 1
+
+
+def test_destinations_of_both_families_an_entry_moved_across_gets_a_socket_per_family() -> None:
+    reactor = FakeUdpReactor()
+    six = ("::1", 5684)
+    nat = proxy(reactor, A, six)
+    clients = [("192.0.2.1", port) for port in range(8)]
+    for client in clients:
+        public(reactor).protocol.datagramReceived(b"x", client)
+    outgoing = reactor.ports[1:]
+    assert {port.family for port in outgoing} == {socket.AF_INET, socket.AF_INET6}
+    assert all((port.family == socket.AF_INET6) == (port.written[0][1] == six) for port in outgoing)
+    # Removing the IPv6 destination moves its entries to IPv4: each opens its second socket.
+    moved = [client for client in clients if nat.table.destination_of(client) == six]
+    assert 0 < len(moved) < len(clients)
+    nat.table.remove_destination(six)
+    for client in moved:
+        public(reactor).protocol.datagramReceived(b"y", client)
+    assert len(reactor.ports) == 1 + len(clients) + len(moved)
+    for port in reactor.ports[1 + len(clients):]:
+        assert port.family == socket.AF_INET and port.written == [(b"y", A)]
+    # Answers on either socket of an entry go back to its client (a late IPv6 one too).
+    reactor.ports[-1].receive(b"v4", A)
+    next(port for port in outgoing if port.family == socket.AF_INET6).receive(b"v6", six)
+    assert public(reactor).written == [(b"v4", moved[-1]), (b"v6", moved[0])]
+    assert nat.summary()["backwarded"] == 2 and nat.summary()["entries"] == len(clients)
+    assert nat.clear(None) == len(clients) and reactor.open_ports() == [public(reactor)]
 
 
 class BusyPortReactor(FakeUdpReactor):

@@ -67,14 +67,14 @@ def test_entries_expire_after_the_nat_timeout_without_traffic() -> None:
     nat = table(A, nat_timeout=30.0)
     route = nat.forward(CLIENT, 0.0)
     second = nat.forward(CLIENT2, 10.0)
-    assert nat.nextDeadline() == 30.0
+    assert nat.next_deadline() == 30.0
     assert nat.expire(29.9) == []
     assert nat.backward(route.key, A, 20.0) == CLIENT  # an answer refreshes it
-    assert nat.nextDeadline() == 40.0
+    assert nat.next_deadline() == 40.0
     assert nat.expire(40.0) == [second.key]
     assert nat.key_of(CLIENT2) is None
     assert nat.expire(50.0) == [route.key]
-    assert len(nat) == 0 and nat.nextDeadline() is None
+    assert len(nat) == 0 and nat.next_deadline() is None
     assert nat.destinations()[0].usage == 0
 
 
@@ -97,7 +97,7 @@ def test_violation_is_counted_and_reverse_update_moves_the_entry() -> None:
     assert nat.backward(route.key, other, 0.1) == CLIENT
     assert nat.violations == 1
     assert nat.destination_of(CLIENT) == route.destination
-    nat.reverseUpdate = True
+    nat.reverse_update = True
     assert nat.backward(route.key, other, 0.2) == CLIENT
     assert nat.violations == 2
     assert nat.destination_of(CLIENT) == other
@@ -177,13 +177,13 @@ def test_add_and_remove_destinations() -> None:
     nat = table(A)
     for port in range(10):
         nat.forward(("192.0.2.1", port), 0.0)
-    assert nat.addDestination("b:5684", B) is True
-    assert nat.addDestination("b:5684", B) is False
-    assert nat.removeDestination(A) is True
-    assert nat.removeDestination(A) is False
+    assert nat.add_destination("b:5684", B) is True
+    assert nat.add_destination("b:5684", B) is False
+    assert nat.remove_destination(A) is True
+    assert nat.remove_destination(A) is False
     assert all(nat.destination_of(("192.0.2.1", p)) == B for p in range(10))
     assert nat.info() == ["10 NAT entries, reverse address update disabled.", "Destination: b:5684, usage: 10"]
-    assert nat.removeDestination(B) is True
+    assert nat.remove_destination(B) is True
     assert nat.forward(CLIENT, 1.0) is None
 
 
@@ -228,9 +228,9 @@ def test_usage_counts_stay_consistent_under_any_command_sequence(steps: list[tup
         elif command == "rebalance":
             nat.rebalance(now)
         elif command == "add":
-            nat.addDestination(str(number), addresses[number % 4])
+            nat.add_destination(str(number), addresses[number % 4])
         else:
-            nat.removeDestination(addresses[number % 4])
+            nat.remove_destination(addresses[number % 4])
         assert len(nat) <= 4
         targets = [nat.destination_of(("192.0.2.1", p)) for p in range(6)]
         assert sum(target is not None for target in targets) == len(nat)
@@ -276,9 +276,9 @@ def test_drop_policy_size_limit_and_dtls_filter() -> None:
 def test_entries_left_without_destination_join_the_next_one_added() -> None:
     nat = table(A)
     nat.forward(CLIENT, 0.0)
-    assert nat.removeDestination(A)
+    assert nat.remove_destination(A)
     assert nat.forward(CLIENT, 1.0) is None
-    assert nat.addDestination("a again", A)
+    assert nat.add_destination("a again", A)
     assert nat.destinations()[0].usage == 1
     assert nat.forward(CLIENT, 2.0).destination == A
     assert nat.destinations()[0].usage == 1

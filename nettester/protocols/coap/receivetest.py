@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from nettester.interfaces import IDatagramLink
+from nettester.logs import Logger
 from nettester.protocols.coap.client import (
     EXIT_ERROR_RESPONSE,
     EXIT_SUCCESS,
@@ -62,9 +63,15 @@ LOOP_DELAY = 1.0  # seconds between an answer (or a failure) and the next POST w
 
 DEFAULT_UUID_FILE = os.path.join(os.path.expanduser("~"), ".nettester", "coap-receivetest.uuid")
 
+log = Logger()
+
 
 def device_uuid(path: str, reset: bool) -> str:
-    """The device's UUID from ``path``; a new one (saved) when absent or ``reset``."""
+    """The device's UUID from ``path``; a new one (saved) when absent or ``reset``.
+
+    When ``path`` cannot be written (a read-only ``HOME``, as in a container with
+    ``readOnlyRootFilesystem``), the new UUID lives in memory for this run, with a warning.
+    """
     if not reset:
         try:
             with open(path) as stored:
@@ -73,9 +80,14 @@ def device_uuid(path: str, reset: bool) -> str:
         except (OSError, ValueError):
             pass
     fresh = str(uuid.uuid4())
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as stored:
-        stored.write(fresh + "\n")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as stored:
+            stored.write(fresh + "\n")
+    except OSError as error:
+        log.warn("Cannot keep the device UUID in {path} ({error}): using {device} for this run only, so its "
+                 "history starts afresh; choose a writable --uuid-file", event="receivetest_uuid_unsaved",
+                 path=path, error=error.strerror or error, device=fresh)
     return fresh
 
 

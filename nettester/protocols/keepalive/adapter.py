@@ -8,8 +8,7 @@ Twisted does lazily when the deadline only moves later: cheap per keep-alive).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Protocol as TypingProtocol
+from collections.abc import Iterator
 
 from OpenSSL.SSL import Error as TLSError
 from service_identity import VerificationError
@@ -19,6 +18,8 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from nettester import addresses
+from nettester.interfaces import StreamCore
 from nettester.logs import Logger
 from nettester.protocols.keepalive.tls import tls_failure_text
 from nettester.protocols.keepalive.transport import FIN, tcp_ending
@@ -36,18 +37,17 @@ TLS_ERROR = "tls_error"  # handshake, certificate or record failure
 
 
 def address_text(address: IAddress) -> str:
-    """``ip:port`` (``[ip]:port`` for IPv6), as both ends log their 4-tuple."""
-    host = getattr(address, "host", str(address))
-    port = getattr(address, "port", 0)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """``ip:port`` (``[ip]:port`` for IPv6, an IPv4-mapped one unmapped), as both ends log their
+    4-tuple: the shared :func:`nettester.addresses.address_text` of a Twisted address."""
+    return addresses.address_text((getattr(address, "host", str(address)), getattr(address, "port", 0)))
 
 
 def close_cause(reason: Failure, closed_by_us: str | None, us: str, tcp_end: str | None = None) -> tuple[str, str]:
     """Classify a close: (cause, detail).
 
-    C{closed_by_us} is the reason we asked for the close (None when we did
-    not); C{us} is ``closed_by_server`` or ``closed_by_client``; C{tcp_end}
-    is what the TCP transport saw (L{tcp_ending}). A clean end of stream we
+    ``closed_by_us`` is the reason we asked for the close (None when we did
+    not); ``us`` is ``closed_by_server`` or ``closed_by_client``; ``tcp_end``
+    is what the TCP transport saw (:func:`tcp_ending`). A clean end of stream we
     did not ask for is the peer's FIN, also under TLS without a close_notify;
     any other loss is a reset, detailed by the errno of the failed read when
     known, else by the exception text.
@@ -64,26 +64,14 @@ def close_cause(reason: Failure, closed_by_us: str | None, us: str, tcp_end: str
     return PEER_RESET, tcp_end or str(reason.value)
 
 
-class SansIOCore(TypingProtocol):
-    """The part of ServerConnection / ClientConnection an adapter drives."""
-
-    def receive_data(self, data: bytes, now: float) -> list[Event]: ...
-
-    def data_to_send(self) -> bytes: ...
-
-    def get_timer(self) -> float | None: ...
-
-    def handle_timer(self, now: float) -> list[Event]: ...
-
-
 class CoreProtocol(Protocol):
     """A Twisted Protocol driving one sans-IO keep-alive core.
 
-    Subclasses create C{self.core} in connectionMade, then call L{pump};
-    they implement L{handle_event}.
+    Subclasses create ``self.core`` in connectionMade, then call :meth:`pump`;
+    they implement :meth:`handle_event`.
     """
 
-    core: SansIOCore
+    core: StreamCore
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
@@ -92,22 +80,25 @@ class CoreProtocol(Protocol):
         self.closing: str | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        self.pump(self.core.receive_data(data, self.clock.seconds()))
+        self.core.receive_data(data, self.clock.seconds())
+        self.pump()
 
     def _timer_fired(self) -> None:
         self._timer = None
         self._deadline = None
-        self.pump(self.core.handle_timer(self.clock.seconds()))
+        self.core.handle_timer(self.clock.seconds())
+        self.pump()
 
-    def pump(self, events: Sequence[Event]) -> None:
+    def pump(self) -> None:
         """Write what the core produced, dispatch its events, re-arm the timer."""
-        data = self.core.data_to_send()
+        core = self.core
+        data = core.data_to_send()
         if data and self.closing is None:
             assert self.transport is not None  # the core runs while connected
             self.transport.write(data)
-        for event in events:
+        while (event := core.next_event()) is not None:
             self.handle_event(event)
-        deadline = self.core.get_timer()
+        deadline = core.get_timer()
         if deadline == self._deadline:
             return
         self._deadline = deadline

@@ -1,7 +1,7 @@
 """``keepalive-client``: a fleet of long-lived keep-alive connections.
 
-Each client number holds one connection at a time (a L{ClientSlot}), sends
-``Establish Session``, keep-alives and dummies through a L{ClientConnection}
+Each client number holds one connection at a time (a :class:`ClientSlot`), sends
+``Establish Session``, keep-alives and dummies through a :class:`ClientConnection`
 core, tells a FIN from a RST from a missing response, and reconnects after
 ``--reconnect-delay``. Every connection has a conn id unique across runs and
 replicas (``<run>-<client>-<attempt>``) that the server logs too.
@@ -101,6 +101,8 @@ REPEAT_WINDOW = 10.0
 class KeepAliveClientProtocol(CoreProtocol):
     """One client connection."""
 
+    core: ClientConnection
+
     def __init__(self, slot: ClientSlot, conn_id: str) -> None:
         super().__init__(slot.fleet.clock)
         self.slot = slot
@@ -117,7 +119,7 @@ class KeepAliveClientProtocol(CoreProtocol):
                  client=self.slot.number, local=self.local, peer=self.peer, conn=self.conn)
         self.core = ClientConnection(fleet.plan, str(self.slot.number), self.conn, self.clock.seconds())
         self.slot.connection_made(self)
-        self.pump(())
+        self.pump()
         if not fleet.running:
             self.close("shutdown")
 
@@ -161,7 +163,7 @@ class KeepAliveClientProtocol(CoreProtocol):
 
 
 class ClientSlot(ClientFactory):
-    """Client number C{number}: one connection at a time, reconnecting after a drop."""
+    """Client number ``number``: one connection at a time, reconnecting after a drop."""
 
     noisy = False
 
@@ -177,7 +179,7 @@ class ClientSlot(ClientFactory):
         self.backoff = Backoff(fleet.reconnect_delay, fleet.reconnect_max_delay, fleet.rng)
 
     def schedule(self, delay: float) -> None:
-        """Connect after C{delay} seconds."""
+        """Connect after ``delay`` seconds."""
         self.pending = self.fleet.clock.callLater(delay, self.connect)
 
     def connect(self) -> None:
@@ -242,7 +244,7 @@ class ClientSlot(ClientFactory):
 
 @implementer(IReportingService)
 class KeepAliveClientService(Service):
-    """C{clients} clients spread over C{ramp_up} seconds against one server."""
+    """``clients`` clients spread over ``ramp_up`` seconds against one server."""
 
     def __init__(self, reactor: Any, host: str, port: int, clients: int, timing: ClientTiming,
                  ramp_up: float = 10.0, reconnect_delay: float = 1.0,

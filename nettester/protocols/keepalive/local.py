@@ -34,7 +34,7 @@ SERVER_TIMEOUT = 5.0
 
 
 def timing_for(duration: float) -> ClientTiming:
-    """Intervals that fit C{duration}: at least four keep-alives per connection."""
+    """Intervals that fit ``duration``: at least four keep-alives per connection."""
     interval = min(1.0, duration / 5)
     return ClientTiming(keepalive_interval=interval, response_timeout=RESPONSE_TIMEOUT, dummy_interval=2.5 * interval)
 

@@ -1,6 +1,6 @@
 """``keepalive-server``: accepts connections, answers keep-alives, closes silent ones.
 
-Each connection runs a L{ServerConnection} core. The server closes a
+Each connection runs a :class:`ServerConnection` core. The server closes a
 connection with a FIN when its keep-alive is missing or it sends garbage, and
 logs every close with its cause (``closed_by_server``, ``peer_closed``,
 ``peer_reset``, ``tls_error``), so its JSON log can be joined with the
@@ -72,7 +72,7 @@ class KeepAliveServerProtocol(CoreProtocol):
         log.info("New TCP connection attempt {peer}", event="conn_attempt", peer=self.peer, local=self.local)
         self.core = ServerConnection(self.service.keepalive_timeout, self.clock.seconds())
         self.service.connection_made(self)
-        self.pump(())
+        self.pump()
 
     def handle_event(self, event: Event) -> None:
         service = self.service

@@ -106,6 +106,9 @@ def describe(certificate: ServerCertificate) -> str:
     return f"{origin} SHA-256 {certificate.fingerprint}"
 
 
+PEM_CERTIFICATES = "expected one or more -----BEGIN CERTIFICATE----- blocks"
+
+
 def _read(path: str, option: str) -> bytes:
     try:
         with open(path, "rb") as pem:
@@ -119,12 +122,13 @@ def load_server_certificate(cert_path: str, key_path: str) -> ServerCertificate:
     try:
         chain = x509.load_pem_x509_certificates(_read(cert_path, "--cert"))
     except ValueError:
-        raise TLSSetupError(f"--cert: {cert_path} holds no PEM certificate") from None
+        raise TLSSetupError(f"--cert: {cert_path} holds no PEM certificate; {PEM_CERTIFICATES}, leaf first") from None
     key_pem = _read(key_path, "--key")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
-        raise TLSSetupError(f"--key: {key_path} holds no unencrypted PEM private key") from None
+        raise TLSSetupError(f"--key: {key_path} holds no unencrypted PEM private key; expected a "
+                            "-----BEGIN PRIVATE KEY----- (or EC / RSA PRIVATE KEY) block") from None
     if key.public_key() != chain[0].public_key():
         raise TLSSetupError(f"--key: {key_path} does not match the first certificate of {cert_path}")
     chain_pem = tuple(certificate.public_bytes(serialization.Encoding.PEM) for certificate in chain)
@@ -176,7 +180,7 @@ def client_creator(server_name: str, ca_path: str | None, insecure: bool) -> IOp
         try:
             authorities = x509.load_pem_x509_certificates(_read(ca_path, "--ca"))
         except ValueError:
-            raise TLSSetupError(f"--ca: {ca_path} holds no PEM certificate") from None
+            raise TLSSetupError(f"--ca: {ca_path} holds no PEM certificate; {PEM_CERTIFICATES} (a CA bundle)") from None
         trust_root = ssl.trustRootFromCertificates(
             [ssl.Certificate.loadPEM(authority.public_bytes(serialization.Encoding.PEM)) for authority in authorities])
     else:

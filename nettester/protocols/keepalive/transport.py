@@ -79,20 +79,20 @@ class LeanClient(_LeanTransport, tcp.Client):
 
 
 class LeanPort(tcp.Port):
-    """A listening port whose connections are L{LeanServer}s."""
+    """A listening port whose connections are :class:`LeanServer`s."""
 
     transport = LeanServer
 
 
 class LeanConnector(tcp.Connector):
-    """A connector whose connections are L{LeanClient}s."""
+    """A connector whose connections are :class:`LeanClient`s."""
 
     def _makeTransport(self) -> LeanClient:
         return LeanClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
 def listen_tcp(reactor: Any, port: int, factory: Factory, backlog: int, interface: str) -> IListeningPort:
-    """C{reactor.listenTCP}, with lean connections on a real POSIX reactor."""
+    """``reactor.listenTCP``, with lean connections on a real POSIX reactor."""
     if not isinstance(reactor, PosixReactorBase):
         return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
     listening = LeanPort(port, factory, backlog, interface, reactor)
@@ -101,7 +101,7 @@ def listen_tcp(reactor: Any, port: int, factory: Factory, backlog: int, interfac
 
 
 def connect_tcp(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float) -> IConnector:
-    """C{reactor.connectTCP}, with a lean connection on a real POSIX reactor."""
+    """``reactor.connectTCP``, with a lean connection on a real POSIX reactor."""
     if not isinstance(reactor, PosixReactorBase):
         return reactor.connectTCP(host, port, factory, timeout=timeout)
     connector = LeanConnector(host, port, factory, timeout, None, reactor)
@@ -110,8 +110,8 @@ def connect_tcp(reactor: Any, host: str, port: int, factory: ClientFactory, time
 
 
 def tcp_ending(transport: ITransport | None) -> str | None:
-    """How the TCP connection under C{transport} (TLS included) ended, when a lean transport saw it:
-    ``ECONNRESET (104: Connection reset by peer)`` for a failed read, L{FIN} for the peer's FIN."""
+    """How the TCP connection under ``transport`` (TLS included) ended, when a lean transport saw it:
+    ``ECONNRESET (104: Connection reset by peer)`` for a failed read, :data:`FIN` for the peer's FIN."""
     while transport is not None:
         code = getattr(transport, "lost_errno", None)
         if code is not None:

@@ -10,12 +10,13 @@ packet capture stays readable::
     Long message <hex>            ->  Long message reply <hex>    (128-byte dummy)
 
 Nothing here reads a clock or touches a socket: bytes and ``now`` go in,
-events are returned, bytes to write come out of ``data_to_send()`` and the
-next deadline out of ``get_timer()``. The Twisted adapters live in
+bytes to write come out of ``data_to_send()``, events out of ``next_event()``
+and the next deadline out of ``get_timer()`` (``interfaces.StreamCore``, the
+stream twin of the datagram cores' contract). The Twisted adapters live in
 ``server.py`` and ``client.py``.
 
-Every malformed input raises L{WireError} from the parser; the state machines
-turn it into a L{ProtocolError} event and stop, so arbitrary bytes never raise
+Every malformed input raises :exc:`WireError` from the parser; the state machines
+turn it into a :class:`ProtocolError` event and stop, so arbitrary bytes never raise
 out of them.
 """
 
@@ -74,7 +75,7 @@ class KeepAlive:
 
 @dataclass(frozen=True, slots=True)
 class KeepAliveResponse:
-    """Server answer to L{KeepAlive}."""
+    """Server answer to :class:`KeepAlive`."""
 
     seq: int
 
@@ -84,7 +85,7 @@ class KeepAliveResponse:
 
 @dataclass(frozen=True, slots=True)
 class Dummy:
-    """Dummy data (``short`` or ``long``), or the server's echo of it (C{reply})."""
+    """Dummy data (``short`` or ``long``), or the server's echo of it (``reply``)."""
 
     kind: str
     payload: bytes
@@ -117,7 +118,7 @@ def _payload(text: bytes) -> bytes:
 def parse_line(line: bytes) -> Message:
     """Parse one line (without its ``\\n``; a trailing ``\\r`` is tolerated).
 
-    @raise WireError: for anything that is not exactly one known message.
+    :raises WireError: for anything that is not exactly one known message.
     """
     if line.endswith(b"\r"):
         line = line[:-1]
@@ -143,7 +144,7 @@ def parse_line(line: bytes) -> Message:
 
 
 class LineFramer:
-    """Splits a byte stream into lines; refuses lines longer than C{max_line}."""
+    """Splits a byte stream into lines; refuses lines longer than ``max_line``."""
 
     __slots__ = ("_partial", "_max_line")
 
@@ -152,9 +153,9 @@ class LineFramer:
         self._max_line = max_line
 
     def feed(self, data: bytes) -> list[bytes]:
-        """The complete lines C{data} finishes, without their ``\\n``.
+        """The complete lines ``data`` finishes, without their ``\\n``.
 
-        @raise WireError: when a line (complete or not) exceeds the limit.
+        :raises WireError: when a line (complete or not) exceeds the limit.
         """
         buffered = self._partial + data if self._partial else data
         *lines, self._partial = buffered.split(b"\n")
@@ -202,7 +203,7 @@ class KeepAliveMissing:
 
 @dataclass(frozen=True, slots=True)
 class KeepAliveAnswered:
-    """The server answered keep-alive C{seq} after C{rtt} seconds (client side)."""
+    """The server answered keep-alive ``seq`` after ``rtt`` seconds (client side)."""
 
     seq: int
     rtt: float
@@ -210,7 +211,7 @@ class KeepAliveAnswered:
 
 @dataclass(frozen=True, slots=True)
 class ResponseMissing:
-    """Keep-alive C{seq} got no answer within the response timeout (client side)."""
+    """Keep-alive ``seq`` got no answer within the response timeout (client side)."""
 
     seq: int
     waited: float
@@ -233,48 +234,78 @@ Event = (
 # ---------------------------------------------------------- state machines
 
 
-class ServerConnection:
-    """One accepted connection, server side.
+class LineConnection:
+    """What both ends' state machines share: the framer, the bytes to write, the events.
 
-    Answers keep-alives and dummies, and reports L{KeepAliveMissing} when no
-    ``Establish Session`` / ``Keep Alive`` arrived for C{keepalive_timeout}
-    seconds. After any terminal event it ignores all input: the adapter closes.
+    It is an ``interfaces.StreamCore`` (h11's shape): bytes and ``now`` go in
+    through :meth:`receive_data` and ``handle_timer``, bytes come out of
+    :meth:`data_to_send` and events out of :meth:`next_event`. Subclasses
+    handle one complete line in :meth:`_handle_line`. After a terminal event
+    it ignores all input: the adapter closes.
     """
 
-    __slots__ = ("_framer", "_timeout", "_deadline", "_last_seen", "_outgoing", "client_id", "conn_id", "finished")
+    __slots__ = ("_framer", "_outgoing", "_events", "finished")
 
-    def __init__(self, keepalive_timeout: float, now: float) -> None:
+    def __init__(self, outgoing: bytes = b"") -> None:
         self._framer = LineFramer()
-        self._timeout = keepalive_timeout
-        self._last_seen = now
-        self._deadline: float | None = now + keepalive_timeout
-        self._outgoing = b""
-        self.client_id: str | None = None
-        self.conn_id: str | None = None
+        self._outgoing = outgoing
+        self._events: list[Event] = []
         self.finished = False
 
-    def receive_data(self, data: bytes, now: float) -> list[Event]:
-        """Feed bytes read from the connection."""
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Feed bytes read from the connection; their events come out of :meth:`next_event`."""
         if self.finished:
-            return []
+            return
         try:
             lines = self._framer.feed(data)
         except WireError as error:
-            return [self._fail(str(error), data)]
-        events: list[Event] = []
+            self._events.append(self._fail(str(error), data))
+            return
         for line in lines:
-            try:
-                message = parse_line(line)
-            except WireError as error:
-                events.append(self._fail(str(error), line))
-                break
-            event = self._handle(message, now)
-            events.append(event)
+            self._events.append(self._handle_line(line, now))
             if self.finished:
                 break
-        return events
 
-    def _handle(self, message: Message, now: float) -> Event:
+    def _handle_line(self, line: bytes, now: float) -> Event:
+        raise NotImplementedError
+
+    def _fail(self, reason: str, line: bytes) -> ProtocolError:
+        self.finished = True
+        return ProtocolError(reason, _excerpt(line))
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write now, emptied by the call."""
+        data, self._outgoing = self._outgoing, b""
+        return data
+
+    def next_event(self) -> Event | None:
+        """The oldest event not handed out yet, or None."""
+        return self._events.pop(0) if self._events else None
+
+
+class ServerConnection(LineConnection):
+    """One accepted connection, server side.
+
+    Answers keep-alives and dummies, and reports :class:`KeepAliveMissing` when no
+    ``Establish Session`` / ``Keep Alive`` arrived for ``keepalive_timeout``
+    seconds.
+    """
+
+    __slots__ = ("_timeout", "_deadline", "_last_seen", "client_id", "conn_id")
+
+    def __init__(self, keepalive_timeout: float, now: float) -> None:
+        super().__init__()
+        self._timeout = keepalive_timeout
+        self._last_seen = now
+        self._deadline: float | None = now + keepalive_timeout
+        self.client_id: str | None = None
+        self.conn_id: str | None = None
+
+    def _handle_line(self, line: bytes, now: float) -> Event:
+        try:
+            message = parse_line(line)
+        except WireError as error:
+            return self._fail(str(error), line)
         if isinstance(message, KeepAlive):
             if self.conn_id is None:
                 return self._fail("Keep Alive before Establish Session", message.encode())
@@ -297,26 +328,20 @@ class ServerConnection:
         self._deadline = now + self._timeout
 
     def _fail(self, reason: str, line: bytes) -> ProtocolError:
-        self.finished = True
         self._deadline = None
-        return ProtocolError(reason, _excerpt(line))
-
-    def data_to_send(self) -> bytes:
-        """Bytes to write now (answers), emptied by the call."""
-        data, self._outgoing = self._outgoing, b""
-        return data
+        return super()._fail(reason, line)
 
     def get_timer(self) -> float | None:
-        """When L{handle_timer} must be called next, or None."""
+        """When :meth:`handle_timer` must be called next, or None."""
         return self._deadline
 
-    def handle_timer(self, now: float) -> list[Event]:
+    def handle_timer(self, now: float) -> None:
         """Check the keep-alive deadline."""
         if self._deadline is None or now < self._deadline:
-            return []
+            return
         self.finished = True
         self._deadline = None
-        return [KeepAliveMissing(now - self._last_seen)]
+        self._events.append(KeepAliveMissing(now - self._last_seen))
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,52 +370,33 @@ class ClientPlan:
 
 def _next_tick(previous: float, interval: float, now: float) -> float:
     """The next send time on a fixed grid, so a late timer does not stretch the interval;
-    after a stall longer than one interval, restart the grid from C{now}."""
+    after a stall longer than one interval, restart the grid from ``now``."""
     following = previous + interval
     return following if following > now else now + interval
 
 
-class ClientConnection:
+class ClientConnection(LineConnection):
     """One client connection: establish, keep-alives, dummies, response timeout.
 
-    Keep-alive C{seq} counts from 1 every C{keepalive_interval}; the server
+    Keep-alive ``seq`` counts from 1 every ``keepalive_interval``; the server
     answers in order (TCP is ordered), so a response must carry the oldest
-    outstanding seq. When that one is older than C{response_timeout},
-    L{ResponseMissing} is returned and the connection is finished.
+    outstanding seq. When that one is older than ``response_timeout``,
+    :class:`ResponseMissing` is the event and the connection is finished.
     """
 
-    __slots__ = ("_plan", "_framer", "_outgoing", "_next_keepalive", "_next_dummy", "_seq", "_pending", "_dummies",
-                 "finished")
+    __slots__ = ("_plan", "_next_keepalive", "_next_dummy", "_seq", "_pending", "_dummies")
 
     def __init__(self, plan: ClientPlan, client_id: str, conn_id: str, now: float) -> None:
+        super().__init__(EstablishSession(client_id, conn_id).encode())
         timing = plan.timing
         self._plan = plan
-        self._framer = LineFramer()
-        self._outgoing = EstablishSession(client_id, conn_id).encode()
         self._next_keepalive = now + timing.keepalive_interval
         self._next_dummy = now + timing.dummy_interval if timing.dummy_interval > 0 else None
         self._seq = 0
         self._pending: list[tuple[int, float]] = []
         self._dummies: list[str] = []
-        self.finished = False
 
-    def receive_data(self, data: bytes, now: float) -> list[Event]:
-        """Feed bytes read from the connection."""
-        if self.finished:
-            return []
-        try:
-            lines = self._framer.feed(data)
-        except WireError as error:
-            return [self._fail(str(error), data)]
-        events: list[Event] = []
-        for line in lines:
-            event = self._handle(line, now)
-            events.append(event)
-            if self.finished:
-                break
-        return events
-
-    def _handle(self, line: bytes, now: float) -> Event:
+    def _handle_line(self, line: bytes, now: float) -> Event:
         kind = self._plan.dummy_replies.get(line)
         if kind is not None:
             if not self._dummies or self._dummies[0] != kind:
@@ -408,17 +414,8 @@ class ClientConnection:
         seq, sent = self._pending.pop(0)
         return KeepAliveAnswered(seq, now - sent)
 
-    def _fail(self, reason: str, line: bytes) -> ProtocolError:
-        self.finished = True
-        return ProtocolError(reason, _excerpt(line))
-
-    def data_to_send(self) -> bytes:
-        """Bytes to write now, emptied by the call."""
-        data, self._outgoing = self._outgoing, b""
-        return data
-
     def get_timer(self) -> float | None:
-        """When L{handle_timer} must be called next, or None once finished."""
+        """When :meth:`handle_timer` must be called next, or None once finished."""
         if self.finished:
             return None
         deadline = self._next_keepalive
@@ -430,15 +427,16 @@ class ClientConnection:
                 deadline = expiry
         return deadline
 
-    def handle_timer(self, now: float) -> list[Event]:
+    def handle_timer(self, now: float) -> None:
         """Send what is due; report the oldest keep-alive if it went unanswered."""
         if self.finished:
-            return []
+            return
         timing = self._plan.timing
         if self._pending and now >= self._pending[0][1] + timing.response_timeout:
             self.finished = True
             seq, sent = self._pending[0]
-            return [ResponseMissing(seq, now - sent)]
+            self._events.append(ResponseMissing(seq, now - sent))
+            return
         if now >= self._next_keepalive:
             self._seq += 1
             self._pending.append((self._seq, now))
@@ -448,4 +446,3 @@ class ClientConnection:
             self._outgoing += self._plan.dummy_requests
             self._dummies += ("short", "long")
             self._next_dummy = _next_tick(self._next_dummy, timing.dummy_interval, now)
-        return []

@@ -222,3 +222,30 @@ def test_one_shot_with_a_report_and_no_answer(tmp_path: Path) -> None:
     assert statuses == [EXIT_NO_RESPONSE]
     document = json.loads(Path(report).read_text())
     assert document["verdict"]["reasons"] == ["no responses: all 1 requests were lost"]
+
+
+@pytest.mark.parametrize(("argv", "home", "path"), [
+    (["--uuid-file", "/proc/nope/uuid"], None, "/proc/nope/uuid"),
+    ([], "/proc/nope", "/proc/nope/.nettester/coap-receivetest.uuid"),  # a read-only HOME
+])
+def test_an_unwritable_uuid_file_is_a_warning_and_the_run_goes_on(argv: list[str], home: str | None,
+                                                                   path: str) -> None:
+    """As a user meets it (issue 16): no FileNotFoundError, a warning naming --uuid-file, the usual result."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.loopback import free_ports
+
+    (closed,) = free_ports()
+    environment = dict(os.environ, **({"HOME": home} if home else {}))
+    result = subprocess.run(
+        [sys.executable, "-m", "nettester", "coap-receivetest", f"coap://127.0.0.1:{closed}/requests", *argv],
+        cwd=Path(__file__).resolve().parents[3], env=environment, capture_output=True, text=True, timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == EXIT_NO_RESPONSE, output
+    (warning,) = [line for line in output.splitlines() if "[warn]" in line]
+    assert warning.split("[warn] ")[1].startswith(f"Cannot keep the device UUID in {path} (")
+    assert warning.endswith("for this run only, so its history starts afresh; choose a writable --uuid-file")
+    assert "refused the request (ICMP port unreachable)" in output and "Traceback" not in output

@@ -35,7 +35,7 @@ Network = Callable[[str, list[bytes]], list[bytes]]
 
 
 def psk_configs(node_id: int = 0, **client_overrides: object) -> tuple[DtlsConfiguration, DtlsConfiguration]:
-    """A PSK CCM-8 client (with C{client_overrides}) and a server issuing 6-byte CIDs of node C{node_id}."""
+    """A PSK CCM-8 client (with ``client_overrides``) and a server issuing 6-byte CIDs of node ``node_id``."""
     client = DtlsConfiguration(
         is_client=True,
         cipher_suites=("TLS_PSK_WITH_AES_128_CCM_8",),

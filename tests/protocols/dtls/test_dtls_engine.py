@@ -277,7 +277,7 @@ def test_resumption_with_unknown_session_falls_back_to_full_handshake() -> None:
 
 def start_with_modified_hello(pair: Pair, modify: Callable[[dict[int, bytes]], None]) -> None:
     """Start the client, then replace its first ClientHello by one whose
-    extensions C{modify} changed (what another implementation might send)."""
+    extensions ``modify`` changed (what another implementation might send)."""
     pair.start()
     assert pair.client._client_hello is not None
     modify(pair.client._client_hello.extensions)

@@ -47,7 +47,7 @@ def established(suite: str = "TLS_PSK_WITH_AES_128_CCM_8", session_cache: Sessio
 
 
 def deliver(sender: DtlsConnection, receiver: DtlsConnection, data: bytes, address: Any) -> bytes:
-    """Send C{data} as one record and return its datagram once C{receiver} got it."""
+    """Send ``data`` as one record and return its datagram once ``receiver`` got it."""
     sender.send_application_data(data)
     (datagram,) = [d for d, _ in sender.datagrams_to_send()]
     receiver.receive_datagram(datagram, address, 0.0)
@@ -191,7 +191,7 @@ def real_snapshot() -> tuple[DtlsConfiguration, bytes]:
 
 
 def restores_or_fails_cleanly(data: bytes) -> None:
-    """Restoring C{data} raises SnapshotError or gives a usable connection."""
+    """Restoring ``data`` raises SnapshotError or gives a usable connection."""
     configuration, _ = real_snapshot()
     try:
         connection = restore_connection(configuration, data, 0)
@@ -260,8 +260,8 @@ def backup_of(server: DtlsEndpoint, clock: Clock) -> tuple[DtlsEndpoint, Collect
 
 
 def take_over(backup: DtlsEndpoint, snapshot: bytes) -> list[bytes]:
-    """The cluster's part on C{backup}: at the first record of an unknown
-    CID adopt C{snapshot}, then feed that record in again.  Returns the CIDs
+    """The cluster's part on ``backup``: at the first record of an unknown
+    CID adopt ``snapshot``, then feed that record in again.  Returns the CIDs
     it was asked about."""
     asked: list[bytes] = []
 

@@ -20,7 +20,7 @@ class LogCapture:
         return [event for event in self.events if event.get("event") == name]
 
     def lines(self, name: str) -> list[str]:
-        """The rendered messages of the events called C{name}."""
+        """The rendered messages of the events called ``name``."""
         return [formatEvent(event) for event in self.named(name)]
 
 

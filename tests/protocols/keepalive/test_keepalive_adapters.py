@@ -5,7 +5,7 @@ import random
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import (
     ConnectionDone,
     ConnectionLost,
@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from nettester.interfaces import IReportingService
-from nettester.protocols.keepalive.adapter import close_cause
+from nettester.protocols.keepalive.adapter import address_text, close_cause
 from nettester.protocols.keepalive.client import (
     KeepAliveClientProtocol,
     KeepAliveClientService,
@@ -263,3 +263,10 @@ def test_a_connection_completing_after_the_stop_is_closed_at_once() -> None:
     service.stopService()
     protocol, transport = _connect(reactor)
     assert transport.disconnecting and protocol.closing == "shutdown"
+
+
+def test_addresses_read_host_port_and_a_mapped_ipv4_peer_of_a_dual_stack_server_as_ipv4() -> None:
+    """What both ends log as their 4-tuple (so keepalive-report can join a ``::`` server to its IPv4 clients)."""
+    assert address_text(IPv4Address("TCP", "192.0.2.1", 49665)) == "192.0.2.1:49665"
+    assert address_text(IPv6Address("TCP", "2001:db8::1", 49665)) == "[2001:db8::1]:49665"
+    assert address_text(IPv6Address("TCP", "::ffff:192.0.2.1", 40000)) == "192.0.2.1:40000"

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 
 from nettester.logs import json_record
@@ -23,25 +22,18 @@ from nettester.protocols.keepalive.local import KeepAliveLocalScenario
 from nettester.protocols.keepalive.report import build_report
 from nettester.protocols.keepalive.server import KeepAliveServerService
 from nettester.protocols.keepalive.wire import ClientTiming
+from tests.loopback import wait_until
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 10.0
 FAST = ClientTiming(keepalive_interval=0.2, response_timeout=1.5, dummy_interval=0.5)
 SILENT = ClientTiming(keepalive_interval=60.0, response_timeout=60.0, dummy_interval=0.0)
 
 
-def _sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-@inlineCallbacks
-def _until(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
-    """Poll C{condition} every 20 ms; fail after TIMEOUT seconds."""
-    for _ in range(int(TIMEOUT / 0.02)):
-        if condition():
-            return
-        yield _sleep(0.02)
-    pytest.fail("condition not reached in time")
+def _until(condition: Callable[[], bool]) -> Deferred[None]:
+    """The shared bounded wait: poll ``condition`` every 20 ms, fail after TIMEOUT seconds."""
+    return wait_until(condition, timeout=TIMEOUT, step=0.02)
 
 
 def _report_of(logged: Any) -> Any:
@@ -77,7 +69,9 @@ def test_fifty_clients_keep_alive_without_a_single_error(use_tls: bool, tmp_path
     fleet = KeepAliveClientService(reactor, "127.0.0.1", server.port_number, 50, FAST, ramp_up=0.3, tls=client_tls)
     fleet.startService()
     try:
-        yield _sleep(2.0)
+        # Run until every connection made its round trips (at least five keep-alives and two dummy pairs each).
+        yield _until(lambda: fleet.summary()["connections"] == 50 and fleet.summary()["keepalives"] >= 50 * 5
+                     and fleet.summary()["dummies"] >= 50 * 2)
         yield fleet.stopService().addTimeout(TIMEOUT, reactor)
         yield _until(lambda: server.summary()["open"] == 0)
     finally:
@@ -114,6 +108,33 @@ def test_tls_with_the_wrong_server_name_fails_verification(tmp_path: Path, logge
     assert client_close["cause"] == "tls_error"
     assert (f"Client 1: TLS failed, conn={client_close['conn']}: the server's certificate does not name "
             "example.org: use --server-name with a name it has, or --insecure") in logged.lines("conn_closed")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_self_signed_server_untrusted_by_the_client_is_tls_error_on_both_ends_as_the_readme_says(
+        logged: Any) -> Generator[Any, Any, None]:
+    """Issue 16: both ends say what to do, and the README's close-cause table shows these very details."""
+    server = KeepAliveServerService(reactor, 0, "127.0.0.1", tls=tls.server_options(tls.self_signed_certificate()))
+    server.startService()
+    fleet = KeepAliveClientService(reactor, "127.0.0.1", server.port_number, 1, FAST, ramp_up=0.0,
+                                   reconnect_delay=60.0, tls=tls.client_creator("localhost", None, False))
+    fleet.startService()
+    try:
+        yield _until(lambda: fleet.summary()["tls_error"] == 1 and server.summary()["tls_error"] == 1)
+    finally:
+        yield fleet.stopService().addTimeout(TIMEOUT, reactor)
+        yield server.stopService().addTimeout(TIMEOUT, reactor)
+    client_detail = "the server's certificate is not trusted (self-signed?): use --ca FILE or --insecure"
+    server_detail = ("the client does not trust this server's certificate (unknown CA): give the clients --ca "
+                     "with the CA, or --insecure")
+    client_address = logged.named("conn_open")[0]["local"]
+    conn = logged.named("conn_open")[0]["conn"]
+    assert sorted(logged.lines("conn_closed")) == sorted([
+        f"Client 1: TLS failed, conn={conn}: {client_detail}",
+        f"TCP connection from {client_address} closed, conn=-: tls_error ({server_detail})",
+    ])
+    [row] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `tls_error` |")]
+    assert f"`{server_detail}`" in row and f"`{client_detail}`" in row
 
 
 @pytest_twisted.inlineCallbacks
@@ -232,8 +253,11 @@ def test_a_reset_from_a_middlebox_is_peer_reset_on_both_ends(logged: Any) -> Gen
 def test_the_local_scenario_passes_on_a_healthy_loopback() -> Generator[Any, Any, None]:
     scenario = KeepAliveLocalScenario(reactor, duration=4.0)
     scenario.service.startService()
+    evidence = scenario.service.summary
     try:
-        yield _sleep(3.0)
+        # Until what the verdict needs has happened: every client connected, keep-alives over both transports.
+        yield _until(lambda: evidence()["connections"] == 30 and evidence()["tls_keepalives"] > 0
+                     and evidence()["keepalives"] > evidence()["tls_keepalives"])
     finally:
         yield scenario.service.stopService().addTimeout(TIMEOUT, reactor)
     verdict = scenario.verdict()

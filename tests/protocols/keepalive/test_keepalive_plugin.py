@@ -129,3 +129,33 @@ def test_port_0_is_not_a_destination() -> None:
 
     with _pytest.raises(_UsageError, match="--port 0 is not a destination"):
         parse(ClientOptions, "--server", "127.0.0.1", "--port", "0")
+
+
+@pytest.mark.parametrize(("role", "option", "expected"), [
+    ("keepalive-server", "--cert", "--cert: {bad} holds no PEM certificate; expected one or more "
+                                   "-----BEGIN CERTIFICATE----- blocks, leaf first"),
+    ("keepalive-server", "--key", "--key: {bad} holds no unencrypted PEM private key; expected a "
+                                  "-----BEGIN PRIVATE KEY----- (or EC / RSA PRIVATE KEY) block"),
+    ("keepalive-client", "--ca", "--ca: {bad} holds no PEM certificate; expected one or more "
+                                 "-----BEGIN CERTIFICATE----- blocks (a CA bundle)"),
+])
+def test_a_file_that_is_not_pem_names_the_option_the_file_and_what_it_should_hold(
+        tmp_path: Path, role: str, option: str, expected: str) -> None:
+    """As a newcomer meets it (issue 16): one line, exit status 2, no library exception text."""
+    import subprocess
+    import sys
+
+    certificate = tls.self_signed_certificate()
+    (tmp_path / "cert.pem").write_bytes(certificate.chain_pem[0])
+    (tmp_path / "key.pem").write_bytes(certificate.key_pem)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a PEM file\n")
+    files = {"--cert": str(tmp_path / "cert.pem"), "--key": str(tmp_path / "key.pem"), option: str(bad)}
+    names = ("--cert", "--key") if role == "keepalive-server" else ("--ca", "--server")
+    files["--server"] = "127.0.0.1"
+    argv = ["--tls", *(word for name in names for word in (name, files[name]))]
+    result = subprocess.run([sys.executable, "-m", "nettester", role, *argv], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).resolve().parents[3])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines()[0] == "nettester: error: " + expected.format(bad=bad)
+    assert "Traceback" not in result.stderr and "cryptography" not in result.stderr

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nettester.interfaces import StreamCore
 from nettester.protocols.keepalive.wire import (
     MAX_LINE_LENGTH,
     ClientConnection,
@@ -12,6 +13,7 @@ from nettester.protocols.keepalive.wire import (
     Dummy,
     DummyReceived,
     EstablishSession,
+    Event,
     KeepAlive,
     KeepAliveAnswered,
     KeepAliveMissing,
@@ -28,6 +30,33 @@ from nettester.protocols.keepalive.wire import (
 
 TIMING = ClientTiming(keepalive_interval=5.0, response_timeout=10.0, dummy_interval=11.0,
                       short_payload=bytes(range(32)), long_payload=bytes(range(128)))
+
+
+def _events(core: StreamCore) -> list[Event]:
+    """Every event the core has not handed out yet."""
+    events = []
+    while (event := core.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def feed(core: StreamCore, data: bytes, now: float) -> list[Event]:
+    """``receive_data``, then the events it produced."""
+    core.receive_data(data, now)
+    return _events(core)
+
+
+def tick(core: StreamCore, now: float) -> list[Event]:
+    """``handle_timer``, then the events it produced."""
+    core.handle_timer(now)
+    return _events(core)
+
+
+def test_both_ends_are_stream_cores() -> None:
+    """``interfaces.StreamCore``, the stream twin of the datagram contract: mypy checks the structural match."""
+    cores: list[StreamCore] = [ServerConnection(20.0, 0.0), ClientConnection(ClientPlan(TIMING), "1", "c", 0.0)]
+    for core in cores:
+        assert core.next_event() is None and core.get_timer() is not None
 
 
 @pytest.mark.parametrize(
@@ -95,25 +124,25 @@ def test_framer_refuses_oversized_lines_complete_or_not() -> None:
 def test_server_answers_and_moves_the_deadline() -> None:
     server = ServerConnection(keepalive_timeout=20.0, now=100.0)
     assert server.get_timer() == 120.0
-    assert server.receive_data(b"Establish Session 4 c-4-1\nKeep Al", 101.0) == [SessionEstablished("4", "c-4-1")]
+    assert feed(server, b"Establish Session 4 c-4-1\nKeep Al", 101.0) == [SessionEstablished("4", "c-4-1")]
     assert (server.client_id, server.conn_id) == ("4", "c-4-1")
     assert server.get_timer() == 121.0
-    assert server.receive_data(b"ive 1\nShort message 0a0b\n", 105.0) == [KeepAliveReceived(1), DummyReceived("short")]
+    assert feed(server, b"ive 1\nShort message 0a0b\n", 105.0) == [KeepAliveReceived(1), DummyReceived("short")]
     assert server.data_to_send() == b"Keep Alive Response 1\nShort message reply 0a0b\n"
     assert server.data_to_send() == b""
     assert server.get_timer() == 125.0
     # Dummies do not count as keep-alives.
-    server.receive_data(b"Long message 00\n", 110.0)
+    feed(server, b"Long message 00\n", 110.0)
     assert server.get_timer() == 125.0
 
 
 def test_server_reports_a_client_that_stops_sending_keepalives() -> None:
     server = ServerConnection(keepalive_timeout=20.0, now=0.0)
-    server.receive_data(b"Establish Session 1 c1\nKeep Alive 1\n", 5.0)
-    assert server.handle_timer(24.9) == []
-    assert server.handle_timer(25.0) == [KeepAliveMissing(20.0)]
+    feed(server, b"Establish Session 1 c1\nKeep Alive 1\n", 5.0)
+    assert tick(server, 24.9) == []
+    assert tick(server, 25.0) == [KeepAliveMissing(20.0)]
     assert server.finished and server.get_timer() is None
-    assert server.receive_data(b"Keep Alive 2\n", 26.0) == []
+    assert feed(server, b"Keep Alive 2\n", 26.0) == []
     assert server.data_to_send() == b"Keep Alive Response 1\n"
 
 
@@ -129,7 +158,7 @@ def test_server_reports_a_client_that_stops_sending_keepalives() -> None:
 )
 def test_server_stops_at_the_first_protocol_error(data: bytes, reason: str) -> None:
     server = ServerConnection(keepalive_timeout=20.0, now=0.0)
-    events = server.receive_data(data, 1.0)
+    events = feed(server, data, 1.0)
     assert isinstance(events[-1], ProtocolError) and events[-1].reason == reason
     assert server.finished and server.get_timer() is None and server.data_to_send() == b""
 
@@ -145,38 +174,38 @@ def test_client_establishes_then_sends_keepalives_and_dummies_on_time() -> None:
     client = _client()
     assert client.data_to_send() == b"Establish Session 9 run-9-1\n"
     assert client.get_timer() == 5.0
-    assert client.handle_timer(5.0) == []
+    assert tick(client, 5.0) == []
     assert client.data_to_send() == b"Keep Alive 1\n"
     assert client.get_timer() == 10.0
-    assert client.receive_data(b"Keep Alive Response 1\n", 5.25) == [KeepAliveAnswered(1, 0.25)]
-    client.handle_timer(10.0)
+    assert feed(client, b"Keep Alive Response 1\n", 5.25) == [KeepAliveAnswered(1, 0.25)]
+    tick(client, 10.0)
     assert client.data_to_send() == b"Keep Alive 2\n"
     assert client.get_timer() == 11.0
-    client.handle_timer(11.0)
+    tick(client, 11.0)
     assert client.data_to_send() == (Dummy("short", bytes(range(32))).encode()
                                      + Dummy("long", bytes(range(128))).encode())
     replies = Dummy("short", bytes(range(32)), True).encode() + Dummy("long", bytes(range(128)), True).encode()
-    assert client.receive_data(b"Keep Alive Response 2\n" + replies, 11.5) == [
+    assert feed(client, b"Keep Alive Response 2\n" + replies, 11.5) == [
         KeepAliveAnswered(2, 1.5), DummyReceived("short"), DummyReceived("long")]
 
 
 def test_client_reports_a_missing_response_after_the_timeout() -> None:
     client = _client(timing=ClientTiming(5.0, 10.0, 0.0))
-    client.handle_timer(5.0)  # Keep Alive 1
-    client.handle_timer(10.0)  # Keep Alive 2; the deadline of 1 comes next
+    tick(client, 5.0)  # Keep Alive 1
+    tick(client, 10.0)  # Keep Alive 2; the deadline of 1 comes next
     assert client.get_timer() == 15.0
-    assert client.handle_timer(15.0) == [ResponseMissing(1, 10.0)]
+    assert tick(client, 15.0) == [ResponseMissing(1, 10.0)]
     assert client.finished and client.get_timer() is None
-    assert client.receive_data(b"Keep Alive Response 1\n", 16.0) == []
+    assert feed(client, b"Keep Alive Response 1\n", 16.0) == []
 
 
 def test_client_keeps_its_grid_when_a_timer_fires_late() -> None:
     client = _client(timing=ClientTiming(5.0, 10.0, 0.0))
     client.data_to_send()
-    client.handle_timer(5.5)
+    tick(client, 5.5)
     assert client.get_timer() == 10.0
-    client.receive_data(b"Keep Alive Response 1\n", 5.6)
-    client.handle_timer(17.0)  # stalled for more than an interval: restart the grid
+    feed(client, b"Keep Alive Response 1\n", 5.6)
+    tick(client, 17.0)  # stalled for more than an interval: restart the grid
     assert client.get_timer() == 22.0
 
 
@@ -184,8 +213,8 @@ def test_client_without_dummies_never_sends_them() -> None:
     client = _client(timing=ClientTiming(5.0, 10.0, 0.0))
     client.data_to_send()
     for second in range(5, 60, 5):
-        client.handle_timer(float(second))
-        client.receive_data(client.data_to_send().replace(b"Alive", b"Alive Response"), float(second))
+        tick(client, float(second))
+        feed(client, client.data_to_send().replace(b"Alive", b"Alive Response"), float(second))
     assert not client.finished
 
 
@@ -201,8 +230,8 @@ def test_client_without_dummies_never_sends_them() -> None:
 )
 def test_client_rejects_unexpected_replies(reply: bytes, reason: str) -> None:
     client = _client()
-    client.handle_timer(5.0)
-    events = client.receive_data(reply, 6.0)
+    tick(client, 5.0)
+    events = feed(client, reply, 6.0)
     assert events == [ProtocolError(reason, events[0].excerpt)]  # type: ignore[union-attr]
     assert client.finished
 
@@ -231,7 +260,7 @@ def test_arbitrary_bytes_never_raise_out_of_either_state_machine(chunks: list[by
     client = _client()
     for offset in range(0, len(stream), step):
         for machine in (server, client):
-            events = machine.receive_data(stream[offset:offset + step], 1.0)
+            events = feed(machine, stream[offset:offset + step], 1.0)
             assert all(not isinstance(e, ProtocolError) or machine.finished for e in events)
             machine.data_to_send()
-            machine.handle_timer(2.0)
+            tick(machine, 2.0)
