@@ -656,8 +656,13 @@ def decode(data: bytes) -> Message:
     return decode_after_header(data, header)
 
 
-def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Message:
-    """``decode`` for a caller that already has ``peek_header``'s result."""
+def decode_after_header(data: bytes, header: tuple[int, int, int, int], signalling: bool = False) -> Message:
+    """``decode`` for a caller that already has ``peek_header``'s result.
+
+    ``signalling``: an RFC 8323 section 5 signalling message (class 7), whose
+    option numbers mean something per code: every option is kept raw, for the
+    caller to check.
+    """
     mtype, tkl, code, mid = header
 
     def fail(reason: str, token: bytes | None = None) -> CoapDecodeError:
@@ -671,7 +676,7 @@ def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Messa
     if tkl > MAX_TOKEN_LENGTH:
         raise fail(f"token length {tkl} is reserved")  # Section 3: 9-15 reserved.
     code_class = code >> 5
-    if code_class in (1, 6, 7):
+    if code_class in (1, 6, 7) and not (signalling and code_class == 7):
         raise fail(f"reserved code class {code_class}")  # Section 12.1.
     if mtype == RST or (mtype == ACK and code_class == 0):
         raise fail("request code in an ACK or a Reset with a code")  # Sections 4.2, 4.3.
@@ -726,6 +731,9 @@ def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Messa
             raise fail("option value runs past the datagram", token)
         value = data[position:value_end]
         position = value_end
+        if signalling:
+            options.append((number, value))
+            continue
         bounds = _LENGTH_BOUNDS.get(number)
         # Section 5.4.5: a repeated non-repeatable option is unrecognized. Options
         # come in number order, so a repeat follows its first occurrence directly.
