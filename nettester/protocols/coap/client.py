@@ -47,6 +47,7 @@ from nettester.protocols.coap.message import (
     option_name,
 )
 from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
+from nettester.protocols.coap.tcplink import ReliableCoapEndpoint, TcpLink
 
 # parse_uri is re-exported: the bench and receive-test roles and their tests import it from here.
 from nettester.protocols.coap.uri import CoapUri, build_request, parse_uri  # noqa: F401
@@ -288,9 +289,12 @@ class OneServerService(Service):
         super().startService()
         if isinstance(self.link, ServerConnection):
             self.link.on_refused = self.refused
-        self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "",
-                                             maxPacketSize=MAX_DATAGRAM)
-        self.endpoint = CoapEndpoint(self.endpoint_link(), self._reactor)
+        if isinstance(self.link, TcpLink):
+            self.endpoint = ReliableCoapEndpoint(self.endpoint_link(), self._reactor)
+        else:
+            self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "",
+                                                 maxPacketSize=MAX_DATAGRAM)
+            self.endpoint = CoapEndpoint(self.endpoint_link(), self._reactor)
         self._started = self._reactor.seconds()
         self.rearm_watchdog()
         configuration = getattr(self.link, "client_configuration", None)
@@ -355,7 +359,7 @@ class OneServerService(Service):
 
     def _timed_out(self) -> None:
         self._watchdog = None
-        if self._connected or self.uri.scheme == "coap":
+        if self._connected or self.uri.scheme in ("coap", "coap+tcp"):
             self._fail(self._no_answer_text())
         else:
             self._fail(f"no DTLS handshake with {self.server} within {self.timeout:g} s: is a coaps server "
@@ -391,6 +395,8 @@ class OneServerService(Service):
             self.endpoint.stop()
         if self._port is not None:
             self._port.stopListening()
+        if isinstance(self.link, TcpLink):
+            self.link.release_all("the client is done")  # RFC 8323 section 5.5
         self.done.callback(status)
 
 
@@ -437,7 +443,7 @@ class CoapClientService(OneServerService):
 
 def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_shot: bool = True) -> IDatagramLink:
     """UDP for ``coap://`` (connected for a ``one_shot`` client, so it hears a refusal); a client
-    DtlsEndpoint for ``coaps://`` (needs a configuration).
+    DtlsEndpoint for ``coaps://`` (needs a configuration); TCP connections for ``coap+tcp://``.
 
     A one-shot coaps client's socket is connected too (``ServerDtlsLink``).
     A long-running client (coap-bench) stays unconnected: one ICMP error
@@ -445,6 +451,8 @@ def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_sh
     """
     if uri.scheme == "coap":
         return ServerUdpLink(resolver=reactor) if one_shot else UdpLink(resolver=reactor)
+    if uri.scheme == "coap+tcp":
+        return TcpLink(reactor)  # one connection per connect (RFC 8323)
     if dtls_configuration is None:
         raise ValueError("coaps:// needs --identity/--secret or --cert/--key")
     link = ServerDtlsLink if one_shot else DtlsEndpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Generator
 from typing import Any
 
@@ -13,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from nettester.protocols.coap.client import CoapClientService, make_link
 from nettester.protocols.coap.message import Code, Message, OptionNumber, decode_uint, encode_block
 from nettester.protocols.coap.options import CoapServerOptions
 from nettester.protocols.coap.resources import build_site
@@ -20,6 +22,8 @@ from nettester.protocols.coap.resources.plugtest import plugtest_resources
 from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.coap.tcp import SignalCode, decode_frame, encode_frame, parse_frame_header
 from nettester.protocols.coap.tcplink import CoapTcpConnection, ReliableCoapEndpoint, TcpLink
+from nettester.protocols.coap.uri import build_request, parse_uri
+from tests.loopback import wait_until
 
 CSM = encode_frame(SignalCode.CSM)
 
@@ -177,3 +181,29 @@ def test_loopback_server_and_client_over_tcp() -> Generator[Any, Any, None]:
     finally:
         yield service.stopService()
         yield defer.succeed(None)
+
+
+def test_coap_tcp_uri_default_port() -> None:
+    uri = parse_uri("coap+tcp://example.org/a/b")
+    assert (uri.scheme, uri.port, uri.path) == ("coap+tcp", 5683, ("a", "b"))
+    assert isinstance(make_link(Clock(), uri), TcpLink)
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_loopback_coap_client_over_tcp() -> Generator[Any, Any, None]:
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True)
+    service.startService()
+    try:
+        port = next(entry[2] for entry in service.listening if entry[0] == "coap+tcp" and entry[3] == "plugtest")
+        uri = parse_uri(f"coap+tcp://127.0.0.1:{port}/obs")
+        out = io.StringIO()
+        client = CoapClientService(reactor, uri, build_request(uri, "GET"), make_link(reactor, uri), out,
+                                   observe=1, timeout=10.0)
+        client.startService()
+        status = yield client.done
+        assert status == 0, out.getvalue()
+        assert "notification 1" in out.getvalue() and "final response" in out.getvalue()
+        yield wait_until(lambda: not any(link.connections for link in service.tcp_links))
+    finally:
+        yield service.stopService()
