@@ -1,0 +1,145 @@
+"""Interop over CoAP over TCP (RFC 8323): libcoap's client and aiocoap's TCP client against
+``coap-server --tcp``, and our TCP client against libcoap's server."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectError
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+
+from nettester.protocols.coap.linkformat import parse_links
+from nettester.protocols.coap.message import Code, Message, OptionNumber
+from nettester.protocols.coap.resources.plugtest import large_body
+from nettester.protocols.coap.server import CoapServerService
+from nettester.protocols.coap.tcplink import CoapTcpConnection, ReliableCoapEndpoint, TcpLink
+from tests.interop.peers import missing_peer
+from tests.interop.test_coap_libcoap import LibcoapServer, require
+
+pytestmark = pytest.mark.interop
+TIMEOUT = 10.0
+
+AIOCOAP_SCRIPT = r"""
+import asyncio, json, sys
+import aiocoap
+
+async def main(base):
+    context = await aiocoap.Context.create_client_context(transports=["tcpclient"])
+    results = {}
+    large = await context.request(aiocoap.Message(code=aiocoap.GET, uri=base + "/large")).response
+    results["large"] = [str(large.code), large.payload.decode()]
+    observation = context.request(aiocoap.Message(code=aiocoap.GET, uri=base + "/obs-pumping", observe=0))
+    first = await observation.response
+    notes = [first.payload.decode()]
+    async for note in observation.observation:
+        notes.append(note.payload.decode())
+        if len(notes) == 3:
+            observation.observation.cancel()
+            break
+    results["observe"] = notes
+    print(json.dumps(results))
+    await context.shutdown()
+
+asyncio.run(asyncio.wait_for(main(sys.argv[1]), 20))
+"""
+
+
+@defer.inlineCallbacks
+def tcp_server() -> Generator[Any, Any, tuple[CoapServerService, str]]:
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, notify_interval=0.5)
+    service.startService()
+    port = next(entry[2] for entry in service.listening if entry[0] == "coap+tcp" and entry[3] == "plugtest")
+    yield defer.succeed(None)
+    return service, f"coap+tcp://127.0.0.1:{port}"
+
+
+@pytest_twisted.inlineCallbacks
+def test_libcoap_client_over_tcp_against_our_server() -> Generator[Any, Any, None]:
+    client = require("coap-client-notls")
+    service, base = yield tcp_server()
+    try:
+        out, err, code = yield getProcessOutputAndValue(client, ["-m", "get", f"{base}/test"], env=os.environ)
+        assert code == 0, err
+        assert b"Type:" in out  # /test describes the request
+        out, err, code = yield getProcessOutputAndValue(client, ["-m", "get", f"{base}/large"], env=os.environ)
+        assert code == 0, err
+        assert out.strip() == large_body().strip()
+        out, err, code = yield getProcessOutputAndValue(client, ["-m", "get", "-s", "2", f"{base}/obs"],
+                                                        env=os.environ)
+        assert code == 0, err
+        assert out.count(b":") >= 4, out  # two or more hh:mm:ss notifications
+        assert sum(link.refused for link in service.tcp_links) == 0
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_aiocoap_tcp_client_against_our_server() -> Generator[Any, Any, None]:
+    try:
+        import aiocoap  # noqa: F401
+    except ImportError:
+        missing_peer("aiocoap is not installed (pip install -e '.[test]')")
+    service, base = yield tcp_server()
+    try:
+        out, err, code = yield getProcessOutputAndValue(sys.executable, ["-c", AIOCOAP_SCRIPT, base],
+                                                        env=os.environ)
+        assert code == 0, err.decode()
+        results = json.loads(out)
+        assert results["large"] == ["2.05 Content", large_body().decode()]
+        assert len(results["observe"]) == 3
+    finally:
+        yield service.stopService()
+
+
+def get(path: str, payload: bytes = b"", code: int = Code.GET) -> Message:
+    options = [(OptionNumber.URI_PATH, segment.encode()) for segment in path.split("/") if segment]
+    return Message(0, code, 0, b"", options, payload)
+
+
+@defer.inlineCallbacks
+def connect_when_up(link: TcpLink, port: int) -> Generator[Any, Any, CoapTcpConnection]:
+    """A connection to the freshly started server, retried while it binds."""
+    for _ in range(25):
+        try:
+            connection = yield link.connect(("127.0.0.1", port)).addTimeout(2.0, reactor)
+            return connection
+        except (ConnectError, ConnectionError, defer.TimeoutError):
+            yield deferLater(reactor, 0.2, lambda: None)
+    raise AssertionError(f"no coap+tcp server on port {port}")
+
+
+@pytest_twisted.inlineCallbacks
+def test_our_tcp_client_against_libcoap_server() -> Generator[Any, Any, None]:
+    server = LibcoapServer(require("coap-server-notls"))
+    link = TcpLink(reactor)
+    endpoint = ReliableCoapEndpoint(link, reactor)
+    try:
+        peer = yield connect_when_up(link, server.port)
+        got = yield endpoint.request(peer, get(".well-known/core")).addTimeout(TIMEOUT, reactor)
+        assert got.response.code == Code.CONTENT
+        targets = {entry.target for entry in parse_links(got.response.payload.decode())}
+        assert "/time" in targets
+        body = bytes(ord("A") + i % 26 for i in range(3000))
+        put = yield endpoint.request(peer, get("example_data", body, Code.PUT)).addTimeout(TIMEOUT, reactor)
+        assert put.response.code in (Code.CREATED, Code.CHANGED)
+        back = yield endpoint.request(peer, get("example_data")).addTimeout(TIMEOUT, reactor)
+        assert back.response.payload == body
+        notifications: list[bytes] = []
+        observation = endpoint.observe(peer, get("time"), lambda event: notifications.append(event.response.payload))
+        yield deferLater(reactor, 2.5, lambda: None)  # /time notifies once a second
+        assert len(notifications) >= 2, notifications
+        observation.cancel()
+        final = yield observation.finished.addTimeout(TIMEOUT, reactor)
+        assert final.response.observe is None
+        peer.release("done")
+    finally:
+        endpoint.stop()
+        yield server.stop()
