@@ -47,7 +47,7 @@ from nettester.protocols.coap.message import (
     option_name,
 )
 from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
-from nettester.protocols.coap.tcplink import ReliableCoapEndpoint, TcpLink
+from nettester.protocols.coap.tcplink import TcpLink, endpoint_class
 
 # parse_uri is re-exported: the bench and receive-test roles and their tests import it from here.
 from nettester.protocols.coap.uri import CoapUri, build_request, parse_uri  # noqa: F401
@@ -289,12 +289,10 @@ class OneServerService(Service):
         super().startService()
         if isinstance(self.link, ServerConnection):
             self.link.on_refused = self.refused
-        if isinstance(self.link, TcpLink):
-            self.endpoint = ReliableCoapEndpoint(self.endpoint_link(), self._reactor)
-        else:
+        if not isinstance(self.link, TcpLink):
             self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "",
                                                  maxPacketSize=MAX_DATAGRAM)
-            self.endpoint = CoapEndpoint(self.endpoint_link(), self._reactor)
+        self.endpoint = endpoint_class(self.link)(self.endpoint_link(), self._reactor)
         self._started = self._reactor.seconds()
         self.rearm_watchdog()
         configuration = getattr(self.link, "client_configuration", None)

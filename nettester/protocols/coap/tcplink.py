@@ -61,6 +61,11 @@ class ReliableCoapEndpoint(CoapEndpoint):
         self._pump()
 
 
+def endpoint_class(link: IDatagramLink) -> type[CoapEndpoint]:
+    """The endpoint a link needs: the reliable one over TCP, the datagram one otherwise."""
+    return ReliableCoapEndpoint if isinstance(link, TcpLink) else CoapEndpoint
+
+
 class CoapTcpConnection(Protocol):
     """One connection: bytes to the stream, messages to the link's endpoint, a single timer."""
 
@@ -166,6 +171,7 @@ class TcpLink(Factory):
     """CoAP over TCP connections, for one listening port or one client."""
 
     protocol = CoapTcpConnection
+    noisy = False  # one "Starting factory" line per client connection is noise
 
     def __init__(self, reactor: IReactorTime, stream_params: StreamParameters | None = None,
                  scheme: str = "coap+tcp") -> None:
@@ -237,6 +243,8 @@ class TcpLink(Factory):
 
 class _Connector(ClientFactory):
     """Builds the client connection of ``TcpLink.connect``; fires once the stream is ready."""
+
+    noisy = False
 
     def __init__(self, link: TcpLink) -> None:
         self.link = link

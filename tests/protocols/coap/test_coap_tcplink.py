@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
 from nettester.protocols.coap.client import CoapClientService, make_link
 from nettester.protocols.coap.message import Code, Message, OptionNumber, decode_uint, encode_block
 from nettester.protocols.coap.options import CoapServerOptions
@@ -204,6 +205,28 @@ def test_loopback_coap_client_over_tcp() -> Generator[Any, Any, None]:
         status = yield client.done
         assert status == 0, out.getvalue()
         assert "notification 1" in out.getvalue() and "final response" in out.getvalue()
+        yield wait_until(lambda: not any(link.connections for link in service.tcp_links))
+    finally:
+        yield service.stopService()
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_loopback_bench_over_tcp() -> Generator[Any, Any, None]:
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, benchmark=True)
+    service.startService()
+    try:
+        port = next(entry[2] for entry in service.listening if entry[0] == "coap+tcp" and entry[3] == "extended")
+        uri = parse_uri(f"coap+tcp://127.0.0.1:{port}/benchmark")
+        out = io.StringIO()
+        config = BenchConfig(uri, clients=4, requests=25, report_interval=0)
+        bench = CoapBenchService(reactor, config, lambda: TcpLink(reactor), out)
+        bench.startService()
+        status = yield bench.done.addTimeout(10.0, reactor)
+        assert status == 0, out.getvalue()
+        assert bench.stats.responses == 100 and bench.stats.failures == 0
+        assert "coap+tcp, reliable GET /benchmark" in out.getvalue()
+        assert "lost_forward=0, lost_return=0, lost_unattributed=0" in out.getvalue()
         yield wait_until(lambda: not any(link.connections for link in service.tcp_links))
     finally:
         yield service.stopService()
