@@ -18,6 +18,7 @@ from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
 from nettester.protocols.coap.client import CoapClientService, make_link
 from nettester.protocols.coap.message import Code, Message, OptionNumber, decode_uint, encode_block
 from nettester.protocols.coap.options import CoapServerOptions
+from nettester.protocols.coap.receivetest import ReceiveTestService
 from nettester.protocols.coap.resources import build_site
 from nettester.protocols.coap.resources.plugtest import plugtest_resources
 from nettester.protocols.coap.server import CoapServerService
@@ -228,5 +229,23 @@ def test_loopback_bench_over_tcp() -> Generator[Any, Any, None]:
         assert "coap+tcp, reliable GET /benchmark" in out.getvalue()
         assert "lost_forward=0, lost_return=0, lost_unattributed=0" in out.getvalue()
         yield wait_until(lambda: not any(link.connections for link in service.tcp_links))
+    finally:
+        yield service.stopService()
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_loopback_receivetest_over_tcp() -> Generator[Any, Any, None]:
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True)
+    service.startService()
+    try:
+        port = next(entry[2] for entry in service.listening if entry[0] == "coap+tcp" and entry[3] == "extended")
+        uri = parse_uri(f"coap+tcp://127.0.0.1:{port}/requests")
+        out = io.StringIO()
+        receivetest = ReceiveTestService(reactor, uri, "device-1", make_link(reactor, uri), out, timeout=10.0)
+        receivetest.startService()
+        status = yield receivetest.done
+        assert status == 0, out.getvalue()
+        assert "1 requests recorded for this device" in out.getvalue()
     finally:
         yield service.stopService()
