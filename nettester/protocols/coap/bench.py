@@ -441,7 +441,7 @@ def _raise_file_limit(wanted: int) -> None:
 
 def make_bench_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapBenchService:
     """The role's service from parsed :class:`CoapBenchOptions`; ends the process when done."""
-    from nettester.protocols.coap.client import make_link
+    from nettester.protocols.coap.client import link_for_options
 
     uri = options["uri"]
     config = BenchConfig(
@@ -451,7 +451,7 @@ def make_bench_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapBench
         report_interval=options["report-interval"], duration=options["duration"],
         thresholds=options.thresholds(), report=options["report"],
     )
-    service = CoapBenchService(reactor, config, lambda: make_link(reactor, uri, options["dtls"], one_shot=False),
+    service = CoapBenchService(reactor, config, lambda: link_for_options(reactor, options, one_shot=False),
                                stdout, json_lines=options["log-format"] == "json")
     service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

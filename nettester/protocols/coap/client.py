@@ -48,6 +48,7 @@ from nettester.protocols.coap.message import (
 )
 from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
 from nettester.protocols.coap.tcplink import TcpLink, endpoint_class
+from nettester.protocols.coap.tls import client_tls
 
 # parse_uri is re-exported: the bench and receive-test roles and their tests import it from here.
 from nettester.protocols.coap.uri import CoapUri, build_request, parse_uri  # noqa: F401
@@ -360,8 +361,9 @@ class OneServerService(Service):
         if self._connected or self.uri.scheme in ("coap", "coap+tcp"):
             self._fail(self._no_answer_text())
         else:
-            self._fail(f"no DTLS handshake with {self.server} within {self.timeout:g} s: is a coaps server "
-                       f"listening on {self.server}? (--timeout waits longer)")
+            security = "TLS" if self.uri.scheme == "coaps+tcp" else "DTLS"
+            self._fail(f"no {security} handshake with {self.server} within {self.timeout:g} s: is a "
+                       f"{self.uri.scheme} server listening on {self.server}? (--timeout waits longer)")
 
     def _no_answer_text(self) -> str:
         assert self.endpoint is not None
@@ -439,9 +441,11 @@ class CoapClientService(OneServerService):
         return EXIT_SUCCESS if event.response.code >> 5 == 2 else EXIT_ERROR_RESPONSE
 
 
-def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_shot: bool = True) -> IDatagramLink:
+def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_shot: bool = True,
+              tls: Any = None) -> IDatagramLink:
     """UDP for ``coap://`` (connected for a ``one_shot`` client, so it hears a refusal); a client
-    DtlsEndpoint for ``coaps://`` (needs a configuration); TCP connections for ``coap+tcp://``.
+    DtlsEndpoint for ``coaps://`` (needs a configuration); TCP connections for ``coap+tcp://``, TLS
+    ones for ``coaps+tcp://`` (``tls``: the client's TLS from ``tls.client_tls``).
 
     A one-shot coaps client's socket is connected too (``ServerDtlsLink``).
     A long-running client (coap-bench) stays unconnected: one ICMP error
@@ -451,10 +455,19 @@ def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_sh
         return ServerUdpLink(resolver=reactor) if one_shot else UdpLink(resolver=reactor)
     if uri.scheme == "coap+tcp":
         return TcpLink(reactor)  # one connection per connect (RFC 8323)
+    if uri.scheme == "coaps+tcp":
+        return TcpLink(reactor, tls_client=tls if tls is not None else client_tls(uri.host, {}))
     if dtls_configuration is None:
         raise ValueError("coaps:// needs --identity/--secret or --cert/--key")
     link = ServerDtlsLink if one_shot else DtlsEndpoint
     return link(reactor, client_configuration=dtls_configuration)
+
+
+def link_for_options(reactor: Any, options: Any, one_shot: bool = True) -> IDatagramLink:
+    """``make_link`` for a client role's parsed options (DTLS for coaps, TLS for coaps+tcp)."""
+    uri = options["uri"]
+    tls = client_tls(uri.host, options) if uri.scheme == "coaps+tcp" else None
+    return make_link(reactor, uri, options["dtls"], one_shot, tls)
 
 
 def make_client_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapClientService:
@@ -462,7 +475,7 @@ def make_client_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapClie
     uri = options["uri"]
     request = build_request(uri, options["method"], options["payload"].encode(), not options["non"],
                             options["content-format"], options["accept"])
-    service = CoapClientService(reactor, uri, request, make_link(reactor, uri, options["dtls"]), stdout,
+    service = CoapClientService(reactor, uri, request, link_for_options(reactor, options), stdout,
                                 options["observe"], options["timeout"])
     service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

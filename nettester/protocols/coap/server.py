@@ -42,6 +42,7 @@ from nettester.protocols.coap.resources import Site, build_site
 from nettester.protocols.coap.resources.extended import extended_resources
 from nettester.protocols.coap.resources.plugtest import plugtest_resources
 from nettester.protocols.coap.tcplink import ReliableCoapEndpoint, TcpLink
+from nettester.protocols.coap.tls import TlsServer
 from nettester.service import set_exit_status
 from nettester.udplink import UdpLink
 
@@ -159,10 +160,12 @@ class CoapServerService(Service):
         ready_port: int = 0,
         ready_interface: str = "",
         tcp: bool = False,
+        tls: TlsServer | None = None,
     ) -> None:
         """``cluster``: the extended coaps endpoint joins this DTLS CID cluster (needs
         ``dtls_link_factory``). ``ready_port``: serve ``/ready`` over HTTP there (0: off).
-        ``tcp``: coap+tcp (RFC 8323) on the coap port numbers too."""
+        ``tcp``: coap+tcp (RFC 8323) on the coap port numbers too, and coaps+tcp on the coaps
+        ones with ``tls`` (a ``tls.TlsServer``)."""
         if cluster is not None and dtls_link_factory is None:
             raise ValueError("a DTLS cluster needs a DTLS link factory")
         self._reactor = reactor
@@ -173,6 +176,7 @@ class CoapServerService(Service):
         self._dtls_link_factory = dtls_link_factory
         self._dtls_only = dtls_only
         self._tcp = tcp
+        self._tls = tls
         #: The coap+tcp listeners' links (connections and why they ended).
         self.tcp_links: list[TcpLink] = []
         self._params = params
@@ -273,8 +277,15 @@ class CoapServerService(Service):
                         link = TcpLink(self._reactor)
                         self.tcp_links.append(link)
                         self._listen("coap+tcp", address, offset, link, site, name)
+                    if self._tcp and self._tls is not None:
+                        link = TcpLink(self._reactor, tls_server=self._tls.context_factory)
+                        self.tcp_links.append(link)
+                        self._listen("coaps+tcp", address, offset + COAPS_OFFSET, link, site, name)
                     if self._dtls_link_factory is not None and not (self._cluster and name == "extended"):
                         self._listen("coaps", address, offset + COAPS_OFFSET, self._new_dtls_link(), site, name)
+            if self._tcp and self._tls is not None:
+                log.info("coaps+tcp uses a {certificate}", event="coap_tls_certificate",
+                         certificate=self._tls.description)
             if self._cluster is not None:
                 self._start_cluster_node(self._cluster)
             if self._ready_port_number:
@@ -347,7 +358,7 @@ class CoapServerService(Service):
         port_number = self._base_port + offset if self._base_port else 0
         if isinstance(link, TcpLink):
             endpoint: CoapEndpoint = ReliableCoapEndpoint(link, self._reactor, params=self._endpoint_params(name))
-            port = self._reactor.listenTCP(port_number, link, interface=address)
+            port = link.listen(port_number, address)
         else:
             endpoint = CoapEndpoint(link, self._reactor, params=self._endpoint_params(name))
             port = self._reactor.listenUDP(port_number, link, interface=address)

@@ -36,6 +36,7 @@ from nettester.protocols.coap.tcp import (
     StreamParameters,
     frame_from_datagram,
 )
+from nettester.protocols.coap.tls import tls_context
 
 log = Logger()
 
@@ -174,10 +175,14 @@ class TcpLink(Factory):
     noisy = False  # one "Starting factory" line per client connection is noise
 
     def __init__(self, reactor: IReactorTime, stream_params: StreamParameters | None = None,
-                 scheme: str = "coap+tcp") -> None:
+                 tls_server: Any = None, tls_client: Any = None) -> None:
+        """``tls_server``: a context factory to listen with TLS; ``tls_client``: a connection creator
+        (or context factory) to connect with TLS (coaps+tcp, ``tls.py``)."""
         self.clock = reactor
         self.stream_params = stream_params or StreamParameters()
-        self.scheme = scheme
+        self.tls_server = tls_server
+        self.tls_client = tls_client
+        self.scheme = "coaps+tcp" if tls_server is not None or tls_client is not None else "coap+tcp"
         self.receiver: ReliableCoapEndpoint | None = None
         #: Open connections.
         self.connections: set[CoapTcpConnection] = set()
@@ -206,13 +211,27 @@ class TcpLink(Factory):
             peer.write_frame(frame)
 
     def connect(self, address: tuple[str, int]) -> defer.Deferred[CoapTcpConnection]:
-        """A new connection to ``address``, firing once the server's CSM arrived."""
+        """A new connection to ``address``, firing once the server's CSM arrived (after the TLS handshake)."""
         connector = _Connector(self)
-        self.clock.connectTCP(address[0], address[1], connector)  # type: ignore[attr-defined]
+        reactor: Any = self.clock
+        if self.tls_client is not None:
+            reactor.connectSSL(address[0], address[1], connector, self.tls_client)
+        else:
+            reactor.connectTCP(address[0], address[1], connector)
         return connector.connected
 
     def peerContext(self, peer: CoapTcpConnection) -> PeerContext:
-        return PeerContext(peer.address, self.scheme)
+        if self.scheme == "coap+tcp":
+            return PeerContext(peer.address, self.scheme)
+        identity, cipher = tls_context(peer.transport)
+        return PeerContext(peer.address, self.scheme, identity=identity, cipher_suite=cipher)
+
+    def listen(self, port: int, interface: str) -> Any:
+        """Listen on ``interface``:``port`` (TLS with ``tls_server``); the listening port."""
+        reactor: Any = self.clock
+        if self.tls_server is not None:
+            return reactor.listenSSL(port, self, self.tls_server, interface=interface)
+        return reactor.listenTCP(port, self, interface=interface)
 
     # ------------------------------------------------------------ connections
 
