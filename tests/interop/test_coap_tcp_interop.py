@@ -1,5 +1,6 @@
-"""Interop over CoAP over TCP (RFC 8323): libcoap's client and aiocoap's TCP client against
-``coap-server --tcp``, and our TCP client against libcoap's server."""
+"""Interop over CoAP over TCP and TLS (RFC 8323): libcoap's clients and aiocoap's TCP client against
+``coap-server --tcp``, and our TCP/TLS client against libcoap's servers. TLS uses certificates (with
+client authentication): this pyOpenSSL has no PSK callbacks, so PSK over TLS is not tested."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import json
 import os
 import sys
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
@@ -18,9 +21,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from nettester.protocols.coap.linkformat import parse_links
 from nettester.protocols.coap.message import Code, Message, OptionNumber
+from nettester.protocols.coap.options import CoapServerOptions
 from nettester.protocols.coap.resources.plugtest import large_body
 from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.coap.tcplink import CoapTcpConnection, ReliableCoapEndpoint, TcpLink
+from nettester.protocols.coap.tls import client_tls, server_tls
+from nettester.protocols.dtls.certificates import issue, make_ca
 from tests.interop.peers import missing_peer
 from tests.interop.test_coap_libcoap import LibcoapServer, require
 
@@ -139,6 +145,59 @@ def test_our_tcp_client_against_libcoap_server() -> Generator[Any, Any, None]:
         observation.cancel()
         final = yield observation.finished.addTimeout(TIMEOUT, reactor)
         assert final.response.observe is None
+        peer.release("done")
+    finally:
+        endpoint.stop()
+        yield server.stop()
+
+
+def tls_files(tmp_path: Path) -> dict[str, str]:
+    """A CA, a server certificate and a client certificate (CN=client-7) as PEM files."""
+    ca = make_ca()
+    files = {name: str(tmp_path / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    Path(files["ca.pem"]).write_bytes(ca.certificate.public_bytes(serialization.Encoding.PEM))
+    issue(ca, "localhost").pem_files(files["server.pem"], files["server.key"])
+    issue(ca, "client-7").pem_files(files["client.pem"], files["client.key"])
+    return files
+
+
+@pytest_twisted.inlineCallbacks
+def test_libcoap_openssl_client_over_tls_against_our_server(tmp_path: Path) -> Generator[Any, Any, None]:
+    client = require("coap-client-openssl")
+    files = tls_files(tmp_path)
+    options = CoapServerOptions()
+    options.parseOptions(["--tcp", "--cert", files["server.pem"], "--key", files["server.key"], "--trust",
+                          files["ca.pem"], "--client-auth", "needed"])
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, tls=server_tls(options))
+    service.startService()
+    ports = {entry[3]: entry[2] for entry in service.listening if entry[0] == "coaps+tcp"}
+    credentials = ["-c", files["client.pem"], "-j", files["client.key"], "-R", files["ca.pem"]]
+    try:
+        out, err, code = yield getProcessOutputAndValue(
+            client, [*credentials, "-m", "get", f"coaps+tcp://127.0.0.1:{ports['extended']}/mycontext"],
+            env=os.environ)
+        assert code == 0, err
+        assert b"peer: CN=client-7" in out and b"cipher-suite: TLS_" in out, out
+        out, err, code = yield getProcessOutputAndValue(
+            client, [*credentials, "-m", "get", f"coaps+tcp://127.0.0.1:{ports['plugtest']}/large"], env=os.environ)
+        assert code == 0, err
+        assert out.strip() == large_body().strip()
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_our_tls_client_against_libcoap_openssl_server(tmp_path: Path) -> Generator[Any, Any, None]:
+    files = tls_files(tmp_path)
+    server = LibcoapServer(require("coap-server-openssl"), "-c", files["server.pem"], "-j", files["server.key"],
+                           "-R", files["ca.pem"])
+    link = TcpLink(reactor, tls_client=client_tls("localhost", {"trust": files["ca.pem"], "cert": files["client.pem"],
+                                                                "key": files["client.key"]}))
+    endpoint = ReliableCoapEndpoint(link, reactor)
+    try:
+        peer = yield connect_when_up(link, server.port + 1)  # libcoap: coaps+tcp on port + 1
+        got = yield endpoint.request(peer, get("")).addTimeout(TIMEOUT, reactor)
+        assert got.response.code == Code.CONTENT and b"libcoap" in got.response.payload
         peer.release("done")
     finally:
         endpoint.stop()
