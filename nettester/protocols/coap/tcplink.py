@@ -88,6 +88,11 @@ class CoapTcpConnection(Protocol):
     __repr__ = __str__
 
     def connectionMade(self) -> None:
+        # Request/response traffic: Nagle's algorithm would hold a response back until the peer's
+        # delayed ACK (tens of milliseconds), so small messages go out at once.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.address = (getattr(peer, "host", ""), getattr(peer, "port", 0))
         self.stream = CoapStream(self.link.clock.seconds(), self.link.stream_params)
