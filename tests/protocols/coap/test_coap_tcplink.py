@@ -13,7 +13,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
 
+from nettester.interfaces import IDatagramLink
 from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
 from nettester.protocols.coap.client import CoapClientService, make_link
 from nettester.protocols.coap.message import Code, Message, OptionNumber, decode_uint, encode_block
@@ -249,3 +251,20 @@ def test_loopback_receivetest_over_tcp() -> Generator[Any, Any, None]:
         assert "1 requests recorded for this device" in out.getvalue()
     finally:
         yield service.stopService()
+
+
+def test_tcp_link_provides_the_datagram_link_interface() -> None:
+    verifyObject(IDatagramLink, TcpLink(Clock()))
+    assert TcpLink(Clock()).scheme == "coap+tcp"
+    assert TcpLink(Clock(), tls_client=object()).scheme == "coaps+tcp"
+
+
+def test_ping_is_answered_and_release_closes() -> None:
+    served = Served()
+    connection, transport = served.connect()
+    served.read(transport)
+    connection.dataReceived(CSM + encode_frame(SignalCode.PING, b"\x05"))
+    (pong,) = served.read(transport)
+    assert (pong.code, pong.token) == (SignalCode.PONG, b"\x05")
+    connection.dataReceived(encode_frame(SignalCode.RELEASE))
+    assert transport.disconnecting and served.link.closed["released"] == 1 and served.link.refused == 0
