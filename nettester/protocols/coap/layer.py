@@ -115,7 +115,6 @@ class CoapLayer:
         # (peer, cache key) -> whole response body being served block-wise.
         transfers = self.params.max_block_transfers
         self._block2_bodies: ExpiringStore[Message] = ExpiringStore(lifetime, now, buckets, transfers)
-        # (peer, cache key) -> body being uploaded block-wise.
         # (peer, cache key) -> body being uploaded block-wise, bounded per peer and in total.
         params = self.params
         self._block1_uploads = Block1Uploads(lifetime, params.max_body_size, transfers, params.max_uploads_per_peer,
@@ -246,7 +245,8 @@ class CoapLayer:
             else:
                 answer.remove_option(OptionNumber.OBSERVE)  # RFC 7641 section 4.1: not registered
         if incoming._block1 is not None:
-            answer.set_option(OptionNumber.BLOCK1, encode_block(incoming._block1.num, False, incoming._block1.szx))
+            block1 = incoming._block1  # a BERT block (SZX 7) only came in over a reliable transport
+            answer.set_option(OptionNumber.BLOCK1, encode_block(block1.num, False, block1.szx, bert=True))
         block2 = incoming.block2
         if block2 is not None or len(answer.payload) > (16 << self.params.block_szx):
             answer = self._first_block_of(incoming.peer, request, answer, block2, now)
@@ -384,11 +384,12 @@ class CoapLayer:
             return False
         if result is None:
             # RFC 7959 section 2.5: 2.31 Continue, possibly asking for smaller blocks.
-            szx = min(block1.szx, self.params.block_szx)
+            # A BERT block is acknowledged as BERT: a smaller SZX would tell the client fewer bytes arrived.
+            szx = 7 if block1.szx == 7 else min(block1.szx, self.params.block_szx)
             incoming.answered = True
             self._send_response(
                 incoming,
-                response(Code.CONTINUE, options=[(OptionNumber.BLOCK1, encode_block(block1.num, True, szx))]),
+                response(Code.CONTINUE, options=[(OptionNumber.BLOCK1, encode_block(block1.num, True, szx, True))]),
                 now,
             )
             return False

@@ -378,11 +378,12 @@ MAX_BLOCK_NUM = (1 << 20) - 1
 MAX_SZX = 6  # RFC 7959 section 2.2: SZX 7 is reserved.
 
 
-def encode_block(num: int, more: bool, szx: int) -> bytes:
-    """Encode NUM/M/SZX into a Block option value (RFC 7959 section 2.2)."""
+def encode_block(num: int, more: bool, szx: int, bert: bool = False) -> bytes:
+    """Encode NUM/M/SZX into a Block option value (RFC 7959 section 2.2); ``bert`` allows SZX 7
+    (RFC 8323 section 6, reliable transports)."""
     if not 0 <= num <= MAX_BLOCK_NUM:
         raise ValueError(f"block number {num} out of range")
-    if not 0 <= szx <= MAX_SZX:
+    if not 0 <= szx <= (7 if bert else MAX_SZX):
         raise ValueError(f"block SZX {szx} out of range")
     return encode_uint((num << 4) | (8 if more else 0) | szx)
 

@@ -5,7 +5,8 @@ order and once (``receive_message``, fed by ``tcp.CoapStream``). Everything
 above the message layer is shared: token matching, block-wise, observe,
 4.02 for unsupported critical options. Requests and notifications go as
 NON so nothing is ever retransmitted; the stream adapter drops type and
-message id when it frames them (RFC 8323 section 3.2).
+message id when it frames them (RFC 8323 section 3.2). BERT (section 6)
+uploads are reassembled; BERT downloads are served in 1024-byte blocks.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class ReliableCoapLayer(CoapLayer):
         params = replace(params or TransmissionParameters(), notification_check_count=sys.maxsize,
                          notification_check_interval=math.inf)
         super().__init__(now, params, rng)
+        self._block1_uploads.bert = True  # RFC 8323 section 6
 
     def receive_message(self, message: Message, peer: Peer, now: float) -> None:
         """One request or response from ``peer``'s stream (a stream delivers once: no deduplication)."""

@@ -102,3 +102,33 @@ def test_response_is_matched_by_token() -> None:
     layer.receive_message(Message(NON, Code.CONTENT, 0, outgoing.token, [], b"ok"), PEER, 10.5)
     (event,) = received(layer)
     assert isinstance(event, ResponseReceived) and event.response.payload == b"ok" and event.rtt == 0.5
+
+
+def test_bert_block1_upload_is_reassembled() -> None:
+    # RFC 8323 section 6: BERT blocks are multiples of 1024 bytes, numbered in 1024-byte units.
+    layer = ReliableCoapLayer(0.0)
+    body = bytes(range(256)) * 12  # 3072 bytes: one BERT block of 2048, then a last one of 1024
+    first = Message(NON, Code.PUT, 0, b"\x01", [(OptionNumber.URI_PATH, b"up"), (OptionNumber.BLOCK1, bytes((0x0F,)))],
+                    body[:2048])
+    layer.receive_message(first, PEER, 0.0)
+    ((data, _),) = layer.datagrams_to_send()
+    proceed = decode(data)
+    assert proceed.code == Code.CONTINUE and proceed.block1 == (0, True, 7)
+    last = Message(NON, Code.PUT, 0, b"\x02", [(OptionNumber.URI_PATH, b"up"), (OptionNumber.BLOCK1, bytes((0x27,)))],
+                   body[2048:])
+    layer.receive_message(last, PEER, 0.0)
+    (event,) = received(layer)
+    assert isinstance(event, RequestReceived) and event.request.request.payload == body
+    layer.respond(event.request, response(Code.CHANGED), 0.0)
+    ((data, _),) = layer.datagrams_to_send()
+    answer = decode(data)
+    assert answer.code == Code.CHANGED and answer.block1 == (2, False, 7)
+
+
+def test_bert_block1_with_a_partial_block_is_refused() -> None:
+    layer = ReliableCoapLayer(0.0)
+    options = [(OptionNumber.URI_PATH, b"up"), (OptionNumber.BLOCK1, bytes((0x0F,)))]
+    message = Message(NON, Code.PUT, 0, b"\x01", options, b"x" * 1500)
+    layer.receive_message(message, PEER, 0.0)
+    ((data, _),) = layer.datagrams_to_send()
+    assert decode(data).code == Code.BAD_REQUEST
