@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -27,6 +29,7 @@ from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.coap.tcp import SignalCode, decode_frame, encode_frame, parse_frame_header
 from nettester.protocols.coap.tcplink import CoapTcpConnection, ReliableCoapEndpoint, TcpLink
 from nettester.protocols.coap.uri import build_request, parse_uri
+from tests.logcapture import log_events
 from tests.loopback import wait_until
 
 CSM = encode_frame(SignalCode.CSM)
@@ -268,3 +271,24 @@ def test_ping_is_answered_and_release_closes() -> None:
     assert (pong.code, pong.token) == (SignalCode.PONG, b"\x05")
     connection.dataReceived(encode_frame(SignalCode.RELEASE))
     assert transport.disconnecting and served.link.closed["released"] == 1 and served.link.refused == 0
+
+
+_fuzz_options = st.lists(st.tuples(st.sampled_from([1, 4, 6, 11, 12, 14, 15, 17, 23, 27, 28, 60, 2049, 65020]),
+                                   st.binary(max_size=6)), max_size=5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 2, 3, 4, 5, 0x45, 0x84, 0xE1, 0xE2, 0xE3, 0xE4, 0xE5, 0xE9]),
+                          st.binary(max_size=8), _fuzz_options, st.binary(max_size=300)), max_size=6))
+def test_fuzzed_messages_through_the_server_never_raise(messages: list[tuple[int, bytes, Any, bytes]]) -> None:
+    # Messages (valid frames, arbitrary codes and options) reach the layer and the resources: answered,
+    # refused or the connection closed, never an exception out of the adapter.
+    served = Served()
+    with log_events() as events:
+        connection, transport = served.connect()
+        data = CSM + b"".join(encode_frame(code, token, [(number, value) for number, value in options], payload)
+                              for code, token, options, payload in messages)
+        connection.dataReceived(data)
+        served.clock.advance(60.0)
+    frames(transport.value())  # whatever went out is well-framed
+    assert not [event for event in events if "log_failure" in event]  # no traceback logged either
