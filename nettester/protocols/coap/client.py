@@ -109,11 +109,12 @@ def format_payload(payload: bytes, content_format: int | None) -> str:
     return payload.hex(" ")
 
 
-def format_message(title: str, message: Message, rtt: float | None = None) -> str:
-    """A readable block: title, type/code/MID/token, options, RTT, payload."""
-    lines = [f"==[ {title} ]" + "=" * max(0, 60 - len(title)),
-             f"{MessageType(message.mtype).name} {code_name(message.code)}  MID={message.mid}  "
-             f"Token={message.token.hex() or '-'}"]
+def format_message(title: str, message: Message, rtt: float | None = None, reliable: bool = False) -> str:
+    """A readable block: title, type/code/MID/token, options, RTT, payload. ``reliable``: a
+    coap+tcp / coaps+tcp message, which has no type and no MID on the wire (RFC 8323 section 3.2)."""
+    header = f"{code_name(message.code)}  " if reliable else (
+        f"{MessageType(message.mtype).name} {code_name(message.code)}  MID={message.mid}  ")
+    lines = [f"==[ {title} ]" + "=" * max(0, 60 - len(title)), f"{header}Token={message.token.hex() or '-'}"]
     lines += ["  " + format_option(number, value) for number, value in sorted(message.options, key=lambda o: o[0])]
     if rtt is not None:
         lines.append(f"RTT: {rtt * 1000:.1f} ms")
@@ -411,6 +412,7 @@ class CoapClientService(OneServerService):
         self._observation: Observation | None = None
         self._notifications = 0
         self._request_shown = False
+        self._reliable = uri.scheme.endswith("+tcp")
 
     def endpoint_link(self) -> IDatagramLink:
         return SendTap(self.link, self._sent)
@@ -419,7 +421,8 @@ class CoapClientService(OneServerService):
         """Print the request once, as it went out (MID and token included)."""
         if not self._request_shown:
             self._request_shown = True
-            self.print(format_message(f"request to {self.uri.scheme}://{self.server}", decode(data)))
+            self.print(format_message(f"request to {self.uri.scheme}://{self.server}", decode(data),
+                                      reliable=self._reliable))
 
     def exchange(self, peer: Any) -> defer.Deferred[ResponseReceived]:
         assert self.endpoint is not None
@@ -432,12 +435,13 @@ class CoapClientService(OneServerService):
         self._notifications += 1
         self.rearm_watchdog()
         title = "response" if self._notifications == 1 else f"notification {self._notifications - 1}"
-        self.print(format_message(title, event.response, event.rtt))
+        self.print(format_message(title, event.response, event.rtt, self._reliable))
         if self._notifications > self.observe and self._observation is not None:
             self._observation.cancel()  # proactive deregistration (RFC 7641 section 3.6)
 
     def answered(self, event: ResponseReceived) -> int:
-        self.print(format_message("final response" if self.observe else "response", event.response, event.rtt))
+        self.print(format_message("final response" if self.observe else "response", event.response, event.rtt,
+                                  self._reliable))
         return EXIT_SUCCESS if event.response.code >> 5 == 2 else EXIT_ERROR_RESPONSE
 
 

@@ -211,6 +211,7 @@ def test_loopback_coap_client_over_tcp() -> Generator[Any, Any, None]:
         status = yield client.done
         assert status == 0, out.getvalue()
         assert "notification 1" in out.getvalue() and "final response" in out.getvalue()
+        assert "MID=" not in out.getvalue() and "\n2.05 Content  Token=" in out.getvalue()  # no type, no MID on TCP
         yield wait_until(lambda: not any(link.connections for link in service.tcp_links))
     finally:
         yield service.stopService()
