@@ -23,6 +23,7 @@ load, the CPU cost per request does not.
 
     python3 benchmarks/coap_server.py
     python3 benchmarks/coap_server.py --seconds 5 --churn 5000
+    python3 benchmarks/coap_server.py --tcp-vs libcoap     # coap+tcp: 64 connections x 8 in flight
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class ServerRole:
     final summary line is kept in ``final_summary``.
     """
 
-    def __init__(self, receive_buffer: int, core: str | None, directory: str, workers: int = 1) -> None:
+    def __init__(self, receive_buffer: int, core: str | None, directory: str, workers: int = 1,
+                 tcp: bool = False) -> None:
         self.base = free_base_port()
         self.workers = workers
         psk_file = os.path.join(directory, "psk.txt")
@@ -65,6 +67,8 @@ class ServerRole:
         command = [sys.executable, "-m", "nettester", "coap-server", "--benchmark", "--no-plugtest",
                    "--interfaces", "127.0.0.1", "--port", str(self.base), "--psk-file", psk_file,
                    "--receive-buffer", str(receive_buffer), "--stats-interval", "0", "--workers", str(workers)]
+        if tcp:
+            command.append("--tcp")  # coap+tcp on BASE+100 too
         self.command = pinned(core, command) if core is not None else command
         self.final_summary = ""
 
@@ -198,6 +202,59 @@ def run_vs_libcoap(args: argparse.Namespace, udpload: str, directory: str) -> No
           f"{args.window} {args.seconds:g} s; ours GET {PATH}, libcoap GET time; goal >= 0.9)")
 
 
+def tcp_load(port: int, path: str, args: argparse.Namespace, seconds: float) -> tuple[int, float, str]:
+    """``coap-bench`` over coap+tcp, ``--tcp-connections`` x ``--tcp-window`` for ``seconds``, pinned to the
+    load core: (answers, reqs/s, its summary line)."""
+    command = [sys.executable, "-m", "nettester", "coap-bench", "--clients", str(args.tcp_connections),
+               "--nstart", str(args.tcp_window), "--duration", str(seconds), "--report-interval", "0",
+               "--log-level", "warn", f"coap+tcp://127.0.0.1:{port}/{path}"]
+    output = subprocess.run(pinned(args.load_core, command), cwd=ROOT, capture_output=True, text=True).stdout
+    match = re.search(r"^(\d+) requests in ([0-9.]+) s: (\d+) reqs/s.*$", output, re.MULTILINE)
+    if match is None:
+        raise SystemExit(f"coap-bench gave no summary: {output}")
+    return int(match.group(1)), int(match.group(1)) / float(match.group(2)), match.group(0)
+
+
+def run_tcp_vs_libcoap(args: argparse.Namespace, directory: str) -> None:
+    """``--tcp-vs libcoap``: coap+tcp requests/s of ours and of libcoap's ``coap-server-notls`` (TCP on
+    the same port number), each fresh and pinned to the server core, the same coap-bench load,
+    alternating; prints the median ratio of the rates and of the answers per server CPU-second."""
+    libcoap = shutil.which("coap-server-notls")
+    if libcoap is None:
+        raise SystemExit("--tcp-vs libcoap needs coap-server-notls (apt-get install libcoap3-bin)")
+    per_cpu: dict[str, list[float]] = {"ours": [], "theirs": []}
+
+    def measure(name: str, port: int, path: str, cpu_seconds: Callable[[], float]) -> float:
+        tcp_load(port, path, args, 1.0)  # warm-up
+        before = cpu_seconds()
+        answers, rate, line = tcp_load(port, path, args, args.seconds)
+        used = cpu_seconds() - before
+        per_cpu[name].append(answers / used if used else 0.0)
+        print(f"  {'nettester' if name == 'ours' else 'libcoap  '}: {line}; server CPU {used:.1f} s", flush=True)
+        return rate
+
+    def ours() -> float:
+        with ServerRole(args.receive_buffer, args.server_core, directory, tcp=True) as server:
+            return measure("ours", server.coap_port, PATH, server.cpu_seconds)
+
+    def theirs() -> float:
+        port = free_udp_ports(1)[0]
+        process = subprocess.Popen(pinned(args.server_core, [libcoap, "-A", "127.0.0.1", "-p", str(port)]),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            return measure("theirs", port, "time", lambda: tree_cpu_seconds(process.pid))
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+    ratios = alternate(args.rounds, ours, theirs, "coap+tcp nettester/libcoap req/s, round")
+    cpu_ratios = [a / b if b else 0.0 for a, b in zip(per_cpu["ours"], per_cpu["theirs"], strict=True)]
+    print(f"coap+tcp coap-server vs libcoap 4.3 coap-server-notls: median ratio {median(ratios):.2f} req/s, "
+          f"{median(cpu_ratios):.2f} answers per server CPU-second ({args.rounds} alternating rounds, both on core "
+          f"{args.server_core}, coap-bench {args.tcp_connections} TCP connections x {args.tcp_window} in flight "
+          f"{args.seconds:g} s on core {args.load_core}; ours GET {PATH}, libcoap GET time)")
+
+
 def run_workers_scaling(args: argparse.Namespace, udpload: str, directory: str) -> None:
     """``--workers-scaling``: answers per server CPU-second (every worker's CPU counted) with
     ``--workers 2`` against 1, coap (udpload) and coaps (coap-bench's DTLS clients), alternating."""
@@ -286,8 +343,16 @@ def main() -> None:
                         help="only compare coap-bench --processes 2 with 1 against libcoap's coap-server")
     parser.add_argument("--bench-clients", type=int, default=200)
     parser.add_argument("--bench-requests", type=int, default=200)
+    parser.add_argument("--tcp-vs", choices=["libcoap"],
+                        help="only compare coap+tcp with libcoap's server over TCP, alternating (coap-bench load)")
+    parser.add_argument("--tcp-connections", type=int, default=64)
+    parser.add_argument("--tcp-window", type=int, default=8, help="requests in flight per TCP connection")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the comparisons")
     args = parser.parse_args()
+    if args.tcp_vs:
+        with tempfile.TemporaryDirectory() as directory:
+            run_tcp_vs_libcoap(args, directory)
+        return
     if args.bench_processes:
         run_bench_processes(args)
         return

@@ -42,8 +42,9 @@ from nettester.protocols.coap.client import (
     end_process,
     server_text,
 )
-from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
+from nettester.protocols.coap.endpoint import CoapRequestError
 from nettester.protocols.coap.layer import ResponseReceived, TransmissionParameters
+from nettester.protocols.coap.tcplink import TcpLink, endpoint_class
 from nettester.report import (
     UNATTRIBUTED,
     LossEpisode,
@@ -87,7 +88,9 @@ class BenchConfig:
         path = "/" + "/".join(uri.path) + ("?" + "&".join(uri.query) if uri.query else "")
         return {"target": server_text(uri.address), "scheme": uri.scheme, "resource": path,
                 "clients": self.clients, "requests_per_client": self.requests, "nstart": self.nstart,
-                "mode": "CON" if self.confirmable else "NON", "method": self.method, "interval_s": self.interval,
+                # RFC 8323: a reliable transport has no message types.
+                "mode": "reliable" if uri.scheme.endswith("+tcp") else "CON" if self.confirmable else "NON",
+                "method": self.method, "interval_s": self.interval,
                 "timeout_s": self.timeout, "payload_random": self.payload_random, "duration_s": self.duration}
 
 
@@ -183,7 +186,7 @@ class BenchClient:
         self.bench = bench
         self.link = link
         rng = random.Random(bench.rng.random())
-        self.endpoint = CoapEndpoint(link, bench.reactor, params=bench.params, rng=rng)
+        self.endpoint = endpoint_class(link)(link, bench.reactor, params=bench.params, rng=rng)
         self.attribution = Attributor(rng.randbytes(8))
         #: False once the server answered without a report: it does not attribute (a third-party server).
         self.attributing = True
@@ -320,8 +323,9 @@ class CoapBenchService(Service):
         for index in range(config.clients):
             link = self.link_factory()
             client = BenchClient(index, self, link)
-            client.port = self.reactor.listenUDP(0, link, interface="::" if ":" in config.uri.host else "",
-                                                 maxPacketSize=MAX_DATAGRAM)
+            if not isinstance(link, TcpLink):  # a TcpLink opens its connection in connect
+                client.port = self.reactor.listenUDP(0, link, interface="::" if ":" in config.uri.host else "",
+                                                     maxPacketSize=MAX_DATAGRAM)
             self.clients.append(client)
         for client in self.clients:
             client.start()
@@ -380,7 +384,10 @@ class CoapBenchService(Service):
         for client in self.clients:
             client.active = False
             client.endpoint.stop()
-            stopping.append(defer.maybeDeferred(client.port.stopListening))
+            if isinstance(client.link, TcpLink):
+                client.link.release_all("the benchmark is done")
+            else:
+                stopping.append(defer.maybeDeferred(client.port.stopListening))
         finished = defer.gatherResults(stopping)
         finished.addCallback(lambda _: self.done.callback(status))
         return finished
@@ -434,7 +441,7 @@ def _raise_file_limit(wanted: int) -> None:
 
 def make_bench_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapBenchService:
     """The role's service from parsed :class:`CoapBenchOptions`; ends the process when done."""
-    from nettester.protocols.coap.client import make_link
+    from nettester.protocols.coap.client import link_for_options
 
     uri = options["uri"]
     config = BenchConfig(
@@ -444,7 +451,7 @@ def make_bench_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapBench
         report_interval=options["report-interval"], duration=options["duration"],
         thresholds=options.thresholds(), report=options["report"],
     )
-    service = CoapBenchService(reactor, config, lambda: make_link(reactor, uri, options["dtls"], one_shot=False),
+    service = CoapBenchService(reactor, config, lambda: link_for_options(reactor, options, one_shot=False),
                                stdout, json_lines=options["log-format"] == "json")
     service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

@@ -93,6 +93,8 @@ class Block1Uploads:
         self.max_bytes = max_bytes
         #: Uploads dropped before they completed or expired, to respect a bound.
         self.evicted = 0
+        #: Accept BERT blocks (SZX 7, RFC 8323 section 6): reliable transports only.
+        self.bert = False
         # (peer, cache key) -> upload, least recently active first.
         self._uploads: OrderedDict[tuple[Hashable, CacheKey], _Upload] = OrderedDict()
         self._per_peer: dict[Hashable, int] = {}
@@ -132,8 +134,11 @@ class Block1Uploads:
         self, peer: Hashable, key: CacheKey, block1: BlockValue, payload: bytes, size1: int | None, now: float
     ) -> bytes | BlockRefusal | None:
         """Take one Block1 block: the whole body when it was the last, None when more must come."""
-        if block1.szx > 6:
+        bert = block1.szx == 7
+        if bert and not self.bert:
             return BlockRefusal(Code.BAD_REQUEST, b"Block1 SZX 7 is reserved")
+        # RFC 8323 section 6: a BERT block is any multiple of 1024 bytes, numbered in 1024-byte units.
+        unit = 1024 if bert else block1.size
         refusal = self.too_large(size1)
         if refusal is not None:
             return refusal
@@ -143,12 +148,12 @@ class Block1Uploads:
             upload = self._start(entry, peer, now)
         else:
             found = self._uploads.get(entry)
-            if found is None or len(found.body) != block1.offset:
+            if found is None or len(found.body) != block1.num * unit:
                 return BlockRefusal(Code.REQUEST_ENTITY_INCOMPLETE)
             upload = found
             self._uploads.move_to_end(entry)
             upload.touched = now
-        if block1.more and len(payload) != block1.size:
+        if block1.more and (not payload or len(payload) % unit if bert else len(payload) != unit):
             self._forget(entry)
             return BlockRefusal(Code.BAD_REQUEST, b"Block1 with M set must be full size")
         if len(upload.body) + len(payload) > self.max_body_size:

@@ -47,6 +47,8 @@ from nettester.protocols.coap.message import (
     option_name,
 )
 from nettester.protocols.coap.parameters import MAX_TRANSMIT_WAIT
+from nettester.protocols.coap.tcplink import TcpLink, endpoint_class
+from nettester.protocols.coap.tls import client_tls
 
 # parse_uri is re-exported: the bench and receive-test roles and their tests import it from here.
 from nettester.protocols.coap.uri import CoapUri, build_request, parse_uri  # noqa: F401
@@ -107,11 +109,12 @@ def format_payload(payload: bytes, content_format: int | None) -> str:
     return payload.hex(" ")
 
 
-def format_message(title: str, message: Message, rtt: float | None = None) -> str:
-    """A readable block: title, type/code/MID/token, options, RTT, payload."""
-    lines = [f"==[ {title} ]" + "=" * max(0, 60 - len(title)),
-             f"{MessageType(message.mtype).name} {code_name(message.code)}  MID={message.mid}  "
-             f"Token={message.token.hex() or '-'}"]
+def format_message(title: str, message: Message, rtt: float | None = None, reliable: bool = False) -> str:
+    """A readable block: title, type/code/MID/token, options, RTT, payload. ``reliable``: a
+    coap+tcp / coaps+tcp message, which has no type and no MID on the wire (RFC 8323 section 3.2)."""
+    header = f"{code_name(message.code)}  " if reliable else (
+        f"{MessageType(message.mtype).name} {code_name(message.code)}  MID={message.mid}  ")
+    lines = [f"==[ {title} ]" + "=" * max(0, 60 - len(title)), f"{header}Token={message.token.hex() or '-'}"]
     lines += ["  " + format_option(number, value) for number, value in sorted(message.options, key=lambda o: o[0])]
     if rtt is not None:
         lines.append(f"RTT: {rtt * 1000:.1f} ms")
@@ -288,9 +291,10 @@ class OneServerService(Service):
         super().startService()
         if isinstance(self.link, ServerConnection):
             self.link.on_refused = self.refused
-        self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "",
-                                             maxPacketSize=MAX_DATAGRAM)
-        self.endpoint = CoapEndpoint(self.endpoint_link(), self._reactor)
+        if not isinstance(self.link, TcpLink):
+            self._port = self._reactor.listenUDP(0, self.link, interface="::" if ":" in self.uri.host else "",
+                                                 maxPacketSize=MAX_DATAGRAM)
+        self.endpoint = endpoint_class(self.link)(self.endpoint_link(), self._reactor)
         self._started = self._reactor.seconds()
         self.rearm_watchdog()
         configuration = getattr(self.link, "client_configuration", None)
@@ -355,11 +359,12 @@ class OneServerService(Service):
 
     def _timed_out(self) -> None:
         self._watchdog = None
-        if self._connected or self.uri.scheme == "coap":
+        if self._connected or self.uri.scheme in ("coap", "coap+tcp"):
             self._fail(self._no_answer_text())
         else:
-            self._fail(f"no DTLS handshake with {self.server} within {self.timeout:g} s: is a coaps server "
-                       f"listening on {self.server}? (--timeout waits longer)")
+            security = "TLS" if self.uri.scheme == "coaps+tcp" else "DTLS"
+            self._fail(f"no {security} handshake with {self.server} within {self.timeout:g} s: is a "
+                       f"{self.uri.scheme} server listening on {self.server}? (--timeout waits longer)")
 
     def _no_answer_text(self) -> str:
         assert self.endpoint is not None
@@ -391,6 +396,8 @@ class OneServerService(Service):
             self.endpoint.stop()
         if self._port is not None:
             self._port.stopListening()
+        if isinstance(self.link, TcpLink):
+            self.link.release_all("the client is done")  # RFC 8323 section 5.5
         self.done.callback(status)
 
 
@@ -405,6 +412,7 @@ class CoapClientService(OneServerService):
         self._observation: Observation | None = None
         self._notifications = 0
         self._request_shown = False
+        self._reliable = uri.scheme.endswith("+tcp")
 
     def endpoint_link(self) -> IDatagramLink:
         return SendTap(self.link, self._sent)
@@ -413,7 +421,8 @@ class CoapClientService(OneServerService):
         """Print the request once, as it went out (MID and token included)."""
         if not self._request_shown:
             self._request_shown = True
-            self.print(format_message(f"request to {self.uri.scheme}://{self.server}", decode(data)))
+            self.print(format_message(f"request to {self.uri.scheme}://{self.server}", decode(data),
+                                      reliable=self._reliable))
 
     def exchange(self, peer: Any) -> defer.Deferred[ResponseReceived]:
         assert self.endpoint is not None
@@ -426,18 +435,21 @@ class CoapClientService(OneServerService):
         self._notifications += 1
         self.rearm_watchdog()
         title = "response" if self._notifications == 1 else f"notification {self._notifications - 1}"
-        self.print(format_message(title, event.response, event.rtt))
+        self.print(format_message(title, event.response, event.rtt, self._reliable))
         if self._notifications > self.observe and self._observation is not None:
             self._observation.cancel()  # proactive deregistration (RFC 7641 section 3.6)
 
     def answered(self, event: ResponseReceived) -> int:
-        self.print(format_message("final response" if self.observe else "response", event.response, event.rtt))
+        self.print(format_message("final response" if self.observe else "response", event.response, event.rtt,
+                                  self._reliable))
         return EXIT_SUCCESS if event.response.code >> 5 == 2 else EXIT_ERROR_RESPONSE
 
 
-def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_shot: bool = True) -> IDatagramLink:
+def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_shot: bool = True,
+              tls: Any = None) -> IDatagramLink:
     """UDP for ``coap://`` (connected for a ``one_shot`` client, so it hears a refusal); a client
-    DtlsEndpoint for ``coaps://`` (needs a configuration).
+    DtlsEndpoint for ``coaps://`` (needs a configuration); TCP connections for ``coap+tcp://``, TLS
+    ones for ``coaps+tcp://`` (``tls``: the client's TLS from ``tls.client_tls``).
 
     A one-shot coaps client's socket is connected too (``ServerDtlsLink``).
     A long-running client (coap-bench) stays unconnected: one ICMP error
@@ -445,10 +457,21 @@ def make_link(reactor: Any, uri: CoapUri, dtls_configuration: Any = None, one_sh
     """
     if uri.scheme == "coap":
         return ServerUdpLink(resolver=reactor) if one_shot else UdpLink(resolver=reactor)
+    if uri.scheme == "coap+tcp":
+        return TcpLink(reactor)  # one connection per connect (RFC 8323)
+    if uri.scheme == "coaps+tcp":
+        return TcpLink(reactor, tls_client=tls if tls is not None else client_tls(uri.host, {}))
     if dtls_configuration is None:
         raise ValueError("coaps:// needs --identity/--secret or --cert/--key")
     link = ServerDtlsLink if one_shot else DtlsEndpoint
     return link(reactor, client_configuration=dtls_configuration)
+
+
+def link_for_options(reactor: Any, options: Any, one_shot: bool = True) -> IDatagramLink:
+    """``make_link`` for a client role's parsed options (DTLS for coaps, TLS for coaps+tcp)."""
+    uri = options["uri"]
+    tls = client_tls(uri.host, options) if uri.scheme == "coaps+tcp" else None
+    return make_link(reactor, uri, options["dtls"], one_shot, tls)
 
 
 def make_client_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapClientService:
@@ -456,7 +479,7 @@ def make_client_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapClie
     uri = options["uri"]
     request = build_request(uri, options["method"], options["payload"].encode(), not options["non"],
                             options["content-format"], options["accept"])
-    service = CoapClientService(reactor, uri, request, make_link(reactor, uri, options["dtls"]), stdout,
+    service = CoapClientService(reactor, uri, request, link_for_options(reactor, options), stdout,
                                 options["observe"], options["timeout"])
     service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

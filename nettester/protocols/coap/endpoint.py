@@ -85,6 +85,9 @@ class Observation:
 class CoapEndpoint:
     """A CoAP endpoint (server and client) on one datagram link."""
 
+    #: The sans-IO layer it drives (the reliable-transport one for TCP and TLS).
+    layer_class: type[CoapLayer] = CoapLayer
+
     def __init__(
         self,
         link: IDatagramLink,
@@ -96,7 +99,7 @@ class CoapEndpoint:
         self.link = link
         self.handler = handler
         self._clock = reactor
-        self.core = CoapLayer(reactor.seconds(), params, rng)
+        self.core = self.layer_class(reactor.seconds(), params, rng)
         self._send = link.sendDatagram
         self._timer: IDelayedCall | None = None
         self._timer_deadline = 0.0

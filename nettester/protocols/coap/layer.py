@@ -250,7 +250,8 @@ class CoapLayer:
             else:
                 answer.remove_option(OptionNumber.OBSERVE)  # RFC 7641 section 4.1: not registered
         if incoming._block1 is not None:
-            answer.set_option(OptionNumber.BLOCK1, encode_block(incoming._block1.num, False, incoming._block1.szx))
+            block1 = incoming._block1  # a BERT block (SZX 7) only came in over a reliable transport
+            answer.set_option(OptionNumber.BLOCK1, encode_block(block1.num, False, block1.szx, bert=True))
         block2 = incoming.block2
         if block2 is not None or len(answer.payload) > (16 << self.params.block_szx):
             answer = self._first_block_of(incoming.peer, request, answer, block2, now)
@@ -388,11 +389,12 @@ class CoapLayer:
             return False
         if result is None:
             # RFC 7959 section 2.5: 2.31 Continue, possibly asking for smaller blocks.
-            szx = min(block1.szx, self.params.block_szx)
+            # A BERT block is acknowledged as BERT: a smaller SZX would tell the client fewer bytes arrived.
+            szx = 7 if block1.szx == 7 else min(block1.szx, self.params.block_szx)
             incoming.answered = True
             self._send_response(
                 incoming,
-                response(Code.CONTINUE, options=[(OptionNumber.BLOCK1, encode_block(block1.num, True, szx))]),
+                response(Code.CONTINUE, options=[(OptionNumber.BLOCK1, encode_block(block1.num, True, szx, True))]),
                 now,
             )
             return False

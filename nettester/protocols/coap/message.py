@@ -378,11 +378,12 @@ MAX_BLOCK_NUM = (1 << 20) - 1
 MAX_SZX = 6  # RFC 7959 section 2.2: SZX 7 is reserved.
 
 
-def encode_block(num: int, more: bool, szx: int) -> bytes:
-    """Encode NUM/M/SZX into a Block option value (RFC 7959 section 2.2)."""
+def encode_block(num: int, more: bool, szx: int, bert: bool = False) -> bytes:
+    """Encode NUM/M/SZX into a Block option value (RFC 7959 section 2.2); ``bert`` allows SZX 7
+    (RFC 8323 section 6, reliable transports)."""
     if not 0 <= num <= MAX_BLOCK_NUM:
         raise ValueError(f"block number {num} out of range")
-    if not 0 <= szx <= MAX_SZX:
+    if not 0 <= szx <= (7 if bert else MAX_SZX):
         raise ValueError(f"block SZX {szx} out of range")
     return encode_uint((num << 4) | (8 if more else 0) | szx)
 
@@ -656,8 +657,13 @@ def decode(data: bytes) -> Message:
     return decode_after_header(data, header)
 
 
-def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Message:
-    """``decode`` for a caller that already has ``peek_header``'s result."""
+def decode_after_header(data: bytes, header: tuple[int, int, int, int], signalling: bool = False) -> Message:
+    """``decode`` for a caller that already has ``peek_header``'s result.
+
+    ``signalling``: an RFC 8323 section 5 signalling message (class 7), whose
+    option numbers mean something per code: every option is kept raw, for the
+    caller to check.
+    """
     mtype, tkl, code, mid = header
 
     def fail(reason: str, token: bytes | None = None) -> CoapDecodeError:
@@ -671,7 +677,7 @@ def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Messa
     if tkl > MAX_TOKEN_LENGTH:
         raise fail(f"token length {tkl} is reserved")  # Section 3: 9-15 reserved.
     code_class = code >> 5
-    if code_class in (1, 6, 7):
+    if code_class in (1, 6, 7) and not (signalling and code_class == 7):
         raise fail(f"reserved code class {code_class}")  # Section 12.1.
     if mtype == RST or (mtype == ACK and code_class == 0):
         raise fail("request code in an ACK or a Reset with a code")  # Sections 4.2, 4.3.
@@ -726,6 +732,9 @@ def decode_after_header(data: bytes, header: tuple[int, int, int, int]) -> Messa
             raise fail("option value runs past the datagram", token)
         value = data[position:value_end]
         position = value_end
+        if signalling:
+            options.append((number, value))
+            continue
         bounds = _LENGTH_BOUNDS.get(number)
         # Section 5.4.5: a repeated non-repeatable option is unrecognized. Options
         # come in number order, so a repeat follows its first occurrence directly.

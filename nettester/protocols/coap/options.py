@@ -114,6 +114,8 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
         *negatable("external", True, "Listen on non-loopback addresses"),
         *negatable("ipv4", True, "Listen on IPv4"),
         *negatable("ipv6", True, "Listen on IPv6"),
+        *negatable("tcp", False, "Serve CoAP over TCP (RFC 8323) too: coap+tcp on the coap port numbers "
+                   "(BASE, BASE+100)"),
         ["dtls-only", None, "Only coaps: no plain coap endpoints."],
         ["trust-all", None, "Accept any valid client certificate chain (verified up to the root it brings), "
          "as Californium's --trust-all; without --client-auth it asks for one (WANTED). A warning at start."],
@@ -147,7 +149,7 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
 
     def postOptions(self) -> None:
         for name, default in (("plugtest", True), ("benchmark", False), ("loopback", True),
-                              ("external", True), ("ipv4", True), ("ipv6", True)):
+                              ("external", True), ("ipv4", True), ("ipv6", True), ("tcp", False)):
             self[name] = resolve_negatable(self, name, default)
         client_auth = self["client-auth"]
         if self["trust-all"] and not self["trust"]:

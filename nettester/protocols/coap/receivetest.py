@@ -38,7 +38,7 @@ from nettester.protocols.coap.client import (
     OneServerService,
     build_request,
     end_process,
-    make_link,
+    link_for_options,
     server_text,
 )
 from nettester.protocols.coap.endpoint import CoapRequestError
@@ -360,7 +360,7 @@ def make_receivetest_service(reactor: Any, options: Any, stdout: IO[str]) -> Rec
     uri = options["uri"]
     content_format = ContentFormat.CBOR if options["cbor"] else ContentFormat.JSON if options["json"] else 0
     device = device_uuid(options["uuid-file"], bool(options["reset-uuid"]))
-    service = ReceiveTestService(reactor, uri, device, make_link(reactor, uri, options["dtls"]), stdout,
+    service = ReceiveTestService(reactor, uri, device, link_for_options(reactor, options), stdout,
                                  content_format, options["timeout"], ResultSettings.from_options(options))
     service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

@@ -44,6 +44,11 @@ def build_server(reactor: Any, options: RoleOptions) -> IService:
     if options["trust-all"]:
         log.warn("--trust-all: any client certificate chain that verifies up to its own root is accepted; "
                  "client identities are not authenticated by a trust anchor", event="coap_trust_all")
+    tls = None
+    if options["tcp"]:
+        from nettester.protocols.coap.tls import server_tls
+
+        tls = server_tls(options)  # coaps+tcp: --cert/--key or a self-signed certificate
     dtls = options["dtls"]
     factory = None
     if dtls is not None:
@@ -55,7 +60,7 @@ def build_server(reactor: Any, options: RoleOptions) -> IService:
     return CoapServerService(
         reactor, options["port"], addresses, plugtest=options["plugtest"], benchmark=options["benchmark"],
         notify_interval=options["notify-interval"], receive_buffer=options["receive-buffer"],
-        dtls_link_factory=factory, dtls_only=bool(options["dtls-only"]),
+        dtls_link_factory=factory, dtls_only=bool(options["dtls-only"]), tcp=options["tcp"], tls=tls,
         params=TransmissionParameters(max_dedup_entries=options["max-dedup-entries"],
                                       max_body_size=options["max-body-size"]),
         cluster=options["cluster"],

@@ -41,6 +41,8 @@ from nettester.protocols.coap.parameters import LayerStats, TransmissionParamete
 from nettester.protocols.coap.resources import Site, build_site
 from nettester.protocols.coap.resources.extended import extended_resources
 from nettester.protocols.coap.resources.plugtest import plugtest_resources
+from nettester.protocols.coap.tcplink import ReliableCoapEndpoint, TcpLink
+from nettester.protocols.coap.tls import TlsServer
 from nettester.service import set_exit_status
 from nettester.udplink import UdpLink
 
@@ -157,9 +159,13 @@ class CoapServerService(Service):
         cluster: ClusterConfig | None = None,
         ready_port: int = 0,
         ready_interface: str = "",
+        tcp: bool = False,
+        tls: TlsServer | None = None,
     ) -> None:
         """``cluster``: the extended coaps endpoint joins this DTLS CID cluster (needs
-        ``dtls_link_factory``). ``ready_port``: serve ``/ready`` over HTTP there (0: off)."""
+        ``dtls_link_factory``). ``ready_port``: serve ``/ready`` over HTTP there (0: off).
+        ``tcp``: coap+tcp (RFC 8323) on the coap port numbers too, and coaps+tcp on the coaps
+        ones with ``tls`` (a ``tls.TlsServer``)."""
         if cluster is not None and dtls_link_factory is None:
             raise ValueError("a DTLS cluster needs a DTLS link factory")
         self._reactor = reactor
@@ -169,6 +175,10 @@ class CoapServerService(Service):
         self._receive_buffer = receive_buffer
         self._dtls_link_factory = dtls_link_factory
         self._dtls_only = dtls_only
+        self._tcp = tcp
+        self._tls = tls
+        #: The coap+tcp listeners' links (connections and why they ended).
+        self.tcp_links: list[TcpLink] = []
         self._params = params
         self._cluster = cluster
         self._ready_port_number = ready_port
@@ -200,6 +210,10 @@ class CoapServerService(Service):
                            lambda: sum(endpoint.core.observer_count for endpoint in self.endpoints))
         self.metrics.gauge("dedup_entries", "(peer, MID) pairs remembered for deduplication",
                            lambda: sum(endpoint.core.dedup_size for endpoint in self.endpoints))
+        self.metrics.gauge("tcp_connections", "open coap+tcp connections",
+                           lambda: sum(len(link.connections) for link in self.tcp_links))
+        self.metrics.gauge("tcp_refused", "coap+tcp connections closed for what the peer sent (no CSM, too "
+                           "large, slowloris, format)", lambda: sum(link.refused for link in self.tcp_links))
         self.metrics.gauge("dedup_evicted", "dedup entries dropped early at --max-dedup-entries",
                            lambda: sum(endpoint.core.dedup_evicted for endpoint in self.endpoints))
 
@@ -219,6 +233,9 @@ class CoapServerService(Service):
             "malformed": self._malformed(),
             "observers": sum(endpoint.core.observer_count for endpoint in self.endpoints),
         }
+        if self._tcp:
+            fields["tcp_connections"] = sum(len(link.connections) for link in self.tcp_links)
+            fields["tcp_refused"] = sum(link.refused for link in self.tcp_links)
         if self._dtls_link_factory is not None:
             fields.update(self._dtls_summary())
         if self.cluster_node is not None:
@@ -256,8 +273,19 @@ class CoapServerService(Service):
                         continue
                     if not self._dtls_only:
                         self._listen("coap", address, offset, UdpLink(receive_buffer=self._receive_buffer), site, name)
+                    if self._tcp and not self._dtls_only:
+                        link = TcpLink(self._reactor)
+                        self.tcp_links.append(link)
+                        self._listen("coap+tcp", address, offset, link, site, name)
+                    if self._tcp and self._tls is not None:
+                        link = TcpLink(self._reactor, tls_server=self._tls.context_factory)
+                        self.tcp_links.append(link)
+                        self._listen("coaps+tcp", address, offset + COAPS_OFFSET, link, site, name)
                     if self._dtls_link_factory is not None and not (self._cluster and name == "extended"):
                         self._listen("coaps", address, offset + COAPS_OFFSET, self._new_dtls_link(), site, name)
+            if self._tcp and self._tls is not None:
+                log.info("coaps+tcp uses a {certificate}", event="coap_tls_certificate",
+                         certificate=self._tls.description)
             if self._cluster is not None:
                 self._start_cluster_node(self._cluster)
             if self._ready_port_number:
@@ -326,10 +354,15 @@ class CoapServerService(Service):
                  where=f"[{where}]" if ":" in where else where, port=self._ready_port.getHost().port)
 
     def _listen(self, scheme: str, address: str, offset: int, link: Any, site: Site, name: str) -> None:
+        """One endpoint on one socket: UDP, or TCP for a ``TcpLink`` (a factory of connections)."""
         port_number = self._base_port + offset if self._base_port else 0
-        endpoint = CoapEndpoint(link, self._reactor, params=self._endpoint_params(name))
+        if isinstance(link, TcpLink):
+            endpoint: CoapEndpoint = ReliableCoapEndpoint(link, self._reactor, params=self._endpoint_params(name))
+            port = link.listen(port_number, address)
+        else:
+            endpoint = CoapEndpoint(link, self._reactor, params=self._endpoint_params(name))
+            port = self._reactor.listenUDP(port_number, link, interface=address)
         site.attach(endpoint)
-        port = self._reactor.listenUDP(port_number, link, interface=address)
         self._ports.append(port)
         self.endpoints.append(endpoint)
         actual = port.getHost().port
@@ -343,6 +376,8 @@ class CoapServerService(Service):
         self.extended_site.close()
         for endpoint in self.endpoints:
             endpoint.stop()
+        for link in self.tcp_links:
+            link.release_all("the server stops")
         ports, self._ports = self._ports, []
         if self._ready_port is not None:
             ports.append(self._ready_port)

@@ -11,14 +11,16 @@ from urllib.parse import unquote, urlsplit
 
 from nettester.protocols.coap.message import CON, NON, Code, Message, OptionNumber, encode_uint
 
-DEFAULT_PORTS = {"coap": 5683, "coaps": 5684}  # RFC 7252 sections 6.1 and 6.2
+# RFC 7252 sections 6.1 and 6.2, RFC 8323 sections 8.1 and 8.2.
+DEFAULT_PORTS = {"coap": 5683, "coaps": 5684, "coap+tcp": 5683, "coaps+tcp": 5684}
 METHODS = {"GET": Code.GET, "POST": Code.POST, "PUT": Code.PUT, "DELETE": Code.DELETE,
            "FETCH": Code.FETCH, "PATCH": Code.PATCH, "IPATCH": Code.IPATCH}
 
 
 @dataclass(frozen=True)
 class CoapUri:
-    """A parsed ``coap://`` / ``coaps://`` URI (RFC 7252 section 6.4)."""
+    """A parsed ``coap://``, ``coaps://``, ``coap+tcp://`` or ``coaps+tcp://`` URI (RFC 7252 section 6.4,
+    RFC 8323 section 8)."""
 
     scheme: str
     host: str
@@ -37,7 +39,7 @@ def parse_uri(text: str) -> CoapUri:
     parts = urlsplit(text.strip())
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"expected a coap:// or coaps:// URI, got {text!r}")
+        raise ValueError(f"expected a coap://, coaps://, coap+tcp:// or coaps+tcp:// URI, got {text!r}")
     if not parts.hostname:
         raise ValueError(f"no host in {text!r}")
     if parts.fragment:

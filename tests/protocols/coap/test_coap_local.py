@@ -28,3 +28,16 @@ def test_local_scenario_passes_in_a_second() -> Generator[Any, Any, None]:
     assert verdict.passed, verdict.evidence
     assert verdict.evidence["bench_responses"] >= 20 * 5
     assert "requests in" in scenario.service.bench_output.getvalue()
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_local_scenario_runs_coap_over_tcp_too() -> Generator[Any, Any, None]:
+    scenario = CoapLocalScenario(reactor)
+    scenario.service.startService()
+    yield deferLater(reactor, 1.0, lambda: None)
+    yield scenario.service.stopService()
+    verdict = scenario.verdict()
+    assert verdict.passed, verdict.evidence
+    assert verdict.evidence["tcp_bench_responses"] >= 4 * 5 and verdict.evidence["tcp_bench_failures"] == 0
+    assert "(coap+tcp, reliable GET /benchmark?rlen=40" in scenario.service.bench_output.getvalue()

@@ -1,0 +1,284 @@
+"""Twisted adapter: CoAP over TCP (RFC 8323) as an ``IDatagramLink``.
+
+``TcpLink`` is a Twisted factory (listening and connecting) whose
+connections each drive one sans-IO ``tcp.CoapStream``. Towards the CoAP
+endpoint it is one more link: ``sendDatagram`` frames what the message layer
+encodes (type and message id dropped), and each received message goes to
+``ReliableCoapEndpoint.message_received``. A peer handle is the connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from nettester.addresses import address_text
+from nettester.interfaces import IDatagramLink
+from nettester.link import PeerContext
+from nettester.logs import Logger
+from nettester.protocols.coap.endpoint import CoapEndpoint
+from nettester.protocols.coap.events import Peer
+from nettester.protocols.coap.message import Message
+from nettester.protocols.coap.reliable import ReliableCoapLayer
+from nettester.protocols.coap.tcp import (
+    CoapStream,
+    CsmReceived,
+    MessageReceived,
+    PongReceived,
+    StreamClosed,
+    StreamParameters,
+    frame_from_datagram,
+)
+from nettester.protocols.coap.tls import tls_context
+
+log = Logger()
+
+#: Stream ends that a hostile or broken peer causes (counted as refused).
+REFUSED_REASONS = frozenset(("no_csm", "csm_not_first", "too_large", "slowloris", "format", "bad_signal"))
+_LOST = Failure(ConnectionError("connection lost"))
+
+
+class ReliableCoapEndpoint(CoapEndpoint):
+    """A ``CoapEndpoint`` over a reliable link: decoded messages in, peers that close."""
+
+    layer_class = ReliableCoapLayer
+    core: ReliableCoapLayer
+
+    def message_received(self, message: Message, peer: Peer) -> None:
+        """One message from ``peer``'s stream."""
+        self.core.receive_message(message, peer, self._clock.seconds())
+        self._pump()
+
+    def peer_closed(self, peer: Peer) -> None:
+        """``peer``'s connection ended: drop its observers, fail its requests."""
+        self.core.peer_closed(peer, self._clock.seconds())
+        self._pump()
+
+
+def endpoint_class(link: IDatagramLink) -> type[CoapEndpoint]:
+    """The endpoint a link needs: the reliable one over TCP, the datagram one otherwise."""
+    return ReliableCoapEndpoint if isinstance(link, TcpLink) else CoapEndpoint
+
+
+class CoapTcpConnection(Protocol):
+    """One connection: bytes to the stream, messages to the link's endpoint, a single timer."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, link: TcpLink) -> None:
+        self.link = link
+        self.id = next(self._ids)
+        self.address: tuple[str, int] = ("", 0)
+        self.stream: CoapStream | None = None
+        #: Client side: fires with this connection once the peer's CSM arrived.
+        self.ready: defer.Deferred[CoapTcpConnection] | None = None
+        self._timer: IDelayedCall | None = None
+        self._closing = False
+
+    def __str__(self) -> str:
+        return f"tcp#{self.id} {address_text(self.address)}"
+
+    __repr__ = __str__
+
+    def connectionMade(self) -> None:
+        # Request/response traffic: Nagle's algorithm would hold a response back until the peer's
+        # delayed ACK (tens of milliseconds), so small messages go out at once.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.address = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        self.stream = CoapStream(self.link.clock.seconds(), self.link.stream_params)
+        self.link.connection_made(self)
+        self._pump()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.stream is not None:
+            self.stream.receive_data(data, self.link.clock.seconds())
+            self._pump()
+
+    def connectionLost(self, reason: Failure = _LOST) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.stream is not None:
+            self.stream.connection_lost(reason.getErrorMessage())
+            self._pump()
+
+    def release(self, detail: str) -> None:
+        """Close gracefully: Release (RFC 8323 section 5.5), then the connection ends."""
+        if self.stream is not None:
+            self.stream.release(detail)
+            self._pump()
+
+    def write_frame(self, frame: bytes) -> None:
+        """Send one encoded frame now (the endpoint's pump calls this in order)."""
+        if self.stream is not None and self.stream.closed is None:
+            self.transport.write(frame)  # type: ignore[union-attr]
+
+    def _pump(self) -> None:
+        stream = self.stream
+        assert stream is not None
+        while (event := stream.next_event()) is not None:
+            if isinstance(event, MessageReceived):
+                self.link.message_received(event.message, self)
+            elif isinstance(event, CsmReceived):
+                log.debug("{connection} CSM: Max-Message-Size {size}, block-wise {block_wise}",
+                          event="coap_tcp_csm", connection=self, size=event.max_message_size,
+                          block_wise=event.block_wise)
+                if self.ready is not None and not self.ready.called:
+                    self.ready.callback(self)
+            elif isinstance(event, PongReceived):
+                log.debug("{connection} Pong token={token}", event="coap_tcp_pong", connection=self,
+                          token=event.token.hex() or "-")
+            elif isinstance(event, StreamClosed):
+                self.link.stream_closed(self, event)
+        data = stream.data_to_send()
+        transport = self.transport
+        if transport is None:
+            return
+        if data:
+            transport.write(data)
+        if stream.closed is not None:
+            if not self._closing:
+                self._closing = True
+                transport.loseConnection()
+            return
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        assert self.stream is not None
+        deadline = self.stream.get_timer()
+        if self._timer is not None and self._timer.active():
+            if deadline is not None and self._timer.getTime() == deadline:
+                return
+            self._timer.cancel()
+        self._timer = None
+        if deadline is not None:
+            clock = self.link.clock
+            self._timer = clock.callLater(max(0.0, deadline - clock.seconds()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        assert self.stream is not None
+        self.stream.handle_timer(self.link.clock.seconds())
+        self._pump()
+
+
+@implementer(IDatagramLink)
+class TcpLink(Factory):
+    """CoAP over TCP connections, for one listening port or one client."""
+
+    protocol = CoapTcpConnection
+    noisy = False  # one "Starting factory" line per client connection is noise
+
+    def __init__(self, reactor: IReactorTime, stream_params: StreamParameters | None = None,
+                 tls_server: Any = None, tls_client: Any = None) -> None:
+        """``tls_server``: a context factory to listen with TLS; ``tls_client``: a connection creator
+        (or context factory) to connect with TLS (coaps+tcp, ``tls.py``)."""
+        self.clock = reactor
+        self.stream_params = stream_params or StreamParameters()
+        self.tls_server = tls_server
+        self.tls_client = tls_client
+        self.scheme = "coaps+tcp" if tls_server is not None or tls_client is not None else "coap+tcp"
+        self.receiver: ReliableCoapEndpoint | None = None
+        #: Open connections.
+        self.connections: set[CoapTcpConnection] = set()
+        self.accepted = 0
+        #: Why connections ended, by reason key (``tcp.StreamClosed``).
+        self.closed: Counter[str] = Counter()
+
+    def buildProtocol(self, addr: Any) -> CoapTcpConnection:
+        return CoapTcpConnection(self)
+
+    @property
+    def refused(self) -> int:
+        """Connections ended because of what the peer sent (or did not send)."""
+        return sum(count for reason, count in self.closed.items() if reason in REFUSED_REASONS)
+
+    def release_all(self, detail: str) -> None:
+        """Release every open connection (the server stops)."""
+        for connection in list(self.connections):
+            connection.release(detail)
+
+    # ------------------------------------------------------------ IDatagramLink
+
+    def sendDatagram(self, data: bytes, peer: CoapTcpConnection) -> None:
+        frame = frame_from_datagram(data)
+        if frame is not None:
+            peer.write_frame(frame)
+
+    def connect(self, address: tuple[str, int]) -> defer.Deferred[CoapTcpConnection]:
+        """A new connection to ``address``, firing once the server's CSM arrived (after the TLS handshake)."""
+        connector = _Connector(self)
+        reactor: Any = self.clock
+        if self.tls_client is not None:
+            reactor.connectSSL(address[0], address[1], connector, self.tls_client)
+        else:
+            reactor.connectTCP(address[0], address[1], connector)
+        return connector.connected
+
+    def peerContext(self, peer: CoapTcpConnection) -> PeerContext:
+        if self.scheme == "coap+tcp":
+            return PeerContext(peer.address, self.scheme)
+        identity, cipher = tls_context(peer.transport)
+        return PeerContext(peer.address, self.scheme, identity=identity, cipher_suite=cipher)
+
+    def listen(self, port: int, interface: str) -> Any:
+        """Listen on ``interface``:``port`` (TLS with ``tls_server``); the listening port."""
+        reactor: Any = self.clock
+        if self.tls_server is not None:
+            return reactor.listenSSL(port, self, self.tls_server, interface=interface)
+        return reactor.listenTCP(port, self, interface=interface)
+
+    # ------------------------------------------------------------ connections
+
+    def connection_made(self, connection: CoapTcpConnection) -> None:
+        self.connections.add(connection)
+        self.accepted += 1
+        log.debug("{connection} connected", event="coap_tcp_connected", connection=connection)
+
+    def message_received(self, message: Message, connection: CoapTcpConnection) -> None:
+        if self.receiver is not None:
+            self.receiver.message_received(message, connection)
+
+    def stream_closed(self, connection: CoapTcpConnection, event: StreamClosed) -> None:
+        """Count why, tell the endpoint, fail a connect still waiting for CSM."""
+        self.connections.discard(connection)
+        self.closed[event.reason] += 1
+        if event.reason in REFUSED_REASONS:
+            log.info("{connection} closed ({reason}): {detail}", event="coap_tcp_refused", connection=connection,
+                     reason=event.reason, detail=event.detail)
+        else:
+            log.debug("{connection} closed ({reason}): {detail}", event="coap_tcp_closed", connection=connection,
+                      reason=event.reason, detail=event.detail)
+        if connection.ready is not None and not connection.ready.called:
+            connection.ready.errback(ConnectionError(f"{connection}: {event.detail}"))
+        if self.receiver is not None:
+            self.receiver.peer_closed(connection)
+
+
+class _Connector(ClientFactory):
+    """Builds the client connection of ``TcpLink.connect``; fires once the stream is ready."""
+
+    noisy = False
+
+    def __init__(self, link: TcpLink) -> None:
+        self.link = link
+        self.connected: defer.Deferred[CoapTcpConnection] = defer.Deferred()
+
+    def buildProtocol(self, addr: Any) -> CoapTcpConnection:
+        connection = self.link.buildProtocol(addr)
+        connection.ready = self.connected
+        return connection
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)

@@ -1,0 +1,107 @@
+"""coaps+tcp (RFC 8323 section 8.2): the server's TLS (self-signed or --cert, client authentication,
+ALPN ``coap``) and the client's, on loopback."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import reactor
+
+from nettester.protocols.coap.client import CoapClientService, make_link
+from nettester.protocols.coap.options import CoapClientOptions, CoapServerOptions
+from nettester.protocols.coap.server import CoapServerService
+from nettester.protocols.coap.tls import ALPN_COAP, client_tls, psk_supported, server_tls
+from nettester.protocols.coap.uri import build_request, parse_uri
+from nettester.protocols.dtls.certificates import issue, make_ca
+
+pytestmark = pytest.mark.integration
+
+
+def server_options(*argv: str) -> CoapServerOptions:
+    options = CoapServerOptions()
+    options.parseOptions(["--tcp", *argv])
+    return options
+
+
+def pki(tmp_path: Path) -> dict[str, str]:
+    ca = make_ca()
+    files = {name: str(tmp_path / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    Path(files["ca.pem"]).write_bytes(ca.certificate.public_bytes(serialization.Encoding.PEM))
+    issue(ca, "server.example").pem_files(files["server.pem"], files["server.key"])
+    issue(ca, "client-7").pem_files(files["client.pem"], files["client.key"])
+    return files
+
+
+def test_self_signed_by_default_with_alpn_coap() -> None:
+    tls = server_tls(server_options())
+    assert tls.description.startswith("self-signed certificate SHA-256 ")
+    assert tls.context_factory._acceptableProtocols == [ALPN_COAP]
+    assert psk_supported() in (True, False)
+
+
+@pytest_twisted.inlineCallbacks
+def fetch(service: CoapServerService, path: str, tls: Any, extended: bool = True) -> Generator[Any, Any, str]:
+    port = next(entry[2] for entry in service.listening
+                if entry[0] == "coaps+tcp" and entry[3] == ("extended" if extended else "plugtest"))
+    uri = parse_uri(f"coaps+tcp://127.0.0.1:{port}/{path}")
+    out = io.StringIO()
+    client = CoapClientService(reactor, uri, build_request(uri, "GET"), make_link(reactor, uri, tls=tls), out,
+                               timeout=10.0)
+    client.startService()
+    status = yield client.done
+    assert status == 0, out.getvalue()
+    return out.getvalue()
+
+
+@pytest_twisted.inlineCallbacks
+def test_mycontext_over_tls_shows_cipher_and_client_identity(tmp_path: Path) -> Generator[Any, Any, None]:
+    files = pki(tmp_path)
+    options = server_options("--cert", files["server.pem"], "--key", files["server.key"], "--trust", files["ca.pem"],
+                             "--client-auth", "needed")
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, tls=server_tls(options))
+    service.startService()
+    try:
+        client_options = CoapClientOptions()
+        client_options.parseOptions(["--trust", files["ca.pem"], "--cert", files["client.pem"], "--key",
+                                     files["client.key"], "coaps+tcp://127.0.0.1/mycontext"])
+        out = yield fetch(service, "mycontext", client_tls("127.0.0.1", client_options))
+        assert "cipher-suite: TLS_" in out and "peer: CN=client-7" in out
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_without_trust_reaches_a_self_signed_server() -> Generator[Any, Any, None]:
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, tls=server_tls(server_options()))
+    service.startService()
+    try:
+        out = yield fetch(service, "large", None, extended=False)
+        assert "Payload (1280 bytes)" in out
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_certificate_needed_but_missing_fails(tmp_path: Path) -> Generator[Any, Any, None]:
+    files = pki(tmp_path)
+    options = server_options("--cert", files["server.pem"], "--key", files["server.key"], "--trust", files["ca.pem"],
+                             "--client-auth", "needed")
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, tls=server_tls(options))
+    service.startService()
+    try:
+        port = next(entry[2] for entry in service.listening if entry[0] == "coaps+tcp")
+        uri = parse_uri(f"coaps+tcp://127.0.0.1:{port}/test")
+        out = io.StringIO()
+        client = CoapClientService(reactor, uri, build_request(uri, "GET"), make_link(reactor, uri), out,
+                                   timeout=5.0)
+        client.startService()
+        status = yield client.done
+        assert status == 3 and "==[ no response ]==" in out.getvalue()
+    finally:
+        yield service.stopService()
