@@ -35,7 +35,7 @@ def test_local_scenario_passes_in_a_second() -> Generator[Any, Any, None]:
 def test_local_scenario_runs_coap_over_tcp_too() -> Generator[Any, Any, None]:
     scenario = CoapLocalScenario(reactor)
     scenario.service.startService()
-    yield deferLater(reactor, 1.0, lambda: None)
+    yield wait_until(lambda: scenario.verdict().evidence["tcp_bench_responses"] >= 4 * 5, timeout=10.0)
     yield scenario.service.stopService()
     verdict = scenario.verdict()
     assert verdict.passed, verdict.evidence
