@@ -35,6 +35,7 @@ CORES = (
     "nettester.protocols.coap.exchanges", "nettester.protocols.coap.parameters",
     "nettester.protocols.coap.blockwise", "nettester.protocols.coap.observe", "nettester.protocols.coap.store",
     "nettester.protocols.coap.uri", "nettester.protocols.coap.linkformat", "nettester.protocols.coap.attribution",
+    "nettester.protocols.coap.tcp", "nettester.protocols.coap.reliable",
     "nettester.protocols.dtls.record", "nettester.protocols.dtls.handshake", "nettester.protocols.dtls.suites",
     "nettester.protocols.dtls.configuration", "nettester.protocols.dtls.events", "nettester.protocols.dtls.alerts",
     "nettester.protocols.dtls.connection", "nettester.protocols.dtls.core",
