@@ -1,6 +1,7 @@
 """Sans-IO CoAP over reliable transports (RFC 8323): framing, signalling, hostile-stream bounds.
 
-``CoapStream`` is one TCP (or TLS) connection, h11-style: bytes and the time
+``CoapStream`` is one TCP (or TLS) connection, an ``interfaces.StreamCore``
+(the h11-style twin of the datagram contract): bytes and the time
 go in (``receive_data(data, now)``, ``handle_timer(now)``), bytes, one timer
 and events come out (``data_to_send()``, ``get_timer()``, ``next_event()``).
 It never imports ``twisted.internet`` and never reads a clock.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nettester.interfaces import StreamCore
 from nettester.protocols.coap.message import (
     ACK,
     NON,
@@ -243,3 +244,10 @@ def test_fuzzed_frames_decode_or_raise_the_codec_error(data: bytes) -> None:
     except CoapDecodeError:
         return
     assert isinstance(message, Message)
+
+
+def test_the_stream_is_a_stream_core() -> None:
+    """The one stream contract (``interfaces.StreamCore``): mypy checks the structural match."""
+    core: StreamCore = CoapStream(0.0)
+    assert core.data_to_send()  # our CSM goes first (RFC 8323 section 5.3.1)
+    assert core.next_event() is None and core.get_timer() == CoapStream(0.0).get_timer()
