@@ -98,15 +98,20 @@ class Verdict:
         return {"passed": self.passed, "exit_status": self.exit_status, "reasons": list(self.reasons)}
 
 
-def judge(thresholds: Thresholds, sent: int, lost: int, answered: int, resets: int | None = None) -> Verdict:
+def judge(thresholds: Thresholds, sent: int, lost: int, answered: int, resets: int | None = None,
+          refused: int = 0) -> Verdict:
     """The verdict for ``sent`` transactions of which ``lost`` got no answer.
 
     A run that sent nothing or got no answer at all fails whatever the
     thresholds: a CI job against a dead server must not pass. ``resets``
-    None: the role has no resets to judge.
+    None: the role has no resets to judge. ``refused``: ICMP port
+    unreachable reports, which name the likely cause when nothing was answered.
     """
     reasons = []
-    if not sent:
+    if not answered and refused:
+        reasons.append(f"no responses: the server refused the requests (ICMP port unreachable, {refused} times): "
+                       "is it listening on that address and port?")
+    elif not sent:
         reasons.append("nothing was sent (is --duration too short, or the server unreachable?)")
     elif not answered:
         reasons.append(f"no responses: all {sent} requests were lost")

@@ -26,7 +26,7 @@ from nettester.protocols.coap.resources.plugtest import large_body
 from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.dtls.connection import DtlsConfiguration
 from nettester.protocols.dtls.credentials import PskStore
-from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint
+from nettester.protocols.dtls.endpoint import DtlsConnectError, DtlsEndpoint
 from nettester.udplink import UdpLink
 from tests.interop.peers import installed
 from tests.loopback import free_ports, wait_until
@@ -137,7 +137,7 @@ def first_answer(endpoint: CoapEndpoint, address: tuple[str, int], message: Mess
         try:
             answer = yield endpoint.request_address(address, message, response_timeout=1.0).addTimeout(2.0, reactor)
             return answer
-        except (CoapRequestError, defer.TimeoutError, ConnectFailed):
+        except (CoapRequestError, defer.TimeoutError, DtlsConnectError):
             yield deferLater(reactor, 0.2, lambda: None)
     raise AssertionError(f"no answer from {address}")
 

@@ -86,6 +86,12 @@ def test_judge(sent: int, lost: int, answered: int, resets: int | None, passed: 
         assert reason in verdict.reasons[0] and verdict.line().startswith("verdict: FAIL: ")
 
 
+def test_refusals_name_the_likely_cause() -> None:
+    verdict = judge(Thresholds(), 0, 0, 0, refused=4)
+    assert not verdict.passed and "refused the requests (ICMP port unreachable, 4 times)" in verdict.reasons[0]
+    assert judge(Thresholds(), 10, 0, 10, refused=1).passed  # answered after all: the refusal was passing
+
+
 def test_unjudged_thresholds_pass_losses() -> None:
     assert judge(Thresholds(None, None), 10, 9, 1, 50).passed
 

@@ -28,6 +28,7 @@ from typing import IO, Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from nettester.interfaces import IDatagramLink
 from nettester.logs import ALWAYS, Logger
@@ -45,6 +46,7 @@ from nettester.protocols.coap.client import (
 from nettester.protocols.coap.endpoint import CoapRequestError
 from nettester.protocols.coap.layer import ResponseReceived, TransmissionParameters
 from nettester.protocols.coap.tcplink import TcpLink, endpoint_class
+from nettester.protocols.dtls.endpoint import DtlsConnectError, DtlsEndpoint
 from nettester.report import (
     UNATTRIBUTED,
     LossEpisode,
@@ -167,15 +169,16 @@ class BenchStatistics:
         lines += [f"  {count}: {clients}" for count, clients in sorted(histogram.items())]
         return lines
 
-    def verdict(self, thresholds: Thresholds) -> Verdict:
-        """The run judged by ``thresholds`` (``--max-loss``)."""
-        return judge(thresholds, self.responses + self.failures, self.failures, self.responses)
+    def verdict(self, thresholds: Thresholds, sent: int = 0) -> Verdict:
+        """The run judged by ``thresholds`` (``--max-loss``); ``sent``: requests started, those
+        still in flight at the stop included (neither answered nor failed)."""
+        return judge(thresholds, max(sent, self.responses + self.failures), self.failures, self.responses)
 
-    def exit_status(self, thresholds: Thresholds | None = None) -> int:
+    def exit_status(self, thresholds: Thresholds | None = None, sent: int = 0) -> int:
         """0 passed, 1 failed (more failed requests than ``--max-loss``, default none), 3 none answered."""
         if not self.responses:
             return EXIT_NO_RESPONSE
-        return EXIT_SUCCESS if self.verdict(thresholds or Thresholds()).passed else EXIT_ERROR_RESPONSE
+        return EXIT_SUCCESS if self.verdict(thresholds or Thresholds(), sent).passed else EXIT_ERROR_RESPONSE
 
 
 class BenchClient:
@@ -196,9 +199,16 @@ class BenchClient:
         self.port: Any = None
 
     def start(self) -> None:
-        """Connect (DTLS handshake for coaps), then start the closed loop."""
+        """Connect (DTLS handshake for coaps), then start the closed loop; a handshake that
+        does not complete within ``--timeout`` is a failed request like any other."""
         started = self.bench.reactor.seconds()
+        timeout = self.bench.config.timeout
         connecting = self.link.connect(self.bench.config.uri.address)
+        if isinstance(self.link, DtlsEndpoint):
+            reason = (f"no DTLS handshake within --timeout {timeout:g} s: is a coaps server listening on "
+                      f"{self.bench.server}?")
+            connecting.addTimeout(timeout, self.bench.reactor,
+                                  onTimeoutCancel=lambda result, _: Failure(DtlsConnectError(reason)))
         connecting.addCallbacks(self._connected, self._connect_failed, errbackArgs=(started,))
 
     def _connected(self, peer: Any) -> None:
@@ -402,8 +412,9 @@ class CoapBenchService(Service):
         retransmissions = self.retransmissions()
         lines = self.stats.summary_lines(now, retransmissions, loss)
         thresholds = self.config.thresholds
-        self.verdict = verdict = self.stats.verdict(thresholds)
-        status = self.stats.exit_status(thresholds)
+        started = sum(client.sent for client in self.clients)
+        self.verdict = verdict = self.stats.verdict(thresholds, started)
+        status = self.stats.exit_status(thresholds, started)
         counters = {"requests": self.stats.responses, "transmission_errors": self.stats.failures,
                     "retransmissions": retransmissions, "clients": len(self.clients),
                     "reqs_per_s": round(self.stats.responses / max(now - self.stats.started, 1e-9), 1),

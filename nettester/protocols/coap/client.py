@@ -346,7 +346,7 @@ class OneServerService(Service):
                 self._fail(f"the request to {self.server} failed: {reason}")
         elif failure.check(DNSLookupError):
             self._fail(f"cannot resolve {self.uri.host!r}: check the host of the URI")
-        elif failure.check("nettester.protocols.dtls.endpoint.ConnectFailed"):
+        elif failure.check("nettester.protocols.dtls.endpoint.DtlsConnectError"):
             self._fail(f"DTLS handshake with {self.server} failed: {failure.getErrorMessage()}; check "
                        "--identity/--secret or --cert/--key/--trust, and that a coaps server listens there")
         else:

@@ -163,6 +163,11 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
             self["client-auth"] = client_auth if client_auth != "none" else "wanted"
             self["dtls"].client_auth = ClientAuth(self["client-auth"])
             self["dtls"].trust_all = True
+        if self["dtls"] is None and not self["tcp"]:
+            unused = [option for option in ("trust", "cert", "key") if self[option]]
+            if unused:
+                raise usage.UsageError(f"--{unused[0]} is about coaps (DTLS) or coaps+tcp (TLS): give --psk-file, "
+                                       "--psk-sandbox or --cert/--key for coaps, or --tcp for coaps+tcp")
         if self["cluster"] is not None:
             if self["dtls"] is None:
                 raise usage.UsageError("a DTLS cluster serves coaps: give --psk-file, --psk-sandbox or --cert/--key")

@@ -61,7 +61,7 @@ log = Logger()
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "MAX_DATAGRAM",
-    "ConnectFailed",
+    "DtlsConnectError",
     "DatagramRoute",
     "DtlsEndpoint",
     "DtlsPeer",
@@ -90,7 +90,7 @@ class DatagramRoute(Protocol):
         """Deliver ``data`` to the peer at ``address`` along this route."""
 
 
-class ConnectFailed(Exception):
+class DtlsConnectError(Exception):
     """A client handshake ended without a session (the reason is the message)."""
 
 
@@ -234,21 +234,19 @@ class DtlsEndpoint(DatagramProtocol):
     def connect(self, address: Address) -> defer.Deferred[DtlsPeer]:
         """Handshake with the server at ``address``: fires with the peer."""
         if self.client_configuration is None:
-            return defer.fail(ConnectFailed("no client configuration"))
+            return defer.fail(DtlsConnectError("no client configuration"))
         host, port = address
         if not (isIPAddress(host) or isIPv6Address(host)):
             resolve = getattr(self.clock, "resolve", None)
             if resolve is None:
-                return defer.fail(ConnectFailed("cannot resolve %s" % host))
+                return defer.fail(DtlsConnectError("cannot resolve %s" % host))
             resolved: defer.Deferred[str] = resolve(host)
             return resolved.addCallback(lambda name: self.connect((name, port)))
         existing = self.peers.at_address(address)
         if existing is not None and existing.connection.is_established:
             return defer.succeed(existing)
-        waiting: defer.Deferred[DtlsPeer] = defer.Deferred()
         if existing is not None and not existing.connection.is_closed:
-            existing._waiting.append(waiting)
-            return waiting
+            return self._wait_for(existing)
         configuration = self.client_configuration
         session = self._client_sessions.get(address)
         if session is not None:
@@ -256,9 +254,17 @@ class DtlsEndpoint(DatagramProtocol):
             configuration = dataclasses.replace(configuration, session=session)
         now = self.clock.seconds()
         peer = self._add_peer(DtlsConnection(configuration, address), address, now)
-        peer._waiting.append(waiting)
+        waiting = self._wait_for(peer)
         peer.connection.connect(now)
         self._pump(peer)
+        return waiting
+
+    @staticmethod
+    def _wait_for(peer: DtlsPeer) -> defer.Deferred[DtlsPeer]:
+        """A Deferred that fires when ``peer``'s handshake ends; cancelling it (a caller's
+        timeout) stops the wait only: the handshake goes on for any other waiter."""
+        waiting: defer.Deferred[DtlsPeer] = defer.Deferred(lambda cancelled: peer._waiting.remove(cancelled))
+        peer._waiting.append(waiting)
         return waiting
 
     def peerContext(self, peer: DtlsPeer) -> PeerContext:
@@ -461,7 +467,7 @@ class DtlsEndpoint(DatagramProtocol):
                 )
             waiting, peer._waiting = peer._waiting, []
             for deferred in waiting:
-                deferred.errback(ConnectFailed(event.description))
+                deferred.errback(DtlsConnectError(event.description))
             self._remove(peer)
 
     def _remove(self, peer: DtlsPeer) -> None:

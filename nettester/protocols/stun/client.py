@@ -528,7 +528,8 @@ class StunClientService(Service):
         counters = self.counters
         ended = counters.responses.value + counters.error_responses.value + counters.timeouts.value
         self.verdict = verdict = judge(
-            self._thresholds, sent=ended, lost=counters.timeouts.value, answered=counters.responses.value
+            self._thresholds, sent=ended, lost=counters.timeouts.value, answered=counters.responses.value,
+            refused=self.refused_count.value,
         )
         if self._report_path:
             rtt = fleet.rtt

@@ -297,3 +297,34 @@ def test_json_log_format_puts_only_json_lines_on_stdout() -> None:
     assert events[0] == "coap_bench_start" and "coap_bench_summary" in events and events[-1] == "verdict"
     summary = next(record for record in records if record["event"] == "coap_bench_summary")
     assert summary["requests"] == 3 and summary["lost_forward"] == 0
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_a_handshake_not_done_within_the_timeout_is_a_transmission_error() -> Generator[Any, Any, None]:
+    """Issue 16: coaps against a port where nothing answers counts failed handshakes per --timeout, fails the run."""
+    from functools import partial
+
+    from nettester.protocols.dtls.connection import DtlsConfiguration
+    from nettester.protocols.dtls.endpoint import DtlsEndpoint
+
+    silent = UdpLink()
+    silent_port = reactor.listenUDP(0, silent, interface="127.0.0.1")
+    address = f"127.0.0.1:{silent_port.getHost().port}"
+    with log_events() as events:
+        out = io.StringIO()
+        config = BenchConfig(parse_uri(f"coaps://{address}/benchmark"), clients=2, timeout=0.3, report_interval=0)
+        link = partial(DtlsEndpoint, reactor, client_configuration=DtlsConfiguration(
+            is_client=True, psk_identity=b"Client_identity", psk=b"secretPSK"))
+        bench = CoapBenchService(reactor, config, link, out, random.Random(5))
+        try:
+            bench.startService()
+            yield wait_until(lambda: bench.stats.failures >= 2, timeout=10.0)
+            yield bench.stopService()
+        finally:
+            yield silent_port.stopListening()
+    failures = [event for event in events if event.get("event") == "coap_bench_connect_failure"]
+    assert failures and f"no DTLS handshake within --timeout 0.3 s: is a coaps server listening on {address}?" in (
+        failures[0]["reason"])
+    assert bench.verdict is not None and not bench.verdict.passed
+    assert f"{bench.stats.failures} transmission errors" in out.getvalue()

@@ -47,7 +47,7 @@ from nettester.protocols.coap.message import (
 )
 from nettester.protocols.coap.options import CoapBenchOptions, CoapClientOptions
 from nettester.protocols.coap.server import CoapServerService
-from nettester.protocols.dtls.endpoint import ConnectFailed
+from nettester.protocols.dtls.endpoint import DtlsConnectError
 from nettester.udplink import UdpLink
 
 
@@ -310,7 +310,7 @@ class _FailingConnect(MemoryLink):
 
 
 @pytest.mark.parametrize(("error", "expected"), [
-    (ConnectFailed("handshake_timeout"), "DTLS handshake with 192.0.2.1:5683 failed: handshake_timeout; check "
+    (DtlsConnectError("handshake_timeout"), "DTLS handshake with 192.0.2.1:5683 failed: handshake_timeout; check "
      "--identity/--secret or --cert/--key/--trust, and that a coaps server listens there"),
     (DNSLookupError("nope"), "cannot resolve '192.0.2.1': check the host of the URI"),
 ])

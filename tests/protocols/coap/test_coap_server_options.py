@@ -153,3 +153,13 @@ def test_half_open_bound_and_timeout_reach_the_dtls_endpoint() -> None:
     assert endpoint.server_configuration.handshake_timeout == 2.5
     default = build_server(UdpClock(), parse("--psk-sandbox", "--interfaces", "127.0.0.1"))
     assert default._dtls_link_factory().peers.max_half_open == 1000  # type: ignore[attr-defined]
+
+
+def test_trust_without_anything_it_is_about_is_refused(tmp_path: Path) -> None:
+    """Issue 16: ``--trust bad.pem`` with neither DTLS credentials nor --tcp was accepted and ignored."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("junk\n")
+    with pytest.raises(usage.UsageError, match=r"--trust is about coaps \(DTLS\) or coaps\+tcp \(TLS\)"):
+        parse("--trust", str(bad))
+    with pytest.raises(usage.UsageError, match="no PEM certificate"):
+        parse("--trust", str(bad), "--psk-sandbox")

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from dtls_pair import psk_configs
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent
 from zope.interface import implementer
@@ -15,7 +16,7 @@ from nettester import logs
 from nettester.interfaces import IConnectionIdGenerator, IDatagramLink, IDatagramReceiver
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.connection import DtlsConnection
-from nettester.protocols.dtls.endpoint import ConnectFailed, DtlsEndpoint, format_address
+from nettester.protocols.dtls.endpoint import DtlsConnectError, DtlsEndpoint, format_address
 from tests.logcapture import log_events
 
 SERVER = ("10.0.0.1", 5684)
@@ -167,6 +168,23 @@ def test_handshake_retransmission_on_loss() -> None:
     assert len(peers) == 1
 
 
+def test_a_cancelled_wait_stops_waiting_and_the_handshake_goes_on() -> None:
+    """A caller's timeout cancels its wait only; the handshake completes for the next connect."""
+    clock = Clock()
+    server, client, _, _, wire = make(clock)
+    wire.lose = {1}  # the first ClientHello: nothing happens until the retransmission
+    first = client.connect(SERVER)
+    failures: list[Any] = []
+    first.addErrback(failures.append)
+    first.cancel()
+    assert failures and failures[0].check(defer.CancelledError)
+    peers: list[Any] = []
+    client.connect(SERVER).addCallback(peers.append)  # the same handshake, a new waiter
+    clock.advance(1.0)
+    wire.deliver()
+    assert len(peers) == 1 and len(failures) == 1  # no second outcome for the cancelled wait
+
+
 def test_connect_failure_fires_errback() -> None:
     clock = Clock()
     server, client, _, _, wire = make(clock)
@@ -175,7 +193,7 @@ def test_connect_failure_fires_errback() -> None:
     client.connect(SERVER).addErrback(failures.append)
     wire.deliver()
     (failure,) = failures
-    assert failure.check(ConnectFailed)
+    assert failure.check(DtlsConnectError)
     assert server.counters.failures.get("unknown_psk_identity") == 1
     assert server.connections == [] and client.connections == []
 
