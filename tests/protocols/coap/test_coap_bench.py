@@ -28,7 +28,7 @@ from nettester.protocols.coap.client import parse_uri
 from nettester.protocols.coap.message import Message, decode
 from nettester.protocols.coap.options import CoapBenchOptions
 from nettester.protocols.coap.server import CoapServerService
-from nettester.report import Thresholds
+from nettester.report import RttHistogram, Thresholds
 from nettester.udplink import UdpLink
 
 
@@ -297,3 +297,25 @@ def test_json_log_format_puts_only_json_lines_on_stdout() -> None:
     assert events[0] == "coap_bench_start" and "coap_bench_summary" in events and events[-1] == "verdict"
     summary = next(record for record in records if record["event"] == "coap_bench_summary")
     assert summary["requests"] == 3 and summary["lost_forward"] == 0
+
+
+def test_a_process_of_processes_prints_nothing_and_hands_its_run_to_the_parent(monkeypatch: pytest.MonkeyPatch
+                                                                                ) -> None:
+    from nettester import workers
+
+    monkeypatch.setenv(workers.WORKER_ENV, "1/2")
+    net = Net()
+    net.drop_forward = tagged({3})
+    out = io.StringIO()
+    bench = bench_on(net, requests=5, out=out, clients=2)
+    net.run(40.0)
+    assert out.getvalue() == "", "the parent prints the merged lines"
+    report = bench.worker_report(final=True)
+    assert report["per_client"] == {"4": 2}  # each client's 3rd request failed
+    assert report["summary"]["requests"] == 8 and report["summary"]["transmission_errors"] == 2
+    assert RttHistogram.from_dict(report["rtt"]).count == 8
+    assert report["summary"]["rtt_max_ms"] == RttHistogram.from_dict(report["rtt"]).field("rtt_max_ms")
+    assert report["result"]["judged"] == [10, 2, 8, None]
+    document = report["result"]["document"]
+    assert document["loss"]["lost_forward"] == 2 and document["counters"]["requests"] == 8
+    assert "result" not in bench.worker_report(final=False)
