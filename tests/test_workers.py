@@ -364,3 +364,12 @@ def test_load_generators_print_and_report_the_merged_run(tmp_path: Any) -> None:
     assert [point["process"] for point in merged["series"]] == [0, 1]
     assert (merged["started"], merged["ended"]) == (1000.0, 1012.0)
     assert merged["verdict"]["passed"] is False
+
+
+def test_workers_with_a_dtls_cluster_are_refused_naming_both_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
+    with pytest.raises(UsageError) as raised:
+        CoapServerOptions().parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
+                                          "--dtls-cluster", ":15784;localhost:15884;1,---;localhost:25884;2"])
+    assert str(raised.value) == ("--workers does not combine with --dtls-cluster yet: either drop --workers and "
+                                 "run one cluster node per process or pod, or drop --dtls-cluster and keep --workers")
