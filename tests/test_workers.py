@@ -373,3 +373,26 @@ def test_workers_with_a_dtls_cluster_are_refused_naming_both_ways_out(monkeypatc
                                           "--dtls-cluster", ":15784;localhost:15884;1,---;localhost:25884;2"])
     assert str(raised.value) == ("--workers does not combine with --dtls-cluster yet: either drop --workers and "
                                  "run one cluster node per process or pod, or drop --dtls-cluster and keep --workers")
+
+
+def test_a_killed_load_generator_keeps_its_rtts_and_counts_in_the_merged_summary() -> None:
+    service, reactor, _ = make_supervisor(is_server=False)
+    service.startService()
+    first, second = (spawned[0] for spawned in reactor.spawned)
+
+    def rtts(count: int) -> dict[str, Any]:
+        histogram = RttHistogram()
+        for _ in range(count):
+            histogram.record(0.004)
+        return histogram.to_dict()
+
+    report(first, summary={"requests": 5, "rtt_max_ms": 4.0}, metrics=[], rtt=rtts(5))
+    report(second, summary={"requests": 3, "rtt_max_ms": 4.0}, metrics=[], rtt=rtts(3))
+    first.processEnded(Failure(ProcessTerminated(signal=9)))
+    reactor.advance(supervisor.RESTART_DELAY)
+    again = reactor.spawned[2][0]
+    assert reactor.spawned[2][2][workers.WORKER_ENV] == "0/2", "its clients run again"
+    report(again, summary={"requests": 1, "rtt_max_ms": 4.0}, metrics=[], rtt=rtts(1))
+    merged = service.merged_rtt()
+    assert merged is not None and merged.count == 9
+    assert service.summary() == {"requests": 9, "rtt_max_ms": 4.0, "processes": 2, "restarts": 1}
