@@ -387,9 +387,13 @@ class SupervisorService(Service):
         if isinstance(message.get("summary"), dict):
             child.summary = message["summary"]
             child.metrics = message.get("metrics") or []
-            for key in ("rtt", "per_client", "result"):
+            for key in ("rtt", "per_client"):
                 if isinstance(message.get(key), dict):
                     setattr(child, key, message[key])
+            result = message.get("result")
+            if isinstance(result, dict) and isinstance(result.get("document"), dict) \
+                    and isinstance(result.get("judged"), list) and len(result["judged"]) == 4:
+                child.result = result
 
     def _broadcast_slots(self) -> None:
         slots = self.slots.slots(self.count)
