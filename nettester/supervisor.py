@@ -20,6 +20,14 @@ Report lines (child -> parent), one JSON object each::
     {"ready": true, "pid": 123}
     {"summary": {...}, "metrics": [[name, type, help, [[sample, labels, value], ...]], ...], "final": false}
 
+A load generator's lines also carry its RTT histogram (``"rtt"``,
+``RttHistogram.to_dict``; merged RTT fields come from their sum, not from the
+worst process), coap-bench's requests per client (``"per_client"``) and, in
+the final one, its ``"result"``: the report document it would have written
+and its ``"judged"`` counts ``[sent, lost, answered, resets]``. The parent
+prints the merged RTT line, requests per client and verdict, and writes the
+merged ``--report``.
+
 Command lines (parent -> child): ``{"slots": [slot of worker 0, ...]}``.
 """
 
@@ -42,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester import steering
+from nettester.histogram import RttHistogram
 from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
@@ -53,9 +62,13 @@ from nettester.workers import (
     WorkersOptionsMixin,
     _MultiProcessOptions,
     current_worker,
+    merge_counts,
     merge_exit_statuses,
+    merge_histograms,
     merge_metric_families,
     merge_summaries,
+    metric_families,
+    prometheus_families,
 )
 
 log = Logger()
@@ -65,6 +78,8 @@ RESTART_DELAY = 0.5  # seconds before a dead worker is started again
 STOP_TIMEOUT = 30.0  # seconds a child gets to stop after SIGTERM before SIGKILL
 
 ExitStatusSetter = Callable[[Any, int], None]  # nettester.service.set_exit_status
+# (role, final results, merged RTT histogram, requests per client, exit statuses) -> exit status
+MergeResults = Callable[[str, list[dict[str, Any]], RttHistogram | None, dict[int, int], list[int]], int]
 
 # ``python -c CHILD_MAIN <role> <arguments>``: ``python -m nettester`` in a
 # process group of its own, so a terminal's Ctrl-C (sent to the foreground
@@ -85,7 +100,8 @@ def multiprocess_service(role: Any, options: RoleOptions, reactor: Any, set_exit
     if options.process_count() <= 1:
         return None
     return SupervisorService(reactor, role.name, options.role_argv, options.process_count(), is_server,
-                             options.live_fields, set_exit_status)
+                             options.live_fields, set_exit_status,
+                             merge_results=getattr(options, "merge_results", None))
 
 
 # -- child side ---------------------------------------------------------------------------------------------
@@ -132,15 +148,6 @@ def steer(slots: Sequence[int]) -> int:
             continue
         attached += 1
     return attached
-
-
-def snapshot_metrics(metrics: Any) -> list[Any]:
-    """A MetricSet's families as plain lists (JSON), as Prometheus would collect them."""
-    return [
-        [family.name, family.type, family.documentation,
-         [[sample.name, dict(sample.labels), sample.value] for sample in family.samples]]
-        for family in metrics.collect()
-    ]
 
 
 class _ParentChannel(abstract.FileDescriptor):
@@ -214,7 +221,10 @@ class WorkerChildService(MultiService):
         message: dict[str, Any] = {"summary": {}, "metrics": [], "final": final}
         if IReportingService.providedBy(service):
             message["summary"] = dict(service.summary())
-            message["metrics"] = snapshot_metrics(service.metrics)
+            message["metrics"] = metric_families(service.metrics)
+        worker_report = getattr(service, "worker_report", None)
+        if worker_report is not None:  # a load generator's RTT histogram, requests per client, final result
+            message.update(worker_report(final))
         self._write(message)
 
     def _write(self, message: dict[str, Any]) -> None:
@@ -248,6 +258,9 @@ class _Child(ProcessProtocol):
         self.ready = False
         self.summary: dict[str, Any] = {}
         self.metrics: list[Any] = []
+        self.rtt: dict[str, Any] | None = None  # its RttHistogram.to_dict()
+        self.per_client: dict[str, int] | None = None  # requests per client: clients (coap-bench)
+        self.result: dict[str, Any] | None = None  # a load generator's final: report document, judge inputs
         self._buffer = b""
 
     def connectionMade(self) -> None:
@@ -294,14 +307,8 @@ class _MergedMetrics(MetricSet):
         self._supervisor = supervisor
 
     def collect(self) -> Any:
-        from prometheus_client.core import Metric
-
         yield from super().collect()
-        for name, kind, help_text, samples in self._supervisor.merged_metrics():
-            family = Metric(name, help_text, kind)
-            for sample_name, labels, value in samples:
-                family.add_sample(sample_name, labels, value)
-            yield family
+        yield from prometheus_families(self._supervisor.merged_metrics())
 
 
 @implementer(IReportingService)
@@ -310,7 +317,10 @@ class SupervisorService(Service):
 
     def __init__(self, reactor: Any, role: str, argv: Sequence[str], count: int, is_server: bool,
                  live_fields: frozenset[str], set_exit_status: ExitStatusSetter,
-                 executable: Sequence[str] = (sys.executable, "-c", CHILD_MAIN)) -> None:
+                 executable: Sequence[str] = (sys.executable, "-c", CHILD_MAIN),
+                 merge_results: MergeResults | None = None) -> None:
+        """``merge_results``: the load generators' verdict and ``--report`` of the whole run (the children
+        write none), see ``ResultOptionsMixin.merge_results``."""
         self._reactor = reactor
         self.role = role
         self.argv = list(argv)
@@ -321,7 +331,9 @@ class SupervisorService(Service):
         self._set_exit_status = set_exit_status
         self._executable = list(executable)
         self.children: dict[int, _Child] = {}
-        self.retired: list[tuple[dict[str, Any], list[Any]]] = []  # dead children's last reports
+        self.retired: list[_Child] = []  # dead children, with their last reports
+        self._merge_results = merge_results
+        self._concluded = False
         self.exit_statuses: dict[int, int] = {}
         self.slots = steering.ReuseportSlots()
         self.cookie_secret = os.urandom(32).hex()
@@ -375,6 +387,13 @@ class SupervisorService(Service):
         if isinstance(message.get("summary"), dict):
             child.summary = message["summary"]
             child.metrics = message.get("metrics") or []
+            for key in ("rtt", "per_client"):
+                if isinstance(message.get(key), dict):
+                    setattr(child, key, message[key])
+            result = message.get("result")
+            if isinstance(result, dict) and isinstance(result.get("document"), dict) \
+                    and isinstance(result.get("judged"), list) and len(result["judged"]) == 4:
+                child.result = result
 
     def _broadcast_slots(self) -> None:
         slots = self.slots.slots(self.count)
@@ -386,7 +405,7 @@ class SupervisorService(Service):
 
     def ended(self, child: _Child, reason: Failure) -> None:
         del self.children[child.index]
-        self.retired.append((child.summary, child.metrics))
+        self.retired.append(child)
         if self.is_server:
             self.slots.closed(child.index)
         code = getattr(reason.value, "exitCode", None)
@@ -398,6 +417,8 @@ class SupervisorService(Service):
                  worker_summary=child.summary)
         if self._stopping:
             if not self.children:
+                if not self.is_server:
+                    self._conclude(list(self.exit_statuses.values()))
                 self._finish_stop()
             return
         if self.is_server:
@@ -434,8 +455,25 @@ class SupervisorService(Service):
         self.exit_statuses[child.index] = code
         self._spawn_next()
         if len(self.exit_statuses) == self.count:
-            self._set_exit_status(self, merge_exit_statuses(list(self.exit_statuses.values())))
+            self._conclude(list(self.exit_statuses.values()))
             self._reactor.callLater(0, self._reactor.stop)
+
+    def _conclude(self, statuses: list[int]) -> None:
+        """The load generators' merged result (``merge_results``, from the role's options) and exit status.
+
+        Processes that ended without a result (killed) add only their counters.
+        """
+        if self._concluded:
+            return
+        self._concluded = True
+        results = [child.result for child in self.retired if child.result is not None]
+        if not results or self._merge_results is None:
+            if statuses:
+                self._set_exit_status(self, merge_exit_statuses(statuses))
+            return
+        per_client = merge_counts(child.per_client for child in self.retired if child.per_client is not None)
+        self._set_exit_status(self, self._merge_results(self.role, results, self.merged_rtt(), per_client,
+                                                        statuses))
 
     # -- stopping
 
@@ -468,15 +506,19 @@ class SupervisorService(Service):
 
     def _reports(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         live = [child.summary for child in self.children.values()]
-        return [summary for summary, _ in self.retired] + live, live
+        return [child.summary for child in self.retired] + live, live
+
+    def merged_rtt(self) -> RttHistogram | None:
+        """Every child's RTT histogram summed (dead ones' last included), None when none sends one."""
+        return merge_histograms(child.rtt for child in [*self.retired, *self.children.values()])
 
     def summary(self) -> dict[str, Any]:
         parts, live = self._reports()
-        merged = merge_summaries(parts, live, self.live_fields)
+        merged = merge_summaries(parts, live, self.live_fields, rtt=self.merged_rtt())
         merged[self.kinds] = len(self.children)
         merged["restarts"] = self.restarts.value
         return merged
 
     def merged_metrics(self) -> list[Any]:
         live = [child.metrics for child in self.children.values()]
-        return merge_metric_families([metrics for _, metrics in self.retired] + live, live)
+        return merge_metric_families([child.metrics for child in self.retired] + live, live)

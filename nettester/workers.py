@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from twisted.python import usage
+
+from nettester.histogram import RTT_FIELD, RttHistogram
 
 WORKER_ENV = "NETTESTER_WORKER"  # "index/count" in a child
 COOKIE_SECRET_ENV = "NETTESTER_COOKIE_SECRET"  # hex, set by the parent of server workers
@@ -118,8 +121,15 @@ class WorkersOptionsMixin(_MultiProcessOptions):
             if self.get("port", None) == 0:  # type: ignore[attr-defined]
                 raise usage.UsageError("--workers needs a fixed --port: every worker must bind the same one")
             if self.get("cluster", None):  # type: ignore[attr-defined]
-                raise usage.UsageError("--workers does not combine with a DTLS cluster yet: run one node per "
-                                       "process (or pod), or drop --workers")
+                # Not yet: a node's management port, its discovery and the records other nodes forward to it
+                # (cluster records, not tls12_cid ones, so the steering program cannot read their CID) would
+                # all have to be split over the workers.
+                given = [f"--{name}" for name in ("dtls-cluster", "dtls-cluster-group", "k8s-dtls-cluster")
+                         if self.get(name)]  # type: ignore[attr-defined]
+                cluster = "/".join(given) or "the DTLS cluster options"
+                raise usage.UsageError(f"--workers does not combine with {cluster} yet: either drop --workers "
+                                       "and run one cluster node per process or pod, or drop "
+                                       f"{cluster} and keep --workers")
 
 
 class ProcessesOptionsMixin(_MultiProcessOptions):
@@ -146,19 +156,22 @@ class ProcessesOptionsMixin(_MultiProcessOptions):
 
 # Summary fields that are statistics of a distribution, not counts: merged as
 # the worst worker (an upper bound of the merged percentile, loss or mean),
-# ``min`` ones as the best.
+# ``min`` ones as the best. RTT fields (``histogram.RTT_FIELD``) come from the
+# merged RTT histogram instead when the workers sent theirs.
 _STATISTIC = re.compile(r"(^|_)(p\d+(\.\d+)?|pct|avg|mean|max|lag)(_|$)")
 _MINIMUM = re.compile(r"(^|_)min(_|$)")
 _IDENTITY = re.compile(r"(^|_)id$")  # node_id: the same in every worker, not a count
 
 
 def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, Any]] = (),
-                    live_fields: frozenset[str] = frozenset()) -> dict[str, Any]:
+                    live_fields: frozenset[str] = frozenset(), rtt: RttHistogram | None = None) -> dict[str, Any]:
     """One summary from the workers' ``parts`` (running totals, dead workers' last ones included).
 
     Counts add up; fields in ``live_fields`` add up over ``live`` only (the
     workers running now); identities (``node_id``) and text fields that
-    agree are kept, others listed; statistics (percentiles, ``_pct``, ``_avg``,
+    agree are kept, others listed; RTT fields (``rtt_p99_ms``, ``rtt_avg_ms``...)
+    are those of ``rtt``, the workers' histograms summed, when given (0.0
+    without samples); other statistics (percentiles, ``_pct``, ``_avg``,
     ``_max``) take the worst worker, ``_min`` the best. Field order is the
     first part's.
     """
@@ -174,6 +187,8 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[s
     for key, seen in values.items():
         if key in live_fields:
             merged[key] = sum(live_values.get(key, []))
+        elif rtt is not None and RTT_FIELD.match(key):
+            merged[key] = rtt.field(key) or 0.0
         elif not _IDENTITY.search(key) and all(
                 isinstance(value, (int, float)) and not isinstance(value, bool) for value in seen):
             if _MINIMUM.search(key):
@@ -188,20 +203,72 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[s
     return merged
 
 
+def merge_histograms(parts: Iterable[Mapping[str, Any] | None]) -> RttHistogram | None:
+    """The workers' RTT histograms (``RttHistogram.to_dict`` forms) summed; None when none sent one.
+
+    A form that is not a histogram is left out (a counted drop is not worth
+    it: it cannot come from a nettester child).
+    """
+    merged: RttHistogram | None = None
+    for part in parts:
+        if part is None:
+            continue
+        try:
+            histogram = RttHistogram.from_dict(part)
+        except ValueError:
+            continue
+        if merged is None:
+            merged = RttHistogram()
+        merged.merge(histogram)
+    return merged
+
+
+def merge_counts(parts: Iterable[Mapping[str, int] | None]) -> dict[int, int]:
+    """Histograms of whole numbers (``{"10": clients}``, requests per client) summed bucket by bucket."""
+    merged: Counter[int] = Counter()
+    for part in parts:
+        for key, count in (part or {}).items():
+            merged[int(key)] += int(count)
+    return dict(sorted(merged.items()))
+
+
 MetricSample = tuple[str, dict[str, str], float]
 MetricFamily = tuple[str, str, str, list[MetricSample]]  # name, type, help, samples
 
 
-def merge_metric_families(parts: Iterable[Sequence[MetricFamily]], live: Iterable[Sequence[MetricFamily]] = ()
+def metric_families(collector: Any) -> list[MetricFamily]:
+    """A Prometheus collector's families as plain tuples (JSON-able), as a scrape would see them."""
+    return [
+        (family.name, family.type, family.documentation,
+         [(sample.name, dict(sample.labels), sample.value) for sample in family.samples])
+        for family in collector.collect()
+    ]
+
+
+def prometheus_families(families: Iterable[Sequence[Any]]) -> list[Any]:
+    """Plain families (:data:`MetricFamily`, or their JSON lists) as ``prometheus_client`` metrics."""
+    from prometheus_client.core import Metric
+
+    metrics = []
+    for name, kind, help_text, samples in families:
+        family = Metric(name, help_text, kind)
+        for sample_name, labels, value in samples:
+            family.add_sample(sample_name, dict(labels), value)
+        metrics.append(family)
+    return metrics
+
+
+def merge_metric_families(parts: Iterable[Sequence[Sequence[Any]]], live: Iterable[Sequence[Sequence[Any]]] = ()
                           ) -> list[MetricFamily]:
-    """The workers' metric families summed sample by sample.
+    """Metric families of one shape (the workers', or a process's DTLS endpoints') summed sample by sample.
 
     Counters add up over ``parts`` (dead workers' last values included, so
-    they stay monotonic); gauges over ``live`` only.
+    they stay monotonic); gauges over ``live`` only (pass the same list
+    twice when every part is live). Labelled samples add up label by label.
     """
     families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
 
-    def add(family: MetricFamily) -> None:
+    def add(family: Sequence[Any]) -> None:
         name, kind, help_text, samples = family
         _, _, sums = families.setdefault(name, (kind, help_text, {}))
         for sample_name, labels, value in samples:

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
 from nettester import supervisor, workers
+from nettester.histogram import SUB_BUCKETS
 from nettester.protocols.coap.options import CoapBenchOptions, CoapServerOptions
 from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.cookie import DEFAULT_ROTATION, CookieGate, Verdict
 from nettester.protocols.keepalive.options import ClientOptions as KeepaliveClientOptions
 from nettester.protocols.stun.options import StunClientOptions, StunServerOptions
+from nettester.report import LossEpisode, RttHistogram, RunRecorder, Thresholds, read_report
+from nettester.report import Verdict as RunVerdict
+from nettester.report.merge import conclude_processes
+from tests.logcapture import log_events
 
 
 def test_worker_count_accepts_numbers_and_auto() -> None:
@@ -231,3 +239,160 @@ def test_garbage_on_the_report_pipe_is_ignored() -> None:
     service.startService()
     reactor.spawned[0][0].childDataReceived(workers.REPORT_FD, b"not json\n")
     assert service.summary() == {"workers": 1, "restarts": 0}
+
+
+# -- merged RTT histograms, requests per client, the load generators' merged result
+
+def _exact_nearest_rank(samples: list[float], percent: float) -> float:
+    ordered = sorted(samples)
+    return ordered[max(1, math.ceil(percent / 100 * len(ordered))) - 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.floats(min_value=0.0, max_value=30.0), min_size=0, max_size=80), min_size=1, max_size=4))
+def test_merged_percentiles_are_those_of_the_union_of_samples(parts: list[list[float]]) -> None:
+    histograms = []
+    for samples in parts:
+        histogram = RttHistogram()
+        for value in samples:
+            histogram.record(value)
+        histograms.append(histogram.to_dict())
+    merged = workers.merge_histograms([None, *histograms])  # a child that sent none yet counts for nothing
+    union = [value for samples in parts for value in samples]
+    if not union:
+        assert merged is not None and merged.count == 0
+        return
+    assert merged is not None and merged.count == len(union)
+    for percent in (50.0, 90.0, 99.0, 99.9, 100.0):
+        got, exact = merged.percentile(percent), _exact_nearest_rank(union, percent)
+        # the histogram's resolution: 1/32 of the value, and values are counted in whole microseconds
+        assert got == pytest.approx(exact, rel=1 / SUB_BUCKETS, abs=2e-6), percent
+    assert merged.field("rtt_max_ms") == round(max(union) * 1000, 3)
+    assert merged.field("rtt_avg_ms") == pytest.approx(round(sum(union) / len(union) * 1000, 3), abs=1e-3)
+
+
+def test_summaries_take_rtt_fields_from_the_merged_histogram() -> None:
+    fast, slow = RttHistogram(), RttHistogram()
+    for _ in range(99):
+        fast.record(0.001)
+    slow.record(0.5)
+    union = workers.merge_histograms([fast.to_dict(), slow.to_dict()])
+    parts = [{"requests": 99, "rtt_p50_ms": 1.0, "rtt_p99_ms": 1.0, "loss_pct": 0.0},
+             {"requests": 1, "rtt_p50_ms": 500.0, "rtt_p99_ms": 500.0, "loss_pct": 0.0}]
+    merged = workers.merge_summaries(parts, rtt=union)
+    # The worst worker would say 500 ms for both: the union's median and 99th are 1 ms.
+    assert merged == {"requests": 100, "rtt_p50_ms": 1.0, "rtt_p99_ms": 1.0, "loss_pct": 0.0}
+    assert workers.merge_summaries(parts)["rtt_p50_ms"] == 500.0  # without histograms: the upper bound
+
+
+def test_requests_per_client_histograms_add_up() -> None:
+    assert workers.merge_counts([{"10": 3, "9": 1}, None, {"10": 2}]) == {9: 1, 10: 5}
+
+
+def test_the_summed_dtls_families_of_a_server_are_the_workers_merge() -> None:
+    from nettester.metrics import MetricSet
+    from nettester.protocols.coap.server import summed_families
+
+    sets = []
+    for received in (3, 4):
+        metric_set = MetricSet("dtls")
+        metric_set.counter("received", "r").value = received
+        metric_set.labeled_counter("dropped", "d", "reason").inc("no_session", received)
+        metric_set.gauge("connections", "c", lambda received=received: received)
+        sets.append(metric_set)
+    values = {(sample.name, tuple(sample.labels.items())): sample.value
+              for family in summed_families(sets) for sample in family.samples}
+    assert values[("nettester_dtls_received_total", ())] == 7
+    assert values[("nettester_dtls_dropped_total", (("reason", "no_session"),))] == 7
+    assert values[("nettester_dtls_connections", ())] == 7
+
+
+def _document(started: float, clients: int, lost_forward: int, episodes: int, rtt_ms: dict[str, float]
+              ) -> dict[str, Any]:
+    recorder = RunRecorder("stun-client", {"server": "127.0.0.1", "clients": clients}, started)
+    for number in range(episodes):
+        recorder.episode(LossEpisode(str(number), f"t{number}", started + number, started + number + 1, "forward",
+                                     2, 0))
+    recorder.sample(started + 5, rtt_p50_ms=1.0)
+    document = recorder.document(started + 10, {"requests": 10, "lost_forward": lost_forward}, rtt_ms,
+                                 Thresholds(max_loss_percent=5.0), RunVerdict(True))
+    assert document["loss"]["lost_forward"] == episodes
+    return document
+
+
+def test_load_generators_print_and_report_the_merged_run(tmp_path: Any) -> None:
+    reactor = FakeReactor()
+    status: dict[str, int] = {}
+    path = tmp_path / "run.json"
+    service = supervisor.SupervisorService(reactor, "stun-client", ["--clients", "4"], 2, False, frozenset(),
+                                           lambda _, code: status.__setitem__("code", code),
+                                           executable=["python", "-m", "nettester"],
+                                           merge_results=lambda *run: conclude_processes(*run, str(path)))
+    service.startService()
+    children = [spawned[0] for spawned in reactor.spawned]
+    samples = ([0.001, 0.002, 0.003], [0.010, 0.020])
+    for child, values in zip(children, samples, strict=True):
+        histogram = RttHistogram()
+        for value in values:
+            histogram.record(value)
+        report(child, ready=True)
+        report(child, summary={"requests": 10, "rtt_p50_ms": 99.0}, metrics=[], rtt=histogram.to_dict(),
+               per_client={"5": 2})
+    union = RttHistogram()
+    for value in samples[0] + samples[1]:
+        union.record(value)
+    assert service.summary()["rtt_p50_ms"] == union.field("rtt_p50_ms") == pytest.approx(3.0, rel=1 / SUB_BUCKETS)
+    # Each process lost 1 of 10 (10 % > 5 %): the parent judges the sum (2 of 20), not the parts.
+    documents = [_document(1000.0, 2, 1, 1, {"p50": 2.0, "p99": 3.0}),
+                 _document(1002.0, 2, 1, 1, {"p50": 15.0, "p99": 20.0})]
+    with log_events() as events:
+        for child, document in zip(children, documents, strict=True):
+            report(child, summary={"requests": 10, "rtt_p50_ms": 99.0}, metrics=[], final=True,
+                   result={"document": document, "judged": [10, 1, 9, None]})
+            child.processEnded(Failure(ProcessTerminated(exitCode=1)))
+    reactor.advance(0)
+    assert reactor.stopped and status == {"code": 1}
+    lines = {event["event"]: event for event in events}
+    assert lines["merged_rtt"]["rtt_ms"] == union.percentiles_ms([50.0, 99.0])
+    assert lines["merged_requests_per_client"]["requests_per_client"] == {"5": 4}
+    assert lines["verdict"]["verdict"] == "verdict: FAIL: loss 10.00% (2 of 20) is above --max-loss 5%"
+    merged = read_report(str(path))
+    assert merged["configuration"] == {"server": "127.0.0.1", "clients": 4, "processes": 2}
+    assert merged["counters"] == {"requests": 20, "lost_forward": 2}
+    assert merged["loss"]["lost_forward"] == 2 and merged["rtt_ms"] == union.percentiles_ms([50.0, 99.0])
+    assert [(episode["process"], episode["start"]) for episode in merged["episodes"]] == [(0, 1000.0), (1, 1002.0)]
+    assert [point["process"] for point in merged["series"]] == [0, 1]
+    assert (merged["started"], merged["ended"]) == (1000.0, 1012.0)
+    assert merged["verdict"]["passed"] is False
+
+
+def test_workers_with_a_dtls_cluster_are_refused_naming_both_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
+    with pytest.raises(UsageError) as raised:
+        CoapServerOptions().parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
+                                          "--dtls-cluster", ":15784;localhost:15884;1,---;localhost:25884;2"])
+    assert str(raised.value) == ("--workers does not combine with --dtls-cluster yet: either drop --workers and "
+                                 "run one cluster node per process or pod, or drop --dtls-cluster and keep --workers")
+
+
+def test_a_killed_load_generator_keeps_its_rtts_and_counts_in_the_merged_summary() -> None:
+    service, reactor, _ = make_supervisor(is_server=False)
+    service.startService()
+    first, second = (spawned[0] for spawned in reactor.spawned)
+
+    def rtts(count: int) -> dict[str, Any]:
+        histogram = RttHistogram()
+        for _ in range(count):
+            histogram.record(0.004)
+        return histogram.to_dict()
+
+    report(first, summary={"requests": 5, "rtt_max_ms": 4.0}, metrics=[], rtt=rtts(5))
+    report(second, summary={"requests": 3, "rtt_max_ms": 4.0}, metrics=[], rtt=rtts(3))
+    first.processEnded(Failure(ProcessTerminated(signal=9)))
+    reactor.advance(supervisor.RESTART_DELAY)
+    again = reactor.spawned[2][0]
+    assert reactor.spawned[2][2][workers.WORKER_ENV] == "0/2", "its clients run again"
+    report(again, summary={"requests": 1, "rtt_max_ms": 4.0}, metrics=[], rtt=rtts(1))
+    merged = service.merged_rtt()
+    assert merged is not None and merged.count == 9
+    assert service.summary() == {"requests": 9, "rtt_max_ms": 4.0, "processes": 2, "restarts": 1}

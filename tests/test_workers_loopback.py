@@ -43,31 +43,16 @@ def get_request(mid: int) -> bytes:
     return encode_message(MessageType.CON, Code.GET, mid, token=mid.to_bytes(2, "big"), options=[(URI_PATH, b"test")])
 
 
-class WorkerServer:
-    """``nettester coap-server --workers 2 ...`` with its JSON log lines collected by a thread."""
+class LoggedProcess:
+    """``nettester <role> ... --log-format json`` with its JSON log lines collected by a thread."""
 
     def __init__(self, *arguments: str) -> None:
-        self.port = self._free_base_port()
-        command = [sys.executable, "-m", "nettester", "coap-server", "--workers", "2", "--port", str(self.port),
-                   "--interfaces", "127.0.0.1", "--log-format", "json", "--stats-interval", "0.3", *arguments]
+        command = [sys.executable, "-m", "nettester", *arguments, "--log-format", "json"]
         env = {key: value for key, value in os.environ.items() if not key.startswith("NETTESTER_")}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.events: list[dict[str, Any]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-
-    @staticmethod
-    def _free_base_port() -> int:
-        for _ in range(50):
-            base = random.randrange(20000, 60000)
-            try:
-                for offset in (0, 1, 100, 101):
-                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                        probe.bind(("127.0.0.1", base + offset))
-                return base
-            except OSError:
-                continue
-        raise AssertionError("no free base port")
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -88,9 +73,6 @@ class WorkerServer:
                 raise AssertionError(f"condition not reached within {timeout:g} s; last log lines:\n{tail}")
             time.sleep(0.02)
 
-    def started_pids(self) -> list[int]:
-        return [record["pid"] for record in self.of("worker_started")]
-
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -100,6 +82,31 @@ class WorkerServer:
             if self.process.poll() is None:
                 self.process.kill()
         self._reader.join(5)
+
+
+class WorkerServer(LoggedProcess):
+    """``nettester coap-server --workers 2 ...``."""
+
+    def __init__(self, *arguments: str) -> None:
+        self.port = self._free_base_port()
+        super().__init__("coap-server", "--workers", "2", "--port", str(self.port), "--interfaces", "127.0.0.1",
+                         "--stats-interval", "0.3", *arguments)
+
+    @staticmethod
+    def _free_base_port() -> int:
+        for _ in range(50):
+            base = random.randrange(20000, 60000)
+            try:
+                for offset in (0, 1, 100, 101):
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                        probe.bind(("127.0.0.1", base + offset))
+                return base
+            except OSError:
+                continue
+        raise AssertionError("no free base port")
+
+    def started_pids(self) -> list[int]:
+        return [record["pid"] for record in self.of("worker_started")]
 
 
 def metric(port: int, name: str) -> float:
@@ -211,5 +218,44 @@ def test_coaps_sessions_stay_on_their_worker_through_nat_reassign_and_rebalance(
     assert len(parts) == 2
     assert sum(part["dtls_handshakes"] for part in parts) == 20, "no session needed a second handshake"
     assert all(part["dtls_handshakes"] > 0 for part in parts), "the hash spread the handshakes"
-    assert all(part["dtls_dropped"] == 0 for part in parts), "no record reached a worker without its session"
-    assert sum(part["received"] for part in parts) == 80
+    for part in parts:  # per worker: 0 cross-worker anything
+        assert part["dtls_dropped"] == 0, "no record reached a worker without its session"
+        assert part["dtls_failures"] == 0 and part["malformed"] == 0
+        # Each session's 4 requests (one per NAT step) reached the worker that made its handshake.
+        assert part["received"] == 4 * part["dtls_handshakes"], part
+    final = server.of("final_summary")[0]
+    assert (final["received"], final["dtls_handshakes"], final["dtls_dropped"]) == (80, 20, 0)
+
+
+def test_stun_client_processes_merge_counts_rtt_histograms_and_the_report(tmp_path: Any) -> None:
+    """``stun-client --processes 2`` against a real stun-server: the final summary is the sum of the
+    processes' last ones, its RTT fields and the report's come from every sample, one report is written."""
+    port = free_ports(1)[0]
+    server = LoggedProcess("stun-server", "--port", str(port), "--interface", "127.0.0.1", "--stats-interval", "0")
+    path = tmp_path / "run.json"
+    try:
+        server.wait(lambda: bool(server.of("listening")))
+        client = LoggedProcess("stun-client", "--processes", "2", "--server", "127.0.0.1", "--port", str(port),
+                               "--clients", "6", "--interval", "0.1", "--start-delay", "0", "--duration", "1.5",
+                               "--stats-interval", "0.5", "--report", str(path))
+        try:
+            assert client.process.wait(TIMEOUT) == 0
+        finally:
+            client.stop()
+    finally:
+        server.stop()
+    parts = [record["worker_summary"] for record in client.of("worker_ended")]
+    assert len(parts) == 2 and sorted(part["clients"] for part in parts) == [3, 3]
+    final = client.of("final_summary")[0]
+    for key in ("clients", "requests", "responses", "timeouts", "lost_forward", "lost_return", "lost_unattributed"):
+        assert final[key] == sum(part[key] for part in parts), key
+    assert final["responses"] >= 6
+    document = json.loads(path.read_text())
+    assert document["configuration"]["clients"] == 6 and document["configuration"]["processes"] == 2
+    assert document["counters"]["responses"] == final["responses"]
+    assert document["rtt_ms"]["samples"] == final["responses"], "every process's RTTs, merged"
+    assert document["rtt_ms"]["p99"] == pytest.approx(final["rtt_p99_ms"], abs=0.01)
+    assert max(part["rtt_p99_ms"] for part in parts) >= final["rtt_p99_ms"]  # never above the worst process
+    [verdict] = client.of("verdict")
+    assert verdict["passed"] and document["verdict"]["passed"]
+    assert [record["rtt_ms"]["samples"] for record in client.of("merged_rtt")] == [final["responses"]]

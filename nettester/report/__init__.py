@@ -10,7 +10,7 @@ Twisted-free (times come from the caller). The API the client roles use:
 - :class:`nettester.report.options.ResultOptionsMixin`: ``--duration``, ``--report``, ``--max-loss``, ``--max-resets``
 """
 
-from nettester.report.histogram import RttHistogram
+from nettester.histogram import RttHistogram
 from nettester.report.model import (
     CLOSE,
     DIRECTIONS,

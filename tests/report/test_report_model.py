@@ -202,3 +202,25 @@ def test_histogram_from_garbage_is_a_value_error(data: dict[str, object]) -> Non
         RttHistogram.from_dict(data)
     except ValueError:
         pass
+
+
+def test_histogram_buckets_fold_into_prometheus_and_name_summary_fields() -> None:
+    from nettester.metrics import histogram_family
+
+    histogram = RttHistogram()
+    for seconds in (0.0001, 0.002, 0.002, 0.3):
+        histogram.record(seconds)
+    uppers = [upper for upper, _ in histogram.buckets()]
+    assert uppers == sorted(uppers) and sum(count for _, count in histogram.buckets()) == 4
+    assert all(upper > 0 for upper in uppers)
+    cumulative = {sample.labels["le"]: sample.value for sample in histogram_family("x", "h", histogram).samples
+                  if sample.name.endswith("_bucket")}
+    assert cumulative["+Inf"] == 4 and cumulative["0.005"] == 3
+    assert histogram.field("rtt_max_ms") == 300.0 and histogram.field("rtt_min_ms") == 0.1
+    assert histogram.field("rtt_avg_ms") == pytest.approx(76.025, abs=0.001)
+    assert histogram.field("rtt_p50_ms") == pytest.approx(2.0, rel=1 / 32)
+    with pytest.raises(KeyError):
+        histogram.field("requests")
+    assert RttHistogram().field("rtt_p99_ms") is None
+    assert RttHistogram().line([50]) == "RTT ms: no responses"
+    assert histogram.line([50]).startswith("RTT ms: p50=") and histogram.line([50]).endswith("max=300.00")

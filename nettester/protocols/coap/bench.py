@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
+from nettester.histogram import requests_per_client_lines
 from nettester.interfaces import IDatagramLink
 from nettester.logs import ALWAYS, Logger
 from nettester.protocols.coap.attribution import REPORT_OPTION, TAG_OPTION, Attributor
@@ -58,6 +59,7 @@ from nettester.report import (
     judge,
     write_report,
 )
+from nettester.workers import current_worker
 
 log = Logger()
 
@@ -130,6 +132,17 @@ class BenchStatistics:
         self.rtt.merge(interval)
         return interval
 
+    def all_rtts(self) -> RttHistogram:
+        """Every RTT so far, the current interval's included, leaving the interval as it is."""
+        histogram = RttHistogram()
+        histogram.merge(self.rtt)
+        histogram.merge(self.interval_rtt)
+        return histogram
+
+    def requests_per_client(self) -> dict[int, int]:
+        """Californium's histogram: how many clients completed how many requests."""
+        return dict(sorted(Counter(self.per_client).items()))
+
     def progress_line(self, now: float, retransmissions: int, active_clients: int) -> str:
         """``N requests (R reqs/s, X retransmissions (p%), Y transmission errors (q%), C clients)``."""
         elapsed = now - self._last_time
@@ -148,11 +161,7 @@ class BenchStatistics:
     def rtt_line(self) -> str:
         """``RTT ms: p50=..., ..., max=...``, or ``RTT ms: no responses``."""
         self.end_interval()
-        percentiles = self.rtt.percentiles_ms(PERCENTILES)
-        if percentiles is None:
-            return "RTT ms: no responses"
-        return "RTT ms: " + ", ".join(f"{name}={value:.2f}" for name, value in percentiles.items()
-                                      if name != "samples")
+        return self.rtt.line(PERCENTILES)
 
     def summary_lines(self, now: float, retransmissions: int, loss: dict[str, int] | None = None) -> list[str]:
         """The final summary: overall rate, loss by direction, RTT percentiles, requests-per-client histogram."""
@@ -163,10 +172,8 @@ class BenchStatistics:
             f"{retransmissions} retransmissions, {self.failures} transmission errors{directions}, "
             f"{len(self.per_client)} clients",
             self.rtt_line(),
-            "requests per client (requests: clients):",
+            *requests_per_client_lines(self.requests_per_client()),
         ]
-        histogram = Counter(self.per_client)
-        lines += [f"  {count}: {clients}" for count, clients in sorted(histogram.items())]
         return lines
 
     def verdict(self, thresholds: Thresholds, sent: int = 0) -> Verdict:
@@ -312,6 +319,9 @@ class CoapBenchService(Service):
         self.stats = BenchStatistics(config.clients, reactor.seconds())
         self.recorder = RunRecorder("coap-bench", config.describe(), reactor.seconds())
         self.verdict: Verdict | None = None
+        #: One of ``--processes``: no lines of its own; the parent prints the merged ones (``worker_report``).
+        self.worker = current_worker() is not None
+        self.worker_result: dict[str, Any] | None = None
         self.done: defer.Deferred[int] = defer.Deferred()
         self._finished_clients = 0
         self._reporter: LoopingCall | None = None
@@ -409,20 +419,22 @@ class CoapBenchService(Service):
                 self.recorder.episode(episode)  # still unresolved at stop: unattributed, end None
         self._sample(now)
         loss = self.recorder.loss_fields()
-        retransmissions = self.retransmissions()
-        lines = self.stats.summary_lines(now, retransmissions, loss)
+        lines = self.stats.summary_lines(now, self.retransmissions(), loss)
         thresholds = self.config.thresholds
         started = sum(client.sent for client in self.clients)
         self.verdict = verdict = self.stats.verdict(thresholds, started)
         status = self.stats.exit_status(thresholds, started)
-        counters = {"requests": self.stats.responses, "transmission_errors": self.stats.failures,
-                    "retransmissions": retransmissions, "clients": len(self.clients),
-                    "reqs_per_s": round(self.stats.responses / max(now - self.stats.started, 1e-9), 1),
-                    "attribution_invalid": sum(client.attribution.invalid for client in self.clients), **loss}
+        counters = self.counters(now)
         rtt = self.stats.rtt.percentiles_ms(PERCENTILES)
+        if self.worker:  # the parent judges, prints and reports the whole run
+            stats = self.stats
+            self.worker_result = {"document": self.recorder.document(now, counters, rtt, thresholds, verdict),
+                                  "judged": [max(started, stats.responses + stats.failures), stats.failures,
+                                             stats.responses, None]}
+            return status
         self._print(lines[0], "coap_bench_summary", **counters)
         self._print(lines[1], "coap_bench_rtt", rtt_ms=rtt)
-        histogram = {str(count): clients for count, clients in sorted(Counter(self.stats.per_client).items())}
+        histogram = {str(count): clients for count, clients in self.stats.requests_per_client().items()}
         self._print("\n".join(lines[2:]), "coap_bench_histogram", requests_per_client=histogram)
         self._print(verdict.line(), "verdict", passed=verdict.passed, reasons=list(verdict.reasons))
         if self.config.report:
@@ -433,8 +445,31 @@ class CoapBenchService(Service):
                 status = max(status, EXIT_ERROR_RESPONSE)
         return status
 
+    def counters(self, now: float) -> dict[str, Any]:
+        """The summary counters (the report's ``counters``)."""
+        stats = self.stats
+        return {"requests": stats.responses, "transmission_errors": stats.failures,
+                "retransmissions": self.retransmissions(), "clients": len(self.clients),
+                "reqs_per_s": round(stats.responses / max(now - stats.started, 1e-9), 1),
+                "attribution_invalid": sum(client.attribution.invalid for client in self.clients),
+                **self.recorder.loss_fields()}
+
+    def worker_report(self, final: bool) -> dict[str, Any]:
+        """A ``--processes`` child's report line: counters and RTT fields, RTT histogram, requests per client."""
+        rtt = self.stats.all_rtts()
+        summary = self.counters(self.reactor.seconds())
+        summary.update((name, rtt.field(name) or 0.0) for name in ("rtt_p50_ms", "rtt_p99_ms", "rtt_max_ms"))
+        report: dict[str, Any] = {
+            "summary": summary, "rtt": rtt.to_dict(),
+            "per_client": {str(count): clients for count, clients in self.stats.requests_per_client().items()}}
+        if final and self.worker_result is not None:
+            report["result"] = self.worker_result
+        return report
+
     def _print(self, text: str, event: str, **fields: Any) -> None:
-        """A result line: plain text on stdout, or with ``--log-format json`` a JSON log line."""
+        """A result line: plain text on stdout, or with ``--log-format json`` a JSON log line (none in a worker)."""
+        if self.worker:
+            return
         if self.json_lines:
             log.info("{text}", event=event, text=text, **{ALWAYS: True}, **fields)
             return

@@ -45,6 +45,7 @@ from nettester.protocols.coap.tcplink import ReliableCoapEndpoint, TcpLink
 from nettester.protocols.coap.tls import TlsServer
 from nettester.service import set_exit_status
 from nettester.udplink import UdpLink
+from nettester.workers import merge_metric_families, metric_families, prometheus_families
 
 if TYPE_CHECKING:
     from nettester.protocols.dtls.endpoint import DtlsEndpoint
@@ -108,23 +109,11 @@ def summed_families(metric_sets: Iterable[MetricSet]) -> list[Metric]:
 
     Every DtlsEndpoint counts in its own ``MetricSet("dtls")``; the server
     exports one ``nettester_dtls_*`` family per counter (names stay unique),
-    labelled samples (drops by reason) summed label by label.
+    labelled samples (drops by reason) summed label by label, as the
+    ``--workers`` parent sums its workers' (``workers.merge_metric_families``).
     """
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for metric_set in metric_sets:
-        for family in metric_set.collect():
-            if family.name not in families:
-                families[family.name] = Metric(family.name, family.documentation, family.type)
-                values[family.name] = {}
-            samples = values[family.name]
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                samples[key] = samples.get(key, 0.0) + sample.value
-    for name, family in families.items():
-        for (sample_name, labels), value in values[name].items():
-            family.add_sample(sample_name, dict(labels), value)
-    return list(families.values())
+    parts = [metric_families(metric_set) for metric_set in metric_sets]
+    return prometheus_families(merge_metric_families(parts, parts))
 
 
 class CoapServerMetrics(MetricSet):

@@ -67,6 +67,7 @@ from nettester.report import (
 )
 from nettester.report.options import ResultSettings
 from nettester.service import set_exit_status
+from nettester.workers import current_worker
 
 log = Logger()
 
@@ -278,6 +279,7 @@ class KeepAliveClientService(Service):
         self._stop = stop if stop is not None else getattr(reactor, "stop", None)
         self.recorder: RunRecorder | None = None
         self.verdict: Verdict | None = None
+        self.worker_result: dict[str, Any] | None = None  # under --processes: the run for the parent to merge
         self._sampler: LoopingCall | None = None
         self._time_up: IDelayedCall | None = None
         self.metrics = MetricSet("keepalive_client")
@@ -393,6 +395,16 @@ class KeepAliveClientService(Service):
             "errors": self.errors,
         }
 
+    def worker_report(self, final: bool) -> dict[str, Any]:
+        """What a ``--processes`` child adds to its report lines (see ``nettester.supervisor``)."""
+        rtt = RttHistogram()
+        rtt.merge(self.rtt)
+        rtt.merge(self.interval_rtt)
+        report: dict[str, Any] = {"rtt": rtt.to_dict()}
+        if final and self.worker_result is not None:
+            report["result"] = self.worker_result
+        return report
+
     def stopService(self) -> Deferred[None]:
         """Stop reconnecting, close every connection with a FIN, fire when they are gone; then judge."""
         super().stopService()
@@ -426,6 +438,12 @@ class KeepAliveClientService(Service):
                    + self.connect_failures.value)
         self.verdict = verdict = judge(thresholds, answered + missing, missing, answered, dropped)
         status = verdict.exit_status
+        if current_worker() is not None:  # one of --processes: the parent judges, logs and reports the whole run
+            document = self.recorder.document(now, self.summary(), self.rtt.percentiles_ms(RTT_PERCENTILES),
+                                              thresholds, verdict)
+            self.worker_result = {"document": document, "judged": [answered + missing, missing, answered, dropped]}
+            set_exit_status(self, status)
+            return
         log.info("keepalive-client run {run}: {verdict}", event="verdict", run=self.run_id, verdict=verdict.line(),
                  passed=verdict.passed, reasons=list(verdict.reasons), **{ALWAYS: True})
         if self.results.report:

@@ -55,6 +55,7 @@ from nettester.report import (
     write_report,
 )
 from nettester.service import set_exit_status
+from nettester.workers import current_worker
 
 log = Logger()
 
@@ -129,6 +130,7 @@ class ClientSocket:
 
 # Time-series points for the report's plots: one every this many seconds.
 SAMPLE_INTERVAL = 10.0
+RTT_PERCENTILES = (50.0, 90.0, 99.0)  # the report's rtt_ms
 
 
 @implementer(IReportingService)
@@ -161,6 +163,7 @@ class StunClientService(Service):
         self._configuration = dict(configuration or {})
         self.recorder: RunRecorder | None = None
         self.verdict: Verdict | None = None
+        self.worker_result: dict[str, Any] | None = None  # under --processes: the run for the parent to merge
         self._invalid_logged = False
         self._next_sample = 0.0
         self._server = server
@@ -245,8 +248,8 @@ class StunClientService(Service):
             self._next_sample = now + SAMPLE_INTERVAL
             self.recorder.sample(
                 now,
-                rtt_p50_ms=round(fleet.rtt.percentile(0.5) * 1000, 3) if fleet.rtt.count else None,
-                rtt_p99_ms=round(fleet.rtt.percentile(0.99) * 1000, 3) if fleet.rtt.count else None,
+                rtt_p50_ms=fleet.rtt.field("rtt_p50_ms"),
+                rtt_p99_ms=fleet.rtt.field("rtt_p99_ms"),
                 loss_pct=round(fleet.loss_percent(), 3),
             )
 
@@ -482,8 +485,8 @@ class StunClientService(Service):
             "requests": counters.requests.value,
             "responses": counters.responses.value,
             "loss_pct": round(fleet.loss_percent(), 3) if fleet else 0.0,
-            "rtt_p50_ms": round(fleet.rtt.percentile(0.5) * 1000, 3) if fleet else 0.0,
-            "rtt_p99_ms": round(fleet.rtt.percentile(0.99) * 1000, 3) if fleet else 0.0,
+            "rtt_p50_ms": (fleet.rtt.field("rtt_p50_ms") or 0.0) if fleet else 0.0,
+            "rtt_p99_ms": (fleet.rtt.field("rtt_p99_ms") or 0.0) if fleet else 0.0,
             "timer_lag_p99_ms": round(fleet.timer_lag.percentile(0.99) * 1000, 3) if fleet else 0.0,
             "timeouts": counters.timeouts.value,
             "consecutive_failure_errors": counters.failures.value,
@@ -496,6 +499,13 @@ class StunClientService(Service):
             "lost_unattributed": counters.lost.get(UNATTRIBUTED),
             "attribution_invalid": counters.attribution_invalid.value,
         }
+
+    def worker_report(self, final: bool) -> dict[str, Any]:
+        """What a ``--processes`` child adds to its report lines (see ``nettester.supervisor``)."""
+        report: dict[str, Any] = {"rtt": self.fleet.rtt.to_dict()} if self.fleet is not None else {}
+        if final and self.worker_result is not None:
+            report["result"] = self.worker_result
+        return report
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -531,14 +541,14 @@ class StunClientService(Service):
             self._thresholds, sent=ended, lost=counters.timeouts.value, answered=counters.responses.value,
             refused=self.refused_count.value,
         )
+        document = self.recorder.document(now, self.summary(), fleet.rtt.percentiles_ms(RTT_PERCENTILES),
+                                          self._thresholds, verdict)
+        if current_worker() is not None:  # one of --processes: the parent judges, logs and reports the whole run
+            self.worker_result = {"document": document, "judged": [ended, counters.timeouts.value,
+                                                                   counters.responses.value, None]}
+            set_exit_status(self, verdict.exit_status)
+            return
         if self._report_path:
-            rtt = fleet.rtt
-            rtt_ms = (
-                {f"p{pct}": round(rtt.percentile(pct / 100) * 1000, 3) for pct in (50, 90, 99)} | {"samples": rtt.count}
-                if rtt.count
-                else None
-            )
-            document = self.recorder.document(now, self.summary(), rtt_ms, self._thresholds, verdict)
             try:
                 write_report(self._report_path, document)
             except ReportError as error:

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from nettester.histogram import RttHistogram
 from nettester.protocols.stun.attribution import (
     NETTESTER_RECEIVED,
     AttributionError,
@@ -316,7 +317,7 @@ class ClientFleet:
     def __init__(self, config: FleetConfig, counters: FleetCounters, now: float, rng: random.Random) -> None:
         self.config = config
         self.counters = counters
-        self.rtt = DelayHistogram()
+        self.rtt = RttHistogram()  # mergeable across --processes (nettester.histogram)
         # How late clients ran compared with their schedule: the tester's own health. Large values mean
         # the process is overloaded and its sends, hence its loss figures, are late too.
         self.timer_lag = DelayHistogram()
@@ -410,7 +411,7 @@ class ClientFleet:
             self._events.append(ErrorResponse(index, message.transaction_id, code, reason))
             return
         counters.responses.value += 1
-        self.rtt.add(now - state.sent_at)
+        self.rtt.record(now - state.sent_at)
         receipt = message.find(NETTESTER_RECEIVED)
         if receipt is not None or state.waiting:
             self._attribute(index, state, message.transaction_id, None if receipt is None else receipt.value)

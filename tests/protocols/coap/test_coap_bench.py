@@ -27,7 +27,7 @@ from nettester.protocols.coap.client import parse_uri
 from nettester.protocols.coap.message import Message, decode
 from nettester.protocols.coap.options import CoapBenchOptions
 from nettester.protocols.coap.server import CoapServerService
-from nettester.report import Thresholds
+from nettester.report import RttHistogram, Thresholds
 from nettester.udplink import UdpLink
 from tests.logcapture import log_events
 from tests.loopback import wait_until
@@ -328,3 +328,25 @@ def test_a_handshake_not_done_within_the_timeout_is_a_transmission_error() -> Ge
         failures[0]["reason"])
     assert bench.verdict is not None and not bench.verdict.passed
     assert f"{bench.stats.failures} transmission errors" in out.getvalue()
+
+
+def test_a_process_of_processes_prints_nothing_and_hands_its_run_to_the_parent(monkeypatch: pytest.MonkeyPatch
+                                                                                ) -> None:
+    from nettester import workers
+
+    monkeypatch.setenv(workers.WORKER_ENV, "1/2")
+    net = Net()
+    net.drop_forward = tagged({3})
+    out = io.StringIO()
+    bench = bench_on(net, requests=5, out=out, clients=2)
+    net.run(40.0)
+    assert out.getvalue() == "", "the parent prints the merged lines"
+    report = bench.worker_report(final=True)
+    assert report["per_client"] == {"4": 2}  # each client's 3rd request failed
+    assert report["summary"]["requests"] == 8 and report["summary"]["transmission_errors"] == 2
+    assert RttHistogram.from_dict(report["rtt"]).count == 8
+    assert report["summary"]["rtt_max_ms"] == RttHistogram.from_dict(report["rtt"]).field("rtt_max_ms")
+    assert report["result"]["judged"] == [10, 2, 8, None]
+    document = report["result"]["document"]
+    assert document["loss"]["lost_forward"] == 2 and document["counters"]["requests"] == 8
+    assert "result" not in bench.worker_report(final=False)

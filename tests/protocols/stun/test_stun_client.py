@@ -109,7 +109,8 @@ def test_answered_requests_are_counted_and_summarised(server_socket: socket.sock
     summary = service.summary()
     assert summary["clients"] == 1
     assert (summary["requests"], summary["responses"], summary["timeouts"], summary["loss_pct"]) == (2, 2, 0, 0.0)
-    assert summary["rtt_p50_ms"] > 0
+    assert summary["rtt_p50_ms"] == 0.0  # answered with the fake clock standing still: an RTT of 0
+    assert service.fleet is not None and service.fleet.rtt.count == 2
     service.stopService()
     assert reactor.readers == set()
 

@@ -12,10 +12,14 @@ counts, so merged percentiles are exact histogram percentiles, not averages.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 
 SUB_BUCKET_BITS = 5
 SUB_BUCKETS = 1 << SUB_BUCKET_BITS
+
+#: Summary fields an RTT histogram computes: ``rtt_p50_ms``, ``rtt_p99.9_ms``, ``rtt_avg_ms``, ``rtt_min_ms``...
+RTT_FIELD = re.compile(r"^rtt_(?:p(?P<percent>\d+(?:\.\d+)?)|(?P<statistic>avg|min|max))_ms$")
 
 
 def _index(micros: int) -> int:
@@ -98,6 +102,37 @@ class RttHistogram:
         result["samples"] = self.count
         return result
 
+    def buckets(self) -> Iterator[tuple[float, int]]:
+        """``(upper bound in seconds, count)`` of every bucket used, increasing (``DelayBuckets``, for /metrics)."""
+        for index in sorted(self.counts):
+            yield (_bounds(index)[1] + 1) / 1_000_000, self.counts[index]
+
+    def field(self, name: str) -> float | None:
+        """The summary field ``name`` (see :data:`RTT_FIELD`) in ms rounded to 0.001, None without samples.
+
+        :raises KeyError: when ``name`` is not an RTT field.
+        """
+        match = RTT_FIELD.match(name)
+        if match is None:
+            raise KeyError(name)
+        if not self.count:
+            return None
+        statistic = match["statistic"]
+        if statistic is None:
+            seconds = self.percentile(float(match["percent"]))
+        else:
+            seconds = {"avg": self.total / self.count, "min": self.minimum, "max": self.maximum}[statistic]
+        assert seconds is not None
+        return round(seconds * 1000, 3)
+
+    def line(self, percents: Iterable[float]) -> str:
+        """``RTT ms: p50=..., ..., max=...``, or ``RTT ms: no responses``."""
+        percentiles = self.percentiles_ms(percents)
+        if percentiles is None:
+            return "RTT ms: no responses"
+        return "RTT ms: " + ", ".join(f"{name}={value:.2f}" for name, value in percentiles.items()
+                                      if name != "samples")
+
     def to_dict(self) -> dict[str, object]:
         """A JSON-able form (for merging the histograms of ``--processes`` workers)."""
         return {"counts": {str(index): count for index, count in self.counts.items()}, "count": self.count,
@@ -122,3 +157,9 @@ class RttHistogram:
         if any(count < 0 for count in histogram.counts.values()) or sum(histogram.counts.values()) != histogram.count:
             raise ValueError("not an RTT histogram: the counts do not add up")
         return histogram
+
+
+def requests_per_client_lines(counts: Mapping[int, int]) -> list[str]:
+    """Californium's BenchmarkClient histogram: ``requests per client (requests: clients):``, then ``  N: C``."""
+    return ["requests per client (requests: clients):",
+            *(f"  {requests}: {clients}" for requests, clients in sorted(counts.items()))]
