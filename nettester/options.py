@@ -64,6 +64,17 @@ non_negative_int = _number(int, 0, "a whole number of at least 0")
 non_negative_float = _number(float, 0.0, "a number of at least 0")
 
 
+def percentage(value: str) -> float:
+    """A percentage, 0-100 (a drop probability, a loss threshold)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number <= 100.0:
+        raise ValueError(f"expected a percentage 0-100, got {value!r}")
+    return number
+
+
 def positive_float(value: str) -> float:
     """A number strictly above 0 (an interval, a timeout)."""
     try:

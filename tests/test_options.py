@@ -5,7 +5,7 @@ from typing import Any, ClassVar
 import pytest
 from twisted.python.usage import UsageError
 
-from nettester.options import RoleOptions, choice, port_number, positive_float, positive_int
+from nettester.options import RoleOptions, choice, percentage, port_number, positive_float, positive_int
 
 
 class DemoOptions(RoleOptions):
@@ -135,3 +135,10 @@ def test_help_shows_defaults_as_typed_examples_whole_and_negated_flags_as_senten
     assert '":15784;localhost:15884;1,---;localhost:25884;2"' in usage_text
     assert "'coap://host/path'" in usage_text
     assert "Do not listen on IPv4." in flat and "Do not:" not in usage_text
+
+
+def test_percentage_says_what_it_expects() -> None:
+    assert percentage("0") == 0.0 and percentage("2.5") == 2.5 and percentage("100") == 100.0
+    for bad in ("abc", "-1", "100.1"):
+        with pytest.raises(ValueError, match=f"expected a percentage 0-100, got '{bad}'"):
+            percentage(bad)

@@ -6,18 +6,7 @@ from typing import Any, ClassVar
 
 from twisted.python import usage
 
-from nettester.options import RoleOptions, non_negative_int, port_number, positive_int
-
-
-def percent(value: str) -> float:
-    """A drop probability in percent, 0-100."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0.0 <= number <= 100.0:
-        raise ValueError(f"expected a percentage 0-100, got {value!r}")
-    return number
+from nettester.options import RoleOptions, non_negative_int, percentage, port_number, positive_int
 
 
 def size_limit(value: str) -> Any:
@@ -102,9 +91,9 @@ class NatOptions(RoleOptions):
                              "(no new entries) and probed again after the same time.", positive_int],
         ["max-entries", "n", 10000, "Maximum number of NAT entries (the least recently used one is dropped).",
          positive_int],
-        ["drop", "d", 0.0, "Drop this percentage of datagrams in both directions.", percent],
-        ["forward-drop", "f", 0.0, "Drop this percentage of client -> destination datagrams.", percent],
-        ["backward-drop", "b", 0.0, "Drop this percentage of destination -> client datagrams.", percent],
+        ["drop", "d", 0.0, "Drop this percentage of datagrams in both directions.", percentage],
+        ["forward-drop", "f", 0.0, "Drop this percentage of client -> destination datagrams.", percentage],
+        ["backward-drop", "b", 0.0, "Drop this percentage of destination -> client datagrams.", percentage],
         ["size-limit", "s", None, "SIZE[:PCT]: drop datagrams longer than SIZE bytes (with PCT % probability, "
                                   "default 100).", size_limit],
         ["console-port", None, 0, "Also serve the console on this TCP port (0 = off).", port_number],

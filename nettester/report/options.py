@@ -10,19 +10,8 @@ from typing import Any, ClassVar
 from twisted.python import usage
 
 from nettester.histogram import RttHistogram
-from nettester.options import non_negative_float, non_negative_int
+from nettester.options import non_negative_float, non_negative_int, percentage
 from nettester.report.model import Thresholds
-
-
-def loss_percent(value: str) -> float:
-    """A percentage, 0-100."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0.0 <= number <= 100.0:
-        raise ValueError(f"expected a percentage 0-100, got {value!r}")
-    return number
 
 
 class ResultOptionsMixin:
@@ -39,7 +28,7 @@ class ResultOptionsMixin:
         ["report", None, None, ("Write the JSON run report (counters, loss by direction, RTTs, every loss "
          "episode, verdict) to FILE at the end.")],
         ["max-loss", None, 0.0, "Fail (exit 1) when more than PCT percent of the requests were lost.",
-         loss_percent],
+         percentage],
         ["max-resets", None, 0, ("Fail (exit 1) when more than N connections were reset, closed by the far end "
                                  "or refused (keep-alive)."),
          non_negative_int],
