@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import re
 import time
+from importlib import metadata
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import nettester
 from tests.debian12 import ROOT, base_image, host_options, pip_environment, require_tools, run, working_container
@@ -34,6 +37,33 @@ def test_the_dockerfile_takes_its_base_as_an_argument_and_pins_its_dependencies(
     pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
     assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][^ ]*", pin) for pin in pins), pins
     assert any(pin.lower().startswith("twisted==") for pin in pins)
+
+
+def _runtime_closure(name: str) -> set[str]:
+    """Every distribution ``name`` needs at run time (extras followed, markers evaluated here), ``name`` excluded."""
+    seen: dict[str, frozenset[str]] = {}
+    pending = [(name, frozenset[str]())]
+    while pending:
+        distribution, extras = pending.pop()
+        key = canonicalize_name(distribution)
+        if key in seen and extras <= seen[key]:
+            continue
+        seen[key] = seen.get(key, frozenset()) | extras
+        for text in metadata.requires(distribution) or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or any(requirement.marker.evaluate({"extra": extra})
+                                                 for extra in ("", *extras)):
+                pending.append((requirement.name, frozenset(requirement.extras)))
+    return set(seen) - {canonicalize_name(name)}
+
+
+def test_the_constraints_pin_every_runtime_dependency() -> None:
+    """constraints.txt is a resolved environment: a new install_requires line (or a new transitive
+    dependency) without a refreshed file fails here, not in the image build."""
+    pins = {canonicalize_name(line.split("==")[0]) for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")}
+    missing = _runtime_closure("nettester") - pins
+    assert not missing, f"constraints.txt does not pin {sorted(missing)}: refresh it (README, 'The image')"
 
 
 @pytest.fixture(scope="module")
