@@ -57,7 +57,7 @@ def test_both_quick_start_commands_pass_on_a_fresh_debian_12(tmp_path: Path) -> 
                 f"README command {command!r} ended with status {result.returncode} on a fresh Debian 12 "
                 f"(its whole output: {log}):\n{digest(output)}")
             print(f"fresh Debian 12: {command!r} passed in {time.monotonic() - started:.0f} s: "
-                  f"{digest(output, tail=1).strip()}")
+                  f"{digest(result.stdout, tail=1).strip()}")
 
 
 def _text(output: str | bytes | None) -> str:
