@@ -8,15 +8,19 @@
 # (tests/test_image.py). Dependencies are pinned by constraints.txt (README,
 # "Kubernetes and the container image", says how to refresh it).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+# EXTRAS: setup.cfg extras to install too, e.g. --build-arg EXTRAS=plots for
+# `nettester plot` (matplotlib, pinned by constraints.txt as well).
+ARG EXTRAS=
 
 FROM ${BASE_IMAGE} AS build
+ARG EXTRAS
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 COPY setup.cfg pyproject.toml README.md LICENSE constraints.txt ./
 COPY nettester ./nettester
 COPY twisted ./twisted
 RUN python3 -m venv /opt/nettester \
- && /opt/nettester/bin/pip install --constraint constraints.txt .
+ && /opt/nettester/bin/pip install --constraint constraints.txt ".${EXTRAS:+[${EXTRAS}]}"
 
 FROM ${BASE_IMAGE}
 ENV PATH=/opt/nettester/bin:$PATH \

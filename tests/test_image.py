@@ -32,6 +32,7 @@ def test_the_dockerfile_takes_its_base_as_an_argument_and_pins_its_dependencies(
     assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in dockerfile
     assert dockerfile.count("FROM ${BASE_IMAGE}") == 2
     assert "--constraint constraints.txt" in dockerfile
+    assert "ARG EXTRAS=" in dockerfile and '".${EXTRAS:+[${EXTRAS}]}"' in dockerfile
     exposed = {port for line in dockerfile.splitlines() if line.startswith("EXPOSE") for port in line.split()[1:]}
     assert exposed == ROLE_PORTS
     pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
@@ -39,10 +40,11 @@ def test_the_dockerfile_takes_its_base_as_an_argument_and_pins_its_dependencies(
     assert any(pin.lower().startswith("twisted==") for pin in pins)
 
 
-def _runtime_closure(name: str) -> set[str]:
-    """Every distribution ``name`` needs at run time (extras followed, markers evaluated here), ``name`` excluded."""
+def _runtime_closure(name: str, extras: frozenset[str] = frozenset()) -> set[str]:
+    """Every distribution ``name`` (with ``extras``) needs at run time (extras followed, markers evaluated
+    here), ``name`` excluded."""
     seen: dict[str, frozenset[str]] = {}
-    pending = [(name, frozenset[str]())]
+    pending = [(name, extras)]
     while pending:
         distribution, extras = pending.pop()
         key = canonicalize_name(distribution)
@@ -62,8 +64,17 @@ def test_the_constraints_pin_every_runtime_dependency() -> None:
     dependency) without a refreshed file fails here, not in the image build."""
     pins = {canonicalize_name(line.split("==")[0]) for line in (ROOT / "constraints.txt").read_text().splitlines()
             if line and not line.startswith("#")}
-    missing = _runtime_closure("nettester") - pins
+    missing = _runtime_closure("nettester", frozenset({"plots"})) - pins  # the image's EXTRAS=plots too
     assert not missing, f"constraints.txt does not pin {sorted(missing)}: refresh it (README, 'The image')"
+
+
+def test_the_readme_runs_every_role_in_the_image() -> None:
+    from nettester.module import discover_roles
+
+    section = (ROOT / "README.md").read_text().split("### The image", 1)[1].split("\n### ", 1)[0]
+    run_roles = set(re.findall(r"^docker run .*? nettester:[\w.-]+ ([a-z-]+)", section, re.MULTILINE))
+    missing = set(discover_roles()) - run_roles
+    assert not missing, f"README, 'The image': no docker run line for {sorted(missing)}"
 
 
 @pytest.fixture(scope="module")
