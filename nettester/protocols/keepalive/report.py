@@ -37,6 +37,7 @@ from typing import IO, Any
 from nettester.protocols.keepalive.adapter import PEER_RESET, TLS_ERROR
 from nettester.protocols.keepalive.client import CLOSED_BY_CLIENT
 from nettester.protocols.keepalive.server import CLOSED_BY_SERVER
+from nettester.report.model import Verdict
 
 SHUTDOWN = "shutdown"
 # Close details that mean a message was lost on the path (server.py, client.py).
@@ -253,12 +254,6 @@ def path_findings(report: Report) -> list[str]:
     return [f"{count} connection{'s' if count > 1 else ''} {what}" for count, what in findings if count]
 
 
-def verdict_line(report: Report) -> str:
-    """``verdict: pass`` or ``verdict: FAIL: <what the path did>``, as the client roles' verdict lines."""
-    findings = path_findings(report)
-    return "verdict: FAIL: " + "; ".join(findings) if findings else "verdict: pass"
-
-
 def run_report(server_path: str, client_paths: list[str], stdout: IO[str]) -> int:
     """Read the files, print the table and the verdict; the exit status (0 nothing found on the path, 1 a
     middlebox close or a lost keep-alive found, 2 a file cannot be read or is not a JSON log)."""
@@ -279,6 +274,7 @@ def run_report(server_path: str, client_paths: list[str], stdout: IO[str]) -> in
             return 2
         logs.append(lines)
     report = build_report(logs[0], logs[1:])
-    stdout.write(format_report(report))
-    stdout.write(verdict_line(report) + "\n")
-    return 1 if path_findings(report) else 0
+    findings = path_findings(report)
+    verdict = Verdict(not findings, tuple(findings))  # the client roles' verdict line
+    stdout.write(format_report(report) + verdict.line() + "\n")
+    return verdict.exit_status
