@@ -23,9 +23,11 @@ RUN python3 -m venv /opt/nettester \
  && /opt/nettester/bin/pip install --constraint constraints.txt ".${EXTRAS:+[${EXTRAS}]}"
 
 FROM ${BASE_IMAGE}
+# MPLCONFIGDIR: matplotlib's cache (EXTRAS=plots) where uid 10001 may write; its HOME is /nonexistent.
 ENV PATH=/opt/nettester/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    MPLCONFIGDIR=/tmp/matplotlib
 COPY --from=build /opt/nettester /opt/nettester
 # Regenerate the plugin caches (twistd's twisted/plugins and nettester's
 # modules) now, as root: at run time the image is read-only and unprivileged,
