@@ -61,6 +61,7 @@ def test_both_quick_start_commands_pass_on_a_fresh_debian_12(tmp_path: Path) -> 
 
 
 def _text(output: str | bytes | None) -> str:
+    """What a timed-out run had written (bytes, text or nothing)."""
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
