@@ -8,20 +8,26 @@
 # (tests/test_image.py). Dependencies are pinned by constraints.txt (README,
 # "Kubernetes and the container image", says how to refresh it).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+# EXTRAS: setup.cfg extras to install too, e.g. --build-arg EXTRAS=plots for
+# `nettester plot` (matplotlib, pinned by constraints.txt as well).
+ARG EXTRAS=
 
 FROM ${BASE_IMAGE} AS build
+ARG EXTRAS
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 COPY setup.cfg pyproject.toml README.md LICENSE constraints.txt ./
 COPY nettester ./nettester
 COPY twisted ./twisted
 RUN python3 -m venv /opt/nettester \
- && /opt/nettester/bin/pip install --constraint constraints.txt .
+ && /opt/nettester/bin/pip install --constraint constraints.txt ".${EXTRAS:+[${EXTRAS}]}"
 
 FROM ${BASE_IMAGE}
+# MPLCONFIGDIR: matplotlib's cache (EXTRAS=plots) where uid 10001 may write; its HOME is /nonexistent.
 ENV PATH=/opt/nettester/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    MPLCONFIGDIR=/tmp/matplotlib
 COPY --from=build /opt/nettester /opt/nettester
 # Regenerate the plugin caches (twistd's twisted/plugins and nettester's
 # modules) now, as root: at run time the image is read-only and unprivileged,

@@ -39,14 +39,34 @@ def test_both_quick_start_commands_pass_on_a_fresh_debian_12(tmp_path: Path) -> 
     with working_container(image) as container:
         run(["buildah", "add", "--quiet", container, str(archive), CHECKOUT], timeout=300,
             what="buildah add (checkout)")
-        for command, bound, proof in ((run_command, RUN_COMMAND_BOUND, "local verdict"),
-                                      (test_command, TEST_COMMAND_BOUND, " passed")):
+        for number, (command, bound, proof) in enumerate(((run_command, RUN_COMMAND_BOUND, "local verdict"),
+                                                          (test_command, TEST_COMMAND_BOUND, " passed"))):
             started = time.monotonic()
+            log = tmp_path / f"readme-command-{number + 1}.log"
             try:
-                result = run(["buildah", "run", *host_options(), *pip_environment(), "--workingdir", CHECKOUT,
-                              container, "--", "sh", "-c", command], timeout=bound, what=f"README command {command!r}")
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"README command {command!r} took more than {bound} s on a fresh Debian 12")
+                result = subprocess.run(["buildah", "run", *host_options(), *pip_environment(), "--workingdir",
+                                         CHECKOUT, container, "--", "sh", "-c", command],
+                                        capture_output=True, text=True, timeout=bound)
+            except subprocess.TimeoutExpired as expired:
+                log.write_text(_text(expired.stdout) + _text(expired.stderr))
+                pytest.fail(f"README command {command!r} took more than {bound} s on a fresh Debian 12 "
+                            f"(its output: {log}):\n{digest(_text(expired.stdout) + _text(expired.stderr))}")
             output = result.stdout + result.stderr
-            assert proof in output, output[-4000:]
-            print(f"fresh Debian 12: {command!r} passed in {time.monotonic() - started:.0f} s")
+            log.write_text(output)
+            assert result.returncode == 0 and proof in output, (
+                f"README command {command!r} ended with status {result.returncode} on a fresh Debian 12 "
+                f"(its whole output: {log}):\n{digest(output)}")
+            print(f"fresh Debian 12: {command!r} passed in {time.monotonic() - started:.0f} s: "
+                  f"{digest(result.stdout, tail=1).strip()}")
+
+
+def _text(output: str | bytes | None) -> str:
+    """What a timed-out run had written (bytes, text or nothing)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def digest(output: str, tail: int = 30) -> str:
+    """What a CI log must show even when it is cut: pip's errors, pytest's failure summary, the last lines."""
+    lines = output.splitlines()
+    wanted = [line for line in lines if line.startswith(("ERROR", "FAILED", "error:"))][:40]
+    return "\n".join([*wanted, "...", *lines[-tail:]] if wanted else lines[-tail:])

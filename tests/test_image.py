@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import re
 import time
+from importlib import metadata
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import nettester
 from tests.debian12 import ROOT, base_image, host_options, pip_environment, require_tools, run, working_container
@@ -29,11 +32,49 @@ def test_the_dockerfile_takes_its_base_as_an_argument_and_pins_its_dependencies(
     assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in dockerfile
     assert dockerfile.count("FROM ${BASE_IMAGE}") == 2
     assert "--constraint constraints.txt" in dockerfile
+    assert "ARG EXTRAS=" in dockerfile and '".${EXTRAS:+[${EXTRAS}]}"' in dockerfile
     exposed = {port for line in dockerfile.splitlines() if line.startswith("EXPOSE") for port in line.split()[1:]}
     assert exposed == ROLE_PORTS
     pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
     assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][^ ]*", pin) for pin in pins), pins
     assert any(pin.lower().startswith("twisted==") for pin in pins)
+
+
+def _runtime_closure(name: str, extras: frozenset[str] = frozenset()) -> set[str]:
+    """Every distribution ``name`` (with ``extras``) needs at run time (extras followed, markers evaluated
+    here), ``name`` excluded."""
+    seen: dict[str, frozenset[str]] = {}
+    pending = [(name, extras)]
+    while pending:
+        distribution, extras = pending.pop()
+        key = canonicalize_name(distribution)
+        if key in seen and extras <= seen[key]:
+            continue
+        seen[key] = seen.get(key, frozenset()) | extras
+        for text in metadata.requires(distribution) or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or any(requirement.marker.evaluate({"extra": extra})
+                                                 for extra in ("", *extras)):
+                pending.append((requirement.name, frozenset(requirement.extras)))
+    return set(seen) - {canonicalize_name(name)}
+
+
+def test_the_constraints_pin_every_runtime_dependency() -> None:
+    """constraints.txt is a resolved environment: a new install_requires line (or a new transitive
+    dependency) without a refreshed file fails here, not in the image build."""
+    pins = {canonicalize_name(line.split("==")[0]) for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")}
+    missing = _runtime_closure("nettester", frozenset({"plots"})) - pins  # the image's EXTRAS=plots too
+    assert not missing, f"constraints.txt does not pin {sorted(missing)}: refresh it (README, 'The image')"
+
+
+def test_the_readme_runs_every_role_in_the_image() -> None:
+    from nettester.module import discover_roles
+
+    section = (ROOT / "README.md").read_text().split("### The image", 1)[1].split("\n### ", 1)[0]
+    run_roles = set(re.findall(r"^docker run .*? nettester:[\w.-]+ ([a-z-]+)", section, re.MULTILINE))
+    missing = set(discover_roles()) - run_roles
+    assert not missing, f"README, 'The image': no docker run line for {sorted(missing)}"
 
 
 @pytest.fixture(scope="module")

@@ -163,8 +163,10 @@ def _queries(dashboard: dict[str, Any]) -> list[str]:
 def test_there_is_a_tester_dashboard() -> None:
     assert DASHBOARDS
     titles = " ".join(panel["title"].lower() for path in DASHBOARDS for panel in json.loads(path.read_text())["panels"])
-    for topic in ("loss", "round-trip", "connections", "reset"):
+    for topic in ("loss", "round-trip", "connections", "reset", "direction"):
         assert topic in titles, topic
+    queries = [query for path in DASHBOARDS for query in _queries(json.loads(path.read_text()))]
+    assert any("by (direction)" in query and "_lost_total" in query for query in queries), "no loss by direction"
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda path: path.name)

@@ -49,6 +49,9 @@ def write_report(path: str, document: Mapping[str, Any]) -> None:
     try:
         handle, temporary = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=directory)
         try:
+            # mkstemp's file is 0600: give the report the mode open() would (0666 less the umask), so a CI
+            # job's artifact collector or `nettester plot` in a container can read it as another user.
+            os.fchmod(handle, 0o666 & ~_umask())
             with os.fdopen(handle, "w") as stream:
                 stream.write(text)
             os.replace(temporary, path)
@@ -58,6 +61,13 @@ def write_report(path: str, document: Mapping[str, Any]) -> None:
     except OSError as error:
         raise ReportError(f"--report {path}: cannot write it: {error.strerror or error}; "
                           "choose a writable path") from None
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_report(path: str) -> dict[str, Any]:

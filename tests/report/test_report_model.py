@@ -118,6 +118,20 @@ def test_document_round_trips_through_the_file(tmp_path: os.PathLike[str]) -> No
     assert read["rtt_ms"]["samples"] == 1
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_report_has_the_mode_the_umask_gives(tmp_path: os.PathLike[str], umask: int) -> None:
+    """Not mkstemp's 0600: a report written by root must be readable by ``nettester plot`` as uid 10001."""
+    path = os.path.join(tmp_path, "run.json")
+    previous = os.umask(umask)
+    try:
+        write_report(path, {"schema": SCHEMA})
+        left = os.umask(umask)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    assert left == umask  # the process's umask is as it was
+
+
 def test_write_report_names_the_file_it_cannot_write(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(ReportError, match="--report .*/missing/run.json: cannot write it"):
         write_report(os.path.join(tmp_path, "missing", "run.json"), {"schema": SCHEMA})

@@ -13,6 +13,10 @@ follow: a request the server recorded lost its answer on the way back
 lost on the way out (``lost_forward``); one the 24-entry history no longer
 covers, or still open at the end, is ``lost_unattributed``. A summary line
 with the three keys and a verdict line follow the last history.
+
+With ``--log-format json`` every one of these result lines is a JSON log
+line instead (event ``coap_receivetest_*``, with its values as fields), so
+stdout holds nothing else.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from nettester.interfaces import IDatagramLink
-from nettester.logs import Logger
+from nettester.logs import ALWAYS, Logger
 from nettester.protocols.coap.client import (
     EXIT_ERROR_RESPONSE,
     EXIT_SUCCESS,
@@ -58,6 +62,8 @@ from nettester.report import (
     write_report,
 )
 from nettester.report.options import ResultSettings
+
+log = Logger()
 
 LOOP_DELAY = 1.0  # seconds between an answer (or a failure) and the next POST with --duration
 
@@ -178,8 +184,9 @@ class ReceiveTestService(OneServerService):
 
     def __init__(self, reactor: Any, uri: CoapUri, device: str, link: IDatagramLink, stdout: IO[str],
                  content_format: int = ContentFormat.TEXT_PLAIN, timeout: float = MAX_TRANSMIT_WAIT,
-                 results: ResultSettings | None = None) -> None:
+                 results: ResultSettings | None = None, json_lines: bool = False) -> None:
         self.device = device
+        self.json_lines = json_lines
         self.run = f"r{int(reactor.seconds() * 1000)}"
         self.rid = self.run
         self.results = results if results is not None else ResultSettings()
@@ -202,6 +209,13 @@ class ReceiveTestService(OneServerService):
         self._next: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
         self._concluded = False
+
+    def print(self, text: str, event: str = "coap_receivetest_output", **fields: Any) -> None:
+        """A result line: plain text on stdout, or with ``--log-format json`` a JSON log line (at every level)."""
+        if self.json_lines:
+            log.info("{text}", event=event, text=text, **{ALWAYS: True}, **fields)
+            return
+        super().print(text)
 
     def request(self) -> Message:
         """The POST to ``requests`` for the current rid, asking for the history in the chosen format."""
@@ -267,19 +281,21 @@ class ReceiveTestService(OneServerService):
     def _loop_failed(self, failure: Failure, rid: str, sequence: int, started: float) -> None:
         if self._final.called:
             return
-        if not failure.check(CoapRequestError):
+        error = failure.value
+        if not isinstance(error, CoapRequestError):
             self._final.errback(failure)
             return
         self.failures += 1
         self._last_failure = failure
         error = failure.value
         assert isinstance(error, CoapRequestError)  # check() matched its type
-        outgoing = error.request
+        outgoing, token = error.request, error.request.token.hex()
         self.pending[rid] = LossEpisode(self.device, rid, started, None, UNATTRIBUTED, 1, None,
                                         {"sequence": sequence, "reason": error.reason, "mid": outgoing.mid,
-                                         "token": outgoing.token.hex()})
-        self.print(f"request rid={rid} to {self.server} failed: {error.reason} "
-                   f"(MID {outgoing.mid}, token {outgoing.token.hex()})")
+                                         "token": token})
+        self.print(f"request rid={rid} to {self.server} failed: {error.reason} (MID {outgoing.mid}, token {token})",
+                   "coap_receivetest_failed", rid=rid, server=self.server, reason=error.reason, mid=outgoing.mid,
+                   token=token)
         self._continue()
 
     def _continue(self) -> None:
@@ -312,8 +328,12 @@ class ReceiveTestService(OneServerService):
         except ValueError as error:
             self.print(f"unreadable answer: {error}")
             return EXIT_ERROR_RESPONSE
-        self.print(f"device {self.device}")
-        self.print(format_history(systemstart, entries, self.rid, event.rtt))
+        self.print(f"device {self.device}", "coap_receivetest_device", device=self.device)
+        self.print(format_history(systemstart, entries, self.rid, event.rtt), "coap_receivetest_history",
+                   systemstart=systemstart, rid=self.rid,
+                   history=[{"rid": entry.rid, "time_ms": entry.time_ms, "endpoint": entry.endpoint}
+                            for entry in entries],
+                   rtt_ms=None if event.rtt is None else round(event.rtt * 1000, 3))
         return EXIT_SUCCESS
 
     def _end(self, status: int) -> None:
@@ -340,8 +360,10 @@ class ReceiveTestService(OneServerService):
             shown = ("no responses" if rtt is None
                      else f"p50={rtt['p50']:.1f}, p99={rtt['p99']:.1f}, max={rtt['max']:.1f}")
             self.print(f"{self.sent} requests, {self.answers} answered, {self.failures} failed: "
-                       + " ".join(f"{key}={value}" for key, value in loss.items()) + f"; RTT ms: {shown}")
-            self.print(verdict.line())
+                       + " ".join(f"{key}={value}" for key, value in loss.items()) + f"; RTT ms: {shown}",
+                       "coap_receivetest_summary", requests=self.sent, answered=self.answers,
+                       failed=self.failures, **loss, rtt_ms=rtt)
+            self.print(verdict.line(), "verdict", passed=verdict.passed, reasons=list(verdict.reasons))
         if status == EXIT_SUCCESS:
             status = verdict.exit_status
         if self.results.report:
@@ -361,6 +383,7 @@ def make_receivetest_service(reactor: Any, options: Any, stdout: IO[str]) -> Rec
     content_format = ContentFormat.CBOR if options["cbor"] else ContentFormat.JSON if options["json"] else 0
     device = device_uuid(options["uuid-file"], bool(options["reset-uuid"]))
     service = ReceiveTestService(reactor, uri, device, link_for_options(reactor, options), stdout,
-                                 content_format, options["timeout"], ResultSettings.from_options(options))
+                                 content_format, options["timeout"], ResultSettings.from_options(options),
+                                 json_lines=options["log-format"] == "json")
     service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

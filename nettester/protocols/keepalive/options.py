@@ -128,7 +128,8 @@ class ReportOptions(RoleOptions):
     longdesc = ("Join the JSON logs (--log-format json) of a keepalive-server and its keepalive-clients by "
                 "connection id and print, per class, how many connections and when: closed by the server "
                 "(keep-alive missing), closed by the client, reset by a middlebox (a RST neither end sent), "
-                "still open.")
+                "still open. Exit status: 0 nothing found on the path; 1 a middlebox reset or FIN, or a "
+                "keep-alive or its response lost; 2 a file that cannot be read or is not a JSON log.")
 
     def parseArgs(self, server: str, *clients: str) -> None:  # type: ignore[override]  # Options passes the arguments
         if not clients:

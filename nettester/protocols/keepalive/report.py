@@ -21,7 +21,10 @@ TLS handshake the client refused, say) is that connection's server side:
 one connection, one class.
 
 The command reads only JSON logs: a line that is not a nettester JSON record
-is named (file and line) and the exit status is 2.
+is named (file and line) and the exit status is 2. Otherwise a verdict line
+follows the table, and the exit status is 1 when the path ended or starved
+a connection (a middlebox reset or FIN, a keep-alive or its response lost on
+the way, as either end's close says), 0 when it did not.
 """
 
 from __future__ import annotations
@@ -34,8 +37,12 @@ from typing import IO, Any
 from nettester.protocols.keepalive.adapter import PEER_RESET, TLS_ERROR
 from nettester.protocols.keepalive.client import CLOSED_BY_CLIENT
 from nettester.protocols.keepalive.server import CLOSED_BY_SERVER
+from nettester.report.model import Verdict
 
 SHUTDOWN = "shutdown"
+# Close details that mean a message was lost on the path (server.py, client.py).
+KEEP_ALIVE_MISSING = "keep_alive_missing"
+RESPONSE_MISSING = "response_missing"
 
 CLASSES = (
     ("closed_by_server", "closed by the server"),
@@ -236,8 +243,20 @@ def format_report(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def path_findings(report: Report) -> list[str]:
+    """What the path did, one reason each: connections a middlebox closed, messages it lost (empty: nothing)."""
+    findings = [(report.classes["middlebox_reset"].count, "reset by a middlebox"),
+                (report.classes["middlebox_fin"].count, "closed by a middlebox (FIN)"),
+                (report.classes["closed_by_server"].reasons.get(KEEP_ALIVE_MISSING, 0),
+                 "closed by the server: a keep-alive never arrived"),
+                (report.classes["closed_by_client"].reasons.get(RESPONSE_MISSING, 0),
+                 "closed by the client: a keep-alive response never arrived")]
+    return [f"{count} connection{'s' if count > 1 else ''} {what}" for count, what in findings if count]
+
+
 def run_report(server_path: str, client_paths: list[str], stdout: IO[str]) -> int:
-    """Read the files, print the table; exit status 2 when a file cannot be read or is not a JSON log."""
+    """Read the files, print the table and the verdict; the exit status (0 nothing found on the path, 1 a
+    middlebox close or a lost keep-alive found, 2 a file cannot be read or is not a JSON log)."""
     logs = []
     for path in (server_path, *client_paths):
         try:
@@ -254,5 +273,8 @@ def run_report(server_path: str, client_paths: list[str], stdout: IO[str]) -> in
                          "run both roles with --log-format json and give their logs\n")
             return 2
         logs.append(lines)
-    stdout.write(format_report(build_report(logs[0], logs[1:])))
-    return 0
+    report = build_report(logs[0], logs[1:])
+    findings = path_findings(report)
+    verdict = Verdict(not findings, tuple(findings))  # the client roles' verdict line
+    stdout.write(format_report(report) + verdict.line() + "\n")
+    return verdict.exit_status

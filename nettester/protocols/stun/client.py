@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester.interfaces import IDatagramReadDescriptor, IReportingService
-from nettester.logs import Logger
+from nettester.logs import ALWAYS, Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.stun.counters import FleetCounters
 from nettester.protocols.stun.fleet import (
@@ -555,5 +555,7 @@ class StunClientService(Service):
                 log.error("{error}", event="report_failed", error=str(error))
                 set_exit_status(self, 1)
                 return
-        log.info("{verdict}", event="verdict", verdict=verdict.line(), passed=verdict.passed)
+        # At every --log-level, as the summaries and the other client roles' verdicts.
+        log.info("{verdict}", event="verdict", verdict=verdict.line(), passed=verdict.passed,
+                 reasons=list(verdict.reasons), **{ALWAYS: True})
         set_exit_status(self, verdict.exit_status)

@@ -10,6 +10,7 @@ from typing import IO, Any
 
 from twisted.application.service import IService
 
+from nettester.addresses import address_text
 from nettester.interfaces import ILocalScenario
 from nettester.module import CommandRole, Role
 from nettester.options import RoleOptions
@@ -61,6 +62,7 @@ def build_client(reactor: Any, options: RoleOptions) -> IService:
         key: options[key]
         for key in ("server", "port", "clients", "interval", "max-failures", "rfc-retransmit", "duration")
     }
+    configuration["target"] = address_text((options["server"], options["port"]))  # as every report names it
     configuration["start-delay"] = str(options["start-delay"])
     configuration["attribution"] = not options["no-attribution"]
     return StunClientService(

@@ -16,7 +16,9 @@ from coap_testing import MemoryLink, UdpClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
 
+from nettester.logs import make_observer, parse_level
 from nettester.protocols.coap.client import EXIT_NO_RESPONSE, make_link, parse_uri
 from nettester.protocols.coap.message import (
     ACK,
@@ -195,6 +197,34 @@ def test_duration_repeats_and_attributes_each_lost_request(tmp_path: Path) -> No
     assert {episode["key"]: episode["direction"] for episode in document["episodes"]} == {
         f"{run}-2": "forward", f"{run}-4": "return"}
     assert document["role"] == "coap-receivetest" and document["counters"]["failed"] == 2
+
+
+def test_json_log_format_puts_only_json_lines_on_stdout() -> None:
+    """``--log-format json``: the history, the failures, the summary and the verdict are JSON log lines."""
+    net = Net()
+    run = f"r{int(net.clock.seconds() * 1000)}"
+    net.drop_forward = rid_is(f"{run}-2")
+    stream = io.StringIO()
+    observer = make_observer("json", parse_level("warn"), stream)
+    globalLogPublisher.addObserver(observer)
+    try:
+        uri = parse_uri(f"coap://{SERVER_ADDRESS[0]}:{SERVER_ADDRESS[1]}/requests")
+        service = ReceiveTestService(net.clock, uri, "dev-1", net.new_client_link(), io.StringIO(),
+                                     ContentFormat.JSON, 3.0, ResultSettings(duration=8.0), json_lines=True)
+        service.startService()
+        net.run(12.0)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert service.stdout.getvalue() == ""  # type: ignore[attr-defined]
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    events = [record["event"] for record in records]
+    assert events[-1] == "verdict" and records[-1]["passed"] is False
+    [failed] = [record for record in records if record["event"] == "coap_receivetest_failed"]
+    assert failed["rid"] == f"{run}-2" and failed["reason"] == "timeout"
+    [summary] = [record for record in records if record["event"] == "coap_receivetest_summary"]
+    assert summary["failed"] == 1 and summary["lost_forward"] == 1 and summary["requests"] == service.sent
+    history = next(record for record in records if record["event"] == "coap_receivetest_history")
+    assert history["rid"] == f"{run}-{service.sent}" and history["history"][0]["rid"] == history["rid"]
 
 
 def test_attribute_by_history() -> None:

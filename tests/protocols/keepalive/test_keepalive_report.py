@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nettester.protocols.keepalive.report import build_report, format_report, run_report
+from nettester.protocols.keepalive.report import build_report, format_report, path_findings, run_report
 
 
 def rec(ts: str, event: str, **fields: Any) -> str:
@@ -81,11 +81,33 @@ def test_run_report_reads_files_and_reports_unreadable_ones(tmp_path: Path) -> N
     server.write_text("\n".join(SERVER[1:]) + "\n\n")
     client.write_text("\n".join(CLIENT_1))
     out = io.StringIO()
-    assert run_report(str(server), [str(client)], out) == 0
+    assert run_report(str(server), [str(client)], out) == 1  # the path reset and starved connections
     assert out.getvalue().startswith("class ")
     out = io.StringIO()
     assert run_report(str(server), [str(tmp_path / "missing.jsonl")], out) == 2
     assert "cannot read" in out.getvalue() and "missing.jsonl" in out.getvalue()
+
+
+def test_the_verdict_names_what_the_path_did_and_sets_the_exit_status(tmp_path: Path) -> None:
+    report = build_report(SERVER, [CLIENT_1, CLIENT_2])
+    assert path_findings(report) == [
+        "3 connections reset by a middlebox", "1 connection closed by a middlebox (FIN)",
+        "1 connection closed by the server: a keep-alive never arrived",
+        "1 connection closed by the client: a keep-alive response never arrived"]
+    server, client = tmp_path / "server.jsonl", tmp_path / "client.jsonl"
+    server.write_text("\n".join(SERVER[1:]))
+    client.write_text("\n".join(CLIENT_1 + CLIENT_2))
+    out = io.StringIO()
+    assert run_report(str(server), [str(client)], out) == 1
+    assert out.getvalue().splitlines()[-1] == "verdict: FAIL: " + "; ".join(path_findings(report))
+    # Connections that lived until a role was stopped, or that an end closed for another reason: a pass.
+    quiet = [opened("01", "a", True), opened("01", "b", True), closed("09", "a", "closed_by_server", "shutdown"),
+             closed("09", "b", "closed_by_server", "invalid_message")]
+    server.write_text("\n".join(quiet))
+    client.write_text("\n".join([opened("01", "a", False), opened("01", "b", False)]))
+    out = io.StringIO()
+    assert run_report(str(server), [str(client)], out) == 0
+    assert out.getvalue().splitlines()[-1] == "verdict: pass"
 
 
 _values = st.one_of(st.none(), st.integers(), st.text(max_size=8), st.sampled_from(

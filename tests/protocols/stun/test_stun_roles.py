@@ -30,11 +30,13 @@ def dead_udp_port() -> int:
         return int(sock.getsockname()[1])  # closed on return: nothing listens there any more
 
 
-def test_stun_client_against_a_dead_port_counts_refused_and_fails() -> None:
+def test_stun_client_against_a_dead_port_counts_refused_and_fails(tmp_path: Path) -> None:
     port = dead_udp_port()
+    report = tmp_path / "stun.json"
     result = nettester(
         "stun-client", "--server", "127.0.0.1", "--port", str(port), "--clients", "2", "--interval", "0.3",
-        "--start-delay", "0", "--duration", "1.2", "--stats-interval", "0",
+        "--start-delay", "0", "--duration", "1.2", "--stats-interval", "0", "--report", str(report),
+        "--log-level", "warn",
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
@@ -45,6 +47,9 @@ def test_stun_client_against_a_dead_port_counts_refused_and_fails() -> None:
     assert refused >= 2 and "socket_errors=0" in final and "lost_unattributed=" in final
     assert "Bad file descriptor" not in output and "Traceback" not in output
     assert "verdict: FAIL: no responses" in output
+    document = json.loads(report.read_text())
+    assert document["role"] == "stun-client" and document["configuration"]["target"] == f"127.0.0.1:{port}"
+    assert document["verdict"]["exit_status"] == 1 and document["loss"]["lost_unattributed"] >= 1
 
 
 def test_stun_server_journal_that_cannot_be_written_is_one_clean_line() -> None:
