@@ -175,6 +175,9 @@ class RoleOptions(usage.Options):
 
     # ``nettester local`` sets this: its per-connection info lines are debug detail there.
     connection_lines_at_debug: ClassVar[bool] = False
+    #: False for a role that serves no ``/metrics`` (a one-shot client, a log reader): its
+    #: --metrics-port is refused rather than silently ignored.
+    serves_metrics: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -187,6 +190,11 @@ class RoleOptions(usage.Options):
             if name in self.docs:
                 self.docs[name] = f"{self.docs[name]} [env: {variable}]"
         self._apply_environment(env_vars, os.environ)
+
+    def postOptions(self) -> None:
+        if not self.serves_metrics and (self["metrics-port"] or self["metrics-interface"]):
+            raise usage.UsageError("--metrics-port: this role serves no metrics (it runs once and reports at the "
+                                   "end: use --report FILE or --log-format json); see --help")
 
     def _clarify_coercion_errors(self) -> None:
         """Make a bad value name its option and what was expected."""

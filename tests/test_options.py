@@ -142,3 +142,15 @@ def test_percentage_says_what_it_expects() -> None:
     for bad in ("abc", "-1", "100.1"):
         with pytest.raises(ValueError, match=f"expected a percentage 0-100, got '{bad}'"):
             percentage(bad)
+
+
+@pytest.mark.parametrize("role", ["coap-client", "coap-bench", "coap-receivetest", "stun-report", "keepalive-report",
+                                  "plot"])
+def test_roles_without_metrics_refuse_metrics_port(role: str) -> None:
+    """A --metrics-port that nothing would serve is an error, not silently ignored."""
+    from nettester.module import discover_roles
+
+    options = discover_roles()[role].options()
+    with pytest.raises(UsageError, match="--metrics-port: this role serves no metrics"):
+        arguments = ["coap://127.0.0.1/test"] if role.startswith("coap") else ["server.jsonl", "client.jsonl"]
+        options.parseOptions(["--metrics-port", "9100", *arguments])

@@ -17,6 +17,8 @@ SUMMARY = "Run results for pipelines and people: JSON reports drawn as one HTML 
 class PlotOptions(RoleOptions):
     """Options of ``nettester plot``."""
 
+    serves_metrics = False
+
     synopsis = "[-o report.html] REPORT.json [REPORT.json ...]"
     longdesc = ("Draw one self-contained HTML page (no network needed to view it) from the JSON reports that "
                 "client roles write with --report: the loss timeline by client and direction, loss per minute, "

@@ -221,6 +221,8 @@ class _CoapUriArgument:
 class CoapClientOptions(_CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-client [options] URI``."""
 
+    serves_metrics = False
+
     longdesc = (
         "Send one CoAP request (or observe a resource) and print the request and each response "
         "(code, options, RTT, payload). coaps:// uses DTLS 1.2 with PSK (--identity/--secret) or "
@@ -250,6 +252,8 @@ class CoapBenchOptions(
     ResultOptionsMixin, ProcessesOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions
 ):
     """``nettester coap-bench [options] URI`` (Californium's BenchmarkClient)."""
+
+    serves_metrics = False
 
     longdesc = (
         "Load a CoAP server with --clients closed-loop clients, each on its own socket: one request, "
@@ -288,6 +292,8 @@ class CoapBenchOptions(
 
 class CoapReceiveTestOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):
     """``nettester coap-receivetest [options] [URI]`` (Californium's ReceivetestClient)."""
+
+    serves_metrics = False
 
     longdesc = (
         "POST requests?dev=<uuid>&rid=<id>&ep to the extended server and print the history it keeps "

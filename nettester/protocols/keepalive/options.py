@@ -124,6 +124,8 @@ class ClientOptions(ResultOptionsMixin, ProcessesOptionsMixin, RoleOptions):
 class ReportOptions(RoleOptions):
     """Options of ``keepalive-report``."""
 
+    serves_metrics = False
+
     synopsis = "SERVER.jsonl CLIENT.jsonl [CLIENT.jsonl ...]"
     longdesc = ("Join the JSON logs (--log-format json) of a keepalive-server and its keepalive-clients by "
                 "connection id and print, per class, how many connections and when: closed by the server "

@@ -229,6 +229,8 @@ class StunClientOptions(ResultOptionsMixin, ProcessesOptionsMixin, RoleOptions):
 class StunReportOptions(RoleOptions):
     """``nettester stun-report``."""
 
+    serves_metrics = False
+
     synopsis = "SERVER.jsonl CLIENT.jsonl [CLIENT.jsonl ...]"
     longdesc = (
         "Join a stun-server journal (--journal) with the JSON logs (--log-format json) of its stun-clients by "
