@@ -26,7 +26,7 @@ _METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.DOTALL)
 MAX_TIMELINE_CLIENTS = 60  # rows of the timeline; the clients with the most episodes are shown
 
 
-class PlotUnavailable(Exception):
+class PlotUnavailableError(Exception):
     """matplotlib is not installed: the message says which extra to install."""
 
 
@@ -34,7 +34,7 @@ def _figure_module() -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise PlotUnavailable(f"nettester plot needs matplotlib: pip install 'nettester[{EXTRA}]'") from None
+        raise PlotUnavailableError(f"nettester plot needs matplotlib: pip install 'nettester[{EXTRA}]'") from None
     return Figure
 
 
@@ -250,7 +250,7 @@ def _reasons(page: Page) -> str:
 def render_page(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     """The HTML page for ``(name, report document)`` pairs.
 
-    :raises PlotUnavailable: without matplotlib.
+    :raises PlotUnavailableError: without matplotlib.
     """
     _figure_module()
     page = Page(reports)

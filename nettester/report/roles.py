@@ -44,14 +44,14 @@ class PlotOptions(RoleOptions):
 def run_plot(options: RoleOptions, stdout: IO[str]) -> int:
     """Read every report, render the page, write it; the exit status."""
     from nettester.logs import Logger
-    from nettester.report.plot import PlotUnavailable, render_page
+    from nettester.report.plot import PlotUnavailableError, render_page
     from nettester.report.writer import ReportError, read_report
 
     log = Logger()
     try:
         reports = [(os.path.basename(path), read_report(path)) for path in options["reports"]]
         page = render_page(reports)
-    except (ReportError, PlotUnavailable) as error:
+    except (ReportError, PlotUnavailableError) as error:
         log.critical("{reason}", event="plot_failed", reason=str(error))
         return EXIT_USAGE
     output = options["output"]
