@@ -19,12 +19,11 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python import log as legacy_log
 from zope.interface import implementer
 
-from nettester.cluster.node import DrainingPort
-from tests.logcapture import log_events
 from nettester.interfaces import IDatagramReadDescriptor
 from nettester.nat.proxy import OutgoingSocket
 from nettester.protocols.stun.client import ClientSocket
-from nettester.reactor import SHORT_NAME, DatagramEPollReactor, is_datagram_reader
+from nettester.reactor import SHORT_NAME, DatagramEPollReactor, DrainingPort, is_datagram_reader
+from tests.logcapture import log_events
 
 POLL_SECONDS = 2.0  # an upper bound: the poll returns as soon as the datagram is there
 
