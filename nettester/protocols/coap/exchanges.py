@@ -23,8 +23,8 @@ class IncomingRequest:
     """
 
     __slots__ = (
-        "peer", "request", "observe", "accept", "block2", "has_block1", "answered", "accepted",
-        "_dedup_bucket", "_dedup_key", "_block1",
+        "peer", "request", "observe", "accept", "block2", "has_block1", "answered", "accepted", "static",
+        "_dedup_bucket", "_dedup_key", "_block1", "_datagram",
     )
 
     def __init__(self, peer: Peer, request: Message) -> None:
@@ -48,9 +48,13 @@ class IncomingRequest:
         self.answered = False
         #: True once an empty ACK announced a separate response.
         self.accepted = False
+        #: Set by the resource tree: the answer is a function of the request's bytes alone, so the layer may
+        #: answer the next identical plain GET from memory (``CoapLayer._remember_static``).
+        self.static = False
         self._dedup_bucket: dict[Hashable, bytes | None] | None = None
         self._dedup_key: Hashable = None
         self._block1: BlockValue | None = None
+        self._datagram: bytes | None = None  # a CON GET's datagram, for the static answers
 
     def __repr__(self) -> str:
         return f"<IncomingRequest {self.request.describe()} from {address_text(self.peer)}>"

@@ -88,6 +88,12 @@ __all__ = [
 
 Peer = Hashable
 
+GET = Code.GET
+# Request options whose only effect is the answer (RFC 7252 section 5.10): see CoapLayer._remember_static.
+_STATIC_OPTIONS = frozenset((OptionNumber.URI_HOST, OptionNumber.URI_PORT, OptionNumber.URI_PATH,
+                             OptionNumber.URI_QUERY, OptionNumber.ACCEPT))
+MAX_STATIC_ANSWERS = 1024  # distinct static requests remembered; then the memory starts afresh
+
 # ---------------------------------------------------------------- the layer
 
 
@@ -115,7 +121,6 @@ class CoapLayer:
         # (peer, cache key) -> whole response body being served block-wise.
         transfers = self.params.max_block_transfers
         self._block2_bodies: ExpiringStore[Message] = ExpiringStore(lifetime, now, buckets, transfers)
-        # (peer, cache key) -> body being uploaded block-wise.
         # (peer, cache key) -> body being uploaded block-wise, bounded per peer and in total.
         params = self.params
         self._block1_uploads = Block1Uploads(lifetime, params.max_body_size, transfers, params.max_uploads_per_peer,
@@ -131,6 +136,9 @@ class CoapLayer:
         self._queued: dict[Peer, deque[OutgoingRequest]] = {}
         self._relations: dict[tuple[Peer, bytes], ObserveRelation] = {}
         self._non_notifications: dict[tuple[Peer, int], ObserveRelation] = {}
+        # A static resource's piggybacked answers: the request's bytes after the token -> (code, the
+        # answer's bytes after the token). Same bytes decode to the same request, hence the same answer.
+        self._static: dict[bytes, tuple[int, bytes]] = {}
 
     # ------------------------------------------------------------ sans-IO surface
 
@@ -190,6 +198,16 @@ class CoapLayer:
                     self._out.append((cached, peer))
                     stats.sent += 1
                 return
+            if code == GET and mtype == CON and self._static:
+                tkl = header[1]
+                static = self._static.get(data[4 + tkl:]) if tkl <= 8 and len(data) >= 4 + tkl else None
+                if static is not None:
+                    # The common GET of a static resource: its answer without decoding (see _remember_static).
+                    answer = bytes((data[0] | 0x20, static[0])) + data[2:4 + tkl] + static[1]  # ACK, same MID, token
+                    dedup_bucket[(peer, mid)] = answer
+                    self._out.append((answer, peer))
+                    stats.sent += 1
+                    return
         try:
             message = decode_after_header(data, header)
         except CoapDecodeError as error:
@@ -205,6 +223,8 @@ class CoapLayer:
             incoming = IncomingRequest(peer, message)
             incoming._dedup_bucket = dedup_bucket
             incoming._dedup_key = (peer, mid)
+            if code == GET and mtype == CON:
+                incoming._datagram = data
             self._receive_request(incoming, now)
         else:
             self._receive_separate_response(message, peer, dedup_bucket, now)
@@ -249,6 +269,7 @@ class CoapLayer:
             answer.set_option(OptionNumber.BLOCK1, encode_block(incoming._block1.num, False, incoming._block1.szx))
         block2 = incoming.block2
         if block2 is not None or len(answer.payload) > (16 << self.params.block_szx):
+            incoming.static = False  # the body is stored for the next blocks
             answer = self._first_block_of(incoming.peer, request, answer, block2, now)
         self._send_response(incoming, answer, now)
         return relation
@@ -426,6 +447,8 @@ class CoapLayer:
             bucket = incoming._dedup_bucket
             if bucket is not None:
                 bucket[incoming._dedup_key] = data
+            if incoming.static and incoming._datagram is not None:
+                self._remember_static(incoming, data)
             self._out.append((data, peer))
             self.stats.sent += 1
             return
@@ -437,6 +460,25 @@ class CoapLayer:
             # RFC 7252 section 5.2.3: a NON request gets a NON response.
             data = encode_message(NON, answer.code, mid, request.token, answer.options, answer.payload)
         self._send(data, peer)
+
+    def _remember_static(self, incoming: IncomingRequest, data: bytes) -> None:
+        """Keep a static resource's piggybacked answer to a plain GET for the next identical one.
+
+        Plain: Uri-Host, Uri-Port, Uri-Path, Uri-Query, Accept and no payload; every other option may
+        have an effect beside the answer (Observe registers, Block2 stores a body, a tag is counted).
+        """
+        request = incoming.request
+        if request.payload or not all(number in _STATIC_OPTIONS for number, _ in request.options):
+            return
+        static = self._static
+        if len(static) >= MAX_STATIC_ANSWERS:
+            static.clear()
+        after_token = 4 + len(request.token)
+        static[incoming._datagram[after_token:]] = (data[1], data[after_token:])  # type: ignore[index]
+
+    def forget_static_answers(self) -> None:
+        """The resources changed: answer every request in full again."""
+        self._static.clear()
 
     def _cache_answer(self, incoming: IncomingRequest, data: bytes) -> None:
         """Remember what answered this CON so a duplicate gets it again (section 4.5)."""

@@ -41,6 +41,7 @@ from nettester.protocols.coap.parameters import LayerStats, TransmissionParamete
 from nettester.protocols.coap.resources import Site, build_site
 from nettester.protocols.coap.resources.extended import extended_resources
 from nettester.protocols.coap.resources.plugtest import plugtest_resources
+from nettester.reactor import listen_udp
 from nettester.service import set_exit_status
 from nettester.udplink import UdpLink
 
@@ -329,7 +330,7 @@ class CoapServerService(Service):
         port_number = self._base_port + offset if self._base_port else 0
         endpoint = CoapEndpoint(link, self._reactor, params=self._endpoint_params(name))
         site.attach(endpoint)
-        port = self._reactor.listenUDP(port_number, link, interface=address)
+        port = listen_udp(self._reactor, port_number, link, address)
         self._ports.append(port)
         self.endpoints.append(endpoint)
         actual = port.getHost().port
