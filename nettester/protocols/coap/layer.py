@@ -465,10 +465,12 @@ class CoapLayer:
         """Keep a static resource's piggybacked answer to a plain GET for the next identical one.
 
         Plain: Uri-Host, Uri-Port, Uri-Path, Uri-Query, Accept and no payload; every other option may
-        have an effect beside the answer (Observe registers, Block2 stores a body, a tag is counted).
+        have an effect beside the answer (Observe registers, Block2 stores a body, a tag is counted), and
+        so does the last block of an upload (its Block1 option is gone from ``request`` by now).
         """
         request = incoming.request
-        if request.payload or not all(number in _STATIC_OPTIONS for number, _ in request.options):
+        if (request.payload or incoming._block1 is not None
+                or not all(number in _STATIC_OPTIONS for number, _ in request.options)):
             return
         static = self._static
         if len(static) >= MAX_STATIC_ANSWERS:

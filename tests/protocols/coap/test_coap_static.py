@@ -161,3 +161,10 @@ def test_fuzz_answers_from_memory_equal_full_answers(token: bytes, queries: list
         static.clock.advance(2.0)  # separate answers (``ack``) come later
         full.clock.advance(2.0)
         assert static.sent == full.sent
+
+
+def test_the_last_block_of_an_upload_is_served_in_full() -> None:
+    static, full = both()
+    for mid in (1, 2):
+        ask_both(static, full, get(mid, b"u", [*BENCHMARK, (OptionNumber.BLOCK1, encode_block(0, False, 2))]))
+    assert static.calls == 2 and not static.endpoint.core._static
