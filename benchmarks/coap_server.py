@@ -176,11 +176,16 @@ def run_vs_libcoap(args: argparse.Namespace, udpload: str, directory: str) -> No
     if libcoap is None:
         raise SystemExit("--vs libcoap needs coap-server-notls (apt-get install libcoap3-bin)")
 
+    per_cpu: dict[str, list[float]] = {"ours": [], "theirs": []}
+
     def ours() -> float:
         with ServerRole(args.receive_buffer, args.server_core, directory) as server:
             load(udpload, server.coap_port, args.sockets, args.window, 1.0, args.load_core)  # warm-up
+            before = server.cpu_seconds()
             rate, line = load(udpload, server.coap_port, args.sockets, args.window, args.seconds, args.load_core)
-        print("  nettester:", line, flush=True)
+            used = server.cpu_seconds() - before
+        per_cpu["ours"].append(rate * args.seconds / used if used else 0.0)
+        print(f"  nettester: {line} server_cpu_s={used:.2f} per_cpu_second={per_cpu['ours'][-1]:.0f}", flush=True)
         return rate
 
     def theirs() -> float:
@@ -189,17 +194,22 @@ def run_vs_libcoap(args: argparse.Namespace, udpload: str, directory: str) -> No
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             load(udpload, port, args.sockets, args.window, 1.0, args.load_core, path="time")  # warm-up
+            before = tree_cpu_seconds(process.pid)
             rate, line = load(udpload, port, args.sockets, args.window, args.seconds, args.load_core, path="time")
+            used = tree_cpu_seconds(process.pid) - before
         finally:
             process.terminate()
             process.wait(timeout=10)
-        print("  libcoap:  ", line, flush=True)
+        per_cpu["theirs"].append(rate * args.seconds / used if used else 0.0)
+        print(f"  libcoap:   {line} server_cpu_s={used:.2f} per_cpu_second={per_cpu['theirs'][-1]:.0f}", flush=True)
         return rate
 
     ratios = alternate(args.rounds, ours, theirs, "nettester/libcoap req/s, round")
-    print(f"coap-server vs libcoap 4.3 coap-server-notls: median ratio {median(ratios):.2f} "
-          f"({args.rounds} alternating rounds, both on core {args.server_core}, udpload {args.sockets}x"
-          f"{args.window} {args.seconds:g} s; ours GET {PATH}, libcoap GET time; goal >= 0.9)")
+    cpu_ratios = [a / b if b else 0.0 for a, b in zip(per_cpu["ours"], per_cpu["theirs"], strict=True)]
+    print(f"coap-server vs libcoap 4.3 coap-server-notls: median ratio {median(ratios):.2f}, answers per server "
+          f"CPU-second median ratio {median(cpu_ratios):.2f} ({args.rounds} alternating rounds, both on core "
+          f"{args.server_core}, udpload {args.sockets}x{args.window} {args.seconds:g} s; ours GET {PATH}, libcoap "
+          "GET time; goal >= 0.9)")
 
 
 def tcp_load(port: int, path: str, args: argparse.Namespace, seconds: float) -> tuple[int, float, str]:

@@ -207,6 +207,8 @@ def vs_coturn(args: argparse.Namespace) -> None:
     if binary is None:
         raise SystemExit("--vs coturn needs udpload (gcc and the shared source; see UDPLOAD_SOURCE)")
 
+    per_cpu: dict[str, list[float]] = {"nettester": [], "coturn -m 1": []}
+
     def measure(command: list[str] | None, name: str) -> float:
         port = free_udp_ports(1)[0]
         if command is not None:
@@ -214,18 +216,24 @@ def vs_coturn(args: argparse.Namespace) -> None:
         server = start_server(port, core=1, command=command)
         try:
             run_udpload(binary, port, args.sockets, args.window, 1.0)  # warm-up
+            before = cpu_seconds(server.pid)
             line = run_udpload(binary, port, args.sockets, args.window, args.seconds)
+            used = cpu_seconds(server.pid) - before
         finally:
             server.terminate()
             server.wait(timeout=10)
-        print(f"  {name}:", line, flush=True)
-        return float(dict(re.findall(r"(\w+)=(\S+)", line)).get("rate", 0))
+        rate = float(dict(re.findall(r"(\w+)=(\S+)", line)).get("rate", 0))
+        per_cpu[name].append(rate * args.seconds / used if used else 0.0)
+        print(f"  {name}: {line} server_cpu_s={used:.2f} per_cpu_second={per_cpu[name][-1]:.0f}", flush=True)
+        return rate
 
     coturn = [turnserver, "-n", "--stun-only", "--no-cli", "-L", "127.0.0.1", "--no-tls", "--no-dtls", "-m", "1"]
     ratios = alternate(args.rounds, lambda: measure(None, "nettester"), lambda: measure(coturn, "coturn -m 1"),
                        "nettester/coturn responses/s, round")
-    print(f"stun-server vs coturn turnserver -m 1: median ratio {median(ratios):.2f} ({args.rounds} alternating "
-          f"rounds, both on core 1, udpload {args.sockets}x{args.window} {args.seconds:g} s; goal >= 1.0)")
+    cpu_ratios = [a / b if b else 0.0 for a, b in zip(per_cpu["nettester"], per_cpu["coturn -m 1"], strict=True)]
+    print(f"stun-server vs coturn turnserver -m 1: median ratio {median(ratios):.2f}, responses per server "
+          f"CPU-second median ratio {median(cpu_ratios):.2f} ({args.rounds} alternating rounds, both on core 1, "
+          f"udpload {args.sockets}x{args.window} {args.seconds:g} s; goal >= 1.0)")
 
 
 def main() -> None:

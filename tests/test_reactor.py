@@ -19,11 +19,10 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python import log as legacy_log
 from zope.interface import implementer
 
-from nettester.cluster.node import DrainingPort
 from nettester.interfaces import IDatagramReadDescriptor
 from nettester.nat.proxy import OutgoingSocket
 from nettester.protocols.stun.client import ClientSocket
-from nettester.reactor import SHORT_NAME, DatagramEPollReactor, is_datagram_reader
+from nettester.reactor import SHORT_NAME, DatagramEPollReactor, DrainingPort, is_datagram_reader, listen_udp
 from tests.logcapture import log_events
 
 POLL_SECONDS = 2.0  # an upper bound: the poll returns as soon as the datagram is there
@@ -73,6 +72,37 @@ def test_udp_port_is_read_without_the_logging_wrapper(reactor: DatagramEPollReac
     reactor.doPoll(POLL_SECONDS)
     assert protocol.datagrams == [b"one"]
     assert port not in wrapped_calls  # (the reactor's own wakers may be in it: a child process exited earlier)
+
+
+def test_listen_udp_opens_a_draining_port_read_without_the_wrapper(reactor: DatagramEPollReactor,
+                                                                   wrapped_calls: list[Any]) -> None:
+    protocol = Collecting()
+    port = listen_udp(reactor, 0, protocol, "127.0.0.1", 2048)
+    try:
+        assert isinstance(port, DrainingPort) and port.maxPacketSize == 2048
+        _send_to(port.getHost().port, b"one")
+        reactor.doPoll(POLL_SECONDS)
+        assert protocol.datagrams == [b"one"]
+        assert port not in wrapped_calls
+    finally:
+        port.stopListening()
+
+
+class FakeUdpReactor:
+    """Not a POSIX reactor: only listenUDP, recorded."""
+
+    def __init__(self) -> None:
+        self.listened: list[tuple[int, str, int]] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> str:
+        self.listened.append((port, interface, maxPacketSize))
+        return "its own port"
+
+
+def test_listen_udp_leaves_a_fake_reactor_its_own_listenudp() -> None:
+    fake = FakeUdpReactor()
+    assert listen_udp(fake, 5683, Collecting(), "127.0.0.1", 2048) == "its own port"
+    assert fake.listened == [(5683, "127.0.0.1", 2048)]
 
 
 class SocketReader:

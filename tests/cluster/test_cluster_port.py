@@ -11,7 +11,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactor
 
-from nettester.cluster.node import MAX_DATAGRAMS_PER_READ, DrainingPort
+from nettester.reactor import MAX_DATAGRAMS_PER_READ, PROBED_READS, DrainingPort
 from tests.logcapture import log_events
 
 pytestmark = pytest.mark.integration
@@ -94,3 +94,57 @@ def test_a_failing_handler_is_logged_and_the_next_datagram_still_read() -> None:
     assert [datagram for datagram, _ in protocol.received] == [b"bad", b"good"]
     (failure,) = [e for e in events if e.get("event") == "datagram_handler_failed"]
     assert failure["log_failure"].check(RuntimeError)
+
+
+class CountingSocket:
+    """A fake socket: a queue of datagrams, counting the reads that failed with EAGAIN."""
+
+    def __init__(self, datagrams: list[bytes]) -> None:
+        self.queue = list(datagrams)
+        self.failed_reads = 0
+        self.probes = 0
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        if not self.queue:
+            self.failed_reads += 1
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return self.queue.pop(0), ("192.0.2.1", 4000)
+
+    def fileno(self) -> int:
+        return -1
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A DrainingPort over a CountingSocket; FIONREAD answers from the fake queue."""
+    import nettester.reactor as module
+
+    def ioctl(fileno: int, request: int, buffer: bytearray) -> None:
+        assert request == module.termios.FIONREAD
+        sock.probes += 1
+        buffer[:] = len(sock.queue[0]).to_bytes(4, "little") if sock.queue else b"\0\0\0\0"
+
+    monkeypatch.setattr(module.fcntl, "ioctl", ioctl)
+    protocol = Recorder()
+    port = DrainingPort(0, protocol, interface="127.0.0.1", reactor=MemoryReactor())
+    sock = CountingSocket([])
+    port.socket = sock  # type: ignore[assignment]
+    return port, sock, protocol
+
+
+def test_a_wake_up_with_few_datagrams_ends_on_fionread_without_a_failing_read(fake: Any) -> None:
+    port, sock, protocol = fake
+    for count in range(1, PROBED_READS + 1):
+        sock.queue[:] = [b"d"] * count
+        port.doRead()
+        assert sock.queue == [] and sock.failed_reads == 0
+    assert len(protocol.received) == sum(range(1, PROBED_READS + 1))
+
+
+def test_a_loaded_wake_up_reads_on_without_a_probe_per_datagram(fake: Any) -> None:
+    port, sock, protocol = fake
+    sock.queue[:] = [b"d"] * 10
+    port.doRead()
+    assert len(protocol.received) == 10
+    assert sock.probes == PROBED_READS  # then one EAGAIN for the whole batch
+    assert sock.failed_reads == 1

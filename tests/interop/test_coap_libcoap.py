@@ -19,9 +19,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from nettester.protocols.coap.bench import BenchConfig, CoapBenchService
 from nettester.protocols.coap.client import parse_uri
 from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
-from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, response
+from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation
 from nettester.protocols.coap.linkformat import parse_links
-from nettester.protocols.coap.message import CON, Code, ContentFormat, Message, OptionNumber
+from nettester.protocols.coap.message import CON, Code, ContentFormat, Message, OptionNumber, response
 from nettester.protocols.coap.resources.plugtest import large_body
 from nettester.protocols.coap.server import CoapServerService
 from nettester.protocols.dtls.connection import DtlsConfiguration

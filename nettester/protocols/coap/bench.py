@@ -45,7 +45,8 @@ from nettester.protocols.coap.client import (
     server_text,
 )
 from nettester.protocols.coap.endpoint import CoapRequestError
-from nettester.protocols.coap.layer import ResponseReceived, TransmissionParameters
+from nettester.protocols.coap.events import ResponseReceived
+from nettester.protocols.coap.parameters import TransmissionParameters
 from nettester.protocols.coap.tcplink import TcpLink, endpoint_class
 from nettester.protocols.dtls.endpoint import DtlsConnectError, DtlsEndpoint
 from nettester.report import (

@@ -28,14 +28,13 @@ from nettester.protocols.coap.events import (
     Event,
     MessageRejected,
     ObserveCancelled,
-    Peer,
     RequestFailed,
     RequestReceived,
     ResponseReceived,
 )
 from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation, OutgoingRequest
 from nettester.protocols.coap.layer import CoapLayer
-from nettester.protocols.coap.message import Code, Message, OptionNumber, response
+from nettester.protocols.coap.message import Code, Message, OptionNumber, Peer, response
 from nettester.protocols.coap.parameters import LayerStats, TransmissionParameters
 
 log = Logger()

@@ -6,16 +6,13 @@ adapter dispatches on the class, tests compare them as plain values.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nettester.protocols.coap.message import Message
+from nettester.protocols.coap.message import Message, Peer
 
 if TYPE_CHECKING:
     from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation, OutgoingRequest
-
-Peer = Hashable
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,11 @@ from collections.abc import Hashable
 
 from nettester.addresses import address_text
 from nettester.protocols.coap.blockwise import Block2Assembly, block1_request
-from nettester.protocols.coap.message import BlockValue, Message, OptionNumber, decode_block
+from nettester.protocols.coap.message import BlockValue, Message, OptionNumber, Peer, decode_block
 
-Peer = Hashable
+# RFC 7641 section 3.4: notifications more than 128 s apart are always fresh.
+OBSERVE_FRESHNESS_SECONDS = 128.0
+
 
 class IncomingRequest:
     """A request received from a peer, waiting for the application's answer.
@@ -23,8 +25,8 @@ class IncomingRequest:
     """
 
     __slots__ = (
-        "peer", "request", "observe", "accept", "block2", "has_block1", "answered", "accepted",
-        "_dedup_bucket", "_dedup_key", "_block1",
+        "peer", "request", "observe", "accept", "block2", "has_block1", "answered", "accepted", "static",
+        "_dedup_bucket", "_dedup_key", "_block1", "_datagram",
     )
 
     def __init__(self, peer: Peer, request: Message) -> None:
@@ -48,9 +50,13 @@ class IncomingRequest:
         self.answered = False
         #: True once an empty ACK announced a separate response.
         self.accepted = False
+        #: Set by the resource tree: the answer is a function of the request's bytes alone, so the layer may
+        #: answer the next identical plain GET from memory (``static.StaticAnswers``).
+        self.static = False
         self._dedup_bucket: dict[Hashable, bytes | None] | None = None
         self._dedup_key: Hashable = None
         self._block1: BlockValue | None = None
+        self._datagram: bytes | None = None  # a CON GET's datagram, for the static answers
 
     def __repr__(self) -> str:
         return f"<IncomingRequest {self.request.describe()} from {address_text(self.peer)}>"
@@ -118,6 +124,20 @@ class OutgoingRequest:
         if self._expires is not None and self._expires < deadline:
             deadline = self._expires
         return deadline
+
+    def observe_is_fresh(self, value: int, now: float) -> bool:
+        """RFC 7641 section 3.4, the client's reordering check: is notification ``value`` newer than
+        the last one (24-bit serial arithmetic, or more than 128 s later)? Remembers it if so."""
+        last = self._last_observe
+        fresh = (
+            last is None
+            or (last[0] < value and value - last[0] < (1 << 23))
+            or (last[0] > value and last[0] - value > (1 << 23))
+            or now > last[1] + OBSERVE_FRESHNESS_SECONDS
+        )
+        if fresh:
+            self._last_observe = (value, now)
+        return fresh
 
 
 class ObserveRelation:

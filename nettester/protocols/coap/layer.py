@@ -38,7 +38,6 @@ from nettester.protocols.coap.blockwise import (
     cache_key,
 )
 from nettester.protocols.coap.events import (
-    CoapEvent,
     Event,
     MessageRejected,
     ObserveCancelled,
@@ -51,7 +50,6 @@ from nettester.protocols.coap.exchanges import (
     ObserveRelation,
     OutgoingRequest,
     Owner,
-    Peer,
     Transmission,
     timer_is_stale,
 )
@@ -66,6 +64,7 @@ from nettester.protocols.coap.message import (
     DecodeFailure,
     Message,
     OptionNumber,
+    Peer,
     code_string,
     decode_after_header,
     encode_block,
@@ -79,19 +78,13 @@ from nettester.protocols.coap.message import (
 from nettester.protocols.coap.observe import (
     OBSERVE_MODULO,
     confirm_now,
-    is_fresh,
     notification_for,
 )
 from nettester.protocols.coap.parameters import LayerStats, TransmissionParameters
+from nettester.protocols.coap.static import StaticAnswers
 from nettester.protocols.coap.store import ExpiringStore
 
-# The events, the observe relation and cache_key keep being importable from
-# here: the other CoAP modules (client, bench, receive test, TCP) use them.
-__all__ = [
-    "CoapEvent", "CoapLayer", "Event", "IncomingRequest", "LayerStats", "MessageRejected", "ObserveCancelled",
-    "ObserveRelation", "OutgoingRequest", "Peer", "RequestFailed", "RequestReceived", "ResponseReceived",
-    "TransmissionParameters", "cache_key", "response",
-]
+GET = Code.GET
 
 # ---------------------------------------------------------------- the layer
 
@@ -135,6 +128,8 @@ class CoapLayer:
         self._queued: dict[Peer, deque[OutgoingRequest]] = {}
         self._relations: dict[tuple[Peer, bytes], ObserveRelation] = {}
         self._non_notifications: dict[tuple[Peer, int], ObserveRelation] = {}
+        #: the static resources' answers (``static.py``); cleared when the resources change
+        self.static_answers = StaticAnswers()
 
     # ------------------------------------------------------------ sans-IO surface
 
@@ -194,6 +189,14 @@ class CoapLayer:
                     self._out.append((cached, peer))
                     stats.sent += 1
                 return
+            if code == GET and mtype == CON and self.static_answers.answers:
+                # The common GET of a static resource: its answer without decoding (static.py).
+                answer = self.static_answers.answer(data, header[1])
+                if answer is not None:
+                    dedup_bucket[(peer, mid)] = answer
+                    self._out.append((answer, peer))
+                    stats.sent += 1
+                    return
         try:
             message = decode_after_header(data, header)
         except CoapDecodeError as error:
@@ -209,6 +212,8 @@ class CoapLayer:
             incoming = IncomingRequest(peer, message)
             incoming._dedup_bucket = dedup_bucket
             incoming._dedup_key = (peer, mid)
+            if code == GET and mtype == CON:
+                incoming._datagram = data
             self._receive_request(incoming, now)
         else:
             self._receive_separate_response(message, peer, dedup_bucket, now)
@@ -254,6 +259,7 @@ class CoapLayer:
             answer.set_option(OptionNumber.BLOCK1, encode_block(block1.num, False, block1.szx, bert=True))
         block2 = incoming.block2
         if block2 is not None or len(answer.payload) > (16 << self.params.block_szx):
+            incoming.static = False  # the body is stored for the next blocks
             answer = self._first_block_of(incoming.peer, request, answer, block2, now)
         self._send_response(incoming, answer, now)
         return relation
@@ -429,9 +435,9 @@ class CoapLayer:
         if request.mtype == CON and not incoming.accepted:
             # The hot path: a piggybacked answer, remembered for duplicates (section 4.5).
             data = encode_message(ACK, answer.code, request.mid, request.token, answer.options, answer.payload)
-            bucket = incoming._dedup_bucket
-            if bucket is not None:
-                bucket[incoming._dedup_key] = data
+            incoming.cache_answer(data)
+            if incoming.static:
+                self.static_answers.remember(incoming, data)
             self._out.append((data, peer))
             self.stats.sent += 1
             return
@@ -630,7 +636,7 @@ class CoapLayer:
             outgoing._assembly = None
         if outgoing.observe and message.observe is not None and message.code >> 5 == 2:
             first = outgoing._last_observe is None
-            if not self._is_fresh(outgoing, message.observe, now):
+            if not outgoing.observe_is_fresh(message.observe, now):
                 self.stats.stale_notifications += 1
                 return
             self._release_slot(outgoing, now)
@@ -667,13 +673,6 @@ class CoapLayer:
         follow_up = block2_follow_up(outgoing.request, block2)
         self._send_request_message(outgoing, follow_up, self._new_token(outgoing.peer), now)
         return False
-
-    def _is_fresh(self, outgoing: OutgoingRequest, value: int, now: float) -> bool:
-        """RFC 7641 section 3.4: is notification ``value`` newer than the last one?"""
-        fresh = is_fresh(outgoing._last_observe, value, now)
-        if fresh:
-            outgoing._last_observe = (value, now)
-        return fresh
 
     def _finish_with(self, outgoing: OutgoingRequest, event: Event, now: float) -> None:
         self._finish(outgoing, now)

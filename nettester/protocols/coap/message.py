@@ -14,8 +14,13 @@ or 4.02 Bad Option piggybacked for a request) or count and drop it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import NamedTuple
+
+#: Whatever identifies a peer to the layers above the socket (an address, a DTLS peer): hashable.
+Peer = Hashable
 
 VERSION = 1
 MAX_TOKEN_LENGTH = 8
@@ -541,7 +546,7 @@ def encode_options(options: list[Option] | tuple[Option, ...]) -> bytes:
     out = bytearray()
     previous = 0
     if len(options) > 1:
-        options = sorted(options, key=_option_number)
+        options = sorted(options, key=_OPTION_NUMBER)
     for number, value in options:
         delta = number - previous
         previous = number
@@ -558,8 +563,7 @@ def encode_options(options: list[Option] | tuple[Option, ...]) -> bytes:
     return bytes(out)
 
 
-def _option_number(option: Option) -> int:
-    return option[0]
+_OPTION_NUMBER = itemgetter(0)  # the sort key of options, in C
 
 
 def encode_message(

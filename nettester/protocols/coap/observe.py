@@ -9,7 +9,6 @@ handle in ``exchanges.py``):
   (section 4.2);
 - ``confirm_now``: when a NON notification turns CON so that an observer
   that went away is noticed (section 4.5);
-- ``is_fresh``: the client's reordering check (section 3.4).
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ from nettester.protocols.coap.message import Code, Message, OptionNumber
 
 # RFC 7641 section 4.4: the Observe sequence number is 24 bits.
 OBSERVE_MODULO = 1 << 24
-# RFC 7641 section 3.4: notifications more than 128 s apart are always fresh.
-OBSERVE_FRESHNESS_SECONDS = 128.0
 
 
 def notification_for(relation: ObserveRelation, notification: Message, final: bool = False) -> bool:
@@ -50,13 +47,3 @@ def notification_for(relation: ObserveRelation, notification: Message, final: bo
 def confirm_now(relation: ObserveRelation, now: float, check_count: int, check_interval: float) -> bool:
     """Whether a NON notification must go CON this time (RFC 7641 section 4.5)."""
     return relation._non_in_a_row + 1 >= check_count or now - relation._last_con >= check_interval
-
-
-def is_fresh(last: tuple[int, float] | None, value: int, now: float) -> bool:
-    """RFC 7641 section 3.4: is notification ``value`` newer than ``last`` (number, arrival time)?"""
-    return (
-        last is None
-        or (last[0] < value and value - last[0] < (1 << 23))
-        or (last[0] > value and last[0] - value > (1 << 23))
-        or now > last[1] + OBSERVE_FRESHNESS_SECONDS
-    )

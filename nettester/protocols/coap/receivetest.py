@@ -46,7 +46,7 @@ from nettester.protocols.coap.client import (
     server_text,
 )
 from nettester.protocols.coap.endpoint import CoapRequestError
-from nettester.protocols.coap.layer import ResponseReceived
+from nettester.protocols.coap.events import ResponseReceived
 from nettester.protocols.coap.message import Code, ContentFormat, Message, code_name
 from nettester.protocols.coap.options import MAX_TRANSMIT_WAIT
 from nettester.protocols.coap.resources.extended import REQUESTS_HISTORY

@@ -17,8 +17,8 @@ import sys
 from dataclasses import replace
 
 from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation, OutgoingRequest
-from nettester.protocols.coap.layer import CoapLayer, Peer
-from nettester.protocols.coap.message import NON, Message, OptionNumber, encode_block, is_request
+from nettester.protocols.coap.layer import CoapLayer
+from nettester.protocols.coap.message import NON, Message, OptionNumber, Peer, encode_block, is_request
 from nettester.protocols.coap.parameters import TransmissionParameters
 
 #: RFC 8323 section 6: SZX 7 is BERT (blocks of multiples of 1024 bytes).

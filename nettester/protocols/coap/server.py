@@ -43,6 +43,7 @@ from nettester.protocols.coap.resources.extended import extended_resources
 from nettester.protocols.coap.resources.plugtest import plugtest_resources
 from nettester.protocols.coap.tcplink import ReliableCoapEndpoint, TcpLink
 from nettester.protocols.coap.tls import TlsServer
+from nettester.reactor import listen_udp
 from nettester.service import set_exit_status
 from nettester.udplink import UdpLink
 from nettester.workers import merge_metric_families, metric_families, prometheus_families
@@ -350,7 +351,7 @@ class CoapServerService(Service):
             port = link.listen(port_number, address)
         else:
             endpoint = CoapEndpoint(link, self._reactor, params=self._endpoint_params(name))
-            port = self._reactor.listenUDP(port_number, link, interface=address)
+            port = listen_udp(self._reactor, port_number, link, address)
         site.attach(endpoint)
         self._ports.append(port)
         self.endpoints.append(endpoint)

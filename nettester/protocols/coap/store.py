@@ -17,6 +17,7 @@ from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 Value = TypeVar("Value")
+_ABSENT = object()  # a stored value is never this
 
 
 class ExpiringStore(Generic[Value]):
@@ -66,10 +67,18 @@ class ExpiringStore(Generic[Value]):
         When ``key`` is new it is stored with ``value``: returns (its bucket,
         None). When it is known: returns (None, the stored value).
         """
-        for bucket in reversed(self._buckets):
-            if key in bucket:
-                return None, bucket[key]
-        return self.put(key, value, now), None
+        buckets = self._buckets
+        for bucket in reversed(buckets):
+            found = bucket.get(key, _ABSENT)
+            if found is not _ABSENT:
+                return None, found  # type: ignore[return-value]
+        # What put() does, knowing the key is in no bucket (the common case: a new message).
+        if now >= self._closes_at or self._count >= self.max_entries:
+            return self.put(key, value, now), None
+        bucket = buckets[-1]
+        bucket[key] = value
+        self._count += 1
+        return bucket, None
 
     def put(self, key: Hashable, value: Value, now: float) -> dict[Hashable, Value]:
         """Store ``key`` in the newest bucket; returns that bucket."""

@@ -24,8 +24,7 @@ from nettester.interfaces import IDatagramLink
 from nettester.link import PeerContext
 from nettester.logs import Logger
 from nettester.protocols.coap.endpoint import CoapEndpoint
-from nettester.protocols.coap.events import Peer
-from nettester.protocols.coap.message import Message
+from nettester.protocols.coap.message import Message, Peer
 from nettester.protocols.coap.reliable import ReliableCoapLayer
 from nettester.protocols.coap.tcp import (
     CoapStream,

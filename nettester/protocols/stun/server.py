@@ -41,6 +41,7 @@ from nettester.protocols.stun.responder import (
     BindingResponder,
     Reply,
 )
+from nettester.reactor import listen_udp
 from nettester.service import set_exit_status
 
 log = Logger()
@@ -70,6 +71,7 @@ class StunDatagramProtocol(DatagramProtocol):
     def __init__(self, via: int, sockets: list[UdpPort]) -> None:
         self._via = via
         self._sockets = sockets  # the listening ports, indexed like the responder's addresses
+        self._sendto: list[Callable[[bytes, tuple[str, int]], object]] = []
         self._respond: Callable[..., Reply | None] | None = None
         self._counters: ServerCounters | None = None
         self._clock: Callable[[], float] = _no_clock
@@ -89,6 +91,9 @@ class StunDatagramProtocol(DatagramProtocol):
         ``listening`` is this socket's address as the journal writes it.
         """
         self._respond = responder.respond
+        # Straight to each socket: Port.write re-validates the address text on every datagram, and the
+        # address here is the one recvfrom gave (or its port replaced), valid by construction.
+        self._sendto = [port.getHandle().sendto for port in self._sockets]
         self._counters = counters
         self._clock = clock
         self._journal = journal
@@ -103,7 +108,7 @@ class StunDatagramProtocol(DatagramProtocol):
         reply = self._respond(datagram, peer, self._via, now)
         if reply is not None:
             try:
-                self._sockets[reply[1]].write(reply[0], (addr[0], reply[2]) if reply[2] else addr)
+                self._sendto[reply[1]](reply[0], (addr[0], reply[2]) if reply[2] else addr)
             except OSError:  # a full send buffer (EAGAIN, ENOBUFS): count it, never a traceback per datagram
                 assert self._counters is not None
                 self._counters.dropped.inc("send_failed")
@@ -290,9 +295,7 @@ class StunServerService(Service):
         )
 
     def _listen_udp(self, interface: str, port: int, via: int) -> UdpPort:
-        return self._reactor.listenUDP(
-            port, StunDatagramProtocol(via, self._udp), interface=interface, maxPacketSize=65535
-        )
+        return listen_udp(self._reactor, port, StunDatagramProtocol(via, self._udp), interface, 65535)
 
     @staticmethod
     def _address_of(port: UdpPort) -> Address:

@@ -11,14 +11,10 @@ from zope.interface.verify import verifyObject
 
 from nettester.interfaces import IDatagramLink, IDatagramReceiver
 from nettester.protocols.coap.endpoint import CoapEndpoint, CoapRequestError
-from nettester.protocols.coap.layer import (
-    IncomingRequest,
-    ObserveRelation,
-    ResponseReceived,
-    TransmissionParameters,
-    response,
-)
-from nettester.protocols.coap.message import NON, Code, Message, decode
+from nettester.protocols.coap.events import ResponseReceived
+from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation
+from nettester.protocols.coap.message import NON, Code, Message, decode, response
+from nettester.protocols.coap.parameters import TransmissionParameters
 from nettester.udplink import UdpLink
 
 

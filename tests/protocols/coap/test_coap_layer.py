@@ -8,18 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nettester.protocols.coap.layer import (
-    CoapLayer,
-    IncomingRequest,
+from nettester.protocols.coap.events import (
     MessageRejected,
     ObserveCancelled,
-    OutgoingRequest,
     RequestFailed,
     RequestReceived,
     ResponseReceived,
-    TransmissionParameters,
-    response,
 )
+from nettester.protocols.coap.exchanges import IncomingRequest, OutgoingRequest
+from nettester.protocols.coap.layer import CoapLayer
 from nettester.protocols.coap.message import (
     ACK,
     CON,
@@ -32,7 +29,9 @@ from nettester.protocols.coap.message import (
     encode_block,
     encode_empty,
     encode_uint,
+    response,
 )
+from nettester.protocols.coap.parameters import TransmissionParameters
 
 CLIENT, SERVER = ("10.0.0.1", 40000), ("10.0.0.2", 5683)
 
@@ -401,10 +400,9 @@ def test_stale_notification_is_dropped() -> None:
     [(5, 6, True), (6, 5, False), ((1 << 24) - 2, 3, True), (3, (1 << 24) - 2, False), (0, 1 << 23, False)],
 )
 def test_observe_sequence_wraparound(last: int, value: int, fresh: bool) -> None:
-    layer = CoapLayer(0.0)
     outgoing = OutgoingRequest(SERVER, get("o"), b"t", None)
     outgoing._last_observe = (last, 10.0)
-    assert layer._is_fresh(outgoing, value, 20.0) is fresh
+    assert outgoing.observe_is_fresh(value, 20.0) is fresh
 
 
 def test_reactive_cancel_resets_next_notification_and_server_forgets() -> None:

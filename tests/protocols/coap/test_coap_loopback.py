@@ -10,8 +10,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from nettester.protocols.coap.endpoint import CoapEndpoint
-from nettester.protocols.coap.layer import IncomingRequest, ObserveRelation, response
-from nettester.protocols.coap.message import CON, NON, Code, Message, OptionNumber
+from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation
+from nettester.protocols.coap.message import CON, NON, Code, Message, OptionNumber, response
 from nettester.udplink import UdpLink
 from tests.loopback import has_ipv6_loopback
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nettester.link import PeerContext
-from nettester.protocols.coap.layer import ResponseReceived
+from nettester.protocols.coap.events import ResponseReceived
 from nettester.protocols.coap.linkformat import parse_links
 from nettester.protocols.coap.message import (
     ACK,

@@ -119,9 +119,12 @@ def test_fuzz_tcp_stream_never_raises(chunks: list[bytes]) -> None:
 
 
 class FullSocket:
-    """A port whose send buffer is full."""
+    """A port whose socket's send buffer is full."""
 
-    def write(self, data: bytes, addr: Any) -> None:
+    def getHandle(self) -> FullSocket:
+        return self
+
+    def sendto(self, data: bytes, addr: Any) -> None:
         raise BlockingIOError(11, "Resource temporarily unavailable")
 
 

@@ -21,10 +21,9 @@ from twisted.internet.task import LoopingCall
 from nettester.addresses import unmapped_host
 from nettester.link import PeerContext
 from nettester.logs import Logger
-from nettester.protocols.coap.events import Peer
 from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation
 from nettester.protocols.coap.linkformat import Link, filter_links, format_links
-from nettester.protocols.coap.message import Code, ContentFormat, Message, OptionNumber, response
+from nettester.protocols.coap.message import Code, ContentFormat, Message, OptionNumber, Peer, response
 
 if TYPE_CHECKING:
     from nettester.protocols.coap.endpoint import Answer, CoapEndpoint
@@ -90,6 +89,9 @@ class Resource:
     observable = False
     confirmable_notifications = True
     visible = True
+    #: True when the answer to a GET is a function of the request's options alone, for the life of the
+    #: resource: the layer then answers the next identical plain GET from memory, without calling ``get``.
+    static = False
 
     def __init__(self, name: str, attributes: tuple[tuple[str, str | None], ...] = ()) -> None:
         self.name = name
@@ -276,11 +278,13 @@ class Site:
         self.root._site = self
         self._routes: dict[tuple[bytes, ...], Resource] = {}
         self._observed: dict[ObserveRelation, tuple[Resource, CoapEndpoint]] = {}
+        self._endpoints: list[CoapEndpoint] = []
         self.tree_changed()
 
     def attach(self, endpoint: CoapEndpoint) -> None:
         """Serve this tree through ``endpoint`` too."""
         endpoint.handler = SiteHandler(self, endpoint)
+        self._endpoints.append(endpoint)
 
     def close(self) -> None:
         """Stop every periodic source and forget every observer (the server stops)."""
@@ -299,6 +303,8 @@ class Site:
             key = tuple(segment.encode() for segment in resource.path.split("/") if segment)
             routes[key] = resource
         self._routes = routes
+        for endpoint in self._endpoints:
+            endpoint.core.static_answers.clear()  # a static answer may be of a resource now gone
 
     def find(self, path: str) -> Resource | None:
         """The resource at ``/a/b``, or None."""
@@ -325,6 +331,7 @@ class Site:
         if method is None:
             return response(Code.METHOD_NOT_ALLOWED)
         exchange = Exchange(request, incoming.peer, self, endpoint, incoming)
+        incoming.static = resource.static and method == "get"
         answer = getattr(resource, method)(exchange)
         accept = incoming.accept
         if accept is not None and isinstance(answer, Message) and answer.payload and answer.code >> 5 == 2:

@@ -62,6 +62,7 @@ class Benchmark(Resource):
     """
 
     observable = True
+    static = True  # the answer depends on the query alone (and ``enabled``, fixed at start)
 
     def __init__(self, enabled: bool) -> None:
         super().__init__("benchmark", (("rt", "benchmark"), ("title", "Benchmark resource")))

@@ -24,6 +24,7 @@ from nettester.protocols.coap.message import (
     MessageType,
     OptionNumber,
     code_name,
+    encode_uint,
     response,
 )
 from nettester.protocols.coap.resources.base import Exchange, PeriodicResource, Resource
@@ -49,11 +50,14 @@ def large_body(size: int = LARGE_SIZE) -> bytes:
     return ("\n".join(lines) + "\n").encode()[:size]
 
 
+_TYPE_NAMES = tuple(MessageType(number).name for number in range(4))  # cheaper than MessageType(n) per request
+
+
 def describe_request(exchange: Exchange) -> str:
     """``Type: 0 (CON)`` / ``Code: 1 (GET)`` / ``MID:`` / ``Token:`` lines."""
     request = exchange.request
     return (
-        f"Type: {int(request.mtype)} ({MessageType(request.mtype).name})\n"
+        f"Type: {int(request.mtype)} ({_TYPE_NAMES[request.mtype]})\n"
         f"Code: {request.code} ({code_name(request.code)})\n"
         f"MID: {request.mid}\n"
         f"Token: {request.token.hex() or '-'}"
@@ -76,11 +80,16 @@ def content_format_missing() -> Message:
     return text_response(Code.BAD_REQUEST, "Content-Format not set")
 
 
+_TEST_MAX_AGE_OPTION = (OptionNumber.MAX_AGE, encode_uint(TEST_MAX_AGE))
+
+
 class DefaultTest(Resource):
     """``test``: TD_COAP_CORE_01..04 (GET, POST creates a location, PUT, DELETE)."""
 
     def get(self, exchange: Exchange) -> Answer:
-        return max_age(text_response(Code.CONTENT, describe_request(exchange)), TEST_MAX_AGE)
+        answer = text_response(Code.CONTENT, describe_request(exchange))
+        answer.options.append(_TEST_MAX_AGE_OPTION)  # what max_age() adds, encoded once
+        return answer
 
     def post(self, exchange: Exchange) -> Answer:
         answer = response(Code.CREATED)

@@ -34,8 +34,17 @@ from twisted.python.failure import Failure
 from nettester.addresses import address_text
 from nettester.logs import Logger
 from nettester.protocols.coap.endpoint import Answer, CoapEndpoint, Observation
-from nettester.protocols.coap.events import Peer, ResponseReceived
-from nettester.protocols.coap.message import CON, Code, ContentFormat, Message, OptionNumber, code_string, response
+from nettester.protocols.coap.events import ResponseReceived
+from nettester.protocols.coap.message import (
+    CON,
+    Code,
+    ContentFormat,
+    Message,
+    OptionNumber,
+    Peer,
+    code_string,
+    response,
+)
 from nettester.protocols.coap.resources.base import Exchange, Resource
 
 log = Logger()
