@@ -67,6 +67,13 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def failed_address(error: BaseException, host: str, port: int) -> tuple[str, int]:
+    """The address a listen failed on: the error's own where Twisted names it, else ``host``, ``port``."""
+    if isinstance(error, CannotListenError):
+        return error.interface or host, error.port if error.port is not None else port
+    return host, port
+
+
 def listen_error_reason(error: BaseException) -> str:
     """What the OS said, without Python's decoration: ``Address already in use``."""
     cause = error.socketError if isinstance(error, CannotListenError) else error
@@ -75,13 +82,8 @@ def listen_error_reason(error: BaseException) -> str:
     return str(cause)
 
 
-def listen_failed(service: IService, reactor: Any, host: str, port: int, option: str, error: BaseException) -> None:
-    """Log the one-line port failure for ``option`` (``--port``, ``--metrics-port``...), then stop, exit status 1.
-
-    ``service`` is any service of the role's tree: the exit status goes to
-    its root. The reactor is stopped once it runs, so a failure during
-    start-up ends the process with this line instead of a traceback.
-    """
+def log_listen_failure(host: str, port: int, option: str, error: BaseException) -> None:
+    """The one-line port failure for ``option`` (``--port``, ``--metrics-port``...), in every role's words."""
     log.critical(
         "cannot listen on {address} ({option}): {reason}; choose another {option}",
         event="listen_failed",
@@ -89,6 +91,16 @@ def listen_failed(service: IService, reactor: Any, host: str, port: int, option:
         option=option,
         reason=listen_error_reason(error),
     )
+
+
+def listen_failed(service: IService, reactor: Any, host: str, port: int, option: str, error: BaseException) -> None:
+    """Log the port failure (``log_listen_failure``), then stop, exit status 1.
+
+    ``service`` is any service of the role's tree: the exit status goes to
+    its root. The reactor is stopped once it runs, so a failure during
+    start-up ends the process with this line instead of a traceback.
+    """
+    log_listen_failure(host, port, option, error)
     set_exit_status(service, 1)
     reactor.callWhenRunning(reactor.stop)
 

@@ -44,7 +44,7 @@ from nettester.protocols.coap.resources.plugtest import plugtest_resources
 from nettester.protocols.coap.tcplink import ReliableCoapEndpoint, TcpLink
 from nettester.protocols.coap.tls import TlsServer
 from nettester.reactor import listen_udp
-from nettester.service import set_exit_status
+from nettester.service import failed_address, listen_failed, set_exit_status
 from nettester.udplink import UdpLink
 from nettester.workers import merge_metric_families, metric_families, prometheus_families
 
@@ -281,7 +281,12 @@ class CoapServerService(Service):
             if self._ready_port_number:
                 self._serve_ready()
         except (CannotListenError, OSError) as error:
-            self._fail(str(error), "choose another --port or --interfaces")
+            host, port = failed_address(error, "0.0.0.0", self._base_port)
+            ready = self._ready_port_number and port == self._ready_port_number and host == (
+                self._ready_interface or "0.0.0.0")
+            self.failed = str(error)
+            self.stopService()
+            listen_failed(self, self._reactor, host, port, "--ready-port" if ready else "--port", error)
 
     def _new_dtls_link(self) -> DtlsEndpoint:
         """A DTLS endpoint from the factory, its counters remembered for the summary and /metrics."""
@@ -296,7 +301,7 @@ class CoapServerService(Service):
         return replace(params, block_szx=PLUGTEST_BLOCK_SZX) if name == "plugtest" else params
 
     def _fail(self, reason: str, advice: str) -> None:
-        """Listening failed: say why and what to do, stop, and make the process exit with status 1."""
+        """The cluster node did not start: say why and what to check, stop, and exit with status 1."""
         self.failed = reason
         log.critical("cannot listen: {reason}; {advice}", event="listen_failed", reason=reason, advice=advice)
         self.stopService()

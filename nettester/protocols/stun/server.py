@@ -42,7 +42,7 @@ from nettester.protocols.stun.responder import (
     Reply,
 )
 from nettester.reactor import listen_udp
-from nettester.service import set_exit_status
+from nettester.service import failed_address, log_listen_failure, set_exit_status
 
 log = Logger()
 
@@ -236,19 +236,12 @@ class StunServerService(Service):
             self._listen()
         except (CannotListenError, OSError) as error:
             self.failed = str(error)
-            log.critical(
-                "Cannot listen on {what}: {reason}; choose another --port/--interface or stop what is using it",
-                event="listen_failed",
-                what=self._where(),
-                reason=str(error),
-            )
+            host, port = failed_address(error, self._interface or "0.0.0.0", self._port)
+            log_listen_failure(host, port, "--port", error)
             self._close_all()
             if self._stop_on_failure:
                 set_exit_status(self, 1)
                 self._reactor.callWhenRunning(self._reactor.stop)
-
-    def _where(self) -> str:
-        return str(Address(self._interface or "0.0.0.0", self._port))
 
     def _listen(self) -> None:
         # With --port 0 the UDP port is the OS's pick; TCP may find that number taken: pick again.

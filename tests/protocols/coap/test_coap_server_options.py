@@ -163,3 +163,34 @@ def test_trust_without_anything_it_is_about_is_refused(tmp_path: Path) -> None:
         parse("--trust", str(bad))
     with pytest.raises(usage.UsageError, match="no PEM certificate"):
         parse("--trust", str(bad), "--psk-sandbox")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("option", ["--port", "--ready-port"])
+def test_a_port_in_use_is_one_line_naming_the_option_and_exit_1(option: str) -> None:
+    """Issue 16: the one shape for every role: cannot listen on <addr>:<port> (<option>): <reason>; choose another."""
+    import socket
+    import subprocess
+
+    from tests.loopback import free_ports
+
+    if option == "--port":
+        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        arguments = ["--port", str(port)]
+    else:
+        taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        arguments = ["--port", str(free_ports(1)[0]), "--ready-port", str(port)]
+    try:
+        result = subprocess.run([sys.executable, "-m", "nettester", "coap-server", "--interfaces", "127.0.0.1",
+                                 *arguments], capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    output = result.stdout + result.stderr
+    where = f"127.0.0.1:{port}" if option == "--port" else f"0.0.0.0:{port}"
+    assert f"cannot listen on {where} ({option}): Address already in use; choose another {option}" in output, output
+    assert result.returncode == 1 and "Traceback" not in output
