@@ -100,7 +100,7 @@ def serve(certificate_path: str, key_path: str) -> None:
     @implementer(IDatagramReceiver)
     class Echo:
         def datagramReceived(self, data: bytes, peer: object) -> None:
-            endpoint.sendDatagram(data, peer)
+            endpoint.send_datagram(data, peer)
 
     endpoint.receiver = Echo()
     port = reactor.listenUDP(0, endpoint, interface="127.0.0.1", maxPacketSize=MAX_DATAGRAM)

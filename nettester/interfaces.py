@@ -85,7 +85,7 @@ class IProtocolModule(Interface):
     summary = Attribute("One line describing the module.")
     roles = Attribute("Sequence of IRole providers, in the order to list them.")
 
-    def localScenario(reactor, options):
+    def local_scenario(reactor, options):
         """The module's part of ``nettester local``.
 
         :param reactor: provides IReactorTCP, IReactorUDP and IReactorTime.
@@ -126,7 +126,7 @@ class IDatagramLink(Interface):
     receiver = Attribute("The IDatagramReceiver that gets incoming datagrams.")
     scheme = Attribute("URI scheme served: 'coap' or 'coaps'.")
 
-    def sendDatagram(data, peer):
+    def send_datagram(data, peer):
         """Send ``data`` to ``peer`` (a handle given to datagramReceived or
         returned by connect)."""
 
@@ -134,7 +134,7 @@ class IDatagramLink(Interface):
         """Client side: a Deferred firing with the peer handle for
         ``address`` (host, port), once any security handshake is done."""
 
-    def peerContext(peer):
+    def peer_context(peer):
         """The :class:`nettester.link.PeerContext` of ``peer``: its current address
         and its security context (identity, cipher suite, CIDs, node id,
         route). Called only when a resource asks, never per datagram."""
@@ -147,13 +147,13 @@ class IConnectionIdGenerator(Interface):
     node owns a CID from the record alone.
     """
 
-    nodeId = Attribute("The node id (0..255) encoded in every CID, or None.")
+    node_id = Attribute("The node id (0..255) encoded in every CID, or None.")
     length = Attribute("Length in bytes of every CID issued (0 disables CID).")
 
-    def newConnectionId(inUse: Container[bytes]) -> bytes:
+    def new_connection_id(inUse: Container[bytes]) -> bytes:
         """A fresh CID not contained in ``inUse`` (a container of bytes)."""
 
-    def nodeIdOf(cid: bytes) -> int | None:
+    def node_id_of(cid: bytes) -> int | None:
         """The node id a CID names, or None when CIDs carry no node id."""
 
 

@@ -133,7 +133,7 @@ def make_local_service(reactor: Any, options: RoleOptions) -> IService:
     scenarios = []
     for module in discover_modules():
         if module.name in options["modules"]:
-            scenario = module.localScenario(reactor, options)
+            scenario = module.local_scenario(reactor, options)
             if scenario is not None:
                 scenarios.append(scenario)
     return LocalService(reactor, scenarios, options)

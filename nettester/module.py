@@ -100,5 +100,5 @@ class ProtocolModule:
     roles: tuple[IRole, ...]
     local: Callable[[Any, RoleOptions], ILocalScenario] | None = None
 
-    def localScenario(self, reactor: Any, options: RoleOptions) -> ILocalScenario | None:
+    def local_scenario(self, reactor: Any, options: RoleOptions) -> ILocalScenario | None:
         return self.local(reactor, options) if self.local is not None else None

@@ -72,7 +72,7 @@ class UdpLink(DatagramProtocol):
         if receiver is not None:
             receiver.datagramReceived(data, addr)
 
-    def sendDatagram(self, data: bytes, peer: UdpPeer) -> None:
+    def send_datagram(self, data: bytes, peer: UdpPeer) -> None:
         """Send one datagram; transient failures are counted and logged at debug."""
         sendto = self._sendto
         if sendto is None:
@@ -94,7 +94,7 @@ class UdpLink(DatagramProtocol):
         resolving: defer.Deferred[str] = self._resolver.resolve(host)
         return resolving.addCallback(lambda resolved: (resolved, port))
 
-    def peerContext(self, peer: UdpPeer) -> PeerContext:
+    def peer_context(self, peer: UdpPeer) -> PeerContext:
         """Plain UDP knows only the address (an IPv4 peer of a dual-stack socket unmapped)."""
         host, port = peer[0], peer[1]
         if host.startswith("::ffff:") and isIPAddress(host[7:]):

@@ -128,7 +128,7 @@ def test_command_role_runs_once_and_records_exit_status() -> None:
 def test_protocol_module_without_local_scenario() -> None:
     module = ProtocolModule("demo", "Demo.", ())
     assert verifyObject(IProtocolModule, module)
-    assert module.localScenario(Clock(), RoleOptions()) is None
+    assert module.local_scenario(Clock(), RoleOptions()) is None
 
 
 def test_a_second_stop_signal_during_shutdown_is_answered_with_a_line() -> None:

@@ -88,7 +88,7 @@ def test_exit_statuses_merge() -> None:
 
 
 def test_a_worker_cid_carries_node_and_worker() -> None:
-    cid = NodeConnectionIdGenerator(6, 4, random=lambda n: b"\xaa" * n, worker=2).newConnectionId(set())
+    cid = NodeConnectionIdGenerator(6, 4, random=lambda n: b"\xaa" * n, worker=2).new_connection_id(set())
     assert cid == b"\x04\x02\xaa\xaa\xaa\xaa"
     with pytest.raises(ValueError, match="at least 3 bytes"):
         NodeConnectionIdGenerator(2, 0, worker=1)

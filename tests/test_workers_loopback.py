@@ -204,7 +204,7 @@ def test_coaps_sessions_stay_on_their_worker_through_nat_reassign_and_rebalance(
             if step != "start":
                 yield nat.console.execute(step)
             for endpoint, peer, answers in clients:
-                endpoint.sendDatagram(get_request(mid), peer)
+                endpoint.send_datagram(get_request(mid), peer)
                 answer = decode((yield answers.queue.get().addTimeout(TIMEOUT, reactor)))
                 assert (answer.mid, answer.code) == (mid, Code.CONTENT), f"answered after {step}"
                 mid += 1

@@ -5,7 +5,7 @@ router -> DTLS endpoint). The node owns the public socket and hands it to the
 endpoint as its transport, so the endpoint answers direct peers itself. A
 datagram the router keeps local goes to ``endpoint.datagramReceived(data,
 client)``; a record another node forwarded goes to
-``endpoint.routedDatagramReceived(records, client, route)``, and the endpoint
+``endpoint.routed_datagram_received(records, client, route)``, and the endpoint
 answers that peer with ``route.send(data, client)``: back through the node the
 client talks to (OUT records), or straight from our public socket with
 ``--no-dtls-cluster-backward``. ``route.name`` is what ``mycontext`` shows
@@ -104,7 +104,7 @@ class ReplicatedEndpoint(Protocol):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         """A datagram from our public socket."""
 
-    def routedDatagramReceived(self, data: bytes, address: Address, route: DatagramRoute) -> None:
+    def routed_datagram_received(self, data: bytes, address: Address, route: DatagramRoute) -> None:
         """A datagram another node forwarded."""
 
 
@@ -276,7 +276,7 @@ class ClusterNodeService(MultiService):
             route = ForwardedRoute(node, self.management, self.send_public, self.config.backward)  # type: ignore[arg-type]
             if len(self._routes) < MAX_CACHED_ROUTES:
                 self._routes[node] = route
-        self._endpoint.routedDatagramReceived(records, client, route)
+        self._endpoint.routed_datagram_received(records, client, route)
 
     def _backwarded(self, records: bytes, client: Address, node: Address) -> None:
         self.send_public(records, client)
@@ -416,5 +416,5 @@ class ReplicationService(Service):
         if route is None:
             self._endpoint.datagramReceived(data, address)
         else:
-            self._endpoint.routedDatagramReceived(data, address, route)
+            self._endpoint.routed_datagram_received(data, address, route)
         return True

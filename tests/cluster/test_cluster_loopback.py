@@ -67,7 +67,7 @@ class StandInEndpoint(DatagramProtocol):
         self.received.append((datagram, client, None))
         self.transport.write(self._answer(datagram, None), client)
 
-    def routedDatagramReceived(self, datagram: bytes, client: tuple[str, int], route: ForwardedRoute) -> None:
+    def routed_datagram_received(self, datagram: bytes, client: tuple[str, int], route: ForwardedRoute) -> None:
         self.received.append((datagram, client, route.name))
         route.send(self._answer(datagram, route.name), client)
 
@@ -311,8 +311,8 @@ class ContextEcho:
 
     def datagramReceived(self, data: bytes, peer: Any) -> None:
         assert self.endpoint is not None
-        context = self.endpoint.peerContext(peer)
-        self.endpoint.sendDatagram(b"node=%d cid-node=%d via=%s|" % (
+        context = self.endpoint.peer_context(peer)
+        self.endpoint.send_datagram(b"node=%d cid-node=%d via=%s|" % (
             self.node_id, context.node_id, (context.via or "direct").encode()) + data, peer)
 
 
@@ -370,7 +370,7 @@ def check_dtls_session(lab: ClusterLab) -> Generator[Any, Any, None]:
 
         @pytest_twisted.inlineCallbacks
         def request(text: bytes) -> Generator[Any, Any, tuple[int, int, str]]:
-            client.sendDatagram(text, peer)
+            client.send_datagram(text, peer)
             answer = yield answers.queue.get().addTimeout(TIMEOUT, reactor)
             head, _, echoed = answer.partition(b"|")
             assert echoed == text

@@ -50,7 +50,7 @@ def test_the_statefulset_container_parses_into_a_k8s_cluster_node(monkeypatch: p
     cluster = options["cluster"]
     assert (cluster.mode, cluster.node_id, cluster.external_management_port) == ("k8s", 2, 5884)
     assert cluster.secret == base64.b64decode(SECRET)
-    assert options["dtls"].cid_generator.nodeId == 2 and options["ready-port"] == 8080
+    assert options["dtls"].cid_generator.node_id == 2 and options["ready-port"] == 8080
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert (ports["coap"], ports["coaps"], ports["mgmt"]) == (options["port"] + 100, 5784, 5884)
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "ready"}

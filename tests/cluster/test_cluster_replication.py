@@ -67,7 +67,7 @@ class FakeEndpoint:
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received.append((data, addr))
 
-    def routedDatagramReceived(self, data: bytes, address: Any, route: Any) -> None:
+    def routed_datagram_received(self, data: bytes, address: Any, route: Any) -> None:
         self.routed.append((data, address, route))
 
 

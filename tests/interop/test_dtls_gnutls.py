@@ -86,7 +86,7 @@ def test_gnutls_cli_with_our_server(suite: str, tmp_path: Path) -> Generator[Any
         client.write(b"ping from gnutls\n")
         yield wait_for(lambda: b"echo:ping from gnutls" in client.output, "our echo in gnutls-cli")
         ((_, peer),) = receiver.received
-        assert endpoint.peerContext(peer).cipher_suite == suite
+        assert endpoint.peer_context(peer).cipher_suite == suite
     finally:
         client.stop()
         yield port_handle.stopListening()
@@ -197,8 +197,8 @@ def test_our_client_with_gnutls_serv(suite: str, tmp_path: Path) -> Generator[An
     try:
         yield wait_for(lambda: b"listening on IPv4" in server.output, "gnutls-serv")
         peer = yield endpoint.connect(("127.0.0.1", port))
-        assert endpoint.peerContext(peer).cipher_suite == suite
-        endpoint.sendDatagram(b"hello gnutls", peer)
+        assert endpoint.peer_context(peer).cipher_suite == suite
+        endpoint.send_datagram(b"hello gnutls", peer)
         yield wait_for(lambda: bool(receiver.received), "the echo")
         assert receiver.received[0][0] == b"hello gnutls"
     finally:

@@ -101,7 +101,7 @@ class Receiver:
         self.received.append((data, peer))
         reply = self.answer(data)
         if reply is not None and self.link is not None:
-            self.link.sendDatagram(reply, peer)
+            self.link.send_datagram(reply, peer)
 
 
 def psk_client(suite: str, cid_length: int | None = 6) -> DtlsConfiguration:
@@ -205,9 +205,9 @@ def test_our_client_with_openssl_s_server(
     try:
         yield wait_for(lambda: b"ACCEPT" in server.output, "s_server to listen")
         peer = yield endpoint.connect(("127.0.0.1", port))
-        context = endpoint.peerContext(peer)
+        context = endpoint.peer_context(peer)
         assert context.cipher_suite == suite and context.write_cid is None  # OpenSSL has no CID
-        endpoint.sendDatagram(b"hello from nettester\n", peer)
+        endpoint.send_datagram(b"hello from nettester\n", peer)
         yield wait_for(lambda: b"hello from nettester" in server.output, "s_server to print our data")
         server.write(b"hello from openssl\n")
         yield wait_for(lambda: bool(receiver.received), "data from s_server")
@@ -252,9 +252,9 @@ def test_openssl_s_client_with_our_server(
         client.write(b"ping from openssl\n")
         yield wait_for(lambda: b"echo:ping from openssl" in client.output, "our echo in s_client")
         ((data, peer),) = receiver.received
-        assert endpoint.peerContext(peer).cipher_suite == suite
+        assert endpoint.peer_context(peer).cipher_suite == suite
         if identity is None:
-            assert endpoint.peerContext(peer).identity == PSK_IDENTITY.decode()
+            assert endpoint.peer_context(peer).identity == PSK_IDENTITY.decode()
         assert endpoint.counters.hello_verify.value >= 1
     finally:
         client.stop()
@@ -374,10 +374,10 @@ def test_our_client_with_mbedtls_server_cid(suite: str, tmp_path: Path) -> Gener
     try:
         yield wait_for(lambda: b"Waiting for a remote connection" in server.output, "ssl_server2 to listen")
         peer = yield endpoint.connect(("127.0.0.1", port))
-        context = endpoint.peerContext(peer)
+        context = endpoint.peer_context(peer)
         assert context.cipher_suite == suite
         assert context.write_cid == mbed_cid  # Mbed TLS's CID is the one we use
-        endpoint.sendDatagram(b"GET / HTTP/1.0\r\n\r\n", peer)
+        endpoint.send_datagram(b"GET / HTTP/1.0\r\n\r\n", peer)
         yield wait_for(lambda: bool(receiver.received), "the HTTP response")
         assert b"Mbed TLS Test Server" in receiver.received[0][0]
         yield wait_for(lambda: b"Peer CID" in server.output, "ssl_server2 to report our CID")
@@ -483,7 +483,7 @@ def test_mbedtls_client_with_our_server_cid_and_address_change(suite: str, tmp_p
         peers = {peer for _, peer in receiver.received}
         assert len(peers) == 1  # one session survived the move
         (peer,) = peers
-        context = endpoint.peerContext(peer)
+        context = endpoint.peer_context(peer)
         assert context.cipher_suite == suite
         assert context.write_cid == MBEDTLS_CLIENT_CID  # Mbed TLS's CID is the one we use
         assert _parse_peer_cid(client.output) == context.read_cid  # our node-prefixed CID is Mbed TLS's
@@ -569,11 +569,11 @@ def test_our_client_resumes_its_session_with_mbedtls_server() -> Generator[Any, 
         yield wait_for(lambda: b"Waiting for a remote connection" in server.output, "ssl_server2 to listen")
         for attempt in range(2):
             peer = yield endpoint.connect(("127.0.0.1", port))
-            endpoint.sendDatagram(b"GET / HTTP/1.0\r\n\r\n", peer)
+            endpoint.send_datagram(b"GET / HTTP/1.0\r\n\r\n", peer)
             yield wait_for(lambda expected=attempt + 1: len(receiver.received) == expected, "the HTTP response")
             yield wait_for(lambda: not endpoint.connections, "ssl_server2's close_notify")
         assert endpoint.counters.handshakes.value == 2 and endpoint.counters.resumptions.value == 1
-        assert endpoint.peerContext(peer).write_cid == bytes.fromhex("beef")
+        assert endpoint.peer_context(peer).write_cid == bytes.fromhex("beef")
     finally:
         server.stop()
         yield port_handle.stopListening()

@@ -38,5 +38,5 @@ def test_the_module_offers_its_local_scenario() -> None:
     class Options(dict[str, Any]):
         pass
 
-    scenario = nat.localScenario(reactor, Options(duration=5.0))
+    scenario = nat.local_scenario(reactor, Options(duration=5.0))
     assert isinstance(scenario, NatLocalScenario)

@@ -234,15 +234,15 @@ class SendTap:
     def receiver(self, receiver: Any) -> None:
         self.link.receiver = receiver
 
-    def sendDatagram(self, data: bytes, peer: Any) -> None:
+    def send_datagram(self, data: bytes, peer: Any) -> None:
         self._on_send(data)
-        self.link.sendDatagram(data, peer)
+        self.link.send_datagram(data, peer)
 
     def connect(self, address: tuple[str, int]) -> defer.Deferred[Any]:
         return self.link.connect(address)
 
-    def peerContext(self, peer: Any) -> PeerContext:
-        return self.link.peerContext(peer)
+    def peer_context(self, peer: Any) -> PeerContext:
+        return self.link.peer_context(peer)
 
 
 class OneServerService(Service):

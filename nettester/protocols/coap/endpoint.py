@@ -99,7 +99,7 @@ class CoapEndpoint:
         self.handler = handler
         self._clock = reactor
         self.core = self.layer_class(reactor.seconds(), params, rng)
-        self._send = link.sendDatagram
+        self._send = link.send_datagram
         self._timer: IDelayedCall | None = None
         self._timer_deadline = 0.0
         self._timer_version = -1
@@ -116,7 +116,7 @@ class CoapEndpoint:
 
     def peer_context(self, peer: Peer) -> PeerContext:
         """The link's view of a peer (address, security context)."""
-        return self.link.peerContext(peer)
+        return self.link.peer_context(peer)
 
     # ------------------------------------------------------------ IDatagramReceiver
 

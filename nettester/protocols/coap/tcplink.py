@@ -2,7 +2,7 @@
 
 ``TcpLink`` is a Twisted factory (listening and connecting) whose
 connections each drive one sans-IO ``tcp.CoapStream``. Towards the CoAP
-endpoint it is one more link: ``sendDatagram`` frames what the message layer
+endpoint it is one more link: ``send_datagram`` frames what the message layer
 encodes (type and message id dropped), and each received message goes to
 ``ReliableCoapEndpoint.message_received``. A peer handle is the connection.
 """
@@ -209,7 +209,7 @@ class TcpLink(Factory):
 
     # ------------------------------------------------------------ IDatagramLink
 
-    def sendDatagram(self, data: bytes, peer: CoapTcpConnection) -> None:
+    def send_datagram(self, data: bytes, peer: CoapTcpConnection) -> None:
         frame = frame_from_datagram(data)
         if frame is not None:
             peer.write_frame(frame)
@@ -224,7 +224,7 @@ class TcpLink(Factory):
             reactor.connectTCP(address[0], address[1], connector)
         return connector.connected
 
-    def peerContext(self, peer: CoapTcpConnection) -> PeerContext:
+    def peer_context(self, peer: CoapTcpConnection) -> PeerContext:
         if self.scheme == "coap+tcp":
             return PeerContext(peer.address, self.scheme)
         identity, cipher = tls_context(peer.transport)

@@ -37,14 +37,14 @@ class NodeConnectionIdGenerator:
         if worker is not None and (node_id is None or not 0 <= worker <= 255 or length < 3):
             raise ValueError("a worker-steered CID needs a node id, a worker 0..255 and at least 3 bytes")
         self.length = length
-        self.nodeId = node_id  # the attribute's name is IConnectionIdGenerator's
+        self.node_id = node_id
         self.worker = worker
         self._random = random
 
-    def newConnectionId(self, inUse: Container[bytes]) -> bytes:
+    def new_connection_id(self, inUse: Container[bytes]) -> bytes:
         if self.length == 0:
             return b""
-        prefix = b"" if self.nodeId is None else bytes((self.nodeId,))
+        prefix = b"" if self.node_id is None else bytes((self.node_id,))
         if self.worker is not None:
             prefix += bytes((self.worker,))
         for _attempt in range(1000):
@@ -53,7 +53,7 @@ class NodeConnectionIdGenerator:
                 return cid
         raise RuntimeError("no free connection id: CID space exhausted")
 
-    def nodeIdOf(self, cid: bytes) -> int | None:
-        if self.nodeId is None or not cid:
+    def node_id_of(self, cid: bytes) -> int | None:
+        if self.node_id is None or not cid:
             return None
         return cid[0]

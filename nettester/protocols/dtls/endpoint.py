@@ -7,7 +7,7 @@ CoAP runs over it unchanged.  Who gets a connection and who loses one
 by the sans-IO ``peers.Admission`` and ``peers.PeerTable``; this adapter
 feeds them and the connections ``reactor.seconds()`` and runs one pump per
 peer.  A layer beneath (the cluster router) hands it records that arrived
-elsewhere with ``routedDatagramReceived`` and a ``DatagramRoute`` to answer
+elsewhere with ``routed_datagram_received`` and a ``DatagramRoute`` to answer
 through.
 
 For a cluster that survives the loss of a node, ``on_established`` reports
@@ -222,7 +222,7 @@ class DtlsEndpoint(DatagramProtocol):
 
     # --- IDatagramLink -----------------------------------------------------------
 
-    def sendDatagram(self, data: bytes, peer: DtlsPeer) -> None:
+    def send_datagram(self, data: bytes, peer: DtlsPeer) -> None:
         """Send ``data`` as one application data record to ``peer``."""
         connection = peer.connection
         if not connection.is_established:
@@ -267,14 +267,14 @@ class DtlsEndpoint(DatagramProtocol):
         peer._waiting.append(waiting)
         return waiting
 
-    def peerContext(self, peer: DtlsPeer) -> PeerContext:
+    def peer_context(self, peer: DtlsPeer) -> PeerContext:
         connection = peer.connection
         suite = connection.cipher_suite
         read_cid = connection.read_cid if connection.cid_negotiated else None
         node_id = None
         if read_cid and self._cid_generator is not None and not connection.is_client:
             # The node serving the session: the CID's node, or its successor after a takeover.
-            node_id = self._cid_generator.nodeId
+            node_id = self._cid_generator.node_id
         return PeerContext(
             address=peer.address,
             scheme=self.scheme,
@@ -292,7 +292,7 @@ class DtlsEndpoint(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Address) -> None:
         self._receive(data, addr, None)
 
-    def routedDatagramReceived(self, data: bytes, address: Address, route: DatagramRoute) -> None:
+    def routed_datagram_received(self, data: bytes, address: Address, route: DatagramRoute) -> None:
         """Records from ``address`` that reached another node first; answers
         to that peer go back through ``route`` until it is heard directly."""
         self._receive(data, address, route)

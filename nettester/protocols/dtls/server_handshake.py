@@ -110,7 +110,7 @@ class ServerHandshake(ConnectionCore):
             server_extensions[hs.EXT_EXTENDED_MASTER_SECRET] = b""
         generator = config.cid_generator
         if client_cid is not None and generator is not None and generator.length > 0:
-            self.read_cid = generator.newConnectionId(config.cids_in_use)
+            self.read_cid = generator.new_connection_id(config.cids_in_use)
             self.write_cid = client_cid
             self.cid_negotiated = True
             server_extensions[hs.EXT_CONNECTION_ID] = hs.vector(1, self.read_cid)

@@ -39,11 +39,11 @@ class Net:
         net = self
 
         class ServerLink(MemoryLink):
-            def sendDatagram(self, data: bytes, peer: Any) -> None:
+            def send_datagram(self, data: bytes, peer: Any) -> None:
                 net.queue.append((net.clients[peer], data, SERVER_ADDRESS, False))
 
         class ClientLink(MemoryLink):
-            def sendDatagram(self, data: bytes, peer: Any) -> None:
+            def send_datagram(self, data: bytes, peer: Any) -> None:
                 net.queue.append((net.server_link, data, self.me, True))
 
         self._client_link_class = ClientLink

@@ -37,13 +37,13 @@ class MemoryLink:
         self.drop = False
         self.context: PeerContext | None = None
 
-    def sendDatagram(self, data: bytes, peer: Any) -> None:
+    def send_datagram(self, data: bytes, peer: Any) -> None:
         self.sent.append((data, peer))
 
     def connect(self, address: tuple[str, int]) -> defer.Deferred[Any]:
         return defer.succeed(address)
 
-    def peerContext(self, peer: Any) -> PeerContext:
+    def peer_context(self, peer: Any) -> PeerContext:
         return self.context or PeerContext(address=peer)
 
     def flush(self) -> int:

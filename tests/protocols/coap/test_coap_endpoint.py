@@ -177,6 +177,6 @@ def test_stopped_endpoint_arms_no_timer() -> None:
 
 def test_udp_peer_context_unmaps_ipv4_from_dual_stack() -> None:
     link = UdpLink()
-    assert link.peerContext(("::ffff:192.0.2.7", 1234)).address == ("192.0.2.7", 1234)
-    assert link.peerContext(("2001:db8::1", 5683)).address == ("2001:db8::1", 5683)
-    assert link.peerContext(("192.0.2.7", 1)).scheme == "coap"
+    assert link.peer_context(("::ffff:192.0.2.7", 1234)).address == ("192.0.2.7", 1234)
+    assert link.peer_context(("2001:db8::1", 5683)).address == ("2001:db8::1", 5683)
+    assert link.peer_context(("192.0.2.7", 1)).scheme == "coap"

@@ -35,7 +35,7 @@ def test_server_dtls_options_of_issue_4() -> None:
                     "--client-auth", "NONE")
     dtls = options["dtls"]
     assert dtls.psk_store.lookup(b"Client_identity") == b"secretPSK"
-    assert dtls.cid_generator.length == 8 and dtls.cid_generator.nodeId == 0
+    assert dtls.cid_generator.length == 8 and dtls.cid_generator.node_id == 0
     assert options["max-connections"] == 50 and dtls.client_auth is ClientAuth.NONE
 
 
@@ -50,7 +50,7 @@ def test_server_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     assert options["max-connections"] == 77 and options["ready-port"] == 8080
     assert options["cluster"].node_id == 3 and options["cluster"].secret == b"group secret"
     # Cluster mode: the CIDs start with this node's id.
-    assert options["dtls"].cid_generator.nodeId == 3 and options["dtls"].cid_generator.length == 7
+    assert options["dtls"].cid_generator.node_id == 3 and options["dtls"].cid_generator.length == 7
     # The command line wins over the environment.
     assert parse(CoapServerOptions, "--max-connections", "5")["max-connections"] == 5
 

@@ -47,13 +47,13 @@ def test_verify_chain_checks_anchor_name_and_time() -> None:
 def test_cid_generator() -> None:
     generator = NodeConnectionIdGenerator(6, 42)
     assert verifyObject(IConnectionIdGenerator, generator)
-    taken = {generator.newConnectionId(set()) for _ in range(100)}
-    assert all(len(cid) == 6 and cid[0] == 42 and generator.nodeIdOf(cid) == 42 for cid in taken)
+    taken = {generator.new_connection_id(set()) for _ in range(100)}
+    assert all(len(cid) == 6 and cid[0] == 42 and generator.node_id_of(cid) == 42 for cid in taken)
     values = iter([b"\x00" * 5, b"\x00" * 5, b"\x01" * 5])
     repeating = NodeConnectionIdGenerator(6, 1, random=lambda n: next(values))
-    assert repeating.newConnectionId({b"\x01" + b"\x00" * 5}) == b"\x01" * 6  # unique among live ones
-    assert NodeConnectionIdGenerator(0).newConnectionId(set()) == b""
-    assert NodeConnectionIdGenerator(4, None).nodeIdOf(b"abcd") is None
+    assert repeating.new_connection_id({b"\x01" + b"\x00" * 5}) == b"\x01" * 6  # unique among live ones
+    assert NodeConnectionIdGenerator(0).new_connection_id(set()) == b""
+    assert NodeConnectionIdGenerator(4, None).node_id_of(b"abcd") is None
     for arguments in ((1, 0), (256, 0), (6, 256)):
         with pytest.raises(ValueError):
             NodeConnectionIdGenerator(*arguments)

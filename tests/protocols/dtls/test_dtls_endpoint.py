@@ -94,19 +94,19 @@ def test_connect_exchange_and_peer_context() -> None:
     peers: list[Any] = []
     connected.addCallback(peers.append)
     (peer,) = peers
-    client.sendDatagram(b"GET /", peer)
+    client.send_datagram(b"GET /", peer)
     wire.deliver()
     ((data, server_peer),) = server_receiver.received
     assert data == b"GET /"
-    server.sendDatagram(b"2.05", server_peer)
+    server.send_datagram(b"2.05", server_peer)
     wire.deliver()
     assert client_receiver.received == [(b"2.05", peer)]
-    context = server.peerContext(server_peer)
+    context = server.peer_context(server_peer)
     assert context.address == CLIENT and context.scheme == "coaps"
     assert context.identity == "Client_identity"
     assert context.cipher_suite == "TLS_PSK_WITH_AES_128_CCM_8"
     assert context.node_id == 7 and context.read_cid[0] == 7
-    assert client.peerContext(peer).write_cid == context.read_cid
+    assert client.peer_context(peer).write_cid == context.read_cid
     assert server.counters.handshakes.value == 1 and server.counters.hello_verify.value == 1
     assert server.summary()["dtls_connections"] == 1 and server.summary()["dtls_handshakes"] == 1
     exported = {family.name: family for family in server.metrics.collect()}
@@ -136,13 +136,13 @@ def test_address_change_by_cid() -> None:
     (peer,) = peers
     moved = ("10.0.0.3", 40001)
     wire.move(CLIENT, moved)  # a NAT rebinding: same client, new source address
-    client.sendDatagram(b"after move", peer)
+    client.send_datagram(b"after move", peer)
     wire.deliver()
     ((data, server_peer),) = server_receiver.received
     assert data == b"after move"
-    context = server.peerContext(server_peer)
+    context = server.peer_context(server_peer)
     assert context.address == moved and context.previous_address == CLIENT
-    server.sendDatagram(b"reply", server_peer)
+    server.send_datagram(b"reply", server_peer)
     wire.deliver()
     assert client_receiver.received == [(b"reply", peer)]
     assert server.counters.address_changes.value == 1
@@ -280,14 +280,14 @@ def test_routed_records_are_answered_through_the_route() -> None:
     peers: list[Any] = []
     client.connect(SERVER).addCallback(peers.append)
     wire.deliver()
-    client.sendDatagram(b"via router", peers[0])
+    client.send_datagram(b"via router", peers[0])
     ((data, _, _),) = wire.queue
     wire.queue.clear()
     route = Route()
-    server.routedDatagramReceived(data, CLIENT, route)
+    server.routed_datagram_received(data, CLIENT, route)
     ((payload, server_peer),) = server_receiver.received
-    assert server.peerContext(server_peer).via == "dtls-cid-router"
-    server.sendDatagram(b"answer", server_peer)
+    assert server.peer_context(server_peer).via == "dtls-cid-router"
+    server.send_datagram(b"answer", server_peer)
     assert len(route.sent) == 1 and route.sent[0][1] == CLIENT and not wire.queue
 
 
@@ -300,7 +300,7 @@ def test_several_clients_get_distinct_cids(count: int) -> None:
         wire.attach(other, ("10.0.1.%d" % index, 2000))
         other.connect(SERVER)
     wire.deliver()
-    cids = {server.peerContext(p).read_cid for p in server.connections}
+    cids = {server.peer_context(p).read_cid for p in server.connections}
     assert len(cids) == count and all(cid[0] == 7 for cid in cids)
 
 
@@ -352,7 +352,7 @@ def test_client_reconnect_resumes_the_session() -> None:
     wire.deliver()
     assert len(peers) == 2 and peers[0] is not peers[1]
     assert server.counters.resumptions.value == 1 and client.counters.resumptions.value == 1
-    assert client.peerContext(peers[1]).identity == "Client_identity"
+    assert client.peer_context(peers[1]).identity == "Client_identity"
 
 
 def test_a_spoofed_client_hello_fragment_does_not_cut_off_an_established_peer() -> None:
@@ -378,6 +378,6 @@ def test_a_spoofed_client_hello_fragment_does_not_cut_off_an_established_peer() 
     )
     server.datagramReceived(forged, CLIENT)
     assert server.admission.fragments.assembling(CLIENT)
-    client.sendDatagram(b"still mine", peers[0])
+    client.send_datagram(b"still mine", peers[0])
     wire.deliver()
     assert [data for data, _ in server_receiver.received] == [b"still mine"]

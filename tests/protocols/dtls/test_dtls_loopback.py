@@ -53,17 +53,17 @@ def test_client_and_server_endpoints_on_loopback() -> Generator[Any, Any, None]:
         connecting = client.connect(("127.0.0.1", server_port.getHost().port))
         peer = yield connecting.addTimeout(TIMEOUT, reactor)
         for index in range(20):
-            client.sendDatagram(b"request %d" % index, peer)
+            client.send_datagram(b"request %d" % index, peer)
         received = []
         for _ in range(20):
             data, server_peer = yield server_queue.queue.get().addTimeout(TIMEOUT, reactor)
             received.append(data)
-            server.sendDatagram(b"re: " + data, server_peer)
+            server.send_datagram(b"re: " + data, server_peer)
         assert sorted(received) == sorted(b"request %d" % index for index in range(20))
         for _ in range(20):
             data, client_peer = yield client_queue.queue.get().addTimeout(TIMEOUT, reactor)
             assert client_peer is peer and data.startswith(b"re: request")
-        context = server.peerContext(server_peer)
+        context = server.peer_context(server_peer)
         assert context.identity == "Client_identity" and context.node_id == 2
         assert context.address == ("127.0.0.1", client_port.getHost().port)
         client.close_all()

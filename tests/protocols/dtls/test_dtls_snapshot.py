@@ -293,28 +293,28 @@ def test_endpoint_fails_over_to_an_adopted_connection() -> None:
     server, client, client_receiver, peer, wire, reported = connected(clock)
     (server_peer,) = reported
     assert server_peer.connection.is_established and not server_peer.connection.is_client
-    client.sendDatagram(b"before", peer)
+    client.send_datagram(b"before", peer)
     wire.deliver()
-    cid = server.peerContext(server_peer).read_cid
+    cid = server.peer_context(server_peer).read_cid
     snapshot = server.snapshot(cid)
     assert snapshot is not None and server.snapshot(b"\x07nope!") is None
 
     backup, backup_receiver = backup_of(server, clock)
     wire.attach(backup, SERVER)  # the owner died: the load balancer sends its records here
     asked = take_over(backup, snapshot)
-    client.sendDatagram(b"after", peer)
+    client.send_datagram(b"after", peer)
     wire.deliver()
     assert asked == [cid]
     ((data, adopted),) = backup_receiver.received
     assert data == b"after"
     assert backup.peer_by_connection_id(cid) is adopted and backup.connections == [adopted]
-    context = backup.peerContext(adopted)
+    context = backup.peer_context(adopted)
     assert (context.address, context.identity, context.node_id) == (CLIENT, "Client_identity", 7)
     summary = backup.summary()
     assert summary["dtls_adopted"] == 1 and summary["dtls_handshakes"] == 0 and summary["dtls_dropped"] == 0
     exported = {family.name: family for family in backup.metrics.collect()}
     assert exported["nettester_dtls_adopted"].samples[0].value == 1
-    backup.sendDatagram(b"answer", adopted)
+    backup.send_datagram(b"answer", adopted)
     wire.deliver()
     assert client_receiver.received[-1] == (b"answer", peer)
     assert peer.connection.read_sequence_high >= server_peer.connection.write_sequence + GAP
@@ -381,11 +381,11 @@ def test_adopted_peer_moves_only_on_an_authenticated_record() -> None:
     assert asked == [cid] and adopted.address == CLIENT and backup.counters.dropped.get("bad_mac") == 1
     moved = ("10.0.0.3", 40001)
     wire.move(CLIENT, moved)  # the client's NAT rebound while its node failed
-    client.sendDatagram(b"from the new address", peer)
+    client.send_datagram(b"from the new address", peer)
     wire.deliver()
     assert backup_receiver.received == [(b"from the new address", adopted)]
     assert (adopted.address, adopted.previous_address) == (moved, CLIENT)
-    backup.sendDatagram(b"answer", adopted)
+    backup.send_datagram(b"answer", adopted)
     wire.deliver()
     assert client_receiver.received[-1] == (b"answer", peer)
 

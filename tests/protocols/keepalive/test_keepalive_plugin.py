@@ -104,7 +104,7 @@ def test_built_services_report_and_use_the_options() -> None:
 
 def test_local_scenario_runs_plain_and_tls_fleets_on_loopback() -> None:
     reactor = MemoryReactorClock()
-    scenario = keepalive.localScenario(reactor, {"duration": 30.0})
+    scenario = keepalive.local_scenario(reactor, {"duration": 30.0})
     verifyObject(ILocalScenario, scenario)
     scenario.service.startService()
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [(0, "127.0.0.1")] * 2

@@ -160,7 +160,7 @@ def test_server_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_local_scenario_passes_on_loopback() -> Generator[Any, Any, None]:
     from twisted.internet import reactor
 
-    scenario = stun.localScenario(reactor, {"duration": 3.0})
+    scenario = stun.local_scenario(reactor, {"duration": 3.0})
     assert verifyObject(ILocalScenario, scenario)
     scenario.service.startService()
     client = scenario.service.client
