@@ -106,6 +106,7 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
         "interfaces-pattern": "COAP_SERVER_INTERFACES_PATTERN",
         "notify-interval": "COAP_NOTIFY_INTERVAL",
         "ready-port": "COAP_READY_PORT",
+        "max-tcp-connections": "COAP_MAX_TCP_CONNECTIONS",
     }
     optFlags: ClassVar[list[list[Any]]] = [
         *negatable("plugtest", True, "Serve the ETSI plugtest resources on BASE / BASE+1"),
@@ -134,6 +135,9 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
          "Block1); larger gets 4.13 with Size1 telling the limit (RFC 7959 section 2.9.3).", positive_int],
         ["max-dedup-entries", None, 1 << 20, "Cap of each endpoint's deduplication store (about 400 bytes "
          "per entry); past it entries go before EXCHANGE_LIFETIME (counted).", positive_int],
+        ["max-tcp-connections", None, 10000, "With --tcp: open connections each coap+tcp and coaps+tcp "
+         "listener keeps; past it a new one is closed at once (counted in tcp_refused_total"
+         "{reason=\"max_connections\"}).", positive_int],
         ["ready-port", None, 0, "Serve the readiness probe http://<metrics-interface>:PORT/ready (0 = off): "
          "200 once the sockets are open and, in Kubernetes, the pods listed.", non_negative_int],
     ]

@@ -23,6 +23,7 @@ from nettester.addresses import address_text
 from nettester.interfaces import IDatagramLink
 from nettester.link import PeerContext
 from nettester.logs import Logger
+from nettester.metrics import LabeledCounter
 from nettester.protocols.coap.endpoint import CoapEndpoint
 from nettester.protocols.coap.events import Peer
 from nettester.protocols.coap.message import Message
@@ -40,8 +41,11 @@ from nettester.protocols.coap.tls import tls_context
 
 log = Logger()
 
-#: Stream ends that a hostile or broken peer causes (counted as refused).
-REFUSED_REASONS = frozenset(("no_csm", "csm_not_first", "too_large", "slowloris", "format", "bad_signal"))
+#: Stream ends that a hostile or broken peer causes, and connections closed at once past
+#: ``max_connections`` (counted as refused, ``tcp_refused_total{reason}``).
+REFUSED_REASONS = ("bad_signal", "csm_not_first", "format", "max_connections", "no_csm", "slowloris", "too_large")
+#: Seconds between two warnings about connections refused at ``max_connections``.
+WARNING_INTERVAL = 10.0
 _LOST = Failure(ConnectionError("connection lost"))
 
 
@@ -95,6 +99,10 @@ class CoapTcpConnection(Protocol):
             set_no_delay(True)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.address = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        if not self.link.admit(self):
+            # Past the cap: no stream, no buffer, no TLS handshake; the socket goes at once.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self.stream = CoapStream(self.link.clock.seconds(), self.link.stream_params)
         self.link.connection_made(self)
         self._pump()
@@ -180,10 +188,15 @@ class TcpLink(Factory):
     noisy = False  # one "Starting factory" line per client connection is noise
 
     def __init__(self, reactor: IReactorTime, stream_params: StreamParameters | None = None,
-                 tls_server: Any = None, tls_client: Any = None) -> None:
+                 tls_server: Any = None, tls_client: Any = None, max_connections: int | None = None,
+                 refused_counter: LabeledCounter | None = None) -> None:
         """``tls_server``: a context factory to listen with TLS; ``tls_client``: a connection creator
-        (or context factory) to connect with TLS (coaps+tcp, ``tls.py``)."""
+        (or context factory) to connect with TLS (coaps+tcp, ``tls.py``). ``max_connections``: past
+        this many open connections a new one is closed at once (None: no cap). ``refused_counter``
+        counts refused connections by reason (the server's ``tcp_refused_total``)."""
         self.clock = reactor
+        self.max_connections = max_connections
+        self.refused_counter = refused_counter
         self.stream_params = stream_params or StreamParameters()
         self.tls_server = tls_server
         self.tls_client = tls_client
@@ -194,6 +207,8 @@ class TcpLink(Factory):
         self.accepted = 0
         #: Why connections ended, by reason key (``tcp.StreamClosed``).
         self.closed: Counter[str] = Counter()
+        self._next_warning = 0.0
+        self._refused_since_warning = 0
 
     def buildProtocol(self, addr: Any) -> CoapTcpConnection:
         return CoapTcpConnection(self)
@@ -240,6 +255,28 @@ class TcpLink(Factory):
 
     # ------------------------------------------------------------ connections
 
+    def admit(self, connection: CoapTcpConnection) -> bool:
+        """Whether ``connection`` may open a stream; past ``max_connections`` it is counted and
+        refused, with one warning per ``WARNING_INTERVAL`` (a flood would otherwise flood the log)."""
+        if self.max_connections is None or len(self.connections) < self.max_connections:
+            return True
+        self._count_refused("max_connections")
+        self._refused_since_warning += 1
+        now = self.clock.seconds()
+        if now >= self._next_warning:
+            log.warn("{connection} closed at once: {bound} {scheme} connections open (--max-tcp-connections); "
+                     "{count} refused since the last warning", event="coap_tcp_max_connections",
+                     connection=connection, bound=self.max_connections, scheme=self.scheme,
+                     count=self._refused_since_warning)
+            self._next_warning = now + WARNING_INTERVAL
+            self._refused_since_warning = 0
+        return False
+
+    def _count_refused(self, reason: str) -> None:
+        self.closed[reason] += 1
+        if self.refused_counter is not None:
+            self.refused_counter.inc(reason)
+
     def connection_made(self, connection: CoapTcpConnection) -> None:
         self.connections.add(connection)
         self.accepted += 1
@@ -252,11 +289,12 @@ class TcpLink(Factory):
     def stream_closed(self, connection: CoapTcpConnection, event: StreamClosed) -> None:
         """Count why, tell the endpoint, fail a connect still waiting for CSM."""
         self.connections.discard(connection)
-        self.closed[event.reason] += 1
         if event.reason in REFUSED_REASONS:
+            self._count_refused(event.reason)
             log.info("{connection} closed ({reason}): {detail}", event="coap_tcp_refused", connection=connection,
                      reason=event.reason, detail=event.detail)
         else:
+            self.closed[event.reason] += 1
             log.debug("{connection} closed ({reason}): {detail}", event="coap_tcp_closed", connection=connection,
                       reason=event.reason, detail=event.detail)
         if connection.ready is not None and not connection.ready.called:
