@@ -119,7 +119,8 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
                    "(BASE, BASE+100)"),
         ["dtls-only", None, "Only coaps: no plain coap endpoints."],
         ["trust-all", None, "Accept any valid client certificate chain (verified up to the root it brings), "
-         "as Californium's --trust-all; without --client-auth it asks for one (WANTED). A warning at start."],
+         "as Californium's --trust-all, over coaps and coaps+tcp; without --client-auth it asks for one "
+         "(WANTED). A warning at start."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["port", "p", DEFAULT_PORT, "BASE port: coap BASE, coaps BASE+1, extended BASE+100 and BASE+101.",
@@ -161,12 +162,13 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
             self["client-auth"] = "none"
         super().postOptions()
         if self["trust-all"]:
-            if self["dtls"] is None:
-                raise usage.UsageError("--trust-all is about coaps clients: give --psk-file, --psk-sandbox or "
-                                       "--cert/--key too")
+            if self["dtls"] is None and not self["tcp"]:
+                raise usage.UsageError("--trust-all is about coaps and coaps+tcp clients: give --psk-file, "
+                                       "--psk-sandbox or --cert/--key, or --tcp")
             self["client-auth"] = client_auth if client_auth != "none" else "wanted"
-            self["dtls"].client_auth = ClientAuth(self["client-auth"])
-            self["dtls"].trust_all = True
+            if self["dtls"] is not None:
+                self["dtls"].client_auth = ClientAuth(self["client-auth"])
+                self["dtls"].trust_all = True
         if self["dtls"] is None and not self["tcp"]:
             unused = [option for option in ("trust", "cert", "key") if self[option]]
             if unused:
