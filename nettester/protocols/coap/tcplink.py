@@ -33,6 +33,7 @@ from nettester.protocols.coap.tcp import (
     CsmReceived,
     MessageReceived,
     PongReceived,
+    ReleaseReceived,
     StreamClosed,
     StreamParameters,
     frame_from_datagram,
@@ -146,6 +147,13 @@ class CoapTcpConnection(Protocol):
             elif isinstance(event, PongReceived):
                 log.debug("{connection} Pong token={token}", event="coap_tcp_pong", connection=self,
                           token=event.token.hex() or "-")
+            elif isinstance(event, ReleaseReceived):
+                # RFC 8323 section 5.5; nothing reconnects on its own (README: Alternative-Address and
+                # Hold-Off are reported, not followed).
+                log.info("{connection} {side} released the connection: {release}", event="coap_tcp_released",
+                         connection=self, side="server" if self.ready is not None else "client",
+                         release=event.describe(), alternative_address=event.alternative_address,
+                         hold_off=event.hold_off)
             elif isinstance(event, StreamClosed):
                 self.link.stream_closed(self, event)
         data = stream.data_to_send()
@@ -292,6 +300,10 @@ class TcpLink(Factory):
         if event.reason in REFUSED_REASONS:
             self._count_refused(event.reason)
             log.info("{connection} closed ({reason}): {detail}", event="coap_tcp_refused", connection=connection,
+                     reason=event.reason, detail=event.detail)
+        elif event.reason == "peer_abort":  # the peer found us at fault: worth an info line
+            self.closed[event.reason] += 1
+            log.info("{connection} closed ({reason}): {detail}", event="coap_tcp_aborted", connection=connection,
                      reason=event.reason, detail=event.detail)
         else:
             self.closed[event.reason] += 1

@@ -14,12 +14,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from nettester.metrics import new_registry
+from nettester.protocols.coap.message import encode_uint
 from nettester.protocols.coap.options import CoapServerOptions
 from nettester.protocols.coap.server import CoapServerService
-from nettester.protocols.coap.tcp import StreamParameters
+from nettester.protocols.coap.tcp import SignalCode, SignalOption, StreamParameters, encode_frame
 from nettester.protocols.coap.tcplink import WARNING_INTERVAL, CoapTcpConnection, TcpLink
 from tests.logcapture import log_events
 from tests.loopback import wait_until
@@ -60,6 +62,31 @@ def test_connections_past_the_cap_are_closed_at_once_counted_and_warned_about_on
         connect(link, 40022)
     warnings = [event for event in events if event.get("event") == "coap_tcp_max_connections"]
     assert [event["count"] for event in warnings] == [4]
+
+
+def test_client_logs_the_servers_release_and_abort() -> None:
+    """A client connection (``ready`` set) names the server's Release options and an Abort's
+    Bad-CSM-Option in its info lines."""
+    link = TcpLink(Clock())
+    connection = link.buildProtocol(None)
+    connection.ready = defer.Deferred()
+    connection.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 5683)))
+    with log_events() as events:
+        connection.dataReceived(encode_frame(SignalCode.CSM) + encode_frame(
+            SignalCode.RELEASE, b"", [(SignalOption.ALTERNATIVE_ADDRESS, b"192.0.2.10:5683"),
+                                      (SignalOption.HOLD_OFF, encode_uint(20))]))
+    (line,) = [formatEvent(event) for event in events if event.get("event") == "coap_tcp_released"]
+    assert line == (f"{connection} server released the connection: Alternative-Address 192.0.2.10:5683, "
+                    "Hold-Off 20 s")
+    connection = link.buildProtocol(None)
+    connection.ready = defer.Deferred()
+    connection.ready.addErrback(lambda _: None)
+    connection.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 5683)))
+    with log_events() as events:
+        connection.dataReceived(encode_frame(SignalCode.ABORT, b"", [(SignalOption.BAD_CSM_OPTION, encode_uint(4))],
+                                             b"no block-wise here"))
+    (line,) = [formatEvent(event) for event in events if event.get("event") == "coap_tcp_aborted"]
+    assert line.endswith("closed (peer_abort): the peer aborted: no block-wise here (Bad-CSM-Option 4)")
 
 
 def test_no_cap_without_max_connections() -> None:
