@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -72,8 +72,14 @@ def endpoint_class(link: IDatagramLink) -> type[CoapEndpoint]:
     return ReliableCoapEndpoint if isinstance(link, TcpLink) else CoapEndpoint
 
 
+@implementer(IPushProducer)
 class CoapTcpConnection(Protocol):
-    """One connection: bytes to the stream, messages to the link's endpoint, a single timer."""
+    """One connection: bytes to the stream, messages to the link's endpoint, a single timer.
+
+    It is its transport's producer: when the peer does not read its responses and the send
+    buffer fills, Twisted pauses us and we stop reading its requests, so what waits to be sent
+    stays bounded (a request is answered only once read; notifications are not held back).
+    """
 
     _ids = itertools.count(1)
 
@@ -86,6 +92,7 @@ class CoapTcpConnection(Protocol):
         self.ready: defer.Deferred[CoapTcpConnection] | None = None
         self._timer: IDelayedCall | None = None
         self._closing = False
+        self._producing = False
 
     def __str__(self) -> str:
         return f"tcp#{self.id} {address_text(self.address)}"
@@ -109,6 +116,11 @@ class CoapTcpConnection(Protocol):
         self._pump()
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._producing and self.transport is not None:
+            # Registered once data flows, so after a TLS handshake: TLS pauses its producer while
+            # it buffers writes made during the handshake, and we must not stop reading then.
+            self._producing = True
+            self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         if self.stream is not None:
             self.stream.receive_data(data, self.link.clock.seconds())
             self._pump()
@@ -120,6 +132,18 @@ class CoapTcpConnection(Protocol):
         if self.stream is not None:
             self.stream.connection_lost(reason.getErrorMessage())
             self._pump()
+
+    # ------------------------------------------------------------ IPushProducer
+
+    def pauseProducing(self) -> None:
+        """The send buffer is full: read no more requests until it drains."""
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        """The connection goes (``connectionLost`` follows)."""
 
     def release(self, detail: str) -> None:
         """Close gracefully: Release (RFC 8323 section 5.5), then the connection ends."""

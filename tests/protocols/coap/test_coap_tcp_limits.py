@@ -89,6 +89,20 @@ def test_client_logs_the_servers_release_and_abort() -> None:
     assert line.endswith("closed (peer_abort): the peer aborted: no block-wise here (Bad-CSM-Option 4)")
 
 
+def test_a_peer_that_does_not_read_stops_being_read() -> None:
+    """Backpressure: once data flows the connection is its transport's streaming producer, and a
+    full send buffer (``pauseProducing``) stops the reading of more requests."""
+    link = TcpLink(Clock())
+    connection, transport = connect(link)
+    assert transport.producer is None  # not during a TLS handshake: nothing flows yet
+    connection.dataReceived(encode_frame(SignalCode.CSM))
+    assert transport.producer is connection and transport.streaming
+    connection.pauseProducing()
+    assert transport.producerState == "paused"
+    connection.resumeProducing()
+    assert transport.producerState == "producing"
+
+
 def test_no_cap_without_max_connections() -> None:
     link = TcpLink(Clock())
     for index in range(50):
