@@ -80,6 +80,9 @@ LABEL_VALUES: Mapping[str, tuple[str, ...]] = {
         "no_cookie", "not_client_hello", "replay", "send_error", "send_not_established", "unauthenticated_alert",
         "unexpected", "unknown_cid", "unknown_peer",
     ),
+    "coap_server_tcp_refused": (
+        "bad_signal", "csm_not_first", "format", "max_connections", "no_csm", "slowloris", "too_large",
+    ),
     "coap_server_router_dropped": ("truncated_cid_record", "unknown_node"),
     "coap_server_management_dropped": (
         "bad_state_record", "send_error", "stale_state", "state_not_replicating", "state_without_secret",

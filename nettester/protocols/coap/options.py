@@ -106,6 +106,7 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
         "interfaces-pattern": "COAP_SERVER_INTERFACES_PATTERN",
         "notify-interval": "COAP_NOTIFY_INTERVAL",
         "ready-port": "COAP_READY_PORT",
+        "max-tcp-connections": "COAP_MAX_TCP_CONNECTIONS",
     }
     optFlags: ClassVar[list[list[Any]]] = [
         *negatable("plugtest", True, "Serve the ETSI plugtest resources on BASE / BASE+1"),
@@ -118,7 +119,8 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
                    "(BASE, BASE+100)"),
         ["dtls-only", None, "Only coaps: no plain coap endpoints."],
         ["trust-all", None, "Accept any valid client certificate chain (verified up to the root it brings), "
-         "as Californium's --trust-all; without --client-auth it asks for one (WANTED). A warning at start."],
+         "as Californium's --trust-all, over coaps and coaps+tcp; without --client-auth it asks for one "
+         "(WANTED). A warning at start."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["port", "p", DEFAULT_PORT, "BASE port: coap BASE, coaps BASE+1, extended BASE+100 and BASE+101.",
@@ -134,6 +136,9 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
          "Block1); larger gets 4.13 with Size1 telling the limit (RFC 7959 section 2.9.3).", positive_int],
         ["max-dedup-entries", None, 1 << 20, "Cap of each endpoint's deduplication store (about 400 bytes "
          "per entry); past it entries go before EXCHANGE_LIFETIME (counted).", positive_int],
+        ["max-tcp-connections", None, 10000, "With --tcp: open connections each coap+tcp and coaps+tcp "
+         "listener keeps; past it a new one is closed at once (counted in tcp_refused_total"
+         "{reason=\"max_connections\"}).", positive_int],
         ["ready-port", None, 0, "Serve the readiness probe http://<metrics-interface>:PORT/ready (0 = off): "
          "200 once the sockets are open and, in Kubernetes, the pods listed.", non_negative_int],
     ]
@@ -157,12 +162,13 @@ class CoapServerOptions(WorkersOptionsMixin, ClusterOptionsMixin, DtlsServerOpti
             self["client-auth"] = "none"
         super().postOptions()
         if self["trust-all"]:
-            if self["dtls"] is None:
-                raise usage.UsageError("--trust-all is about coaps clients: give --psk-file, --psk-sandbox or "
-                                       "--cert/--key too")
+            if self["dtls"] is None and not self["tcp"]:
+                raise usage.UsageError("--trust-all is about coaps and coaps+tcp clients: give --psk-file, "
+                                       "--psk-sandbox or --cert/--key, or --tcp")
             self["client-auth"] = client_auth if client_auth != "none" else "wanted"
-            self["dtls"].client_auth = ClientAuth(self["client-auth"])
-            self["dtls"].trust_all = True
+            if self["dtls"] is not None:
+                self["dtls"].client_auth = ClientAuth(self["client-auth"])
+                self["dtls"].trust_all = True
         if self["dtls"] is None and not self["tcp"]:
             unused = [option for option in ("trust", "cert", "key") if self[option]]
             if unused:

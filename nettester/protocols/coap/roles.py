@@ -61,6 +61,7 @@ def build_server(reactor: Any, options: RoleOptions) -> IService:
         reactor, options["port"], addresses, plugtest=options["plugtest"], benchmark=options["benchmark"],
         notify_interval=options["notify-interval"], receive_buffer=options["receive-buffer"],
         dtls_link_factory=factory, dtls_only=bool(options["dtls-only"]), tcp=options["tcp"], tls=tls,
+        max_tcp_connections=options["max-tcp-connections"],
         params=TransmissionParameters(max_dedup_entries=options["max-dedup-entries"],
                                       max_body_size=options["max-body-size"]),
         cluster=options["cluster"],

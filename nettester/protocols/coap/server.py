@@ -151,11 +151,13 @@ class CoapServerService(Service):
         ready_interface: str = "",
         tcp: bool = False,
         tls: TlsServer | None = None,
+        max_tcp_connections: int | None = None,
     ) -> None:
         """``cluster``: the extended coaps endpoint joins this DTLS CID cluster (needs
         ``dtls_link_factory``). ``ready_port``: serve ``/ready`` over HTTP there (0: off).
         ``tcp``: coap+tcp (RFC 8323) on the coap port numbers too, and coaps+tcp on the coaps
-        ones with ``tls`` (a ``tls.TlsServer``)."""
+        ones with ``tls`` (a ``tls.TlsServer``); each TCP listener closes a new connection at once
+        past ``max_tcp_connections`` open ones (None: no cap)."""
         if cluster is not None and dtls_link_factory is None:
             raise ValueError("a DTLS cluster needs a DTLS link factory")
         self._reactor = reactor
@@ -167,6 +169,7 @@ class CoapServerService(Service):
         self._dtls_only = dtls_only
         self._tcp = tcp
         self._tls = tls
+        self._max_tcp_connections = max_tcp_connections
         #: The coap+tcp listeners' links (connections and why they ended).
         self.tcp_links: list[TcpLink] = []
         self._params = params
@@ -202,8 +205,9 @@ class CoapServerService(Service):
                            lambda: sum(endpoint.core.dedup_size for endpoint in self.endpoints))
         self.metrics.gauge("tcp_connections", "open coap+tcp connections",
                            lambda: sum(len(link.connections) for link in self.tcp_links))
-        self.metrics.gauge("tcp_refused", "coap+tcp connections closed for what the peer sent (no CSM, too "
-                           "large, slowloris, format)", lambda: sum(link.refused for link in self.tcp_links))
+        self.tcp_refused = self.metrics.labeled_counter(
+            "tcp_refused_total", "coap+tcp and coaps+tcp connections closed for what the peer sent (no CSM, too "
+            "large, slowloris, format) or at once past --max-tcp-connections", "reason")
         self.metrics.gauge("dedup_evicted", "dedup entries dropped early at --max-dedup-entries",
                            lambda: sum(endpoint.core.dedup_evicted for endpoint in self.endpoints))
 
@@ -225,7 +229,7 @@ class CoapServerService(Service):
         }
         if self._tcp:
             fields["tcp_connections"] = sum(len(link.connections) for link in self.tcp_links)
-            fields["tcp_refused"] = sum(link.refused for link in self.tcp_links)
+            fields["tcp_refused"] = self.tcp_refused.total
         if self._dtls_link_factory is not None:
             fields.update(self._dtls_summary())
         if self.cluster_node is not None:
@@ -264,12 +268,10 @@ class CoapServerService(Service):
                     if not self._dtls_only:
                         self._listen("coap", address, offset, UdpLink(receive_buffer=self._receive_buffer), site, name)
                     if self._tcp and not self._dtls_only:
-                        link = TcpLink(self._reactor)
-                        self.tcp_links.append(link)
+                        link = self._new_tcp_link()
                         self._listen("coap+tcp", address, offset, link, site, name)
                     if self._tcp and self._tls is not None:
-                        link = TcpLink(self._reactor, tls_server=self._tls.context_factory)
-                        self.tcp_links.append(link)
+                        link = self._new_tcp_link(self._tls.context_factory)
                         self._listen("coaps+tcp", address, offset + COAPS_OFFSET, link, site, name)
                     if self._dtls_link_factory is not None and not (self._cluster and name == "extended"):
                         self._listen("coaps", address, offset + COAPS_OFFSET, self._new_dtls_link(), site, name)
@@ -287,6 +289,13 @@ class CoapServerService(Service):
             self.failed = str(error)
             self.stopService()
             listen_failed(self, self._reactor, host, port, "--ready-port" if ready else "--port", error)
+
+    def _new_tcp_link(self, tls_server: Any = None) -> TcpLink:
+        """A coap+tcp (or, with ``tls_server``, coaps+tcp) listener's link, counted in ours."""
+        link = TcpLink(self._reactor, tls_server=tls_server, max_connections=self._max_tcp_connections,
+                       refused_counter=self.tcp_refused)
+        self.tcp_links.append(link)
+        return link
 
     def _new_dtls_link(self) -> DtlsEndpoint:
         """A DTLS endpoint from the factory, its counters remembered for the summary and /metrics."""

@@ -182,6 +182,26 @@ class PongReceived(StreamEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseReceived(StreamEvent):
+    """The peer released the connection (section 5.5), with where and when to come back, if it said.
+
+    ``alternative_address``: the Alternative-Address option (a host, optionally
+    with a port); ``hold_off``: the Hold-Off option, seconds before a reconnect.
+    A ``StreamClosed`` (``released``) follows.
+    """
+
+    alternative_address: str | None
+    hold_off: int | None
+
+    def describe(self) -> str:
+        """``Alternative-Address X, Hold-Off N s``, the parts the peer sent."""
+        parts = [] if self.alternative_address is None else [f"Alternative-Address {self.alternative_address}"]
+        if self.hold_off is not None:
+            parts.append(f"Hold-Off {self.hold_off} s")
+        return ", ".join(parts) or "no Alternative-Address, no Hold-Off"
+
+
+@dataclass(frozen=True, slots=True)
 class StreamClosed(StreamEvent):
     """The stream ended: the adapter closes the connection and counts ``reason``.
 
@@ -308,10 +328,17 @@ class CoapStream:
         """Send a Ping (section 5.4); a ``PongReceived`` with its token follows."""
         self.send_message(SignalCode.PING, token, [(SignalOption.CUSTODY, b"")] if custody else ())
 
-    def release(self, detail: str = "released") -> None:
-        """Close gracefully (section 5.5): Release, then the connection ends."""
+    def release(self, detail: str = "released", alternative_address: str | None = None,
+                hold_off: int | None = None) -> None:
+        """Close gracefully (section 5.5): Release, with where and when the peer may come back, then
+        the connection ends."""
         if self.closed is None:
-            self._out.append(encode_frame(SignalCode.RELEASE))
+            options: list[Option] = []
+            if alternative_address is not None:
+                options.append((SignalOption.ALTERNATIVE_ADDRESS, alternative_address.encode()))
+            if hold_off is not None:
+                options.append((SignalOption.HOLD_OFF, encode_uint(hold_off)))
+            self._out.append(encode_frame(SignalCode.RELEASE, b"", options))
             self._close("released", detail)
 
     def abort(self, reason: str, detail: str, bad_csm_option: int | None = None) -> None:
@@ -330,8 +357,9 @@ class CoapStream:
     # ------------------------------------------------------------ receiving
 
     def _receive_frame(self, frame: bytes, code: int) -> None:
-        if code != SignalCode.CSM and not self.ready:
-            # RFC 8323 section 5.3.1: CSM is each side's first message.
+        if code not in (SignalCode.CSM, SignalCode.ABORT) and not self.ready:
+            # RFC 8323 section 5.3.1: CSM is each side's first message; an Abort (section 5.6)
+            # may come first (a peer refusing us at once), and its diagnostic is worth reading.
             self.abort("csm_not_first", f"first message {code >> 5}.{code & 0x1F:02d} is not a CSM")
             return
         try:
@@ -373,9 +401,23 @@ class CoapStream:
         elif code == SignalCode.PONG:
             self._events.append(PongReceived(message.token))
         elif code == SignalCode.RELEASE:
-            self._close("released", "the peer released the connection")  # section 5.5
+            self._receive_release(message)
         else:
-            self._close("peer_abort", "the peer aborted: " + message.payload.decode("utf-8", "replace"))
+            # Section 5.6: the diagnostic payload, and the CSM option the peer could not take.
+            detail = "the peer aborted: " + message.payload.decode("utf-8", "replace")
+            bad_option = message.uint_option(SignalOption.BAD_CSM_OPTION)
+            if bad_option is not None:
+                detail += f" (Bad-CSM-Option {bad_option})"
+            self._close("peer_abort", detail)
+
+    def _receive_release(self, message: Message) -> None:
+        """Section 5.5: the peer goes; Alternative-Address (a string) and Hold-Off (seconds) say
+        where to reconnect and when. They are reported; the stream ends either way."""
+        address = message.option(SignalOption.ALTERNATIVE_ADDRESS)
+        release = ReleaseReceived(None if address is None else address.decode("utf-8", "replace"),
+                                  message.uint_option(SignalOption.HOLD_OFF))
+        self._events.append(release)
+        self._close("released", "the peer released the connection: " + release.describe())
 
     def _receive_csm(self, message: Message) -> None:
         """Section 5.3: the peer's limits; later CSMs update them."""

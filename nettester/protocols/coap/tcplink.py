@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -23,6 +23,7 @@ from nettester.addresses import address_text
 from nettester.interfaces import IDatagramLink
 from nettester.link import PeerContext
 from nettester.logs import Logger
+from nettester.metrics import LabeledCounter
 from nettester.protocols.coap.endpoint import CoapEndpoint
 from nettester.protocols.coap.message import Message, Peer
 from nettester.protocols.coap.reliable import ReliableCoapLayer
@@ -31,6 +32,7 @@ from nettester.protocols.coap.tcp import (
     CsmReceived,
     MessageReceived,
     PongReceived,
+    ReleaseReceived,
     StreamClosed,
     StreamParameters,
     frame_from_datagram,
@@ -39,8 +41,11 @@ from nettester.protocols.coap.tls import tls_context
 
 log = Logger()
 
-#: Stream ends that a hostile or broken peer causes (counted as refused).
-REFUSED_REASONS = frozenset(("no_csm", "csm_not_first", "too_large", "slowloris", "format", "bad_signal"))
+#: Stream ends that a hostile or broken peer causes, and connections closed at once past
+#: ``max_connections`` (counted as refused, ``tcp_refused_total{reason}``).
+REFUSED_REASONS = ("bad_signal", "csm_not_first", "format", "max_connections", "no_csm", "slowloris", "too_large")
+#: Seconds between two warnings about connections refused at ``max_connections``.
+WARNING_INTERVAL = 10.0
 _LOST = Failure(ConnectionError("connection lost"))
 
 
@@ -66,8 +71,14 @@ def endpoint_class(link: IDatagramLink) -> type[CoapEndpoint]:
     return ReliableCoapEndpoint if isinstance(link, TcpLink) else CoapEndpoint
 
 
+@implementer(IPushProducer)
 class CoapTcpConnection(Protocol):
-    """One connection: bytes to the stream, messages to the link's endpoint, a single timer."""
+    """One connection: bytes to the stream, messages to the link's endpoint, a single timer.
+
+    It is its transport's producer: when the peer does not read its responses and the send
+    buffer fills, Twisted pauses us and we stop reading its requests, so what waits to be sent
+    stays bounded (a request is answered only once read; notifications are not held back).
+    """
 
     _ids = itertools.count(1)
 
@@ -80,6 +91,7 @@ class CoapTcpConnection(Protocol):
         self.ready: defer.Deferred[CoapTcpConnection] | None = None
         self._timer: IDelayedCall | None = None
         self._closing = False
+        self._producing = False
 
     def __str__(self) -> str:
         return f"tcp#{self.id} {address_text(self.address)}"
@@ -94,11 +106,20 @@ class CoapTcpConnection(Protocol):
             set_no_delay(True)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.address = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        if not self.link.admit(self):
+            # Past the cap: no stream, no buffer, no TLS handshake; the socket goes at once.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self.stream = CoapStream(self.link.clock.seconds(), self.link.stream_params)
         self.link.connection_made(self)
         self._pump()
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._producing and self.transport is not None:
+            # Registered once data flows, so after a TLS handshake: TLS pauses its producer while
+            # it buffers writes made during the handshake, and we must not stop reading then.
+            self._producing = True
+            self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         if self.stream is not None:
             self.stream.receive_data(data, self.link.clock.seconds())
             self._pump()
@@ -110,6 +131,18 @@ class CoapTcpConnection(Protocol):
         if self.stream is not None:
             self.stream.connection_lost(reason.getErrorMessage())
             self._pump()
+
+    # ------------------------------------------------------------ IPushProducer
+
+    def pauseProducing(self) -> None:
+        """The send buffer is full: read no more requests until it drains."""
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        """The connection goes (``connectionLost`` follows)."""
 
     def release(self, detail: str) -> None:
         """Close gracefully: Release (RFC 8323 section 5.5), then the connection ends."""
@@ -137,6 +170,13 @@ class CoapTcpConnection(Protocol):
             elif isinstance(event, PongReceived):
                 log.debug("{connection} Pong token={token}", event="coap_tcp_pong", connection=self,
                           token=event.token.hex() or "-")
+            elif isinstance(event, ReleaseReceived):
+                # RFC 8323 section 5.5; nothing reconnects on its own (README: Alternative-Address and
+                # Hold-Off are reported, not followed).
+                log.info("{connection} {side} released the connection: {release}", event="coap_tcp_released",
+                         connection=self, side="server" if self.ready is not None else "client",
+                         release=event.describe(), alternative_address=event.alternative_address,
+                         hold_off=event.hold_off)
             elif isinstance(event, StreamClosed):
                 self.link.stream_closed(self, event)
         data = stream.data_to_send()
@@ -179,10 +219,15 @@ class TcpLink(Factory):
     noisy = False  # one "Starting factory" line per client connection is noise
 
     def __init__(self, reactor: IReactorTime, stream_params: StreamParameters | None = None,
-                 tls_server: Any = None, tls_client: Any = None) -> None:
+                 tls_server: Any = None, tls_client: Any = None, max_connections: int | None = None,
+                 refused_counter: LabeledCounter | None = None) -> None:
         """``tls_server``: a context factory to listen with TLS; ``tls_client``: a connection creator
-        (or context factory) to connect with TLS (coaps+tcp, ``tls.py``)."""
+        (or context factory) to connect with TLS (coaps+tcp, ``tls.py``). ``max_connections``: past
+        this many open connections a new one is closed at once (None: no cap). ``refused_counter``
+        counts refused connections by reason (the server's ``tcp_refused_total``)."""
         self.clock = reactor
+        self.max_connections = max_connections
+        self.refused_counter = refused_counter
         self.stream_params = stream_params or StreamParameters()
         self.tls_server = tls_server
         self.tls_client = tls_client
@@ -193,6 +238,8 @@ class TcpLink(Factory):
         self.accepted = 0
         #: Why connections ended, by reason key (``tcp.StreamClosed``).
         self.closed: Counter[str] = Counter()
+        self._next_warning = 0.0
+        self._refused_since_warning = 0
 
     def buildProtocol(self, addr: Any) -> CoapTcpConnection:
         return CoapTcpConnection(self)
@@ -239,6 +286,28 @@ class TcpLink(Factory):
 
     # ------------------------------------------------------------ connections
 
+    def admit(self, connection: CoapTcpConnection) -> bool:
+        """Whether ``connection`` may open a stream; past ``max_connections`` it is counted and
+        refused, with one warning per ``WARNING_INTERVAL`` (a flood would otherwise flood the log)."""
+        if self.max_connections is None or len(self.connections) < self.max_connections:
+            return True
+        self._count_refused("max_connections")
+        self._refused_since_warning += 1
+        now = self.clock.seconds()
+        if now >= self._next_warning:
+            log.warn("{connection} closed at once: {bound} {scheme} connections open (--max-tcp-connections); "
+                     "{count} refused since the last warning", event="coap_tcp_max_connections",
+                     connection=connection, bound=self.max_connections, scheme=self.scheme,
+                     count=self._refused_since_warning)
+            self._next_warning = now + WARNING_INTERVAL
+            self._refused_since_warning = 0
+        return False
+
+    def _count_refused(self, reason: str) -> None:
+        self.closed[reason] += 1
+        if self.refused_counter is not None:
+            self.refused_counter.inc(reason)
+
     def connection_made(self, connection: CoapTcpConnection) -> None:
         self.connections.add(connection)
         self.accepted += 1
@@ -251,11 +320,16 @@ class TcpLink(Factory):
     def stream_closed(self, connection: CoapTcpConnection, event: StreamClosed) -> None:
         """Count why, tell the endpoint, fail a connect still waiting for CSM."""
         self.connections.discard(connection)
-        self.closed[event.reason] += 1
         if event.reason in REFUSED_REASONS:
+            self._count_refused(event.reason)
             log.info("{connection} closed ({reason}): {detail}", event="coap_tcp_refused", connection=connection,
                      reason=event.reason, detail=event.detail)
+        elif event.reason == "peer_abort":  # the peer found us at fault: worth an info line
+            self.closed[event.reason] += 1
+            log.info("{connection} closed ({reason}): {detail}", event="coap_tcp_aborted", connection=connection,
+                     reason=event.reason, detail=event.detail)
         else:
+            self.closed[event.reason] += 1
             log.debug("{connection} closed ({reason}): {detail}", event="coap_tcp_closed", connection=connection,
                       reason=event.reason, detail=event.detail)
         if connection.ready is not None and not connection.ready.called:

@@ -22,6 +22,7 @@ from nettester.protocols.coap.tcp import (
     CsmReceived,
     MessageReceived,
     PongReceived,
+    ReleaseReceived,
     SignalCode,
     SignalOption,
     StreamClosed,
@@ -133,12 +134,33 @@ def test_release_and_abort_end_the_stream() -> None:
     client, server = connected_pair()
     client.release()
     exchange(client, server)
-    assert events(server) == [StreamClosed("released", "the peer released the connection")]
+    assert events(server) == [ReleaseReceived(None, None), StreamClosed(
+        "released", "the peer released the connection: no Alternative-Address, no Hold-Off")]
     assert events(client) == [StreamClosed("released", "released")]
     client, server = connected_pair()
     client.abort("aborted", "bye")
     exchange(client, server)
     assert events(server) == [StreamClosed("peer_abort", "the peer aborted: bye")]
+
+
+def test_release_options_are_parsed_and_reported() -> None:
+    """RFC 8323 section 5.5: Alternative-Address (string) and Hold-Off (uint seconds)."""
+    client, server = connected_pair()
+    server.release("moving", alternative_address="backup.example:5684", hold_off=30)
+    exchange(server, client)
+    release = ReleaseReceived("backup.example:5684", 30)
+    assert events(client) == [release, StreamClosed(
+        "released", "the peer released the connection: Alternative-Address backup.example:5684, Hold-Off 30 s")]
+    assert ReleaseReceived(None, 5).describe() == "Hold-Off 5 s"
+
+
+def test_peer_abort_detail_carries_bad_csm_option() -> None:
+    """Section 5.6: the Bad-CSM-Option of an Abort reaches the log line's detail."""
+    client, server = connected_pair()
+    client.abort("bad_signal", "unknown critical option 9 in signal 1", 9)
+    exchange(client, server)
+    assert events(server) == [StreamClosed(
+        "peer_abort", "the peer aborted: unknown critical option 9 in signal 1 (Bad-CSM-Option 9)")]
 
 
 def test_empty_message_is_ignored() -> None:
@@ -232,7 +254,7 @@ def test_fuzzed_streams_never_raise(chunks: list[bytes]) -> None:
         server.receive_data(chunk, 1.0)
     server.handle_timer(1000.0)
     for event in events(server):
-        assert isinstance(event, (CsmReceived, MessageReceived, PongReceived, StreamClosed))
+        assert isinstance(event, (CsmReceived, MessageReceived, PongReceived, ReleaseReceived, StreamClosed))
     assert len(server._buffer) <= 512 + 6 + 8 + 64
 
 
