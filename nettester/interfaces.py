@@ -251,6 +251,18 @@ class DatagramCore(Protocol):
         """The next event for the layer above, or None when there is none."""
 
 
+class VersionedTimer(Protocol):
+    """What a :class:`DatagramCore` may add so its pump asks for the timer less often.
+
+    ``timer_version`` changes whenever ``get_timer()`` may have come earlier
+    (a deadline moving later need not change it: the armed call then fires
+    early and re-arms). ``CorePump`` skips ``get_timer()`` while it is
+    unchanged and a call is armed.
+    """
+
+    timer_version: int
+
+
 class StreamCore(Protocol):
     """The stream twin of :class:`DatagramCore` (h11's shape): one connection of a stream protocol.
 

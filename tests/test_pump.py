@@ -102,3 +102,58 @@ def test_run_timer_runs_a_due_timer_at_once_and_leaves_an_early_call_alone() -> 
     pump.run_timer()
     assert core.timer_calls == [0.75] and written[-1] == (b"again y", "peer")
     assert clock.getDelayedCalls() == []
+
+
+class VersionedCore(EchoCore):
+    """An ``EchoCore`` with a ``timer_version`` (``VersionedTimer``) that counts its ``get_timer`` calls."""
+
+    def __init__(self, delay: float = 1.0) -> None:
+        super().__init__(delay)
+        self.timer_version = 0
+        self.asked = 0
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        before = self.get_timer()
+        super().receive_datagram(data, addr, now)
+        self.asked -= 1
+        if before is None or now + self.delay < before:
+            self.timer_version += 1  # the deadline came earlier
+
+    def get_timer(self) -> float | None:
+        self.asked += 1
+        return super().get_timer()
+
+
+def test_a_versioned_core_is_asked_for_its_timer_only_when_the_version_moved() -> None:
+    clock, core = Clock(), VersionedCore()
+    written: list[tuple[bytes, Any]] = []
+    pump = CorePump(clock, core, lambda data, addr: written.append((data, addr)), lambda event: None)
+    pump.receive(b"a", "peer")
+    assert core.asked == 1 and [call.getTime() for call in clock.getDelayedCalls()] == [1.0]
+    clock.advance(0.25)
+    for _ in range(3):
+        pump.receive(b"b", "peer")  # later deadlines, same version: the armed call stands, no asking
+    assert core.asked == 1 and [call.getTime() for call in clock.getDelayedCalls()] == [1.0]
+    core.delay = 0.25
+    pump.receive(b"c", "peer")  # due at 0.5: the version moved, the call moves earlier
+    assert core.asked == 2 and [call.getTime() for call in clock.getDelayedCalls()] == [0.5]
+    clock.advance(0.25)  # fires: handle_timer runs, then the pump asks again (no call is armed)
+    assert written[-1] == (b"again c", "peer") and [call.getTime() for call in clock.getDelayedCalls()] == [1.0]
+
+
+def test_a_pump_from_inside_dispatch_folds_into_the_running_one() -> None:
+    clock, core = Clock(), EchoCore()
+    order: list[str] = []
+
+    def dispatch(event: bytes) -> None:
+        order.append(f"dispatch {event.decode()}")
+        if event == b"first":
+            core.outgoing.append((b"answer", "peer"))
+            pump.pump()  # re-entrant: writes nothing yet, dispatches nothing out of order
+
+    pump = CorePump(clock, core, lambda data, addr: order.append(f"write {data.decode()}"), dispatch)
+    core.events.append(b"first")
+    core.events.append(b"second")
+    pump.pump()
+    assert order == ["dispatch first", "dispatch second", "write answer"]
+    assert core.next_event() is None and core.datagrams_to_send() == []

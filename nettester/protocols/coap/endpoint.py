@@ -1,9 +1,10 @@
 """Twisted adapter: a ``CoapLayer`` over any IDatagramLink.
 
-The endpoint feeds the sans-IO layer with datagrams and ``reactor.seconds()``,
-then runs one pump: write what the layer wants written, dispatch its events
-(requests to the handler, responses to the Deferreds of ``request``),
-and re-arm a single IDelayedCall for the layer's next deadline.
+The endpoint feeds the sans-IO layer with datagrams and ``reactor.seconds()``
+through the shared ``nettester.pump.CorePump``: it writes what the layer wants
+written, dispatches its events (requests to the handler, responses to the
+Deferreds of ``request``), and re-arms a single IDelayedCall for the layer's
+next deadline, asking for it only when the layer's ``timer_version`` moved.
 
 It runs unchanged over plain UDP (``nettester.udplink.UdpLink``) and
 over the DTLS endpoint, because it only sees ``IDatagramLink``.
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -36,6 +37,7 @@ from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation,
 from nettester.protocols.coap.layer import CoapLayer
 from nettester.protocols.coap.message import Code, Message, OptionNumber, Peer, response
 from nettester.protocols.coap.parameters import LayerStats, TransmissionParameters
+from nettester.pump import CorePump
 
 log = Logger()
 
@@ -99,12 +101,8 @@ class CoapEndpoint:
         self.handler = handler
         self._clock = reactor
         self.core = self.layer_class(reactor.seconds(), params, rng)
-        self._send = link.send_datagram
-        self._timer: IDelayedCall | None = None
-        self._timer_deadline = 0.0
-        self._timer_version = -1
-        self._pumping = False
-        self._stopped = False
+        #: writes what the layer queued, dispatches its events, keeps its one timer
+        self._core_pump = CorePump(reactor, self.core, link.send_datagram, self._dispatch)
         self._waiting: dict[OutgoingRequest, tuple[defer.Deferred[ResponseReceived], Observation | None,
                                                    Callable[[ResponseReceived], None] | None]] = {}
         link.receiver = self
@@ -121,8 +119,7 @@ class CoapEndpoint:
     # ------------------------------------------------------------ IDatagramReceiver
 
     def datagramReceived(self, data: bytes, peer: Peer) -> None:
-        self.core.receive_datagram(data, peer, self._clock.seconds())
-        self._pump()
+        self._core_pump.receive(data, peer)
 
     # ------------------------------------------------------------ server side
 
@@ -199,31 +196,13 @@ class CoapEndpoint:
 
     def stop(self) -> None:
         """Stop the timer for good (the link is closed by its owner)."""
-        self._stopped = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._core_pump.stop()
 
     # ------------------------------------------------------------ the pump
 
     def _pump(self) -> None:
-        """Write datagrams, dispatch events, re-arm the timer; re-entrant calls fold in."""
-        if self._pumping:
-            return
-        self._pumping = True
-        core = self.core
-        send = self._send
-        try:
-            # Events first (handlers answer synchronously, adding datagrams),
-            # then every datagram in the order the layer queued them.
-            while (event := core.next_event()) is not None:
-                self._dispatch(event)
-            for data, peer in core.datagrams_to_send():
-                send(data, peer)
-        finally:
-            self._pumping = False
-        if (self._timer is None or core.timer_version != self._timer_version) and not self._stopped:
-            self._arm_timer()
+        """Write datagrams, dispatch events, re-arm the timer (``CorePump``; re-entrant calls fold in)."""
+        self._core_pump.pump()
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, RequestReceived):
@@ -290,21 +269,3 @@ class CoapEndpoint:
         del self._waiting[outgoing]
         self.core.cancel(outgoing, self._clock.seconds(), deregister=False)
         waiting[0].callback(event)
-
-    def _arm_timer(self) -> None:
-        """One IDelayedCall for the layer's next deadline, moved only when it comes earlier."""
-        timer = self._timer
-        core = self.core
-        self._timer_version = core.timer_version
-        deadline = core.get_timer()
-        if timer is not None and timer.active():
-            if deadline >= self._timer_deadline:
-                return  # Firing early is harmless: the layer re-arms after handle_timer.
-            timer.cancel()
-        self._timer_deadline = deadline
-        self._timer = self._clock.callLater(max(0.0, deadline - self._clock.seconds()), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.core.handle_timer(self._clock.seconds())
-        self._pump()
