@@ -31,16 +31,23 @@ class CorePump:
     later just re-arms. So a datagram in costs no timer rescheduling in the
     common case, where the deadline only ever moves later.
 
+    ``events_first`` dispatches the events before writing the datagrams, for
+    a core whose events make the place a datagram goes (the STUN fleet's
+    ``OpenSocket`` opens the socket its next request is written to).
+    ``after_timer(now)``, when given, runs after each timer call, early ones
+    included (the STUN tester samples its report's time series there).
+
     A ``pump()`` called while one runs (a handler answering from inside
     ``dispatch``) folds into the running one: events are dispatched one at a
     time, in order, and what they queue is written by the outer loop.
     """
 
     __slots__ = ("_reactor", "core", "_write", "_dispatch", "_call", "_stopped", "_pumping", "_versioned",
-                 "_version")
+                 "_version", "_events_first", "_after_timer")
 
     def __init__(self, reactor: IReactorTime, core: DatagramCore, write: Callable[[bytes, Any], object],
-                 dispatch: Callable[[Any], object]) -> None:
+                 dispatch: Callable[[Any], object], events_first: bool = False,
+                 after_timer: Callable[[float], object] | None = None) -> None:
         self._reactor = reactor
         self.core = core
         self._write = write
@@ -48,6 +55,8 @@ class CorePump:
         self._call: IDelayedCall | None = None
         self._stopped = False
         self._pumping = False
+        self._events_first = events_first
+        self._after_timer = after_timer
         #: the core, when it keeps a ``timer_version``; and the version the armed call is for
         self._versioned = cast(VersionedTimer, core) if isinstance(getattr(core, "timer_version", None), int) else None
         self._version = -1
@@ -64,7 +73,11 @@ class CorePump:
         self._pumping = True
         core = self.core
         write = self._write
+        dispatch = self._dispatch
         try:
+            if self._events_first:
+                while (first := core.next_event()) is not None:
+                    dispatch(first)
             while True:
                 for datagram, address in core.datagrams_to_send():
                     write(datagram, address)
@@ -72,7 +85,7 @@ class CorePump:
                 if event is None:
                     break
                 while event is not None:
-                    self._dispatch(event)
+                    dispatch(event)
                     event = core.next_event()
         finally:
             self._pumping = False
@@ -117,3 +130,5 @@ class CorePump:
         if due is not None and due <= now:
             self.core.handle_timer(now)
         self.pump()
+        if self._after_timer is not None:
+            self._after_timer(now)

@@ -157,3 +157,18 @@ def test_a_pump_from_inside_dispatch_folds_into_the_running_one() -> None:
     pump.pump()
     assert order == ["dispatch first", "dispatch second", "write answer"]
     assert core.next_event() is None and core.datagrams_to_send() == []
+
+
+def test_events_first_acts_on_events_before_writing_and_after_timer_sees_every_firing() -> None:
+    clock, core = Clock(), EchoCore(delay=1.0)
+    order: list[str] = []
+    ticks: list[float] = []
+    pump = CorePump(clock, core, lambda data, addr: order.append(f"write {data.decode()}"),
+                    lambda event: order.append(f"dispatch {event.decode()}"), events_first=True,
+                    after_timer=ticks.append)
+    pump.receive(b"open", "peer")  # the event (say, a socket opened) comes before its datagram
+    assert order == ["dispatch open", "write open"]
+    pump.run_timer()  # not due: handle_timer does not run, after_timer does
+    assert core.timer_calls == [] and ticks == [0.0]
+    clock.advance(1.0)
+    assert core.timer_calls == [1.0] and ticks == [0.0, 1.0] and order[-1] == "write again open"

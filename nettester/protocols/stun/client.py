@@ -1,6 +1,7 @@
 """The ``stun-client`` role: the Twisted adapter driving a ``ClientFleet``.
 
-Each client owns one connected UDP socket (its own NAT mapping). One
+Each client owns one connected UDP socket (its own NAT mapping). The fleet
+is a ``DatagramCore`` run by the shared ``nettester.pump.CorePump``: one
 ``IDelayedCall``, re-armed at the fleet's ``get_timer()``, drives the
 fleet's timer wheel (at most one wake-up per 10 ms tick, so 10,000 clients
 cost 100 wake-ups a second, not 10,000 drifting timers). Events from the
@@ -44,6 +45,7 @@ from nettester.protocols.stun.fleet import (
     UnexpectedResponse,
 )
 from nettester.protocols.stun.message import Address, format_transaction_id
+from nettester.pump import CorePump
 from nettester.report import (
     MAPPING_CHANGE,
     LossEpisode,
@@ -183,7 +185,7 @@ class StunClientService(Service):
         self.fleet: ClientFleet | None = None
         self._server_ip: str | None = None
         self._ports: list[ClientSocket | None] = []
-        self._timer: IDelayedCall | None = None
+        self._pump: CorePump | None = None
         self._stopper: IDelayedCall | None = None
 
     def startService(self) -> None:
@@ -219,6 +221,9 @@ class StunClientService(Service):
         now = self._reactor.seconds()
         self._ports = [None] * self._config.clients
         self.fleet = ClientFleet(self._config, self.counters, now, self._rng)
+        # Events first: an OpenSocket makes the socket the client's next request is written to.
+        self._pump = CorePump(self._reactor, self.fleet, self._write, self._dispatch, events_first=True,
+                              after_timer=self._sample)
         log.info(
             "Starting {clients} STUN clients against {server}, interval {interval:g} s, "
             "start delay {low:g}-{high:g} s{rfc}",
@@ -230,20 +235,17 @@ class StunClientService(Service):
             high=self._config.start_delay[1],
             rfc=", RFC 8489 retransmissions" if self._config.rfc_retransmit else "",
         )
-        self._on_timer()
+        self._pump.run_timer()
 
     def _duration_over(self) -> None:
         self._stopper = None
         log.info("--duration {duration:g} s is over: stopping", event="duration_over", duration=self._duration)
         self._reactor.stop()
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _sample(self, now: float) -> None:
+        """After each timer run: one point of the report's time series every ``SAMPLE_INTERVAL``."""
         fleet = self.fleet
         assert fleet is not None
-        now = self._reactor.seconds()
-        fleet.handle_timer(now)
-        self._pump()
         if now >= self._next_sample and self.recorder is not None:
             self._next_sample = now + SAMPLE_INTERVAL
             self.recorder.sample(
@@ -255,9 +257,8 @@ class StunClientService(Service):
 
     def received(self, index: int, datagram: bytes) -> None:
         """A datagram on client ``index``'s socket."""
-        if self.fleet is not None:
-            self.fleet.receive_datagram(datagram, index, self._reactor.seconds())
-            self._pump()
+        if self._pump is not None:
+            self._pump.receive(datagram, index)
 
     def refused(self, index: int) -> None:
         """ICMP port unreachable on client ``index``'s socket: nobody listens at the server address."""
@@ -270,35 +271,20 @@ class StunClientService(Service):
                 server=str(Address(self._server_ip or self._server, self.server_port)),
             )
 
-    def _pump(self) -> None:
-        """Carry out what the fleet asks: events (sockets first opened), datagrams, then re-arm the timer."""
-        fleet = self.fleet
-        assert fleet is not None
-        while (event := fleet.next_event()) is not None:
-            if type(event) is OpenSocket:
-                self._open(event)
-            else:
-                self._report(event)
-        for data, index in fleet.datagrams_to_send():
-            port = self._ports[index]
-            if port is None:
-                self.socket_errors.value += 1
-            else:
-                port.write(data)
-        if not self.running:
-            return
-        deadline = fleet.get_timer()
-        timer = self._timer
-        if deadline is None:
-            if timer is not None:
-                timer.cancel()
-                self._timer = None
-            return
-        if timer is not None:
-            if timer.getTime() <= deadline:
-                return  # already due no later (an early wake-up just finds nothing to do)
-            timer.cancel()
-        self._timer = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), self._on_timer)
+    def _dispatch(self, event: FleetEvent) -> None:
+        """The pump's dispatcher: socket actions, then findings to log."""
+        if type(event) is OpenSocket:
+            self._open(event)
+        else:
+            self._report(event)
+
+    def _write(self, data: bytes, index: int) -> None:
+        """The pump's writer: on client ``index``'s socket (counted as a socket error when it has none)."""
+        port = self._ports[index]
+        if port is None:
+            self.socket_errors.value += 1
+        else:
+            port.write(data)
 
     def local_port(self, index: int) -> int | None:
         """The local UDP port client ``index`` currently sends from (None before it starts)."""
@@ -509,10 +495,11 @@ class StunClientService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        for call in (self._timer, self._stopper):
-            if call is not None and call.active():
-                call.cancel()
-        self._timer = self._stopper = None
+        if self._pump is not None:
+            self._pump.stop()
+        if self._stopper is not None and self._stopper.active():
+            self._stopper.cancel()
+        self._stopper = None
         for index in range(len(self._ports)):
             self._close(index)
         if self.fleet is not None:
