@@ -6,6 +6,7 @@ once, bounded, on loopback sockets.
 
 from __future__ import annotations
 
+import select
 import socket
 import subprocess
 import sys
@@ -22,7 +23,14 @@ from zope.interface import implementer
 from nettester.interfaces import IDatagramReadDescriptor
 from nettester.nat.proxy import OutgoingSocket
 from nettester.protocols.stun.client import ClientSocket
-from nettester.reactor import SHORT_NAME, DatagramEPollReactor, DrainingPort, is_datagram_reader, listen_udp
+from nettester.reactor import (
+    SHORT_NAME,
+    DatagramEPollReactor,
+    DatagramSocket,
+    DrainingPort,
+    is_datagram_reader,
+    listen_udp,
+)
 from tests.logcapture import log_events
 
 POLL_SECONDS = 2.0  # an upper bound: the poll returns as soon as the datagram is there
@@ -239,3 +247,55 @@ def test_a_refusal_on_a_connected_datagram_socket_is_read_not_taken_for_a_discon
     finally:
         reactor.removeReader(client)
         client.close()
+
+
+class CollectingSocket(DatagramSocket):
+    """A ``DatagramSocket`` that keeps what it reads and whether to read on after an error."""
+
+    __slots__ = ("datagrams", "errors", "read_on")
+
+    MAX_READS = 3
+
+    def __init__(self, read_on: bool) -> None:
+        super().__init__(socket.AF_INET, "127.0.0.1")
+        self.datagrams: list[bytes] = []
+        self.errors: list[OSError] = []
+        self.read_on = read_on
+
+    def datagram_received(self, datagram: bytes, source: Any) -> None:
+        self.datagrams.append(datagram)
+
+    def read_failed(self, error: OSError) -> bool:
+        self.errors.append(error)
+        return self.read_on
+
+
+def test_a_datagram_socket_reads_a_bounded_batch_per_wake_up() -> None:
+    reader = CollectingSocket(read_on=True)
+    try:
+        port = reader.socket.getsockname()[1]
+        for number in range(5):
+            _send_to(port, b"%d" % number)
+        reader.doRead()
+        assert reader.datagrams == [b"0", b"1", b"2"]  # MAX_READS, the rest at the next wake-up
+        reader.doRead()
+        assert reader.datagrams == [b"0", b"1", b"2", b"3", b"4"] and reader.errors == []
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("read_on", [True, False])
+def test_a_refusal_goes_to_read_failed_which_says_whether_to_read_on(read_on: bool) -> None:
+    reader = CollectingSocket(read_on)
+    try:
+        reader.socket.connect(("127.0.0.1", _dead_udp_port()))
+        reader.socket.send(b"to nobody")
+        wait_for_refusal = 0
+        while not reader.errors and wait_for_refusal < 100:  # bounded: loopback queues the ICMP error at once
+            select.select([reader.socket], [], [], 0.01)
+            reader.doRead()
+            wait_for_refusal += 1
+        assert isinstance(reader.errors[0], ConnectionRefusedError) and len(reader.errors) == 1
+        assert reader.fileno() != -1
+    finally:
+        reader.close()

@@ -22,16 +22,17 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester.addresses import address_text, ip_family, parse_host_port
-from nettester.interfaces import IDatagramReadDescriptor, IReportingService
+from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.nat.table import Address, DropPolicy, NatTable
+from nettester.reactor import DatagramSocket
 
 log = Logger()
 
@@ -53,57 +54,41 @@ class _PublicProtocol(DatagramProtocol):
 Receive = Callable[[bytes, Address], None]
 
 
-@implementer(IReadDescriptor, IDatagramReadDescriptor)
-class OutgoingSocket:
+class OutgoingSocket(DatagramSocket):
     """One NAT entry's outgoing UDP socket, read by the reactor directly.
 
     Twisted's udp.Port logs a line when it opens and another when it closes;
     with one socket per NAT entry that is two info lines per client, so the
-    NAT registers plain non-blocking sockets with IReactorFDSet instead.
+    NAT registers plain non-blocking sockets (``DatagramSocket``) with
+    IReactorFDSet instead.
 
     :raises OSError: when no socket can be opened (e.g. too many open files).
     """
 
-    MAX_READS = 64  # per readiness event, so one busy entry cannot starve the others
+    __slots__ = ("_reactor", "_receive")
 
     def __init__(self, reactor: Any, family: int, receive: Receive) -> None:
+        super().__init__(family, "::" if family == socket.AF_INET6 else "0.0.0.0")
         self._reactor = reactor
         self._receive = receive
-        self._socket = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            self._socket.setblocking(False)
-            self._socket.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-        except OSError:
-            self._socket.close()
-            raise
         reactor.addReader(self)
-
-    def fileno(self) -> int:
-        return self._socket.fileno()
 
     def logPrefix(self) -> str:
         return "nat-outgoing"
 
-    def doRead(self) -> None:
-        for _ in range(self.MAX_READS):
-            try:
-                datagram, source = self._socket.recvfrom(65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                continue  # e.g. ECONNREFUSED: an ICMP port unreachable for an earlier datagram
-            self._receive(datagram, (source[0], source[1]))
+    def datagram_received(self, datagram: bytes, source: Any) -> None:
+        self._receive(datagram, (source[0], source[1]))
+
+    def read_failed(self, error: OSError) -> bool:
+        return True  # e.g. ECONNREFUSED: an ICMP port unreachable for an earlier datagram
 
     def write(self, datagram: bytes, address: Address) -> None:
         """Send; raises OSError when the kernel refuses (full buffer, no route)."""
-        self._socket.sendto(datagram, address)
+        self.socket.sendto(datagram, address)
 
     def stopListening(self) -> None:
         self._reactor.removeReader(self)
-        self._socket.close()
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._socket.close()
+        self.socket.close()
 
 
 @implementer(IReportingService)
