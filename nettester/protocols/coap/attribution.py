@@ -26,7 +26,6 @@ deduplication answers them from its cache, and a tag counts once.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -146,8 +145,10 @@ class SessionTable:
         encoded = report.encode()
 
         def tagged(message: Message) -> Message:
-            # A copy: resources may hand out cached answers (the benchmark does).
-            return dataclasses.replace(message, options=[*message.options, (REPORT_OPTION, encoded)])
+            # A copy: resources may hand out cached answers (the benchmark does). Built field by field:
+            # dataclasses.replace costs several microseconds per call, on every tagged request.
+            return Message(message.mtype, message.code, message.mid, message.token,
+                           [*message.options, (REPORT_OPTION, encoded)], message.payload)
 
         if isinstance(answer, Message):
             return tagged(answer)

@@ -448,6 +448,8 @@ class CoapLayer:
         else:
             # RFC 7252 section 5.2.3: a NON request gets a NON response.
             data = encode_message(NON, answer.code, mid, request.token, answer.options, answer.payload)
+            if incoming.static:  # a GET over TCP (reliable.py); a NON datagram is never remembered
+                self.static_answers.remember(incoming, data)
         self._send(data, peer)
 
     def _register_observer(self, incoming: IncomingRequest, now: float) -> ObserveRelation:

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from nettester.protocols.coap.exchanges import IncomingRequest, ObserveRelation, OutgoingRequest
 from nettester.protocols.coap.layer import CoapLayer
-from nettester.protocols.coap.message import NON, Message, OptionNumber, Peer, encode_block, is_request
+from nettester.protocols.coap.message import NON, Code, Message, OptionNumber, Peer, encode_block, is_request
 from nettester.protocols.coap.parameters import TransmissionParameters
 
 #: RFC 8323 section 6: SZX 7 is BERT (blocks of multiples of 1024 bytes).
@@ -36,8 +36,12 @@ class ReliableCoapLayer(CoapLayer):
         super().__init__(now, params, rng)
         self._block1_uploads.bert = True  # RFC 8323 section 6
 
-    def receive_message(self, message: Message, peer: Peer, now: float) -> None:
-        """One request or response from ``peer``'s stream (a stream delivers once: no deduplication)."""
+    def receive_message(self, message: Message, peer: Peer, now: float, datagram: bytes | None = None) -> None:
+        """One request or response from ``peer``'s stream (a stream delivers once: no deduplication).
+
+        ``datagram``: a request's bytes as ``tcp.as_datagram`` gives them; with them a static answer
+        is remembered for ``static_frame``.
+        """
         self.stats.received += 1
         if is_request(message.code):
             block2 = message.block2
@@ -45,9 +49,22 @@ class ReliableCoapLayer(CoapLayer):
                 # RFC 8323 section 6 BERT asked for: answered with 1024-byte blocks, the
                 # same offsets (RFC 7959 section 2.4 lets a server choose a smaller size).
                 message.set_option(OptionNumber.BLOCK2, encode_block(block2.num, block2.more, 6))
-            self._receive_request(IncomingRequest(peer, message), now)
+            incoming = IncomingRequest(peer, message)
+            if message.code == Code.GET:
+                incoming._datagram = datagram
+            self._receive_request(incoming, now)
         else:
             self._receive_separate_response(message, peer, None, now)
+
+    def static_frame(self, token: bytes, after_token: bytes) -> bytes | None:
+        """The answer frame to a GET of a static resource, counted as received and sent, or None
+        (``tcp.CoapStream.static_answer``: the stream answers without an event)."""
+        answer = self.static_answers.frame_answer(token, after_token)
+        if answer is not None:
+            stats = self.stats
+            stats.received += 1
+            stats.sent += 1
+        return answer
 
     def notify(self, relation: ObserveRelation, notification: Message, now: float, confirmable: bool,
                final: bool = False) -> None:

@@ -1,10 +1,11 @@
 """A static resource's answers kept as bytes: the server's fast path for the common GET.
 
 A resource marked ``static`` answers a GET from its options alone. Once it
-has answered a plain CON GET, the request's bytes after the token (the same
-bytes decode to the same request, hence the same answer) map to the
-answer's code and bytes after the token; the next identical request from
-any peer is answered from here with its own message id and token, without
+has answered a plain CON GET (or a GET over TCP, RFC 8323), the request's
+bytes after the token (the same bytes decode to the same request, hence the
+same answer) map to the answer's code and bytes after the token; the next
+identical request from any peer is answered from here with its own message
+id and token (over TCP: its token, in a frame, ``frame_answer``), without
 decoding, dispatch or encoding. Sans-IO, like the layer that holds it.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from nettester.protocols.coap.exchanges import IncomingRequest
 from nettester.protocols.coap.message import OptionNumber
+from nettester.protocols.coap.tcp import frame_header
 
 # Request options whose only effect is the answer (RFC 7252 section 5.10).
 STATIC_OPTIONS = frozenset((OptionNumber.URI_HOST, OptionNumber.URI_PORT, OptionNumber.URI_PATH,
@@ -39,6 +41,15 @@ class StaticAnswers:
         if static is None:
             return None
         return bytes((data[0] | _ACK_BITS, static[0])) + data[2:after_token] + static[1]  # same MID and token
+
+    def frame_answer(self, token: bytes, after_token: bytes) -> bytes | None:
+        """The whole frame answering the GET frame with ``token`` and ``after_token`` (RFC 8323 section
+        3.2), or None when it must take the full path. A frame has no type or message id: only the
+        token is the request's own."""
+        static = self.answers.get(after_token)
+        if static is None:
+            return None
+        return frame_header(len(static[1]), len(token), static[0]) + token + static[1]
 
     def remember(self, incoming: IncomingRequest, data: bytes) -> None:
         """Keep ``data``, the piggybacked answer to ``incoming``, if the request is plain.

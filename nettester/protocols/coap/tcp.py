@@ -21,6 +21,7 @@ short reason key the adapter counts.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nettester.protocols.coap.message import (
@@ -39,8 +40,7 @@ from nettester.protocols.coap.message import (
 
 #: RFC 8323 section 5.3.1: the Max-Message-Size a peer assumes until our CSM says otherwise.
 DEFAULT_MAX_MESSAGE_SIZE = 1152
-#: The longest frame header: Len/TKL, 4 bytes extended length, code (section 3.2).
-_MAX_HEADER = 6
+_GET = 1  # RFC 7252 section 12.1.1
 
 
 class SignalCode:
@@ -112,20 +112,21 @@ def frame_from_datagram(datagram: bytes) -> bytes | None:
     return frame_header(len(datagram) - 4 - tkl, tkl, datagram[1]) + datagram[4:]
 
 
-def parse_frame_header(buffer: bytes | bytearray) -> tuple[int, int, int, int] | None:
-    """(header length, token length, code, body length) of the frame at the start, None while incomplete."""
-    if len(buffer) < 2:
+def parse_frame_header(buffer: bytes | bytearray, offset: int = 0) -> tuple[int, int, int, int] | None:
+    """(header length, token length, code, body length) of the frame at ``offset``, None while incomplete."""
+    available = len(buffer) - offset
+    if available < 2:
         return None
-    first = buffer[0]
+    first = buffer[offset]
     nibble = first >> 4
     tkl = first & 0x0F
     if nibble < 13:
-        return 2, tkl, buffer[1], nibble
+        return 2, tkl, buffer[offset + 1], nibble
     extra = 1 if nibble == 13 else 2 if nibble == 14 else 4
-    if len(buffer) < 2 + extra:
+    if available < 2 + extra:
         return None
-    length = int.from_bytes(buffer[1:1 + extra], "big") + (13, 269, 65805)[nibble - 13]
-    return 2 + extra, tkl, buffer[1 + extra], length
+    length = int.from_bytes(buffer[offset + 1:offset + 1 + extra], "big") + (13, 269, 65805)[nibble - 13]
+    return 2 + extra, tkl, buffer[offset + 1 + extra], length
 
 
 def decode_frame(frame: bytes | bytearray) -> Message:
@@ -140,15 +141,25 @@ def decode_frame(frame: bytes | bytearray) -> Message:
     header_length, tkl, code, length = header
     if header_length + tkl + length != len(frame):
         raise CoapDecodeError(DecodeFailure.FORMAT, "frame length does not match its Len field")
+    return _decode_checked(as_datagram(bytes(frame), header_length, tkl, code), tkl, code)
+
+
+def as_datagram(frame: bytes, header_length: int, tkl: int, code: int) -> bytes:
+    """The RFC 7252 datagram (type NON, message id 0) carrying what the frame carries: the message
+    codec's input, and the key of ``static.StaticAnswers``."""
+    return bytes((0x50 | (tkl & 0x0F), code, 0, 0)) + frame[header_length:]
+
+
+def _decode_checked(datagram: bytes, tkl: int, code: int) -> Message:
+    """``decode_frame`` past the length check, from ``as_datagram``'s bytes."""
     if tkl > 8:
         raise CoapDecodeError(DecodeFailure.FORMAT, f"token length {tkl} is reserved", NON, code, 0)
     if not code:
-        if tkl or length:
+        if len(datagram) > 4:
             raise CoapDecodeError(DecodeFailure.FORMAT, "empty message with token, options or payload", NON, 0, 0)
         return Message(NON, 0)
-    # The body is an RFC 7252 message after its 4-byte header: give it one and reuse the codec.
-    data = bytes((0x50 | tkl, code, 0, 0)) + bytes(frame[header_length:])
-    return decode_after_header(data, (NON, tkl, code, 0), signalling=code >> 5 == 7)
+    # The body is an RFC 7252 message after its 4-byte header: reuse the codec.
+    return decode_after_header(datagram, (NON, tkl, code, 0), signalling=code >> 5 == 7)
 
 
 # ---------------------------------------------------------------- events
@@ -164,6 +175,15 @@ class MessageReceived(StreamEvent):
     """A request or response (type NON, message id 0) for the message layer."""
 
     message: Message
+    #: A request's ``as_datagram`` bytes (``static.StaticAnswers`` keeps answers by them), else None.
+    datagram: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerReady(StreamEvent):
+    """``static_answer``'s frame for a request: the adapter writes it where its event comes."""
+
+    frame: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +263,11 @@ class CoapStream:
         self.ready = False
         #: The reason key once the stream ended (no more input is read, nothing more is sent).
         self.closed: str | None = None
-        self._buffer = bytearray()
+        self._buffer = b""
         self._out: list[bytes] = []
+        #: ``(token, bytes after the token) -> the answer frame or None``: a GET answered without decoding
+        #: it, as an ``AnswerReady`` (the server's ``ReliableCoapLayer.static_frame``); None: all decoded.
+        self.static_answer: Callable[[bytes, bytes], bytes | None] | None = None
         self._events: deque[StreamEvent] = deque()
         self._csm_deadline: float | None = now + self.params.csm_timeout
         self._partial_since: float | None = None
@@ -264,7 +287,7 @@ class CoapStream:
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` is due: the CSM deadline or the partial message's, or None."""
-        if self.closed is not None:
+        if self.closed is not None or (self._csm_deadline is None and self._partial_since is None):
             return None
         deadlines = [deadline for deadline in (
             self._csm_deadline,
@@ -282,33 +305,43 @@ class CoapStream:
             self._close("slowloris", f"a message stayed incomplete for {self.params.message_timeout:g} s")
 
     def receive_data(self, data: bytes, now: float) -> None:
-        """Bytes from the peer; complete messages become events."""
+        """Bytes from the peer; complete messages become events (or, with ``static_answer``, answers)."""
         if self.closed is not None or not data:
             return
-        buffer = self._buffer
-        buffer += data
+        # bytes, not a bytearray: a frame is then one slice (none when the read is that one frame).
+        buffer = self._buffer + data if self._buffer else data
         position = 0
         end = len(buffer)
+        max_size = self.params.max_message_size
+        static_answer = self.static_answer if self.ready else None
         while self.closed is None:
-            header = parse_frame_header(bytes(buffer[position:position + _MAX_HEADER]))
+            header = parse_frame_header(buffer, position)
             if header is None:
                 break
             header_length, tkl, code, length = header
-            if length > self.params.max_message_size:
+            if length > max_size:
                 # Refused from the header: nothing of the body is ever buffered.
-                self.abort("too_large", f"message of {length} bytes above Max-Message-Size "
-                           f"{self.params.max_message_size}", SignalOption.MAX_MESSAGE_SIZE)
+                self.abort("too_large", f"message of {length} bytes above Max-Message-Size {max_size}",
+                           SignalOption.MAX_MESSAGE_SIZE)
                 break
-            frame_end = position + header_length + tkl + length
+            body_start = position + header_length + tkl
+            frame_end = body_start + length
             if frame_end > end:
                 break
-            self._receive_frame(bytes(buffer[position:frame_end]), code)
+            if code == _GET and static_answer is not None and tkl <= 8:
+                answer = static_answer(buffer[position + header_length:body_start], buffer[body_start:frame_end])
+                if answer is not None:
+                    self._events.append(AnswerReady(answer))  # in order with the decoded requests' answers
+                    position = frame_end
+                    continue
+            self._receive_frame(buffer if position == 0 and frame_end == end else buffer[position:frame_end],
+                                header_length, tkl, code)
             position = frame_end
         if self.closed is not None:
-            self._buffer = bytearray()
+            self._buffer = b""
             return
-        del buffer[:position]
-        if not buffer:
+        self._buffer = buffer[position:] if position < end else b""
+        if position == end:
             self._partial_since = None
         elif position or self._partial_since is None:
             self._partial_since = now  # a message started (or progressed to a new one) now
@@ -356,21 +389,22 @@ class CoapStream:
 
     # ------------------------------------------------------------ receiving
 
-    def _receive_frame(self, frame: bytes, code: int) -> None:
+    def _receive_frame(self, frame: bytes, header_length: int, tkl: int, code: int) -> None:
         if code not in (SignalCode.CSM, SignalCode.ABORT) and not self.ready:
             # RFC 8323 section 5.3.1: CSM is each side's first message; an Abort (section 5.6)
             # may come first (a peer refusing us at once), and its diagnostic is worth reading.
             self.abort("csm_not_first", f"first message {code >> 5}.{code & 0x1F:02d} is not a CSM")
             return
+        datagram = as_datagram(frame, header_length, tkl, code)
         try:
-            message = decode_frame(frame)
+            message = _decode_checked(datagram, tkl, code)
         except CoapDecodeError as error:
             self._reject(error)
             return
         if code >> 5 == 7:
             self._receive_signal(message)
         elif code:  # RFC 8323 section 3.4: an Empty message is ignored (a keep-alive).
-            self._events.append(MessageReceived(message))
+            self._events.append(MessageReceived(message, datagram if code < 32 else None))
 
     def _reject(self, error: CoapDecodeError) -> None:
         """A bad critical option in a request gets 4.02 (RFC 7252 section 5.4.1); any other error aborts."""

@@ -28,6 +28,7 @@ from nettester.protocols.coap.endpoint import CoapEndpoint
 from nettester.protocols.coap.message import Message, Peer
 from nettester.protocols.coap.reliable import ReliableCoapLayer
 from nettester.protocols.coap.tcp import (
+    AnswerReady,
     CoapStream,
     CsmReceived,
     MessageReceived,
@@ -55,9 +56,9 @@ class ReliableCoapEndpoint(CoapEndpoint):
     layer_class = ReliableCoapLayer
     core: ReliableCoapLayer
 
-    def message_received(self, message: Message, peer: Peer) -> None:
-        """One message from ``peer``'s stream."""
-        self.core.receive_message(message, peer, self._clock.seconds())
+    def message_received(self, message: Message, peer: Peer, datagram: bytes | None = None) -> None:
+        """One message from ``peer``'s stream (a request with its ``tcp.as_datagram`` bytes)."""
+        self.core.receive_message(message, peer, self._clock.seconds(), datagram)
         self._pump()
 
     def peer_closed(self, peer: Peer) -> None:
@@ -111,6 +112,8 @@ class CoapTcpConnection(Protocol):
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         self.stream = CoapStream(self.link.clock.seconds(), self.link.stream_params)
+        if self.link.receiver is not None:
+            self.stream.static_answer = self.link.receiver.core.static_frame  # static.py, over TCP
         self.link.connection_made(self)
         self._pump()
 
@@ -159,8 +162,10 @@ class CoapTcpConnection(Protocol):
         stream = self.stream
         assert stream is not None
         while (event := stream.next_event()) is not None:
-            if isinstance(event, MessageReceived):
-                self.link.message_received(event.message, self)
+            if type(event) is AnswerReady:  # the most frequent event of a loaded server first
+                self.write_frame(event.frame)
+            elif isinstance(event, MessageReceived):
+                self.link.message_received(event.message, self, event.datagram)
             elif isinstance(event, CsmReceived):
                 log.debug("{connection} CSM: Max-Message-Size {size}, block-wise {block_wise}",
                           event="coap_tcp_csm", connection=self, size=event.max_message_size,
@@ -195,6 +200,8 @@ class CoapTcpConnection(Protocol):
     def _arm_timer(self) -> None:
         assert self.stream is not None
         deadline = self.stream.get_timer()
+        if deadline is None and self._timer is None:
+            return
         if self._timer is not None and self._timer.active():
             if deadline is not None and self._timer.getTime() == deadline:
                 return
@@ -313,9 +320,9 @@ class TcpLink(Factory):
         self.accepted += 1
         log.debug("{connection} connected", event="coap_tcp_connected", connection=connection)
 
-    def message_received(self, message: Message, connection: CoapTcpConnection) -> None:
+    def message_received(self, message: Message, connection: CoapTcpConnection, datagram: bytes | None = None) -> None:
         if self.receiver is not None:
-            self.receiver.message_received(message, connection)
+            self.receiver.message_received(message, connection, datagram)
 
     def stream_closed(self, connection: CoapTcpConnection, event: StreamClosed) -> None:
         """Count why, tell the endpoint, fail a connect still waiting for CSM."""

@@ -105,6 +105,30 @@ class BindingResponder:
             raise ValueError("an RFC 5780 server needs exactly four addresses")
         self._understood = UNDERSTOOD if self._addresses is None else UNDERSTOOD_RFC5780
         self._ipv4_cache: dict[tuple[str, int], bytes] = {}
+        #: IPv4 peer -> its bare request's response after the transaction id (``bare_answer``)
+        self._bare_tails: dict[tuple[str, int], bytes] = {}
+        self._bare_head = self._headers[24]
+        self._requests, self._responses = counters.requests, counters.responses  # one lookup less each
+
+    @property
+    def rfc5780(self) -> bool:
+        """Whether this responder answers CHANGE-REQUEST (four addresses): then every request takes ``respond``."""
+        return self._addresses is not None
+
+    def bare_answer(self, data: bytes, peer: tuple[str, int]) -> bytes | None:
+        """The response to a Binding request without attributes from an IPv4 peer answered before, or None.
+
+        The datagram path's first try (``server.StunDatagramProtocol``): the
+        response is the precomputed head, the request's cookie and transaction
+        id, and the peer's precomputed address attributes and SOFTWARE, byte for
+        byte what ``respond`` gives, counted alike. None: ``respond`` decides.
+        """
+        tail = self._bare_tails.get(peer)
+        if tail is None or len(data) != 20 or data[:8] != BARE_BINDING_REQUEST:
+            return None
+        self._requests.value += 1
+        self._responses.value += 1
+        return self._bare_head + data[4:] + tail
 
     def respond(self, data: bytes, peer: tuple[str, int], via: int = PRIMARY, now: float = 0.0) -> Reply | None:
         """The response to ``data`` from ``peer``, the socket index to send it from and the port to send it to.
@@ -120,6 +144,10 @@ class BindingResponder:
             counters.requests.value += 1
             counters.responses.value += 1
             addresses = self._ipv4_cache.get(peer) or self._address_attributes(data[8:20], peer)
+            if len(addresses) == 24:  # IPv4: the same tail for every request of this peer (bare_answer)
+                if len(self._bare_tails) >= _CACHE_LIMIT:
+                    self._bare_tails.clear()
+                self._bare_tails[peer] = addresses + self._software
             return b"".join((self._headers[len(addresses)], data[4:20], addresses, self._software)), via, 0
         if (
             head == TESTER_BINDING_REQUEST

@@ -63,6 +63,10 @@ def _no_clock() -> float:
     return 0.0
 
 
+def _no_send(data: bytes, addr: tuple[str, int]) -> None:
+    """Before ``serve``: nothing is answered."""
+
+
 class StunDatagramProtocol(DatagramProtocol):
     """One server socket: hands every datagram to the responder, writes the answer."""
 
@@ -73,6 +77,8 @@ class StunDatagramProtocol(DatagramProtocol):
         self._sockets = sockets  # the listening ports, indexed like the responder's addresses
         self._sendto: list[Callable[[bytes, tuple[str, int]], object]] = []
         self._respond: Callable[..., Reply | None] | None = None
+        self._bare: Callable[[bytes, tuple[str, int]], bytes | None] | None = None
+        self._send_here: Callable[[bytes, tuple[str, int]], object] = _no_send
         self._counters: ServerCounters | None = None
         self._clock: Callable[[], float] = _no_clock
         self._journal: Journal | None = None
@@ -94,24 +100,34 @@ class StunDatagramProtocol(DatagramProtocol):
         # Straight to each socket: Port.write re-validates the address text on every datagram, and the
         # address here is the one recvfrom gave (or its port replaced), valid by construction.
         self._sendto = [port.getHandle().sendto for port in self._sockets]
+        self._send_here = self._sendto[self._via]
+        # Every journalled request is recorded, and an RFC 5780 server names the socket: both take ``respond``.
+        self._bare = responder.bare_answer if journal is None and not responder.rfc5780 else None
         self._counters = counters
         self._clock = clock
         self._journal = journal
         self._listening = listening
 
     def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
-        peer = unmap_ipv4(addr) if addr[0][0] == ":" else addr
-        now = self._clock()
-        if self._journal is not None and len(datagram) >= 20 and datagram[:2] == b"\x00\x01":
-            self._journal.record(now, datagram[8:20], peer, self._listening)
-        assert self._respond is not None
-        reply = self._respond(datagram, peer, self._via, now)
-        if reply is not None:
-            try:
-                self._sendto[reply[1]](reply[0], (addr[0], reply[2]) if reply[2] else addr)
-            except OSError:  # a full send buffer (EAGAIN, ENOBUFS): count it, never a traceback per datagram
-                assert self._counters is not None
-                self._counters.dropped.inc("send_failed")
+        bare = self._bare
+        answer = None if bare is None else bare(datagram, addr)  # a load generator's request, a known peer
+        if answer is not None:
+            send, to = self._send_here, addr
+        else:
+            peer = unmap_ipv4(addr) if addr[0][0] == ":" else addr
+            now = self._clock()
+            if self._journal is not None and len(datagram) >= 20 and datagram[:2] == b"\x00\x01":
+                self._journal.record(now, datagram[8:20], peer, self._listening)
+            assert self._respond is not None
+            reply = self._respond(datagram, peer, self._via, now)
+            if reply is None:
+                return
+            answer, send, to = reply[0], self._sendto[reply[1]], (addr[0], reply[2]) if reply[2] else addr
+        try:
+            send(answer, to)
+        except OSError:  # a full send buffer (EAGAIN, ENOBUFS): count it, never a traceback per datagram
+            assert self._counters is not None
+            self._counters.dropped.inc("send_failed")
 
 
 class StunStreamProtocol(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 from hypothesis import given
@@ -90,6 +91,7 @@ def test_annotate_copies_cached_answers_and_waits_for_deferred_ones() -> None:
     answer = table.annotate(request, cached)
     assert answer.option(REPORT_OPTION) == Report(1, 1, 1).encode()
     assert cached.options == [(12, b"")]  # the resource's cached answer is untouched
+    assert answer == dataclasses.replace(cached, options=[*cached.options, (REPORT_OPTION, Report(1, 1, 1).encode())])
     later: defer.Deferred[Message] = defer.Deferred()
     request.options[-1] = (TAG_OPTION, encode_tag(SESSION, 2))
     found: list[Message] = []
