@@ -515,7 +515,8 @@ class SupervisorService(Service):
     def summary(self) -> dict[str, Any]:
         parts, live = self._reports()
         merged = merge_summaries(parts, live, self.live_fields, rtt=self.merged_rtt())
-        merged[self.kinds] = len(self.children)
+        # while running: how many run now; once stopping, the final summary names how many there were
+        merged[self.kinds] = len(self.children) if self.running else self.count
         merged["restarts"] = self.restarts.value
         return merged
 

@@ -71,6 +71,11 @@ def test_summaries_merge_counts_live_levels_and_statistics() -> None:
                       "node_id": 1}
 
 
+def test_summed_rates_carry_no_float_noise() -> None:
+    merged = workers.merge_summaries([{"reqs_per_s": 7708.3}, {"reqs_per_s": 7708.3}])
+    assert merged == {"reqs_per_s": 15416.6}
+
+
 def test_metric_counters_keep_dead_workers_and_gauges_do_not() -> None:
     def families(received: float, live: float) -> list[Any]:
         return [("nettester_coap_received", "counter", "r", [("nettester_coap_received_total", {}, received)]),
