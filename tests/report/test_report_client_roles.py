@@ -23,12 +23,18 @@ RUN_BOUND = 90.0  # seconds; each run asks for 2
 
 
 def _dead_port() -> int:
-    """A loopback port nothing listens on (TCP and UDP), for a run that must fail."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
-        udp.bind(("127.0.0.1", 0))
-        port = int(udp.getsockname()[1])
-        tcp.bind(("127.0.0.1", port))
-    return port
+    """A loopback port nothing listens on (TCP and UDP), for a run that must fail. The OS picks a
+    free UDP port; its TCP twin may be taken (other tests share the host), so a few picks are tried."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no loopback port free for both TCP and UDP in 50 picks")
 
 
 def _client_commands(port: int, tmp_path: Path) -> dict[str, list[str]]:
