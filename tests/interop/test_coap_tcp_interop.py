@@ -29,6 +29,7 @@ from nettester.protocols.coap.tls import client_tls, server_tls
 from nettester.protocols.dtls.certificates import issue, make_ca
 from tests.interop.peers import missing_peer
 from tests.interop.test_coap_libcoap import LibcoapServer, require
+from tests.loopback import wait_until
 
 pytestmark = pytest.mark.interop
 TIMEOUT = 10.0
@@ -146,7 +147,7 @@ def test_our_tcp_client_against_libcoap_server() -> Generator[Any, Any, None]:
         assert back.response.payload == body
         notifications: list[bytes] = []
         observation = endpoint.observe(peer, get("time"), lambda event: notifications.append(event.response.payload))
-        yield deferLater(reactor, 2.5, lambda: None)  # /time notifies once a second
+        yield wait_until(lambda: len(notifications) >= 2, timeout=TIMEOUT)  # /time notifies once a second
         assert len(notifications) >= 2, notifications
         observation.cancel()
         final = yield observation.finished.addTimeout(TIMEOUT, reactor)

@@ -15,7 +15,6 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import ClientFactory, DatagramProtocol
-from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineOnlyReceiver
 
 from nettester.nat.console import NatRoleService
@@ -291,7 +290,9 @@ def test_a_silent_destination_goes_stale_and_is_probed_back() -> Generator[Any, 
         assert f"Destination: {lab.names[0]}, usage: 0" in info.splitlines()
         # It comes back; after another --tlb it is probed with new entries, and answers.
         lab.ports[0] = reactor.listenUDP(dead_port, lab.echoes[0], interface="127.0.0.1")
-        yield deferLater(reactor, 0.25, lambda: None)
+        stale_since = lab.proxy.table.destinations()[0].stale_since
+        assert stale_since is not None
+        yield wait_until(lambda: reactor.seconds() - stale_since > 0.2, what="--tlb since it went stale")
         newcomers = [lab.client() for _ in range(10)]
         answered_by = set()
         for client in newcomers:

@@ -108,7 +108,8 @@ class CoapTcpConnection(Protocol):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.address = (getattr(peer, "host", ""), getattr(peer, "port", 0))
         if not self.link.admit(self):
-            # Past the cap: no stream, no buffer, no TLS handshake; the socket goes at once.
+            # Past the cap: no stream, no buffer, no TLS handshake; the socket goes at once, and
+            # with an RST on purpose: a refused flood must not leave us a TIME_WAIT per connection.
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         self.stream = CoapStream(self.link.clock.seconds(), self.link.stream_params)
