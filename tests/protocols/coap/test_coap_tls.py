@@ -62,13 +62,18 @@ def fetch(service: CoapServerService, path: str, tls: Any, extended: bool = True
     return out.getvalue()
 
 
+def serving_client_certificates(files: dict[str, str], *extra: str) -> CoapServerService:
+    """A started coaps+tcp server with the test PKI's certificate that needs client certificates."""
+    options = server_options("--cert", files["server.pem"], "--key", files["server.key"], "--trust", files["ca.pem"],
+                             "--client-auth", "needed", *extra)
+    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, tls=server_tls(options))
+    service.startService()
+    return service
+
 @pytest_twisted.inlineCallbacks
 def test_mycontext_over_tls_shows_cipher_and_client_identity(tmp_path: Path) -> Generator[Any, Any, None]:
     files = pki(tmp_path)
-    options = server_options("--cert", files["server.pem"], "--key", files["server.key"], "--trust", files["ca.pem"],
-                             "--client-auth", "needed")
-    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, tls=server_tls(options))
-    service.startService()
+    service = serving_client_certificates(files)
     try:
         client_options = CoapClientOptions()
         client_options.parseOptions(["--trust", files["ca.pem"], "--cert", files["client.pem"], "--key",
@@ -93,10 +98,7 @@ def test_client_without_trust_reaches_a_self_signed_server() -> Generator[Any, A
 @pytest_twisted.inlineCallbacks
 def test_client_certificate_needed_but_missing_fails(tmp_path: Path) -> Generator[Any, Any, None]:
     files = pki(tmp_path)
-    options = server_options("--cert", files["server.pem"], "--key", files["server.key"], "--trust", files["ca.pem"],
-                             "--client-auth", "needed")
-    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, tls=server_tls(options))
-    service.startService()
+    service = serving_client_certificates(files)
     try:
         port = next(entry[2] for entry in service.listening if entry[0] == "coaps+tcp")
         uri = parse_uri(f"coaps+tcp://127.0.0.1:{port}/test")
@@ -138,10 +140,7 @@ def test_trust_all_needs_tls_or_dtls_and_asks_for_a_certificate() -> None:
 @pytest_twisted.inlineCallbacks
 def test_trust_all_accepts_a_chain_to_its_own_root_not_to_trust(tmp_path: Path) -> Generator[Any, Any, None]:
     files = pki(tmp_path)
-    options = server_options("--cert", files["server.pem"], "--key", files["server.key"], "--trust", files["ca.pem"],
-                             "--client-auth", "needed", "--trust-all")
-    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, tls=server_tls(options))
-    service.startService()
+    service = serving_client_certificates(files, "--trust-all")
     try:
         client_options = CoapClientOptions()
         client_options.parseOptions(["--trust", files["ca.pem"], *foreign_client(tmp_path),
@@ -157,10 +156,7 @@ def test_trust_all_accepts_a_chain_to_its_own_root_not_to_trust(tmp_path: Path) 
 def test_rejected_client_chains(tmp_path: Path, trust_all: bool) -> Generator[Any, Any, None]:
     """Without --trust-all a foreign root fails; with it, an expired leaf still fails."""
     files = pki(tmp_path)
-    options = server_options("--cert", files["server.pem"], "--key", files["server.key"], "--trust", files["ca.pem"],
-                             "--client-auth", "needed", *(["--trust-all"] if trust_all else []))
-    service = CoapServerService(reactor, 0, ["127.0.0.1"], tcp=True, tls=server_tls(options))
-    service.startService()
+    service = serving_client_certificates(files, *(["--trust-all"] if trust_all else []))
     try:
         port = next(entry[2] for entry in service.listening if entry[0] == "coaps+tcp")
         address = f"coaps+tcp://127.0.0.1:{port}/test"
