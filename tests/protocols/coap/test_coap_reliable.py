@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nettester.protocols.coap.events import ObserveCancelled, RequestFailed, RequestReceived, ResponseReceived
+from nettester.protocols.coap.exchanges import ObserveRelation
 from nettester.protocols.coap.message import CON, NON, Code, Message, OptionNumber, decode, response
 from nettester.protocols.coap.reliable import ReliableCoapLayer
 from nettester.protocols.coap.tcp import decode_frame, frame_from_datagram
@@ -46,13 +47,17 @@ def test_response_carries_the_token_and_frames_without_type() -> None:
     assert (answer.code, answer.token, answer.payload) == (Code.CONTENT, b"\x42", b"hi")
 
 
-def test_confirmable_notifications_go_non_and_are_never_retransmitted() -> None:
+def observed() -> tuple[ReliableCoapLayer, ObserveRelation | None]:
+    """A layer whose /obs has one observer (registered by a GET with Observe), and the relation."""
     layer = ReliableCoapLayer(0.0)
     layer.receive_message(request("obs", observe=True), PEER, 0.0)
     (event,) = received(layer)
     answer = response(Code.CONTENT, b"1")
     answer.set_option(OptionNumber.OBSERVE, b"")
-    relation = layer.respond(event.request, answer, 0.0)  # type: ignore[union-attr]
+    return layer, layer.respond(event.request, answer, 0.0)  # type: ignore[union-attr]
+
+def test_confirmable_notifications_go_non_and_are_never_retransmitted() -> None:
+    layer, relation = observed()
     assert relation is not None
     layer.datagrams_to_send()
     for value in (b"2", b"3"):
@@ -80,12 +85,7 @@ def test_bert_block2_request_is_served_in_1024_byte_blocks() -> None:
 
 
 def test_peer_closed_ends_its_observers_and_requests() -> None:
-    layer = ReliableCoapLayer(0.0)
-    layer.receive_message(request("obs", observe=True), PEER, 0.0)
-    (event,) = received(layer)
-    answer = response(Code.CONTENT, b"1")
-    answer.set_option(OptionNumber.OBSERVE, b"")
-    relation = layer.respond(event.request, answer, 0.0)  # type: ignore[union-attr]
+    layer, relation = observed()
     outgoing = layer.request(PEER, Message(CON, Code.GET), 0.0)
     assert outgoing.request.mtype == NON
     layer.peer_closed(PEER, 1.0)
