@@ -144,10 +144,6 @@ class BindingResponder:
             counters.requests.value += 1
             counters.responses.value += 1
             addresses = self._ipv4_cache.get(peer) or self._address_attributes(data[8:20], peer)
-            if len(addresses) == 24:  # IPv4: the same tail for every request of this peer (bare_answer)
-                if len(self._bare_tails) >= _CACHE_LIMIT:
-                    self._bare_tails.clear()
-                self._bare_tails[peer] = addresses + self._software
             return b"".join((self._headers[len(addresses)], data[4:20], addresses, self._software)), via, 0
         if (
             head == TESTER_BINDING_REQUEST
@@ -307,7 +303,10 @@ class BindingResponder:
         if ":" not in address.host:
             if len(self._ipv4_cache) >= _CACHE_LIMIT:
                 self._ipv4_cache.clear()
+                self._bare_tails.clear()
             self._ipv4_cache[peer] = encoded
+            # the same tail for every bare request of this peer (bare_answer), made once per peer
+            self._bare_tails[peer] = encoded + self._software
         return encoded
 
     def _error(
