@@ -28,7 +28,10 @@ and closes the descriptor, as Twisted does.
 selects it under twistd (its plugin is in ``twisted/plugins``).
 
 ``DrainingPort`` is the one UDP read loop of the servers (CoAP, STUN, the
-cluster node's sockets), and ``listen_udp`` opens one. ``DatagramSocket`` is
+cluster node's sockets), and ``listen_udp`` opens one: on Linux a
+``BatchingPort``, which reads a wake-up's datagrams with one ``recvmmsg``
+and sends the answers they made with one ``sendmmsg`` (``nettester.mmsg``).
+A protocol sends fast through ``datagram_sender``. ``DatagramSocket`` is
 the one read loop of the plain client and outgoing sockets (the stun-client's
 ``ClientSocket``, the NAT's ``OutgoingSocket``), thousands of which stay
 lighter than as many ``udp.Port``.
@@ -40,6 +43,7 @@ import fcntl
 import select
 import socket
 import termios
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import udp
@@ -52,6 +56,7 @@ from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from zope.interface import implementedBy, implementer
 
+from nettester import mmsg
 from nettester.interfaces import IDatagramReadDescriptor
 from nettester.logs import Logger
 
@@ -113,6 +118,10 @@ MAX_DATAGRAMS_PER_READ = 64  # then the reactor serves the other sockets and tim
 PROBED_READS = 2  # reads followed by a FIONREAD probe; after them the loop reads until EAGAIN
 _NOTHING_PENDING = b"\0\0\0\0"
 
+Address = tuple[str, int]
+SendFailed = Callable[[OSError, Address], None]
+Send = Callable[[bytes, Address], object]
+
 
 class DrainingPort(udp.Port):
     """A UDP port that reads what is queued on its socket in one wake-up, at the least cost per datagram.
@@ -156,6 +165,95 @@ class DrainingPort(udp.Port):
                 fcntl.ioctl(fileno, termios.FIONREAD, pending)
                 if pending == _NOTHING_PENDING:
                     return
+
+
+    def sender(self, failed: SendFailed) -> Send:
+        """The fastest send from this port: the socket's own ``sendto``, whose errors raise at the call.
+
+        ``Port.write`` re-validates the address text on every datagram; the
+        address here is the one ``recvfrom`` gave (or its port replaced),
+        valid by construction. ``failed`` is for :class:`BatchingPort`, whose
+        batched sends fail after the call.
+        """
+        send: Send = self.socket.sendto
+        return send
+
+
+class BatchingPort(DrainingPort):
+    """A server port that reads with one ``recvmmsg`` per wake-up and sends what those datagrams
+    answered with one ``sendmmsg`` (``nettester.mmsg``), at the end of the wake-up.
+
+    The protocol sees nothing new: ``datagramReceived(datagram, (host, port))`` per
+    datagram, in order. What it sends through :meth:`sender` while the batch
+    is being handled is queued and sent when the batch ends, in order; a send
+    outside a batch (a timer's retransmission) goes out at once, as does one
+    too long to queue, after what was queued. A queued send the kernel
+    refuses goes to the ``failed`` handler given to :meth:`sender`, as the
+    same error ``sendto`` would have raised.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batch = mmsg.DatagramBatch(self.addressFamily, self.maxPacketSize)
+        self._handling = False
+
+    def doRead(self) -> None:
+        batch = self._batch
+        fileno = self.socket.fileno()
+        try:
+            count = batch.receive(fileno)
+        except ConnectionRefusedError:  # an ICMP error queued on a connected socket (udp(7))
+            if self._connectedAddr:
+                self.protocol.connectionRefused()
+            return
+        received = self.protocol.datagramReceived
+        data, size, lengths = batch.data, batch.size, batch.lengths
+        header_words, length_word = batch.header_words, batch.length_word
+        names, key_end, sources, source = batch.names, batch.key_end, batch.sources, batch.source
+        name_slot = mmsg.NAME_SLOT
+        self._handling = True
+        try:
+            for index in range(count):
+                start = index * size
+                datagram = data[start:start + lengths[index * header_words + length_word]]
+                name = index * name_slot
+                address = sources.get(names[name + 2:name + key_end]) or source(index)
+                try:
+                    received(datagram, address)
+                except Exception:  # noqa: BLE001 - one bad datagram must not close the port (as Port does)
+                    log.failure("Datagram from {peer} not handled", event="datagram_handler_failed", peer=address)
+        finally:
+            self._handling = False
+            batch.flush(fileno)
+
+    def sender(self, failed: SendFailed) -> Send:
+        """A send that joins the current batch (see the class docstring); outside one, ``sendto``."""
+        batch, sendto = self._batch, self.socket.sendto
+        queue, flush, fileno = batch.queue, batch.flush, self.socket.fileno()
+
+        def send(data: bytes, address: Address) -> None:
+            if self._handling and queue(data, address, failed):
+                return
+            flush(fileno)  # what was queued goes first
+            sendto(data, address)
+
+        return send
+
+    def write(self, datagram: bytes, addr: Any = None) -> None:
+        """``Port.write``, after what the batch has queued."""
+        self._batch.flush(self.socket.fileno())
+        super().write(datagram, addr)
+
+
+def datagram_sender(transport: Any, failed: SendFailed) -> Send:
+    """How a protocol sends fast through ``transport``: its port's :meth:`DrainingPort.sender`, or the
+    socket's ``sendto`` for any other ``udp.Port``."""
+    sender = getattr(transport, "sender", None)
+    if sender is not None:
+        chosen: Send = sender(failed)
+        return chosen
+    plain: Send = transport.getHandle().sendto
+    return plain
 
 
 @implementer(IReadDescriptor, IDatagramReadDescriptor)
@@ -222,12 +320,20 @@ class DatagramSocket:
         self.socket.close()
 
 
+def server_port_class() -> type[DrainingPort]:
+    """:class:`BatchingPort` where ``recvmmsg``/``sendmmsg`` can be used (``nettester.mmsg.available``),
+    else :class:`DrainingPort`."""
+    return BatchingPort if mmsg.available() else DrainingPort
+
+
 def listen_udp(reactor: Any, port: int, protocol: DatagramProtocol, interface: str = "",
                max_packet_size: int = 8192) -> Any:
-    """``reactor.listenUDP`` with a ``DrainingPort`` on a real POSIX reactor (a test's fake reactor keeps its own)."""
+    """``reactor.listenUDP`` with a :func:`server_port_class` port on a real POSIX reactor (a test's
+    fake reactor keeps its own)."""
     if not isinstance(reactor, PosixReactorBase):
         return reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=max_packet_size)
-    listening = DrainingPort(port, protocol, interface=interface, maxPacketSize=max_packet_size, reactor=reactor)
+    listening = server_port_class()(port, protocol, interface=interface, maxPacketSize=max_packet_size,
+                                    reactor=reactor)
     listening.startListening()
     return listening
 

@@ -1,4 +1,5 @@
-"""The draining UDP port under the cluster's sockets: real loopback sockets, doRead driven by hand (no reactor loop)."""
+"""The servers' UDP read loops (``DrainingPort`` and its batching twin ``BatchingPort``): real loopback
+sockets, doRead driven by hand (no reactor loop)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactor
 
-from nettester.reactor import MAX_DATAGRAMS_PER_READ, PROBED_READS, DrainingPort
+from nettester import mmsg
+from nettester.reactor import MAX_DATAGRAMS_PER_READ, PROBED_READS, BatchingPort, DrainingPort
 from tests.logcapture import log_events
 
 pytestmark = pytest.mark.integration
@@ -28,10 +30,15 @@ class Recorder(DatagramProtocol):
             raise RuntimeError("handler bug")
 
 
-def open_port(protocol: Recorder, host: str = "127.0.0.1") -> Generator[tuple[DrainingPort, socket.socket], None, None]:
+PORT_CLASSES = [DrainingPort, pytest.param(BatchingPort, marks=pytest.mark.skipif(
+    not mmsg.available({}), reason="this C library has no recvmmsg/sendmmsg"))]
+
+
+def open_port(protocol: Recorder, host: str = "127.0.0.1",
+              cls: type[DrainingPort] = DrainingPort) -> Generator[tuple[DrainingPort, socket.socket], None, None]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        port = DrainingPort(0, protocol, interface=host, reactor=MemoryReactor())
+        port = cls(0, protocol, interface=host, reactor=MemoryReactor())
         port.startListening()
     except CannotListenError as error:  # a host without IPv6
         pytest.skip(f"cannot listen on {host}: {error}")
@@ -44,10 +51,17 @@ def open_port(protocol: Recorder, host: str = "127.0.0.1") -> Generator[tuple[Dr
         port.socket.close()
 
 
+@pytest.fixture(params=PORT_CLASSES)
+def port_class(request: pytest.FixtureRequest) -> type[DrainingPort]:
+    cls: type[DrainingPort] = request.param
+    return cls
+
+
 @pytest.fixture(params=["127.0.0.1", "::1"])
-def lab(request: pytest.FixtureRequest) -> Generator[tuple[DrainingPort, socket.socket, Recorder], None, None]:
+def lab(request: pytest.FixtureRequest,
+        port_class: type[DrainingPort]) -> Generator[tuple[DrainingPort, socket.socket, Recorder], None, None]:
     protocol = Recorder()
-    for port, sender in open_port(protocol, request.param):
+    for port, sender in open_port(protocol, request.param, port_class):
         yield port, sender, protocol
 
 
@@ -85,10 +99,10 @@ def test_an_empty_datagram_is_read_by_the_next_call(lab: Any) -> None:
     assert [datagram for datagram, _ in protocol.received] == [b"x", b"", b"y"]
 
 
-def test_a_failing_handler_is_logged_and_the_next_datagram_still_read() -> None:
+def test_a_failing_handler_is_logged_and_the_next_datagram_still_read(port_class: type[DrainingPort]) -> None:
     protocol = Recorder(fail_on=b"bad")
     with log_events() as events:
-        for port, sender in open_port(protocol):
+        for port, sender in open_port(protocol, cls=port_class):
             send(port, sender, b"bad", b"good")
             port.doRead()
     assert [datagram for datagram, _ in protocol.received] == [b"bad", b"good"]

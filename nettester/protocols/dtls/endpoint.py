@@ -55,6 +55,7 @@ from nettester.protocols.dtls.peers import (
 )
 from nettester.protocols.dtls.snapshot import SnapshotError, restore_connection, snapshot_connection
 from nettester.pump import CorePump
+from nettester.reactor import Send, datagram_sender
 
 log = Logger()
 
@@ -197,7 +198,7 @@ class DtlsEndpoint(DatagramProtocol):
             else None
         )
         self.client_configuration = client_configuration
-        self._sendto: Callable[[bytes, Address], int] | None = None
+        self._sendto: Send | None = None
         generator = server_configuration.cid_generator if server_configuration else None
         client_cid = client_configuration.cid_length if client_configuration else None
         self._cid_generator: IConnectionIdGenerator | None = generator
@@ -481,9 +482,7 @@ class DtlsEndpoint(DatagramProtocol):
             peer.pump.stop()
 
     def startProtocol(self) -> None:
-        # Straight to the socket: Port.write re-validates the address text on
-        # every datagram (see nettester.udplink).
-        self._sendto = self.transport.getHandle().sendto  # type: ignore[union-attr]
+        self._sendto = datagram_sender(self.transport, self._send_failed)
 
     def stopProtocol(self) -> None:
         self._sendto = None
@@ -499,13 +498,12 @@ class DtlsEndpoint(DatagramProtocol):
             elif self.transport is not None:
                 self.transport.write(data, address)
         except OSError as error:
-            self.counters.dropped.inc("send_error")
-            log.debug(
-                "DTLS send to {peer} failed: {error}",
-                event="dtls_send_failed",
-                peer=format_address(address),
-                error=error,
-            )
+            self._send_failed(error, address)
+
+    def _send_failed(self, error: OSError, address: Address) -> None:
+        self.counters.dropped.inc("send_error")
+        log.debug("DTLS send to {peer} failed: {error}", event="dtls_send_failed", peer=format_address(address),
+                  error=error)
 
     # --- cluster fail-over ------------------------------------------------------------
 

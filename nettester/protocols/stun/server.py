@@ -41,7 +41,7 @@ from nettester.protocols.stun.responder import (
     BindingResponder,
     Reply,
 )
-from nettester.reactor import listen_udp
+from nettester.reactor import datagram_sender, listen_udp
 from nettester.service import failed_address, log_listen_failure, set_exit_status
 
 log = Logger()
@@ -97,9 +97,7 @@ class StunDatagramProtocol(DatagramProtocol):
         ``listening`` is this socket's address as the journal writes it.
         """
         self._respond = responder.respond
-        # Straight to each socket: Port.write re-validates the address text on every datagram, and the
-        # address here is the one recvfrom gave (or its port replaced), valid by construction.
-        self._sendto = [port.getHandle().sendto for port in self._sockets]
+        self._sendto = [datagram_sender(port, self._send_failed) for port in self._sockets]
         self._send_here = self._sendto[self._via]
         # Every journalled request is recorded, and an RFC 5780 server names the socket: both take ``respond``.
         self._bare = responder.bare_answer if journal is None and not responder.rfc5780 else None
@@ -125,9 +123,13 @@ class StunDatagramProtocol(DatagramProtocol):
             answer, send, to = reply[0], self._sendto[reply[1]], (addr[0], reply[2]) if reply[2] else addr
         try:
             send(answer, to)
-        except OSError:  # a full send buffer (EAGAIN, ENOBUFS): count it, never a traceback per datagram
-            assert self._counters is not None
-            self._counters.dropped.inc("send_failed")
+        except OSError as error:
+            self._send_failed(error, to)
+
+    def _send_failed(self, _error: OSError, _to: tuple[str, int]) -> None:
+        """A full send buffer (EAGAIN, ENOBUFS): count it, never a traceback per datagram."""
+        assert self._counters is not None
+        self._counters.dropped.inc("send_failed")
 
 
 class StunStreamProtocol(Protocol):
