@@ -115,7 +115,7 @@ def setup(args: argparse.Namespace) -> str:
 
 @dataclass(frozen=True)
 class Measured:
-    """One run's window; C{per_node} is each node's (user, system) CPU seconds, node 1 first."""
+    """One run's window; ``per_node`` is each node's (user, system) CPU seconds, node 1 first."""
 
     requests: int
     seconds: float
@@ -306,7 +306,7 @@ def _seconds(timestamp: str) -> float:
 
 
 def _last_summary(events: list[dict[str, object]], before: float) -> dict[str, Any]:
-    """A node's last periodic summary logged before C{before} (epoch seconds)."""
+    """A node's last periodic summary logged before ``before`` (epoch seconds)."""
     return next(event for event in reversed(events)
                 if event.get("label") == "summary" and _seconds(str(event["ts"])) < before)
 

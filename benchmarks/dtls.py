@@ -155,7 +155,7 @@ class Driver:
         on_ready: Callable[[socket.socket, DtlsConnection, float], None],
         until: Callable[[], bool] = lambda: False,
     ) -> None:
-        """Feed datagrams and timers for C{seconds} or C{until()}; C{on_ready}
+        """Feed datagrams and timers for ``seconds`` or ``until()``; ``on_ready``
         runs after every datagram a socket receives."""
         deadline = time.monotonic() + seconds
         while (now := time.monotonic()) < deadline and not until():

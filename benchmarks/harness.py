@@ -27,7 +27,7 @@ def free_udp_ports(count: int) -> list[int]:
 
 
 def pinned(core: int | str, command: list[str]) -> list[str]:
-    """C{command} pinned to C{core} with taskset, when taskset exists and the machine has that core."""
+    """``command`` pinned to ``core`` with taskset, when taskset exists and the machine has that core."""
     if shutil.which("taskset") and (os.cpu_count() or 1) > int(core):
         return ["taskset", "-c", str(core), *command]
     return command
@@ -42,7 +42,7 @@ def process_cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def build_udpload(directory: str) -> str | None:
-    """Compile the shared C load generator into C{directory}; None when no compiler or source."""
+    """Compile the shared C load generator into ``directory``; None when no compiler or source."""
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None or not os.path.exists(UDPLOAD_SOURCE):
         return None

@@ -67,7 +67,7 @@ def cpu_seconds() -> float:
 
 
 def split(total: int, parts: int) -> list[int]:
-    """C{total} in C{parts} shares differing by at most one."""
+    """``total`` in ``parts`` shares differing by at most one."""
     return [total // parts + (1 if index < total % parts else 0) for index in range(parts)]
 
 
@@ -198,7 +198,7 @@ class Child:
         self.process.stdin.flush()
 
     def ask(self, command: str | None = None) -> dict[str, Any]:
-        """Send C{command} (if any) and read the answer line."""
+        """Send ``command`` (if any) and read the answer line."""
         assert self.process.stdout is not None
         if command is not None:
             self.send(command)

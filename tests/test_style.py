@@ -8,6 +8,7 @@ with its incremental cache in ``.mypy_cache`` (about 20 s cold, 2 s warm).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,14 @@ def test_no_module_over_800_lines() -> None:
         if lines > MAX_MODULE_LINES:
             too_long[str(path.relative_to(ROOT))] = lines
     assert not too_long, f"modules over {MAX_MODULE_LINES} lines (split them along a seam): {too_long}"
+
+
+def test_docstrings_use_rest_markup_only() -> None:
+    """One docstring markup (reST): no epytext fields or inline markup left in any Python file of the tree."""
+    epytext = re.compile(r"\b[CLIBU]\{[A-Za-z_]|^\s*@(param|type|return|rtype|raise|ivar|cvar)\b", re.MULTILINE)
+    found = []
+    for tree in ("nettester", "tests", "benchmarks", "twisted"):
+        for path in sorted((ROOT / tree).rglob("*.py")):
+            for match in epytext.finditer(path.read_text()):
+                found.append(f"{path.relative_to(ROOT)}: {match.group(0).strip()}")
+    assert not found, "epytext markup (write ``code`` and :param name: instead):\n" + "\n".join(found)
