@@ -32,7 +32,7 @@ from nettester.interfaces import IReportingService
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.nat.table import Address, DropPolicy, NatTable
-from nettester.reactor import DatagramSocket
+from nettester.reactor import DatagramSocket, datagram_sender, listen_udp
 
 log = Logger()
 
@@ -138,10 +138,9 @@ class NatProxy(Service):
     def startService(self) -> None:
         super().startService()
         interface, port = self._listen
-        self._public = self._reactor.listenUDP(port, _PublicProtocol(self), interface=interface)
-        # Straight to the socket: Port.write re-validates the address text on every datagram.
-        handle = getattr(self._public, "getHandle", None)
-        self._public_sendto = handle().sendto if handle is not None else self._public.write
+        self._public = listen_udp(self._reactor, port, _PublicProtocol(self), interface)
+        fast = getattr(self._public, "getHandle", None) is not None  # a test's fake port has only write
+        self._public_sendto = datagram_sender(self._public, self._public_send_failed) if fast else self._public.write
         log.info(
             "NAT listening on {address}, {count} destinations, reverse address update {mode}",
             event="nat_start",
@@ -240,6 +239,11 @@ class NatProxy(Service):
             self.dropped.inc("send_error")
             return
         self._backwarded.value += 1
+
+    def _public_send_failed(self, _error: OSError, _client: Address) -> None:
+        """An answer to a client refused after it was counted as sent (a send batched by the public port)."""
+        self.dropped.inc("send_error")
+        self._backwarded.value -= 1
 
     def _open(self, key: int, family: int) -> Any:
         """Open entry ``key``'s outgoing socket for ``family``; None (logged) when the OS refuses."""

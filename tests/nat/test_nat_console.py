@@ -155,7 +155,7 @@ class FlakyDnsClock(Clock):
         super().__init__()
         self.attempts = 0
 
-    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> FakeUdpPort:
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> FakeUdpPort:
         return FakeUdpPort()
 
     def resolve(self, name: str, timeout: Any = None) -> Deferred[str]:

@@ -48,7 +48,7 @@ class FakeUdpReactor(Clock):
         self.ports: list[FakePort] = []
         self._limit = socket_limit
 
-    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> FakePort:
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> FakePort:
         fake = FakePort(port, protocol)
         self.ports.append(fake)
         protocol.transport = fake
@@ -196,7 +196,7 @@ class BusyPortReactor(FakeUdpReactor):
         super().__init__()
         self.when_running: list[Any] = []
 
-    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> FakePort:
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> FakePort:
         raise CannotListenError(interface, port, OSError(98, "Address already in use"))
 
     def callWhenRunning(self, call: Any, *args: Any) -> None:
