@@ -172,16 +172,10 @@ class WorkersOptionsMixin(_MultiProcessOptions):
         if self.process_count() > 1 and current_worker() is None:
             if self.get("port", None) == 0:  # type: ignore[attr-defined]
                 raise usage.UsageError("--workers needs a fixed --port: every worker must bind the same one")
-            if self.get("cluster", None):  # type: ignore[attr-defined]
-                # Not yet: a node's management port, its discovery and the records other nodes forward to it
-                # (cluster records, not tls12_cid ones, so the steering program cannot read their CID) would
-                # all have to be split over the workers.
-                given = [f"--{name}" for name in ("dtls-cluster", "dtls-cluster-group", "k8s-dtls-cluster")
-                         if self.get(name)]  # type: ignore[attr-defined]
-                cluster = "/".join(given) or "the DTLS cluster options"
-                raise usage.UsageError(f"--workers does not combine with {cluster} yet: either drop --workers "
-                                       "and run one cluster node per process or pod, or drop "
-                                       f"{cluster} and keep --workers")
+            cluster = self.get("cluster", None)  # type: ignore[attr-defined]
+            if cluster is not None and 0 in (cluster.dtls_address[1], cluster.management_address[1]):
+                raise usage.UsageError("--workers needs fixed ports in the cluster option: give its DTLS and "
+                                       "management interfaces a port other than 0 (every worker binds the same)")
 
 
 class ProcessesOptionsMixin(_MultiProcessOptions):

@@ -374,6 +374,27 @@ def test_load_generators_print_and_report_the_merged_run(tmp_path: Any) -> None:
     assert merged["verdict"]["passed"] is False
 
 
+def test_workers_combine_with_a_dtls_cluster_on_fixed_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
+    options = CoapServerOptions()
+    options.parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
+                          "--dtls-cluster", ":15784;localhost:15884;1,---;localhost:25884;2"])
+    assert options.process_count() == 2 and options["cluster"].node_id == 1
+    for cluster in (":0;localhost:15884;1,---;localhost:25884;2", ":15784;localhost:0;1,---;localhost:25884;2"):
+        with pytest.raises(UsageError, match="--workers needs fixed ports in the cluster option"):
+            CoapServerOptions().parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
+                                              "--dtls-cluster", cluster])
+
+
+def test_a_cluster_workers_cids_carry_the_node_and_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(workers.WORKER_ENV, "1/2")
+    options = CoapServerOptions()
+    options.parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
+                          "--dtls-cluster", ":15784;localhost:15884;7,---;localhost:25884;2"])
+    cid = options["dtls"].cid_generator.new_connection_id(set())
+    assert (len(cid), cid[0], cid[1]) == (6, 7, 1)
+
+
 def test_the_node_count_of_cluster_workers_is_merged_once() -> None:
     live = [{"nodes": 2, "replicas": 3, "forwarded": 4}, {"nodes": 1, "replicas": 5, "forwarded": 6}]
     dead = {"nodes": 2, "replicas": 9, "forwarded": 1}
@@ -465,15 +486,6 @@ def test_a_server_worker_joins_its_role_and_reports_ready_once_it_listens(monkey
 class FakeChannel:
     def startReading(self) -> None:
         pass
-
-
-def test_workers_with_a_dtls_cluster_are_refused_naming_both_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
-    with pytest.raises(UsageError) as raised:
-        CoapServerOptions().parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
-                                          "--dtls-cluster", ":15784;localhost:15884;1,---;localhost:25884;2"])
-    assert str(raised.value) == ("--workers does not combine with --dtls-cluster yet: either drop --workers and "
-                                 "run one cluster node per process or pod, or drop --dtls-cluster and keep --workers")
 
 
 def test_a_killed_load_generator_keeps_its_rtts_and_counts_in_the_merged_summary() -> None:
