@@ -45,10 +45,12 @@ hash and the worker that gets them drops them (``ping_on_sibling_worker``);
 a restart takes far less than the 10 s of silence after which a peer
 removes the node.
 
-Limits: a worker that dies loses its sessions (they live in its memory); its
-clients' records reach the restarted worker, which, with replication on,
-forwards them to the backup node holding their replicas (``AskBackup``, as
-for a restarted node), and otherwise drops them until they handshake again.
+Limits: a worker that dies loses its sessions (they live in its memory). With
+replication on, a record of one of them that reaches the restarted worker
+straight from its client is forwarded to the backup node holding the replica
+(``AskBackup``, as for a restarted node), whose worker ``byte 1 mod N``
+adopts the session; one that another node forwards to it is dropped, as a
+restarted node does. Without replication their clients need a new handshake.
 Records for a worker that is down fall to the hash meanwhile.
 """
 

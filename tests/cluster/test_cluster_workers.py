@@ -6,8 +6,8 @@ assertions read the nodes' JSON log lines: the parents' merged summaries and,
 at the end, every worker's own last summary (``worker_ended``). A session's
 records must reach the worker that holds it, whichever node the NAT sends
 them to: from the DTLS port (the CID steering program) or forwarded by the
-other node (the management port's program), and after a node is lost, at
-the worker of the surviving node that holds its replica.
+other node (the management port's program), and after a node or a worker is
+lost, at the worker of the other node that holds its replica.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import signal
-from collections.abc import Generator, Mapping
+from collections.abc import Container, Generator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +121,20 @@ class Clients:
         return [peer.connection.write_cid for _, peer, _ in self.sessions]
 
     @pytest_twisted.inlineCallbacks
-    def request_all(self, what: str) -> Generator[Any, Any, None]:
-        """One GET per session, each answered (2.05, its MID)."""
-        for endpoint, peer, answers in self.sessions:
+    def request_all(self, what: str, skip: Container[int] = ()) -> Generator[Any, Any, None]:
+        """One GET per session (but those in ``skip``), each answered (2.05, its MID)."""
+        for index, (endpoint, peer, answers) in enumerate(self.sessions):
+            if index in skip:
+                continue
             endpoint.send_datagram(get_request(self.mid, b"myip"), peer)  # a cluster node serves the extended ones
             answer = decode((yield answers.queue.get().addTimeout(TIMEOUT, reactor)))
             assert (answer.mid, answer.code) == (self.mid, Code.CONTENT), f"answered {what}"
             self.mid += 1
+
+    def destination(self, index: int) -> int:
+        """The public port the NAT sends session ``index``'s datagrams to."""
+        assert self.nat is not None
+        return int(self.nat.proxy.table.destination_of(("127.0.0.1", self.ports[index].getHost().port))[1])
 
     def handshakes(self) -> int:
         return sum(endpoint.counters.handshakes.value for endpoint, _, _ in self.sessions)
@@ -159,7 +166,7 @@ def test_each_session_stays_on_its_worker_whichever_node_the_nat_picks(mode: str
                 yield clients.nat.console.execute(step)  # type: ignore[union-attr]
             yield clients.request_all(f"after {step}")
         # The parent's /metrics sums its workers' counters, as its summary line does.
-        yield wait_until(lambda: 0 < nodes[0].summary()["forwarded_in"] == metric(
+        yield wait_until(lambda: 0 < nodes[0].summary().get("forwarded_in", 0) == metric(
             metrics_port, "nettester_coap_server_forwarded_in_total"), TIMEOUT, 0.05, "merged metrics")
     finally:
         yield clients.stop()
@@ -227,3 +234,38 @@ def test_a_lost_nodes_sessions_are_adopted_by_the_right_worker_without_a_new_han
     final = heir.of("final_summary")[0]
     assert final["taken_over"] == len(owned)
     assert final["received"] == 2 * (16 - len(owned)) + len(owned), "node 2's sessions twice, node 1's once"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_killed_workers_sessions_are_answered_from_their_replicas() -> Generator[Any, Any, None]:
+    """SIGKILL the worker of node 1 holding the most sessions: it is restarted, and its sessions' next
+    records, which reach the new worker, are forwarded to node 2, whose worker holding the replicas adopts them."""
+    ports = node_ports(1, 2)
+    nodes = [Node(1, ports, "dynamic"), Node(2, ports, "dynamic")]
+    clients = Clients(20, nodes)
+    try:
+        yield wait_until(lambda: all(node.started() for node in nodes), TIMEOUT, 0.02, "every worker started")
+        yield wait_until(lambda: all(node.summary().get("nodes") == 1 for node in nodes), TIMEOUT, 0.02,
+                         "each node knows the other")
+        yield clients.connect()
+        yield clients.request_all("before the kill")
+        cids = clients.cids()
+        victim = max((0, 1), key=lambda worker: sum(1 for cid in cids if cid[:2] == bytes((1, worker))))
+        lost = [index for index, cid in enumerate(cids) if cid[:2] == bytes((1, victim))]
+        yield wait_until(lambda: nodes[1].summary().get("replicas") == sum(1 for cid in cids if cid[0] == 1),
+                         TIMEOUT, 0.02, "node 2 holds node 1's replicas")
+        assert all(clients.destination(index) == nodes[0].public_port for index in lost), "no NAT move yet"
+        pid = next(record["pid"] for record in nodes[0].of("worker_started") if record["index"] == victim)
+        os.kill(pid, signal.SIGKILL)
+        yield wait_until(lambda: nodes[0].summary().get("restarts") == 1 and nodes[0].summary().get("workers") == 2,
+                         TIMEOUT, 0.02, "the killed worker restarted")
+        yield clients.request_all("after the kill")
+    finally:
+        yield clients.stop()
+        for node in nodes:
+            node.stop()
+    assert clients.handshakes() == 20, "no new handshake"
+    heir = nodes[1].parts()
+    assert heir[victim % 2]["taken_over"] == len(lost) and heir[1 - victim % 2]["taken_over"] == 0, heir
+    received = [summary.get("received", 0) for summary in nodes[0].of("summary") + nodes[0].of("final_summary")]
+    assert received == sorted(received), "node 1's merged counters never go down"
