@@ -27,7 +27,7 @@ Shared values: a server worker's ``{"share": {key: value}}`` line goes, as
 last value of each key and sends them all as the first line a worker reads
 (``{"shared": {...}}``, empty at first), so a worker started later, or
 again, begins from its siblings' state (a cluster node's table of nodes,
-``nettester.cluster.node``).
+``nettester.cluster.siblings``).
 
 Report lines (child -> parent), one JSON object each::
 
@@ -246,6 +246,8 @@ class WorkerChildService(MultiService):
         listening.addCallback(self._listening)
 
     def _listening(self, _: object) -> None:
+        if not self.running:
+            return  # stopped before its sockets were open: it never was a listening worker
         self._write({"ready": True, "pid": os.getpid()})
         self._loop.start(REPORT_INTERVAL, now=True)
 

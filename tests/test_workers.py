@@ -14,6 +14,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
@@ -464,11 +465,12 @@ class JoiningRole(Service):
 def test_a_server_worker_joins_its_role_and_reports_ready_once_it_listens(monkeypatch: pytest.MonkeyPatch) -> None:
     read_end, write_end = os.pipe()
     monkeypatch.setattr(supervisor, "_ParentChannel", lambda reactor, received, lost: FakeChannel())
-    role, reactor = JoiningRole(), Clock()
+    role, reactor = JoiningRole(), MemoryReactorClock()
     child = supervisor.WorkerChildService(role, reactor, report_fd=write_end, worker=(1, 2))
     try:
         assert role.context is not None and (role.context.index, role.context.count) == (1, 2)
-        child._started()
+        child.startService()
+        child._started()  # the reactor's "after startup" trigger
         role.context.share("k", [1])
         role.listening.callback(None)
         lines = [json.loads(line) for line in os.read(read_end, 4096).splitlines()]
