@@ -85,8 +85,8 @@ LABEL_VALUES: Mapping[str, tuple[str, ...]] = {
     ),
     "coap_server_router_dropped": ("truncated_cid_record", "unknown_node"),
     "coap_server_management_dropped": (
-        "bad_state_record", "send_error", "stale_state", "state_not_replicating", "state_without_secret",
-        "static_cluster_ping",
+        "bad_state_record", "ping_on_sibling_worker", "send_error", "stale_state", "state_not_replicating",
+        "state_without_secret", "static_cluster_ping",
     ),
 }
 

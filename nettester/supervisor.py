@@ -13,12 +13,27 @@ Child (``WorkerChildService``): runs the role as usual, but instead of
 summary lines and a metrics port it writes a report line every
 ``REPORT_INTERVAL`` and a final one on stop; it reads slot updates on its
 standard input and stops when that closes (the parent is gone). Children run in their own
-process group: a terminal's Ctrl-C is the parent's to handle.
+process group: a terminal's Ctrl-C is the parent's to handle. A server
+worker reports ready once its role says every socket is open
+(``when_listening()``, when the role has it: a cluster node may resolve
+names first), so the next worker binds after it and every reuseport group
+keeps one order. A server role with ``join_workers(context)`` gets the
+worker's ``workers.WorkerContext``: values shared with its siblings, and
+other steering programs for some of its sockets (a cluster node's
+management port, ``steering.management_program``).
+
+Shared values: a server worker's ``{"share": {key: value}}`` line goes, as
+``{"shared": {key: value}}``, to every other worker; the parent keeps the
+last value of each key and sends them all as the first line a worker reads
+(``{"shared": {...}}``, empty at first), so a worker started later, or
+again, begins from its siblings' state (a cluster node's table of nodes,
+``nettester.cluster.siblings``).
 
 Report lines (child -> parent), one JSON object each::
 
     {"ready": true, "pid": 123}
     {"summary": {...}, "metrics": [[name, type, help, [[sample, labels, value], ...]], ...], "final": false}
+    {"share": {key: value}}
 
 A load generator's lines also carry its RTT histogram (``"rtt"``,
 ``RttHistogram.to_dict``; merged RTT fields come from their sum, not from the
@@ -28,7 +43,8 @@ and its ``"judged"`` counts ``[sent, lost, answered, resets]``. The parent
 prints the merged RTT line, requests per client and verdict, and writes the
 merged ``--report``.
 
-Command lines (parent -> child): ``{"slots": [slot of worker 0, ...]}``.
+Command lines (parent -> child): ``{"slots": [slot of worker 0, ...]}`` and
+``{"shared": {key: value, ...}}``.
 """
 
 from __future__ import annotations
@@ -59,6 +75,7 @@ from nettester.workers import (
     COOKIE_SECRET_ENV,
     REPORT_FD,
     WORKER_ENV,
+    WorkerContext,
     WorkersOptionsMixin,
     _MultiProcessOptions,
     current_worker,
@@ -96,17 +113,19 @@ def multiprocess_service(role: Any, options: RoleOptions, reactor: Any, set_exit
     if worker is not None:
         if is_server:
             install_reuseport()
-        return WorkerChildService(role.makeService(reactor, options), reactor)
+        return WorkerChildService(role.makeService(reactor, options), reactor, worker=worker if is_server else None)
     if options.process_count() <= 1:
         return None
     return SupervisorService(reactor, role.name, options.role_argv, options.process_count(), is_server,
                              options.live_fields, set_exit_status,
-                             merge_results=getattr(options, "merge_results", None))
+                             merge_results=getattr(options, "merge_results", None),
+                             agreed_fields=options.agreed_fields)
 
 
 # -- child side ---------------------------------------------------------------------------------------------
 
-_reuseport_udp: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+# Every reuseport UDP socket of this process -> the program its group is steered with.
+_reuseport_udp: weakref.WeakKeyDictionary[socket.socket, steering.ProgramFactory] = weakref.WeakKeyDictionary()
 
 
 def install_reuseport() -> None:
@@ -126,7 +145,7 @@ def install_reuseport() -> None:
         if getattr(port, "port", 0) and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if sock.type == socket.SOCK_DGRAM:
-                _reuseport_udp.add(sock)
+                _reuseport_udp[sock] = steering.program
         return sock
 
     createInternetSocket.reuseport = True  # type: ignore[attr-defined]
@@ -134,20 +153,27 @@ def install_reuseport() -> None:
 
 
 def steer(slots: Sequence[int]) -> int:
-    """Attach the CID steering program for ``slots`` to every open reuseport UDP socket; how many took it."""
-    code = steering.program(slots)
-    attached = 0
-    for sock in list(_reuseport_udp):
-        if sock.fileno() < 0:
-            continue
-        try:
-            steering.attach(sock, code)
-        except OSError as error:
-            log.warn("CID steering not attached to {where}: {error}; records then follow the 4-tuple hash",
-                     event="steering_failed", where=sock.getsockname(), error=error)
-            continue
-        attached += 1
-    return attached
+    """Attach each open reuseport UDP socket's steering program for ``slots``; how many took it."""
+    return sum(_attach(sock, factory, slots) for sock, factory in list(_reuseport_udp.items()))
+
+
+def steer_with(sock: socket.socket, factory: steering.ProgramFactory, slots: Sequence[int] | None) -> None:
+    """Steer the group of ``sock`` with ``factory(slots)`` from now on (at once when ``slots`` are known)."""
+    _reuseport_udp[sock] = factory
+    if slots is not None:
+        _attach(sock, factory, slots)
+
+
+def _attach(sock: socket.socket, factory: steering.ProgramFactory, slots: Sequence[int]) -> bool:
+    if sock.fileno() < 0:
+        return False
+    try:
+        steering.attach(sock, factory(slots))
+    except OSError as error:
+        log.warn("CID steering not attached to {where}: {error}; records then follow the 4-tuple hash",
+                 event="steering_failed", where=sock.getsockname(), error=error)
+        return False
+    return True
 
 
 class _ParentChannel(abstract.FileDescriptor):
@@ -184,9 +210,14 @@ class _ParentChannel(abstract.FileDescriptor):
 
 
 class WorkerChildService(MultiService):
-    """The role in a worker process: reports to the parent instead of printing summaries."""
+    """The role in a worker process: reports to the parent instead of printing summaries.
 
-    def __init__(self, role_service: Any, reactor: Any, report_fd: int = REPORT_FD) -> None:
+    ``worker``: ``(index, count)`` of a server worker, whose role may join the
+    workers (``join_workers``, see the module docstring); None for a load generator.
+    """
+
+    def __init__(self, role_service: Any, reactor: Any, report_fd: int = REPORT_FD,
+                 worker: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.role_service = role_service
         self._reactor = reactor
@@ -194,7 +225,14 @@ class WorkerChildService(MultiService):
         self._loop = LoopingCall(self.report)
         self._loop.clock = reactor
         self._channel: _ParentChannel | None = None
+        self._slots: list[int] | None = None
+        self.context: WorkerContext | None = None
         role_service.setServiceParent(self)
+        join = getattr(role_service, "join_workers", None)
+        if worker is not None and join is not None:
+            self.context = WorkerContext(*worker, publish=self._share,
+                                         steer_with=lambda sock, factory: steer_with(sock, factory, self._slots))
+            join(self.context)
 
     def startService(self) -> None:
         super().startService()
@@ -203,13 +241,27 @@ class WorkerChildService(MultiService):
     def _started(self) -> None:
         self._channel = _ParentChannel(self._reactor, self._command, self._parent_gone)
         self._channel.startReading()
+        when_listening = getattr(self.role_service, "when_listening", None)
+        listening = when_listening() if when_listening is not None else defer.succeed(None)
+        listening.addCallback(self._listening)
+
+    def _listening(self, _: object) -> None:
+        if not self.running:
+            return  # stopped before its sockets were open: it never was a listening worker
         self._write({"ready": True, "pid": os.getpid()})
         self._loop.start(REPORT_INTERVAL, now=True)
 
     def _command(self, message: dict[str, Any]) -> None:
         slots = message.get("slots")
         if isinstance(slots, list):
-            steer([int(slot) for slot in slots])
+            self._slots = [int(slot) for slot in slots]
+            steer(self._slots)
+        shared = message.get("shared")
+        if isinstance(shared, dict) and self.context is not None:
+            self.context.shared_received(shared)
+
+    def _share(self, key: str, value: Any) -> None:
+        self._write({"share": {key: value}})
 
     def _parent_gone(self) -> None:
         if self.running:
@@ -318,9 +370,10 @@ class SupervisorService(Service):
     def __init__(self, reactor: Any, role: str, argv: Sequence[str], count: int, is_server: bool,
                  live_fields: frozenset[str], set_exit_status: ExitStatusSetter,
                  executable: Sequence[str] = (sys.executable, "-c", CHILD_MAIN),
-                 merge_results: MergeResults | None = None) -> None:
+                 merge_results: MergeResults | None = None, agreed_fields: frozenset[str] = frozenset()) -> None:
         """``merge_results``: the load generators' verdict and ``--report`` of the whole run (the children
-        write none), see ``ResultOptionsMixin.merge_results``."""
+        write none), see ``ResultOptionsMixin.merge_results``. ``agreed_fields``: summary fields every
+        worker reports alike (``workers.merge_summaries``)."""
         self._reactor = reactor
         self.role = role
         self.argv = list(argv)
@@ -328,6 +381,9 @@ class SupervisorService(Service):
         self.is_server = is_server
         self.kind, self.kinds = ("worker", "workers") if is_server else ("process", "processes")
         self.live_fields = live_fields
+        self.agreed_fields = agreed_fields
+        #: The last value of each key the server workers share (see the module docstring).
+        self.shared: dict[str, Any] = {}
         self._set_exit_status = set_exit_status
         self._executable = list(executable)
         self.children: dict[int, _Child] = {}
@@ -364,6 +420,8 @@ class SupervisorService(Service):
         self.children[index] = child
         args = [*self._executable, self.role, *self.argv]
         self._reactor.spawnProcess(child, args[0], args, env=env, childFDs={0: "w", 1: 1, 2: 2, REPORT_FD: "r"})
+        if self.is_server:
+            child.send({"shared": dict(self.shared)})  # the first line it reads, before any update
 
     def _spawn_next(self) -> None:
         waiting = [index for index in range(self.count)
@@ -384,6 +442,9 @@ class SupervisorService(Service):
                 self._broadcast_slots()
             self._spawn_next()
             return
+        if isinstance(message.get("share"), dict) and self.is_server:
+            self._relay(child, message["share"])
+            return
         if isinstance(message.get("summary"), dict):
             child.summary = message["summary"]
             child.metrics = message.get("metrics") or []
@@ -394,6 +455,13 @@ class SupervisorService(Service):
             if isinstance(result, dict) and isinstance(result.get("document"), dict) \
                     and isinstance(result.get("judged"), list) and len(result["judged"]) == 4:
                 child.result = result
+
+    def _relay(self, sender: _Child, values: dict[str, Any]) -> None:
+        """Keep what a worker shares and pass it on to every other worker."""
+        self.shared.update(values)
+        for child in self.children.values():
+            if child is not sender:
+                child.send({"shared": values})
 
     def _broadcast_slots(self) -> None:
         slots = self.slots.slots(self.count)
@@ -514,7 +582,7 @@ class SupervisorService(Service):
 
     def summary(self) -> dict[str, Any]:
         parts, live = self._reports()
-        merged = merge_summaries(parts, live, self.live_fields, rtt=self.merged_rtt())
+        merged = merge_summaries(parts, live, self.live_fields, rtt=self.merged_rtt(), agreed_fields=self.agreed_fields)
         # while running: how many run now; once stopping, the final summary names how many there were
         merged[self.kinds] = len(self.children) if self.running else self.count
         merged["restarts"] = self.restarts.value

@@ -12,7 +12,9 @@ descriptor 3; the parent prints the merged summary line, serves the merged
 What the workers must share comes from the parent too: the HelloVerifyRequest
 cookie secret (``NETTESTER_COOKIE_SECRET``, hex), so a ClientHello answered
 by one worker may come back to another; the PSK store and the cluster
-identity come from the same arguments and environment in every child.
+identity come from the same arguments and environment in every child. State
+that changes while they run (a cluster node's table of live nodes) goes from
+one worker to the others through the parent (:class:`WorkerContext`).
 
 This module is Twisted-free (options classes import it); the process
 management is ``nettester.supervisor``.
@@ -22,13 +24,15 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
 from nettester.histogram import RTT_FIELD, RttHistogram
+from nettester.steering import ProgramFactory
 
 WORKER_ENV = "NETTESTER_WORKER"  # "index/count" in a child
 COOKIE_SECRET_ENV = "NETTESTER_COOKIE_SECRET"  # hex, set by the parent of server workers
@@ -77,13 +81,61 @@ def share(total: int, index: int, count: int) -> int:
     return total // count + (1 if index < total % count else 0)
 
 
+SharedListener = Callable[[Any], None]
+
+
+class WorkerContext:
+    """What a server worker's role may use of ``--workers`` beyond its shared ports.
+
+    ``index`` and ``count``: this worker and how many there are.
+    ``share(key, value)``: hand a JSON value to the sibling workers; the
+    parent keeps the last value of each key for the workers it starts later
+    (a restarted one too). ``on_shared(key, listener)``: ``listener(value)``
+    for each value the siblings share under ``key``; its first call comes
+    with the parent's first message, with the value the parent kept or None,
+    so a role can tell "nothing yet" from "not heard yet". ``steer_with(sock,
+    factory)``: steer the reuseport group of ``sock`` with ``factory(slots)``
+    instead of the DTLS port's program (``nettester.steering``). Built by
+    ``nettester.supervisor.WorkerChildService``.
+    """
+
+    def __init__(self, index: int, count: int, publish: Callable[[str, Any], None],
+                 steer_with: Callable[[socket.socket, ProgramFactory], None]) -> None:
+        self.index = index
+        self.count = count
+        self._publish = publish
+        self.steer_with = steer_with
+        self._listeners: dict[str, list[SharedListener]] = {}
+        self._values: dict[str, Any] | None = None  # None until the parent's first message
+
+    def share(self, key: str, value: Any) -> None:
+        self._publish(key, value)
+
+    def on_shared(self, key: str, listener: SharedListener) -> None:
+        self._listeners.setdefault(key, []).append(listener)
+        if self._values is not None:
+            listener(self._values.get(key))
+
+    def shared_received(self, values: Mapping[str, Any]) -> None:
+        """A ``shared`` line from the parent: its kept values first, then each update."""
+        first = self._values is None
+        self._values = {**(self._values or {}), **values}
+        for key, listeners in self._listeners.items():
+            if first or key in values:
+                for listener in listeners:
+                    listener(self._values.get(key))
+
+
 class _MultiProcessOptions:
     """What both mixins share: the role's own argument list, kept for re-executing it."""
 
     process_option: ClassVar[str]
     #: Summary fields that are a live level, not a running total: a dead
     #: worker's last value is dropped instead of kept.
-    live_fields: ClassVar[frozenset[str]] = frozenset({"open", "observers", "dtls_connections"})
+    live_fields: ClassVar[frozenset[str]] = frozenset({"open", "observers", "dtls_connections", "replicas"})
+    #: Summary fields every worker reports alike (a cluster node's count of
+    #: other nodes): merged once, not added up.
+    agreed_fields: ClassVar[frozenset[str]] = frozenset({"nodes"})
     role_argv: list[str]
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
@@ -120,16 +172,10 @@ class WorkersOptionsMixin(_MultiProcessOptions):
         if self.process_count() > 1 and current_worker() is None:
             if self.get("port", None) == 0:  # type: ignore[attr-defined]
                 raise usage.UsageError("--workers needs a fixed --port: every worker must bind the same one")
-            if self.get("cluster", None):  # type: ignore[attr-defined]
-                # Not yet: a node's management port, its discovery and the records other nodes forward to it
-                # (cluster records, not tls12_cid ones, so the steering program cannot read their CID) would
-                # all have to be split over the workers.
-                given = [f"--{name}" for name in ("dtls-cluster", "dtls-cluster-group", "k8s-dtls-cluster")
-                         if self.get(name)]  # type: ignore[attr-defined]
-                cluster = "/".join(given) or "the DTLS cluster options"
-                raise usage.UsageError(f"--workers does not combine with {cluster} yet: either drop --workers "
-                                       "and run one cluster node per process or pod, or drop "
-                                       f"{cluster} and keep --workers")
+            cluster = self.get("cluster", None)  # type: ignore[attr-defined]
+            if cluster is not None and 0 in (cluster.dtls_address[1], cluster.management_address[1]):
+                raise usage.UsageError("--workers needs fixed ports in the cluster option: give its DTLS and "
+                                       "management interfaces a port other than 0 (every worker binds the same)")
 
 
 class ProcessesOptionsMixin(_MultiProcessOptions):
@@ -164,11 +210,15 @@ _IDENTITY = re.compile(r"(^|_)id$")  # node_id: the same in every worker, not a 
 
 
 def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, Any]] = (),
-                    live_fields: frozenset[str] = frozenset(), rtt: RttHistogram | None = None) -> dict[str, Any]:
+                    live_fields: frozenset[str] = frozenset(), rtt: RttHistogram | None = None,
+                    agreed_fields: frozenset[str] = frozenset()) -> dict[str, Any]:
     """One summary from the workers' ``parts`` (running totals, dead workers' last ones included).
 
     Counts add up; fields in ``live_fields`` add up over ``live`` only (the
-    workers running now); identities (``node_id``) and text fields that
+    workers running now); fields in ``agreed_fields`` are the largest value
+    of the live workers (of every part once none runs): each worker reports
+    the same, one that lags a moment behind the others counts less (a
+    sibling that has not heard of a new node yet); identities (``node_id``) and text fields that
     agree are kept, others listed; RTT fields (``rtt_p99_ms``, ``rtt_avg_ms``...)
     are those of ``rtt``, the workers' histograms summed, when given (0.0
     without samples); other statistics (percentiles, ``_pct``, ``_avg``,
@@ -187,6 +237,8 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[s
     for key, seen in values.items():
         if key in live_fields:
             merged[key] = sum(live_values.get(key, []))
+        elif key in agreed_fields:
+            merged[key] = max(live_values.get(key) or seen)
         elif rtt is not None and RTT_FIELD.match(key):
             merged[key] = rtt.field(key) or 0.0
         elif not _IDENTITY.search(key) and all(

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
@@ -371,13 +375,119 @@ def test_load_generators_print_and_report_the_merged_run(tmp_path: Any) -> None:
     assert merged["verdict"]["passed"] is False
 
 
-def test_workers_with_a_dtls_cluster_are_refused_naming_both_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_combine_with_a_dtls_cluster_on_fixed_ports(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(workers.WORKER_ENV, raising=False)
-    with pytest.raises(UsageError) as raised:
-        CoapServerOptions().parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
-                                          "--dtls-cluster", ":15784;localhost:15884;1,---;localhost:25884;2"])
-    assert str(raised.value) == ("--workers does not combine with --dtls-cluster yet: either drop --workers and "
-                                 "run one cluster node per process or pod, or drop --dtls-cluster and keep --workers")
+    options = CoapServerOptions()
+    options.parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
+                          "--dtls-cluster", ":15784;localhost:15884;1,---;localhost:25884;2"])
+    assert options.process_count() == 2 and options["cluster"].node_id == 1
+    for cluster in (":0;localhost:15884;1,---;localhost:25884;2", ":15784;localhost:0;1,---;localhost:25884;2"):
+        with pytest.raises(UsageError, match="--workers needs fixed ports in the cluster option"):
+            CoapServerOptions().parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
+                                              "--dtls-cluster", cluster])
+
+
+def test_a_cluster_workers_cids_carry_the_node_and_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(workers.WORKER_ENV, "1/2")
+    options = CoapServerOptions()
+    options.parseOptions(["--port", "5783", "--workers", "2", "--psk-sandbox",
+                          "--dtls-cluster", ":15784;localhost:15884;7,---;localhost:25884;2"])
+    cid = options["dtls"].cid_generator.new_connection_id(set())
+    assert (len(cid), cid[0], cid[1]) == (6, 7, 1)
+
+
+def test_the_node_count_of_cluster_workers_is_merged_once() -> None:
+    live = [{"nodes": 2, "replicas": 3, "forwarded": 4}, {"nodes": 1, "replicas": 5, "forwarded": 6}]
+    dead = {"nodes": 2, "replicas": 9, "forwarded": 1}
+    options = CoapServerOptions
+    merged = workers.merge_summaries([dead, *live], live, options.live_fields, agreed_fields=options.agreed_fields)
+    assert merged == {"nodes": 2, "replicas": 8, "forwarded": 11}, "nodes: not 5; replicas: the live ones'"
+    assert workers.merge_summaries([dead], [], options.live_fields, agreed_fields=options.agreed_fields)["nodes"] == 2
+
+
+def test_shared_values_reach_the_other_workers_and_start_a_restarted_one() -> None:
+    service, reactor, _ = make_supervisor()
+    service.startService()
+    first = reactor.spawned[0][0]
+    assert first.transport.written == [{"shared": {}}], "the first line a worker reads: nothing kept yet"
+    report(first, ready=True)
+    second = reactor.spawned[1][0]
+    report(second, ready=True)
+    report(first, share={"cluster_nodes": {"nodes": [[2, "127.0.0.1", 9]]}})
+    assert second.transport.written[-1] == {"shared": {"cluster_nodes": {"nodes": [[2, "127.0.0.1", 9]]}}}
+    assert {"shared": {"cluster_nodes": {"nodes": [[2, "127.0.0.1", 9]]}}} not in first.transport.written
+    first.processEnded(Failure(ProcessTerminated(signal=9)))
+    reactor.advance(supervisor.RESTART_DELAY)
+    again = reactor.spawned[2][0]
+    assert again.transport.written[0] == {"shared": {"cluster_nodes": {"nodes": [[2, "127.0.0.1", 9]]}}}
+
+
+def test_a_load_generator_is_sent_no_shared_values() -> None:
+    service, reactor, _ = make_supervisor(is_server=False)
+    service.startService()
+    assert [spawned[0].transport.written for spawned in reactor.spawned] == [[], []]
+    report(reactor.spawned[0][0], share={"k": 1})
+    assert service.shared == {} and reactor.spawned[1][0].transport.written == []
+
+
+def test_a_worker_context_hands_each_listener_the_kept_value_first() -> None:
+    shared: list[tuple[str, Any]] = []
+    context = workers.WorkerContext(1, 2, publish=lambda key, value: shared.append((key, value)),
+                                    steer_with=lambda sock, factory: None)
+    early: list[Any] = []
+    context.on_shared("a", early.append)
+    assert early == [], "nothing before the parent's first message"
+    context.shared_received({"b": 1})
+    assert early == [None], "the parent kept nothing under 'a'"
+    late: list[Any] = []
+    context.on_shared("b", late.append)
+    context.shared_received({"a": 2})
+    context.shared_received({"b": 3})
+    assert (early, late) == ([None, 2], [1, 3])
+    context.share("a", {"x": 1})
+    assert shared == [("a", {"x": 1})]
+
+
+class JoiningRole(Service):
+    """A role that joins the workers and opens its sockets when told."""
+
+    def __init__(self) -> None:
+        self.context: workers.WorkerContext | None = None
+        self.listening: Deferred[None] = Deferred()
+
+    def join_workers(self, context: workers.WorkerContext) -> None:
+        self.context = context
+
+    def when_listening(self) -> Deferred[None]:
+        return self.listening
+
+
+def test_a_server_worker_joins_its_role_and_reports_ready_once_it_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(supervisor, "_ParentChannel", lambda reactor, received, lost: FakeChannel())
+    role, reactor = JoiningRole(), MemoryReactorClock()
+    child = supervisor.WorkerChildService(role, reactor, report_fd=write_end, worker=(1, 2))
+    try:
+        assert role.context is not None and (role.context.index, role.context.count) == (1, 2)
+        child.startService()
+        child._started()  # the reactor's "after startup" trigger
+        role.context.share("k", [1])
+        role.listening.callback(None)
+        lines = [json.loads(line) for line in os.read(read_end, 4096).splitlines()]
+        assert lines[0] == {"share": {"k": [1]}} and lines[1]["ready"] is True, "ready only once listening"
+        got: list[Any] = []
+        role.context.on_shared("k", got.append)
+        child._command({"shared": {"k": [2]}})
+        assert got == [[2]]
+    finally:
+        child._loop.stop()
+        os.close(read_end)
+        os.close(write_end)
+
+
+class FakeChannel:
+    def startReading(self) -> None:
+        pass
 
 
 def test_a_killed_load_generator_keeps_its_rtts_and_counts_in_the_merged_summary() -> None:

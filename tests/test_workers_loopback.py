@@ -12,76 +12,21 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
-import urllib.request
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredQueue
-from zope.interface import implementer
 
-from nettester.interfaces import IDatagramReceiver
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
 from nettester.nat.table import DropPolicy, NatTable
-from nettester.protocols.coap.message import Code, MessageType, decode, encode_message
+from nettester.protocols.coap.message import Code, decode
 from nettester.protocols.dtls.connection import DtlsConfiguration
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
 from tests.loopback import free_ports, wait_until
-
-TIMEOUT = 20.0
-URI_PATH = 11  # RFC 7252 section 5.10
-
-
-def get_request(mid: int) -> bytes:
-    return encode_message(MessageType.CON, Code.GET, mid, token=mid.to_bytes(2, "big"), options=[(URI_PATH, b"test")])
-
-
-class LoggedProcess:
-    """``nettester <role> ... --log-format json`` with its JSON log lines collected by a thread."""
-
-    def __init__(self, *arguments: str) -> None:
-        command = [sys.executable, "-m", "nettester", *arguments, "--log-format", "json"]
-        env = {key: value for key, value in os.environ.items() if not key.startswith("NETTESTER_")}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        self.events: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            try:
-                self.events.append(json.loads(line))
-            except ValueError:
-                pass
-
-    def of(self, event: str) -> list[dict[str, Any]]:
-        return [record for record in list(self.events) if record.get("event") == event]
-
-    def wait(self, condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                tail = "\n".join(json.dumps(event) for event in self.events[-15:])
-                raise AssertionError(f"condition not reached within {timeout:g} s; last log lines:\n{tail}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(TIMEOUT)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-        self._reader.join(5)
+from tests.processes import TIMEOUT, Answers, LoggedProcess, get_request, metric
 
 
 class WorkerServer(LoggedProcess):
@@ -107,15 +52,6 @@ class WorkerServer(LoggedProcess):
 
     def started_pids(self) -> list[int]:
         return [record["pid"] for record in self.of("worker_started")]
-
-
-def metric(port: int, name: str) -> float:
-    """One unlabelled sample of the parent's merged /metrics (-1 when absent)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return -1.0
 
 
 def exchange(sockets: list[socket.socket], port: int, first_mid: int) -> None:
@@ -166,15 +102,6 @@ def test_merged_counters_survive_a_killed_worker_and_equal_the_sum_of_the_parts(
     for key in ("received", "sent", "duplicates", "malformed"):
         assert final[key] == sum(part[key] for part in parts), key
     assert final["received"] >= 32 and final["restarts"] == 1
-
-
-@implementer(IDatagramReceiver)
-class Answers:
-    def __init__(self) -> None:
-        self.queue: DeferredQueue[bytes] = DeferredQueue()
-
-    def datagramReceived(self, data: bytes, peer: Any) -> None:
-        self.queue.put(data)
 
 
 @pytest_twisted.inlineCallbacks

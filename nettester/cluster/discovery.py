@@ -89,11 +89,19 @@ class DynamicDiscovery(NodeListeners, Service):
         NodeListeners.__init__(self)
         self.table = table
         self.own_node_id = table.own_node_id
+        self._reactor = reactor
         self._pump = CorePump(reactor, table, send, self._changed)
 
     def datagram_received(self, datagram: bytes, address: Address) -> None:
         """A PING or PONG datagram from the management socket."""
         self._pump.receive(datagram, address)
+
+    def remember(self, nodes: Mapping[int, Address]) -> None:
+        """Nodes known before this process ran the table (``NodeTable.remember``); listeners hear of them."""
+        now = self._reactor.seconds()
+        for node_id, address in nodes.items():
+            self.table.remember(node_id, address, now)
+        self._pump.pump()
 
     def management_address(self, node_id: int) -> Address | None:
         return self.table.management_address(node_id)
@@ -236,6 +244,8 @@ class KubernetesDiscovery(Service):
         self._loop: LoopingCall | None = None
         self._group: tuple[Address, ...] = ()
         self.ready = False
+        #: Called once, when the pods were first listed (the node's sibling workers learn it then).
+        self.on_ready: Callable[[], None] | None = None
         self.failures = 0
         self.last_error: str | None = None
 
@@ -278,6 +288,8 @@ class KubernetesDiscovery(Service):
         if not self.ready:
             self.ready = True
             log.info("Kubernetes discovery ready, selector {selector}", event="k8s_ready", selector=self._selector)
+            if self.on_ready is not None:
+                self.on_ready()
 
     def _failed(self, failure: Any) -> None:
         self.failures += 1

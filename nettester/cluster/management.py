@@ -49,6 +49,9 @@ class ManagementEndpoint(DatagramProtocol):
         the records to the client from the public socket.
     :param discovery: dynamic (or Kubernetes) discovery, which PING/PONG
         datagrams go to; None in static mode (they are then dropped and counted).
+    :param sibling: a worker other than the discovery worker under ``--workers``
+        (``nettester.cluster.siblings``): the PING/PONG the kernel hands it while
+        worker 0 is down are dropped as ``ping_on_sibling_worker``.
     """
 
     noisy = False
@@ -61,8 +64,10 @@ class ManagementEndpoint(DatagramProtocol):
         on_backwarded: RecordsHandler,
         metrics: MetricSet,
         discovery: DynamicDiscovery | None = None,
+        sibling: bool = False,
     ) -> None:
         self._reactor = reactor
+        self._ping_drop = "ping_on_sibling_worker" if sibling else "static_cluster_ping"
         self._codec = codec
         self._on_forwarded = on_forwarded
         self._on_backwarded = on_backwarded
@@ -104,7 +109,7 @@ class ManagementEndpoint(DatagramProtocol):
         if kind == TYPE_PING or kind == TYPE_PONG:
             # the node table's business (dynamic and Kubernetes discovery); it decodes them itself
             if self._discovery is None:
-                self.dropped.inc("static_cluster_ping")
+                self.dropped.inc(self._ping_drop)
             else:
                 self._discovery.datagram_received(datagram, addr)
             return

@@ -10,6 +10,11 @@ answers that peer with ``route.send(data, client)``: back through the node the
 client talks to (OUT records), or straight from our public socket with
 ``--no-dtls-cluster-backward``. ``route.name`` is what ``mycontext`` shows
 as ``via``.
+
+With ``--workers N`` each worker runs one ``ClusterNodeService`` on the
+node's shared ports; ``workers`` (its ``WorkerContext``) makes worker 0 the
+discovery worker and the others followers of its node table, and steers the
+management port by the CIDs inside its records: ``nettester.cluster.siblings``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import socket
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.application.service import MultiService, Service
@@ -31,6 +37,7 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 
+from nettester import steering
 from nettester.addresses import address_text, ip_family, mapped_for
 from nettester.cluster.config import ClusterConfig
 from nettester.cluster.discovery import (
@@ -45,6 +52,7 @@ from nettester.cluster.management import ManagementEndpoint
 from nettester.cluster.nodes import NodeTable
 from nettester.cluster.replication import DEFAULT_MAX_REPLICAS, SEQUENCE_GAP, AskBackup, Replicator, TakeOver
 from nettester.cluster.router import LOCAL, CidRouter, Forward
+from nettester.cluster.siblings import NODES_KEY, DiscoverySharing, SharedDiscovery
 from nettester.cluster.wire import ConnectionState, ManagementCodec
 from nettester.interfaces import INodeDiscovery
 from nettester.logs import Logger
@@ -52,6 +60,7 @@ from nettester.metrics import MetricSet
 from nettester.protocols.dtls.endpoint import DatagramRoute, DtlsPeer
 from nettester.protocols.dtls.snapshot import SnapshotError
 from nettester.reactor import DrainingPort
+from nettester.workers import WorkerContext
 
 log = Logger()
 
@@ -146,6 +155,7 @@ class ClusterNodeService(MultiService):
     """The public socket, the management socket and the discovery of one node.
 
     :param endpoint: the DTLS endpoint (see the module docstring).
+    :param workers: this worker's context under ``--workers`` (``nettester.cluster.siblings``).
     """
 
     def __init__(
@@ -154,8 +164,10 @@ class ClusterNodeService(MultiService):
         config: ClusterConfig,
         endpoint: RoutedEndpoint,
         metrics: MetricSet,
+        workers: WorkerContext | None = None,
     ) -> None:
         super().__init__()
+        self.workers = workers
         self._reactor = reactor
         self.config = config
         self._endpoint = endpoint
@@ -167,6 +179,8 @@ class ClusterNodeService(MultiService):
         self._public_port: DrainingPort | None = None
         self._management_port: DrainingPort | None = None
         self.kubernetes: KubernetesDiscovery | None = None
+        #: A sibling worker's view of worker 0's node table (dynamic and k8s mode under --workers).
+        self.shared_discovery: SharedDiscovery | None = None
         self.replication: ReplicationService | None = None
         self.started: Deferred[None] = Deferred()
         self._routes: dict[Address, ForwardedRoute] = {}
@@ -202,9 +216,13 @@ class ClusterNodeService(MultiService):
         if config.mode == "static":
             nodes = yield resolve_nodes(self._reactor, config.nodes)
             self.discovery = StaticDiscovery(config.node_id, nodes)
-        else:
+        elif self.workers is None or self.workers.index == steering.DISCOVERY_WORKER:
             dynamic = DynamicDiscovery(self._reactor, NodeTable(config.node_id, self.codec), self._send_management)
             self.discovery = dynamic
+        else:
+            self.shared_discovery = SharedDiscovery(config.node_id)
+            self.workers.on_shared(NODES_KEY, self.shared_discovery.received)
+            self.discovery = self.shared_discovery
         # Fail-over needs the secret (snapshots carry keys) and a discovery that notices lost nodes.
         failover = config.secret is not None and config.mode != "static"
         self.router = CidRouter(self.discovery, failover=failover)
@@ -214,8 +232,11 @@ class ClusterNodeService(MultiService):
         self._metrics.gauge("forwarded", "Public datagrams forwarded to their owner node.",
                             lambda: self.router.forwarded if self.router else 0)
         self.management = ManagementEndpoint(self._reactor, self.codec, self._forwarded, self._backwarded,
-                                             self._metrics, dynamic)
+                                             self._metrics, dynamic, sibling=self.shared_discovery is not None)
         self._management_port = _listen_udp(self._reactor, config.management_address, self.management)
+        if self.workers is not None:
+            self.workers.steer_with(self._management_port.getHandle(),
+                                    partial(steering.management_program, mac_length=self.codec.mac_length))
         self._public_port = _listen_udp(self._reactor, config.dtls_address, _PublicProtocol(self))
         # Straight to the socket: Port.write re-validates the address text on every datagram.
         self._public_sendto = self._public_port.getHandle().sendto
@@ -247,6 +268,10 @@ class ClusterNodeService(MultiService):
                     socket.gethostname())
                 self.kubernetes.setServiceParent(self)
             dynamic.setServiceParent(self)
+            if self.workers is not None:
+                sharing = DiscoverySharing(self.workers, dynamic, self.is_ready)
+                if self.kubernetes is not None:
+                    self.kubernetes.on_ready = sharing.publish
         log.info(
             "Cluster node {node} ({mode}): public port {public}, management port {management}",
             event="cluster_node_start",
@@ -306,8 +331,12 @@ class ClusterNodeService(MultiService):
         return fields
 
     def is_ready(self) -> bool:
-        """For ``/ready``: sockets open and, in Kubernetes, the pods listed once."""
-        return self._public_port is not None and (self.kubernetes is None or self.kubernetes.ready)
+        """For ``/ready``: sockets open and, in Kubernetes, the pods listed once (by worker 0 under --workers)."""
+        if self._public_port is None:
+            return False
+        if self.kubernetes is not None:
+            return self.kubernetes.ready
+        return self.shared_discovery is None or self.shared_discovery.ready
 
     def stopService(self) -> Deferred[Any]:
         stopping = [maybeDeferred(super().stopService)]

@@ -171,6 +171,15 @@ class NodeTable:
         if message.kind == TYPE_PING:
             self._outgoing.append((self._message(TYPE_PONG, now), source))
 
+    def remember(self, node_id: int, address: Address, now: float) -> None:
+        """A node another process of ours knew (the worker that ran this table before a restart):
+        known from now on, as if it had just answered, until its silence removes it as usual.
+        A node this table knows already keeps what it heard itself."""
+        if node_id == self.own_node_id or node_id in self._nodes or not 0 <= node_id <= MAX_NODE_ID:
+            return
+        self._nodes[node_id] = _Node(address, NodeState.UP, now)
+        self._events.append(NodeChanged(node_id, address))
+
     def handle_timer(self, now: float) -> None:
         """The periodic tick: ping silent nodes and unanswered group addresses, remove dead nodes."""
         self._next_tick = now + TIMER_INTERVAL

@@ -30,13 +30,17 @@ Californium's, and the cluster works unauthenticated.
 
 STATE (only with a secret: a snapshot carries the session's keys)::
 
-    type(1) nonce(12) AES-256-GCM(timestamp(8, little-endian ms) cid-length(1) cid snapshot) tag(16)
+    type(1) cid-length(1) cid nonce(12) AES-256-GCM(timestamp(8, little-endian ms) snapshot) tag(16)
 
 The AEAD key is HKDF-SHA256 of the secret with the info
 ``nettester dtls-cid cluster state v1`` (another key than the MAC's), the
-type byte is the additional data and the nonce is random (RFC 5116 section
-3: 96 bits; random nonces are safe far beyond the snapshots a cluster sends
-under one key). The timestamp lets the receiver keep only a connection's
+header before the nonce (type, CID length, CID) is the additional data and
+the nonce is random (RFC 5116 section 3: 96 bits; random nonces are safe far
+beyond the snapshots a cluster sends under one key). The CID travels in the
+clear, as it does in every record of its session (RFC 9146 section 4), so
+the kernel can steer a replica to the worker that will adopt the session
+(CID byte 1 at offset 3, ``nettester.steering``); the additional data binds
+it to the snapshot. The timestamp lets the receiver keep only a connection's
 newest snapshot, so an old one replayed cannot roll its replay window back.
 """
 
@@ -192,6 +196,11 @@ class ManagementCodec:
     def authenticated(self) -> bool:
         return self._mac is not None
 
+    @property
+    def mac_length(self) -> int:
+        """Bytes of MAC between an IN/OUT record's header and its DTLS records (0 unauthenticated)."""
+        return self._mac_length
+
     def _tag(self, header: bytes, payload: bytes) -> bytes:
         """HMAC-SHA256 of header + payload, truncated to :data:`MAC_LENGTH` (RFC 2104 section 5)."""
         assert self._mac is not None
@@ -234,8 +243,8 @@ class ManagementCodec:
         if not 0 < len(cid) < 256:
             raise ValueError(f"a CID is 1 to 255 bytes, got {len(cid)}")
         nonce = self._random_bytes(STATE_NONCE_LENGTH)
-        plaintext = _TIMESTAMP.pack(timestamp_ms) + bytes((len(cid),)) + cid + snapshot
-        return _STATE_HEADER + nonce + self._state_aead.encrypt(nonce, plaintext, _STATE_HEADER)
+        header = _STATE_HEADER + bytes((len(cid),)) + cid
+        return header + nonce + self._state_aead.encrypt(nonce, _TIMESTAMP.pack(timestamp_ms) + snapshot, header)
 
     # -- decoding ---------------------------------------------------------------
 
@@ -258,21 +267,21 @@ class ManagementCodec:
     def _decode_state(self, datagram: bytes) -> ConnectionState:
         if self._state_aead is None:
             raise ManagementError("state_without_secret")
-        nonce_end = 1 + STATE_NONCE_LENGTH
+        if len(datagram) < 2 or not datagram[1]:
+            raise ManagementError("bad_state_record")  # no CID
+        header_end = 2 + datagram[1]
+        nonce_end = header_end + STATE_NONCE_LENGTH
         if len(datagram) < nonce_end + STATE_TAG_LENGTH:
             raise ManagementError("bad_state_record")
+        header = datagram[:header_end]
         try:
-            plaintext = self._state_aead.decrypt(datagram[1:nonce_end], datagram[nonce_end:], _STATE_HEADER)
+            plaintext = self._state_aead.decrypt(datagram[header_end:nonce_end], datagram[nonce_end:], header)
         except InvalidTag:
             raise ManagementError("bad_state_record") from None
-        cid_start = _TIMESTAMP.size + 1
-        if len(plaintext) < cid_start:
-            raise ManagementError("bad_state_record")
-        cid_end = cid_start + plaintext[_TIMESTAMP.size]
-        if cid_end == cid_start or len(plaintext) <= cid_end:
-            raise ManagementError("bad_state_record")  # no CID, or no snapshot
+        if len(plaintext) <= _TIMESTAMP.size:
+            raise ManagementError("bad_state_record")  # no snapshot
         (timestamp,) = _TIMESTAMP.unpack_from(plaintext)
-        return ConnectionState(plaintext[cid_start:cid_end], plaintext[cid_end:], timestamp)
+        return ConnectionState(header[2:], plaintext[_TIMESTAMP.size:], timestamp)
 
     def decode_records(self, datagram: bytes) -> tuple[Address, bytes]:
         """The hot path of :meth:`decode` for a datagram whose first byte is IN or OUT: (client, records).

@@ -35,9 +35,10 @@ class FakeUdp:
         self.written.append((datagram, address))
 
 
-def endpoint(codec: ManagementCodec, table: NodeTable | None = None
+def endpoint(codec: ManagementCodec, table: NodeTable | None = None, sibling: bool = False
              ) -> tuple[ManagementEndpoint, FakeUdp, list[tuple[str, bytes, Any, Any]]]:
-    """A management endpoint on a fake socket; with ``table``, dynamic discovery answers through it."""
+    """A management endpoint on a fake socket; with ``table``, dynamic discovery answers through it;
+    ``sibling``: a worker other than the discovery worker (``--workers``)."""
     calls: list[tuple[str, bytes, Any, Any]] = []
     clock = Clock()
     management: ManagementEndpoint | None = None
@@ -51,7 +52,7 @@ def endpoint(codec: ManagementCodec, table: NodeTable | None = None
         clock, codec,
         lambda records, client, node: calls.append(("in", records, client, node)),
         lambda records, client, node: calls.append(("out", records, client, node)),
-        MetricSet("test"), discovery,
+        MetricSet("test"), discovery, sibling=sibling,
     )
     udp = FakeUdp()
     management.transport = udp  # type: ignore[assignment]
@@ -95,6 +96,16 @@ def test_static_mode_drops_pings_and_unauthenticated_mode_warns() -> None:
     assert [e.get("event") for e in events] == ["cluster_unauthenticated"]
     management.datagramReceived(ManagementCodec().encode_node(TYPE_PING, 2, NodeState.UP), B)
     assert management.dropped.values == {"static_cluster_ping": 1} and udp.written == []
+
+
+def test_a_sibling_worker_drops_the_pings_the_kernel_hands_it_while_worker_0_is_down() -> None:
+    codec = ManagementCodec(b"k")
+    management, udp, calls = endpoint(codec, sibling=True)
+    management.datagramReceived(NodeTable(2, codec)._message(TYPE_PING, 0.0), B)
+    assert management.dropped.values == {"ping_on_sibling_worker": 1} and udp.written == [] and calls == []
+    # The records themselves are any worker's business.
+    management.datagramReceived(codec.encode_records(TYPE_IN, CLIENT, b"\x19" * 20), B)
+    assert [call[0] for call in calls] == ["in"]
 
 
 def test_dynamic_discovery_ticks_every_2_seconds() -> None:

@@ -209,9 +209,10 @@ def test_state_records_are_encrypted_and_round_trip() -> None:
     codec = ManagementCodec(SECRET)
     snapshot = b"session keys " * 8
     encoded = codec.encode_state(b"\x02abcde", snapshot, 1_700_000_000_123)
-    assert encoded[0] == TYPE_STATE
-    assert b"session keys" not in encoded and b"\x02abcde" not in encoded
-    assert len(encoded) == 1 + 12 + 8 + 1 + 6 + len(snapshot) + 16
+    # The CID in the clear (as in every record of its session), so the kernel can steer the replica by it.
+    assert encoded[:8] == bytes((TYPE_STATE, 6)) + b"\x02abcde"
+    assert b"session keys" not in encoded
+    assert len(encoded) == 1 + 1 + 6 + 12 + 8 + len(snapshot) + 16
     assert codec.decode(encoded) == ConnectionState(b"\x02abcde", snapshot, 1_700_000_000_123)
     assert codec.encode_state(b"\x02abcde", snapshot, 1) != codec.encode_state(b"\x02abcde", snapshot, 1)  # nonce
 
@@ -226,12 +227,22 @@ def test_state_records_need_the_secret_both_ways() -> None:
         assert caught.value.reason == reason
 
 
+def test_a_state_records_clear_cid_is_authenticated() -> None:
+    """The CID is the additional data: a replica cannot be moved to another session's CID."""
+    codec = ManagementCodec(SECRET)
+    encoded = bytearray(codec.encode_state(b"\x02abcde", b"snapshot", 1))
+    encoded[3] ^= 1  # CID byte 1, what the kernel steers by
+    with pytest.raises(ManagementError) as caught:
+        codec.decode(bytes(encoded))
+    assert caught.value.reason == "bad_state_record"
+
+
 def test_state_record_key_is_not_the_mac_key() -> None:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     encoded = ManagementCodec(SECRET).encode_state(b"\x02abcde", b"snapshot", 1)
     with pytest.raises(Exception):  # noqa: B017 - InvalidTag: the MAC key does not open it
-        AESGCM(derive_mac_key(SECRET)).decrypt(encoded[1:13], encoded[13:], encoded[:1])
+        AESGCM(derive_mac_key(SECRET)).decrypt(encoded[8:20], encoded[20:], encoded[:8])
 
 
 @settings(max_examples=200, deadline=None)

@@ -11,7 +11,9 @@ In a DTLS CID cluster (issue 6) the extended coaps endpoint is the cluster
 node's public socket instead (UDP socket -> CID router -> DTLS endpoint ->
 CoAP endpoint, DESIGN.md): records for another node's CID are forwarded
 there, records other nodes forward to us arrive with their route, and
-``mycontext`` shows ``node-id`` and ``via``.
+``mycontext`` shows ``node-id`` and ``via``. Under ``--workers`` each worker
+is a part of the node (``join_workers``, ``nettester.cluster.siblings``), and
+reports ready once the node's sockets are open (``when_listening``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from nettester.workers import merge_metric_families, metric_families, prometheus
 
 if TYPE_CHECKING:
     from nettester.protocols.dtls.endpoint import DtlsEndpoint
+    from nettester.workers import WorkerContext
 
 log = Logger()
 
@@ -179,6 +182,8 @@ class CoapServerService(Service):
         self._ready_port: Any = None
         #: The cluster node (public socket, router, management), or None outside a cluster.
         self.cluster_node: Any = None
+        self._workers: WorkerContext | None = None
+        self._listening_waiters: list[defer.Deferred[None]] | None = [] if cluster is not None else None
         started = reactor.seconds()
         self.plugtest_site: Site = build_site(reactor, plugtest_resources(notify_interval, self._shutdown))
         self.extended_site: Site = build_site(
@@ -249,6 +254,20 @@ class CoapServerService(Service):
         if self.failed is not None or not self.running:
             return False
         return self.cluster_node.is_ready() if self.cluster_node is not None else bool(self.listening)
+
+    def join_workers(self, context: WorkerContext) -> None:
+        """Under ``--workers``: the cluster node is this worker's part of the node (``nettester.supervisor``)."""
+        self._workers = context
+
+    def when_listening(self) -> defer.Deferred[None]:
+        """Fires once every socket is open, the cluster node's too (it may resolve names first); never
+        when listening failed (the process then stops with status 1)."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        if self._listening_waiters is None:
+            waiter.callback(None)
+        else:
+            self._listening_waiters.append(waiter)
+        return waiter
 
     @property
     def stats(self) -> list[LayerStats]:
@@ -325,7 +344,7 @@ class CoapServerService(Service):
         endpoint = CoapEndpoint(link, self._reactor, params=self._params)
         self.extended_site.attach(endpoint)
         self.endpoints.append(endpoint)
-        self.cluster_node = ClusterNodeService(self._reactor, cluster, link, self.metrics)
+        self.cluster_node = ClusterNodeService(self._reactor, cluster, link, self.metrics, workers=self._workers)
         self.cluster_node.startService()
         self.cluster_node.started.addCallbacks(self._cluster_listening, self._cluster_failed)
 
@@ -336,6 +355,9 @@ class CoapServerService(Service):
         log.info("{name} resources on {scheme}://{where}:{port} (cluster node {node})", event="coap_listening",
                  name="extended", scheme="coaps", where=f"[{host}]" if ":" in host else host, port=port,
                  node=self._cluster.node_id)  # type: ignore[union-attr]
+        waiters, self._listening_waiters = self._listening_waiters or [], None
+        for waiter in waiters:
+            waiter.callback(None)
 
     def _cluster_failed(self, failure: Any) -> None:
         if self.running:
