@@ -22,6 +22,7 @@ SERVER_LOOPBACK_TESTS = (
     "tests/protocols/coap/test_coap_server.py",
     "tests/protocols/coap/test_coap_client.py",
     "tests/cluster/test_cluster_coap.py",
+    "tests/cluster/test_cluster_workers.py",
     "tests/nat/test_nat_loopback.py",
 )
 

@@ -59,7 +59,7 @@ from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.dtls.endpoint import DatagramRoute, DtlsPeer
 from nettester.protocols.dtls.snapshot import SnapshotError
-from nettester.reactor import DrainingPort
+from nettester.reactor import DrainingPort, datagram_sender, server_port_class
 from nettester.workers import WorkerContext
 
 log = Logger()
@@ -142,11 +142,12 @@ class _PublicProtocol(DatagramProtocol):
 
 
 def _listen_udp(reactor: Any, address: Address, protocol: DatagramProtocol) -> DrainingPort:
-    """What ``reactor.listenUDP`` does, with the :class:`DrainingPort`."""
+    """What ``reactor.listenUDP`` does, with a server port (``reactor.server_port_class``: batched reads and
+    answers where the C library allows)."""
     interface, port_number = address
     if interface and ip_family(interface) is None:
         interface = socket.gethostbyname(interface)  # a host name such as "localhost", once at start
-    port = DrainingPort(port_number, protocol, interface=interface, reactor=reactor)
+    port = server_port_class()(port_number, protocol, interface=interface, reactor=reactor)
     port.startListening()
     return port
 
@@ -238,8 +239,7 @@ class ClusterNodeService(MultiService):
             self.workers.steer_with(self._management_port.getHandle(),
                                     partial(steering.management_program, mac_length=self.codec.mac_length))
         self._public_port = _listen_udp(self._reactor, config.dtls_address, _PublicProtocol(self))
-        # Straight to the socket: Port.write re-validates the address text on every datagram.
-        self._public_sendto = self._public_port.getHandle().sendto
+        self._public_sendto = datagram_sender(self._public_port, self._public_send_failed)
         self._public_family = self._public_port.getHandle().family
         self._endpoint.makeConnection(self._public_port)
         if failover:
@@ -310,8 +310,11 @@ class ClusterNodeService(MultiService):
         """Send from our public socket; a refused send is counted, never raised."""
         try:
             self._public_sendto(data, (mapped_for(self._public_family, address[0]), address[1]))
-        except OSError:
-            self._public_send_errors.value += 1
+        except OSError as error:
+            self._public_send_failed(error, address)
+
+    def _public_send_failed(self, _error: OSError, _address: Address) -> None:
+        self._public_send_errors.value += 1
 
     def summary(self) -> dict[str, int]:
         """Cluster fields for the role's summary line (``coap-server summary: ... nodes=2 forwarded=...``)."""
