@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -45,3 +52,60 @@ def has_ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
+
+
+PROCESS_TIMEOUT = 20.0  # seconds a LoggedProcess waits for a condition, or to stop
+
+
+class LoggedProcess:
+    """``nettester <role> ... --log-format json`` with its JSON log lines collected by a thread.
+
+    ``events`` holds the JSON lines in the order they came; ``other`` any
+    line that is not JSON (with ``--log-format json`` there must be none).
+    """
+
+    def __init__(self, *arguments: str) -> None:
+        command = [sys.executable, "-m", "nettester", *arguments, "--log-format", "json"]
+        env = {key: value for key, value in os.environ.items() if not key.startswith("NETTESTER_")}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self.events: list[dict[str, Any]] = []
+        self.other: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                self.other.append(line.decode(errors="replace"))
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [record for record in list(self.events) if record.get("event") == event]
+
+    def wait(self, condition: Callable[[], bool], timeout: float = PROCESS_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                tail = "\n".join(json.dumps(event) for event in self.events[-15:])
+                raise AssertionError(f"condition not reached within {timeout:g} s; last log lines:\n{tail}")
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = PROCESS_TIMEOUT) -> int:
+        """Wait for the process to end by itself (``--duration``); its exit status, every line read."""
+        try:
+            status = self.process.wait(timeout)
+        finally:
+            self.stop()
+        return status
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(PROCESS_TIMEOUT)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+        self._reader.join(5)

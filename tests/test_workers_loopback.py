@@ -7,17 +7,12 @@ summary) are what the assertions read. Every wait is bounded.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 import urllib.request
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any
 
 import pytest
@@ -33,7 +28,7 @@ from nettester.nat.table import DropPolicy, NatTable
 from nettester.protocols.coap.message import Code, MessageType, decode, encode_message
 from nettester.protocols.dtls.connection import DtlsConfiguration
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
-from tests.loopback import free_ports, wait_until
+from tests.loopback import LoggedProcess, free_ports, wait_until
 
 TIMEOUT = 20.0
 URI_PATH = 11  # RFC 7252 section 5.10
@@ -41,47 +36,6 @@ URI_PATH = 11  # RFC 7252 section 5.10
 
 def get_request(mid: int) -> bytes:
     return encode_message(MessageType.CON, Code.GET, mid, token=mid.to_bytes(2, "big"), options=[(URI_PATH, b"test")])
-
-
-class LoggedProcess:
-    """``nettester <role> ... --log-format json`` with its JSON log lines collected by a thread."""
-
-    def __init__(self, *arguments: str) -> None:
-        command = [sys.executable, "-m", "nettester", *arguments, "--log-format", "json"]
-        env = {key: value for key, value in os.environ.items() if not key.startswith("NETTESTER_")}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        self.events: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            try:
-                self.events.append(json.loads(line))
-            except ValueError:
-                pass
-
-    def of(self, event: str) -> list[dict[str, Any]]:
-        return [record for record in list(self.events) if record.get("event") == event]
-
-    def wait(self, condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                tail = "\n".join(json.dumps(event) for event in self.events[-15:])
-                raise AssertionError(f"condition not reached within {timeout:g} s; last log lines:\n{tail}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(TIMEOUT)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-        self._reader.join(5)
 
 
 class WorkerServer(LoggedProcess):
@@ -225,37 +179,3 @@ def test_coaps_sessions_stay_on_their_worker_through_nat_reassign_and_rebalance(
         assert part["received"] == 4 * part["dtls_handshakes"], part
     final = server.of("final_summary")[0]
     assert (final["received"], final["dtls_handshakes"], final["dtls_dropped"]) == (80, 20, 0)
-
-
-def test_stun_client_processes_merge_counts_rtt_histograms_and_the_report(tmp_path: Any) -> None:
-    """``stun-client --processes 2`` against a real stun-server: the final summary is the sum of the
-    processes' last ones, its RTT fields and the report's come from every sample, one report is written."""
-    port = free_ports(1)[0]
-    server = LoggedProcess("stun-server", "--port", str(port), "--interface", "127.0.0.1", "--stats-interval", "0")
-    path = tmp_path / "run.json"
-    try:
-        server.wait(lambda: bool(server.of("listening")))
-        client = LoggedProcess("stun-client", "--processes", "2", "--server", "127.0.0.1", "--port", str(port),
-                               "--clients", "6", "--interval", "0.1", "--start-delay", "0", "--duration", "1.5",
-                               "--stats-interval", "0.5", "--report", str(path))
-        try:
-            assert client.process.wait(TIMEOUT) == 0
-        finally:
-            client.stop()
-    finally:
-        server.stop()
-    parts = [record["worker_summary"] for record in client.of("worker_ended")]
-    assert len(parts) == 2 and sorted(part["clients"] for part in parts) == [3, 3]
-    final = client.of("final_summary")[0]
-    for key in ("clients", "requests", "responses", "timeouts", "lost_forward", "lost_return", "lost_unattributed"):
-        assert final[key] == sum(part[key] for part in parts), key
-    assert final["responses"] >= 6 and final["processes"] == 2  # how many ran, not how many still run
-    document = json.loads(path.read_text())
-    assert document["configuration"]["clients"] == 6 and document["configuration"]["processes"] == 2
-    assert document["counters"]["responses"] == final["responses"]
-    assert document["rtt_ms"]["samples"] == final["responses"], "every process's RTTs, merged"
-    assert document["rtt_ms"]["p99"] == pytest.approx(final["rtt_p99_ms"], abs=0.01)
-    assert max(part["rtt_p99_ms"] for part in parts) >= final["rtt_p99_ms"]  # never above the worst process
-    [verdict] = client.of("verdict")
-    assert verdict["passed"] and document["verdict"]["passed"]
-    assert [record["rtt_ms"]["samples"] for record in client.of("merged_rtt")] == [final["responses"]]
