@@ -7,7 +7,7 @@ last one). Both runs' result lines must match the same shapes (``SHAPES``)
 and carry the same JSON keys; the merged run has one start line naming the
 whole run, periodic lines whose counts are the sums of what the children
 reported just before, and a final summary that is the sum of the children's
-last reports. Every wait is bounded (``--duration`` 2 s, 20 s at most).
+last reports. Every wait is bounded (``--duration`` 3 s, 20 s at most).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 from tests.loopback import LoggedProcess
 
-DURATION = "2"
+DURATION = "3"  # seconds: room for the children to start and two periodic lines on a busy machine
 START_EVENTS = {"stun-client": "clients_start", "keepalive-client": "fleet_start", "coap-bench": "coap_bench_start"}
 NUMBERS = r"(?: \w+=-?\d+(?:\.\d+)?)+"
 #: The text (JSON ``msg``) of every result line, as one process prints it; a start line of
@@ -30,7 +30,7 @@ SHAPES: dict[str, dict[str, re.Pattern[str]]] = {
         "clients_start": re.compile(r"Starting \d+ STUN clients against 127\.0\.0\.1:\d+, interval 0\.2 s, "
                                     r"start delay 0-0 s(, \d+ processes)?"),
         "summary": re.compile(r"stun-client summary:" + NUMBERS),
-        "duration_over": re.compile(r"--duration 2 s is over: stopping"),
+        "duration_over": re.compile(rf"--duration {DURATION} s is over: stopping"),
         "verdict": re.compile(r"verdict: pass"),
         "final_summary": re.compile(r"stun-client final summary:" + NUMBERS),
     },
@@ -38,13 +38,14 @@ SHAPES: dict[str, dict[str, re.Pattern[str]]] = {
         "fleet_start": re.compile(r"keepalive-client run [0-9a-f]{6}: \d+ clients to 127\.0\.0\.1:\d+ \(TCP\) "
                                   r"over 0 s(, \d+ processes)?"),
         "summary": re.compile(r"keepalive-client summary:" + NUMBERS),
-        "duration_reached": re.compile(r"keepalive-client run [0-9a-f]{6}: --duration 2 s reached, stopping"),
+        "duration_reached": re.compile(rf"keepalive-client run [0-9a-f]{{6}}: --duration {DURATION} s reached, "
+                                       r"stopping"),
         "verdict": re.compile(r"keepalive-client run [0-9a-f]{6}: verdict: pass"),
         "final_summary": re.compile(r"keepalive-client final summary:" + NUMBERS),
     },
     "coap-bench": {
         "coap_bench_start": re.compile(r"coap-bench: \d+ clients to 127\.0\.0\.1:\d+ \(coap, CON GET /test, "
-                                       r"for 2 s\)(, \d+ processes)?"),
+                                       rf"for {DURATION} s\)(, \d+ processes)?"),
         "coap_bench_progress": re.compile(r"\d+ requests \(\d+ reqs/s, \d+ retransmissions \(\d+\.\d\d%\), \d+ "
                                           r"transmission errors \(\d+\.\d\d%\), \d+ clients\) lost_forward=\d+ "
                                           r"lost_return=\d+ lost_unattributed=\d+"),
