@@ -7,10 +7,13 @@ these interfaces, so a new protocol module is a new file under
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from nettester.tally import Tally
 
 
 class IRole(Interface):
@@ -55,6 +58,10 @@ class IReportingService(Interface):
         """An ordered mapping of the counters to print in a summary line.
 
         Keys are short snake_case names; values are numbers or short strings.
+        A provider may also have ``refresh_summary()``, returning a Deferred
+        that fires True once ``summary()`` is up to date (the ``--workers`` /
+        ``--processes`` parent asks its children first), False when no
+        periodic line is due any more; the periodic summary line waits for it.
         """
 
 
@@ -286,3 +293,42 @@ class StreamCore(Protocol):
 
     def next_event(self) -> Any | None:
         """The next event for the adapter, or None when there is none."""
+
+
+class MergedRun(Protocol):
+    """What the parent of a load generator's ``--processes N`` prints: one process's lines, merged.
+
+    ``nettester.supervisor.SupervisorService`` feeds it the children's
+    merged :class:`nettester.tally.Tally` and their final results; each load
+    generator's options make theirs (``merged_run()``), on the shared ground
+    of ``nettester.report.merge.ProcessesRun``. Every line has the shape one
+    process prints, so the user sees one run; the children print none of
+    these lines (``nettester.workers.run_line``).
+    """
+
+    #: Whether the role prints ``<role> summary:`` lines (then :meth:`summary` gives their fields).
+    summary_lines: bool
+    #: Seconds to the first progress line and between the next ones; 0: the role prints none of its own.
+    first_progress: float
+    progress_interval: float
+    #: The run id the processes share (``NETTESTER_RUN``).
+    run_id: str
+    #: ``--duration``: this long after it started the parent prints no more progress lines, and
+    #: :meth:`duration_over` (0: never).
+    duration: float
+
+    def start(self, processes: int) -> None:
+        """Print the run's start line (before the processes start, so it comes first)."""
+
+    def duration_over(self) -> None:
+        """Print the line one process prints when its ``--duration`` is over, if it prints one."""
+
+    def progress(self, tally: Tally, now: float) -> None:
+        """Print one progress line from the children's tallies taken at ``now`` (epoch seconds)."""
+
+    def summary(self, tally: Tally) -> dict[str, Any]:
+        """The summary line's fields for the merged ``tally``."""
+
+    def conclude(self, tally: Tally, results: Sequence[Mapping[str, Any]], statuses: Sequence[int]) -> int:
+        """The final lines, verdict and ``--report`` of the whole run from the children's final results
+        (the report document each would have written and its judged counts); the exit status."""

@@ -39,6 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from twisted.application.internet import TCPServer
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.web import http
@@ -247,6 +248,9 @@ class SummaryReporter(Service):
 
     Each field is also a field of the log event, so the JSON line is flat.
     Summaries are info lines shown at every --log-level: they are the result.
+    With ``refresh`` (``IReportingService.refresh_summary``), a periodic line
+    waits for it, so it shows counts taken now; none is printed when it says
+    False (the run is over: the final summary follows).
     """
 
     def __init__(
@@ -255,12 +259,20 @@ class SummaryReporter(Service):
         role: str,
         summary: Callable[[], Mapping[str, Any]],
         interval: float,
+        refresh: Callable[[], Deferred[bool]] | None = None,
     ) -> None:
         self._role = role
         self._summary = summary
         self._interval = interval
-        self._loop = LoopingCall(self.report)
+        self._refresh = refresh
+        self._loop = LoopingCall(self._periodic)
         self._loop.clock = clock
+
+    def _periodic(self) -> None:
+        if self._refresh is None:
+            self.report()
+            return
+        self._refresh().addCallback(lambda fresh: self.report() if fresh and self.running else None)
 
     def report(self, final: bool = False) -> None:
         fields = dict(self._summary())

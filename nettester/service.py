@@ -193,7 +193,8 @@ def with_reporting(service: IService, name: str, options: RoleOptions, reactor: 
     """Wrap ``service`` with its summary reporter and, if asked (and ``metrics``), its metrics endpoint."""
     wrapper = SequentialStopService()
     if IReportingService.providedBy(service):
-        SummaryReporter(reactor, name, service.summary, options["stats-interval"]).setServiceParent(wrapper)
+        SummaryReporter(reactor, name, service.summary, options["stats-interval"],
+                        refresh=getattr(service, "refresh_summary", None)).setServiceParent(wrapper)
         if metrics and options["metrics-port"]:
             # /ready: the role's own readiness where it has one (coap-server), else "it is running".
             is_ready = getattr(service, "is_ready", lambda: bool(service.running))

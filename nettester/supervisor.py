@@ -35,16 +35,22 @@ Report lines (child -> parent), one JSON object each::
     {"summary": {...}, "metrics": [[name, type, help, [[sample, labels, value], ...]], ...], "final": false}
     {"share": {key: value}}
 
-A load generator's lines also carry its RTT histogram (``"rtt"``,
-``RttHistogram.to_dict``; merged RTT fields come from their sum, not from the
-worst process), coap-bench's requests per client (``"per_client"``) and, in
-the final one, its ``"result"``: the report document it would have written
-and its ``"judged"`` counts ``[sent, lost, answered, resets]``. The parent
-prints the merged RTT line, requests per client and verdict, and writes the
-merged ``--report``.
+A load generator's report lines also carry its tally (``"tally"``,
+``nettester.tally.Tally.to_dict``: counts, levels, RTT histograms, requests
+per client) and, in the final one, its ``"result"``: the report document it
+would have written and its ``"judged"`` counts ``[sent, lost, answered,
+resets]``. The parent hands them to the role's ``MergedRun``
+(``nettester.interfaces``), which prints the lines one process prints,
+merged (the start line before any child starts, so it comes first), and
+writes the merged ``--report``. The children print only their lines about
+single clients and transactions, straight to the shared stdout.
 
-Command lines (parent -> child): ``{"slots": [slot of worker 0, ...]}`` and
-``{"shared": {key: value, ...}}``.
+Command lines (parent -> child): ``{"slots": [slot of worker 0, ...]}``,
+``{"shared": {key: value, ...}}``, and ``{"report": N}``, asking for a
+report line now, which answers with ``"answer": N``: before each periodic
+line the parent asks every child, so the line merges counts taken at the
+same moment, not up to ``REPORT_INTERVAL`` old (it waits at most
+``REFRESH_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -62,30 +68,32 @@ from twisted.internet import abstract, base, defer, fdesc
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides
 
 from nettester import steering
-from nettester.histogram import RttHistogram
-from nettester.interfaces import IReportingService
+from nettester.interfaces import IReportingService, MergedRun
 from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.options import RoleOptions
+from nettester.tally import Tally
 from nettester.workers import (
     COOKIE_SECRET_ENV,
     REPORT_FD,
+    RUN_ENV,
     WORKER_ENV,
+    ProcessesOptionsMixin,
     WorkerContext,
     WorkersOptionsMixin,
     _MultiProcessOptions,
     current_worker,
-    merge_counts,
     merge_exit_statuses,
-    merge_histograms,
     merge_metric_families,
     merge_summaries,
     metric_families,
     prometheus_families,
+    report_line,
 )
 
 log = Logger()
@@ -93,10 +101,9 @@ log = Logger()
 REPORT_INTERVAL = 1.0  # seconds between a child's report lines
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
 STOP_TIMEOUT = 30.0  # seconds a child gets to stop after SIGTERM before SIGKILL
+REFRESH_TIMEOUT = 1.0  # seconds a periodic line waits for the children's fresh reports
 
 ExitStatusSetter = Callable[[Any, int], None]  # nettester.service.set_exit_status
-# (role, final results, merged RTT histogram, requests per client, exit statuses) -> exit status
-MergeResults = Callable[[str, list[dict[str, Any]], RttHistogram | None, dict[int, int], list[int]], int]
 
 # ``python -c CHILD_MAIN <role> <arguments>``: ``python -m nettester`` in a
 # process group of its own, so a terminal's Ctrl-C (sent to the foreground
@@ -116,9 +123,9 @@ def multiprocess_service(role: Any, options: RoleOptions, reactor: Any, set_exit
         return WorkerChildService(role.makeService(reactor, options), reactor, worker=worker if is_server else None)
     if options.process_count() <= 1:
         return None
+    output = options.merged_run() if isinstance(options, ProcessesOptionsMixin) else None
     return SupervisorService(reactor, role.name, options.role_argv, options.process_count(), is_server,
-                             options.live_fields, set_exit_status,
-                             merge_results=getattr(options, "merge_results", None),
+                             options.live_fields, set_exit_status, output=output,
                              agreed_fields=options.agreed_fields)
 
 
@@ -259,6 +266,9 @@ class WorkerChildService(MultiService):
         shared = message.get("shared")
         if isinstance(shared, dict) and self.context is not None:
             self.context.shared_received(shared)
+        asked = message.get("report")
+        if isinstance(asked, int):
+            self.report(answer=asked)
 
     def _share(self, key: str, value: Any) -> None:
         self._write({"share": {key: value}})
@@ -268,24 +278,24 @@ class WorkerChildService(MultiService):
             log.warn("worker: the parent process is gone; stopping", event="worker_orphaned")
             self._reactor.stop()
 
-    def report(self, final: bool = False) -> None:
+    def report(self, final: bool = False, answer: int | None = None) -> None:
+        """One report line; ``answer``: the number of the parent's request it answers."""
         service = self.role_service
         message: dict[str, Any] = {"summary": {}, "metrics": [], "final": final}
+        if answer is not None:
+            message["answer"] = answer
         if IReportingService.providedBy(service):
             message["summary"] = dict(service.summary())
             message["metrics"] = metric_families(service.metrics)
         worker_report = getattr(service, "worker_report", None)
-        if worker_report is not None:  # a load generator's RTT histogram, requests per client, final result
+        if worker_report is not None:  # a load generator's tally, its final result
             message.update(worker_report(final))
         self._write(message)
 
     def _write(self, message: dict[str, Any]) -> None:
-        data = (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
-        try:
-            while data:
-                data = data[os.write(self._report_fd, data):]
-        except OSError as error:  # the parent is gone: nobody to report to
-            log.debug("worker report not written: {error}", event="worker_report_failed", error=error)
+        if not report_line(message, self._report_fd):  # the parent is gone: nobody to report to
+            log.debug("worker report not written: the parent's end of descriptor {fd} is closed",
+                      event="worker_report_failed", fd=self._report_fd)
 
     def stopService(self) -> defer.Deferred[None]:
         if self._loop.running:
@@ -310,8 +320,7 @@ class _Child(ProcessProtocol):
         self.ready = False
         self.summary: dict[str, Any] = {}
         self.metrics: list[Any] = []
-        self.rtt: dict[str, Any] | None = None  # its RttHistogram.to_dict()
-        self.per_client: dict[str, int] | None = None  # requests per client: clients (coap-bench)
+        self.tally: Tally | None = None  # a load generator's last
         self.result: dict[str, Any] | None = None  # a load generator's final: report document, judge inputs
         self._buffer = b""
 
@@ -363,23 +372,29 @@ class _MergedMetrics(MetricSet):
         yield from prometheus_families(self._supervisor.merged_metrics())
 
 
-@implementer(IReportingService)
 class SupervisorService(Service):
-    """The parent of N children of one role (see the module docstring)."""
+    """The parent of N children of one role (see the module docstring).
+
+    It provides ``IReportingService`` (summary lines, ``/metrics``) for
+    servers and for the load generators whose single process prints summary
+    lines; a load generator's lines are its ``MergedRun``'s.
+    """
 
     def __init__(self, reactor: Any, role: str, argv: Sequence[str], count: int, is_server: bool,
                  live_fields: frozenset[str], set_exit_status: ExitStatusSetter,
                  executable: Sequence[str] = (sys.executable, "-c", CHILD_MAIN),
-                 merge_results: MergeResults | None = None, agreed_fields: frozenset[str] = frozenset()) -> None:
-        """``merge_results``: the load generators' verdict and ``--report`` of the whole run (the children
-        write none), see ``ResultOptionsMixin.merge_results``. ``agreed_fields``: summary fields every
-        worker reports alike (``workers.merge_summaries``)."""
+                 output: MergedRun | None = None, agreed_fields: frozenset[str] = frozenset()) -> None:
+        """``output``: what a load generator's parent prints for the whole run (its options' ``merged_run()``);
+        the children print none of those lines and write no report. ``agreed_fields``: summary fields every
+        server worker reports alike (``workers.merge_summaries``)."""
         self._reactor = reactor
         self.role = role
         self.argv = list(argv)
         self.count = count
         self.is_server = is_server
         self.kind, self.kinds = ("worker", "workers") if is_server else ("process", "processes")
+        # A server's workers are news; a load generator's processes are how it runs: its start line names them.
+        self._lifecycle = LogLevel.info if is_server else LogLevel.debug
         self.live_fields = live_fields
         self.agreed_fields = agreed_fields
         #: The last value of each key the server workers share (see the module docstring).
@@ -388,7 +403,7 @@ class SupervisorService(Service):
         self._executable = list(executable)
         self.children: dict[int, _Child] = {}
         self.retired: list[_Child] = []  # dead children, with their last reports
-        self._merge_results = merge_results
+        self._output = output
         self._concluded = False
         self.exit_statuses: dict[int, int] = {}
         self.slots = steering.ReuseportSlots()
@@ -396,16 +411,28 @@ class SupervisorService(Service):
         self.metrics = _MergedMetrics("workers", self)
         self.restarts = self.metrics.counter("restarts", "worker processes started again after they died")
         self.metrics.gauge("live", "worker processes running", lambda: len(self.children))
+        if is_server or output is None or output.summary_lines:
+            alsoProvides(self, IReportingService)
         self._stopping = False
         self._stopped: defer.Deferred[None] = defer.Deferred()
         self._kill_call: Any = None
+        self._asked = 0  # report requests sent (see refresh_summary)
+        self._refreshes: dict[int, tuple[set[int], defer.Deferred[bool]]] = {}
+        self._first_progress: Any = None  # the IDelayedCall starting the progress lines, then:
+        self._progress: LoopingCall | None = None
+        self._duration_call: Any = None
+        self._over = False  # --duration, the conclusion or a stop: no more periodic lines (see _end_of_run)
 
     # -- starting
 
     def startService(self) -> None:
         super().startService()
-        log.info("starting {count} {kinds} of {role}", event="workers_starting", count=self.count,
+        log.emit(self._lifecycle, "starting {count} {kinds} of {role}", event="workers_starting", count=self.count,
                  kinds=self.kinds, role=self.role)
+        if self._output is not None:
+            self._output.start(self.count)
+            if self._output.duration:
+                self._duration_call = self._reactor.callLater(self._output.duration, self._duration_over)
         # Server workers start one by one (the reuseport order, see the module
         # docstring); load generators all at once, so they run side by side.
         for index in range(1 if self.is_server else self.count):
@@ -416,6 +443,8 @@ class SupervisorService(Service):
         env[WORKER_ENV] = f"{index}/{self.count}"
         if self.is_server:
             env[COOKIE_SECRET_ENV] = self.cookie_secret
+        if self._output is not None:
+            env[RUN_ENV] = self._output.run_id
         child = _Child(self, index)
         self.children[index] = child
         args = [*self._executable, self.role, *self.argv]
@@ -435,11 +464,12 @@ class SupervisorService(Service):
     def reported(self, child: _Child, message: dict[str, Any]) -> None:
         if message.get("ready"):
             child.ready = True
-            log.info("{kind} {index} (pid {pid}) started", event="worker_started", kind=self.kind,
+            log.emit(self._lifecycle, "{kind} {index} (pid {pid}) started", event="worker_started", kind=self.kind,
                      index=child.index, pid=child.pid)
             if self.is_server:
                 self.slots.bound(child.index)
                 self._broadcast_slots()
+            self._start_progress()
             self._spawn_next()
             return
         if isinstance(message.get("share"), dict) and self.is_server:
@@ -448,13 +478,22 @@ class SupervisorService(Service):
         if isinstance(message.get("summary"), dict):
             child.summary = message["summary"]
             child.metrics = message.get("metrics") or []
-            for key in ("rtt", "per_client"):
-                if isinstance(message.get(key), dict):
-                    setattr(child, key, message[key])
+            log.debug("{kind} {index} (pid {pid}) reports: {summary}", event="worker_report", kind=self.kind,
+                      index=child.index, pid=child.pid, worker_summary=child.summary,
+                      summary=" ".join(f"{key}={value}" for key, value in child.summary.items()))
+            if isinstance(message.get("tally"), dict):
+                try:
+                    child.tally = Tally.from_dict(message["tally"])
+                except ValueError as error:
+                    log.warn("{kind} {index} (pid {pid}): its tally is unreadable ({error}); its last one stays",
+                             event="worker_bad_report", kind=self.kind, index=child.index, pid=child.pid,
+                             error=str(error))
             result = message.get("result")
             if isinstance(result, dict) and isinstance(result.get("document"), dict) \
                     and isinstance(result.get("judged"), list) and len(result["judged"]) == 4:
                 child.result = result
+            if isinstance(message.get("answer"), int):
+                self._answered(child.index, message["answer"])
 
     def _relay(self, sender: _Child, values: dict[str, Any]) -> None:
         """Keep what a worker shares and pass it on to every other worker."""
@@ -469,18 +508,83 @@ class SupervisorService(Service):
             if child.ready:
                 child.send({"slots": slots})
 
+    def refresh_summary(self) -> defer.Deferred[bool]:
+        """Ask every running child for a report now; fires True once all answered or ended, or after
+        ``REFRESH_TIMEOUT`` (then with the last reports of those that did not answer); False at once when
+        the run is over, so no periodic line comes after its ``--duration`` line (the final one will)."""
+        done: defer.Deferred[bool] = defer.Deferred()
+        waiting = {index for index, child in self.children.items() if child.ready}
+        if self._over or not waiting:
+            done.callback(not self._over)
+            return done
+        self._asked += 1
+        token = self._asked
+        self._refreshes[token] = (waiting, done)
+        done.addTimeout(REFRESH_TIMEOUT, self._reactor, onTimeoutCancel=lambda result, timeout: True)
+        done.addBoth(self._refreshed, token)
+        for index in waiting:
+            self.children[index].send({"report": token})
+        return done
+
+    def _refreshed(self, result: Any, token: int) -> Any:
+        self._refreshes.pop(token, None)
+        return result
+
+    def _answered(self, index: int, token: int | None = None) -> None:
+        """Child ``index`` answered request ``token`` (None: it ended, so it answers none)."""
+        for asked, (waiting, done) in list(self._refreshes.items()):
+            if token is None or asked == token:
+                waiting.discard(index)
+                if not waiting and not done.called:
+                    done.callback(True)
+
+    def _start_progress(self) -> None:
+        """A load generator's own progress lines begin once its first process runs (as one process's do)."""
+        output = self._output
+        if output is None or not output.progress_interval or self._progress is not None or self._over:
+            return
+        self._progress = LoopingCall(self._progress_line)
+        self._progress.clock = self._reactor
+        self._first_progress = self._reactor.callLater(output.first_progress, self._progress.start,
+                                                       output.progress_interval, True)
+
+    def _end_of_run(self) -> None:
+        """The run is over (its ``--duration``, its conclusion, a stop): no more periodic lines."""
+        self._over = True
+        for call in (self._first_progress, self._duration_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self._progress is not None and self._progress.running:
+            self._progress.stop()
+
+    def _duration_over(self) -> None:
+        """The children stop by themselves now: one process would print its ``--duration`` line and no more
+        progress lines."""
+        self._end_of_run()
+        assert self._output is not None
+        self._output.duration_over()
+
+    def _progress_line(self) -> None:
+        now = self._reactor.seconds()
+        self.refresh_summary().addCallback(self._print_progress, now)
+
+    def _print_progress(self, fresh: bool, now: float) -> None:
+        if fresh and self._output is not None and self.running:
+            self._output.progress(self.tally(), now)
+
     # -- ends
 
     def ended(self, child: _Child, reason: Failure) -> None:
         del self.children[child.index]
         self.retired.append(child)
+        self._answered(child.index)
         if self.is_server:
             self.slots.closed(child.index)
         code = getattr(reason.value, "exitCode", None)
         how = "exited" if isinstance(reason.value, ProcessDone) or code is not None else "ended"
         text = f"status {code}" if code is not None else f"signal {getattr(reason.value, 'signal', '?')}"
-        log.info("{kind} {index} (pid {pid}) {how} ({text}), its final summary: {summary}", event="worker_ended",
-                 kind=self.kind, index=child.index, pid=child.pid, how=how, text=text,
+        log.emit(self._lifecycle, "{kind} {index} (pid {pid}) {how} ({text}), its final summary: {summary}",
+                 event="worker_ended", kind=self.kind, index=child.index, pid=child.pid, how=how, text=text,
                  summary=" ".join(f"{key}={value}" for key, value in child.summary.items()),
                  worker_summary=child.summary)
         if self._stopping:
@@ -527,27 +631,27 @@ class SupervisorService(Service):
             self._reactor.callLater(0, self._reactor.stop)
 
     def _conclude(self, statuses: list[int]) -> None:
-        """The load generators' merged result (``merge_results``, from the role's options) and exit status.
+        """The load generators' merged final lines, verdict and report (the role's ``MergedRun``), exit status.
 
         Processes that ended without a result (killed) add only their counters.
         """
         if self._concluded:
             return
         self._concluded = True
+        self._end_of_run()
         results = [child.result for child in self.retired if child.result is not None]
-        if not results or self._merge_results is None:
+        if not results or self._output is None:
             if statuses:
                 self._set_exit_status(self, merge_exit_statuses(statuses))
             return
-        per_client = merge_counts(child.per_client for child in self.retired if child.per_client is not None)
-        self._set_exit_status(self, self._merge_results(self.role, results, self.merged_rtt(), per_client,
-                                                        statuses))
+        self._set_exit_status(self, self._output.conclude(self.tally(), results, statuses))
 
     # -- stopping
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self._stopping = True
+        self._end_of_run()
         if not self.children:
             self._finish_stop()
             return self._stopped
@@ -572,17 +676,21 @@ class SupervisorService(Service):
 
     # -- merged views
 
-    def _reports(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        live = [child.summary for child in self.children.values()]
-        return [child.summary for child in self.retired] + live, live
-
-    def merged_rtt(self) -> RttHistogram | None:
-        """Every child's RTT histogram summed (dead ones' last included), None when none sends one."""
-        return merge_histograms(child.rtt for child in [*self.retired, *self.children.values()])
+    def tally(self) -> Tally:
+        """The whole run's tally: every child's last one, dead ones' included; levels from the newest of each."""
+        newest: dict[int, _Child] = {child.index: child for child in self.retired}
+        newest.update(self.children)
+        return Tally.merge((child.tally for child in [*self.retired, *self.children.values()] if child.tally),
+                           (child.tally for child in newest.values() if child.tally))
 
     def summary(self) -> dict[str, Any]:
-        parts, live = self._reports()
-        merged = merge_summaries(parts, live, self.live_fields, rtt=self.merged_rtt(), agreed_fields=self.agreed_fields)
+        """A load generator's: its own summary fields (``MergedRun.summary``); a server's: the workers' merged,
+        with how many run and how many were restarted."""
+        if self._output is not None:
+            return self._output.summary(self.tally())
+        live = [child.summary for child in self.children.values()]
+        merged = merge_summaries([child.summary for child in self.retired] + live, live, self.live_fields,
+                                 agreed_fields=self.agreed_fields)
         # while running: how many run now; once stopping, the final summary names how many there were
         merged[self.kinds] = len(self.children) if self.running else self.count
         merged["restarts"] = self.restarts.value

@@ -4,17 +4,21 @@ The parent re-executes the same role (``python -m nettester <role> <its
 arguments>``) N times. A child learns it is worker ``i`` of ``N`` from the
 environment (``NETTESTER_WORKER=i/N``): a server worker opens its ports with
 ``SO_REUSEPORT`` (so all N share each port, see ``nettester.supervisor``), a
-load-generator process runs its share of ``--clients``. Each child reports
-its summary counters and metric samples to the parent as JSON lines on
-descriptor 3; the parent prints the merged summary line, serves the merged
-``/metrics`` and restarts a worker that dies.
+load-generator process runs its share of ``--clients``, numbered as in one
+process (its first client is ``first_client``) and prints no line about the
+whole run (``nettester.report.merge.RunLine``). Each child reports its summary counters, metric
+samples and (a load generator) its ``nettester.tally.Tally`` to the parent
+as JSON lines on descriptor 3; the parent prints the merged lines, serves
+the merged ``/metrics`` and restarts a worker that dies.
 
 What the workers must share comes from the parent too: the HelloVerifyRequest
 cookie secret (``NETTESTER_COOKIE_SECRET``, hex), so a ClientHello answered
 by one worker may come back to another; the PSK store and the cluster
 identity come from the same arguments and environment in every child. State
 that changes while they run (a cluster node's table of live nodes) goes from
-one worker to the others through the parent (:class:`WorkerContext`).
+one worker to the others through the parent (:class:`WorkerContext`). The
+processes of a load generator share one run id (``NETTESTER_RUN``), which
+keep-alive connection ids carry.
 
 This module is Twisted-free (options classes import it); the process
 management is ``nettester.supervisor``.
@@ -22,20 +26,23 @@ management is ``nettester.supervisor``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.python import usage
 
-from nettester.histogram import RTT_FIELD, RttHistogram
 from nettester.steering import ProgramFactory
+
+if TYPE_CHECKING:
+    from nettester.interfaces import MergedRun
 
 WORKER_ENV = "NETTESTER_WORKER"  # "index/count" in a child
 COOKIE_SECRET_ENV = "NETTESTER_COOKIE_SECRET"  # hex, set by the parent of server workers
+RUN_ENV = "NETTESTER_RUN"  # hex, set by the parent of load generators: the run id they share
 REPORT_FD = 3  # a child writes its JSON report lines here
 
 
@@ -74,6 +81,22 @@ def shared_cookie_secret(environ: Mapping[str, str] = os.environ) -> bytes | Non
     """The HelloVerifyRequest secret every worker shares, None outside ``--workers``."""
     raw = environ.get(COOKIE_SECRET_ENV)
     return bytes.fromhex(raw) if raw else None
+
+
+def shared_run_id(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The run id every process of a ``--processes`` run shares, None in a process on its own."""
+    return environ.get(RUN_ENV) or None
+
+
+def report_line(message: Mapping[str, Any], fd: int = REPORT_FD) -> bool:
+    """Write one JSON line to the parent (a child's descriptor 3), whole; False when the parent is gone."""
+    data = (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        return False
+    return True
 
 
 def share(total: int, index: int, count: int) -> int:
@@ -179,15 +202,21 @@ class WorkersOptionsMixin(_MultiProcessOptions):
 
 
 class ProcessesOptionsMixin(_MultiProcessOptions):
-    """``--processes N|auto`` for a load generator: its ``--clients`` split over N processes (list it first)."""
+    """``--processes N|auto`` for a load generator: its ``--clients`` split over N processes (list it first).
+
+    In a child, ``clients`` is its share and ``first_client`` the number its
+    first client has in the whole run, so a client keeps one number in every
+    line (``Client 7: ...``) however many processes there are.
+    """
 
     process_option = "processes"
     #: The options divided among the processes.
     split_options: ClassVar[tuple[str, ...]] = ("clients",)
     optParameters: ClassVar[list[list[Any]]] = [
-        ["processes", None, 1, "Split --clients over this many processes ('auto': one per core); one merged "
-         "summary.", worker_count],
+        ["processes", None, 1, "Split --clients over this many processes ('auto': one per core); the lines "
+         "printed are one process's, merged.", worker_count],
     ]
+    first_client: int = 0
 
     def check_processes(self) -> None:
         count = self.process_count()
@@ -196,34 +225,39 @@ class ProcessesOptionsMixin(_MultiProcessOptions):
                 raise usage.UsageError(f"--processes {count} needs at least {count} --{name}, got {self[name]}")  # type: ignore[index]
         worker = current_worker()
         if worker is not None:
+            index, workers = worker
+            clients: int = self["clients"]  # type: ignore[index]
+            self.first_client = sum(share(clients, earlier, workers) for earlier in range(index))
             for name in self.split_options:
                 self[name] = share(self[name], *worker)  # type: ignore[index]
 
+    def merged_run(self) -> MergedRun:
+        """What the parent prints for the whole run: each load generator's options make their own."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what its --processes parent prints")
 
-# Summary fields that are statistics of a distribution, not counts: merged as
-# the worst worker (an upper bound of the merged percentile, loss or mean),
-# ``min`` ones as the best. RTT fields (``histogram.RTT_FIELD``) come from the
-# merged RTT histogram instead when the workers sent theirs.
+
+# A server's summary fields that are statistics of a distribution, not counts:
+# merged as the worst worker (an upper bound of the merged percentile, loss or
+# mean), ``min`` ones as the best. (Load generators merge their tallies
+# instead, see ``nettester.tally``.)
 _STATISTIC = re.compile(r"(^|_)(p\d+(\.\d+)?|pct|avg|mean|max|lag)(_|$)")
 _MINIMUM = re.compile(r"(^|_)min(_|$)")
 _IDENTITY = re.compile(r"(^|_)id$")  # node_id: the same in every worker, not a count
 
 
 def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, Any]] = (),
-                    live_fields: frozenset[str] = frozenset(), rtt: RttHistogram | None = None,
+                    live_fields: frozenset[str] = frozenset(),
                     agreed_fields: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """One summary from the workers' ``parts`` (running totals, dead workers' last ones included).
+    """One summary from the server workers' ``parts`` (running totals, dead workers' last ones included).
 
     Counts add up; fields in ``live_fields`` add up over ``live`` only (the
     workers running now); fields in ``agreed_fields`` are the largest value
     of the live workers (of every part once none runs): each worker reports
     the same, one that lags a moment behind the others counts less (a
-    sibling that has not heard of a new node yet); identities (``node_id``) and text fields that
-    agree are kept, others listed; RTT fields (``rtt_p99_ms``, ``rtt_avg_ms``...)
-    are those of ``rtt``, the workers' histograms summed, when given (0.0
-    without samples); other statistics (percentiles, ``_pct``, ``_avg``,
-    ``_max``) take the worst worker, ``_min`` the best. Field order is the
-    first part's.
+    sibling that has not heard of a new node yet); identities (``node_id``)
+    and text fields that agree are kept, others listed; statistics
+    (percentiles, ``_pct``, ``_avg``, ``_max``) take the worst worker,
+    ``_min`` the best. Field order is the first part's.
     """
     merged: dict[str, Any] = {}
     values: dict[str, list[Any]] = {}
@@ -239,8 +273,6 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[s
             merged[key] = sum(live_values.get(key, []))
         elif key in agreed_fields:
             merged[key] = max(live_values.get(key) or seen)
-        elif rtt is not None and RTT_FIELD.match(key):
-            merged[key] = rtt.field(key) or 0.0
         elif not _IDENTITY.search(key) and all(
                 isinstance(value, (int, float)) and not isinstance(value, bool) for value in seen):
             if _MINIMUM.search(key):
@@ -255,35 +287,6 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]], live: Iterable[Mapping[s
             distinct = list(dict.fromkeys(seen))
             merged[key] = distinct[0] if len(distinct) == 1 else ",".join(str(value) for value in distinct)
     return merged
-
-
-def merge_histograms(parts: Iterable[Mapping[str, Any] | None]) -> RttHistogram | None:
-    """The workers' RTT histograms (``RttHistogram.to_dict`` forms) summed; None when none sent one.
-
-    A form that is not a histogram is left out (a counted drop is not worth
-    it: it cannot come from a nettester child).
-    """
-    merged: RttHistogram | None = None
-    for part in parts:
-        if part is None:
-            continue
-        try:
-            histogram = RttHistogram.from_dict(part)
-        except ValueError:
-            continue
-        if merged is None:
-            merged = RttHistogram()
-        merged.merge(histogram)
-    return merged
-
-
-def merge_counts(parts: Iterable[Mapping[str, int] | None]) -> dict[int, int]:
-    """Histograms of whole numbers (``{"10": clients}``, requests per client) summed bucket by bucket."""
-    merged: Counter[int] = Counter()
-    for part in parts:
-        for key, count in (part or {}).items():
-            merged[int(key)] += int(count)
-    return dict(sorted(merged.items()))
 
 
 MetricSample = tuple[str, dict[str, str], float]

@@ -45,3 +45,6 @@ def has_ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
+
+
+

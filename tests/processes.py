@@ -50,7 +50,11 @@ class Answers:
 
 
 class LoggedProcess:
-    """``nettester <role> ... --log-format json`` with its JSON log lines collected by a thread."""
+    """``nettester <role> ... --log-format json`` with its JSON log lines collected by a thread.
+
+    ``events`` holds the JSON lines in the order they came; ``other`` any
+    line that is not JSON (with ``--log-format json`` there must be none).
+    """
 
     def __init__(self, *arguments: str, env: Mapping[str, str] | None = None) -> None:
         """``env``: variables added to this environment (less its ``NETTESTER_*`` ones)."""
@@ -59,6 +63,7 @@ class LoggedProcess:
                **(env or {})}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.events: list[dict[str, Any]] = []
+        self.other: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -68,7 +73,7 @@ class LoggedProcess:
             try:
                 self.events.append(json.loads(line))
             except ValueError:
-                pass
+                self.other.append(line.decode(errors="replace"))
 
     def of(self, event: str) -> list[dict[str, Any]]:
         return [record for record in list(self.events) if record.get("event") == event]
@@ -80,6 +85,14 @@ class LoggedProcess:
                 tail = "\n".join(json.dumps(event) for event in self.events[-15:])
                 raise AssertionError(f"condition not reached within {timeout:g} s; last log lines:\n{tail}")
             time.sleep(0.02)
+
+    def finish(self, timeout: float = TIMEOUT) -> int:
+        """Wait for the process to end by itself (``--duration``); its exit status, every line read."""
+        try:
+            status = self.process.wait(timeout)
+        finally:
+            self.stop()
+        return status
 
     def stop(self) -> None:
         if self.process.poll() is None:

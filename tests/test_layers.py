@@ -21,7 +21,7 @@ IMPORT_CYCLES = ROOT.parent / "shared" / "tools" / "import_cycles.py"
 
 #: Shared ground: used by every layer above, imports none of them.
 FOUNDATION = ("interfaces", "addresses", "link", "logs", "options", "metrics", "pump", "reactor", "steering",
-              "udplink", "workers", "histogram", "mmsg")
+              "udplink", "workers", "histogram", "mmsg", "tally")
 #: Wiring shared by roles: the registry, the service tree, the worker supervisor.
 WIRING = ("module", "service", "supervisor")
 #: Where the protocols live: cores, adapters, options and role builders.

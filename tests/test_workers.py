@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -25,9 +22,10 @@ from nettester.protocols.dtls.cid import NodeConnectionIdGenerator
 from nettester.protocols.dtls.cookie import DEFAULT_ROTATION, CookieGate, Verdict
 from nettester.protocols.keepalive.options import ClientOptions as KeepaliveClientOptions
 from nettester.protocols.stun.options import StunClientOptions, StunServerOptions
+from nettester.protocols.stun.runlines import summary_of
 from nettester.report import LossEpisode, RttHistogram, RunRecorder, Thresholds, read_report
 from nettester.report import Verdict as RunVerdict
-from nettester.report.merge import conclude_processes
+from nettester.tally import Tally
 from tests.logcapture import log_events
 
 
@@ -42,12 +40,32 @@ def test_shares_add_up_to_the_total() -> None:
     assert [workers.share(10, index, 3) for index in range(3)] == [4, 3, 3]
 
 
-def test_a_child_runs_its_share_of_the_clients(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(workers.WORKER_ENV, "1/3")
-    options = StunClientOptions()
-    options.parseOptions(["--server", "127.0.0.1", "--clients", "10", "--processes", "3"])
-    assert options["clients"] == 3
-    assert options.role_argv == ["--server", "127.0.0.1", "--clients", "10", "--processes", "3"]
+def test_a_child_runs_its_share_of_the_clients_numbered_as_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    shares = []
+    for index in range(3):
+        monkeypatch.setenv(workers.WORKER_ENV, f"{index}/3")
+        options = StunClientOptions()
+        options.parseOptions(["--server", "127.0.0.1", "--clients", "10", "--processes", "3"])
+        shares.append((options["clients"], options.first_client))
+        assert options.role_argv == ["--server", "127.0.0.1", "--clients", "10", "--processes", "3"]
+    assert shares == [(4, 0), (3, 4), (3, 7)]  # clients 0-3, 4-6, 7-9: each number once in the run
+
+
+def test_a_seeded_child_draws_its_own_transaction_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nettester.protocols.stun.roles import build_client
+
+    def first_draw(worker: str | None) -> float:
+        if worker is None:
+            monkeypatch.delenv(workers.WORKER_ENV, raising=False)
+        else:
+            monkeypatch.setenv(workers.WORKER_ENV, worker)
+        options = StunClientOptions()
+        options.parseOptions(["--server", "127.0.0.1", "--clients", "4", "--processes", "2", "--seed", "7"])
+        return build_client(Clock(), options)._rng.random()  # type: ignore[attr-defined]
+
+    alone = first_draw(None)
+    assert alone == first_draw(None), "--seed repeats a run"
+    assert len({alone, first_draw("0/2"), first_draw("1/2")}) == 3, "the same seed would repeat ids across processes"
 
 
 def test_fewer_clients_than_processes_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,12 +178,13 @@ def report(child: Any, **message: Any) -> None:
     child.childDataReceived(workers.REPORT_FD, (json.dumps(message) + "\n").encode())
 
 
-def make_supervisor(is_server: bool = True) -> tuple[supervisor.SupervisorService, FakeReactor, dict[str, int]]:
+def make_supervisor(is_server: bool = True, output: Any = None
+                    ) -> tuple[supervisor.SupervisorService, FakeReactor, dict[str, int]]:
     reactor = FakeReactor()
     status: dict[str, int] = {}
     service = supervisor.SupervisorService(reactor, "coap-server", ["--port", "5683"], 2, is_server,
                                            frozenset({"open"}), lambda _, code: status.__setitem__("code", code),
-                                           executable=["python", "-m", "nettester"])
+                                           executable=["python", "-m", "nettester"], output=output)
     return service, reactor, status
 
 
@@ -250,53 +269,7 @@ def test_garbage_on_the_report_pipe_is_ignored() -> None:
     assert service.summary() == {"workers": 1, "restarts": 0}
 
 
-# -- merged RTT histograms, requests per client, the load generators' merged result
-
-def _exact_nearest_rank(samples: list[float], percent: float) -> float:
-    ordered = sorted(samples)
-    return ordered[max(1, math.ceil(percent / 100 * len(ordered))) - 1]
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.floats(min_value=0.0, max_value=30.0), min_size=0, max_size=80), min_size=1, max_size=4))
-def test_merged_percentiles_are_those_of_the_union_of_samples(parts: list[list[float]]) -> None:
-    histograms = []
-    for samples in parts:
-        histogram = RttHistogram()
-        for value in samples:
-            histogram.record(value)
-        histograms.append(histogram.to_dict())
-    merged = workers.merge_histograms([None, *histograms])  # a child that sent none yet counts for nothing
-    union = [value for samples in parts for value in samples]
-    if not union:
-        assert merged is not None and merged.count == 0
-        return
-    assert merged is not None and merged.count == len(union)
-    for percent in (50.0, 90.0, 99.0, 99.9, 100.0):
-        got, exact = merged.percentile(percent), _exact_nearest_rank(union, percent)
-        # the histogram's resolution: 1/32 of the value, and values are counted in whole microseconds
-        assert got == pytest.approx(exact, rel=1 / SUB_BUCKETS, abs=2e-6), percent
-    assert merged.field("rtt_max_ms") == round(max(union) * 1000, 3)
-    assert merged.field("rtt_avg_ms") == pytest.approx(round(sum(union) / len(union) * 1000, 3), abs=1e-3)
-
-
-def test_summaries_take_rtt_fields_from_the_merged_histogram() -> None:
-    fast, slow = RttHistogram(), RttHistogram()
-    for _ in range(99):
-        fast.record(0.001)
-    slow.record(0.5)
-    union = workers.merge_histograms([fast.to_dict(), slow.to_dict()])
-    parts = [{"requests": 99, "rtt_p50_ms": 1.0, "rtt_p99_ms": 1.0, "loss_pct": 0.0},
-             {"requests": 1, "rtt_p50_ms": 500.0, "rtt_p99_ms": 500.0, "loss_pct": 0.0}]
-    merged = workers.merge_summaries(parts, rtt=union)
-    # The worst worker would say 500 ms for both: the union's median and 99th are 1 ms.
-    assert merged == {"requests": 100, "rtt_p50_ms": 1.0, "rtt_p99_ms": 1.0, "loss_pct": 0.0}
-    assert workers.merge_summaries(parts)["rtt_p50_ms"] == 500.0  # without histograms: the upper bound
-
-
-def test_requests_per_client_histograms_add_up() -> None:
-    assert workers.merge_counts([{"10": 3, "9": 1}, None, {"10": 2}]) == {9: 1, 10: 5}
-
+# -- the load generators' merged run
 
 def test_the_summed_dtls_families_of_a_server_are_the_workers_merge() -> None:
     from nettester.metrics import MetricSet
@@ -329,46 +302,56 @@ def _document(started: float, clients: int, lost_forward: int, episodes: int, rt
     return document
 
 
+def stun_run(*arguments: str) -> Any:
+    """The parent's ``MergedRun`` of ``stun-client --processes 2 ...``."""
+    options = StunClientOptions()
+    options.parseOptions(["--server", "127.0.0.1", "--clients", "4", "--processes", "2", *arguments])
+    return options.merged_run()
+
+
+def stun_tally(clients: int, responses: int, timeouts: int, rtts: list[float], at: float = 1010.0) -> dict[str, Any]:
+    histogram = RttHistogram()
+    for value in rtts:
+        histogram.record(value)
+    counts = {"requests": responses + timeouts, "responses": responses, "timeouts": timeouts}
+    return Tally(counts, {"clients": clients}, {"rtt": histogram}, {}, 1000.0, at).to_dict()
+
+
 def test_load_generators_print_and_report_the_merged_run(tmp_path: Any) -> None:
-    reactor = FakeReactor()
-    status: dict[str, int] = {}
     path = tmp_path / "run.json"
-    service = supervisor.SupervisorService(reactor, "stun-client", ["--clients", "4"], 2, False, frozenset(),
-                                           lambda _, code: status.__setitem__("code", code),
-                                           executable=["python", "-m", "nettester"],
-                                           merge_results=lambda *run: conclude_processes(*run, str(path)))
+    output = stun_run("--report", str(path), "--max-loss", "5")
+    service, reactor, status = make_supervisor(is_server=False, output=output)
     service.startService()
     children = [spawned[0] for spawned in reactor.spawned]
     samples = ([0.001, 0.002, 0.003], [0.010, 0.020])
     for child, values in zip(children, samples, strict=True):
-        histogram = RttHistogram()
-        for value in values:
-            histogram.record(value)
         report(child, ready=True)
-        report(child, summary={"requests": 10, "rtt_p50_ms": 99.0}, metrics=[], rtt=histogram.to_dict(),
-               per_client={"5": 2})
+        report(child, summary={"requests": 10, "rtt_p50_ms": 99.0}, metrics=[],
+               tally=stun_tally(2, len(values), 0, values))
     union = RttHistogram()
     for value in samples[0] + samples[1]:
         union.record(value)
+    # The summary is stun-client's own, from the merged tally: the union's median, not a process's.
+    assert list(service.summary()) == list(summary_of(Tally()))
     assert service.summary()["rtt_p50_ms"] == union.field("rtt_p50_ms") == pytest.approx(3.0, rel=1 / SUB_BUCKETS)
     # Each process lost 1 of 10 (10 % > 5 %): the parent judges the sum (2 of 20), not the parts.
     documents = [_document(1000.0, 2, 1, 1, {"p50": 2.0, "p99": 3.0}),
                  _document(1002.0, 2, 1, 1, {"p50": 15.0, "p99": 20.0})]
     with log_events() as events:
-        for child, document in zip(children, documents, strict=True):
-            report(child, summary={"requests": 10, "rtt_p50_ms": 99.0}, metrics=[], final=True,
+        for child, document, values in zip(children, documents, samples, strict=True):
+            report(child, summary={"requests": 10}, metrics=[], final=True,
+                   tally=stun_tally(2, len(values), 1, values),
                    result={"document": document, "judged": [10, 1, 9, None]})
             child.processEnded(Failure(ProcessTerminated(exitCode=1)))
     reactor.advance(0)
     assert reactor.stopped and status == {"code": 1}
-    lines = {event["event"]: event for event in events}
-    assert lines["merged_rtt"]["rtt_ms"] == union.percentiles_ms([50.0, 99.0])
-    assert lines["merged_requests_per_client"]["requests_per_client"] == {"5": 4}
-    assert lines["verdict"]["verdict"] == "verdict: FAIL: loss 10.00% (2 of 20) is above --max-loss 5%"
+    [verdict] = [event for event in events if event.get("event") == "verdict"]
+    assert verdict["verdict"] == "verdict: FAIL: loss 10.00% (2 of 20) is above --max-loss 5%"
+    assert verdict["log_namespace"] == "nettester.protocols.stun.runlines"  # JSON module "stun", as one process's
     merged = read_report(str(path))
     assert merged["configuration"] == {"server": "127.0.0.1", "clients": 4, "processes": 2}
-    assert merged["counters"] == {"requests": 20, "lost_forward": 2}
-    assert merged["loss"]["lost_forward"] == 2 and merged["rtt_ms"] == union.percentiles_ms([50.0, 99.0])
+    assert merged["counters"] == service.summary() and merged["counters"]["timeouts"] == 2
+    assert merged["loss"]["lost_forward"] == 2 and merged["rtt_ms"] == union.percentiles_ms([50.0, 90.0, 99.0])
     assert [(episode["process"], episode["start"]) for episode in merged["episodes"]] == [(0, 1000.0), (1, 1002.0)]
     assert [point["process"] for point in merged["series"]] == [0, 1]
     assert (merged["started"], merged["ended"]) == (1000.0, 1012.0)
@@ -490,24 +473,169 @@ class FakeChannel:
         pass
 
 
-def test_a_killed_load_generator_keeps_its_rtts_and_counts_in_the_merged_summary() -> None:
-    service, reactor, _ = make_supervisor(is_server=False)
+def test_a_killed_load_generator_keeps_its_rtts_and_counts_but_not_its_levels() -> None:
+    service, reactor, _ = make_supervisor(is_server=False, output=stun_run())
     service.startService()
     first, second = (spawned[0] for spawned in reactor.spawned)
-
-    def rtts(count: int) -> dict[str, Any]:
-        histogram = RttHistogram()
-        for _ in range(count):
-            histogram.record(0.004)
-        return histogram.to_dict()
-
-    report(first, summary={"requests": 5, "rtt_max_ms": 4.0}, metrics=[], rtt=rtts(5))
-    report(second, summary={"requests": 3, "rtt_max_ms": 4.0}, metrics=[], rtt=rtts(3))
+    report(first, summary={}, metrics=[], tally=stun_tally(2, 5, 0, [0.004] * 5))
+    report(second, summary={}, metrics=[], tally=stun_tally(2, 3, 0, [0.004] * 3))
     first.processEnded(Failure(ProcessTerminated(signal=9)))
     reactor.advance(supervisor.RESTART_DELAY)
     again = reactor.spawned[2][0]
     assert reactor.spawned[2][2][workers.WORKER_ENV] == "0/2", "its clients run again"
-    report(again, summary={"requests": 1, "rtt_max_ms": 4.0}, metrics=[], rtt=rtts(1))
-    merged = service.merged_rtt()
-    assert merged is not None and merged.count == 9
-    assert service.summary() == {"requests": 9, "rtt_max_ms": 4.0, "processes": 2, "restarts": 1}
+    report(again, summary={}, metrics=[], tally=stun_tally(2, 1, 0, [0.004]))
+    assert service.tally().histogram("rtt").count == 9
+    summary = service.summary()
+    # Answers of the dead process stay; its two clients run again in the new one, counted once.
+    assert (summary["responses"], summary["clients"], summary["rtt_p99_ms"]) == (9, 4, 4.0)
+    assert "processes" not in summary and "restarts" not in summary  # the keys one process prints
+    assert service.restarts.value == 1
+
+
+def ready_pair(service: supervisor.SupervisorService, reactor: FakeReactor) -> list[Any]:
+    service.startService()
+    children = [spawned[0] for spawned in reactor.spawned]
+    for child in children:
+        report(child, ready=True)
+    return children
+
+
+def test_a_refresh_asks_every_running_child_and_waits_for_all_answers() -> None:
+    service, reactor, _ = make_supervisor(is_server=False, output=stun_run())
+    first, second = ready_pair(service, reactor)
+    refreshed = service.refresh_summary()
+    assert first.transport.written[-1] == {"report": 1} == second.transport.written[-1]
+    report(first, summary={}, metrics=[], tally=stun_tally(2, 5, 0, []), answer=1)
+    report(second, summary={}, metrics=[], tally=stun_tally(2, 7, 0, []))  # its periodic line: not the answer
+    assert not refreshed.called
+    report(second, summary={}, metrics=[], tally=stun_tally(2, 8, 0, []), answer=1)
+    assert refreshed.called and service.summary()["responses"] == 13
+    # A child that does not answer holds the line back REFRESH_TIMEOUT at most; one that ends, not at all.
+    late = service.refresh_summary()
+    reactor.advance(supervisor.REFRESH_TIMEOUT - 0.01)
+    assert not late.called
+    reactor.advance(0.01)
+    assert late.called and late.result is True
+    ending = service.refresh_summary()
+    report(first, summary={}, metrics=[], tally=stun_tally(2, 5, 0, []), answer=3)
+    second.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert ending.called and ending.result is True
+    assert [call.func for call in reactor.getDelayedCalls()] == [service._restart]  # no refresh timeout left
+
+
+def test_the_periodic_summary_line_waits_for_the_refresh() -> None:
+    from twisted.internet.defer import Deferred
+
+    from nettester.metrics import SummaryReporter
+
+    clock = Clock()
+    pending: list[Deferred[bool]] = []
+
+    def refresh() -> Deferred[bool]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    counted = {"requests": 1}
+    reporter = SummaryReporter(clock, "stun-client", lambda: dict(counted), 1.0, refresh=refresh)
+    with log_events() as events:
+        reporter.startService()
+        clock.advance(1.0)
+        assert len(pending) == 1 and [event for event in events if event.get("event") == "summary"] == []
+        counted["requests"] = 5  # what the children answered
+        pending[0].callback(True)
+        clock.advance(1.0)
+        pending[1].callback(False)  # the run is over: its final summary comes next, no periodic line
+        reporter.stopService()
+        clock.advance(1.0)
+    assert [(event["event"], event["requests"]) for event in events] == [("summary", 5), ("final_summary", 5)]
+
+
+def test_a_load_generators_parent_prints_the_start_line_first_and_the_duration_line() -> None:
+    from twisted.logger import LogLevel
+
+    from nettester.logs import set_level
+
+    output = stun_run("--duration", "2")
+    service, reactor, _ = make_supervisor(is_server=False, output=output)
+    set_level(LogLevel.debug)
+    with log_events() as events:
+        service.startService()
+        assert [event["event"] for event in events if event["log_level"].name != "debug"] == ["clients_start"]
+        assert len(reactor.spawned) == 2, "the start line came before the processes"
+        envs = [spawned[2] for spawned in reactor.spawned]
+        assert envs[0][workers.RUN_ENV] == envs[1][workers.RUN_ENV] == output.run_id
+        for child in [spawned[0] for spawned in reactor.spawned]:
+            report(child, ready=True)
+        reactor.advance(2.0)
+        over = service.refresh_summary()
+    set_level(LogLevel.info)
+    assert over.called and over.result is False, "no periodic summary after the --duration line"
+    lines = [event for event in events if event["log_level"].name != "debug"]
+    assert [event["event"] for event in lines] == ["clients_start", "duration_over"]
+    assert lines[0]["clients"] == 4 and lines[0]["processes"] == 2
+    # How the processes start and end is debug detail: the start line names them.
+    assert {event["event"] for event in events if event["log_level"].name == "debug"} >= {
+        "workers_starting", "worker_started"}
+
+
+def test_coap_bench_s_parent_prints_progress_lines_merged_from_answers_then_californium_s_summary() -> None:
+    import io
+
+    from nettester.protocols.coap.benchlines import BenchPrinter, BenchProcessesRun
+
+    options = CoapBenchOptions()
+    options.parseOptions(["--clients", "4", "--processes", "2", "--report-interval", "2", "--duration", "5",
+                          "coap://127.0.0.1:5783/benchmark"])
+    out = io.StringIO()
+    output = BenchProcessesRun(options.merged_run().described, None, 2.0, BenchPrinter(out, json_lines=False))
+    service, reactor, status = make_supervisor(is_server=False, output=output)
+    reactor.advance(1000.0)
+    first, second = ready_pair(service, reactor)
+    assert out.getvalue() == "coap-bench: 4 clients to 127.0.0.1:5783 (coap, CON GET /benchmark, for 5 s), " \
+                             "2 processes\n"
+
+    def bench_tally(requests: int, at: float, rtt: float = 0.001) -> dict[str, Any]:
+        histogram = RttHistogram()
+        for _ in range(requests):
+            histogram.record(rtt)
+        counts = {"requests": requests, "transmission_errors": 0, "retransmissions": 0, "lost_forward": 0}
+        return Tally(counts, {"clients": 2, "active": 2}, {"rtt": histogram}, {requests // 2: 2}, 1000.0,
+                     at).to_dict()
+
+    reactor.advance(1.0)  # the first progress line a second in, as one process's
+    assert first.transport.written[-1] == {"report": 1}
+    report(first, summary={}, metrics=[], tally=bench_tally(300, 1001.0), answer=1)
+    report(second, summary={}, metrics=[], tally=bench_tally(100, 1001.0), answer=1)
+    reactor.advance(2.0)
+    report(first, summary={}, metrics=[], tally=bench_tally(900, 1003.0), answer=2)
+    report(second, summary={}, metrics=[], tally=bench_tally(300, 1003.0), answer=2)
+    reactor.advance(2.0)  # --duration is over: no more progress lines
+    assert len([line for line in first.transport.written if "report" in line]) == 2
+    for child, requests, rtt in ((first, 1200, 0.001), (second, 400, 0.002)):
+        report(child, summary={}, metrics=[], final=True, tally=bench_tally(requests, 1005.0, rtt),
+               result={"document": _document(1000.0, 2, 0, 0, {}), "judged": [requests, 0, requests, None]})
+        child.processEnded(Failure(ProcessDone(0)))
+    assert status == {"code": 0}
+    lines = out.getvalue().splitlines()
+    assert lines[1:3] == [
+        "400 requests (400 reqs/s, 0 retransmissions (0.00%), 0 transmission errors (0.00%), 4 clients) "
+        "lost_forward=0 lost_return=0 lost_unattributed=0",
+        "1200 requests (400 reqs/s, 0 retransmissions (0.00%), 0 transmission errors (0.00%), 4 clients) "
+        "lost_forward=0 lost_return=0 lost_unattributed=0"]
+    assert lines[3:] == [
+        "1600 requests in 5.0 s: 320 reqs/s, 0 retransmissions, 0 transmission errors, lost_forward=0, "
+        "lost_return=0, lost_unattributed=0, 4 clients",
+        "RTT ms: p50=1.00, p90=2.00, p95=2.00, p99=2.00, p99.9=2.00, max=2.00",  # the union's, not a process's
+        "requests per client (requests: clients):", "  200: 2", "  600: 2",
+        "verdict: pass"]
+
+
+def test_an_unreadable_tally_is_named_and_the_last_one_kept() -> None:
+    service, reactor, _ = make_supervisor(is_server=False, output=stun_run())
+    first, _ = ready_pair(service, reactor)
+    report(first, summary={}, metrics=[], tally=stun_tally(2, 5, 0, []))
+    with log_events() as events:
+        report(first, summary={}, metrics=[], tally={"counts": "many"})
+    [warning] = [event for event in events if event.get("event") == "worker_bad_report"]
+    assert "its tally is unreadable (not a tally: " in warning["log_format"].format(**warning)
+    assert service.summary()["responses"] == 5

@@ -7,7 +7,6 @@ summary) are what the assertions read. Every wait is bounded.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -152,37 +151,3 @@ def test_coaps_sessions_stay_on_their_worker_through_nat_reassign_and_rebalance(
         assert part["received"] == 4 * part["dtls_handshakes"], part
     final = server.of("final_summary")[0]
     assert (final["received"], final["dtls_handshakes"], final["dtls_dropped"]) == (80, 20, 0)
-
-
-def test_stun_client_processes_merge_counts_rtt_histograms_and_the_report(tmp_path: Any) -> None:
-    """``stun-client --processes 2`` against a real stun-server: the final summary is the sum of the
-    processes' last ones, its RTT fields and the report's come from every sample, one report is written."""
-    port = free_ports(1)[0]
-    server = LoggedProcess("stun-server", "--port", str(port), "--interface", "127.0.0.1", "--stats-interval", "0")
-    path = tmp_path / "run.json"
-    try:
-        server.wait(lambda: bool(server.of("listening")))
-        client = LoggedProcess("stun-client", "--processes", "2", "--server", "127.0.0.1", "--port", str(port),
-                               "--clients", "6", "--interval", "0.1", "--start-delay", "0", "--duration", "1.5",
-                               "--stats-interval", "0.5", "--report", str(path))
-        try:
-            assert client.process.wait(TIMEOUT) == 0
-        finally:
-            client.stop()
-    finally:
-        server.stop()
-    parts = [record["worker_summary"] for record in client.of("worker_ended")]
-    assert len(parts) == 2 and sorted(part["clients"] for part in parts) == [3, 3]
-    final = client.of("final_summary")[0]
-    for key in ("clients", "requests", "responses", "timeouts", "lost_forward", "lost_return", "lost_unattributed"):
-        assert final[key] == sum(part[key] for part in parts), key
-    assert final["responses"] >= 6 and final["processes"] == 2  # how many ran, not how many still run
-    document = json.loads(path.read_text())
-    assert document["configuration"]["clients"] == 6 and document["configuration"]["processes"] == 2
-    assert document["counters"]["responses"] == final["responses"]
-    assert document["rtt_ms"]["samples"] == final["responses"], "every process's RTTs, merged"
-    assert document["rtt_ms"]["p99"] == pytest.approx(final["rtt_p99_ms"], abs=0.01)
-    assert max(part["rtt_p99_ms"] for part in parts) >= final["rtt_p99_ms"]  # never above the worst process
-    [verdict] = client.of("verdict")
-    assert verdict["passed"] and document["verdict"]["passed"]
-    assert [record["rtt_ms"]["samples"] for record in client.of("merged_rtt")] == [final["responses"]]

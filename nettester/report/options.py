@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
-from nettester.histogram import RttHistogram
 from nettester.options import non_negative_float, non_negative_int, percentage
 from nettester.report.model import Thresholds
 
@@ -47,13 +45,6 @@ class ResultOptionsMixin:
     def thresholds(self) -> Thresholds:
         """The limits given on the command line."""
         return Thresholds(max_loss_percent=self["max-loss"], max_resets=self["max-resets"])  # type: ignore[index]
-
-    def merge_results(self, role: str, results: Sequence[Mapping[str, Any]], rtt: RttHistogram | None,
-                      per_client: Mapping[int, int], statuses: Sequence[int]) -> int:
-        """Under ``--processes``: the whole run's lines, verdict and ``--report`` (see ``nettester.report.merge``)."""
-        from nettester.report.merge import conclude_processes
-
-        return conclude_processes(role, results, rtt, per_client, statuses, self["report"])  # type: ignore[index]
 
 
 @dataclass(frozen=True)

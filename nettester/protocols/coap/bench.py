@@ -30,10 +30,16 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from nettester.histogram import requests_per_client_lines
 from nettester.interfaces import IDatagramLink
-from nettester.logs import ALWAYS, Logger
+from nettester.logs import Logger
 from nettester.protocols.coap.attribution import REPORT_OPTION, TAG_OPTION, Attributor
+from nettester.protocols.coap.benchlines import (
+    FIRST_PROGRESS,
+    PERCENTILES,
+    BenchPrinter,
+    ProgressRate,
+    counters_of,
+)
 from nettester.protocols.coap.client import (
     EXIT_ERROR_RESPONSE,
     EXIT_NO_RESPONSE,
@@ -60,13 +66,11 @@ from nettester.report import (
     judge,
     write_report,
 )
-from nettester.workers import current_worker
+from nettester.tally import Tally
 
 log = Logger()
 
 RETRY_DELAY = 1.0
-FIRST_PROGRESS = 1.0  # seconds to the first progress line: a short run shows one too
-PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class BenchConfig:
     duration: float = 0.0  # stop by itself after this many seconds; 0 = when --requests are done or stopped
     thresholds: Thresholds = field(default_factory=Thresholds)
     report: str | None = None  # --report FILE
+    first_client: int = 0  # the number of client 0 in the lines (a --processes child's share starts there)
 
     def describe(self) -> dict[str, Any]:
         """The configuration as the report and the start-up line show it."""
@@ -104,6 +109,7 @@ class BenchStatistics:
 
     RTTs go into a bounded histogram (``rtt``, merged from the one of the
     current progress interval), so memory stays flat however long the run.
+    Its lines are ``benchlines``', printed from the service's tally.
     """
 
     def __init__(self, clients: int, started: float) -> None:
@@ -113,8 +119,6 @@ class BenchStatistics:
         self.per_client = [0] * clients
         self.rtt = RttHistogram()
         self.interval_rtt = RttHistogram()
-        self._last_time = started
-        self._last_responses = 0
 
     def record_response(self, client: int, rtt: float | None) -> None:
         """One answered request of ``client`` (RTT None: not measured)."""
@@ -144,38 +148,10 @@ class BenchStatistics:
         """Californium's histogram: how many clients completed how many requests."""
         return dict(sorted(Counter(self.per_client).items()))
 
-    def progress_line(self, now: float, retransmissions: int, active_clients: int) -> str:
-        """``N requests (R reqs/s, X retransmissions (p%), Y transmission errors (q%), C clients)``."""
-        elapsed = now - self._last_time
-        rate = (self.responses - self._last_responses) / elapsed if elapsed > 0 else 0.0
-        self._last_time, self._last_responses = now, self.responses
-        sent = max(self.responses + self.failures, 1)
-        return (f"{self.responses} requests ({rate:.0f} reqs/s, {retransmissions} retransmissions "
-                f"({retransmissions * 100 / sent:.2f}%), {self.failures} transmission errors "
-                f"({self.failures * 100 / sent:.2f}%), {active_clients} clients)")
-
     def percentile(self, percent: float) -> float | None:
         """The RTT at ``percent`` in seconds, None without samples."""
         self.end_interval()
         return self.rtt.percentile(percent)
-
-    def rtt_line(self) -> str:
-        """``RTT ms: p50=..., ..., max=...``, or ``RTT ms: no responses``."""
-        self.end_interval()
-        return self.rtt.line(PERCENTILES)
-
-    def summary_lines(self, now: float, retransmissions: int, loss: dict[str, int] | None = None) -> list[str]:
-        """The final summary: overall rate, loss by direction, RTT percentiles, requests-per-client histogram."""
-        elapsed = max(now - self.started, 1e-9)
-        directions = "".join(f", {key}={value}" for key, value in (loss or {}).items())
-        lines = [
-            f"{self.responses} requests in {elapsed:.1f} s: {self.responses / elapsed:.0f} reqs/s, "
-            f"{retransmissions} retransmissions, {self.failures} transmission errors{directions}, "
-            f"{len(self.per_client)} clients",
-            self.rtt_line(),
-            *requests_per_client_lines(self.requests_per_client()),
-        ]
-        return lines
 
     def verdict(self, thresholds: Thresholds, sent: int = 0) -> Verdict:
         """The run judged by ``thresholds`` (``--max-loss``); ``sent``: requests started, those
@@ -194,6 +170,7 @@ class BenchClient:
 
     def __init__(self, index: int, bench: CoapBenchService, link: IDatagramLink) -> None:
         self.index = index
+        self.number = bench.config.first_client + index  # in the lines: one number per client in the whole run
         self.bench = bench
         self.link = link
         rng = random.Random(bench.rng.random())
@@ -230,10 +207,10 @@ class BenchClient:
             return
         reason = failure.getErrorMessage()
         log.warn("client {client}: connecting to {server} failed: {reason}; retry in 1 s",
-                 event="coap_bench_connect_failure", client=self.index, server=self.bench.server, reason=reason)
+                 event="coap_bench_connect_failure", client=self.number, server=self.bench.server, reason=reason)
         self.bench.stats.record_failure()
         # No request went out: where the handshake was lost is not known.
-        self.bench.loss(LossEpisode(str(self.index), "handshake", started, self.bench.reactor.seconds(),
+        self.bench.loss(LossEpisode(str(self.number), "handshake", started, self.bench.reactor.seconds(),
                                     UNATTRIBUTED, 1, None, {"reason": reason}))
         self.sent += 1
         if self._requests_left():
@@ -282,12 +259,12 @@ class BenchClient:
         reason = failure.value.reason
         # MID and token find the exchange in a capture (coap.mid == N, coap.token == X).
         log.warn("client {client}: request to {peer} failed: {reason} (MID {mid}, token {token}); retry in 1 s",
-                 event="coap_bench_failure", client=self.index, peer=self.bench.server, reason=reason,
+                 event="coap_bench_failure", client=self.number, peer=self.bench.server, reason=reason,
                  mid=outgoing.mid, token=outgoing.token.hex())
         self.bench.stats.record_failure()
         # With one request in flight, the endpoint's retransmissions since the send are this request's.
         retransmissions = self.endpoint.stats.retransmissions - retransmitted if self.bench.config.nstart == 1 else 0
-        episode = LossEpisode(str(self.index), outgoing.token.hex(), started, None, UNATTRIBUTED,
+        episode = LossEpisode(str(self.number), outgoing.token.hex(), started, None, UNATTRIBUTED,
                               1 + retransmissions, None, {"mid": outgoing.mid, "reason": reason, "sequence": sequence})
         if self.attributing:
             self.attribution.failed(sequence, episode)
@@ -311,8 +288,7 @@ class CoapBenchService(Service):
         self.reactor = reactor
         self.config = config
         self.link_factory = link_factory
-        self.stdout = stdout
-        self.json_lines = json_lines
+        self.printer = BenchPrinter(stdout, json_lines)
         self.rng = rng or random.Random()
         self.params = TransmissionParameters(nstart=config.nstart)
         self.server = server_text(config.uri.address)
@@ -321,8 +297,10 @@ class CoapBenchService(Service):
         self.recorder = RunRecorder("coap-bench", config.describe(), reactor.seconds())
         self.verdict: Verdict | None = None
         #: One of ``--processes``: no lines of its own; the parent prints the merged ones (``worker_report``).
-        self.worker = current_worker() is not None
+        self.worker = self.printer.silent
         self.worker_result: dict[str, Any] | None = None
+        self.ended: float | None = None
+        self._rate = ProgressRate(reactor.seconds())
         self.done: defer.Deferred[int] = defer.Deferred()
         self._finished_clients = 0
         self._reporter: LoopingCall | None = None
@@ -335,12 +313,8 @@ class CoapBenchService(Service):
         now = self.reactor.seconds()
         self.stats = BenchStatistics(config.clients, now)
         self.recorder = RunRecorder("coap-bench", config.describe(), now)
-        described = config.describe()
-        until = (f"{config.requests} requests each" if config.requests else
-                 f"for {config.duration:g} s" if config.duration else "until stopped")
-        self._print(f"coap-bench: {config.clients} clients to {self.server} ({config.uri.scheme}, "
-                    f"{described['mode']} {config.method} {described['resource']}, {until})", "coap_bench_start",
-                    **described)
+        self._rate = ProgressRate(now)
+        self.printer.start(config.describe())
         for index in range(config.clients):
             link = self.link_factory()
             client = BenchClient(index, self, link)
@@ -378,12 +352,8 @@ class CoapBenchService(Service):
 
     def _report(self) -> None:
         now = self.reactor.seconds()
-        active = sum(1 for client in self.clients if client.active)
         self._sample(now)
-        loss = self.recorder.loss_fields()
-        line = self.stats.progress_line(now, self.retransmissions(), active)
-        self._print(line + " " + " ".join(f"{key}={value}" for key, value in loss.items()), "coap_bench_progress",
-                    requests=self.stats.responses, failures=self.stats.failures, clients=active, **loss)
+        self.printer.progress(self.tally(now), self._rate.rate(now, self.stats.responses))
 
     def client_finished(self) -> None:
         """A client sent its ``--requests``; the run ends with the last one."""
@@ -415,17 +385,17 @@ class CoapBenchService(Service):
 
     def _conclude(self, now: float) -> int:
         """Close open episodes, print the summary and verdict, write the report; the exit status."""
+        self.ended = now
         for client in self.clients:
             for episode in client.attribution.open():
                 self.recorder.episode(episode)  # still unresolved at stop: unattributed, end None
         self._sample(now)
-        loss = self.recorder.loss_fields()
-        lines = self.stats.summary_lines(now, self.retransmissions(), loss)
+        tally = self.tally(now)
         thresholds = self.config.thresholds
         started = sum(client.sent for client in self.clients)
         self.verdict = verdict = self.stats.verdict(thresholds, started)
         status = self.stats.exit_status(thresholds, started)
-        counters = self.counters(now)
+        counters = counters_of(tally)
         rtt = self.stats.rtt.percentiles_ms(PERCENTILES)
         if self.worker:  # the parent judges, prints and reports the whole run
             stats = self.stats
@@ -433,11 +403,7 @@ class CoapBenchService(Service):
                                   "judged": [max(started, stats.responses + stats.failures), stats.failures,
                                              stats.responses, None]}
             return status
-        self._print(lines[0], "coap_bench_summary", **counters)
-        self._print(lines[1], "coap_bench_rtt", rtt_ms=rtt)
-        histogram = {str(count): clients for count, clients in self.stats.requests_per_client().items()}
-        self._print("\n".join(lines[2:]), "coap_bench_histogram", requests_per_client=histogram)
-        self._print(verdict.line(), "verdict", passed=verdict.passed, reasons=list(verdict.reasons))
+        self.printer.final(tally, verdict)
         if self.config.report:
             try:
                 write_report(self.config.report, self.recorder.document(now, counters, rtt, thresholds, verdict))
@@ -446,36 +412,24 @@ class CoapBenchService(Service):
                 status = max(status, EXIT_ERROR_RESPONSE)
         return status
 
-    def counters(self, now: float) -> dict[str, Any]:
-        """The summary counters (the report's ``counters``)."""
+    def tally(self, now: float) -> Tally:
+        """The run so far (every RTT, the current interval's included), as the lines and a ``--processes``
+        parent read it."""
         stats = self.stats
-        return {"requests": stats.responses, "transmission_errors": stats.failures,
-                "retransmissions": self.retransmissions(), "clients": len(self.clients),
-                "reqs_per_s": round(stats.responses / max(now - stats.started, 1e-9), 1),
-                "attribution_invalid": sum(client.attribution.invalid for client in self.clients),
-                **self.recorder.loss_fields()}
+        counts = {"requests": stats.responses, "transmission_errors": stats.failures,
+                  "retransmissions": self.retransmissions(),
+                  "attribution_invalid": sum(client.attribution.invalid for client in self.clients),
+                  **self.recorder.loss_fields()}
+        levels = {"clients": len(self.clients), "active": sum(1 for client in self.clients if client.active)}
+        return Tally(counts, levels, {"rtt": stats.all_rtts()}, stats.requests_per_client(), stats.started, now)
 
     def worker_report(self, final: bool) -> dict[str, Any]:
-        """A ``--processes`` child's report line: counters and RTT fields, RTT histogram, requests per client."""
-        rtt = self.stats.all_rtts()
-        summary = self.counters(self.reactor.seconds())
-        summary.update((name, rtt.field(name) or 0.0) for name in ("rtt_p50_ms", "rtt_p99_ms", "rtt_max_ms"))
-        report: dict[str, Any] = {
-            "summary": summary, "rtt": rtt.to_dict(),
-            "per_client": {str(count): clients for count, clients in self.stats.requests_per_client().items()}}
+        """A ``--processes`` child's report line: its counters (for the parent's log) and its tally."""
+        tally = self.tally(self.ended if self.ended is not None else self.reactor.seconds())
+        report: dict[str, Any] = {"summary": counters_of(tally), "tally": tally.to_dict()}
         if final and self.worker_result is not None:
             report["result"] = self.worker_result
         return report
-
-    def _print(self, text: str, event: str, **fields: Any) -> None:
-        """A result line: plain text on stdout, or with ``--log-format json`` a JSON log line (none in a worker)."""
-        if self.worker:
-            return
-        if self.json_lines:
-            log.info("{text}", event=event, text=text, **{ALWAYS: True}, **fields)
-            return
-        self.stdout.write(text + "\n")
-        self.stdout.flush()
 
 
 def _raise_file_limit(wanted: int) -> None:
@@ -486,19 +440,23 @@ def _raise_file_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def bench_config(options: Any) -> BenchConfig:
+    """The run parsed :class:`CoapBenchOptions` ask for (a ``--processes`` child's: its share)."""
+    return BenchConfig(
+        uri=options["uri"], clients=options["clients"], requests=options["requests"], nstart=options["nstart"],
+        confirmable=not options["non"], method=options["method"], interval=options["interval"],
+        timeout=options["timeout"], payload_random=options["payload-random"],
+        report_interval=options["report-interval"], duration=options["duration"],
+        thresholds=options.thresholds(), report=options["report"], first_client=options.first_client,
+    )
+
+
 def make_bench_service(reactor: Any, options: Any, stdout: IO[str]) -> CoapBenchService:
     """The role's service from parsed :class:`CoapBenchOptions`; ends the process when done."""
     from nettester.protocols.coap.client import link_for_options
 
-    uri = options["uri"]
-    config = BenchConfig(
-        uri=uri, clients=options["clients"], requests=options["requests"], nstart=options["nstart"],
-        confirmable=not options["non"], method=options["method"], interval=options["interval"],
-        timeout=options["timeout"], payload_random=options["payload-random"],
-        report_interval=options["report-interval"], duration=options["duration"],
-        thresholds=options.thresholds(), report=options["report"],
-    )
-    service = CoapBenchService(reactor, config, lambda: link_for_options(reactor, options, one_shot=False),
+    service = CoapBenchService(reactor, bench_config(options),
+                               lambda: link_for_options(reactor, options, one_shot=False),
                                stdout, json_lines=options["log-format"] == "json")
     service.done.addCallback(lambda status: end_process(service, reactor, status))
     return service

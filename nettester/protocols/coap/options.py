@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.python import usage
 
@@ -34,6 +34,9 @@ from nettester.protocols.dtls.options import (
 )
 from nettester.report.options import ResultOptionsMixin
 from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
+
+if TYPE_CHECKING:
+    from nettester.interfaces import MergedRun
 
 DEFAULT_PORT = 5683
 # RFC 7252 section 6.1 / 6.2 default ports: coap 5683, coaps 5684; the
@@ -294,6 +297,15 @@ class CoapBenchOptions(
             raise usage.UsageError("--con and --non contradict each other")
         check_method(self["method"])
         super().postOptions()
+
+    def merged_run(self) -> MergedRun:
+        import sys
+
+        from nettester.protocols.coap.bench import bench_config
+        from nettester.protocols.coap.benchlines import BenchPrinter, BenchProcessesRun
+
+        printer = BenchPrinter(sys.__stdout__ or sys.stdout, self["log-format"] == "json")
+        return BenchProcessesRun(bench_config(self).describe(), self["report"], self["report-interval"], printer)
 
 
 class CoapReceiveTestOptions(ResultOptionsMixin, _CoapUriArgument, DtlsClientOptionsMixin, RoleOptions):

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester.interfaces import IReportingService
-from nettester.logs import ALWAYS, Logger
+from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.keepalive.adapter import (
     PEER_CLOSED,
@@ -43,6 +43,7 @@ from nettester.protocols.keepalive.adapter import (
     address_text,
 )
 from nettester.protocols.keepalive.backoff import DEFAULT_MAX_DELAY, Backoff, RepeatedFailures, Repeats
+from nettester.protocols.keepalive.runlines import ERRORS, duration_line, log_verdict, start_line, summary_of, target
 from nettester.protocols.keepalive.transport import connect_tcp
 from nettester.protocols.keepalive.wire import (
     ClientConnection,
@@ -67,6 +68,7 @@ from nettester.report import (
 )
 from nettester.report.options import ResultSettings
 from nettester.service import set_exit_status
+from nettester.tally import Tally
 from nettester.workers import current_worker
 
 log = Logger()
@@ -129,10 +131,7 @@ class KeepAliveClientProtocol(CoreProtocol):
         if type(event) is KeepAliveAnswered:
             self.slot.backoff.succeeded()
             fleet.answered.value += 1
-            fleet.rtt_total += event.rtt
             fleet.interval_rtt.record(event.rtt)
-            if event.rtt > fleet.rtt_max:
-                fleet.rtt_max = event.rtt
         elif type(event) is DummyReceived:
             fleet.dummies.value += 1
         elif isinstance(event, ResponseMissing):
@@ -245,21 +244,22 @@ class ClientSlot(ClientFactory):
 
 @implementer(IReportingService)
 class KeepAliveClientService(Service):
-    """``clients`` clients spread over ``ramp_up`` seconds against one server."""
+    """``clients`` clients spread over ``ramp_up`` seconds against one server, numbered from ``first_client + 1``
+    (a ``--processes`` child's share starts there, so every client has one number in the run)."""
 
     def __init__(self, reactor: Any, host: str, port: int, clients: int, timing: ClientTiming,
                  ramp_up: float = 10.0, reconnect_delay: float = 1.0,
                  tls: IOpenSSLClientConnectionCreator | None = None, rng: random.Random | None = None,
                  run_id: str | None = None, connect_timeout: float = 10.0,
                  results: ResultSettings | None = None, stop: Callable[[], None] | None = None,
-                 reconnect_max_delay: float = DEFAULT_MAX_DELAY) -> None:
+                 reconnect_max_delay: float = DEFAULT_MAX_DELAY, first_client: int = 0) -> None:
         """``results``: judge the run, write the report, set the exit status (None: the caller judges).
         ``stop``: ends the process at ``--duration`` (default ``reactor.stop``)."""
         self.reactor = reactor
         self.clock = reactor
         self.host = host
         self.port = port
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.address = target(host, port)
         self.plan = ClientPlan(timing)
         self.ramp_up = ramp_up
         self.reconnect_delay = reconnect_delay
@@ -269,10 +269,8 @@ class KeepAliveClientService(Service):
         self.rng = rng if rng is not None else random.Random()
         self.run_id = run_id if run_id is not None else secrets.token_hex(3)
         self.connect_timeout = connect_timeout
-        self.slots = [ClientSlot(self, number) for number in range(1, clients + 1)]
+        self.slots = [ClientSlot(self, number) for number in range(first_client + 1, first_client + clients + 1)]
         self.open = OpenConnections(reactor)
-        self.rtt_total = 0.0
-        self.rtt_max = 0.0
         self.rtt = RttHistogram()
         self.interval_rtt = RttHistogram()
         self.results = results
@@ -296,9 +294,7 @@ class KeepAliveClientService(Service):
 
     def startService(self) -> None:
         super().startService()
-        log.info("keepalive-client run {run}: {clients} clients to {server} ({transport}) over {ramp:g} s",
-                 event="fleet_start", run=self.run_id, clients=len(self.slots), server=self.address,
-                 transport="TLS" if self.tls is not None else "TCP", ramp=self.ramp_up)
+        start_line(self.run_id, len(self.slots), self.address, self.tls is not None, self.ramp_up).log()
         for slot in self.slots:
             slot.schedule(self.rng.uniform(0.0, self.ramp_up))
         if self.results is not None:
@@ -320,8 +316,7 @@ class KeepAliveClientService(Service):
 
     def _duration_reached(self) -> None:
         self._time_up = None
-        log.info("keepalive-client run {run}: --duration {duration:g} s reached, stopping", event="duration_reached",
-                 run=self.run_id, duration=self.results.duration if self.results else 0)
+        duration_line(self.run_id, self.results.duration if self.results else 0).log()
         if self._stop is not None:
             self._stop()
 
@@ -373,34 +368,27 @@ class KeepAliveClientService(Service):
     @property
     def errors(self) -> int:
         """Failures a healthy path never shows: unreachable server, resets, FINs, timeouts, garbage."""
-        return (self.connect_failures.value + self.responses_missing.value + self.protocol_errors.value
-                + self.closes.get(PEER_CLOSED) + self.closes.get(PEER_RESET) + self.closes.get(TLS_ERROR))
+        tally = self.tally()
+        return sum(tally.count(name) for name in ERRORS)
 
     def summary(self) -> dict[str, int | float]:
-        answered = self.answered.value
-        return {
-            "clients": len(self.slots),
-            "open": len(self.open),
-            "connections": self.connections.value,
-            "keepalives": answered,
-            "rtt_avg_ms": round(1000 * self.rtt_total / answered, 2) if answered else 0.0,
-            "rtt_max_ms": round(1000 * self.rtt_max, 2),
-            "dummies": self.dummies.value,
-            "server_unavailable": self.connect_failures.value,
-            "server_closed": self.closes.get(PEER_CLOSED),
-            "resets": self.closes.get(PEER_RESET),
-            "responses_missing": self.responses_missing.value,
-            TLS_ERROR: self.closes.get(TLS_ERROR),
-            "protocol_errors": self.protocol_errors.value,
-            "errors": self.errors,
-        }
+        return summary_of(self.tally())
 
-    def worker_report(self, final: bool) -> dict[str, Any]:
-        """What a ``--processes`` child adds to its report lines (see ``nettester.supervisor``)."""
+    def tally(self) -> Tally:
+        """The run so far, as the summary line and a ``--processes`` parent read it."""
         rtt = RttHistogram()
         rtt.merge(self.rtt)
         rtt.merge(self.interval_rtt)
-        report: dict[str, Any] = {"rtt": rtt.to_dict()}
+        counts = {"connections": self.connections.value, "keepalives": self.answered.value,
+                  "dummies": self.dummies.value, "server_unavailable": self.connect_failures.value,
+                  "server_closed": self.closes.get(PEER_CLOSED), "resets": self.closes.get(PEER_RESET),
+                  "responses_missing": self.responses_missing.value, TLS_ERROR: self.closes.get(TLS_ERROR),
+                  "protocol_errors": self.protocol_errors.value}
+        return Tally(counts, {"clients": len(self.slots), "open": len(self.open)}, {"rtt": rtt})
+
+    def worker_report(self, final: bool) -> dict[str, Any]:
+        """What a ``--processes`` child adds to its report lines (see ``nettester.supervisor``)."""
+        report: dict[str, Any] = {"tally": self.tally().to_dict()}
         if final and self.worker_result is not None:
             report["result"] = self.worker_result
         return report
@@ -444,8 +432,7 @@ class KeepAliveClientService(Service):
             self.worker_result = {"document": document, "judged": [answered + missing, missing, answered, dropped]}
             set_exit_status(self, status)
             return
-        log.info("keepalive-client run {run}: {verdict}", event="verdict", run=self.run_id, verdict=verdict.line(),
-                 passed=verdict.passed, reasons=list(verdict.reasons), **{ALWAYS: True})
+        log_verdict(self.run_id, verdict)
         if self.results.report:
             rtt = self.rtt.percentiles_ms(RTT_PERCENTILES)
             try:

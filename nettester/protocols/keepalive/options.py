@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.python.usage import UsageError
 
 from nettester.options import RoleOptions, non_negative_float, port_number, positive_float, positive_int
 from nettester.report.options import ResultOptionsMixin
 from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
+
+if TYPE_CHECKING:
+    from nettester.interfaces import MergedRun
 
 DEFAULT_PORT = 49665
 
@@ -119,6 +122,16 @@ class ClientOptions(ResultOptionsMixin, ProcessesOptionsMixin, RoleOptions):
                                                          bool(self["insecure"]))
             except tls.TLSSetupError as error:
                 raise UsageError(str(error)) from None
+
+    def merged_run(self) -> MergedRun:
+        from nettester.protocols.keepalive.runlines import KeepaliveProcessesRun, duration_line, start_line, target
+        from nettester.report.merge import new_run_id
+
+        run = new_run_id()
+        start = start_line(run, self["clients"], target(self["server"], self["port"]), bool(self["tls"]),
+                           self["ramp-up"])
+        return KeepaliveProcessesRun(self["report"], start, self["duration"], duration_line(run, self["duration"]),
+                                     run_id=run)
 
 
 class ReportOptions(RoleOptions):

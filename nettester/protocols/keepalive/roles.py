@@ -34,13 +34,16 @@ def build_client(reactor: Any, options: RoleOptions) -> IService:
     from nettester.protocols.keepalive.client import KeepAliveClientService
     from nettester.protocols.keepalive.wire import ClientTiming
     from nettester.report.options import ResultSettings
+    from nettester.workers import shared_run_id
 
+    assert isinstance(options, ClientOptions)
     timing = ClientTiming(options["keepalive-interval"], options["response-timeout"], options["dummy-interval"])
     return KeepAliveClientService(reactor, options["server"], options["port"], options["clients"], timing,
                                   ramp_up=options["ramp-up"], reconnect_delay=options["reconnect-delay"],
                                   reconnect_max_delay=options["reconnect-max-delay"],
                                   tls=options["tls-creator"], connect_timeout=options["response-timeout"],
-                                  results=ResultSettings.from_options(options))
+                                  results=ResultSettings.from_options(options), run_id=shared_run_id(),
+                                  first_client=options.first_client)
 
 
 def _report(options: RoleOptions, stdout: IO[str]) -> int:

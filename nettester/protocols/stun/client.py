@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nettester.interfaces import IReportingService
-from nettester.logs import ALWAYS, Logger
+from nettester.logs import Logger
 from nettester.metrics import MetricSet
 from nettester.protocols.stun.counters import FleetCounters
 from nettester.protocols.stun.fleet import (
@@ -45,6 +45,7 @@ from nettester.protocols.stun.fleet import (
     UnexpectedResponse,
 )
 from nettester.protocols.stun.message import Address, format_transaction_id
+from nettester.protocols.stun.runlines import duration_line, log_open_at_stop, log_verdict, start_line, summary_of
 from nettester.pump import CorePump
 from nettester.reactor import DatagramSocket
 from nettester.report import (
@@ -58,6 +59,7 @@ from nettester.report import (
     write_report,
 )
 from nettester.service import set_exit_status
+from nettester.tally import Tally
 from nettester.workers import current_worker
 
 log = Logger()
@@ -127,6 +129,8 @@ class StunClientService(Service):
     learns its server's port only then). ``duration`` > 0 stops the reactor
     after that many seconds; at stop the run is judged by ``thresholds``
     (None: not judged, for an embedding service) and written to ``report``.
+    ``first_client``: the number of client 0 in the lines (a ``--processes``
+    child's share starts there, so every client has one number in the run).
     """
 
     def __init__(
@@ -141,8 +145,11 @@ class StunClientService(Service):
         report: str | None = None,
         thresholds: Thresholds | None = None,
         configuration: Mapping[str, Any] | None = None,
+        first_client: int = 0,
     ) -> None:
         self._reactor = reactor
+        self.first_client = first_client
+        self._open_at_stop = 0
         self._duration = duration
         self._report_path = report
         self._thresholds = thresholds
@@ -208,22 +215,14 @@ class StunClientService(Service):
         # Events first: an OpenSocket makes the socket the client's next request is written to.
         self._pump = CorePump(self._reactor, self.fleet, self._write, self._dispatch, events_first=True,
                               after_timer=self._sample)
-        log.info(
-            "Starting {clients} STUN clients against {server}, interval {interval:g} s, "
-            "start delay {low:g}-{high:g} s{rfc}",
-            event="clients_start",
-            clients=self._config.clients,
-            server=str(Address(server_ip, self.server_port)),
-            interval=self._config.interval,
-            low=self._config.start_delay[0],
-            high=self._config.start_delay[1],
-            rfc=", RFC 8489 retransmissions" if self._config.rfc_retransmit else "",
-        )
+        config = self._config
+        start_line(config.clients, str(Address(server_ip, self.server_port)), config.interval, config.start_delay,
+                   config.rfc_retransmit).log()
         self._pump.run_timer()
 
     def _duration_over(self) -> None:
         self._stopper = None
-        log.info("--duration {duration:g} s is over: stopping", event="duration_over", duration=self._duration)
+        duration_line(self._duration).log()
         self._reactor.stop()
 
     def _sample(self, now: float) -> None:
@@ -251,7 +250,7 @@ class StunClientService(Service):
             log.error(
                 "Client {client}: STUN server {server} refused (ICMP port unreachable): is stun-server running there?",
                 event="server_refused",
-                client=index,
+                client=self.number(index),
                 server=str(Address(self._server_ip or self._server, self.server_port)),
             )
 
@@ -270,6 +269,10 @@ class StunClientService(Service):
         else:
             port.write(data)
 
+    def number(self, index: int) -> int:
+        """Client ``index``'s number in the lines: one number per client in the whole run."""
+        return self.first_client + index
+
     def local_port(self, index: int) -> int | None:
         """The local UDP port client ``index`` currently sends from (None before it starts)."""
         port = self._ports[index] if index < len(self._ports) else None
@@ -287,7 +290,7 @@ class StunClientService(Service):
                 "Client {client}: cannot {action} a UDP socket to {server}: {reason}; "
                 "further socket errors are only counted (socket_errors in the summary)",
                 event="socket_error",
-                client=index,
+                client=self.number(index),
                 action=action,
                 server=str(Address(self._server_ip or self._server, self.server_port)),
                 reason=str(error),
@@ -307,7 +310,7 @@ class StunClientService(Service):
             log.info(
                 "Client {client}: new UDP socket, local port {local_port} ({reason})",
                 event="socket_reopened",
-                client=event.client,
+                client=self.number(event.client),
                 local_port=port.local_port,
                 reason=event.reason,
             )
@@ -325,7 +328,7 @@ class StunClientService(Service):
             log.warn(
                 'Client {client}: Failed to receive STUN response for TrID "{trid}", mapped addr: {mapped}',
                 event="response_missing",
-                client=event.client,
+                client=self.number(event.client),
                 trid=format_transaction_id(event.transaction_id),
                 mapped=format_mapped(event.mapped),
                 consecutive=event.consecutive,
@@ -336,7 +339,7 @@ class StunClientService(Service):
                 'Client {client}: Failed to receive {count} consecutive STUN response for TrID "{trid}", '
                 "mapped addr: {mapped}",
                 event="consecutive_failures",
-                client=event.client,
+                client=self.number(event.client),
                 count=event.count,
                 trid=format_transaction_id(event.transaction_id),
                 mapped=format_mapped(event.mapped),
@@ -345,7 +348,7 @@ class StunClientService(Service):
             log.warn(
                 'Client {client}: Received STUN response with unexpected TrID "{trid}"',
                 event="unexpected_response",
-                client=event.client,
+                client=self.number(event.client),
                 trid=format_transaction_id(event.transaction_id),
             )
         elif type(event) is LossResolved:
@@ -357,7 +360,7 @@ class StunClientService(Service):
                     'Client {client}: TrID "{trid}": ignoring an invalid NETTESTER-RECEIVED attribute ({reason}); '
                     "further ones are only counted (attribution_invalid in the summary)",
                     event="attribution_invalid",
-                    client=event.client,
+                    client=self.number(event.client),
                     trid=format_transaction_id(event.transaction_id),
                     reason=event.reason,
                 )
@@ -365,19 +368,18 @@ class StunClientService(Service):
             log.warn(
                 "Client {client}: mapped address changed from {old} to {new}",
                 event="mapping_changed",
-                client=event.client,
+                client=self.number(event.client),
                 old=str(event.old),
                 new=str(event.new),
             )
             if self.recorder is not None:
-                self.recorder.mark(
-                    self._reactor.seconds(), MAPPING_CHANGE, str(event.client), old=str(event.old), new=str(event.new)
-                )
+                self.recorder.mark(self._reactor.seconds(), MAPPING_CHANGE, str(self.number(event.client)),
+                                   old=str(event.old), new=str(event.new))
         elif type(event) is ErrorResponse:
             log.warn(
                 'Client {client}: STUN error response {code} {reason} for TrID "{trid}"',
                 event="error_response",
-                client=event.client,
+                client=self.number(event.client),
                 code=event.code,
                 reason=event.reason,
                 trid=format_transaction_id(event.transaction_id),
@@ -388,7 +390,7 @@ class StunClientService(Service):
         trid = format_transaction_id(event.transaction_id)
         lost = event.sent - event.answered
         fields = {
-            "client": event.client,
+            "client": self.number(event.client),
             "trid": trid,
             "sent": event.sent,
             "lost": lost,
@@ -443,36 +445,31 @@ class StunClientService(Service):
         counts = {FORWARD: event.lost_forward, RETURN: event.lost_return, UNATTRIBUTED: lost}
         for direction in event.directions:
             self.recorder.episode(
-                LossEpisode(str(event.client), trid, event.start, end, direction, counts[direction],
+                LossEpisode(str(self.number(event.client)), trid, event.start, end, direction, counts[direction],
                             event.reached, detail)
             )
 
     def summary(self) -> dict[str, int | float]:
-        counters = self.counters
-        fleet = self.fleet
-        return {
-            "clients": fleet.started if fleet else 0,
-            "requests": counters.requests.value,
-            "responses": counters.responses.value,
-            "loss_pct": round(fleet.loss_percent(), 3) if fleet else 0.0,
-            "rtt_p50_ms": (fleet.rtt.field("rtt_p50_ms") or 0.0) if fleet else 0.0,
-            "rtt_p99_ms": (fleet.rtt.field("rtt_p99_ms") or 0.0) if fleet else 0.0,
-            "timer_lag_p99_ms": round(fleet.timer_lag.percentile(0.99) * 1000, 3) if fleet else 0.0,
-            "timeouts": counters.timeouts.value,
-            "consecutive_failure_errors": counters.failures.value,
-            "mapping_changes": counters.mapping_changes.value,
-            "unexpected": counters.unexpected.value,
-            "refused": self.refused_count.value,
-            "socket_errors": self.socket_errors.value,
-            "lost_forward": counters.lost.get(FORWARD),
-            "lost_return": counters.lost.get(RETURN),
-            "lost_unattributed": counters.lost.get(UNATTRIBUTED),
-            "attribution_invalid": counters.attribution_invalid.value,
-        }
+        return summary_of(self.tally())
+
+    def tally(self) -> Tally:
+        """The run so far, as the summary line and a ``--processes`` parent read it."""
+        counters, fleet = self.counters, self.fleet
+        counts = {name: metric.value for name, metric in (
+            ("requests", counters.requests), ("responses", counters.responses),
+            ("error_responses", counters.error_responses), ("timeouts", counters.timeouts),
+            ("consecutive_failure_errors", counters.failures), ("mapping_changes", counters.mapping_changes),
+            ("unexpected", counters.unexpected), ("refused", self.refused_count),
+            ("socket_errors", self.socket_errors), ("attribution_invalid", counters.attribution_invalid))}
+        for direction in (FORWARD, RETURN, UNATTRIBUTED):
+            counts[f"lost_{direction}"] = counters.lost.get(direction)
+        counts["open_at_stop"] = self._open_at_stop
+        histograms = {"rtt": fleet.rtt, "timer_lag": fleet.timer_lag} if fleet is not None else {}
+        return Tally(counts, {"clients": fleet.started if fleet else 0}, histograms)
 
     def worker_report(self, final: bool) -> dict[str, Any]:
         """What a ``--processes`` child adds to its report lines (see ``nettester.supervisor``)."""
-        report: dict[str, Any] = {"rtt": self.fleet.rtt.to_dict()} if self.fleet is not None else {}
+        report: dict[str, Any] = {"tally": self.tally().to_dict()}
         if final and self.worker_result is not None:
             report["result"] = self.worker_result
         return report
@@ -498,12 +495,10 @@ class StunClientService(Service):
         still_open = fleet.close(now)
         while (event := fleet.next_event()) is not None:
             self._report(event)
-        if still_open:
-            log.info(
-                "{count} loss episodes still unresolved at stop: counted as lost_unattributed",
-                event="loss_open_at_stop",
-                count=still_open,
-            )
+        self._open_at_stop = still_open
+        worker = current_worker() is not None  # one of --processes: the parent judges, logs and reports the whole run
+        if still_open and not worker:
+            log_open_at_stop(still_open)
         if self._thresholds is None:
             return
         counters = self.counters
@@ -514,7 +509,7 @@ class StunClientService(Service):
         )
         document = self.recorder.document(now, self.summary(), fleet.rtt.percentiles_ms(RTT_PERCENTILES),
                                           self._thresholds, verdict)
-        if current_worker() is not None:  # one of --processes: the parent judges, logs and reports the whole run
+        if worker:
             self.worker_result = {"document": document, "judged": [ended, counters.timeouts.value,
                                                                    counters.responses.value, None]}
             set_exit_status(self, verdict.exit_status)
@@ -526,7 +521,5 @@ class StunClientService(Service):
                 log.error("{error}", event="report_failed", error=str(error))
                 set_exit_status(self, 1)
                 return
-        # At every --log-level, as the summaries and the other client roles' verdicts.
-        log.info("{verdict}", event="verdict", verdict=verdict.line(), passed=verdict.passed,
-                 reasons=list(verdict.reasons), **{ALWAYS: True})
+        log_verdict(verdict)
         set_exit_status(self, verdict.exit_status)

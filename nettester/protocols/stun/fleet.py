@@ -27,7 +27,6 @@ import math
 import random
 import struct
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nettester.histogram import RttHistogram
@@ -205,44 +204,13 @@ Event = (
 )
 
 
-# --- statistics ---------------------------------------------------------------
-
-
-class DelayHistogram:
-    """Delays (round-trip times, timer lag) in log-spaced buckets, 10 % wide, 10 us to ~60 s: fixed memory."""
-
-    _FLOOR = 1e-5
-    _GROWTH = math.log(1.1)
-    _BUCKETS = 165
-
-    def __init__(self) -> None:
-        self._counts = [0] * self._BUCKETS
-        self.count = 0
-
-    def add(self, seconds: float) -> None:
-        index = int(math.log(max(seconds, self._FLOOR) / self._FLOOR) / self._GROWTH)
-        self._counts[min(index, self._BUCKETS - 1)] += 1
-        self.count += 1
-
-    def buckets(self) -> Iterator[tuple[float, int]]:
-        """``(upper bound in seconds, count)`` of every bucket, in increasing order (for /metrics)."""
-        for index, count in enumerate(self._counts):
-            yield self._FLOOR * math.exp((index + 1) * self._GROWTH), count
-
-    def percentile(self, fraction: float) -> float:
-        """Upper bound (seconds) of the bucket holding the ``fraction`` quantile; 0 when empty."""
-        if not self.count:
-            return 0.0
-        rank = max(1, math.ceil(fraction * self.count))
-        seen = 0
-        for index, count in enumerate(self._counts):
-            seen += count
-            if seen >= rank:
-                return self._FLOOR * math.exp((index + 1) * self._GROWTH)
-        raise AssertionError("unreachable: counts add up to count")
-
-
 # --- the fleet ---------------------------------------------------------------------
+
+
+def loss_percent(timeouts: int, responses: int, error_responses: int) -> float:
+    """Waits that ended without an answer (``timeouts``), as a share of all waits that ended."""
+    ended = responses + error_responses + timeouts
+    return 100.0 * timeouts / ended if ended else 0.0
 
 
 class _Episode:
@@ -320,7 +288,7 @@ class ClientFleet:
         self.rtt = RttHistogram()  # mergeable across --processes (nettester.histogram)
         # How late clients ran compared with their schedule: the tester's own health. Large values mean
         # the process is overloaded and its sends, hence its loss figures, are late too.
-        self.timer_lag = DelayHistogram()
+        self.timer_lag = RttHistogram()  # mergeable too
         self._rng = rng
         self._clients = [_Client() for _ in range(config.clients)]
         self._wheel = TimerWheel(config.clients, now, config.resolution)
@@ -364,7 +332,7 @@ class ClientFleet:
         """Run every client whose deadline has passed."""
         self._now = now
         for index, due in self._wheel.expire(now):
-            self.timer_lag.add(now - due)
+            self.timer_lag.record(now - due)
             self._fire(index, self._clients[index], due, now)
 
     def receive_datagram(self, data: bytes, client: int, now: float) -> None:
@@ -607,5 +575,5 @@ class ClientFleet:
 
     def loss_percent(self) -> float:
         """Waits that ended without an answer, as a share of all waits that ended."""
-        ended = self.counters.responses.value + self.counters.error_responses.value + self.counters.timeouts.value
-        return 100.0 * self.counters.timeouts.value / ended if ended else 0.0
+        counters = self.counters
+        return loss_percent(counters.timeouts.value, counters.responses.value, counters.error_responses.value)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import resource
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from twisted.python import usage
 
 from nettester.options import RoleOptions, non_negative_int, port_number, positive_float, positive_int
 from nettester.report.options import ResultOptionsMixin
 from nettester.workers import ProcessesOptionsMixin, WorkersOptionsMixin
+
+if TYPE_CHECKING:
+    from nettester.interfaces import MergedRun
 
 # Descriptors beyond one per client: stdio, the epoll fd, the waker pipe, metrics, logs.
 SPARE_FILES = 64
@@ -224,6 +227,14 @@ class StunClientOptions(ResultOptionsMixin, ProcessesOptionsMixin, RoleOptions):
             raise_open_file_limit(self["clients"])
         except ValueError as error:
             raise usage.UsageError(f"--clients: {error}") from None
+
+    def merged_run(self) -> MergedRun:
+        from nettester.protocols.stun.message import Address
+        from nettester.protocols.stun.runlines import StunProcessesRun, duration_line, start_line
+
+        start = start_line(self["clients"], str(Address(self["server"], self["port"])), self["interval"],
+                           self["start-delay"], bool(self["rfc-retransmit"]))
+        return StunProcessesRun(self["report"], start, self["duration"], duration_line(self["duration"]))
 
 
 class StunReportOptions(RoleOptions):

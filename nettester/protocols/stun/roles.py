@@ -45,6 +45,7 @@ def build_client(reactor: Any, options: RoleOptions) -> IService:
 
     from nettester.protocols.stun.client import StunClientService
     from nettester.protocols.stun.fleet import FleetConfig
+    from nettester.workers import current_worker
 
     assert isinstance(options, StunClientOptions)
     config = FleetConfig(
@@ -57,7 +58,11 @@ def build_client(reactor: Any, options: RoleOptions) -> IService:
         rfc_retransmit=bool(options["rfc-retransmit"]),
         attribution=not options["no-attribution"],
     )
-    rng = random.Random(options["seed"]) if options["seed"] else None
+    # A --processes child seeds with its index too: the same seed everywhere would repeat transaction and
+    # session ids across the processes.
+    worker = current_worker()
+    seed = options["seed"] if worker is None else f"{options['seed']}/{worker[0]}"
+    rng = random.Random(seed) if options["seed"] else None
     configuration = {
         key: options[key]
         for key in ("server", "port", "clients", "interval", "max-failures", "rfc-retransmit", "duration")
@@ -76,6 +81,7 @@ def build_client(reactor: Any, options: RoleOptions) -> IService:
         report=options["report"],
         thresholds=options.thresholds(),
         configuration=configuration,
+        first_client=options.first_client,
     )
 
 

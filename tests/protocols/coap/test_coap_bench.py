@@ -23,25 +23,30 @@ from nettester.protocols.coap.bench import (
     BenchStatistics,
     CoapBenchService,
 )
+from nettester.protocols.coap.benchlines import ProgressRate, counters_of, progress_text, summary_lines
 from nettester.protocols.coap.client import parse_uri
 from nettester.protocols.coap.message import Message, decode
 from nettester.protocols.coap.options import CoapBenchOptions
 from nettester.protocols.coap.server import CoapServerService
-from nettester.report import RttHistogram, Thresholds
+from nettester.report import Thresholds
+from nettester.tally import Tally
 from nettester.udplink import UdpLink
 from tests.logcapture import log_events
 from tests.loopback import wait_until
 
 
 def test_progress_line_matches_californium_wording() -> None:
-    stats = BenchStatistics(clients=3, started=100.0)
-    for client in (0, 1, 1, 2):
-        stats.record_response(client, 0.002)
-    stats.record_failure()
-    line = stats.progress_line(102.0, retransmissions=1, active_clients=3)
+    rate = ProgressRate(started=100.0)
+    line = progress_text(4, rate.rate(102.0, 4), retransmissions=1, failures=1, active=3)
     assert line == "4 requests (2 reqs/s, 1 retransmissions (20.00%), 1 transmission errors (20.00%), 3 clients)"
-    stats.record_response(0, 0.004)
-    assert stats.progress_line(103.0, 1, 3).startswith("5 requests (1 reqs/s,")
+    assert progress_text(5, rate.rate(103.0, 5), 1, 1, 3).startswith("5 requests (1 reqs/s,")  # since the last line
+
+
+def bench_tally(stats: BenchStatistics, at: float, **counts: int) -> Tally:
+    """What the service's tally holds of ``stats``."""
+    return Tally({"requests": stats.responses, "transmission_errors": stats.failures, **counts},
+                 {"clients": len(stats.per_client)}, {"rtt": stats.all_rtts()}, stats.requests_per_client(),
+                 stats.started, at)
 
 
 def test_percentiles_and_histogram() -> None:
@@ -52,16 +57,16 @@ def test_percentiles_and_histogram() -> None:
     assert stats.percentile(50) == pytest.approx(0.050, rel=1 / 32)
     assert stats.percentile(99) == pytest.approx(0.099, rel=1 / 32)
     assert stats.percentile(100) == pytest.approx(0.100)
-    lines = stats.summary_lines(10.0, retransmissions=0, loss={"lost_forward": 1, "lost_return": 0})
+    lines = summary_lines(bench_tally(stats, 10.0, lost_forward=1))
     assert lines[0].startswith("100 requests in 10.0 s: 10 reqs/s")
-    assert "0 transmission errors, lost_forward=1, lost_return=0, 4 clients" in lines[0]
+    assert "0 transmission errors, lost_forward=1, lost_return=0, lost_unattributed=0, 4 clients" in lines[0]
     assert "p50=49." in lines[1] and "max=100.00" in lines[1]
     assert lines[2:] == ["requests per client (requests: clients):", "  0: 2", "  50: 2"]
     assert BenchStatistics(1, 0.0).percentile(50) is None
 
 
 def test_no_samples_say_no_responses() -> None:
-    assert BenchStatistics(1, 0.0).summary_lines(5.0, 0)[1] == "RTT ms: no responses"
+    assert summary_lines(bench_tally(BenchStatistics(1, 0.0), 5.0))[1] == "RTT ms: no responses"
 
 
 def test_rtts_take_bounded_memory() -> None:
@@ -342,10 +347,12 @@ def test_a_process_of_processes_prints_nothing_and_hands_its_run_to_the_parent(m
     net.run(40.0)
     assert out.getvalue() == "", "the parent prints the merged lines"
     report = bench.worker_report(final=True)
-    assert report["per_client"] == {"4": 2}  # each client's 3rd request failed
-    assert report["summary"]["requests"] == 8 and report["summary"]["transmission_errors"] == 2
-    assert RttHistogram.from_dict(report["rtt"]).count == 8
-    assert report["summary"]["rtt_max_ms"] == RttHistogram.from_dict(report["rtt"]).field("rtt_max_ms")
+    tally = Tally.from_dict(report["tally"])
+    assert tally.per_client == {4: 2}  # each client's 3rd request failed
+    assert (tally.count("requests"), tally.count("transmission_errors"), tally.count("lost_forward")) == (8, 2, 2)
+    assert tally.histogram("rtt").count == 8 and tally.level("clients") == 2 and tally.level("active") == 0
+    assert tally.at == bench.ended, "the final tally is the one of the summary one process would print"
+    assert report["summary"] == counters_of(tally)
     assert report["result"]["judged"] == [10, 2, 8, None]
     document = report["result"]["document"]
     assert document["loss"]["lost_forward"] == 2 and document["counters"]["requests"] == 8

@@ -121,3 +121,31 @@ def test_client_options_take_the_result_options() -> None:
     options = ClientOptions()
     options.parseOptions(["--server", "127.0.0.1", "--duration", "30", "--max-resets", "2"])
     assert ResultSettings.from_options(options) == ResultSettings(30.0, None, Thresholds(0.0, 2))
+
+
+def test_a_child_of_processes_numbers_its_clients_in_the_run_and_leaves_the_run_lines_to_its_parent(
+        logged: Any, monkeypatch: Any) -> None:
+    from nettester.protocols.keepalive.runlines import summary_of
+    from nettester.tally import Tally
+    from nettester.workers import WORKER_ENV
+
+    monkeypatch.setenv(WORKER_ENV, "1/2")
+    reactor = MemoryReactorClock()
+    service = KeepAliveClientService(reactor, "10.0.0.1", 49665, 1, ClientTiming(5.0, 10.0, 0.0), ramp_up=0.0,
+                                     rng=random.Random(7), run_id="shared", results=ResultSettings(duration=30.0),
+                                     stop=lambda: None, first_client=3)
+    service.startService()
+    reactor.advance(0.0)
+    protocol, _ = _connect(reactor)
+    answer_keepalives(reactor, protocol, 2)
+    # Its client 1 is client 4 of the whole run, its conn id the one the server logs for that client.
+    assert logged.lines("conn_open") == ["Client 4: connected 10.0.0.2:40000 -> 10.0.0.1:49665, conn=shared-4-1"]
+    reactor.advance(30.0)
+    stop(reactor, service)
+    assert [event for event in logged.events if event.get("event") in (
+        "fleet_start", "duration_reached", "verdict")] == [], "the parent prints the whole run's"
+    report = service.worker_report(final=True)
+    tally = Tally.from_dict(report["tally"])
+    assert summary_of(tally) == service.summary() and summary_of(tally)["keepalives"] == 2
+    assert (tally.level("clients"), tally.level("open")) == (1, 0)
+    assert report["result"]["judged"] == [2, 0, 2, 0]

@@ -354,3 +354,41 @@ def test_the_timer_is_one_delayed_call_re_armed_at_the_fleets_next_deadline(serv
     assert 1.0 <= calls[0].getTime() - 100.0 <= 1.02
     service.stopService()
     assert reactor.getDelayedCalls() == []
+
+
+def test_a_child_of_processes_numbers_its_clients_in_the_run_and_leaves_the_run_lines_to_its_parent(
+    server_socket: socket.socket, events: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nettester.protocols.stun.runlines import summary_of
+    from nettester.report import Thresholds
+    from nettester.tally import Tally
+    from nettester.workers import WORKER_ENV
+
+    monkeypatch.setenv(WORKER_ENV, "1/2")
+    reactor = FakeReactor()
+    reactor.advance(100.0)
+    service = StunClientService(
+        reactor, "127.0.0.1", server_socket.getsockname()[1],
+        FleetConfig(clients=1, interval=1.0, start_delay=(0.0, 0.0)), rng=random.Random(3),
+        thresholds=Thresholds(max_loss_percent=10.0), first_client=5,
+    )  # fmt: skip
+    service.startService()
+    advance(reactor, 0.02)
+    answer_next(server_socket, service)
+    advance(reactor, 1.0)
+    lost = decode(server_socket.recvfrom(2048)[0]).transaction_id.hex(":").upper()
+    advance(reactor, 1.0)  # one miss, then the re-send is outstanding when the run stops
+    # Its client 0 is client 5 of the whole run: the line a user greps for is the one client's.
+    assert lines(events, "response_missing") == [
+        (LogLevel.warn, f'Client 5: Failed to receive STUN response for TrID "{lost}", mapped addr: '
+                        f'127.0.0.1:{service.local_port(0)}')
+    ]
+    service.stopService()
+    assert [event for event in events if event.get("event") in (
+        "clients_start", "loss_open_at_stop", "verdict")] == [], "the parent prints the whole run's"
+    report = service.worker_report(final=True)
+    tally = Tally.from_dict(report["tally"])
+    assert summary_of(tally) == service.summary() and summary_of(tally)["timeouts"] == 1
+    assert tally.count("open_at_stop") == 1 and tally.histogram("rtt").count == 1
+    assert report["result"]["judged"] == [2, 1, 1, None]
+    assert report["result"]["document"]["episodes"][0]["client"] == "5"

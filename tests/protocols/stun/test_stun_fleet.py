@@ -13,7 +13,6 @@ from nettester.protocols.stun.counters import FleetCounters
 from nettester.protocols.stun.fleet import (
     ClientFleet,
     ConsecutiveFailures,
-    DelayHistogram,
     ErrorResponse,
     FleetConfig,
     LossResolved,
@@ -133,8 +132,8 @@ def test_answered_client_sends_once_per_interval_with_fresh_transaction_ids() ->
     assert harness.counters.responses.value == 4
     assert harness.counters.timeouts.value == 0
     assert 0.001 < (harness.fleet.rtt.percentile(50) or 0) < 0.003
-    # A deadline fires once its whole 10 ms tick has passed, seen by a tick every 5 ms here (10 % buckets).
-    assert 0.0 < harness.fleet.timer_lag.percentile(0.99) <= 0.0165
+    # A deadline fires once its whole 10 ms tick has passed, seen by a tick every 5 ms here.
+    assert 0.0 < (harness.fleet.timer_lag.percentile(99) or 0.0) <= 0.015
 
 
 def test_missing_answers_resend_the_same_id_then_reopen_after_five() -> None:
@@ -249,17 +248,6 @@ def test_rfc_mode_answer_stops_retransmissions() -> None:
     later = harness.sends(harness.run_until(1004.9))
     assert later == []
     assert len(harness.sends(harness.run_until(1005.05))) == 1
-
-
-def test_delay_histogram_percentiles() -> None:
-    histogram = DelayHistogram()
-    assert histogram.percentile(0.5) == 0.0
-    for millis in range(1, 101):
-        histogram.add(millis / 1000)
-    assert 0.050 <= histogram.percentile(0.5) <= 0.055
-    assert 0.099 <= histogram.percentile(0.99) <= 0.109
-    histogram.add(500.0)  # beyond the last bucket: clamped, still counted
-    assert histogram.count == 101
 
 
 # --- timer wheel -------------------------------------------------------------------
