@@ -102,6 +102,7 @@ REPORT_INTERVAL = 1.0  # seconds between a child's report lines
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
 STOP_TIMEOUT = 30.0  # seconds a child gets to stop after SIGTERM before SIGKILL
 REFRESH_TIMEOUT = 1.0  # seconds a periodic line waits for the children's fresh reports
+GO_TIMEOUT = 10.0  # seconds a load generator's processes wait for their siblings to be ready, then start anyway
 
 ExitStatusSetter = Callable[[Any, int], None]  # nettester.service.set_exit_status
 
@@ -220,7 +221,11 @@ class WorkerChildService(MultiService):
     """The role in a worker process: reports to the parent instead of printing summaries.
 
     ``worker``: ``(index, count)`` of a server worker, whose role may join the
-    workers (``join_workers``, see the module docstring); None for a load generator.
+    workers (``join_workers``, see the module docstring); None for a load
+    generator, whose role starts only when the parent says ``go``: once every
+    process is ready, so the processes load the server together, not each
+    from when its interpreter happened to be up (start-ups differ by up to a
+    second on a loaded machine, which counted in the run's rate).
     """
 
     def __init__(self, role_service: Any, reactor: Any, report_fd: int = REPORT_FD,
@@ -234,6 +239,8 @@ class WorkerChildService(MultiService):
         self._channel: _ParentChannel | None = None
         self._slots: list[int] | None = None
         self.context: WorkerContext | None = None
+        self._server = worker is not None
+        self._role_started = self._server  # a load generator's, on the parent's "go"
         role_service.setServiceParent(self)
         join = getattr(role_service, "join_workers", None)
         if worker is not None and join is not None:
@@ -242,7 +249,10 @@ class WorkerChildService(MultiService):
             join(self.context)
 
     def startService(self) -> None:
-        super().startService()
+        if self._server:
+            super().startService()
+        else:  # a load generator's role starts on the parent's "go", with its siblings'
+            Service.startService(self)
         self._reactor.addSystemEventTrigger("after", "startup", self._started)
 
     def _started(self) -> None:
@@ -256,7 +266,15 @@ class WorkerChildService(MultiService):
         if not self.running:
             return  # stopped before its sockets were open: it never was a listening worker
         self._write({"ready": True, "pid": os.getpid()})
-        self._loop.start(REPORT_INTERVAL, now=True)
+        if self._server:
+            self._loop.start(REPORT_INTERVAL, now=True)
+
+    def _go(self) -> None:
+        """The parent says every process of the load generator is ready: start the load now, all together."""
+        if self.running and not self._role_started:
+            self._role_started = True
+            self.role_service.startService()
+            self._loop.start(REPORT_INTERVAL, now=True)
 
     def _command(self, message: dict[str, Any]) -> None:
         slots = message.get("slots")
@@ -267,8 +285,10 @@ class WorkerChildService(MultiService):
         if isinstance(shared, dict) and self.context is not None:
             self.context.shared_received(shared)
         asked = message.get("report")
-        if isinstance(asked, int):
+        if isinstance(asked, int) and self._role_started:
             self.report(answer=asked)
+        if message.get("go") is True:
+            self._go()
 
     def _share(self, key: str, value: Any) -> None:
         self._write({"share": {key: value}})
@@ -302,6 +322,9 @@ class WorkerChildService(MultiService):
             self._loop.stop()
         if self._channel is not None:
             self._channel.stopReading()
+        if not self._role_started:  # stopped before the parent's "go": it ran nothing to report
+            Service.stopService(self)
+            return defer.succeed(None)
         stopping = defer.maybeDeferred(super().stopService)
         stopping.addBoth(lambda result: self.report(final=True))
         return stopping
@@ -421,6 +444,8 @@ class SupervisorService(Service):
         self._first_progress: Any = None  # the IDelayedCall starting the progress lines, then:
         self._progress: LoopingCall | None = None
         self._duration_call: Any = None
+        self._go_call: Any = None
+        self._going = False  # a load generator's processes were told to start
         self._over = False  # --duration, the conclusion or a stop: no more periodic lines (see _end_of_run)
 
     # -- starting
@@ -431,8 +456,8 @@ class SupervisorService(Service):
                  kinds=self.kinds, role=self.role)
         if self._output is not None:
             self._output.start(self.count)
-            if self._output.duration:
-                self._duration_call = self._reactor.callLater(self._output.duration, self._duration_over)
+        if not self.is_server:
+            self._go_call = self._reactor.callLater(GO_TIMEOUT, self._go)
         # Server workers start one by one (the reuseport order, see the module
         # docstring); load generators all at once, so they run side by side.
         for index in range(1 if self.is_server else self.count):
@@ -469,8 +494,11 @@ class SupervisorService(Service):
             if self.is_server:
                 self.slots.bound(child.index)
                 self._broadcast_slots()
-            self._start_progress()
-            self._spawn_next()
+                self._spawn_next()
+            elif self._going:  # a process started again, or one later than GO_TIMEOUT: it joins the run
+                child.send({"go": True})
+            else:
+                self._go_when_ready()
             return
         if isinstance(message.get("share"), dict) and self.is_server:
             self._relay(child, message["share"])
@@ -538,8 +566,27 @@ class SupervisorService(Service):
                 if not waiting and not done.called:
                     done.callback(True)
 
+    def _go_when_ready(self) -> None:
+        if self.children and all(child.ready for child in self.children.values()):
+            self._go()
+
+    def _go(self) -> None:
+        """Every load-generator process is ready (or ``GO_TIMEOUT`` passed): all start their load now; the run's
+        ``--duration`` and progress lines count from here."""
+        if self._going or not self.running:
+            return
+        self._going = True
+        if self._go_call is not None and self._go_call.active():
+            self._go_call.cancel()
+        for child in self.children.values():
+            if child.ready:
+                child.send({"go": True})
+        if self._output is not None and self._output.duration:
+            self._duration_call = self._reactor.callLater(self._output.duration, self._duration_over)
+        self._start_progress()
+
     def _start_progress(self) -> None:
-        """A load generator's own progress lines begin once its first process runs (as one process's do)."""
+        """A load generator's own progress lines begin once its processes run (as one process's do)."""
         output = self._output
         if output is None or not output.progress_interval or self._progress is not None or self._over:
             return
@@ -551,7 +598,7 @@ class SupervisorService(Service):
     def _end_of_run(self) -> None:
         """The run is over (its ``--duration``, its conclusion, a stop): no more periodic lines."""
         self._over = True
-        for call in (self._first_progress, self._duration_call):
+        for call in (self._first_progress, self._duration_call, self._go_call):
             if call is not None and call.active():
                 call.cancel()
         if self._progress is not None and self._progress.running:
@@ -625,7 +672,7 @@ class SupervisorService(Service):
             self._reactor.callLater(RESTART_DELAY, self._restart, child.index)
             return
         self.exit_statuses[child.index] = code
-        self._spawn_next()
+        self._go_when_ready()  # one that ended before it was ready holds the others back no more
         if len(self.exit_statuses) == self.count:
             self._conclude(list(self.exit_statuses.values()))
             self._reactor.callLater(0, self._reactor.stop)

@@ -472,6 +472,9 @@ class FakeChannel:
     def startReading(self) -> None:
         pass
 
+    def stopReading(self) -> None:
+        pass
+
 
 def test_a_killed_load_generator_keeps_its_rtts_and_counts_but_not_its_levels() -> None:
     service, reactor, _ = make_supervisor(is_server=False, output=stun_run())
@@ -639,3 +642,78 @@ def test_an_unreadable_tally_is_named_and_the_last_one_kept() -> None:
     [warning] = [event for event in events if event.get("event") == "worker_bad_report"]
     assert "its tally is unreadable (not a tally: " in warning["log_format"].format(**warning)
     assert service.summary()["responses"] == 5
+
+
+def test_load_generator_processes_start_together_once_every_one_is_ready() -> None:
+    output = stun_run("--duration", "2")
+    service, reactor, _ = make_supervisor(is_server=False, output=output)
+    service.startService()
+    first, second = (spawned[0] for spawned in reactor.spawned)
+    report(first, ready=True)
+    reactor.advance(3.0)  # longer than --duration: it counts from the go, not from the spawn
+    assert {"go": True} not in first.transport.written, "the first waits for its sibling"
+    assert not service._over
+    report(second, ready=True)
+    assert first.transport.written[-1] == {"go": True} == second.transport.written[-1]
+    reactor.advance(1.9)
+    assert not service._over
+    reactor.advance(0.1)
+    assert service._over, "the --duration line, 2 s after the go"
+
+
+def test_a_process_late_past_the_go_timeout_or_ended_early_holds_the_others_back_no_longer() -> None:
+    service, reactor, _ = make_supervisor(is_server=False, output=stun_run())
+    service.startService()
+    first, second = (spawned[0] for spawned in reactor.spawned)
+    report(first, ready=True)
+    reactor.advance(supervisor.GO_TIMEOUT)
+    assert first.transport.written[-1] == {"go": True}
+    report(second, ready=True)
+    assert second.transport.written[-1] == {"go": True}, "a late one joins the run at once"
+
+    service, reactor, _ = make_supervisor(is_server=False, output=stun_run())
+    service.startService()
+    first, second = (spawned[0] for spawned in reactor.spawned)
+    report(first, ready=True)
+    second.processEnded(Failure(ProcessDone(0)))
+    assert first.transport.written[-1] == {"go": True}, "one that ended before it was ready no longer counts"
+
+
+class CountingRole(Service):
+    def __init__(self) -> None:
+        self.starts = self.stops = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self.starts += 1
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.stops += 1
+
+
+def test_a_load_generator_process_starts_its_role_on_the_go_and_reports_nothing_if_stopped_before(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "_ParentChannel", lambda reactor, received, lost: FakeChannel())
+    for told in (True, False):
+        read_end, write_end = os.pipe()
+        role, reactor = CountingRole(), MemoryReactorClock()
+        child = supervisor.WorkerChildService(role, reactor, report_fd=write_end)
+        try:
+            child.startService()
+            child._started()
+            assert role.starts == 0, "ready, waiting for the parent's go"
+            assert json.loads(os.read(read_end, 4096).splitlines()[0])["ready"] is True
+            if told:
+                child._command({"go": True})
+                child._command({"go": True})
+                assert role.starts == 1
+            child.stopService()
+            assert role.stops == (1 if told else 0)
+            os.close(write_end)
+            lines = [json.loads(line) for line in os.read(read_end, 65536).splitlines()]
+            assert any(line.get("final") for line in lines) is told, "a final report only from a role that ran"
+        finally:
+            if child._loop.running:
+                child._loop.stop()
+            os.close(read_end)
