@@ -301,8 +301,9 @@ def run_workers_scaling(args: argparse.Namespace, udpload: str, directory: str) 
 
 def run_bench_processes(args: argparse.Namespace) -> None:
     """``--bench-processes``: ``coap-bench --processes 2`` against 1 process, both against libcoap's
-    ``coap-server-notls`` pinned to the server core; the rate is that of Californium's summary line,
-    which the parent of ``--processes`` prints for the whole run (every answer over its wall time)."""
+    ``coap-server-notls`` pinned to the server core, each for ``--bench-seconds``; the rate is that of
+    Californium's summary line, which the parent of ``--processes`` prints for the whole run (every
+    answer over its wall time)."""
     libcoap = shutil.which("coap-server-notls")
     if libcoap is None:
         raise SystemExit("--bench-processes needs coap-server-notls (apt-get install libcoap3-bin)")
@@ -313,7 +314,7 @@ def run_bench_processes(args: argparse.Namespace) -> None:
     def bench(processes: int) -> Callable[[], float]:
         def run() -> float:
             command = [sys.executable, "-m", "nettester", "coap-bench", "--processes", str(processes),
-                       "--clients", str(args.bench_clients), "--requests", str(args.bench_requests),
+                       "--clients", str(args.bench_clients), "--duration", str(args.bench_seconds),
                        "--report-interval", "0", "--log-level", "warn", f"coap://127.0.0.1:{port}/time"]
             output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             # Californium's summary line: one process's, or the parent's for the whole run (every
@@ -332,7 +333,7 @@ def run_bench_processes(args: argparse.Namespace) -> None:
         server.terminate()
         server.wait(timeout=10)
     print(f"coap-bench --processes 2 vs 1 against libcoap coap-server-notls: median ratio {median(ratios):.2f} "
-          f"({args.rounds} alternating rounds, {args.bench_clients} clients x {args.bench_requests} requests)")
+          f"({args.rounds} alternating rounds, {args.bench_clients} clients for {args.bench_seconds:g} s)")
 
 
 def main() -> None:
@@ -353,7 +354,9 @@ def main() -> None:
     parser.add_argument("--bench-processes", action="store_true",
                         help="only compare coap-bench --processes 2 with 1 against libcoap's coap-server")
     parser.add_argument("--bench-clients", type=int, default=200)
-    parser.add_argument("--bench-requests", type=int, default=200)
+    parser.add_argument("--bench-seconds", type=float, default=5.0,
+                        help="--duration of each coap-bench run (a fixed window: a fixed count of requests per "
+                             "client would wait for the last client's retransmission, 2 s or more)")
     parser.add_argument("--tcp-vs", choices=["libcoap"],
                         help="only compare coap+tcp with libcoap's server over TCP, alternating (coap-bench load)")
     parser.add_argument("--tcp-connections", type=int, default=64)
