@@ -35,6 +35,7 @@ from nettester.protocols.dtls.credentials import PskStore
 from nettester.protocols.dtls.endpoint import DtlsEndpoint
 from tests.cluster.conftest import use_test_api_server
 from tests.loopback import free_ports, wait_until
+from tests.processes import Answers
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 5.0
@@ -328,15 +329,6 @@ def dtls_node(node_id: int) -> DtlsEndpoint:
         receiver=echo,
     )
     return echo.endpoint
-
-
-@implementer(IDatagramReceiver)
-class Answers:
-    def __init__(self) -> None:
-        self.queue: DeferredQueue[bytes] = DeferredQueue()
-
-    def datagramReceived(self, data: bytes, peer: Any) -> None:
-        self.queue.put(data)
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])

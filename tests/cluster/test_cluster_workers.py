@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from nettester.nat.console import NatRoleService
 from nettester.nat.proxy import NatProxy
@@ -147,6 +147,14 @@ class Clients:
             yield port.stopListening()
 
 
+@defer.inlineCallbacks
+def both_running(nodes: list[Node]) -> Generator[Any, Any, None]:
+    """Every worker of both nodes started, and each node knowing the other."""
+    yield wait_until(lambda: all(node.started() for node in nodes), TIMEOUT, 0.02, "every worker started")
+    yield wait_until(lambda: all(node.summary().get("nodes") == 1 for node in nodes), TIMEOUT, 0.02,
+                     "each node knows the other")
+
+
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 @pytest_twisted.inlineCallbacks
 def test_each_session_stays_on_its_worker_whichever_node_the_nat_picks(mode: str) -> Generator[Any, Any, None]:
@@ -157,9 +165,7 @@ def test_each_session_stays_on_its_worker_whichever_node_the_nat_picks(mode: str
     nodes = [Node(1, ports, mode, metrics_port=metrics_port), Node(2, ports, mode)]
     clients = Clients(20, nodes)
     try:
-        yield wait_until(lambda: all(node.started() for node in nodes), TIMEOUT, 0.02, "every worker started")
-        yield wait_until(lambda: all(node.summary().get("nodes") == 1 for node in nodes), TIMEOUT, 0.02,
-                         "each node knows the other")
+        yield both_running(nodes)
         yield clients.connect()
         for step in NAT_STEPS:
             if step != "start":
@@ -244,9 +250,7 @@ def test_a_killed_workers_sessions_are_answered_from_their_replicas() -> Generat
     nodes = [Node(1, ports, "dynamic"), Node(2, ports, "dynamic")]
     clients = Clients(20, nodes)
     try:
-        yield wait_until(lambda: all(node.started() for node in nodes), TIMEOUT, 0.02, "every worker started")
-        yield wait_until(lambda: all(node.summary().get("nodes") == 1 for node in nodes), TIMEOUT, 0.02,
-                         "each node knows the other")
+        yield both_running(nodes)
         yield clients.connect()
         yield clients.request_all("before the kill")
         cids = clients.cids()
