@@ -12,6 +12,7 @@ lost, at the worker of the other node that holds its replica.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -149,10 +150,15 @@ class Clients:
 
 @defer.inlineCallbacks
 def both_running(nodes: list[Node]) -> Generator[Any, Any, None]:
-    """Every worker of both nodes started, and each node knowing the other."""
-    yield wait_until(lambda: all(node.started() for node in nodes), TIMEOUT, 0.02, "every worker started")
-    yield wait_until(lambda: all(node.summary().get("nodes") == 1 for node in nodes), TIMEOUT, 0.02,
-                     "each node knows the other")
+    """Every worker of both nodes started (workers start one after another: twice the usual bound), and each
+    node knowing the other; a failure shows each node's last lines."""
+    try:
+        yield wait_until(lambda: all(node.started() for node in nodes), 2 * TIMEOUT, 0.02, "every worker started")
+        yield wait_until(lambda: all(node.summary().get("nodes") == 1 for node in nodes), TIMEOUT, 0.02,
+                         "each node knows the other")
+    except AssertionError as error:
+        tails = "\n".join(f"node {node.node_id}: {json.dumps(event)}" for node in nodes for event in node.events[-10:])
+        raise AssertionError(f"{error}; last log lines:\n{tails}") from None
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
