@@ -216,21 +216,23 @@ class DatagramBatch:
         self._sockaddrs[address] = (buffer, pointer)
         return pointer
 
-    def _sockaddr_of(self, address: Address) -> int:
-        """The C address of ``address``'s ``sockaddr``, made once per peer.
-
-        :raises OSError: (``socket.gaierror`` included) when ``address`` is no numeric address of this family.
-        """
+    def _sockaddr_of(self, address: Address) -> int | None:
+        """The C address of ``address``'s ``sockaddr``, made once per peer; None when ``address`` is no
+        numeric address of this family (a host name: ``sendto`` resolves it, or says why not)."""
         known = self._sockaddrs.get(address)
         if known is not None:
             return known[1]
         host, port = address[0], address[1]
-        packed = socket.inet_pton(self.family, host.partition("%")[0])
+        try:
+            packed = socket.inet_pton(self.family, host.partition("%")[0])
+            resolved: Any = socket.getaddrinfo(host, port, self.family, socket.SOCK_DGRAM, 0,
+                                               socket.AI_NUMERICHOST) if "%" in host else None
+        except (OSError, TypeError, ValueError, OverflowError):
+            return None
         # sa_family and sin6_scope_id are in host byte order, the port in network byte order.
         family = self.family.to_bytes(2, sys.byteorder)
         if self.family == socket.AF_INET6:
-            resolved: Any = socket.getaddrinfo(host, port, self.family, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
-            scope = resolved[0][4][3] if "%" in host else 0
+            scope = resolved[0][4][3] if resolved else 0
             sockaddr = family + port.to_bytes(2, "big") + bytes(4) + packed + scope.to_bytes(4, sys.byteorder)
         else:
             sockaddr = family + port.to_bytes(2, "big") + packed + bytes(8)
@@ -238,15 +240,17 @@ class DatagramBatch:
 
     def queue(self, data: bytes, address: Address, failed: Callable[[OSError, Address], None]) -> bool:
         """Queue ``data`` for ``address`` until :meth:`flush`; False when it must go on its own
-        (longer than :data:`SEND_SLOT`, or the batch is full: flush, then send it).
-
-        :raises OSError: when ``address`` is no numeric address of this socket's family, as ``sendto`` would.
+        (longer than :data:`SEND_SLOT`, the batch full, or ``address`` no numeric address of this
+        socket's family: flush, then ``sendto`` it, which resolves a name or raises as it always did).
         """
         index = self.queued
         length = len(data)
         if index >= BATCH or length > SEND_SLOT:
             return False
-        self._out_pointers[index * self.header_pointers] = self._sockaddr_of(address)
+        pointer = self._sockaddr_of(address)
+        if pointer is None:
+            return False
+        self._out_pointers[index * self.header_pointers] = pointer
         start = index * SEND_SLOT
         self._out_view[start:start + length] = data
         self._out_lengths[2 * index + 1] = length

@@ -157,6 +157,26 @@ def test_a_refused_queued_send_goes_to_its_handler_and_the_rest_are_sent(client:
         port.socket.close()
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1"])
+def test_a_host_name_goes_to_sendto_which_resolves_it_after_what_was_queued(client: socket.socket, host: str) -> None:
+    """``127.1`` is no address for inet_pton; sendto's resolver takes it (inet_aton: 127.0.0.1), as it takes names."""
+
+    class ByName(Echo):
+        def datagramReceived(self, datagram: bytes, addr: Address) -> None:
+            super().datagramReceived(datagram, addr)
+            self.send(b"by name " + datagram, ("127.1", addr[1]))
+
+    protocol = ByName()
+    port = open_batching(protocol, host)
+    try:
+        client.sendto(b"1", address_of(port))
+        client.sendto(b"2", address_of(port))
+        port.doRead()
+        assert receive_all(client, 4) == [b"1", b"by name 1", b"2", b"by name 2"]
+    finally:
+        port.socket.close()
+
+
 def test_a_destination_that_is_no_address_raises_as_sendto_does(host: str) -> None:
     protocol = Echo()
     port = open_batching(protocol, host)
