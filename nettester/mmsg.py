@@ -111,10 +111,9 @@ class DatagramBatch:
         self._receive, self._send = _CALLS
         self.family = family
         self.size = size
-        self.name_length = 28 if family == socket.AF_INET6 else 16  # sizeof(struct sockaddr_in6 / sockaddr_in)
-        # The bytes after the family that tell one peer from another: port and address (IPv4), or
-        # port, flow label, address and scope (IPv6, RFC 3493 section 3.3).
-        self.key_end = self.name_length
+        # sizeof(struct sockaddr_in6 / sockaddr_in). Its bytes after the family tell one peer from another:
+        # port and address (IPv4), or port, flow label, address and scope (IPv6, RFC 3493 section 3.3).
+        self.name_length = 28 if family == socket.AF_INET6 else 16
         header_size = ctypes.sizeof(_MultiMessageHeader)
         word = ctypes.sizeof(ctypes.c_uint)
         length_offset = _MultiMessageHeader.msg_len.offset
@@ -186,7 +185,7 @@ class DatagramBatch:
     def source(self, index: int) -> Address:
         """The sender of datagram ``index`` of the last :meth:`receive`, as ``recvfrom`` gives it (host, port)."""
         offset = index * NAME_SLOT
-        key = self.names[offset + 2:offset + self.key_end]
+        key = self.names[offset + 2:offset + self.name_length]
         address = self.sources.get(key)
         if address is None:
             address = self._remember(key, self.names[offset:offset + self.name_length])

@@ -209,7 +209,7 @@ class BatchingPort(DrainingPort):
         received = self.protocol.datagramReceived
         data, size, lengths = batch.data, batch.size, batch.lengths
         header_words, length_word = batch.header_words, batch.length_word
-        names, key_end, sources, source = batch.names, batch.key_end, batch.sources, batch.source
+        names, name_end, sources, source = batch.names, batch.name_length, batch.sources, batch.source
         name_slot = mmsg.NAME_SLOT
         self._handling = True
         try:
@@ -217,7 +217,7 @@ class BatchingPort(DrainingPort):
                 start = index * size
                 datagram = data[start:start + lengths[index * header_words + length_word]]
                 name = index * name_slot
-                address = sources.get(names[name + 2:name + key_end]) or source(index)
+                address = sources.get(names[name + 2:name + name_end]) or source(index)  # source: a new peer
                 try:
                     received(datagram, address)
                 except Exception:  # noqa: BLE001 - one bad datagram must not close the port (as Port does)

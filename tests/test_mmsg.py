@@ -70,13 +70,17 @@ def open_batching(protocol: DatagramProtocol, host: str, size: int = 8192) -> Ba
     return port
 
 
-@pytest.fixture
-def client(host: str) -> Iterator[socket.socket]:
+def bound_client(host: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((host, 0))
     sock.settimeout(2.0)  # a bound: loopback answers within microseconds
-    yield sock
-    sock.close()
+    return sock
+
+
+@pytest.fixture
+def client(host: str) -> Iterator[socket.socket]:
+    with bound_client(host) as sock:
+        yield sock
 
 
 def address_of(port: BatchingPort) -> Address:
@@ -87,20 +91,28 @@ def receive_all(sock: socket.socket, count: int) -> list[bytes]:
     return [sock.recv(70000) for _ in range(count)]
 
 
+def exchange(protocol: DatagramProtocol, host: str, client: socket.socket, datagrams: list[bytes], answers: int,
+             size: int = 8192) -> list[bytes]:
+    """``client`` sends ``datagrams`` to a new batching port of ``protocol``, which handles them in one read;
+    the first ``answers`` datagrams ``client`` gets back."""
+    port = open_batching(protocol, host, size)
+    try:
+        for datagram in datagrams:
+            client.sendto(datagram, address_of(port))
+        port.doRead()
+        return receive_all(client, answers)
+    finally:
+        port.socket.close()
+
+
 def test_a_batch_is_answered_in_order_once_it_has_been_handled(host: str, client: socket.socket) -> None:
     protocol = Echo()
     protocol.client = client
-    port = open_batching(protocol, host)
-    try:
-        for number in range(10):
-            client.sendto(b"%d" % number, address_of(port))
-        port.doRead()
-        assert [datagram for datagram, _ in protocol.received] == [b"%d" % n for n in range(10)]
-        assert {addr for _, addr in protocol.received} == {client.getsockname()[:2]}  # what recvfrom gives
-        assert protocol.arrived_while_handling == 0  # queued until the batch ended
-        assert receive_all(client, 10) == [b"%d" % n for n in range(10)]
-    finally:
-        port.socket.close()
+    datagrams = [b"%d" % n for n in range(10)]
+    assert exchange(protocol, host, client, datagrams, 10) == datagrams
+    assert [datagram for datagram, _ in protocol.received] == datagrams
+    assert {addr for _, addr in protocol.received} == {client.getsockname()[:2]}  # what recvfrom gives
+    assert protocol.arrived_while_handling == 0  # queued until the batch ended
 
 
 def test_a_send_outside_a_batch_goes_at_once(host: str, client: socket.socket) -> None:
@@ -114,25 +126,12 @@ def test_a_send_outside_a_batch_goes_at_once(host: str, client: socket.socket) -
 
 
 def test_more_answers_than_a_batch_holds_and_long_answers_keep_their_order(host: str, client: socket.socket) -> None:
-    protocol = Echo(copies=3)
-    port = open_batching(protocol, host)
-    try:
-        datagrams = [b"%02d" % n for n in range(mmsg.BATCH)]
-        for datagram in datagrams:
-            client.sendto(datagram, address_of(port))
-        port.doRead()
-        assert receive_all(client, 3 * mmsg.BATCH) == [d for d in datagrams for _ in range(3)]
-    finally:
-        port.socket.close()
+    datagrams = [b"%02d" % n for n in range(mmsg.BATCH)]
+    assert exchange(Echo(copies=3), host, client, datagrams, 3 * mmsg.BATCH) == [
+        d for d in datagrams for _ in range(3)]
     long_answers = Echo(answer_size=mmsg.SEND_SLOT + 1)
-    port = open_batching(long_answers, host)
-    try:
-        client.sendto(b"a", address_of(port))
-        client.sendto(b"b", address_of(port))
-        port.doRead()
-        assert receive_all(client, 2) == [b"a" * (mmsg.SEND_SLOT + 1), b"b" * (mmsg.SEND_SLOT + 1)]
-    finally:
-        port.socket.close()
+    assert exchange(long_answers, host, client, [b"a", b"b"], 2) == [b"a" * (mmsg.SEND_SLOT + 1),
+                                                                     b"b" * (mmsg.SEND_SLOT + 1)]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1"])  # IPv4 broadcast
@@ -146,15 +145,8 @@ def test_a_refused_queued_send_goes_to_its_handler_and_the_rest_are_sent(client:
             super().datagramReceived(datagram, addr)
 
     protocol = ToBroadcastToo()
-    port = open_batching(protocol, host)
-    try:
-        client.sendto(b"one", address_of(port))
-        client.sendto(b"two", address_of(port))
-        port.doRead()
-        assert receive_all(client, 2) == [b"one", b"two"]
-        assert protocol.failures == [(errno.EACCES, refused), (errno.EACCES, refused)]
-    finally:
-        port.socket.close()
+    assert exchange(protocol, host, client, [b"one", b"two"], 2) == [b"one", b"two"]
+    assert protocol.failures == [(errno.EACCES, refused), (errno.EACCES, refused)]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1"])
@@ -166,15 +158,7 @@ def test_a_host_name_goes_to_sendto_which_resolves_it_after_what_was_queued(clie
             super().datagramReceived(datagram, addr)
             self.send(b"by name " + datagram, ("127.1", addr[1]))
 
-    protocol = ByName()
-    port = open_batching(protocol, host)
-    try:
-        client.sendto(b"1", address_of(port))
-        client.sendto(b"2", address_of(port))
-        port.doRead()
-        assert receive_all(client, 4) == [b"1", b"by name 1", b"2", b"by name 2"]
-    finally:
-        port.socket.close()
+    assert exchange(ByName(), host, client, [b"1", b"2"], 4) == [b"1", b"by name 1", b"2", b"by name 2"]
 
 
 def test_a_destination_that_is_no_address_raises_as_sendto_does(host: str) -> None:
@@ -192,12 +176,9 @@ def test_the_address_caches_are_bounded_and_stay_right(host: str, monkeypatch: p
     monkeypatch.setattr(mmsg, "ADDRESS_CACHE_LIMIT", 3)
     protocol = Echo()
     port = open_batching(protocol, host)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    clients = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(7)]
+    clients = [bound_client(host) for _ in range(7)]
     try:
         for sock in clients:
-            sock.bind((host, 0))
-            sock.settimeout(2.0)
             sock.sendto(b"from %d" % sock.getsockname()[1], address_of(port))
         port.doRead()
         assert [addr for _, addr in protocol.received] == [sock.getsockname()[:2] for sock in clients]
@@ -212,31 +193,17 @@ def test_the_address_caches_are_bounded_and_stay_right(host: str, monkeypatch: p
 
 def test_a_datagram_longer_than_the_read_size_is_truncated_as_recvfrom_does(host: str, client: socket.socket) -> None:
     protocol = Echo()
-    port = open_batching(protocol, host, size=16)
-    try:
-        client.sendto(b"0123456789abcdefXYZ", address_of(port))
-        port.doRead()
-        assert protocol.received[0][0] == b"0123456789abcdef"
-    finally:
-        port.socket.close()
+    assert exchange(protocol, host, client, [b"0123456789abcdefXYZ"], 1, size=16) == [b"0123456789abcdef"]
+    assert protocol.received[0][0] == b"0123456789abcdef"
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.binary(max_size=3000), min_size=1, max_size=mmsg.BATCH), st.sampled_from(["127.0.0.1", "::1"]))
 def test_any_datagrams_come_back_byte_for_byte(datagrams: list[bytes], host: str) -> None:
     protocol = Echo()
-    port = open_batching(protocol, host, size=4096)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        sock.settimeout(2.0)
-        try:
-            for datagram in datagrams:
-                sock.sendto(datagram, address_of(port))
-            port.doRead()
-            assert [datagram for datagram, _ in protocol.received] == datagrams
-            assert receive_all(sock, len(datagrams)) == datagrams
-        finally:
-            port.socket.close()
+    with bound_client(host) as sock:
+        assert exchange(protocol, host, sock, datagrams, len(datagrams), size=4096) == datagrams
+    assert [datagram for datagram, _ in protocol.received] == datagrams
 
 
 def test_nettester_mmsg_off_keeps_the_plain_loop(monkeypatch: pytest.MonkeyPatch) -> None:
