@@ -62,6 +62,16 @@ def fetch(service: CoapServerService, path: str, tls: Any, extended: bool = True
     return out.getvalue()
 
 
+@pytest_twisted.inlineCallbacks
+def get_without_response(uri: Any, link: Any) -> Generator[Any, Any, None]:
+    """A GET of ``uri`` through ``link`` whose TLS handshake the server refuses: no response, exit status 3."""
+    out = io.StringIO()
+    client = CoapClientService(reactor, uri, build_request(uri, "GET"), link, out, timeout=5.0)
+    client.startService()
+    status = yield client.done
+    assert status == 3 and "==[ no response ]==" in out.getvalue()
+
+
 def serving_client_certificates(files: dict[str, str], *extra: str) -> CoapServerService:
     """A started coaps+tcp server with the test PKI's certificate that needs client certificates."""
     options = server_options("--cert", files["server.pem"], "--key", files["server.key"], "--trust", files["ca.pem"],
@@ -102,12 +112,7 @@ def test_client_certificate_needed_but_missing_fails(tmp_path: Path) -> Generato
     try:
         port = next(entry[2] for entry in service.listening if entry[0] == "coaps+tcp")
         uri = parse_uri(f"coaps+tcp://127.0.0.1:{port}/test")
-        out = io.StringIO()
-        client = CoapClientService(reactor, uri, build_request(uri, "GET"), make_link(reactor, uri), out,
-                                   timeout=5.0)
-        client.startService()
-        status = yield client.done
-        assert status == 3 and "==[ no response ]==" in out.getvalue()
+        yield get_without_response(uri, make_link(reactor, uri))
     finally:
         yield service.stopService()
 
@@ -164,12 +169,6 @@ def test_rejected_client_chains(tmp_path: Path, trust_all: bool) -> Generator[An
         client_options = CoapClientOptions()
         client_options.parseOptions(["--trust", files["ca.pem"], *foreign_client(tmp_path, expired=trust_all),
                                      address])
-        out = io.StringIO()
-        client = CoapClientService(reactor, uri, build_request(uri, "GET"),
-                                   make_link(reactor, uri, tls=client_tls("127.0.0.1", client_options)), out,
-                                   timeout=5.0)
-        client.startService()
-        status = yield client.done
-        assert status == 3 and "==[ no response ]==" in out.getvalue()
+        yield get_without_response(uri, make_link(reactor, uri, tls=client_tls("127.0.0.1", client_options)))
     finally:
         yield service.stopService()

@@ -12,7 +12,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent
 
 from nettester.protocols.stun.client import StunClientService
@@ -29,23 +28,16 @@ from nettester.protocols.stun.message import (
 )
 from nettester.protocols.stun.server import StunServerService
 from tests.logcapture import log_events
-from tests.loopback import has_ipv6_loopback
+from tests.loopback import has_ipv6_loopback, wait_until
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 30.0  # a bound, not a wait: every wait ends as soon as its condition holds
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-@pytest_twisted.inlineCallbacks
-def wait_for(condition: Callable[[], bool]) -> Generator[Any, Any, None]:
-    for _ in range(int(TIMEOUT / 0.02)):
-        if condition():
-            return
-        yield sleep(0.02)
-    pytest.fail("condition not reached in time")
+def wait_for(condition: Callable[[], bool]) -> Deferred[None]:
+    """``condition`` reached within ``TIMEOUT``, polled every 20 ms."""
+    waited: Deferred[None] = wait_until(condition, TIMEOUT, 0.02)
+    return waited
 
 
 @pytest.fixture
