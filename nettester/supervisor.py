@@ -478,8 +478,8 @@ class SupervisorService(Service):
             child.send({"shared": dict(self.shared)})  # the first line it reads, before any update
 
     def _spawn_next(self) -> None:
-        waiting = [index for index in range(self.count)
-                   if index not in self.children and index not in self.exit_statuses]
+        """The next server worker, once the one before it is listening (load generators start all at once)."""
+        waiting = [index for index in range(self.count) if index not in self.children]
         starting = [child for child in self.children.values() if not child.ready]
         if waiting and not starting and self.running:
             self._spawn(waiting[0])
